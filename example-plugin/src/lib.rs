@@ -1,0 +1,114 @@
+//! The example plugin: what a handler `.so` shipped to the host looks like.
+//!
+//! Routes:
+//! - `GET /`: `200`, first line `<greeting> from example-plugin <version>`; the greeting is
+//!   compiled in from `EXAMPLE_GREETING` (default `hello`), so
+//!   `EXAMPLE_GREETING=v2 cargo build -p example-plugin` makes a visibly new build.
+//! - `GET /sleep?ms=N`: blocks its thread for `N` ms (at most 60 s), then answers.
+//! - `GET /panic`: panics; the host answers `500` and the worker keeps serving.
+//! - `GET /state`: a per-worker counter created in `on_worker_start`.
+//!
+//! `EXAMPLE_FAIL_START` = `panic` | `error` | `hang` at build time makes `on_worker_start` panic,
+//! return an error, or never return: a deliberately bad build.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use plugin_api::http::{StatusCode, header};
+use plugin_api::{BoxError, Bytes, Plugin, Request, Response, WorkerContext};
+
+const GREETING: &str = match option_env!("EXAMPLE_GREETING") {
+    Some(g) => g,
+    None => "hello",
+};
+const FAIL_START: Option<&str> = option_env!("EXAMPLE_FAIL_START");
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Per-worker state, built in `on_worker_start`.
+pub struct Example {
+    ctx: WorkerContext,
+    served: AtomicU64,
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    let mut resp = Response::new(Bytes::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn query_param<'a>(req: &'a Request, key: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then_some(v)
+    })
+}
+
+impl Plugin for Example {
+    fn on_worker_start(ctx: &WorkerContext) -> Result<Self, BoxError> {
+        match FAIL_START {
+            Some("panic") => panic!("EXAMPLE_FAIL_START=panic: refusing to start"),
+            Some("error") => return Err("EXAMPLE_FAIL_START=error: refusing to start".into()),
+            Some("hang") => loop {
+                std::thread::park();
+            },
+            _ => {}
+        }
+        tracing::info!(
+            greeting = GREETING,
+            slot = ctx.slot,
+            "example plugin started"
+        );
+        Ok(Example {
+            ctx: ctx.clone(),
+            served: AtomicU64::new(0),
+        })
+    }
+
+    fn handle(&self, req: Request) -> Response {
+        let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
+        match req.uri().path() {
+            "/" => text(
+                StatusCode::OK,
+                format!(
+                    "{GREETING} from example-plugin {VERSION}\npid {} generation {} slot {}\n",
+                    self.ctx.pid, self.ctx.generation, self.ctx.slot
+                ),
+            ),
+            "/sleep" => match query_param(&req, "ms").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms <= 60_000 => {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    text(StatusCode::OK, format!("slept {ms} ms\n"))
+                }
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "usage: /sleep?ms=N with N <= 60000\n".into(),
+                ),
+            },
+            "/panic" => panic!("/panic was requested"),
+            "/state" => text(
+                StatusCode::OK,
+                format!(
+                    "worker {} generation {} has served {n} requests\n",
+                    self.ctx.pid, self.ctx.generation
+                ),
+            ),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                format!("no route for {}\n", req.uri().path()),
+            ),
+        }
+    }
+
+    fn on_worker_stop(self) {
+        tracing::info!(
+            served = self.served.load(Ordering::Relaxed),
+            "example plugin stopping"
+        );
+    }
+}
+
+plugin_api::export_plugin!(Example);

@@ -1,0 +1,392 @@
+//! `host`: a hot-reloadable HTTP plugin host.
+//!
+//! # Theory of operation
+//!
+//! One **master** process and N **worker** processes. The master binds the listening socket once
+//! and never re-binds it; every worker accepts on that one inherited socket, so connections
+//! queued in the kernel are never dropped when a worker leaves. Workers are this same binary,
+//! re-exec'd from `/proc/self/exe` with the hidden `__worker` role (never a bare `fork` of a
+//! multi-threaded process).
+//!
+//! Each worker loads the business handler from a `cdylib` plugin **in its on-start hook**
+//! ([`worker::loader`]): `dlopen` with `RTLD_NOW`, the ABI header checks, then the plugin's
+//! `on_worker_start`. The master itself never loads plugin code.
+//!
+//! A reload makes a **generation**: the master snapshots the plugin file into
+//! `state_dir/plugins/<sha256>.so` and rolls the slots onto it one at a time, new before old
+//! (start a new worker, wait until it is ready, tell the old one to drain). The first new worker
+//! is the canary: if it fails, nothing old was touched and the reload is refused with the reason.
+//!
+//! # What reloads and what stays frozen
+//!
+//! Like Workerman's `onWorkerStart` rule: only what a worker loads in its on-start hook (the
+//! plugin `.so`) is refreshed by a reload. Everything linked into `host` (the HTTP stack, the
+//! built-in `/_host/` routes, this CLI, the master) stays as it was until a full restart; a
+//! rebuilt `host` file on disk changes nothing, because workers exec the master's running image.
+//!
+//! # Layout
+//!
+//! - [`config`]: `host.toml` -> checked `Config`.
+//! - [`protocol`]: typed master/worker/CLI messages and their framing.
+//! - [`master`]: the event loop, [`master::supervisor`] (the state machine), the control socket,
+//!   the pidfile, plugin snapshots.
+//! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called.
+//! - `fd`: inherited file descriptors. With the loader, the only `unsafe` in the crate.
+//!
+//! This file is the binary's edge: the CLI, choosing the role, printing to the terminal, and the
+//! only place `anyhow` is used.
+
+#![deny(unsafe_code)]
+
+mod config;
+mod fd;
+mod logging;
+mod master;
+mod protocol;
+mod worker;
+
+use std::io::Read as _;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use command_fds::{CommandFdExt, FdMapping};
+
+use config::Config;
+use master::control::{self, ControlError};
+use master::pidfile;
+use protocol::{ControlRequest, ControlResponse, ReloadReport, StatusReport};
+
+/// The environment variable through which `start -d` hands the master its readiness pipe.
+const START_NOTIFY_ENV: &str = "HOST_START_NOTIFY_FD";
+
+#[derive(Parser)]
+#[command(
+    name = "host",
+    version,
+    about = "A hot-reloadable HTTP plugin host: a master, N workers, zero-error rolling reloads."
+)]
+struct Cli {
+    /// Config file; every command finds the running master through it.
+    #[arg(short, long, global = true, default_value = config::DEFAULT_FILE)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the master and its workers (in the foreground unless -d).
+    Start {
+        /// Run in the background; return once serving (or with the reason it could not start).
+        #[arg(short, long)]
+        daemon: bool,
+    },
+    /// Roll every worker onto a fresh snapshot of the plugin; waits for the outcome.
+    Reload,
+    /// Stop gracefully; returns when every process has exited.
+    Stop,
+    /// Stop (if running), then start in the background.
+    Restart,
+    /// Show the master, its workers and the last reload.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    #[command(name = "__worker", hide = true)]
+    Worker {
+        #[arg(long)]
+        slot: u32,
+        #[arg(long)]
+        generation: u64,
+        #[arg(long)]
+        master_pid: u32,
+    },
+}
+
+/// `error: source: source...` on one line.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Worker {
+        slot,
+        generation,
+        master_pid,
+    } = cli.command
+    {
+        return worker::run(slot, generation, master_pid);
+    }
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    Ok(rt.block_on(f))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(&cli.config)?;
+    match cli.command {
+        Command::Start { daemon: false } => start_foreground(cfg),
+        Command::Start { daemon: true } => start_daemon(&cfg),
+        Command::Reload => reload(&cfg),
+        Command::Stop => {
+            stop(&cfg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restart => {
+            match stop(&cfg) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.downcast_ref::<ControlError>(),
+                        Some(ControlError::NotRunning { .. })
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            start_daemon(&cfg)
+        }
+        Command::Status { json } => status(&cfg, json),
+        Command::Worker { .. } => unreachable!("handled in main"),
+    }
+}
+
+fn start_foreground(cfg: Config) -> anyhow::Result<ExitCode> {
+    let notify = match std::env::var(START_NOTIFY_ENV) {
+        Ok(v) if v == fd::LISTENER_FD.to_string() => {
+            // Started by `start -d`: leave the terminal's session and report through fd 3.
+            let _ = nix::unistd::setsid();
+            Some(std::fs::File::from(fd::take_inherited(
+                fd::LISTENER_FD,
+                "start notification pipe",
+            )?))
+        }
+        _ => None,
+    };
+    logging::init(format!("master[{}]", std::process::id()));
+    master::run(cfg, notify)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn start_daemon(cfg: &Config) -> anyhow::Result<ExitCode> {
+    if pidfile::is_locked(&cfg.pid_file()) {
+        let pid = std::fs::read_to_string(cfg.pid_file()).unwrap_or_default();
+        bail!(
+            "host is already running with this config (master pid {}, pidfile {})",
+            pid.trim(),
+            cfg.pid_file().display()
+        );
+    }
+    master::ensure_state_dir(cfg)?;
+    let log_path = cfg.log_file();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open log file {}", log_path.display()))?;
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "host".into()))
+        .arg("--config")
+        .arg(&cfg.file)
+        .arg("start")
+        .env(START_NOTIFY_ENV, fd::LISTENER_FD.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().context("cannot duplicate the log file")?)
+        .stderr(log);
+    cmd.fd_mappings(vec![FdMapping {
+        parent_fd: write_end,
+        child_fd: fd::LISTENER_FD,
+    }])?;
+    let mut child = cmd.spawn().context("cannot start the master")?;
+    drop(cmd); // closes our copy of the pipe's write end, so EOF means the master closed it
+    let mut line = String::new();
+    let _ = std::fs::File::from(read_end).read_to_string(&mut line);
+    let line = line.trim();
+    if let Some(serving) = line.strip_prefix("serving ") {
+        println!(
+            "host started: serving {serving}; log: {}",
+            log_path.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _ = child.wait();
+    let reason = match line.strip_prefix("error: ") {
+        Some(reason) => reason.to_string(),
+        None => {
+            last_error_line(&log_path).unwrap_or_else(|| "the master exited during start".into())
+        }
+    };
+    bail!("host did not start: {reason} (log: {})", log_path.display())
+}
+
+fn last_error_line(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| l.contains("error"))
+        .map(|l| l.trim().to_string())
+}
+
+fn ask(cfg: &Config, request: ControlRequest) -> anyhow::Result<ControlResponse> {
+    Ok(client(control::request(&cfg.control_socket(), request))??)
+}
+
+fn print_reload(report: &ReloadReport) {
+    let sha = report
+        .sha256
+        .as_deref()
+        .map_or("-", |s| &s[..s.len().min(12)]);
+    if report.ok {
+        println!(
+            "reloaded: generation {} serving (sha256 {sha}) in {} ms; started {:?}, draining {:?}",
+            report.generation, report.duration_ms, report.started_pids, report.drained_pids
+        );
+    } else {
+        eprintln!(
+            "error: reload to generation {} failed: {}; still serving generation {}",
+            report.generation,
+            report.error.as_deref().unwrap_or("unknown error"),
+            report.serving_generation
+        );
+    }
+}
+
+fn reload(cfg: &Config) -> anyhow::Result<ExitCode> {
+    match ask(cfg, ControlRequest::Reload)? {
+        ControlResponse::Reloaded(report) => {
+            print_reload(&report);
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlResponse::ReloadFailed(report) => {
+            print_reload(&report);
+            Ok(ExitCode::FAILURE)
+        }
+        ControlResponse::Refused { reason } => bail!("reload refused: {reason}"),
+        other => bail!("unexpected answer from the master: {other:?}"),
+    }
+}
+
+fn stop(cfg: &Config) -> anyhow::Result<()> {
+    match ask(cfg, ControlRequest::Stop)? {
+        ControlResponse::Stopped { master_pid } => {
+            // Every worker has exited; wait for the master itself (its pidfile lock).
+            if !pidfile::wait_released(&cfg.pid_file(), Duration::from_secs(10)) {
+                bail!(
+                    "master pid {master_pid} answered `stopped` but still holds {}",
+                    cfg.pid_file().display()
+                );
+            }
+            println!("host stopped (master pid {master_pid})");
+            Ok(())
+        }
+        ControlResponse::Refused { reason } => bail!("stop refused: {reason}"),
+        other => bail!("unexpected answer from the master: {other:?}"),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{} KiB", n >> 10)
+    }
+}
+
+fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let report: StatusReport = match ask(cfg, ControlRequest::Status) {
+        Ok(ControlResponse::Status(report)) => *report,
+        Ok(other) => bail!("unexpected answer from the master: {other:?}"),
+        Err(e)
+            if matches!(
+                e.downcast_ref::<ControlError>(),
+                Some(ControlError::NotRunning { .. })
+            ) =>
+        {
+            eprintln!("{}", error_chain(e.as_ref()));
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "master pid {}  listen {}  generation {}  rss {}",
+        report.master_pid,
+        report.listen,
+        report.generation,
+        human_bytes(report.master_rss_bytes)
+    );
+    println!(
+        "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  PLUGIN",
+        "SLOT", "PID", "GEN", "STATE", "REQUESTS", "RSS"
+    );
+    for w in &report.workers {
+        let plugin = w.plugin.as_ref().map_or("-".to_string(), |p| {
+            format!(
+                "{} {} ({})",
+                p.name,
+                p.version,
+                &p.sha256[..12.min(p.sha256.len())]
+            )
+        });
+        let state = serde_json::to_value(w.state)?
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        println!(
+            "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {plugin}",
+            w.slot,
+            w.pid,
+            w.generation,
+            state,
+            w.requests,
+            human_bytes(w.rss_bytes)
+        );
+    }
+    match &report.last_reload {
+        None => println!("last reload: none"),
+        Some(r) => {
+            let when = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_secs(r.started_at),
+            );
+            match &r.error {
+                None => println!(
+                    "last reload: ok, generation {} at {when} in {} ms",
+                    r.generation, r.duration_ms
+                ),
+                Some(e) => println!(
+                    "last reload: FAILED, generation {} at {when}: {e}",
+                    r.generation
+                ),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

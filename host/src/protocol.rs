@@ -1,0 +1,249 @@
+//! The typed messages the master, its workers and the `host` CLI exchange, and their framing.
+//!
+//! A frame is a little-endian `u32` length followed by that many bytes of JSON, at most
+//! [`MAX_FRAME`]. Messages are typed by direction ([`MasterToWorker`], [`WorkerToMaster`],
+//! [`ControlRequest`], [`ControlResponse`]), and [`Sender`] / [`Receiver`] carry one type each,
+//! so the compiler knows who may send what. This module does no I/O of its own beyond a frame.
+
+use std::marker::PhantomData;
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// master <-> worker
+
+/// What a new worker needs to start: sent once, first, by the master.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub slot: u32,
+    pub generation: u64,
+    /// The generation's private, content-addressed copy of the plugin.
+    pub plugin: PathBuf,
+    pub plugin_sha256: String,
+    pub graceful_timeout_ms: u64,
+    pub idle_grace_ms: u64,
+    pub max_body_bytes: usize,
+}
+
+/// Orders from the master to one worker.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MasterToWorker {
+    Start(WorkerSpec),
+    /// Stop accepting now, finish what is in flight, exit.
+    Drain,
+    /// Answer with [`WorkerToMaster::Stats`].
+    QueryStats,
+}
+
+/// The plugin a worker has loaded, as its header describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub version: String,
+    pub api_version: String,
+    pub sha256: String,
+}
+
+/// Events from one worker to the master.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum WorkerToMaster {
+    /// The plugin is loaded, `on_worker_start` returned, and the worker is accepting.
+    Ready { plugin: PluginInfo },
+    /// The plugin could not be loaded or `on_worker_start` failed; the worker exits next.
+    StartFailed { reason: String },
+    /// The worker has stopped accepting connections.
+    Draining,
+    Stats {
+        requests: u64,
+        in_flight: u64,
+        connections: u64,
+    },
+    /// The worker is exiting; `cut_*` count what it abandoned at its graceful deadline.
+    Exiting {
+        cut_requests: u64,
+        cut_connections: u64,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// CLI <-> master (the control socket)
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ControlRequest {
+    Reload,
+    Stop,
+    Status,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ControlResponse {
+    Reloaded(ReloadReport),
+    ReloadFailed(ReloadReport),
+    Stopped { master_pid: u32 },
+    Status(Box<StatusReport>),
+    Refused { reason: String },
+}
+
+/// The outcome of one reload attempt.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub ok: bool,
+    /// The generation this attempt created (whether or not it went live).
+    pub generation: u64,
+    /// The generation serving once the attempt was over.
+    pub serving_generation: u64,
+    pub plugin_path: PathBuf,
+    pub sha256: Option<String>,
+    /// Why it failed; `None` when `ok`.
+    pub error: Option<String>,
+    /// Seconds since the Unix epoch when the attempt began.
+    pub started_at: u64,
+    pub duration_ms: u64,
+    /// Workers started and workers told to drain.
+    pub started_pids: Vec<u32>,
+    pub drained_pids: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerStateName {
+    Starting,
+    Ready,
+    Draining,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub slot: u32,
+    pub pid: u32,
+    pub generation: u64,
+    pub state: WorkerStateName,
+    pub requests: u64,
+    pub in_flight: u64,
+    pub rss_bytes: u64,
+    pub plugin: Option<PluginInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub master_pid: u32,
+    pub master_rss_bytes: u64,
+    pub listen: String,
+    pub generation: u64,
+    pub workers: Vec<WorkerStatus>,
+    pub last_reload: Option<ReloadReport>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// framing
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("i/o error on the channel")]
+    Io(#[from] std::io::Error),
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed message")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// The sending half of a channel that carries `T`.
+pub struct Sender<W, T> {
+    inner: W,
+    _t: PhantomData<fn(T)>,
+}
+
+/// The receiving half of a channel that carries `T`.
+pub struct Receiver<R, T> {
+    inner: R,
+    buf: Vec<u8>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<W: AsyncWrite + Unpin, T: Serialize> Sender<W, T> {
+    pub fn new(inner: W) -> Self {
+        Sender {
+            inner,
+            _t: PhantomData,
+        }
+    }
+
+    pub async fn send(&mut self, msg: &T) -> Result<(), ProtocolError> {
+        let body = serde_json::to_vec(msg)?;
+        if body.len() > MAX_FRAME {
+            return Err(ProtocolError::TooLarge {
+                len: body.len(),
+                max: MAX_FRAME,
+            });
+        }
+        let mut frame = Vec::with_capacity(4 + body.len());
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&body);
+        self.inner.write_all(&frame).await?;
+        self.inner.flush().await?;
+        Ok(())
+    }
+}
+
+impl<R: AsyncRead + Unpin, T: DeserializeOwned> Receiver<R, T> {
+    pub fn new(inner: R) -> Self {
+        Receiver {
+            inner,
+            buf: Vec::new(),
+            _t: PhantomData,
+        }
+    }
+
+    /// The next message, or `None` at a clean end of stream.
+    pub async fn recv(&mut self) -> Result<Option<T>, ProtocolError> {
+        let mut len = [0u8; 4];
+        match self.inner.read_exact(&mut len).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(ProtocolError::TooLarge {
+                len,
+                max: MAX_FRAME,
+            });
+        }
+        self.buf.resize(len, 0);
+        self.inner.read_exact(&mut self.buf).await?;
+        Ok(Some(serde_json::from_slice(&self.buf)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trip_and_limits() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut tx = Sender::<_, MasterToWorker>::new(a);
+        let mut rx = Receiver::<_, MasterToWorker>::new(b);
+        tx.send(&MasterToWorker::Drain).await.unwrap();
+        assert!(matches!(
+            rx.recv().await.unwrap(),
+            Some(MasterToWorker::Drain)
+        ));
+        drop(tx);
+        assert!(rx.recv().await.unwrap().is_none());
+
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut rx = Receiver::<_, MasterToWorker>::new(b);
+        a.write_all(&(u32::MAX).to_le_bytes()).await.unwrap();
+        assert!(matches!(
+            rx.recv().await,
+            Err(ProtocolError::TooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,416 @@
+//! Loads a plugin snapshot into this worker: `dlopen` with `RTLD_NOW`, the header checks, the
+//! `on_worker_start` hook, and the per-request calls across the ABI.
+//!
+//! The only module in `host` that calls plugin code, and (with `fd.rs`) the only one with
+//! `unsafe`. It checks the exported header field by field (magic first, then ABI major and minor,
+//! struct sizes, `plugin-api` version) before it touches the vtable, and refuses a mismatch with
+//! expected vs. found. A library is never `dlclose`d: the worker exits instead, so plugin statics,
+//! thread-locals and response buffers the host still holds stay valid for the life of the process.
+//! It does not decide *which* file to load (the master does) and does no networking.
+
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::panic::catch_unwind;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+use plugin_api::ffi::{
+    self, ErrorBuf, HostContext, PluginHeader, RawHeader, RawRequest, RawResponse, RawStr, VTable,
+};
+
+use crate::protocol::PluginInfo;
+
+/// Why a plugin could not be loaded or started. Messages name the file and say expected vs. found.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: cannot load shared library: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("{path}: not a plugin: no `host_plugin_entry_v1` symbol ({message})")]
+    NoEntry { path: PathBuf, message: String },
+    #[error("{path}: not a plugin: the entry point returned no header")]
+    NullHeader { path: PathBuf },
+    #[error("{path}: not a plugin: bad header magic {found:#018x} (expected {expected:#018x})")]
+    Magic {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error(
+        "{path}: incompatible plugin ABI: expected major {expected}, found {found_major}.{found_minor}"
+    )]
+    AbiMajor {
+        path: PathBuf,
+        expected: u32,
+        found_major: u32,
+        found_minor: u32,
+    },
+    #[error(
+        "{path}: plugin needs ABI {expected_major}.{found} but this host supports up to {expected_major}.{expected}"
+    )]
+    AbiMinor {
+        path: PathBuf,
+        expected_major: u32,
+        expected: u32,
+        found: u32,
+    },
+    #[error("{path}: plugin {what} is {found} bytes, expected at least {expected}")]
+    Size {
+        path: PathBuf,
+        what: &'static str,
+        expected: usize,
+        found: usize,
+    },
+    #[error("{path}: incompatible plugin-api version: expected {expected}, found {found}")]
+    ApiVersion {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("{path}: plugin header field `{field}` is not valid UTF-8")]
+    Utf8 { path: PathBuf, field: &'static str },
+    #[error("{path}: {name} {version}: on_worker_start failed: {reason}")]
+    StartFailed {
+        path: PathBuf,
+        name: String,
+        version: String,
+        reason: String,
+    },
+}
+
+/// A loaded, started plugin: its vtable and the per-worker state `on_worker_start` built.
+pub struct LoadedPlugin {
+    vtable: &'static VTable,
+    state: *mut c_void,
+    pub info: PluginInfo,
+}
+
+// SAFETY: `state` is a `Box<P>` where `P: Plugin: Send + Sync` (enforced by `export_plugin!`),
+// and the vtable functions are documented as callable from any thread at once.
+unsafe impl Send for LoadedPlugin {}
+// SAFETY: as above; `handle` takes `&self` and the plugin's `handle` takes `&P`.
+unsafe impl Sync for LoadedPlugin {}
+
+/// Two `plugin-api` versions are compatible when they agree on the first non-zero component
+/// (semver): 1.2.x works with 1.5.y, 0.1.x with 0.1.y, but not 0.1.x with 0.2.y.
+fn api_compatible(host: &str, plugin: &str) -> bool {
+    let parse = |s: &str| -> Option<(u64, u64)> {
+        let mut it = s.split(['.', '-', '+']);
+        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    };
+    match (parse(host), parse(plugin)) {
+        (Some((hm, hn)), Some((pm, pn))) => hm == pm && (hm != 0 || hn == pn),
+        _ => false,
+    }
+}
+
+fn api_requirement(host: &str) -> String {
+    let mut it = host.split('.');
+    match (it.next(), it.next()) {
+        (Some("0"), Some(minor)) => format!("0.{minor}.x"),
+        (Some(major), _) => format!("{major}.x"),
+        _ => host.to_string(),
+    }
+}
+
+/// Reads a header string; the plugin guarantees header strings are `'static`.
+fn header_str(path: &Path, raw: RawStr, field: &'static str) -> Result<String, LoadError> {
+    // SAFETY: header strings point to the plugin's `'static` data, and the library is never unloaded.
+    let bytes = unsafe { raw.as_bytes() };
+    std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|_| LoadError::Utf8 {
+            path: path.to_path_buf(),
+            field,
+        })
+}
+
+/// Forwards a plugin log record to this process's `tracing`.
+extern "C" fn plugin_log(level: u8, target: RawStr, message: RawStr) {
+    let _ = catch_unwind(|| {
+        // SAFETY: the plugin passes views valid for the duration of this call.
+        let (target, message) = unsafe { (target.as_bytes(), message.as_bytes()) };
+        let target = String::from_utf8_lossy(target);
+        let message = String::from_utf8_lossy(message);
+        match level {
+            ffi::level::ERROR => tracing::error!(target: "plugin", module = %target, "{message}"),
+            ffi::level::WARN => tracing::warn!(target: "plugin", module = %target, "{message}"),
+            ffi::level::INFO => tracing::info!(target: "plugin", module = %target, "{message}"),
+            ffi::level::DEBUG => tracing::debug!(target: "plugin", module = %target, "{message}"),
+            _ => tracing::trace!(target: "plugin", module = %target, "{message}"),
+        }
+    });
+}
+
+/// Where a worker is: passed to the plugin's `on_worker_start`.
+pub struct Placement {
+    pub slot: u32,
+    pub generation: u64,
+    pub sha256: String,
+}
+
+/// Loads the plugin at `path`, checks it, and runs its `on_worker_start`.
+pub fn load(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> {
+    let p = || path.to_path_buf();
+    // SAFETY: loading a library runs its initializers. The master hands us a private snapshot of
+    // a file the operator configured as this host's plugin, and `RTLD_NOW` resolves every symbol
+    // up front so a missing one fails here rather than mid-request. `RTLD_LOCAL` keeps its
+    // symbols out of the global namespace.
+    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
+        LoadError::Open {
+            path: p(),
+            message: e.to_string(),
+        }
+    })?;
+    // SAFETY: the symbol, if present, is the `export_plugin!` entry point whose type is `EntryFn`;
+    // a library that exports the name with another type is outside the contract we document.
+    let entry: ffi::EntryFn = unsafe { lib.get::<ffi::EntryFn>(ffi::ENTRY_SYMBOL) }
+        .map(|s| *s)
+        .map_err(|e| LoadError::NoEntry {
+            path: p(),
+            message: e.to_string(),
+        })?;
+    // Never dlclose: the worker exits instead (see the module doc).
+    std::mem::forget(lib);
+
+    // SAFETY: `entry` takes no arguments and returns a pointer to a `'static` header.
+    let header_ptr = unsafe { entry() };
+    if header_ptr.is_null() {
+        return Err(LoadError::NullHeader { path: p() });
+    }
+    // SAFETY: non-null and `'static`; the first three fields (magic, ABI major, minor) sit at the
+    // same offsets in every ABI version, so reading them is valid before we know the version.
+    let (magic, abi_major, abi_minor) = unsafe {
+        let h = header_ptr;
+        (
+            std::ptr::addr_of!((*h).magic).read(),
+            std::ptr::addr_of!((*h).abi_major).read(),
+            std::ptr::addr_of!((*h).abi_minor).read(),
+        )
+    };
+    if magic != ffi::MAGIC {
+        return Err(LoadError::Magic {
+            path: p(),
+            expected: ffi::MAGIC,
+            found: magic,
+        });
+    }
+    if abi_major != ffi::ABI_MAJOR {
+        return Err(LoadError::AbiMajor {
+            path: p(),
+            expected: ffi::ABI_MAJOR,
+            found_major: abi_major,
+            found_minor: abi_minor,
+        });
+    }
+    if abi_minor > ffi::ABI_MINOR {
+        return Err(LoadError::AbiMinor {
+            path: p(),
+            expected_major: ffi::ABI_MAJOR,
+            expected: ffi::ABI_MINOR,
+            found: abi_minor,
+        });
+    }
+    // SAFETY: same major, so `header_size` is at its documented offset.
+    let header_size = unsafe { std::ptr::addr_of!((*header_ptr).header_size).read() } as usize;
+    if header_size < size_of::<PluginHeader>() {
+        return Err(LoadError::Size {
+            path: p(),
+            what: "header",
+            expected: size_of::<PluginHeader>(),
+            found: header_size,
+        });
+    }
+    // SAFETY: the header is at least as large as ours, so every field we read exists.
+    let header: &'static PluginHeader = unsafe { &*header_ptr };
+    if (header.vtable_size as usize) < size_of::<VTable>() || header.vtable.is_null() {
+        return Err(LoadError::Size {
+            path: p(),
+            what: "vtable",
+            expected: size_of::<VTable>(),
+            found: header.vtable_size as usize,
+        });
+    }
+    let api_version = header_str(path, header.api_version, "api_version")?;
+    if !api_compatible(ffi::API_VERSION, &api_version) {
+        return Err(LoadError::ApiVersion {
+            path: p(),
+            expected: api_requirement(ffi::API_VERSION),
+            found: api_version,
+        });
+    }
+    let name = header_str(path, header.name, "name")?;
+    let version = header_str(path, header.version, "version")?;
+    // SAFETY: non-null, at least `size_of::<VTable>()` bytes (checked), `'static`.
+    let vtable: &'static VTable = unsafe { &*header.vtable };
+
+    let ctx = HostContext {
+        size: size_of::<HostContext>() as u32,
+        slot: at.slot,
+        generation: at.generation,
+        pid: std::process::id(),
+        max_level: crate::logging::max_level_code(),
+        log: plugin_log,
+    };
+    let mut err_storage = vec![0u8; 4096];
+    let mut err = ErrorBuf {
+        ptr: err_storage.as_mut_ptr(),
+        cap: err_storage.len(),
+        len: 0,
+    };
+    let mut state: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `ctx`, `state` and `err` are valid for the call; the shim catches panics.
+    let ok = unsafe { (vtable.on_worker_start)(&ctx, &mut state, &mut err) };
+    if !ok {
+        let reason =
+            String::from_utf8_lossy(&err_storage[..err.len.min(err_storage.len())]).into_owned();
+        return Err(LoadError::StartFailed {
+            path: p(),
+            name,
+            version,
+            reason,
+        });
+    }
+    Ok(LoadedPlugin {
+        vtable,
+        state,
+        info: PluginInfo {
+            name,
+            version,
+            api_version,
+            sha256: at.sha256.clone(),
+        },
+    })
+}
+
+fn version_code(v: Version) -> u32 {
+    match v {
+        Version::HTTP_09 => 9,
+        Version::HTTP_10 => 10,
+        Version::HTTP_2 => 20,
+        Version::HTTP_3 => 30,
+        _ => 11,
+    }
+}
+
+/// A response body owned by the plugin, handed to hyper without a copy and given back to the
+/// plugin to free when hyper drops it.
+struct PluginBody {
+    body: RawStr,
+    owner: *mut c_void,
+    free: unsafe extern "C" fn(*mut c_void),
+}
+
+// SAFETY: the plugin's response memory is plain heap memory not tied to the thread that made it,
+// and `free_response` may be called from any thread (the ABI's ownership rules).
+unsafe impl Send for PluginBody {}
+
+impl AsRef<[u8]> for PluginBody {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: valid until `free_response(owner)`, which only `drop` calls.
+        unsafe { self.body.as_bytes() }
+    }
+}
+
+impl Drop for PluginBody {
+    fn drop(&mut self) {
+        // SAFETY: `owner` came from this plugin's `handle` and is freed exactly once, here.
+        unsafe { (self.free)(self.owner) }
+    }
+}
+
+impl LoadedPlugin {
+    /// Calls the plugin's `handle`. Blocks for as long as the handler does.
+    pub fn handle(&self, parts: &http::request::Parts, body: &Bytes) -> http::Response<Bytes> {
+        let headers: Vec<RawHeader> = parts
+            .headers
+            .iter()
+            .map(|(n, v)| RawHeader {
+                name: RawStr::new(n.as_str().as_bytes()),
+                value: RawStr::new(v.as_bytes()),
+            })
+            .collect();
+        let uri_owned;
+        let uri: &str = match (parts.uri.scheme(), parts.uri.path_and_query()) {
+            (None, Some(pq)) => pq.as_str(),
+            _ => {
+                uri_owned = parts.uri.to_string();
+                &uri_owned
+            }
+        };
+        let req = RawRequest {
+            method: RawStr::new(parts.method.as_str().as_bytes()),
+            uri: RawStr::new(uri.as_bytes()),
+            version: version_code(parts.version),
+            headers: headers.as_ptr(),
+            headers_len: headers.len(),
+            body: RawStr::new(body),
+        };
+        let mut raw = RawResponse::EMPTY;
+        // SAFETY: `state` is live (only `stop` frees it, taking `self` by value), `req` and
+        // everything it points to outlive the call, and `raw` is a valid out-pointer.
+        unsafe { (self.vtable.handle)(self.state, &req, &mut raw) };
+        // From here on, the plugin's allocation is owned by `owned` and freed when it drops.
+        let owned = PluginBody {
+            body: raw.body,
+            owner: raw.owner,
+            free: self.vtable.free_response,
+        };
+
+        let status = StatusCode::from_u16(raw.status).unwrap_or_else(|_| {
+            tracing::error!(
+                status = raw.status,
+                "plugin returned an invalid status code; answering 500"
+            );
+            StatusCode::INTERNAL_SERVER_ERROR
+        });
+        let raw_headers: &[RawHeader] = if raw.headers_len == 0 || raw.headers.is_null() {
+            &[]
+        } else {
+            // SAFETY: `headers` points to `headers_len` entries, valid until `owned` drops.
+            unsafe { std::slice::from_raw_parts(raw.headers, raw.headers_len) }
+        };
+        let mut map = HeaderMap::with_capacity(raw_headers.len());
+        for h in raw_headers {
+            // SAFETY: valid until `owned` drops; both are copied into host memory here.
+            let (n, v) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
+            match (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
+                (Ok(n), Ok(v)) => {
+                    map.append(n, v);
+                }
+                _ => {
+                    tracing::warn!(name = %String::from_utf8_lossy(n), "plugin returned an invalid header; dropped")
+                }
+            }
+        }
+        let mut resp = http::Response::new(Bytes::from_owner(owned));
+        *resp.status_mut() = status;
+        *resp.headers_mut() = map;
+        resp
+    }
+
+    /// Runs the plugin's `on_worker_stop` and frees its state. Call only once no `handle` runs.
+    pub fn stop(self) {
+        // SAFETY: `state` came from `on_worker_start` and, as `self` is consumed, no other call
+        // can use it afterwards; the shim catches panics.
+        unsafe { (self.vtable.on_worker_stop)(self.state) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_api_compatibility_follows_semver() {
+        assert!(api_compatible("0.1.0", "0.1.7"));
+        assert!(!api_compatible("0.1.0", "0.2.0"));
+        assert!(api_compatible("1.2.0", "1.9.1"));
+        assert!(!api_compatible("1.2.0", "2.0.0"));
+        assert!(!api_compatible("1.2.0", "garbage"));
+        assert_eq!(api_requirement("0.1.3"), "0.1.x");
+        assert_eq!(api_requirement("2.4.0"), "2.x");
+    }
+}

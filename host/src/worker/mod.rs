@@ -1,0 +1,472 @@
+//! A worker process: the master's own binary re-exec'd with `__worker`. It receives its
+//! [`WorkerSpec`] over its channel, loads the generation's plugin snapshot in its on-start hook,
+//! serves HTTP on the listening socket it inherited, and drains when told.
+//!
+//! Owns: the accept loop, per-connection HTTP (hyper, HTTP/1.1 and HTTP/2), the built-in
+//! `/_host/` routes, running handlers off the I/O thread, and the drain. It never binds a socket,
+//! never spawns processes and never decides when to reload: it obeys [`MasterToWorker`].
+//!
+//! Drain: stop accepting at once and tell the master; HTTP/1 responses from then on carry
+//! `Connection: close`; HTTP/2 connections get GOAWAY; idle HTTP/1 keep-alive connections may
+//! send one more request for `idle_grace`, then are closed. When the last connection is done,
+//! the plugin's `on_worker_stop` runs and the worker exits. At `graceful_timeout` it exits anyway
+//! and logs what it cut.
+
+pub mod loader;
+
+use std::convert::Infallible;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use nix::sys::signal::Signal;
+use nix::unistd::{Pid, getppid};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::fd;
+use crate::protocol::{MasterToWorker, Receiver, Sender, WorkerSpec, WorkerToMaster};
+use loader::{LoadedPlugin, Placement};
+
+/// The host's version, compiled into the binary: part of the frozen "start script".
+pub const HOST_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What every connection and request of this worker shares.
+struct Shared {
+    plugin: Arc<LoadedPlugin>,
+    http: auto::Builder<TokioExecutor>,
+    draining: AtomicBool,
+    drain_rx: watch::Receiver<bool>,
+    requests: AtomicU64,
+    in_flight: AtomicU64,
+    connections: watch::Sender<u64>,
+    idle_grace: Duration,
+    max_body_bytes: usize,
+}
+
+/// Entry point of the `__worker` role.
+pub fn run(slot: u32, generation: u64, master_pid: u32) -> ExitCode {
+    crate::logging::init(format!(
+        "worker[{} slot={slot} gen={generation}]",
+        std::process::id()
+    ));
+    // Die with the master. The signal fires when the *thread* that spawned us exits; the master
+    // spawns from its main thread, which lives as long as it does. Check the parent right after,
+    // in case it died before the call.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        tracing::warn!(error = %e, "cannot set the parent-death signal");
+    }
+    if getppid() != Pid::from_raw(master_pid as i32) {
+        tracing::error!(master_pid, "the master is gone; exiting");
+        return ExitCode::FAILURE;
+    }
+    let (listener, channel) = match (
+        fd::take_inherited(fd::LISTENER_FD, "listener"),
+        fd::take_inherited(fd::CHANNEL_FD, "channel"),
+    ) {
+        (Ok(l), Ok(c)) => (std::net::TcpListener::from(l), StdUnixStream::from(c)),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1024)
+        .thread_keep_alive(Duration::from_secs(60))
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(serve(listener, channel, slot, generation));
+    // Handlers still blocked at a graceful deadline must not hold the exit up.
+    rt.shutdown_background();
+    code
+}
+
+async fn serve(
+    listener: std::net::TcpListener,
+    channel: StdUnixStream,
+    slot: u32,
+    generation: u64,
+) -> ExitCode {
+    let channel = match channel
+        .set_nonblocking(true)
+        .and_then(|_| UnixStream::from_std(channel))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the master channel");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (rd, wr) = channel.into_split();
+    let mut tx = Sender::<_, WorkerToMaster>::new(wr);
+    let mut orders = spawn_reader(Receiver::<_, MasterToWorker>::new(rd));
+
+    let spec: WorkerSpec = match orders.recv().await {
+        Some(MasterToWorker::Start(spec)) if spec.slot == slot && spec.generation == generation => {
+            spec
+        }
+        other => {
+            tracing::error!(
+                ?other,
+                "expected a Start order for this slot and generation"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+
+    // The on-start hook: load this generation's plugin. Everything linked into `host` is frozen;
+    // this is the code a reload refreshes.
+    let at = Placement {
+        slot,
+        generation,
+        sha256: spec.plugin_sha256.clone(),
+    };
+    let plugin = match loader::load(&spec.plugin, &at) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("{e}");
+            let _ = tx
+                .send(&WorkerToMaster::StartFailed {
+                    reason: e.to_string(),
+                })
+                .await;
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(plugin = %plugin.info.name, version = %plugin.info.version, sha256 = %&plugin.info.sha256[..12], "plugin loaded");
+
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|_| TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            let reason = format!("cannot use the inherited listening socket: {e}");
+            tracing::error!("{reason}");
+            let _ = tx.send(&WorkerToMaster::StartFailed { reason }).await;
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1().timer(TokioTimer::new()).keep_alive(true);
+    http.http2().timer(TokioTimer::new());
+    let info = plugin.info.clone();
+    let shared = Arc::new(Shared {
+        plugin: Arc::new(plugin),
+        http,
+        draining: AtomicBool::new(false),
+        drain_rx,
+        requests: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
+        connections: watch::Sender::new(0),
+        idle_grace: Duration::from_millis(spec.idle_grace_ms),
+        max_body_bytes: spec.max_body_bytes,
+    });
+    let graceful_timeout = Duration::from_millis(spec.graceful_timeout_ms);
+
+    if tx
+        .send(&WorkerToMaster::Ready { plugin: info })
+        .await
+        .is_err()
+    {
+        tracing::error!("the master channel closed before ready");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!("ready");
+
+    let mut listener = Some(listener);
+    let mut deadline: Option<Instant> = None;
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    // Signals aimed at the whole process group (Ctrl-C in a terminal) are the master's business:
+    // keep these registered so they neither kill nor disturb the worker.
+    let _ignored: Vec<_> = [
+        tokio::signal::unix::SignalKind::interrupt(),
+        tokio::signal::unix::SignalKind::quit(),
+        tokio::signal::unix::SignalKind::hangup(),
+        tokio::signal::unix::SignalKind::user_defined1(),
+    ]
+    .into_iter()
+    .filter_map(|k| tokio::signal::unix::signal(k).ok())
+    .collect();
+    let mut conns = shared.connections.subscribe();
+
+    let start_drain =
+        |listener: &mut Option<TcpListener>, deadline: &mut Option<Instant>, why: &str| {
+            if deadline.is_none() {
+                tracing::info!(reason = why, "draining");
+                *listener = None;
+                shared.draining.store(true, Ordering::SeqCst);
+                let _ = drain_tx.send(true);
+                *deadline = Some(Instant::now() + graceful_timeout);
+            }
+        };
+
+    let cut = loop {
+        tokio::select! {
+            accepted = async { listener.as_ref().expect("guarded").accept().await }, if listener.is_some() => {
+                match accepted {
+                    Ok((stream, _peer)) => spawn_connection(shared.clone(), stream),
+                    Err(e) => {
+                        // EMFILE and friends: log and back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            order = orders.recv() => match order {
+                Some(MasterToWorker::Drain) => {
+                    start_drain(&mut listener, &mut deadline, "ordered by the master");
+                    let _ = tx.send(&WorkerToMaster::Draining).await;
+                }
+                Some(MasterToWorker::QueryStats) => {
+                    let stats = WorkerToMaster::Stats {
+                        requests: shared.requests.load(Ordering::Relaxed),
+                        in_flight: shared.in_flight.load(Ordering::Relaxed),
+                        connections: *shared.connections.borrow(),
+                    };
+                    let _ = tx.send(&stats).await;
+                }
+                Some(MasterToWorker::Start(_)) => tracing::warn!("ignoring a second Start order"),
+                None => {
+                    start_drain(&mut listener, &mut deadline, "the master channel closed");
+                }
+            },
+            _ = async { sigterm.as_mut().expect("guarded").recv().await }, if sigterm.is_some() => {
+                start_drain(&mut listener, &mut deadline, "SIGTERM");
+                let _ = tx.send(&WorkerToMaster::Draining).await;
+            }
+            _ = conns.wait_for(|n| *n == 0), if deadline.is_some() => break None,
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                break Some((shared.in_flight.load(Ordering::SeqCst), *shared.connections.borrow()));
+            }
+        }
+    };
+
+    let (cut_requests, cut_connections) = cut.unwrap_or((0, 0));
+    if cut.is_some() {
+        tracing::warn!(
+            cut_requests,
+            cut_connections,
+            timeout = %humantime::format_duration(graceful_timeout),
+            "graceful_timeout reached; cutting what is still in flight"
+        );
+    } else {
+        // Every connection is closed and no handler runs: the state can be dropped.
+        drop(conns);
+        match Arc::try_unwrap(shared)
+            .ok()
+            .and_then(|s| Arc::try_unwrap(s.plugin).ok())
+        {
+            Some(plugin) => plugin.stop(),
+            None => {
+                tracing::warn!("plugin state still referenced at exit; skipping on_worker_stop")
+            }
+        }
+        tracing::info!("drained; exiting");
+    }
+    let _ = tx
+        .send(&WorkerToMaster::Exiting {
+            cut_requests,
+            cut_connections,
+        })
+        .await;
+    ExitCode::SUCCESS
+}
+
+/// Reads orders in their own task: a frame read is not cancel-safe, so it must not sit in a
+/// `select!` branch that another branch can cancel halfway.
+fn spawn_reader(
+    mut rx: Receiver<tokio::net::unix::OwnedReadHalf, MasterToWorker>,
+) -> mpsc::UnboundedReceiver<MasterToWorker> {
+    let (tx, out) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(Some(msg)) => {
+                    if tx.send(msg).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "bad message from the master");
+                    break;
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Counts a live connection for as long as it is held.
+struct ConnectionGuard(Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.send_modify(|n| *n -= 1);
+    }
+}
+
+async fn wait_for_drain(mut rx: watch::Receiver<bool>) {
+    if rx.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
+    shared.connections.send_modify(|n| *n += 1);
+    let guard = ConnectionGuard(shared.clone());
+    tokio::spawn(async move {
+        let _guard = guard;
+        let _ = stream.set_nodelay(true);
+        let is_h2 = Arc::new(AtomicBool::new(false));
+        let service = {
+            let shared = shared.clone();
+            let is_h2 = is_h2.clone();
+            hyper::service::service_fn(move |req| {
+                handle_request(shared.clone(), is_h2.clone(), req)
+            })
+        };
+        let conn = shared.http.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = wait_for_drain(shared.drain_rx.clone()) => {}
+        }
+        // Draining. An HTTP/1 keep-alive client may be about to send its next request on this
+        // connection: give it `idle_grace` to do so (its response carries `Connection: close`)
+        // before closing an idle connection under it. HTTP/2 gets GOAWAY at once, which tells
+        // the client exactly which streams were not processed.
+        if !is_h2.load(Ordering::Relaxed) {
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = tokio::time::sleep(shared.idle_grace) => {}
+            }
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    });
+}
+
+/// Counts a request in flight for as long as it is held.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.requests.fetch_add(1, Ordering::Relaxed);
+        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
+    let mut resp = Response::new(body.into());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The built-in routes: compiled into `host`, so they stay frozen across reloads.
+fn builtin(req: &Request<Incoming>) -> Response<Bytes> {
+    match req.uri().path() {
+        "/_host/health"
+            if req.method() == http::Method::GET || req.method() == http::Method::HEAD =>
+        {
+            let mut resp = plain(
+                StatusCode::OK,
+                format!("{{\"status\":\"ok\",\"host_version\":\"{HOST_VERSION}\"}}\n"),
+            );
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        "/_host/health" => plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+        _ => plain(StatusCode::NOT_FOUND, "no such built-in route\n"),
+    }
+}
+
+async fn call_plugin(shared: &Shared, req: Request<Incoming>) -> Response<Bytes> {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, shared.max_body_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds {} bytes\n", shared.max_body_bytes),
+            );
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the request body");
+            return plain(StatusCode::BAD_REQUEST, "cannot read the request body\n");
+        }
+    };
+    // Handlers may block: each call runs on the blocking pool, never on the I/O thread.
+    let plugin = shared.plugin.clone();
+    match tokio::task::spawn_blocking(move || plugin.handle(&parts, &body)).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!(error = %e, "request task failed");
+            plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+        }
+    }
+}
+
+async fn handle_request(
+    shared: Arc<Shared>,
+    is_h2: Arc<AtomicBool>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let h2 = req.version() == Version::HTTP_2;
+    if h2 {
+        is_h2.store(true, Ordering::Relaxed);
+    }
+    let _in_flight = InFlight::new(&shared);
+    let mut resp = if req.uri().path().starts_with("/_host/") {
+        builtin(&req)
+    } else {
+        call_plugin(&shared, req).await
+    };
+    if !h2 && shared.draining.load(Ordering::Relaxed) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(resp.map(Full::new))
+}

@@ -1,0 +1,299 @@
+//! The `extern "C"` shims behind [`export_plugin!`](crate::export_plugin): the only place a
+//! plugin's code meets `unsafe`.
+//!
+//! Each shim converts between the [`ffi`](crate::ffi) views and the `http` types, calls the
+//! safe [`Plugin`] method inside `catch_unwind`, and never lets a panic cross the ABI: a panic in
+//! `on_worker_start` becomes a load failure carrying the panic message, one in `handle` a `500`.
+//! Nothing here allocates memory the host frees, or frees memory the host allocated.
+
+use std::any::Any;
+use std::ffi::c_void;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+
+use crate::ffi::{
+    self, ErrorBuf, HostContext, PluginHeader, RawHeader, RawRequest, RawResponse, RawStr, VTable,
+};
+use crate::{Plugin, Request, Response, WorkerContext};
+
+/// The exported header as a `static`. Only [`export_plugin!`](crate::export_plugin) builds one.
+#[repr(transparent)]
+pub struct Exported(PluginHeader);
+
+// SAFETY: the header is immutable after construction and every pointer in it targets `'static`
+// read-only data (string literals and a `static` vtable), so sharing it between threads is sound.
+unsafe impl Sync for Exported {}
+
+impl Exported {
+    pub const fn new(
+        name: &'static str,
+        version: &'static str,
+        vtable: &'static VTable,
+    ) -> Exported {
+        Exported(PluginHeader {
+            magic: ffi::MAGIC,
+            abi_major: ffi::ABI_MAJOR,
+            abi_minor: ffi::ABI_MINOR,
+            header_size: size_of::<PluginHeader>() as u32,
+            vtable_size: size_of::<VTable>() as u32,
+            api_version: RawStr::new(ffi::API_VERSION.as_bytes()),
+            name: RawStr::new(name.as_bytes()),
+            version: RawStr::new(version.as_bytes()),
+            vtable,
+        })
+    }
+
+    pub const fn as_ptr(&'static self) -> *const PluginHeader {
+        &self.0
+    }
+}
+
+/// The vtable for `P`, built at compile time.
+pub const fn vtable<P: Plugin>() -> VTable {
+    VTable {
+        on_worker_start: on_worker_start::<P>,
+        handle: handle::<P>,
+        free_response,
+        on_worker_stop: on_worker_stop::<P>,
+    }
+}
+
+/// Exports `$ty` (a type implementing [`Plugin`]) as this library's plugin.
+/// Call it exactly once, at the crate root of a `cdylib`.
+#[macro_export]
+macro_rules! export_plugin {
+    ($ty:ty) => {
+        /// The plugin's one exported symbol; see `plugin_api::ffi`.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn host_plugin_entry_v1() -> *const $crate::ffi::PluginHeader {
+            static VTABLE: $crate::ffi::VTable = $crate::export::vtable::<$ty>();
+            static HEADER: $crate::export::Exported = $crate::export::Exported::new(
+                env!("CARGO_PKG_NAME"),
+                env!("CARGO_PKG_VERSION"),
+                &VTABLE,
+            );
+            HEADER.as_ptr()
+        }
+    };
+}
+
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "non-string panic payload"
+    }
+}
+
+fn write_error(err: *mut ErrorBuf, message: &str) {
+    if err.is_null() {
+        return;
+    }
+    // SAFETY: the host passes a valid, exclusive `ErrorBuf` whose `ptr` has `cap` writable bytes.
+    let err = unsafe { &mut *err };
+    let mut n = message.len().min(err.cap);
+    while !message.is_char_boundary(n) {
+        n -= 1;
+    }
+    // SAFETY: `n <= cap` and the source and destination do not overlap (host vs. plugin memory).
+    unsafe { std::ptr::copy_nonoverlapping(message.as_ptr(), err.ptr, n) };
+    err.len = n;
+}
+
+unsafe extern "C" fn on_worker_start<P: Plugin>(
+    ctx: *const HostContext,
+    state: *mut *mut c_void,
+    err: *mut ErrorBuf,
+) -> bool {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the host passes a valid context that outlives this call.
+        let ctx = unsafe { &*ctx };
+        crate::log::install(ctx.log, ctx.max_level);
+        let wctx = WorkerContext {
+            slot: ctx.slot,
+            generation: ctx.generation,
+            pid: ctx.pid,
+        };
+        P::on_worker_start(&wctx).map(|p| Box::into_raw(Box::new(p)) as *mut c_void)
+    }));
+    match result {
+        Ok(Ok(ptr)) => {
+            // SAFETY: the host passes a valid out-pointer.
+            unsafe { *state = ptr };
+            true
+        }
+        Ok(Err(e)) => {
+            let mut message = e.to_string();
+            let mut source = e.source();
+            while let Some(s) = source {
+                message.push_str(": ");
+                message.push_str(&s.to_string());
+                source = s.source();
+            }
+            write_error(err, &message);
+            false
+        }
+        Err(payload) => {
+            write_error(
+                err,
+                &format!("on_worker_start panicked: {}", panic_message(&*payload)),
+            );
+            false
+        }
+    }
+}
+
+/// Builds the `http` request from the host's borrowed view. Copies what `http` needs to own.
+fn to_request(raw: &RawRequest) -> Result<Request, String> {
+    // SAFETY (for every `as_bytes` below): the host guarantees the request and everything it
+    // points to are valid for the duration of `handle`, and this function copies what it keeps.
+    let method = Method::from_bytes(unsafe { raw.method.as_bytes() }).map_err(|e| e.to_string())?;
+    let uri = http::Uri::try_from(unsafe { raw.uri.as_bytes() }).map_err(|e| e.to_string())?;
+    let version = match raw.version {
+        9 => Version::HTTP_09,
+        10 => Version::HTTP_10,
+        20 => Version::HTTP_2,
+        30 => Version::HTTP_3,
+        _ => Version::HTTP_11,
+    };
+    let raw_headers: &[RawHeader] = if raw.headers_len == 0 {
+        &[]
+    } else {
+        // SAFETY: `headers` points to `headers_len` initialized `RawHeader`s (ownership rules).
+        unsafe { std::slice::from_raw_parts(raw.headers, raw.headers_len) }
+    };
+    let mut headers = HeaderMap::with_capacity(raw_headers.len());
+    for h in raw_headers {
+        let name =
+            HeaderName::from_bytes(unsafe { h.name.as_bytes() }).map_err(|e| e.to_string())?;
+        let value =
+            HeaderValue::from_bytes(unsafe { h.value.as_bytes() }).map_err(|e| e.to_string())?;
+        headers.append(name, value);
+    }
+    let body = Bytes::copy_from_slice(unsafe { raw.body.as_bytes() });
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response {
+    let mut resp = Response::new(Bytes::from_static(text.as_bytes()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    resp
+}
+
+/// Keeps a response's parts alive on the plugin side until the host frees it.
+struct OwnedResponse {
+    _headers: HeaderMap,
+    raw_headers: Vec<RawHeader>,
+    body: Bytes,
+}
+
+unsafe extern "C" fn handle<P: Plugin>(
+    state: *const c_void,
+    req: *const RawRequest,
+    out: *mut RawResponse,
+) {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `state` is the pointer `on_worker_start::<P>` returned, alive until `on_worker_stop`.
+        let plugin = unsafe { &*(state as *const P) };
+        // SAFETY: the host passes a valid request for the duration of this call.
+        match to_request(unsafe { &*req }) {
+            Ok(req) => plugin.handle(req),
+            Err(e) => {
+                tracing::warn!(error = %e, "request could not be converted");
+                plain(StatusCode::BAD_REQUEST, "bad request\n")
+            }
+        }
+    }));
+    let resp = result.unwrap_or_else(|payload| {
+        tracing::error!(
+            panic = panic_message(&*payload),
+            "handler panicked; answered 500"
+        );
+        plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+    });
+    let (parts, body) = resp.into_parts();
+    let raw_headers = parts
+        .headers
+        .iter()
+        .map(|(n, v)| RawHeader {
+            name: RawStr::new(n.as_str().as_bytes()),
+            value: RawStr::new(v.as_bytes()),
+        })
+        .collect();
+    let owned = Box::new(OwnedResponse {
+        _headers: parts.headers,
+        raw_headers,
+        body,
+    });
+    let raw = RawResponse {
+        status: parts.status.as_u16(),
+        headers: owned.raw_headers.as_ptr(),
+        headers_len: owned.raw_headers.len(),
+        body: RawStr::new(&owned.body),
+        owner: Box::into_raw(owned) as *mut c_void,
+    };
+    // SAFETY: the host passes a valid, exclusive out-pointer.
+    unsafe { out.write(raw) };
+}
+
+unsafe extern "C" fn free_response(owner: *mut c_void) {
+    if owner.is_null() {
+        return;
+    }
+    // SAFETY: `owner` came from `Box::into_raw` in `handle` and the host frees it exactly once.
+    // Dropping header maps and `Bytes` cannot panic, but stay safe if a future field could.
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        drop(unsafe { Box::from_raw(owner as *mut OwnedResponse) })
+    }));
+}
+
+unsafe extern "C" fn on_worker_stop<P: Plugin>(state: *mut c_void) {
+    if state.is_null() {
+        return;
+    }
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `state` came from `Box::into_raw` in `on_worker_start::<P>`; the host calls this once,
+        // after the last `handle` returned.
+        let plugin = unsafe { Box::from_raw(state as *mut P) };
+        plugin.on_worker_stop();
+    }));
+    if let Err(payload) = result {
+        tracing::error!(panic = panic_message(&*payload), "on_worker_stop panicked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_symbol_matches_the_macro() {
+        assert_eq!(ffi::ENTRY_SYMBOL, b"host_plugin_entry_v1\0");
+    }
+
+    #[test]
+    fn error_buffer_truncates_on_a_char_boundary() {
+        let mut storage = [0u8; 4];
+        let mut buf = ErrorBuf {
+            ptr: storage.as_mut_ptr(),
+            cap: storage.len(),
+            len: 0,
+        };
+        write_error(&mut buf, "ab\u{e9}\u{e9}");
+        assert_eq!(buf.len, 4);
+        assert_eq!(&storage[..buf.len], "ab\u{e9}".as_bytes());
+    }
+}

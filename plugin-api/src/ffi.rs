@@ -1,0 +1,175 @@
+//! The C ABI between the host and a plugin: `#[repr(C)]` types, the ABI version and the
+//! shape of the one exported symbol.
+//!
+//! This module owns the *layout* only. It holds no logic and must never change layout within
+//! an ABI major version: new fields go at the end (bumping [`ABI_MINOR`]) and the host reads
+//! `header_size` / `vtable_size` before it touches anything past the fields it knows.
+//!
+//! Ownership rules, which both sides rely on:
+//! - [`RawRequest`] and [`HostContext`] are borrowed from the host for the duration of one call.
+//! - A [`RawResponse`] is allocated by the plugin; everything it points to stays valid until the
+//!   host passes its `owner` to [`VTable::free_response`]. Memory is freed on the side that
+//!   allocated it.
+//! - Every function in [`VTable`] catches panics: nothing unwinds across `extern "C"`.
+
+use std::ffi::c_void;
+
+/// `b"HOSTPLUG"` as a little-endian `u64`: the first thing the host checks.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"HOSTPLUG");
+/// Incompatible layout changes bump the major; the host refuses any other major.
+pub const ABI_MAJOR: u32 = 1;
+/// Compatible additions bump the minor; the host accepts plugins with a minor up to its own.
+pub const ABI_MINOR: u32 = 0;
+/// The `plugin-api` crate version both sides were built with.
+pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Name of the one exported symbol, NUL-terminated for `dlsym`. The `v1` is [`ABI_MAJOR`].
+pub const ENTRY_SYMBOL: &[u8] = b"host_plugin_entry_v1\0";
+
+/// Signature of the exported entry point: returns a pointer to a `'static` [`PluginHeader`].
+pub type EntryFn = unsafe extern "C" fn() -> *const PluginHeader;
+
+/// A borrowed byte string (UTF-8 where the field says so). Never owns memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RawStr {
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+impl RawStr {
+    pub const EMPTY: RawStr = RawStr {
+        ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(),
+        len: 0,
+    };
+
+    /// A view of `s`; valid as long as `s` is.
+    pub const fn new(s: &[u8]) -> RawStr {
+        RawStr {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// # Safety
+    /// `ptr` must point to `len` readable bytes that outlive `'a` (the ownership rules above).
+    pub unsafe fn as_bytes<'a>(&self) -> &'a [u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the caller guarantees `ptr..ptr+len` is readable for `'a`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// One HTTP header field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RawHeader {
+    pub name: RawStr,
+    pub value: RawStr,
+}
+
+/// What the exported symbol points to. Read field by field, magic first.
+#[repr(C)]
+pub struct PluginHeader {
+    pub magic: u64,
+    pub abi_major: u32,
+    pub abi_minor: u32,
+    /// `size_of::<PluginHeader>()` as the plugin was built.
+    pub header_size: u32,
+    /// `size_of::<VTable>()` as the plugin was built.
+    pub vtable_size: u32,
+    /// The `plugin-api` version the plugin was built against (UTF-8).
+    pub api_version: RawStr,
+    /// The plugin crate's name and version (UTF-8).
+    pub name: RawStr,
+    pub version: RawStr,
+    pub vtable: *const VTable,
+}
+
+/// Log levels passed to [`HostContext::log`], matching `tracing::Level` order.
+pub mod level {
+    pub const ERROR: u8 = 1;
+    pub const WARN: u8 = 2;
+    pub const INFO: u8 = 3;
+    pub const DEBUG: u8 = 4;
+    pub const TRACE: u8 = 5;
+}
+
+/// What the host gives the plugin in `on_worker_start`. Borrowed for that call; the `log`
+/// function pointer stays valid for the life of the process.
+#[repr(C)]
+pub struct HostContext {
+    /// `size_of::<HostContext>()` as the host was built.
+    pub size: u32,
+    /// The worker's slot (0-based) and the generation it belongs to.
+    pub slot: u32,
+    pub generation: u64,
+    pub pid: u32,
+    /// The most verbose level the host will print (see [`level`]); lower levels are not sent.
+    pub max_level: u8,
+    /// Forwards one log record to the host's logger: level, target, message (UTF-8).
+    pub log: extern "C" fn(level: u8, target: RawStr, message: RawStr),
+}
+
+/// An HTTP request, borrowed from the host for one `handle` call.
+#[repr(C)]
+pub struct RawRequest {
+    pub method: RawStr,
+    /// Path and query, or an absolute URI as received.
+    pub uri: RawStr,
+    /// 9 = HTTP/0.9, 10 = HTTP/1.0, 11 = HTTP/1.1, 20 = HTTP/2, 30 = HTTP/3.
+    pub version: u32,
+    pub headers: *const RawHeader,
+    pub headers_len: usize,
+    pub body: RawStr,
+}
+
+/// An HTTP response, allocated by the plugin. Valid until `free_response(owner)`.
+#[repr(C)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: *const RawHeader,
+    pub headers_len: usize,
+    pub body: RawStr,
+    /// Opaque plugin allocation that keeps the fields above alive.
+    pub owner: *mut c_void,
+}
+
+impl RawResponse {
+    pub const EMPTY: RawResponse = RawResponse {
+        status: 0,
+        headers: std::ptr::null(),
+        headers_len: 0,
+        body: RawStr::EMPTY,
+        owner: std::ptr::null_mut(),
+    };
+}
+
+/// A host-allocated buffer the plugin writes an error message into (truncated to `cap`).
+#[repr(C)]
+pub struct ErrorBuf {
+    pub ptr: *mut u8,
+    pub cap: usize,
+    pub len: usize,
+}
+
+/// The plugin's hooks. Every function catches panics.
+#[repr(C)]
+pub struct VTable {
+    /// Builds the per-worker state. Returns `true` and writes `*state` on success; returns
+    /// `false` and writes a message into `err` on failure (an error or a panic).
+    pub on_worker_start: unsafe extern "C" fn(
+        ctx: *const HostContext,
+        state: *mut *mut c_void,
+        err: *mut ErrorBuf,
+    ) -> bool,
+    /// Serves one request. Always writes a response: a panic becomes a 500. May be called from
+    /// many threads at once with the same `state`.
+    pub handle:
+        unsafe extern "C" fn(state: *const c_void, req: *const RawRequest, resp: *mut RawResponse),
+    /// Frees a response's `owner`.
+    pub free_response: unsafe extern "C" fn(owner: *mut c_void),
+    /// Runs the plugin's stop hook and frees the state. Called at most once, after the last `handle`.
+    pub on_worker_stop: unsafe extern "C" fn(state: *mut c_void),
+}
