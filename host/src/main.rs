@@ -187,6 +187,7 @@ fn start_foreground(cfg: Config) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     logging::init(format!("master[{}]", std::process::id()));
+    let _ = nix::sys::prctl::set_name(c"host-master");
     master::run(cfg, notify)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -294,12 +295,9 @@ fn reload(cfg: &Config) -> anyhow::Result<ExitCode> {
 fn stop(cfg: &Config) -> anyhow::Result<()> {
     match ask(cfg, ControlRequest::Stop)? {
         ControlResponse::Stopped { master_pid } => {
-            // Every worker has exited; wait for the master itself (its pidfile lock).
-            if !pidfile::wait_released(&cfg.pid_file(), Duration::from_secs(10)) {
-                bail!(
-                    "master pid {master_pid} answered `stopped` but still holds {}",
-                    cfg.pid_file().display()
-                );
+            // The master answers once every worker has exited; now wait for the master itself.
+            if !pidfile::wait_exited(master_pid, Duration::from_secs(10)) {
+                bail!("master pid {master_pid} answered `stopped` but has not exited 10 s later");
             }
             println!("host stopped (master pid {master_pid})");
             Ok(())

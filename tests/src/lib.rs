@@ -1,1 +1,486 @@
-//! Test helpers.
+//! Helpers for the integration tests: build the real `host` binary and real plugin `.so` files
+//! with a nested `cargo build`, start hosts in private temp dirs, drive them with real HTTP
+//! clients, and explain failures (every host's log is printed when a test fails).
+//!
+//! Nested builds use their own target dir (`target/it`): the outer `cargo test` holds the lock on
+//! `target/`. Builds are serialized across test binaries with a file lock, so two tests never
+//! race on one artifact.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The nested builds' own target dir.
+pub fn nested_target() -> PathBuf {
+    workspace().join("target").join("it")
+}
+
+/// Runs `cargo build` in the nested target dir under a cross-process lock, with `env` set.
+/// Returns the artifact path (relative to the profile dir) copied to `dest`.
+fn cargo_build(package: &str, env: &[(&str, &str)], artifact: &str, dest: &Path) {
+    let target = nested_target();
+    std::fs::create_dir_all(&target).unwrap();
+    let lock_file = std::fs::File::create(target.join(".build-lock")).unwrap();
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("build lock");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(workspace())
+        .args(["build", "--quiet", "-p", package])
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("EXAMPLE_GREETING")
+        .env_remove("EXAMPLE_FAIL_START");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} {env:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built = target.join("debug").join(artifact);
+    // Copy to a new inode, then rename: `dest` is never seen half-written.
+    let tmp = dest.with_extension("tmp");
+    std::fs::copy(&built, &tmp).unwrap();
+    std::fs::rename(&tmp, dest).unwrap();
+}
+
+/// The `host` binary, built once per test process.
+pub fn host_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dest = nested_target().join("host-under-test");
+        cargo_build("host", &[], "host", &dest);
+        dest
+    })
+    .clone()
+}
+
+/// A build of the example plugin with the given build-time environment, cached per process.
+pub fn example_plugin(env: &[(&str, &str)]) -> PathBuf {
+    static CACHE: OnceLock<Mutex<BTreeMap<String, PathBuf>>> = OnceLock::new();
+    let key: String = env.iter().map(|(k, v)| format!("{k}={v};")).collect();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = cache.get(&key) {
+        return p.clone();
+    }
+    let name: String = key
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let dest = nested_target().join(format!("example-plugin-{name}.so"));
+    cargo_build("example-plugin", env, "libexample_plugin.so", &dest);
+    cache.insert(key, dest.clone());
+    dest
+}
+
+/// The example plugin built with `EXAMPLE_GREETING=greeting`.
+pub fn greeting_plugin(greeting: &str) -> PathBuf {
+    example_plugin(&[("EXAMPLE_GREETING", greeting)])
+}
+
+/// Waits until `cond` holds, checking every 10 ms, or panics with `what` after `timeout`.
+pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, what: &str, mut cond: F) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether `pid` is a running process. A zombie counts as gone: a daemonized master is
+/// reparented to PID 1, which in some sandboxes never reaps it.
+pub fn pid_alive(pid: u32) -> bool {
+    if kill(Pid::from_raw(pid as i32), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesized command name, which may itself contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// A host started in its own temp dir with `start -d`. Killed (master and workers) on drop;
+/// its log is printed if the test is failing.
+pub struct Host {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    /// The configured plugin path (tests overwrite it with new builds).
+    pub plugin: PathBuf,
+    pub addr: SocketAddr,
+    pub master_pid: u32,
+}
+
+/// Options for [`Host::start`].
+pub struct HostOptions {
+    pub workers: usize,
+    pub extra: String,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions {
+            workers: 2,
+            extra: String::new(),
+        }
+    }
+}
+
+impl Host {
+    /// Starts a host serving `plugin` (copied into the host's dir) and waits until it serves.
+    pub async fn start(plugin: &Path, opts: HostOptions) -> Host {
+        let dir = tempfile::Builder::new()
+            .prefix("host-it-")
+            .tempdir()
+            .unwrap();
+        let plugin_path = dir.path().join("plugin.so");
+        install(plugin, &plugin_path);
+        let config = dir.path().join("host.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\nworkers = {}\nplugin = \"plugin.so\"\nstate_dir = \"state\"\n\
+                 graceful_timeout = \"10s\"\nstart_timeout = \"10s\"\n{}\n",
+                opts.workers, opts.extra
+            ),
+        )
+        .unwrap();
+        let mut host = Host {
+            dir,
+            config,
+            plugin: plugin_path,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            master_pid: 0,
+        };
+        let out = host.cli(&["start", "-d"]).await;
+        assert!(
+            out.status.success(),
+            "host start -d failed: {}",
+            host.explain(&out)
+        );
+        let status = host.status().await;
+        host.master_pid = status["master_pid"].as_u64().unwrap() as u32;
+        host.addr = status["listen"].as_str().unwrap().parse().unwrap();
+        host
+    }
+
+    /// Runs `host -c <config> <args>` and returns its output (bounded by a 60 s deadline).
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = tokio::process::Command::new(host_bin());
+        cmd.arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .kill_on_drop(true);
+        match tokio::time::timeout(Duration::from_secs(60), cmd.output()).await {
+            Ok(out) => out.expect("host runs"),
+            Err(_) => panic!("host {args:?} did not return within 60 s\n{}", self.log()),
+        }
+    }
+
+    /// `status --json`, parsed.
+    pub async fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]).await;
+        assert!(
+            out.status.success(),
+            "host status failed: {}",
+            self.explain(&out)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    /// Pids of the workers in `status`, optionally only those in `state`.
+    pub async fn worker_pids(&self, state: Option<&str>) -> Vec<u32> {
+        let status = self.status().await;
+        status["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| state.is_none_or(|s| w["state"] == s))
+            .map(|w| w["pid"].as_u64().unwrap() as u32)
+            .collect()
+    }
+
+    /// `host reload`, asserting success.
+    pub async fn reload_ok(&self) -> Output {
+        let out = self.cli(&["reload"]).await;
+        assert!(
+            out.status.success(),
+            "host reload failed: {}",
+            self.explain(&out)
+        );
+        out
+    }
+
+    /// Replaces the configured plugin file with `build`, in place (like `cp`).
+    pub fn install_plugin(&self, build: &Path) {
+        install(build, &self.plugin);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("state/host.log")).unwrap_or_default()
+    }
+
+    pub fn explain(&self, out: &Output) -> String {
+        format!(
+            "status {}\nstdout: {}\nstderr: {}\n--- host log ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        )
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- host log ({}) ---\n{}",
+                self.dir.path().display(),
+                self.log()
+            );
+        }
+        if self.master_pid != 0 && pid_alive(self.master_pid) {
+            // Workers die with the master (PR_SET_PDEATHSIG).
+            let _ = kill(
+                Pid::from_raw(self.master_pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Writes `src`'s bytes over `dest` in place, as `cp` does (same inode when it exists).
+pub fn install(src: &Path, dest: &Path) {
+    std::fs::write(dest, std::fs::read(src).unwrap()).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP clients
+
+/// One GET's outcome.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub close: bool,
+}
+
+impl Reply {
+    pub fn first_line(&self) -> &str {
+        self.body.lines().next().unwrap_or("")
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn send(
+    sender: &mut Sender,
+    addr: SocketAddr,
+    path: &str,
+    close: bool,
+) -> Result<Reply, String> {
+    let mut req = http::Request::get(path).header(http::header::HOST, addr.to_string());
+    if close {
+        req = req.header(http::header::CONNECTION, "close");
+    }
+    let resp = sender
+        .send_request(req.body(Empty::new()).unwrap())
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status().as_u16();
+    let close = resp
+        .headers()
+        .get(http::header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok(Reply {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        close,
+    })
+}
+
+/// One GET on a new connection with `Connection: close`.
+pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
+    let mut sender = connect(addr).await?;
+    send(&mut sender, addr, path, true).await
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A new connection per request, `Connection: close`.
+    Close,
+    /// One connection reused for back-to-back requests; reconnects when the server closes it.
+    KeepAlive,
+}
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub ok: u64,
+    pub non_200: Vec<(u16, String)>,
+    pub errors: Vec<String>,
+    /// Count of responses per first body line (which build served them).
+    pub first_lines: BTreeMap<String, u64>,
+    /// Responses that asked the client to close (keep-alive mode).
+    pub closes: u64,
+}
+
+impl LoadReport {
+    pub fn total(&self) -> u64 {
+        self.ok + self.non_200.len() as u64 + self.errors.len() as u64
+    }
+}
+
+/// Clients sending back-to-back `GET path` until stopped, counting every outcome.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    report: Arc<Mutex<LoadReport>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, clients: usize, mode: Mode, path: &'static str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(LoadReport::default()));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, report) = (stop.clone(), report.clone());
+                tokio::spawn(async move {
+                    let mut conn: Option<Sender> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        if conn.as_ref().is_some_and(|c| c.is_closed()) {
+                            conn = None;
+                        }
+                        let sender = match conn.as_mut() {
+                            Some(s) => s,
+                            None => match connect(addr).await {
+                                Ok(s) => conn.insert(s),
+                                Err(e) => {
+                                    report.lock().unwrap().errors.push(e);
+                                    continue;
+                                }
+                            },
+                        };
+                        // A keep-alive connection the server closed while idle is not a failed
+                        // request (nothing was sent yet): reconnect, as every client does.
+                        if sender.ready().await.is_err() {
+                            conn = None;
+                            continue;
+                        }
+                        let result = send(sender, addr, path, mode == Mode::Close).await;
+                        let mut r = report.lock().unwrap();
+                        match result {
+                            Ok(reply) => {
+                                if reply.close || mode == Mode::Close {
+                                    conn = None;
+                                }
+                                if reply.close && mode == Mode::KeepAlive {
+                                    r.closes += 1;
+                                }
+                                if reply.status == 200 {
+                                    r.ok += 1;
+                                    *r.first_lines
+                                        .entry(reply.first_line().to_string())
+                                        .or_default() += 1;
+                                } else {
+                                    r.non_200.push((reply.status, reply.body));
+                                }
+                            }
+                            Err(e) => {
+                                r.errors.push(e);
+                                conn = None;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            report,
+            tasks,
+        }
+    }
+
+    /// Requests answered so far (any outcome).
+    pub fn total(&self) -> u64 {
+        self.report.lock().unwrap().total()
+    }
+
+    /// Waits until at least `n` more requests than now have completed.
+    pub async fn advance(&self, n: u64) {
+        let target = self.total() + n;
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{n} more requests under load"),
+            || self.total() >= target,
+        )
+        .await;
+    }
+
+    pub async fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.expect("load client panicked");
+        }
+        Arc::try_unwrap(self.report)
+            .expect("clients done")
+            .into_inner()
+            .unwrap()
+    }
+}

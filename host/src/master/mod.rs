@@ -109,6 +109,14 @@ pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), Maste
         let result = async {
             let control = control::bind(&cfg.control_socket())?;
             let listener = bind_listener(&cfg)?;
+            // With port 0 the kernel picks one: report the real address from here on.
+            let mut cfg = cfg.clone();
+            cfg.listen = listener
+                .local_addr()
+                .map_err(|source| MasterError::Listen {
+                    addr: cfg.listen,
+                    source,
+                })?;
             tracing::info!(
                 listen = %cfg.listen,
                 workers = cfg.workers,

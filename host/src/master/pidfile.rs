@@ -2,8 +2,7 @@
 //!
 //! The lock, not the file's existence, says whether a master runs: the kernel drops it when the
 //! master exits, however it exits, so a stale file left by a SIGKILLed master is simply reused.
-//! Clients wait for the lock to be released to know the master is gone (a zombie still answers
-//! `kill(pid, 0)`; a released lock does not lie).
+//! `stop` then waits for the master's process itself to exit.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -91,16 +90,28 @@ pub fn is_locked(path: &Path) -> bool {
     }
 }
 
-/// Waits until no master holds the lock on `path`, polling until `timeout`. Returns whether it was released.
-pub fn wait_released(path: &Path, timeout: Duration) -> bool {
+/// Whether `pid` has exited: gone, or a zombie nobody has reaped yet (a daemonized master's
+/// parent is PID 1, which is not always prompt about it).
+pub fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the parenthesized command name, which may contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_none_or(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => true,
+    }
+}
+
+/// Waits until process `pid` has exited, polling until `timeout`. Returns whether it did.
+pub fn wait_exited(pid: u32, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if !is_locked(path) {
+        if has_exited(pid) {
             return true;
         }
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
