@@ -308,18 +308,61 @@ impl Reply {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+/// A client connection: HTTP/1.1, or HTTP/2 with prior knowledge (h2c).
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
 
-async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+}
+
+async fn connect_with(addr: SocketAddr, h2: bool) -> Result<Sender, String> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(conn);
-    Ok(sender)
+    let io = TokioIo::new(stream);
+    if h2 {
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        Ok(Sender::H2(sender))
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        Ok(Sender::H1(sender))
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+    connect_with(addr, false).await
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+enum Failure {
+    /// The server never processed it (an HTTP/2 stream refused after GOAWAY, or a connection
+    /// closed before the request was written): clients retry these by spec.
+    Unprocessed(String),
+    Failed(String),
 }
 
 async fn send(
@@ -327,15 +370,33 @@ async fn send(
     addr: SocketAddr,
     path: &str,
     close: bool,
-) -> Result<Reply, String> {
-    let mut req = http::Request::get(path).header(http::header::HOST, addr.to_string());
-    if close {
-        req = req.header(http::header::CONNECTION, "close");
+) -> Result<Reply, Failure> {
+    let resp = match sender {
+        Sender::H1(s) => {
+            let mut req = http::Request::get(path).header(http::header::HOST, addr.to_string());
+            if close {
+                req = req.header(http::header::CONNECTION, "close");
+            }
+            s.send_request(req.body(Empty::new()).unwrap()).await
+        }
+        Sender::H2(s) => {
+            let req =
+                http::Request::get(format!("http://{addr}{path}")).version(http::Version::HTTP_2);
+            s.send_request(req.body(Empty::new()).unwrap()).await
+        }
     }
-    let resp = sender
-        .send_request(req.body(Empty::new()).unwrap())
-        .await
-        .map_err(|e| format!("request: {e}"))?;
+    .map_err(|e| {
+        // An HTTP/2 stream failed with GOAWAY was above the server's last processed stream id
+        // (RFC 9113, 6.8): never processed. `Canceled` means it was never sent.
+        let refused = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<h2::Error>())
+            .is_some_and(|h| h.is_go_away() && h.is_remote());
+        if e.is_canceled() || refused {
+            Failure::Unprocessed(format!("request: {e:?}"))
+        } else {
+            Failure::Failed(format!("request: {e:?}"))
+        }
+    })?;
     let status = resp.status().as_u16();
     let close = resp
         .headers()
@@ -345,7 +406,7 @@ async fn send(
         .into_body()
         .collect()
         .await
-        .map_err(|e| format!("body: {e}"))?
+        .map_err(|e| Failure::Failed(format!("body: {e}")))?
         .to_bytes();
     Ok(Reply {
         status,
@@ -357,7 +418,9 @@ async fn send(
 /// One GET on a new connection with `Connection: close`.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
     let mut sender = connect(addr).await?;
-    send(&mut sender, addr, path, true).await
+    send(&mut sender, addr, path, true)
+        .await
+        .map_err(|e| format!("{e:?}"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -366,6 +429,8 @@ pub enum Mode {
     Close,
     /// One connection reused for back-to-back requests; reconnects when the server closes it.
     KeepAlive,
+    /// One HTTP/2 (h2c, prior knowledge) connection reused; reconnects after GOAWAY.
+    H2,
 }
 
 /// What a load run saw.
@@ -378,6 +443,11 @@ pub struct LoadReport {
     pub first_lines: BTreeMap<String, u64>,
     /// Responses that asked the client to close (keep-alive mode).
     pub closes: u64,
+    /// Connections opened.
+    pub connects: u64,
+    /// Requests the server never processed (HTTP/2 streams refused after GOAWAY); the client
+    /// retried them, as HTTP/2 clients do. Not failures, but counted.
+    pub unprocessed: Vec<String>,
 }
 
 impl LoadReport {
@@ -408,8 +478,11 @@ impl Load {
                         }
                         let sender = match conn.as_mut() {
                             Some(s) => s,
-                            None => match connect(addr).await {
-                                Ok(s) => conn.insert(s),
+                            None => match connect_with(addr, mode == Mode::H2).await {
+                                Ok(s) => {
+                                    report.lock().unwrap().connects += 1;
+                                    conn.insert(s)
+                                }
                                 Err(e) => {
                                     report.lock().unwrap().errors.push(e);
                                     continue;
@@ -441,7 +514,11 @@ impl Load {
                                     r.non_200.push((reply.status, reply.body));
                                 }
                             }
-                            Err(e) => {
+                            Err(Failure::Unprocessed(e)) => {
+                                r.unprocessed.push(e);
+                                conn = None;
+                            }
+                            Err(Failure::Failed(e)) => {
                                 r.errors.push(e);
                                 conn = None;
                             }

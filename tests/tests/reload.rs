@@ -43,6 +43,15 @@ async fn reload_under_load(mode: Mode) {
         .await;
     }
     let report = load.finish().await;
+    eprintln!(
+        "{mode:?}: {} ok, {} failed, {} non-200, {} unprocessed and retried, {} connections, {} told to close",
+        report.ok,
+        report.errors.len(),
+        report.non_200.len(),
+        report.unprocessed.len(),
+        report.connects,
+        report.closes
+    );
 
     assert!(
         report.errors.is_empty(),
@@ -69,6 +78,18 @@ async fn reload_under_load(mode: Mode) {
             report.closes > 0,
             "keep-alive clients were never asked to reconnect: {report:?}"
         );
+    }
+    if mode != Mode::H2 {
+        // HTTP/1: no request is ever refused, not even one racing the idle close of a drain.
+        assert!(
+            report.unprocessed.is_empty(),
+            "unprocessed HTTP/1 requests: {:?}",
+            report.unprocessed
+        );
+    }
+    if mode != Mode::Close {
+        // Persistent connections did not stay pinned to old workers: each client reconnected.
+        assert!(report.connects > 8, "clients never reconnected: {report:?}");
     }
 
     let health_after = get(host.addr, "/_host/health").await.unwrap();
@@ -101,6 +122,11 @@ async fn reload_under_load_with_close_clients_fails_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_under_load_with_keep_alive_clients_fails_nothing() {
     reload_under_load(Mode::KeepAlive).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reload_under_load_with_http2_clients_fails_nothing() {
+    reload_under_load(Mode::H2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

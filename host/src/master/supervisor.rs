@@ -24,8 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use command_fds::{CommandFdExt, FdMapping};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -96,6 +95,9 @@ struct Worker {
     pid: u32,
     state: WorkerState,
     tx: mpsc::UnboundedSender<MasterToWorker>,
+    /// Asks the task that owns the `Child` to SIGKILL it. That task also reaps it, so a kill can
+    /// never reach a recycled pid.
+    kill: mpsc::UnboundedSender<()>,
     plugin: Option<PluginInfo>,
     requests: u64,
     in_flight: u64,
@@ -346,7 +348,7 @@ impl Supervisor {
                 tracing::warn!("second stop signal: killing every worker now");
                 for w in self.workers.values_mut() {
                     if !matches!(w.state, WorkerState::Killed) {
-                        let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
+                        let _ = w.kill.send(());
                         w.state = WorkerState::Killed;
                     }
                 }
@@ -790,13 +792,11 @@ impl Supervisor {
                     .start_error
                     .clone()
                     .unwrap_or_else(|| format!("worker {how} during start"));
-                // Put it back so `start_failed` can find it, then let it go.
+                // Put it back (already reaped: nothing to kill) so `start_failed` can find it.
                 self.workers.insert(
                     id,
                     Worker {
-                        state: WorkerState::Starting {
-                            deadline: Instant::now(),
-                        },
+                        state: WorkerState::Killed,
                         ..w
                     },
                 );
@@ -962,7 +962,7 @@ impl Supervisor {
         if let Some(w) = self.workers.get_mut(&id)
             && !matches!(w.state, WorkerState::Killed)
         {
-            let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
+            let _ = w.kill.send(());
             w.state = WorkerState::Killed;
         }
     }
@@ -1006,8 +1006,16 @@ impl Supervisor {
         let (rd, wr) = stream.into_split();
         let (tx, mut orders) = mpsc::unbounded_channel::<MasterToWorker>();
         let events = self.events.clone();
+        let (kill, mut kill_rx) = mpsc::unbounded_channel::<()>();
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    Some(()) = kill_rx.recv() => {
+                        let _ = child.start_kill();
+                    }
+                }
+            };
             let _ = events.send(Event::Exited { id, status });
         });
         let events = self.events.clone();
@@ -1049,6 +1057,7 @@ impl Supervisor {
                     deadline: Instant::now() + self.cfg.start_timeout,
                 },
                 tx,
+                kill,
                 plugin: None,
                 requests: 0,
                 in_flight: 0,
