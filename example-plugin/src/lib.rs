@@ -9,7 +9,8 @@
 //! - `GET /state`: a per-worker counter created in `on_worker_start`.
 //!
 //! `EXAMPLE_FAIL_START` = `panic` | `error` | `hang` at build time makes `on_worker_start` panic,
-//! return an error, or never return: a deliberately bad build.
+//! return an error, or never return: a deliberately bad build. `EXAMPLE_START_DELAY_MS=N` makes
+//! it take `N` ms (a slow start, to watch a rollout happen).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,6 +23,7 @@ const GREETING: &str = match option_env!("EXAMPLE_GREETING") {
     None => "hello",
 };
 const FAIL_START: Option<&str> = option_env!("EXAMPLE_FAIL_START");
+const START_DELAY_MS: Option<&str> = option_env!("EXAMPLE_START_DELAY_MS");
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Per-worker state, built in `on_worker_start`.
@@ -56,6 +58,9 @@ impl Plugin for Example {
                 std::thread::park();
             },
             _ => {}
+        }
+        if let Some(ms) = START_DELAY_MS.and_then(|ms| ms.parse().ok()) {
+            std::thread::sleep(Duration::from_millis(ms));
         }
         tracing::info!(
             greeting = GREETING,

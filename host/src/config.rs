@@ -29,6 +29,17 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Listen backlog of the one listening socket.
     pub backlog: i32,
+    /// How many generations' snapshots to keep (for `host rollback`); at least 2.
+    pub keep_snapshots: usize,
+    /// Load a plugin file (or one in a directory) that other users can write. Off by default:
+    /// whoever can write the file chooses the native code this host runs.
+    pub allow_writable_plugin: bool,
+    /// A client must send a request's headers within this time (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// Most header fields in one request; more get `431`.
+    pub max_headers: usize,
+    /// Most bytes of request line and headers; more get `431` (or `414` for a long URI).
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +73,11 @@ struct RawConfig {
     idle_grace: Option<String>,
     max_body_bytes: Option<i64>,
     backlog: Option<i64>,
+    keep_snapshots: Option<i64>,
+    allow_writable_plugin: Option<bool>,
+    header_read_timeout: Option<String>,
+    max_headers: Option<i64>,
+    max_header_bytes: Option<i64>,
 }
 
 pub const DEFAULT_FILE: &str = "host.toml";
@@ -153,6 +169,36 @@ impl Config {
             Some(n) if (1..=65535).contains(&n) => n as i32,
             Some(n) => return Err(invalid("backlog", format!("{n} is out of range 1..=65535"))),
         };
+        let keep_snapshots = match raw.keep_snapshots {
+            None => 3,
+            Some(n) if (2..=1000).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "keep_snapshots",
+                    format!("{n} is out of range 2..=1000"),
+                ));
+            }
+        };
+        let max_headers = match raw.max_headers {
+            None => 100,
+            Some(n) if (1..=10_000).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "max_headers",
+                    format!("{n} is out of range 1..=10000"),
+                ));
+            }
+        };
+        let max_header_bytes = match raw.max_header_bytes {
+            None => 64 * 1024,
+            Some(n) if (8192..=16 << 20).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "max_header_bytes",
+                    format!("{n} is out of range 8192..=16777216"),
+                ));
+            }
+        };
         Ok(Config {
             file: file.to_path_buf(),
             listen,
@@ -164,6 +210,11 @@ impl Config {
             idle_grace: duration("idle_grace", &raw.idle_grace, "1s")?,
             max_body_bytes,
             backlog,
+            keep_snapshots,
+            allow_writable_plugin: raw.allow_writable_plugin.unwrap_or(false),
+            header_read_timeout: duration("header_read_timeout", &raw.header_read_timeout, "10s")?,
+            max_headers,
+            max_header_bytes,
         })
     }
 

@@ -87,6 +87,8 @@ enum Command {
     },
     /// Roll every worker onto a fresh snapshot of the plugin; waits for the outcome.
     Reload,
+    /// Roll every worker back onto the generation that served before the current one.
+    Rollback,
     /// Stop gracefully; returns when every process has exited.
     Stop,
     /// Stop (if running), then start in the background.
@@ -152,7 +154,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Start { daemon: false } => start_foreground(cfg),
         Command::Start { daemon: true } => start_daemon(&cfg),
-        Command::Reload => reload(&cfg),
+        Command::Reload => rollout(&cfg, ControlRequest::Reload),
+        Command::Rollback => rollout(&cfg, ControlRequest::Rollback),
         Command::Stop => {
             stop(&cfg)?;
             Ok(ExitCode::SUCCESS)
@@ -262,23 +265,25 @@ fn print_reload(report: &ReloadReport) {
         .sha256
         .as_deref()
         .map_or("-", |s| &s[..s.len().min(12)]);
-    if report.ok {
-        println!(
-            "reloaded: generation {} serving (sha256 {sha}) in {} ms; started {:?}, draining {:?}",
-            report.generation, report.duration_ms, report.started_pids, report.drained_pids
-        );
+    let what = if report.kind == "rollback" {
+        "rolled back"
     } else {
-        eprintln!(
-            "error: reload to generation {} failed: {}; still serving generation {}",
-            report.generation,
-            report.error.as_deref().unwrap_or("unknown error"),
-            report.serving_generation
-        );
+        "reloaded"
+    };
+    match &report.error {
+        None => println!(
+            "{what}: generation {} serving (sha256 {sha}) in {} ms; started {:?}, draining {:?}",
+            report.generation, report.duration_ms, report.started_pids, report.drained_pids
+        ),
+        Some(error) => eprintln!(
+            "error: {} to generation {} failed: {error}; still serving generation {}",
+            report.kind, report.generation, report.serving_generation
+        ),
     }
 }
 
-fn reload(cfg: &Config) -> anyhow::Result<ExitCode> {
-    match ask(cfg, ControlRequest::Reload)? {
+fn rollout(cfg: &Config, request: ControlRequest) -> anyhow::Result<ExitCode> {
+    match ask(cfg, request)? {
         ControlResponse::Reloaded(report) => {
             print_reload(&report);
             Ok(ExitCode::SUCCESS)
@@ -287,7 +292,7 @@ fn reload(cfg: &Config) -> anyhow::Result<ExitCode> {
             print_reload(&report);
             Ok(ExitCode::FAILURE)
         }
-        ControlResponse::Refused { reason } => bail!("reload refused: {reason}"),
+        ControlResponse::Refused { reason } => bail!("refused: {reason}"),
         other => bail!("unexpected answer from the master: {other:?}"),
     }
 }
@@ -366,6 +371,17 @@ fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
             state,
             w.requests,
             human_bytes(w.rss_bytes)
+        );
+    }
+    for slot in report.slots.iter().filter(|s| s.state == "failing") {
+        let retry = slot
+            .retry_in_ms
+            .map_or(String::new(), |ms| format!(", retrying in {ms} ms"));
+        println!(
+            "slot {} FAILING ({} failures{retry}): {}",
+            slot.slot,
+            slot.failures,
+            slot.last_error.as_deref().unwrap_or("unknown")
         );
     }
     match &report.last_reload {

@@ -29,6 +29,9 @@ pub struct WorkerSpec {
     pub graceful_timeout_ms: u64,
     pub idle_grace_ms: u64,
     pub max_body_bytes: usize,
+    pub header_read_timeout_ms: u64,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
 }
 
 /// Orders from the master to one worker.
@@ -77,6 +80,7 @@ pub enum WorkerToMaster {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ControlRequest {
     Reload,
+    Rollback,
     Stop,
     Status,
 }
@@ -108,6 +112,8 @@ pub struct ReloadReport {
     /// Workers started and workers told to drain.
     pub started_pids: Vec<u32>,
     pub drained_pids: Vec<u32>,
+    /// `reload` or `rollback`.
+    pub kind: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,7 +143,23 @@ pub struct StatusReport {
     pub listen: String,
     pub generation: u64,
     pub workers: Vec<WorkerStatus>,
+    /// One entry per slot: who serves it and, when it keeps failing, why.
+    pub slots: Vec<SlotStatus>,
     pub last_reload: Option<ReloadReport>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SlotStatus {
+    pub slot: u32,
+    /// The ready worker serving this slot, if any.
+    pub pid: Option<u32>,
+    /// `serving`, `starting` or `failing`.
+    pub state: String,
+    /// Consecutive failed starts or crashes.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// When a failing slot is tried again.
+    pub retry_in_ms: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------

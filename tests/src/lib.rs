@@ -51,7 +51,9 @@ fn cargo_build(package: &str, env: &[(&str, &str)], artifact: &str, dest: &Path)
         .args(["build", "--quiet", "-p", package])
         .env("CARGO_TARGET_DIR", &target)
         .env_remove("EXAMPLE_GREETING")
-        .env_remove("EXAMPLE_FAIL_START");
+        .env_remove("EXAMPLE_FAIL_START")
+        .env_remove("EXAMPLE_START_DELAY_MS")
+        .env_remove("FIXTURE");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -100,6 +102,28 @@ pub fn example_plugin(env: &[(&str, &str)]) -> PathBuf {
     dest
 }
 
+/// The fixture plugin (`tests/fixtures/fixture-plugin`) built with `FIXTURE=kind` (`""` for
+/// the working one).
+pub fn fixture_plugin(kind: &str) -> PathBuf {
+    static CACHE: OnceLock<Mutex<BTreeMap<String, PathBuf>>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = cache.get(kind) {
+        return p.clone();
+    }
+    let dest = nested_target().join(format!("fixture-plugin-{kind}.so"));
+    let env: &[(&str, &str)] = if kind.is_empty() {
+        &[]
+    } else {
+        &[("FIXTURE", kind)]
+    };
+    cargo_build("fixture-plugin", env, "libfixture_plugin.so", &dest);
+    cache.insert(kind.to_string(), dest.clone());
+    dest
+}
+
 /// The example plugin built with `EXAMPLE_GREETING=greeting`.
 pub fn greeting_plugin(greeting: &str) -> PathBuf {
     example_plugin(&[("EXAMPLE_GREETING", greeting)])
@@ -141,12 +165,16 @@ pub struct Host {
     pub plugin: PathBuf,
     pub addr: SocketAddr,
     pub master_pid: u32,
+    env: Vec<(String, String)>,
 }
 
 /// Options for [`Host::start`].
 pub struct HostOptions {
     pub workers: usize,
+    /// More config lines.
     pub extra: String,
+    /// Environment for the host (its workers inherit it).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for HostOptions {
@@ -154,6 +182,7 @@ impl Default for HostOptions {
         HostOptions {
             workers: 2,
             extra: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -168,21 +197,25 @@ impl Host {
         let plugin_path = dir.path().join("plugin.so");
         install(plugin, &plugin_path);
         let config = dir.path().join("host.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:0\"\nworkers = {}\nplugin = \"plugin.so\"\nstate_dir = \"state\"\n\
-                 graceful_timeout = \"10s\"\nstart_timeout = \"10s\"\n{}\n",
-                opts.workers, opts.extra
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "listen = \"127.0.0.1:0\"\nworkers = {}\nplugin = \"plugin.so\"\nstate_dir = \"state\"\n{}\n",
+            opts.workers, opts.extra
+        );
+        for default in ["graceful_timeout = \"10s\"", "start_timeout = \"10s\""] {
+            let key = default.split(' ').next().unwrap();
+            if !opts.extra.contains(key) {
+                text.push_str(default);
+                text.push('\n');
+            }
+        }
+        std::fs::write(&config, text).unwrap();
         let mut host = Host {
             dir,
             config,
             plugin: plugin_path,
             addr: "127.0.0.1:1".parse().unwrap(),
             master_pid: 0,
+            env: opts.env,
         };
         let out = host.cli(&["start", "-d"]).await;
         assert!(
@@ -202,6 +235,7 @@ impl Host {
         cmd.arg("-c")
             .arg(&self.config)
             .args(args)
+            .envs(self.env.iter().cloned())
             .kill_on_drop(true);
         match tokio::time::timeout(Duration::from_secs(60), cmd.output()).await {
             Ok(out) => out.expect("host runs"),
@@ -286,9 +320,12 @@ impl Drop for Host {
     }
 }
 
-/// Writes `src`'s bytes over `dest` in place, as `cp` does (same inode when it exists).
+/// Writes `src`'s bytes over `dest` in place, as `cp` does (same inode when it exists), mode
+/// 0644 whatever the umask (the host refuses plugin files others can write).
 pub fn install(src: &Path, dest: &Path) {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::write(dest, std::fs::read(src).unwrap()).unwrap();
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o644)).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -36,6 +36,17 @@ pub enum SnapshotError {
     Empty { path: PathBuf },
     #[error("plugin file {path} is not an ELF shared library (starts with {head:?})")]
     NotElf { path: PathBuf, head: String },
+    #[error(
+        "refusing plugin file {path}: {what} {checked} is {problem}; whoever can write it chooses the code this host runs (fix the permissions, or set allow_writable_plugin = true)"
+    )]
+    Insecure {
+        path: PathBuf,
+        what: &'static str,
+        checked: PathBuf,
+        problem: String,
+    },
+    #[error("plugin file {path} is not a loadable shared library: {reason}")]
+    BadElf { path: PathBuf, reason: String },
     #[error("cannot write snapshot {path}")]
     Write {
         path: PathBuf,
@@ -54,8 +65,82 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
+/// Refuses a plugin file, or the directory holding it, that users other than this one (and
+/// root) can write: through it they would choose the native code this host runs.
+fn check_permissions(source: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(resolved) = std::fs::canonicalize(source) else {
+        return Ok(());
+    }; // missing: reported by the read
+    let me = nix::unistd::geteuid().as_raw();
+    let parent = resolved.parent().unwrap_or(Path::new("/")).to_path_buf();
+    for (what, checked) in [("the file", resolved.clone()), ("its directory", parent)] {
+        let Ok(meta) = std::fs::metadata(&checked) else {
+            continue;
+        };
+        let mode = meta.mode() & 0o7777;
+        let problem = if meta.uid() != me && meta.uid() != 0 {
+            Some(format!("owned by uid {}", meta.uid()))
+        } else if mode & 0o022 != 0 {
+            Some(format!(
+                "writable by {} (mode {mode:04o})",
+                if mode & 0o002 != 0 {
+                    "everyone"
+                } else {
+                    "its group"
+                }
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(SnapshotError::Insecure {
+                path: source.to_path_buf(),
+                what,
+                checked,
+                problem,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks the ELF structure before any worker maps the file: a shared object whose loadable
+/// segments and section table lie inside the file. A truncated file (or one still being written
+/// by the linker) would otherwise be mapped past its end and kill the worker with SIGBUS.
+fn check_elf(source: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    use object::{Object, ObjectKind, ObjectSegment};
+    let bad = |reason: String| SnapshotError::BadElf {
+        path: source.to_path_buf(),
+        reason,
+    };
+    let file =
+        object::File::parse(bytes).map_err(|e| bad(format!("{e} (truncated or corrupt)")))?;
+    if file.kind() != ObjectKind::Dynamic {
+        return Err(bad(format!(
+            "it is an ELF {:?} file, not a shared object",
+            file.kind()
+        )));
+    }
+    for segment in file.segments() {
+        let (offset, size) = segment.file_range();
+        let end = offset.saturating_add(size);
+        if end > bytes.len() as u64 {
+            return Err(bad(format!(
+                "truncated: a loadable segment ends at byte {end}, the file has {} bytes",
+                bytes.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Snapshots `source` into `dir`, reusing an existing snapshot with the same content.
-pub fn take(source: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
+/// Unless `allow_writable`, refuses a file others can write (see [`check_permissions`]).
+pub fn take(source: &Path, dir: &Path, allow_writable: bool) -> Result<Snapshot, SnapshotError> {
+    if !allow_writable {
+        check_permissions(source)?;
+    }
     let bytes = std::fs::read(source).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => SnapshotError::Missing {
             path: source.to_path_buf(),
@@ -77,6 +162,7 @@ pub fn take(source: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
             head,
         });
     }
+    check_elf(source, &bytes)?;
     let sha256 = hex(&Sha256::digest(&bytes));
     let path = dir.join(format!("{sha256}.so"));
     if !path.exists() {
@@ -120,7 +206,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let missing = dir.join("missing.so");
         assert!(
-            take(&missing, &dir)
+            take(&missing, &dir, false)
                 .unwrap_err()
                 .to_string()
                 .contains("missing.so does not exist")
@@ -128,27 +214,72 @@ mod tests {
         let empty = dir.join("empty.so");
         std::fs::write(&empty, b"").unwrap();
         assert!(
-            take(&empty, &dir)
+            take(&empty, &dir, false)
                 .unwrap_err()
                 .to_string()
                 .contains("empty.so is empty")
         );
+        let truncated = dir.join("truncated.so");
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        std::fs::write(&truncated, &exe[..64 * 1024]).unwrap();
+        let err = take(&truncated, &dir, false).unwrap_err().to_string();
+        assert!(
+            err.contains("truncated.so is not a loadable shared library"),
+            "{err}"
+        );
         let text = dir.join("text.so");
         std::fs::write(&text, b"hello world").unwrap();
         assert!(
-            take(&text, &dir)
+            take(&text, &dir, false)
                 .unwrap_err()
                 .to_string()
                 .contains("not an ELF")
         );
 
         let good = dir.join("good.so");
-        std::fs::write(&good, b"\x7fELF pretend").unwrap();
-        let a = take(&good, &dir.join("snap")).unwrap();
-        let b = take(&good, &dir.join("snap")).unwrap();
+        std::fs::copy(std::env::current_exe().unwrap(), &good).unwrap();
+        let a = take(&good, &dir.join("snap"), false).unwrap();
+        let b = take(&good, &dir.join("snap"), false).unwrap();
         assert_eq!(a.path, b.path);
         assert_eq!(a.sha256.len(), 64);
-        assert_eq!(std::fs::read(&a.path).unwrap(), b"\x7fELF pretend");
+        assert_eq!(
+            std::fs::read(&a.path).unwrap(),
+            std::fs::read(&good).unwrap()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_file_others_can_write_unless_allowed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("host-snapshot-perm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plugin = dir.join("p.so");
+        std::fs::copy(std::env::current_exe().unwrap(), &plugin).unwrap();
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = take(&plugin, &dir.join("snap"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("p.so")
+                && err.contains("writable by everyone")
+                && err.contains("allow_writable_plugin"),
+            "{err}"
+        );
+        assert!(take(&plugin, &dir.join("snap"), true).is_ok());
+
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let err = take(&plugin, &dir.join("snap"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("its directory") && err.contains("its group"),
+            "{err}"
+        );
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(take(&plugin, &dir.join("snap"), false).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::Write as _;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -32,7 +33,7 @@ use super::snapshot::{self, Snapshot};
 use crate::config::Config;
 use crate::fd;
 use crate::protocol::{
-    ControlRequest, ControlResponse, MasterToWorker, PluginInfo, ReloadReport, Sender,
+    ControlRequest, ControlResponse, MasterToWorker, PluginInfo, ReloadReport, Sender, SlotStatus,
     StatusReport, WorkerSpec, WorkerStateName, WorkerStatus, WorkerToMaster,
 };
 
@@ -112,8 +113,21 @@ enum RolloutKind {
     /// The first generation, at `host start`.
     Start,
     Reload,
+    /// `host rollback`: the generation that served before the current one, again.
+    Rollback,
     /// Moving slots back after a reload failed past its canary.
     Revert,
+}
+
+impl RolloutKind {
+    const fn name(self) -> &'static str {
+        match self {
+            RolloutKind::Start => "start",
+            RolloutKind::Reload => "reload",
+            RolloutKind::Rollback => "rollback",
+            RolloutKind::Revert => "revert",
+        }
+    }
 }
 
 struct Rollout {
@@ -160,10 +174,13 @@ pub(crate) struct Supervisor {
     serving: Vec<Option<WorkerId>>,
     health: Vec<SlotHealth>,
     current: Option<Arc<Generation>>,
+    /// Generations that went live, oldest first (the last is `current`); bounded by `keep_snapshots`.
+    history: VecDeque<Arc<Generation>>,
     next_generation: u64,
     next_id: u64,
     rollout: Option<Rollout>,
-    queued: Option<Vec<Reply>>,
+    /// Reload and rollback requests that arrived during a rollout, in order.
+    queued: VecDeque<(RolloutKind, Reply)>,
     stopping: Option<Vec<Reply>>,
     fatal: Option<String>,
     last_reload: Option<ReloadReport>,
@@ -238,10 +255,11 @@ impl Supervisor {
             serving: vec![None; slots],
             health: (0..slots).map(|_| SlotHealth::default()).collect(),
             current: None,
+            history: VecDeque::new(),
             next_generation: 1,
             next_id: 1,
             rollout: None,
-            queued: None,
+            queued: VecDeque::new(),
             stopping: None,
             fatal: None,
             last_reload: None,
@@ -305,13 +323,16 @@ impl Supervisor {
             },
             Event::Exited { id, status } => self.on_exit(id, status),
             Event::Control { request, reply } => match request {
-                ControlRequest::Reload => self.request_reload(Some(reply)),
+                ControlRequest::Reload => self.request_rollout(RolloutKind::Reload, Some(reply)),
+                ControlRequest::Rollback => {
+                    self.request_rollout(RolloutKind::Rollback, Some(reply))
+                }
                 ControlRequest::Stop => self.request_stop(Some(reply)),
                 ControlRequest::Status => self.request_status(reply),
             },
             Event::Signal(SignalAction::Reload(name)) => {
                 tracing::info!(signal = name, "reload requested by signal");
-                self.request_reload(None);
+                self.request_rollout(RolloutKind::Reload, None);
             }
             Event::Signal(SignalAction::Stop(name)) => {
                 tracing::info!(signal = name, "stop requested by signal");
@@ -323,7 +344,7 @@ impl Supervisor {
     // -----------------------------------------------------------------------------------------
     // requests
 
-    fn request_reload(&mut self, reply: Reply) {
+    fn request_rollout(&mut self, kind: RolloutKind, reply: Reply) {
         if self.stopping.is_some() {
             if let Some(reply) = reply {
                 let _ = reply.send(ControlResponse::Refused {
@@ -333,11 +354,14 @@ impl Supervisor {
             return;
         }
         if self.rollout.is_some() {
-            tracing::info!("reload requested during a rollout; it will run when this one ends");
-            self.queued.get_or_insert_with(Vec::new).push(reply);
+            tracing::info!(
+                kind = kind.name(),
+                "requested during a rollout; it will run when this one ends"
+            );
+            self.queued.push_back((kind, reply));
             return;
         }
-        self.begin(RolloutKind::Reload, vec![reply]);
+        self.begin(kind, vec![reply]);
     }
 
     fn request_stop(&mut self, reply: Reply) {
@@ -414,9 +438,49 @@ impl Supervisor {
             listen: self.cfg.listen.to_string(),
             generation: self.current.as_ref().map_or(0, |g| g.number),
             workers,
+            slots: self.slot_statuses(),
             last_reload: self.last_reload.clone(),
         };
         let _ = reply.send(ControlResponse::Status(Box::new(report)));
+    }
+
+    fn slot_statuses(&self) -> Vec<SlotStatus> {
+        let now = Instant::now();
+        (0..self.serving.len())
+            .map(|slot| {
+                let h = &self.health[slot];
+                let pid = self.serving[slot]
+                    .and_then(|id| self.workers.get(&id))
+                    .map(|w| w.pid);
+                let starting = self.workers.values().any(|w| {
+                    w.slot == slot as u32 && matches!(w.state, WorkerState::Starting { .. })
+                });
+                let state = match (pid, starting) {
+                    (Some(_), _) => "serving",
+                    (None, true) if h.failures == 0 => "starting",
+                    _ => "failing",
+                };
+                SlotStatus {
+                    slot: slot as u32,
+                    pid,
+                    state: state.to_string(),
+                    failures: h.failures,
+                    last_error: h.last_error.clone(),
+                    retry_in_ms: h
+                        .respawn_at
+                        .map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                }
+            })
+            .collect()
+    }
+
+    /// Names a generation's plugin the way an operator knows it: the configured file, and which build.
+    fn plugin_label(&self, generation: &Generation) -> String {
+        format!(
+            "{} (sha256 {})",
+            self.cfg.plugin.display(),
+            short(&generation.snapshot.sha256)
+        )
     }
 
     // -----------------------------------------------------------------------------------------
@@ -437,11 +501,11 @@ impl Supervisor {
             duration_ms: 0,
             started_pids: Vec::new(),
             drained_pids: Vec::new(),
+            kind: kind.name().to_string(),
         };
-        let snapshot = match snapshot::take(&self.cfg.plugin, &self.cfg.snapshot_dir()) {
+        let snapshot = match self.snapshot_for(kind) {
             Ok(s) => s,
-            Err(e) => {
-                let reason = crate::error_chain(&e);
+            Err(reason) => {
                 report.error = Some(reason.clone());
                 tracing::error!(generation = number, "reload refused: {reason}");
                 self.conclude(kind, report, replies, Err(reason));
@@ -469,6 +533,70 @@ impl Supervisor {
             failure: None,
         });
         self.advance();
+    }
+
+    /// The snapshot a new generation of `kind` runs: a fresh one of the plugin file, or for a
+    /// rollback the one that served before the current generation.
+    fn snapshot_for(&self, kind: RolloutKind) -> Result<Snapshot, String> {
+        if kind != RolloutKind::Rollback {
+            return snapshot::take(
+                &self.cfg.plugin,
+                &self.cfg.snapshot_dir(),
+                self.cfg.allow_writable_plugin,
+            )
+            .map_err(|e| crate::error_chain(&e));
+        }
+        let previous = self.history.iter().rev().nth(1).ok_or_else(|| {
+            "no previous generation to roll back to (only the current one was kept)".to_string()
+        })?;
+        if !previous.snapshot.path.exists() {
+            return Err(format!(
+                "the snapshot of generation {} is gone: {}",
+                previous.number,
+                previous.snapshot.path.display()
+            ));
+        }
+        tracing::info!(to_generation = previous.number, "rolling back");
+        Ok(previous.snapshot.clone())
+    }
+
+    /// Drops generations beyond `keep_snapshots` from the history and deletes snapshot files
+    /// no kept generation and no live worker uses.
+    fn prune_snapshots(&mut self) {
+        while self.history.len() > self.cfg.keep_snapshots {
+            self.history.pop_front();
+        }
+        let mut keep: HashSet<PathBuf> = self
+            .history
+            .iter()
+            .map(|g| g.snapshot.path.clone())
+            .collect();
+        keep.extend(
+            self.workers
+                .values()
+                .map(|w| w.generation.snapshot.path.clone()),
+        );
+        if let Some(r) = &self.rollout {
+            keep.insert(r.target.snapshot.path.clone());
+        }
+        let Ok(entries) = std::fs::read_dir(self.cfg.snapshot_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_snapshot = path.extension().is_some_and(|e| e == "so")
+                && path.file_stem().is_some_and(|s| {
+                    s.len() == 64 && s.to_string_lossy().bytes().all(|b| b.is_ascii_hexdigit())
+                });
+            if is_snapshot && !keep.contains(&path) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::debug!(path = %path.display(), "pruned an old snapshot"),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot prune an old snapshot")
+                    }
+                }
+            }
+        }
     }
 
     /// Starts the next slot's candidate, or finishes the rollout when nothing is left.
@@ -519,7 +647,9 @@ impl Supervisor {
                     "generation {} is serving",
                     r.target.number
                 );
+                self.history.push_back(r.target.clone());
                 self.current = Some(r.target);
+                self.prune_snapshots();
                 Ok(())
             }
         };
@@ -562,10 +692,15 @@ impl Supervisor {
         for reply in replies.into_iter().flatten() {
             let _ = reply.send(response.clone());
         }
+        // Requests queued during the rollout run next; consecutive ones of a kind share one rollout.
         if self.stopping.is_none()
-            && let Some(queued) = self.queued.take()
+            && let Some(&(kind, _)) = self.queued.front()
         {
-            self.begin(RolloutKind::Reload, queued);
+            let mut replies = Vec::new();
+            while self.queued.front().is_some_and(|(k, _)| *k == kind) {
+                replies.extend(self.queued.pop_front().map(|(_, r)| r));
+            }
+            self.begin(kind, replies);
         }
     }
 
@@ -629,8 +764,8 @@ impl Supervisor {
                 Err(format!("interrupted: {reason}")),
             );
         }
-        if let Some(queued) = self.queued.take() {
-            for reply in queued.into_iter().flatten() {
+        for (_, reply) in std::mem::take(&mut self.queued) {
+            if let Some(reply) = reply {
                 let _ = reply.send(ControlResponse::Refused {
                     reason: reason.to_string(),
                 });
@@ -668,7 +803,8 @@ impl Supervisor {
             .is_some_and(|r| r.candidate == Some(id));
         if is_candidate {
             let old = self.serving[slot].replace(id);
-            self.health[slot].respawn_at = None;
+            // A new generation in the slot is a fresh start: forget its crash history.
+            self.health[slot] = SlotHealth::default();
             if let Some(r) = &mut self.rollout {
                 r.candidate = None;
                 r.done.push(slot as u32);
@@ -714,6 +850,7 @@ impl Supervisor {
             generation = w.generation.number,
             "worker failed to start: {reason}"
         );
+        let reason = format!("{}: {reason}", self.plugin_label(&w.generation));
         self.kill_worker(id);
         if self
             .rollout
@@ -1044,6 +1181,9 @@ impl Supervisor {
             graceful_timeout_ms: self.cfg.graceful_timeout.as_millis() as u64,
             idle_grace_ms: self.cfg.idle_grace.as_millis() as u64,
             max_body_bytes: self.cfg.max_body_bytes,
+            header_read_timeout_ms: self.cfg.header_read_timeout.as_millis() as u64,
+            max_headers: self.cfg.max_headers,
+            max_header_bytes: self.cfg.max_header_bytes,
         };
         let _ = tx.send(MasterToWorker::Start(spec));
         tracing::debug!(pid, slot, generation = generation.number, "worker spawned");

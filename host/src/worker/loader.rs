@@ -23,57 +23,54 @@ use plugin_api::ffi::{
 
 use crate::protocol::PluginInfo;
 
-/// Why a plugin could not be loaded or started. Messages name the file and say expected vs. found.
+/// A plugin file that could not be loaded or started.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {kind}")]
+pub struct LoadPluginError {
+    pub path: PathBuf,
+    #[source]
+    pub kind: LoadError,
+}
+
+/// Why a plugin could not be loaded or started; messages say expected vs. found.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{path}: cannot load shared library: {message}")]
-    Open { path: PathBuf, message: String },
-    #[error("{path}: not a plugin: no `host_plugin_entry_v1` symbol ({message})")]
-    NoEntry { path: PathBuf, message: String },
-    #[error("{path}: not a plugin: the entry point returned no header")]
-    NullHeader { path: PathBuf },
-    #[error("{path}: not a plugin: bad header magic {found:#018x} (expected {expected:#018x})")]
-    Magic {
-        path: PathBuf,
-        expected: u64,
-        found: u64,
-    },
+    #[error("cannot load shared library: {message}")]
+    Open { message: String },
+    #[error("not a plugin: no `host_plugin_entry_v1` symbol ({message})")]
+    NoEntry { message: String },
+    #[error("not a plugin: the entry point returned no header")]
+    NullHeader,
+    #[error("not a plugin: bad header magic {found:#018x} (expected {expected:#018x})")]
+    Magic { expected: u64, found: u64 },
     #[error(
-        "{path}: incompatible plugin ABI: expected major {expected}, found {found_major}.{found_minor}"
+        "incompatible plugin ABI: expected major {expected}, found {found_major}.{found_minor}"
     )]
     AbiMajor {
-        path: PathBuf,
         expected: u32,
         found_major: u32,
         found_minor: u32,
     },
     #[error(
-        "{path}: plugin needs ABI {expected_major}.{found} but this host supports up to {expected_major}.{expected}"
+        "plugin needs ABI {expected_major}.{found} but this host supports up to {expected_major}.{expected}"
     )]
     AbiMinor {
-        path: PathBuf,
         expected_major: u32,
         expected: u32,
         found: u32,
     },
-    #[error("{path}: plugin {what} is {found} bytes, expected at least {expected}")]
+    #[error("plugin {what} is {found} bytes, expected at least {expected}")]
     Size {
-        path: PathBuf,
         what: &'static str,
         expected: usize,
         found: usize,
     },
-    #[error("{path}: incompatible plugin-api version: expected {expected}, found {found}")]
-    ApiVersion {
-        path: PathBuf,
-        expected: String,
-        found: String,
-    },
-    #[error("{path}: plugin header field `{field}` is not valid UTF-8")]
-    Utf8 { path: PathBuf, field: &'static str },
-    #[error("{path}: {name} {version}: on_worker_start failed: {reason}")]
+    #[error("incompatible plugin-api version: expected {expected}, found {found}")]
+    ApiVersion { expected: String, found: String },
+    #[error("plugin header field `{field}` is not valid UTF-8")]
+    Utf8 { field: &'static str },
+    #[error("{name} {version}: on_worker_start failed: {reason}")]
     StartFailed {
-        path: PathBuf,
         name: String,
         version: String,
         reason: String,
@@ -116,15 +113,12 @@ fn api_requirement(host: &str) -> String {
 }
 
 /// Reads a header string; the plugin guarantees header strings are `'static`.
-fn header_str(path: &Path, raw: RawStr, field: &'static str) -> Result<String, LoadError> {
+fn header_str(raw: RawStr, field: &'static str) -> Result<String, LoadError> {
     // SAFETY: header strings point to the plugin's `'static` data, and the library is never unloaded.
     let bytes = unsafe { raw.as_bytes() };
     std::str::from_utf8(bytes)
         .map(str::to_owned)
-        .map_err(|_| LoadError::Utf8 {
-            path: path.to_path_buf(),
-            field,
-        })
+        .map_err(|_| LoadError::Utf8 { field })
 }
 
 /// Forwards a plugin log record to this process's `tracing`.
@@ -152,15 +146,20 @@ pub struct Placement {
 }
 
 /// Loads the plugin at `path`, checks it, and runs its `on_worker_start`.
-pub fn load(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> {
-    let p = || path.to_path_buf();
+pub fn load(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadPluginError> {
+    load_checked(path, at).map_err(|kind| LoadPluginError {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
+fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> {
     // SAFETY: loading a library runs its initializers. The master hands us a private snapshot of
     // a file the operator configured as this host's plugin, and `RTLD_NOW` resolves every symbol
     // up front so a missing one fails here rather than mid-request. `RTLD_LOCAL` keeps its
     // symbols out of the global namespace.
     let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
         LoadError::Open {
-            path: p(),
             message: e.to_string(),
         }
     })?;
@@ -169,7 +168,6 @@ pub fn load(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> {
     let entry: ffi::EntryFn = unsafe { lib.get::<ffi::EntryFn>(ffi::ENTRY_SYMBOL) }
         .map(|s| *s)
         .map_err(|e| LoadError::NoEntry {
-            path: p(),
             message: e.to_string(),
         })?;
     // Never dlclose: the worker exits instead (see the module doc).
@@ -178,7 +176,7 @@ pub fn load(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> {
     // SAFETY: `entry` takes no arguments and returns a pointer to a `'static` header.
     let header_ptr = unsafe { entry() };
     if header_ptr.is_null() {
-        return Err(LoadError::NullHeader { path: p() });
+        return Err(LoadError::NullHeader);
     }
     // SAFETY: non-null and `'static`; the first three fields (magic, ABI major, minor) sit at the
     // same offsets in every ABI version, so reading them is valid before we know the version.
@@ -192,14 +190,12 @@ pub fn load(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> {
     };
     if magic != ffi::MAGIC {
         return Err(LoadError::Magic {
-            path: p(),
             expected: ffi::MAGIC,
             found: magic,
         });
     }
     if abi_major != ffi::ABI_MAJOR {
         return Err(LoadError::AbiMajor {
-            path: p(),
             expected: ffi::ABI_MAJOR,
             found_major: abi_major,
             found_minor: abi_minor,
@@ -207,7 +203,6 @@ pub fn load(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> {
     }
     if abi_minor > ffi::ABI_MINOR {
         return Err(LoadError::AbiMinor {
-            path: p(),
             expected_major: ffi::ABI_MAJOR,
             expected: ffi::ABI_MINOR,
             found: abi_minor,
@@ -217,7 +212,6 @@ pub fn load(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> {
     let header_size = unsafe { std::ptr::addr_of!((*header_ptr).header_size).read() } as usize;
     if header_size < size_of::<PluginHeader>() {
         return Err(LoadError::Size {
-            path: p(),
             what: "header",
             expected: size_of::<PluginHeader>(),
             found: header_size,
@@ -227,22 +221,20 @@ pub fn load(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> {
     let header: &'static PluginHeader = unsafe { &*header_ptr };
     if (header.vtable_size as usize) < size_of::<VTable>() || header.vtable.is_null() {
         return Err(LoadError::Size {
-            path: p(),
             what: "vtable",
             expected: size_of::<VTable>(),
             found: header.vtable_size as usize,
         });
     }
-    let api_version = header_str(path, header.api_version, "api_version")?;
+    let api_version = header_str(header.api_version, "api_version")?;
     if !api_compatible(ffi::API_VERSION, &api_version) {
         return Err(LoadError::ApiVersion {
-            path: p(),
             expected: api_requirement(ffi::API_VERSION),
             found: api_version,
         });
     }
-    let name = header_str(path, header.name, "name")?;
-    let version = header_str(path, header.version, "version")?;
+    let name = header_str(header.name, "name")?;
+    let version = header_str(header.version, "version")?;
     // SAFETY: non-null, at least `size_of::<VTable>()` bytes (checked), `'static`.
     let vtable: &'static VTable = unsafe { &*header.vtable };
 
@@ -267,7 +259,6 @@ pub fn load(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> {
         let reason =
             String::from_utf8_lossy(&err_storage[..err.len.min(err_storage.len())]).into_owned();
         return Err(LoadError::StartFailed {
-            path: p(),
             name,
             version,
             reason,

@@ -141,9 +141,10 @@ async fn serve(
         Ok(p) => p,
         Err(e) => {
             tracing::error!("{e}");
+            // The master knows which configured file this snapshot came from: send the cause.
             let _ = tx
                 .send(&WorkerToMaster::StartFailed {
-                    reason: e.to_string(),
+                    reason: e.kind.to_string(),
                 })
                 .await;
             return ExitCode::FAILURE;
@@ -166,7 +167,17 @@ async fn serve(
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1().timer(TokioTimer::new()).keep_alive(true);
+    http.http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(Duration::from_millis(spec.header_read_timeout_ms))
+        .max_buf_size(spec.max_header_bytes);
+    if spec.max_headers != 100 {
+        // hyper's default; any other value moves header parsing to the heap, so only when asked.
+        http.http1().max_headers(spec.max_headers);
+    }
+    http.http2()
+        .max_header_list_size(spec.max_header_bytes as u32);
     http.http2().timer(TokioTimer::new());
     let info = plugin.info.clone();
     let shared = Arc::new(Shared {

@@ -1,0 +1,522 @@
+//! A bad build or a crash never takes the service down: refused builds under load, rollback,
+//! crash replacement with backoff, cut requests, coalesced reloads, stop during a reload.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tests::{
+    Host, HostOptions, Load, Mode, example_plugin, fixture_plugin, get, greeting_plugin, pid_alive,
+    wait_until,
+};
+
+/// A real shared library that is not a plugin.
+fn system_library() -> PathBuf {
+    [
+        "/lib/x86_64-linux-gnu/libz.so.1",
+        "/usr/lib/x86_64-linux-gnu/libz.so.1",
+        "/lib/aarch64-linux-gnu/libz.so.1",
+        "/usr/lib/libz.so.1",
+    ]
+    .into_iter()
+    .chain([
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib/aarch64-linux-gnu/libm.so.6",
+    ])
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("libz or libm on this machine")
+}
+
+enum Bad {
+    Remove,
+    Bytes(Vec<u8>),
+    Build(PathBuf),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_builds_are_refused_under_load_and_the_old_build_keeps_serving() {
+    let v1 = greeting_plugin("v1");
+    let truncated = {
+        let bytes = std::fs::read(greeting_plugin("v2")).unwrap();
+        // Cut inside the loadable segments (a debug build's tail is only debug info).
+        bytes[..64 * 1024].to_vec()
+    };
+    let cases: Vec<(&str, Bad, &[&str])> = vec![
+        ("missing file", Bad::Remove, &["does not exist"]),
+        ("empty file", Bad::Bytes(Vec::new()), &["is empty"]),
+        (
+            "text file",
+            Bad::Bytes(b"#!/bin/sh\necho not a plugin\n".to_vec()),
+            &["not an ELF"],
+        ),
+        (
+            "truncated .so",
+            Bad::Bytes(truncated),
+            &["not a loadable shared library"],
+        ),
+        (
+            "system library",
+            Bad::Build(system_library()),
+            &["not a plugin", "host_plugin_entry_v1"],
+        ),
+        (
+            "ABI major 2",
+            Bad::Build(fixture_plugin("abi-major")),
+            &["incompatible plugin ABI", "expected major 1, found 2"],
+        ),
+        (
+            "plugin-api 9.9.9",
+            Bad::Build(fixture_plugin("api-version")),
+            &[
+                "incompatible plugin-api version",
+                "expected 0.1.x, found 9.9.9",
+            ],
+        ),
+        (
+            "start panics",
+            Bad::Build(example_plugin(&[("EXAMPLE_FAIL_START", "panic")])),
+            &["on_worker_start panicked", "EXAMPLE_FAIL_START=panic"],
+        ),
+        (
+            "start errors",
+            Bad::Build(example_plugin(&[("EXAMPLE_FAIL_START", "error")])),
+            &["on_worker_start failed", "EXAMPLE_FAIL_START=error"],
+        ),
+        (
+            "start hangs",
+            Bad::Build(example_plugin(&[("EXAMPLE_FAIL_START", "hang")])),
+            &["did not become ready within start_timeout (2s)"],
+        ),
+        (
+            "start aborts",
+            Bad::Build(fixture_plugin("start-abort")),
+            &["killed by SIGABRT"],
+        ),
+        (
+            "start segfaults",
+            Bad::Build(fixture_plugin("start-segfault")),
+            &["killed by SIGSEGV"],
+        ),
+    ];
+    let good = greeting_plugin("v2");
+
+    let host = Host::start(
+        &v1,
+        HostOptions {
+            extra: "start_timeout = \"2s\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let workers = host.worker_pids(None).await;
+    let load = Load::start(host.addr, 8, Mode::Close, "/");
+    load.advance(100).await;
+
+    for (name, bad, causes) in cases {
+        match bad {
+            Bad::Remove => std::fs::remove_file(&host.plugin).unwrap(),
+            Bad::Bytes(bytes) => {
+                std::fs::write(&host.plugin, bytes).unwrap();
+            }
+            Bad::Build(path) => host.install_plugin(&path),
+        }
+        let began = Instant::now();
+        let out = host.cli(&["reload"]).await;
+        let took = began.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{name}: reload must fail\n{}",
+            host.explain(&out)
+        );
+        assert!(
+            took < Duration::from_secs(2 + 3),
+            "{name}: reload took {took:?}, past start_timeout + a little"
+        );
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{name}: one line, got: {err}"
+        );
+        assert!(
+            err.contains("plugin.so"),
+            "{name}: the message names the file: {err}"
+        );
+        for cause in causes {
+            assert!(
+                err.contains(cause),
+                "{name}: the message says {cause:?}: {err}"
+            );
+        }
+        let status = host.status().await;
+        assert_eq!(status["last_reload"]["ok"], false, "{name}");
+        assert!(
+            status["last_reload"]["error"]
+                .as_str()
+                .unwrap()
+                .contains(causes[0]),
+            "{name}: {status}"
+        );
+        assert_eq!(
+            host.worker_pids(None).await,
+            workers,
+            "{name}: the canary failed, no old worker was touched"
+        );
+        load.advance(20).await;
+    }
+
+    host.install_plugin(&good);
+    host.reload_ok().await;
+    assert!(
+        get(host.addr, "/")
+            .await
+            .unwrap()
+            .body
+            .starts_with("v2 from")
+    );
+    load.advance(50).await;
+    let report = load.finish().await;
+    assert!(
+        report.errors.is_empty(),
+        "failed requests: {:?}",
+        &report.errors[..report.errors.len().min(3)]
+    );
+    assert!(
+        report.non_200.is_empty(),
+        "non-200: {:?}",
+        &report.non_200[..report.non_200.len().min(3)]
+    );
+    assert!(report.unprocessed.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollback_returns_to_the_previous_generation_and_old_snapshots_are_pruned() {
+    let (v1, v2, v3) = (
+        greeting_plugin("v1"),
+        greeting_plugin("v2"),
+        greeting_plugin("v3"),
+    );
+    let host = Host::start(
+        &v1,
+        HostOptions {
+            extra: "keep_snapshots = 2".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let out = host.cli(&["rollback"]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no previous generation"),
+        "{}",
+        host.explain(&out)
+    );
+
+    let load = Load::start(host.addr, 8, Mode::KeepAlive, "/");
+    host.install_plugin(&v2);
+    host.reload_ok().await;
+    load.advance(100).await;
+    let out = host.cli(&["rollback"]).await;
+    assert!(out.status.success(), "{}", host.explain(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rolled back"),
+        "{}",
+        host.explain(&out)
+    );
+    assert!(
+        get(host.addr, "/")
+            .await
+            .unwrap()
+            .body
+            .starts_with("v1 from"),
+        "rollback serves v1 again"
+    );
+    let status = host.status().await;
+    assert_eq!(status["last_reload"]["kind"], "rollback");
+    // Rolling back again returns to v2 (like `cd -`), even though the file on disk says v2 too.
+    host.cli(&["rollback"]).await;
+    assert!(
+        get(host.addr, "/")
+            .await
+            .unwrap()
+            .body
+            .starts_with("v2 from")
+    );
+    load.advance(100).await;
+
+    host.install_plugin(&v3);
+    host.reload_ok().await;
+    let report = load.finish().await;
+    assert!(
+        report.errors.is_empty() && report.non_200.is_empty(),
+        "{report:?}"
+    );
+
+    // keep_snapshots = 2: the v2 and v3 snapshots stay, v1's is pruned once its workers are gone.
+    let old = host.worker_pids(Some("draining")).await;
+    wait_until(Duration::from_secs(15), "drained workers to exit", || {
+        old.iter().all(|&p| !pid_alive(p))
+    })
+    .await;
+    host.install_plugin(&v3);
+    host.reload_ok().await; // same bytes: a new generation, no new snapshot; prunes what the last one still held
+    let snapshots: Vec<_> = std::fs::read_dir(host.dir.path().join("state/plugins"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".so"))
+        .collect();
+    assert_eq!(
+        snapshots.len(),
+        1,
+        "only v3's snapshot is still kept (the last two generations both ran v3): {snapshots:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_workers_are_replaced_and_their_exit_is_decoded() {
+    let host = Host::start(&fixture_plugin(""), HostOptions::default()).await;
+    for (how, expect) in [
+        ("SIGKILL", "killed by SIGKILL"),
+        ("/segfault", "killed by SIGSEGV"),
+        ("/abort", "killed by SIGABRT"),
+    ] {
+        let before = host.worker_pids(Some("ready")).await;
+        if how == "SIGKILL" {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(before[0] as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+        } else {
+            // The request dies with its worker: that one is expected to fail.
+            let _ = get(host.addr, how).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = host.worker_pids(Some("ready")).await;
+            if now.len() == 2 && now.iter().any(|p| !before.contains(p)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{how}: no replacement worker: {}",
+                host.status().await
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            host.log().contains(expect),
+            "{how}: the exit is decoded as {expect:?}"
+        );
+        assert_eq!(get(host.addr, "/").await.unwrap().body, "fixture ok\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_loop_backs_off_and_a_reload_still_works() {
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let env = vec![(
+        "FIXTURE_CRASH_MARKER".to_string(),
+        marker.path().display().to_string(),
+    )];
+    std::fs::remove_file(marker.path()).unwrap();
+    let host = Host::start(
+        &fixture_plugin(""),
+        HostOptions {
+            env,
+            ..Default::default()
+        },
+    )
+    .await;
+    // From now on every new worker of this build aborts in on_worker_start.
+    std::fs::write(marker.path(), b"crash").unwrap();
+    let victim = host.worker_pids(Some("ready")).await[0];
+    let began = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    let failing = |s: &serde_json::Value| {
+        s["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["state"] == "failing")
+            .cloned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let slot = loop {
+        let status = host.status().await;
+        if let Some(slot) = failing(&status)
+            && slot["failures"].as_u64().unwrap() >= 4
+        {
+            break slot;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot never showed as failing: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        slot["last_error"].as_str().unwrap().contains("SIGABRT"),
+        "{slot}"
+    );
+    // Backoff, not a spin: 100, 200, 400 ms... between attempts, so few attempts in this time.
+    let elapsed = began.elapsed();
+    let failures = slot["failures"].as_u64().unwrap();
+    let max_expected = 2 + (elapsed.as_millis() as f64 / 100.0).log2().max(0.0).ceil() as u64 + 1;
+    assert!(
+        failures <= max_expected,
+        "{failures} failures in {elapsed:?} is a spin, not a backoff (at most {max_expected})"
+    );
+    let text = String::from_utf8_lossy(&host.cli(&["status"]).await.stdout).into_owned();
+    assert!(
+        text.contains("FAILING") && text.contains("SIGABRT"),
+        "{text}"
+    );
+    // The other slot keeps serving throughout.
+    assert_eq!(get(host.addr, "/").await.unwrap().body, "fixture ok\n");
+
+    // A reload during the crash loop works and fills the slot with the new build.
+    host.install_plugin(&greeting_plugin("v2"));
+    host.reload_ok().await;
+    let status = host.status().await;
+    assert!(failing(&status).is_none(), "{status}");
+    assert_eq!(host.worker_pids(Some("ready")).await.len(), 2);
+    assert!(
+        get(host.addr, "/")
+            .await
+            .unwrap()
+            .body
+            .starts_with("v2 from")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_past_graceful_timeout_is_cut_and_logged() {
+    let host = Host::start(
+        &greeting_plugin("v1"),
+        HostOptions {
+            workers: 1,
+            extra: "graceful_timeout = \"1s\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = host.addr;
+    let slow = tokio::spawn(async move { get(addr, "/sleep?ms=20000").await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.status().await["workers"][0]["in_flight"].as_u64() != Some(1) {
+        assert!(Instant::now() < deadline, "slow request never in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let old = host.worker_pids(None).await[0];
+    host.install_plugin(&greeting_plugin("v2"));
+    let began = Instant::now();
+    host.reload_ok().await;
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "reload does not wait for the drain"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the old worker to be cut off at graceful_timeout",
+        || !pid_alive(old),
+    )
+    .await;
+    let cut = slow.await.unwrap();
+    assert!(cut.is_err(), "the 20 s request was cut: {cut:?}");
+    wait_until(Duration::from_secs(5), "the cut to be logged", || {
+        host.log().contains("cut_requests=1")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reloads_during_a_rollout_are_coalesced_and_each_answered() {
+    let host = Host::start(&greeting_plugin("v1"), HostOptions::default()).await;
+    host.install_plugin(&example_plugin(&[
+        ("EXAMPLE_GREETING", "slow"),
+        ("EXAMPLE_START_DELAY_MS", "500"),
+    ]));
+    let first = {
+        let (bin, config) = (tests::host_bin(), host.config.clone());
+        tokio::spawn(async move {
+            tokio::process::Command::new(bin)
+                .arg("-c")
+                .arg(config)
+                .arg("reload")
+                .output()
+                .await
+                .unwrap()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.worker_pids(Some("starting")).await.is_empty() {
+        assert!(Instant::now() < deadline, "the first rollout never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (a, b) = tokio::join!(host.cli(&["reload"]), host.cli(&["reload"]));
+    let first = first.await.unwrap();
+    for out in [&first, &a, &b] {
+        assert!(out.status.success(), "{}", host.explain(out));
+    }
+    let gens: Vec<String> = [&first, &a, &b]
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .collect();
+    assert!(gens[0].contains("generation 2"), "{gens:?}");
+    assert!(
+        gens[1].contains("generation 3") && gens[2].contains("generation 3"),
+        "the two queued reloads shared one rollout: {gens:?}"
+    );
+    assert_eq!(host.status().await["generation"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stop_during_a_reload_leaves_nothing_behind() {
+    let host = Host::start(&greeting_plugin("v1"), HostOptions::default()).await;
+    let mut pids = host.worker_pids(None).await;
+    host.install_plugin(&example_plugin(&[
+        ("EXAMPLE_GREETING", "slow"),
+        ("EXAMPLE_START_DELAY_MS", "3000"),
+    ]));
+    let reload = {
+        let (bin, config) = (tests::host_bin(), host.config.clone());
+        tokio::spawn(async move {
+            tokio::process::Command::new(bin)
+                .arg("-c")
+                .arg(config)
+                .arg("reload")
+                .output()
+                .await
+                .unwrap()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let starting = loop {
+        let s = host.worker_pids(Some("starting")).await;
+        if !s.is_empty() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the rollout never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    pids.extend(starting);
+    let out = host.cli(&["stop"]).await;
+    assert!(out.status.success(), "{}", host.explain(&out));
+    let reload = reload.await.unwrap();
+    assert!(!reload.status.success());
+    assert!(
+        String::from_utf8_lossy(&reload.stderr).contains("stopping"),
+        "{}",
+        host.explain(&reload)
+    );
+    for pid in pids.iter().chain([&host.master_pid]) {
+        assert!(!pid_alive(*pid), "pid {pid} outlived stop");
+    }
+}
