@@ -1,0 +1,168 @@
+//! A plugin host runs arbitrary native code: who may drive it, which files it will load, and
+//! what HTTP input it lets through to the plugin.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use tests::{Host, HostOptions, get, greeting_plugin, host_bin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_socket_is_private_to_its_user() {
+    let host = Host::start(&greeting_plugin("v1"), HostOptions::default()).await;
+    let state = host.dir.path().join("state");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state.join("host.sock")), 0o600);
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("host.pid")), 0o600);
+
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: skipping the other-user attempt (it needs to switch uid)");
+        return;
+    }
+    // Another user, with a readable binary and config pointing at the same state dir, is refused.
+    let public = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(public.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = public.path().join("host");
+    std::fs::copy(host_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = public.path().join("host.toml");
+    std::fs::write(&config, format!("state_dir = \"{}\"\n", state.display())).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for command in ["status", "stop"] {
+        let out = tokio::process::Command::new(&bin)
+            .arg("-c")
+            .arg(&config)
+            .arg(command)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} as nobody must fail");
+        assert!(
+            err.contains("Permission denied"),
+            "{command} as nobody: {err}"
+        );
+    }
+    assert_eq!(
+        host.status().await["workers"].as_array().unwrap().len(),
+        2,
+        "still running"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_file_others_can_write_is_refused() {
+    let host = Host::start(&greeting_plugin("v1"), HostOptions::default()).await;
+    let before = host.worker_pids(None).await;
+    host.install_plugin(&greeting_plugin("v2"));
+    std::fs::set_permissions(&host.plugin, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = host.cli(&["reload"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("plugin.so")
+            && err.contains("writable by everyone")
+            && err.contains("allow_writable_plugin"),
+        "{err}"
+    );
+    assert_eq!(host.worker_pids(None).await, before);
+    assert!(
+        get(host.addr, "/")
+            .await
+            .unwrap()
+            .body
+            .starts_with("v1 from")
+    );
+}
+
+/// Sends raw bytes and returns whatever comes back before the server closes (5 s at most).
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn served(reply: &tests::Reply) -> u64 {
+    reply
+        .body
+        .split_whitespace()
+        .rev()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_http_input_is_answered_by_the_host_and_never_reaches_the_plugin() {
+    let host = Host::start(
+        &greeting_plugin("v1"),
+        HostOptions {
+            workers: 1,
+            extra:
+                "max_body_bytes = 1000\nheader_read_timeout = \"500ms\"\nmax_header_bytes = 16384"
+                    .into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let pid = host.worker_pids(None).await;
+    let before = served(&get(host.addr, "/state").await.unwrap());
+
+    let malformed = raw(host.addr, b"NOT AN HTTP REQUEST\r\n\r\n").await;
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed:?}");
+
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("X-Header-{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let too_many = raw(host.addr, many.as_bytes()).await;
+    assert!(
+        too_many.starts_with("HTTP/1.1 431"),
+        "150 headers: {too_many:?}"
+    );
+
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let too_big = raw(host.addr, big.as_bytes()).await;
+    assert!(
+        too_big.starts_with("HTTP/1.1 431"),
+        "a 20 kB header: {too_big:?}"
+    );
+
+    let body = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n{}",
+        "b".repeat(5000)
+    );
+    let too_long = raw(host.addr, body.as_bytes()).await;
+    assert!(
+        too_long.starts_with("HTTP/1.1 413"),
+        "a 5000-byte body: {too_long:?}"
+    );
+
+    // Slowloris: headers never finished. The connection is closed at header_read_timeout.
+    let began = Instant::now();
+    let slow = raw(host.addr, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the slow client was not cut off ({took:?}): {slow:?}"
+    );
+    assert!(!slow.contains("200 OK"), "{slow:?}");
+
+    let after = served(&get(host.addr, "/state").await.unwrap());
+    assert_eq!(
+        after,
+        before + 1,
+        "only the two /state requests reached the plugin"
+    );
+    assert_eq!(host.worker_pids(None).await, pid, "no worker crashed");
+}
