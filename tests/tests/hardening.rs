@@ -112,6 +112,7 @@ async fn bad_http_input_is_answered_by_the_host_and_never_reaches_the_plugin() {
     )
     .await;
     let pid = host.worker_pids(None).await;
+    let load = tests::Load::start(host.addr, 4, tests::Mode::KeepAlive, "/");
     let before = served(&get(host.addr, "/state").await.unwrap());
 
     let malformed = raw(host.addr, b"NOT AN HTTP REQUEST\r\n\r\n").await;
@@ -158,11 +159,16 @@ async fn bad_http_input_is_answered_by_the_host_and_never_reaches_the_plugin() {
     );
     assert!(!slow.contains("200 OK"), "{slow:?}");
 
+    let report = load.finish().await;
+    assert!(
+        report.errors.is_empty() && report.non_200.is_empty(),
+        "good clients beside the bad ones: {report:?}"
+    );
     let after = served(&get(host.addr, "/state").await.unwrap());
     assert_eq!(
         after,
-        before + 1,
-        "only the two /state requests reached the plugin"
+        before + 1 + report.ok,
+        "only good requests reached the plugin"
     );
     assert_eq!(host.worker_pids(None).await, pid, "no worker crashed");
 }

@@ -276,6 +276,8 @@ async fn rollback_returns_to_the_previous_generation_and_old_snapshots_are_prune
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dead_workers_are_replaced_and_their_exit_is_decoded() {
     let host = Host::start(&fixture_plugin(""), HostOptions::default()).await;
+    let load = Load::start(host.addr, 8, Mode::Close, "/");
+    load.advance(50).await;
     for (how, expect) in [
         ("SIGKILL", "killed by SIGKILL"),
         ("/segfault", "killed by SIGSEGV"),
@@ -310,7 +312,23 @@ async fn dead_workers_are_replaced_and_their_exit_is_decoded() {
             "{how}: the exit is decoded as {expect:?}"
         );
         assert_eq!(get(host.addr, "/").await.unwrap().body, "fixture ok\n");
+        load.advance(50).await;
     }
+    let report = load.finish().await;
+    // A worker that dies takes the requests it was serving with it (at most one per client),
+    // and nothing else: the other worker and the replacement serve everything after.
+    assert!(
+        report.errors.len() <= 3 * 8,
+        "{} failed for 3 deaths: {:?}",
+        report.errors.len(),
+        report.errors
+    );
+    assert!(report.non_200.is_empty(), "{:?}", report.non_200);
+    eprintln!(
+        "3 worker deaths under load: {} ok, {} failed with their worker",
+        report.ok,
+        report.errors.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -331,6 +349,8 @@ async fn a_crash_loop_backs_off_and_a_reload_still_works() {
     .await;
     // From now on every new worker of this build aborts in on_worker_start.
     std::fs::write(marker.path(), b"crash").unwrap();
+    let load = Load::start(host.addr, 8, Mode::Close, "/");
+    load.advance(50).await;
     let victim = host.worker_pids(Some("ready")).await[0];
     let began = Instant::now();
     nix::sys::signal::kill(
@@ -394,6 +414,14 @@ async fn a_crash_loop_backs_off_and_a_reload_still_works() {
             .body
             .starts_with("v2 from")
     );
+    load.advance(50).await;
+    let report = load.finish().await;
+    assert!(
+        report.errors.len() <= 8,
+        "only the killed worker's requests may fail: {:?}",
+        report.errors
+    );
+    assert!(report.non_200.is_empty(), "{:?}", report.non_200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -415,6 +443,8 @@ async fn a_request_past_graceful_timeout_is_cut_and_logged() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let old = host.worker_pids(None).await[0];
+    let load = Load::start(host.addr, 8, Mode::KeepAlive, "/");
+    load.advance(50).await;
     host.install_plugin(&greeting_plugin("v2"));
     let began = Instant::now();
     host.reload_ok().await;
@@ -434,6 +464,11 @@ async fn a_request_past_graceful_timeout_is_cut_and_logged() {
         host.log().contains("cut_requests=1")
     })
     .await;
+    let report = load.finish().await;
+    assert!(
+        report.errors.is_empty() && report.non_200.is_empty() && report.unprocessed.is_empty(),
+        "{report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -443,6 +478,7 @@ async fn reloads_during_a_rollout_are_coalesced_and_each_answered() {
         ("EXAMPLE_GREETING", "slow"),
         ("EXAMPLE_START_DELAY_MS", "500"),
     ]));
+    let load = Load::start(host.addr, 8, Mode::Close, "/");
     let first = {
         let (bin, config) = (tests::host_bin(), host.config.clone());
         tokio::spawn(async move {
@@ -475,6 +511,11 @@ async fn reloads_during_a_rollout_are_coalesced_and_each_answered() {
         "the two queued reloads shared one rollout: {gens:?}"
     );
     assert_eq!(host.status().await["generation"], 3);
+    let report = load.finish().await;
+    assert!(
+        report.errors.is_empty() && report.non_200.is_empty(),
+        "{report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
