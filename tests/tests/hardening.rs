@@ -112,8 +112,9 @@ async fn bad_http_input_is_answered_by_the_host_and_never_reaches_the_plugin() {
     )
     .await;
     let pid = host.worker_pids(None).await;
-    let load = tests::Load::start(host.addr, 4, tests::Mode::KeepAlive, "/");
     let before = served(&get(host.addr, "/state").await.unwrap());
+    // Good clients alongside the bad input; started after `before` so every one is counted.
+    let load = tests::Load::start(host.addr, 4, tests::Mode::KeepAlive, "/");
 
     let malformed = raw(host.addr, b"NOT AN HTTP REQUEST\r\n\r\n").await;
     assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed:?}");
