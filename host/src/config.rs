@@ -40,6 +40,14 @@ pub struct Config {
     pub max_headers: usize,
     /// Most bytes of request line and headers; more get `431` (or `414` for a long URI).
     pub max_header_bytes: usize,
+    /// Dev mode: reload by itself when the plugin file changes (or after `build` succeeds).
+    pub watch: bool,
+    /// Quiet time after the last change before reacting to a burst of them.
+    pub watch_debounce: Duration,
+    /// Build command (run with `sh -c` in the config file's directory) after a source change.
+    pub build: Option<String>,
+    /// What `build` watches (recursively); required with `build`.
+    pub watch_paths: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +86,10 @@ struct RawConfig {
     header_read_timeout: Option<String>,
     max_headers: Option<i64>,
     max_header_bytes: Option<i64>,
+    watch: Option<bool>,
+    watch_debounce: Option<String>,
+    build: Option<String>,
+    watch_paths: Option<Vec<String>>,
 }
 
 pub const DEFAULT_FILE: &str = "host.toml";
@@ -199,6 +211,22 @@ impl Config {
                 ));
             }
         };
+        let build = match raw.build.as_deref().map(str::trim) {
+            Some("") => return Err(invalid("build", "must not be empty".into())),
+            b => b.map(str::to_string),
+        };
+        let watch_paths: Vec<PathBuf> = raw
+            .watch_paths
+            .unwrap_or_default()
+            .iter()
+            .map(|p| resolve(p))
+            .collect();
+        if build.is_some() && watch_paths.is_empty() {
+            return Err(invalid(
+                "build",
+                "needs `watch_paths`: the source directories whose changes run it".into(),
+            ));
+        }
         Ok(Config {
             file: file.to_path_buf(),
             listen,
@@ -215,6 +243,10 @@ impl Config {
             header_read_timeout: duration("header_read_timeout", &raw.header_read_timeout, "10s")?,
             max_headers,
             max_header_bytes,
+            watch: raw.watch.unwrap_or(false) || build.is_some(),
+            watch_debounce: duration("watch_debounce", &raw.watch_debounce, "300ms")?,
+            build,
+            watch_paths,
         })
     }
 

@@ -84,6 +84,8 @@ enum Command {
         /// Run in the background; return once serving (or with the reason it could not start).
         #[arg(short, long)]
         daemon: bool,
+        #[command(flatten)]
+        dev: DevFlags,
     },
     /// Roll every worker onto a fresh snapshot of the plugin; waits for the outcome.
     Reload,
@@ -108,6 +110,60 @@ enum Command {
         #[arg(long)]
         master_pid: u32,
     },
+}
+
+/// Dev mode, from the command line (each overrides its config key).
+#[derive(clap::Args, Clone, Default)]
+struct DevFlags {
+    /// Reload by itself when the plugin file changes (config `watch = true`).
+    #[arg(long)]
+    watch: bool,
+    /// Run CMD when a watched source changes and reload when it succeeds (config `build`; implies --watch).
+    #[arg(long, value_name = "CMD")]
+    build: Option<String>,
+    /// A source directory for --build to watch; repeatable (config `watch_paths`).
+    #[arg(long = "watch-path", value_name = "DIR")]
+    watch_paths: Vec<PathBuf>,
+}
+
+impl DevFlags {
+    fn apply(&self, cfg: &mut Config) -> anyhow::Result<()> {
+        let cwd = std::env::current_dir().context("cannot read the current directory")?;
+        if !self.watch_paths.is_empty() {
+            cfg.watch_paths = self.watch_paths.iter().map(|p| cwd.join(p)).collect();
+        }
+        if let Some(build) = &self.build {
+            if cfg.watch_paths.is_empty() {
+                bail!(
+                    "--build needs --watch-path DIR (or `watch_paths` in {}): the sources whose changes run it",
+                    cfg.file.display()
+                );
+            }
+            cfg.build = Some(build.clone());
+        }
+        cfg.watch |= self.watch || cfg.build.is_some();
+        Ok(())
+    }
+
+    /// The same flags, for the re-exec'd daemon.
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        if self.watch {
+            args.push("--watch".into());
+        }
+        if let Some(build) = &self.build {
+            args.extend(["--build".into(), build.into()]);
+        }
+        for p in &self.watch_paths {
+            args.push("--watch-path".into());
+            args.push(
+                std::path::absolute(p)
+                    .unwrap_or_else(|_| p.clone())
+                    .into_os_string(),
+            );
+        }
+        args
+    }
 }
 
 /// `error: source: source...` on one line.
@@ -150,10 +206,16 @@ fn client<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(&cli.config)?;
+    let mut cfg = Config::load(&cli.config)?;
     match cli.command {
-        Command::Start { daemon: false } => start_foreground(cfg),
-        Command::Start { daemon: true } => start_daemon(&cfg),
+        Command::Start { daemon: false, dev } => {
+            dev.apply(&mut cfg)?;
+            start_foreground(cfg)
+        }
+        Command::Start { daemon: true, dev } => {
+            dev.apply(&mut cfg)?;
+            start_daemon(&cfg, &dev)
+        }
         Command::Reload => rollout(&cfg, ControlRequest::Reload),
         Command::Rollback => rollout(&cfg, ControlRequest::Rollback),
         Command::Stop => {
@@ -170,7 +232,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ) => {}
                 Err(e) => return Err(e),
             }
-            start_daemon(&cfg)
+            start_daemon(&cfg, &DevFlags::default())
         }
         Command::Status { json } => status(&cfg, json),
         Command::Worker { .. } => unreachable!("handled in main"),
@@ -195,7 +257,7 @@ fn start_foreground(cfg: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn start_daemon(cfg: &Config) -> anyhow::Result<ExitCode> {
+fn start_daemon(cfg: &Config, dev: &DevFlags) -> anyhow::Result<ExitCode> {
     if pidfile::is_locked(&cfg.pid_file()) {
         let pid = std::fs::read_to_string(cfg.pid_file()).unwrap_or_default();
         bail!(
@@ -218,6 +280,7 @@ fn start_daemon(cfg: &Config) -> anyhow::Result<ExitCode> {
         .arg("--config")
         .arg(&cfg.file)
         .arg("start")
+        .args(dev.args())
         .env(START_NOTIFY_ENV, fd::LISTENER_FD.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().context("cannot duplicate the log file")?)

@@ -38,18 +38,19 @@ pub fn nested_target() -> PathBuf {
 
 /// Runs `cargo build` in the nested target dir under a cross-process lock, with `env` set.
 /// Returns the artifact path (relative to the profile dir) copied to `dest`.
-fn cargo_build(package: &str, env: &[(&str, &str)], artifact: &str, dest: &Path) {
-    let target = nested_target();
-    std::fs::create_dir_all(&target).unwrap();
-    let lock_file = std::fs::File::create(target.join(".build-lock")).unwrap();
+/// Runs `cargo <args>` from `cwd` with `CARGO_TARGET_DIR=target` and `env`, under a lock shared
+/// by every test process (nested builds never race), and panics with cargo's output if it fails.
+pub fn cargo(target: &Path, cwd: &Path, args: &[&str], env: &[(&str, &str)]) {
+    std::fs::create_dir_all(nested_target()).unwrap();
+    let lock_file = std::fs::File::create(nested_target().join(".build-lock")).unwrap();
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
         .expect("build lock");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.current_dir(workspace())
-        .args(["build", "--quiet", "-p", package])
-        .env("CARGO_TARGET_DIR", &target)
+    cmd.current_dir(cwd)
+        .args(args)
+        .env("CARGO_TARGET_DIR", target)
         .env_remove("EXAMPLE_GREETING")
         .env_remove("EXAMPLE_FAIL_START")
         .env_remove("EXAMPLE_START_DELAY_MS")
@@ -60,13 +61,23 @@ fn cargo_build(package: &str, env: &[(&str, &str)], artifact: &str, dest: &Path)
     let out = cmd.output().expect("cargo runs");
     assert!(
         out.status.success(),
-        "cargo build -p {package} {env:?} failed:\n{}",
+        "cargo {args:?} {env:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let built = target.join("debug").join(artifact);
-    // Copy to a new inode, then rename: `dest` is never seen half-written.
+}
+
+/// Builds `package` in the nested target dir and copies `artifact` to `dest` (via a rename, so
+/// `dest` is never seen half-written).
+fn cargo_build(package: &str, env: &[(&str, &str)], artifact: &str, dest: &Path) {
+    let target = nested_target();
+    cargo(
+        &target,
+        &workspace(),
+        &["build", "--quiet", "-p", package],
+        env,
+    );
     let tmp = dest.with_extension("tmp");
-    std::fs::copy(&built, &tmp).unwrap();
+    std::fs::copy(target.join("debug").join(artifact), &tmp).unwrap();
     std::fs::rename(&tmp, dest).unwrap();
 }
 
@@ -197,13 +208,23 @@ impl Host {
         let plugin_path = dir.path().join("plugin.so");
         install(plugin, &plugin_path);
         let config = dir.path().join("host.toml");
-        let mut text = format!(
-            "listen = \"127.0.0.1:0\"\nworkers = {}\nplugin = \"plugin.so\"\nstate_dir = \"state\"\n{}\n",
-            opts.workers, opts.extra
-        );
-        for default in ["graceful_timeout = \"10s\"", "start_timeout = \"10s\""] {
+        // Defaults, unless `extra` sets the key itself.
+        let set_in_extra: Vec<&str> = opts
+            .extra
+            .lines()
+            .filter_map(|l| l.split('=').next())
+            .map(str::trim)
+            .collect();
+        let mut text = format!("workers = {}\n{}\n", opts.workers, opts.extra);
+        for default in [
+            "listen = \"127.0.0.1:0\"",
+            "plugin = \"plugin.so\"",
+            "state_dir = \"state\"",
+            "graceful_timeout = \"10s\"",
+            "start_timeout = \"10s\"",
+        ] {
             let key = default.split(' ').next().unwrap();
-            if !opts.extra.contains(key) {
+            if !set_in_extra.contains(&key) {
                 text.push_str(default);
                 text.push('\n');
             }

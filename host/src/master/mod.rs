@@ -10,6 +10,7 @@ pub mod control;
 pub mod pidfile;
 pub mod snapshot;
 pub(crate) mod supervisor;
+pub mod watch;
 
 use std::net::TcpListener;
 use std::os::unix::fs::DirBuilderExt;
@@ -46,6 +47,8 @@ pub enum MasterError {
     Runtime(#[source] std::io::Error),
     #[error("cannot handle signals")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Watch(#[from] watch::WatchError),
     #[error("{0}")]
     Failed(String),
 }
@@ -146,6 +149,9 @@ pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), Maste
                 &events,
             )?;
             forward_signal(SignalKind::quit(), SignalAction::Stop("SIGQUIT"), &events)?;
+            if cfg.watch {
+                watch::spawn(&cfg, events.clone())?;
+            }
             let (control_shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
             let control_task = tokio::spawn(control::serve(control, events.clone(), shutdown_rx));
             let supervisor = Supervisor::new(Arc::new(cfg.clone()), listener, events, start_notify);

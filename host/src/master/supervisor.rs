@@ -53,6 +53,8 @@ pub(crate) enum Event {
     },
     /// A signal the master handles.
     Signal(SignalAction),
+    /// Dev mode: the plugin file changed (or a build succeeded) and things have settled.
+    PluginChanged,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -117,6 +119,8 @@ enum RolloutKind {
     Rollback,
     /// Moving slots back after a reload failed past its canary.
     Revert,
+    /// Dev mode: the watched plugin file changed.
+    Watch,
 }
 
 impl RolloutKind {
@@ -126,6 +130,7 @@ impl RolloutKind {
             RolloutKind::Reload => "reload",
             RolloutKind::Rollback => "rollback",
             RolloutKind::Revert => "revert",
+            RolloutKind::Watch => "watch",
         }
     }
 }
@@ -184,6 +189,8 @@ pub(crate) struct Supervisor {
     stopping: Option<Vec<Reply>>,
     fatal: Option<String>,
     last_reload: Option<ReloadReport>,
+    /// Content of the last build a reload refused: dev mode does not retry identical bytes.
+    last_refused_sha: Option<String>,
     queries: Vec<StatusQuery>,
     start_notify: Option<std::fs::File>,
 }
@@ -263,6 +270,7 @@ impl Supervisor {
             stopping: None,
             fatal: None,
             last_reload: None,
+            last_refused_sha: None,
             queries: Vec::new(),
             start_notify,
         }
@@ -334,6 +342,7 @@ impl Supervisor {
                 tracing::info!(signal = name, "reload requested by signal");
                 self.request_rollout(RolloutKind::Reload, None);
             }
+            Event::PluginChanged => self.request_rollout(RolloutKind::Watch, None),
             Event::Signal(SignalAction::Stop(name)) => {
                 tracing::info!(signal = name, "stop requested by signal");
                 self.request_stop(None);
@@ -489,7 +498,6 @@ impl Supervisor {
     /// Snapshots the plugin as a new generation and starts rolling every slot onto it.
     fn begin(&mut self, kind: RolloutKind, replies: Vec<Reply>) {
         let number = self.next_generation;
-        self.next_generation += 1;
         let mut report = ReloadReport {
             ok: false,
             generation: number,
@@ -506,17 +514,40 @@ impl Supervisor {
         let snapshot = match self.snapshot_for(kind) {
             Ok(s) => s,
             Err(reason) => {
+                self.next_generation += 1;
                 report.error = Some(reason.clone());
                 tracing::error!(generation = number, "reload refused: {reason}");
                 self.conclude(kind, report, replies, Err(reason));
                 return;
             }
         };
+        if kind == RolloutKind::Watch {
+            // A rewrite with the serving bytes, or with the bytes just refused, changes nothing.
+            let serving = self
+                .current
+                .as_ref()
+                .is_some_and(|g| g.snapshot.sha256 == snapshot.sha256);
+            let refused = self.last_refused_sha.as_deref() == Some(snapshot.sha256.as_str());
+            if serving || refused {
+                let why = if serving {
+                    "is the one serving"
+                } else {
+                    "was refused last time"
+                };
+                tracing::info!(
+                    sha256 = short(&snapshot.sha256),
+                    "plugin file changed, but its content {why}: no reload"
+                );
+                self.start_queued();
+                return;
+            }
+        }
+        self.next_generation += 1;
         tracing::info!(
             generation = number,
             sha256 = short(&snapshot.sha256),
             bytes = snapshot.size,
-            ?kind,
+            kind = kind.name(),
             "rolling out a new generation"
         );
         report.sha256 = Some(snapshot.sha256.clone());
@@ -684,6 +715,25 @@ impl Supervisor {
         } else {
             self.last_reload = Some(report.clone());
         }
+        if outcome.is_err() {
+            self.last_refused_sha = report.sha256.clone();
+        }
+        // One line per automatic reload (a reverted one is concluded under `Revert`).
+        if report.kind == RolloutKind::Watch.name() {
+            let sha = report.sha256.as_deref().map_or("-", short);
+            match &report.error {
+                None => tracing::info!(
+                    "auto-reload: generation {} serving, sha256 {sha}, {} ms",
+                    report.generation,
+                    report.duration_ms
+                ),
+                Some(e) => tracing::warn!(
+                    "auto-reload refused (generation {}, sha256 {sha}, {} ms): {e}",
+                    report.generation,
+                    report.duration_ms
+                ),
+            }
+        }
         let response = if report.ok {
             ControlResponse::Reloaded(report)
         } else {
@@ -692,7 +742,11 @@ impl Supervisor {
         for reply in replies.into_iter().flatten() {
             let _ = reply.send(response.clone());
         }
-        // Requests queued during the rollout run next; consecutive ones of a kind share one rollout.
+        self.start_queued();
+    }
+
+    /// Requests queued during a rollout run next; consecutive ones of a kind share one rollout.
+    fn start_queued(&mut self) {
         if self.stopping.is_none()
             && let Some(&(kind, _)) = self.queued.front()
         {
@@ -720,7 +774,9 @@ impl Supervisor {
         }
         tracing::error!(generation = r.target.number, kind = ?r.kind, "rollout failed: {reason}");
         match (r.kind, self.current.clone()) {
-            (RolloutKind::Reload, Some(current)) if !r.done.is_empty() => {
+            (RolloutKind::Reload | RolloutKind::Rollback | RolloutKind::Watch, Some(current))
+                if !r.done.is_empty() =>
+            {
                 tracing::warn!(slots = ?r.done, "rolling the moved slots back to generation {}", current.number);
                 self.rollout = Some(Rollout {
                     kind: RolloutKind::Revert,

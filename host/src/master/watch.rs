@@ -1,0 +1,216 @@
+//! Dev mode: turns file changes into reload requests.
+//!
+//! Without a build step it watches the plugin file's *directory* (cargo removes and re-links the
+//! file, editors and `cp` rewrite it: a watch on the file itself would not survive), keeps only
+//! events that name the plugin file, and after `watch_debounce` of quiet sends one
+//! [`Event::PluginChanged`]. With `build`, it watches `watch_paths` instead, runs the build
+//! command after each quiet period, shows its output, and sends `PluginChanged` only when the
+//! build succeeded. Changes made while a build runs trigger another build after it.
+//!
+//! It decides nothing about reloading: the supervisor compares the file's content hash with the
+//! serving generation (and the last refused build) and skips what would change nothing.
+
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use super::supervisor::Event;
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot watch {path} (key `{key}`)")]
+    Watch {
+        path: PathBuf,
+        key: &'static str,
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// What decides whether a file event matters.
+enum Filter {
+    /// Plugin-file mode: the event names this file.
+    File(std::ffi::OsString),
+    /// Build mode: any file under the roots, except build output (`target/`), hidden files
+    /// (editor swap files, `.git`) and the state dir.
+    Sources {
+        roots: Vec<PathBuf>,
+        ignore: PathBuf,
+    },
+}
+
+impl Filter {
+    fn matches(&self, event: &notify::Event) -> bool {
+        if matches!(event.kind, EventKind::Access(_) | EventKind::Other) {
+            return false;
+        }
+        event.paths.iter().any(|p| match self {
+            Filter::File(name) => p.file_name() == Some(name.as_os_str()),
+            Filter::Sources { roots, ignore } => {
+                // Only what lies below a watched root counts: the root's own path may be hidden.
+                let below = roots.iter().find_map(|r| p.strip_prefix(r).ok());
+                below.is_some_and(|rel| {
+                    !p.starts_with(ignore)
+                        && !rel.components().any(|c| match c {
+                            Component::Normal(s) => {
+                                s == "target" || s.to_string_lossy().starts_with('.')
+                            }
+                            _ => false,
+                        })
+                })
+            }
+        })
+    }
+}
+
+/// Starts watching as `cfg` says; the watch lives as long as the master's runtime.
+pub fn spawn(cfg: &Config, events: mpsc::UnboundedSender<Event>) -> Result<(), WatchError> {
+    let (tx, rx) = mpsc::unbounded_channel::<notify::Event>();
+    let filter = match &cfg.build {
+        None => Filter::File(cfg.plugin.file_name().unwrap_or_default().to_os_string()),
+        Some(_) => Filter::Sources {
+            roots: cfg.watch_paths.clone(),
+            ignore: cfg.state_dir.clone(),
+        },
+    };
+    let mut watcher =
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(event) if filter.matches(&event) => {
+                let _ = tx.send(event);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "file watch error"),
+        })
+        .map_err(|source| WatchError::Watch {
+            path: cfg.plugin.clone(),
+            key: "watch",
+            source,
+        })?;
+    match &cfg.build {
+        None => {
+            let dir = cfg.plugin.parent().unwrap_or(Path::new("/")).to_path_buf();
+            watcher
+                .watch(&dir, RecursiveMode::NonRecursive)
+                .map_err(|source| WatchError::Watch {
+                    path: dir.clone(),
+                    key: "plugin",
+                    source,
+                })?;
+            tracing::info!(dir = %dir.display(), file = %cfg.plugin.display(), "watching the plugin file");
+        }
+        Some(build) => {
+            for path in &cfg.watch_paths {
+                watcher
+                    .watch(path, RecursiveMode::Recursive)
+                    .map_err(|source| WatchError::Watch {
+                        path: path.clone(),
+                        key: "watch_paths",
+                        source,
+                    })?;
+            }
+            tracing::info!(paths = ?cfg.watch_paths, build = %build, "watching sources; building on change");
+        }
+    }
+    let build = cfg.build.clone();
+    let cwd = cfg.file.parent().unwrap_or(Path::new("/")).to_path_buf();
+    tokio::spawn(run(watcher, rx, cfg.watch_debounce, build, cwd, events));
+    Ok(())
+}
+
+async fn run(
+    _watcher: notify::RecommendedWatcher,
+    mut rx: mpsc::UnboundedReceiver<notify::Event>,
+    debounce: Duration,
+    build: Option<String>,
+    cwd: PathBuf,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    while rx.recv().await.is_some() {
+        // Debounce: wait until nothing has happened for `debounce`.
+        loop {
+            match tokio::time::timeout(debounce, rx.recv()).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return,
+                Err(_) => break,
+            }
+        }
+        if let Some(command) = &build
+            && !run_build(command, &cwd).await
+        {
+            continue;
+        }
+        if events.send(Event::PluginChanged).is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the build command through `sh -c` in the config file's directory; logs its outcome and,
+/// when it fails, its output. Returns whether it succeeded.
+async fn run_build(command: &str, cwd: &Path) -> bool {
+    tracing::info!(command, "building");
+    let began = Instant::now();
+    let output = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .current_dir(cwd)
+        .output()
+        .await;
+    let took =
+        humantime::format_duration(Duration::from_millis(began.elapsed().as_millis() as u64));
+    match output {
+        Ok(out) if out.status.success() => {
+            tracing::info!(command, took = %took, "build succeeded");
+            true
+        }
+        Ok(out) => {
+            let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+            // The build's own report, line by line, as the developer would see it in a terminal.
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                tracing::warn!(target: "build", "{line}");
+            }
+            tracing::warn!(command, took = %took, status = %out.status, "build failed; still serving the previous build");
+            false
+        }
+        Err(e) => {
+            tracing::error!(command, error = %e, "cannot run the build command");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(path: &str) -> notify::Event {
+        notify::Event::new(EventKind::Modify(notify::event::ModifyKind::Any))
+            .add_path(PathBuf::from(path))
+    }
+
+    #[test]
+    fn source_filter_looks_only_below_its_roots() {
+        let f = Filter::Sources {
+            roots: vec!["/tmp/.hidden-root/src".into()],
+            ignore: "/srv/.host".into(),
+        };
+        assert!(f.matches(&event("/tmp/.hidden-root/src/lib.rs")));
+        assert!(!f.matches(&event("/tmp/.hidden-root/src/.lib.rs.swp")));
+        assert!(!f.matches(&event("/tmp/.hidden-root/src/target/debug/x")));
+        assert!(!f.matches(&event("/elsewhere/lib.rs")));
+    }
+
+    #[test]
+    fn file_filter_matches_the_plugin_name_only() {
+        let f = Filter::File("libp.so".into());
+        assert!(f.matches(&event("/t/debug/libp.so")));
+        assert!(!f.matches(&event("/t/debug/libq.so")));
+        let access = notify::Event::new(EventKind::Access(notify::event::AccessKind::Any))
+            .add_path("/t/debug/libp.so".into());
+        assert!(!f.matches(&access));
+    }
+}
