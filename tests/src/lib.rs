@@ -275,6 +275,54 @@ impl Host {
         serde_json::from_slice(&out.stdout).expect("status --json is JSON")
     }
 
+    /// Polls `status --json` until `cond` holds (10 s at most) and returns that status.
+    pub async fn wait_status(&self, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status().await;
+            if cond(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Pids of the workers in `state`, once there is at least one (10 s at most).
+    pub async fn wait_for_workers(&self, state: &str) -> Vec<u32> {
+        let what = format!("a worker in state {state}");
+        let status = self
+            .wait_status(&what, |s| {
+                s["workers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|w| w["state"] == state)
+            })
+            .await;
+        status["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == state)
+            .map(|w| w["pid"].as_u64().unwrap() as u32)
+            .collect()
+    }
+
+    /// Starts `host -c <config> <args>` in the background.
+    pub fn spawn_cli(&self, args: &[&str]) -> tokio::task::JoinHandle<Output> {
+        let mut cmd = tokio::process::Command::new(host_bin());
+        cmd.arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .envs(self.env.iter().cloned())
+            .kill_on_drop(true);
+        tokio::spawn(async move { cmd.output().await.expect("host runs") })
+    }
+
     /// Pids of the workers in `status`, optionally only those in `state`.
     pub async fn worker_pids(&self, state: Option<&str>) -> Vec<u32> {
         let status = self.status().await;

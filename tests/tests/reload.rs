@@ -141,25 +141,11 @@ async fn in_flight_request_finishes_on_the_old_worker() {
     .await;
     let addr = host.addr;
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=1500").await });
-    wait_until(
-        Duration::from_secs(10),
-        "the slow request to be in flight",
-        || std::fs::read_to_string(host.dir.path().join("state/host.log")).is_ok(),
-    )
+    // The old worker has the request before the reload starts.
+    host.wait_status("the slow request in flight", |s| {
+        s["workers"][0]["in_flight"] == 1
+    })
     .await;
-    // Make sure the old worker has the request before the reload starts.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = host.status().await;
-        if status["workers"][0]["in_flight"].as_u64() == Some(1) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slow request never in flight: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     let old = host.worker_pids(None).await;
     host.install_plugin(&greeting_plugin("v2"));
     host.reload_ok().await;

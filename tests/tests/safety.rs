@@ -294,19 +294,17 @@ async fn dead_workers_are_replaced_and_their_exit_is_decoded() {
             // The request dies with its worker: that one is expected to fail.
             let _ = get(host.addr, how).await;
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let now = host.worker_pids(Some("ready")).await;
-            if now.len() == 2 && now.iter().any(|p| !before.contains(p)) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{how}: no replacement worker: {}",
-                host.status().await
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        host.wait_status(&format!("{how}: a replacement worker"), |s| {
+            let ready: Vec<u64> = s["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|w| w["state"] == "ready")
+                .map(|w| w["pid"].as_u64().unwrap())
+                .collect();
+            ready.len() == 2 && ready.iter().any(|p| !before.contains(&(*p as u32)))
+        })
+        .await;
         assert!(
             host.log().contains(expect),
             "{how}: the exit is decoded as {expect:?}"
@@ -367,20 +365,12 @@ async fn a_crash_loop_backs_off_and_a_reload_still_works() {
             .find(|s| s["state"] == "failing")
             .cloned()
     };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let slot = loop {
-        let status = host.status().await;
-        if let Some(slot) = failing(&status)
-            && slot["failures"].as_u64().unwrap() >= 4
-        {
-            break slot;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the slot never showed as failing: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = host
+        .wait_status("the slot to show as failing", |s| {
+            failing(s).is_some_and(|f| f["failures"].as_u64().unwrap() >= 4)
+        })
+        .await;
+    let slot = failing(&status).unwrap();
     assert!(
         slot["last_error"].as_str().unwrap().contains("SIGABRT"),
         "{slot}"
@@ -437,11 +427,10 @@ async fn a_request_past_graceful_timeout_is_cut_and_logged() {
     .await;
     let addr = host.addr;
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=20000").await });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while host.status().await["workers"][0]["in_flight"].as_u64() != Some(1) {
-        assert!(Instant::now() < deadline, "slow request never in flight");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    host.wait_status("the slow request in flight", |s| {
+        s["workers"][0]["in_flight"] == 1
+    })
+    .await;
     let old = host.worker_pids(None).await[0];
     let load = Load::start(host.addr, 8, Mode::KeepAlive, "/");
     load.advance(50).await;
@@ -479,23 +468,8 @@ async fn reloads_during_a_rollout_are_coalesced_and_each_answered() {
         ("EXAMPLE_START_DELAY_MS", "500"),
     ]));
     let load = Load::start(host.addr, 8, Mode::Close, "/");
-    let first = {
-        let (bin, config) = (tests::host_bin(), host.config.clone());
-        tokio::spawn(async move {
-            tokio::process::Command::new(bin)
-                .arg("-c")
-                .arg(config)
-                .arg("reload")
-                .output()
-                .await
-                .unwrap()
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while host.worker_pids(Some("starting")).await.is_empty() {
-        assert!(Instant::now() < deadline, "the first rollout never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let first = host.spawn_cli(&["reload"]);
+    host.wait_for_workers("starting").await;
     let (a, b) = tokio::join!(host.cli(&["reload"]), host.cli(&["reload"]));
     let first = first.await.unwrap();
     for out in [&first, &a, &b] {
@@ -526,27 +500,8 @@ async fn stop_during_a_reload_leaves_nothing_behind() {
         ("EXAMPLE_GREETING", "slow"),
         ("EXAMPLE_START_DELAY_MS", "3000"),
     ]));
-    let reload = {
-        let (bin, config) = (tests::host_bin(), host.config.clone());
-        tokio::spawn(async move {
-            tokio::process::Command::new(bin)
-                .arg("-c")
-                .arg(config)
-                .arg("reload")
-                .output()
-                .await
-                .unwrap()
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let starting = loop {
-        let s = host.worker_pids(Some("starting")).await;
-        if !s.is_empty() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the rollout never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let reload = host.spawn_cli(&["reload"]);
+    let starting = host.wait_for_workers("starting").await;
     pids.extend(starting);
     let out = host.cli(&["stop"]).await;
     assert!(out.status.success(), "{}", host.explain(&out));
