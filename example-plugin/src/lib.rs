@@ -108,6 +108,11 @@ impl Plugin for Example {
         }
     }
 
+    fn may_block(&self, _method: &str, path: &str) -> bool {
+        // Only /sleep blocks; / and /state answer in microseconds, /panic at once.
+        path == "/sleep"
+    }
+
     fn on_worker_stop(self) {
         tracing::info!(
             served = self.served.load(Ordering::Relaxed),

@@ -109,6 +109,9 @@ enum Command {
         generation: u64,
         #[arg(long)]
         master_pid: u32,
+        /// CLOCK_MONOTONIC (ns) when the master spawned it, for the startup timings.
+        #[arg(long, default_value_t = 0)]
+        spawned_at_ns: u64,
     },
 }
 
@@ -184,9 +187,10 @@ fn main() -> ExitCode {
         slot,
         generation,
         master_pid,
+        spawned_at_ns,
     } = cli.command
     {
-        return worker::run(slot, generation, master_pid);
+        return worker::run(slot, generation, master_pid, spawned_at_ns);
     }
     match run(cli) {
         Ok(code) => code,

@@ -53,11 +53,32 @@ pub struct PluginInfo {
     pub sha256: String,
 }
 
+/// When a worker reached each point of its start, in microseconds since the master spawned it
+/// (CLOCK_MONOTONIC, which both processes share). Cumulative: each includes the ones before.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StartupTimings {
+    /// `main` entered: fork + exec + dynamic linking of `host`.
+    pub exec_us: u64,
+    /// Logging and the tokio runtime set up.
+    pub runtime_us: u64,
+    /// The Start order received from the master.
+    pub spec_us: u64,
+    /// The plugin `dlopen`ed and its header checked.
+    pub dlopen_us: u64,
+    /// The plugin's `on_worker_start` returned.
+    pub on_worker_start_us: u64,
+    /// Accepting, about to report ready.
+    pub ready_us: u64,
+}
+
 /// Events from one worker to the master.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum WorkerToMaster {
     /// The plugin is loaded, `on_worker_start` returned, and the worker is accepting.
-    Ready { plugin: PluginInfo },
+    Ready {
+        plugin: PluginInfo,
+        startup: StartupTimings,
+    },
     /// The plugin could not be loaded or `on_worker_start` failed; the worker exits next.
     StartFailed { reason: String },
     /// The worker has stopped accepting connections.
@@ -134,6 +155,8 @@ pub struct WorkerStatus {
     pub in_flight: u64,
     pub rss_bytes: u64,
     pub plugin: Option<PluginInfo>,
+    /// How its start went, once ready.
+    pub startup_us: Option<StartupTimings>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -57,6 +57,7 @@ pub const fn vtable<P: Plugin>() -> VTable {
         handle: handle::<P>,
         free_response,
         on_worker_stop: on_worker_stop::<P>,
+        may_block: may_block::<P>,
     }
 }
 
@@ -225,7 +226,8 @@ fn plain(status: StatusCode, text: &'static str) -> Response {
 /// Keeps a response's parts alive on the plugin side until the host frees it.
 struct OwnedResponse {
     _headers: HeaderMap,
-    raw_headers: Vec<RawHeader>,
+    /// Inline for up to 8 headers: the box holds everything, one allocation.
+    raw_headers: smallvec::SmallVec<[RawHeader; 8]>,
     body: Bytes,
 }
 
@@ -276,6 +278,23 @@ unsafe extern "C" fn handle<P: Plugin>(
     };
     // SAFETY: the host passes a valid, exclusive out-pointer.
     unsafe { out.write(raw) };
+}
+
+unsafe extern "C" fn may_block<P: Plugin>(
+    state: *const c_void,
+    method: RawStr,
+    path: RawStr,
+) -> bool {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `state` is live (see `handle`); the strings are borrowed from the host for this call.
+        let plugin = unsafe { &*(state as *const P) };
+        let (method, path) = unsafe { (method.as_bytes(), path.as_bytes()) };
+        match (std::str::from_utf8(method), std::str::from_utf8(path)) {
+            (Ok(m), Ok(p)) => plugin.may_block(m, p),
+            _ => true,
+        }
+    }))
+    .unwrap_or(true)
 }
 
 unsafe extern "C" fn free_response(owner: *mut c_void) {

@@ -19,7 +19,8 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"HOSTPLUG");
 /// Incompatible layout changes bump the major; the host refuses any other major.
 pub const ABI_MAJOR: u32 = 1;
 /// Compatible additions bump the minor; the host accepts plugins with a minor up to its own.
-pub const ABI_MINOR: u32 = 0;
+/// 1.1 added [`VTable::may_block`].
+pub const ABI_MINOR: u32 = 1;
 /// The `plugin-api` crate version both sides were built with.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Name of the one exported symbol, NUL-terminated for `dlsym`. The `v1` is [`ABI_MAJOR`].
@@ -172,4 +173,11 @@ pub struct VTable {
     pub free_response: unsafe extern "C" fn(owner: *mut c_void),
     /// Runs the plugin's stop hook and frees the state. Called at most once, after the last `handle`.
     pub on_worker_stop: unsafe extern "C" fn(state: *mut c_void),
+    /// ABI 1.1: whether `handle` may block for this method and path. `false` lets the host run it
+    /// on its I/O thread (no thread hand-off); `true`, or a panic, keeps it on a thread of its own.
+    /// A host reads this field only when `vtable_size` covers it.
+    pub may_block: unsafe extern "C" fn(state: *const c_void, method: RawStr, path: RawStr) -> bool,
 }
+
+/// The size of the ABI 1.0 vtable (before `may_block`): the smallest a host accepts.
+pub const VTABLE_1_0_SIZE: usize = std::mem::offset_of!(VTable, may_block);

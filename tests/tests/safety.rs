@@ -516,3 +516,52 @@ async fn stop_during_a_reload_leaves_nothing_behind() {
         assert!(!pid_alive(*pid), "pid {pid} outlived stop");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plugin_built_for_abi_1_0_still_loads_and_serves() {
+    let host = Host::start(&fixture_plugin("abi-1-0"), HostOptions::default()).await;
+    let load = Load::start(host.addr, 4, Mode::KeepAlive, "/");
+    load.advance(100).await;
+    let report = load.finish().await;
+    assert!(
+        report.errors.is_empty() && report.non_200.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(get(host.addr, "/").await.unwrap().body, "fixture ok\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_wrongly_declared_non_blocking_is_moved_off_the_io_thread() {
+    let host = Host::start(
+        &fixture_plugin(""),
+        HostOptions {
+            workers: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    // The first call runs inline (the plugin said it would not block) and is caught.
+    assert_eq!(
+        get(host.addr, "/lying-sleep").await.unwrap().body,
+        "slept\n"
+    );
+    wait_until(Duration::from_secs(5), "the stall to be logged", || {
+        host.log().contains("stalled the I/O thread")
+    })
+    .await;
+    // From now on it runs on the blocking pool: fast requests are answered while it sleeps.
+    let addr = host.addr;
+    let slow: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(async move { get(addr, "/lying-sleep").await }))
+        .collect();
+    for _ in 0..10 {
+        assert_eq!(get(host.addr, "/").await.unwrap().body, "fixture ok\n");
+    }
+    assert!(
+        slow.iter().any(|t| !t.is_finished()),
+        "fast requests were answered while the slow ones slept"
+    );
+    for t in slow {
+        assert_eq!(t.await.unwrap().unwrap().body, "slept\n");
+    }
+}

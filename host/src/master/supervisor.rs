@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::fd;
 use crate::protocol::{
     ControlRequest, ControlResponse, MasterToWorker, PluginInfo, ReloadReport, Sender, SlotStatus,
-    StatusReport, WorkerSpec, WorkerStateName, WorkerStatus, WorkerToMaster,
+    StartupTimings, StatusReport, WorkerSpec, WorkerStateName, WorkerStatus, WorkerToMaster,
 };
 
 /// Everything the master reacts to.
@@ -106,6 +106,7 @@ struct Worker {
     in_flight: u64,
     ready_at: Option<Instant>,
     start_error: Option<String>,
+    startup: Option<StartupTimings>,
 }
 
 type Reply = Option<oneshot::Sender<ControlResponse>>;
@@ -303,7 +304,7 @@ impl Supervisor {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Worker { id, msg } => match msg {
-                WorkerToMaster::Ready { plugin } => self.on_ready(id, plugin),
+                WorkerToMaster::Ready { plugin, startup } => self.on_ready(id, plugin, startup),
                 WorkerToMaster::StartFailed { reason } => self.on_start_failed(id, reason),
                 WorkerToMaster::Draining => self.on_drain_ack(id),
                 WorkerToMaster::Stats {
@@ -438,6 +439,7 @@ impl Supervisor {
                     in_flight: w.in_flight,
                     rss_bytes: rss_bytes(w.pid),
                     plugin: w.plugin.clone(),
+                    startup_us: w.startup.clone(),
                 })
             })
             .collect();
@@ -840,7 +842,7 @@ impl Supervisor {
     // -----------------------------------------------------------------------------------------
     // worker events
 
-    fn on_ready(&mut self, id: WorkerId, plugin: PluginInfo) {
+    fn on_ready(&mut self, id: WorkerId, plugin: PluginInfo, startup: StartupTimings) {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
@@ -851,6 +853,7 @@ impl Supervisor {
         w.ready_at = Some(Instant::now());
         tracing::info!(pid = w.pid, slot = w.slot, generation = w.generation.number, plugin = %plugin.name, version = %plugin.version, "worker ready");
         w.plugin = Some(plugin);
+        w.startup = Some(startup);
         let (slot, pid) = (w.slot as usize, w.pid);
 
         let is_candidate = self
@@ -1176,6 +1179,10 @@ impl Supervisor {
             .args(["--slot", &slot.to_string()])
             .args(["--generation", &generation.number.to_string()])
             .args(["--master-pid", &std::process::id().to_string()])
+            .args([
+                "--spawned-at-ns",
+                &crate::worker::monotonic_ns().to_string(),
+            ])
             .stdin(std::process::Stdio::null());
         cmd.fd_mappings(vec![
             FdMapping {
@@ -1259,6 +1266,7 @@ impl Supervisor {
                 in_flight: 0,
                 ready_at: None,
                 start_error: None,
+                startup: None,
             },
         );
         Ok(id)

@@ -77,11 +77,24 @@ pub enum LoadError {
     },
 }
 
-/// A loaded, started plugin: its vtable and the per-worker state `on_worker_start` built.
+/// The plugin's hooks, copied out of its vtable (whose size depends on its ABI minor).
+struct Hooks {
+    on_worker_start:
+        unsafe extern "C" fn(*const HostContext, *mut *mut c_void, *mut ErrorBuf) -> bool,
+    handle: unsafe extern "C" fn(*const c_void, *const RawRequest, *mut RawResponse),
+    free_response: unsafe extern "C" fn(*mut c_void),
+    on_worker_stop: unsafe extern "C" fn(*mut c_void),
+    /// `None` for an ABI 1.0 plugin: every call may block.
+    may_block: Option<unsafe extern "C" fn(*const c_void, RawStr, RawStr) -> bool>,
+}
+
+/// A loaded, started plugin: its hooks and the per-worker state `on_worker_start` built.
 pub struct LoadedPlugin {
-    vtable: &'static VTable,
+    hooks: Hooks,
     state: *mut c_void,
     pub info: PluginInfo,
+    /// CLOCK_MONOTONIC when `dlopen` and the header checks were done (before `on_worker_start`).
+    pub loaded_at_ns: u64,
 }
 
 // SAFETY: `state` is a `Box<P>` where `P: Plugin: Send + Sync` (enforced by `export_plugin!`),
@@ -219,11 +232,12 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
     }
     // SAFETY: the header is at least as large as ours, so every field we read exists.
     let header: &'static PluginHeader = unsafe { &*header_ptr };
-    if (header.vtable_size as usize) < size_of::<VTable>() || header.vtable.is_null() {
+    let vtable_size = header.vtable_size as usize;
+    if vtable_size < ffi::VTABLE_1_0_SIZE || header.vtable.is_null() {
         return Err(LoadError::Size {
             what: "vtable",
-            expected: size_of::<VTable>(),
-            found: header.vtable_size as usize,
+            expected: ffi::VTABLE_1_0_SIZE,
+            found: vtable_size,
         });
     }
     let api_version = header_str(header.api_version, "api_version")?;
@@ -235,9 +249,21 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
     }
     let name = header_str(header.name, "name")?;
     let version = header_str(header.version, "version")?;
-    // SAFETY: non-null, at least `size_of::<VTable>()` bytes (checked), `'static`.
-    let vtable: &'static VTable = unsafe { &*header.vtable };
+    let vt = header.vtable;
+    // SAFETY: `vt` is non-null, `'static`, and at least the ABI 1.0 vtable's size (checked), so
+    // the four 1.0 fields exist; `may_block` (1.1) is read only when `vtable_size` covers it.
+    let hooks = unsafe {
+        Hooks {
+            on_worker_start: std::ptr::addr_of!((*vt).on_worker_start).read(),
+            handle: std::ptr::addr_of!((*vt).handle).read(),
+            free_response: std::ptr::addr_of!((*vt).free_response).read(),
+            on_worker_stop: std::ptr::addr_of!((*vt).on_worker_stop).read(),
+            may_block: (vtable_size >= size_of::<VTable>())
+                .then(|| std::ptr::addr_of!((*vt).may_block).read()),
+        }
+    };
 
+    let loaded_at_ns = crate::worker::monotonic_ns();
     let ctx = HostContext {
         size: size_of::<HostContext>() as u32,
         slot: at.slot,
@@ -254,7 +280,7 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
     };
     let mut state: *mut c_void = std::ptr::null_mut();
     // SAFETY: `ctx`, `state` and `err` are valid for the call; the shim catches panics.
-    let ok = unsafe { (vtable.on_worker_start)(&ctx, &mut state, &mut err) };
+    let ok = unsafe { (hooks.on_worker_start)(&ctx, &mut state, &mut err) };
     if !ok {
         let reason =
             String::from_utf8_lossy(&err_storage[..err.len.min(err_storage.len())]).into_owned();
@@ -265,7 +291,7 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         });
     }
     Ok(LoadedPlugin {
-        vtable,
+        hooks,
         state,
         info: PluginInfo {
             name,
@@ -273,6 +299,7 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
             api_version,
             sha256: at.sha256.clone(),
         },
+        loaded_at_ns,
     })
 }
 
@@ -313,9 +340,25 @@ impl Drop for PluginBody {
 }
 
 impl LoadedPlugin {
+    /// Whether `handle` may block for this request (always `true` for an ABI 1.0 plugin).
+    pub fn may_block(&self, method: &http::Method, path: &str) -> bool {
+        match self.hooks.may_block {
+            // SAFETY: `state` is live; the strings are borrowed for the call; the shim catches panics.
+            Some(f) => unsafe {
+                f(
+                    self.state,
+                    RawStr::new(method.as_str().as_bytes()),
+                    RawStr::new(path.as_bytes()),
+                )
+            },
+            None => true,
+        }
+    }
+
     /// Calls the plugin's `handle`. Blocks for as long as the handler does.
     pub fn handle(&self, parts: &http::request::Parts, body: &Bytes) -> http::Response<Bytes> {
-        let headers: Vec<RawHeader> = parts
+        // Views into `parts`, on the stack for up to 16 headers.
+        let headers: smallvec::SmallVec<[RawHeader; 16]> = parts
             .headers
             .iter()
             .map(|(n, v)| RawHeader {
@@ -342,12 +385,12 @@ impl LoadedPlugin {
         let mut raw = RawResponse::EMPTY;
         // SAFETY: `state` is live (only `stop` frees it, taking `self` by value), `req` and
         // everything it points to outlive the call, and `raw` is a valid out-pointer.
-        unsafe { (self.vtable.handle)(self.state, &req, &mut raw) };
+        unsafe { (self.hooks.handle)(self.state, &req, &mut raw) };
         // From here on, the plugin's allocation is owned by `owned` and freed when it drops.
         let owned = PluginBody {
             body: raw.body,
             owner: raw.owner,
-            free: self.vtable.free_response,
+            free: self.hooks.free_response,
         };
 
         let status = StatusCode::from_u16(raw.status).unwrap_or_else(|_| {
@@ -386,7 +429,7 @@ impl LoadedPlugin {
     pub fn stop(self) {
         // SAFETY: `state` came from `on_worker_start` and, as `self` is consumed, no other call
         // can use it afterwards; the shim catches panics.
-        unsafe { (self.vtable.on_worker_stop)(self.state) }
+        unsafe { (self.hooks.on_worker_stop)(self.state) }
     }
 }
 

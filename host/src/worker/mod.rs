@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use nix::sys::signal::Signal;
@@ -34,14 +34,23 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::fd;
-use crate::protocol::{MasterToWorker, Receiver, Sender, WorkerSpec, WorkerToMaster};
+use crate::protocol::{
+    MasterToWorker, Receiver, Sender, StartupTimings, WorkerSpec, WorkerToMaster,
+};
 use loader::{LoadedPlugin, Placement};
 
 /// The host's version, compiled into the binary: part of the frozen "start script".
 pub const HOST_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// An inline handler slower than this stalled the I/O thread: its path goes to the blocking pool
+/// from then on.
+const INLINE_LIMIT: Duration = Duration::from_millis(20);
+
 /// What every connection and request of this worker shares.
 struct Shared {
+    /// Paths whose "non-blocking" handler was caught taking longer than [`INLINE_LIMIT`].
+    slow_paths: std::sync::Mutex<std::collections::HashSet<String>>,
+    any_slow: AtomicBool,
     plugin: Arc<LoadedPlugin>,
     http: auto::Builder<TokioExecutor>,
     draining: AtomicBool,
@@ -53,8 +62,33 @@ struct Shared {
     max_body_bytes: usize,
 }
 
+impl Shared {
+    fn known_slow(&self, path: &str) -> bool {
+        self.any_slow.load(Ordering::Relaxed)
+            && self.slow_paths.lock().is_ok_and(|set| set.contains(path))
+    }
+
+    fn mark_slow(&self, path: &str, took: Duration) {
+        if let Ok(mut set) = self.slow_paths.lock()
+            && set.insert(path.to_string())
+        {
+            tracing::warn!(
+                path,
+                took_ms = took.as_millis() as u64,
+                "a handler the plugin declared non-blocking stalled the I/O thread; this path now runs on the blocking pool"
+            );
+            self.any_slow.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Entry point of the `__worker` role.
-pub fn run(slot: u32, generation: u64, master_pid: u32) -> ExitCode {
+pub fn run(slot: u32, generation: u64, master_pid: u32, spawned_at_ns: u64) -> ExitCode {
+    let since_spawn = move || monotonic_ns().saturating_sub(spawned_at_ns) / 1000;
+    let mut startup = StartupTimings {
+        exec_us: since_spawn(),
+        ..Default::default()
+    };
     crate::logging::init(format!(
         "worker[{} slot={slot} gen={generation}]",
         std::process::id()
@@ -91,10 +125,25 @@ pub fn run(slot: u32, generation: u64, master_pid: u32) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = rt.block_on(serve(listener, channel, slot, generation));
+    startup.runtime_us = since_spawn();
+    let code = rt.block_on(serve(
+        listener,
+        channel,
+        slot,
+        generation,
+        startup,
+        spawned_at_ns,
+    ));
     // Handlers still blocked at a graceful deadline must not hold the exit up.
     rt.shutdown_background();
     code
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock the master stamps `--spawned-at-ns` with.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 async fn serve(
@@ -102,7 +151,10 @@ async fn serve(
     channel: StdUnixStream,
     slot: u32,
     generation: u64,
+    mut startup: StartupTimings,
+    spawned_at_ns: u64,
 ) -> ExitCode {
+    let since_spawn = || monotonic_ns().saturating_sub(spawned_at_ns) / 1000;
     let channel = match channel
         .set_nonblocking(true)
         .and_then(|_| UnixStream::from_std(channel))
@@ -130,6 +182,7 @@ async fn serve(
         }
     };
 
+    startup.spec_us = since_spawn();
     // The on-start hook: load this generation's plugin. Everything linked into `host` is frozen;
     // this is the code a reload refreshes.
     let at = Placement {
@@ -150,6 +203,8 @@ async fn serve(
             return ExitCode::FAILURE;
         }
     };
+    startup.dlopen_us = plugin.loaded_at_ns.saturating_sub(spawned_at_ns) / 1000;
+    startup.on_worker_start_us = since_spawn();
     tracing::info!(plugin = %plugin.info.name, version = %plugin.info.version, sha256 = %&plugin.info.sha256[..12], "plugin loaded");
 
     let listener = match listener
@@ -181,6 +236,8 @@ async fn serve(
     http.http2().timer(TokioTimer::new());
     let info = plugin.info.clone();
     let shared = Arc::new(Shared {
+        slow_paths: Default::default(),
+        any_slow: AtomicBool::new(false),
         plugin: Arc::new(plugin),
         http,
         draining: AtomicBool::new(false),
@@ -194,7 +251,13 @@ async fn serve(
     let graceful_timeout = Duration::from_millis(spec.graceful_timeout_ms);
 
     if tx
-        .send(&WorkerToMaster::Ready { plugin: info })
+        .send(&WorkerToMaster::Ready {
+            plugin: info,
+            startup: StartupTimings {
+                ready_us: since_spawn(),
+                ..startup
+            },
+        })
         .await
         .is_err()
     {
@@ -349,13 +412,13 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
     tokio::spawn(async move {
         let _guard = guard;
         let _ = stream.set_nodelay(true);
-        let is_h2 = Arc::new(AtomicBool::new(false));
+        let conn_state = Arc::new(Connection {
+            shared: shared.clone(),
+            is_h2: AtomicBool::new(false),
+        });
         let service = {
-            let shared = shared.clone();
-            let is_h2 = is_h2.clone();
-            hyper::service::service_fn(move |req| {
-                handle_request(shared.clone(), is_h2.clone(), req)
-            })
+            let conn_state = conn_state.clone();
+            hyper::service::service_fn(move |req| handle_request(conn_state.clone(), req))
         };
         let conn = shared.http.serve_connection(TokioIo::new(stream), service);
         tokio::pin!(conn);
@@ -372,7 +435,7 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
         // connection: give it `idle_grace` to do so (its response carries `Connection: close`)
         // before closing an idle connection under it. HTTP/2 gets GOAWAY at once, which tells
         // the client exactly which streams were not processed.
-        if !is_h2.load(Ordering::Relaxed) {
+        if !conn_state.is_h2.load(Ordering::Relaxed) {
             tokio::select! {
                 _ = conn.as_mut() => return,
                 _ = tokio::time::sleep(shared.idle_grace) => {}
@@ -433,23 +496,39 @@ fn builtin(req: &Request<Incoming>) -> Response<Bytes> {
 
 async fn call_plugin(shared: &Shared, req: Request<Incoming>) -> Response<Bytes> {
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, shared.max_body_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body exceeds {} bytes\n", shared.max_body_bytes),
-            );
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot read the request body");
-            return plain(StatusCode::BAD_REQUEST, "cannot read the request body\n");
+    let body = if body.is_end_stream() {
+        Bytes::new() // most GETs: nothing to read or buffer
+    } else {
+        match Limited::new(body, shared.max_body_bytes).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body exceeds {} bytes\n", shared.max_body_bytes),
+                );
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the request body");
+                return plain(StatusCode::BAD_REQUEST, "cannot read the request body\n");
+            }
         }
     };
-    // Handlers may block: each call runs on the blocking pool, never on the I/O thread.
+    // Handlers may block, so by default each call runs on the blocking pool. A handler the plugin
+    // declares non-blocking runs right here on the I/O thread (no hand-off), unless its path has
+    // been caught taking too long.
+    let path = parts.uri.path();
+    if !shared.plugin.may_block(&parts.method, path) && !shared.known_slow(path) {
+        let began = std::time::Instant::now();
+        let resp = shared.plugin.handle(&parts, &body);
+        let took = began.elapsed();
+        if took > INLINE_LIMIT {
+            shared.mark_slow(path, took);
+        }
+        return resp;
+    }
     let plugin = shared.plugin.clone();
     match tokio::task::spawn_blocking(move || plugin.handle(&parts, &body)).await {
         Ok(resp) => resp,
@@ -460,20 +539,27 @@ async fn call_plugin(shared: &Shared, req: Request<Incoming>) -> Response<Bytes>
     }
 }
 
-async fn handle_request(
+/// One connection's view: the worker's shared state and what it learned about the connection.
+struct Connection {
     shared: Arc<Shared>,
-    is_h2: Arc<AtomicBool>,
+    /// Set on its first HTTP/2 request: a drain sends GOAWAY at once instead of waiting.
+    is_h2: AtomicBool,
+}
+
+async fn handle_request(
+    conn: Arc<Connection>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let shared = &conn.shared;
     let h2 = req.version() == Version::HTTP_2;
     if h2 {
-        is_h2.store(true, Ordering::Relaxed);
+        conn.is_h2.store(true, Ordering::Relaxed);
     }
-    let _in_flight = InFlight::new(&shared);
+    let _in_flight = InFlight::new(shared);
     let mut resp = if req.uri().path().starts_with("/_host/") {
         builtin(&req)
     } else {
-        call_plugin(&shared, req).await
+        call_plugin(shared, req).await
     };
     if !h2 && shared.draining.load(Ordering::Relaxed) {
         resp.headers_mut()

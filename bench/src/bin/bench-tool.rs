@@ -1,0 +1,367 @@
+//! Load generator for the benchmark (`bench/run.sh`), for what `wrk` cannot show:
+//!
+//! - `latency`: keep-alive clients send back-to-back requests for a while; at a set time the tool
+//!   runs a reload command itself, so the reload window is known exactly. It writes every request
+//!   (time, latency, outcome) to a CSV, prints p50/p99/max in the window and in steady state, and
+//!   draws latency over time as an SVG.
+//! - `burst`: N requests at once, each on its own connection; prints when the last one finished.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Latency {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "8s")]
+        duration: Duration,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+        reload_at: Duration,
+        /// Run with `sh -c` at `reload_at`.
+        #[arg(long)]
+        reload_cmd: String,
+        /// How long after the reload command returns still counts as the reload window.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        settle: Duration,
+        #[arg(long)]
+        csv: PathBuf,
+        #[arg(long)]
+        svg: PathBuf,
+    },
+    Burst {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        path: String,
+        #[arg(long, default_value_t = 16)]
+        count: usize,
+    },
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// One GET on `sender`; `Ok(close)` says whether the server asked to close the connection.
+async fn get(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<bool, String> {
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let req = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if resp.status() != 200 {
+        return Err(format!("status {}", resp.status()));
+    }
+    let close = resp
+        .headers()
+        .get(http::header::CONNECTION)
+        .is_some_and(|v| v == "close");
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(close)
+}
+
+#[derive(Clone, Copy)]
+struct Sample {
+    at_us: u64,
+    latency_us: u64,
+    ok: bool,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct Stats {
+    count: usize,
+    errors: usize,
+    p50: u64,
+    p99: u64,
+    max: u64,
+}
+
+fn stats(samples: impl Iterator<Item = Sample>) -> Stats {
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for s in samples {
+        if s.ok {
+            lat.push(s.latency_us);
+        } else {
+            errors += 1;
+        }
+    }
+    lat.sort_unstable();
+    Stats {
+        count: lat.len() + errors,
+        errors,
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+        max: lat.last().copied().unwrap_or(0),
+    }
+}
+
+/// Latency over time: per 10 ms bucket, the median and the maximum, log scale; the reload window shaded.
+fn svg(samples: &[Sample], window: (u64, u64), duration_us: u64) -> String {
+    let (w, h, left, bottom) = (900.0, 320.0, 60.0, 30.0);
+    let bucket = 10_000u64;
+    let n = (duration_us / bucket + 1) as usize;
+    let mut buckets: Vec<Vec<u64>> = vec![Vec::new(); n];
+    for s in samples.iter().filter(|s| s.ok) {
+        buckets[((s.at_us / bucket) as usize).min(n - 1)].push(s.latency_us);
+    }
+    let max_lat = samples
+        .iter()
+        .map(|s| s.latency_us)
+        .max()
+        .unwrap_or(1)
+        .max(1000) as f64;
+    let (lo, hi) = (10f64.ln(), (max_lat * 1.5).ln());
+    let x = |us: u64| left + (us as f64 / duration_us as f64) * (w - left - 10.0);
+    let y =
+        |lat: u64| h - bottom - ((lat.max(10) as f64).ln() - lo) / (hi - lo) * (h - bottom - 10.0);
+    let mut med = String::new();
+    let mut top = String::new();
+    for (i, b) in buckets.iter_mut().enumerate() {
+        if b.is_empty() {
+            continue;
+        }
+        b.sort_unstable();
+        let t = i as u64 * bucket + bucket / 2;
+        med.push_str(&format!("{:.1},{:.1} ", x(t), y(b[b.len() / 2])));
+        top.push_str(&format!("{:.1},{:.1} ", x(t), y(*b.last().unwrap())));
+    }
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <rect x=\"{:.1}\" y=\"10\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#fde2c4\"/>\n\
+         <text x=\"{:.1}\" y=\"22\">reload window</text>\n",
+        x(window.0),
+        (x(window.1) - x(window.0)).max(1.0),
+        h - bottom - 10.0,
+        x(window.0) + 3.0
+    );
+    for tick in [10u64, 100, 1_000, 10_000, 100_000, 1_000_000] {
+        if (tick as f64) < max_lat * 1.5 {
+            let label = if tick >= 1000 {
+                format!("{} ms", tick / 1000)
+            } else {
+                format!("{tick} µs")
+            };
+            let ty = y(tick);
+            out.push_str(&format!(
+                "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{ty:.1}\" y2=\"{ty:.1}\" stroke=\"#ddd\"/><text x=\"4\" y=\"{:.1}\">{label}</text>\n",
+                w - 10.0,
+                ty + 4.0,
+            ));
+        }
+    }
+    for s in 0..=(duration_us / 1_000_000) {
+        out.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\">{s} s</text>\n",
+            x(s * 1_000_000) - 6.0,
+            h - 10.0
+        ));
+    }
+    out.push_str(&format!(
+        "<polyline points=\"{top}\" fill=\"none\" stroke=\"#d62728\" stroke-width=\"1\"/>\n"
+    ));
+    out.push_str(&format!(
+        "<polyline points=\"{med}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\"/>\n"
+    ));
+    out.push_str(&format!(
+        "<text x=\"{:.1}\" y=\"22\" fill=\"#1f77b4\">median per 10 ms</text><text x=\"{:.1}\" y=\"36\" fill=\"#d62728\">max per 10 ms</text>\n</svg>\n",
+        w - 150.0,
+        w - 150.0
+    ));
+    out
+}
+
+#[allow(clippy::too_many_arguments)] // one call site, each argument a CLI flag
+async fn latency(
+    addr: SocketAddr,
+    path: String,
+    connections: usize,
+    duration: Duration,
+    reload_at: Duration,
+    reload_cmd: String,
+    settle: Duration,
+    csv: PathBuf,
+    svg_path: PathBuf,
+) {
+    let start = Instant::now();
+    let samples = Arc::new(Mutex::new(Vec::<Sample>::with_capacity(1 << 20)));
+    let clients: Vec<_> = (0..connections)
+        .map(|_| {
+            let (samples, path) = (samples.clone(), path.clone());
+            tokio::spawn(async move {
+                let mut conn: Option<Sender> = None;
+                let mut local = Vec::with_capacity(1 << 16);
+                while start.elapsed() < duration {
+                    let t0 = Instant::now();
+                    let sender = match conn.as_mut() {
+                        Some(s) if !s.is_closed() => s,
+                        _ => match connect(addr).await {
+                            Ok(s) => conn.insert(s),
+                            Err(_) => {
+                                local.push(Sample {
+                                    at_us: (t0 - start).as_micros() as u64,
+                                    latency_us: t0.elapsed().as_micros() as u64,
+                                    ok: false,
+                                });
+                                continue;
+                            }
+                        },
+                    };
+                    let result = get(sender, addr, &path).await;
+                    let ok = result.is_ok();
+                    if !matches!(result, Ok(false)) {
+                        conn = None;
+                    }
+                    local.push(Sample {
+                        at_us: (t0 - start).as_micros() as u64,
+                        latency_us: t0.elapsed().as_micros() as u64,
+                        ok,
+                    });
+                }
+                samples.lock().unwrap().extend(local);
+            })
+        })
+        .collect();
+    tokio::time::sleep(reload_at).await;
+    let reload_start = start.elapsed();
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&reload_cmd)
+        .output()
+        .await
+        .expect("reload command runs");
+    let reload_end = start.elapsed();
+    assert!(
+        out.status.success(),
+        "reload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for c in clients {
+        c.await.unwrap();
+    }
+    let samples = samples.lock().unwrap().clone();
+    let window = (
+        reload_start.as_micros() as u64,
+        (reload_end + settle).as_micros() as u64,
+    );
+    let in_window = |s: &Sample| s.at_us >= window.0 && s.at_us < window.1;
+    let steady = stats(samples.iter().copied().filter(|s| !in_window(s)));
+    let during = stats(samples.iter().copied().filter(in_window));
+    let mut text = String::from("t_us,latency_us,ok\n");
+    for s in &samples {
+        text.push_str(&format!("{},{},{}\n", s.at_us, s.latency_us, s.ok as u8));
+    }
+    std::fs::write(&csv, text).unwrap();
+    std::fs::write(
+        &svg_path,
+        svg(&samples, window, duration.as_micros() as u64),
+    )
+    .unwrap();
+    // One line per row, for the results table: what, requests, errors, p50, p99, max (µs).
+    println!(
+        "steady {} {} {} {} {}",
+        steady.count, steady.errors, steady.p50, steady.p99, steady.max
+    );
+    println!(
+        "reload {} {} {} {} {}",
+        during.count, during.errors, during.p50, during.p99, during.max
+    );
+    println!(
+        "reload_command_ms {}",
+        (reload_end - reload_start).as_millis()
+    );
+}
+
+async fn burst(addr: SocketAddr, path: String, count: usize) {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..count)
+        .map(|_| {
+            let path = path.clone();
+            tokio::spawn(async move {
+                let mut sender = connect(addr).await?;
+                get(&mut sender, addr, &path).await?;
+                Ok::<Duration, String>(start.elapsed())
+            })
+        })
+        .collect();
+    let mut last = Duration::ZERO;
+    let mut errors = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(d) => last = last.max(d),
+            Err(_) => errors += 1,
+        }
+    }
+    println!("burst {count} {errors} {}", last.as_millis());
+}
+
+fn main() {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    match args.command {
+        Command::Latency {
+            addr,
+            path,
+            connections,
+            duration,
+            reload_at,
+            reload_cmd,
+            settle,
+            csv,
+            svg,
+        } => rt.block_on(latency(
+            addr,
+            path,
+            connections,
+            duration,
+            reload_at,
+            reload_cmd,
+            settle,
+            csv,
+            svg,
+        )),
+        Command::Burst { addr, path, count } => rt.block_on(burst(addr, path, count)),
+    }
+}
