@@ -105,34 +105,79 @@ fn check_permissions(source: &Path) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// Checks the ELF structure before any worker maps the file: a shared object whose loadable
-/// segments and section table lie inside the file. A truncated file (or one still being written
-/// by the linker) would otherwise be mapped past its end and kill the worker with SIGBUS.
-fn check_elf(source: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
-    use object::{Object, ObjectKind, ObjectSegment};
+/// Checks the ELF structure of the copy before any worker maps it: a 64-bit shared object whose
+/// loadable segments and section table lie inside the file. A truncated file (or one still being
+/// written by the linker) would otherwise be mapped past its end and kill the worker with SIGBUS.
+/// Reads only the headers (`ReadCache` fetches the ranges it needs), never the whole file.
+fn check_elf(source: &Path, copy: &Path, size: u64) -> Result<(), SnapshotError> {
+    use object::read::elf::{FileHeader, ProgramHeader};
     let bad = |reason: String| SnapshotError::BadElf {
         path: source.to_path_buf(),
         reason,
     };
-    let file =
-        object::File::parse(bytes).map_err(|e| bad(format!("{e} (truncated or corrupt)")))?;
-    if file.kind() != ObjectKind::Dynamic {
+    let file = std::fs::File::open(copy).map_err(|e| bad(e.to_string()))?;
+    let data = object::ReadCache::new(file);
+    let header = object::elf::FileHeader64::<object::Endianness>::parse(&data)
+        .map_err(|e| bad(format!("{e} (not a 64-bit ELF file, or truncated)")))?;
+    let endian = header.endian().map_err(|e| bad(e.to_string()))?;
+    if header.e_type(endian) != object::elf::ET_DYN {
         return Err(bad(format!(
-            "it is an ELF {:?} file, not a shared object",
-            file.kind()
+            "ELF type {} is not a shared object",
+            header.e_type(endian)
         )));
     }
-    for segment in file.segments() {
-        let (offset, size) = segment.file_range();
-        let end = offset.saturating_add(size);
-        if end > bytes.len() as u64 {
+    let segments = header
+        .program_headers(endian, &data)
+        .map_err(|e| bad(format!("{e} (truncated or corrupt)")))?;
+    for segment in segments
+        .iter()
+        .filter(|p| p.p_type(endian) == object::elf::PT_LOAD)
+    {
+        let end = segment
+            .p_offset(endian)
+            .saturating_add(segment.p_filesz(endian));
+        if end > size {
             return Err(bad(format!(
-                "truncated: a loadable segment ends at byte {end}, the file has {} bytes",
-                bytes.len()
+                "truncated: a loadable segment ends at byte {end}, the file has {size} bytes"
             )));
         }
     }
+    header
+        .section_headers(endian, &data)
+        .map_err(|e| bad(format!("{e} (truncated or corrupt)")))?;
     Ok(())
+}
+
+/// Copies `source` to `tmp` through a small buffer, hashing as it goes. Returns the sha256, the
+/// size and the first bytes. (Reading a whole multi-MiB plugin into memory would leave the
+/// master's heap that much larger for good: glibc keeps it after the free.)
+fn copy_and_hash(
+    source: &mut std::fs::File,
+    tmp: &Path,
+) -> std::io::Result<(String, u64, Vec<u8>)> {
+    use std::io::Read;
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut size, mut head) = (0u64, Vec::new());
+    loop {
+        let n = source.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if head.len() < 16 {
+            head.extend_from_slice(&buf[..n.min(16 - head.len())]);
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        size += n as u64;
+    }
+    Ok((hex(&hasher.finalize()), size, head))
 }
 
 /// Snapshots `source` into `dir`, reusing an existing snapshot with the same content.
@@ -141,7 +186,7 @@ pub fn take(source: &Path, dir: &Path, allow_writable: bool) -> Result<Snapshot,
     if !allow_writable {
         check_permissions(source)?;
     }
-    let bytes = std::fs::read(source).map_err(|e| match e.kind() {
+    let mut file = std::fs::File::open(source).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => SnapshotError::Missing {
             path: source.to_path_buf(),
         },
@@ -150,50 +195,52 @@ pub fn take(source: &Path, dir: &Path, allow_writable: bool) -> Result<Snapshot,
             source: e,
         },
     })?;
-    if bytes.is_empty() {
-        return Err(SnapshotError::Empty {
-            path: source.to_path_buf(),
-        });
-    }
-    if !bytes.starts_with(b"\x7fELF") {
-        let head = String::from_utf8_lossy(&bytes[..bytes.len().min(16)]).into_owned();
-        return Err(SnapshotError::NotElf {
-            path: source.to_path_buf(),
-            head,
-        });
-    }
-    check_elf(source, &bytes)?;
-    let sha256 = hex(&Sha256::digest(&bytes));
-    let path = dir.join(format!("{sha256}.so"));
-    if !path.exists() {
-        let write_err = |e| SnapshotError::Write {
-            path: path.clone(),
-            source: e,
-        };
-        std::fs::create_dir_all(dir).map_err(write_err)?;
-        let tmp = dir.join(format!(".{sha256}.{}.tmp", std::process::id()));
-        let result = (|| {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o500))?;
-            std::fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(write_err(e));
+    std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Write {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".incoming.{}.{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let (sha256, size, head) =
+            copy_and_hash(&mut file, &tmp).map_err(|e| SnapshotError::Read {
+                path: source.to_path_buf(),
+                source: e,
+            })?;
+        if size == 0 {
+            return Err(SnapshotError::Empty {
+                path: source.to_path_buf(),
+            });
         }
-    }
-    Ok(Snapshot {
-        path,
-        sha256,
-        size: bytes.len() as u64,
-    })
+        if !head.starts_with(b"\x7fELF") {
+            let head = String::from_utf8_lossy(&head).into_owned();
+            return Err(SnapshotError::NotElf {
+                path: source.to_path_buf(),
+                head,
+            });
+        }
+        check_elf(source, &tmp, size)?;
+        let path = dir.join(format!("{sha256}.so"));
+        if !path.exists() {
+            let write_err = |e| SnapshotError::Write {
+                path: path.clone(),
+                source: e,
+            };
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(write_err)?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o500))
+                .map_err(write_err)?;
+            std::fs::rename(&tmp, &path).map_err(write_err)?;
+        }
+        Ok(Snapshot { path, sha256, size })
+    })();
+    let _ = std::fs::remove_file(&tmp); // gone already when renamed
+    result
 }
 
 #[cfg(test)]

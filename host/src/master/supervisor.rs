@@ -516,7 +516,7 @@ impl Supervisor {
         let snapshot = match self.snapshot_for(kind) {
             Ok(s) => s,
             Err(reason) => {
-                self.next_generation += 1;
+                // Nothing was rolled out: the number stays free for the next attempt.
                 report.error = Some(reason.clone());
                 tracing::error!(generation = number, "reload refused: {reason}");
                 self.conclude(kind, report, replies, Err(reason));

@@ -1,0 +1,143 @@
+"""Formats bench/run.sh's measurements (passed in the environment) as bench/RESULTS.md."""
+
+import os
+import statistics
+
+env = os.environ
+
+
+def floats(name):
+    return [float(x) for x in env[name].split()]
+
+
+def med(values):
+    return statistics.median(values)
+
+
+bare_rps, host_rps = floats("R_BARE_RPS"), floats("R_HOST_RPS")
+bare_cpu, host_cpu = floats("R_BARE_CPU"), floats("R_HOST_CPU")
+ratio = med(host_rps) / med(bare_rps)
+reload4 = floats("R_RELOAD4")
+startup = [line.split() for line in env["STARTUP"].splitlines()]
+lat = {line.split()[0]: line.split()[1:] for line in env["LAT"].splitlines()}
+steady, during = [int(x) for x in lat["steady"]], [int(x) for x in lat["reload"]]
+master_rss, worker_rss = (int(x) for x in env["MEM"].split())
+burst = env["BURST"].split()  # "burst <count> <errors> <ms>"
+burst_ms, burst_errors = int(burst[3]), int(burst[2])
+MiB = 1 << 20
+
+
+def verdict(ok):
+    return "met" if ok else "**missed**"
+
+
+p99_ratio = during[3] / max(steady[3], 1)
+targets = [
+    ("Plugin path throughput vs bare hyper", ">= 95%", f"{ratio:.1%}", verdict(ratio >= 0.95)),
+    ("`host reload`, 4 idle workers (median)", "<= 50 ms", f"{med(reload4):.1f} ms", verdict(med(reload4) <= 50)),
+    (
+        "p99 during reload vs steady state",
+        "<= 2x, 0 errors",
+        f"{p99_ratio:.2f}x, {during[1] + steady[1]} errors",
+        verdict(p99_ratio <= 2 and during[1] + steady[1] == 0),
+    ),
+    ("16 x `/sleep?ms=200`, one worker", "<= 0.6 s", f"{burst_ms / 1000:.3f} s, {burst_errors} errors", verdict(burst_ms <= 600 and burst_errors == 0)),
+    ("Worker RSS", "<= 8 MiB", f"{worker_rss / MiB:.1f} MiB", verdict(worker_rss <= 8 * MiB)),
+    ("Master RSS", "<= 8 MiB", f"{master_rss / MiB:.1f} MiB", verdict(master_rss <= 8 * MiB)),
+]
+
+out = []
+w = out.append
+w("# Benchmark results")
+w("")
+w(f"Measured {env['WHEN']} by `bench/run.sh` on: {env['MACHINE']}; {env['RUSTC']}; {env['WRK']}.")
+w("Numbers from one run on a shared virtual machine: expect a few percent of noise between runs.")
+w("")
+w("## Targets")
+w("")
+w("| what | target | measured | |")
+w("|---|---|---|---|")
+for t in targets:
+    w("| " + " | ".join(t) + " |")
+w("")
+w("## 1. Throughput, hello world through the plugin vs bare hyper")
+w("")
+w(
+    f"Server pinned to CPU {env['SERVER_CPU']}, `wrk -t1 -c32 -d{env['SECS']}s` pinned to CPU {env['CLIENT_CPU']}; "
+    f"{env['RUNS']} interleaved rounds, medians. The host runs one worker (one I/O thread, like the bare "
+    "server's single current-thread runtime); `/` is declared non-blocking by the example plugin, so it runs on "
+    "the I/O thread. CPU time is user + system of every server process (for the host: master and worker) over "
+    "the run, divided by the requests served."
+)
+w("")
+w("| server | requests/s (median) | each round | CPU µs / request (median) |")
+w("|---|---|---|---|")
+w(f"| bare hyper (`bench/src/bin/bare-hyper.rs`) | {med(bare_rps):,.0f} | {', '.join(f'{x:,.0f}' for x in bare_rps)} | {med(bare_cpu):.2f} |")
+w(f"| host + example plugin | {med(host_rps):,.0f} | {', '.join(f'{x:,.0f}' for x in host_rps)} | {med(host_cpu):.2f} |")
+w(f"| ratio | **{ratio:.1%}** | | {med(host_cpu) / med(bare_cpu):.2f}x |")
+w("")
+w("## 2. `host reload` of 4 idle workers")
+w("")
+w(f"CLI round trip included (the command returns once every slot runs the new generation); 9 runs: "
+  f"{', '.join(f'{x:.1f}' for x in reload4)} ms; median **{med(reload4):.1f} ms**.")
+w("")
+w("Where one worker's start goes (mean over the last generation's workers, µs since the master spawned it):")
+w("")
+w("| phase | µs | cumulative µs |")
+w("|---|---|---|")
+names = {
+    "exec": "fork + exec + dynamic linking of `host`, to `main`",
+    "runtime": "logging and tokio runtime set up",
+    "spec": "Start order received from the master",
+    "dlopen": "plugin snapshot `dlopen`ed (RTLD_NOW), header checked",
+    "on_worker_start": "the plugin's `on_worker_start`",
+    "ready": "listener registered, ready",
+}
+for phase, dt, cum in startup:
+    w(f"| {names.get(phase, phase)} | {dt} | {cum} |")
+w("")
+w("## 3. Latency during a reload under load")
+w("")
+w(
+    "16 keep-alive clients (`bench-tool latency`) on the other CPU send back-to-back `GET /` for 8 s to a host with "
+    "2 workers; at 3 s the tool itself runs `host reload`. The reload window is from the command's start to 1 s after "
+    f"it returned (it returned after {lat['reload_command_ms'][0]} ms), which covers the old workers' drain and the "
+    "clients' reconnections. Latencies in µs."
+)
+w("")
+w("| | requests | errors | p50 | p99 | max |")
+w("|---|---|---|---|---|---|")
+w(f"| steady state | {steady[0]:,} | {steady[1]} | {steady[2]} | {steady[3]} | {steady[4]} |")
+w(f"| reload window | {during[0]:,} | {during[1]} | {during[2]} | {during[3]} | {during[4]} |")
+w("")
+w("![latency over time across a reload](latency-during-reload.svg)")
+w("")
+w("## 4. Blocking handlers")
+w("")
+w(f"One worker, 16 concurrent `GET /sleep?ms=200` (each on its own connection): the last one finished after "
+  f"**{burst_ms} ms**, {burst_errors} errors. `/sleep` is declared blocking, so each runs on the worker's blocking pool.")
+w("")
+w("## 5. Memory")
+w("")
+w(f"After section 3's traffic, with the example plugin loaded: master RSS **{master_rss / MiB:.1f} MiB**, largest worker "
+  f"RSS **{worker_rss / MiB:.1f} MiB** (`status --json`, from `/proc/<pid>/statm`).")
+w("")
+w("## 6. Scaling")
+w("")
+w(f"Throughput with N workers (`wrk -t2 -c64 -d{env['SECS']}s`, nothing pinned: on this machine wrk and the workers "
+  "share the same CPUs, so more workers than CPUs cannot add throughput):")
+w("")
+w("| workers | requests/s |")
+w("|---|---|")
+for line in env["R_SCALE_RPS"].splitlines():
+    n, rps = line.split()
+    w(f"| {n} | {float(rps):,.0f} |")
+w("")
+w("`host reload` time with N idle workers (median of 5; slots are replaced one at a time, so it grows linearly):")
+w("")
+w("| workers | ms |")
+w("|---|---|")
+for line in env["R_SCALE_RELOAD"].splitlines():
+    n, ms = line.split()
+    w(f"| {n} | {ms} |")
+print("\n".join(out))

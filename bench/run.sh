@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The benchmark: the plugin host measured side by side with a bare hyper server, in one run.
+# Writes bench/RESULTS.md (tables, targets, machine) and bench/latency-during-reload.svg.
+#
+#   bench/run.sh            # about two minutes on a 2-core machine, after the release build
+#
+# Needs: cargo, python3, taskset (util-linux), wrk (installed with apt-get if missing).
+# Benchmarks are not tests: nothing here fails on a number; the targets are reported.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUNS=${RUNS:-3}       # interleaved rounds for the throughput comparison (medians are reported)
+SECS=${SECS:-5}       # seconds per wrk run
+
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "bench: installing wrk" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get install -y -q wrk >/dev/null
+fi
+for tool in taskset python3; do
+  command -v $tool >/dev/null 2>&1 || { echo "bench: $tool is required" >&2; exit 1; }
+done
+CPUS=$(nproc)
+if [ "$CPUS" -ge 2 ]; then SERVER_CPU=0; CLIENT_CPU=1; else SERVER_CPU=0; CLIENT_CPU=0; fi
+
+echo "bench: building (release)" >&2
+cargo build --release -q -p host -p example-plugin -p bench
+BIN=$ROOT/target/release
+WORK=$(mktemp -d)
+BARE_PID=
+cleanup() {
+  for c in "$WORK"/*.toml; do [ -e "$c" ] && "$BIN/host" -c "$c" stop >/dev/null 2>&1 || true; done
+  [ -n "$BARE_PID" ] && kill "$BARE_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+install -m 644 "$BIN/libexample_plugin.so" "$WORK/plugin.so"
+CLK=$(getconf CLK_TCK)
+
+config() { # name workers port
+  printf 'listen = "127.0.0.1:%s"\nworkers = %s\nplugin = "plugin.so"\nstate_dir = "state-%s"\n' "$3" "$2" "$1" > "$WORK/$1.toml"
+}
+start_host() { # name [cpu]: start -d, pinned to a CPU if given (workers inherit it)
+  if [ -n "${2:-}" ]; then taskset -c "$2" "$BIN/host" -c "$WORK/$1.toml" start -d >/dev/null
+  else "$BIN/host" -c "$WORK/$1.toml" start -d >/dev/null; fi
+}
+stop_host() { "$BIN/host" -c "$WORK/$1.toml" stop >/dev/null; }
+status_json() { "$BIN/host" -c "$WORK/$1.toml" status --json; }
+host_pids() { status_json "$1" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["master_pid"], *[w["pid"] for w in s["workers"]])'; }
+cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
+median() { python3 -c 'import sys,statistics; v=[float(x) for x in sys.argv[1:]]; print(f"{statistics.median(v):.1f}")' "$@"; }
+now_ns() { date +%s%N; }
+
+# wrk against URL, returns "rps requests"; the client is pinned to CLIENT_CPU.
+wrk_run() { # url threads connections [cpu]
+  local out
+  if [ -n "${4:-}" ]; then out=$(taskset -c "$4" wrk -t"$2" -c"$3" -d"${SECS}s" "$1")
+  else out=$(wrk -t"$2" -c"$3" -d"${SECS}s" "$1"); fi
+  echo "$(echo "$out" | awk '/Requests\/sec/ {print $2}') $(echo "$out" | awk '/requests in/ {print $1}')"
+}
+
+# 1. Throughput and CPU per request: plugin path vs bare hyper, server on one CPU, wrk on the other.
+echo "bench: 1/6 throughput vs bare hyper ($RUNS interleaved rounds of ${SECS}s)" >&2
+config one 1 18191
+BARE_RPS=(); HOST_RPS=(); BARE_CPU=(); HOST_CPU=()
+for _ in $(seq "$RUNS"); do
+  taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18181 & BARE_PID=$!
+  until (exec 3<>/dev/tcp/127.0.0.1/18181) 2>/dev/null; do :; done
+  t0=$(cpu_ticks $BARE_PID); read -r rps n < <(wrk_run http://127.0.0.1:18181/ 1 32 $CLIENT_CPU); t1=$(cpu_ticks $BARE_PID)
+  BARE_RPS+=("$rps"); BARE_CPU+=("$(python3 -c "print(($t1-$t0)/$CLK*1e6/$n)")")
+  kill $BARE_PID; wait $BARE_PID 2>/dev/null || true; BARE_PID=
+
+  start_host one $SERVER_CPU
+  pids=$(host_pids one)
+  # shellcheck disable=SC2086
+  t0=$(cpu_ticks $pids); read -r rps n < <(wrk_run http://127.0.0.1:18191/ 1 32 $CLIENT_CPU); t1=$(cpu_ticks $pids)
+  HOST_RPS+=("$rps"); HOST_CPU+=("$(python3 -c "print(($t1-$t0)/$CLK*1e6/$n)")")
+  stop_host one
+done
+
+# 2. Reload of 4 idle workers, CLI round trip included, and where worker start time goes.
+echo "bench: 2/6 reload time, 4 idle workers" >&2
+config four 4 18192
+start_host four
+RELOAD4=()
+for _ in $(seq 9); do
+  t0=$(now_ns); "$BIN/host" -c "$WORK/four.toml" reload >/dev/null; t1=$(now_ns)
+  RELOAD4+=("$(python3 -c "print(($t1-$t0)/1e6)")")
+done
+STARTUP=$(status_json four | python3 -c '
+import json, sys
+ws = [w["startup_us"] for w in json.load(sys.stdin)["workers"] if w.get("startup_us")]
+keys = ["exec_us", "runtime_us", "spec_us", "dlopen_us", "on_worker_start_us", "ready_us"]
+avg = {k: sum(w[k] for w in ws) / len(ws) for k in keys}
+prev = 0
+for k in keys:
+    print(f"{k[:-3]} {avg[k]-prev:.0f} {avg[k]:.0f}")
+    prev = avg[k]
+')
+stop_host four
+
+# 3. Latency across a reload under load (16 keep-alive clients, reload at 3 s of 8 s).
+echo "bench: 3/6 latency during a reload under load" >&2
+config lat 2 18193
+start_host lat $SERVER_CPU
+LAT=$(taskset -c $CLIENT_CPU "$BIN/bench-tool" latency --addr 127.0.0.1:18193 --connections 16 --duration 8s \
+  --reload-at 3s --reload-cmd "$BIN/host -c $WORK/lat.toml reload" --csv "$WORK/latency.csv" \
+  --svg "$ROOT/bench/latency-during-reload.svg")
+
+# 5. Memory, with the example plugin loaded and after that traffic.
+MEM=$(status_json lat | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+print(s["master_rss_bytes"], max(w["rss_bytes"] for w in s["workers"]))')
+stop_host lat
+
+# 4. One worker, 16 concurrent blocking requests of 200 ms.
+echo "bench: 4/6 16 concurrent /sleep?ms=200 on one worker" >&2
+config burst 1 18194
+start_host burst
+BURST=$("$BIN/bench-tool" burst --addr 127.0.0.1:18194 --path '/sleep?ms=200' --count 16)
+stop_host burst
+
+# 6. Scaling: throughput with 1, 2, 4 workers (no pinning: wrk shares the CPUs), reload time
+#    with 1, 4, 16 workers.
+echo "bench: 6/6 scaling" >&2
+SCALE_RPS=()
+for n in 1 2 4; do
+  config "s$n" "$n" $((18200 + n)); start_host "s$n"
+  read -r rps _ < <(wrk_run "http://127.0.0.1:$((18200 + n))/" 2 64)
+  SCALE_RPS+=("$n $rps"); stop_host "s$n"
+done
+SCALE_RELOAD=()
+for n in 1 4 16; do
+  config "r$n" "$n" $((18220 + n)); start_host "r$n"
+  times=()
+  for _ in $(seq 5); do
+    t0=$(now_ns); "$BIN/host" -c "$WORK/r$n.toml" reload >/dev/null; t1=$(now_ns)
+    times+=("$(python3 -c "print(($t1-$t0)/1e6)")")
+  done
+  SCALE_RELOAD+=("$n $(median "${times[@]}")"); stop_host "r$n"
+done
+
+# Results.
+# (Arrays cannot be exported: each goes out as a space- or line-separated string.)
+export R_BARE_RPS="${BARE_RPS[*]}" R_HOST_RPS="${HOST_RPS[*]}" R_BARE_CPU="${BARE_CPU[*]}" R_HOST_CPU="${HOST_CPU[*]}"
+export R_RELOAD4="${RELOAD4[*]}" STARTUP LAT MEM BURST
+R_SCALE_RPS="$(printf '%s\n' "${SCALE_RPS[@]}")"
+R_SCALE_RELOAD="$(printf '%s\n' "${SCALE_RELOAD[@]}")"
+export R_SCALE_RPS R_SCALE_RELOAD
+export MACHINE="$(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, Linux $(uname -r)"
+export RUSTC="$(rustc --version)" WRK="$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)" WHEN="$(date -u +%Y-%m-%d)"
+export SECS RUNS SERVER_CPU CLIENT_CPU
+python3 "$ROOT/bench/report.py" > "$ROOT/bench/RESULTS.md"
+echo "bench: wrote bench/RESULTS.md and bench/latency-during-reload.svg" >&2
+cat "$ROOT/bench/RESULTS.md"
