@@ -51,8 +51,9 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     /// the host keeps the previous one serving.
     fn on_worker_start(ctx: &WorkerContext) -> Result<Self, BoxError>;
 
-    /// Serves one request. Called from many threads at once; it may block (each call runs on
-    /// its own thread), and a panic here becomes a `500` for this request only.
+    /// Serves one request. Called from many threads at once. It may block unless
+    /// [`Plugin::may_block`] says otherwise for its path (blocking calls run on a thread of their
+    /// own), and a panic here becomes a `500` for this request only.
     fn handle(&self, req: Request) -> Response;
 
     /// Whether `handle` may block (sleep, wait on I/O or a lock, compute for long) for requests

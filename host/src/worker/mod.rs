@@ -3,8 +3,10 @@
 //! serves HTTP on the listening socket it inherited, and drains when told.
 //!
 //! Owns: the accept loop, per-connection HTTP (hyper, HTTP/1.1 and HTTP/2), the built-in
-//! `/_host/` routes, running handlers off the I/O thread, and the drain. It never binds a socket,
-//! never spawns processes and never decides when to reload: it obeys [`MasterToWorker`].
+//! `/_host/` routes, dispatching each request to the plugin (on the I/O thread when the plugin
+//! declares the handler non-blocking, on the blocking pool otherwise), and the drain. It never
+//! binds a socket, never spawns processes and never decides when to reload: it obeys
+//! [`MasterToWorker`].
 //!
 //! Drain: stop accepting at once and tell the master; HTTP/1 responses from then on carry
 //! `Connection: close`; HTTP/2 connections get GOAWAY; idle HTTP/1 keep-alive connections may
