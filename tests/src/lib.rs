@@ -351,8 +351,12 @@ impl Host {
         install(build, &self.plugin);
     }
 
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+    /// The body of `GET path` on a new connection; panics (with the host's log) if it fails.
+    pub async fn body(&self, path: &str) -> String {
+        match get(self.addr, path).await {
+            Ok(reply) => reply.body,
+            Err(e) => panic!("GET {path} failed: {e}\n{}", self.log()),
+        }
     }
 
     pub fn log(&self) -> String {

@@ -80,13 +80,7 @@ async fn a_reload_to_a_broken_file_is_refused_and_the_old_build_serves() {
         before,
         "no worker was touched"
     );
-    assert!(
-        get(host.addr, "/")
-            .await
-            .unwrap()
-            .body
-            .starts_with("v1 from")
-    );
+    assert!(host.body("/").await.starts_with("v1 from"));
     let s = host.status().await;
     assert_eq!(s["last_reload"]["ok"], false);
     assert!(
@@ -110,23 +104,11 @@ async fn a_canary_that_fails_to_start_leaves_the_old_workers_alone() {
         "{err}"
     );
     assert_eq!(host.worker_pids(None).await, before);
-    assert!(
-        get(host.addr, "/")
-            .await
-            .unwrap()
-            .body
-            .starts_with("v1 from")
-    );
+    assert!(host.body("/").await.starts_with("v1 from"));
     // A good build afterwards reloads normally.
     host.install_plugin(&greeting_plugin("v2"));
     host.reload_ok().await;
-    assert!(
-        get(host.addr, "/")
-            .await
-            .unwrap()
-            .body
-            .starts_with("v2 from")
-    );
+    assert!(host.body("/").await.starts_with("v2 from"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,13 +69,7 @@ async fn a_plugin_file_others_can_write_is_refused() {
         "{err}"
     );
     assert_eq!(host.worker_pids(None).await, before);
-    assert!(
-        get(host.addr, "/")
-            .await
-            .unwrap()
-            .body
-            .starts_with("v1 from")
-    );
+    assert!(host.body("/").await.starts_with("v1 from"));
 }
 
 /// Sends raw bytes and returns whatever comes back before the server closes (5 s at most).

@@ -10,13 +10,7 @@ async fn reload_under_load(mode: Mode) {
     let host = Host::start(&v1, HostOptions::default()).await;
     let health_before = get(host.addr, "/_host/health").await.unwrap();
     assert_eq!(health_before.status, 200);
-    assert!(
-        get(host.addr, "/")
-            .await
-            .unwrap()
-            .body
-            .starts_with("v1 from example-plugin")
-    );
+    assert!(host.body("/").await.starts_with("v1 from example-plugin"));
 
     let load = Load::start(host.addr, 8, mode, "/");
     load.advance(200).await;

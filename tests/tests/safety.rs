@@ -168,13 +168,7 @@ async fn bad_builds_are_refused_under_load_and_the_old_build_keeps_serving() {
 
     host.install_plugin(&good);
     host.reload_ok().await;
-    assert!(
-        get(host.addr, "/")
-            .await
-            .unwrap()
-            .body
-            .starts_with("v2 from")
-    );
+    assert!(host.body("/").await.starts_with("v2 from"));
     load.advance(50).await;
     let report = load.finish().await;
     assert!(
@@ -225,24 +219,14 @@ async fn rollback_returns_to_the_previous_generation_and_old_snapshots_are_prune
         host.explain(&out)
     );
     assert!(
-        get(host.addr, "/")
-            .await
-            .unwrap()
-            .body
-            .starts_with("v1 from"),
+        host.body("/").await.starts_with("v1 from"),
         "rollback serves v1 again"
     );
     let status = host.status().await;
     assert_eq!(status["last_reload"]["kind"], "rollback");
     // Rolling back again returns to v2 (like `cd -`), even though the file on disk says v2 too.
     host.cli(&["rollback"]).await;
-    assert!(
-        get(host.addr, "/")
-            .await
-            .unwrap()
-            .body
-            .starts_with("v2 from")
-    );
+    assert!(host.body("/").await.starts_with("v2 from"));
     load.advance(100).await;
 
     host.install_plugin(&v3);
@@ -309,7 +293,7 @@ async fn dead_workers_are_replaced_and_their_exit_is_decoded() {
             host.log().contains(expect),
             "{how}: the exit is decoded as {expect:?}"
         );
-        assert_eq!(get(host.addr, "/").await.unwrap().body, "fixture ok\n");
+        assert_eq!(host.body("/").await, "fixture ok\n");
         load.advance(50).await;
     }
     let report = load.finish().await;
@@ -389,7 +373,7 @@ async fn a_crash_loop_backs_off_and_a_reload_still_works() {
         "{text}"
     );
     // The other slot keeps serving throughout.
-    assert_eq!(get(host.addr, "/").await.unwrap().body, "fixture ok\n");
+    assert_eq!(host.body("/").await, "fixture ok\n");
 
     // A reload during the crash loop works and fills the slot with the new build.
     host.install_plugin(&greeting_plugin("v2"));
@@ -397,13 +381,7 @@ async fn a_crash_loop_backs_off_and_a_reload_still_works() {
     let status = host.status().await;
     assert!(failing(&status).is_none(), "{status}");
     assert_eq!(host.worker_pids(Some("ready")).await.len(), 2);
-    assert!(
-        get(host.addr, "/")
-            .await
-            .unwrap()
-            .body
-            .starts_with("v2 from")
-    );
+    assert!(host.body("/").await.starts_with("v2 from"));
     load.advance(50).await;
     let report = load.finish().await;
     assert!(
@@ -527,7 +505,7 @@ async fn a_plugin_built_for_abi_1_0_still_loads_and_serves() {
         report.errors.is_empty() && report.non_200.is_empty(),
         "{report:?}"
     );
-    assert_eq!(get(host.addr, "/").await.unwrap().body, "fixture ok\n");
+    assert_eq!(host.body("/").await, "fixture ok\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -541,10 +519,7 @@ async fn a_handler_wrongly_declared_non_blocking_is_moved_off_the_io_thread() {
     )
     .await;
     // The first call runs inline (the plugin said it would not block) and is caught.
-    assert_eq!(
-        get(host.addr, "/lying-sleep").await.unwrap().body,
-        "slept\n"
-    );
+    assert_eq!(host.body("/lying-sleep").await, "slept\n");
     wait_until(Duration::from_secs(5), "the stall to be logged", || {
         host.log().contains("stalled the I/O thread")
     })
@@ -555,7 +530,7 @@ async fn a_handler_wrongly_declared_non_blocking_is_moved_off_the_io_thread() {
         .map(|_| tokio::spawn(async move { get(addr, "/lying-sleep").await }))
         .collect();
     for _ in 0..10 {
-        assert_eq!(get(host.addr, "/").await.unwrap().body, "fixture ok\n");
+        assert_eq!(host.body("/").await, "fixture ok\n");
     }
     assert!(
         slow.iter().any(|t| !t.is_finished()),

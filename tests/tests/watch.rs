@@ -72,13 +72,7 @@ async fn a_cargo_build_is_served_within_seconds_with_no_failed_requests() {
         },
     )
     .await;
-    assert!(
-        get(host.addr, "/")
-            .await
-            .unwrap()
-            .body
-            .starts_with("w1 from")
-    );
+    assert!(host.body("/").await.starts_with("w1 from"));
     let load = Load::start(host.addr, 8, Mode::KeepAlive, "/");
     load.advance(100).await;
 
@@ -124,11 +118,7 @@ async fn a_broken_write_is_refused_and_the_next_good_build_is_picked_up() {
     )
     .await;
     assert!(
-        get(host.addr, "/")
-            .await
-            .unwrap()
-            .body
-            .starts_with("v1 from"),
+        host.body("/").await.starts_with("v1 from"),
         "the old build keeps answering"
     );
     load.advance(50).await;
@@ -254,7 +244,7 @@ async fn the_build_step_reloads_on_a_source_edit_and_refuses_a_build_error() {
         },
     )
     .await;
-    assert_eq!(get(host.addr, "/").await.unwrap().body, "build one\n");
+    assert_eq!(host.body("/").await, "build one\n");
     let load = Load::start(host.addr, 8, Mode::KeepAlive, "/");
 
     write_plugin_source(dir, "build two");
@@ -274,7 +264,7 @@ async fn the_build_step_reloads_on_a_source_edit_and_refuses_a_build_error() {
         host.log()
     );
     assert_eq!(
-        get(host.addr, "/").await.unwrap().body,
+        host.body("/").await,
         "build two\n",
         "the last good build keeps serving"
     );

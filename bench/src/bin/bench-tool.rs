@@ -22,30 +22,34 @@ struct Args {
     command: Command,
 }
 
+/// Keep-alive load with a reload in the middle: latency over time, as CSV and SVG.
+#[derive(clap::Args)]
+struct LatencyArgs {
+    #[arg(long)]
+    addr: SocketAddr,
+    #[arg(long, default_value = "/")]
+    path: String,
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "8s")]
+    duration: Duration,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    reload_at: Duration,
+    /// Run with `sh -c` at `reload_at`.
+    #[arg(long)]
+    reload_cmd: String,
+    /// How long after the reload command returns still counts as the reload window.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    settle: Duration,
+    #[arg(long)]
+    csv: PathBuf,
+    #[arg(long)]
+    svg: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    Latency {
-        #[arg(long)]
-        addr: SocketAddr,
-        #[arg(long, default_value = "/")]
-        path: String,
-        #[arg(long, default_value_t = 16)]
-        connections: usize,
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "8s")]
-        duration: Duration,
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
-        reload_at: Duration,
-        /// Run with `sh -c` at `reload_at`.
-        #[arg(long)]
-        reload_cmd: String,
-        /// How long after the reload command returns still counts as the reload window.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
-        settle: Duration,
-        #[arg(long)]
-        csv: PathBuf,
-        #[arg(long)]
-        svg: PathBuf,
-    },
+    Latency(LatencyArgs),
     Burst {
         #[arg(long)]
         addr: SocketAddr,
@@ -209,18 +213,18 @@ fn svg(samples: &[Sample], window: (u64, u64), duration_us: u64) -> String {
     out
 }
 
-#[allow(clippy::too_many_arguments)] // one call site, each argument a CLI flag
-async fn latency(
-    addr: SocketAddr,
-    path: String,
-    connections: usize,
-    duration: Duration,
-    reload_at: Duration,
-    reload_cmd: String,
-    settle: Duration,
-    csv: PathBuf,
-    svg_path: PathBuf,
-) {
+async fn latency(args: LatencyArgs) {
+    let LatencyArgs {
+        addr,
+        path,
+        connections,
+        duration,
+        reload_at,
+        reload_cmd,
+        settle,
+        csv,
+        svg: svg_path,
+    } = args;
     let start = Instant::now();
     let samples = Arc::new(Mutex::new(Vec::<Sample>::with_capacity(1 << 20)));
     let clients: Vec<_> = (0..connections)
@@ -341,27 +345,7 @@ fn main() {
         .build()
         .unwrap();
     match args.command {
-        Command::Latency {
-            addr,
-            path,
-            connections,
-            duration,
-            reload_at,
-            reload_cmd,
-            settle,
-            csv,
-            svg,
-        } => rt.block_on(latency(
-            addr,
-            path,
-            connections,
-            duration,
-            reload_at,
-            reload_cmd,
-            settle,
-            csv,
-            svg,
-        )),
+        Command::Latency(args) => rt.block_on(latency(args)),
         Command::Burst { addr, path, count } => rt.block_on(burst(addr, path, count)),
     }
 }
