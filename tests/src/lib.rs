@@ -250,14 +250,20 @@ impl Host {
         host
     }
 
-    /// Runs `host -c <config> <args>` and returns its output (bounded by a 60 s deadline).
-    pub async fn cli(&self, args: &[&str]) -> Output {
+    /// `host -c <config> <args>` with this host's environment, killed if dropped.
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(host_bin());
         cmd.arg("-c")
             .arg(&self.config)
             .args(args)
             .envs(self.env.iter().cloned())
             .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs `host -c <config> <args>` and returns its output (bounded by a 60 s deadline).
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = self.command(args);
         match tokio::time::timeout(Duration::from_secs(60), cmd.output()).await {
             Ok(out) => out.expect("host runs"),
             Err(_) => panic!("host {args:?} did not return within 60 s\n{}", self.log()),
@@ -314,12 +320,7 @@ impl Host {
 
     /// Starts `host -c <config> <args>` in the background.
     pub fn spawn_cli(&self, args: &[&str]) -> tokio::task::JoinHandle<Output> {
-        let mut cmd = tokio::process::Command::new(host_bin());
-        cmd.arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .envs(self.env.iter().cloned())
-            .kill_on_drop(true);
+        let mut cmd = self.command(args);
         tokio::spawn(async move { cmd.output().await.expect("host runs") })
     }
 
