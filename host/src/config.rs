@@ -27,6 +27,8 @@ pub struct Config {
     pub idle_grace: Duration,
     /// Largest request body a worker reads; larger ones get `413`.
     pub max_body_bytes: usize,
+    /// A request body must arrive within this; else `408` and the connection is closed.
+    pub body_read_timeout: Duration,
     /// Listen backlog of the one listening socket.
     pub backlog: i32,
     /// How many generations' snapshots to keep (for `host rollback`); at least 2.
@@ -80,6 +82,7 @@ struct RawConfig {
     start_timeout: Option<String>,
     idle_grace: Option<String>,
     max_body_bytes: Option<i64>,
+    body_read_timeout: Option<String>,
     backlog: Option<i64>,
     keep_snapshots: Option<i64>,
     allow_writable_plugin: Option<bool>,
@@ -237,6 +240,7 @@ impl Config {
             start_timeout: duration("start_timeout", &raw.start_timeout, "10s")?,
             idle_grace: duration("idle_grace", &raw.idle_grace, "1s")?,
             max_body_bytes,
+            body_read_timeout: duration("body_read_timeout", &raw.body_read_timeout, "30s")?,
             backlog,
             keep_snapshots,
             allow_writable_plugin: raw.allow_writable_plugin.unwrap_or(false),

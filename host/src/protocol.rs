@@ -29,6 +29,7 @@ pub struct WorkerSpec {
     pub graceful_timeout_ms: u64,
     pub idle_grace_ms: u64,
     pub max_body_bytes: usize,
+    pub body_read_timeout_ms: u64,
     pub header_read_timeout_ms: u64,
     pub max_headers: usize,
     pub max_header_bytes: usize,

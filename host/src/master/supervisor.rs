@@ -1244,6 +1244,7 @@ impl Supervisor {
             graceful_timeout_ms: self.cfg.graceful_timeout.as_millis() as u64,
             idle_grace_ms: self.cfg.idle_grace.as_millis() as u64,
             max_body_bytes: self.cfg.max_body_bytes,
+            body_read_timeout_ms: self.cfg.body_read_timeout.as_millis() as u64,
             header_read_timeout_ms: self.cfg.header_read_timeout.as_millis() as u64,
             max_headers: self.cfg.max_headers,
             max_header_bytes: self.cfg.max_header_bytes,

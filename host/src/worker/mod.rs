@@ -14,6 +14,7 @@
 //! the plugin's `on_worker_stop` runs and the worker exits. At `graceful_timeout` it exits anyway
 //! and logs what it cut.
 
+mod h2_drain;
 pub mod loader;
 
 use std::convert::Infallible;
@@ -48,6 +49,10 @@ pub const HOST_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// from then on.
 const INLINE_LIMIT: Duration = Duration::from_millis(20);
 
+/// At `graceful_timeout`, how long the `503` answers to requests still running may take to be
+/// written before the worker exits anyway (the master kills it 2 s after the timeout).
+const CUT_FLUSH: Duration = Duration::from_millis(1000);
+
 /// What every connection and request of this worker shares.
 struct Shared {
     /// Paths whose "non-blocking" handler was caught taking longer than [`INLINE_LIMIT`].
@@ -55,13 +60,18 @@ struct Shared {
     any_slow: AtomicBool,
     plugin: Arc<LoadedPlugin>,
     http: auto::Builder<TokioExecutor>,
-    draining: AtomicBool,
+    draining: Arc<AtomicBool>,
     drain_rx: watch::Receiver<bool>,
+    /// Set at `graceful_timeout`: requests still waiting for their handler answer `503`.
+    cut_rx: watch::Receiver<bool>,
+    /// Requests answered `503` because they were still running at `graceful_timeout`.
+    cut_answered: AtomicU64,
     requests: AtomicU64,
     in_flight: AtomicU64,
     connections: watch::Sender<u64>,
     idle_grace: Duration,
     max_body_bytes: usize,
+    body_read_timeout: Duration,
 }
 
 impl Shared {
@@ -223,6 +233,7 @@ async fn serve(
     };
 
     let (drain_tx, drain_rx) = watch::channel(false);
+    let (cut_tx, cut_rx) = watch::channel(false);
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
         .timer(TokioTimer::new())
@@ -242,13 +253,16 @@ async fn serve(
         any_slow: AtomicBool::new(false),
         plugin: Arc::new(plugin),
         http,
-        draining: AtomicBool::new(false),
+        draining: Arc::new(AtomicBool::new(false)),
         drain_rx,
+        cut_rx,
+        cut_answered: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         in_flight: AtomicU64::new(0),
         connections: watch::Sender::new(0),
         idle_grace: Duration::from_millis(spec.idle_grace_ms),
         max_body_bytes: spec.max_body_bytes,
+        body_read_timeout: Duration::from_millis(spec.body_read_timeout_ms),
     });
     let graceful_timeout = Duration::from_millis(spec.graceful_timeout_ms);
 
@@ -332,18 +346,26 @@ async fn serve(
             }
             _ = conns.wait_for(|n| *n == 0), if deadline.is_some() => break None,
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                break Some((shared.in_flight.load(Ordering::SeqCst), *shared.connections.borrow()));
+                break Some(shared.in_flight.load(Ordering::SeqCst));
             }
         }
     };
 
-    let (cut_requests, cut_connections) = cut.unwrap_or((0, 0));
-    if cut.is_some() {
+    let (mut cut_requests, mut cut_connections) = (0, 0);
+    if let Some(running) = cut {
+        // Requests whose handler is still running get `503` with `Retry-After` instead of a
+        // closed connection; give hyper a moment to write those answers, then cut the rest.
+        let _ = cut_tx.send(true);
+        let _ = tokio::time::timeout(CUT_FLUSH, conns.wait_for(|n| *n == 0)).await;
+        let answered = shared.cut_answered.load(Ordering::SeqCst);
+        cut_connections = *shared.connections.borrow();
+        cut_requests = running;
         tracing::warn!(
-            cut_requests,
+            running,
+            answered_503 = answered,
             cut_connections,
             timeout = %humantime::format_duration(graceful_timeout),
-            "graceful_timeout reached; cutting what is still in flight"
+            "graceful_timeout reached: answered {answered} running requests with 503, cutting {cut_connections} connections"
         );
     } else {
         // Every connection is closed and no handler runs: the state can be dropped.
@@ -417,12 +439,14 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
         let conn_state = Arc::new(Connection {
             shared: shared.clone(),
             is_h2: AtomicBool::new(false),
+            first_h2_request: tokio::sync::Notify::new(),
         });
         let service = {
             let conn_state = conn_state.clone();
             hyper::service::service_fn(move |req| handle_request(conn_state.clone(), req))
         };
-        let conn = shared.http.serve_connection(TokioIo::new(stream), service);
+        let io = h2_drain::DrainAwareIo::new(stream, shared.draining.clone());
+        let conn = shared.http.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         tokio::select! {
             res = conn.as_mut() => {
@@ -435,12 +459,15 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
         }
         // Draining. An HTTP/1 keep-alive client may be about to send its next request on this
         // connection: give it `idle_grace` to do so (its response carries `Connection: close`)
-        // before closing an idle connection under it. HTTP/2 gets GOAWAY at once, which tells
-        // the client exactly which streams were not processed.
+        // before closing an idle connection under it. A new HTTP/2 connection gets its first
+        // request served before its GOAWAY (a client does not retry a request refused on a
+        // fresh connection); one that served requests gets GOAWAY at once, and `h2_drain`
+        // makes sure the final GOAWAY covers every stream the client sent before it saw it.
         if !conn_state.is_h2.load(Ordering::Relaxed) {
             tokio::select! {
                 _ = conn.as_mut() => return,
                 _ = tokio::time::sleep(shared.idle_grace) => {}
+                _ = conn_state.first_h2_request.notified() => {}
             }
         }
         conn.as_mut().graceful_shutdown();
@@ -501,7 +528,20 @@ async fn call_plugin(shared: &Shared, req: Request<Incoming>) -> Response<Bytes>
     let body = if body.is_end_stream() {
         Bytes::new() // most GETs: nothing to read or buffer
     } else {
-        match Limited::new(body, shared.max_body_bytes).collect().await {
+        let collect = Limited::new(body, shared.max_body_bytes).collect();
+        let Ok(collected) = tokio::time::timeout(shared.body_read_timeout, collect).await else {
+            let mut resp = plain(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {}\n",
+                    humantime::format_duration(shared.body_read_timeout)
+                ),
+            );
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        };
+        match collected {
             Ok(collected) => collected.to_bytes(),
             Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -546,6 +586,7 @@ struct Connection {
     shared: Arc<Shared>,
     /// Set on its first HTTP/2 request: a drain sends GOAWAY at once instead of waiting.
     is_h2: AtomicBool,
+    first_h2_request: tokio::sync::Notify,
 }
 
 async fn handle_request(
@@ -554,14 +595,30 @@ async fn handle_request(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let shared = &conn.shared;
     let h2 = req.version() == Version::HTTP_2;
-    if h2 {
-        conn.is_h2.store(true, Ordering::Relaxed);
+    if h2 && !conn.is_h2.swap(true, Ordering::Relaxed) {
+        conn.first_h2_request.notify_one();
     }
     let _in_flight = InFlight::new(shared);
     let mut resp = if req.uri().path().starts_with("/_host/") {
         builtin(&req)
     } else {
-        call_plugin(shared, req).await
+        let mut cut = shared.cut_rx.clone();
+        tokio::select! {
+            biased;
+            resp = call_plugin(shared, req) => resp,
+            Ok(_) = cut.wait_for(|c| *c) => {
+                // `graceful_timeout` reached with this request still running: an answer the
+                // client can act on instead of a closed connection.
+                shared.cut_answered.fetch_add(1, Ordering::SeqCst);
+                let mut resp = plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the worker serving this request is shutting down; retry\n",
+                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                resp
+            }
+        }
     };
     if !h2 && shared.draining.load(Ordering::Relaxed) {
         resp.headers_mut()
