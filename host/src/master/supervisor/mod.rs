@@ -6,6 +6,12 @@
 //! its slot), `Draining` (told to drain, SIGKILLed if still alive at `graceful_timeout`), or
 //! `Killed` (waiting to be reaped). Each slot has at most one serving worker.
 //!
+//! A rollout's first step is the snapshot of the plugin file its generation runs. That file I/O
+//! runs on tokio's blocking pool, never on this loop (a FIFO, a slow disk or a 200 MB file must
+//! not stall `status`, signals or crash replacement); its result comes back as
+//! [`Event::SnapshotTaken`]. Meanwhile the supervisor is busy exactly as during the rest of the
+//! rollout, and the reported duration counts the snapshot.
+//!
 //! A rollout moves slots to a target generation one at a time, new before old: spawn a
 //! candidate for the slot, wait for its `Ready`, then tell the slot's old worker to drain. The
 //! first candidate is the canary: if it fails, nothing old was touched. If a later one fails, the
@@ -42,6 +48,7 @@ use crate::protocol::{
     WorkerStateName, WorkerToMaster,
 };
 use health::SlotHealth;
+use rollout::PendingSnapshot;
 use spawn::KILL_MARGIN;
 use status::StatusQuery;
 
@@ -63,6 +70,11 @@ pub(crate) enum Event {
     Signal(SignalAction),
     /// Dev mode: the plugin file changed (or a build succeeded) and things have settled.
     PluginChanged,
+    /// The snapshot a rollout's first step took on the blocking pool (or why it could not).
+    SnapshotTaken {
+        ticket: u64,
+        result: Result<Snapshot, String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -171,6 +183,9 @@ pub(crate) struct Supervisor {
     history: VecDeque<Arc<Generation>>,
     next_generation: u64,
     next_id: u64,
+    /// A rollout's first step, while its snapshot is taken off the event loop.
+    snapshotting: Option<PendingSnapshot>,
+    next_ticket: u64,
     rollout: Option<Rollout>,
     /// Reload and rollback requests that arrived during a rollout, in order.
     queued: VecDeque<(RolloutKind, Reply)>,
@@ -212,6 +227,8 @@ impl Supervisor {
             history: VecDeque::new(),
             next_generation: 1,
             next_id: 1,
+            snapshotting: None,
+            next_ticket: 1,
             rollout: None,
             queued: VecDeque::new(),
             stopping: None,
@@ -290,6 +307,7 @@ impl Supervisor {
                 self.request_rollout(RolloutKind::Reload, None);
             }
             Event::PluginChanged => self.request_rollout(RolloutKind::Watch, None),
+            Event::SnapshotTaken { ticket, result } => self.on_snapshot(ticket, result),
             Event::Signal(SignalAction::Stop(name)) => {
                 tracing::info!(signal = name, "stop requested by signal");
                 self.request_stop(None);

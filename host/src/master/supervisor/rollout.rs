@@ -8,13 +8,16 @@ use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::time::Instant;
 
 use super::health::SlotHealth;
 use super::{
-    Generation, Reply, Rollout, RolloutKind, Supervisor, WorkerId, WorkerState, short, unix_now,
+    Event, Generation, Reply, Rollout, RolloutKind, Supervisor, WorkerId, WorkerState, short,
+    unix_now,
 };
+use crate::config::Config;
 use crate::master::snapshot::{self, Snapshot};
 use crate::protocol::{ControlResponse, PluginInfo, ReloadReport, StartupTimings};
 
@@ -28,7 +31,7 @@ impl Supervisor {
             }
             return;
         }
-        if self.rollout.is_some() {
+        if self.rollout.is_some() || self.snapshotting.is_some() {
             tracing::info!(
                 kind = kind.name(),
                 "requested during a rollout; it will run when this one ends"
@@ -48,12 +51,14 @@ impl Supervisor {
         )
     }
 
-    /// Snapshots the plugin as a new generation and starts rolling every slot onto it.
+    /// Starts a rollout of `kind` with its first step, the snapshot its generation runs. The
+    /// snapshot is taken on the blocking pool (it reads, hashes and copies a file of up to
+    /// `max_plugin_bytes`), never on this loop; [`Self::on_snapshot`] goes on when it arrives.
+    /// Until then the supervisor is busy as during a rollout: requests queue, `stop` abandons it.
     pub(super) fn begin(&mut self, kind: RolloutKind, replies: Vec<Reply>) {
-        let number = self.next_generation;
         let mut report = ReloadReport {
             ok: false,
-            generation: number,
+            generation: self.next_generation,
             serving_generation: self.current.as_ref().map_or(0, |g| g.number),
             plugin_path: self.cfg.plugin.clone(),
             sha256: None,
@@ -64,11 +69,64 @@ impl Supervisor {
             drained_pids: Vec::new(),
             kind: kind.name().to_string(),
         };
-        let snapshot = match self.snapshot_for(kind) {
+        let source = if kind == RolloutKind::Rollback {
+            let Some(previous) = self.history.iter().rev().nth(1) else {
+                let reason =
+                    "no previous generation to roll back to (only the current one was kept)";
+                report.error = Some(reason.to_string());
+                tracing::error!(generation = report.generation, "reload refused: {reason}");
+                self.conclude(kind, report, replies, Err(reason.to_string()));
+                return;
+            };
+            tracing::info!(to_generation = previous.number, "rolling back");
+            SnapshotSource::Kept {
+                generation: previous.number,
+                snapshot: previous.snapshot.clone(),
+            }
+        } else {
+            SnapshotSource::PluginFile
+        };
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (cfg, events, abandoned) = (self.cfg.clone(), self.events.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || source.take(&cfg, &abandoned))
+                .await
+                .unwrap_or_else(|e| Err(format!("taking the snapshot failed: {e}")));
+            let _ = events.send(Event::SnapshotTaken { ticket, result });
+        });
+        self.snapshotting = Some(PendingSnapshot {
+            ticket,
+            kind,
+            replies,
+            report,
+            started: Instant::now(),
+            cancel,
+        });
+    }
+
+    /// The snapshot for the rollout [`Self::begin`] started arrived: roll every slot onto it as
+    /// a new generation, or conclude the rollout as refused.
+    pub(super) fn on_snapshot(&mut self, ticket: u64, result: Result<Snapshot, String>) {
+        let Some(pending) = self.snapshotting.take_if(|p| p.ticket == ticket) else {
+            // Abandoned (the host is stopping): its caller was answered then.
+            return;
+        };
+        let PendingSnapshot {
+            kind,
+            replies,
+            mut report,
+            started,
+            ..
+        } = pending;
+        let number = report.generation;
+        let snapshot = match result {
             Ok(s) => s,
             Err(reason) => {
                 // Nothing was rolled out: the number stays free for the next attempt.
                 report.error = Some(reason.clone());
+                report.duration_ms = started.elapsed().as_millis() as u64;
                 tracing::error!(generation = number, "reload refused: {reason}");
                 self.conclude(kind, report, replies, Err(reason));
                 return;
@@ -101,6 +159,7 @@ impl Supervisor {
             sha256 = short(&snapshot.sha256),
             bytes = snapshot.size,
             kind = kind.name(),
+            snapshot_ms = started.elapsed().as_millis() as u64,
             "rolling out a new generation"
         );
         report.sha256 = Some(snapshot.sha256.clone());
@@ -113,35 +172,11 @@ impl Supervisor {
             awaiting_ack: HashSet::new(),
             replies,
             report,
-            started: Instant::now(),
+            // The reported duration covers the snapshot too.
+            started,
             failure: None,
         });
         self.advance();
-    }
-
-    /// The snapshot a new generation of `kind` runs: a fresh one of the plugin file, or for a
-    /// rollback the one that served before the current generation.
-    pub(super) fn snapshot_for(&self, kind: RolloutKind) -> Result<Snapshot, String> {
-        if kind != RolloutKind::Rollback {
-            return snapshot::take(
-                &self.cfg.plugin,
-                &self.cfg.snapshot_dir(),
-                self.cfg.allow_writable_plugin,
-            )
-            .map_err(|e| crate::error_chain(&e));
-        }
-        let previous = self.history.iter().rev().nth(1).ok_or_else(|| {
-            "no previous generation to roll back to (only the current one was kept)".to_string()
-        })?;
-        if !previous.snapshot.path.exists() {
-            return Err(format!(
-                "the snapshot of generation {} is gone: {}",
-                previous.number,
-                previous.snapshot.path.display()
-            ));
-        }
-        tracing::info!(to_generation = previous.number, "rolling back");
-        Ok(previous.snapshot.clone())
     }
 
     /// Drops generations beyond `keep_snapshots` from the history and deletes snapshot files
@@ -359,6 +394,18 @@ impl Supervisor {
     }
 
     pub(super) fn abort_rollout(&mut self, reason: &str) {
+        if let Some(p) = self.snapshotting.take() {
+            p.cancel.store(true, Ordering::Relaxed);
+            let mut report = p.report;
+            report.error = Some(format!("interrupted: {reason}"));
+            report.duration_ms = p.started.elapsed().as_millis() as u64;
+            self.conclude(
+                p.kind,
+                report,
+                p.replies,
+                Err(format!("interrupted: {reason}")),
+            );
+        }
         if let Some(r) = self.rollout.take() {
             if let Some(id) = r.candidate {
                 self.kill_worker(id);
@@ -441,6 +488,55 @@ impl Supervisor {
             && r.awaiting_ack.remove(&id)
         {
             self.advance();
+        }
+    }
+}
+
+/// A rollout's first step, under way on the blocking pool.
+pub(super) struct PendingSnapshot {
+    /// Matches the [`Event::SnapshotTaken`] that ends it.
+    ticket: u64,
+    kind: RolloutKind,
+    replies: Vec<Reply>,
+    report: ReloadReport,
+    started: Instant,
+    /// Set when the rollout is abandoned: the copy stops at its next chunk.
+    cancel: Arc<AtomicBool>,
+}
+
+/// Where a new generation's snapshot comes from.
+enum SnapshotSource {
+    /// A fresh snapshot of the configured plugin file.
+    PluginFile,
+    /// A rollback: the snapshot an earlier generation ran, if it is still there.
+    Kept { generation: u64, snapshot: Snapshot },
+}
+
+impl SnapshotSource {
+    /// Blocks (file I/O): runs on the blocking pool.
+    fn take(self, cfg: &Config, cancel: &AtomicBool) -> Result<Snapshot, String> {
+        match self {
+            SnapshotSource::PluginFile => {
+                let limits = snapshot::Limits {
+                    allow_writable: cfg.allow_writable_plugin,
+                    max_bytes: cfg.max_plugin_bytes,
+                };
+                snapshot::take(&cfg.plugin, &cfg.snapshot_dir(), limits, cancel)
+                    .map_err(|e| crate::error_chain(&e))
+            }
+            SnapshotSource::Kept {
+                generation,
+                snapshot,
+            } => {
+                if std::fs::symlink_metadata(&snapshot.path).is_ok_and(|m| m.is_file()) {
+                    Ok(snapshot)
+                } else {
+                    Err(format!(
+                        "the snapshot of generation {generation} is gone: {}",
+                        snapshot.path.display()
+                    ))
+                }
+            }
         }
     }
 }
