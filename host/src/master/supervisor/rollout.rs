@@ -84,6 +84,12 @@ impl Supervisor {
                 snapshot: previous.snapshot.clone(),
             }
         } else {
+            tracing::info!(
+                generation = report.generation,
+                kind = kind.name(),
+                plugin = %self.cfg.plugin.display(),
+                "snapshotting the plugin file"
+            );
             SnapshotSource::PluginFile
         };
         let ticket = self.next_ticket;
