@@ -39,7 +39,12 @@ fn ready_workers(status: &serde_json::Value) -> Vec<(u64, u64)> {
         .unwrap()
         .iter()
         .filter(|w| w["state"] == "ready")
-        .map(|w| (w["pid"].as_u64().unwrap(), w["generation"].as_u64().unwrap()))
+        .map(|w| {
+            (
+                w["pid"].as_u64().unwrap(),
+                w["generation"].as_u64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -89,9 +94,15 @@ async fn a_fifo_plugin_is_refused_at_once_and_the_master_stays_responsive() {
     // SIGTERM stops it.
     let pids = host.worker_pids(None).await;
     kill(Pid::from_raw(host.master_pid as i32), Signal::SIGTERM).unwrap();
-    wait_until(Duration::from_secs(20), "the master and workers to exit", || {
-        pids.iter().chain([&host.master_pid]).all(|p| !pid_alive(*p))
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "the master and workers to exit",
+        || {
+            pids.iter()
+                .chain([&host.master_pid])
+                .all(|p| !pid_alive(*p))
+        },
+    )
     .await;
 
     // `start -d` with the FIFO as its plugin refuses with the reason instead of hanging.
@@ -185,8 +196,7 @@ async fn a_large_plugin_is_snapshotted_off_the_event_loop() {
         "the reported duration ({duration_ms} ms) covers the snapshot ({snapshot_ms} ms)"
     );
     assert!(
-        duration_ms as u128 <= wall.as_millis()
-            && wall.as_millis() - (duration_ms as u128) < 1500,
+        duration_ms as u128 <= wall.as_millis() && wall.as_millis() - (duration_ms as u128) < 1500,
         "the reported duration ({duration_ms} ms) is the reload's wall time ({wall:?}) less the CLI's own start"
     );
     assert!(host.body("/").await.starts_with("v2 from"));
@@ -196,9 +206,11 @@ async fn a_large_plugin_is_snapshotted_off_the_event_loop() {
     let started = snapshotting(&host);
     let pids = host.worker_pids(None).await;
     let reload = host.spawn_cli(&["reload"]);
-    wait_until(Duration::from_secs(10), "the second snapshot to begin", || {
-        snapshotting(&host) > started
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the second snapshot to begin",
+        || snapshotting(&host) > started,
+    )
     .await;
     let out = host.cli(&["stop"]).await;
     assert!(out.status.success(), "{}", host.explain(&out));
