@@ -529,6 +529,25 @@ mod tests {
             "{err}"
         );
         assert!(!dir.join("snap").exists(), "nothing was written");
+        // A file that grows past the limit after its size was checked: /proc files say 0 bytes.
+        let limits = Limits {
+            max_bytes: 16,
+            ..limits
+        };
+        let err = take(
+            Path::new("/proc/self/maps"),
+            &dir.join("snap"),
+            limits,
+            &AtomicBool::new(false),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("is larger than max_plugin_bytes (16 bytes)"),
+            "{err}"
+        );
+        assert!(!dir.join("snap").exists(), "nothing was written");
+
         let limits = Limits {
             max_bytes: 512 * MIB,
             ..limits

@@ -21,7 +21,6 @@
 //!
 //! This module spawns and signals processes and answers requests; it does not own sockets other
 //! than the listener it hands to workers, and it never loads plugin code.
-
 //!
 //! The transitions live by concern, each an `impl Supervisor` block: [`rollout`] (reloads,
 //! rollbacks, the queue), [`health`] (crashes, backoff, replacements), [`spawn`] (starting and
