@@ -36,6 +36,8 @@ pub struct Config {
     /// Load a plugin file (or one in a directory) that other users can write. Off by default:
     /// whoever can write the file chooses the native code this host runs.
     pub allow_writable_plugin: bool,
+    /// Largest plugin file a reload snapshots.
+    pub max_plugin_bytes: u64,
     /// A client must send a request's headers within this time (slowloris guard).
     pub header_read_timeout: Duration,
     /// Most header fields in one request; more get `431`.
@@ -86,6 +88,7 @@ struct RawConfig {
     backlog: Option<i64>,
     keep_snapshots: Option<i64>,
     allow_writable_plugin: Option<bool>,
+    max_plugin_bytes: Option<ByteSize>,
     header_read_timeout: Option<String>,
     max_headers: Option<i64>,
     max_header_bytes: Option<i64>,
@@ -93,6 +96,46 @@ struct RawConfig {
     watch_debounce: Option<String>,
     build: Option<String>,
     watch_paths: Option<Vec<String>>,
+}
+
+/// A size: a number of bytes, or a string like `"512MiB"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ByteSize {
+    Bytes(i64),
+    Text(String),
+}
+
+impl ByteSize {
+    fn bytes(&self) -> Result<u64, String> {
+        let text = match self {
+            ByteSize::Bytes(n) => {
+                return u64::try_from(*n).map_err(|_| format!("{n} must not be negative"));
+            }
+            ByteSize::Text(t) => t.trim(),
+        };
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let unit_bytes: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => 0,
+        };
+        digits
+            .parse::<u64>()
+            .ok()
+            .filter(|_| unit_bytes > 0)
+            .and_then(|n| n.checked_mul(unit_bytes))
+            .ok_or_else(|| {
+                format!(
+                    "{text:?} is not a size like 536870912 or \"512MiB\" (units: B, KiB, MiB, GiB)"
+                )
+            })
+    }
 }
 
 pub const DEFAULT_FILE: &str = "host.toml";
@@ -194,6 +237,17 @@ impl Config {
                 ));
             }
         };
+        let max_plugin_bytes = match raw.max_plugin_bytes.as_ref().map(ByteSize::bytes) {
+            None => 512 << 20,
+            Some(Ok(0)) => {
+                return Err(invalid(
+                    "max_plugin_bytes",
+                    "must be greater than zero".into(),
+                ));
+            }
+            Some(Ok(n)) => n,
+            Some(Err(message)) => return Err(invalid("max_plugin_bytes", message)),
+        };
         let max_headers = match raw.max_headers {
             None => 100,
             Some(n) if (1..=10_000).contains(&n) => n as usize,
@@ -244,6 +298,7 @@ impl Config {
             backlog,
             keep_snapshots,
             allow_writable_plugin: raw.allow_writable_plugin.unwrap_or(false),
+            max_plugin_bytes,
             header_read_timeout: duration("header_read_timeout", &raw.header_read_timeout, "10s")?,
             max_headers,
             max_header_bytes,
@@ -353,6 +408,28 @@ mod tests {
                 "{text:?} gave {err}"
             );
             assert!(!err.contains('\n'), "multi-line error: {err}");
+        }
+    }
+
+    #[test]
+    fn max_plugin_bytes_takes_a_number_or_a_size_with_a_unit() {
+        assert_eq!(parse("").unwrap().max_plugin_bytes, 512 << 20);
+        for (text, bytes) in [
+            ("1048576", 1 << 20),
+            ("\"1MiB\"", 1 << 20),
+            ("\"512 MiB\"", 512 << 20),
+            ("\"2GiB\"", 2 << 30),
+            ("\"64KiB\"", 64 << 10),
+            ("\"100B\"", 100),
+        ] {
+            let c = parse(&format!("max_plugin_bytes = {text}\n")).unwrap();
+            assert_eq!(c.max_plugin_bytes, bytes, "{text}");
+        }
+        for text in ["0", "-1", "\"lots\"", "\"5MB\"", "\"MiB\""] {
+            let err = parse(&format!("max_plugin_bytes = {text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(":1: max_plugin_bytes:"), "{text}: {err}");
         }
     }
 

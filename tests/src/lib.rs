@@ -672,3 +672,29 @@ impl Load {
             .unwrap()
     }
 }
+
+impl Host {
+    /// `status` asked over the control socket directly, without starting a CLI process: how
+    /// long the master took to answer, and the report (as `status --json` prints it).
+    pub async fn raw_status(&self) -> (Duration, Value) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = self.dir.path().join("state/host.sock");
+        let began = Instant::now();
+        let mut stream = tokio::net::UnixStream::connect(&socket)
+            .await
+            .unwrap_or_else(|e| panic!("connect {}: {e}\n{}", socket.display(), self.log()));
+        let request = br#""Status""#;
+        stream
+            .write_all(&(request.len() as u32).to_le_bytes())
+            .await
+            .unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut len = [0u8; 4];
+        stream.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        stream.read_exact(&mut body).await.unwrap();
+        let took = began.elapsed();
+        let answer: Value = serde_json::from_slice(&body).expect("the master answers JSON");
+        (took, answer["Status"].clone())
+    }
+}

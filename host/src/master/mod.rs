@@ -106,7 +106,7 @@ pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), Maste
         .enable_all()
         .build()
         .map_err(MasterError::Runtime)?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         ensure_state_dir(&cfg)?;
         let pidfile = PidFile::acquire(&cfg.pid_file())?;
         let result = async {
@@ -168,5 +168,8 @@ pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), Maste
             Err(e) => tracing::error!("master failed: {}", crate::error_chain(e)),
         }
         result
-    })
+    });
+    // A snapshot abandoned at stop ends at its next chunk; do not wait long for it.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }

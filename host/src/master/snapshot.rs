@@ -1,15 +1,26 @@
 //! Content-addressed snapshots of the plugin file, one per generation.
 //!
-//! At each reload the master reads the configured plugin file once, hashes it (sha256) and
-//! writes it, read-only, to `state_dir/plugins/<sha256>.so` (via a temporary file and a rename,
-//! so a snapshot is never seen half-written). Every worker of the generation loads that path. A
-//! file being rewritten mid-rollout, or `cp` over the original, can therefore never crash a
-//! running worker or split a generation, and `dlopen` never returns a stale cached handle
-//! (a new build is a new path). This module reads and writes files; it never loads them.
+//! At each reload the master reads the configured plugin file, hashes it (sha256) and writes it,
+//! read-only, to `state_dir/plugins/<sha256>.so` (via a temporary file and a rename, so a
+//! snapshot is never seen half-written). Every worker of the generation loads that path. A file
+//! being rewritten mid-rollout, or `cp` over the original, can therefore never crash a running
+//! worker or split a generation, and `dlopen` never returns a stale cached handle (a new build is
+//! a new path).
+//!
+//! [`take`] blocks (it reads, hashes and copies up to `max_plugin_bytes`): the master runs it on
+//! tokio's blocking pool, never on its event loop. Only regular files are read: a FIFO, device or
+//! socket is refused from its metadata before it is opened, and again from `fstat` on the opened
+//! descriptor (opened `O_NONBLOCK`, so opening a FIFO cannot hang either).
+//!
+//! Bytes whose snapshot already exists are not written again: the file is hashed in a first pass
+//! that writes nothing, and copied (and hashed again: what is written is what is named) only when
+//! `<sha256>.so` is missing. Reloading bytes already snapshotted therefore needs no disk space.
+//! This module reads and writes files; it never loads them.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 
@@ -22,10 +33,23 @@ pub struct Snapshot {
     pub size: u64,
 }
 
+/// What [`take`] accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Accept a file others can write (config `allow_writable_plugin`).
+    pub allow_writable: bool,
+    /// Largest plugin file snapshotted (config `max_plugin_bytes`).
+    pub max_bytes: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("plugin file {path} does not exist")]
     Missing { path: PathBuf },
+    #[error("plugin file {path} is {what}, not a regular file")]
+    NotRegular { path: PathBuf, what: &'static str },
+    #[error("plugin file {path} is larger than max_plugin_bytes ({max} bytes)")]
+    TooLarge { path: PathBuf, max: u64 },
     #[error("cannot read plugin file {path}")]
     Read {
         path: PathBuf,
@@ -47,12 +71,20 @@ pub enum SnapshotError {
     },
     #[error("plugin file {path} is not a loadable shared library: {reason}")]
     BadElf { path: PathBuf, reason: String },
+    #[error("cannot create snapshot directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write snapshot {path}")]
     Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error("snapshot of plugin file {path} abandoned")]
+    Cancelled { path: PathBuf },
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -148,54 +180,178 @@ fn check_elf(source: &Path, copy: &Path, size: u64) -> Result<(), SnapshotError>
     Ok(())
 }
 
-/// Copies `source` to `tmp` through a small buffer, hashing as it goes. Returns the sha256, the
-/// size and the first bytes. (Reading a whole multi-MiB plugin into memory would leave the
-/// master's heap that much larger for good: glibc keeps it after the free.)
-fn copy_and_hash(
-    source: &mut std::fs::File,
-    tmp: &Path,
-) -> std::io::Result<(String, u64, Vec<u8>)> {
-    use std::io::Read;
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(tmp)?;
+/// What a file type is, in words, for anything but a regular file.
+fn non_regular(t: std::fs::FileType) -> Option<&'static str> {
+    if t.is_file() {
+        None
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else if t.is_dir() {
+        Some("a directory")
+    } else {
+        Some("not a regular file")
+    }
+}
+
+/// Opens `source` for reading if, and only if, it is a regular file of at most `max` bytes.
+/// Checked before the open (a FIFO is never opened) and on the opened descriptor (the path may
+/// have been swapped in between); `O_NONBLOCK` keeps even that open from waiting for a writer.
+fn open_regular(source: &Path, max: u64) -> Result<std::fs::File, SnapshotError> {
+    let path = || source.to_path_buf();
+    let read_err = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => SnapshotError::Missing { path: path() },
+        _ => SnapshotError::Read {
+            path: path(),
+            source: e,
+        },
+    };
+    let check = |meta: std::fs::Metadata| {
+        if let Some(what) = non_regular(meta.file_type()) {
+            return Err(SnapshotError::NotRegular { path: path(), what });
+        }
+        if meta.len() > max {
+            return Err(SnapshotError::TooLarge { path: path(), max });
+        }
+        Ok(())
+    };
+    check(std::fs::metadata(source).map_err(read_err)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(source)
+        .map_err(read_err)?;
+    check(file.metadata().map_err(read_err)?)?;
+    Ok(file)
+}
+
+/// One pass over the file: its sha256, size and first bytes.
+struct Scan {
+    sha256: String,
+    size: u64,
+    head: Vec<u8>,
+}
+
+/// Why a pass stopped: the source (read, too large, cancelled) or the copy (write).
+enum PassError {
+    Source(SnapshotError),
+    Write(std::io::Error),
+}
+
+/// Reads `file` from the start through a small buffer, hashing as it goes and writing every
+/// chunk to `out` if given. Stops past `max` bytes and when `cancel` is set. (Reading a whole
+/// multi-MiB plugin into memory would leave the master's heap that much larger for good: glibc
+/// keeps it after the free.)
+fn pass(
+    source: &Path,
+    file: &mut std::fs::File,
+    mut out: Option<&mut std::fs::File>,
+    max: u64,
+    cancel: &AtomicBool,
+) -> Result<Scan, PassError> {
+    let read_err = |e| {
+        PassError::Source(SnapshotError::Read {
+            path: source.to_path_buf(),
+            source: e,
+        })
+    };
+    file.rewind().map_err(read_err)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     let (mut size, mut head) = (0u64, Vec::new());
     loop {
-        let n = source.read(&mut buf)?;
-        if n == 0 {
-            break;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(PassError::Source(SnapshotError::Cancelled {
+                path: source.to_path_buf(),
+            }));
+        }
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_err(e)),
+        };
+        size += n as u64;
+        if size > max {
+            // The file grew past the limit after its size was checked.
+            return Err(PassError::Source(SnapshotError::TooLarge {
+                path: source.to_path_buf(),
+                max,
+            }));
         }
         if head.len() < 16 {
             head.extend_from_slice(&buf[..n.min(16 - head.len())]);
         }
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        size += n as u64;
+        if let Some(out) = out.as_deref_mut() {
+            out.write_all(&buf[..n]).map_err(PassError::Write)?;
+        }
     }
-    Ok((hex(&hasher.finalize()), size, head))
+    Ok(Scan {
+        sha256: hex(&hasher.finalize()),
+        size,
+        head,
+    })
 }
 
-/// Snapshots `source` into `dir`, reusing an existing snapshot with the same content.
-/// Unless `allow_writable`, refuses a file others can write (see [`check_permissions`]).
-pub fn take(source: &Path, dir: &Path, allow_writable: bool) -> Result<Snapshot, SnapshotError> {
-    if !allow_writable {
+/// The snapshot of these bytes, if one was already taken: snapshots are only ever created by
+/// renaming a complete, synced copy into place, so the name and the size identify the content.
+fn existing(dir: &Path, scan: &Scan) -> Option<PathBuf> {
+    let path = dir.join(format!("{}.so", scan.sha256));
+    std::fs::symlink_metadata(&path)
+        .is_ok_and(|m| m.is_file() && m.len() == scan.size)
+        .then_some(path)
+}
+
+/// Snapshots `source` into `dir`, reusing an existing snapshot with the same content without
+/// writing anything. Refuses anything but a regular file of at most `limits.max_bytes`, and
+/// unless `limits.allow_writable` a file others can write (see [`check_permissions`]). Returns
+/// [`SnapshotError::Cancelled`] soon after `cancel` is set. Blocks: call it off the event loop.
+pub fn take(
+    source: &Path,
+    dir: &Path,
+    limits: Limits,
+    cancel: &AtomicBool,
+) -> Result<Snapshot, SnapshotError> {
+    if !limits.allow_writable {
         check_permissions(source)?;
     }
-    let mut file = std::fs::File::open(source).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => SnapshotError::Missing {
-            path: source.to_path_buf(),
-        },
-        _ => SnapshotError::Read {
+    let mut file = open_regular(source, limits.max_bytes)?;
+    let source_err = |e| match e {
+        PassError::Source(e) => e,
+        // A pass without output writes nothing.
+        PassError::Write(e) => SnapshotError::Read {
             path: source.to_path_buf(),
             source: e,
         },
-    })?;
-    std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Write {
+    };
+    let scan = pass(source, &mut file, None, limits.max_bytes, cancel).map_err(source_err)?;
+    if scan.size == 0 {
+        return Err(SnapshotError::Empty {
+            path: source.to_path_buf(),
+        });
+    }
+    if !scan.head.starts_with(b"\x7fELF") {
+        let head = String::from_utf8_lossy(&scan.head).into_owned();
+        return Err(SnapshotError::NotElf {
+            path: source.to_path_buf(),
+            head,
+        });
+    }
+    if let Some(path) = existing(dir, &scan) {
+        check_elf(source, &path, scan.size)?;
+        return Ok(Snapshot {
+            path,
+            sha256: scan.sha256,
+            size: scan.size,
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(|e| SnapshotError::CreateDir {
         path: dir.to_path_buf(),
         source: e,
     })?;
@@ -203,41 +359,41 @@ pub fn take(source: &Path, dir: &Path, allow_writable: bool) -> Result<Snapshot,
     let tmp = dir.join(format!(
         ".incoming.{}.{}.tmp",
         std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        NEXT.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| {
-        let (sha256, size, head) =
-            copy_and_hash(&mut file, &tmp).map_err(|e| SnapshotError::Read {
+        // Named after the first pass; the copy is hashed again below and named by what it holds.
+        let write_err = |path: PathBuf| move |e| SnapshotError::Write { path, source: e };
+        let planned = dir.join(format!("{}.so", scan.sha256));
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(write_err(planned.clone()))?;
+        let copied = match pass(source, &mut file, Some(&mut out), limits.max_bytes, cancel) {
+            Ok(copied) => copied,
+            Err(PassError::Source(e)) => return Err(e),
+            Err(PassError::Write(e)) => return Err(write_err(planned)(e)),
+        };
+        if copied.size == 0 || !copied.head.starts_with(b"\x7fELF") {
+            return Err(SnapshotError::BadElf {
                 path: source.to_path_buf(),
-                source: e,
-            })?;
-        if size == 0 {
-            return Err(SnapshotError::Empty {
-                path: source.to_path_buf(),
+                reason: "the file changed while it was being read".into(),
             });
         }
-        if !head.starts_with(b"\x7fELF") {
-            let head = String::from_utf8_lossy(&head).into_owned();
-            return Err(SnapshotError::NotElf {
-                path: source.to_path_buf(),
-                head,
-            });
-        }
-        check_elf(source, &tmp, size)?;
-        let path = dir.join(format!("{sha256}.so"));
-        if !path.exists() {
-            let write_err = |e| SnapshotError::Write {
-                path: path.clone(),
-                source: e,
-            };
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(write_err)?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o500))
-                .map_err(write_err)?;
-            std::fs::rename(&tmp, &path).map_err(write_err)?;
-        }
-        Ok(Snapshot { path, sha256, size })
+        let path = dir.join(format!("{}.so", copied.sha256));
+        check_elf(source, &tmp, copied.size)?;
+        out.sync_all().map_err(write_err(path.clone()))?;
+        drop(out);
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o500))
+            .map_err(write_err(path.clone()))?;
+        std::fs::rename(&tmp, &path).map_err(write_err(path.clone()))?;
+        Ok(Snapshot {
+            path,
+            sha256: copied.sha256,
+            size: copied.size,
+        })
     })();
     let _ = std::fs::remove_file(&tmp); // gone already when renamed
     result
@@ -247,13 +403,23 @@ pub fn take(source: &Path, dir: &Path, allow_writable: bool) -> Result<Snapshot,
 mod tests {
     use super::*;
 
+    const MIB: u64 = 1 << 20;
+
+    fn take_(source: &Path, dir: &Path, allow_writable: bool) -> Result<Snapshot, SnapshotError> {
+        let limits = Limits {
+            allow_writable,
+            max_bytes: 512 * MIB,
+        };
+        take(source, dir, limits, &AtomicBool::new(false))
+    }
+
     #[test]
     fn refuses_missing_empty_and_non_elf_files_with_the_path() {
         let dir = std::env::temp_dir().join(format!("host-snapshot-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let missing = dir.join("missing.so");
         assert!(
-            take(&missing, &dir, false)
+            take_(&missing, &dir, false)
                 .unwrap_err()
                 .to_string()
                 .contains("missing.so does not exist")
@@ -261,7 +427,7 @@ mod tests {
         let empty = dir.join("empty.so");
         std::fs::write(&empty, b"").unwrap();
         assert!(
-            take(&empty, &dir, false)
+            take_(&empty, &dir, false)
                 .unwrap_err()
                 .to_string()
                 .contains("empty.so is empty")
@@ -269,7 +435,7 @@ mod tests {
         let truncated = dir.join("truncated.so");
         let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         std::fs::write(&truncated, &exe[..64 * 1024]).unwrap();
-        let err = take(&truncated, &dir, false).unwrap_err().to_string();
+        let err = take_(&truncated, &dir, false).unwrap_err().to_string();
         assert!(
             err.contains("truncated.so is not a loadable shared library"),
             "{err}"
@@ -277,7 +443,7 @@ mod tests {
         let text = dir.join("text.so");
         std::fs::write(&text, b"hello world").unwrap();
         assert!(
-            take(&text, &dir, false)
+            take_(&text, &dir, false)
                 .unwrap_err()
                 .to_string()
                 .contains("not an ELF")
@@ -285,13 +451,111 @@ mod tests {
 
         let good = dir.join("good.so");
         std::fs::copy(std::env::current_exe().unwrap(), &good).unwrap();
-        let a = take(&good, &dir.join("snap"), false).unwrap();
-        let b = take(&good, &dir.join("snap"), false).unwrap();
+        let a = take_(&good, &dir.join("snap"), false).unwrap();
+        let b = take_(&good, &dir.join("snap"), false).unwrap();
         assert_eq!(a.path, b.path);
         assert_eq!(a.sha256.len(), 64);
         assert_eq!(
             std::fs::read(&a.path).unwrap(),
             std::fs::read(&good).unwrap()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_existing_snapshot_is_reused_without_writing() {
+        let dir = std::env::temp_dir().join(format!("host-snapshot-reuse-{}", std::process::id()));
+        let snap = dir.join("snap");
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.so");
+        std::fs::copy(std::env::current_exe().unwrap(), &good).unwrap();
+        let first = take_(&good, &snap, false).unwrap();
+        // Age the directory: creating (and removing) even a temporary file in it would set its
+        // mtime to now.
+        let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        std::fs::File::open(&snap)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let before = inode(&first.path);
+
+        let again = take_(&good, &snap, false).unwrap();
+        assert_eq!(again.path, first.path);
+        assert_eq!(again.sha256, first.sha256);
+        assert_eq!(inode(&again.path), before, "the snapshot was not replaced");
+        assert_eq!(
+            std::fs::metadata(&snap).unwrap().modified().unwrap(),
+            old,
+            "nothing was created in the snapshot directory"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_fifos_devices_and_files_over_the_limit_before_reading() {
+        let dir = std::env::temp_dir().join(format!("host-snapshot-kind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo.so");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Would block forever in open() if it were opened for reading without O_NONBLOCK.
+        let err = take_(&fifo, &dir.join("snap"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fifo.so is a FIFO, not a regular file"),
+            "{err}"
+        );
+        let err = take_(Path::new("/dev/zero"), &dir.join("snap"), true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/dev/zero is a character device"), "{err}");
+        let err = take_(&dir, &dir.join("snap"), true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is a directory"), "{err}");
+
+        let good = dir.join("good.so");
+        std::fs::copy(std::env::current_exe().unwrap(), &good).unwrap();
+        let limits = Limits {
+            allow_writable: false,
+            max_bytes: 4096,
+        };
+        let err = take(&good, &dir.join("snap"), limits, &AtomicBool::new(false))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("good.so is larger than max_plugin_bytes (4096 bytes)"),
+            "{err}"
+        );
+        assert!(!dir.join("snap").exists(), "nothing was written");
+        // A file that grows past the limit after its size was checked: /proc files say 0 bytes.
+        let limits = Limits {
+            max_bytes: 16,
+            ..limits
+        };
+        let err = take(
+            Path::new("/proc/self/maps"),
+            &dir.join("snap"),
+            limits,
+            &AtomicBool::new(false),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("is larger than max_plugin_bytes (16 bytes)"),
+            "{err}"
+        );
+        assert!(!dir.join("snap").exists(), "nothing was written");
+
+        let limits = Limits {
+            max_bytes: 512 * MIB,
+            ..limits
+        };
+        let err = take(&good, &dir.join("snap"), limits, &AtomicBool::new(true));
+        assert!(
+            matches!(err, Err(SnapshotError::Cancelled { .. })),
+            "{err:?}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -305,7 +569,7 @@ mod tests {
         let plugin = dir.join("p.so");
         std::fs::copy(std::env::current_exe().unwrap(), &plugin).unwrap();
         std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let err = take(&plugin, &dir.join("snap"), false)
+        let err = take_(&plugin, &dir.join("snap"), false)
             .unwrap_err()
             .to_string();
         assert!(
@@ -314,11 +578,11 @@ mod tests {
                 && err.contains("allow_writable_plugin"),
             "{err}"
         );
-        assert!(take(&plugin, &dir.join("snap"), true).is_ok());
+        assert!(take_(&plugin, &dir.join("snap"), true).is_ok());
 
         std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
-        let err = take(&plugin, &dir.join("snap"), false)
+        let err = take_(&plugin, &dir.join("snap"), false)
             .unwrap_err()
             .to_string();
         assert!(
@@ -326,7 +590,7 @@ mod tests {
             "{err}"
         );
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(take(&plugin, &dir.join("snap"), false).is_ok());
+        assert!(take_(&plugin, &dir.join("snap"), false).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

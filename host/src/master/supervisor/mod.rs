@@ -1,0 +1,410 @@
+//! The master's state machine: slots, generations, workers and rollouts. Every transition is a
+//! method called from the one `match` in [`Supervisor::handle`] or from [`Supervisor::on_timer`];
+//! timeouts are deadlines the event loop sleeps until, not side threads.
+//!
+//! A worker is `Starting` (spawned, not yet ready, bounded by `start_timeout`), `Ready` (serving
+//! its slot), `Draining` (told to drain, SIGKILLed if still alive at `graceful_timeout`), or
+//! `Killed` (waiting to be reaped). Each slot has at most one serving worker.
+//!
+//! A rollout's first step is the snapshot of the plugin file its generation runs. That file I/O
+//! runs on tokio's blocking pool, never on this loop (a FIFO, a slow disk or a 200 MB file must
+//! not stall `status`, signals or crash replacement); its result comes back as
+//! [`Event::SnapshotTaken`]. Meanwhile the supervisor is busy exactly as during the rest of the
+//! rollout, and the reported duration counts the snapshot.
+//!
+//! A rollout moves slots to a target generation one at a time, new before old: spawn a
+//! candidate for the slot, wait for its `Ready`, then tell the slot's old worker to drain. The
+//! first candidate is the canary: if it fails, nothing old was touched. If a later one fails, the
+//! slots already moved are rolled back to the serving generation the same way. A rollout is done
+//! when every slot moved and every old worker acknowledged that it stopped accepting, so a
+//! connection opened after `reload` returns reaches new code.
+//!
+//! This module spawns and signals processes and answers requests; it does not own sockets other
+//! than the listener it hands to workers, and it never loads plugin code.
+//!
+//! The transitions live by concern, each an `impl Supervisor` block: [`rollout`] (reloads,
+//! rollbacks, the queue), [`health`] (crashes, backoff, replacements), [`spawn`] (starting and
+//! signalling worker processes) and [`status`] (answering `status`). This file holds the state,
+//! the one match, the run loop and the timers.
+
+mod health;
+mod rollout;
+mod spawn;
+mod status;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::snapshot::Snapshot;
+use crate::config::Config;
+use crate::protocol::{
+    ControlRequest, ControlResponse, MasterToWorker, PluginInfo, ReloadReport, StartupTimings,
+    WorkerStateName, WorkerToMaster,
+};
+use health::SlotHealth;
+use rollout::PendingSnapshot;
+use spawn::KILL_MARGIN;
+use status::StatusQuery;
+
+/// Everything the master reacts to.
+pub(crate) enum Event {
+    /// A message from a worker.
+    Worker { id: WorkerId, msg: WorkerToMaster },
+    /// A worker process was reaped.
+    Exited {
+        id: WorkerId,
+        status: std::io::Result<ExitStatus>,
+    },
+    /// A request on the control socket, with where to send the answer.
+    Control {
+        request: ControlRequest,
+        reply: oneshot::Sender<ControlResponse>,
+    },
+    /// A signal the master handles.
+    Signal(SignalAction),
+    /// Dev mode: the plugin file changed (or a build succeeded) and things have settled.
+    PluginChanged,
+    /// The snapshot a rollout's first step took on the blocking pool (or why it could not).
+    SnapshotTaken {
+        ticket: u64,
+        result: Result<Snapshot, String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum SignalAction {
+    Reload(&'static str),
+    Stop(&'static str),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct WorkerId(u64);
+
+/// One reload's worth of plugin: a number and the snapshot its workers load.
+#[derive(Debug)]
+pub(crate) struct Generation {
+    pub number: u64,
+    pub snapshot: Snapshot,
+}
+
+#[derive(Debug)]
+enum WorkerState {
+    Starting { deadline: Instant },
+    Ready,
+    Draining { kill_at: Instant },
+    Killed,
+}
+
+impl WorkerState {
+    const fn name(&self) -> Option<WorkerStateName> {
+        match self {
+            WorkerState::Starting { .. } => Some(WorkerStateName::Starting),
+            WorkerState::Ready => Some(WorkerStateName::Ready),
+            WorkerState::Draining { .. } => Some(WorkerStateName::Draining),
+            WorkerState::Killed => None,
+        }
+    }
+}
+
+struct Worker {
+    slot: u32,
+    generation: Arc<Generation>,
+    pid: u32,
+    state: WorkerState,
+    tx: mpsc::UnboundedSender<MasterToWorker>,
+    /// Asks the task that owns the `Child` to SIGKILL it. That task also reaps it, so a kill can
+    /// never reach a recycled pid.
+    kill: mpsc::UnboundedSender<()>,
+    plugin: Option<PluginInfo>,
+    requests: u64,
+    in_flight: u64,
+    ready_at: Option<Instant>,
+    start_error: Option<String>,
+    startup: Option<StartupTimings>,
+}
+
+type Reply = Option<oneshot::Sender<ControlResponse>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RolloutKind {
+    /// The first generation, at `host start`.
+    Start,
+    Reload,
+    /// `host rollback`: the generation that served before the current one, again.
+    Rollback,
+    /// Moving slots back after a reload failed past its canary.
+    Revert,
+    /// Dev mode: the watched plugin file changed.
+    Watch,
+}
+
+impl RolloutKind {
+    const fn name(self) -> &'static str {
+        match self {
+            RolloutKind::Start => "start",
+            RolloutKind::Reload => "reload",
+            RolloutKind::Rollback => "rollback",
+            RolloutKind::Revert => "revert",
+            RolloutKind::Watch => "watch",
+        }
+    }
+}
+
+struct Rollout {
+    kind: RolloutKind,
+    target: Arc<Generation>,
+    pending: VecDeque<u32>,
+    done: Vec<u32>,
+    candidate: Option<WorkerId>,
+    awaiting_ack: HashSet<WorkerId>,
+    replies: Vec<Reply>,
+    report: ReloadReport,
+    started: Instant,
+    /// For a revert: why the reload failed.
+    failure: Option<String>,
+}
+
+/// The master's state. See the module doc.
+pub(crate) struct Supervisor {
+    cfg: Arc<Config>,
+    listener: std::net::TcpListener,
+    events: mpsc::UnboundedSender<Event>,
+    workers: BTreeMap<WorkerId, Worker>,
+    serving: Vec<Option<WorkerId>>,
+    health: Vec<SlotHealth>,
+    current: Option<Arc<Generation>>,
+    /// Generations that went live, oldest first (the last is `current`); bounded by `keep_snapshots`.
+    history: VecDeque<Arc<Generation>>,
+    next_generation: u64,
+    next_id: u64,
+    /// A rollout's first step, while its snapshot is taken off the event loop.
+    snapshotting: Option<PendingSnapshot>,
+    next_ticket: u64,
+    rollout: Option<Rollout>,
+    /// Reload and rollback requests that arrived during a rollout, in order.
+    queued: VecDeque<(RolloutKind, Reply)>,
+    stopping: Option<Vec<Reply>>,
+    fatal: Option<String>,
+    last_reload: Option<ReloadReport>,
+    /// Content of the last build a reload refused: dev mode does not retry identical bytes.
+    last_refused_sha: Option<String>,
+    queries: Vec<StatusQuery>,
+    start_notify: Option<std::fs::File>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}
+
+impl Supervisor {
+    pub(crate) fn new(
+        cfg: Arc<Config>,
+        listener: std::net::TcpListener,
+        events: mpsc::UnboundedSender<Event>,
+        start_notify: Option<std::fs::File>,
+    ) -> Supervisor {
+        let slots = cfg.workers;
+        Supervisor {
+            cfg,
+            listener,
+            events,
+            workers: BTreeMap::new(),
+            serving: vec![None; slots],
+            health: (0..slots).map(|_| SlotHealth::default()).collect(),
+            current: None,
+            history: VecDeque::new(),
+            next_generation: 1,
+            next_id: 1,
+            snapshotting: None,
+            next_ticket: 1,
+            rollout: None,
+            queued: VecDeque::new(),
+            stopping: None,
+            fatal: None,
+            last_reload: None,
+            last_refused_sha: None,
+            queries: Vec::new(),
+            start_notify,
+        }
+    }
+
+    /// Runs until the master is stopped (`Ok`) or cannot start (`Err` with the reason).
+    pub(crate) async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) -> Result<(), String> {
+        self.begin(RolloutKind::Start, Vec::new());
+        loop {
+            if let Some(outcome) = self.finished() {
+                return outcome;
+            }
+            let next = self.next_deadline();
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.handle(ev),
+                    None => return Err("the event channel closed".into()),
+                },
+                _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                    self.on_timer(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Every event goes through this one match.
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Worker { id, msg } => match msg {
+                WorkerToMaster::Ready { plugin, startup } => self.on_ready(id, plugin, startup),
+                WorkerToMaster::StartFailed { reason } => self.on_start_failed(id, reason),
+                WorkerToMaster::Draining => self.on_drain_ack(id),
+                WorkerToMaster::Stats {
+                    requests,
+                    in_flight,
+                    ..
+                } => self.on_stats(id, requests, in_flight),
+                WorkerToMaster::Exiting {
+                    cut_requests,
+                    cut_connections,
+                } => {
+                    if let Some(w) = self.workers.get(&id)
+                        && (cut_requests > 0 || cut_connections > 0)
+                    {
+                        tracing::warn!(
+                            pid = w.pid,
+                            slot = w.slot,
+                            generation = w.generation.number,
+                            cut_requests,
+                            cut_connections,
+                            "worker cut work at graceful_timeout"
+                        );
+                    }
+                }
+            },
+            Event::Exited { id, status } => self.on_exit(id, status),
+            Event::Control { request, reply } => match request {
+                ControlRequest::Reload => self.request_rollout(RolloutKind::Reload, Some(reply)),
+                ControlRequest::Rollback => {
+                    self.request_rollout(RolloutKind::Rollback, Some(reply))
+                }
+                ControlRequest::Stop => self.request_stop(Some(reply)),
+                ControlRequest::Status => self.request_status(reply),
+            },
+            Event::Signal(SignalAction::Reload(name)) => {
+                tracing::info!(signal = name, "reload requested by signal");
+                self.request_rollout(RolloutKind::Reload, None);
+            }
+            Event::PluginChanged => self.request_rollout(RolloutKind::Watch, None),
+            Event::SnapshotTaken { ticket, result } => self.on_snapshot(ticket, result),
+            Event::Signal(SignalAction::Stop(name)) => {
+                tracing::info!(signal = name, "stop requested by signal");
+                self.request_stop(None);
+            }
+        }
+    }
+
+    fn request_stop(&mut self, reply: Reply) {
+        if let Some(replies) = &mut self.stopping {
+            let by_signal = reply.is_none();
+            replies.push(reply);
+            if by_signal {
+                tracing::warn!("second stop signal: killing every worker now");
+                for w in self.workers.values_mut() {
+                    if !matches!(w.state, WorkerState::Killed) {
+                        let _ = w.kill.send(());
+                        w.state = WorkerState::Killed;
+                    }
+                }
+            }
+            return;
+        }
+        tracing::info!(
+            workers = self.workers.len(),
+            "stopping: draining every worker"
+        );
+        self.stopping = Some(vec![reply]);
+        self.abort_rollout("host is stopping");
+        for h in &mut self.health {
+            h.respawn_at = None;
+        }
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            self.retire(id);
+        }
+    }
+
+    fn on_timer(&mut self, now: Instant) {
+        let expired: Vec<(WorkerId, bool)> = self
+            .workers
+            .iter()
+            .filter_map(|(id, w)| match w.state {
+                WorkerState::Starting { deadline } if deadline <= now => Some((*id, true)),
+                WorkerState::Draining { kill_at } if kill_at <= now => Some((*id, false)),
+                _ => None,
+            })
+            .collect();
+        for (id, starting) in expired {
+            if starting {
+                let t = humantime::format_duration(self.cfg.start_timeout);
+                self.start_failed(
+                    id,
+                    format!("did not become ready within start_timeout ({t})"),
+                );
+            } else if let Some(w) = self.workers.get(&id) {
+                tracing::warn!(
+                    pid = w.pid,
+                    slot = w.slot,
+                    generation = w.generation.number,
+                    "worker still running {} after graceful_timeout; killing it",
+                    humantime::format_duration(KILL_MARGIN)
+                );
+                self.kill_worker(id);
+            }
+        }
+        self.respawn_due(now);
+        self.answer_overdue_queries(now);
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.values().filter_map(|w| match w.state {
+            WorkerState::Starting { deadline } => Some(deadline),
+            WorkerState::Draining { kill_at } => Some(kill_at),
+            _ => None,
+        });
+        let respawns = self.health.iter().filter_map(|h| h.respawn_at);
+        let queries = self.queries.iter().map(|q| q.deadline);
+        workers.chain(respawns).chain(queries).min()
+    }
+
+    fn finished(&mut self) -> Option<Result<(), String>> {
+        if self.stopping.is_none() || !self.workers.is_empty() {
+            return None;
+        }
+        for reply in self.stopping.take().into_iter().flatten().flatten() {
+            let _ = reply.send(ControlResponse::Stopped {
+                master_pid: std::process::id(),
+            });
+        }
+        Some(match self.fatal.take() {
+            Some(reason) => Err(reason),
+            None => Ok(()),
+        })
+    }
+}
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}

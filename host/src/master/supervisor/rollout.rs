@@ -1,0 +1,548 @@
+//! Rollouts: reload, rollback, revert and the first start. Snapshots the plugin for a new
+//! generation, moves slots onto it one at a time (candidate ready, then the old worker drains),
+//! fails or reverts it, queues requests that arrive meanwhile, answers every caller, and prunes
+//! snapshots no kept generation uses. It never spawns or signals a process itself (that is
+//! [`spawn`](super::spawn)) and never decides on crash backoff (that is [`health`](super::health)).
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::time::Instant;
+
+use super::health::SlotHealth;
+use super::{
+    Event, Generation, Reply, Rollout, RolloutKind, Supervisor, WorkerId, WorkerState, short,
+    unix_now,
+};
+use crate::config::Config;
+use crate::master::snapshot::{self, Snapshot};
+use crate::protocol::{ControlResponse, PluginInfo, ReloadReport, StartupTimings};
+
+impl Supervisor {
+    pub(super) fn request_rollout(&mut self, kind: RolloutKind, reply: Reply) {
+        if self.stopping.is_some() {
+            if let Some(reply) = reply {
+                let _ = reply.send(ControlResponse::Refused {
+                    reason: "host is stopping".into(),
+                });
+            }
+            return;
+        }
+        if self.rollout.is_some() || self.snapshotting.is_some() {
+            tracing::info!(
+                kind = kind.name(),
+                "requested during a rollout; it will run when this one ends"
+            );
+            self.queued.push_back((kind, reply));
+            return;
+        }
+        self.begin(kind, vec![reply]);
+    }
+
+    /// Names a generation's plugin the way an operator knows it: the configured file, and which build.
+    pub(super) fn plugin_label(&self, generation: &Generation) -> String {
+        format!(
+            "{} (sha256 {})",
+            self.cfg.plugin.display(),
+            short(&generation.snapshot.sha256)
+        )
+    }
+
+    /// Starts a rollout of `kind` with its first step, the snapshot its generation runs. The
+    /// snapshot is taken on the blocking pool (it reads, hashes and copies a file of up to
+    /// `max_plugin_bytes`), never on this loop; [`Self::on_snapshot`] goes on when it arrives.
+    /// Until then the supervisor is busy as during a rollout: requests queue, `stop` abandons it.
+    pub(super) fn begin(&mut self, kind: RolloutKind, replies: Vec<Reply>) {
+        let mut report = ReloadReport {
+            ok: false,
+            generation: self.next_generation,
+            serving_generation: self.current.as_ref().map_or(0, |g| g.number),
+            plugin_path: self.cfg.plugin.clone(),
+            sha256: None,
+            error: None,
+            started_at: unix_now(),
+            duration_ms: 0,
+            started_pids: Vec::new(),
+            drained_pids: Vec::new(),
+            kind: kind.name().to_string(),
+        };
+        let source = if kind == RolloutKind::Rollback {
+            let Some(previous) = self.history.iter().rev().nth(1) else {
+                let reason =
+                    "no previous generation to roll back to (only the current one was kept)";
+                report.error = Some(reason.to_string());
+                tracing::error!(generation = report.generation, "reload refused: {reason}");
+                self.conclude(kind, report, replies, Err(reason.to_string()));
+                return;
+            };
+            tracing::info!(to_generation = previous.number, "rolling back");
+            SnapshotSource::Kept {
+                generation: previous.number,
+                snapshot: previous.snapshot.clone(),
+            }
+        } else {
+            tracing::info!(
+                generation = report.generation,
+                kind = kind.name(),
+                plugin = %self.cfg.plugin.display(),
+                "snapshotting the plugin file"
+            );
+            SnapshotSource::PluginFile
+        };
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (cfg, events, abandoned) = (self.cfg.clone(), self.events.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || source.take(&cfg, &abandoned))
+                .await
+                .unwrap_or_else(|e| Err(format!("taking the snapshot failed: {e}")));
+            let _ = events.send(Event::SnapshotTaken { ticket, result });
+        });
+        self.snapshotting = Some(PendingSnapshot {
+            ticket,
+            kind,
+            replies,
+            report,
+            started: Instant::now(),
+            cancel,
+        });
+    }
+
+    /// The snapshot for the rollout [`Self::begin`] started arrived: roll every slot onto it as
+    /// a new generation, or conclude the rollout as refused.
+    pub(super) fn on_snapshot(&mut self, ticket: u64, result: Result<Snapshot, String>) {
+        let Some(pending) = self.snapshotting.take_if(|p| p.ticket == ticket) else {
+            // Abandoned (the host is stopping): its caller was answered then.
+            return;
+        };
+        let PendingSnapshot {
+            kind,
+            replies,
+            mut report,
+            started,
+            ..
+        } = pending;
+        let number = report.generation;
+        let snapshot = match result {
+            Ok(s) => s,
+            Err(reason) => {
+                // Nothing was rolled out: the number stays free for the next attempt.
+                report.error = Some(reason.clone());
+                report.duration_ms = started.elapsed().as_millis() as u64;
+                tracing::error!(generation = number, "reload refused: {reason}");
+                self.conclude(kind, report, replies, Err(reason));
+                return;
+            }
+        };
+        if kind == RolloutKind::Watch {
+            // A rewrite with the serving bytes, or with the bytes just refused, changes nothing.
+            let serving = self
+                .current
+                .as_ref()
+                .is_some_and(|g| g.snapshot.sha256 == snapshot.sha256);
+            let refused = self.last_refused_sha.as_deref() == Some(snapshot.sha256.as_str());
+            if serving || refused {
+                let why = if serving {
+                    "is the one serving"
+                } else {
+                    "was refused last time"
+                };
+                tracing::info!(
+                    sha256 = short(&snapshot.sha256),
+                    "plugin file changed, but its content {why}: no reload"
+                );
+                self.start_queued();
+                return;
+            }
+        }
+        self.next_generation += 1;
+        tracing::info!(
+            generation = number,
+            sha256 = short(&snapshot.sha256),
+            bytes = snapshot.size,
+            kind = kind.name(),
+            snapshot_ms = started.elapsed().as_millis() as u64,
+            "rolling out a new generation"
+        );
+        report.sha256 = Some(snapshot.sha256.clone());
+        self.rollout = Some(Rollout {
+            kind,
+            target: Arc::new(Generation { number, snapshot }),
+            pending: (0..self.cfg.workers as u32).collect(),
+            done: Vec::new(),
+            candidate: None,
+            awaiting_ack: HashSet::new(),
+            replies,
+            report,
+            // The reported duration covers the snapshot too.
+            started,
+            failure: None,
+        });
+        self.advance();
+    }
+
+    /// Drops generations beyond `keep_snapshots` from the history and deletes snapshot files
+    /// no kept generation and no live worker uses.
+    pub(super) fn prune_snapshots(&mut self) {
+        while self.history.len() > self.cfg.keep_snapshots {
+            self.history.pop_front();
+        }
+        let mut keep: HashSet<PathBuf> = self
+            .history
+            .iter()
+            .map(|g| g.snapshot.path.clone())
+            .collect();
+        keep.extend(
+            self.workers
+                .values()
+                .map(|w| w.generation.snapshot.path.clone()),
+        );
+        if let Some(r) = &self.rollout {
+            keep.insert(r.target.snapshot.path.clone());
+        }
+        let Ok(entries) = std::fs::read_dir(self.cfg.snapshot_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_snapshot = path.extension().is_some_and(|e| e == "so")
+                && path.file_stem().is_some_and(|s| {
+                    s.len() == 64 && s.to_string_lossy().bytes().all(|b| b.is_ascii_hexdigit())
+                });
+            if is_snapshot && !keep.contains(&path) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::debug!(path = %path.display(), "pruned an old snapshot"),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot prune an old snapshot")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the next slot's candidate, or finishes the rollout when nothing is left.
+    pub(super) fn advance(&mut self) {
+        let Some(r) = &mut self.rollout else { return };
+        if r.candidate.is_some() {
+            return;
+        }
+        let Some(slot) = r.pending.pop_front() else {
+            if r.awaiting_ack.is_empty() {
+                self.finish();
+            }
+            return;
+        };
+        let target = r.target.clone();
+        match self.spawn(slot, target) {
+            Ok(id) => {
+                if let Some(r) = &mut self.rollout {
+                    r.candidate = Some(id);
+                }
+            }
+            Err(e) => self.fail_rollout(format!("cannot start a worker for slot {slot}: {e}")),
+        }
+    }
+
+    pub(super) fn finish(&mut self) {
+        let Some(r) = self.rollout.take() else { return };
+        let mut report = r.report;
+        report.duration_ms = r.started.elapsed().as_millis() as u64;
+        let outcome = match (r.kind, r.failure) {
+            (RolloutKind::Revert, Some(failure)) => {
+                tracing::warn!(
+                    generation = r.target.number,
+                    "rolled back to generation {}",
+                    r.target.number
+                );
+                report.serving_generation = r.target.number;
+                report.error = Some(failure.clone());
+                Err(failure)
+            }
+            _ => {
+                report.ok = true;
+                report.serving_generation = r.target.number;
+                tracing::info!(
+                    generation = r.target.number,
+                    sha256 = short(&r.target.snapshot.sha256),
+                    ms = report.duration_ms,
+                    "generation {} is serving",
+                    r.target.number
+                );
+                self.history.push_back(r.target.clone());
+                self.current = Some(r.target);
+                self.prune_snapshots();
+                Ok(())
+            }
+        };
+        self.conclude(r.kind, report, r.replies, outcome);
+    }
+
+    /// Answers everyone waiting on a rollout, records it, and starts a queued reload.
+    pub(super) fn conclude(
+        &mut self,
+        kind: RolloutKind,
+        report: ReloadReport,
+        replies: Vec<Reply>,
+        outcome: Result<(), String>,
+    ) {
+        if kind == RolloutKind::Start {
+            match &outcome {
+                Ok(()) => self.notify_started(&format!(
+                    "serving http://{} with {} workers (generation {}, master pid {})",
+                    self.cfg.listen,
+                    self.cfg.workers,
+                    report.generation,
+                    std::process::id()
+                )),
+                Err(reason) => {
+                    self.notify_started(&format!("error: {reason}"));
+                    if self.fatal.is_none() {
+                        self.fatal = Some(reason.clone());
+                        self.request_stop(None);
+                    }
+                }
+            }
+        } else {
+            self.last_reload = Some(report.clone());
+        }
+        if outcome.is_err() {
+            self.last_refused_sha = report.sha256.clone();
+        }
+        // One line per automatic reload (a reverted one is concluded under `Revert`).
+        if report.kind == RolloutKind::Watch.name() {
+            let sha = report.sha256.as_deref().map_or("-", short);
+            match &report.error {
+                None => tracing::info!(
+                    "auto-reload: generation {} serving, sha256 {sha}, {} ms",
+                    report.generation,
+                    report.duration_ms
+                ),
+                Some(e) => tracing::warn!(
+                    "auto-reload refused (generation {}, sha256 {sha}, {} ms): {e}",
+                    report.generation,
+                    report.duration_ms
+                ),
+            }
+        }
+        let response = if report.ok {
+            ControlResponse::Reloaded(report)
+        } else {
+            ControlResponse::ReloadFailed(report)
+        };
+        for reply in replies.into_iter().flatten() {
+            let _ = reply.send(response.clone());
+        }
+        self.start_queued();
+    }
+
+    /// Requests queued during a rollout run next; consecutive ones of a kind share one rollout.
+    pub(super) fn start_queued(&mut self) {
+        if self.stopping.is_none()
+            && let Some(&(kind, _)) = self.queued.front()
+        {
+            let mut replies = Vec::new();
+            while self.queued.front().is_some_and(|(k, _)| *k == kind) {
+                replies.extend(self.queued.pop_front().map(|(_, r)| r));
+            }
+            self.begin(kind, replies);
+        }
+    }
+
+    pub(super) fn notify_started(&mut self, line: &str) {
+        if let Some(mut f) = self.start_notify.take() {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    /// The candidate failed: kill it; revert the slots already moved, or give up.
+    pub(super) fn fail_rollout(&mut self, reason: String) {
+        let Some(mut r) = self.rollout.take() else {
+            return;
+        };
+        if let Some(id) = r.candidate.take() {
+            self.kill_worker(id);
+        }
+        tracing::error!(generation = r.target.number, kind = ?r.kind, "rollout failed: {reason}");
+        match (r.kind, self.current.clone()) {
+            (RolloutKind::Reload | RolloutKind::Rollback | RolloutKind::Watch, Some(current))
+                if !r.done.is_empty() =>
+            {
+                tracing::warn!(slots = ?r.done, "rolling the moved slots back to generation {}", current.number);
+                self.rollout = Some(Rollout {
+                    kind: RolloutKind::Revert,
+                    target: current,
+                    pending: r.done.into_iter().collect(),
+                    done: Vec::new(),
+                    candidate: None,
+                    awaiting_ack: r.awaiting_ack,
+                    replies: r.replies,
+                    report: r.report,
+                    started: r.started,
+                    failure: Some(reason),
+                });
+                self.advance();
+            }
+            (kind, _) => {
+                let reason = match r.failure {
+                    Some(original) => format!("{original}; rolling back also failed: {reason}"),
+                    None => reason,
+                };
+                let mut report = r.report;
+                report.duration_ms = r.started.elapsed().as_millis() as u64;
+                report.error = Some(reason.clone());
+                self.conclude(kind, report, r.replies, Err(reason));
+            }
+        }
+    }
+
+    pub(super) fn abort_rollout(&mut self, reason: &str) {
+        if let Some(p) = self.snapshotting.take() {
+            p.cancel.store(true, Ordering::Relaxed);
+            let mut report = p.report;
+            report.error = Some(format!("interrupted: {reason}"));
+            report.duration_ms = p.started.elapsed().as_millis() as u64;
+            self.conclude(
+                p.kind,
+                report,
+                p.replies,
+                Err(format!("interrupted: {reason}")),
+            );
+        }
+        if let Some(r) = self.rollout.take() {
+            if let Some(id) = r.candidate {
+                self.kill_worker(id);
+            }
+            let mut report = r.report;
+            report.error = Some(format!("interrupted: {reason}"));
+            report.duration_ms = r.started.elapsed().as_millis() as u64;
+            self.conclude(
+                r.kind,
+                report,
+                r.replies,
+                Err(format!("interrupted: {reason}")),
+            );
+        }
+        for (_, reply) in std::mem::take(&mut self.queued) {
+            if let Some(reply) = reply {
+                let _ = reply.send(ControlResponse::Refused {
+                    reason: reason.to_string(),
+                });
+            }
+        }
+    }
+
+    /// The generation a replacement for `slot` should run right now.
+    pub(super) fn generation_for_slot(&self, slot: u32) -> Option<Arc<Generation>> {
+        match &self.rollout {
+            Some(r) if r.done.contains(&slot) => Some(r.target.clone()),
+            _ => self.current.clone(),
+        }
+    }
+
+    pub(super) fn on_ready(&mut self, id: WorkerId, plugin: PluginInfo, startup: StartupTimings) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if !matches!(w.state, WorkerState::Starting { .. }) {
+            return;
+        }
+        w.state = WorkerState::Ready;
+        w.ready_at = Some(Instant::now());
+        tracing::info!(pid = w.pid, slot = w.slot, generation = w.generation.number, plugin = %plugin.name, version = %plugin.version, "worker ready");
+        w.plugin = Some(plugin);
+        w.startup = Some(startup);
+        let (slot, pid) = (w.slot as usize, w.pid);
+
+        let is_candidate = self
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.candidate == Some(id));
+        if is_candidate {
+            let old = self.serving[slot].replace(id);
+            // A new generation in the slot is a fresh start: forget its crash history.
+            self.health[slot] = SlotHealth::default();
+            if let Some(r) = &mut self.rollout {
+                r.candidate = None;
+                r.done.push(slot as u32);
+                r.report.started_pids.push(pid);
+            }
+            if let Some(old) = old {
+                if let Some(r) = &mut self.rollout
+                    && let Some(ow) = self.workers.get(&old)
+                {
+                    r.awaiting_ack.insert(old);
+                    r.report.drained_pids.push(ow.pid);
+                }
+                self.retire(old);
+            }
+            self.advance();
+        } else if self.serving[slot].is_none() && self.stopping.is_none() {
+            // A replacement after a crash.
+            self.serving[slot] = Some(id);
+            self.health[slot].respawn_at = None;
+        } else {
+            self.retire(id);
+        }
+    }
+
+    pub(super) fn on_drain_ack(&mut self, id: WorkerId) {
+        if let Some(r) = &mut self.rollout
+            && r.awaiting_ack.remove(&id)
+        {
+            self.advance();
+        }
+    }
+}
+
+/// A rollout's first step, under way on the blocking pool.
+pub(super) struct PendingSnapshot {
+    /// Matches the [`Event::SnapshotTaken`] that ends it.
+    ticket: u64,
+    kind: RolloutKind,
+    replies: Vec<Reply>,
+    report: ReloadReport,
+    started: Instant,
+    /// Set when the rollout is abandoned: the copy stops at its next chunk.
+    cancel: Arc<AtomicBool>,
+}
+
+/// Where a new generation's snapshot comes from.
+enum SnapshotSource {
+    /// A fresh snapshot of the configured plugin file.
+    PluginFile,
+    /// A rollback: the snapshot an earlier generation ran, if it is still there.
+    Kept { generation: u64, snapshot: Snapshot },
+}
+
+impl SnapshotSource {
+    /// Blocks (file I/O): runs on the blocking pool.
+    fn take(self, cfg: &Config, cancel: &AtomicBool) -> Result<Snapshot, String> {
+        match self {
+            SnapshotSource::PluginFile => {
+                let limits = snapshot::Limits {
+                    allow_writable: cfg.allow_writable_plugin,
+                    max_bytes: cfg.max_plugin_bytes,
+                };
+                snapshot::take(&cfg.plugin, &cfg.snapshot_dir(), limits, cancel)
+                    .map_err(|e| crate::error_chain(&e))
+            }
+            SnapshotSource::Kept {
+                generation,
+                snapshot,
+            } => {
+                if std::fs::symlink_metadata(&snapshot.path).is_ok_and(|m| m.is_file()) {
+                    Ok(snapshot)
+                } else {
+                    Err(format!(
+                        "the snapshot of generation {generation} is gone: {}",
+                        snapshot.path.display()
+                    ))
+                }
+            }
+        }
+    }
+}

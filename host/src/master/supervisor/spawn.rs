@@ -1,0 +1,199 @@
+//! Worker processes: exec this binary as a worker with the listener and a fresh channel, wire
+//! its messages and exit into [`Event`]s, tell it to drain, kill it. It never decides *when*
+//! a worker starts or leaves (the rollout and health code do) and never waits on a process:
+//! each child is owned and reaped by its own task.
+
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use command_fds::{CommandFdExt, FdMapping};
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{Event, Generation, Supervisor, Worker, WorkerId, WorkerState};
+use crate::fd;
+use crate::protocol::{MasterToWorker, Sender, WorkerSpec, WorkerToMaster};
+
+/// How long past `graceful_timeout` a draining worker may take to exit on its own before SIGKILL.
+pub(super) const KILL_MARGIN: Duration = Duration::from_secs(2);
+
+/// A wait status in words: "exited with status 1", "killed by SIGSEGV (core dumped)".
+pub(super) fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
+    match status {
+        Err(e) => format!("could not be waited for: {e}"),
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(sig)) => {
+                let name = Signal::try_from(sig)
+                    .map(Signal::as_str)
+                    .unwrap_or("unknown signal");
+                let core = if s.core_dumped() {
+                    " (core dumped)"
+                } else {
+                    ""
+                };
+                format!("killed by {name}{core}")
+            }
+            (None, None) => format!("ended with wait status {s:?}"),
+        },
+    }
+}
+
+impl Supervisor {
+    /// Tells a worker to leave: drain if it serves, kill if it never became ready.
+    pub(super) fn retire(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        match w.state {
+            WorkerState::Ready => {
+                let _ = w.tx.send(MasterToWorker::Drain);
+                w.state = WorkerState::Draining {
+                    kill_at: Instant::now() + self.cfg.graceful_timeout + KILL_MARGIN,
+                };
+                tracing::debug!(
+                    pid = w.pid,
+                    slot = w.slot,
+                    generation = w.generation.number,
+                    "told to drain"
+                );
+            }
+            WorkerState::Starting { .. } => self.kill_worker(id),
+            WorkerState::Draining { .. } | WorkerState::Killed => {}
+        }
+        if self.serving.get(self.workers[&id].slot as usize) == Some(&Some(id)) {
+            let slot = self.workers[&id].slot as usize;
+            self.serving[slot] = None;
+        }
+    }
+
+    pub(super) fn kill_worker(&mut self, id: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&id)
+            && !matches!(w.state, WorkerState::Killed)
+        {
+            let _ = w.kill.send(());
+            w.state = WorkerState::Killed;
+        }
+    }
+
+    /// Starts a worker for `slot` running `generation`: exec this binary with the listener on
+    /// fd 3 and a fresh channel on fd 4, then send it its spec.
+    pub(super) fn spawn(
+        &mut self,
+        slot: u32,
+        generation: Arc<Generation>,
+    ) -> Result<WorkerId, SpawnWorkerError> {
+        let err = |source| SpawnWorkerError { slot, source };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(err)?;
+        let listener = self.listener.try_clone().map_err(err)?;
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "host".into()))
+            .arg("__worker")
+            .args(["--slot", &slot.to_string()])
+            .args(["--generation", &generation.number.to_string()])
+            .args(["--master-pid", &std::process::id().to_string()])
+            .args([
+                "--spawned-at-ns",
+                &crate::worker::monotonic_ns().to_string(),
+            ])
+            .stdin(std::process::Stdio::null());
+        cmd.fd_mappings(vec![
+            FdMapping {
+                parent_fd: listener.into(),
+                child_fd: fd::LISTENER_FD,
+            },
+            FdMapping {
+                parent_fd: theirs.into(),
+                child_fd: fd::CHANNEL_FD,
+            },
+        ])
+        .map_err(|e| err(std::io::Error::other(e)))?;
+        let mut child = tokio::process::Command::from(cmd).spawn().map_err(err)?;
+        let pid = child.id().unwrap_or(0);
+
+        let id = WorkerId(self.next_id);
+        self.next_id += 1;
+
+        ours.set_nonblocking(true).map_err(err)?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(err)?;
+        let (rd, wr) = stream.into_split();
+        let (tx, mut orders) = mpsc::unbounded_channel::<MasterToWorker>();
+        let events = self.events.clone();
+        let (kill, mut kill_rx) = mpsc::unbounded_channel::<()>();
+        tokio::spawn(async move {
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    Some(()) = kill_rx.recv() => {
+                        let _ = child.start_kill();
+                    }
+                }
+            };
+            let _ = events.send(Event::Exited { id, status });
+        });
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let mut rx = crate::protocol::Receiver::<_, WorkerToMaster>::new(rd);
+            while let Ok(Some(msg)) = rx.recv().await {
+                if events.send(Event::Worker { id, msg }).is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut sender = Sender::<_, MasterToWorker>::new(wr);
+            while let Some(order) = orders.recv().await {
+                if sender.send(&order).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let spec = WorkerSpec {
+            slot,
+            generation: generation.number,
+            plugin: generation.snapshot.path.clone(),
+            plugin_sha256: generation.snapshot.sha256.clone(),
+            graceful_timeout_ms: self.cfg.graceful_timeout.as_millis() as u64,
+            idle_grace_ms: self.cfg.idle_grace.as_millis() as u64,
+            max_body_bytes: self.cfg.max_body_bytes,
+            body_read_timeout_ms: self.cfg.body_read_timeout.as_millis() as u64,
+            header_read_timeout_ms: self.cfg.header_read_timeout.as_millis() as u64,
+            max_headers: self.cfg.max_headers,
+            max_header_bytes: self.cfg.max_header_bytes,
+        };
+        let _ = tx.send(MasterToWorker::Start(spec));
+        tracing::debug!(pid, slot, generation = generation.number, "worker spawned");
+        self.workers.insert(
+            id,
+            Worker {
+                slot,
+                generation,
+                pid,
+                state: WorkerState::Starting {
+                    deadline: Instant::now() + self.cfg.start_timeout,
+                },
+                tx,
+                kill,
+                plugin: None,
+                requests: 0,
+                in_flight: 0,
+                ready_at: None,
+                start_error: None,
+                startup: None,
+            },
+        );
+        Ok(id)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot spawn a worker for slot {slot}")]
+pub(crate) struct SpawnWorkerError {
+    slot: u32,
+    #[source]
+    source: std::io::Error,
+}
