@@ -31,6 +31,8 @@
 //! - [`master`]: the event loop, [`master::supervisor`] (the state machine), the control socket,
 //!   the pidfile, plugin snapshots.
 //! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called.
+//! - `ratelimit`: at most one log line per cause per second, with a count, for errors that
+//!   repeat as fast as a loop spins (`accept` out of file descriptors).
 //! - `fd`: inherited file descriptors. With the loader, the only `unsafe` in the crate.
 //!
 //! This file is the binary's edge: the CLI, choosing the role, printing to the terminal, and the
@@ -43,6 +45,7 @@ mod fd;
 mod logging;
 mod master;
 mod protocol;
+mod ratelimit;
 mod worker;
 
 use std::io::Read as _;
