@@ -672,3 +672,36 @@ impl Load {
             .unwrap()
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// File descriptor limits
+
+/// Sets `pid`'s RLIMIT_NOFILE, soft and hard, to `limit` (as `prlimit --nofile=N:N` does): from
+/// now on that process cannot open an fd numbered `limit` or higher, and its children inherit it.
+pub fn set_fd_limit(pid: u32, limit: u64) {
+    let new = nix::libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: prlimit reads `new`, a valid rlimit that outlives the call, and writes nothing
+    // (the old-limit pointer is null).
+    let rc = unsafe {
+        nix::libc::prlimit(
+            pid as i32,
+            nix::libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "prlimit({pid}, RLIMIT_NOFILE, {limit}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// How many fds `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
