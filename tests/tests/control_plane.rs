@@ -8,7 +8,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tests::{
     Host, HostOptions, get, greeting_plugin, host_bin, open_fds, pid_alive, set_fd_limit,
-    wait_until,
+    set_soft_fd_limit, wait_until,
 };
 use tokio::net::{TcpStream, UnixStream};
 
@@ -377,4 +377,56 @@ async fn workers_out_of_fds_log_one_accept_line_per_second_with_a_count() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_out_of_fds_logs_accept_failures_once_a_second_and_recovers() {
+    let host = Host::start(&greeting_plugin("v1"), HostOptions::default()).await;
+    let socket = host.dir.path().join("state/host.sock");
+    // Room for two more fds: the control socket runs out almost at once.
+    let open = open_fds(host.master_pid) as u64;
+    set_soft_fd_limit(host.master_pid, open + 2);
+    let out_of_fds = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(connect_unix(&socket, deadline).await.expect("connect"));
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the master to run out of fds on the control socket",
+        || host.log().contains("control socket accept failed"),
+    )
+    .await;
+
+    // `status` still gets an answer while fds are out: the queue moves (read deadline, shedding)
+    // and the CLI tries again when the master closed its connection unread.
+    let t = Instant::now();
+    let out = host.cli(&["status", "--json", "--timeout", "20s"]).await;
+    eprintln!(
+        "status out of fds answered in {} ms",
+        t.elapsed().as_millis()
+    );
+    assert!(out.status.success(), "{}", host.explain(&out));
+
+    let log = host.log();
+    let failures = log.matches("control socket accept failed").count();
+    // One line per second at most, plus the first.
+    let window = out_of_fds.elapsed().as_secs() as usize + 2;
+    eprintln!("{failures} control accept-failure lines");
+    assert!(failures <= window, "{failures} lines:\n{log}");
+    assert!(log.contains("closed a queued control connection"), "{log}");
+
+    // With fds back, supervision goes on: a killed worker is replaced.
+    drop(silent);
+    set_soft_fd_limit(host.master_pid, 1024);
+    let pid = host.worker_pids(Some("ready")).await[0];
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    host.wait_status("a replacement worker", |s| {
+        let w = s["workers"].as_array().unwrap();
+        w.len() == 2
+            && w.iter()
+                .all(|w| w["state"] == "ready" && w["pid"].as_u64() != Some(pid as u64))
+    })
+    .await;
 }

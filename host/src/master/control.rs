@@ -307,6 +307,9 @@ fn awaited(request: &ControlRequest) -> &'static str {
 
 /// Sends one request to the master behind `socket` and waits for its answer, `timeout` at
 /// most for the whole exchange (connecting included).
+///
+/// A connection the master closed without reading the request (reset: shed while it was out of
+/// fds, or closed at its read deadline) did nothing, so it is tried again until the deadline.
 pub async fn request(
     socket: &Path,
     request: ControlRequest,
@@ -318,11 +321,48 @@ pub async fn request(
         what: what.to_string(),
         after: timeout,
     };
-    let stream = loop {
+    let mut pause = Duration::from_millis(20);
+    let mut resets = 0u32;
+    loop {
+        let stream = connect(socket, deadline, &timed_out).await?;
+        match exchange(stream, &request, deadline).await {
+            Ok(response) => return Ok(response),
+            Err(Exchange::Reset) => resets += 1,
+            Err(Exchange::TimedOut(what)) => return Err(timed_out(what)),
+            Err(Exchange::Protocol(source)) => {
+                return Err(ControlError::Protocol {
+                    socket: socket.to_path_buf(),
+                    source,
+                });
+            }
+            Err(Exchange::Closed) => {
+                return Err(ControlError::NoAnswer {
+                    socket: socket.to_path_buf(),
+                });
+            }
+        }
+        if Instant::now() + pause >= deadline {
+            return Err(timed_out(&format!(
+                "{} (the master closed the connection unread {resets} times: out of file descriptors?)",
+                awaited(&request)
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Connects before `deadline`, waiting out a full backlog.
+async fn connect(
+    socket: &Path,
+    deadline: Instant,
+    timed_out: &impl Fn(&str) -> ControlError,
+) -> Result<UnixStream, ControlError> {
+    loop {
         let attempt = tokio::time::timeout_at(deadline, UnixStream::connect(socket)).await;
         match attempt {
             Err(_) => return Err(timed_out("the master to accept the connection")),
-            Ok(Ok(stream)) => break stream,
+            Ok(Ok(stream)) => return Ok(stream),
             // A full backlog: the master is not accepting right now. Try again until the deadline.
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() + Duration::from_millis(20) >= deadline {
@@ -346,27 +386,48 @@ pub async fn request(
                 });
             }
         }
-    };
-    let what = awaited(&request);
+    }
+}
+
+/// Why one request/answer exchange did not produce an answer.
+enum Exchange {
+    /// Closed with the request unread: nothing happened, safe to try again.
+    Reset,
+    /// Closed after reading the request, without an answer.
+    Closed,
+    TimedOut(&'static str),
+    Protocol(ProtocolError),
+}
+
+fn was_reset(e: &ProtocolError) -> bool {
+    matches!(e, ProtocolError::Io(io) if matches!(
+        io.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    ))
+}
+
+async fn exchange(
+    stream: UnixStream,
+    request: &ControlRequest,
+    deadline: Instant,
+) -> Result<ControlResponse, Exchange> {
     let (rd, wr) = stream.into_split();
     let mut tx = Sender::<_, ControlRequest>::new(wr);
     let mut rx = Receiver::<_, ControlResponse>::new(rd);
-    let protocol = |source| ControlError::Protocol {
-        socket: socket.to_path_buf(),
-        source,
+    let failed = |e: ProtocolError| {
+        if was_reset(&e) {
+            Exchange::Reset
+        } else {
+            Exchange::Protocol(e)
+        }
     };
-    tokio::time::timeout_at(deadline, tx.send(&request))
+    tokio::time::timeout_at(deadline, tx.send(request))
         .await
-        .map_err(|_| timed_out("the master to read the request"))?
-        .map_err(protocol)?;
-    match tokio::time::timeout_at(deadline, rx.recv())
+        .map_err(|_| Exchange::TimedOut("the master to read the request"))?
+        .map_err(failed)?;
+    tokio::time::timeout_at(deadline, rx.recv())
         .await
-        .map_err(|_| timed_out(what))?
-        .map_err(protocol)?
-    {
-        Some(response) => Ok(response),
-        None => Err(ControlError::NoAnswer {
-            socket: socket.to_path_buf(),
-        }),
-    }
+        .map_err(|_| Exchange::TimedOut(awaited(request)))?
+        .map_err(failed)?
+        .ok_or(Exchange::Closed)
 }
