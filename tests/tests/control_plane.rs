@@ -87,6 +87,9 @@ async fn silent_control_connections_under_fd_limit_256_starve_neither_status_nor
     let socket = host.dir.path().join("state/host.sock");
 
     let silent = SilentClients::start(&socket, 300).await;
+    // The scenario, not a stand-in for a condition: hold them past the master's read deadline,
+    // so what follows runs while the master keeps closing silent connections and they come back.
+    tokio::time::sleep(READ_DEADLINE + Duration::from_secs(1)).await;
     eprintln!(
         "300 silent connections open; master holds {} fds (limit 256)",
         open_fds(host.master_pid)
@@ -131,6 +134,10 @@ async fn silent_control_connections_under_fd_limit_256_starve_neither_status_nor
 
     let reconnects = silent.finish().await;
     eprintln!("silent connections closed by the master and reopened: {reconnects}");
+    assert!(
+        reconnects > 0,
+        "the master never closed a silent connection"
+    );
     let log = host.log();
     let accept_failures = log.matches("control socket accept failed").count();
     assert!(
