@@ -4,6 +4,11 @@
 //! config file's directory. Every error is one line naming the file, the line and the key. It
 //! does not touch the filesystem beyond reading the file: whether the plugin exists is the
 //! reload's business, not the config's.
+//!
+//! Every value is bounded here, so nothing downstream can overflow: a duration is at most
+//! [`MAX_DRAIN`] (`graceful_timeout`) or [`MAX_WAIT`] (the others), which keeps `Instant + d * n`
+//! and `d.as_millis() as u64` exact for any small `n`, and every size and count has a range. The
+//! ranges are named in the error message.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -140,6 +145,16 @@ impl ByteSize {
 
 pub const DEFAULT_FILE: &str = "host.toml";
 
+/// The shortest configurable duration: workers get durations in whole milliseconds.
+pub const MIN_DURATION: Duration = Duration::from_millis(1);
+/// The longest `graceful_timeout`: a day of draining (long downloads), not more.
+pub const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
+/// The longest of the other durations (`start_timeout`, `idle_grace`, `header_read_timeout`,
+/// `watch_debounce`): an hour.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// The largest `max_body_bytes`: the whole body is held in memory.
+pub const MAX_BODY_BYTES: i64 = 1 << 30;
+
 impl Config {
     /// Reads and checks the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -168,20 +183,31 @@ impl Config {
                 base.join(p)
             }
         };
-        let duration =
-            |key: &str, value: &Option<String>, default: &str| -> Result<Duration, ConfigError> {
-                let s = value.as_deref().unwrap_or(default);
-                let d = humantime::parse_duration(s).map_err(|e| {
-                    invalid(
-                        key,
-                        format!("{s:?} is not a duration like \"250ms\" or \"30s\" ({e})"),
-                    )
-                })?;
-                if d.is_zero() {
-                    return Err(invalid(key, "must be greater than zero".into()));
-                }
-                Ok(d)
-            };
+        let duration = |key: &str,
+                        value: &Option<String>,
+                        default: &str,
+                        max: Duration|
+         -> Result<Duration, ConfigError> {
+            let s = value.as_deref().unwrap_or(default);
+            let range = format!(
+                "{}..={}",
+                humantime::format_duration(MIN_DURATION),
+                humantime::format_duration(max)
+            );
+            let d = humantime::parse_duration(s).map_err(|e| {
+                invalid(
+                    key,
+                    format!("{s:?} is not a duration like \"250ms\" or \"30s\" in {range} ({e})"),
+                )
+            })?;
+            if d.is_zero() {
+                return Err(invalid(key, format!("must be greater than zero ({range})")));
+            }
+            if !(MIN_DURATION..=max).contains(&d) {
+                return Err(invalid(key, format!("{s:?} is out of range {range}")));
+            }
+            Ok(d)
+        };
 
         let listen_str = raw.listen.as_deref().unwrap_or("127.0.0.1:8080");
         let listen = listen_str
@@ -197,7 +223,7 @@ impl Config {
 
         let workers = match raw.workers {
             None => std::thread::available_parallelism()
-                .map(|n| n.get())
+                .map(|n| n.get().min(1024))
                 .unwrap_or(1),
             Some(n) if (1..=1024).contains(&n) => n as usize,
             Some(n) => return Err(invalid("workers", format!("{n} is out of range 1..=1024"))),
@@ -214,11 +240,11 @@ impl Config {
         };
         let max_body_bytes = match raw.max_body_bytes {
             None => 1 << 20,
-            Some(n) if n >= 0 => n as usize,
+            Some(n) if (0..=MAX_BODY_BYTES).contains(&n) => n as usize,
             Some(n) => {
                 return Err(invalid(
                     "max_body_bytes",
-                    format!("{n} must not be negative"),
+                    format!("{n} is out of range 0..={MAX_BODY_BYTES}"),
                 ));
             }
         };
@@ -290,20 +316,35 @@ impl Config {
             workers,
             plugin,
             state_dir,
-            graceful_timeout: duration("graceful_timeout", &raw.graceful_timeout, "30s")?,
-            start_timeout: duration("start_timeout", &raw.start_timeout, "10s")?,
-            idle_grace: duration("idle_grace", &raw.idle_grace, "1s")?,
+            graceful_timeout: duration(
+                "graceful_timeout",
+                &raw.graceful_timeout,
+                "30s",
+                MAX_DRAIN,
+            )?,
+            start_timeout: duration("start_timeout", &raw.start_timeout, "10s", MAX_WAIT)?,
+            idle_grace: duration("idle_grace", &raw.idle_grace, "1s", MAX_WAIT)?,
             max_body_bytes,
-            body_read_timeout: duration("body_read_timeout", &raw.body_read_timeout, "30s")?,
+            body_read_timeout: duration(
+                "body_read_timeout",
+                &raw.body_read_timeout,
+                "30s",
+                MAX_WAIT,
+            )?,
             backlog,
             keep_snapshots,
             allow_writable_plugin: raw.allow_writable_plugin.unwrap_or(false),
             max_plugin_bytes,
-            header_read_timeout: duration("header_read_timeout", &raw.header_read_timeout, "10s")?,
+            header_read_timeout: duration(
+                "header_read_timeout",
+                &raw.header_read_timeout,
+                "10s",
+                MAX_WAIT,
+            )?,
             max_headers,
             max_header_bytes,
             watch: raw.watch.unwrap_or(false) || build.is_some(),
-            watch_debounce: duration("watch_debounce", &raw.watch_debounce, "300ms")?,
+            watch_debounce: duration("watch_debounce", &raw.watch_debounce, "300ms", MAX_WAIT)?,
             build,
             watch_paths,
         })
@@ -438,5 +479,231 @@ mod tests {
         let err = parse("wrokers = 2\n").unwrap_err().to_string();
         assert!(err.contains("wrokers"), "{err}");
         assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn durations_that_would_overflow_are_refused_with_the_range() {
+        for (key, max) in [
+            ("graceful_timeout", "1day"),
+            ("start_timeout", "1h"),
+            ("idle_grace", "1h"),
+            ("header_read_timeout", "1h"),
+            ("watch_debounce", "1h"),
+        ] {
+            for value in [
+                "18446744073709551615s",
+                "999999999999h",
+                "25h",
+                "1ns",
+                "999us",
+            ] {
+                let err = parse(&format!("\n{key} = \"{value}\"\n"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    err.starts_with(&format!("/srv/app/host.toml:2: {key}: "))
+                        && err.contains(&format!("1ms..={max}")),
+                    "{key} = {value}: {err}"
+                );
+                assert!(!err.contains('\n'), "{err}");
+            }
+        }
+        let c = parse("graceful_timeout = \"24h\"\nstart_timeout = \"1ms\"\n").unwrap();
+        assert_eq!(c.graceful_timeout, MAX_DRAIN);
+        assert_eq!(c.start_timeout, MIN_DURATION);
+    }
+
+    #[test]
+    fn sizes_have_ranges() {
+        for (text, key) in [
+            ("max_body_bytes = -1\n", "max_body_bytes"),
+            ("max_body_bytes = 9223372036854775807\n", "max_body_bytes"),
+            ("backlog = 0\n", "backlog"),
+            ("workers = 1025\n", "workers"),
+            ("keep_snapshots = 1\n", "keep_snapshots"),
+            ("max_headers = 100000\n", "max_headers"),
+            ("max_header_bytes = 100\n", "max_header_bytes"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!(":1: {key}: ")) && err.contains("out of range"),
+                "{text:?} gave {err}"
+            );
+        }
+    }
+
+    mod random_values {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::prop_oneof;
+
+        /// A TOML value of any type, weighted towards what breaks parsers: huge and negative
+        /// numbers, odd durations, strings of anything.
+        fn value() -> impl Strategy<Value = String> {
+            let quoted = |s: String| toml::Value::String(s).to_string();
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                prop_oneof![
+                    Just(i64::MAX),
+                    Just(i64::MIN),
+                    Just(0i64),
+                    Just(-1),
+                    Just(1)
+                ]
+                .prop_map(|n| n.to_string()),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(|f| format!("{f:?}")),
+                any::<bool>().prop_map(|b| b.to_string()),
+                (
+                    any::<u64>(),
+                    prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d", "w", "y", ""]),
+                )
+                    .prop_map(move |(n, unit)| quoted(format!("{n}{unit}"))),
+                (
+                    0u64..100_000,
+                    prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d"]),
+                )
+                    .prop_map(move |(n, unit)| quoted(format!("{n}{unit}"))),
+                prop::sample::select(vec![
+                    "18446744073709551615s",
+                    "1ns",
+                    "999999999999h",
+                    "24h",
+                    "24h 1ns",
+                    "1h",
+                    "1ms",
+                    "-1s",
+                    "1.5s",
+                    "",
+                    "0",
+                ])
+                .prop_map(move |s| quoted(s.to_string())),
+                // Strings without ':' so `listen` never asks a resolver.
+                "[^:]{0,12}".prop_map(quoted),
+                prop::collection::vec("[a-z/.]{0,6}".prop_map(quoted), 0..3)
+                    .prop_map(|v| format!("[{}]", v.join(", "))),
+            ]
+        }
+
+        const KEYS: &[&str] = &[
+            "listen",
+            "workers",
+            "plugin",
+            "state_dir",
+            "graceful_timeout",
+            "start_timeout",
+            "idle_grace",
+            "max_body_bytes",
+            "backlog",
+            "keep_snapshots",
+            "allow_writable_plugin",
+            "header_read_timeout",
+            "max_headers",
+            "max_header_bytes",
+            "watch",
+            "watch_debounce",
+            "build",
+            "watch_paths",
+        ];
+
+        /// A value of the type `key` takes, of any size; or any value at all.
+        fn value_for(key: &'static str) -> BoxedStrategy<String> {
+            let quoted = |s: String| toml::Value::String(s).to_string();
+            let typed = match key {
+                "graceful_timeout" | "start_timeout" | "idle_grace" | "header_read_timeout"
+                | "watch_debounce" => (
+                    prop_oneof![3 => 0u64..100, 1 => 0u64..100_000_000, 1 => any::<u64>()],
+                    prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d"]),
+                )
+                    .prop_map(move |(n, unit)| quoted(format!("{n}{unit}")))
+                    .boxed()
+                    .prop_union(
+                        prop::sample::select(vec![
+                            "24h", "86400s", "86400001ms", "1h", "3600s", "3600001ms", "1ms",
+                            "999us", "1000us", "1day 1ns", "59m 60s",
+                        ])
+                        .prop_map(move |s| quoted(s.to_string()))
+                        .boxed(),
+                    )
+                    .boxed(),
+                "workers" | "max_body_bytes" | "backlog" | "keep_snapshots" | "max_headers"
+                | "max_header_bytes" => {
+                    prop_oneof![3 => -2i64..2000, 1 => -2i64..70_000, 1 => any::<i64>(), 1 => 0i64..(1 << 31)]
+                        .prop_map(|n| n.to_string())
+                        .boxed()
+                }
+                "allow_writable_plugin" | "watch" => any::<bool>().prop_map(|b| b.to_string()).boxed(),
+                "listen" => prop_oneof![
+                    Just("\"127.0.0.1:0\"".to_string()),
+                    any::<u16>().prop_map(|p| format!("\"[::1]:{p}\"")),
+                ]
+                .boxed(),
+                _ => "[^:]{0,12}".prop_map(quoted).boxed(),
+            };
+            prop_oneof![2 => typed, 1 => value()].boxed()
+        }
+
+        /// A few keys set (so that some texts are accepted), or any of them.
+        fn config_text() -> impl Strategy<Value = String> {
+            let line = |(k, v): (&str, String)| format!("{k} = {v}\n");
+            let few = prop::collection::vec(
+                prop::sample::select(KEYS).prop_flat_map(|k| (Just(k), value_for(k))),
+                1..=2,
+            )
+            .prop_map(move |kvs| kvs.into_iter().map(line).collect::<String>());
+            let many = prop::collection::vec(prop::option::weighted(0.5, value()), KEYS.len())
+                .prop_map(|values| {
+                    KEYS.iter()
+                        .zip(values)
+                        .filter_map(|(k, v)| Some(format!("{k} = {}\n", v?)))
+                        .collect::<String>()
+                });
+            prop_oneof![3 => few, 1 => many]
+        }
+
+        fn bounded(key: &str, d: Duration) {
+            let now = std::time::Instant::now();
+            let four = d.checked_mul(4).expect("d * 4");
+            assert!(
+                now.checked_add(four).is_some(),
+                "{key}: Instant + {d:?} * 4"
+            );
+            assert!(u64::try_from(d.as_millis()).is_ok(), "{key}: {d:?} in ms");
+            assert!(d >= MIN_DURATION, "{key}: {d:?} rounds to 0 ms");
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+            #[test]
+            fn no_value_makes_parse_panic_and_accepted_ones_are_bounded(text in config_text()) {
+                match Config::parse(Path::new("/srv/app/host.toml"), &text) {
+                    Ok(c) => {
+                        for (key, d) in [
+                            ("graceful_timeout", c.graceful_timeout),
+                            ("start_timeout", c.start_timeout),
+                            ("idle_grace", c.idle_grace),
+                            ("header_read_timeout", c.header_read_timeout),
+                            ("watch_debounce", c.watch_debounce),
+                        ] {
+                            bounded(key, d);
+                        }
+                        // What the master and CLI derive from them.
+                        bounded("kill deadline", c.graceful_timeout + Duration::from_secs(2));
+                        let rollout = c.start_timeout.checked_mul(2 * c.workers as u32);
+                        prop_assert!(rollout.is_some_and(|r| std::time::Instant::now().checked_add(r).is_some()));
+                        prop_assert!((1..=1024).contains(&c.workers));
+                        prop_assert!(c.max_body_bytes as i64 <= MAX_BODY_BYTES);
+                        prop_assert!((1..=65535).contains(&c.backlog));
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        prop_assert!(!msg.contains('\n'), "multi-line error: {}", msg);
+                        prop_assert!(msg.starts_with("/srv/app/host.toml"), "{}", msg);
+                    }
+                }
+            }
+        }
     }
 }

@@ -31,6 +31,8 @@
 //! - [`master`]: the event loop, [`master::supervisor`] (the state machine), the control socket,
 //!   the pidfile, plugin snapshots.
 //! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called.
+//! - `ratelimit`: at most one log line per cause per second, with a count, for errors that
+//!   repeat as fast as a loop spins (`accept` out of file descriptors).
 //! - `fd`: inherited file descriptors. With the loader, the only `unsafe` in the crate.
 //!
 //! This file is the binary's edge: the CLI, choosing the role, printing to the terminal, and the
@@ -43,6 +45,7 @@ mod fd;
 mod logging;
 mod master;
 mod protocol;
+mod ratelimit;
 mod worker;
 
 use std::io::Read as _;
@@ -73,6 +76,11 @@ struct Cli {
     /// Config file; every command finds the running master through it.
     #[arg(short, long, global = true, default_value = config::DEFAULT_FILE)]
     config: PathBuf,
+    /// How long to wait for the master, e.g. "5s", "2m" [default: status 5s; reload and
+    /// rollback 2 x workers x start_timeout + 30s; stop graceful_timeout + 15s; start -d
+    /// workers x start_timeout + 30s].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
     #[command(subcommand)]
     command: Command,
 }
@@ -95,6 +103,8 @@ enum Command {
     Stop,
     /// Stop (if running), then start in the background.
     Restart,
+    /// Check the config file and exit: 0 when valid, else one line naming file, line and key.
+    Check,
     /// Show the master, its workers and the last reload.
     Status {
         /// Machine-readable output.
@@ -169,6 +179,42 @@ impl DevFlags {
     }
 }
 
+/// The longest `--timeout`, and the cap on the defaults derived from the config.
+const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d.is_zero() || d > MAX_TIMEOUT {
+        return Err(format!("{s:?} is out of range 1ns..=30days"));
+    }
+    Ok(d)
+}
+
+/// How long each command waits for the master when `--timeout` is not given. Bounded config
+/// values keep these from overflowing; they are capped at [`MAX_TIMEOUT`] anyway.
+fn default_timeout(cfg: &Config, command: &Command) -> Duration {
+    let workers = u32::try_from(cfg.workers).unwrap_or(u32::MAX);
+    let margin = Duration::from_secs(30);
+    let d = match command {
+        Command::Status { .. } => Some(Duration::from_secs(5)),
+        // A queued reload waits for the running one; a failed one rolls slots back.
+        Command::Reload | Command::Rollback => cfg
+            .start_timeout
+            .checked_mul(workers.saturating_mul(2))
+            .and_then(|d| d.checked_add(margin)),
+        // Draining workers are SIGKILLed 2 s past graceful_timeout; then the master exits.
+        Command::Stop | Command::Restart => {
+            cfg.graceful_timeout.checked_add(Duration::from_secs(15))
+        }
+        Command::Start { .. } => cfg
+            .start_timeout
+            .checked_mul(workers)
+            .and_then(|d| d.checked_add(margin)),
+        Command::Check | Command::Worker { .. } => None,
+    };
+    d.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT)
+}
+
 /// `error: source: source...` on one line.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
@@ -211,23 +257,30 @@ fn client<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut cfg = Config::load(&cli.config)?;
+    let timeout = cli
+        .timeout
+        .unwrap_or_else(|| default_timeout(&cfg, &cli.command));
     match cli.command {
+        Command::Check => {
+            println!("{}: ok", cfg.file.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Start { daemon: false, dev } => {
             dev.apply(&mut cfg)?;
             start_foreground(cfg)
         }
         Command::Start { daemon: true, dev } => {
             dev.apply(&mut cfg)?;
-            start_daemon(&cfg, &dev)
+            start_daemon(&cfg, &dev, timeout)
         }
-        Command::Reload => rollout(&cfg, ControlRequest::Reload),
-        Command::Rollback => rollout(&cfg, ControlRequest::Rollback),
+        Command::Reload => rollout(&cfg, ControlRequest::Reload, timeout),
+        Command::Rollback => rollout(&cfg, ControlRequest::Rollback, timeout),
         Command::Stop => {
-            stop(&cfg)?;
+            stop(&cfg, timeout)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Restart => {
-            match stop(&cfg) {
+            match stop(&cfg, timeout) {
                 Ok(()) => {}
                 Err(e)
                     if matches!(
@@ -236,9 +289,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ) => {}
                 Err(e) => return Err(e),
             }
-            start_daemon(&cfg, &DevFlags::default())
+            let start = Command::Start {
+                daemon: true,
+                dev: DevFlags::default(),
+            };
+            let timeout = cli.timeout.unwrap_or_else(|| default_timeout(&cfg, &start));
+            start_daemon(&cfg, &DevFlags::default(), timeout)
         }
-        Command::Status { json } => status(&cfg, json),
+        Command::Status { json } => status(&cfg, json, timeout),
         Command::Worker { .. } => unreachable!("handled in main"),
     }
 }
@@ -261,7 +319,7 @@ fn start_foreground(cfg: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn start_daemon(cfg: &Config, dev: &DevFlags) -> anyhow::Result<ExitCode> {
+fn start_daemon(cfg: &Config, dev: &DevFlags, timeout: Duration) -> anyhow::Result<ExitCode> {
     if pidfile::is_locked(&cfg.pid_file()) {
         let pid = std::fs::read_to_string(cfg.pid_file()).unwrap_or_default();
         bail!(
@@ -295,8 +353,20 @@ fn start_daemon(cfg: &Config, dev: &DevFlags) -> anyhow::Result<ExitCode> {
     }])?;
     let mut child = cmd.spawn().context("cannot start the master")?;
     drop(cmd); // closes our copy of the pipe's write end, so EOF means the master closed it
-    let mut line = String::new();
-    let _ = std::fs::File::from(read_end).read_to_string(&mut line);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::fs::File::from(read_end).read_to_string(&mut line);
+        let _ = tx.send(line);
+    });
+    let Ok(line) = rx.recv_timeout(timeout) else {
+        bail!(
+            "timed out after {} waiting for the master (pid {}) to report that it serves; it goes on starting (log: {}; --timeout sets the limit)",
+            humantime::format_duration(timeout),
+            child.id(),
+            log_path.display()
+        );
+    };
     let line = line.trim();
     if let Some(serving) = line.strip_prefix("serving ") {
         println!(
@@ -323,8 +393,16 @@ fn last_error_line(log: &Path) -> Option<String> {
         .map(|l| l.trim().to_string())
 }
 
-fn ask(cfg: &Config, request: ControlRequest) -> anyhow::Result<ControlResponse> {
-    Ok(client(control::request(&cfg.control_socket(), request))??)
+fn ask(
+    cfg: &Config,
+    request: ControlRequest,
+    timeout: Duration,
+) -> anyhow::Result<ControlResponse> {
+    Ok(client(control::request(
+        &cfg.control_socket(),
+        request,
+        timeout,
+    ))??)
 }
 
 fn print_reload(report: &ReloadReport) {
@@ -349,8 +427,8 @@ fn print_reload(report: &ReloadReport) {
     }
 }
 
-fn rollout(cfg: &Config, request: ControlRequest) -> anyhow::Result<ExitCode> {
-    match ask(cfg, request)? {
+fn rollout(cfg: &Config, request: ControlRequest, timeout: Duration) -> anyhow::Result<ExitCode> {
+    match ask(cfg, request, timeout)? {
         ControlResponse::Reloaded(report) => {
             print_reload(&report);
             Ok(ExitCode::SUCCESS)
@@ -364,12 +442,20 @@ fn rollout(cfg: &Config, request: ControlRequest) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn stop(cfg: &Config) -> anyhow::Result<()> {
-    match ask(cfg, ControlRequest::Stop)? {
+fn stop(cfg: &Config, timeout: Duration) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    match ask(cfg, ControlRequest::Stop, timeout)? {
         ControlResponse::Stopped { master_pid } => {
-            // The master answers once every worker has exited; now wait for the master itself.
-            if !pidfile::wait_exited(master_pid, Duration::from_secs(10)) {
-                bail!("master pid {master_pid} answered `stopped` but has not exited 10 s later");
+            // The master answers once every worker has exited; now wait for the master itself
+            // (it only has to flush the answer and remove its files: a few seconds at least).
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(3));
+            if !pidfile::wait_exited(master_pid, left) {
+                bail!(
+                    "timed out after {} waiting for master pid {master_pid} to exit after it answered `stopped`",
+                    humantime::format_duration(left)
+                );
             }
             println!("host stopped (master pid {master_pid})");
             Ok(())
@@ -387,8 +473,8 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let report: StatusReport = match ask(cfg, ControlRequest::Status) {
+fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let report: StatusReport = match ask(cfg, ControlRequest::Status, timeout) {
         Ok(ControlResponse::Status(report)) => *report,
         Ok(other) => bail!("unexpected answer from the master: {other:?}"),
         Err(e)

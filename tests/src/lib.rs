@@ -698,3 +698,69 @@ impl Host {
         (took, answer["Status"].clone())
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// File descriptor limits
+
+/// Sets `pid`'s RLIMIT_NOFILE, soft and hard, to `limit` (as `prlimit --nofile=N:N` does): from
+/// now on that process cannot open an fd numbered `limit` or higher, and its children inherit it.
+pub fn set_fd_limit(pid: u32, limit: u64) {
+    let new = nix::libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: prlimit reads `new`, a valid rlimit that outlives the call, and writes nothing
+    // (the old-limit pointer is null).
+    let rc = unsafe {
+        nix::libc::prlimit(
+            pid as i32,
+            nix::libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "prlimit({pid}, RLIMIT_NOFILE, {limit}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// How many fds `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Sets only `pid`'s soft RLIMIT_NOFILE, keeping its hard limit, so it can be raised again.
+pub fn set_soft_fd_limit(pid: u32, soft: u64) {
+    let mut old = nix::libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit writes the current limit into `old`, a valid rlimit we own, and reads
+    // nothing (the new-limit pointer is null).
+    let rc = unsafe {
+        nix::libc::prlimit(
+            pid as i32,
+            nix::libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit({pid}): {}", std::io::Error::last_os_error());
+    let new = nix::libc::rlimit {
+        rlim_cur: soft.min(old.rlim_max),
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as in `set_fd_limit`.
+    let rc = unsafe {
+        nix::libc::prlimit(
+            pid as i32,
+            nix::libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit({pid}): {}", std::io::Error::last_os_error());
+}

@@ -3,16 +3,61 @@
 //!
 //! The server half accepts connections, checks the peer's credentials (same uid or root), and
 //! turns each request into an [`Event::Control`] for the supervisor, whose answer it writes back.
-//! It decides nothing itself. The client half is what `host reload|stop|status` use.
+//! It decides nothing itself. The client half is what `host reload|stop|status` use; every wait
+//! in it is bounded by the caller's timeout.
+//!
+//! # It cannot be starved
+//!
+//! - A client must send its whole request within [`READ_DEADLINE`] of being accepted, and an
+//!   answer must be written within [`WRITE_DEADLINE`]; otherwise the connection is closed.
+//! - At most [`connection_cap`] connections are open at once (64, or a quarter of the fd limit
+//!   when that is lower). When one more arrives, the oldest connection that has not finished
+//!   sending its request is closed to make room: silent connections cannot keep a real `status`
+//!   out, and they are never a reason to refuse one. Only when every open connection is waiting
+//!   for an answer (64 queued reloads) is the new one closed.
+//! - The cap is the master's fd reserve: the control plane never holds more than a quarter of the
+//!   fd limit, so the rest stays free for supervising (spawning a worker needs a socketpair, a
+//!   dup of the listener and a pipe for `exec`).
+//! - If `accept` fails anyway (`EMFILE` because something else used the fds), the error is
+//!   logged at most once a second per cause with a count, and accepting is retried with backoff
+//!   (10 ms doubling to 1 s). On `EMFILE`/`ENFILE` a spare fd, kept open for this, is closed so
+//!   one queued connection can be accepted and closed at once: its client learns something
+//!   instead of hanging, and the queue moves.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+use std::time::Duration;
 
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::supervisor::Event;
 use crate::protocol::{ControlRequest, ControlResponse, ProtocolError, Receiver, Sender};
+use crate::ratelimit::RateLimit;
+
+/// A client must have sent its whole request this long after the master accepted it.
+pub const READ_DEADLINE: Duration = Duration::from_secs(2);
+/// Writing an answer may take this long (a client that does not read cannot hold a connection).
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// Most control connections open at once (fewer under a low fd limit: see [`connection_cap`]).
+pub const MAX_CONNECTIONS: usize = 64;
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How many control connections may be open: [`MAX_CONNECTIONS`], or a quarter of the soft fd
+/// limit when that is lower (at least 2), so the control plane leaves most fds to supervision.
+pub fn connection_cap() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(u64::MAX, |(soft, _)| soft);
+    usize::try_from(soft / 4)
+        .unwrap_or(usize::MAX)
+        .clamp(2, MAX_CONNECTIONS)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -31,6 +76,15 @@ pub enum ControlError {
         socket: PathBuf,
         #[source]
         source: ProtocolError,
+    },
+    #[error(
+        "timed out after {} waiting for {what} (master at {socket}; --timeout sets the limit)",
+        humantime::format_duration(*after)
+    )]
+    TimedOut {
+        socket: PathBuf,
+        what: String,
+        after: Duration,
     },
     #[error("cannot create the control socket {socket}")]
     Bind {
@@ -58,26 +112,70 @@ pub fn bind(socket: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// How long, at shutdown, the server waits for answers still being written (a `stop`'s own).
-const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection being served: when it was accepted (order) and whether its request is in.
+struct Conn {
+    seq: u64,
+    requested: Arc<AtomicBool>,
+    abort: tokio::task::AbortHandle,
+}
 
 /// Accepts control connections until `shutdown` fires, then waits (bounded) for the answers
-/// still in flight, so the caller of `stop` hears `Stopped` before the master exits.
+/// still in flight, so the caller of `stop` hears `Stopped` before the master exits. See the
+/// module doc for the limits it enforces.
 pub async fn serve(
     listener: UnixListener,
     events: mpsc::UnboundedSender<Event>,
     mut shutdown: oneshot::Receiver<()>,
 ) {
+    static ACCEPT_ERRORS: RateLimit = RateLimit::per_second();
+    static SHED: RateLimit = RateLimit::per_second();
     let me = nix::unistd::getuid().as_raw();
     let mut clients = tokio::task::JoinSet::new();
+    let mut conns: HashMap<tokio::task::Id, Conn> = HashMap::new();
+    let mut seq = 0u64;
+    let mut spare = open_spare();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut paused_until: Option<Instant> = None;
     loop {
         let stream = tokio::select! {
             _ = &mut shutdown => break,
-            Some(_) = clients.join_next(), if !clients.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+            Some(done) = clients.join_next_with_id(), if !clients.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                conns.remove(&id);
+                continue;
+            }
+            _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
+                paused_until = None;
+                continue;
+            }
+            accepted = listener.accept(), if paused_until.is_none() => match accepted {
+                Ok((stream, _)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    stream
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    if let Some(suppressed) = ACCEPT_ERRORS.hit(&e) {
+                        tracing::warn!(error = %e, suppressed, retry_in = ?backoff, "control socket accept failed");
+                    }
+                    if matches!(e.raw_os_error(), Some(nix::libc::EMFILE | nix::libc::ENFILE))
+                        && spare.take().is_some()
+                    {
+                        // The spare fd is closed: accept one queued connection and close it,
+                        // so its client is told (EOF) instead of waiting in the backlog.
+                        if let Some(Ok(_shed)) = try_accept(&listener)
+                            && let Some(suppressed) = SHED.hit(&e)
+                        {
+                            tracing::warn!(suppressed, "out of file descriptors: closed a queued control connection");
+                        }
+                        spare = open_spare();
+                    }
+                    paused_until = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
@@ -93,7 +191,47 @@ pub async fn serve(
                 continue;
             }
         }
-        clients.spawn(answer(stream, events.clone()));
+        let cap = connection_cap();
+        if conns.len() >= cap {
+            let oldest_silent = conns
+                .iter()
+                .filter(|(_, c)| !c.requested.load(Ordering::Acquire))
+                .min_by_key(|(_, c)| c.seq)
+                .map(|(id, _)| *id);
+            match oldest_silent.and_then(|id| conns.remove(&id)) {
+                Some(evicted) => {
+                    evicted.abort.abort();
+                    tracing::debug!(
+                        cap,
+                        "closed the oldest control connection that sent no request yet, to make room"
+                    );
+                    // Let the aborted task run its drop (closing the fd) before accepting more.
+                    tokio::task::yield_now().await;
+                }
+                None => {
+                    static FULL: RateLimit = RateLimit::per_second();
+                    if let Some(suppressed) = FULL.hit(&std::io::Error::other("full")) {
+                        tracing::warn!(
+                            cap,
+                            suppressed,
+                            "refused a control connection: every open one is waiting for an answer"
+                        );
+                    }
+                    continue;
+                }
+            }
+        }
+        let requested = Arc::new(AtomicBool::new(false));
+        let abort = clients.spawn(answer(stream, events.clone(), requested.clone()));
+        seq += 1;
+        conns.insert(
+            abort.id(),
+            Conn {
+                seq,
+                requested,
+                abort,
+            },
+        );
     }
     drop(listener);
     let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
@@ -102,22 +240,47 @@ pub async fn serve(
     .await;
 }
 
-async fn answer(stream: UnixStream, events: mpsc::UnboundedSender<Event>) {
+/// One accept attempt, without waiting: `None` when nothing is queued.
+fn try_accept(listener: &UnixListener) -> Option<std::io::Result<UnixStream>> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    match listener.poll_accept(&mut cx) {
+        Poll::Ready(r) => Some(r.map(|(s, _)| s)),
+        Poll::Pending => None,
+    }
+}
+
+/// The fd kept in reserve for accepting (and closing) a connection when fds run out.
+fn open_spare() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+async fn answer(
+    stream: UnixStream,
+    events: mpsc::UnboundedSender<Event>,
+    requested: Arc<AtomicBool>,
+) {
     let (rd, wr) = stream.into_split();
     let mut rx = Receiver::<_, ControlRequest>::new(rd);
     let mut tx = Sender::<_, ControlResponse>::new(wr);
-    let request = match rx.recv().await {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => {
-            let _ = tx
-                .send(&ControlResponse::Refused {
-                    reason: format!("bad request: {e}"),
-                })
-                .await;
+    let request = match tokio::time::timeout(READ_DEADLINE, rx.recv()).await {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            let refusal = ControlResponse::Refused {
+                reason: format!("bad request: {e}"),
+            };
+            let _ = tokio::time::timeout(WRITE_DEADLINE, tx.send(&refusal)).await;
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(
+                "closed a control connection that sent no request within {READ_DEADLINE:?}"
+            );
             return;
         }
     };
+    requested.store(true, Ordering::Release);
     let (reply, answer) = oneshot::channel();
     if events.send(Event::Control { request, reply }).is_err() {
         return;
@@ -125,39 +288,146 @@ async fn answer(stream: UnixStream, events: mpsc::UnboundedSender<Event>) {
     let response = answer.await.unwrap_or(ControlResponse::Refused {
         reason: "the master is shutting down".into(),
     });
-    let _ = tx.send(&response).await;
+    let _ = tokio::time::timeout(WRITE_DEADLINE, tx.send(&response)).await;
 }
 
-/// Sends one request to the master behind `socket` and waits for its answer.
+/// What a client waits for after sending `request`, in words for a timeout message.
+fn awaited(request: &ControlRequest) -> &'static str {
+    match request {
+        ControlRequest::Status => "the master's answer to `status`",
+        ControlRequest::Reload => {
+            "the reload to finish (the master goes on with it; `host status` shows the outcome)"
+        }
+        ControlRequest::Rollback => {
+            "the rollback to finish (the master goes on with it; `host status` shows the outcome)"
+        }
+        ControlRequest::Stop => "every worker to stop (the master goes on stopping)",
+    }
+}
+
+/// Sends one request to the master behind `socket` and waits for its answer, `timeout` at
+/// most for the whole exchange (connecting included).
+///
+/// A connection the master closed without reading the request (reset: shed while it was out of
+/// fds, or closed at its read deadline) did nothing, so it is tried again until the deadline.
 pub async fn request(
     socket: &Path,
     request: ControlRequest,
+    timeout: Duration,
 ) -> Result<ControlResponse, ControlError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                ControlError::NotRunning {
+    let deadline = Instant::now() + timeout;
+    let timed_out = |what: &str| ControlError::TimedOut {
+        socket: socket.to_path_buf(),
+        what: what.to_string(),
+        after: timeout,
+    };
+    let mut pause = Duration::from_millis(20);
+    let mut resets = 0u32;
+    loop {
+        let stream = connect(socket, deadline, &timed_out).await?;
+        match exchange(stream, &request, deadline).await {
+            Ok(response) => return Ok(response),
+            Err(Exchange::Reset) => resets += 1,
+            Err(Exchange::TimedOut(what)) => return Err(timed_out(what)),
+            Err(Exchange::Protocol(source)) => {
+                return Err(ControlError::Protocol {
                     socket: socket.to_path_buf(),
-                }
+                    source,
+                });
             }
-            _ => ControlError::Connect {
-                socket: socket.to_path_buf(),
-                source,
-            },
-        })?;
+            Err(Exchange::Closed) => {
+                return Err(ControlError::NoAnswer {
+                    socket: socket.to_path_buf(),
+                });
+            }
+        }
+        if Instant::now() + pause >= deadline {
+            return Err(timed_out(&format!(
+                "{} (the master closed the connection unread {resets} times: out of file descriptors?)",
+                awaited(&request)
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Connects before `deadline`, waiting out a full backlog.
+async fn connect(
+    socket: &Path,
+    deadline: Instant,
+    timed_out: &impl Fn(&str) -> ControlError,
+) -> Result<UnixStream, ControlError> {
+    loop {
+        let attempt = tokio::time::timeout_at(deadline, UnixStream::connect(socket)).await;
+        match attempt {
+            Err(_) => return Err(timed_out("the master to accept the connection")),
+            Ok(Ok(stream)) => return Ok(stream),
+            // A full backlog: the master is not accepting right now. Try again until the deadline.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() + Duration::from_millis(20) >= deadline {
+                    return Err(timed_out(
+                        "the master to accept the connection (its control socket backlog is full)",
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(Err(source)) => {
+                return Err(match source.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                        ControlError::NotRunning {
+                            socket: socket.to_path_buf(),
+                        }
+                    }
+                    _ => ControlError::Connect {
+                        socket: socket.to_path_buf(),
+                        source,
+                    },
+                });
+            }
+        }
+    }
+}
+
+/// Why one request/answer exchange did not produce an answer.
+enum Exchange {
+    /// Closed with the request unread: nothing happened, safe to try again.
+    Reset,
+    /// Closed after reading the request, without an answer.
+    Closed,
+    TimedOut(&'static str),
+    Protocol(ProtocolError),
+}
+
+fn was_reset(e: &ProtocolError) -> bool {
+    matches!(e, ProtocolError::Io(io) if matches!(
+        io.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    ))
+}
+
+async fn exchange(
+    stream: UnixStream,
+    request: &ControlRequest,
+    deadline: Instant,
+) -> Result<ControlResponse, Exchange> {
     let (rd, wr) = stream.into_split();
     let mut tx = Sender::<_, ControlRequest>::new(wr);
     let mut rx = Receiver::<_, ControlResponse>::new(rd);
-    let protocol = |source| ControlError::Protocol {
-        socket: socket.to_path_buf(),
-        source,
+    let failed = |e: ProtocolError| {
+        if was_reset(&e) {
+            Exchange::Reset
+        } else {
+            Exchange::Protocol(e)
+        }
     };
-    tx.send(&request).await.map_err(protocol)?;
-    match rx.recv().await.map_err(protocol)? {
-        Some(response) => Ok(response),
-        None => Err(ControlError::NoAnswer {
-            socket: socket.to_path_buf(),
-        }),
-    }
+    tokio::time::timeout_at(deadline, tx.send(request))
+        .await
+        .map_err(|_| Exchange::TimedOut("the master to read the request"))?
+        .map_err(failed)?;
+    tokio::time::timeout_at(deadline, rx.recv())
+        .await
+        .map_err(|_| Exchange::TimedOut(awaited(request)))?
+        .map_err(failed)?
+        .ok_or(Exchange::Closed)
 }

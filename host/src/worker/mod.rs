@@ -316,8 +316,13 @@ async fn serve(
                 match accepted {
                     Ok((stream, _peer)) => spawn_connection(shared.clone(), stream),
                     Err(e) => {
-                        // EMFILE and friends: log and back off briefly instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
+                        // EMFILE and friends: log at most once a second per cause (with how many
+                        // were not logged) and back off briefly instead of spinning.
+                        static ACCEPT_ERRORS: crate::ratelimit::RateLimit =
+                            crate::ratelimit::RateLimit::per_second();
+                        if let Some(suppressed) = ACCEPT_ERRORS.hit(&e) {
+                            tracing::warn!(error = %e, suppressed, "accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
