@@ -411,6 +411,7 @@ pub struct Reply {
     pub status: u16,
     pub body: String,
     pub close: bool,
+    pub retry_after: Option<String>,
 }
 
 impl Reply {
@@ -513,6 +514,11 @@ async fn send(
         .headers()
         .get(http::header::CONNECTION)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let retry_after = resp
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = resp
         .into_body()
         .collect()
@@ -523,6 +529,7 @@ async fn send(
         status,
         body: String::from_utf8_lossy(&body).into_owned(),
         close,
+        retry_after,
     })
 }
 

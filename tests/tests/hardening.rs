@@ -167,3 +167,66 @@ async fn bad_http_input_is_answered_by_the_host_and_never_reaches_the_plugin() {
     );
     assert_eq!(host.worker_pids(None).await, pid, "no worker crashed");
 }
+
+/// One connection sending a 100 kB body a byte every 500 ms: what it receives, and how long it
+/// took until the server closed the connection (or `None` if it never did within 10 s).
+async fn trickle_body(addr: std::net::SocketAddr) -> (String, Option<Duration>) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let began = Instant::now();
+    wr.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    let writer = tokio::spawn(async move {
+        while wr.write_all(b"x").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut out))
+        .await
+        .ok()
+        .map(|_| began.elapsed());
+    writer.abort();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_request_bodies_get_408_at_body_read_timeout_and_good_clients_are_unaffected() {
+    let host = Host::start(
+        &greeting_plugin("v1"),
+        HostOptions {
+            workers: 1,
+            extra: "body_read_timeout = \"2s\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let before = served(&get(host.addr, "/state").await.unwrap());
+    let load = tests::Load::start(host.addr, 4, tests::Mode::KeepAlive, "/");
+    let slow: Vec<_> = (0..300)
+        .map(|_| tokio::spawn(trickle_body(host.addr)))
+        .collect();
+    let mut latest = Duration::ZERO;
+    for s in slow {
+        let (reply, closed) = s.await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+        let closed = closed.unwrap_or_else(|| panic!("connection left open after {reply:?}"));
+        latest = latest.max(closed);
+    }
+    eprintln!("300 trickling bodies: the last got its 408 and close after {latest:?}");
+    // 2 s of deadline, plus scheduling on a loaded machine; never the 100 000 bytes' 14 hours.
+    assert!(latest < Duration::from_secs(6), "{latest:?}");
+    let report = load.finish().await;
+    assert!(
+        report.errors.is_empty() && report.non_200.is_empty() && report.ok > 0,
+        "good clients beside the slow bodies: {report:?}"
+    );
+    // The plugin saw the good requests and `/state`, none of the unfinished bodies.
+    let after = served(&get(host.addr, "/state").await.unwrap());
+    assert_eq!(
+        after,
+        before + 1 + report.ok,
+        "only good requests reached the plugin"
+    );
+}
