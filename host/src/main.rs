@@ -33,13 +33,16 @@
 //! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called.
 //! - `ratelimit`: at most one log line per cause per second, with a count, for errors that
 //!   repeat as fast as a loop spins (`accept` out of file descriptors).
-//! - `fd`: inherited file descriptors. With the loader, the only `unsafe` in the crate.
+//! - `fd`: inherited file descriptors; `accept_table`: the shared page where accepting workers
+//!   publish their connection counts. With the loader (and one `setpriority` call for the
+//!   snapshot thread), the only `unsafe` in the crate.
 //!
 //! This file is the binary's edge: the CLI, choosing the role, printing to the terminal, and the
 //! only place `anyhow` is used.
 
 #![deny(unsafe_code)]
 
+mod accept_table;
 mod config;
 mod fd;
 mod logging;

@@ -30,6 +30,9 @@ pub struct WorkerSpec {
     pub idle_grace_ms: u64,
     pub max_body_bytes: usize,
     pub body_read_timeout_ms: u64,
+    /// This worker's cell in the accept table (fd 5) and the table's size; `None`: no table.
+    pub accept_cell: Option<u32>,
+    pub accept_cells: u32,
     pub header_read_timeout_ms: u64,
     pub max_headers: usize,
     pub max_header_bytes: usize,
@@ -154,6 +157,9 @@ pub struct WorkerStatus {
     pub state: WorkerStateName,
     pub requests: u64,
     pub in_flight: u64,
+    /// Open client connections.
+    #[serde(default)]
+    pub connections: u64,
     pub rss_bytes: u64,
     pub plugin: Option<PluginInfo>,
     /// How its start went, once ready.

@@ -399,6 +399,19 @@ pub fn take(
     result
 }
 
+/// Lowers the calling thread's scheduling priority (nice 10): it only copies and hashes files.
+/// A raised nice value cannot be lowered again without privilege, so this is for threads of
+/// their own.
+#[allow(unsafe_code)]
+pub fn lower_thread_priority() {
+    // SAFETY: setpriority takes plain integers; with PRIO_PROCESS and who = 0 it changes the
+    // calling thread only (Linux applies nice values per thread), and it touches no memory.
+    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 10) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the snapshot thread's priority");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

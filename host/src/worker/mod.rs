@@ -49,6 +49,16 @@ pub const HOST_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// from then on.
 const INLINE_LIMIT: Duration = Duration::from_millis(20);
 
+/// How long a worker holding more than its share of connections waits before accepting, so
+/// that a burst of reconnects (the keep-alive clients of a drained worker) spreads out instead
+/// of landing on whichever worker is on a CPU. See `accept_table`.
+const ACCEPT_STEP_ASIDE: Duration = Duration::from_millis(1);
+/// At most this many steps aside in a row...
+const ACCEPT_STEP_ASIDE_ROUNDS: u32 = 20;
+/// ...and only while the others keep taking connections: after this many steps in which they
+/// took none (busy, or hung), accept.
+const ACCEPT_STEP_ASIDE_IDLE_ROUNDS: u32 = 3;
+
 /// At `graceful_timeout`, how long the `503` answers to requests still running may take to be
 /// written before the worker exits anyway (the master kills it 2 s after the timeout).
 const CUT_FLUSH: Duration = Duration::from_millis(1000);
@@ -69,12 +79,47 @@ struct Shared {
     requests: AtomicU64,
     in_flight: AtomicU64,
     connections: watch::Sender<u64>,
+    /// The shared accept table and this worker's cell in it.
+    accept_table: Option<(crate::accept_table::Table, usize)>,
     idle_grace: Duration,
     max_body_bytes: usize,
     body_read_timeout: Duration,
 }
 
 impl Shared {
+    /// Publishes this worker's connection count, while it accepts.
+    fn publish_connections(&self) {
+        if let Some((table, cell)) = &self.accept_table
+            && !self.draining.load(Ordering::Relaxed)
+        {
+            table.publish(*cell, *self.connections.borrow());
+        }
+    }
+
+    /// Before an accept: while this worker holds clearly more connections than the least
+    /// loaded other accepting worker (which the kernel woke for the same connection), wait so
+    /// that worker takes it. Bounded, and only while the others are seen taking connections.
+    async fn step_aside(&self) {
+        let Some((table, cell)) = &self.accept_table else {
+            return;
+        };
+        let over = || {
+            table.least_loaded_other(*cell).is_some_and(|least| {
+                crate::accept_table::over_share(*self.connections.borrow(), least)
+            })
+        };
+        let (mut others, mut idle) = (table.others_total(*cell), 0);
+        for _ in 0..ACCEPT_STEP_ASIDE_ROUNDS {
+            if !over() || idle >= ACCEPT_STEP_ASIDE_IDLE_ROUNDS {
+                return;
+            }
+            tokio::time::sleep(ACCEPT_STEP_ASIDE).await;
+            let now = table.others_total(*cell);
+            idle = if now > others { 0 } else { idle + 1 };
+            others = now;
+        }
+    }
+
     fn known_slow(&self, path: &str) -> bool {
         self.any_slow.load(Ordering::Relaxed)
             && self.slow_paths.lock().is_ok_and(|set| set.contains(path))
@@ -234,6 +279,21 @@ async fn serve(
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let (cut_tx, cut_rx) = watch::channel(false);
+    let accept_table = spec.accept_cell.and_then(|cell| {
+        let table = fd::take_inherited(crate::accept_table::TABLE_FD, "accept table")
+            .map_err(|e| e.to_string())
+            .and_then(|fd| {
+                crate::accept_table::Table::map(&fd, spec.accept_cells as usize)
+                    .map_err(|e| crate::error_chain(&e))
+            });
+        match table {
+            Ok(table) => Some((table, cell as usize)),
+            Err(e) => {
+                tracing::warn!("{e}; accepting without balancing");
+                None
+            }
+        }
+    });
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
         .timer(TokioTimer::new())
@@ -260,6 +320,7 @@ async fn serve(
         requests: AtomicU64::new(0),
         in_flight: AtomicU64::new(0),
         connections: watch::Sender::new(0),
+        accept_table,
         idle_grace: Duration::from_millis(spec.idle_grace_ms),
         max_body_bytes: spec.max_body_bytes,
         body_read_timeout: Duration::from_millis(spec.body_read_timeout_ms),
@@ -281,6 +342,7 @@ async fn serve(
         return ExitCode::FAILURE;
     }
     tracing::info!("ready");
+    shared.publish_connections();
 
     let mut listener = Some(listener);
     let mut deadline: Option<Instant> = None;
@@ -305,6 +367,9 @@ async fn serve(
                 tracing::info!(reason = why, "draining");
                 *listener = None;
                 shared.draining.store(true, Ordering::SeqCst);
+                if let Some((table, cell)) = &shared.accept_table {
+                    table.clear(*cell);
+                }
                 let _ = drain_tx.send(true);
                 *deadline = Some(Instant::now() + graceful_timeout);
             }
@@ -312,7 +377,10 @@ async fn serve(
 
     let cut = loop {
         tokio::select! {
-            accepted = async { listener.as_ref().expect("guarded").accept().await }, if listener.is_some() => {
+            accepted = async {
+                shared.step_aside().await;
+                listener.as_ref().expect("guarded").accept().await
+            }, if listener.is_some() => {
                 match accepted {
                     Ok((stream, _peer)) => spawn_connection(shared.clone(), stream),
                     Err(e) => {
@@ -426,6 +494,7 @@ struct ConnectionGuard(Arc<Shared>);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections.send_modify(|n| *n -= 1);
+        self.0.publish_connections();
     }
 }
 
@@ -437,6 +506,7 @@ async fn wait_for_drain(mut rx: watch::Receiver<bool>) {
 
 fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
     shared.connections.send_modify(|n| *n += 1);
+    shared.publish_connections();
     let guard = ConnectionGuard(shared.clone());
     tokio::spawn(async move {
         let _guard = guard;

@@ -65,6 +65,7 @@ impl Supervisor {
     }
 
     pub(super) fn on_exit(&mut self, id: WorkerId, status: std::io::Result<ExitStatus>) {
+        self.release_accept_cell(id);
         let Some(w) = self.workers.remove(&id) else {
             return;
         };

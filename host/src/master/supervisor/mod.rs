@@ -123,9 +123,12 @@ struct Worker {
     plugin: Option<PluginInfo>,
     requests: u64,
     in_flight: u64,
+    connections: u64,
     ready_at: Option<Instant>,
     start_error: Option<String>,
     startup: Option<StartupTimings>,
+    /// Its cell in the accept table, until it stops accepting or is reaped.
+    accept_cell: Option<u32>,
 }
 
 type Reply = Option<oneshot::Sender<ControlResponse>>;
@@ -173,6 +176,9 @@ struct Rollout {
 pub(crate) struct Supervisor {
     cfg: Arc<Config>,
     listener: std::net::TcpListener,
+    /// Where accepting workers publish their connection counts (`None` if it could not be
+    /// created: workers then accept without looking at each other).
+    accept_table: Option<(crate::accept_table::Table, std::os::fd::OwnedFd)>,
     events: mpsc::UnboundedSender<Event>,
     workers: BTreeMap<WorkerId, Worker>,
     serving: Vec<Option<WorkerId>>,
@@ -215,9 +221,19 @@ impl Supervisor {
         start_notify: Option<std::fs::File>,
     ) -> Supervisor {
         let slots = cfg.workers;
+        // Cells for every slot's worker plus a candidate and crash replacements at once.
+        let accept_table = crate::accept_table::Table::create(2 * slots + 2)
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "{}; workers will accept without balancing",
+                    crate::error_chain(e)
+                )
+            })
+            .ok();
         Supervisor {
             cfg,
             listener,
+            accept_table,
             events,
             workers: BTreeMap::new(),
             serving: vec![None; slots],
@@ -272,8 +288,8 @@ impl Supervisor {
                 WorkerToMaster::Stats {
                     requests,
                     in_flight,
-                    ..
-                } => self.on_stats(id, requests, in_flight),
+                    connections,
+                } => self.on_stats(id, requests, in_flight, connections),
                 WorkerToMaster::Exiting {
                     cut_requests,
                     cut_connections,

@@ -96,12 +96,20 @@ impl Supervisor {
         self.next_ticket += 1;
         let cancel = Arc::new(AtomicBool::new(false));
         let (cfg, events, abandoned) = (self.cfg.clone(), self.events.clone(), cancel.clone());
-        tokio::spawn(async move {
-            let result = tokio::task::spawn_blocking(move || source.take(&cfg, &abandoned))
-                .await
-                .unwrap_or_else(|e| Err(format!("taking the snapshot failed: {e}")));
-            let _ = events.send(Event::SnapshotTaken { ticket, result });
+        // A thread of its own at a lower priority: reading, hashing and copying a big plugin is
+        // background work that must not take the CPU from the event loop or the workers.
+        let spawned = std::thread::Builder::new().name("snapshot".into()).spawn({
+            let events = events.clone();
+            move || {
+                crate::master::snapshot::lower_thread_priority();
+                let result = source.take(&cfg, &abandoned);
+                let _ = events.send(Event::SnapshotTaken { ticket, result });
+            }
         });
+        if let Err(e) = spawned {
+            let result = Err(format!("cannot start the snapshot thread: {e}"));
+            let _ = events.send(Event::SnapshotTaken { ticket, result });
+        }
         self.snapshotting = Some(PendingSnapshot {
             ticket,
             kind,
@@ -490,6 +498,7 @@ impl Supervisor {
     }
 
     pub(super) fn on_drain_ack(&mut self, id: WorkerId) {
+        self.release_accept_cell(id);
         if let Some(r) = &mut self.rollout
             && r.awaiting_ack.remove(&id)
         {

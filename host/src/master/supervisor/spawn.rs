@@ -89,6 +89,11 @@ impl Supervisor {
         let err = |source| SpawnWorkerError { slot, source };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(err)?;
         let listener = self.listener.try_clone().map_err(err)?;
+        let accept_cell = self.free_accept_cell();
+        let table_fd = match (&self.accept_table, accept_cell) {
+            (Some((_, fd)), Some(_)) => Some(fd.try_clone().map_err(err)?),
+            _ => None,
+        };
         let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "host".into()))
             .arg("__worker")
@@ -100,16 +105,24 @@ impl Supervisor {
                 &crate::worker::monotonic_ns().to_string(),
             ])
             .stdin(std::process::Stdio::null());
-        cmd.fd_mappings(vec![
-            FdMapping {
-                parent_fd: listener.into(),
-                child_fd: fd::LISTENER_FD,
-            },
-            FdMapping {
-                parent_fd: theirs.into(),
-                child_fd: fd::CHANNEL_FD,
-            },
-        ])
+        cmd.fd_mappings(
+            vec![
+                FdMapping {
+                    parent_fd: listener.into(),
+                    child_fd: fd::LISTENER_FD,
+                },
+                FdMapping {
+                    parent_fd: theirs.into(),
+                    child_fd: fd::CHANNEL_FD,
+                },
+            ]
+            .into_iter()
+            .chain(table_fd.map(|fd| FdMapping {
+                parent_fd: fd,
+                child_fd: crate::accept_table::TABLE_FD,
+            }))
+            .collect(),
+        )
         .map_err(|e| err(std::io::Error::other(e)))?;
         let mut child = tokio::process::Command::from(cmd).spawn().map_err(err)?;
         let pid = child.id().unwrap_or(0);
@@ -164,6 +177,11 @@ impl Supervisor {
             header_read_timeout_ms: self.cfg.header_read_timeout.as_millis() as u64,
             max_headers: self.cfg.max_headers,
             max_header_bytes: self.cfg.max_header_bytes,
+            accept_cell,
+            accept_cells: self
+                .accept_table
+                .as_ref()
+                .map_or(0, |(t, _)| t.len() as u32),
         };
         let _ = tx.send(MasterToWorker::Start(spec));
         tracing::debug!(pid, slot, generation = generation.number, "worker spawned");
@@ -181,12 +199,36 @@ impl Supervisor {
                 plugin: None,
                 requests: 0,
                 in_flight: 0,
+                connections: 0,
                 ready_at: None,
                 start_error: None,
                 startup: None,
+                accept_cell,
             },
         );
         Ok(id)
+    }
+
+    /// The lowest accept-table cell no live worker holds.
+    fn free_accept_cell(&self) -> Option<u32> {
+        let (table, _) = self.accept_table.as_ref()?;
+        let used: std::collections::HashSet<u32> = self
+            .workers
+            .values()
+            .filter_map(|w| w.accept_cell)
+            .collect();
+        (0..table.len() as u32).find(|c| !used.contains(c))
+    }
+
+    /// A worker stopped accepting (it acknowledged a drain) or is gone: its cell is free. The
+    /// worker clears its own cell when it drains, but not when it dies.
+    pub(super) fn release_accept_cell(&mut self, id: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&id)
+            && let Some(cell) = w.accept_cell.take()
+            && let Some((table, _)) = &self.accept_table
+        {
+            table.clear(cell as usize);
+        }
     }
 }
 

@@ -67,6 +67,7 @@ impl Supervisor {
                     state: w.state.name()?,
                     requests: w.requests,
                     in_flight: w.in_flight,
+                    connections: w.connections,
                     rss_bytes: rss_bytes(w.pid),
                     plugin: w.plugin.clone(),
                     startup_us: w.startup.clone(),
@@ -115,10 +116,17 @@ impl Supervisor {
             .collect()
     }
 
-    pub(super) fn on_stats(&mut self, id: WorkerId, requests: u64, in_flight: u64) {
+    pub(super) fn on_stats(
+        &mut self,
+        id: WorkerId,
+        requests: u64,
+        in_flight: u64,
+        connections: u64,
+    ) {
         if let Some(w) = self.workers.get_mut(&id) {
             w.requests = requests;
             w.in_flight = in_flight;
+            w.connections = connections;
         }
         self.forget_in_queries(id);
     }

@@ -1,0 +1,84 @@
+//! Balance after a reload: keep-alive clients that reconnect when their old worker drains spread
+//! over the new workers instead of piling onto the first one to wake.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tests::{Host, HostOptions, Load, Mode, greeting_plugin, pid_alive, wait_until};
+
+const WORKERS: usize = 4;
+const CLIENTS: usize = 32;
+const WINDOW: Duration = Duration::from_secs(5);
+
+/// `requests` per ready worker, by pid.
+fn ready_requests(status: &serde_json::Value) -> BTreeMap<u64, u64> {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "ready")
+        .map(|w| (w["pid"].as_u64().unwrap(), w["requests"].as_u64().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_clients_spread_over_the_new_workers_after_a_reload() {
+    let (v1, v2) = (greeting_plugin("v1"), greeting_plugin("v2"));
+    let host = Host::start(
+        &v1,
+        HostOptions {
+            workers: WORKERS,
+            ..Default::default()
+        },
+    )
+    .await;
+    let load = Load::start(host.addr, CLIENTS, Mode::KeepAlive, "/");
+    load.advance(1000).await;
+
+    let old = host.worker_pids(None).await;
+    host.install_plugin(&v2);
+    host.reload_ok().await;
+    wait_until(
+        Duration::from_secs(20),
+        "old workers to exit after their drain",
+        || old.iter().all(|&pid| !pid_alive(pid)),
+    )
+    .await;
+
+    // A fixed window on purpose: the question is how the settled connections share the work.
+    let before = ready_requests(&host.status().await);
+    tokio::time::sleep(WINDOW).await;
+    let after_status = host.status().await;
+    let after = ready_requests(&after_status);
+    let connections: Vec<u64> = after_status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "ready")
+        .map(|w| w["connections"].as_u64().unwrap())
+        .collect();
+    let report = load.finish().await;
+
+    assert_eq!(before.len(), WORKERS, "ready workers: {before:?}");
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "the same workers served the whole window"
+    );
+    let served: Vec<u64> = before.iter().map(|(pid, n)| after[pid] - n).collect();
+    let (min, max) = (*served.iter().min().unwrap(), *served.iter().max().unwrap());
+    eprintln!(
+        "requests per worker over {WINDOW:?} after the reload: {served:?} (max/min {:.2}), \
+         connections {connections:?}; {} connections opened, {} failed",
+        max as f64 / min.max(1) as f64,
+        report.connects,
+        report.errors.len()
+    );
+    assert!(
+        report.errors.is_empty(),
+        "failed: {:?}",
+        report.errors.first()
+    );
+    assert!(min > 0, "a worker served nothing: {served:?}");
+    assert!(max <= 2 * min, "unbalanced: {served:?}");
+}
