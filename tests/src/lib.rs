@@ -347,6 +347,24 @@ impl Host {
         out
     }
 
+    /// `host stop` while `reload` (a background `host reload`) waits: the stop succeeds, the
+    /// reload is answered with an error that says the host is stopping, and none of `pids` nor
+    /// the master outlives the stop.
+    pub async fn stop_during(&self, reload: tokio::task::JoinHandle<Output>, pids: &[u32]) {
+        let out = self.cli(&["stop"]).await;
+        assert!(out.status.success(), "{}", self.explain(&out));
+        let reload = reload.await.unwrap();
+        assert!(!reload.status.success(), "{}", self.explain(&reload));
+        assert!(
+            String::from_utf8_lossy(&reload.stderr).contains("stopping"),
+            "{}",
+            self.explain(&reload)
+        );
+        for pid in pids.iter().chain([&self.master_pid]) {
+            assert!(!pid_alive(*pid), "pid {pid} outlived stop");
+        }
+    }
+
     /// Replaces the configured plugin file with `build`, in place (like `cp`).
     pub fn install_plugin(&self, build: &Path) {
         install(build, &self.plugin);
@@ -709,65 +727,51 @@ impl Host {
 // ---------------------------------------------------------------------------------------------
 // File descriptor limits
 
-/// Sets `pid`'s RLIMIT_NOFILE, soft and hard, to `limit` (as `prlimit --nofile=N:N` does): from
-/// now on that process cannot open an fd numbered `limit` or higher, and its children inherit it.
-pub fn set_fd_limit(pid: u32, limit: u64) {
-    let new = nix::libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
+/// `prlimit(pid, RLIMIT_NOFILE, new)`: sets the limit if `new` is given; returns the old one.
+fn prlimit_nofile(pid: u32, new: Option<nix::libc::rlimit>) -> nix::libc::rlimit {
+    let mut old = nix::libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: prlimit reads `new`, a valid rlimit that outlives the call, and writes nothing
-    // (the old-limit pointer is null).
-    let rc = unsafe {
-        nix::libc::prlimit(
-            pid as i32,
-            nix::libc::RLIMIT_NOFILE,
-            &new,
-            std::ptr::null_mut(),
-        )
-    };
+    let new_ptr = new.as_ref().map_or(std::ptr::null(), |n| n as *const _);
+    // SAFETY: prlimit reads `*new_ptr` (a valid rlimit that outlives the call, or null) and
+    // writes the old limit into `old`, a valid rlimit we own.
+    let rc = unsafe { nix::libc::prlimit(pid as i32, nix::libc::RLIMIT_NOFILE, new_ptr, &mut old) };
     assert_eq!(
         rc,
         0,
-        "prlimit({pid}, RLIMIT_NOFILE, {limit}): {}",
+        "prlimit({pid}, RLIMIT_NOFILE, {:?}): {}",
+        new.map(|n| (n.rlim_cur, n.rlim_max)),
         std::io::Error::last_os_error()
+    );
+    old
+}
+
+/// Sets `pid`'s RLIMIT_NOFILE, soft and hard, to `limit` (as `prlimit --nofile=N:N` does): from
+/// now on that process cannot open an fd numbered `limit` or higher, and its children inherit it.
+pub fn set_fd_limit(pid: u32, limit: u64) {
+    prlimit_nofile(
+        pid,
+        Some(nix::libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: limit,
+        }),
+    );
+}
+
+/// Sets only `pid`'s soft RLIMIT_NOFILE, keeping its hard limit, so it can be raised again.
+pub fn set_soft_fd_limit(pid: u32, soft: u64) {
+    let old = prlimit_nofile(pid, None);
+    prlimit_nofile(
+        pid,
+        Some(nix::libc::rlimit {
+            rlim_cur: soft.min(old.rlim_max),
+            rlim_max: old.rlim_max,
+        }),
     );
 }
 
 /// How many fds `pid` has open.
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
-/// Sets only `pid`'s soft RLIMIT_NOFILE, keeping its hard limit, so it can be raised again.
-pub fn set_soft_fd_limit(pid: u32, soft: u64) {
-    let mut old = nix::libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: prlimit writes the current limit into `old`, a valid rlimit we own, and reads
-    // nothing (the new-limit pointer is null).
-    let rc = unsafe {
-        nix::libc::prlimit(
-            pid as i32,
-            nix::libc::RLIMIT_NOFILE,
-            std::ptr::null(),
-            &mut old,
-        )
-    };
-    assert_eq!(rc, 0, "prlimit({pid}): {}", std::io::Error::last_os_error());
-    let new = nix::libc::rlimit {
-        rlim_cur: soft.min(old.rlim_max),
-        rlim_max: old.rlim_max,
-    };
-    // SAFETY: as in `set_fd_limit`.
-    let rc = unsafe {
-        nix::libc::prlimit(
-            pid as i32,
-            nix::libc::RLIMIT_NOFILE,
-            &new,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit({pid}): {}", std::io::Error::last_os_error());
 }

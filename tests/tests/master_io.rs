@@ -212,18 +212,7 @@ async fn a_large_plugin_is_snapshotted_off_the_event_loop() {
         || snapshotting(&host) > started,
     )
     .await;
-    let out = host.cli(&["stop"]).await;
-    assert!(out.status.success(), "{}", host.explain(&out));
-    let reload = reload.await.unwrap();
-    assert!(!reload.status.success(), "{}", host.explain(&reload));
-    assert!(
-        String::from_utf8_lossy(&reload.stderr).contains("stopping"),
-        "{}",
-        host.explain(&reload)
-    );
-    for pid in pids.iter().chain([&host.master_pid]) {
-        assert!(!pid_alive(*pid), "pid {pid} outlived stop");
-    }
+    host.stop_during(reload, &pids).await;
     assert!(
         !rolled_out(&host, 3),
         "no rollout started after stop:\n{}",

@@ -487,18 +487,7 @@ async fn stop_during_a_reload_leaves_nothing_behind() {
     let reload = host.spawn_cli(&["reload"]);
     let starting = host.wait_for_workers("starting").await;
     pids.extend(starting);
-    let out = host.cli(&["stop"]).await;
-    assert!(out.status.success(), "{}", host.explain(&out));
-    let reload = reload.await.unwrap();
-    assert!(!reload.status.success());
-    assert!(
-        String::from_utf8_lossy(&reload.stderr).contains("stopping"),
-        "{}",
-        host.explain(&reload)
-    );
-    for pid in pids.iter().chain([&host.master_pid]) {
-        assert!(!pid_alive(*pid), "pid {pid} outlived stop");
-    }
+    host.stop_during(reload, &pids).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
