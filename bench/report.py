@@ -45,6 +45,18 @@ targets = [
     ("Worker RSS", "<= 8 MiB", f"{worker_rss / MiB:.1f} MiB", verdict(worker_rss <= 8 * MiB)),
     ("Master RSS", "<= 8 MiB", f"{master_rss / MiB:.1f} MiB", verdict(master_rss <= 8 * MiB)),
 ]
+bal = [line.split() for line in env["R_BAL"].splitlines()]  # mode ratio served rps cpu
+bal_on = [b for b in bal if b[0] == "true"]
+bal_off = [b for b in bal if b[0] == "false"]
+worst_on = max(float(b[1]) for b in bal_on)
+targets.append(
+    (
+        "Busiest / least busy worker, 5 s after a reload (32 keep-alive, 4 workers)",
+        "<= 2x",
+        f"{worst_on:.2f}x (worst of {len(bal_on)}; {max(float(b[1]) for b in bal_off):.2f}x with accept_balance off)",
+        verdict(worst_on <= 2),
+    )
+)
 
 out = []
 w = out.append
@@ -140,4 +152,18 @@ w("|---|---|")
 for line in env["R_SCALE_RELOAD"].splitlines():
     n, ms = line.split()
     w(f"| {n} | {ms} |")
+w("")
+w("## 7. Accept balance after a reload")
+w("")
+w(
+    "4 workers, `wrk -t2 -c32` keep-alive connections (wrk reconnects when a response says `Connection: close`), "
+    "`host reload` at 2 s; then the requests each new worker served over 5 s (`status --json`). Then "
+    f"`wrk -t1 -c32 -d{env['SECS']}s -H 'Connection: close'` on the same host: a connection per request, where "
+    "stepping aside could cost the most. Rounds alternate `accept_balance = true` and `false`; nothing is pinned."
+)
+w("")
+w("| accept_balance | requests per worker, 5 s after the reload | busiest / least busy | close: requests/s | close: CPU µs / request |")
+w("|---|---|---|---|---|")
+for mode, ratio, served, rps, cpu in bal:
+    w(f"| {mode} | {served.replace(',', ', ')} | {float(ratio):.2f}x | {float(rps):,.0f} | {float(cpu):.1f} |")
 print("\n".join(out))

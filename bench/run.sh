@@ -2,7 +2,7 @@
 # The benchmark: the plugin host measured side by side with a bare hyper server, in one run.
 # Writes bench/RESULTS.md (tables, targets, machine) and bench/latency-during-reload.svg.
 #
-#   bench/run.sh            # about two minutes on a 2-core machine, after the release build
+#   bench/run.sh            # about three minutes on a 2-core machine, after the release build
 #
 # Needs: cargo, python3, taskset (util-linux), wrk (installed with apt-get if missing).
 # Benchmarks are not tests: nothing here fails on a number; the targets are reported.
@@ -141,13 +141,48 @@ for n in 1 4 16; do
   SCALE_RELOAD+=("$n $(median "${times[@]}")"); stop_host "r$n"
 done
 
+# 7. Accept balance after a reload, with accept_balance on and off, 2 alternated rounds each:
+#    4 workers, wrk with 32 keep-alive connections (it reconnects when told to close), a reload at
+#    2 s, then each new worker's share of the following 5 s. And Connection: close throughput on
+#    4 workers, on and off, CPU per request over every host process.
+echo "bench: 7/7 accept balance after a reload, on and off" >&2
+BAL=()
+for _ in 1 2; do
+  for mode in true false; do
+    config "bal-$mode" 4 18240; echo "accept_balance = $mode" >> "$WORK/bal-$mode.toml"
+    start_host "bal-$mode"
+    wrk -t2 -c32 -d10s http://127.0.0.1:18240/ >/dev/null & WRK_PID=$!
+    sleep 2
+    "$BIN/host" -c "$WORK/bal-$mode.toml" reload >/dev/null
+    sleep 2 # the old workers' idle_grace (1 s) and drain
+    s0=$(status_json "bal-$mode"); sleep 5; s1=$(status_json "bal-$mode")
+    wait $WRK_PID
+    share=$(python3 -c '
+import json, sys
+s0, s1 = (json.loads(a) for a in sys.argv[1:])
+before = {w["pid"]: w["requests"] for w in s0["workers"] if w["state"] == "ready"}
+served = [w["requests"] - before[w["pid"]] for w in s1["workers"] if w["pid"] in before]
+print(f"{max(served) / max(min(served), 1):.2f}", ",".join(str(n) for n in served))
+' "$s0" "$s1")
+    pids=$(host_pids "bal-$mode")
+    # shellcheck disable=SC2086
+    t0=$(cpu_ticks $pids)
+    out=$(wrk -t1 -c32 -d"${SECS}s" -H "Connection: close" http://127.0.0.1:18240/)
+    t1=$(cpu_ticks $pids)
+    n=$(echo "$out" | awk '/requests in/ {print $1}'); rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    BAL+=("$mode $share $rps $(python3 -c "print(($t1-$t0)/$CLK*1e6/$n)")")
+    stop_host "bal-$mode"
+  done
+done
+
 # Results.
 # (Arrays cannot be exported: each goes out as a space- or line-separated string.)
 export R_BARE_RPS="${BARE_RPS[*]}" R_HOST_RPS="${HOST_RPS[*]}" R_BARE_CPU="${BARE_CPU[*]}" R_HOST_CPU="${HOST_CPU[*]}"
 export R_RELOAD4="${RELOAD4[*]}" STARTUP LAT MEM BURST
 R_SCALE_RPS="$(printf '%s\n' "${SCALE_RPS[@]}")"
 R_SCALE_RELOAD="$(printf '%s\n' "${SCALE_RELOAD[@]}")"
-export R_SCALE_RPS R_SCALE_RELOAD
+R_BAL="$(printf '%s\n' "${BAL[@]}")"
+export R_SCALE_RPS R_SCALE_RELOAD R_BAL
 export MACHINE="$(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, Linux $(uname -r)"
 export RUSTC="$(rustc --version)" WRK="$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)" WHEN="$(date -u +%Y-%m-%d)"
 export SECS RUNS SERVER_CPU CLIENT_CPU

@@ -41,6 +41,9 @@ pub struct Config {
     /// Load a plugin file (or one in a directory) that other users can write. Off by default:
     /// whoever can write the file chooses the native code this host runs.
     pub allow_writable_plugin: bool,
+    /// Workers publish their connection counts and one holding clearly more than another steps
+    /// aside before accepting (see `accept_table`). Off: the kernel alone decides.
+    pub accept_balance: bool,
     /// Largest plugin file a reload snapshots.
     pub max_plugin_bytes: u64,
     /// A client must send a request's headers within this time (slowloris guard).
@@ -93,6 +96,7 @@ struct RawConfig {
     backlog: Option<i64>,
     keep_snapshots: Option<i64>,
     allow_writable_plugin: Option<bool>,
+    accept_balance: Option<bool>,
     max_plugin_bytes: Option<ByteSize>,
     header_read_timeout: Option<String>,
     max_headers: Option<i64>,
@@ -334,6 +338,7 @@ impl Config {
             backlog,
             keep_snapshots,
             allow_writable_plugin: raw.allow_writable_plugin.unwrap_or(false),
+            accept_balance: raw.accept_balance.unwrap_or(true),
             max_plugin_bytes,
             header_read_timeout: duration(
                 "header_read_timeout",
@@ -598,6 +603,9 @@ mod tests {
             "backlog",
             "keep_snapshots",
             "allow_writable_plugin",
+            "accept_balance",
+            "max_plugin_bytes",
+            "body_read_timeout",
             "header_read_timeout",
             "max_headers",
             "max_header_bytes",
@@ -612,7 +620,7 @@ mod tests {
             let quoted = |s: String| toml::Value::String(s).to_string();
             let typed = match key {
                 "graceful_timeout" | "start_timeout" | "idle_grace" | "header_read_timeout"
-                | "watch_debounce" => (
+                | "watch_debounce" | "body_read_timeout" => (
                     prop_oneof![3 => 0u64..100, 1 => 0u64..100_000_000, 1 => any::<u64>()],
                     prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d"]),
                 )
@@ -633,7 +641,18 @@ mod tests {
                         .prop_map(|n| n.to_string())
                         .boxed()
                 }
-                "allow_writable_plugin" | "watch" => any::<bool>().prop_map(|b| b.to_string()).boxed(),
+                "allow_writable_plugin" | "watch" | "accept_balance" => {
+                    any::<bool>().prop_map(|b| b.to_string()).boxed()
+                }
+                "max_plugin_bytes" => prop_oneof![
+                    any::<i64>().prop_map(|n| n.to_string()),
+                    (
+                        any::<u64>(),
+                        prop::sample::select(vec!["", "B", "KiB", "MiB", "GiB", "TiB", " MiB"])
+                    )
+                        .prop_map(move |(n, unit)| quoted(format!("{n}{unit}"))),
+                ]
+                .boxed(),
                 "listen" => prop_oneof![
                     Just("\"127.0.0.1:0\"".to_string()),
                     any::<u16>().prop_map(|p| format!("\"[::1]:{p}\"")),
@@ -662,6 +681,23 @@ mod tests {
             prop_oneof![3 => few, 1 => many]
         }
 
+        /// Every key the README's configuration table documents gets random values here.
+        #[test]
+        fn the_property_test_covers_every_documented_key() {
+            let readme = include_str!("../../README.md");
+            let section = readme
+                .split("## Configuration")
+                .nth(1)
+                .and_then(|s| s.split("\n## ").next())
+                .expect("README has a Configuration section");
+            let documented: std::collections::BTreeSet<&str> = section
+                .lines()
+                .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+                .collect();
+            let tested: std::collections::BTreeSet<&str> = KEYS.iter().copied().collect();
+            assert_eq!(documented, tested);
+        }
+
         fn bounded(key: &str, d: Duration) {
             let now = std::time::Instant::now();
             let four = d.checked_mul(4).expect("d * 4");
@@ -686,6 +722,7 @@ mod tests {
                             ("idle_grace", c.idle_grace),
                             ("header_read_timeout", c.header_read_timeout),
                             ("watch_debounce", c.watch_debounce),
+                            ("body_read_timeout", c.body_read_timeout),
                         ] {
                             bounded(key, d);
                         }

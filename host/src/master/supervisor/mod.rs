@@ -222,14 +222,19 @@ impl Supervisor {
     ) -> Supervisor {
         let slots = cfg.workers;
         // Cells for every slot's worker plus a candidate and crash replacements at once.
-        let accept_table = crate::accept_table::Table::create(2 * slots + 2)
-            .inspect_err(|e| {
-                tracing::warn!(
-                    "{}; workers will accept without balancing",
-                    crate::error_chain(e)
-                )
-            })
-            .ok();
+        let accept_table = cfg
+            .accept_balance
+            .then(|| crate::accept_table::Table::create(2 * slots + 2))
+            .and_then(|created| {
+                created
+                    .inspect_err(|e| {
+                        tracing::warn!(
+                            "{}; workers will accept without balancing",
+                            crate::error_chain(e)
+                        )
+                    })
+                    .ok()
+            });
         Supervisor {
             cfg,
             listener,
