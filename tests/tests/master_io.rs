@@ -201,8 +201,20 @@ async fn a_large_plugin_is_snapshotted_off_the_event_loop() {
     );
     assert!(host.body("/").await.starts_with("v2 from"));
 
-    // Stop while the same bytes are being hashed again (no copy: the snapshot exists): the
-    // waiting reload gets an error and the rollout never starts.
+    // An unchanged file is not read again: this reload takes no snapshot time.
+    let t = Instant::now();
+    host.reload_ok().await;
+    let unchanged = t.elapsed();
+    eprintln!("reload of the unchanged 200 MB file: {unchanged:?}");
+    assert!(
+        unchanged < wall / 4,
+        "an unchanged file is reused without reading ({unchanged:?} vs {wall:?})"
+    );
+
+    // Stop while the same bytes are being read again (a chmod moves the file's ctime, so it is
+    // no longer known unchanged): the waiting reload gets an error and the rollout never starts.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&host.plugin, std::fs::Permissions::from_mode(0o644)).unwrap();
     let started = snapshotting(&host);
     let pids = host.worker_pids(None).await;
     let reload = host.spawn_cli(&["reload"]);
@@ -214,7 +226,7 @@ async fn a_large_plugin_is_snapshotted_off_the_event_loop() {
     .await;
     host.stop_during(reload, &pids).await;
     assert!(
-        !rolled_out(&host, 3),
+        !rolled_out(&host, 4),
         "no rollout started after stop:\n{}",
         host.log()
     );

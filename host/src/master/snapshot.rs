@@ -8,13 +8,15 @@
 //! a new path).
 //!
 //! [`take`] blocks (it reads, hashes and copies up to `max_plugin_bytes`): the master runs it on
-//! tokio's blocking pool, never on its event loop. Only regular files are read: a FIFO, device or
+//! a thread of its own at a lower priority, never on its event loop. Only regular files are read: a FIFO, device or
 //! socket is refused from its metadata before it is opened, and again from `fstat` on the opened
 //! descriptor (opened `O_NONBLOCK`, so opening a FIFO cannot hang either).
 //!
-//! Bytes whose snapshot already exists are not written again: the file is hashed in a first pass
-//! that writes nothing, and copied (and hashed again: what is written is what is named) only when
-//! `<sha256>.so` is missing. Reloading bytes already snapshotted therefore needs no disk space.
+//! One pass reads, hashes and copies the file into a temporary name, renamed to `<sha256>.so` at
+//! the end (what is written is what is named). Bytes whose snapshot already exists are not kept
+//! twice, and a failed write (a full disk) matters only when it does not exist: reloading bytes
+//! already snapshotted needs no disk space. A file unchanged since its last snapshot (same
+//! device, inode, size, mtime and ctime) is not read at all.
 //! This module reads and writes files; it never loads them.
 
 use std::io::{Read, Seek, Write};
@@ -71,12 +73,6 @@ pub enum SnapshotError {
     },
     #[error("plugin file {path} is not a loadable shared library: {reason}")]
     BadElf { path: PathBuf, reason: String },
-    #[error("cannot create snapshot directory {path}")]
-    CreateDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("cannot write snapshot {path}")]
     Write {
         path: PathBuf,
@@ -237,14 +233,8 @@ struct Scan {
     head: Vec<u8>,
 }
 
-/// Why a pass stopped: the source (read, too large, cancelled) or the copy (write).
-enum PassError {
-    Source(SnapshotError),
-    Write(std::io::Error),
-}
-
 /// Reads `file` from the start through a small buffer, hashing as it goes and writing every
-/// chunk to `out` if given. Stops past `max` bytes and when `cancel` is set. (Reading a whole
+/// chunk to `out` if given (after a failed write, into `write_error`, it only hashes). Stops past `max` bytes and when `cancel` is set. (Reading a whole
 /// multi-MiB plugin into memory would leave the master's heap that much larger for good: glibc
 /// keeps it after the free.)
 fn pass(
@@ -253,12 +243,11 @@ fn pass(
     mut out: Option<&mut std::fs::File>,
     max: u64,
     cancel: &AtomicBool,
-) -> Result<Scan, PassError> {
-    let read_err = |e| {
-        PassError::Source(SnapshotError::Read {
-            path: source.to_path_buf(),
-            source: e,
-        })
+    write_error: &mut Option<std::io::Error>,
+) -> Result<Scan, SnapshotError> {
+    let read_err = |e| SnapshotError::Read {
+        path: source.to_path_buf(),
+        source: e,
     };
     file.rewind().map_err(read_err)?;
     let mut hasher = Sha256::new();
@@ -266,9 +255,9 @@ fn pass(
     let (mut size, mut head) = (0u64, Vec::new());
     loop {
         if cancel.load(Ordering::Relaxed) {
-            return Err(PassError::Source(SnapshotError::Cancelled {
+            return Err(SnapshotError::Cancelled {
                 path: source.to_path_buf(),
-            }));
+            });
         }
         let n = match file.read(&mut buf) {
             Ok(0) => break,
@@ -279,17 +268,21 @@ fn pass(
         size += n as u64;
         if size > max {
             // The file grew past the limit after its size was checked.
-            return Err(PassError::Source(SnapshotError::TooLarge {
+            return Err(SnapshotError::TooLarge {
                 path: source.to_path_buf(),
                 max,
-            }));
+            });
         }
         if head.len() < 16 {
             head.extend_from_slice(&buf[..n.min(16 - head.len())]);
         }
         hasher.update(&buf[..n]);
-        if let Some(out) = out.as_deref_mut() {
-            out.write_all(&buf[..n]).map_err(PassError::Write)?;
+        if write_error.is_none()
+            && let Some(out) = out.as_deref_mut()
+            && let Err(e) = out.write_all(&buf[..n])
+        {
+            // Keep hashing: the bytes may have a snapshot already, which needs no space.
+            *write_error = Some(e);
         }
     }
     Ok(Scan {
@@ -308,10 +301,62 @@ fn existing(dir: &Path, scan: &Scan) -> Option<PathBuf> {
         .then_some(path)
 }
 
-/// Snapshots `source` into `dir`, reusing an existing snapshot with the same content without
-/// writing anything. Refuses anything but a regular file of at most `limits.max_bytes`, and
-/// unless `limits.allow_writable` a file others can write (see [`check_permissions`]). Returns
-/// [`SnapshotError::Cancelled`] soon after `cancel` is set. Blocks: call it off the event loop.
+/// What identifies an unchanged file without reading it: device, inode, size, and the
+/// modification and change times (`ctime` moves on every write and cannot be set by users).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Each plugin file snapshotted, as it was then, and its snapshot (in practice one: the
+/// configured plugin).
+type Seen = std::collections::HashMap<PathBuf, (Stamp, Snapshot)>;
+static LAST: std::sync::Mutex<Option<Seen>> = std::sync::Mutex::new(None);
+
+/// The snapshot taken last time of `source`, if the file has not changed since and the snapshot
+/// is still there.
+fn unchanged(source: &Path, stamp: Stamp) -> Option<Snapshot> {
+    let last = LAST.lock().ok()?;
+    let (was, snapshot) = last.as_ref()?.get(source)?;
+    let still_there = std::fs::symlink_metadata(&snapshot.path)
+        .is_ok_and(|m| m.is_file() && m.len() == snapshot.size);
+    (*was == stamp && still_there).then(|| snapshot.clone())
+}
+
+fn remember(source: &Path, stamp: Stamp, snapshot: &Snapshot) {
+    if let Ok(mut last) = LAST.lock() {
+        let seen = last.get_or_insert_with(Seen::new);
+        if seen.len() >= 16 {
+            seen.clear();
+        }
+        seen.insert(source.to_path_buf(), (stamp, snapshot.clone()));
+    }
+}
+
+/// Snapshots `source` into `dir` in one pass: read, hash and copy into a temporary file, then
+/// rename it to `<sha256>.so`. A file unchanged since the last snapshot (same [`Stamp`]) is not
+/// read at all; bytes whose snapshot already exists are not kept twice, and need no disk space
+/// (a write that fails is only reported if the snapshot did not exist). Refuses anything but a
+/// regular file of at most `limits.max_bytes`, and unless `limits.allow_writable` a file others
+/// can write (see [`check_permissions`]). Returns [`SnapshotError::Cancelled`] soon after
+/// `cancel` is set. Blocks: call it off the event loop.
 pub fn take(
     source: &Path,
     dir: &Path,
@@ -322,80 +367,93 @@ pub fn take(
         check_permissions(source)?;
     }
     let mut file = open_regular(source, limits.max_bytes)?;
-    let source_err = |e| match e {
-        PassError::Source(e) => e,
-        // A pass without output writes nothing.
-        PassError::Write(e) => SnapshotError::Read {
+    let stamp = file
+        .metadata()
+        .map(|m| Stamp::of(&m))
+        .map_err(|e| SnapshotError::Read {
             path: source.to_path_buf(),
             source: e,
-        },
-    };
-    let scan = pass(source, &mut file, None, limits.max_bytes, cancel).map_err(source_err)?;
-    if scan.size == 0 {
-        return Err(SnapshotError::Empty {
-            path: source.to_path_buf(),
-        });
+        })?;
+    if let Some(snapshot) = unchanged(source, stamp) {
+        return Ok(snapshot);
     }
-    if !scan.head.starts_with(b"\x7fELF") {
-        let head = String::from_utf8_lossy(&scan.head).into_owned();
-        return Err(SnapshotError::NotElf {
-            path: source.to_path_buf(),
-            head,
-        });
-    }
-    if let Some(path) = existing(dir, &scan) {
-        check_elf(source, &path, scan.size)?;
-        return Ok(Snapshot {
-            path,
-            sha256: scan.sha256,
-            size: scan.size,
-        });
-    }
-    std::fs::create_dir_all(dir).map_err(|e| SnapshotError::CreateDir {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
+    // The copy goes to a temporary name; `create_dir_all` and the create may fail on a full
+    // disk, and then the pass only hashes (the bytes may have a snapshot already).
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = dir.join(format!(
         ".incoming.{}.{}.tmp",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
-    let result = (|| {
-        // Named after the first pass; the copy is hashed again below and named by what it holds.
-        let write_err = |path: PathBuf| move |e| SnapshotError::Write { path, source: e };
-        let planned = dir.join(format!("{}.so", scan.sha256));
-        let mut out = std::fs::OpenOptions::new()
+    let mut write_error = None;
+    let mut out = match std::fs::create_dir_all(dir).and_then(|()| {
+        std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
-            .map_err(write_err(planned.clone()))?;
-        let copied = match pass(source, &mut file, Some(&mut out), limits.max_bytes, cancel) {
-            Ok(copied) => copied,
-            Err(PassError::Source(e)) => return Err(e),
-            Err(PassError::Write(e)) => return Err(write_err(planned)(e)),
-        };
-        if copied.size == 0 || !copied.head.starts_with(b"\x7fELF") {
-            return Err(SnapshotError::BadElf {
+    }) {
+        Ok(out) => Some(out),
+        Err(e) => {
+            write_error = Some(e);
+            None
+        }
+    };
+    let result = (|| {
+        let scan = pass(
+            source,
+            &mut file,
+            out.as_mut(),
+            limits.max_bytes,
+            cancel,
+            &mut write_error,
+        )?;
+        if scan.size == 0 {
+            return Err(SnapshotError::Empty {
                 path: source.to_path_buf(),
-                reason: "the file changed while it was being read".into(),
             });
         }
-        let path = dir.join(format!("{}.so", copied.sha256));
-        check_elf(source, &tmp, copied.size)?;
-        out.sync_all().map_err(write_err(path.clone()))?;
+        if !scan.head.starts_with(b"\x7fELF") {
+            let head = String::from_utf8_lossy(&scan.head).into_owned();
+            return Err(SnapshotError::NotElf {
+                path: source.to_path_buf(),
+                head,
+            });
+        }
+        if let Some(path) = existing(dir, &scan) {
+            check_elf(source, &path, scan.size)?;
+            return Ok(Snapshot {
+                path,
+                sha256: scan.sha256,
+                size: scan.size,
+            });
+        }
+        let path = dir.join(format!("{}.so", scan.sha256));
+        let write_err = |e| SnapshotError::Write {
+            path: path.clone(),
+            source: e,
+        };
+        if let Some(e) = write_error.take() {
+            return Err(write_err(e));
+        }
+        let out = out.take().expect("no write error, so the copy is open");
+        check_elf(source, &tmp, scan.size)?;
+        out.sync_all().map_err(write_err)?;
         drop(out);
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o500))
-            .map_err(write_err(path.clone()))?;
-        std::fs::rename(&tmp, &path).map_err(write_err(path.clone()))?;
+            .map_err(write_err)?;
+        std::fs::rename(&tmp, &path).map_err(write_err)?;
         Ok(Snapshot {
             path,
-            sha256: copied.sha256,
-            size: copied.size,
+            sha256: scan.sha256,
+            size: scan.size,
         })
     })();
+    drop(out);
     let _ = std::fs::remove_file(&tmp); // gone already when renamed
+    if let Ok(snapshot) = &result {
+        remember(source, stamp, snapshot);
+    }
     result
 }
 
@@ -493,6 +551,7 @@ mod tests {
         let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
         let before = inode(&first.path);
 
+        // The same file, unchanged: not read, nothing written (not even a temporary file).
         let again = take_(&good, &snap, false).unwrap();
         assert_eq!(again.path, first.path);
         assert_eq!(again.sha256, first.sha256);
@@ -501,6 +560,32 @@ mod tests {
             std::fs::metadata(&snap).unwrap().modified().unwrap(),
             old,
             "nothing was created in the snapshot directory"
+        );
+
+        // The same bytes in another file: read and hashed, the snapshot kept as it is.
+        let copy = dir.join("copy.so");
+        std::fs::copy(&good, &copy).unwrap();
+        let third = take_(&copy, &snap, false).unwrap();
+        assert_eq!(third.path, first.path);
+        assert_eq!(inode(&third.path), before, "the snapshot was not replaced");
+        let files: Vec<_> = std::fs::read_dir(&snap).unwrap().flatten().collect();
+        assert_eq!(files.len(), 1, "no temporary copy left: {files:?}");
+
+        // A rewrite of the file (new ctime) is read again, whatever its mtime says.
+        std::fs::copy(&copy, &good).unwrap();
+        std::fs::File::open(&good)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        std::fs::File::open(&snap)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        take_(&good, &snap, false).unwrap();
+        assert_ne!(
+            std::fs::metadata(&snap).unwrap().modified().unwrap(),
+            old,
+            "a changed file is read and copied again"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -559,7 +644,8 @@ mod tests {
             err.contains("is larger than max_plugin_bytes (16 bytes)"),
             "{err}"
         );
-        assert!(!dir.join("snap").exists(), "nothing was written");
+        let left = std::fs::read_dir(dir.join("snap")).map_or(0, |d| d.count());
+        assert_eq!(left, 0, "nothing is left of the partial copy");
 
         let limits = Limits {
             max_bytes: 512 * MIB,
