@@ -54,10 +54,13 @@ const INLINE_LIMIT: Duration = Duration::from_millis(20);
 /// of landing on whichever worker is on a CPU. See `accept_table`.
 const ACCEPT_STEP_ASIDE: Duration = Duration::from_millis(1);
 /// At most this many steps aside in a row...
-const ACCEPT_STEP_ASIDE_ROUNDS: u32 = 20;
+const ACCEPT_STEP_ASIDE_ROUNDS: u32 = 30;
 /// ...and only while the others keep taking connections: after this many steps in which they
 /// took none (busy, or hung), accept.
-const ACCEPT_STEP_ASIDE_IDLE_ROUNDS: u32 = 3;
+const ACCEPT_STEP_ASIDE_IDLE_ROUNDS: u32 = 5;
+
+/// At most one keep-alive connection handed off to a less loaded worker per this long.
+const HAND_OFF_EVERY: Duration = Duration::from_millis(100);
 
 /// At `graceful_timeout`, how long the `503` answers to requests still running may take to be
 /// written before the worker exits anyway (the master kills it 2 s after the timeout).
@@ -81,6 +84,12 @@ struct Shared {
     connections: watch::Sender<u64>,
     /// The shared accept table and this worker's cell in it.
     accept_table: Option<(crate::accept_table::Table, usize)>,
+    /// Open connections that will stay: they carried a request that did not ask to close the
+    /// connection after it (HTTP/2, or HTTP/1 keep-alive). What the accept table counts: a
+    /// connection per request lives microseconds and says nothing about load to come.
+    staying: AtomicU64,
+    /// When this worker last closed a keep-alive connection to even out the load (monotonic ns).
+    last_hand_off: AtomicU64,
     idle_grace: Duration,
     max_body_bytes: usize,
     body_read_timeout: Duration,
@@ -92,8 +101,35 @@ impl Shared {
         if let Some((table, cell)) = &self.accept_table
             && !self.draining.load(Ordering::Relaxed)
         {
-            table.publish(*cell, *self.connections.borrow());
+            table.publish(*cell, self.staying.load(Ordering::Relaxed));
         }
+    }
+
+    /// Whether to close this HTTP/1 keep-alive connection after its response, so its client
+    /// reconnects to a less loaded worker: this worker holds clearly more staying connections
+    /// than the least loaded one, and has not handed one off in the last [`HAND_OFF_EVERY`].
+    /// Bursts that landed unevenly (the accept step-aside is bounded) even out this way.
+    fn hand_off_one(&self, conn: &Connection) -> bool {
+        let Some((table, cell)) = &self.accept_table else {
+            return false;
+        };
+        if !conn.staying.load(Ordering::Relaxed) {
+            return false;
+        }
+        let staying = self.staying.load(Ordering::Relaxed);
+        if !table
+            .least_loaded_other(*cell)
+            .is_some_and(|least| crate::accept_table::over_share(staying, least))
+        {
+            return false;
+        }
+        let now = monotonic_ns();
+        let last = self.last_hand_off.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < HAND_OFF_EVERY.as_nanos() as u64 {
+            return false;
+        }
+        self.last_hand_off.store(now, Ordering::Relaxed);
+        true
     }
 
     /// Before an accept: while this worker holds clearly more connections than the least
@@ -104,9 +140,10 @@ impl Shared {
             return;
         };
         let over = || {
-            table.least_loaded_other(*cell).is_some_and(|least| {
-                crate::accept_table::over_share(*self.connections.borrow(), least)
-            })
+            let staying = self.staying.load(Ordering::Relaxed);
+            table
+                .least_loaded_other(*cell)
+                .is_some_and(|least| crate::accept_table::over_share(staying, least))
         };
         let (mut others, mut idle) = (table.others_total(*cell), 0);
         for _ in 0..ACCEPT_STEP_ASIDE_ROUNDS {
@@ -321,6 +358,8 @@ async fn serve(
         in_flight: AtomicU64::new(0),
         connections: watch::Sender::new(0),
         accept_table,
+        staying: AtomicU64::new(0),
+        last_hand_off: AtomicU64::new(0),
         idle_grace: Duration::from_millis(spec.idle_grace_ms),
         max_body_bytes: spec.max_body_bytes,
         body_read_timeout: Duration::from_millis(spec.body_read_timeout_ms),
@@ -382,7 +421,14 @@ async fn serve(
                 listener.as_ref().expect("guarded").accept().await
             }, if listener.is_some() => {
                 match accepted {
-                    Ok((stream, _peer)) => spawn_connection(shared.clone(), stream),
+                    Ok((stream, _peer)) => {
+                        spawn_connection(shared.clone(), stream);
+                        // Let the new connection read its first request (and count itself for
+                        // balance, if it will stay) before the next accept looks at the counts.
+                        if shared.accept_table.is_some() {
+                            tokio::task::yield_now().await;
+                        }
+                    }
                     Err(e) => {
                         // EMFILE and friends: log at most once a second per cause (with how many
                         // were not logged) and back off briefly instead of spinning.
@@ -494,7 +540,6 @@ struct ConnectionGuard(Arc<Shared>);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections.send_modify(|n| *n -= 1);
-        self.0.publish_connections();
     }
 }
 
@@ -506,7 +551,6 @@ async fn wait_for_drain(mut rx: watch::Receiver<bool>) {
 
 fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
     shared.connections.send_modify(|n| *n += 1);
-    shared.publish_connections();
     let guard = ConnectionGuard(shared.clone());
     tokio::spawn(async move {
         let _guard = guard;
@@ -515,6 +559,7 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
             shared: shared.clone(),
             is_h2: AtomicBool::new(false),
             first_h2_request: tokio::sync::Notify::new(),
+            staying: AtomicBool::new(false),
         });
         let service = {
             let conn_state = conn_state.clone();
@@ -662,6 +707,46 @@ struct Connection {
     /// Set on its first HTTP/2 request: a drain sends GOAWAY at once instead of waiting.
     is_h2: AtomicBool,
     first_h2_request: tokio::sync::Notify,
+    /// Counted in [`Shared::staying`].
+    staying: AtomicBool,
+}
+
+impl Connection {
+    /// Counts this connection for balance once a request shows the client will keep it.
+    fn note_request(&self, req: &Request<Incoming>) {
+        if self.staying.load(Ordering::Relaxed) {
+            return;
+        }
+        let keep_alive = match req.version() {
+            Version::HTTP_11 => !has_token(req, "close"),
+            Version::HTTP_10 => has_token(req, "keep-alive"),
+            _ => true,
+        };
+        if keep_alive {
+            self.staying.store(true, Ordering::Relaxed);
+            self.shared.staying.fetch_add(1, Ordering::Relaxed);
+            self.shared.publish_connections();
+        }
+    }
+}
+
+/// Whether the request's `Connection` header lists `token`.
+fn has_token(req: &Request<Incoming>, token: &str) -> bool {
+    req.headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.staying.load(Ordering::Relaxed) {
+            self.shared.staying.fetch_sub(1, Ordering::Relaxed);
+            self.shared.publish_connections();
+        }
+    }
 }
 
 async fn handle_request(
@@ -673,6 +758,7 @@ async fn handle_request(
     if h2 && !conn.is_h2.swap(true, Ordering::Relaxed) {
         conn.first_h2_request.notify_one();
     }
+    conn.note_request(&req);
     let _in_flight = InFlight::new(shared);
     let mut resp = if req.uri().path().starts_with("/_host/") {
         builtin(&req)
@@ -695,7 +781,7 @@ async fn handle_request(
             }
         }
     };
-    if !h2 && shared.draining.load(Ordering::Relaxed) {
+    if !h2 && (shared.draining.load(Ordering::Relaxed) || shared.hand_off_one(&conn)) {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
