@@ -27,6 +27,10 @@ burst_ms, burst_errors = int(burst[3]), int(burst[2])
 MiB = 1 << 20
 
 
+def times(ratio):
+    return "∞ (a worker served nothing)" if ratio == float("inf") else f"{ratio:.2f}x"
+
+
 def verdict(ok):
     return "met" if ok else "**missed**"
 
@@ -53,7 +57,7 @@ targets.append(
     (
         "Busiest / least busy worker, 5 s after a reload (32 keep-alive, 4 workers)",
         "<= 2x",
-        f"{worst_on:.2f}x (worst of {len(bal_on)}; {max(float(b[1]) for b in bal_off):.2f}x with accept_balance off)",
+        f"{times(worst_on)} (worst of {len(bal_on)}; {times(max(float(b[1]) for b in bal_off))} with accept_balance off)",
         verdict(worst_on <= 2),
     )
 )
@@ -165,5 +169,5 @@ w("")
 w("| accept_balance | requests per worker, 5 s after the reload | busiest / least busy | close: requests/s | close: CPU µs / request |")
 w("|---|---|---|---|---|")
 for mode, ratio, served, rps, cpu in bal:
-    w(f"| {mode} | {served.replace(',', ', ')} | {float(ratio):.2f}x | {float(rps):,.0f} | {float(cpu):.1f} |")
+    w(f"| {mode} | {served.replace(',', ', ')} | {times(float(ratio))} | {float(rps):,.0f} | {float(cpu):.1f} |")
 print("\n".join(out))

@@ -162,7 +162,8 @@ import json, sys
 s0, s1 = (json.loads(a) for a in sys.argv[1:])
 before = {w["pid"]: w["requests"] for w in s0["workers"] if w["state"] == "ready"}
 served = [w["requests"] - before[w["pid"]] for w in s1["workers"] if w["pid"] in before]
-print(f"{max(served) / max(min(served), 1):.2f}", ",".join(str(n) for n in served))
+ratio = max(served) / min(served) if min(served) else float("inf")
+print(f"{ratio:.2f}", ",".join(str(n) for n in served))
 ' "$s0" "$s1")
     pids=$(host_pids "bal-$mode")
     # shellcheck disable=SC2086
