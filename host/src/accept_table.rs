@@ -1,78 +1,122 @@
-//! The accept table: one small shared memory region where every accepting worker publishes how
-//! many connections it holds, so that a worker holding clearly more than the least loaded one
-//! lets the others take the next connection (nginx's `accept_disabled`, with the whole picture).
+//! The worker table: one shared memory region the master creates (a memfd) and maps into every
+//! worker, with a cell per worker holding
 //!
-//! Why: all workers wait on one listening socket, and the kernel wakes them all for a new
-//! connection; when a burst arrives (every keep-alive client of a drained worker reconnecting at
-//! once), whichever worker is on a CPU accepts in a loop and takes nearly all of it, and
-//! keep-alive connections then stay where they landed.
+//! - how many connections it holds that will stay, while it accepts, so that a worker holding
+//!   clearly more than the least loaded one lets the others take the next connection (nginx's
+//!   `accept_disabled`, with the whole picture). All workers wait on one listening socket and
+//!   the kernel wakes them all; when a burst arrives (every keep-alive client of a drained worker
+//!   reconnecting at once), whichever worker is on a CPU would otherwise accept nearly all of it.
+//! - the requests it has in flight (method, path, start time), so that when it dies abruptly
+//!   (abort, segfault, `exit`) or hangs, the master can still say which requests it was serving:
+//!   the record cannot depend on the dying process sending a last message.
 //!
-//! The master creates the table (a memfd, one `u32` cell per worker that can accept at a time)
-//! and maps it into each worker as [`TABLE_FD`] with a cell of its own, which it clears again
-//! when it reaps the worker (a worker that dies abruptly cannot). A worker writes its live
-//! connection count into its cell while it accepts and clears the cell when it stops. Cells are
-//! only touched with atomics.
+//! The master gives each worker a cell of its own when it spawns it and frees the cell when it
+//! reaps the worker; a worker clears its count when it stops accepting. Only the owning worker
+//! writes its cell (from its I/O thread); the master and the other workers only read. Every
+//! access is through atomics.
 //!
 //! This is one of the places host code uses `unsafe`: mapping the table. It reads and writes
-//! cells; it decides nothing about accepting.
+//! cells; it decides nothing.
 
 #![allow(unsafe_code)]
 
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap};
 
 /// Where a worker finds the table.
 pub const TABLE_FD: RawFd = 5;
-/// A cell no accepting worker owns.
+/// A count no accepting worker owns.
 const INACTIVE: u32 = u32::MAX;
+/// Requests a worker records at once; more are only counted.
+const RECORDS: usize = 32;
+const METHOD_BYTES: usize = 8;
+const PATH_WORDS: usize = 13;
+const PATH_BYTES: usize = PATH_WORDS * 8;
+const BUSY: u64 = 1 << 63;
+
+/// One request in flight: 128 bytes. `head` is `BUSY | method_len << 8 | path_len` while the
+/// request runs and 0 when the record is free; it is written last (Release) and read first.
+#[repr(C)]
+struct Record {
+    head: AtomicU64,
+    started_us: AtomicU64,
+    method: AtomicU64,
+    path: [AtomicU64; PATH_WORDS],
+}
+
+/// A worker's requests in flight.
+#[repr(C)]
+struct Requests {
+    /// Requests in flight beyond the records.
+    overflow: AtomicU64,
+    _reserved: AtomicU64,
+    records: [Record; RECORDS],
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
-    #[error("cannot create the accept table")]
+    #[error("cannot create the worker table")]
     Create(#[source] nix::Error),
-    #[error("cannot map the accept table")]
+    #[error("cannot map the worker table")]
     Map(#[source] nix::Error),
-    #[error("the accept table has {found} bytes, expected at least {expected}")]
+    #[error("the worker table has {found} bytes, expected at least {expected}")]
     TooSmall { found: u64, expected: u64 },
 }
 
-/// A mapped table of `cells` connection counts. Never unmapped: it lives as long as the process.
+/// A mapped table of `cells` cells. Never unmapped: it lives as long as the process.
 #[derive(Clone, Copy)]
 pub struct Table {
-    cells: &'static [AtomicU32],
+    counts: &'static [AtomicU32],
+    requests: &'static [Requests],
 }
 
 impl std::fmt::Debug for Table {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Table({} cells)", self.cells.len())
+        write!(f, "Table({} cells)", self.counts.len())
     }
 }
 
+/// Where the request records start: after the counts, aligned for `Requests`.
+fn requests_offset(cells: usize) -> usize {
+    (cells * size_of::<AtomicU32>()).next_multiple_of(64)
+}
+
 fn byte_len(cells: usize) -> usize {
-    cells.max(1) * std::mem::size_of::<AtomicU32>()
+    requests_offset(cells) + cells * size_of::<Requests>()
+}
+
+/// A request as recorded: method, path (both possibly cut short), and how long it has run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    pub method: String,
+    pub path: String,
+    pub age_us: u64,
 }
 
 impl Table {
-    /// Creates a table of `cells` inactive cells: the master's, once at start.
+    /// Creates a table of `cells` cells, none active: the master's, once at start. The request
+    /// records start zeroed (free) and stay untouched pages until a worker uses them.
     pub fn create(cells: usize) -> Result<(Table, OwnedFd), TableError> {
+        let cells = cells.max(1);
         let fd = nix::sys::memfd::memfd_create(
-            c"host-accept-table",
+            c"host-worker-table",
             nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
         )
         .map_err(TableError::Create)?;
         nix::unistd::ftruncate(&fd, byte_len(cells) as i64).map_err(TableError::Create)?;
         let table = Table::map(&fd, cells)?;
-        for cell in table.cells {
-            cell.store(INACTIVE, Ordering::Relaxed);
+        for count in table.counts {
+            count.store(INACTIVE, Ordering::Relaxed);
         }
         Ok((table, fd))
     }
 
     /// Maps a table of `cells` cells from `fd`: a worker's, once at start.
     pub fn map(fd: &impl AsFd, cells: usize) -> Result<Table, TableError> {
+        let cells = cells.max(1);
         let len = byte_len(cells);
         let found = nix::sys::stat::fstat(fd.as_fd())
             .map_err(TableError::Map)?
@@ -84,10 +128,10 @@ impl Table {
                 expected: len as u64,
             });
         }
-        let length = NonZeroUsize::new(len).expect("byte_len is at least 4");
+        let length = NonZeroUsize::new(len).expect("at least one cell");
         // SAFETY: a fresh shared mapping of the first `len` bytes of a file checked above to be
         // at least that long; no existing memory is aliased (the kernel picks the address).
-        let ptr = unsafe {
+        let base = unsafe {
             mmap(
                 None,
                 length,
@@ -97,23 +141,34 @@ impl Table {
                 0,
             )
         }
-        .map_err(TableError::Map)?;
-        // SAFETY: the mapping is page-aligned (so aligned for `AtomicU32`), `len` bytes long, which
-        // is `cells` `AtomicU32`s, readable and writable, and never unmapped, so `'static` holds.
-        // Every process that maps it touches it only through these atomics.
-        let cells = unsafe {
-            std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU32>().cast_const(), cells)
+        .map_err(TableError::Map)?
+        .as_ptr()
+        .cast::<u8>();
+        // SAFETY: the mapping is page-aligned and `len` bytes long: `cells` `AtomicU32`s at the
+        // start, then `cells` `Requests` (plain atomics, valid for any bits, zero included) at a
+        // 64-byte-aligned offset, all inside it. It is readable and writable and never unmapped,
+        // so `'static` holds; every process that maps it touches it only through atomics.
+        let (counts, requests) = unsafe {
+            (
+                std::slice::from_raw_parts(base.cast::<AtomicU32>().cast_const(), cells),
+                std::slice::from_raw_parts(
+                    base.add(requests_offset(cells))
+                        .cast::<Requests>()
+                        .cast_const(),
+                    cells,
+                ),
+            )
         };
-        Ok(Table { cells })
+        Ok(Table { counts, requests })
     }
 
     pub fn len(&self) -> usize {
-        self.cells.len()
+        self.counts.len()
     }
 
-    /// Publishes the connection count of the worker owning `cell`.
+    /// Publishes the staying-connection count of the worker owning `cell`.
     pub fn publish(&self, cell: usize, connections: u64) {
-        if let Some(c) = self.cells.get(cell) {
+        if let Some(c) = self.counts.get(cell) {
             c.store(
                 connections.min(u64::from(INACTIVE - 1)) as u32,
                 Ordering::Relaxed,
@@ -121,34 +176,125 @@ impl Table {
         }
     }
 
-    /// Marks `cell` as owned by no accepting worker.
+    /// Marks `cell`'s count as owned by no accepting worker.
     pub fn clear(&self, cell: usize) {
-        if let Some(c) = self.cells.get(cell) {
+        if let Some(c) = self.counts.get(cell) {
             c.store(INACTIVE, Ordering::Relaxed);
+        }
+    }
+
+    /// Frees `cell` entirely (count and request records), for its next worker.
+    pub fn reset(&self, cell: usize) {
+        self.clear(cell);
+        if let Some(r) = self.requests.get(cell) {
+            r.overflow.store(0, Ordering::Relaxed);
+            for record in &r.records {
+                record.head.store(0, Ordering::Release);
+            }
         }
     }
 
     /// How many connections the other accepting workers hold together.
     pub fn others_total(&self, cell: usize) -> u64 {
-        self.cells
-            .iter()
-            .enumerate()
-            .filter(|(i, c)| *i != cell && c.load(Ordering::Relaxed) != INACTIVE)
-            .map(|(_, c)| u64::from(c.load(Ordering::Relaxed)))
-            .sum()
+        self.others(cell).map(u64::from).sum()
     }
 
     /// The fewest connections any other accepting worker holds, if there is one.
     pub fn least_loaded_other(&self, cell: usize) -> Option<u64> {
-        self.cells
+        self.others(cell).min().map(u64::from)
+    }
+
+    fn others(&self, cell: usize) -> impl Iterator<Item = u32> + '_ {
+        self.counts
             .iter()
             .enumerate()
-            .filter(|(i, _)| *i != cell)
+            .filter(move |(i, _)| *i != cell)
             .map(|(_, c)| c.load(Ordering::Relaxed))
             .filter(|&n| n != INACTIVE)
-            .min()
-            .map(u64::from)
     }
+
+    /// Records a request starting in `cell` (the calling worker's own) at `now_us`
+    /// (CLOCK_MONOTONIC); returns the record to give back to [`Table::end`], or `None` if every
+    /// record is taken (the request is then only counted).
+    pub fn begin(&self, cell: usize, method: &str, path: &str, now_us: u64) -> Option<usize> {
+        let requests = self.requests.get(cell)?;
+        let Some((i, record)) = requests
+            .records
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.head.load(Ordering::Relaxed) == 0)
+        else {
+            requests.overflow.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let method = &method.as_bytes()[..method.len().min(METHOD_BYTES)];
+        let path = &path.as_bytes()[..path.len().min(PATH_BYTES)];
+        record.started_us.store(now_us, Ordering::Relaxed);
+        record.method.store(pack(method), Ordering::Relaxed);
+        for (word, chunk) in record.path.iter().zip(path.chunks(8)) {
+            word.store(pack(chunk), Ordering::Relaxed);
+        }
+        let head = BUSY | (method.len() as u64) << 8 | path.len() as u64;
+        record.head.store(head, Ordering::Release);
+        Some(i)
+    }
+
+    /// The request recorded by [`Table::begin`] in `cell` is done.
+    pub fn end(&self, cell: usize, record: Option<usize>) {
+        let Some(requests) = self.requests.get(cell) else {
+            return;
+        };
+        match record.and_then(|i| requests.records.get(i)) {
+            Some(r) => r.head.store(0, Ordering::Release),
+            None => {
+                let _ = requests
+                    .overflow
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            }
+        }
+    }
+
+    /// The requests in flight in `cell`, oldest first, and how many more ran unrecorded. Exact
+    /// for a worker that is dead or stopped; for a live one, a snapshot that may be torn.
+    pub fn in_flight(&self, cell: usize, now_us: u64) -> (Vec<InFlight>, u64) {
+        let Some(requests) = self.requests.get(cell) else {
+            return (Vec::new(), 0);
+        };
+        let mut found: Vec<InFlight> = requests
+            .records
+            .iter()
+            .filter_map(|r| {
+                let head = r.head.load(Ordering::Acquire);
+                if head & BUSY == 0 {
+                    return None;
+                }
+                let method_len = ((head >> 8) & 0xff) as usize;
+                let path_len = (head & 0xff) as usize;
+                let path: Vec<u8> = r
+                    .path
+                    .iter()
+                    .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
+                    .take(path_len.min(PATH_BYTES))
+                    .collect();
+                let method = r.method.load(Ordering::Relaxed).to_le_bytes();
+                Some(InFlight {
+                    method: String::from_utf8_lossy(&method[..method_len.min(METHOD_BYTES)])
+                        .into_owned(),
+                    path: String::from_utf8_lossy(&path).into_owned(),
+                    age_us: now_us.saturating_sub(r.started_us.load(Ordering::Relaxed)),
+                })
+            })
+            .collect();
+        found.sort_by_key(|r| std::cmp::Reverse(r.age_us));
+        (found, requests.overflow.load(Ordering::Relaxed))
+    }
+}
+
+/// Up to 8 bytes as a little-endian word.
+fn pack(bytes: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    word[..bytes.len()].copy_from_slice(bytes);
+    u64::from_le_bytes(word)
 }
 
 /// Whether a worker holding `mine` connections should let others take the next one, when the
@@ -171,12 +317,55 @@ mod tests {
         worker.publish(2, 3);
         assert_eq!(master.least_loaded_other(0), Some(3));
         assert_eq!(master.least_loaded_other(2), Some(7));
+        assert_eq!(master.others_total(0), 10);
         master.clear(2);
         assert_eq!(worker.least_loaded_other(0), Some(7));
         assert!(matches!(
             Table::map(&fd, 5000),
             Err(TableError::TooSmall { .. })
         ));
+    }
+
+    #[test]
+    fn requests_in_flight_are_readable_by_another_mapping() {
+        let (master, fd) = Table::create(3).unwrap();
+        let worker = Table::map(&fd, 3).unwrap();
+        let long_path = format!("/{}", "x".repeat(300));
+        let a = worker.begin(1, "GET", "/exit", 1_000);
+        let b = worker.begin(1, "OPTIONS", &long_path, 2_000);
+        worker.begin(2, "GET", "/elsewhere", 1_500);
+        let (seen, more) = master.in_flight(1, 5_000);
+        assert_eq!(more, 0);
+        assert_eq!(
+            seen[0],
+            InFlight {
+                method: "GET".into(),
+                path: "/exit".into(),
+                age_us: 4_000
+            }
+        );
+        assert_eq!(seen[1].method, "OPTIONS");
+        assert_eq!(seen[1].path.len(), PATH_BYTES, "cut short");
+        worker.end(1, a);
+        let (seen, _) = master.in_flight(1, 5_000);
+        assert_eq!(seen.len(), 1);
+        worker.end(1, b);
+        assert!(master.in_flight(1, 5_000).0.is_empty());
+
+        // Past the records, requests are counted.
+        let taken: Vec<_> = (0..RECORDS + 2)
+            .map(|i| worker.begin(0, "GET", &format!("/{i}"), 0))
+            .collect();
+        assert_eq!(master.in_flight(0, 0), {
+            let (v, _) = master.in_flight(0, 0);
+            (v, 2)
+        });
+        for t in taken {
+            worker.end(0, t);
+        }
+        assert_eq!(master.in_flight(0, 0), (Vec::new(), 0));
+        master.reset(2);
+        assert!(master.in_flight(2, 0).0.is_empty());
     }
 
     #[test]

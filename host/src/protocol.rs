@@ -33,6 +33,8 @@ pub struct WorkerSpec {
     /// This worker's cell in the accept table (fd 5) and the table's size; `None`: no table.
     pub accept_cell: Option<u32>,
     pub accept_cells: u32,
+    /// Whether to publish connection counts and step aside for less loaded workers.
+    pub accept_balance: bool,
     pub header_read_timeout_ms: u64,
     pub max_headers: usize,
     pub max_header_bytes: usize,

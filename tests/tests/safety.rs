@@ -258,7 +258,7 @@ async fn rollback_returns_to_the_previous_generation_and_old_snapshots_are_prune
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dead_workers_are_replaced_and_their_exit_is_decoded() {
+async fn dead_workers_are_replaced_their_exit_decoded_and_their_requests_named() {
     let host = Host::start(&fixture_plugin(""), HostOptions::default()).await;
     let load = Load::start(host.addr, 8, Mode::Close, "/");
     load.advance(50).await;
@@ -289,10 +289,18 @@ async fn dead_workers_are_replaced_and_their_exit_is_decoded() {
             ready.len() == 2 && ready.iter().any(|p| !before.contains(&(*p as u32)))
         })
         .await;
-        assert!(
-            host.log().contains(expect),
-            "{how}: the exit is decoded as {expect:?}"
-        );
+        let log = host.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains(expect))
+            .unwrap_or_else(|| panic!("{how}: the exit is decoded as {expect:?}"));
+        if how != "SIGKILL" {
+            // The evidence survives the abrupt death: the request that did it is named.
+            assert!(
+                line.contains(&format!("in flight: GET {how} (")),
+                "{how}: the log names the request in flight: {line}"
+            );
+        }
         assert_eq!(host.body("/").await, "fixture ok\n");
         load.advance(50).await;
     }

@@ -82,8 +82,10 @@ struct Shared {
     requests: AtomicU64,
     in_flight: AtomicU64,
     connections: watch::Sender<u64>,
-    /// The shared accept table and this worker's cell in it.
+    /// The shared worker table and this worker's cell in it: requests in flight are recorded
+    /// there, and, with `balance`, the count of connections that stay.
     accept_table: Option<(crate::accept_table::Table, usize)>,
+    balance: bool,
     /// Open connections that will stay: they carried a request that did not ask to close the
     /// connection after it (HTTP/2, or HTTP/1 keep-alive). What the accept table counts: a
     /// connection per request lives microseconds and says nothing about load to come.
@@ -99,6 +101,7 @@ impl Shared {
     /// Publishes this worker's connection count, while it accepts.
     fn publish_connections(&self) {
         if let Some((table, cell)) = &self.accept_table
+            && self.balance
             && !self.draining.load(Ordering::Relaxed)
         {
             table.publish(*cell, self.staying.load(Ordering::Relaxed));
@@ -110,7 +113,7 @@ impl Shared {
     /// than the least loaded one, and has not handed one off in the last [`HAND_OFF_EVERY`].
     /// Bursts that landed unevenly (the accept step-aside is bounded) even out this way.
     fn hand_off_one(&self, conn: &Connection) -> bool {
-        let Some((table, cell)) = &self.accept_table else {
+        let Some((table, cell)) = self.accept_table.as_ref().filter(|_| self.balance) else {
             return false;
         };
         if !conn.staying.load(Ordering::Relaxed) {
@@ -136,7 +139,7 @@ impl Shared {
     /// loaded other accepting worker (which the kernel woke for the same connection), wait so
     /// that worker takes it. Bounded, and only while the others are seen taking connections.
     async fn step_aside(&self) {
-        let Some((table, cell)) = &self.accept_table else {
+        let Some((table, cell)) = self.accept_table.as_ref().filter(|_| self.balance) else {
             return;
         };
         let over = || {
@@ -358,6 +361,7 @@ async fn serve(
         in_flight: AtomicU64::new(0),
         connections: watch::Sender::new(0),
         accept_table,
+        balance: spec.accept_balance,
         staying: AtomicU64::new(0),
         last_hand_off: AtomicU64::new(0),
         idle_grace: Duration::from_millis(spec.idle_grace_ms),
@@ -425,7 +429,7 @@ async fn serve(
                         spawn_connection(shared.clone(), stream);
                         // Let the new connection read its first request (and count itself for
                         // balance, if it will stay) before the next accept looks at the counts.
-                        if shared.accept_table.is_some() {
+                        if shared.balance {
                             tokio::task::yield_now().await;
                         }
                     }
@@ -595,20 +599,30 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
     });
 }
 
-/// Counts a request in flight for as long as it is held.
-struct InFlight<'a>(&'a Shared);
+/// Counts a request in flight for as long as it is held, and records it in the worker table,
+/// where the master finds it if this worker dies or hangs before the request is done.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    record: Option<usize>,
+}
 
 impl<'a> InFlight<'a> {
-    fn new(shared: &'a Shared) -> Self {
+    fn new(shared: &'a Shared, method: &http::Method, path: &str) -> Self {
         shared.requests.fetch_add(1, Ordering::Relaxed);
         shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(shared)
+        let record = shared.accept_table.as_ref().and_then(|(table, cell)| {
+            table.begin(*cell, method.as_str(), path, monotonic_ns() / 1000)
+        });
+        InFlight { shared, record }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some((table, cell)) = &self.shared.accept_table {
+            table.end(*cell, self.record);
+        }
     }
 }
 
@@ -759,7 +773,7 @@ async fn handle_request(
         conn.first_h2_request.notify_one();
     }
     conn.note_request(&req);
-    let _in_flight = InFlight::new(shared);
+    let _in_flight = InFlight::new(shared, req.method(), req.uri().path());
     let mut resp = if req.uri().path().starts_with("/_host/") {
         builtin(&req)
     } else {

@@ -65,6 +65,8 @@ impl Supervisor {
     }
 
     pub(super) fn on_exit(&mut self, id: WorkerId, status: std::io::Result<ExitStatus>) {
+        // Read before the cell is freed: what it was serving when it died.
+        let evidence = self.in_flight_evidence(id);
         self.release_accept_cell(id);
         let Some(w) = self.workers.remove(&id) else {
             return;
@@ -94,7 +96,7 @@ impl Supervisor {
                     pid = w.pid,
                     slot = w.slot,
                     generation = w.generation.number,
-                    "worker {how}"
+                    "worker {how}; {evidence}"
                 )
             }
             WorkerState::Starting { .. } => {
@@ -118,7 +120,7 @@ impl Supervisor {
                     pid = w.pid,
                     slot = w.slot,
                     generation = w.generation.number,
-                    "worker died: {how}"
+                    "worker died: {how}; {evidence}"
                 );
                 if self.stopping.is_none() {
                     if w.ready_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER) {

@@ -222,19 +222,16 @@ impl Supervisor {
     ) -> Supervisor {
         let slots = cfg.workers;
         // Cells for every slot's worker plus a candidate and crash replacements at once.
-        let accept_table = cfg
-            .accept_balance
-            .then(|| crate::accept_table::Table::create(2 * slots + 2))
-            .and_then(|created| {
-                created
-                    .inspect_err(|e| {
-                        tracing::warn!(
-                            "{}; workers will accept without balancing",
-                            crate::error_chain(e)
-                        )
-                    })
-                    .ok()
-            });
+        // A cell per worker alive at once: every slot's, the draining ones of a reload or two, a
+        // candidate, crash replacements.
+        let accept_table = crate::accept_table::Table::create(3 * slots + 4)
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "{}; workers will accept without balancing, and a dead worker's requests in flight will not be known",
+                    crate::error_chain(e)
+                )
+            })
+            .ok();
         Supervisor {
             cfg,
             listener,

@@ -498,7 +498,7 @@ impl Supervisor {
     }
 
     pub(super) fn on_drain_ack(&mut self, id: WorkerId) {
-        self.release_accept_cell(id);
+        self.stop_counting(id);
         if let Some(r) = &mut self.rollout
             && r.awaiting_ack.remove(&id)
         {

@@ -90,6 +90,9 @@ impl Supervisor {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(err)?;
         let listener = self.listener.try_clone().map_err(err)?;
         let accept_cell = self.free_accept_cell();
+        if let (Some(cell), Some((table, _))) = (accept_cell, &self.accept_table) {
+            table.reset(cell as usize);
+        }
         let table_fd = match (&self.accept_table, accept_cell) {
             (Some((_, fd)), Some(_)) => Some(fd.try_clone().map_err(err)?),
             _ => None,
@@ -182,6 +185,7 @@ impl Supervisor {
                 .accept_table
                 .as_ref()
                 .map_or(0, |(t, _)| t.len() as u32),
+            accept_balance: self.cfg.accept_balance,
         };
         let _ = tx.send(MasterToWorker::Start(spec));
         tracing::debug!(pid, slot, generation = generation.number, "worker spawned");
@@ -220,15 +224,58 @@ impl Supervisor {
         (0..table.len() as u32).find(|c| !used.contains(c))
     }
 
-    /// A worker stopped accepting (it acknowledged a drain) or is gone: its cell is free. The
-    /// worker clears its own cell when it drains, but not when it dies.
+    /// A worker acknowledged a drain: it no longer accepts, so its count is out of the balance
+    /// (it clears it itself; this covers a worker too wedged to). Its cell stays its own: its
+    /// requests in flight are still recorded there.
+    pub(super) fn stop_counting(&mut self, id: WorkerId) {
+        if let Some(w) = self.workers.get(&id)
+            && let Some(cell) = w.accept_cell
+            && let Some((table, _)) = &self.accept_table
+        {
+            table.clear(cell as usize);
+        }
+    }
+
+    /// A worker is gone: its cell is free for the next one.
     pub(super) fn release_accept_cell(&mut self, id: WorkerId) {
         if let Some(w) = self.workers.get_mut(&id)
             && let Some(cell) = w.accept_cell.take()
             && let Some((table, _)) = &self.accept_table
         {
-            table.clear(cell as usize);
+            table.reset(cell as usize);
         }
+    }
+
+    /// The requests a worker has in flight, from its cell in the worker table, for the log
+    /// line about its death or hang: "in flight: GET /exit (12 ms), GET / (1 ms)".
+    pub(super) fn in_flight_evidence(&self, id: WorkerId) -> String {
+        let (Some(w), Some((table, _))) = (self.workers.get(&id), &self.accept_table) else {
+            return String::new();
+        };
+        let Some(cell) = w.accept_cell else {
+            return String::new();
+        };
+        let now_us = crate::worker::monotonic_ns() / 1000;
+        let (requests, unrecorded) = table.in_flight(cell as usize, now_us);
+        if requests.is_empty() && unrecorded == 0 {
+            return "no request in flight".into();
+        }
+        let mut listed: Vec<String> = requests
+            .iter()
+            .map(|r| {
+                let age = std::time::Duration::from_micros(r.age_us - r.age_us % 1000);
+                format!(
+                    "{} {} ({})",
+                    r.method,
+                    r.path,
+                    humantime::format_duration(age)
+                )
+            })
+            .collect();
+        if unrecorded > 0 {
+            listed.push(format!("{unrecorded} more"));
+        }
+        format!("in flight: {}", listed.join(", "))
     }
 }
 
