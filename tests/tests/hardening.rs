@@ -154,17 +154,7 @@ async fn bad_http_input_is_answered_by_the_host_and_never_reaches_the_plugin() {
     );
     assert!(!slow.contains("200 OK"), "{slow:?}");
 
-    let report = load.finish().await;
-    assert!(
-        report.errors.is_empty() && report.non_200.is_empty(),
-        "good clients beside the bad ones: {report:?}"
-    );
-    let after = served(&get(host.addr, "/state").await.unwrap());
-    assert_eq!(
-        after,
-        before + 1 + report.ok,
-        "only good requests reached the plugin"
-    );
+    only_good_requests_reached_the_plugin(&host, before, load).await;
     assert_eq!(host.worker_pids(None).await, pid, "no worker crashed");
 }
 
@@ -217,12 +207,17 @@ async fn slow_request_bodies_get_408_at_body_read_timeout_and_good_clients_are_u
     eprintln!("300 trickling bodies: the last got its 408 and close after {latest:?}");
     // 2 s of deadline, plus scheduling on a loaded machine; never the 100 000 bytes' 14 hours.
     assert!(latest < Duration::from_secs(6), "{latest:?}");
+    only_good_requests_reached_the_plugin(&host, before, load).await;
+}
+
+/// Stops the good clients that ran beside the bad input and checks that none of their requests
+/// failed and that the plugin (one worker) saw exactly theirs and one `/state` since `before`.
+async fn only_good_requests_reached_the_plugin(host: &Host, before: u64, load: tests::Load) {
     let report = load.finish().await;
     assert!(
         report.errors.is_empty() && report.non_200.is_empty() && report.ok > 0,
-        "good clients beside the slow bodies: {report:?}"
+        "good clients beside the bad input: {report:?}"
     );
-    // The plugin saw the good requests and `/state`, none of the unfinished bodies.
     let after = served(&get(host.addr, "/state").await.unwrap());
     assert_eq!(
         after,
