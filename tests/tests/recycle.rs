@@ -200,3 +200,29 @@ async fn a_poisoned_mutex_is_cured_by_restart_worker() {
         "no recycle line with the reason in the log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plugin_built_for_abi_1_1_still_loads_and_is_recycled() {
+    // Recycling is the host's business: it works for plugins that predate `restart_worker`.
+    let host = Host::start(
+        &tests::fixture_plugin("abi-1-1"),
+        HostOptions {
+            extra: "max_requests = 100\n".into(),
+            ..HostOptions::default()
+        },
+    )
+    .await;
+    let load = Load::start(host.addr, 4, Mode::KeepAlive, "/");
+    load.advance(500).await;
+    let report = load.finish().await;
+    assert_nothing_failed(&report);
+    let status = host
+        .wait_status("at least 2 recycles", |s| recycles(s) >= 2)
+        .await;
+    eprintln!(
+        "abi 1.1 plugin: {} requests, {} recycles",
+        report.total(),
+        recycles(&status)
+    );
+    assert_eq!(host.body("/").await, "fixture ok\n");
+}
