@@ -226,3 +226,53 @@ async fn a_plugin_built_for_abi_1_1_still_loads_and_is_recycled() {
     );
     assert_eq!(host.body("/").await, "fixture ok\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recycles_and_reloads_interleave_without_failing_a_request() {
+    // Recycles asked for during a reload wait for it (or are made moot by it), and reloads asked
+    // for during a recycle are queued behind it: every caller answered, no request failed.
+    let (v1, v2) = (tests::greeting_plugin("v1"), tests::greeting_plugin("v2"));
+    let host = Host::start(
+        &v1,
+        HostOptions {
+            extra: "max_requests = 150\nmax_requests_jitter = 30\n".into(),
+            ..HostOptions::default()
+        },
+    )
+    .await;
+    let load = Load::start(host.addr, 8, Mode::KeepAlive, "/");
+    load.advance(300).await;
+    for (build, greeting) in [(&v2, "v2"), (&v1, "v1"), (&v2, "v2")] {
+        host.install_plugin(build);
+        host.reload_ok().await;
+        let reply = get(host.addr, "/").await.unwrap();
+        assert!(
+            reply.body.starts_with(&format!("{greeting} from")),
+            "after reload to {greeting}: {reply:?}"
+        );
+        load.advance(300).await;
+    }
+    let report = load.finish().await;
+    let status = host
+        .wait_status("no recycle or drain under way", |s| {
+            let workers = s["workers"].as_array().unwrap();
+            workers.len() == 2 && workers.iter().all(|w| w["state"] == "ready")
+        })
+        .await;
+    eprintln!(
+        "interleaved: {} requests, {} recycles, generation {}; {} failed, {} non-200",
+        report.total(),
+        recycles(&status),
+        status["generation"],
+        report.errors.len(),
+        report.non_200.len()
+    );
+    assert_nothing_failed(&report);
+    assert_eq!(status["generation"], 4, "{status}");
+    assert!(recycles(&status) >= 1, "{status}");
+    // Every worker runs the last build: a recycle never brought an old generation back.
+    for w in status["workers"].as_array().unwrap() {
+        assert_eq!(w["generation"], 4, "{status}");
+    }
+    assert!(host.body("/").await.starts_with("v2 from"));
+}
