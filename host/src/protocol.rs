@@ -101,7 +101,13 @@ pub enum WorkerToMaster {
     },
     /// Recycling: the worker asks to be replaced, new before old (it reached its request limit,
     /// or its plugin called `restart_worker()`). Sent once; it keeps serving until drained.
-    RecycleMe { reason: String },
+    RecycleMe {
+        reason: String,
+        /// Asked by the plugin (`restart_worker()`), not by the request limit: the master
+        /// replaces a worker that asked so at the earliest a moment after it became ready.
+        #[serde(default)]
+        by_plugin: bool,
+    },
     /// The worker is exiting; `cut_*` count what it abandoned at its graceful deadline.
     Exiting {
         cut_requests: u64,

@@ -276,3 +276,37 @@ async fn recycles_and_reloads_interleave_without_failing_a_request() {
     }
     assert!(host.body("/").await.starts_with("v2 from"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plugin_that_asks_for_a_restart_at_once_cannot_make_its_slot_churn() {
+    // Every new worker asks for its own replacement in `on_worker_start`: each is replaced, but
+    // only once it has served for a second.
+    let host = Host::start(
+        &tests::fixture_plugin(""),
+        HostOptions {
+            workers: 1,
+            env: vec![("FIXTURE_RESTART_AT_START".into(), "1".into())],
+            ..HostOptions::default()
+        },
+    )
+    .await;
+    let began = std::time::Instant::now();
+    let load = Load::start(host.addr, 4, Mode::KeepAlive, "/");
+    host.wait_status("3 recycles", |s| recycles(s) >= 3).await;
+    let took = began.elapsed();
+    let report = load.finish().await;
+    eprintln!(
+        "restart at start: 3 recycles in {took:?}; load: {} ok, {} failed",
+        report.ok,
+        report.errors.len()
+    );
+    assert_nothing_failed(&report);
+    assert!(
+        took >= Duration::from_secs(2),
+        "3 recycles in {took:?}: workers were replaced before they were a second old"
+    );
+    assert!(
+        host.log()
+            .contains("the plugin asked for a restart: asked at start")
+    );
+}

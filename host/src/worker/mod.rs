@@ -72,7 +72,7 @@ const HAND_OFF_EVERY: Duration = Duration::from_millis(100);
 const CUT_FLUSH: Duration = Duration::from_millis(1000);
 
 /// Where `restart_worker()` calls from the plugin (any thread) reach this worker's event loop.
-static RECYCLE_REQUESTS: std::sync::OnceLock<mpsc::UnboundedSender<String>> =
+static RECYCLE_REQUESTS: std::sync::OnceLock<mpsc::UnboundedSender<(String, bool)>> =
     std::sync::OnceLock::new();
 
 /// The plugin called `restart_worker(reason)`: ask the master for a replacement (once). Never
@@ -83,7 +83,7 @@ pub(crate) fn plugin_asked_restart(reason: &str) {
             "" => "the plugin asked for a restart".to_string(),
             r => format!("the plugin asked for a restart: {r}"),
         };
-        let _ = tx.send(reason);
+        let _ = tx.send((reason, true));
     }
 }
 
@@ -118,7 +118,8 @@ struct Shared {
     /// `recycle_jitter` is jitter; the ask goes to the event loop through `recycle_tx`.
     recycle_after: u64,
     recycle_jitter: u64,
-    recycle_tx: mpsc::UnboundedSender<String>,
+    /// (reason, asked by the plugin)
+    recycle_tx: mpsc::UnboundedSender<(String, bool)>,
     /// Asked the master for a replacement: steer clients to the other workers until drained.
     retiring: AtomicBool,
 }
@@ -308,7 +309,7 @@ async fn serve(
 
     startup.spec_us = since_spawn();
     // Before the plugin starts: `restart_worker()` may be called from `on_worker_start` on.
-    let (recycle_tx, mut recycle_rx) = mpsc::unbounded_channel::<String>();
+    let (recycle_tx, mut recycle_rx) = mpsc::unbounded_channel::<(String, bool)>();
     let _ = RECYCLE_REQUESTS.set(recycle_tx.clone());
     // The on-start hook: load this generation's plugin. Everything linked into `host` is frozen;
     // this is the code a reload refreshes.
@@ -496,11 +497,11 @@ async fn serve(
                     start_drain(&mut listener, &mut deadline, "the master channel closed");
                 }
             },
-            Some(reason) = recycle_rx.recv() => {
+            Some((reason, by_plugin)) = recycle_rx.recv() => {
                 // Once: the master coalesces anyway, and a draining worker is being replaced.
                 if deadline.is_none() && !shared.retiring.swap(true, Ordering::SeqCst) {
                     tracing::info!(reason = %reason, "asking the master for a replacement");
-                    let _ = tx.send(&WorkerToMaster::RecycleMe { reason }).await;
+                    let _ = tx.send(&WorkerToMaster::RecycleMe { reason, by_plugin }).await;
                 }
             }
             _ = async { sigterm.as_mut().expect("guarded").recv().await }, if sigterm.is_some() => {
@@ -647,10 +648,11 @@ impl<'a> InFlight<'a> {
         let served = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
         if served == shared.recycle_after {
             let base = shared.recycle_after.saturating_sub(shared.recycle_jitter);
-            let _ = shared.recycle_tx.send(format!(
+            let reason = format!(
                 "served {served} requests (max_requests {base} + jitter {})",
                 shared.recycle_jitter
-            ));
+            );
+            let _ = shared.recycle_tx.send((reason, false));
         }
         shared.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(shared)

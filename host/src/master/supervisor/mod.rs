@@ -303,7 +303,9 @@ impl Supervisor {
                     in_flight,
                     connections,
                 } => self.on_stats(id, requests, in_flight, connections),
-                WorkerToMaster::RecycleMe { reason } => self.request_recycle(id, reason),
+                WorkerToMaster::RecycleMe { reason, by_plugin } => {
+                    self.request_recycle(id, reason, by_plugin)
+                }
                 WorkerToMaster::Exiting {
                     cut_requests,
                     cut_connections,

@@ -26,6 +26,10 @@ use crate::protocol::ReloadReport;
 const RSS_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// After a replacement failed to start, the worker's recycle is tried again this much later.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// A worker found over `max_worker_rss`, or whose plugin asked, is replaced at the earliest this
+/// long after it became ready: a build over the limit from the start, or a plugin that asks at
+/// once, cannot make its slot churn. (`max_requests` is not delayed: it counts requests.)
+const MIN_LIFETIME: Duration = Duration::from_secs(1);
 
 /// The recycling state of the supervisor.
 pub(super) struct Recycling {
@@ -90,8 +94,9 @@ fn size(bytes: u64) -> String {
 }
 
 impl Supervisor {
-    /// A worker asked to be replaced (`RecycleMe`), or the RSS check found it over the limit.
-    pub(super) fn request_recycle(&mut self, id: WorkerId, reason: String) {
+    /// A worker asked to be replaced (`RecycleMe`), or the RSS check found it over the limit
+    /// (`throttle`: those wait until the worker is [`MIN_LIFETIME`] old).
+    pub(super) fn request_recycle(&mut self, id: WorkerId, reason: String, throttle: bool) {
         if self.stopping.is_some() || self.recycling.requested.contains_key(&id) {
             return;
         }
@@ -105,13 +110,21 @@ impl Supervisor {
             return;
         }
         tracing::debug!(pid = w.pid, slot, "recycle requested: {reason}");
+        let not_before = w
+            .ready_at
+            .map(|t| t + MIN_LIFETIME)
+            .filter(|t| throttle && *t > Instant::now());
         self.recycling.requested.insert(
             id,
             Requested {
                 reason,
-                retry_at: None,
+                retry_at: not_before,
             },
         );
+        if not_before.is_some() {
+            // Queued by the timer once it is old enough.
+            return;
+        }
         if !self.recycling.queue.contains(&slot) {
             self.recycling.queue.push_back(slot);
         }
@@ -249,7 +262,7 @@ impl Supervisor {
                 .collect();
             for (id, rss) in over {
                 let reason = format!("RSS {} over max_worker_rss {}", size(rss), size(limit));
-                self.request_recycle(id, reason);
+                self.request_recycle(id, reason, true);
             }
         }
         if !self.recycling.queue.is_empty() && self.rollout.is_none() && self.snapshotting.is_none()
