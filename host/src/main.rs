@@ -17,6 +17,10 @@
 //! (start a new worker, wait until it is ready, tell the old one to drain). The first new worker
 //! is the canary: if it fails, nothing old was touched and the reload is refused with the reason.
 //!
+//! A **recycle** is the same procedure for one slot and the generation it already runs: plugins
+//! are never unloaded, so a worker over `max_requests` or `max_worker_rss`, or whose plugin called
+//! `restart_worker()`, is replaced by a fresh process, new before old.
+//!
 //! # What reloads and what stays frozen
 //!
 //! Like Workerman's `onWorkerStart` rule: only what a worker loads in its on-start hook (the
