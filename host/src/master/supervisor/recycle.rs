@@ -203,6 +203,13 @@ impl Supervisor {
                     "recycled worker {pid} of slot {slot}: {reason}"
                 );
             }
+            Err(e) if self.stopping.is_some() => {
+                tracing::info!(
+                    slot,
+                    pid,
+                    "recycling worker {pid} of slot {slot} stopped: {e}"
+                );
+            }
             Err(e) => {
                 if let Some(r) = self.recycling.requested.get_mut(&id) {
                     r.retry_at = Some(Instant::now() + RETRY_AFTER);
