@@ -8,7 +8,9 @@
 //! (spawn a candidate, wait for its `Ready`, drain the old worker), so no request fails. Requests
 //! that arrive during another rollout are remembered per slot and run after it (queued reloads
 //! first); a worker asks at most once; a slot whose worker a reload replaced meanwhile is skipped.
-//! If the replacement fails to start, the old worker keeps serving and is tried again later.
+//! If the replacement fails to start, the old worker keeps serving and is tried again later. A
+//! worker over `max_worker_rss`, or whose plugin asked, is replaced no sooner than
+//! [`MIN_LIFETIME`] after it became ready.
 //!
 //! It reads workers' RSS on a timer of the master's loop (a deadline, not a thread). It never
 //! takes snapshots, never changes generations and never decides on crash backoff.
@@ -47,7 +49,8 @@ pub(super) struct Recycling {
 
 struct Requested {
     reason: String,
-    /// Set after a failed attempt: when to try again.
+    /// When to queue it (`None`: queued, or under way): after a failed attempt, or while the
+    /// worker is younger than [`MIN_LIFETIME`].
     retry_at: Option<Instant>,
 }
 
