@@ -544,6 +544,16 @@ fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCod
             slot.last_error.as_deref().unwrap_or("unknown")
         );
     }
+    let recycled: u64 = report.slots.iter().map(|s| s.recycles).sum();
+    if recycled > 0 {
+        let per_slot: Vec<String> = report
+            .slots
+            .iter()
+            .filter(|s| s.recycles > 0)
+            .map(|s| format!("slot {}: {}", s.slot, s.recycles))
+            .collect();
+        println!("recycled: {recycled} workers ({})", per_slot.join(", "));
+    }
     match &report.last_reload {
         None => println!("last reload: none"),
         Some(r) => {

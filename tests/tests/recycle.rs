@@ -194,6 +194,12 @@ async fn a_poisoned_mutex_is_cured_by_restart_worker() {
     assert_nothing_failed(&report);
     let status = host.status().await;
     assert_eq!(status["slots"][0]["recycles"], 1, "{status}");
+    let text = host.cli(&["status"]).await;
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("recycled: 1 workers (slot 0: 1)"),
+        "{}",
+        host.explain(&text)
+    );
     assert!(
         host.log()
             .contains("the plugin asked for a restart: the shared Mutex is poisoned"),
