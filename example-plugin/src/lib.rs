@@ -7,11 +7,18 @@
 //! - `GET /sleep?ms=N`: blocks its thread for `N` ms (at most 60 s), then answers.
 //! - `GET /panic`: panics; the host answers `500` and the worker keeps serving.
 //! - `GET /state`: a per-worker counter created in `on_worker_start`.
+//! - `GET /leak?mb=N`: leaks `N` MiB (at most 1024), writing every page so the worker's RSS
+//!   grows: try `max_worker_rss`.
+//! - `GET /poison`: panics while holding the worker's shared `Mutex`, which poisons it.
+//! - `GET /locked`: counts its requests under that `Mutex`. Once it is poisoned, it answers
+//!   `500` and calls `restart_worker()`: the host replaces this worker, new before old, and the
+//!   route works again in the fresh one.
 //!
 //! `EXAMPLE_FAIL_START` = `panic` | `error` | `hang` at build time makes `on_worker_start` panic,
 //! return an error, or never return: a deliberately bad build. `EXAMPLE_START_DELAY_MS=N` makes
 //! it take `N` ms (a slow start, to watch a rollout happen).
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -30,6 +37,8 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct Example {
     ctx: WorkerContext,
     served: AtomicU64,
+    /// Shared by every request of this worker: `/locked` counts under it, `/poison` poisons it.
+    locked: Mutex<u64>,
 }
 
 fn text(status: StatusCode, body: String) -> Response {
@@ -70,6 +79,7 @@ impl Plugin for Example {
         Ok(Example {
             ctx: ctx.clone(),
             served: AtomicU64::new(0),
+            locked: Mutex::new(0),
         })
     }
 
@@ -101,6 +111,53 @@ impl Plugin for Example {
                     self.ctx.pid, self.ctx.generation
                 ),
             ),
+            "/leak" => match query_param(&req, "mb").map(str::parse::<usize>) {
+                Some(Ok(mb)) if mb <= 1024 => {
+                    // Written (not just reserved), so every page is resident.
+                    let leaked: &'static mut [u8] = vec![0xa5u8; mb << 20].leak();
+                    text(
+                        StatusCode::OK,
+                        format!(
+                            "leaked {mb} MiB at {:p} in worker {}\n",
+                            leaked.as_ptr(),
+                            self.ctx.pid
+                        ),
+                    )
+                }
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "usage: /leak?mb=N with N <= 1024\n".into(),
+                ),
+            },
+            "/poison" => {
+                let _guard = self.locked.lock();
+                panic!("/poison was requested: panicking while holding the shared Mutex");
+            }
+            "/locked" => match self.locked.lock() {
+                Ok(mut count) => {
+                    *count += 1;
+                    text(
+                        StatusCode::OK,
+                        format!(
+                            "worker {} counted {} requests under its Mutex\n",
+                            self.ctx.pid, *count
+                        ),
+                    )
+                }
+                Err(_) => {
+                    // Poisoned: the state behind it cannot be trusted, in this process, ever
+                    // again. Ask for a fresh worker (the host keeps this one serving meanwhile).
+                    let asked = self.ctx.restart_worker("the shared Mutex is poisoned");
+                    tracing::error!(asked, "shared Mutex poisoned; asked for a new worker");
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!(
+                            "worker {} has a poisoned Mutex; restart requested: {asked}\n",
+                            self.ctx.pid
+                        ),
+                    )
+                }
+            },
             _ => text(
                 StatusCode::NOT_FOUND,
                 format!("no route for {}\n", req.uri().path()),
@@ -109,8 +166,8 @@ impl Plugin for Example {
     }
 
     fn may_block(&self, _method: &str, path: &str) -> bool {
-        // Only /sleep blocks; / and /state answer in microseconds, /panic at once.
-        path == "/sleep"
+        // Only /sleep and /leak (which writes N MiB) block; the others answer in microseconds.
+        path == "/sleep" || path == "/leak"
     }
 
     fn on_worker_stop(self) {

@@ -60,6 +60,14 @@ pub struct Config {
     pub build: Option<String>,
     /// What `build` watches (recursively); required with `build`.
     pub watch_paths: Vec<PathBuf>,
+    /// Recycling: a worker that served this many requests (plus its jitter) is replaced, new
+    /// before old. 0: never.
+    pub max_requests: u64,
+    /// Each worker's limit is `max_requests` plus a random `0..=max_requests_jitter`, so workers
+    /// started together are not all replaced at once.
+    pub max_requests_jitter: u64,
+    /// Recycling: a ready worker whose resident set grows past this many bytes is replaced.
+    pub max_worker_rss: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +113,9 @@ struct RawConfig {
     watch_debounce: Option<String>,
     build: Option<String>,
     watch_paths: Option<Vec<String>>,
+    max_requests: Option<i64>,
+    max_requests_jitter: Option<i64>,
+    max_worker_rss: Option<ByteSize>,
 }
 
 /// A size: a number of bytes, or a string like `"512MiB"`.
@@ -158,6 +169,8 @@ pub const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 /// The largest `max_body_bytes`: the whole body is held in memory.
 pub const MAX_BODY_BYTES: i64 = 1 << 30;
+/// The largest `max_requests` and `max_requests_jitter`: their sum can never overflow.
+pub const MAX_REQUESTS: i64 = 1 << 40;
 
 impl Config {
     /// Reads and checks the config file at `path`.
@@ -298,6 +311,21 @@ impl Config {
                 ));
             }
         };
+        let requests = |key: &str, value: Option<i64>| match value {
+            None => Ok(0),
+            Some(n) if (0..=MAX_REQUESTS).contains(&n) => Ok(n as u64),
+            Some(n) => Err(invalid(
+                key,
+                format!("{n} is out of range 0..={MAX_REQUESTS} (0: off)"),
+            )),
+        };
+        let max_requests = requests("max_requests", raw.max_requests)?;
+        let max_requests_jitter = requests("max_requests_jitter", raw.max_requests_jitter)?;
+        let max_worker_rss = match raw.max_worker_rss.as_ref().map(ByteSize::bytes) {
+            None | Some(Ok(0)) => None,
+            Some(Ok(n)) => Some(n),
+            Some(Err(message)) => return Err(invalid("max_worker_rss", message)),
+        };
         let build = match raw.build.as_deref().map(str::trim) {
             Some("") => return Err(invalid("build", "must not be empty".into())),
             b => b.map(str::to_string),
@@ -352,6 +380,9 @@ impl Config {
             watch_debounce: duration("watch_debounce", &raw.watch_debounce, "300ms", MAX_WAIT)?,
             build,
             watch_paths,
+            max_requests,
+            max_requests_jitter,
+            max_worker_rss,
         })
     }
 
@@ -454,6 +485,33 @@ mod tests {
                 "{text:?} gave {err}"
             );
             assert!(!err.contains('\n'), "multi-line error: {err}");
+        }
+    }
+
+    #[test]
+    fn recycling_is_off_by_default_and_takes_counts_and_sizes() {
+        let c = parse("").unwrap();
+        assert_eq!((c.max_requests, c.max_requests_jitter), (0, 0));
+        assert_eq!(c.max_worker_rss, None);
+        let c = parse("max_requests = 500\nmax_requests_jitter = 50\nmax_worker_rss = \"64MiB\"\n")
+            .unwrap();
+        assert_eq!((c.max_requests, c.max_requests_jitter), (500, 50));
+        assert_eq!(c.max_worker_rss, Some(64 << 20));
+        assert_eq!(
+            parse("max_worker_rss = 1000\n").unwrap().max_worker_rss,
+            Some(1000)
+        );
+        assert_eq!(parse("max_worker_rss = 0\n").unwrap().max_worker_rss, None);
+        for (text, key) in [
+            ("max_requests = -1\n", "max_requests"),
+            (
+                "max_requests_jitter = 9999999999999999\n",
+                "max_requests_jitter",
+            ),
+            ("max_worker_rss = \"64MB\"\n", "max_worker_rss"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(&format!(":1: {key}:")), "{text:?} gave {err}");
         }
     }
 
@@ -613,6 +671,9 @@ mod tests {
             "watch_debounce",
             "build",
             "watch_paths",
+            "max_requests",
+            "max_requests_jitter",
+            "max_worker_rss",
         ];
 
         /// A value of the type `key` takes, of any size; or any value at all.
@@ -636,7 +697,7 @@ mod tests {
                     )
                     .boxed(),
                 "workers" | "max_body_bytes" | "backlog" | "keep_snapshots" | "max_headers"
-                | "max_header_bytes" => {
+                | "max_header_bytes" | "max_requests" | "max_requests_jitter" => {
                     prop_oneof![3 => -2i64..2000, 1 => -2i64..70_000, 1 => any::<i64>(), 1 => 0i64..(1 << 31)]
                         .prop_map(|n| n.to_string())
                         .boxed()
@@ -644,7 +705,7 @@ mod tests {
                 "allow_writable_plugin" | "watch" | "accept_balance" => {
                     any::<bool>().prop_map(|b| b.to_string()).boxed()
                 }
-                "max_plugin_bytes" => prop_oneof![
+                "max_plugin_bytes" | "max_worker_rss" => prop_oneof![
                     any::<i64>().prop_map(|n| n.to_string()),
                     (
                         any::<u64>(),
@@ -733,6 +794,7 @@ mod tests {
                         prop_assert!((1..=1024).contains(&c.workers));
                         prop_assert!(c.max_body_bytes as i64 <= MAX_BODY_BYTES);
                         prop_assert!((1..=65535).contains(&c.backlog));
+                        prop_assert!(c.max_requests.checked_add(c.max_requests_jitter).is_some());
                     }
                     Err(e) => {
                         let msg = e.to_string();

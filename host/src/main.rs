@@ -17,6 +17,10 @@
 //! (start a new worker, wait until it is ready, tell the old one to drain). The first new worker
 //! is the canary: if it fails, nothing old was touched and the reload is refused with the reason.
 //!
+//! A **recycle** is the same procedure for one slot and the generation it already runs: plugins
+//! are never unloaded, so a worker over `max_requests` or `max_worker_rss`, or whose plugin called
+//! `restart_worker()`, is replaced by a fresh process, new before old.
+//!
 //! # What reloads and what stays frozen
 //!
 //! Like Workerman's `onWorkerStart` rule: only what a worker loads in its on-start hook (the
@@ -539,6 +543,16 @@ fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCod
             slot.failures,
             slot.last_error.as_deref().unwrap_or("unknown")
         );
+    }
+    let recycled: u64 = report.slots.iter().map(|s| s.recycles).sum();
+    if recycled > 0 {
+        let per_slot: Vec<String> = report
+            .slots
+            .iter()
+            .filter(|s| s.recycles > 0)
+            .map(|s| format!("slot {}: {}", s.slot, s.recycles))
+            .collect();
+        println!("recycled: {recycled} workers ({})", per_slot.join(", "));
     }
     match &report.last_reload {
         None => println!("last reload: none"),

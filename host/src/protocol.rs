@@ -38,6 +38,13 @@ pub struct WorkerSpec {
     pub header_read_timeout_ms: u64,
     pub max_headers: usize,
     pub max_header_bytes: usize,
+    /// Recycling: after this many requests (`max_requests` plus this worker's jitter) the worker
+    /// asks to be replaced with [`WorkerToMaster::RecycleMe`]; 0: never. `max_requests_jitter`
+    /// is the part of it that is jitter (for the log line).
+    #[serde(default)]
+    pub max_requests: u64,
+    #[serde(default)]
+    pub max_requests_jitter: u64,
 }
 
 /// Orders from the master to one worker.
@@ -93,6 +100,15 @@ pub enum WorkerToMaster {
         requests: u64,
         in_flight: u64,
         connections: u64,
+    },
+    /// Recycling: the worker asks to be replaced, new before old (it reached its request limit,
+    /// or its plugin called `restart_worker()`). Sent once; it keeps serving until drained.
+    RecycleMe {
+        reason: String,
+        /// Asked by the plugin (`restart_worker()`), not by the request limit: the master
+        /// replaces a worker that asked so at the earliest a moment after it became ready.
+        #[serde(default)]
+        by_plugin: bool,
     },
     /// The worker is exiting; `cut_*` count what it abandoned at its graceful deadline.
     Exiting {
@@ -192,6 +208,10 @@ pub struct SlotStatus {
     pub last_error: Option<String>,
     /// When a failing slot is tried again.
     pub retry_in_ms: Option<u64>,
+    /// Workers of this slot replaced by recycling (`max_requests`, `max_worker_rss`,
+    /// `restart_worker()`).
+    #[serde(default)]
+    pub recycles: u64,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -139,14 +139,30 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
     err: *mut ErrorBuf,
 ) -> bool {
     let result = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: the host passes a valid context that outlives this call.
-        let ctx = unsafe { &*ctx };
-        crate::log::install(ctx.log, ctx.max_level);
+        // SAFETY: the host passes a valid context that outlives this call. Only the fields of
+        // the ABI 1.1 context are read through it here, which every 1.x host provides; a host
+        // built for an older minor passes a shorter struct, hence raw reads, not a reference.
+        let (size, slot, generation, pid, max_level, log) = unsafe {
+            (
+                std::ptr::addr_of!((*ctx).size).read(),
+                std::ptr::addr_of!((*ctx).slot).read(),
+                std::ptr::addr_of!((*ctx).generation).read(),
+                std::ptr::addr_of!((*ctx).pid).read(),
+                std::ptr::addr_of!((*ctx).max_level).read(),
+                std::ptr::addr_of!((*ctx).log).read(),
+            )
+        };
+        crate::log::install(log, max_level);
         install_panic_hook();
+        // ABI 1.2: `restart_worker` only when the host's context is large enough to hold it.
+        let restart = (size as usize >= size_of::<HostContext>())
+            // SAFETY: the host's context is at least as large as ours, so the field exists.
+            .then(|| unsafe { std::ptr::addr_of!((*ctx).restart_worker).read() });
         let wctx = WorkerContext {
-            slot: ctx.slot,
-            generation: ctx.generation,
-            pid: ctx.pid,
+            slot,
+            generation,
+            pid,
+            restart,
         };
         P::on_worker_start(&wctx).map(|p| Box::into_raw(Box::new(p)) as *mut c_void)
     }));
@@ -326,6 +342,70 @@ unsafe extern "C" fn on_worker_stop<P: Plugin>(state: *mut c_void) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    extern "C" fn log_nothing(_: u8, _: RawStr, _: RawStr) {}
+
+    static RESTARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    extern "C" fn count_restart(_: RawStr) {
+        RESTARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    struct AskRestart;
+    impl Plugin for AskRestart {
+        fn on_worker_start(ctx: &WorkerContext) -> Result<Self, crate::BoxError> {
+            if ctx.restart_worker("test") {
+                Ok(AskRestart)
+            } else {
+                Err("restart_worker not available".into())
+            }
+        }
+        fn handle(&self, _req: Request) -> Response {
+            Response::new(Bytes::new())
+        }
+    }
+
+    /// Starts `AskRestart` with a context of `size` bytes; whether it started (it does only when
+    /// `restart_worker` reached the host).
+    fn start_with_context_size(size: usize) -> bool {
+        let ctx = HostContext {
+            size: size as u32,
+            slot: 0,
+            generation: 1,
+            pid: 1,
+            max_level: 0,
+            log: log_nothing,
+            restart_worker: count_restart,
+        };
+        let mut state = std::ptr::null_mut();
+        let mut storage = [0u8; 256];
+        let mut err = ErrorBuf {
+            ptr: storage.as_mut_ptr(),
+            cap: storage.len(),
+            len: 0,
+        };
+        // SAFETY: every pointer is valid for the call.
+        let ok = unsafe { on_worker_start::<AskRestart>(&ctx, &mut state, &mut err) };
+        if ok {
+            // SAFETY: `state` came from the successful start above.
+            unsafe { on_worker_stop::<AskRestart>(state) };
+        }
+        ok
+    }
+
+    #[test]
+    fn restart_worker_reaches_a_new_host_and_is_absent_with_an_old_one() {
+        let before = RESTARTS.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(start_with_context_size(size_of::<HostContext>()));
+        assert_eq!(
+            RESTARTS.load(std::sync::atomic::Ordering::SeqCst),
+            before + 1
+        );
+        assert!(!start_with_context_size(ffi::HOST_CONTEXT_1_1_SIZE));
+        assert_eq!(
+            RESTARTS.load(std::sync::atomic::Ordering::SeqCst),
+            before + 1
+        );
+    }
 
     #[test]
     fn entry_symbol_matches_the_macro() {

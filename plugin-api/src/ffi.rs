@@ -19,8 +19,8 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"HOSTPLUG");
 /// Incompatible layout changes bump the major; the host refuses any other major.
 pub const ABI_MAJOR: u32 = 1;
 /// Compatible additions bump the minor; the host accepts plugins with a minor up to its own.
-/// 1.1 added [`VTable::may_block`].
-pub const ABI_MINOR: u32 = 1;
+/// 1.1 added [`VTable::may_block`]; 1.2 added [`HostContext::restart_worker`].
+pub const ABI_MINOR: u32 = 2;
 /// The `plugin-api` crate version both sides were built with.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Name of the one exported symbol, NUL-terminated for `dlsym`. The `v1` is [`ABI_MAJOR`].
@@ -97,8 +97,9 @@ pub mod level {
     pub const TRACE: u8 = 5;
 }
 
-/// What the host gives the plugin in `on_worker_start`. Borrowed for that call; the `log`
-/// function pointer stays valid for the life of the process.
+/// What the host gives the plugin in `on_worker_start`. Borrowed for that call; the function
+/// pointers in it stay valid for the life of the process. A plugin reads a field past `log` only
+/// when `size` covers it (a host built for an older minor passes a shorter context).
 #[repr(C)]
 pub struct HostContext {
     /// `size_of::<HostContext>()` as the host was built.
@@ -111,7 +112,15 @@ pub struct HostContext {
     pub max_level: u8,
     /// Forwards one log record to the host's logger: level, target, message (UTF-8).
     pub log: extern "C" fn(level: u8, target: RawStr, message: RawStr),
+    /// ABI 1.2: asks the master to replace this worker, new before old (the reason is UTF-8, for
+    /// the log). Callable from any thread, at any time after `on_worker_start` began; it never
+    /// blocks, never unwinds, and asking again is harmless. The worker keeps serving until its
+    /// replacement is ready.
+    pub restart_worker: extern "C" fn(reason: RawStr),
 }
+
+/// The size of the ABI 1.1 context (before `restart_worker`): what an older host passes.
+pub const HOST_CONTEXT_1_1_SIZE: usize = std::mem::offset_of!(HostContext, restart_worker);
 
 /// An HTTP request, borrowed from the host for one `handle` call.
 #[repr(C)]

@@ -25,8 +25,8 @@
 //! `plugin-api` version) before it calls anything.
 //!
 //! The plugin is its own Rust world: it has its own copy of `std`, `tracing` and every other
-//! crate it links. What it needs from the host (its slot, its generation, a way to log) is
-//! passed across the ABI in [`ffi::HostContext`]; `tracing` events the plugin emits after
+//! crate it links. What it needs from the host (its slot, its generation, a way to log, a way
+//! to ask for a fresh worker) is passed across the ABI in [`ffi::HostContext`]; `tracing` events the plugin emits after
 //! `on_worker_start` begins are forwarded to the host's logger.
 
 pub mod export;
@@ -80,4 +80,27 @@ pub struct WorkerContext {
     pub generation: u64,
     /// The worker's process id.
     pub pid: u32,
+    /// The host's `restart_worker` callback, when the host has one (ABI 1.2 and later).
+    pub(crate) restart: Option<extern "C" fn(ffi::RawStr)>,
+}
+
+impl WorkerContext {
+    /// Asks the host to replace this worker process with a fresh one, new before old: the
+    /// master starts a new worker in this slot (same build), waits until it is ready, then
+    /// drains this one, so no request fails. This worker keeps serving meanwhile; asking again
+    /// changes nothing. Use it when the worker's state cannot be trusted any more (a `Mutex`
+    /// poisoned by a panic, a leak, a corrupted cache): since plugins are never unloaded, a new
+    /// process is the only clean slate. `reason` appears in the host's log.
+    ///
+    /// Callable from any thread, including threads the plugin started. Returns `false` (and
+    /// does nothing) when the host is too old to support it.
+    pub fn restart_worker(&self, reason: &str) -> bool {
+        match self.restart {
+            Some(restart) => {
+                restart(ffi::RawStr::new(reason.as_bytes()));
+                true
+            }
+            None => false,
+        }
+    }
 }

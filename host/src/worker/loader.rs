@@ -151,6 +151,16 @@ extern "C" fn plugin_log(level: u8, target: RawStr, message: RawStr) {
     });
 }
 
+/// The plugin's `restart_worker()`: hands the request to the worker's event loop, which asks the
+/// master for a replacement. Called from any plugin thread; never blocks, never unwinds.
+extern "C" fn plugin_restart_worker(reason: RawStr) {
+    let _ = catch_unwind(|| {
+        // SAFETY: the plugin passes a view valid for the duration of this call.
+        let reason = String::from_utf8_lossy(unsafe { reason.as_bytes() });
+        crate::worker::plugin_asked_restart(&reason);
+    });
+}
+
 /// Where a worker is: passed to the plugin's `on_worker_start`.
 pub struct Placement {
     pub slot: u32,
@@ -271,6 +281,7 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         pid: std::process::id(),
         max_level: crate::logging::max_level_code(),
         log: plugin_log,
+        restart_worker: plugin_restart_worker,
     };
     let mut err_storage = vec![0u8; 4096];
     let mut err = ErrorBuf {

@@ -13,6 +13,11 @@
 //! send one more request for `idle_grace`, then are closed. When the last connection is done,
 //! the plugin's `on_worker_stop` runs and the worker exits. At `graceful_timeout` it exits anyway
 //! and logs what it cut.
+//!
+//! Recycling: when its request count reaches the limit in its spec, or its plugin calls
+//! `restart_worker()`, the worker sends [`WorkerToMaster::RecycleMe`] once and goes on serving
+//! until the master drains it, meanwhile steering clients to the other workers (keep-alive
+//! responses carry `Connection: close`, and it steps aside before accepting while others can).
 
 mod h2_drain;
 pub mod loader;
@@ -66,6 +71,22 @@ const HAND_OFF_EVERY: Duration = Duration::from_millis(100);
 /// written before the worker exits anyway (the master kills it 2 s after the timeout).
 const CUT_FLUSH: Duration = Duration::from_millis(1000);
 
+/// Where `restart_worker()` calls from the plugin (any thread) reach this worker's event loop.
+static RECYCLE_REQUESTS: std::sync::OnceLock<mpsc::UnboundedSender<(String, bool)>> =
+    std::sync::OnceLock::new();
+
+/// The plugin called `restart_worker(reason)`: ask the master for a replacement (once). Never
+/// blocks: called from the plugin's threads.
+pub(crate) fn plugin_asked_restart(reason: &str) {
+    if let Some(tx) = RECYCLE_REQUESTS.get() {
+        let reason = match reason.trim() {
+            "" => "the plugin asked for a restart".to_string(),
+            r => format!("the plugin asked for a restart: {r}"),
+        };
+        let _ = tx.send((reason, true));
+    }
+}
+
 /// What every connection and request of this worker shares.
 struct Shared {
     /// Paths whose "non-blocking" handler was caught taking longer than [`INLINE_LIMIT`].
@@ -95,6 +116,14 @@ struct Shared {
     idle_grace: Duration,
     max_body_bytes: usize,
     body_read_timeout: Duration,
+    /// Recycling: ask for a replacement after this many requests (0: never), of which
+    /// `recycle_jitter` is jitter; the ask goes to the event loop through `recycle_tx`.
+    recycle_after: u64,
+    recycle_jitter: u64,
+    /// (reason, asked by the plugin)
+    recycle_tx: mpsc::UnboundedSender<(String, bool)>,
+    /// Asked the master for a replacement: steer clients to the other workers until drained.
+    retiring: AtomicBool,
 }
 
 impl Shared {
@@ -144,9 +173,11 @@ impl Shared {
         };
         let over = || {
             let staying = self.staying.load(Ordering::Relaxed);
+            // A worker waiting for its replacement leaves new connections to any other.
+            let retiring = self.retiring.load(Ordering::Relaxed);
             table
                 .least_loaded_other(*cell)
-                .is_some_and(|least| crate::accept_table::over_share(staying, least))
+                .is_some_and(|least| retiring || crate::accept_table::over_share(staying, least))
         };
         let (mut others, mut idle) = (table.others_total(*cell), 0);
         for _ in 0..ACCEPT_STEP_ASIDE_ROUNDS {
@@ -280,6 +311,9 @@ async fn serve(
     };
 
     startup.spec_us = since_spawn();
+    // Before the plugin starts: `restart_worker()` may be called from `on_worker_start` on.
+    let (recycle_tx, mut recycle_rx) = mpsc::unbounded_channel::<(String, bool)>();
+    let _ = RECYCLE_REQUESTS.set(recycle_tx.clone());
     // The on-start hook: load this generation's plugin. Everything linked into `host` is frozen;
     // this is the code a reload refreshes.
     let at = Placement {
@@ -367,6 +401,10 @@ async fn serve(
         idle_grace: Duration::from_millis(spec.idle_grace_ms),
         max_body_bytes: spec.max_body_bytes,
         body_read_timeout: Duration::from_millis(spec.body_read_timeout_ms),
+        recycle_after: spec.max_requests,
+        recycle_jitter: spec.max_requests_jitter,
+        recycle_tx,
+        retiring: AtomicBool::new(false),
     });
     let graceful_timeout = Duration::from_millis(spec.graceful_timeout_ms);
 
@@ -463,6 +501,13 @@ async fn serve(
                     start_drain(&mut listener, &mut deadline, "the master channel closed");
                 }
             },
+            Some((reason, by_plugin)) = recycle_rx.recv() => {
+                // Once: the master coalesces anyway, and a draining worker is being replaced.
+                if deadline.is_none() && !shared.retiring.swap(true, Ordering::SeqCst) {
+                    tracing::info!(reason = %reason, "asking the master for a replacement");
+                    let _ = tx.send(&WorkerToMaster::RecycleMe { reason, by_plugin }).await;
+                }
+            }
             _ = async { sigterm.as_mut().expect("guarded").recv().await }, if sigterm.is_some() => {
                 start_drain(&mut listener, &mut deadline, "SIGTERM");
                 let _ = tx.send(&WorkerToMaster::Draining).await;
@@ -608,7 +653,15 @@ struct InFlight<'a> {
 
 impl<'a> InFlight<'a> {
     fn new(shared: &'a Shared, method: &http::Method, path: &str) -> Self {
-        shared.requests.fetch_add(1, Ordering::Relaxed);
+        let served = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if served == shared.recycle_after {
+            let base = shared.recycle_after.saturating_sub(shared.recycle_jitter);
+            let reason = format!(
+                "served {served} requests (max_requests {base} + jitter {})",
+                shared.recycle_jitter
+            );
+            let _ = shared.recycle_tx.send((reason, false));
+        }
         shared.in_flight.fetch_add(1, Ordering::Relaxed);
         let record = shared.accept_table.as_ref().and_then(|(table, cell)| {
             table.begin(*cell, method.as_str(), path, monotonic_ns() / 1000)
@@ -795,7 +848,11 @@ async fn handle_request(
             }
         }
     };
-    if !h2 && (shared.draining.load(Ordering::Relaxed) || shared.hand_off_one(&conn)) {
+    if !h2
+        && (shared.draining.load(Ordering::Relaxed)
+            || shared.retiring.load(Ordering::Relaxed)
+            || shared.hand_off_one(&conn))
+    {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }

@@ -23,11 +23,13 @@
 //! than the listener it hands to workers, and it never loads plugin code.
 //!
 //! The transitions live by concern, each an `impl Supervisor` block: [`rollout`] (reloads,
-//! rollbacks, the queue), [`health`] (crashes, backoff, replacements), [`spawn`] (starting and
-//! signalling worker processes) and [`status`] (answering `status`). This file holds the state,
+//! rollbacks, the queue), [`health`] (crashes, backoff, replacements), [`recycle`] (one-slot
+//! rollouts that replace a worker over `max_requests` or `max_worker_rss`, or whose plugin asked),
+//! [`spawn`] (starting and signalling worker processes) and [`status`] (answering `status`). This file holds the state,
 //! the one match, the run loop and the timers.
 
 mod health;
+mod recycle;
 mod rollout;
 mod spawn;
 mod status;
@@ -144,6 +146,8 @@ enum RolloutKind {
     Revert,
     /// Dev mode: the watched plugin file changed.
     Watch,
+    /// One slot's worker replaced by a fresh one of the same generation (see [`recycle`]).
+    Recycle,
 }
 
 impl RolloutKind {
@@ -154,6 +158,7 @@ impl RolloutKind {
             RolloutKind::Rollback => "rollback",
             RolloutKind::Revert => "revert",
             RolloutKind::Watch => "watch",
+            RolloutKind::Recycle => "recycle",
         }
     }
 }
@@ -201,6 +206,7 @@ pub(crate) struct Supervisor {
     last_refused_sha: Option<String>,
     queries: Vec<StatusQuery>,
     start_notify: Option<std::fs::File>,
+    recycling: recycle::Recycling,
 }
 
 fn unix_now() -> u64 {
@@ -221,7 +227,6 @@ impl Supervisor {
         start_notify: Option<std::fs::File>,
     ) -> Supervisor {
         let slots = cfg.workers;
-        // Cells for every slot's worker plus a candidate and crash replacements at once.
         // A cell per worker alive at once: every slot's, the draining ones of a reload or two, a
         // candidate, crash replacements.
         let accept_table = crate::accept_table::Table::create(3 * slots + 4)
@@ -232,6 +237,7 @@ impl Supervisor {
                 )
             })
             .ok();
+        let recycling = recycle::Recycling::new(slots, cfg.max_worker_rss.is_some());
         Supervisor {
             cfg,
             listener,
@@ -253,6 +259,7 @@ impl Supervisor {
             last_reload: None,
             last_refused_sha: None,
             queries: Vec::new(),
+            recycling,
             start_notify,
         }
     }
@@ -292,6 +299,9 @@ impl Supervisor {
                     in_flight,
                     connections,
                 } => self.on_stats(id, requests, in_flight, connections),
+                WorkerToMaster::RecycleMe { reason, by_plugin } => {
+                    self.request_recycle(id, reason, by_plugin)
+                }
                 WorkerToMaster::Exiting {
                     cut_requests,
                     cut_connections,
@@ -392,6 +402,7 @@ impl Supervisor {
         }
         self.respawn_due(now);
         self.answer_overdue_queries(now);
+        self.recycle_timer(now);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -402,7 +413,12 @@ impl Supervisor {
         });
         let respawns = self.health.iter().filter_map(|h| h.respawn_at);
         let queries = self.queries.iter().map(|q| q.deadline);
-        workers.chain(respawns).chain(queries).min()
+        let recycling = self.recycling.deadline();
+        workers
+            .chain(respawns)
+            .chain(queries)
+            .chain(recycling)
+            .min()
     }
 
     fn finished(&mut self) -> Option<Result<(), String>> {

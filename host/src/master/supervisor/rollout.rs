@@ -260,6 +260,10 @@ impl Supervisor {
         let mut report = r.report;
         report.duration_ms = r.started.elapsed().as_millis() as u64;
         let outcome = match (r.kind, r.failure) {
+            (RolloutKind::Recycle, _) => {
+                report.ok = true;
+                Ok(())
+            }
             (RolloutKind::Revert, Some(failure)) => {
                 tracing::warn!(
                     generation = r.target.number,
@@ -297,6 +301,12 @@ impl Supervisor {
         replies: Vec<Reply>,
         outcome: Result<(), String>,
     ) {
+        if kind == RolloutKind::Recycle {
+            // Not a reload: `last_reload` and the refused build stay as they were.
+            self.recycle_concluded(&report, outcome);
+            self.start_queued();
+            return;
+        }
         if kind == RolloutKind::Start {
             match &outcome {
                 Ok(()) => self.notify_started(&format!(
@@ -348,6 +358,7 @@ impl Supervisor {
     }
 
     /// Requests queued during a rollout run next; consecutive ones of a kind share one rollout.
+    /// Queued recycles run when no reload is waiting (a reload replaces the worker anyway).
     pub(super) fn start_queued(&mut self) {
         if self.stopping.is_none()
             && let Some(&(kind, _)) = self.queued.front()
@@ -357,6 +368,8 @@ impl Supervisor {
                 replies.extend(self.queued.pop_front().map(|(_, r)| r));
             }
             self.begin(kind, replies);
+        } else if self.stopping.is_none() {
+            self.next_recycle();
         }
     }
 

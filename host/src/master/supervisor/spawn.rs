@@ -168,6 +168,14 @@ impl Supervisor {
             }
         });
 
+        // Recycling: this worker's request limit, `max_requests` plus its own jitter.
+        let (max_requests, max_requests_jitter) = match self.cfg.max_requests {
+            0 => (0, 0),
+            n => {
+                let j = super::recycle::jitter(self.cfg.max_requests_jitter, pid);
+                (n + j, j)
+            }
+        };
         let spec = WorkerSpec {
             slot,
             generation: generation.number,
@@ -180,6 +188,8 @@ impl Supervisor {
             header_read_timeout_ms: self.cfg.header_read_timeout.as_millis() as u64,
             max_headers: self.cfg.max_headers,
             max_header_bytes: self.cfg.max_header_bytes,
+            max_requests,
+            max_requests_jitter,
             accept_cell,
             accept_cells: self
                 .accept_table

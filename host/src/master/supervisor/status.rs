@@ -22,7 +22,7 @@ pub(super) struct StatusQuery {
 const STATS_WAIT: Duration = Duration::from_millis(300);
 
 /// Resident set size of `pid` in bytes, from `/proc/<pid>/statm`.
-fn rss_bytes(pid: u32) -> u64 {
+pub(super) fn rss_bytes(pid: u32) -> u64 {
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
         .flatten()
@@ -111,6 +111,7 @@ impl Supervisor {
                     retry_in_ms: h
                         .respawn_at
                         .map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                    recycles: self.recycling.done.get(slot).copied().unwrap_or(0),
                 }
             })
             .collect()
