@@ -60,6 +60,8 @@ pub struct Config {
     pub build: Option<String>,
     /// What `build` watches (recursively); required with `build`.
     pub watch_paths: Vec<PathBuf>,
+    /// A ready worker that sends no heartbeat for this long is hung: killed and replaced.
+    pub worker_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,7 @@ struct RawConfig {
     watch_debounce: Option<String>,
     build: Option<String>,
     watch_paths: Option<Vec<String>>,
+    worker_timeout: Option<String>,
 }
 
 /// A size: a number of bytes, or a string like `"512MiB"`.
@@ -158,6 +161,9 @@ pub const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 /// The largest `max_body_bytes`: the whole body is held in memory.
 pub const MAX_BODY_BYTES: i64 = 1 << 30;
+/// The shortest `worker_timeout`: workers beat four times per timeout, and a beat every 25 ms is
+/// as often as is useful.
+pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_millis(100);
 
 impl Config {
     /// Reads and checks the config file at `path`.
@@ -308,6 +314,18 @@ impl Config {
             .iter()
             .map(|p| resolve(p))
             .collect();
+        let worker_timeout = duration("worker_timeout", &raw.worker_timeout, "30s", MAX_WAIT)?;
+        if worker_timeout < MIN_WORKER_TIMEOUT {
+            return Err(invalid(
+                "worker_timeout",
+                format!(
+                    "{} is out of range {}..={}",
+                    humantime::format_duration(worker_timeout),
+                    humantime::format_duration(MIN_WORKER_TIMEOUT),
+                    humantime::format_duration(MAX_WAIT)
+                ),
+            ));
+        }
         if build.is_some() && watch_paths.is_empty() {
             return Err(invalid(
                 "build",
@@ -352,7 +370,14 @@ impl Config {
             watch_debounce: duration("watch_debounce", &raw.watch_debounce, "300ms", MAX_WAIT)?,
             build,
             watch_paths,
+            worker_timeout,
         })
+    }
+
+    /// How often a ready worker sends its heartbeat: four beats per `worker_timeout`, at
+    /// least one a second.
+    pub fn heartbeat_interval(&self) -> Duration {
+        (self.worker_timeout / 4).min(Duration::from_secs(1))
     }
 
     pub fn control_socket(&self) -> PathBuf {
@@ -477,6 +502,25 @@ mod tests {
                 .to_string();
             assert!(err.contains(":1: max_plugin_bytes:"), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn worker_timeout_defaults_to_30s_and_is_bounded() {
+        let c = parse("").unwrap();
+        assert_eq!(c.worker_timeout, Duration::from_secs(30));
+        assert_eq!(c.heartbeat_interval(), Duration::from_secs(1));
+        let c = parse("worker_timeout = \"2s\"\n").unwrap();
+        assert_eq!(c.heartbeat_interval(), Duration::from_millis(500));
+        for value in ["99ms", "1ms", "2h", "0s", "soon"] {
+            let err = parse(&format!("worker_timeout = \"{value}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(":1: worker_timeout: "), "{value}: {err}");
+        }
+        let err = parse("worker_timeout = \"99ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("out of range 100ms..=1h"), "{err}");
     }
 
     #[test]
@@ -613,6 +657,7 @@ mod tests {
             "watch_debounce",
             "build",
             "watch_paths",
+            "worker_timeout",
         ];
 
         /// A value of the type `key` takes, of any size; or any value at all.
@@ -620,7 +665,7 @@ mod tests {
             let quoted = |s: String| toml::Value::String(s).to_string();
             let typed = match key {
                 "graceful_timeout" | "start_timeout" | "idle_grace" | "header_read_timeout"
-                | "watch_debounce" | "body_read_timeout" => (
+                | "watch_debounce" | "body_read_timeout" | "worker_timeout" => (
                     prop_oneof![3 => 0u64..100, 1 => 0u64..100_000_000, 1 => any::<u64>()],
                     prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d"]),
                 )
@@ -723,6 +768,7 @@ mod tests {
                             ("header_read_timeout", c.header_read_timeout),
                             ("watch_debounce", c.watch_debounce),
                             ("body_read_timeout", c.body_read_timeout),
+                            ("worker_timeout", c.worker_timeout),
                         ] {
                             bounded(key, d);
                         }
@@ -733,6 +779,8 @@ mod tests {
                         prop_assert!((1..=1024).contains(&c.workers));
                         prop_assert!(c.max_body_bytes as i64 <= MAX_BODY_BYTES);
                         prop_assert!((1..=65535).contains(&c.backlog));
+                        prop_assert!(c.worker_timeout >= MIN_WORKER_TIMEOUT);
+                        prop_assert!(!c.heartbeat_interval().is_zero());
                     }
                     Err(e) => {
                         let msg = e.to_string();

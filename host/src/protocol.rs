@@ -36,6 +36,9 @@ pub struct WorkerSpec {
     pub header_read_timeout_ms: u64,
     pub max_headers: usize,
     pub max_header_bytes: usize,
+    /// How often to send [`WorkerToMaster::Heartbeat`] once ready; 0: never.
+    #[serde(default)]
+    pub heartbeat_ms: u64,
 }
 
 /// Orders from the master to one worker.
@@ -97,6 +100,8 @@ pub enum WorkerToMaster {
         cut_requests: u64,
         cut_connections: u64,
     },
+    /// Sent by the worker's I/O thread at a steady beat once ready: it is not wedged.
+    Heartbeat,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -147,6 +152,8 @@ pub enum WorkerStateName {
     Starting,
     Ready,
     Draining,
+    /// Sent no heartbeat for `worker_timeout`: killed, its slot being refilled.
+    Hung,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -183,10 +190,15 @@ pub struct SlotStatus {
     pub slot: u32,
     /// The ready worker serving this slot, if any.
     pub pid: Option<u32>,
-    /// `serving`, `starting` or `failing`.
+    /// `serving`, `starting`, `hung` (its worker was killed as hung, the replacement is not
+    /// ready yet) or `failing`.
     pub state: String,
-    /// Consecutive failed starts or crashes.
+    /// Consecutive failed starts (or crash loops) the slot is backing off for.
     pub failures: u32,
+    /// Run-time crashes (deaths and hangs of ready workers) in this slot since the master
+    /// started.
+    #[serde(default)]
+    pub crashes: u64,
     pub last_error: Option<String>,
     /// When a failing slot is tried again.
     pub retry_in_ms: Option<u64>,

@@ -62,7 +62,7 @@ impl Supervisor {
                 );
             }
             WorkerState::Starting { .. } => self.kill_worker(id),
-            WorkerState::Draining { .. } | WorkerState::Killed => {}
+            WorkerState::Draining { .. } | WorkerState::Hung | WorkerState::Killed => {}
         }
         if self.serving.get(self.workers[&id].slot as usize) == Some(&Some(id)) {
             let slot = self.workers[&id].slot as usize;
@@ -72,7 +72,7 @@ impl Supervisor {
 
     pub(super) fn kill_worker(&mut self, id: WorkerId) {
         if let Some(w) = self.workers.get_mut(&id)
-            && !matches!(w.state, WorkerState::Killed)
+            && !matches!(w.state, WorkerState::Killed | WorkerState::Hung)
         {
             let _ = w.kill.send(());
             w.state = WorkerState::Killed;
@@ -177,6 +177,7 @@ impl Supervisor {
             header_read_timeout_ms: self.cfg.header_read_timeout.as_millis() as u64,
             max_headers: self.cfg.max_headers,
             max_header_bytes: self.cfg.max_header_bytes,
+            heartbeat_ms: self.cfg.heartbeat_interval().as_millis() as u64,
             accept_cell,
             accept_cells: self
                 .accept_table
@@ -204,6 +205,7 @@ impl Supervisor {
                 start_error: None,
                 startup: None,
                 accept_cell,
+                last_heard: Instant::now(),
             },
         );
         Ok(id)
