@@ -276,6 +276,15 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
     let before = host.worker_pids(Some("ready")).await;
     assert_eq!(before.len(), 2);
     let load = PidLoad::start(host.addr, CLIENTS);
+    // The clients connect in a burst that may land on one worker; the balance spreads them.
+    host.wait_status("the load clients on both workers", |s| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["connections"].as_u64().unwrap() >= 2)
+    })
+    .await;
     load.advance(200).await;
 
     let wedged_at = Instant::now();

@@ -130,7 +130,6 @@ impl Supervisor {
         {
             self.advance();
         }
-        self.forget_in_queries(id);
         if self.serving[w.slot as usize] == Some(id) {
             self.serving[w.slot as usize] = None;
         }
@@ -189,6 +188,9 @@ impl Supervisor {
                 self.runtime_failure(&w, format!("worker {} {how}", w.pid));
             }
         }
+        // Last: a status query waiting for this worker may be answered now, and must see its
+        // slot refilled, not half-way.
+        self.forget_in_queries(id);
     }
 
     /// A ready worker sent nothing for `worker_timeout`: its I/O thread is stuck (a handler
