@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tests::{Host, HostOptions, example_plugin, pid_alive, wait_until};
+use tests::{Host, HostOptions, example_plugin, fixture_plugin, pid_alive, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -614,4 +614,80 @@ async fn a_storm_of_crashing_requests_never_empties_the_service() {
     );
     assert!(failing.is_empty(), "slots backed off: {failing:?}");
     assert_eq!(ready_pids(&status).len(), 4, "{status}");
+}
+
+/// The guard: a generation whose workers die right after every ready is not respawned as fast
+/// as it starts. A slot gets 3 immediate refills, then one per 100 ms; past that it is in a
+/// crash loop and backs off like a start failure, while the other slot serves. It recovers
+/// once its workers stay up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_generation_that_dies_after_every_ready_backs_off() {
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let env = vec![(
+        "FIXTURE_EXIT_MARKER".to_string(),
+        marker.path().display().to_string(),
+    )];
+    std::fs::remove_file(marker.path()).unwrap();
+    let host = Host::start(
+        &fixture_plugin(""),
+        HostOptions {
+            env,
+            ..Default::default()
+        },
+    )
+    .await;
+    let before = host.worker_pids(Some("ready")).await;
+    // From now on every new worker ends its process just after it reported ready.
+    std::fs::write(marker.path(), b"exit").unwrap();
+    let began = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = host
+        .wait_status("the slot to back off as a crash loop", |s| {
+            s["slots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["state"] == "failing" && s["failures"].as_u64().unwrap() >= 3)
+        })
+        .await;
+    let elapsed = began.elapsed();
+    let log = host.log();
+    let failing = status["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["state"] == "failing")
+        .unwrap();
+    assert!(
+        failing["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("crash loop") && e.contains("exited with status 4")),
+        "{status}"
+    );
+    // Workers that reported ready after the kill, all in the crash-looping slot: 3 at once,
+    // then at most one per 100 ms, then the backoff.
+    let restarts = log.lines().filter(|l| l.contains("worker ready")).count() - 2;
+    let at_most = 3 + (elapsed.as_millis() / 100) as usize + 1;
+    assert!(
+        restarts <= at_most,
+        "{restarts} restarts in {elapsed:?} (at most {at_most})"
+    );
+    // The other slot serves throughout.
+    assert_eq!(host.body("/").await, "fixture ok\n");
+
+    std::fs::remove_file(marker.path()).unwrap();
+    host.wait_status("the slot to serve again", |s| {
+        ready_pids(s).len() == 2
+            && s["slots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["state"] == "serving")
+    })
+    .await;
+    eprintln!("crash loop: {restarts} restarts in {elapsed:?} before 3 backoff steps");
 }
