@@ -25,9 +25,11 @@
 //! than the listener it hands to workers, and it never loads plugin code.
 //!
 //! The transitions live by concern, each an `impl Supervisor` block: [`rollout`] (reloads,
-//! rollbacks, the queue), [`health`] (crashes, backoff, replacements), [`spawn`] (starting and
-//! signalling worker processes) and [`status`] (answering `status`). This file holds the state,
-//! the one match, the run loop and the timers.
+//! rollbacks, the queue), [`health`] (crashes, hung workers, backoff, replacements), [`spawn`]
+//! (starting and signalling worker processes), [`status`] (answering `status`) and [`evidence`]
+//! (what a hung or dead worker was doing, for the log). This file holds the state, the one
+//! match, the run loop and the timers (the watchdog's among them: a ready worker's silence is a
+//! deadline like the others).
 
 mod evidence;
 mod health;
