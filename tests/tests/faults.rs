@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -76,6 +76,12 @@ fn logged_pids(log: &str, what: &str) -> Vec<u32> {
             digits.parse().ok()
         })
         .collect()
+}
+
+/// The timestamp of the first log line that contains every one of `what`.
+fn logged_at(log: &str, what: &[&str]) -> Option<SystemTime> {
+    let line = log.lines().find(|l| what.iter().all(|w| l.contains(w)))?;
+    humantime::parse_rfc3339(line.split_whitespace().nth(1)?).ok()
 }
 
 fn ready_pids(status: &Value) -> Vec<u32> {
@@ -288,6 +294,7 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
     load.advance(200).await;
 
     let wedged_at = Instant::now();
+    let wedged_wall = SystemTime::now();
     let spin = match wedge {
         Wedge::Spin => {
             let addr = host.addr;
@@ -308,7 +315,7 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
     // Until a new worker is ready: which one was found hung, and whether status showed it.
     let mut saw_hung = false;
     let deadline = wedged_at + Duration::from_secs(10);
-    let (hung, replacement, replaced_after) = loop {
+    let (hung, replacement, seen_after) = loop {
         let (_, status) = host.raw_status().await;
         saw_hung |= shows_hung(&status);
         let ready = ready_pids(&status);
@@ -331,6 +338,15 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
     }
     assert!(before.contains(&hung), "{hung} is one of {before:?}");
     let other = *before.iter().find(|p| **p != hung).unwrap();
+    // Timed by the master's own log (status polls wait up to 300 ms for the hung worker).
+    let log = host.log();
+    let since_wedge = |what: &[&str]| {
+        logged_at(&log, what)
+            .and_then(|t| t.duration_since(wedged_wall).ok())
+            .unwrap_or_else(|| panic!("no log line with {what:?}"))
+    };
+    let found_hung_after = since_wedge(&["worker hung", &format!("pid={hung}")]);
+    let replaced_after = since_wedge(&["worker ready", &format!("pid={replacement}")]);
     assert!(
         replaced_after <= Duration::from_secs(4),
         "replaced after {replaced_after:?}, more than worker_timeout + 2 s"
@@ -362,7 +378,7 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
     let answered_while_hung = report
         .ok
         .iter()
-        .filter(|(t, pid)| *pid == other && *t > wedged_at && *t < wedged_at + replaced_after)
+        .filter(|(t, pid)| *pid == other && *t > wedged_at && *t < wedged_at + seen_after)
         .count();
     assert!(
         answered_while_hung > 0,
@@ -388,7 +404,7 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
     );
     assert!(report.non_200.is_empty(), "{:?}", report.non_200);
     eprintln!(
-        "replaced after {replaced_after:?} (status showed hung: {saw_hung}); {} answered, {} of them by the other worker while one was hung; lost with the hung worker: {} of {CLIENTS} clients ({:?})",
+        "found hung after {found_hung_after:?}, replacement ready after {replaced_after:?}, seen in status after {seen_after:?} (status showed hung: {saw_hung}); {} answered, {} of them by the other worker while one was hung; lost with the hung worker: {} of {CLIENTS} clients ({:?})",
         report.ok.len(),
         answered_while_hung,
         report.lost.len(),
