@@ -13,6 +13,9 @@
 //! - `GET /locked`: counts its requests under that `Mutex`. Once it is poisoned, it answers
 //!   `500` and calls `restart_worker()`: the host replaces this worker, new before old, and the
 //!   route works again in the fresh one.
+//! - `GET /spin?ms=N`: busy-loops `N` ms (at most an hour), yet is declared non-blocking, so it
+//!   runs on the worker's I/O thread: a handler that wedges its worker, for trying the watchdog.
+//! - `GET /exit`: ends the worker process (`std::process::exit(3)`): a request-triggered crash.
 //!
 //! `EXAMPLE_FAIL_START` = `panic` | `error` | `hang` at build time makes `on_worker_start` panic,
 //! return an error, or never return: a deliberately bad build. `EXAMPLE_START_DELAY_MS=N` makes
@@ -20,7 +23,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use plugin_api::http::{StatusCode, header};
 use plugin_api::{BoxError, Bytes, Plugin, Request, Response, WorkerContext};
@@ -104,6 +107,20 @@ impl Plugin for Example {
                 ),
             },
             "/panic" => panic!("/panic was requested"),
+            "/spin" => match query_param(&req, "ms").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms <= 3_600_000 => {
+                    let until = Instant::now() + Duration::from_millis(ms);
+                    while Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                    text(StatusCode::OK, format!("spun {ms} ms\n"))
+                }
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "usage: /spin?ms=N with N <= 3600000\n".into(),
+                ),
+            },
+            "/exit" => std::process::exit(3),
             "/state" => text(
                 StatusCode::OK,
                 format!(
@@ -166,7 +183,9 @@ impl Plugin for Example {
     }
 
     fn may_block(&self, _method: &str, path: &str) -> bool {
-        // Only /sleep and /leak (which writes N MiB) block; the others answer in microseconds.
+        // Only /sleep and /leak (which writes N MiB) are declared blocking; / and /state answer
+        // in microseconds, /panic and /exit at once. /spin is declared non-blocking on purpose
+        // (it is the handler that lies).
         path == "/sleep" || path == "/leak"
     }
 

@@ -68,6 +68,8 @@ pub struct Config {
     pub max_requests_jitter: u64,
     /// Recycling: a ready worker whose resident set grows past this many bytes is replaced.
     pub max_worker_rss: Option<u64>,
+    /// A ready worker that sends no heartbeat for this long is hung: killed and replaced.
+    pub worker_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +118,7 @@ struct RawConfig {
     max_requests: Option<i64>,
     max_requests_jitter: Option<i64>,
     max_worker_rss: Option<ByteSize>,
+    worker_timeout: Option<String>,
 }
 
 /// A size: a number of bytes, or a string like `"512MiB"`.
@@ -171,6 +174,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 pub const MAX_BODY_BYTES: i64 = 1 << 30;
 /// The largest `max_requests` and `max_requests_jitter`: their sum can never overflow.
 pub const MAX_REQUESTS: i64 = 1 << 40;
+/// The shortest `worker_timeout`: workers beat four times per timeout, and a beat every 25 ms is
+/// as often as is useful.
+pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_millis(100);
 
 impl Config {
     /// Reads and checks the config file at `path`.
@@ -336,6 +342,18 @@ impl Config {
             .iter()
             .map(|p| resolve(p))
             .collect();
+        let worker_timeout = duration("worker_timeout", &raw.worker_timeout, "30s", MAX_WAIT)?;
+        if worker_timeout < MIN_WORKER_TIMEOUT {
+            return Err(invalid(
+                "worker_timeout",
+                format!(
+                    "{} is out of range {}..={}",
+                    humantime::format_duration(worker_timeout),
+                    humantime::format_duration(MIN_WORKER_TIMEOUT),
+                    humantime::format_duration(MAX_WAIT)
+                ),
+            ));
+        }
         if build.is_some() && watch_paths.is_empty() {
             return Err(invalid(
                 "build",
@@ -383,7 +401,14 @@ impl Config {
             max_requests,
             max_requests_jitter,
             max_worker_rss,
+            worker_timeout,
         })
+    }
+
+    /// How often a ready worker sends its heartbeat: four beats per `worker_timeout`, at
+    /// least one a second.
+    pub fn heartbeat_interval(&self) -> Duration {
+        (self.worker_timeout / 4).min(Duration::from_secs(1))
     }
 
     pub fn control_socket(&self) -> PathBuf {
@@ -538,6 +563,25 @@ mod tests {
     }
 
     #[test]
+    fn worker_timeout_defaults_to_30s_and_is_bounded() {
+        let c = parse("").unwrap();
+        assert_eq!(c.worker_timeout, Duration::from_secs(30));
+        assert_eq!(c.heartbeat_interval(), Duration::from_secs(1));
+        let c = parse("worker_timeout = \"2s\"\n").unwrap();
+        assert_eq!(c.heartbeat_interval(), Duration::from_millis(500));
+        for value in ["99ms", "1ms", "2h", "0s", "soon"] {
+            let err = parse(&format!("worker_timeout = \"{value}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(":1: worker_timeout: "), "{value}: {err}");
+        }
+        let err = parse("worker_timeout = \"99ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("out of range 100ms..=1h"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = parse("wrokers = 2\n").unwrap_err().to_string();
         assert!(err.contains("wrokers"), "{err}");
@@ -674,6 +718,7 @@ mod tests {
             "max_requests",
             "max_requests_jitter",
             "max_worker_rss",
+            "worker_timeout",
         ];
 
         /// A value of the type `key` takes, of any size; or any value at all.
@@ -681,7 +726,7 @@ mod tests {
             let quoted = |s: String| toml::Value::String(s).to_string();
             let typed = match key {
                 "graceful_timeout" | "start_timeout" | "idle_grace" | "header_read_timeout"
-                | "watch_debounce" | "body_read_timeout" => (
+                | "watch_debounce" | "body_read_timeout" | "worker_timeout" => (
                     prop_oneof![3 => 0u64..100, 1 => 0u64..100_000_000, 1 => any::<u64>()],
                     prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d"]),
                 )
@@ -784,6 +829,7 @@ mod tests {
                             ("header_read_timeout", c.header_read_timeout),
                             ("watch_debounce", c.watch_debounce),
                             ("body_read_timeout", c.body_read_timeout),
+                            ("worker_timeout", c.worker_timeout),
                         ] {
                             bounded(key, d);
                         }
@@ -795,6 +841,8 @@ mod tests {
                         prop_assert!(c.max_body_bytes as i64 <= MAX_BODY_BYTES);
                         prop_assert!((1..=65535).contains(&c.backlog));
                         prop_assert!(c.max_requests.checked_add(c.max_requests_jitter).is_some());
+                        prop_assert!(c.worker_timeout >= MIN_WORKER_TIMEOUT);
+                        prop_assert!(!c.heartbeat_interval().is_zero());
                     }
                     Err(e) => {
                         let msg = e.to_string();

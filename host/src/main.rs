@@ -533,6 +533,13 @@ fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCod
             human_bytes(w.rss_bytes)
         );
     }
+    for slot in report.slots.iter().filter(|s| s.state == "hung") {
+        println!(
+            "slot {} HUNG, replacement starting: {}",
+            slot.slot,
+            slot.last_error.as_deref().unwrap_or("unknown")
+        );
+    }
     for slot in report.slots.iter().filter(|s| s.state == "failing") {
         let retry = slot
             .retry_in_ms

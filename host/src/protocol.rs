@@ -45,6 +45,9 @@ pub struct WorkerSpec {
     pub max_requests: u64,
     #[serde(default)]
     pub max_requests_jitter: u64,
+    /// How often to send [`WorkerToMaster::Heartbeat`] once ready; 0: never.
+    #[serde(default)]
+    pub heartbeat_ms: u64,
 }
 
 /// Orders from the master to one worker.
@@ -115,6 +118,8 @@ pub enum WorkerToMaster {
         cut_requests: u64,
         cut_connections: u64,
     },
+    /// Sent by the worker's I/O thread at a steady beat once ready: it is not wedged.
+    Heartbeat,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -165,6 +170,8 @@ pub enum WorkerStateName {
     Starting,
     Ready,
     Draining,
+    /// Sent no heartbeat for `worker_timeout`: killed, its slot being refilled.
+    Hung,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -201,10 +208,15 @@ pub struct SlotStatus {
     pub slot: u32,
     /// The ready worker serving this slot, if any.
     pub pid: Option<u32>,
-    /// `serving`, `starting` or `failing`.
+    /// `serving`, `starting`, `hung` (its worker was killed as hung, the replacement is not
+    /// ready yet) or `failing`.
     pub state: String,
-    /// Consecutive failed starts or crashes.
+    /// Consecutive failed starts (or crash loops) the slot is backing off for.
     pub failures: u32,
+    /// Run-time crashes (deaths and hangs of ready workers) in this slot since the master
+    /// started.
+    #[serde(default)]
+    pub crashes: u64,
     pub last_error: Option<String>,
     /// When a failing slot is tried again.
     pub retry_in_ms: Option<u64>,

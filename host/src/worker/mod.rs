@@ -2,11 +2,12 @@
 //! [`WorkerSpec`] over its channel, loads the generation's plugin snapshot in its on-start hook,
 //! serves HTTP on the listening socket it inherited, and drains when told.
 //!
-//! Owns: the accept loop, per-connection HTTP (hyper, HTTP/1.1 and HTTP/2), the built-in
-//! `/_host/` routes, dispatching each request to the plugin (on the I/O thread when the plugin
-//! declares the handler non-blocking, on the blocking pool otherwise), and the drain. It never
-//! binds a socket, never spawns processes and never decides when to reload: it obeys
-//! [`MasterToWorker`].
+//! Owns: the accept loop (which drops connections whose client is already gone, see
+//! [`backlog`]), per-connection HTTP (hyper, HTTP/1.1 and HTTP/2), the built-in `/_host/`
+//! routes, dispatching each request to the plugin (on the I/O thread when the plugin declares
+//! the handler non-blocking, on the blocking pool otherwise), the heartbeat that tells the
+//! master its I/O thread still runs, and the drain. It never binds a socket, never spawns
+//! processes and never decides when to reload: it obeys [`MasterToWorker`].
 //!
 //! Drain: stop accepting at once and tell the master; HTTP/1 responses from then on carry
 //! `Connection: close`; HTTP/2 connections get GOAWAY; idle HTTP/1 keep-alive connections may
@@ -19,6 +20,7 @@
 //! until the master drains it, meanwhile steering clients to the other workers (keep-alive
 //! responses carry `Connection: close`, and it steps aside before accepting while others can).
 
+mod backlog;
 mod h2_drain;
 pub mod loader;
 
@@ -424,6 +426,14 @@ async fn serve(
     }
     tracing::info!("ready");
     shared.publish_connections();
+    // Proof for the master's watchdog that this thread still runs: sent from the loop below, on
+    // the I/O thread, so a handler that never gives the thread back (or SIGSTOP) stops it.
+    let mut heartbeat = (spec.heartbeat_ms > 0).then(|| {
+        let every = Duration::from_millis(spec.heartbeat_ms);
+        let mut beat = tokio::time::interval_at(Instant::now() + every, every);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        beat
+    });
 
     let mut listener = Some(listener);
     let mut deadline: Option<Instant> = None;
@@ -463,6 +473,8 @@ async fn serve(
                 listener.as_ref().expect("guarded").accept().await
             }, if listener.is_some() => {
                 match accepted {
+                    // Its client gave up while it waited in the backlog: do not run its request.
+                    Ok((stream, _peer)) if backlog::client_gone(&stream) => backlog::note_dropped(),
                     Ok((stream, _peer)) => {
                         spawn_connection(shared.clone(), stream);
                         // Let the new connection read its first request (and count itself for
@@ -511,6 +523,9 @@ async fn serve(
             _ = async { sigterm.as_mut().expect("guarded").recv().await }, if sigterm.is_some() => {
                 start_drain(&mut listener, &mut deadline, "SIGTERM");
                 let _ = tx.send(&WorkerToMaster::Draining).await;
+            }
+            _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => {
+                let _ = tx.send(&WorkerToMaster::Heartbeat).await;
             }
             _ = conns.wait_for(|n| *n == 0), if deadline.is_some() => break None,
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {

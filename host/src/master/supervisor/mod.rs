@@ -3,8 +3,10 @@
 //! timeouts are deadlines the event loop sleeps until, not side threads.
 //!
 //! A worker is `Starting` (spawned, not yet ready, bounded by `start_timeout`), `Ready` (serving
-//! its slot), `Draining` (told to drain, SIGKILLed if still alive at `graceful_timeout`), or
-//! `Killed` (waiting to be reaped). Each slot has at most one serving worker.
+//! its slot, and proving at a steady beat that its I/O thread runs), `Hung` (a ready worker
+//! silent for `worker_timeout`: killed, its slot refilled at once, waiting to be reaped),
+//! `Draining` (told to drain, SIGKILLed if still alive at `graceful_timeout`), or `Killed`
+//! (waiting to be reaped). Each slot has at most one serving worker.
 //!
 //! A rollout's first step is the snapshot of the plugin file its generation runs. That file I/O
 //! runs on tokio's blocking pool, never on this loop (a FIFO, a slow disk or a 200 MB file must
@@ -23,11 +25,14 @@
 //! than the listener it hands to workers, and it never loads plugin code.
 //!
 //! The transitions live by concern, each an `impl Supervisor` block: [`rollout`] (reloads,
-//! rollbacks, the queue), [`health`] (crashes, backoff, replacements), [`recycle`] (one-slot
-//! rollouts that replace a worker over `max_requests` or `max_worker_rss`, or whose plugin asked),
-//! [`spawn`] (starting and signalling worker processes) and [`status`] (answering `status`). This file holds the state,
-//! the one match, the run loop and the timers.
+//! rollbacks, the queue), [`health`] (crashes, hung workers, backoff, replacements), [`recycle`]
+//! (one-slot rollouts that replace a worker over `max_requests` or `max_worker_rss`, or whose
+//! plugin asked), [`spawn`] (starting and signalling worker processes), [`status`] (answering
+//! `status`) and [`evidence`] (what a hung or dead worker was doing, for the log). This file
+//! holds the state, the one match, the run loop and the timers (the watchdog's among them: a
+//! ready worker's silence is a deadline like the others).
 
+mod evidence;
 mod health;
 mod recycle;
 mod rollout;
@@ -37,7 +42,7 @@ mod status;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -96,9 +101,15 @@ pub(crate) struct Generation {
 
 #[derive(Debug)]
 enum WorkerState {
-    Starting { deadline: Instant },
+    Starting {
+        deadline: Instant,
+    },
     Ready,
-    Draining { kill_at: Instant },
+    /// Was ready, sent nothing for `worker_timeout`: killed, its slot already being refilled.
+    Hung,
+    Draining {
+        kill_at: Instant,
+    },
     Killed,
 }
 
@@ -107,6 +118,7 @@ impl WorkerState {
         match self {
             WorkerState::Starting { .. } => Some(WorkerStateName::Starting),
             WorkerState::Ready => Some(WorkerStateName::Ready),
+            WorkerState::Hung => Some(WorkerStateName::Hung),
             WorkerState::Draining { .. } => Some(WorkerStateName::Draining),
             WorkerState::Killed => None,
         }
@@ -131,6 +143,9 @@ struct Worker {
     startup: Option<StartupTimings>,
     /// Its cell in the accept table, until it stops accepting or is reaped.
     accept_cell: Option<u32>,
+    /// When it last sent anything (a heartbeat, or any other message): a ready worker silent
+    /// for `worker_timeout` is hung.
+    last_heard: Instant,
 }
 
 type Reply = Option<oneshot::Sender<ControlResponse>>;
@@ -281,6 +296,13 @@ impl Supervisor {
                     None => return Err("the event channel closed".into()),
                 },
                 _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                    // Deadlines are judged on everything that has arrived: if this loop was held
+                    // up, the workers' heartbeats may be waiting in their channels' readers or
+                    // in this queue. Let the readers run, handle what is queued, then look.
+                    tokio::task::yield_now().await;
+                    while let Ok(ev) = events.try_recv() {
+                        self.handle(ev);
+                    }
                     self.on_timer(Instant::now());
                 }
             }
@@ -290,7 +312,7 @@ impl Supervisor {
     /// Every event goes through this one match.
     fn handle(&mut self, ev: Event) {
         match ev {
-            Event::Worker { id, msg } => match msg {
+            Event::Worker { id, msg } => match self.heard_from(id, msg) {
                 WorkerToMaster::Ready { plugin, startup } => self.on_ready(id, plugin, startup),
                 WorkerToMaster::StartFailed { reason } => self.on_start_failed(id, reason),
                 WorkerToMaster::Draining => self.on_drain_ack(id),
@@ -319,6 +341,8 @@ impl Supervisor {
                         );
                     }
                 }
+                // Noted by `heard_from`, like every message.
+                WorkerToMaster::Heartbeat => {}
             },
             Event::Exited { id, status } => self.on_exit(id, status),
             Event::Control { request, reply } => match request {
@@ -372,32 +396,63 @@ impl Supervisor {
         }
     }
 
+    /// A message from worker `id` proves it alive; returns the message for the match.
+    fn heard_from(&mut self, id: WorkerId, msg: WorkerToMaster) -> WorkerToMaster {
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.last_heard = Instant::now();
+        }
+        msg
+    }
+
+    /// When a ready worker that stays silent counts as hung (never while stopping: every
+    /// worker is draining then, bounded by its own deadline).
+    fn silent_deadline(&self, w: &Worker) -> Option<Instant> {
+        (matches!(w.state, WorkerState::Ready) && self.stopping.is_none())
+            .then(|| w.last_heard + self.cfg.worker_timeout)
+    }
+
     fn on_timer(&mut self, now: Instant) {
-        let expired: Vec<(WorkerId, bool)> = self
+        enum Expired {
+            Start,
+            Drain,
+            Silent(Duration),
+        }
+        let expired: Vec<(WorkerId, Expired)> = self
             .workers
             .iter()
             .filter_map(|(id, w)| match w.state {
-                WorkerState::Starting { deadline } if deadline <= now => Some((*id, true)),
-                WorkerState::Draining { kill_at } if kill_at <= now => Some((*id, false)),
+                WorkerState::Starting { deadline } if deadline <= now => {
+                    Some((*id, Expired::Start))
+                }
+                WorkerState::Draining { kill_at } if kill_at <= now => Some((*id, Expired::Drain)),
+                WorkerState::Ready if self.silent_deadline(w).is_some_and(|d| d <= now) => {
+                    Some((*id, Expired::Silent(now - w.last_heard)))
+                }
                 _ => None,
             })
             .collect();
-        for (id, starting) in expired {
-            if starting {
-                let t = humantime::format_duration(self.cfg.start_timeout);
-                self.start_failed(
-                    id,
-                    format!("did not become ready within start_timeout ({t})"),
-                );
-            } else if let Some(w) = self.workers.get(&id) {
-                tracing::warn!(
-                    pid = w.pid,
-                    slot = w.slot,
-                    generation = w.generation.number,
-                    "worker still running {} after graceful_timeout; killing it",
-                    humantime::format_duration(KILL_MARGIN)
-                );
-                self.kill_worker(id);
+        for (id, expired) in expired {
+            match expired {
+                Expired::Start => {
+                    let t = humantime::format_duration(self.cfg.start_timeout);
+                    self.start_failed(
+                        id,
+                        format!("did not become ready within start_timeout ({t})"),
+                    );
+                }
+                Expired::Drain => {
+                    if let Some(w) = self.workers.get(&id) {
+                        tracing::warn!(
+                            pid = w.pid,
+                            slot = w.slot,
+                            generation = w.generation.number,
+                            "worker still running {} after graceful_timeout; killing it",
+                            humantime::format_duration(KILL_MARGIN)
+                        );
+                        self.kill_worker(id);
+                    }
+                }
+                Expired::Silent(silent) => self.on_hung(id, silent),
             }
         }
         self.respawn_due(now);
@@ -409,6 +464,7 @@ impl Supervisor {
         let workers = self.workers.values().filter_map(|w| match w.state {
             WorkerState::Starting { deadline } => Some(deadline),
             WorkerState::Draining { kill_at } => Some(kill_at),
+            WorkerState::Ready => self.silent_deadline(w),
             _ => None,
         });
         let respawns = self.health.iter().filter_map(|h| h.respawn_at);

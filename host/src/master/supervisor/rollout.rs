@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::time::Instant;
 
-use super::health::SlotHealth;
 use super::{
     Event, Generation, Reply, Rollout, RolloutKind, Supervisor, WorkerId, WorkerState, short,
     unix_now,
@@ -484,8 +483,8 @@ impl Supervisor {
             .is_some_and(|r| r.candidate == Some(id));
         if is_candidate {
             let old = self.serving[slot].replace(id);
-            // A new generation in the slot is a fresh start: forget its crash history.
-            self.health[slot] = SlotHealth::default();
+            // A new generation in the slot is a fresh start: forget its failures.
+            self.health[slot].fresh_start();
             if let Some(r) = &mut self.rollout {
                 r.candidate = None;
                 r.done.push(slot as u32);
@@ -505,6 +504,7 @@ impl Supervisor {
             // A replacement after a crash.
             self.serving[slot] = Some(id);
             self.health[slot].respawn_at = None;
+            self.health[slot].hung = false;
         } else {
             self.retire(id);
         }

@@ -62,7 +62,7 @@ impl Supervisor {
                 );
             }
             WorkerState::Starting { .. } => self.kill_worker(id),
-            WorkerState::Draining { .. } | WorkerState::Killed => {}
+            WorkerState::Draining { .. } | WorkerState::Hung | WorkerState::Killed => {}
         }
         if self.serving.get(self.workers[&id].slot as usize) == Some(&Some(id)) {
             let slot = self.workers[&id].slot as usize;
@@ -72,7 +72,7 @@ impl Supervisor {
 
     pub(super) fn kill_worker(&mut self, id: WorkerId) {
         if let Some(w) = self.workers.get_mut(&id)
-            && !matches!(w.state, WorkerState::Killed)
+            && !matches!(w.state, WorkerState::Killed | WorkerState::Hung)
         {
             let _ = w.kill.send(());
             w.state = WorkerState::Killed;
@@ -190,6 +190,7 @@ impl Supervisor {
             max_header_bytes: self.cfg.max_header_bytes,
             max_requests,
             max_requests_jitter,
+            heartbeat_ms: self.cfg.heartbeat_interval().as_millis() as u64,
             accept_cell,
             accept_cells: self
                 .accept_table
@@ -218,6 +219,7 @@ impl Supervisor {
                 start_error: None,
                 startup: None,
                 accept_cell,
+                last_heard: Instant::now(),
             },
         );
         Ok(id)
@@ -254,38 +256,6 @@ impl Supervisor {
         {
             table.reset(cell as usize);
         }
-    }
-
-    /// The requests a worker has in flight, from its cell in the worker table, for the log
-    /// line about its death or hang: "in flight: GET /exit (12 ms), GET / (1 ms)".
-    pub(super) fn in_flight_evidence(&self, id: WorkerId) -> String {
-        let (Some(w), Some((table, _))) = (self.workers.get(&id), &self.accept_table) else {
-            return String::new();
-        };
-        let Some(cell) = w.accept_cell else {
-            return String::new();
-        };
-        let now_us = crate::worker::monotonic_ns() / 1000;
-        let (requests, unrecorded) = table.in_flight(cell as usize, now_us);
-        if requests.is_empty() && unrecorded == 0 {
-            return "no request in flight".into();
-        }
-        let mut listed: Vec<String> = requests
-            .iter()
-            .map(|r| {
-                let age = std::time::Duration::from_micros(r.age_us - r.age_us % 1000);
-                format!(
-                    "{} {} ({})",
-                    r.method,
-                    r.path,
-                    humantime::format_duration(age)
-                )
-            })
-            .collect();
-        if unrecorded > 0 {
-            listed.push(format!("{unrecorded} more"));
-        }
-        format!("in flight: {}", listed.join(", "))
     }
 }
 

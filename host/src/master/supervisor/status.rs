@@ -99,6 +99,7 @@ impl Supervisor {
                 });
                 let state = match (pid, starting) {
                     (Some(_), _) => "serving",
+                    (None, _) if h.hung => "hung",
                     (None, true) if h.failures == 0 => "starting",
                     _ => "failing",
                 };
@@ -107,6 +108,7 @@ impl Supervisor {
                     pid,
                     state: state.to_string(),
                     failures: h.failures,
+                    crashes: h.crashes,
                     last_error: h.last_error.clone(),
                     retry_in_ms: h
                         .respawn_at
