@@ -295,6 +295,7 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
 
     let wedged_at = Instant::now();
     let wedged_wall = SystemTime::now();
+    let spinning = matches!(wedge, Wedge::Spin);
     let spin = match wedge {
         Wedge::Spin => {
             let addr = host.addr;
@@ -375,6 +376,14 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
         line.contains(&format!("pid={hung}")) && line.contains("worker_timeout 2s"),
         "{line}"
     );
+    // The evidence: a spinning worker's line names the request that wedged it; a stopped one's
+    // says what it was serving (its clients' requests, or none).
+    let named = if spinning {
+        "; in flight: GET /spin ("
+    } else {
+        "; in flight: "
+    };
+    assert!(line.contains(named), "{line}");
     let answered_while_hung = report
         .ok
         .iter()

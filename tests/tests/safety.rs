@@ -527,10 +527,11 @@ async fn a_handler_wrongly_declared_non_blocking_is_moved_off_the_io_thread() {
         host.log().contains("stalled the I/O thread")
     })
     .await;
-    // From now on it runs on the blocking pool: fast requests are answered while it sleeps.
+    // From now on it runs on the blocking pool: fast requests are answered while it sleeps
+    // (3 s: far longer than ten fast requests take, even on a loaded machine).
     let addr = host.addr;
     let slow: Vec<_> = (0..4)
-        .map(|_| tokio::spawn(async move { get(addr, "/lying-sleep").await }))
+        .map(|_| tokio::spawn(async move { get(addr, "/lying-sleep?ms=3000").await }))
         .collect();
     for _ in 0..10 {
         assert_eq!(host.body("/").await, "fixture ok\n");

@@ -160,9 +160,12 @@ async fn rapid_identical_rewrites_cause_at_most_one_reload() {
     .await;
     host.install_plugin(&v2);
     served_within(&host, "v2 from", Duration::from_secs(10)).await;
+    // The generation counts as serving once its rollout ends, a little after its first answer.
+    let status = host
+        .wait_status("v2's rollout to end", |s| s["generation"] != 1)
+        .await;
     assert_eq!(
-        host.status().await["generation"],
-        2,
+        status["generation"], 2,
         "the identical rewrites made no generation"
     );
 
@@ -174,9 +177,17 @@ async fn rapid_identical_rewrites_cause_at_most_one_reload() {
     served_within(&host, "v3 from", Duration::from_secs(10)).await;
     host.install_plugin(&fixture_plugin(""));
     served_within(&host, "fixture ok", Duration::from_secs(10)).await;
+    let status = host
+        .wait_status("the fixture's rollout to end", |s| {
+            s["workers"].as_array().unwrap().iter().all(|w| {
+                w["state"] != "ready"
+                    || (w["plugin"]["name"] == "fixture-plugin"
+                        && w["generation"] == s["generation"])
+            })
+        })
+        .await;
     assert_eq!(
-        host.status().await["generation"],
-        4,
+        status["generation"], 4,
         "v2, then one generation for six writes of v3, then the fixture"
     );
 }
