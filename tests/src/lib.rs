@@ -775,3 +775,21 @@ pub fn set_soft_fd_limit(pid: u32, soft: u64) {
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
+
+/// A host (2 workers) serving the fixture plugin with the environment variable `var` naming a
+/// marker file that does not exist yet: the fixture changes behaviour (crashes at start, exits
+/// after ready, ...) while the file exists. Returns the host and the marker's path.
+pub async fn fixture_host_with_marker(var: &str) -> (Host, tempfile::TempPath) {
+    let marker = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let env = vec![(var.to_string(), marker.display().to_string())];
+    std::fs::remove_file(&marker).unwrap();
+    let host = Host::start(
+        &fixture_plugin(""),
+        HostOptions {
+            env,
+            ..Default::default()
+        },
+    )
+    .await;
+    (host, marker)
+}

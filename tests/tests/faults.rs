@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tests::{Host, HostOptions, example_plugin, fixture_plugin, pid_alive, wait_until};
+use tests::{Host, HostOptions, example_plugin, pid_alive, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -647,23 +647,10 @@ async fn a_storm_of_crashing_requests_never_empties_the_service() {
 /// once its workers stay up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_generation_that_dies_after_every_ready_backs_off() {
-    let marker = tempfile::NamedTempFile::new().unwrap();
-    let env = vec![(
-        "FIXTURE_EXIT_MARKER".to_string(),
-        marker.path().display().to_string(),
-    )];
-    std::fs::remove_file(marker.path()).unwrap();
-    let host = Host::start(
-        &fixture_plugin(""),
-        HostOptions {
-            env,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (host, marker) = tests::fixture_host_with_marker("FIXTURE_EXIT_MARKER").await;
     let before = host.worker_pids(Some("ready")).await;
     // From now on every new worker ends its process just after it reported ready.
-    std::fs::write(marker.path(), b"exit").unwrap();
+    std::fs::write(&marker, b"exit").unwrap();
     let began = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(before[0] as i32),
@@ -704,7 +691,7 @@ async fn a_generation_that_dies_after_every_ready_backs_off() {
     // The other slot serves throughout.
     assert_eq!(host.body("/").await, "fixture ok\n");
 
-    std::fs::remove_file(marker.path()).unwrap();
+    std::fs::remove_file(&marker).unwrap();
     host.wait_status("the slot to serve again", |s| {
         ready_pids(s).len() == 2
             && s["slots"]

@@ -323,22 +323,9 @@ async fn dead_workers_are_replaced_their_exit_decoded_and_their_requests_named()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_loop_backs_off_and_a_reload_still_works() {
-    let marker = tempfile::NamedTempFile::new().unwrap();
-    let env = vec![(
-        "FIXTURE_CRASH_MARKER".to_string(),
-        marker.path().display().to_string(),
-    )];
-    std::fs::remove_file(marker.path()).unwrap();
-    let host = Host::start(
-        &fixture_plugin(""),
-        HostOptions {
-            env,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (host, marker) = tests::fixture_host_with_marker("FIXTURE_CRASH_MARKER").await;
     // From now on every new worker of this build aborts in on_worker_start.
-    std::fs::write(marker.path(), b"crash").unwrap();
+    std::fs::write(&marker, b"crash").unwrap();
     let load = Load::start(host.addr, 8, Mode::Close, "/");
     load.advance(50).await;
     let victim = host.worker_pids(Some("ready")).await[0];
