@@ -587,6 +587,27 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// Panics unless every request got a `200`: none failed, none unprocessed.
+    pub fn assert_clean(&self) {
+        assert!(
+            self.errors.is_empty(),
+            "{} failed requests, first: {:?}",
+            self.errors.len(),
+            &self.errors[..self.errors.len().min(3)]
+        );
+        assert!(
+            self.non_200.is_empty(),
+            "{} non-200 responses, first: {:?}",
+            self.non_200.len(),
+            &self.non_200[..self.non_200.len().min(3)]
+        );
+        assert!(
+            self.unprocessed.is_empty(),
+            "unprocessed requests: {:?}",
+            self.unprocessed
+        );
+    }
+
     pub fn total(&self) -> u64 {
         self.ok + self.non_200.len() as u64 + self.errors.len() as u64
     }

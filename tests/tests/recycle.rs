@@ -5,9 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::{
-    Host, HostOptions, Load, LoadReport, Mode, example_plugin, get, pid_alive, wait_until,
-};
+use tests::{Host, HostOptions, Load, Mode, example_plugin, get, pid_alive, wait_until};
 
 /// Recycles done so far, over every slot.
 fn recycles(status: &Value) -> u64 {
@@ -17,26 +15,6 @@ fn recycles(status: &Value) -> u64 {
         .iter()
         .map(|s| s["recycles"].as_u64().unwrap_or(0))
         .sum()
-}
-
-fn assert_nothing_failed(report: &LoadReport) {
-    assert!(
-        report.errors.is_empty(),
-        "{} failed requests, first: {:?}",
-        report.errors.len(),
-        report.errors.first()
-    );
-    assert!(
-        report.non_200.is_empty(),
-        "{} non-200 responses, first: {:?}",
-        report.non_200.len(),
-        report.non_200.first()
-    );
-    assert!(
-        report.unprocessed.is_empty(),
-        "unprocessed HTTP/1 requests: {:?}",
-        report.unprocessed
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -88,7 +66,7 @@ async fn workers_over_max_worker_rss_are_recycled_without_failing_a_request() {
         leaks_failed.is_empty(),
         "leak requests failed: {leaks_failed:?}"
     );
-    assert_nothing_failed(&report);
+    report.assert_clean();
     // 300 MiB leaked, yet every worker ends below 80 MiB: only replacements can do that (how
     // many depends on how the leaks fell between the master's RSS checks).
     assert!(recycles(&status) >= 1, "no recycle: {status}");
@@ -124,7 +102,7 @@ async fn max_requests_recycles_workers_without_failing_a_request() {
         report.connects,
         report.closes
     );
-    assert_nothing_failed(&report);
+    report.assert_clean();
     assert!(
         host.log().contains("(max_requests 500 + jitter "),
         "no recycle line with the reason in the log"
@@ -191,7 +169,7 @@ async fn a_poisoned_mutex_is_cured_by_restart_worker() {
         report.errors.len(),
         report.non_200.len()
     );
-    assert_nothing_failed(&report);
+    report.assert_clean();
     let status = host.status().await;
     assert_eq!(status["slots"][0]["recycles"], 1, "{status}");
     let text = host.cli(&["status"]).await;
@@ -221,7 +199,7 @@ async fn a_plugin_built_for_abi_1_1_still_loads_and_is_recycled() {
     let load = Load::start(host.addr, 4, Mode::KeepAlive, "/");
     load.advance(500).await;
     let report = load.finish().await;
-    assert_nothing_failed(&report);
+    report.assert_clean();
     let status = host
         .wait_status("at least 2 recycles", |s| recycles(s) >= 2)
         .await;
@@ -273,7 +251,7 @@ async fn recycles_and_reloads_interleave_without_failing_a_request() {
         report.errors.len(),
         report.non_200.len()
     );
-    assert_nothing_failed(&report);
+    report.assert_clean();
     assert_eq!(status["generation"], 4, "{status}");
     assert!(recycles(&status) >= 1, "{status}");
     // Every worker runs the last build: a recycle never brought an old generation back.
@@ -306,7 +284,7 @@ async fn a_plugin_that_asks_for_a_restart_at_once_cannot_make_its_slot_churn() {
         report.ok,
         report.errors.len()
     );
-    assert_nothing_failed(&report);
+    report.assert_clean();
     assert!(
         took >= Duration::from_secs(2),
         "3 recycles in {took:?}: workers were replaced before they were a second old"

@@ -32,24 +32,6 @@ async fn served_within(host: &Host, prefix: &str, timeout: Duration) -> Duration
     }
 }
 
-fn assert_clean(report: &tests::LoadReport) {
-    assert!(
-        report.errors.is_empty(),
-        "failed requests: {:?}",
-        &report.errors[..report.errors.len().min(3)]
-    );
-    assert!(
-        report.non_200.is_empty(),
-        "non-200: {:?}",
-        &report.non_200[..report.non_200.len().min(3)]
-    );
-    assert!(
-        report.unprocessed.is_empty(),
-        "unprocessed: {:?}",
-        report.unprocessed
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cargo_build_is_served_within_seconds_with_no_failed_requests() {
     let target = watch_target();
@@ -80,7 +62,7 @@ async fn a_cargo_build_is_served_within_seconds_with_no_failed_requests() {
     let took = served_within(&host, "w2 from", Duration::from_secs(15)).await;
     eprintln!("cargo build -> served in {took:?}");
     load.advance(100).await;
-    assert_clean(&load.finish().await);
+    load.finish().await.assert_clean();
     // The line is written when the rollout ends, after the first new worker already served w2.
     wait_until(
         Duration::from_secs(15),
@@ -129,7 +111,7 @@ async fn a_broken_write_is_refused_and_the_next_good_build_is_picked_up() {
     host.install_plugin(&greeting_plugin("v2"));
     served_within(&host, "v2 from", Duration::from_secs(10)).await;
     load.advance(50).await;
-    assert_clean(&load.finish().await);
+    load.finish().await.assert_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -286,5 +268,5 @@ async fn the_build_step_reloads_on_a_source_edit_and_refuses_a_build_error() {
     write_plugin_source(dir, "build three");
     served_within(&host, "build three", Duration::from_secs(60)).await;
     load.advance(50).await;
-    assert_clean(&load.finish().await);
+    load.finish().await.assert_clean();
 }
