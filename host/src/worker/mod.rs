@@ -139,22 +139,24 @@ impl Shared {
         }
     }
 
+    /// Whether this worker holds clearly more staying connections than the least loaded other
+    /// accepting worker (see [`crate::accept_table::over_share`]); never without balancing.
+    fn ahead_of_least(&self) -> bool {
+        let Some((table, cell)) = self.accept_table.as_ref().filter(|_| self.balance) else {
+            return false;
+        };
+        let staying = self.staying.load(Ordering::Relaxed);
+        table
+            .least_loaded_other(*cell)
+            .is_some_and(|least| crate::accept_table::over_share(staying, least))
+    }
+
     /// Whether to close this HTTP/1 keep-alive connection after its response, so its client
     /// reconnects to a less loaded worker: this worker holds clearly more staying connections
     /// than the least loaded one, and has not handed one off in the last [`HAND_OFF_EVERY`].
     /// Bursts that landed unevenly (the accept step-aside is bounded) even out this way.
     fn hand_off_one(&self, conn: &Connection) -> bool {
-        let Some((table, cell)) = self.accept_table.as_ref().filter(|_| self.balance) else {
-            return false;
-        };
-        if !conn.staying.load(Ordering::Relaxed) {
-            return false;
-        }
-        let staying = self.staying.load(Ordering::Relaxed);
-        if !table
-            .least_loaded_other(*cell)
-            .is_some_and(|least| crate::accept_table::over_share(staying, least))
-        {
+        if !conn.staying.load(Ordering::Relaxed) || !self.ahead_of_least() {
             return false;
         }
         let now = monotonic_ns();
@@ -173,13 +175,10 @@ impl Shared {
         let Some((table, cell)) = self.accept_table.as_ref().filter(|_| self.balance) else {
             return;
         };
+        // A worker waiting for its replacement leaves new connections to any other.
         let over = || {
-            let staying = self.staying.load(Ordering::Relaxed);
-            // A worker waiting for its replacement leaves new connections to any other.
-            let retiring = self.retiring.load(Ordering::Relaxed);
-            table
-                .least_loaded_other(*cell)
-                .is_some_and(|least| retiring || crate::accept_table::over_share(staying, least))
+            (self.retiring.load(Ordering::Relaxed) && table.least_loaded_other(*cell).is_some())
+                || self.ahead_of_least()
         };
         let (mut others, mut idle) = (table.others_total(*cell), 0);
         for _ in 0..ACCEPT_STEP_ASIDE_ROUNDS {
