@@ -58,6 +58,9 @@ pub const fn vtable<P: Plugin>() -> VTable {
         free_response,
         on_worker_stop: on_worker_stop::<P>,
         may_block: may_block::<P>,
+        dispatch: crate::serve::dispatch::<P>,
+        serve: crate::serve::serve::<P>,
+        on_drain: crate::serve::on_drain::<P>,
     }
 }
 
@@ -100,7 +103,7 @@ fn install_panic_hook() {
 }
 
 /// "message at file:line:col" for a caught panic.
-fn describe_panic(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn describe_panic(payload: &(dyn Any + Send)) -> String {
     let location = PANIC_LOCATION.with(|cell| cell.borrow_mut().take());
     match location {
         Some(at) => format!("{} at {at}", panic_message(payload)),
@@ -155,14 +158,25 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
         crate::log::install(log, max_level);
         install_panic_hook();
         // ABI 1.2: `restart_worker` only when the host's context is large enough to hold it.
-        let restart = (size as usize >= size_of::<HostContext>())
-            // SAFETY: the host's context is at least as large as ours, so the field exists.
+        let restart = (size as usize > ffi::HOST_CONTEXT_1_1_SIZE)
+            // SAFETY: the host's context covers the field (checked just above).
             .then(|| unsafe { std::ptr::addr_of!((*ctx).restart_worker).read() });
+        // ABI 1.3: the plugin's configuration.
+        let config: std::sync::Arc<str> = if size as usize >= size_of::<HostContext>() {
+            // SAFETY: the host's context covers the field, a view valid for this call.
+            let raw = unsafe { std::ptr::addr_of!((*ctx).config).read() };
+            String::from_utf8_lossy(unsafe { raw.as_bytes() }).into()
+        } else {
+            "{}".into()
+        };
+        crate::runtime::start().map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
+        let _rt = crate::runtime::enter();
         let wctx = WorkerContext {
             slot,
             generation,
             pid,
             restart,
+            config,
         };
         P::on_worker_start(&wctx).map(|p| Box::into_raw(Box::new(p)) as *mut c_void)
     }));
@@ -195,6 +209,14 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
 
 /// Builds the `http` request from the host's borrowed view. Copies what `http` needs to own.
 fn to_request(raw: &RawRequest) -> Result<Request, String> {
+    let parts = to_parts(raw)?;
+    // SAFETY: borrowed for the duration of `handle` (see `to_parts`); copied here.
+    let body = Bytes::copy_from_slice(unsafe { raw.body.as_bytes() });
+    Ok(Request::from_parts(parts, body))
+}
+
+/// The method, URI, version and headers of the host's borrowed view, copied.
+pub(crate) fn to_parts(raw: &RawRequest) -> Result<http::request::Parts, String> {
     // SAFETY (for every `as_bytes` below): the host guarantees the request and everything it
     // points to are valid for the duration of `handle`, and this function copies what it keeps.
     let method = Method::from_bytes(unsafe { raw.method.as_bytes() }).map_err(|e| e.to_string())?;
@@ -220,13 +242,12 @@ fn to_request(raw: &RawRequest) -> Result<Request, String> {
             HeaderValue::from_bytes(unsafe { h.value.as_bytes() }).map_err(|e| e.to_string())?;
         headers.append(name, value);
     }
-    let body = Bytes::copy_from_slice(unsafe { raw.body.as_bytes() });
-    let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = version;
-    *req.headers_mut() = headers;
-    Ok(req)
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(parts)
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response {
@@ -252,6 +273,7 @@ unsafe extern "C" fn handle<P: Plugin>(
     req: *const RawRequest,
     out: *mut RawResponse,
 ) {
+    let _rt = crate::runtime::enter();
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `state` is the pointer `on_worker_start::<P>` returned, alive until `on_worker_stop`.
         let plugin = unsafe { &*(state as *const P) };
@@ -272,6 +294,13 @@ unsafe extern "C" fn handle<P: Plugin>(
         plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
     });
     let (parts, body) = resp.into_parts();
+    // SAFETY: the host passes a valid, exclusive out-pointer.
+    unsafe { out.write(raw_response(parts, body)) };
+}
+
+/// Moves a response's head and whole body into one plugin allocation the host frees with
+/// `free_response(owner)`.
+pub(crate) fn raw_response(parts: http::response::Parts, body: Bytes) -> RawResponse {
     let raw_headers = parts
         .headers
         .iter()
@@ -285,15 +314,13 @@ unsafe extern "C" fn handle<P: Plugin>(
         raw_headers,
         body,
     });
-    let raw = RawResponse {
+    RawResponse {
         status: parts.status.as_u16(),
         headers: owned.raw_headers.as_ptr(),
         headers_len: owned.raw_headers.len(),
         body: RawStr::new(&owned.body),
         owner: Box::into_raw(owned) as *mut c_void,
-    };
-    // SAFETY: the host passes a valid, exclusive out-pointer.
-    unsafe { out.write(raw) };
+    }
 }
 
 unsafe extern "C" fn may_block<P: Plugin>(
@@ -375,6 +402,7 @@ mod tests {
             max_level: 0,
             log: log_nothing,
             restart_worker: count_restart,
+            config: RawStr::new(b"{}"),
         };
         let mut state = std::ptr::null_mut();
         let mut storage = [0u8; 256];

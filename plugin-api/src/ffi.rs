@@ -19,8 +19,10 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"HOSTPLUG");
 /// Incompatible layout changes bump the major; the host refuses any other major.
 pub const ABI_MAJOR: u32 = 1;
 /// Compatible additions bump the minor; the host accepts plugins with a minor up to its own.
-/// 1.1 added [`VTable::may_block`]; 1.2 added [`HostContext::restart_worker`].
-pub const ABI_MINOR: u32 = 2;
+/// 1.1 added [`VTable::may_block`]; 1.2 added [`HostContext::restart_worker`]; 1.3 added
+/// [`HostContext::config`], [`VTable::dispatch`], [`VTable::serve`] (async handlers, streaming
+/// bodies, upgrades) and [`VTable::on_drain`].
+pub const ABI_MINOR: u32 = 3;
 /// The `plugin-api` crate version both sides were built with.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Name of the one exported symbol, NUL-terminated for `dlsym`. The `v1` is [`ABI_MAJOR`].
@@ -117,10 +119,15 @@ pub struct HostContext {
     /// blocks, never unwinds, and asking again is harmless. The worker keeps serving until its
     /// replacement is ready.
     pub restart_worker: extern "C" fn(reason: RawStr),
+    /// ABI 1.3: the `[plugin_config]` table of the host's configuration file, as JSON text
+    /// (UTF-8); `{}` when the file has none. Borrowed for the `on_worker_start` call.
+    pub config: RawStr,
 }
 
 /// The size of the ABI 1.1 context (before `restart_worker`): what an older host passes.
 pub const HOST_CONTEXT_1_1_SIZE: usize = std::mem::offset_of!(HostContext, restart_worker);
+/// The size of the ABI 1.2 context (before `config`).
+pub const HOST_CONTEXT_1_2_SIZE: usize = std::mem::offset_of!(HostContext, config);
 
 /// An HTTP request, borrowed from the host for one `handle` call.
 #[repr(C)]
@@ -186,7 +193,171 @@ pub struct VTable {
     /// on its I/O thread (no thread hand-off); `true`, or a panic, keeps it on a thread of its own.
     /// A host reads this field only when `vtable_size` covers it.
     pub may_block: unsafe extern "C" fn(state: *const c_void, method: RawStr, path: RawStr) -> bool,
+    /// ABI 1.3: how the host runs requests with this method and path: one of [`dispatch`]'s
+    /// values. Supersedes `may_block` for hosts that know it. A panic answers `BLOCKING`.
+    pub dispatch: unsafe extern "C" fn(state: *const c_void, method: RawStr, path: RawStr) -> u8,
+    /// ABI 1.3: starts serving one request asynchronously. The request's header views are
+    /// borrowed for this call only; its `body` and `upgrade` objects move to the plugin, which
+    /// drops them through their vtables. The future is polled by the host (on its I/O thread,
+    /// with the host's waker) and dropped by the host; it never panics across the ABI (a panic in
+    /// the handler resolves to a `500`). The response it resolves to moves to the host.
+    pub serve: unsafe extern "C" fn(
+        state: *const c_void,
+        req: *const RawAsyncRequest,
+    ) -> async_ffi::FfiFuture<RawAsyncResponse>,
+    /// ABI 1.3: the worker began draining (a reload, a stop, a recycle): long-lived handlers
+    /// (WebSocket, SSE) should wind down. Called once, from the host's I/O thread.
+    pub on_drain: unsafe extern "C" fn(state: *const c_void),
 }
 
 /// The size of the ABI 1.0 vtable (before `may_block`): the smallest a host accepts.
 pub const VTABLE_1_0_SIZE: usize = std::mem::offset_of!(VTable, may_block);
+/// The size of the ABI 1.1 and 1.2 vtable (before `dispatch`).
+pub const VTABLE_1_1_SIZE: usize = std::mem::offset_of!(VTable, dispatch);
+
+/// Values of [`VTable::dispatch`].
+pub mod dispatch {
+    /// Call `handle` on the host's I/O thread: it returns in microseconds.
+    pub const INLINE: u8 = 0;
+    /// Call `handle` on a thread of its own: it may block.
+    pub const BLOCKING: u8 = 1;
+    /// Call `serve` and poll its future on the I/O thread.
+    pub const ASYNC: u8 = 2;
+}
+
+/// An owned, type-erased object: `state` is only ever passed back to its own `vtable`, whose
+/// functions live on the side that made it. A null `vtable` means "none".
+#[repr(C)]
+pub struct RawObject<V: 'static> {
+    pub state: *mut c_void,
+    pub vtable: *const V,
+}
+
+impl<V> RawObject<V> {
+    pub const NONE: RawObject<V> = RawObject {
+        state: std::ptr::null_mut(),
+        vtable: std::ptr::null(),
+    };
+
+    pub fn is_none(&self) -> bool {
+        self.vtable.is_null()
+    }
+}
+
+/// Results of the `poll_*` functions of [`BodyVTable`], [`UpgradeVTable`] and [`IoVTable`].
+pub mod poll {
+    /// Not ready: the waker in the context will be woken.
+    pub const PENDING: u8 = 0;
+    /// Ready: the out-parameter is written.
+    pub const READY: u8 = 1;
+    /// The body has no more frames (bodies only).
+    pub const END: u8 = 2;
+    /// Failed: the out-parameter carries a UTF-8 message (bodies) or nothing (I/O, upgrades).
+    pub const ERROR: u8 = 3;
+}
+
+/// One chunk of body data, owned by the side that produced it until `free(owner)`.
+#[repr(C)]
+pub struct RawChunk {
+    pub data: RawStr,
+    pub owner: *mut c_void,
+    pub free: Option<unsafe extern "C" fn(owner: *mut c_void)>,
+}
+
+impl RawChunk {
+    pub const EMPTY: RawChunk = RawChunk {
+        data: RawStr::EMPTY,
+        owner: std::ptr::null_mut(),
+        free: None,
+    };
+}
+
+/// A body streamed in chunks: the request body (made by the host, read by the plugin) or a
+/// response body (made by the plugin, read by the host). Polled from one thread at a time.
+#[repr(C)]
+pub struct BodyVTable {
+    /// Polls for the next chunk: `PENDING`, `READY` (writes `out`), `END`, or `ERROR` (writes
+    /// a message into `out`). Never unwinds.
+    pub poll_chunk: unsafe extern "C" fn(
+        state: *mut c_void,
+        cx: *mut async_ffi::FfiContext<'_>,
+        out: *mut RawChunk,
+    ) -> u8,
+    /// The body's remaining length when known exactly, else `u64::MAX`.
+    pub exact_len: unsafe extern "C" fn(state: *const c_void) -> u64,
+    /// Frees the body; called once.
+    pub drop: unsafe extern "C" fn(state: *mut c_void),
+}
+
+/// An owned body stream; `NONE` means no body.
+pub type RawBody = RawObject<BodyVTable>;
+
+/// The connection of an HTTP/1.1 request that asked for `Upgrade` (a WebSocket handshake), made
+/// by the host. The plugin keeps it (does not drop it) to take the connection over once its
+/// `101 Switching Protocols` response is sent; a 101 answered after dropping it is refused.
+#[repr(C)]
+pub struct UpgradeVTable {
+    /// Resolves once the host sent the `101`: `READY` writes the connection into `out`;
+    /// `ERROR` when the connection failed or the response was not a 101.
+    pub poll_upgraded: unsafe extern "C" fn(
+        state: *mut c_void,
+        cx: *mut async_ffi::FfiContext<'_>,
+        out: *mut RawIo,
+    ) -> u8,
+    pub drop: unsafe extern "C" fn(state: *mut c_void),
+}
+
+/// An owned upgrade handle; `NONE` when the request cannot be upgraded.
+pub type RawUpgrade = RawObject<UpgradeVTable>;
+
+/// A byte stream (an upgraded connection), made by the host. Each poll is `PENDING`, `READY`
+/// (with `*done` bytes read or written; a read of 0 is end of stream) or `ERROR`.
+#[repr(C)]
+pub struct IoVTable {
+    pub poll_read: unsafe extern "C" fn(
+        state: *mut c_void,
+        cx: *mut async_ffi::FfiContext<'_>,
+        buf: *mut u8,
+        cap: usize,
+        done: *mut usize,
+    ) -> u8,
+    pub poll_write: unsafe extern "C" fn(
+        state: *mut c_void,
+        cx: *mut async_ffi::FfiContext<'_>,
+        buf: *const u8,
+        len: usize,
+        done: *mut usize,
+    ) -> u8,
+    pub poll_flush: unsafe extern "C" fn(state: *mut c_void, cx: *mut async_ffi::FfiContext<'_>) -> u8,
+    pub poll_shutdown:
+        unsafe extern "C" fn(state: *mut c_void, cx: *mut async_ffi::FfiContext<'_>) -> u8,
+    pub drop: unsafe extern "C" fn(state: *mut c_void),
+}
+
+/// An owned byte stream.
+pub type RawIo = RawObject<IoVTable>;
+
+/// A request for [`VTable::serve`].
+#[repr(C)]
+pub struct RawAsyncRequest {
+    /// Method, URI, version and headers, borrowed for the `serve` call; `head.body` is empty.
+    pub head: RawRequest,
+    /// The request body, moved to the plugin (`NONE`: no body).
+    pub body: RawBody,
+    /// Moved to the plugin (`NONE`: not an upgrade request).
+    pub upgrade: RawUpgrade,
+}
+
+/// What a [`VTable::serve`] future resolves to; moved to the host.
+#[repr(C)]
+pub struct RawAsyncResponse {
+    /// Status and headers, valid until `free_response(head.owner)`; when `stream` is `NONE`,
+    /// `head.body` is the whole body.
+    pub head: RawResponse,
+    /// A streamed body, moved to the host (`NONE`: the body is `head.body`).
+    pub stream: RawBody,
+}
+
+// SAFETY: everything a response points to is plain heap memory owned by the response (see the
+// ownership rules), freed through functions callable from any thread.
+unsafe impl Send for RawAsyncResponse {}

@@ -29,12 +29,24 @@
 //! to ask for a fresh worker) is passed across the ABI in [`ffi::HostContext`]; `tracing` events the plugin emits after
 //! `on_worker_start` begins are forwarded to the host's logger.
 
+mod body;
 pub mod export;
 pub mod ffi;
 mod log;
+mod runtime;
+mod serve;
+pub mod upgrade;
+#[cfg(feature = "websocket")]
+pub mod websocket;
+#[cfg(feature = "axum")]
+pub mod axum;
 
+pub use body::{Body, BodyError};
 pub use bytes::Bytes;
 pub use http;
+pub use http_body;
+pub use http_body_util::{self, BodyExt};
+pub use tokio;
 
 /// The request a handler receives: the whole body, already read by the host.
 pub type Request = http::Request<Bytes>;
@@ -42,6 +54,18 @@ pub type Request = http::Request<Bytes>;
 pub type Response = http::Response<Bytes>;
 /// The error `on_worker_start` may return; its `Display` becomes the load-failure reason.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// How the host runs the requests a [`Plugin::dispatch`] call names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dispatch {
+    /// [`Plugin::handle`] on the host's I/O thread: for handlers that return in microseconds.
+    Inline,
+    /// [`Plugin::handle`] on a thread of its own: for handlers that may block.
+    Blocking,
+    /// [`Plugin::serve`]: an async handler with a streamed body, polled on the host's I/O thread
+    /// inside the plugin's own tokio runtime.
+    Async,
+}
 
 /// An HTTP handler plugin. One value is built per worker process, in [`Plugin::on_worker_start`],
 /// and shared by every request that worker serves.
@@ -51,10 +75,49 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     /// the host keeps the previous one serving.
     fn on_worker_start(ctx: &WorkerContext) -> Result<Self, BoxError>;
 
-    /// Serves one request. Called from many threads at once. It may block unless
-    /// [`Plugin::may_block`] says otherwise for its path (blocking calls run on a thread of their
-    /// own), and a panic here becomes a `500` for this request only.
-    fn handle(&self, req: Request) -> Response;
+    /// Serves one request synchronously, with the whole body. Called from many threads at once.
+    /// It may block unless [`Plugin::dispatch`] says [`Dispatch::Inline`] for its path, and a
+    /// panic here becomes a `500` for this request only. The default answers `404`: a plugin
+    /// whose every route is async implements [`Plugin::serve`] instead.
+    fn handle(&self, req: Request) -> Response {
+        let _ = req;
+        let mut resp = Response::new(Bytes::from_static(b"not found\n"));
+        *resp.status_mut() = http::StatusCode::NOT_FOUND;
+        resp
+    }
+
+    /// Serves one request asynchronously, for the paths [`Plugin::dispatch`] sends here. The
+    /// future runs inside the plugin's own tokio runtime (so `tokio::time`, `tokio::net`,
+    /// `tokio::spawn` and tokio-based clients work), polled on the host's I/O thread: it must not
+    /// block (use `tokio::task::spawn_blocking` for that). The request body streams in as the
+    /// client sends it ([`Body`]); the response body may stream out ([`Body::from_stream`]),
+    /// paced by the client. An `Upgrade` request (a WebSocket handshake) carries an
+    /// [`upgrade::OnUpgrade`] in its extensions. A panic is a `500` for this request only.
+    /// The default answers `404`.
+    fn serve(
+        &self,
+        req: http::Request<Body>,
+    ) -> impl std::future::Future<Output = http::Response<Body>> + Send {
+        let _ = req;
+        async {
+            let mut resp = http::Response::new(Body::from("not found\n"));
+            *resp.status_mut() = http::StatusCode::NOT_FOUND;
+            resp
+        }
+    }
+
+    /// How the host runs requests with this method and path: [`Dispatch::Async`] sends them to
+    /// [`Plugin::serve`]; the others to [`Plugin::handle`], on the I/O thread
+    /// ([`Dispatch::Inline`]) or on a thread of its own ([`Dispatch::Blocking`]). Called for
+    /// every request, so keep it to a `match` on the path. The default follows
+    /// [`Plugin::may_block`].
+    fn dispatch(&self, method: &str, path: &str) -> Dispatch {
+        if self.may_block(method, path) {
+            Dispatch::Blocking
+        } else {
+            Dispatch::Inline
+        }
+    }
 
     /// Whether `handle` may block (sleep, wait on I/O or a lock, compute for long) for requests
     /// with this method and path. Answer `false` only for handlers that return in microseconds:
@@ -82,9 +145,36 @@ pub struct WorkerContext {
     pub pid: u32,
     /// The host's `restart_worker` callback, when the host has one (ABI 1.2 and later).
     pub(crate) restart: Option<extern "C" fn(ffi::RawStr)>,
+    /// The `[plugin_config]` table as JSON text (`{}` when absent or the host is older).
+    pub(crate) config: std::sync::Arc<str>,
 }
 
 impl WorkerContext {
+    /// The `[plugin_config]` table of the host's configuration file, deserialized into `T`.
+    /// `host reload` re-reads it, so a new configuration rolls out like a new build: return the
+    /// error from `on_worker_start` to refuse it. A file without the table gives `{}`.
+    pub fn config<T: serde::de::DeserializeOwned>(&self) -> Result<T, BoxError> {
+        serde_json::from_str(&self.config).map_err(|e| format!("[plugin_config]: {e}").into())
+    }
+
+    /// The `[plugin_config]` table as JSON text.
+    pub fn config_json(&self) -> &str {
+        &self.config
+    }
+
+    /// Whether this worker is draining (a reload, a recycle or a stop replaces it): long-lived
+    /// responses should end soon. Hosts older than ABI 1.3 never say so.
+    pub fn is_draining(&self) -> bool {
+        runtime::is_draining()
+    }
+
+    /// Resolves once this worker begins draining: a WebSocket handler then sends Close with code
+    /// 1012 (Service Restart), an event stream ends, and clients reconnect to the new
+    /// generation. What is still open at the host's `graceful_timeout` is cut.
+    pub fn draining(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        runtime::draining()
+    }
+
     /// Asks the host to replace this worker process with a fresh one, new before old: the
     /// master starts a new worker in this slot (same build), waits until it is ready, then
     /// drains this one, so no request fails. This worker keeps serving meanwhile; asking again

@@ -282,6 +282,7 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         max_level: crate::logging::max_level_code(),
         log: plugin_log,
         restart_worker: plugin_restart_worker,
+        config: RawStr::new(b"{}"),
     };
     let mut err_storage = vec![0u8; 4096];
     let mut err = ErrorBuf {

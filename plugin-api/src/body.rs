@@ -1,0 +1,367 @@
+//! [`Body`]: the body of an async request or response, whole or streamed, and its crossing of
+//! the ABI in both directions.
+//!
+//! A request body made by the host arrives as a [`RawBody`] and is read here chunk by chunk,
+//! each chunk given back to the host when dropped (no copy). A response body is exported the
+//! same way: the host polls it only when the connection can take more, so a slow client slows
+//! the producer. Memory is freed on the side that allocated it.
+
+use std::ffi::c_void;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use async_ffi::ContextExt;
+use bytes::Bytes;
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+
+use crate::BoxError;
+use crate::ffi::{BodyVTable, RawBody, RawChunk, RawStr, poll};
+
+/// The body of an async request or response: empty, whole, or a stream of chunks.
+///
+/// Build one from bytes or a string (`Body::from("hi")`), from a `Stream` of chunks
+/// ([`Body::from_stream`]) or from any [`http_body::Body`] ([`Body::new`]). Read one with
+/// [`Body::to_bytes`] (with a size limit) or frame by frame with [`BodyExt::frame`].
+pub struct Body(Inner);
+
+enum Inner {
+    Full(Option<Bytes>),
+    Host(HostBody),
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+/// Why [`Body::to_bytes`] failed.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The body is longer than the limit given.
+    TooLarge { limit: usize },
+    /// The client went away, stalled past the host's `body_read_timeout`, or the producer failed.
+    Read(BoxError),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::TooLarge { limit } => write!(f, "body exceeds {limit} bytes"),
+            BodyError::Read(e) => write!(f, "cannot read the body: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+impl Body {
+    /// No body.
+    pub fn empty() -> Body {
+        Body(Inner::Full(None))
+    }
+
+    /// Wraps any `http_body::Body` with `Bytes` chunks (an `axum::body::Body`, a
+    /// `StreamBody`...).
+    pub fn new<B>(body: B) -> Body
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Body(Inner::Boxed(body.map_err(Into::into).boxed_unsync()))
+    }
+
+    /// A body streamed from `stream`: each item is sent as it comes (chunked on HTTP/1.1, DATA
+    /// frames on HTTP/2), and the stream is polled only as fast as the client reads. An `Err`
+    /// item aborts the response (the client sees a truncated body, not a clean end).
+    pub fn from_stream<S, T, E>(stream: S) -> Body
+    where
+        S: futures_core::Stream<Item = Result<T, E>> + Send + 'static,
+        T: Into<Bytes>,
+        E: Into<BoxError>,
+    {
+        Body::new(StreamBody(stream))
+    }
+
+    /// Reads the whole body into memory, failing once it exceeds `limit` bytes: the limit a
+    /// streaming route sets for itself (the host's `max_body_bytes` applies to [`Plugin::handle`](crate::Plugin::handle)).
+    pub async fn to_bytes(self, limit: usize) -> Result<Bytes, BodyError> {
+        http_body_util::Limited::new(self, limit)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                    BodyError::TooLarge { limit }
+                } else {
+                    BodyError::Read(e)
+                }
+            })
+    }
+
+    /// The whole body, when it is known without polling (built from bytes).
+    pub(crate) fn take_full(&mut self) -> Option<Bytes> {
+        match &mut self.0 {
+            Inner::Full(b) => Some(b.take().unwrap_or_default()),
+            _ => None,
+        }
+    }
+
+    /// The host's request body (`NONE`: empty).
+    ///
+    /// # Safety
+    /// `raw` must be a body object made by the host, owned by the caller.
+    pub(crate) unsafe fn from_host(raw: RawBody) -> Body {
+        if raw.is_none() {
+            Body::empty()
+        } else {
+            Body(Inner::Host(HostBody(raw)))
+        }
+    }
+}
+
+impl Default for Body {
+    fn default() -> Body {
+        Body::empty()
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Inner::Full(_) => "Body(full)",
+            Inner::Host(_) => "Body(request stream)",
+            Inner::Boxed(_) => "Body(stream)",
+        })
+    }
+}
+
+macro_rules! body_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Body {
+            fn from(v: $t) -> Body {
+                Body(Inner::Full(Some(Bytes::from(v))))
+            }
+        }
+    )*};
+}
+body_from!(Bytes, String, &'static str, &'static [u8], Vec<u8>);
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.0 {
+            Inner::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Inner::Host(h) => h.poll_chunk(cx),
+            Inner::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Inner::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            Inner::Host(_) => false,
+            Inner::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Host(h) => h.size_hint(),
+            Inner::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A `Stream` of chunks as an `http_body::Body`.
+struct StreamBody<S>(S);
+
+impl<S, T, E> http_body::Body for StreamBody<S>
+where
+    S: futures_core::Stream<Item = Result<T, E>>,
+    T: Into<Bytes>,
+{
+    type Data = Bytes;
+    type Error = E;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, E>>> {
+        // SAFETY: `StreamBody` is a transparent wrapper; the stream is never moved out of it.
+        let stream = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
+        stream
+            .poll_next(cx)
+            .map(|item| item.map(|r| r.map(|c| Frame::data(c.into()))))
+    }
+}
+
+/// The host's request body, read across the ABI.
+struct HostBody(RawBody);
+
+// SAFETY: the host's body objects may be polled and dropped from any thread, one at a time
+// (the ABI's rules); `HostBody` is only used through `&mut`.
+unsafe impl Send for HostBody {}
+
+/// A chunk the host lent: handed back through its `free` when the `Bytes` drops.
+struct HostChunk(RawChunk);
+
+// SAFETY: chunk memory is plain heap memory, and `free` may be called from any thread.
+unsafe impl Send for HostChunk {}
+
+impl AsRef<[u8]> for HostChunk {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: valid until `free(owner)`, which only `drop` calls.
+        unsafe { self.0.data.as_bytes() }
+    }
+}
+
+impl Drop for HostChunk {
+    fn drop(&mut self) {
+        if let Some(free) = self.0.free {
+            // SAFETY: `owner` came with this chunk and is freed exactly once, here.
+            unsafe { free(self.0.owner) }
+        }
+    }
+}
+
+impl HostBody {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut chunk = RawChunk::EMPTY;
+        let vt = self.0.vtable;
+        // SAFETY: `vt` and `state` are the host's live body object; `chunk` is a valid out-pointer.
+        let status =
+            cx.with_ffi_context(|fcx| unsafe { ((*vt).poll_chunk)(self.0.state, fcx, &mut chunk) });
+        match status {
+            poll::PENDING => Poll::Pending,
+            poll::READY => Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(HostChunk(chunk)))))),
+            poll::END => Poll::Ready(None),
+            _ => {
+                let chunk = HostChunk(chunk);
+                let message = String::from_utf8_lossy(chunk.as_ref()).into_owned();
+                Poll::Ready(Some(Err(message.into())))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // SAFETY: the host's live body object.
+        match unsafe { ((*self.0.vtable).exact_len)(self.0.state) } {
+            u64::MAX => SizeHint::default(),
+            n => SizeHint::with_exact(n),
+        }
+    }
+}
+
+impl Drop for HostBody {
+    fn drop(&mut self) {
+        // SAFETY: the host's body object, dropped exactly once, here.
+        unsafe { ((*self.0.vtable).drop)(self.0.state) }
+    }
+}
+
+/// Exports a response body to the host as a [`RawBody`].
+pub(crate) fn export(body: Body) -> RawBody {
+    RawBody {
+        state: Box::into_raw(Box::new(body)) as *mut c_void,
+        vtable: &EXPORTED_BODY,
+    }
+}
+
+static EXPORTED_BODY: BodyVTable = BodyVTable {
+    poll_chunk: exported_poll_chunk,
+    exact_len: exported_exact_len,
+    drop: exported_drop,
+};
+
+unsafe extern "C" fn free_bytes(owner: *mut c_void) {
+    // SAFETY: `owner` is a `Box<Bytes>` made in `exported_poll_chunk`, freed once by the host.
+    drop(unsafe { Box::from_raw(owner as *mut Bytes) });
+}
+
+unsafe extern "C" fn free_string(owner: *mut c_void) {
+    // SAFETY: `owner` is a `Box<String>` made in `exported_poll_chunk`, freed once by the host.
+    drop(unsafe { Box::from_raw(owner as *mut String) });
+}
+
+fn chunk_of_bytes(bytes: Bytes) -> RawChunk {
+    let owner = Box::new(bytes);
+    RawChunk {
+        data: RawStr::new(&owner),
+        owner: Box::into_raw(owner) as *mut c_void,
+        free: Some(free_bytes),
+    }
+}
+
+fn chunk_of_message(message: String) -> RawChunk {
+    let owner = Box::new(message);
+    RawChunk {
+        data: RawStr::new(owner.as_bytes()),
+        owner: Box::into_raw(owner) as *mut c_void,
+        free: Some(free_string),
+    }
+}
+
+unsafe extern "C" fn exported_poll_chunk(
+    state: *mut c_void,
+    cx: *mut async_ffi::FfiContext<'_>,
+    out: *mut RawChunk,
+) -> u8 {
+    let _rt = crate::runtime::enter();
+    // SAFETY: `state` is the `Box<Body>` made by `export`, polled by one thread at a time; `cx`
+    // and `out` are valid for the call.
+    let (body, cx) = unsafe { (&mut *(state as *mut Body), &mut *cx) };
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        cx.with_context(|cx| loop {
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => continue,
+                    Ok(data) => return Poll::Ready(Some(Ok(data))),
+                    Err(_trailers) => continue, // trailers are not passed on
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.to_string()))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        })
+    }));
+    let (status, chunk) = match polled {
+        Ok(Poll::Pending) => return poll::PENDING,
+        Ok(Poll::Ready(None)) => return poll::END,
+        Ok(Poll::Ready(Some(Ok(data)))) => (poll::READY, chunk_of_bytes(data)),
+        Ok(Poll::Ready(Some(Err(e)))) => (poll::ERROR, chunk_of_message(e)),
+        Err(payload) => {
+            let message = format!(
+                "response body panicked: {}",
+                crate::export::describe_panic(&*payload)
+            );
+            tracing::error!("{message}");
+            (poll::ERROR, chunk_of_message(message))
+        }
+    };
+    // SAFETY: valid out-pointer (above).
+    unsafe { out.write(chunk) };
+    status
+}
+
+unsafe extern "C" fn exported_exact_len(state: *const c_void) -> u64 {
+    // SAFETY: the live `Box<Body>` made by `export`.
+    let body = unsafe { &*(state as *const Body) };
+    catch_unwind(AssertUnwindSafe(|| body.size_hint().exact()))
+        .ok()
+        .flatten()
+        .unwrap_or(u64::MAX)
+}
+
+unsafe extern "C" fn exported_drop(state: *mut c_void) {
+    let _rt = crate::runtime::enter();
+    // SAFETY: the `Box<Body>` made by `export`; the host drops it exactly once.
+    let body = unsafe { Box::from_raw(state as *mut Body) };
+    if catch_unwind(AssertUnwindSafe(|| drop(body))).is_err() {
+        tracing::error!("dropping a response body panicked");
+    }
+}
