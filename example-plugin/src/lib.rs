@@ -16,6 +16,9 @@
 //! - `GET /spin?ms=N`: busy-loops `N` ms (at most an hour), yet is declared non-blocking, so it
 //!   runs on the worker's I/O thread: a handler that wedges its worker, for trying the watchdog.
 //! - `GET /exit`: ends the worker process (`std::process::exit(3)`): a request-triggered crash.
+//! - `GET /config`: the plugin's `[plugin_config]` as JSON. It accepts the keys `message`
+//!   (a string) and `limit` (an integer); any other key makes `on_worker_start` refuse the
+//!   configuration, so a reload with it is refused with that reason.
 //!
 //! `EXAMPLE_FAIL_START` = `panic` | `error` | `hang` at build time makes `on_worker_start` panic,
 //! return an error, or never return: a deliberately bad build. `EXAMPLE_START_DELAY_MS=N` makes
@@ -35,6 +38,17 @@ const GREETING: &str = match option_env!("EXAMPLE_GREETING") {
 const FAIL_START: Option<&str> = option_env!("EXAMPLE_FAIL_START");
 const START_DELAY_MS: Option<&str> = option_env!("EXAMPLE_START_DELAY_MS");
 const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What the example plugin accepts in `[plugin_config]`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // parsed to validate it; `/config` shows the JSON as given
+struct ExampleConfig {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    limit: u64,
+}
 
 /// Per-worker state, built in `on_worker_start`.
 pub struct Example {
@@ -71,6 +85,7 @@ impl Plugin for Example {
             },
             _ => {}
         }
+        let _config: ExampleConfig = ctx.config()?;
         if let Some(ms) = START_DELAY_MS.and_then(|ms| ms.parse().ok()) {
             std::thread::sleep(Duration::from_millis(ms));
         }
@@ -121,6 +136,14 @@ impl Plugin for Example {
                 ),
             },
             "/exit" => std::process::exit(3),
+            "/config" => {
+                let mut resp = text(StatusCode::OK, format!("{}\n", self.ctx.config_json()));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
             "/state" => text(
                 StatusCode::OK,
                 format!(

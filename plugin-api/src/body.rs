@@ -89,7 +89,9 @@ impl Body {
             .await
             .map(|c| c.to_bytes())
             .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
                     BodyError::TooLarge { limit }
                 } else {
                     BodyError::Read(e)
@@ -154,7 +156,11 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.0 {
-            Inner::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Inner::Full(b) => Poll::Ready(
+                b.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
             Inner::Host(h) => h.poll_chunk(cx),
             Inner::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
@@ -316,16 +322,18 @@ unsafe extern "C" fn exported_poll_chunk(
     // and `out` are valid for the call.
     let (body, cx) = unsafe { (&mut *(state as *mut Body), &mut *cx) };
     let polled = catch_unwind(AssertUnwindSafe(|| {
-        cx.with_context(|cx| loop {
-            match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if data.is_empty() => continue,
-                    Ok(data) => return Poll::Ready(Some(Ok(data))),
-                    Err(_trailers) => continue, // trailers are not passed on
-                },
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.to_string()))),
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
+        cx.with_context(|cx| {
+            loop {
+                match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) if data.is_empty() => continue,
+                        Ok(data) => return Poll::Ready(Some(Ok(data))),
+                        Err(_trailers) => continue, // trailers are not passed on
+                    },
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.to_string()))),
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => return Poll::Pending,
+                }
             }
         })
     }));

@@ -169,7 +169,8 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
         } else {
             "{}".into()
         };
-        crate::runtime::start().map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
+        crate::runtime::start()
+            .map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
         let _rt = crate::runtime::enter();
         let wctx = WorkerContext {
             slot,

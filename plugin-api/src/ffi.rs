@@ -328,7 +328,8 @@ pub struct IoVTable {
         len: usize,
         done: *mut usize,
     ) -> u8,
-    pub poll_flush: unsafe extern "C" fn(state: *mut c_void, cx: *mut async_ffi::FfiContext<'_>) -> u8,
+    pub poll_flush:
+        unsafe extern "C" fn(state: *mut c_void, cx: *mut async_ffi::FfiContext<'_>) -> u8,
     pub poll_shutdown:
         unsafe extern "C" fn(state: *mut c_void, cx: *mut async_ffi::FfiContext<'_>) -> u8,
     pub drop: unsafe extern "C" fn(state: *mut c_void),

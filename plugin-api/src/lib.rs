@@ -29,6 +29,8 @@
 //! to ask for a fresh worker) is passed across the ABI in [`ffi::HostContext`]; `tracing` events the plugin emits after
 //! `on_worker_start` begins are forwarded to the host's logger.
 
+#[cfg(feature = "axum")]
+pub mod axum;
 mod body;
 pub mod export;
 pub mod ffi;
@@ -38,8 +40,6 @@ mod serve;
 pub mod upgrade;
 #[cfg(feature = "websocket")]
 pub mod websocket;
-#[cfg(feature = "axum")]
-pub mod axum;
 
 pub use body::{Body, BodyError};
 pub use bytes::Bytes;

@@ -50,11 +50,16 @@ pub(crate) unsafe extern "C" fn serve<P: Plugin>(
     // SAFETY: the host passes a valid request; `body` and `upgrade` move to us here, exactly once.
     let (head, body, upgrade) = unsafe {
         let req = &*req;
-        (&req.head, std::ptr::read(&req.body), std::ptr::read(&req.upgrade))
+        (
+            &req.head,
+            std::ptr::read(&req.body),
+            std::ptr::read(&req.upgrade),
+        )
     };
     // SAFETY: both objects were made by the host and are ours now.
     let body = unsafe { Body::from_host(body) };
-    let upgrade = (!upgrade.is_none()).then(|| unsafe { crate::upgrade::OnUpgrade::from_host(upgrade) });
+    let upgrade =
+        (!upgrade.is_none()).then(|| unsafe { crate::upgrade::OnUpgrade::from_host(upgrade) });
     let started = catch_unwind(AssertUnwindSafe(|| {
         let parts = crate::export::to_parts(head)?;
         let mut req = http::Request::from_parts(parts, body);
@@ -91,7 +96,10 @@ fn panicked(payload: &(dyn std::any::Any + Send)) -> RawAsyncResponse {
         panic = %crate::export::describe_panic(payload),
         "handler panicked; answered 500"
     );
-    into_raw(plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n"))
+    into_raw(plain(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal server error\n",
+    ))
 }
 
 /// Moves a response to the host: a whole body inline, any other as a stream.

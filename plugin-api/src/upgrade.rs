@@ -80,7 +80,8 @@ impl Future for OnUpgrade {
         let mut io = RawIo::NONE;
         let vt = up.0.vtable;
         // SAFETY: the host's live upgrade object; `io` is a valid out-pointer.
-        let status = cx.with_ffi_context(|fcx| unsafe { ((*vt).poll_upgraded)(up.0.state, fcx, &mut io) });
+        let status =
+            cx.with_ffi_context(|fcx| unsafe { ((*vt).poll_upgraded)(up.0.state, fcx, &mut io) });
         match status {
             poll::PENDING => Poll::Pending,
             poll::READY if !io.is_none() => {
@@ -112,7 +113,10 @@ impl std::fmt::Debug for Upgraded {
 }
 
 fn io_error(what: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::ConnectionReset, format!("upgraded connection: {what} failed"))
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        format!("upgraded connection: {what} failed"),
+    )
 }
 
 impl AsyncRead for Upgraded {
@@ -145,7 +149,11 @@ fn unfilled_len(buf: &ReadBuf<'_>) -> usize {
 }
 
 impl AsyncWrite for Upgraded {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let mut done = 0usize;
         let (state, vt) = (self.0.state, self.0.vtable);
         // SAFETY: the host's live I/O object; `buf` is readable for its length.

@@ -1,0 +1,1 @@
+//! axum support (feature `axum`): see the module items.
