@@ -20,6 +20,21 @@
 //!   (a string) and `limit` (an integer); any other key makes `on_worker_start` refuse the
 //!   configuration, so a reload with it is refused with that reason.
 //!
+//!
+//! Async routes (run by `serve` in the plugin's own tokio runtime, see `dispatch`):
+//! - `GET /async/hello`: answers at once.
+//! - `GET /async/sleep?ms=N`: awaits a tokio timer (at most 60 s), answers `slept N`.
+//! - `GET /async/panic`: panics after an await; the host answers `500`.
+//! - `GET /stream?chunks=N&every_ms=M[&size=S]`: `N` lines `chunk I`, `M` ms apart, each sent
+//!   as it is produced (padded to `S` bytes when given); `GET /stream/stats` says how many
+//!   chunks this worker's streams produced, to watch a slow client slow the producer down.
+//! - `GET /events`: server-sent events, one every 100 ms with an increasing `id:` and
+//!   `data: gen=G pid=P`; the stream ends when the worker drains.
+//! - `POST /upload`: reads the body as a stream (up to 8 GiB) and answers
+//!   `bytes=N sha256=HEX` without holding it.
+//! - `GET /ws`: WebSocket; echoes each text message as `gen=G MESSAGE`, and sends Close 1012
+//!   (Service Restart) when its worker drains.
+//!
 //! `EXAMPLE_FAIL_START` = `panic` | `error` | `hang` at build time makes `on_worker_start` panic,
 //! return an error, or never return: a deliberately bad build. `EXAMPLE_START_DELAY_MS=N` makes
 //! it take `N` ms (a slow start, to watch a rollout happen).
@@ -28,8 +43,20 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use plugin_api::http;
+
+use futures_util::{SinkExt as _, StreamExt as _};
 use plugin_api::http::{StatusCode, header};
-use plugin_api::{BoxError, Bytes, Plugin, Request, Response, WorkerContext};
+use plugin_api::websocket::{self, Message};
+use plugin_api::{
+    Body, BodyExt as _, BoxError, Bytes, Dispatch, Plugin, Request, Response, WorkerContext,
+};
+use sha2::Digest as _;
+
+/// Chunks produced by this worker's `/stream` responses.
+static STREAM_PRODUCED: AtomicU64 = AtomicU64::new(0);
+/// The most a `/upload` accepts: the limit a streaming route enforces for itself.
+const UPLOAD_LIMIT: u64 = 8 << 30;
 
 const GREETING: &str = match option_env!("EXAMPLE_GREETING") {
     Some(g) => g,
@@ -68,7 +95,7 @@ fn text(status: StatusCode, body: String) -> Response {
     resp
 }
 
-fn query_param<'a>(req: &'a Request, key: &str) -> Option<&'a str> {
+fn query_param<'a, B>(req: &'a http::Request<B>, key: &str) -> Option<&'a str> {
     req.uri().query()?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
         (k == key).then_some(v)
@@ -136,6 +163,10 @@ impl Plugin for Example {
                 ),
             },
             "/exit" => std::process::exit(3),
+            "/stream/stats" => text(
+                StatusCode::OK,
+                format!("produced {}\n", STREAM_PRODUCED.load(Ordering::Relaxed)),
+            ),
             "/config" => {
                 let mut resp = text(StatusCode::OK, format!("{}\n", self.ctx.config_json()));
                 resp.headers_mut().insert(
@@ -205,11 +236,50 @@ impl Plugin for Example {
         }
     }
 
-    fn may_block(&self, _method: &str, path: &str) -> bool {
-        // Only /sleep and /leak (which writes N MiB) are declared blocking; / and /state answer
-        // in microseconds, /panic and /exit at once. /spin is declared non-blocking on purpose
-        // (it is the handler that lies).
-        path == "/sleep" || path == "/leak"
+    fn dispatch(&self, _method: &str, path: &str) -> Dispatch {
+        match path {
+            // Only /sleep and /leak (which writes N MiB) are declared blocking; / and /state
+            // answer in microseconds, /panic and /exit at once. /spin is declared non-blocking
+            // on purpose (it is the handler that lies).
+            "/sleep" | "/leak" => Dispatch::Blocking,
+            "/async/hello" | "/async/sleep" | "/async/panic" | "/stream" | "/events"
+            | "/upload" | "/ws" => Dispatch::Async,
+            _ => Dispatch::Inline,
+        }
+    }
+
+    async fn serve(&self, mut req: http::Request<Body>) -> http::Response<Body> {
+        match req.uri().path() {
+            "/async/hello" => async_text(
+                StatusCode::OK,
+                format!(
+                    "{GREETING} from example-plugin {VERSION} (async)\npid {} generation {} slot {}\n",
+                    self.ctx.pid, self.ctx.generation, self.ctx.slot
+                ),
+            ),
+            "/async/sleep" => match query_param(&req, "ms").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms <= 60_000 => {
+                    plugin_api::tokio::time::sleep(Duration::from_millis(ms)).await;
+                    async_text(StatusCode::OK, format!("slept {ms}\n"))
+                }
+                _ => async_text(
+                    StatusCode::BAD_REQUEST,
+                    "usage: /async/sleep?ms=N with N <= 60000\n".into(),
+                ),
+            },
+            "/async/panic" => {
+                plugin_api::tokio::task::yield_now().await;
+                panic!("/async/panic was requested")
+            }
+            "/stream" => self.stream(&req),
+            "/events" => self.events(),
+            "/upload" => upload(req.into_body()).await,
+            "/ws" => {
+                let (ctx, generation) = (self.ctx.clone(), self.ctx.generation);
+                websocket::upgrade(&mut req, move |socket| echo(socket, ctx, generation))
+            }
+            other => async_text(StatusCode::NOT_FOUND, format!("no route for {other}\n")),
+        }
     }
 
     fn on_worker_stop(self) {
@@ -217,6 +287,154 @@ impl Plugin for Example {
             served = self.served.load(Ordering::Relaxed),
             "example plugin stopping"
         );
+    }
+}
+
+fn async_text(status: StatusCode, body: String) -> http::Response<Body> {
+    let mut resp = http::Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+impl Example {
+    /// `/stream`: lines produced one by one, each sent as it comes.
+    fn stream(&self, req: &http::Request<Body>) -> http::Response<Body> {
+        let num = |key, default| {
+            query_param(req, key)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(default)
+        };
+        let (chunks, every, size) = (num("chunks", 10), num("every_ms", 100), num("size", 0));
+        if every > 60_000 || size > (1 << 20) {
+            return async_text(
+                StatusCode::BAD_REQUEST,
+                "usage: /stream?chunks=N&every_ms=M&size=S with M <= 60000, S <= 1048576\n".into(),
+            );
+        }
+        let lines = futures_util::stream::unfold(0u64, move |i| async move {
+            if i >= chunks {
+                return None;
+            }
+            if i > 0 && every > 0 {
+                plugin_api::tokio::time::sleep(Duration::from_millis(every)).await;
+            }
+            STREAM_PRODUCED.fetch_add(1, Ordering::Relaxed);
+            let mut line = format!("chunk {i}\n").into_bytes();
+            if line.len() < size as usize {
+                line.resize(size as usize - 1, b'.');
+                line.push(b'\n');
+            }
+            Some((Ok::<_, std::convert::Infallible>(Bytes::from(line)), i + 1))
+        });
+        let mut resp = http::Response::new(Body::from_stream(lines));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+
+    /// `/events`: server-sent events until the worker drains.
+    fn events(&self) -> http::Response<Body> {
+        let (ctx, label) = (
+            self.ctx.clone(),
+            format!("gen={} pid={}", self.ctx.generation, self.ctx.pid),
+        );
+        let events = futures_util::stream::unfold(0u64, move |id| {
+            let (ctx, label) = (ctx.clone(), label.clone());
+            async move {
+                if id > 0 {
+                    plugin_api::tokio::select! {
+                        _ = plugin_api::tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = ctx.draining() => return None,
+                    }
+                }
+                if ctx.is_draining() {
+                    return None;
+                }
+                let event = format!("id: {id}\ndata: {label}\n\n");
+                Some((
+                    Ok::<_, std::convert::Infallible>(Bytes::from(event)),
+                    id + 1,
+                ))
+            }
+        });
+        let mut resp = http::Response::new(Body::from_stream(events));
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-cache"),
+        );
+        resp
+    }
+}
+
+/// `/upload`: hashes the body as it streams in, never holding more than one chunk.
+async fn upload(mut body: Body) -> http::Response<Body> {
+    let (mut hasher, mut bytes) = (sha2::Sha256::new(), 0u64);
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    bytes += data.len() as u64;
+                    if bytes > UPLOAD_LIMIT {
+                        return async_text(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("upload exceeds {UPLOAD_LIMIT} bytes\n"),
+                        );
+                    }
+                    hasher.update(data);
+                }
+            }
+            Err(e) => {
+                return async_text(StatusCode::BAD_REQUEST, format!("upload failed: {e}\n"));
+            }
+        }
+    }
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    async_text(StatusCode::OK, format!("bytes={bytes} sha256={hex}\n"))
+}
+
+/// `/ws`: echoes text messages as `gen=G MESSAGE`; closes with 1012 when the worker drains.
+async fn echo(mut socket: websocket::WebSocket, ctx: WorkerContext, generation: u64) {
+    loop {
+        plugin_api::tokio::select! {
+            msg = socket.next() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    let reply = format!("gen={generation} {text}");
+                    if socket.send(Message::Text(reply.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+            _ = ctx.draining() => {
+                let _ = socket.send(websocket::close_for_restart()).await;
+                // Wait (briefly) for the client's Close, as the protocol asks.
+                let _ = plugin_api::tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Some(Ok(m)) = socket.next().await {
+                        if m.is_close() {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                return;
+            }
+        }
     }
 }
 

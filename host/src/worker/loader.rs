@@ -18,8 +18,11 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use plugin_api::ffi::{
-    self, ErrorBuf, HostContext, PluginHeader, RawHeader, RawRequest, RawResponse, RawStr, VTable,
+    self, ErrorBuf, HostContext, PluginHeader, RawAsyncRequest, RawAsyncResponse, RawBody,
+    RawHeader, RawRequest, RawResponse, RawStr, RawUpgrade, VTable,
 };
+
+use super::abi_io::{PluginStream, ResponseBody};
 
 use crate::protocol::PluginInfo;
 
@@ -86,6 +89,25 @@ struct Hooks {
     on_worker_stop: unsafe extern "C" fn(*mut c_void),
     /// `None` for an ABI 1.0 plugin: every call may block.
     may_block: Option<unsafe extern "C" fn(*const c_void, RawStr, RawStr) -> bool>,
+    /// ABI 1.3: `None` for older plugins (no async handlers, no drain signal).
+    async_hooks: Option<AsyncHooks>,
+}
+
+struct AsyncHooks {
+    dispatch: unsafe extern "C" fn(*const c_void, RawStr, RawStr) -> u8,
+    serve: unsafe extern "C" fn(
+        *const c_void,
+        *const RawAsyncRequest,
+    ) -> async_ffi::FfiFuture<RawAsyncResponse>,
+    on_drain: unsafe extern "C" fn(*const c_void),
+}
+
+/// How a request runs (the plugin's `dispatch`, or `may_block` for plugins before ABI 1.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dispatch {
+    Inline,
+    Blocking,
+    Async,
 }
 
 /// A loaded, started plugin: its hooks and the per-worker state `on_worker_start` built.
@@ -261,15 +283,23 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
     let version = header_str(header.version, "version")?;
     let vt = header.vtable;
     // SAFETY: `vt` is non-null, `'static`, and at least the ABI 1.0 vtable's size (checked), so
-    // the four 1.0 fields exist; `may_block` (1.1) is read only when `vtable_size` covers it.
+    // the four 1.0 fields exist; `may_block` (1.1) and the 1.3 hooks are read only when
+    // `vtable_size` covers them.
     let hooks = unsafe {
         Hooks {
             on_worker_start: std::ptr::addr_of!((*vt).on_worker_start).read(),
             handle: std::ptr::addr_of!((*vt).handle).read(),
             free_response: std::ptr::addr_of!((*vt).free_response).read(),
             on_worker_stop: std::ptr::addr_of!((*vt).on_worker_stop).read(),
-            may_block: (vtable_size >= size_of::<VTable>())
+            may_block: (vtable_size >= ffi::VTABLE_1_1_SIZE)
                 .then(|| std::ptr::addr_of!((*vt).may_block).read()),
+            async_hooks: (abi_minor >= 3 && vtable_size >= size_of::<VTable>()).then(|| {
+                AsyncHooks {
+                    dispatch: std::ptr::addr_of!((*vt).dispatch).read(),
+                    serve: std::ptr::addr_of!((*vt).serve).read(),
+                    on_drain: std::ptr::addr_of!((*vt).on_drain).read(),
+                }
+            }),
         }
     };
 
@@ -315,6 +345,116 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
     })
 }
 
+/// Calls `f` with a borrowed [`RawRequest`] view of `parts` and `body`.
+fn with_raw_head<T>(
+    parts: &http::request::Parts,
+    body: &Bytes,
+    f: impl FnOnce(&RawRequest) -> T,
+) -> T {
+    // Views into `parts`, on the stack for up to 16 headers.
+    let headers: smallvec::SmallVec<[RawHeader; 16]> = parts
+        .headers
+        .iter()
+        .map(|(n, v)| RawHeader {
+            name: RawStr::new(n.as_str().as_bytes()),
+            value: RawStr::new(v.as_bytes()),
+        })
+        .collect();
+    let uri_owned;
+    let uri: &str = match (parts.uri.scheme(), parts.uri.path_and_query()) {
+        (None, Some(pq)) => pq.as_str(),
+        _ => {
+            uri_owned = parts.uri.to_string();
+            &uri_owned
+        }
+    };
+    let req = RawRequest {
+        method: RawStr::new(parts.method.as_str().as_bytes()),
+        uri: RawStr::new(uri.as_bytes()),
+        version: version_code(parts.version),
+        headers: headers.as_ptr(),
+        headers_len: headers.len(),
+        body: RawStr::new(body),
+    };
+    f(&req)
+}
+
+/// Polls a plugin future, turning a panic that escaped it (the plugin-side shim already catches
+/// the handler's) into `None` instead of unwinding through the worker.
+struct NoUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for NoUnwind<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::pin::Pin::new(&mut self.0).poll(cx)
+        })) {
+            Ok(p) => p.map(Some),
+            Err(_) => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+/// Builds the host's response from the plugin's: headers copied into host memory, the body
+/// lent without a copy (whole) or streamed (`stream`), freed on the plugin's side when done.
+///
+/// # Safety
+/// `raw` and `stream` must come from the plugin whose `free_response` is `free`, owned by the
+/// caller.
+unsafe fn response_from(
+    raw: RawResponse,
+    stream: RawBody,
+    free: unsafe extern "C" fn(*mut c_void),
+) -> http::Response<ResponseBody> {
+    // From here on, the plugin's allocation is owned by `owned` and freed when it drops.
+    let owned = PluginBody {
+        body: raw.body,
+        owner: raw.owner,
+        free,
+    };
+    let status = StatusCode::from_u16(raw.status).unwrap_or_else(|_| {
+        tracing::error!(
+            status = raw.status,
+            "plugin returned an invalid status code; answering 500"
+        );
+        StatusCode::INTERNAL_SERVER_ERROR
+    });
+    let raw_headers: &[RawHeader] = if raw.headers_len == 0 || raw.headers.is_null() {
+        &[]
+    } else {
+        // SAFETY: `headers` points to `headers_len` entries, valid until `owned` drops.
+        unsafe { std::slice::from_raw_parts(raw.headers, raw.headers_len) }
+    };
+    let mut map = HeaderMap::with_capacity(raw_headers.len());
+    for h in raw_headers {
+        // SAFETY: valid until `owned` drops; both are copied into host memory here.
+        let (n, v) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
+        match (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
+            (Ok(n), Ok(v)) => {
+                map.append(n, v);
+            }
+            _ => {
+                tracing::warn!(name = %String::from_utf8_lossy(n), "plugin returned an invalid header; dropped")
+            }
+        }
+    }
+    let body = if stream.is_none() {
+        ResponseBody::full(Bytes::from_owner(owned))
+    } else {
+        drop(owned);
+        // SAFETY: the plugin's body object, now ours (the caller's contract).
+        ResponseBody::Stream(unsafe { PluginStream::new(stream) })
+    };
+    let mut resp = http::Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = map;
+    resp
+}
+
 fn version_code(v: Version) -> u32 {
     match v {
         Version::HTTP_09 => 9,
@@ -352,89 +492,103 @@ impl Drop for PluginBody {
 }
 
 impl LoadedPlugin {
-    /// Whether `handle` may block for this request (always `true` for an ABI 1.0 plugin).
-    pub fn may_block(&self, method: &http::Method, path: &str) -> bool {
-        match self.hooks.may_block {
+    /// How a request with this method and path runs.
+    pub fn dispatch(&self, method: &http::Method, path: &str) -> Dispatch {
+        let (m, p) = (
+            RawStr::new(method.as_str().as_bytes()),
+            RawStr::new(path.as_bytes()),
+        );
+        match (&self.hooks.async_hooks, self.hooks.may_block) {
             // SAFETY: `state` is live; the strings are borrowed for the call; the shim catches panics.
-            Some(f) => unsafe {
-                f(
-                    self.state,
-                    RawStr::new(method.as_str().as_bytes()),
-                    RawStr::new(path.as_bytes()),
-                )
+            (Some(h), _) => match unsafe { (h.dispatch)(self.state, m, p) } {
+                ffi::dispatch::INLINE => Dispatch::Inline,
+                ffi::dispatch::ASYNC => Dispatch::Async,
+                _ => Dispatch::Blocking,
             },
-            None => true,
+            // SAFETY: as above.
+            (None, Some(may_block)) => match unsafe { may_block(self.state, m, p) } {
+                false => Dispatch::Inline,
+                true => Dispatch::Blocking,
+            },
+            (None, None) => Dispatch::Blocking,
+        }
+    }
+
+    /// Tells the plugin its worker drains (ABI 1.3; older plugins are not told).
+    pub fn on_drain(&self) {
+        if let Some(h) = &self.hooks.async_hooks {
+            // SAFETY: `state` is live; the shim catches panics.
+            unsafe { (h.on_drain)(self.state) }
         }
     }
 
     /// Calls the plugin's `handle`. Blocks for as long as the handler does.
-    pub fn handle(&self, parts: &http::request::Parts, body: &Bytes) -> http::Response<Bytes> {
-        // Views into `parts`, on the stack for up to 16 headers.
-        let headers: smallvec::SmallVec<[RawHeader; 16]> = parts
-            .headers
-            .iter()
-            .map(|(n, v)| RawHeader {
-                name: RawStr::new(n.as_str().as_bytes()),
-                value: RawStr::new(v.as_bytes()),
-            })
-            .collect();
-        let uri_owned;
-        let uri: &str = match (parts.uri.scheme(), parts.uri.path_and_query()) {
-            (None, Some(pq)) => pq.as_str(),
-            _ => {
-                uri_owned = parts.uri.to_string();
-                &uri_owned
-            }
-        };
-        let req = RawRequest {
-            method: RawStr::new(parts.method.as_str().as_bytes()),
-            uri: RawStr::new(uri.as_bytes()),
-            version: version_code(parts.version),
-            headers: headers.as_ptr(),
-            headers_len: headers.len(),
-            body: RawStr::new(body),
-        };
-        let mut raw = RawResponse::EMPTY;
-        // SAFETY: `state` is live (only `stop` frees it, taking `self` by value), `req` and
-        // everything it points to outlive the call, and `raw` is a valid out-pointer.
-        unsafe { (self.hooks.handle)(self.state, &req, &mut raw) };
-        // From here on, the plugin's allocation is owned by `owned` and freed when it drops.
-        let owned = PluginBody {
-            body: raw.body,
-            owner: raw.owner,
-            free: self.hooks.free_response,
-        };
+    pub fn handle(
+        &self,
+        parts: &http::request::Parts,
+        body: &Bytes,
+    ) -> http::Response<ResponseBody> {
+        with_raw_head(parts, body, |req| {
+            let mut raw = RawResponse::EMPTY;
+            // SAFETY: `state` is live (only `stop` frees it, taking `self` by value), `req` and
+            // everything it points to outlive the call, and `raw` is a valid out-pointer.
+            unsafe { (self.hooks.handle)(self.state, req, &mut raw) };
+            // SAFETY: `raw` was just written by the plugin's `handle`.
+            unsafe { self.response(raw, RawBody::NONE) }
+        })
+    }
 
-        let status = StatusCode::from_u16(raw.status).unwrap_or_else(|_| {
-            tracing::error!(
-                status = raw.status,
-                "plugin returned an invalid status code; answering 500"
-            );
-            StatusCode::INTERNAL_SERVER_ERROR
+    /// Starts the plugin's async `serve` (ABI 1.3 plugins; [`Dispatch::Async`] is never returned
+    /// for others). `body` and `upgrade` move to the plugin. The future owns everything it needs:
+    /// the plugin state stays alive until the worker exits, after every request is done.
+    pub fn serve(
+        &self,
+        parts: &http::request::Parts,
+        body: RawBody,
+        upgrade: RawUpgrade,
+    ) -> impl Future<Output = http::Response<ResponseBody>> + Send + 'static {
+        let hooks = self
+            .hooks
+            .async_hooks
+            .as_ref()
+            .expect("dispatch said async");
+        let serve = hooks.serve;
+        let state = self.state;
+        let fut = with_raw_head(parts, &Bytes::new(), move |head| {
+            let req = RawAsyncRequest {
+                // SAFETY: a bitwise copy of views that outlive the call.
+                head: unsafe { std::ptr::read(head) },
+                body,
+                upgrade,
+            };
+            // SAFETY: `state` is live; `req`'s views outlive the call, and its objects move to
+            // the plugin; the shim catches panics.
+            unsafe { serve(state, &req) }
         });
-        let raw_headers: &[RawHeader] = if raw.headers_len == 0 || raw.headers.is_null() {
-            &[]
-        } else {
-            // SAFETY: `headers` points to `headers_len` entries, valid until `owned` drops.
-            unsafe { std::slice::from_raw_parts(raw.headers, raw.headers_len) }
-        };
-        let mut map = HeaderMap::with_capacity(raw_headers.len());
-        for h in raw_headers {
-            // SAFETY: valid until `owned` drops; both are copied into host memory here.
-            let (n, v) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
-            match (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
-                (Ok(n), Ok(v)) => {
-                    map.append(n, v);
+        let free = self.hooks.free_response;
+        async move {
+            match (NoUnwind(fut)).await {
+                Some(raw) => {
+                    // SAFETY: `raw` is what the plugin's `serve` future resolved to.
+                    unsafe { response_from(raw.head, raw.stream, free) }
                 }
-                _ => {
-                    tracing::warn!(name = %String::from_utf8_lossy(n), "plugin returned an invalid header; dropped")
+                None => {
+                    tracing::error!("the plugin's future panicked across the ABI; answered 500");
+                    let mut resp = http::Response::new(ResponseBody::full(Bytes::from_static(
+                        b"internal server error\n",
+                    )));
+                    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    resp
                 }
             }
         }
-        let mut resp = http::Response::new(Bytes::from_owner(owned));
-        *resp.status_mut() = status;
-        *resp.headers_mut() = map;
-        resp
+    }
+
+    /// # Safety
+    /// `raw` and `stream` must come from this plugin and be owned by the caller.
+    unsafe fn response(&self, raw: RawResponse, stream: RawBody) -> http::Response<ResponseBody> {
+        // SAFETY: forwarded.
+        unsafe { response_from(raw, stream, self.hooks.free_response) }
     }
 
     /// Runs the plugin's `on_worker_stop` and frees its state. Call only once no `handle` runs.

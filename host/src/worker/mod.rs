@@ -20,6 +20,7 @@
 //! until the master drains it, meanwhile steering clients to the other workers (keep-alive
 //! responses carry `Connection: close`, and it steps aside before accepting while others can).
 
+mod abi_io;
 mod backlog;
 mod h2_drain;
 pub mod loader;
@@ -33,7 +34,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -47,7 +48,8 @@ use crate::fd;
 use crate::protocol::{
     MasterToWorker, Receiver, Sender, StartupTimings, WorkerSpec, WorkerToMaster,
 };
-use loader::{LoadedPlugin, Placement};
+use abi_io::ResponseBody;
+use loader::{Dispatch, LoadedPlugin, Placement};
 
 /// The host's version, compiled into the binary: part of the frozen "start script".
 pub const HOST_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -104,7 +106,10 @@ struct Shared {
     cut_answered: AtomicU64,
     requests: AtomicU64,
     in_flight: AtomicU64,
+    /// Open connections, upgraded ones (handed to the plugin after a `101`) included.
     connections: watch::Sender<u64>,
+    /// Of those, upgraded connections the plugin still holds.
+    upgraded: AtomicU64,
     /// The shared worker table and this worker's cell in it: requests in flight are recorded
     /// there, and, with `balance`, the count of connections that stay.
     accept_table: Option<(crate::accept_table::Table, usize)>,
@@ -395,6 +400,7 @@ async fn serve(
         requests: AtomicU64::new(0),
         in_flight: AtomicU64::new(0),
         connections: watch::Sender::new(0),
+        upgraded: AtomicU64::new(0),
         accept_table,
         balance: spec.accept_balance,
         staying: AtomicU64::new(0),
@@ -461,6 +467,8 @@ async fn serve(
                     table.clear(*cell);
                 }
                 let _ = drain_tx.send(true);
+                // Long-lived handlers (WebSocket, event streams) learn it and wind down.
+                shared.plugin.on_drain();
                 *deadline = Some(Instant::now() + graceful_timeout);
             }
         };
@@ -546,6 +554,7 @@ async fn serve(
             running,
             answered_503 = answered,
             cut_connections,
+            of_which_upgraded = shared.upgraded.load(Ordering::SeqCst),
             timeout = %humantime::format_duration(graceful_timeout),
             "graceful_timeout reached: answered {answered} running requests with 503, cutting {cut_connections} connections"
         );
@@ -600,9 +609,33 @@ fn spawn_reader(
 /// Counts a live connection for as long as it is held.
 struct ConnectionGuard(Arc<Shared>);
 
+impl ConnectionGuard {
+    fn new(shared: Arc<Shared>) -> ConnectionGuard {
+        shared.connections.send_modify(|n| *n += 1);
+        ConnectionGuard(shared)
+    }
+}
+
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Counts a connection the plugin may take over (after a `101`) as open and upgraded, from the
+/// request that asked for it until the plugin drops it: a drain waits for it.
+struct UpgradeGuard(ConnectionGuard);
+
+impl UpgradeGuard {
+    fn new(shared: &Arc<Shared>) -> UpgradeGuard {
+        shared.upgraded.fetch_add(1, Ordering::SeqCst);
+        UpgradeGuard(ConnectionGuard::new(shared.clone()))
+    }
+}
+
+impl Drop for UpgradeGuard {
+    fn drop(&mut self) {
+        self.0.0.upgraded.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -613,8 +646,7 @@ async fn wait_for_drain(mut rx: watch::Receiver<bool>) {
 }
 
 fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
-    shared.connections.send_modify(|n| *n += 1);
-    let guard = ConnectionGuard(shared.clone());
+    let guard = ConnectionGuard::new(shared.clone());
     tokio::spawn(async move {
         let _guard = guard;
         let _ = stream.set_nodelay(true);
@@ -629,7 +661,9 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
             hyper::service::service_fn(move |req| handle_request(conn_state.clone(), req))
         };
         let io = h2_drain::DrainAwareIo::new(stream, shared.draining.clone());
-        let conn = shared.http.serve_connection(TokioIo::new(io), service);
+        let conn = shared
+            .http
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         tokio::select! {
             res = conn.as_mut() => {
@@ -724,7 +758,15 @@ fn builtin(req: &Request<Incoming>) -> Response<Bytes> {
     }
 }
 
-async fn call_plugin(shared: &Shared, req: Request<Incoming>) -> Response<Bytes> {
+async fn call_plugin(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<ResponseBody> {
+    let path = req.uri().path();
+    let dispatch = match shared.plugin.dispatch(req.method(), path) {
+        Dispatch::Inline if shared.known_slow(path) => Dispatch::Blocking,
+        d => d,
+    };
+    if dispatch == Dispatch::Async {
+        return call_async(shared, req).await;
+    }
     let (parts, body) = req.into_parts();
     let body = if body.is_end_stream() {
         Bytes::new() // most GETs: nothing to read or buffer
@@ -740,7 +782,7 @@ async fn call_plugin(shared: &Shared, req: Request<Incoming>) -> Response<Bytes>
             );
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return resp;
+            return resp.map(ResponseBody::full);
         };
         match collected {
             Ok(collected) => collected.to_bytes(),
@@ -751,35 +793,93 @@ async fn call_plugin(shared: &Shared, req: Request<Incoming>) -> Response<Bytes>
                 return plain(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("request body exceeds {} bytes\n", shared.max_body_bytes),
-                );
+                )
+                .map(ResponseBody::full);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the request body");
-                return plain(StatusCode::BAD_REQUEST, "cannot read the request body\n");
+                return plain(StatusCode::BAD_REQUEST, "cannot read the request body\n")
+                    .map(ResponseBody::full);
             }
         }
     };
     // Handlers may block, so by default each call runs on the blocking pool. A handler the plugin
     // declares non-blocking runs right here on the I/O thread (no hand-off), unless its path has
     // been caught taking too long.
-    let path = parts.uri.path();
-    if !shared.plugin.may_block(&parts.method, path) && !shared.known_slow(path) {
+    let resp = if dispatch == Dispatch::Inline {
         let began = std::time::Instant::now();
         let resp = shared.plugin.handle(&parts, &body);
         let took = began.elapsed();
         if took > INLINE_LIMIT {
-            shared.mark_slow(path, took);
+            shared.mark_slow(parts.uri.path(), took);
         }
-        return resp;
+        resp
+    } else {
+        let plugin = shared.plugin.clone();
+        let path = parts.uri.path().to_string();
+        match tokio::task::spawn_blocking(move || plugin.handle(&parts, &body)).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::error!(error = %e, path, "request task failed");
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+                    .map(ResponseBody::full);
+            }
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return refuse_switch(
+            "it came from a synchronous `handle` (upgrades need `serve`, Dispatch::Async)",
+        );
     }
-    let plugin = shared.plugin.clone();
-    match tokio::task::spawn_blocking(move || plugin.handle(&parts, &body)).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::error!(error = %e, "request task failed");
-            plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+    resp
+}
+
+/// A `101 Switching Protocols` the host cannot honour is never sent: `500`, and the log says why.
+fn refuse_switch(why: &str) -> Response<ResponseBody> {
+    tracing::error!(
+        "the plugin answered 101 Switching Protocols, which the host cannot honour: {why}; answered 500"
+    );
+    plain(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal server error: an upgrade the server cannot perform\n",
+    )
+    .map(ResponseBody::full)
+}
+
+/// An async handler: the body streams in as the client sends it (each chunk waited for at most
+/// `body_read_timeout`), the response may stream out, and an HTTP/1.1 `Upgrade` request may be
+/// taken over after its `101`.
+async fn call_async(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<ResponseBody> {
+    let wants_upgrade =
+        req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
+    let on_upgrade = wants_upgrade
+        .then(|| req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>())
+        .flatten();
+    let (upgrade, watch) = match on_upgrade {
+        Some(on) => {
+            let (raw, watch) = abi_io::upgrade(on, Box::new(UpgradeGuard::new(shared)));
+            (raw, Some(watch))
+        }
+        None => (plugin_api::ffi::RawUpgrade::NONE, None),
+    };
+    let (parts, body) = req.into_parts();
+    let body = abi_io::request_body(body, shared.body_read_timeout);
+    let resp = shared.plugin.serve(&parts, body, upgrade).await;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        match watch {
+            Some(w) if w.kept() => {}
+            Some(_) => {
+                return refuse_switch(
+                    "the handler dropped the request's OnUpgrade (keep it: plugin_api::upgrade::on)",
+                );
+            }
+            None if parts.version != Version::HTTP_11 => {
+                return refuse_switch("upgrades exist only in HTTP/1.1");
+            }
+            None => return refuse_switch("the request did not ask for an upgrade"),
         }
     }
+    resp
 }
 
 /// One connection's view: the worker's shared state and what it learned about the connection.
@@ -833,7 +933,7 @@ impl Drop for Connection {
 async fn handle_request(
     conn: Arc<Connection>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<ResponseBody>, Infallible> {
     let shared = &conn.shared;
     let h2 = req.version() == Version::HTTP_2;
     if h2 && !conn.is_h2.swap(true, Ordering::Relaxed) {
@@ -842,7 +942,7 @@ async fn handle_request(
     conn.note_request(&req);
     let _in_flight = InFlight::new(shared, req.method(), req.uri().path());
     let mut resp = if req.uri().path().starts_with("/_host/") {
-        builtin(&req)
+        builtin(&req).map(ResponseBody::full)
     } else {
         let mut cut = shared.cut_rx.clone();
         tokio::select! {
@@ -858,7 +958,7 @@ async fn handle_request(
                 );
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                resp
+                resp.map(ResponseBody::full)
             }
         }
     };
@@ -870,5 +970,5 @@ async fn handle_request(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    Ok(resp.map(Full::new))
+    Ok(resp)
 }

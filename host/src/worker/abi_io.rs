@@ -1,0 +1,463 @@
+//! The host's side of the ABI 1.3 objects that outlive one call: the request body and the
+//! upgrade handle the host makes for an async handler, the upgraded connection it hands over
+//! after a `101`, and the plugin's streamed response body the host reads.
+//!
+//! Each object the host makes is a `Box` behind a `RawObject` whose vtable functions live here;
+//! the plugin polls them (from its own threads too, one at a time) and drops them exactly once
+//! through their `drop`. Each chunk the host lends carries its own `free`. Nothing here runs
+//! plugin code except through a plugin-made object's vtable. No function here unwinds across
+//! the ABI: every entry point catches panics.
+
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_ffi::{ContextExt as _, FfiContext};
+use bytes::Bytes;
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use plugin_api::ffi::{
+    BodyVTable, IoVTable, RawBody, RawChunk, RawIo, RawStr, RawUpgrade, UpgradeVTable, poll,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+// ---------------------------------------------------------------------------------------------
+// Chunks the host lends.
+
+unsafe extern "C" fn free_bytes(owner: *mut c_void) {
+    // SAFETY: `owner` is a `Box<Bytes>` made by `lend`, freed once by the plugin.
+    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(owner as *mut Bytes) }));
+}
+
+fn lend(bytes: Bytes) -> RawChunk {
+    let owner = Box::new(bytes);
+    RawChunk {
+        data: RawStr::new(&owner),
+        owner: Box::into_raw(owner) as *mut c_void,
+        free: Some(free_bytes),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The request body, streamed to an async handler.
+
+/// An async request's body as the plugin reads it: hyper's body, with `body_read_timeout` as
+/// the longest wait for each next chunk (a stalled upload fails instead of holding its handler).
+struct RequestBody {
+    incoming: Incoming,
+    idle: Duration,
+    stalled: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// The request body as a [`RawBody`] for the plugin (`NONE` when it is empty).
+pub fn request_body(incoming: Incoming, idle: Duration) -> RawBody {
+    if incoming.is_end_stream() {
+        return RawBody::NONE;
+    }
+    let body = Box::new(RequestBody {
+        incoming,
+        idle,
+        stalled: Box::pin(tokio::time::sleep(idle)),
+    });
+    RawBody {
+        state: Box::into_raw(body) as *mut c_void,
+        vtable: &REQUEST_BODY,
+    }
+}
+
+static REQUEST_BODY: BodyVTable = BodyVTable {
+    poll_chunk: request_poll_chunk,
+    exact_len: request_exact_len,
+    drop: request_drop,
+};
+
+fn message_chunk(message: String) -> RawChunk {
+    lend(Bytes::from(message))
+}
+
+unsafe extern "C" fn request_poll_chunk(
+    state: *mut c_void,
+    cx: *mut FfiContext<'_>,
+    out: *mut RawChunk,
+) -> u8 {
+    // SAFETY: `state` is the `Box<RequestBody>` made by `request_body`, polled by one thread at
+    // a time; `cx` and `out` are valid for the call.
+    let (body, cx) = unsafe { (&mut *(state as *mut RequestBody), &mut *cx) };
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        cx.with_context(|cx| {
+            loop {
+                match Pin::new(&mut body.incoming).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) if data.is_empty() => continue,
+                        Ok(data) => {
+                            let next = tokio::time::Instant::now() + body.idle;
+                            body.stalled.as_mut().reset(next);
+                            return (poll::READY, lend(data));
+                        }
+                        Err(_trailers) => continue,
+                    },
+                    Poll::Ready(Some(Err(e))) => {
+                        return (poll::ERROR, message_chunk(format!("request body: {e}")));
+                    }
+                    Poll::Ready(None) => return (poll::END, RawChunk::EMPTY),
+                    Poll::Pending => {
+                        if body.stalled.as_mut().poll(cx).is_ready() {
+                            return (
+                                poll::ERROR,
+                                message_chunk(format!(
+                                    "request body stalled: no data for {} (body_read_timeout)",
+                                    humantime::format_duration(body.idle)
+                                )),
+                            );
+                        }
+                        return (poll::PENDING, RawChunk::EMPTY);
+                    }
+                }
+            }
+        })
+    }));
+    let (status, chunk) = polled.unwrap_or_else(|_| {
+        (
+            poll::ERROR,
+            message_chunk("request body: internal error".into()),
+        )
+    });
+    // SAFETY: valid out-pointer (above).
+    unsafe { out.write(chunk) };
+    status
+}
+
+unsafe extern "C" fn request_exact_len(state: *const c_void) -> u64 {
+    // SAFETY: the live `Box<RequestBody>`.
+    let body = unsafe { &*(state as *const RequestBody) };
+    body.incoming.size_hint().exact().unwrap_or(u64::MAX)
+}
+
+unsafe extern "C" fn request_drop(state: *mut c_void) {
+    // SAFETY: the `Box<RequestBody>` made by `request_body`, dropped once by the plugin.
+    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(state as *mut RequestBody) }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upgrades.
+
+/// Counts an upgraded connection (and the handle that may become one) as open, so a drain
+/// waits for it; released when the plugin drops it.
+pub trait OpenGuard: Send + 'static {}
+impl<T: Send + 'static> OpenGuard for T {}
+
+/// What the request handler learns about the upgrade handle it gave the plugin.
+#[derive(Clone, Default)]
+pub struct UpgradeWatch(Arc<AtomicBool>);
+
+impl UpgradeWatch {
+    /// Whether the plugin still holds the handle (so it can take the connection after a 101).
+    pub fn kept(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+struct UpgradeState {
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    kept: UpgradeWatch,
+    guard: Option<Box<dyn OpenGuard>>,
+}
+
+/// The upgrade handle for an HTTP/1.1 request that asked for one; `guard` keeps the connection
+/// counted from now until the plugin drops the handle or the connection it becomes.
+pub fn upgrade(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    guard: Box<dyn OpenGuard>,
+) -> (RawUpgrade, UpgradeWatch) {
+    let kept = UpgradeWatch(Arc::new(AtomicBool::new(true)));
+    let state = Box::new(UpgradeState {
+        on_upgrade: Some(on_upgrade),
+        kept: kept.clone(),
+        guard: Some(guard),
+    });
+    (
+        RawUpgrade {
+            state: Box::into_raw(state) as *mut c_void,
+            vtable: &UPGRADE,
+        },
+        kept,
+    )
+}
+
+static UPGRADE: UpgradeVTable = UpgradeVTable {
+    poll_upgraded,
+    drop: upgrade_drop,
+};
+
+unsafe extern "C" fn poll_upgraded(
+    state: *mut c_void,
+    cx: *mut FfiContext<'_>,
+    out: *mut RawIo,
+) -> u8 {
+    // SAFETY: the live `Box<UpgradeState>`, polled by one thread at a time; `cx`, `out` valid.
+    let (up, cx) = unsafe { (&mut *(state as *mut UpgradeState), &mut *cx) };
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        let Some(on_upgrade) = up.on_upgrade.as_mut() else {
+            return (poll::ERROR, RawIo::NONE);
+        };
+        match cx.with_context(|cx| Pin::new(on_upgrade).poll(cx)) {
+            Poll::Pending => (poll::PENDING, RawIo::NONE),
+            Poll::Ready(Ok(upgraded)) => {
+                up.on_upgrade = None;
+                let io = Box::new(UpgradedIo {
+                    io: TokioIo::new(upgraded),
+                    _guard: up.guard.take(),
+                });
+                (
+                    poll::READY,
+                    RawIo {
+                        state: Box::into_raw(io) as *mut c_void,
+                        vtable: &UPGRADED_IO,
+                    },
+                )
+            }
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "upgrade did not happen");
+                up.on_upgrade = None;
+                (poll::ERROR, RawIo::NONE)
+            }
+        }
+    }));
+    let (status, io) = polled.unwrap_or((poll::ERROR, RawIo::NONE));
+    // SAFETY: valid out-pointer (above).
+    unsafe { out.write(io) };
+    status
+}
+
+unsafe extern "C" fn upgrade_drop(state: *mut c_void) {
+    // SAFETY: the `Box<UpgradeState>` made by `upgrade`, dropped once by the plugin.
+    let _ = catch_unwind(|| {
+        let up = unsafe { Box::from_raw(state as *mut UpgradeState) };
+        up.kept.0.store(false, Ordering::SeqCst);
+    });
+}
+
+/// An upgraded connection lent to the plugin.
+struct UpgradedIo {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    _guard: Option<Box<dyn OpenGuard>>,
+}
+
+static UPGRADED_IO: IoVTable = IoVTable {
+    poll_read: io_poll_read,
+    poll_write: io_poll_write,
+    poll_flush: io_poll_flush,
+    poll_shutdown: io_poll_shutdown,
+    drop: io_drop,
+};
+
+fn io_status<T>(polled: std::thread::Result<Poll<std::io::Result<T>>>, done: impl FnOnce(T)) -> u8 {
+    match polled {
+        Ok(Poll::Pending) => poll::PENDING,
+        Ok(Poll::Ready(Ok(v))) => {
+            done(v);
+            poll::READY
+        }
+        Ok(Poll::Ready(Err(e))) => {
+            tracing::debug!(error = %e, "upgraded connection failed");
+            poll::ERROR
+        }
+        Err(_) => poll::ERROR,
+    }
+}
+
+unsafe extern "C" fn io_poll_read(
+    state: *mut c_void,
+    cx: *mut FfiContext<'_>,
+    buf: *mut u8,
+    cap: usize,
+    done: *mut usize,
+) -> u8 {
+    // SAFETY: the live `Box<UpgradedIo>` (one thread at a time); `buf` has `cap` writable bytes
+    // (initialized by the plugin's `ReadBuf`); `cx` and `done` are valid.
+    let (io, cx, buf) = unsafe {
+        (
+            &mut *(state as *mut UpgradedIo),
+            &mut *cx,
+            std::slice::from_raw_parts_mut(buf, cap),
+        )
+    };
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        cx.with_context(|cx| {
+            let mut rb = ReadBuf::new(buf);
+            Pin::new(&mut io.io)
+                .poll_read(cx, &mut rb)
+                .map_ok(|()| rb.filled().len())
+        })
+    }));
+    // SAFETY: valid out-pointer.
+    io_status(polled, |n| unsafe { done.write(n) })
+}
+
+unsafe extern "C" fn io_poll_write(
+    state: *mut c_void,
+    cx: *mut FfiContext<'_>,
+    buf: *const u8,
+    len: usize,
+    done: *mut usize,
+) -> u8 {
+    // SAFETY: the live `Box<UpgradedIo>`; `buf` has `len` readable bytes; `cx`, `done` valid.
+    let (io, cx, buf) = unsafe {
+        (
+            &mut *(state as *mut UpgradedIo),
+            &mut *cx,
+            std::slice::from_raw_parts(buf, len),
+        )
+    };
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        cx.with_context(|cx| Pin::new(&mut io.io).poll_write(cx, buf))
+    }));
+    // SAFETY: valid out-pointer.
+    io_status(polled, |n| unsafe { done.write(n) })
+}
+
+unsafe extern "C" fn io_poll_flush(state: *mut c_void, cx: *mut FfiContext<'_>) -> u8 {
+    // SAFETY: the live `Box<UpgradedIo>`; `cx` valid.
+    let (io, cx) = unsafe { (&mut *(state as *mut UpgradedIo), &mut *cx) };
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        cx.with_context(|cx| Pin::new(&mut io.io).poll_flush(cx))
+    }));
+    io_status(polled, |()| ())
+}
+
+unsafe extern "C" fn io_poll_shutdown(state: *mut c_void, cx: *mut FfiContext<'_>) -> u8 {
+    // SAFETY: the live `Box<UpgradedIo>`; `cx` valid.
+    let (io, cx) = unsafe { (&mut *(state as *mut UpgradedIo), &mut *cx) };
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        cx.with_context(|cx| Pin::new(&mut io.io).poll_shutdown(cx))
+    }));
+    io_status(polled, |()| ())
+}
+
+unsafe extern "C" fn io_drop(state: *mut c_void) {
+    // SAFETY: the `Box<UpgradedIo>` made in `poll_upgraded`, dropped once by the plugin.
+    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(state as *mut UpgradedIo) }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plugin's response bodies.
+
+/// A plugin-made chunk: given back to the plugin when hyper drops the bytes.
+struct PluginChunk(RawChunk);
+
+// SAFETY: chunk memory is plain heap memory; `free` may be called from any thread (ABI rules).
+unsafe impl Send for PluginChunk {}
+
+impl AsRef<[u8]> for PluginChunk {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: valid until `free(owner)`, which only `drop` calls.
+        unsafe { self.0.data.as_bytes() }
+    }
+}
+
+impl Drop for PluginChunk {
+    fn drop(&mut self) {
+        if let Some(free) = self.0.free {
+            // SAFETY: the chunk's own `free`, called exactly once.
+            unsafe { free(self.0.owner) }
+        }
+    }
+}
+
+/// The body of an HTTP response the worker sends: whole, or streamed from the plugin.
+pub enum ResponseBody {
+    Full(Option<Bytes>),
+    Stream(PluginStream),
+}
+
+impl ResponseBody {
+    pub fn full(bytes: Bytes) -> ResponseBody {
+        ResponseBody::Full(Some(bytes))
+    }
+}
+
+/// A streamed response body made by the plugin, polled only when hyper can send more.
+pub struct PluginStream(RawBody);
+
+// SAFETY: the plugin's body objects may be polled and dropped from any thread, one at a time
+// (`&mut` access only).
+unsafe impl Send for PluginStream {}
+
+impl PluginStream {
+    /// # Safety
+    /// `raw` must be a body object made by the plugin (not `NONE`), owned by the caller.
+    pub unsafe fn new(raw: RawBody) -> PluginStream {
+        PluginStream(raw)
+    }
+}
+
+impl Drop for PluginStream {
+    fn drop(&mut self) {
+        // SAFETY: the plugin's live body object, dropped exactly once, here; its shim catches panics.
+        unsafe { ((*self.0.vtable).drop)(self.0.state) }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Full(b) => Poll::Ready(
+                b.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            ResponseBody::Stream(s) => {
+                let mut chunk = RawChunk::EMPTY;
+                let (state, vt) = (s.0.state, s.0.vtable);
+                // SAFETY: the plugin's live body object; `chunk` is a valid out-pointer; the
+                // shim enters the plugin's runtime and catches panics.
+                let status = cx
+                    .with_ffi_context(|fcx| unsafe { ((*vt).poll_chunk)(state, fcx, &mut chunk) });
+                match status {
+                    poll::PENDING => Poll::Pending,
+                    poll::READY => {
+                        Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(PluginChunk(chunk))))))
+                    }
+                    poll::END => Poll::Ready(None),
+                    _ => {
+                        let chunk = PluginChunk(chunk);
+                        let message = String::from_utf8_lossy(chunk.as_ref()).into_owned();
+                        tracing::warn!(error = %message, "the plugin's response body failed; the response is cut");
+                        Poll::Ready(Some(Err(message.into())))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            ResponseBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            // SAFETY: the plugin's live body object; the shim catches panics.
+            ResponseBody::Stream(s) => match unsafe { ((*s.0.vtable).exact_len)(s.0.state) } {
+                u64::MAX => SizeHint::default(),
+                n => SizeHint::with_exact(n),
+            },
+        }
+    }
+}
