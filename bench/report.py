@@ -62,6 +62,32 @@ targets.append(
     )
 )
 
+kinds = {}
+for line in env["R_KINDS"].splitlines():  # path cpu_us rps
+    path, cpu, rps = line.split()
+    kinds.setdefault(path, []).append((float(cpu), float(rps)))
+kind_cpu = {p: med([c for c, _ in v]) for p, v in kinds.items()}
+kind_rps = {p: med([r for _, r in v]) for p, v in kinds.items()}
+async_ratio = kind_cpu["/async/hello"] / kind_cpu["/"]
+targets.append(
+    (
+        "Async handler ready at once, CPU per request vs the inline path",
+        "<= 1.1x",
+        f"{async_ratio:.2f}x ({kind_cpu['/async/hello']:.1f} vs {kind_cpu['/']:.1f} us)",
+        verdict(async_ratio <= 1.1),
+    )
+)
+sl = env["SLEEPERS"].split()  # "sleepers <count> <errors> <ms> <max threads>"
+sl_count, sl_errors, sl_ms, sl_threads = int(sl[1]), int(sl[2]), int(sl[3]), int(sl[4])
+targets.append(
+    (
+        f"{sl_count:,} concurrent requests awaiting a 1 s timer, one worker",
+        "all answered <= 1.5 s, <= 16 threads",
+        f"{sl_ms / 1000:.2f} s, {sl_errors} errors, {sl_threads} threads",
+        verdict(sl_ms <= 1500 and sl_errors == 0 and sl_threads <= 16),
+    )
+)
+
 out = []
 w = out.append
 w("# Benchmark results")
@@ -170,4 +196,30 @@ w("| accept_balance | requests per worker, 5 s after the reload | busiest / leas
 w("|---|---|---|---|---|")
 for mode, ratio, served, rps, cpu in bal:
     w(f"| {mode} | {served.replace(',', ', ')} | {times(float(ratio))} | {float(rps):,.0f} | {float(cpu):.1f} |")
+w("")
+w("## 8. Handler kinds")
+w("")
+w(
+    f"One worker pinned to a CPU, `wrk -t1 -c32 -d{env['SECS']}s` on the other, {env['RUNS']} interleaved rounds "
+    "(medians). CPU time of every host process per request; each ratio is to the inline path in the same run."
+)
+w("")
+w("| path | handler kind | CPU µs / request | vs inline | requests/s |")
+w("|---|---|---|---|---|")
+kind_names = {
+    "/": "inline `handle` (I/O thread)",
+    "/async/hello": "async `serve`, ready at once",
+    "/stream?chunks=1&every_ms=0": "async `serve`, streamed body (1 chunk)",
+    "/sleep?ms=0": "`handle` on the blocking pool",
+}
+for path, cpu in kind_cpu.items():
+    w(
+        f"| `{path}` | {kind_names.get(path, '')} | {cpu:.1f} | {cpu / kind_cpu['/']:.2f}x | {kind_rps[path]:,.0f} |"
+    )
+w("")
+w(
+    f"{sl_count:,} connections opened first, then one `GET /async/sleep?ms=1000` on each at once (one worker): "
+    f"the last answer came {sl_ms / 1000:.2f} s after the first request was sent, {sl_errors} failed, and the "
+    f"worker ran at most {sl_threads} threads (sampled every 20 ms)."
+)
 print("\n".join(out))

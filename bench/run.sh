@@ -78,6 +78,30 @@ for _ in $(seq "$RUNS"); do
   stop_host one
 done
 
+# 8. Handler kinds on one pinned worker: CPU per request for the inline path (`/`), an async
+#    handler that is ready at once (`/async/hello`), a streamed one-chunk body, and the blocking
+#    pool (`/sleep?ms=0`), RUNS interleaved rounds. Then 10,000 concurrent requests that each
+#    await a 1 s timer in one worker: time to the last answer, and the worker's threads.
+echo "bench: 8 handler kinds ($RUNS rounds) and 10,000 sleeping requests" >&2
+KIND_PATHS=("/" "/async/hello" "/stream?chunks=1&every_ms=0" "/sleep?ms=0")
+KINDS=()
+for _ in $(seq "$RUNS"); do
+  start_host one $SERVER_CPU
+  pids=$(host_pids one)
+  for path in "${KIND_PATHS[@]}"; do
+    # shellcheck disable=SC2086
+    t0=$(cpu_ticks $pids); read -r rps n < <(wrk_run "http://127.0.0.1:18191$path" 1 32 $CLIENT_CPU); t1=$(cpu_ticks $pids)
+    KINDS+=("$path $(python3 -c "print(($t1-$t0)/$CLK*1e6/$n)") $rps")
+  done
+  stop_host one
+done
+config sleepers 1 18199
+start_host sleepers $SERVER_CPU
+SLEEPER_PID=$(status_json sleepers | python3 -c 'import json,sys; print(json.load(sys.stdin)["workers"][0]["pid"])')
+SLEEPERS=$( (ulimit -n "$(ulimit -Hn)"; taskset -c $CLIENT_CPU "$BIN/bench-tool" sleepers --addr 127.0.0.1:18199 \
+  --path '/async/sleep?ms=1000' --count 10000 --pid "$SLEEPER_PID") )
+stop_host sleepers
+
 # 2. Reload of 4 idle workers, CLI round trip included, and where worker start time goes.
 echo "bench: 2/6 reload time, 4 idle workers" >&2
 config four 4 18192
@@ -183,7 +207,8 @@ export R_RELOAD4="${RELOAD4[*]}" STARTUP LAT MEM BURST
 R_SCALE_RPS="$(printf '%s\n' "${SCALE_RPS[@]}")"
 R_SCALE_RELOAD="$(printf '%s\n' "${SCALE_RELOAD[@]}")"
 R_BAL="$(printf '%s\n' "${BAL[@]}")"
-export R_SCALE_RPS R_SCALE_RELOAD R_BAL
+R_KINDS="$(printf '%s\n' "${KINDS[@]}")"
+export R_SCALE_RPS R_SCALE_RELOAD R_BAL R_KINDS SLEEPERS
 export MACHINE="$(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, Linux $(uname -r)"
 export RUSTC="$(rustc --version)" WRK="$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)" WHEN="$(date -u +%Y-%m-%d)"
 export SECS RUNS SERVER_CPU CLIENT_CPU

@@ -52,7 +52,10 @@ async fn async_handlers_answer_and_a_panicking_future_is_a_500() {
     let (host, pid) = one_worker("").await;
     let hello = get(host.addr, "/async/hello").await.unwrap();
     assert_eq!(hello.status, 200);
-    assert!(hello.body.starts_with("hello from example-plugin"), "{hello:?}");
+    assert!(
+        hello.body.starts_with("hello from example-plugin"),
+        "{hello:?}"
+    );
     assert!(hello.body.contains("(async)"), "{hello:?}");
     let slept = get(host.addr, "/async/sleep?ms=50").await.unwrap();
     assert_eq!((slept.status, slept.body.as_str()), (200, "slept 50\n"));
@@ -124,7 +127,9 @@ async fn one_worker_holds_ten_thousand_sleeping_requests_on_few_threads() {
     let mut failures = Vec::new();
     for r in results {
         match r.expect("client task") {
-            Ok((reply, at)) if reply.starts_with("HTTP/1.1 200") && reply.ends_with("slept 1000\n") => {
+            Ok((reply, at))
+                if reply.starts_with("HTTP/1.1 200") && reply.ends_with("slept 1000\n") =>
+            {
                 last = last.max(at);
             }
             other => failures.push(format!("{other:?}")),
@@ -132,7 +137,12 @@ async fn one_worker_holds_ten_thousand_sleeping_requests_on_few_threads() {
     }
     let took = last - sent;
     eprintln!("{N} sleeping requests answered in {took:?}; worker threads at most {max_threads}");
-    assert!(failures.is_empty(), "{} failed, first: {}", failures.len(), failures[0]);
+    assert!(
+        failures.is_empty(),
+        "{} failed, first: {}",
+        failures.len(),
+        failures[0]
+    );
     assert!(max_threads <= 16, "the worker ran {max_threads} threads");
     // All concurrent: one at a time (or a thread each) would take far longer than a few timer
     // periods. The 1.5 s target is measured in bench/run.sh, not here.
@@ -140,7 +150,9 @@ async fn one_worker_holds_ten_thousand_sleeping_requests_on_few_threads() {
     assert_eq!(host.wait_for_workers("ready").await, vec![pid]);
 }
 
-async fn h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
+async fn h1(
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -189,7 +201,11 @@ async fn a_streamed_response_arrives_chunk_by_chunk() {
 
 async fn produced(addr: SocketAddr) -> u64 {
     let body = get(addr, "/stream/stats").await.unwrap().body;
-    body.trim().strip_prefix("produced ").unwrap().parse().unwrap()
+    body.trim()
+        .strip_prefix("produced ")
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -210,7 +226,10 @@ async fn a_client_that_does_not_read_stops_the_producer() {
     let mut same = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
     while same < 5 {
-        assert!(Instant::now() < deadline, "the producer never stopped: {last} chunks");
+        assert!(
+            Instant::now() < deadline,
+            "the producer never stopped: {last} chunks"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         let now = produced(host.addr).await;
         same = if now == last { same + 1 } else { 0 };
@@ -218,7 +237,10 @@ async fn a_client_that_does_not_read_stops_the_producer() {
     }
     let grew = rss_kib(pid).saturating_sub(rss_before);
     eprintln!("producer stopped at {last} chunks of 64 KiB; worker RSS grew {grew} KiB");
-    assert!(last < 2_000, "{last} chunks produced for a client that reads nothing");
+    assert!(
+        last < 2_000,
+        "{last} chunks produced for a client that reads nothing"
+    );
     assert!(grew < 64 * 1024, "worker RSS grew {grew} KiB");
     // Reading resumes the producer.
     let mut buf = vec![0u8; 1 << 20];
@@ -234,16 +256,24 @@ async fn a_gigabyte_upload_streams_through_without_growing_the_worker() {
     const CHUNK: usize = 1 << 20;
     let (host, pid) = one_worker("").await;
     let rss_before = rss_kib(pid);
-    let pattern: bytes::Bytes = (0..CHUNK).map(|i| (i * 31 % 251) as u8).collect::<Vec<_>>().into();
+    let pattern: bytes::Bytes = (0..CHUNK)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect::<Vec<_>>()
+        .into();
     let mut expected = sha2::Sha256::new();
     for _ in 0..TOTAL / CHUNK {
         expected.update(&pattern);
     }
-    let expected: String = expected.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let expected: String = expected
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
 
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     let body = http_body_util::StreamBody::new(
-        tokio_stream_from(rx).map(|b| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b))),
+        tokio_stream_from(rx)
+            .map(|b| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b))),
     );
     let stream = TcpStream::connect(host.addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -263,11 +293,24 @@ async fn a_gigabyte_upload_streams_through_without_growing_the_worker() {
     drop(tx);
     let resp = response.await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
-    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
     assert_eq!(text, format!("bytes={TOTAL} sha256={expected}\n"));
     let grew = max_rss.saturating_sub(rss_before);
-    eprintln!("1 GiB upload: worker RSS {rss_before} KiB before, at most {max_rss} KiB during (+{grew} KiB)");
-    assert!(grew <= 32 * 1024, "worker RSS grew {grew} KiB during a 1 GiB upload");
+    eprintln!(
+        "1 GiB upload: worker RSS {rss_before} KiB before, at most {max_rss} KiB during (+{grew} KiB)"
+    );
+    assert!(
+        grew <= 32 * 1024,
+        "worker RSS grew {grew} KiB during a 1 GiB upload"
+    );
 }
 
 /// An mpsc receiver as a `Stream`.
@@ -319,7 +362,10 @@ async fn a_websocket_is_closed_with_1012_on_reload_and_reconnects_to_the_new_gen
     let mut ws = ws_connect(host.addr).await;
     assert_eq!(ws_echo(&mut ws, "back").await, "gen=2 back");
     // The old worker exits once its socket is closed, well before graceful_timeout (10 s).
-    wait_until(Duration::from_secs(8), "the old worker to exit", || !pid_alive(old_pid)).await;
+    wait_until(Duration::from_secs(8), "the old worker to exit", || {
+        !pid_alive(old_pid)
+    })
+    .await;
     ws.close(None).await.unwrap();
 }
 
@@ -328,7 +374,10 @@ async fn an_event_stream_ends_on_reload_and_resumes_on_the_new_generation() {
     let (host, old_pid) = one_worker("").await;
     let mut events = sse(host.addr).await;
     let first = next_event(&mut events).await.unwrap();
-    assert!(first.contains("id: 0") && first.contains("data: gen=1 "), "{first}");
+    assert!(
+        first.contains("id: 0") && first.contains("data: gen=1 "),
+        "{first}"
+    );
     assert!(next_event(&mut events).await.unwrap().contains("id: 1"));
 
     host.reload_ok().await;
@@ -341,7 +390,10 @@ async fn an_event_stream_ends_on_reload_and_resumes_on_the_new_generation() {
     let mut events = sse(host.addr).await;
     let resumed = next_event(&mut events).await.unwrap();
     assert!(resumed.contains("data: gen=2 "), "{resumed}");
-    wait_until(Duration::from_secs(8), "the old worker to exit", || !pid_alive(old_pid)).await;
+    wait_until(Duration::from_secs(8), "the old worker to exit", || {
+        !pid_alive(old_pid)
+    })
+    .await;
 }
 
 type Events = hyper::body::Incoming;
@@ -355,7 +407,10 @@ async fn sse(addr: SocketAddr) -> Events {
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()[http::header::CONTENT_TYPE], "text/event-stream");
+    assert_eq!(
+        resp.headers()[http::header::CONTENT_TYPE],
+        "text/event-stream"
+    );
     resp.into_body()
 }
 
@@ -411,7 +466,10 @@ async fn a_stream_still_open_at_graceful_timeout_is_cut_and_counted() {
         }
     };
     assert!(ended.is_some(), "a cut stream must not look complete");
-    wait_until(Duration::from_secs(10), "the old worker to exit", || !pid_alive(old_pid)).await;
+    wait_until(Duration::from_secs(10), "the old worker to exit", || {
+        !pid_alive(old_pid)
+    })
+    .await;
     wait_until(Duration::from_secs(10), "the cut in the log", || {
         host.log().contains("graceful_timeout reached") && host.log().contains("cut_connections=1")
     })

@@ -5,6 +5,9 @@
 //!   (time, latency, outcome) to a CSV, prints p50/p99/max in the window and in steady state, and
 //!   draws latency over time as an SVG.
 //! - `burst`: N requests at once, each on its own connection; prints when the last one finished.
+//! - `sleepers`: opens N connections first, then sends one request on each at once; prints how
+//!   long from the first request sent to the last answer, and the most threads the server
+//!   process (`--pid`) ran meanwhile.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +60,17 @@ enum Command {
         path: String,
         #[arg(long, default_value_t = 16)]
         count: usize,
+    },
+    Sleepers {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        path: String,
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// The server process whose thread count is sampled.
+        #[arg(long)]
+        pid: u32,
     },
 }
 
@@ -337,6 +351,84 @@ async fn burst(addr: SocketAddr, path: String, count: usize) {
     println!("burst {count} {errors} {}", last.as_millis());
 }
 
+fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn sleepers(addr: SocketAddr, path: String, count: usize, pid: u32) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Connect first (at most 256 handshakes at a time), so the measurement is the requests.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let connects: Vec<_> = (0..count)
+        .map(|_| {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await;
+                tokio::net::TcpStream::connect(addr).await
+            })
+        })
+        .collect();
+    let mut conns = Vec::with_capacity(count);
+    for c in connects {
+        conns.push(c.await.unwrap().expect("connect"));
+    }
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let (go_tx, go) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            let (request, mut go) = (request.clone(), go.clone());
+            tokio::spawn(async move {
+                let _ = go.wait_for(|g| *g).await;
+                s.write_all(request.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut reply = Vec::new();
+                s.read_to_end(&mut reply).await.map_err(|e| e.to_string())?;
+                if !reply.starts_with(b"HTTP/1.1 200") {
+                    return Err("not 200".to_string());
+                }
+                Ok(Instant::now())
+            })
+        })
+        .collect();
+    let max_threads = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let max_threads = max_threads.clone();
+        tokio::spawn(async move {
+            loop {
+                max_threads.fetch_max(threads(pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let start = Instant::now();
+    go_tx.send(true).unwrap();
+    let mut last = start;
+    let mut errors = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(at) => last = last.max(at),
+            Err(_) => errors += 1,
+        }
+    }
+    sampler.abort();
+    let sampled = max_threads
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .max(threads(pid));
+    println!(
+        "sleepers {count} {errors} {} {sampled}",
+        (last - start).as_millis()
+    );
+}
+
 fn main() {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -347,5 +439,11 @@ fn main() {
     match args.command {
         Command::Latency(args) => rt.block_on(latency(args)),
         Command::Burst { addr, path, count } => rt.block_on(burst(addr, path, count)),
+        Command::Sleepers {
+            addr,
+            path,
+            count,
+            pid,
+        } => rt.block_on(sleepers(addr, path, count, pid)),
     }
 }
