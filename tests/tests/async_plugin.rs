@@ -475,3 +475,34 @@ async fn a_stream_still_open_at_graceful_timeout_is_cut_and_counted() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_101_the_host_cannot_honour_is_a_500_with_the_reason_logged() {
+    let host = Host::start(&tests::fixture_plugin(""), HostOptions::default()).await;
+    let upgrade_request = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+    };
+    for (path, why) in [
+        ("/bad-upgrade", "dropped the request's OnUpgrade"),
+        ("/sync-upgrade", "synchronous `handle`"),
+    ] {
+        let mut s = TcpStream::connect(host.addr).await.unwrap();
+        s.write_all(upgrade_request(path).as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut head))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(head.starts_with("HTTP/1.1 500"), "{path}: {head}");
+        wait_until(Duration::from_secs(10), why, || {
+            host.log().contains("cannot honour") && host.log().contains(why)
+        })
+        .await;
+    }
+    // Without an Upgrade header, a 101 is refused as well.
+    let plain = get(host.addr, "/bad-upgrade").await.unwrap();
+    assert_eq!(plain.status, 500);
+}

@@ -499,6 +499,17 @@ async fn a_plugin_built_for_abi_1_0_still_loads_and_serves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugins_built_for_abi_1_1_and_1_2_still_load_and_serve() {
+    for kind in ["abi-1-1", "abi-1-2"] {
+        let host = Host::start(&fixture_plugin(kind), HostOptions::default()).await;
+        assert_eq!(host.body("/").await, "fixture ok\n", "{kind}");
+        // Their vtable has no async hooks: a path the plugin would send to `serve` gets
+        // `handle` instead, as those hosts did.
+        assert_eq!(host.body("/bad-upgrade").await, "fixture ok\n", "{kind}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handler_wrongly_declared_non_blocking_is_moved_off_the_io_thread() {
     let host = Host::start(
         &fixture_plugin(""),
