@@ -60,7 +60,7 @@ pub const fn vtable<P: Plugin>() -> VTable {
         may_block: may_block::<P>,
         dispatch: crate::serve::dispatch::<P>,
         serve: crate::serve::serve::<P>,
-        on_drain: crate::serve::on_drain::<P>,
+        on_drain: crate::serve::on_drain,
     }
 }
 

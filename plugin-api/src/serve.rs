@@ -38,7 +38,7 @@ pub(crate) unsafe extern "C" fn dispatch<P: Plugin>(
     .unwrap_or(codes::BLOCKING)
 }
 
-pub(crate) unsafe extern "C" fn on_drain<P: Plugin>(_state: *const std::ffi::c_void) {
+pub(crate) unsafe extern "C" fn on_drain(_state: *const std::ffi::c_void) {
     let _ = catch_unwind(crate::runtime::begin_drain);
 }
 

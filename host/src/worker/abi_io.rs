@@ -237,8 +237,8 @@ unsafe extern "C" fn poll_upgraded(
 }
 
 unsafe extern "C" fn upgrade_drop(state: *mut c_void) {
-    // SAFETY: the `Box<UpgradeState>` made by `upgrade`, dropped once by the plugin.
     let _ = catch_unwind(|| {
+        // SAFETY: the `Box<UpgradeState>` made by `upgrade`, dropped once by the plugin.
         let up = unsafe { Box::from_raw(state as *mut UpgradeState) };
         up.kept.0.store(false, Ordering::SeqCst);
     });
