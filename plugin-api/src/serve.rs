@@ -72,7 +72,10 @@ pub(crate) unsafe extern "C" fn serve<P: Plugin>(
         Ok::<_, String>(plugin.serve(req))
     }));
     match started {
-        Ok(Ok(fut)) => Guarded { fut }.into_ffi(),
+        Ok(Ok(fut)) => Guarded {
+            fut: std::mem::ManuallyDrop::new(fut),
+        }
+        .into_ffi(),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "request could not be converted");
             std::future::ready(into_raw(plain(StatusCode::BAD_REQUEST, "bad request\n"))).into_ffi()
@@ -115,9 +118,20 @@ fn into_raw(resp: http::Response<Body>) -> RawAsyncResponse {
     }
 }
 
-/// Polls the handler's future inside the plugin's runtime and `catch_unwind`.
+/// Polls (and drops) the handler's future inside the plugin's runtime, and polls it inside
+/// `catch_unwind`.
 struct Guarded<F> {
-    fut: F,
+    fut: std::mem::ManuallyDrop<F>,
+}
+
+impl<F> Drop for Guarded<F> {
+    fn drop(&mut self) {
+        // A request the client gave up on is dropped by the host, on its thread: tokio
+        // resources in the future may need the plugin runtime's context to deregister.
+        let _rt = crate::runtime::enter();
+        // SAFETY: dropped exactly once, here; never used afterwards.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.fut) }
+    }
 }
 
 impl<F: Future<Output = http::Response<Body>>> Future for Guarded<F> {
@@ -125,8 +139,9 @@ impl<F: Future<Output = http::Response<Body>>> Future for Guarded<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RawAsyncResponse> {
         let _rt = crate::runtime::enter();
-        // SAFETY: a structural pin projection: `fut` is never moved out of `Guarded`.
-        let fut = unsafe { self.map_unchecked_mut(|g| &mut g.fut) };
+        // SAFETY: a structural pin projection: `fut` is never moved out of `Guarded` (its `Drop`
+        // drops it in place).
+        let fut = unsafe { self.map_unchecked_mut(|g| &mut *g.fut) };
         match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
             Ok(Poll::Ready(resp)) => Poll::Ready(into_raw(resp)),
             Ok(Poll::Pending) => Poll::Pending,
