@@ -125,6 +125,9 @@ fn subscriber(log: LogFn, max_level: u8) -> impl Subscriber + Send + Sync {
         .with_level(false)
         .with_target(false)
         .with_ansi(false)
+        // The host's logger escapes control characters in the whole forwarded line; doing it
+        // here too cost about 50 ns an event, and 100 ns more per span with fields.
+        .with_ansi_sanitization(false)
         .with_writer(ToHost { log });
     tracing_subscriber::registry()
         .with(level_filter(max_level))
