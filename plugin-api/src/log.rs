@@ -274,9 +274,7 @@ mod tests {
     fn a_record_written_in_pieces_is_sent_once_whole() {
         let got = logged(level::INFO, || {
             use std::io::Write as _;
-            let to_host = ToHost {
-                log: fake_host_log,
-            };
+            let to_host = ToHost { log: fake_host_log };
             let mut w = to_host.make_writer();
             w.write_all(b"part one, ").unwrap();
             w.write_all(b"part two").unwrap();

@@ -454,8 +454,8 @@ fn nofile_limits(pid: u32) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_master_raises_its_soft_fd_limit_to_the_hard_one_and_workers_inherit_it() {
     // A low hard limit (at most 4096, the most this process may set) and a soft one below it.
-    let (_, our_hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .unwrap();
+    let (_, our_hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
     let hard = our_hard.min(4096);
     let soft = hard / 8;
     let host = Host::start(

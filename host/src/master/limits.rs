@@ -20,7 +20,11 @@ pub enum NofileOutcome {
     /// The soft limit already was the hard limit.
     AtHard { limit: u64 },
     /// The soft limit could not be raised, and stays.
-    Refused { soft: u64, hard: u64, error: nix::Error },
+    Refused {
+        soft: u64,
+        hard: u64,
+        error: nix::Error,
+    },
     /// The limits could not be read.
     Unknown { error: nix::Error },
 }
