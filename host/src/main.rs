@@ -33,7 +33,7 @@
 //! - [`config`]: `host.toml` -> checked `Config`.
 //! - [`protocol`]: typed master/worker/CLI messages and their framing.
 //! - [`master`]: the event loop, [`master::supervisor`] (the state machine), the control socket,
-//!   the pidfile, plugin snapshots.
+//!   the pidfile, plugin snapshots, the open-files limit the workers inherit.
 //! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called.
 //! - `ratelimit`: at most one log line per cause per second, with a count, for errors that
 //!   repeat as fast as a loop spins (`accept` out of file descriptors).

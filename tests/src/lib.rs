@@ -177,6 +177,7 @@ pub struct Host {
     pub addr: SocketAddr,
     pub master_pid: u32,
     env: Vec<(String, String)>,
+    fd_limits: Option<(u64, u64)>,
 }
 
 /// Options for [`Host::start`].
@@ -186,6 +187,8 @@ pub struct HostOptions {
     pub extra: String,
     /// Environment for the host (its workers inherit it).
     pub env: Vec<(String, String)>,
+    /// `RLIMIT_NOFILE` (soft, hard) the CLI, and so the master it starts, begins with.
+    pub fd_limits: Option<(u64, u64)>,
 }
 
 impl Default for HostOptions {
@@ -194,6 +197,7 @@ impl Default for HostOptions {
             workers: 2,
             extra: String::new(),
             env: Vec::new(),
+            fd_limits: None,
         }
     }
 }
@@ -237,6 +241,7 @@ impl Host {
             addr: "127.0.0.1:1".parse().unwrap(),
             master_pid: 0,
             env: opts.env,
+            fd_limits: opts.fd_limits,
         };
         let out = host.cli(&["start", "-d"]).await;
         assert!(
@@ -258,6 +263,20 @@ impl Host {
             .args(args)
             .envs(self.env.iter().cloned())
             .kill_on_drop(true);
+        if let Some((soft, hard)) = self.fd_limits {
+            // SAFETY: the closure runs in the forked child before exec and only calls
+            // setrlimit, which is async-signal-safe; it touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        soft,
+                        hard,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
         cmd
     }
 

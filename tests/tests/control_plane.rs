@@ -437,3 +437,55 @@ async fn a_master_out_of_fds_logs_accept_failures_once_a_second_and_recovers() {
     })
     .await;
 }
+
+/// `RLIMIT_NOFILE` (soft, hard) of `pid`, from `/proc/<pid>/limits`.
+fn nofile_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open-files line in /proc/{pid}/limits:\n{limits}"));
+    let mut numbers = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|n| n.parse().unwrap());
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_raises_its_soft_fd_limit_to_the_hard_one_and_workers_inherit_it() {
+    // A low hard limit (at most 4096, the most this process may set) and a soft one below it.
+    let (_, our_hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let hard = our_hard.min(4096);
+    let soft = hard / 8;
+    let host = Host::start(
+        &greeting_plugin("v1"),
+        HostOptions {
+            fd_limits: Some((soft, hard)),
+            ..HostOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(nofile_limits(host.master_pid), (hard, hard));
+    let workers = host.worker_pids(Some("ready")).await;
+    assert_eq!(workers.len(), 2);
+    for pid in workers {
+        assert_eq!(nofile_limits(pid), (hard, hard), "worker {pid}");
+    }
+    let log = host.log();
+    assert!(
+        log.contains(&format!(
+            "raised the open-files limit (RLIMIT_NOFILE) from {soft} to {hard}"
+        )),
+        "{log}"
+    );
+    // Below 65536: the operator is told the host will not take many more connections, and how
+    // to raise the hard limit.
+    let warning = log
+        .lines()
+        .find(|l| l.contains(&format!("open-files limit is only {hard}")))
+        .unwrap_or_else(|| panic!("no low-limit warning:\n{log}"));
+    assert!(warning.contains(" WARN "), "{warning}");
+    assert!(warning.contains("LimitNOFILE="), "{warning}");
+    assert!(warning.contains("ulimit -Hn"), "{warning}");
+}

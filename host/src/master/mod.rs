@@ -1,5 +1,6 @@
-//! The master process: binds the listening socket once, owns the pidfile and the control
-//! socket, turns signals and control requests into [`Event`]s, and runs the [`Supervisor`].
+//! The master process: binds the listening socket once, raises the open-files limit the workers
+//! inherit ([`limits`]), owns the pidfile and the control socket, turns signals and control
+//! requests into [`Event`]s, and runs the [`Supervisor`].
 //!
 //! This is the only part of the host that talks to the outside world besides the workers' HTTP.
 //! It never loads plugin code and never serves HTTP itself. It runs on a single-threaded runtime
@@ -7,6 +8,7 @@
 //! (what `PR_SET_PDEATHSIG` in the workers relies on).
 
 pub mod control;
+pub mod limits;
 pub mod pidfile;
 pub mod snapshot;
 pub(crate) mod supervisor;
@@ -127,6 +129,8 @@ pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), Maste
                 config = %cfg.file.display(),
                 "master starting"
             );
+            // Before any worker is spawned: workers inherit the raised limit.
+            limits::raise_nofile().log();
             let (events, rx) = mpsc::unbounded_channel();
             forward_signal(
                 SignalKind::hangup(),
