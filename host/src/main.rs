@@ -417,6 +417,10 @@ fn print_reload(report: &ReloadReport) {
         .sha256
         .as_deref()
         .map_or("-", |s| &s[..s.len().min(12)]);
+    let config_sha = report
+        .config_sha256
+        .as_deref()
+        .map_or("-", |s| &s[..s.len().min(12)]);
     let what = if report.kind == "rollback" {
         "rolled back"
     } else {
@@ -424,7 +428,7 @@ fn print_reload(report: &ReloadReport) {
     };
     match &report.error {
         None => println!(
-            "{what}: generation {} serving (sha256 {sha}) in {} ms; started {:?}, draining {:?}",
+            "{what}: generation {} serving (sha256 {sha}, config {config_sha}) in {} ms; started {:?}, draining {:?}",
             report.generation, report.duration_ms, report.started_pids, report.drained_pids
         ),
         Some(error) => eprintln!(
@@ -507,8 +511,8 @@ fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCod
         human_bytes(report.master_rss_bytes)
     );
     println!(
-        "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  PLUGIN",
-        "SLOT", "PID", "GEN", "STATE", "REQUESTS", "RSS"
+        "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {:<12}  PLUGIN",
+        "SLOT", "PID", "GEN", "STATE", "REQUESTS", "RSS", "CONFIG"
     );
     for w in &report.workers {
         let plugin = w.plugin.as_ref().map_or("-".to_string(), |p| {
@@ -524,13 +528,14 @@ fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCod
             .unwrap_or("?")
             .to_string();
         println!(
-            "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {plugin}",
+            "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {:<12}  {plugin}",
             w.slot,
             w.pid,
             w.generation,
             state,
             w.requests,
-            human_bytes(w.rss_bytes)
+            human_bytes(w.rss_bytes),
+            &w.config_sha256[..12.min(w.config_sha256.len())]
         );
     }
     for slot in report.slots.iter().filter(|s| s.state == "hung") {

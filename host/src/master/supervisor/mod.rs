@@ -48,7 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::snapshot::Snapshot;
-use crate::config::Config;
+use crate::config::{Config, PluginConfig};
 use crate::protocol::{
     ControlRequest, ControlResponse, MasterToWorker, PluginInfo, ReloadReport, StartupTimings,
     WorkerStateName, WorkerToMaster,
@@ -76,10 +76,11 @@ pub(crate) enum Event {
     Signal(SignalAction),
     /// Dev mode: the plugin file changed (or a build succeeded) and things have settled.
     PluginChanged,
-    /// The snapshot a rollout's first step took on the blocking pool (or why it could not).
+    /// The snapshot a rollout's first step took on the blocking pool, with the
+    /// `[plugin_config]` it read (or why it could not).
     SnapshotTaken {
         ticket: u64,
-        result: Result<Snapshot, String>,
+        result: Result<(Snapshot, PluginConfig), String>,
     },
 }
 
@@ -92,11 +93,14 @@ pub(crate) enum SignalAction {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct WorkerId(u64);
 
-/// One reload's worth of plugin: a number and the snapshot its workers load.
+/// One reload's worth of plugin: a number, the snapshot its workers load, and the
+/// `[plugin_config]` they are given. A rollback brings back both; a recycle or a crash
+/// replacement starts a worker with both of its generation's.
 #[derive(Debug)]
 pub(crate) struct Generation {
     pub number: u64,
     pub snapshot: Snapshot,
+    pub config: PluginConfig,
 }
 
 #[derive(Debug)]
@@ -217,8 +221,9 @@ pub(crate) struct Supervisor {
     stopping: Option<Vec<Reply>>,
     fatal: Option<String>,
     last_reload: Option<ReloadReport>,
-    /// Content of the last build a reload refused: dev mode does not retry identical bytes.
-    last_refused_sha: Option<String>,
+    /// Plugin and `[plugin_config]` sha256 of the last generation a reload refused: dev mode
+    /// does not retry identical bytes with an identical configuration.
+    last_refused: Option<(String, String)>,
     queries: Vec<StatusQuery>,
     start_notify: Option<std::fs::File>,
     recycling: recycle::Recycling,
@@ -272,7 +277,7 @@ impl Supervisor {
             stopping: None,
             fatal: None,
             last_reload: None,
-            last_refused_sha: None,
+            last_refused: None,
             queries: Vec::new(),
             recycling,
             start_notify,

@@ -161,6 +161,7 @@ impl Supervisor {
                 serving_generation: target.number,
                 plugin_path: self.cfg.plugin.clone(),
                 sha256: Some(target.snapshot.sha256.clone()),
+                config_sha256: Some(target.config.sha256.clone()),
                 error: None,
                 started_at: unix_now(),
                 duration_ms: 0,
