@@ -436,6 +436,12 @@ fn print_reload(report: &ReloadReport) {
             report.kind, report.generation, report.serving_generation
         ),
     }
+    if !report.ignored_keys.is_empty() {
+        eprintln!(
+            "note: a reload applies only [plugin_config]; changed keys {} take effect at `host restart`",
+            report.ignored_keys.join(", ")
+        );
+    }
 }
 
 fn rollout(cfg: &Config, request: ControlRequest, timeout: Duration) -> anyhow::Result<ExitCode> {

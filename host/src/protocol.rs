@@ -163,6 +163,10 @@ pub struct ReloadReport {
     /// sha256 of the generation's `[plugin_config]` JSON text, once it was read.
     #[serde(default)]
     pub config_sha256: Option<String>,
+    /// Keys of the config file that changed since the master started but that a reload does
+    /// not apply (only `plugin_config` reloads): they take effect at `host restart`.
+    #[serde(default)]
+    pub ignored_keys: Vec<String>,
     /// Why it failed; `None` when `ok`.
     pub error: Option<String>,
     /// Seconds since the Unix epoch when the attempt began.

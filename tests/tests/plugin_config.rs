@@ -99,10 +99,20 @@ async fn a_new_config_reloads_with_the_same_build_and_rolls_back_with_it() {
     let (one, first) = config_sha(&status);
     let build = plugin_sha(&status);
 
-    // Same plugin file, new configuration: a new generation.
+    // Same plugin file, new configuration: a new generation. Another key changed too: the
+    // reload says it does not apply it.
+    let text = std::fs::read_to_string(&host.config).unwrap();
+    let text = text.replace("graceful_timeout = \"10s\"", "graceful_timeout = \"11s\"");
+    std::fs::write(&host.config, text).unwrap();
     set_plugin_config(&host, "[plugin_config]\nmessage = \"two\"\nlimit = 5\n");
     let out = host.reload_ok().await;
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let noted = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        noted.contains("changed keys graceful_timeout take effect at `host restart`"),
+        "{}",
+        host.explain(&out)
+    );
     let status = host.status().await;
     let (two, second) = config_sha(&status);
     assert_ne!(two, one, "{status}");

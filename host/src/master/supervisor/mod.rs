@@ -80,7 +80,7 @@ pub(crate) enum Event {
     /// `[plugin_config]` it read (or why it could not).
     SnapshotTaken {
         ticket: u64,
-        result: Result<(Snapshot, PluginConfig), String>,
+        result: Result<rollout::Taken, String>,
     },
 }
 

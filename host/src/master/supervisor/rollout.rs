@@ -63,6 +63,7 @@ impl Supervisor {
             plugin_path: self.cfg.plugin.clone(),
             sha256: None,
             config_sha256: None,
+            ignored_keys: Vec::new(),
             error: None,
             started_at: unix_now(),
             duration_ms: 0,
@@ -131,7 +132,7 @@ impl Supervisor {
     pub(super) fn on_snapshot(
         &mut self,
         ticket: u64,
-        result: Result<(Snapshot, PluginConfig), String>,
+        result: Result<Taken, String>,
     ) {
         let Some(pending) = self.snapshotting.take_if(|p| p.ticket == ticket) else {
             // Abandoned (the host is stopping): its caller was answered then.
@@ -145,7 +146,11 @@ impl Supervisor {
             ..
         } = pending;
         let number = report.generation;
-        let (snapshot, config) = match result {
+        let Taken {
+            snapshot,
+            config,
+            ignored_keys,
+        } = match result {
             Ok(taken) => taken,
             Err(reason) => {
                 // Nothing was rolled out: the number stays free for the next attempt.
@@ -194,6 +199,7 @@ impl Supervisor {
         );
         report.sha256 = Some(snapshot.sha256.clone());
         report.config_sha256 = Some(config.sha256.clone());
+        report.ignored_keys = ignored_keys.into_iter().map(str::to_string).collect();
         self.rollout = Some(Rollout {
             kind,
             target: Arc::new(Generation {
@@ -555,6 +561,14 @@ pub(super) struct PendingSnapshot {
     cancel: Arc<AtomicBool>,
 }
 
+/// What a rollout's first step brings back from the snapshot thread.
+pub(crate) struct Taken {
+    snapshot: Snapshot,
+    config: PluginConfig,
+    /// Keys of the re-read config file that changed but that a reload does not apply.
+    ignored_keys: Vec<&'static str>,
+}
+
 /// Where a new generation's snapshot and `[plugin_config]` come from.
 enum SnapshotSource {
     /// A fresh snapshot of the configured plugin file, with the `[plugin_config]` the master
@@ -572,10 +586,10 @@ enum SnapshotSource {
 impl SnapshotSource {
     /// Blocks (file I/O): runs on the blocking pool. A config file that does not pass
     /// `host check` refuses the rollout with the same one line, before the plugin is read.
-    fn take(self, cfg: &Config, cancel: &AtomicBool) -> Result<(Snapshot, PluginConfig), String> {
+    fn take(self, cfg: &Config, cancel: &AtomicBool) -> Result<Taken, String> {
         match self {
             SnapshotSource::PluginFile { reread_config } => {
-                let config = if reread_config {
+                let (config, ignored_keys) = if reread_config {
                     let (config, ignored) = cfg
                         .reread_plugin_config()
                         .map_err(|e| crate::error_chain(&e))?;
@@ -586,9 +600,9 @@ impl SnapshotSource {
                             ignored.join(", ")
                         );
                     }
-                    config
+                    (config, ignored)
                 } else {
-                    cfg.plugin_config.clone()
+                    (cfg.plugin_config.clone(), Vec::new())
                 };
                 let limits = snapshot::Limits {
                     allow_writable: cfg.allow_writable_plugin,
@@ -596,7 +610,11 @@ impl SnapshotSource {
                 };
                 let snapshot = snapshot::take(&cfg.plugin, &cfg.snapshot_dir(), limits, cancel)
                     .map_err(|e| crate::error_chain(&e))?;
-                Ok((snapshot, config))
+                Ok(Taken {
+                    snapshot,
+                    config,
+                    ignored_keys,
+                })
             }
             SnapshotSource::Kept {
                 generation,
@@ -604,7 +622,11 @@ impl SnapshotSource {
                 config,
             } => {
                 if std::fs::symlink_metadata(&snapshot.path).is_ok_and(|m| m.is_file()) {
-                    Ok((snapshot, config))
+                    Ok(Taken {
+                        snapshot,
+                        config,
+                        ignored_keys: Vec::new(),
+                    })
                 } else {
                     Err(format!(
                         "the snapshot of generation {generation} is gone: {}",
