@@ -829,7 +829,10 @@ mod tests {
                 "[plugin_config.a]\nb = [1.0, inf]\n",
                 ":1: plugin_config.a.b[1]: inf cannot",
             ),
-            (big.as_str(), ":2: plugin_config: is 262155 bytes as JSON, over"),
+            (
+                big.as_str(),
+                ":2: plugin_config: is 262155 bytes as JSON, over",
+            ),
             (deep.as_str(), ":1: plugin_config.deep"),
             // Not TOML at all: toml's own message, on one line.
             ("[plugin_config]\nmessage = \"two\n", ":2: message: "),
@@ -850,7 +853,8 @@ mod tests {
         let old = parse("listen = \"127.0.0.1:0\"\nworkers = 2\n").unwrap();
         let mut running = old.clone();
         running.listen = "127.0.0.1:41000".parse().unwrap();
-        let same = parse("listen = \"127.0.0.1:0\"\nworkers = 2\n[plugin_config]\na = 1\n").unwrap();
+        let same =
+            parse("listen = \"127.0.0.1:0\"\nworkers = 2\n[plugin_config]\na = 1\n").unwrap();
         assert!(running.frozen_keys_changed(&same).is_empty());
         let other = parse("listen = \"127.0.0.2:0\"\nworkers = 3\nidle_grace = \"2s\"\n").unwrap();
         assert_eq!(
@@ -1008,7 +1012,9 @@ mod tests {
                 any::<f64>().prop_map(toml::Value::Float),
                 any::<bool>().prop_map(toml::Value::Boolean),
                 ".{0,12}".prop_map(toml::Value::String),
-                Just(toml::Value::Datetime("1979-05-27T07:32:00Z".parse().unwrap())),
+                Just(toml::Value::Datetime(
+                    "1979-05-27T07:32:00Z".parse().unwrap()
+                )),
             ];
             let value = leaf.prop_recursive(4, 24, 4, |inner| {
                 prop_oneof![

@@ -13,8 +13,9 @@
 //! `on_worker_start`. The master itself never loads plugin code.
 //!
 //! A reload makes a **generation**: the master snapshots the plugin file into
-//! `state_dir/plugins/<sha256>.so` and rolls the slots onto it one at a time, new before old
-//! (start a new worker, wait until it is ready, tell the old one to drain). The first new worker
+//! `state_dir/plugins/<sha256>.so`, re-reads `[plugin_config]` from the config file, and rolls
+//! the slots onto that pair one at a time, new before old (start a new worker, wait until it is
+//! ready, tell the old one to drain). The first new worker
 //! is the canary: if it fails, nothing old was touched and the reload is refused with the reason.
 //!
 //! A **recycle** is the same procedure for one slot and the generation it already runs: plugins
@@ -27,6 +28,11 @@
 //! plugin `.so`) is refreshed by a reload. Everything linked into `host` (the HTTP stack, the
 //! built-in `/_host/` routes, this CLI, the master) stays as it was until a full restart; a
 //! rebuilt `host` file on disk changes nothing, because workers exec the master's running image.
+//! The one part of `host.toml` a reload re-reads is `[plugin_config]`, the plugin's own settings:
+//! a generation is a plugin snapshot *and* that table (as JSON, given to `on_worker_start`), so a
+//! new configuration rolls out, is checked by the canary and rolls back like a new build. The
+//! host's own keys are read at start; a reload that finds them changed names them and leaves them
+//! for `host restart`.
 //!
 //! # Layout
 //!

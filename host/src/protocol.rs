@@ -359,8 +359,9 @@ mod tests {
         let (a, b) = tokio::io::duplex(4 << 20);
         let mut tx = Sender::<_, MasterToWorker>::new(a);
         let mut rx = Receiver::<_, MasterToWorker>::new(b);
-        let worst = serde_json::to_string(&"\"".repeat(crate::config::MAX_PLUGIN_CONFIG_BYTES / 2 - 1))
-            .unwrap();
+        let worst =
+            serde_json::to_string(&"\"".repeat(crate::config::MAX_PLUGIN_CONFIG_BYTES / 2 - 1))
+                .unwrap();
         assert!(worst.len() <= crate::config::MAX_PLUGIN_CONFIG_BYTES);
         let spec = WorkerSpec {
             slot: 0,

@@ -122,7 +122,10 @@ async fn a_new_config_reloads_with_the_same_build_and_rolls_back_with_it() {
     assert_eq!(status["last_reload"]["config_sha256"], two.as_str());
     assert_every_worker_has(&host, serde_json::json!({"message": "two", "limit": 5})).await;
     let text = String::from_utf8_lossy(&host.cli(&["status"]).await.stdout).into_owned();
-    assert!(text.contains("CONFIG") && text.contains(&two[..12]), "{text}");
+    assert!(
+        text.contains("CONFIG") && text.contains(&two[..12]),
+        "{text}"
+    );
 
     // Rollback: the previous generation's configuration with its build, whatever the file says.
     let out = host.cli(&["rollback"]).await;

@@ -8,7 +8,12 @@
 //! `Draining` (told to drain, SIGKILLed if still alive at `graceful_timeout`), or `Killed`
 //! (waiting to be reaped). Each slot has at most one serving worker.
 //!
-//! A rollout's first step is the snapshot of the plugin file its generation runs. That file I/O
+//! A generation is a plugin snapshot and a `[plugin_config]`: a rollback brings back both, and a
+//! crash replacement or a recycle starts its worker with both of its generation's.
+//!
+//! A rollout's first step is the snapshot of the plugin file its generation runs, after reading
+//! the config file again for its `[plugin_config]` (a reload; the first start uses the one the
+//! master was started with; a rollback reuses a kept generation's). That file I/O
 //! runs on tokio's blocking pool, never on this loop (a FIFO, a slow disk or a 200 MB file must
 //! not stall `status`, signals or crash replacement); its result comes back as
 //! [`Event::SnapshotTaken`]. Meanwhile the supervisor is busy exactly as during the rest of the

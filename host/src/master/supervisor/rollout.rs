@@ -129,11 +129,7 @@ impl Supervisor {
 
     /// The snapshot (and `[plugin_config]`) for the rollout [`Self::begin`] started arrived:
     /// roll every slot onto it as a new generation, or conclude the rollout as refused.
-    pub(super) fn on_snapshot(
-        &mut self,
-        ticket: u64,
-        result: Result<Taken, String>,
-    ) {
+    pub(super) fn on_snapshot(&mut self, ticket: u64, result: Result<Taken, String>) {
         let Some(pending) = self.snapshotting.take_if(|p| p.ticket == ticket) else {
             // Abandoned (the host is stopping): its caller was answered then.
             return;
@@ -167,12 +163,9 @@ impl Supervisor {
             let serving = self.current.as_ref().is_some_and(|g| {
                 g.snapshot.sha256 == snapshot.sha256 && g.config.sha256 == config.sha256
             });
-            let refused = self
-                .last_refused
-                .as_ref()
-                .is_some_and(|(sha, config_sha)| {
-                    *sha == snapshot.sha256 && *config_sha == config.sha256
-                });
+            let refused = self.last_refused.as_ref().is_some_and(|(sha, config_sha)| {
+                *sha == snapshot.sha256 && *config_sha == config.sha256
+            });
             if serving || refused {
                 let why = if serving {
                     "is the one serving"
