@@ -1,9 +1,10 @@
 //! Rollouts: reload, rollback, revert and the first start. Snapshots the plugin for a new
 //! generation and re-reads the config file's `[plugin_config]` for it (a reload applies only
-//! that key of the file; the others wait for a restart), moves slots onto it one at a time (candidate ready, then the old worker drains),
-//! fails or reverts it, queues requests that arrive meanwhile, answers every caller, and prunes
-//! snapshots no kept generation uses. It never spawns or signals a process itself (that is
-//! [`spawn`](super::spawn)) and never decides on crash backoff (that is [`health`](super::health)).
+//! that key of the file; the others wait for a restart), moves slots onto it one at a time
+//! (candidate ready, then the old worker drains), fails or reverts it, queues requests that
+//! arrive meanwhile, answers every caller, and prunes snapshots no kept generation uses. It never
+//! spawns or signals a process itself (that is [`spawn`](super::spawn)) and never decides on
+//! crash backoff (that is [`health`](super::health)).
 
 use std::collections::HashSet;
 use std::io::Write as _;
