@@ -9,12 +9,20 @@
 //! [`MAX_DRAIN`] (`graceful_timeout`) or [`MAX_WAIT`] (the others), which keeps `Instant + d * n`
 //! and `d.as_millis() as u64` exact for any small `n`, and every size and count has a range. The
 //! ranges are named in the error message.
+//!
+//! `[plugin_config]` is the one table: any TOML the plugin wants, turned here into the JSON
+//! text the plugin's `on_worker_start` receives ([`PluginConfig`]), bounded by
+//! [`MAX_PLUGIN_CONFIG_BYTES`]. The config does not decide when it is read again: the master
+//! re-reads the file at each reload and applies only this table from it
+//! ([`Config::reread_plugin_config`]).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 /// A checked configuration. All paths are absolute.
 #[derive(Clone, Debug)]
@@ -70,6 +78,35 @@ pub struct Config {
     pub max_worker_rss: Option<u64>,
     /// A ready worker that sends no heartbeat for this long is hung: killed and replaced.
     pub worker_timeout: Duration,
+    /// The `[plugin_config]` table, as the plugin's `on_worker_start` receives it (`{}` when
+    /// absent). The only key a reload re-reads.
+    pub plugin_config: PluginConfig,
+}
+
+/// The `[plugin_config]` table as JSON text (what the plugin receives), and that text's sha256
+/// (what `status` shows, so an operator sees which configuration each generation runs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginConfig {
+    pub json: Arc<str>,
+    /// Lowercase hex sha256 of `json`.
+    pub sha256: String,
+}
+
+impl PluginConfig {
+    fn from_json(json: String) -> PluginConfig {
+        let sha256 = crate::master::snapshot::hex(&Sha256::digest(json.as_bytes()));
+        PluginConfig {
+            json: json.into(),
+            sha256,
+        }
+    }
+}
+
+impl Default for PluginConfig {
+    /// No `[plugin_config]`: an empty table.
+    fn default() -> PluginConfig {
+        PluginConfig::from_json("{}".into())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +156,7 @@ struct RawConfig {
     max_requests_jitter: Option<i64>,
     max_worker_rss: Option<ByteSize>,
     worker_timeout: Option<String>,
+    plugin_config: Option<toml::Value>,
 }
 
 /// A size: a number of bytes, or a string like `"512MiB"`.
@@ -177,6 +215,11 @@ pub const MAX_REQUESTS: i64 = 1 << 40;
 /// The shortest `worker_timeout`: workers beat four times per timeout, and a beat every 25 ms is
 /// as often as is useful.
 pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_millis(100);
+/// The largest `[plugin_config]`, as JSON text. It travels escaped inside the worker's start
+/// message (at most twice as long then), whose frame is at most `protocol::MAX_FRAME` (1 MiB).
+pub const MAX_PLUGIN_CONFIG_BYTES: usize = 256 << 10;
+/// How deeply `[plugin_config]` may nest tables and arrays.
+pub const MAX_PLUGIN_CONFIG_DEPTH: usize = 64;
 
 impl Config {
     /// Reads and checks the config file at `path`.
@@ -187,6 +230,61 @@ impl Config {
             source,
         })?;
         Config::parse(&file, &text)
+    }
+
+    /// Reads this config's file again for a reload and returns its `[plugin_config]`, the only
+    /// part a reload applies. The whole file is checked (a file `host check` refuses refuses the
+    /// reload, with the same one line); other keys that changed are ignored and named, so the
+    /// caller can say they wait for `host restart`. Blocks on file I/O (and on a resolver for a
+    /// `listen` host name): not for the master's event loop.
+    pub fn reread_plugin_config(&self) -> Result<(PluginConfig, Vec<&'static str>), ConfigError> {
+        let new = Config::load(&self.file)?;
+        Ok((new.plugin_config.clone(), self.frozen_keys_changed(&new)))
+    }
+
+    /// The keys other than `plugin_config` whose values differ in `new` (a `listen` with port
+    /// 0 matches the port the kernel picked).
+    fn frozen_keys_changed(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let listen_same = new.listen == self.listen
+            || (new.listen.port() == 0 && new.listen.ip() == self.listen.ip());
+        if !listen_same {
+            changed.push("listen");
+        }
+        macro_rules! compare {
+            ($($key:ident),*) => {$(
+                if new.$key != self.$key {
+                    changed.push(stringify!($key));
+                }
+            )*};
+        }
+        compare!(
+            workers,
+            plugin,
+            state_dir,
+            graceful_timeout,
+            start_timeout,
+            idle_grace,
+            max_body_bytes,
+            body_read_timeout,
+            backlog,
+            keep_snapshots,
+            allow_writable_plugin,
+            accept_balance,
+            max_plugin_bytes,
+            header_read_timeout,
+            max_headers,
+            max_header_bytes,
+            watch,
+            watch_debounce,
+            build,
+            watch_paths,
+            max_requests,
+            max_requests_jitter,
+            max_worker_rss,
+            worker_timeout
+        );
+        changed
     }
 
     /// Checks `text` as if read from `file` (absolute).
@@ -354,6 +452,15 @@ impl Config {
                 ),
             ));
         }
+        let plugin_config = match raw.plugin_config {
+            None => PluginConfig::default(),
+            Some(value) => plugin_config(value).map_err(|(key, message)| ConfigError::Invalid {
+                path: file.to_path_buf(),
+                line: line_of_table(text, "plugin_config"),
+                key,
+                message,
+            })?,
+        };
         if build.is_some() && watch_paths.is_empty() {
             return Err(invalid(
                 "build",
@@ -402,6 +509,7 @@ impl Config {
             max_requests_jitter,
             max_worker_rss,
             worker_timeout,
+            plugin_config,
         })
     }
 
@@ -437,6 +545,90 @@ fn line_of_key(text: &str, key: &str) -> usize {
                 .is_some_and(|rest| rest.trim_start().starts_with('='))
         })
         .map_or(0, |i| i + 1)
+}
+
+/// The 1-based line of the `[key]` header (or of `[key.sub]`, or `key = ...`); 0 when absent.
+fn line_of_table(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix('[')
+                .map(str::trim_start)
+                .and_then(|rest| rest.strip_prefix(key))
+                .is_some_and(|rest| {
+                    let rest = rest.trim_start();
+                    rest.starts_with(']') || rest.starts_with('.')
+                })
+        })
+        .map_or_else(|| line_of_key(text, key), |i| i + 1)
+}
+
+/// Checks a `[plugin_config]` value and turns it into JSON text; on error, the key (a dotted
+/// path into the table) and what is wrong.
+fn plugin_config(value: toml::Value) -> Result<PluginConfig, (String, String)> {
+    let key = "plugin_config".to_string();
+    if !value.is_table() {
+        let message = format!(
+            "must be a table (`[plugin_config]` or `plugin_config = {{ ... }}`), not {}",
+            value.type_str()
+        );
+        return Err((key, message));
+    }
+    let json = toml_to_json(value, &key, 0)?;
+    let text = serde_json::to_string(&json).map_err(|e| (key.clone(), e.to_string()))?;
+    if text.len() > MAX_PLUGIN_CONFIG_BYTES {
+        return Err((
+            key,
+            format!(
+                "is {} bytes as JSON, over the limit of {MAX_PLUGIN_CONFIG_BYTES} bytes",
+                text.len()
+            ),
+        ));
+    }
+    Ok(PluginConfig::from_json(text))
+}
+
+/// TOML to JSON: a datetime becomes its TOML text (a string); a float JSON cannot hold (`nan`,
+/// `inf`) is refused, naming its `key`.
+fn toml_to_json(
+    value: toml::Value,
+    key: &str,
+    depth: usize,
+) -> Result<serde_json::Value, (String, String)> {
+    use serde_json::Value as Json;
+    if depth > MAX_PLUGIN_CONFIG_DEPTH {
+        let message = format!("nested deeper than {MAX_PLUGIN_CONFIG_DEPTH} levels");
+        return Err((key.to_string(), message));
+    }
+    Ok(match value {
+        toml::Value::String(s) => Json::String(s),
+        toml::Value::Integer(n) => Json::from(n),
+        toml::Value::Float(f) => match serde_json::Number::from_f64(f) {
+            Some(n) => Json::Number(n),
+            None => {
+                let message = format!("{f} cannot be passed to the plugin (JSON has no {f})");
+                return Err((key.to_string(), message));
+            }
+        },
+        toml::Value::Boolean(b) => Json::Bool(b),
+        toml::Value::Datetime(d) => Json::String(d.to_string()),
+        toml::Value::Array(items) => Json::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| toml_to_json(v, &format!("{key}[{i}]"), depth + 1))
+                .collect::<Result<_, _>>()?,
+        ),
+        toml::Value::Table(table) => Json::Object(
+            table
+                .into_iter()
+                .map(|(k, v)| {
+                    let json = toml_to_json(v, &format!("{key}.{k}"), depth + 1)?;
+                    Ok::<_, (String, String)>((k, json))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    })
 }
 
 /// Turns toml's multi-line report into one line that names the key where it can.
@@ -582,6 +774,96 @@ mod tests {
     }
 
     #[test]
+    fn plugin_config_is_any_table_passed_as_json() {
+        let empty = parse("").unwrap().plugin_config;
+        assert_eq!(&*empty.json, "{}");
+        assert_eq!(empty, PluginConfig::default());
+        assert_eq!(empty.sha256.len(), 64);
+        let c = parse(concat!(
+            "workers = 2\n",
+            "[plugin_config]\n",
+            "message = \"one\"\n",
+            "limit = 3\n",
+            "ratio = 0.5\n",
+            "when = 1979-05-27T07:32:00Z\n",
+            "list = [1, \"two\", true]\n",
+            "[plugin_config.db]\n",
+            "url = \"postgres://x\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.workers, 2);
+        let json: serde_json::Value = serde_json::from_str(&c.plugin_config.json).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "message": "one", "limit": 3, "ratio": 0.5, "when": "1979-05-27T07:32:00Z",
+                "list": [1, "two", true], "db": { "url": "postgres://x" }
+            })
+        );
+        let inline = parse("plugin_config = { message = \"one\" }\n").unwrap();
+        assert_eq!(&*inline.plugin_config.json, r#"{"message":"one"}"#);
+        assert_ne!(inline.plugin_config.sha256, empty.sha256);
+        // The same table written another way is the same configuration.
+        let table = parse("[plugin_config]\nmessage = \"one\"\n").unwrap();
+        assert_eq!(table.plugin_config, inline.plugin_config);
+    }
+
+    #[test]
+    fn a_bad_plugin_config_is_one_line_naming_the_line_and_key() {
+        let big = format!(
+            "\n[plugin_config]\nblob = \"{}\"\n",
+            "x".repeat(MAX_PLUGIN_CONFIG_BYTES)
+        );
+        let deep = format!(
+            "[plugin_config]\ndeep = {}{}\n",
+            "[".repeat(MAX_PLUGIN_CONFIG_DEPTH + 1),
+            "]".repeat(MAX_PLUGIN_CONFIG_DEPTH + 1)
+        );
+        for (text, expected) in [
+            ("plugin_config = 5\n", ":1: plugin_config: must be a table"),
+            (
+                "workers = 2\n[plugin_config]\nx = nan\n",
+                ":2: plugin_config.x: NaN cannot be passed",
+            ),
+            (
+                "[plugin_config.a]\nb = [1.0, inf]\n",
+                ":1: plugin_config.a.b[1]: inf cannot",
+            ),
+            (
+                big.as_str(),
+                ":2: plugin_config: is 262155 bytes as JSON, over",
+            ),
+            (deep.as_str(), ":1: plugin_config.deep"),
+            // Not TOML at all: toml's own message, on one line.
+            ("[plugin_config]\nmessage = \"two\n", ":2: message: "),
+            ("[plugin_config\nmessage = 1\n", "line 1: "),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("/srv/app/host.toml") && err.contains(expected),
+                "{:?} gave {err}, expected {expected}",
+                &text[..text.len().min(80)]
+            );
+            assert!(!err.contains('\n'), "multi-line error: {err}");
+        }
+    }
+
+    #[test]
+    fn a_reread_names_the_other_keys_that_changed() {
+        let old = parse("listen = \"127.0.0.1:0\"\nworkers = 2\n").unwrap();
+        let mut running = old.clone();
+        running.listen = "127.0.0.1:41000".parse().unwrap();
+        let same =
+            parse("listen = \"127.0.0.1:0\"\nworkers = 2\n[plugin_config]\na = 1\n").unwrap();
+        assert!(running.frozen_keys_changed(&same).is_empty());
+        let other = parse("listen = \"127.0.0.2:0\"\nworkers = 3\nidle_grace = \"2s\"\n").unwrap();
+        assert_eq!(
+            running.frozen_keys_changed(&other),
+            ["listen", "workers", "idle_grace"]
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = parse("wrokers = 2\n").unwrap_err().to_string();
         assert!(err.contains("wrokers"), "{err}");
@@ -719,7 +1001,31 @@ mod tests {
             "max_requests_jitter",
             "max_worker_rss",
             "worker_timeout",
+            "plugin_config",
         ];
+
+        /// A `[plugin_config]` table: nested tables and arrays of any TOML value, including ones
+        /// JSON cannot hold (`nan`, `inf`).
+        fn plugin_table() -> impl Strategy<Value = toml::Table> {
+            let leaf = prop_oneof![
+                any::<i64>().prop_map(toml::Value::Integer),
+                any::<f64>().prop_map(toml::Value::Float),
+                any::<bool>().prop_map(toml::Value::Boolean),
+                ".{0,12}".prop_map(toml::Value::String),
+                Just(toml::Value::Datetime(
+                    "1979-05-27T07:32:00Z".parse().unwrap()
+                )),
+            ];
+            let value = leaf.prop_recursive(4, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(toml::Value::Array),
+                    prop::collection::btree_map("[a-z_]{1,6}", inner, 0..4)
+                        .prop_map(|m| toml::Value::Table(m.into_iter().collect())),
+                ]
+            });
+            prop::collection::btree_map("[a-z_]{1,6}", value, 0..5)
+                .prop_map(|m| m.into_iter().collect())
+        }
 
         /// A value of the type `key` takes, of any size; or any value at all.
         fn value_for(key: &'static str) -> BoxedStrategy<String> {
@@ -759,6 +1065,9 @@ mod tests {
                         .prop_map(move |(n, unit)| quoted(format!("{n}{unit}"))),
                 ]
                 .boxed(),
+                "plugin_config" => plugin_table()
+                    .prop_map(|t| toml::Value::Table(t).to_string())
+                    .boxed(),
                 "listen" => prop_oneof![
                     Just("\"127.0.0.1:0\"".to_string()),
                     any::<u16>().prop_map(|p| format!("\"[::1]:{p}\"")),
@@ -776,15 +1085,25 @@ mod tests {
                 prop::sample::select(KEYS).prop_flat_map(|k| (Just(k), value_for(k))),
                 1..=2,
             )
-            .prop_map(move |kvs| kvs.into_iter().map(line).collect::<String>());
+            .prop_map(move |kvs| kvs.into_iter().map(line).collect::<String>())
+            .boxed();
             let many = prop::collection::vec(prop::option::weighted(0.5, value()), KEYS.len())
                 .prop_map(|values| {
                     KEYS.iter()
                         .zip(values)
                         .filter_map(|(k, v)| Some(format!("{k} = {}\n", v?)))
                         .collect::<String>()
-                });
-            prop_oneof![3 => few, 1 => many]
+                })
+                .boxed();
+            // `[plugin_config]` as a table after the keys, as people write it.
+            let with_table = (prop_oneof![few.clone(), many.clone()], plugin_table()).prop_map(
+                |(keys, table)| {
+                    let mut doc = toml::Table::new();
+                    doc.insert("plugin_config".into(), toml::Value::Table(table));
+                    format!("{keys}{}", toml::to_string(&doc).unwrap())
+                },
+            );
+            prop_oneof![3 => few, 1 => many, 1 => with_table]
         }
 
         /// Every key the README's configuration table documents gets random values here.
@@ -843,6 +1162,9 @@ mod tests {
                         prop_assert!(c.max_requests.checked_add(c.max_requests_jitter).is_some());
                         prop_assert!(c.worker_timeout >= MIN_WORKER_TIMEOUT);
                         prop_assert!(!c.heartbeat_interval().is_zero());
+                        prop_assert!(c.plugin_config.json.len() <= MAX_PLUGIN_CONFIG_BYTES);
+                        let json: serde_json::Value = serde_json::from_str(&c.plugin_config.json).unwrap();
+                        prop_assert!(json.is_object());
                     }
                     Err(e) => {
                         let msg = e.to_string();

@@ -13,8 +13,9 @@
 //! `on_worker_start`. The master itself never loads plugin code.
 //!
 //! A reload makes a **generation**: the master snapshots the plugin file into
-//! `state_dir/plugins/<sha256>.so` and rolls the slots onto it one at a time, new before old
-//! (start a new worker, wait until it is ready, tell the old one to drain). The first new worker
+//! `state_dir/plugins/<sha256>.so`, re-reads `[plugin_config]` from the config file, and rolls
+//! the slots onto that pair one at a time, new before old (start a new worker, wait until it is
+//! ready, tell the old one to drain). The first new worker
 //! is the canary: if it fails, nothing old was touched and the reload is refused with the reason.
 //!
 //! A **recycle** is the same procedure for one slot and the generation it already runs: plugins
@@ -27,6 +28,11 @@
 //! plugin `.so`) is refreshed by a reload. Everything linked into `host` (the HTTP stack, the
 //! built-in `/_host/` routes, this CLI, the master) stays as it was until a full restart; a
 //! rebuilt `host` file on disk changes nothing, because workers exec the master's running image.
+//! The one part of `host.toml` a reload re-reads is `[plugin_config]`, the plugin's own settings:
+//! a generation is a plugin snapshot *and* that table (as JSON, given to `on_worker_start`), so a
+//! new configuration rolls out, is checked by the canary and rolls back like a new build. The
+//! host's own keys are read at start; a reload that finds them changed names them and leaves them
+//! for `host restart`.
 //!
 //! # Layout
 //!
@@ -417,6 +423,10 @@ fn print_reload(report: &ReloadReport) {
         .sha256
         .as_deref()
         .map_or("-", |s| &s[..s.len().min(12)]);
+    let config_sha = report
+        .config_sha256
+        .as_deref()
+        .map_or("-", |s| &s[..s.len().min(12)]);
     let what = if report.kind == "rollback" {
         "rolled back"
     } else {
@@ -424,13 +434,19 @@ fn print_reload(report: &ReloadReport) {
     };
     match &report.error {
         None => println!(
-            "{what}: generation {} serving (sha256 {sha}) in {} ms; started {:?}, draining {:?}",
+            "{what}: generation {} serving (sha256 {sha}, config {config_sha}) in {} ms; started {:?}, draining {:?}",
             report.generation, report.duration_ms, report.started_pids, report.drained_pids
         ),
         Some(error) => eprintln!(
             "error: {} to generation {} failed: {error}; still serving generation {}",
             report.kind, report.generation, report.serving_generation
         ),
+    }
+    if !report.ignored_keys.is_empty() {
+        eprintln!(
+            "note: a reload applies only [plugin_config]; changed keys {} take effect at `host restart`",
+            report.ignored_keys.join(", ")
+        );
     }
 }
 
@@ -507,8 +523,8 @@ fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCod
         human_bytes(report.master_rss_bytes)
     );
     println!(
-        "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  PLUGIN",
-        "SLOT", "PID", "GEN", "STATE", "REQUESTS", "RSS"
+        "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {:<12}  PLUGIN",
+        "SLOT", "PID", "GEN", "STATE", "REQUESTS", "RSS", "CONFIG"
     );
     for w in &report.workers {
         let plugin = w.plugin.as_ref().map_or("-".to_string(), |p| {
@@ -524,13 +540,14 @@ fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCod
             .unwrap_or("?")
             .to_string();
         println!(
-            "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {plugin}",
+            "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {:<12}  {plugin}",
             w.slot,
             w.pid,
             w.generation,
             state,
             w.requests,
-            human_bytes(w.rss_bytes)
+            human_bytes(w.rss_bytes),
+            &w.config_sha256[..12.min(w.config_sha256.len())]
         );
     }
     for slot in report.slots.iter().filter(|s| s.state == "hung") {

@@ -48,6 +48,14 @@ pub struct WorkerSpec {
     /// How often to send [`WorkerToMaster::Heartbeat`] once ready; 0: never.
     #[serde(default)]
     pub heartbeat_ms: u64,
+    /// The generation's `[plugin_config]` as JSON text, handed to the plugin's
+    /// `on_worker_start` as it is (at most `config::MAX_PLUGIN_CONFIG_BYTES`).
+    #[serde(default = "empty_object")]
+    pub plugin_config: String,
+}
+
+fn empty_object() -> String {
+    "{}".into()
 }
 
 /// Orders from the master to one worker.
@@ -152,6 +160,13 @@ pub struct ReloadReport {
     pub serving_generation: u64,
     pub plugin_path: PathBuf,
     pub sha256: Option<String>,
+    /// sha256 of the generation's `[plugin_config]` JSON text, once it was read.
+    #[serde(default)]
+    pub config_sha256: Option<String>,
+    /// Keys of the config file that changed since the master started but that a reload does
+    /// not apply (only `plugin_config` reloads): they take effect at `host restart`.
+    #[serde(default)]
+    pub ignored_keys: Vec<String>,
     /// Why it failed; `None` when `ok`.
     pub error: Option<String>,
     /// Seconds since the Unix epoch when the attempt began.
@@ -187,6 +202,9 @@ pub struct WorkerStatus {
     pub connections: u64,
     pub rss_bytes: u64,
     pub plugin: Option<PluginInfo>,
+    /// sha256 of the `[plugin_config]` JSON text its generation runs.
+    #[serde(default)]
+    pub config_sha256: String,
     /// How its start went, once ready.
     pub startup_us: Option<StartupTimings>,
 }
@@ -201,6 +219,19 @@ pub struct StatusReport {
     /// One entry per slot: who serves it and, when it keeps failing, why.
     pub slots: Vec<SlotStatus>,
     pub last_reload: Option<ReloadReport>,
+    /// The generations kept for `rollback`, oldest first; the last is the one serving.
+    #[serde(default)]
+    pub generations: Vec<GenerationStatus>,
+}
+
+/// A generation: which plugin build and which `[plugin_config]` it runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    pub generation: u64,
+    /// sha256 of the plugin snapshot.
+    pub sha256: String,
+    /// sha256 of the `[plugin_config]` JSON text.
+    pub config_sha256: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -323,6 +354,40 @@ mod tests {
         ));
         drop(tx);
         assert!(rx.recv().await.unwrap().is_none());
+
+        // The largest `[plugin_config]`, escaped as much as JSON text can be, fits in a frame.
+        let (a, b) = tokio::io::duplex(4 << 20);
+        let mut tx = Sender::<_, MasterToWorker>::new(a);
+        let mut rx = Receiver::<_, MasterToWorker>::new(b);
+        let worst =
+            serde_json::to_string(&"\"".repeat(crate::config::MAX_PLUGIN_CONFIG_BYTES / 2 - 1))
+                .unwrap();
+        assert!(worst.len() <= crate::config::MAX_PLUGIN_CONFIG_BYTES);
+        let spec = WorkerSpec {
+            slot: 0,
+            generation: 1,
+            plugin: "/srv/app/.host/plugins/x.so".into(),
+            plugin_sha256: "0".repeat(64),
+            graceful_timeout_ms: 0,
+            idle_grace_ms: 0,
+            max_body_bytes: 0,
+            body_read_timeout_ms: 0,
+            accept_cell: None,
+            accept_cells: 0,
+            accept_balance: true,
+            header_read_timeout_ms: 0,
+            max_headers: 0,
+            max_header_bytes: 0,
+            max_requests: 0,
+            max_requests_jitter: 0,
+            heartbeat_ms: 0,
+            plugin_config: worst.clone(),
+        };
+        tx.send(&MasterToWorker::Start(spec)).await.unwrap();
+        match rx.recv().await.unwrap() {
+            Some(MasterToWorker::Start(spec)) => assert_eq!(spec.plugin_config, worst),
+            other => panic!("{other:?}"),
+        }
 
         let (mut a, b) = tokio::io::duplex(64);
         let mut rx = Receiver::<_, MasterToWorker>::new(b);

@@ -219,7 +219,8 @@ impl Host {
             .filter_map(|l| l.split('=').next())
             .map(str::trim)
             .collect();
-        let mut text = format!("workers = {}\n{}\n", opts.workers, opts.extra);
+        // The defaults come first: `extra` may end in a table (`[plugin_config]`).
+        let mut text = format!("workers = {}\n", opts.workers);
         for default in [
             "listen = \"127.0.0.1:0\"",
             "plugin = \"plugin.so\"",
@@ -233,6 +234,8 @@ impl Host {
                 text.push('\n');
             }
         }
+        text.push_str(&opts.extra);
+        text.push('\n');
         std::fs::write(&config, text).unwrap();
         let mut host = Host {
             dir,
@@ -576,6 +579,23 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
     send(&mut sender, addr, path, true)
         .await
         .map_err(|e| format!("{e:?}"))
+}
+
+/// GETs of `paths` one after the other on one kept-alive connection (so one worker answers
+/// them all), the last with `Connection: close`.
+pub async fn get_on_one_connection(addr: SocketAddr, paths: &[&str]) -> Result<Vec<Reply>, String> {
+    let mut sender = connect(addr).await?;
+    let mut replies = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        let reply = send(&mut sender, addr, path, i + 1 == paths.len())
+            .await
+            .map_err(|e| format!("GET {path}: {e:?}"))?;
+        if reply.close && i + 1 < paths.len() {
+            return Err(format!("GET {path}: the server closed the connection"));
+        }
+        replies.push(reply);
+    }
+    Ok(replies)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

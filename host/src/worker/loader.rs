@@ -188,6 +188,8 @@ pub struct Placement {
     pub slot: u32,
     pub generation: u64,
     pub sha256: String,
+    /// The generation's `[plugin_config]` as JSON text, for `HostContext::config`.
+    pub config: String,
 }
 
 /// Loads the plugin at `path`, checks it, and runs its `on_worker_start`.
@@ -312,7 +314,8 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         max_level: crate::logging::max_level_code(),
         log: plugin_log,
         restart_worker: plugin_restart_worker,
-        config: RawStr::new(b"{}"),
+        // A view of `at.config`, which outlives the `on_worker_start` call (the plugin copies it).
+        config: RawStr::new(at.config.as_bytes()),
     };
     let mut err_storage = vec![0u8; 4096];
     let mut err = ErrorBuf {

@@ -326,6 +326,7 @@ async fn serve(
         slot,
         generation,
         sha256: spec.plugin_sha256.clone(),
+        config: spec.plugin_config.clone(),
     };
     let plugin = match loader::load(&spec.plugin, &at) {
         Ok(p) => p,

@@ -8,7 +8,12 @@
 //! `Draining` (told to drain, SIGKILLed if still alive at `graceful_timeout`), or `Killed`
 //! (waiting to be reaped). Each slot has at most one serving worker.
 //!
-//! A rollout's first step is the snapshot of the plugin file its generation runs. That file I/O
+//! A generation is a plugin snapshot and a `[plugin_config]`: a rollback brings back both, and a
+//! crash replacement or a recycle starts its worker with both of its generation's.
+//!
+//! A rollout's first step is the snapshot of the plugin file its generation runs, after reading
+//! the config file again for its `[plugin_config]` (a reload; the first start uses the one the
+//! master was started with; a rollback reuses a kept generation's). That file I/O
 //! runs on tokio's blocking pool, never on this loop (a FIFO, a slow disk or a 200 MB file must
 //! not stall `status`, signals or crash replacement); its result comes back as
 //! [`Event::SnapshotTaken`]. Meanwhile the supervisor is busy exactly as during the rest of the
@@ -48,7 +53,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::snapshot::Snapshot;
-use crate::config::Config;
+use crate::config::{Config, PluginConfig};
 use crate::protocol::{
     ControlRequest, ControlResponse, MasterToWorker, PluginInfo, ReloadReport, StartupTimings,
     WorkerStateName, WorkerToMaster,
@@ -76,10 +81,11 @@ pub(crate) enum Event {
     Signal(SignalAction),
     /// Dev mode: the plugin file changed (or a build succeeded) and things have settled.
     PluginChanged,
-    /// The snapshot a rollout's first step took on the blocking pool (or why it could not).
+    /// The snapshot a rollout's first step took on the blocking pool, with the
+    /// `[plugin_config]` it read (or why it could not).
     SnapshotTaken {
         ticket: u64,
-        result: Result<Snapshot, String>,
+        result: Result<rollout::Taken, String>,
     },
 }
 
@@ -92,11 +98,14 @@ pub(crate) enum SignalAction {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct WorkerId(u64);
 
-/// One reload's worth of plugin: a number and the snapshot its workers load.
+/// One reload's worth of plugin: a number, the snapshot its workers load, and the
+/// `[plugin_config]` they are given. A rollback brings back both; a recycle or a crash
+/// replacement starts a worker with both of its generation's.
 #[derive(Debug)]
 pub(crate) struct Generation {
     pub number: u64,
     pub snapshot: Snapshot,
+    pub config: PluginConfig,
 }
 
 #[derive(Debug)]
@@ -217,8 +226,9 @@ pub(crate) struct Supervisor {
     stopping: Option<Vec<Reply>>,
     fatal: Option<String>,
     last_reload: Option<ReloadReport>,
-    /// Content of the last build a reload refused: dev mode does not retry identical bytes.
-    last_refused_sha: Option<String>,
+    /// Plugin and `[plugin_config]` sha256 of the last generation a reload refused: dev mode
+    /// does not retry identical bytes with an identical configuration.
+    last_refused: Option<(String, String)>,
     queries: Vec<StatusQuery>,
     start_notify: Option<std::fs::File>,
     recycling: recycle::Recycling,
@@ -272,7 +282,7 @@ impl Supervisor {
             stopping: None,
             fatal: None,
             last_reload: None,
-            last_refused_sha: None,
+            last_refused: None,
             queries: Vec::new(),
             recycling,
             start_notify,

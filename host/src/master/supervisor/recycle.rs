@@ -161,6 +161,8 @@ impl Supervisor {
                 serving_generation: target.number,
                 plugin_path: self.cfg.plugin.clone(),
                 sha256: Some(target.snapshot.sha256.clone()),
+                config_sha256: Some(target.config.sha256.clone()),
+                ignored_keys: Vec::new(),
                 error: None,
                 started_at: unix_now(),
                 duration_ms: 0,

@@ -1,8 +1,10 @@
 //! Rollouts: reload, rollback, revert and the first start. Snapshots the plugin for a new
-//! generation, moves slots onto it one at a time (candidate ready, then the old worker drains),
-//! fails or reverts it, queues requests that arrive meanwhile, answers every caller, and prunes
-//! snapshots no kept generation uses. It never spawns or signals a process itself (that is
-//! [`spawn`](super::spawn)) and never decides on crash backoff (that is [`health`](super::health)).
+//! generation and re-reads the config file's `[plugin_config]` for it (a reload applies only
+//! that key of the file; the others wait for a restart), moves slots onto it one at a time
+//! (candidate ready, then the old worker drains), fails or reverts it, queues requests that
+//! arrive meanwhile, answers every caller, and prunes snapshots no kept generation uses. It never
+//! spawns or signals a process itself (that is [`spawn`](super::spawn)) and never decides on
+//! crash backoff (that is [`health`](super::health)).
 
 use std::collections::HashSet;
 use std::io::Write as _;
@@ -16,7 +18,7 @@ use super::{
     Event, Generation, Reply, Rollout, RolloutKind, Supervisor, WorkerId, WorkerState, short,
     unix_now,
 };
-use crate::config::Config;
+use crate::config::{Config, PluginConfig};
 use crate::master::snapshot::{self, Snapshot};
 use crate::protocol::{ControlResponse, PluginInfo, ReloadReport, StartupTimings};
 
@@ -61,6 +63,8 @@ impl Supervisor {
             serving_generation: self.current.as_ref().map_or(0, |g| g.number),
             plugin_path: self.cfg.plugin.clone(),
             sha256: None,
+            config_sha256: None,
+            ignored_keys: Vec::new(),
             error: None,
             started_at: unix_now(),
             duration_ms: 0,
@@ -81,6 +85,7 @@ impl Supervisor {
             SnapshotSource::Kept {
                 generation: previous.number,
                 snapshot: previous.snapshot.clone(),
+                config: previous.config.clone(),
             }
         } else {
             tracing::info!(
@@ -89,7 +94,11 @@ impl Supervisor {
                 plugin = %self.cfg.plugin.display(),
                 "snapshotting the plugin file"
             );
-            SnapshotSource::PluginFile
+            // The first generation runs the configuration the master was started with; every
+            // later one reads `[plugin_config]` from the file again.
+            SnapshotSource::PluginFile {
+                reread_config: kind != RolloutKind::Start,
+            }
         };
         let ticket = self.next_ticket;
         self.next_ticket += 1;
@@ -119,9 +128,9 @@ impl Supervisor {
         });
     }
 
-    /// The snapshot for the rollout [`Self::begin`] started arrived: roll every slot onto it as
-    /// a new generation, or conclude the rollout as refused.
-    pub(super) fn on_snapshot(&mut self, ticket: u64, result: Result<Snapshot, String>) {
+    /// The snapshot (and `[plugin_config]`) for the rollout [`Self::begin`] started arrived:
+    /// roll every slot onto it as a new generation, or conclude the rollout as refused.
+    pub(super) fn on_snapshot(&mut self, ticket: u64, result: Result<Taken, String>) {
         let Some(pending) = self.snapshotting.take_if(|p| p.ticket == ticket) else {
             // Abandoned (the host is stopping): its caller was answered then.
             return;
@@ -134,8 +143,12 @@ impl Supervisor {
             ..
         } = pending;
         let number = report.generation;
-        let snapshot = match result {
-            Ok(s) => s,
+        let Taken {
+            snapshot,
+            config,
+            ignored_keys,
+        } = match result {
+            Ok(taken) => taken,
             Err(reason) => {
                 // Nothing was rolled out: the number stays free for the next attempt.
                 report.error = Some(reason.clone());
@@ -146,12 +159,14 @@ impl Supervisor {
             }
         };
         if kind == RolloutKind::Watch {
-            // A rewrite with the serving bytes, or with the bytes just refused, changes nothing.
-            let serving = self
-                .current
-                .as_ref()
-                .is_some_and(|g| g.snapshot.sha256 == snapshot.sha256);
-            let refused = self.last_refused_sha.as_deref() == Some(snapshot.sha256.as_str());
+            // A rewrite with the serving bytes, or with the bytes just refused, changes nothing
+            // (unless `[plugin_config]` changed too).
+            let serving = self.current.as_ref().is_some_and(|g| {
+                g.snapshot.sha256 == snapshot.sha256 && g.config.sha256 == config.sha256
+            });
+            let refused = self.last_refused.as_ref().is_some_and(|(sha, config_sha)| {
+                *sha == snapshot.sha256 && *config_sha == config.sha256
+            });
             if serving || refused {
                 let why = if serving {
                     "is the one serving"
@@ -170,15 +185,22 @@ impl Supervisor {
         tracing::info!(
             generation = number,
             sha256 = short(&snapshot.sha256),
+            config_sha256 = short(&config.sha256),
             bytes = snapshot.size,
             kind = kind.name(),
             snapshot_ms = started.elapsed().as_millis() as u64,
             "rolling out a new generation"
         );
         report.sha256 = Some(snapshot.sha256.clone());
+        report.config_sha256 = Some(config.sha256.clone());
+        report.ignored_keys = ignored_keys.into_iter().map(str::to_string).collect();
         self.rollout = Some(Rollout {
             kind,
-            target: Arc::new(Generation { number, snapshot }),
+            target: Arc::new(Generation {
+                number,
+                snapshot,
+                config,
+            }),
             pending: (0..self.cfg.workers as u32).collect(),
             done: Vec::new(),
             candidate: None,
@@ -279,6 +301,7 @@ impl Supervisor {
                 tracing::info!(
                     generation = r.target.number,
                     sha256 = short(&r.target.snapshot.sha256),
+                    config_sha256 = short(&r.target.config.sha256),
                     ms = report.duration_ms,
                     "generation {} is serving",
                     r.target.number
@@ -327,7 +350,7 @@ impl Supervisor {
             self.last_reload = Some(report.clone());
         }
         if outcome.is_err() {
-            self.last_refused_sha = report.sha256.clone();
+            self.last_refused = report.sha256.clone().zip(report.config_sha256.clone());
         }
         // One line per automatic reload (a reverted one is concluded under `Revert`).
         if report.kind == RolloutKind::Watch.name() {
@@ -532,32 +555,72 @@ pub(super) struct PendingSnapshot {
     cancel: Arc<AtomicBool>,
 }
 
-/// Where a new generation's snapshot comes from.
+/// What a rollout's first step brings back from the snapshot thread.
+pub(crate) struct Taken {
+    snapshot: Snapshot,
+    config: PluginConfig,
+    /// Keys of the re-read config file that changed but that a reload does not apply.
+    ignored_keys: Vec<&'static str>,
+}
+
+/// Where a new generation's snapshot and `[plugin_config]` come from.
 enum SnapshotSource {
-    /// A fresh snapshot of the configured plugin file.
-    PluginFile,
-    /// A rollback: the snapshot an earlier generation ran, if it is still there.
-    Kept { generation: u64, snapshot: Snapshot },
+    /// A fresh snapshot of the configured plugin file, with the `[plugin_config]` the master
+    /// started with, or (`reread_config`) the one in the config file now.
+    PluginFile { reread_config: bool },
+    /// A rollback: the snapshot and configuration an earlier generation ran, if the snapshot is
+    /// still there.
+    Kept {
+        generation: u64,
+        snapshot: Snapshot,
+        config: PluginConfig,
+    },
 }
 
 impl SnapshotSource {
-    /// Blocks (file I/O): runs on the blocking pool.
-    fn take(self, cfg: &Config, cancel: &AtomicBool) -> Result<Snapshot, String> {
+    /// Blocks (file I/O): runs on the blocking pool. A config file that does not pass
+    /// `host check` refuses the rollout with the same one line, before the plugin is read.
+    fn take(self, cfg: &Config, cancel: &AtomicBool) -> Result<Taken, String> {
         match self {
-            SnapshotSource::PluginFile => {
+            SnapshotSource::PluginFile { reread_config } => {
+                let (config, ignored_keys) = if reread_config {
+                    let (config, ignored) = cfg
+                        .reread_plugin_config()
+                        .map_err(|e| crate::error_chain(&e))?;
+                    if !ignored.is_empty() {
+                        tracing::warn!(
+                            config = %cfg.file.display(),
+                            "a reload applies only [plugin_config]; changed keys {} take effect at `host restart`",
+                            ignored.join(", ")
+                        );
+                    }
+                    (config, ignored)
+                } else {
+                    (cfg.plugin_config.clone(), Vec::new())
+                };
                 let limits = snapshot::Limits {
                     allow_writable: cfg.allow_writable_plugin,
                     max_bytes: cfg.max_plugin_bytes,
                 };
-                snapshot::take(&cfg.plugin, &cfg.snapshot_dir(), limits, cancel)
-                    .map_err(|e| crate::error_chain(&e))
+                let snapshot = snapshot::take(&cfg.plugin, &cfg.snapshot_dir(), limits, cancel)
+                    .map_err(|e| crate::error_chain(&e))?;
+                Ok(Taken {
+                    snapshot,
+                    config,
+                    ignored_keys,
+                })
             }
             SnapshotSource::Kept {
                 generation,
                 snapshot,
+                config,
             } => {
                 if std::fs::symlink_metadata(&snapshot.path).is_ok_and(|m| m.is_file()) {
-                    Ok(snapshot)
+                    Ok(Taken {
+                        snapshot,
+                        config,
+                        ignored_keys: Vec::new(),
+                    })
                 } else {
                     Err(format!(
                         "the snapshot of generation {generation} is gone: {}",

@@ -197,6 +197,7 @@ impl Supervisor {
                 .as_ref()
                 .map_or(0, |(t, _)| t.len() as u32),
             accept_balance: self.cfg.accept_balance,
+            plugin_config: generation.config.json.to_string(),
         };
         let _ = tx.send(MasterToWorker::Start(spec));
         tracing::debug!(pid, slot, generation = generation.number, "worker spawned");

@@ -10,7 +10,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Supervisor, WorkerId, WorkerState};
-use crate::protocol::{ControlResponse, MasterToWorker, SlotStatus, StatusReport, WorkerStatus};
+use crate::protocol::{
+    ControlResponse, GenerationStatus, MasterToWorker, SlotStatus, StatusReport, WorkerStatus,
+};
 
 pub(super) struct StatusQuery {
     reply: oneshot::Sender<ControlResponse>,
@@ -70,6 +72,7 @@ impl Supervisor {
                     connections: w.connections,
                     rss_bytes: rss_bytes(w.pid),
                     plugin: w.plugin.clone(),
+                    config_sha256: w.generation.config.sha256.clone(),
                     startup_us: w.startup.clone(),
                 })
             })
@@ -82,6 +85,15 @@ impl Supervisor {
             workers,
             slots: self.slot_statuses(),
             last_reload: self.last_reload.clone(),
+            generations: self
+                .history
+                .iter()
+                .map(|g| GenerationStatus {
+                    generation: g.number,
+                    sha256: g.snapshot.sha256.clone(),
+                    config_sha256: g.config.sha256.clone(),
+                })
+                .collect(),
         };
         let _ = reply.send(ControlResponse::Status(Box::new(report)));
     }
