@@ -2,13 +2,17 @@
 //! extractor that works inside it.
 //!
 //! ```no_run
-//! use axum::{Router, extract::State, routing::get};
+//! use axum::extract::{Path, State};
+//! use axum::{Json, Router, routing::get};
 //! use plugin_api::{BoxError, WorkerContext};
 //!
 //! fn build(ctx: &WorkerContext) -> Result<Router, BoxError> {
 //!     Ok(Router::new()
 //!         .route("/", get(|State(ctx): State<WorkerContext>| async move {
 //!             format!("hello from generation {}\n", ctx.generation)
+//!         }))
+//!         .route("/users/{id}", get(|Path(id): Path<u64>| async move {
+//!             Json(serde_json::json!({ "id": id }))
 //!         }))
 //!         .with_state(ctx.clone()))
 //! }
@@ -249,7 +253,7 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
         let on_upgrade = parts.extensions.remove::<crate::upgrade::OnUpgrade>();
         Handshake::check(&parts.method, &parts.headers, on_upgrade)
             .map(WebSocketUpgrade)
-            .map_err(|refused| refused.map(::axum::body::Body::new))
+            .map_err(|refused| (*refused).map(::axum::body::Body::new))
     }
 }
 
@@ -276,7 +280,8 @@ mod tests {
             .route(
                 "/stream",
                 get(|| async {
-                    let chunks = futures_util::stream::iter(["a", "b"].map(Ok::<_, std::io::Error>));
+                    let chunks =
+                        futures_util::stream::iter(["a", "b"].map(Ok::<_, std::io::Error>));
                     ::axum::body::Body::from_stream(chunks)
                 }),
             )
@@ -304,7 +309,10 @@ mod tests {
     async fn a_whole_response_crosses_as_bytes_and_a_stream_as_a_stream() {
         let mut whole = call(http::Request::get("/whole").body(Body::empty()).unwrap()).await;
         assert_eq!(whole.status(), 200);
-        assert_eq!(whole.body_mut().take_full().as_deref(), Some(&b"whole\n"[..]));
+        assert_eq!(
+            whole.body_mut().take_full().as_deref(),
+            Some(&b"whole\n"[..])
+        );
 
         let mut stream = call(http::Request::get("/stream").body(Body::empty()).unwrap()).await;
         assert!(stream.body_mut().take_full().is_none());

@@ -69,7 +69,7 @@ where
     let on_upgrade = crate::upgrade::on(req);
     match Handshake::check(req.method(), req.headers(), on_upgrade) {
         Ok(handshake) => handshake.accept(handler),
-        Err(refused) => refused,
+        Err(refused) => *refused,
     }
 }
 
@@ -88,15 +88,12 @@ impl Handshake {
         method: &http::Method,
         headers: &http::HeaderMap,
         on_upgrade: Option<OnUpgrade>,
-    ) -> Result<Handshake, http::Response<Body>> {
+    ) -> Result<Handshake, Box<http::Response<Body>>> {
         if method != http::Method::GET
             || !has_token(headers, header::UPGRADE, "websocket")
             || !has_token(headers, header::CONNECTION, "upgrade")
         {
-            return Err(refuse(
-                StatusCode::BAD_REQUEST,
-                "not a WebSocket handshake\n",
-            ));
+            return Err(refuse(StatusCode::BAD_REQUEST, "not a WebSocket handshake\n").into());
         }
         if headers
             .get(header::SEC_WEBSOCKET_VERSION)
@@ -108,13 +105,10 @@ impl Handshake {
                 header::SEC_WEBSOCKET_VERSION,
                 HeaderValue::from_static("13"),
             );
-            return Err(resp);
+            return Err(resp.into());
         }
         let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-            return Err(refuse(
-                StatusCode::BAD_REQUEST,
-                "missing Sec-WebSocket-Key\n",
-            ));
+            return Err(refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n").into());
         };
         let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
             .expect("base64 is a valid header value");
@@ -122,7 +116,8 @@ impl Handshake {
             return Err(refuse(
                 StatusCode::UPGRADE_REQUIRED,
                 "this connection cannot be upgraded (HTTP/1.1 required)\n",
-            ));
+            )
+            .into());
         };
         Ok(Handshake { accept, on_upgrade })
     }

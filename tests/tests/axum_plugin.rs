@@ -35,8 +35,7 @@ struct Answer {
 
 impl Answer {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
     }
 }
 
@@ -61,7 +60,9 @@ async fn request(
         req = req.header(http::header::CONTENT_TYPE, ct);
     }
     let req = req
-        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
         .unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
         .await
@@ -79,7 +80,10 @@ async fn request(
 async fn get_json(addr: SocketAddr, path: &str) -> Value {
     let answer = request(addr, "GET", path, None, "").await;
     assert_eq!(answer.status, 200, "GET {path}: {answer:?}");
-    assert_eq!(answer.headers[http::header::CONTENT_TYPE], "application/json");
+    assert_eq!(
+        answer.headers[http::header::CONTENT_TYPE],
+        "application/json"
+    );
     answer.json()
 }
 
@@ -99,7 +103,10 @@ async fn every_route_answers_through_the_router_with_its_extractors() {
         hello.headers[http::header::CONTENT_LENGTH],
         hello.body.len().to_string().as_str()
     );
-    assert_eq!(hello.headers[http::header::CONTENT_TYPE], "text/plain; charset=utf-8");
+    assert_eq!(
+        hello.headers[http::header::CONTENT_TYPE],
+        "text/plain; charset=utf-8"
+    );
 
     // `Path` and `Query`.
     assert_eq!(
@@ -110,9 +117,16 @@ async fn every_route_answers_through_the_router_with_its_extractors() {
         get_json(host.addr, "/users/7").await,
         json!({ "id": 7, "name": "user 7" })
     );
-    assert_eq!(request(host.addr, "GET", "/users/abc", None, "").await.status, 400);
     assert_eq!(
-        request(host.addr, "GET", "/users/1?verbose=maybe", None, "").await.status,
+        request(host.addr, "GET", "/users/abc", None, "")
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        request(host.addr, "GET", "/users/1?verbose=maybe", None, "")
+            .await
+            .status,
         400
     );
 
@@ -134,9 +148,19 @@ async fn every_route_answers_through_the_router_with_its_extractors() {
     assert_eq!(no_type.status, 415, "{no_type:?}");
     let broken = request(host.addr, "POST", "/echo", Some("application/json"), "{").await;
     assert_eq!(broken.status, 400, "{broken:?}");
-    let wrong = request(host.addr, "POST", "/echo", Some("application/json"), r#"{"msg":1}"#).await;
+    let wrong = request(
+        host.addr,
+        "POST",
+        "/echo",
+        Some("application/json"),
+        r#"{"msg":1}"#,
+    )
+    .await;
     assert_eq!(wrong.status, 422, "{wrong:?}");
-    assert_eq!(request(host.addr, "GET", "/echo", None, "").await.status, 405);
+    assert_eq!(
+        request(host.addr, "GET", "/echo", None, "").await.status,
+        405
+    );
 
     // `State` shared by the worker's requests.
     let first = get_json(host.addr, "/state").await;
@@ -147,7 +171,10 @@ async fn every_route_answers_through_the_router_with_its_extractors() {
     // `[plugin_config]` (none in this host's file: `{}`).
     assert_eq!(get_json(host.addr, "/config").await, json!({}));
 
-    assert_eq!(request(host.addr, "GET", "/nope", None, "").await.status, 404);
+    assert_eq!(
+        request(host.addr, "GET", "/nope", None, "").await.status,
+        404
+    );
     // Built-in routes stay the host's.
     assert_eq!(get(host.addr, "/_host/health").await.unwrap().status, 200);
     assert_eq!(host.wait_for_workers("ready").await, vec![pid]);
@@ -186,12 +213,23 @@ async fn reloads_under_load(mode: Mode) {
     if mode == Mode::H2 {
         // As in reload.rs: an HTTP/2 stream the client sent after the server's GOAWAY was never
         // processed (the client retries it); not a failed request. Nothing else may go wrong.
-        assert!(report.errors.is_empty(), "failed: {:?}", &report.errors[..report.errors.len().min(3)]);
-        assert!(report.non_200.is_empty(), "non-200: {:?}", &report.non_200[..report.non_200.len().min(3)]);
+        assert!(
+            report.errors.is_empty(),
+            "failed: {:?}",
+            &report.errors[..report.errors.len().min(3)]
+        );
+        assert!(
+            report.non_200.is_empty(),
+            "non-200: {:?}",
+            &report.non_200[..report.non_200.len().min(3)]
+        );
     } else {
         report.assert_clean();
     }
-    assert!(report.ok >= 800, "too few requests to mean anything: {report:?}");
+    assert!(
+        report.ok >= 800,
+        "too few requests to mean anything: {report:?}"
+    );
     assert_eq!(
         report.first_lines.keys().collect::<Vec<_>>(),
         ["hello from example-axum 0.1.0"]
@@ -234,7 +272,10 @@ impl Events {
             .unwrap();
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 200);
-        assert_eq!(resp.headers()[http::header::CONTENT_TYPE], "text/event-stream");
+        assert_eq!(
+            resp.headers()[http::header::CONTENT_TYPE],
+            "text/event-stream"
+        );
         assert_eq!(resp.headers()[http::header::TRANSFER_ENCODING], "chunked");
         Events {
             body: resp.into_body(),
@@ -276,7 +317,10 @@ async fn sse_events_end_on_reload_and_resume_on_the_new_generation() {
     let mut events = Events::open(host.addr).await;
     let first = events.next().await.unwrap();
     assert!(has_line(&first, "id: 0"), "{first:?}");
-    assert!(has_line(&first, &format!("data: gen=1 pid={old_pid}")), "{first:?}");
+    assert!(
+        has_line(&first, &format!("data: gen=1 pid={old_pid}")),
+        "{first:?}"
+    );
     let second = events.next().await.unwrap();
     assert!(has_line(&second, "id: 1"), "{second:?}");
 
@@ -292,7 +336,10 @@ async fn sse_events_end_on_reload_and_resume_on_the_new_generation() {
     assert!(has_line(&resumed, "id: 0"), "{resumed:?}");
     assert!(resumed.contains("data: gen=2 pid="), "{resumed:?}");
     // Nothing else holds the old worker: it exits well before graceful_timeout (10 s).
-    wait_until(Duration::from_secs(8), "the old worker to exit", || !pid_alive(old_pid)).await;
+    wait_until(Duration::from_secs(8), "the old worker to exit", || {
+        !pid_alive(old_pid)
+    })
+    .await;
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
@@ -335,6 +382,9 @@ async fn websocket_echoes_closes_with_1012_on_reload_and_reconnects_to_the_new_g
     drop(ws);
     let mut ws = ws_connect(host.addr).await;
     assert_eq!(ws_echo(&mut ws, "back").await, "gen=2 back");
-    wait_until(Duration::from_secs(8), "the old worker to exit", || !pid_alive(old_pid)).await;
+    wait_until(Duration::from_secs(8), "the old worker to exit", || {
+        !pid_alive(old_pid)
+    })
+    .await;
     ws.close(None).await.unwrap();
 }
