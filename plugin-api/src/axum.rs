@@ -20,13 +20,14 @@
 //! plugin_api::export_axum!(build);
 //! ```
 //!
-//! This module owns three things. [`export_axum!`] generates the plugin: its `on_worker_start`
-//! calls the build function once per worker, every request is [`Dispatch::Async`](crate::Dispatch)
-//! and goes through [`serve`], which hands it to a clone of the router (`tower`'s `oneshot`).
-//! [`serve`] converts the bodies both ways without buffering: the request body streams into
-//! the handler as the client sends it, and a streamed response (`Sse`, a `Body::from_stream`)
-//! streams out, paced by the client; a whole response (`Json`, a `String`) crosses as one piece.
-//! [`WebSocketUpgrade`] replaces axum's own extractor, which cannot work here (below).
+//! This module owns three things. [`export_axum!`](crate::export_axum) generates the plugin:
+//! its `on_worker_start` calls the build function once per worker, and every request is
+//! [`Dispatch::Async`](crate::Dispatch) and goes through [`serve`], which hands it to a clone of
+//! the router (`tower`'s `oneshot`). [`serve`] converts the bodies both ways without buffering:
+//! the request body streams into the handler as the client sends it, and a streamed response
+//! (`Sse`, a `Body::from_stream`) streams out, paced by the client; a whole response (`Json`, a
+//! `String`) crosses as one piece. [`WebSocketUpgrade`] replaces axum's own extractor, which
+//! cannot work here (below).
 //!
 //! It does not run hyper or `axum::serve`: the host owns the connections, and the router runs
 //! inside the plugin's own tokio runtime like any [`Plugin::serve`](crate::Plugin::serve) (so
@@ -40,9 +41,10 @@
 //!   [`crate::websocket::WebSocket`] (tokio-tungstenite) instead of axum's `WebSocket`.
 //! - **`ConnectInfo`:** the host passes no peer address, so `ConnectInfo<SocketAddr>` is
 //!   rejected (`500`, missing extension).
-//! - **Body limits:** the host's `max_body_bytes` applies to [`Plugin::handle`](crate::Plugin::handle)
-//!   only; here axum's own `DefaultBodyLimit` (2 MB for `Json`, `String`, `Bytes`...) is the
-//!   limit, and a route that streams the `Body` itself sets its own.
+//! - **Body limits:** the host's `max_body_bytes` applies to
+//!   [`Plugin::handle`](crate::Plugin::handle) only; here axum's own `DefaultBodyLimit` (2 MB
+//!   for `Json`, `String`, `Bytes`...) is the limit, and a route that streams the `Body` itself
+//!   sets its own.
 //! - **Trailers** a response sends are dropped (the ABI carries none).
 //!
 //! A handler that panics answers `500`, and the worker goes on serving, as with any `serve`.
@@ -107,9 +109,9 @@ macro_rules! export_axum {
 }
 
 /// Serves one request with `router` (a clone: routers are cheap to clone), converting the
-/// bodies both ways without buffering. [`export_axum!`] calls it for every request; a plugin
-/// that implements [`Plugin`](crate::Plugin) itself may call it from its `serve` for the paths
-/// it sends to a router.
+/// bodies both ways without buffering. [`export_axum!`](crate::export_axum) calls it for every
+/// request; a plugin that implements [`Plugin`](crate::Plugin) itself may call it from its
+/// `serve` for the paths it sends to a router.
 pub fn serve(
     router: ::axum::Router,
     req: http::Request<Body>,
@@ -294,6 +296,14 @@ mod tests {
                 get(|up: WebSocketUpgrade| async move { up.on_upgrade(|_socket| async {}) }),
             )
             .route(
+                "/peer",
+                get(
+                    |peer: ::axum::extract::ConnectInfo<std::net::SocketAddr>| async move {
+                        peer.0.to_string()
+                    },
+                ),
+            )
+            .route(
                 "/axum-ws",
                 get(|up: ::axum::extract::ws::WebSocketUpgrade| async move {
                     up.on_upgrade(|_socket| async {})
@@ -321,6 +331,9 @@ mod tests {
 
         let missing = call(http::Request::get("/nope").body(Body::empty()).unwrap()).await;
         assert_eq!(missing.status(), 404);
+        // No peer address crosses the ABI: `ConnectInfo` is a missing extension.
+        let peer = call(http::Request::get("/peer").body(Body::empty()).unwrap()).await;
+        assert_eq!(peer.status(), 500);
     }
 
     #[tokio::test]
