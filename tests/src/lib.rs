@@ -135,6 +135,19 @@ pub fn fixture_plugin(kind: &str) -> PathBuf {
     dest
 }
 
+/// The axum example plugin (`example-axum`: an `axum::Router` exported with
+/// `plugin_api::export_axum!`), built once per process.
+pub fn axum_plugin() -> PathBuf {
+    static BUILD: OnceLock<PathBuf> = OnceLock::new();
+    BUILD
+        .get_or_init(|| {
+            let dest = nested_target().join("example-axum.so");
+            cargo_build("example-axum", &[], "libexample_axum.so", &dest);
+            dest
+        })
+        .clone()
+}
+
 /// The example plugin built with `EXAMPLE_GREETING=greeting`.
 pub fn greeting_plugin(greeting: &str) -> PathBuf {
     example_plugin(&[("EXAMPLE_GREETING", greeting)])
