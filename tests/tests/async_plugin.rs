@@ -506,3 +506,24 @@ async fn a_101_the_host_cannot_honour_is_a_500_with_the_reason_logged() {
     let plain = get(host.addr, "/bad-upgrade").await.unwrap();
     assert_eq!(plain.status, 500);
 }
+
+#[tokio::test]
+async fn a_streamed_upload_that_stalls_fails_after_body_read_timeout() {
+    let (host, pid) = one_worker("body_read_timeout = \"1s\"").await;
+    let mut s = TcpStream::connect(host.addr).await.unwrap();
+    // Announces 1 MB, sends 5 bytes, then nothing.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut reply = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut reply))
+        .await
+        .expect("an answer once the body stalled")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("request body stalled"), "{reply}");
+    // The worker serves on.
+    assert_eq!(get(host.addr, "/async/hello").await.unwrap().status, 200);
+    assert_eq!(host.wait_for_workers("ready").await, vec![pid]);
+}
