@@ -70,6 +70,21 @@ async fn async_handlers_answer_and_a_panicking_future_is_a_500() {
             && host.log().contains("/async/panic was requested")
     })
     .await;
+    // An async handler that blocks its thread is named in the log.
+    assert_eq!(
+        get(host.addr, "/async/block?ms=100").await.unwrap().status,
+        200
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the blocking poll in the log",
+        || {
+            host.log().lines().any(|l| {
+                l.contains("an async handler blocked the I/O thread") && l.contains("/async/block")
+            })
+        },
+    )
+    .await;
 }
 
 /// Opens `n` connections to `addr`, at most `parallel` connecting at a time.

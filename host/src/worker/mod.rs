@@ -96,6 +96,8 @@ struct Shared {
     /// Paths whose "non-blocking" handler was caught taking longer than [`INLINE_LIMIT`].
     slow_paths: std::sync::Mutex<std::collections::HashSet<String>>,
     any_slow: AtomicBool,
+    /// Paths whose async handler was caught blocking the I/O thread (logged once each).
+    blocking_polls: std::sync::Mutex<std::collections::HashSet<String>>,
     plugin: Arc<LoadedPlugin>,
     http: auto::Builder<TokioExecutor>,
     draining: Arc<AtomicBool>,
@@ -200,6 +202,19 @@ impl Shared {
     fn known_slow(&self, path: &str) -> bool {
         self.any_slow.load(Ordering::Relaxed)
             && self.slow_paths.lock().is_ok_and(|set| set.contains(path))
+    }
+
+    /// An async handler's future blocked the I/O thread in one poll: logged once per path.
+    fn note_blocking_poll(&self, path: &str, took: Duration) {
+        if let Ok(mut set) = self.blocking_polls.lock()
+            && set.insert(path.to_string())
+        {
+            tracing::warn!(
+                path,
+                took_ms = took.as_millis() as u64,
+                "an async handler blocked the I/O thread in one poll, stalling every connection of this worker; move blocking work to tokio::task::spawn_blocking"
+            );
+        }
     }
 
     fn mark_slow(&self, path: &str, took: Duration) {
@@ -392,6 +407,7 @@ async fn serve(
     let shared = Arc::new(Shared {
         slow_paths: Default::default(),
         any_slow: AtomicBool::new(false),
+        blocking_polls: Default::default(),
         plugin: Arc::new(plugin),
         http,
         draining: Arc::new(AtomicBool::new(false)),
@@ -865,7 +881,20 @@ async fn call_async(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respons
     };
     let (parts, body) = req.into_parts();
     let body = abi_io::request_body(body, shared.body_read_timeout);
-    let resp = shared.plugin.serve(&parts, body, upgrade).await;
+    let serving = shared.plugin.serve(&parts, body, upgrade);
+    tokio::pin!(serving);
+    // Each poll runs plugin code on the I/O thread: one that blocks stalls every connection
+    // of this worker, so it is named in the log (once per path).
+    let resp = std::future::poll_fn(|cx| {
+        let began = std::time::Instant::now();
+        let polled = serving.as_mut().poll(cx);
+        let took = began.elapsed();
+        if took > INLINE_LIMIT {
+            shared.note_blocking_poll(parts.uri.path(), took);
+        }
+        polled
+    })
+    .await;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         match watch {
             Some(w) if w.kept() => {}
