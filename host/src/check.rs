@@ -53,10 +53,8 @@ impl TempDir {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let path = std::env::temp_dir().join(format!(
-            "host-check-{}-{nanos:08x}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("host-check-{}-{nanos:08x}", std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&path)?;
         Ok(TempDir(path))
     }

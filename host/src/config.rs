@@ -888,6 +888,31 @@ mod tests {
     }
 
     #[test]
+    fn keys_set_on_the_command_line_are_not_changed_keys() {
+        let file = parse("workers = 2\n").unwrap();
+        let mut running = file.clone();
+        running.build = Some("make".into());
+        running.watch = true;
+        assert_eq!(running.frozen_keys_changed(&file), ["watch", "build"]);
+        running.overridden = vec!["build", "watch"];
+        assert!(running.frozen_keys_changed(&file).is_empty());
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        assert_eq!(parse("").unwrap().log_format, LogFormat::Text);
+        assert_eq!(
+            parse("log_format = \"json\"\n").unwrap().log_format,
+            LogFormat::Json
+        );
+        let err = parse("\nlog_format = \"yaml\"\n").unwrap_err().to_string();
+        assert!(
+            err.starts_with("/srv/app/host.toml:2: log_format: ") && err.contains("\"json\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = parse("wrokers = 2\n").unwrap_err().to_string();
         assert!(err.contains("wrokers"), "{err}");

@@ -47,7 +47,10 @@ impl LogFormat {
 #[derive(Clone, Copy, Debug)]
 pub enum Process {
     Master,
-    Worker { slot: u32, generation: u64 },
+    Worker {
+        slot: u32,
+        generation: u64,
+    },
     /// The throwaway worker of `host check`.
     Check,
 }
@@ -130,7 +133,11 @@ fn with_member(object: &str, key: &str, value: &str) -> String {
     let body = object.trim_end();
     match body.strip_suffix('}') {
         Some(open) => {
-            let comma = if open.trim_end().ends_with('{') { "" } else { "," };
+            let comma = if open.trim_end().ends_with('{') {
+                ""
+            } else {
+                ","
+            };
             format!("{open}{comma}\"{key}\":{value}}}\n")
         }
         None => format!("{body}\n"),

@@ -63,7 +63,11 @@ fn sha256_prefix(file: &Path) -> String {
 fn assert_refused(what: &str, out: &Output, expected: &[&str]) {
     let (stdout, stderr) = text(out);
     assert!(!out.status.success(), "{what}: check passed: {stdout}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{what}: one line: {stderr}");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "{what}: one line: {stderr}"
+    );
     assert!(stdout.is_empty(), "{what}: {stdout}");
     for e in expected {
         assert!(stderr.contains(e), "{what}: {e:?} not in {stderr}");
@@ -74,7 +78,10 @@ fn assert_refused(what: &str, out: &Output, expected: &[&str]) {
 async fn check_loads_a_good_plugin_and_says_what_it_is() {
     let tmp = tempfile::tempdir().unwrap();
     let plugin = greeting_plugin("v1");
-    let dir = deployment(Some(&plugin), "workers = 2\n[plugin_config]\nmessage = \"hi\"\n");
+    let dir = deployment(
+        Some(&plugin),
+        "workers = 2\n[plugin_config]\nmessage = \"hi\"\n",
+    );
     let out = check(dir.path(), tmp.path()).await;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
@@ -101,7 +108,10 @@ async fn check_refuses_bad_plugins_and_configs_with_the_reason_a_reload_gives() 
             "wrong ABI major",
             Some(fixture_plugin("abi-major")),
             "",
-            vec!["plugin.so (sha256 ", "incompatible plugin ABI: expected major 1, found 2"],
+            vec![
+                "plugin.so (sha256 ",
+                "incompatible plugin ABI: expected major 1, found 2",
+            ],
         ),
         (
             "on_worker_start fails",
@@ -175,7 +185,11 @@ async fn check_bounds_a_start_that_hangs_by_start_timeout() {
         &out,
         &["did not become ready within start_timeout (500ms)"],
     );
-    assert!(began.elapsed() < Duration::from_secs(5), "{:?}", began.elapsed());
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
 }
 
 fn snapshot_files(host: &Host) -> Vec<String> {
@@ -210,7 +224,13 @@ async fn check_next_to_a_running_host_changes_nothing() {
     assert!(!out.status.success(), "{}", host.explain(&out));
 
     let after = host.status().await;
-    for key in ["master_pid", "generation", "workers", "generations", "last_reload"] {
+    for key in [
+        "master_pid",
+        "generation",
+        "workers",
+        "generations",
+        "last_reload",
+    ] {
         let strip = |s: &Value| {
             let mut v = s[key].clone();
             if let Some(workers) = v.as_array_mut() {
@@ -269,7 +289,10 @@ async fn json_logs_are_one_object_per_line_from_master_and_workers() {
         assert!(process["pid"].is_u64(), "{line}");
         let role = process["role"].as_str().unwrap().to_string();
         if role == "worker" {
-            assert!(process["slot"].is_u64() && process["generation"].is_u64(), "{line}");
+            assert!(
+                process["slot"].is_u64() && process["generation"].is_u64(),
+                "{line}"
+            );
         }
         roles.insert(role);
         if v["message"].as_str().unwrap().contains("traced event") {

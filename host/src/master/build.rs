@@ -30,7 +30,9 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the build at start failed ({status}): {first_error}; not starting (`{command}` in {dir})")]
+    #[error(
+        "the build at start failed ({status}): {first_error}; not starting (`{command}` in {dir})"
+    )]
     Failed {
         command: String,
         dir: PathBuf,
@@ -42,11 +44,11 @@ pub enum BuildError {
 /// The line of a build's output that says what went wrong: the first one that starts with
 /// `error` (cargo's and rustc's), else the last non-empty one; at most [`MAX_ERROR_LINE`] bytes.
 pub fn first_error_line(output: &str) -> Option<String> {
-    let lines = output.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut lines = output.lines().map(str::trim).filter(|l| !l.is_empty());
     let line = lines
         .clone()
         .find(|l| l.to_ascii_lowercase().starts_with("error"))
-        .or_else(|| lines.last())?;
+        .or_else(|| lines.next_back())?;
     let mut end = line.len().min(MAX_ERROR_LINE);
     while !line.is_char_boundary(end) {
         end -= 1;
@@ -92,7 +94,10 @@ pub fn at_start(build: &str, dir: &Path) -> Result<Duration, BuildError> {
     let mut seen = String::new();
     if let Some(pipe) = child.stderr.take() {
         let mut terminal = std::io::stderr();
-        for line in std::io::BufReader::new(pipe).split(b'\n').map_while(Result::ok) {
+        for line in std::io::BufReader::new(pipe)
+            .split(b'\n')
+            .map_while(Result::ok)
+        {
             let _ = terminal.write_all(&line);
             let _ = terminal.write_all(b"\n");
             seen.push_str(&String::from_utf8_lossy(&line));
@@ -136,11 +141,16 @@ pub async fn run(build: &str, dir: &Path) -> BuildReport {
                 tracing::warn!(target: "build", "{line}");
             }
             tracing::warn!(command = build, took = %took, status = %out.status, "build failed; still serving the previous build");
-            Some(first_error_line(&text).unwrap_or_else(|| format!("{} with no output", out.status)))
+            Some(
+                first_error_line(&text).unwrap_or_else(|| format!("{} with no output", out.status)),
+            )
         }
         Err(e) => {
             tracing::error!(command = build, error = %e, "cannot run the build command");
-            Some(format!("cannot run the build command in {}: {e}", dir.display()))
+            Some(format!(
+                "cannot run the build command in {}: {e}",
+                dir.display()
+            ))
         }
     };
     BuildReport {
@@ -177,7 +187,10 @@ mod tests {
         let dir = std::env::temp_dir();
         let err = at_start("echo 'error: broken here' >&2; exit 3", &dir).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("error: broken here") && msg.contains("3"), "{msg}");
+        assert!(
+            msg.contains("error: broken here") && msg.contains("3"),
+            "{msg}"
+        );
         assert!(at_start("true", &dir).is_ok());
     }
 }

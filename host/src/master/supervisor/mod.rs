@@ -58,10 +58,10 @@ use crate::protocol::{
     BuildReport, ControlRequest, ControlResponse, MasterToWorker, PluginInfo, ReloadReport,
     StartupTimings, WorkerStateName, WorkerToMaster,
 };
-pub(crate) use spawn::describe_exit;
 use health::SlotHealth;
 use rollout::PendingSnapshot;
 use spawn::KILL_MARGIN;
+pub(crate) use spawn::describe_exit;
 use status::StatusQuery;
 
 /// Everything the master reacts to.
