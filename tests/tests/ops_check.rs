@@ -322,12 +322,13 @@ async fn json_logs_are_one_object_per_line_from_master_and_workers() {
 }
 
 /// A project whose "build" copies the plugin named in `src/which` to `out/plugin.so`, with
-/// paths relative to the directory it runs in (a stand-in for `cargo build`, in milliseconds).
+/// paths relative to the directory it runs in (a stand-in for `cargo build`, in milliseconds,
+/// or after `src/delay` seconds).
 struct Project {
     dir: tempfile::TempDir,
 }
 
-const FAKE_BUILD: &str = r#"f=$(cat src/which) && test -f "$f" || { echo "compiling..."; echo "error: no such build: $f" >&2; exit 1; }; cp "$f" out/plugin.so.tmp && chmod 644 out/plugin.so.tmp && mv out/plugin.so.tmp out/plugin.so"#;
+const FAKE_BUILD: &str = r#"sleep "$(cat src/delay 2>/dev/null || echo 0)"; f=$(cat src/which) && test -f "$f" || { echo "compiling..."; echo "error: no such build: $f" >&2; exit 1; }; cp "$f" out/plugin.so.tmp && chmod 644 out/plugin.so.tmp && mv out/plugin.so.tmp out/plugin.so"#;
 
 impl Project {
     fn new() -> Project {
@@ -388,8 +389,21 @@ async fn dev_mode_builds_at_start_in_the_current_directory_and_shows_a_failed_bu
         host.explain(&out)
     );
 
+    // A slow build does not hold the master up: `status` answers at once meanwhile.
+    let builds = || host.log().matches("INFO building").count();
+    std::fs::write(project.dir.path().join("src/delay"), "2").unwrap();
     // A build that fails shows in status, text and JSON, and the old build keeps serving.
     project.edit(Path::new("/nonexistent/build.so"));
+    wait_until(Duration::from_secs(10), "a build to begin", || builds() > 0).await;
+    let (took, status) = host.raw_status().await;
+    assert!(
+        status["last_build"].is_null(),
+        "the build is still running: {status}"
+    );
+    assert!(
+        took < Duration::from_millis(500),
+        "status took {took:?} during a build"
+    );
     let status = host
         .wait_status("the failed build in status", |s| {
             s["last_build"]["ok"] == false
@@ -412,6 +426,7 @@ async fn dev_mode_builds_at_start_in_the_current_directory_and_shows_a_failed_bu
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(host.status().await["last_build"]["ok"], false);
 
+    std::fs::write(project.dir.path().join("src/delay"), "0").unwrap();
     project.edit(&greeting_plugin("v3"));
     host.wait_status("the next build to succeed", |s| {
         s["last_build"]["ok"] == true
