@@ -191,6 +191,7 @@ pub struct Host {
     pub master_pid: u32,
     env: Vec<(String, String)>,
     fd_limits: Option<(u64, u64)>,
+    cwd: Option<PathBuf>,
 }
 
 /// Options for [`Host::start`].
@@ -202,6 +203,10 @@ pub struct HostOptions {
     pub env: Vec<(String, String)>,
     /// `RLIMIT_NOFILE` (soft, hard) the CLI, and so the master it starts, begins with.
     pub fd_limits: Option<(u64, u64)>,
+    /// More arguments for `start -d` (dev mode's `--build`, `--watch-path`).
+    pub start_args: Vec<String>,
+    /// The current directory of every CLI command (default: the test's).
+    pub cwd: Option<PathBuf>,
 }
 
 impl Default for HostOptions {
@@ -211,6 +216,8 @@ impl Default for HostOptions {
             extra: String::new(),
             env: Vec::new(),
             fd_limits: None,
+            start_args: Vec::new(),
+            cwd: None,
         }
     }
 }
@@ -258,8 +265,11 @@ impl Host {
             master_pid: 0,
             env: opts.env,
             fd_limits: opts.fd_limits,
+            cwd: opts.cwd,
         };
-        let out = host.cli(&["start", "-d"]).await;
+        let mut args = vec!["start", "-d"];
+        args.extend(opts.start_args.iter().map(String::as_str));
+        let out = host.cli(&args).await;
         assert!(
             out.status.success(),
             "host start -d failed: {}",
@@ -279,6 +289,9 @@ impl Host {
             .args(args)
             .envs(self.env.iter().cloned())
             .kill_on_drop(true);
+        if let Some(cwd) = &self.cwd {
+            cmd.current_dir(cwd);
+        }
         if let Some((soft, hard)) = self.fd_limits {
             // SAFETY: the closure runs in the forked child before exec and only calls
             // setrlimit, which is async-signal-safe; it touches no memory of the parent.

@@ -22,6 +22,7 @@
 
 mod abi_io;
 mod backlog;
+pub mod check;
 mod h2_drain;
 pub mod loader;
 
@@ -232,16 +233,22 @@ impl Shared {
 }
 
 /// Entry point of the `__worker` role.
-pub fn run(slot: u32, generation: u64, master_pid: u32, spawned_at_ns: u64) -> ExitCode {
+pub fn run(
+    slot: u32,
+    generation: u64,
+    master_pid: u32,
+    spawned_at_ns: u64,
+    log_format: crate::logging::LogFormat,
+) -> ExitCode {
     let since_spawn = move || monotonic_ns().saturating_sub(spawned_at_ns) / 1000;
     let mut startup = StartupTimings {
         exec_us: since_spawn(),
         ..Default::default()
     };
-    crate::logging::init(format!(
-        "worker[{} slot={slot} gen={generation}]",
-        std::process::id()
-    ));
+    crate::logging::init(
+        crate::logging::Process::Worker { slot, generation },
+        log_format,
+    );
     // Die with the master. The signal fires when the *thread* that spawned us exits; the master
     // spawns from its main thread, which lives as long as it does. Check the parent right after,
     // in case it died before the call.

@@ -21,7 +21,7 @@ use crate::protocol::{MasterToWorker, Sender, WorkerSpec, WorkerToMaster};
 pub(super) const KILL_MARGIN: Duration = Duration::from_secs(2);
 
 /// A wait status in words: "exited with status 1", "killed by SIGSEGV (core dumped)".
-pub(super) fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
+pub(crate) fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
     match status {
         Err(e) => format!("could not be waited for: {e}"),
         Ok(s) => match (s.code(), s.signal()) {
@@ -103,6 +103,8 @@ impl Supervisor {
             .args(["--slot", &slot.to_string()])
             .args(["--generation", &generation.number.to_string()])
             .args(["--master-pid", &std::process::id().to_string()])
+            // The worker logs before its spec arrives: its format comes on the command line.
+            .args(["--log-format", self.cfg.log_format.name()])
             .args([
                 "--spawned-at-ns",
                 &crate::worker::monotonic_ns().to_string(),
