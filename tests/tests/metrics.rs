@@ -300,6 +300,23 @@ async fn metrics_count_every_request_across_a_reload_and_a_crash() {
         2.0
     );
 
+    // Silent connections cannot keep a scrape out: the oldest are closed to make room.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    let began = std::time::Instant::now();
+    let again = tokio::time::timeout(Duration::from_secs(5), scrape(&host, admin))
+        .await
+        .expect("a scrape past 40 silent connections");
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(sum(&again, REQUESTS, &[]), sum(&m, REQUESTS, &[]));
+    drop(silent);
+
     // The public port does not serve the metrics: that path is the plugin's (a 404 here).
     let public = get(host.addr, "/metrics").await.unwrap();
     assert_eq!(public.status, 404);

@@ -423,12 +423,14 @@ mod tests {
 
     #[test]
     fn a_report_encodes_as_openmetrics_text() {
-        let mut totals = Totals::default();
-        totals.by_class = [0, 3, 0, 1, 1];
+        let mut totals = Totals {
+            by_class: [0, 3, 0, 1, 1],
+            latency_sum_us: 12_500_000,
+            response_bytes: 42,
+            ..Totals::default()
+        };
         totals.latency[0] = 4;
         totals.latency[crate::counters::BUCKETS - 1] = 1;
-        totals.latency_sum_us = 12_500_000;
-        totals.response_bytes = 42;
         let report = MetricsReport {
             generations: vec![GenerationMetrics {
                 generation: "2".into(),
