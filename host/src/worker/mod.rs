@@ -6,7 +6,8 @@
 //! [`backlog`]), per-connection HTTP (hyper, HTTP/1.1 and HTTP/2), the built-in `/_host/`
 //! routes, dispatching each request to the plugin (on the I/O thread when the plugin declares
 //! the handler non-blocking, on the blocking pool otherwise), the heartbeat that tells the
-//! master its I/O thread still runs, and the drain. It never binds a socket, never spawns
+//! master its I/O thread still runs, and the drain. It counts each request in its cell of the
+//! shared worker table for `/metrics` (see `counters`). It never binds a socket, never spawns
 //! processes and never decides when to reload: it obeys [`MasterToWorker`].
 //!
 //! Drain: stop accepting at once and tell the master; HTTP/1 responses from then on carry

@@ -76,6 +76,11 @@ impl Metrics {
             self.older.add(totals);
             return;
         }
+        if *totals == Totals::default() && !self.exited.contains_key(&generation) {
+            // A worker that never served (a refused canary): nothing to keep, and its
+            // generation, if it never served at all, does not clutter the page.
+            return;
+        }
         let (kept, sum) = self.exited.entry(generation).or_default();
         if kept.plugin.is_empty() {
             *kept = labels;
@@ -296,6 +301,56 @@ mod tests {
         }
     }
 
+    fn report(error: Option<&str>) -> ReloadReport {
+        ReloadReport {
+            ok: error.is_none(),
+            generation: 2,
+            serving_generation: 1,
+            plugin_path: "/p.so".into(),
+            sha256: None,
+            config_sha256: None,
+            ignored_keys: Vec::new(),
+            error: error.map(str::to_string),
+            started_at: 0,
+            duration_ms: 0,
+            started_pids: Vec::new(),
+            drained_pids: Vec::new(),
+            kind: "reload".into(),
+        }
+    }
+
+    #[test]
+    fn reload_outcomes_are_told_apart() {
+        let err = |e: &str| Err(e.to_string());
+        for (kind, error, expected) in [
+            (RolloutKind::Reload, None, "ok"),
+            (
+                RolloutKind::Reload,
+                Some("canary: on_worker_start failed"),
+                "refused",
+            ),
+            (
+                RolloutKind::Rollback,
+                Some("no previous generation"),
+                "refused",
+            ),
+            (RolloutKind::Revert, Some("slot 1 failed"), "reverted"),
+            (
+                RolloutKind::Revert,
+                Some("slot 1 failed; rolling back also failed: x"),
+                "revert_failed",
+            ),
+            (
+                RolloutKind::Reload,
+                Some("interrupted: host is stopping"),
+                "interrupted",
+            ),
+        ] {
+            let outcome = error.map_or(Ok(()), err);
+            assert_eq!(reload_outcome(kind, &report(error), &outcome), expected);
+        }
+    }
+
     #[test]
     fn folding_keeps_recent_generations_apart_and_adds_up_the_rest() {
         let mut m = Metrics::default();
@@ -315,5 +370,8 @@ mod tests {
         m.fold(70, labels(), &totals(5));
         m.fold(70, labels(), &totals(5));
         assert_eq!(m.exited[&70].1.answered(), 10);
+        // A worker that served nothing does not make a generation appear.
+        m.fold(71, labels(), &Totals::default());
+        assert!(!m.exited.contains_key(&71));
     }
 }
