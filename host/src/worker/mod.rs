@@ -746,10 +746,7 @@ impl<'a> InFlight<'a> {
         let us = monotonic_ns().saturating_sub(self.began_ns) / 1000;
         c.answered(resp.status().as_u16(), us);
         match resp.body_mut() {
-            ResponseBody::Full(Some(b)) => {
-                c.response_bytes()
-                    .fetch_add(b.len() as u64, Ordering::Relaxed);
-            }
+            ResponseBody::Full(Some(b)) => c.response_body(b.len() as u64),
             ResponseBody::Full(None) => {}
             ResponseBody::Stream(s) => s.count_into(c.response_bytes()),
         }
