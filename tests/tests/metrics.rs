@@ -336,6 +336,37 @@ async fn metrics_count_every_request_across_a_reload_and_a_crash() {
     // And the admin port serves nothing else.
     let other = get(admin, "/").await.unwrap();
     assert_eq!(other.status, 404);
+
+    // Body bytes: a streamed response as sent; request bodies read whole (`/`) or streamed to
+    // an async handler (`/upload`).
+    let gen2 = [("generation", "2")];
+    let before = scrape(&host, admin).await;
+    let streamed = get(host.addr, "/stream?chunks=5&every_ms=0&size=1000")
+        .await
+        .unwrap();
+    assert_eq!((streamed.status, streamed.body.len()), (200, 5000));
+    post(host.addr, "/", 100).await;
+    post(host.addr, "/upload", 3000).await;
+    let after = scrape(&host, admin).await;
+    let delta = |name: &str| sum(&after, name, &gen2) - sum(&before, name, &gen2);
+    assert!(delta("host_http_response_body_bytes_total") >= 5000.0);
+    assert_eq!(delta("host_http_request_body_bytes_total"), 3100.0);
+    assert_eq!(delta(REQUESTS), 3.0);
+}
+
+/// A POST of `len` bytes on a new connection, read to the end; panics unless it is a `200`.
+async fn post(addr: SocketAddr, path: &str, len: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b'x'; len]).await.unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "POST {path}: {answer}");
 }
 
 fn labels_of(s: &Sample) -> Vec<(&str, &str)> {
