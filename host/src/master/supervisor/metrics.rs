@@ -276,6 +276,10 @@ impl Supervisor {
             .flat_map(|k| RELOAD_OUTCOMES.map(|o| ((k.to_string(), o), 0)))
             .collect();
         reloads.extend(m.reloads.iter().map(|(k, n)| (k.clone(), *n)));
+        // A generation none of whose workers reported ready yet (a canary starting) has no
+        // plugin labels and nothing counted: it shows once it serves, with its labels, rather
+        // than as a series whose labels change.
+        generations.retain(|_, g| !g.plugin.is_empty() || g.totals != Totals::default());
         MetricsReport {
             generations: older.into_iter().chain(generations.into_values()).collect(),
             serving_generation: self.current.as_ref().map_or(0, |g| g.number),
