@@ -352,6 +352,51 @@ async fn metrics_count_every_request_across_a_reload_and_a_crash() {
     assert!(delta("host_http_response_body_bytes_total") >= 5000.0);
     assert_eq!(delta("host_http_request_body_bytes_total"), 3100.0);
     assert_eq!(delta(REQUESTS), 3.0);
+
+    // A reload the host refuses (not a plugin file), then a rollback: counted by outcome, and
+    // generation 2's counters stay once its workers are gone.
+    std::fs::write(&host.plugin, "not a plugin\n").unwrap();
+    let refused = host.cli(&["reload"]).await;
+    assert!(!refused.status.success(), "{}", host.explain(&refused));
+    let out = host.cli(&["rollback"]).await;
+    assert!(out.status.success(), "{}", host.explain(&out));
+    host.wait_status("only generation 3 workers", |s| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["generation"] == 3 && w["state"] == "ready")
+    })
+    .await;
+    let last = scrape(&host, admin).await;
+    let reloads = |kind, outcome| {
+        sum(
+            &last,
+            "host_reloads_total",
+            &[("kind", kind), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(reloads("reload", "ok"), 1.0);
+    assert_eq!(reloads("reload", "refused"), 1.0);
+    assert_eq!(reloads("rollback", "ok"), 1.0);
+    assert_eq!(sum(&last, "host_reloads_total", &[]), 3.0);
+    assert_eq!(
+        sum(&last, REQUESTS, &gen2),
+        sum(&after, REQUESTS, &gen2),
+        "generation 2 after its workers exited"
+    );
+    // The rollback's generation runs generation 1's build.
+    let gen3 = last
+        .iter()
+        .find(|s| s.name == REQUESTS && s.labels["generation"] == "3");
+    assert_eq!(
+        gen3.map(|s| s.labels["sha256"].as_str()),
+        Some(sha256.as_str())
+    );
+    assert_eq!(
+        sum(&last, "host_worker_starts_total", &[("cause", "rollback")]),
+        2.0
+    );
 }
 
 /// A POST of `len` bytes on a new connection, read to the end; panics unless it is a `200`.
