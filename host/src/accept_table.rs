@@ -9,11 +9,15 @@
 //! - the requests it has in flight (method, path, start time), so that when it dies abruptly
 //!   (abort, segfault, `exit`) or hangs, the master can still say which requests it was serving:
 //!   the record cannot depend on the dying process sending a last message.
+//! - its cumulative request [`Counters`] (requests by status class, latency, bytes) for
+//!   `/metrics`, which the master reads while the worker runs and folds into its generation's
+//!   total after the worker is reaped, before the cell is freed: counters never go backwards
+//!   when a worker is replaced, and the last requests of a worker that crashed are counted too.
 //!
 //! The master gives each worker a cell of its own when it spawns it and frees the cell when it
 //! reaps the worker; a worker clears its count when it stops accepting. Only the owning worker
-//! writes its cell (from its I/O thread); the master and the other workers only read. Every
-//! access is through atomics.
+//! writes its cell (from its I/O thread; request body bytes also from the threads that poll the
+//! body); the master and the other workers only read. Every access is through atomics.
 //!
 //! This is one of the places host code uses `unsafe`: mapping the table. It reads and writes
 //! cells; it decides nothing.
@@ -25,6 +29,8 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap};
+
+use crate::counters::Counters;
 
 /// Where a worker finds the table.
 pub const TABLE_FD: RawFd = 5;
@@ -71,6 +77,7 @@ pub enum TableError {
 pub struct Table {
     counts: &'static [AtomicU32],
     requests: &'static [Requests],
+    counters: &'static [Counters],
 }
 
 impl std::fmt::Debug for Table {
@@ -84,8 +91,13 @@ fn requests_offset(cells: usize) -> usize {
     (cells * size_of::<AtomicU32>()).next_multiple_of(64)
 }
 
+/// Where the request counters start: after the request records, cache-line aligned.
+fn counters_offset(cells: usize) -> usize {
+    (requests_offset(cells) + cells * size_of::<Requests>()).next_multiple_of(64)
+}
+
 fn byte_len(cells: usize) -> usize {
-    requests_offset(cells) + cells * size_of::<Requests>()
+    counters_offset(cells) + cells * size_of::<Counters>()
 }
 
 /// A request as recorded: method, path (both possibly cut short), and how long it has run.
@@ -145,10 +157,11 @@ impl Table {
         .as_ptr()
         .cast::<u8>();
         // SAFETY: the mapping is page-aligned and `len` bytes long: `cells` `AtomicU32`s at the
-        // start, then `cells` `Requests` (plain atomics, valid for any bits, zero included) at a
-        // 64-byte-aligned offset, all inside it. It is readable and writable and never unmapped,
-        // so `'static` holds; every process that maps it touches it only through atomics.
-        let (counts, requests) = unsafe {
+        // start, then `cells` `Requests` and then `cells` `Counters` (plain atomics, valid for
+        // any bits, zero included), each at a 64-byte-aligned offset, all inside it. It is
+        // readable and writable and never unmapped, so `'static` holds; every process that maps
+        // it touches it only through atomics.
+        let (counts, requests, counters) = unsafe {
             (
                 std::slice::from_raw_parts(base.cast::<AtomicU32>().cast_const(), cells),
                 std::slice::from_raw_parts(
@@ -157,9 +170,19 @@ impl Table {
                         .cast_const(),
                     cells,
                 ),
+                std::slice::from_raw_parts(
+                    base.add(counters_offset(cells))
+                        .cast::<Counters>()
+                        .cast_const(),
+                    cells,
+                ),
             )
         };
-        Ok(Table { counts, requests })
+        Ok(Table {
+            counts,
+            requests,
+            counters,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -183,7 +206,7 @@ impl Table {
         }
     }
 
-    /// Frees `cell` entirely (count and request records), for its next worker.
+    /// Frees `cell` entirely (count, request records and counters), for its next worker.
     pub fn reset(&self, cell: usize) {
         self.clear(cell);
         if let Some(r) = self.requests.get(cell) {
@@ -192,6 +215,14 @@ impl Table {
                 record.head.store(0, Ordering::Release);
             }
         }
+        if let Some(c) = self.counters.get(cell) {
+            c.reset();
+        }
+    }
+
+    /// The request counters of `cell`: the owning worker's to write, anyone's to read.
+    pub fn counters(&self, cell: usize) -> Option<&'static Counters> {
+        self.counters.get(cell)
     }
 
     /// How many connections the other accepting workers hold together.
@@ -366,6 +397,23 @@ mod tests {
         assert_eq!(master.in_flight(0, 0), (Vec::new(), 0));
         master.reset(2);
         assert!(master.in_flight(2, 0).0.is_empty());
+    }
+
+    #[test]
+    fn counters_are_shared_per_cell_and_reset_with_it() {
+        let (master, fd) = Table::create(3).unwrap();
+        let worker = Table::map(&fd, 3).unwrap();
+        let mine = worker.counters(1).unwrap();
+        mine.begin();
+        mine.answered(200, 700);
+        mine.begin();
+        let seen = master.counters(1).unwrap().read();
+        assert_eq!((seen.answered(), seen.in_flight), (1, 1));
+        assert_eq!(master.counters(0).unwrap().read().answered(), 0);
+        assert_eq!(master.counters(2).unwrap().read().answered(), 0);
+        assert!(master.counters(3).is_none());
+        master.reset(1);
+        assert_eq!(worker.counters(1).unwrap().read().answered(), 0);
     }
 
     #[test]

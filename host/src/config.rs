@@ -32,6 +32,8 @@ pub struct Config {
     /// The config file this was read from (absolute).
     pub file: PathBuf,
     pub listen: SocketAddr,
+    /// Where the master serves `/metrics` (Prometheus text); `None`: nowhere. Never `listen`.
+    pub admin_listen: Option<SocketAddr>,
     pub workers: usize,
     pub plugin: PathBuf,
     pub state_dir: PathBuf,
@@ -142,6 +144,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<String>,
+    admin_listen: Option<String>,
     workers: Option<i64>,
     plugin: Option<String>,
     state_dir: Option<String>,
@@ -257,10 +260,18 @@ impl Config {
     /// 0 matches the port the kernel picked).
     fn frozen_keys_changed(&self, new: &Config) -> Vec<&'static str> {
         let mut changed = Vec::new();
-        let listen_same = new.listen == self.listen
-            || (new.listen.port() == 0 && new.listen.ip() == self.listen.ip());
-        if !listen_same {
+        let same = |new: SocketAddr, running: SocketAddr| {
+            new == running || (new.port() == 0 && new.ip() == running.ip())
+        };
+        if !same(new.listen, self.listen) {
             changed.push("listen");
+        }
+        let admin_same = match (new.admin_listen, self.admin_listen) {
+            (Some(new), Some(running)) => same(new, running),
+            (new, running) => new == running,
+        };
+        if !admin_same {
+            changed.push("admin_listen");
         }
         macro_rules! compare {
             ($($key:ident),*) => {$(
@@ -353,6 +364,38 @@ impl Config {
                     format!("{listen_str:?} is not an address like \"127.0.0.1:8080\""),
                 )
             })?;
+
+        let admin_listen = match raw.admin_listen.as_deref() {
+            None => None,
+            Some(text) => {
+                let admin = text
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| {
+                        invalid(
+                            "admin_listen",
+                            format!("{text:?} is not an address like \"127.0.0.1:9100\""),
+                        )
+                    })?;
+                // Port 0 twice is two ports the kernel picks; an unspecified address (0.0.0.0)
+                // covers every address of its port.
+                let clash = admin.port() != 0
+                    && admin.port() == listen.port()
+                    && (admin.ip() == listen.ip()
+                        || admin.ip().is_unspecified()
+                        || listen.ip().is_unspecified());
+                if clash {
+                    return Err(invalid(
+                        "admin_listen",
+                        format!(
+                            "{text:?} is the public `listen` address ({listen}): the admin listener is never the public one"
+                        ),
+                    ));
+                }
+                Some(admin)
+            }
+        };
 
         let workers = match raw.workers {
             None => std::thread::available_parallelism()
@@ -491,6 +534,7 @@ impl Config {
         Ok(Config {
             file: file.to_path_buf(),
             listen,
+            admin_listen,
             workers,
             plugin,
             state_dir,
@@ -913,6 +957,42 @@ mod tests {
     }
 
     #[test]
+    fn admin_listen_is_off_by_default_and_never_the_public_listener() {
+        assert_eq!(parse("").unwrap().admin_listen, None);
+        let c = parse("admin_listen = \"127.0.0.1:9100\"\n").unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        // Both on port 0: two ports the kernel picks.
+        let c = parse("listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n").unwrap();
+        assert_eq!(c.admin_listen.map(|a| a.port()), Some(0));
+        for text in [
+            "admin_listen = \"127.0.0.1:8080\"\n",
+            "listen = \"0.0.0.0:8080\"\nadmin_listen = \"127.0.0.1:8080\"\n",
+            "listen = \"127.0.0.1:9000\"\nadmin_listen = \"0.0.0.0:9000\"\n",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains(": admin_listen: ")
+                    && err.contains("the admin listener is never the public one"),
+                "{text:?} gave {err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+        }
+        let err = parse("\nadmin_listen = \"metrics\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":2: admin_listen: "), "{err}");
+        // A reload compares it like `listen`: port 0 matches the port the kernel picked.
+        let mut running = parse("admin_listen = \"127.0.0.1:0\"\n").unwrap();
+        running.admin_listen = Some("127.0.0.1:41001".parse().unwrap());
+        let same = parse("admin_listen = \"127.0.0.1:0\"\n").unwrap();
+        assert!(running.frozen_keys_changed(&same).is_empty());
+        assert_eq!(
+            running.frozen_keys_changed(&parse("").unwrap()),
+            ["admin_listen"]
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = parse("wrokers = 2\n").unwrap_err().to_string();
         assert!(err.contains("wrokers"), "{err}");
@@ -1026,6 +1106,7 @@ mod tests {
 
         const KEYS: &[&str] = &[
             "listen",
+            "admin_listen",
             "workers",
             "plugin",
             "state_dir",
@@ -1126,6 +1207,15 @@ mod tests {
                     any::<u16>().prop_map(|p| format!("\"[::1]:{p}\"")),
                 ]
                 .boxed(),
+                // The default `listen` among them, to hit the clash.
+                "admin_listen" => prop_oneof![
+                    Just("\"127.0.0.1:8080\"".to_string()),
+                    Just("\"0.0.0.0:8080\"".to_string()),
+                    Just("\"127.0.0.1:0\"".to_string()),
+                    any::<u16>().prop_map(|p| format!("\"127.0.0.1:{p}\"")),
+                    any::<u16>().prop_map(|p| format!("\"[::1]:{p}\"")),
+                ]
+                .boxed(),
                 _ => "[^:]{0,12}".prop_map(quoted).boxed(),
             };
             prop_oneof![2 => typed, 1 => value()].boxed()
@@ -1218,6 +1308,9 @@ mod tests {
                         prop_assert!(c.plugin_config.json.len() <= MAX_PLUGIN_CONFIG_BYTES);
                         let json: serde_json::Value = serde_json::from_str(&c.plugin_config.json).unwrap();
                         prop_assert!(json.is_object());
+                        if let Some(admin) = c.admin_listen {
+                            prop_assert!(admin.port() == 0 || admin != c.listen);
+                        }
                     }
                     Err(e) => {
                         let msg = e.to_string();

@@ -46,6 +46,8 @@
 //! - [`logging`]: who wrote each line, as text or JSON (`log_format`).
 //! - `ratelimit`: at most one log line per cause per second, with a count, for errors that
 //!   repeat as fast as a loop spins (`accept` out of file descriptors).
+//! - `counters`: the request counters each worker keeps in its cell of that page, which the
+//!   master adds up per generation for `/metrics` (served by [`master::admin`]).
 //! - `fd`: inherited file descriptors; `accept_table`: the shared page where accepting workers
 //!   publish their connection counts. With the loader (and one `setpriority` call for the
 //!   snapshot thread), the only `unsafe` in the crate.
@@ -58,6 +60,7 @@
 mod accept_table;
 mod check;
 mod config;
+mod counters;
 mod fd;
 mod logging;
 mod master;
@@ -588,6 +591,9 @@ fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCod
         report.generation,
         human_bytes(report.master_rss_bytes)
     );
+    if let Some(admin) = &report.admin_listen {
+        println!("metrics http://{admin}/metrics");
+    }
     println!(
         "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {:<12}  PLUGIN",
         "SLOT", "PID", "GEN", "STATE", "REQUESTS", "RSS", "CONFIG"

@@ -214,6 +214,9 @@ pub struct StatusReport {
     pub master_pid: u32,
     pub master_rss_bytes: u64,
     pub listen: String,
+    /// Where the master serves `/metrics`, when `admin_listen` is set (the bound address).
+    #[serde(default)]
+    pub admin_listen: Option<String>,
     pub generation: u64,
     pub workers: Vec<WorkerStatus>,
     /// One entry per slot: who serves it and, when it keeps failing, why.

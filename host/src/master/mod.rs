@@ -3,10 +3,12 @@
 //! requests into [`Event`]s, and runs the [`Supervisor`].
 //!
 //! This is the only part of the host that talks to the outside world besides the workers' HTTP.
-//! It never loads plugin code and never serves HTTP itself. It runs on a single-threaded runtime
+//! It never loads plugin code and never serves the public listener; its only HTTP is `/metrics`
+//! on the admin listener ([`admin`]), when `admin_listen` is set. It runs on a single-threaded runtime
 //! on the main thread, so every worker is spawned from a thread that lives as long as the master
 //! (what `PR_SET_PDEATHSIG` in the workers relies on).
 
+pub mod admin;
 pub mod build;
 pub mod control;
 pub mod limits;
@@ -42,6 +44,12 @@ pub enum MasterError {
     Control(#[from] control::ControlError),
     #[error("cannot listen on {addr} (key `listen`)")]
     Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} (key `admin_listen`)")]
+    AdminListen {
         addr: std::net::SocketAddr,
         #[source]
         source: std::io::Error,
@@ -123,8 +131,19 @@ pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), Maste
                     addr: cfg.listen,
                     source,
                 })?;
+            // Before any worker is spawned (it is close-on-exec anyway: no worker holds it).
+            let admin = match cfg.admin_listen {
+                Some(addr) => {
+                    let err = |source| MasterError::AdminListen { addr, source };
+                    let listener = admin::bind(addr).map_err(err)?;
+                    cfg.admin_listen = Some(listener.local_addr().map_err(err)?);
+                    Some(listener)
+                }
+                None => None,
+            };
             tracing::info!(
                 listen = %cfg.listen,
+                admin_listen = cfg.admin_listen.map(|a| a.to_string()),
                 workers = cfg.workers,
                 plugin = %cfg.plugin.display(),
                 config = %cfg.file.display(),
@@ -159,10 +178,18 @@ pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), Maste
             }
             let (control_shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
             let control_task = tokio::spawn(control::serve(control, events.clone(), shutdown_rx));
+            let (admin_shutdown, admin_shutdown_rx) = tokio::sync::oneshot::channel();
+            let admin_task = admin.map(|listener| {
+                tokio::spawn(admin::serve(listener, events.clone(), admin_shutdown_rx))
+            });
             let supervisor = Supervisor::new(Arc::new(cfg.clone()), listener, events, start_notify);
             let outcome = supervisor.run(rx).await;
             let _ = control_shutdown.send(());
             let _ = control_task.await;
+            let _ = admin_shutdown.send(());
+            if let Some(task) = admin_task {
+                let _ = task.await;
+            }
             let _ = std::fs::remove_file(cfg.control_socket());
             outcome.map_err(MasterError::Failed)
         }

@@ -14,7 +14,7 @@ use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -54,10 +54,17 @@ struct RequestBody {
     incoming: Incoming,
     idle: Duration,
     stalled: Pin<Box<tokio::time::Sleep>>,
+    /// Where the bytes read are counted (the worker's request counters), if anywhere.
+    counted: Option<&'static AtomicU64>,
 }
 
-/// The request body as a [`RawBody`] for the plugin (`NONE` when it is empty).
-pub fn request_body(incoming: Incoming, idle: Duration) -> RawBody {
+/// The request body as a [`RawBody`] for the plugin (`NONE` when it is empty); the bytes the
+/// plugin reads are added to `counted`.
+pub fn request_body(
+    incoming: Incoming,
+    idle: Duration,
+    counted: Option<&'static AtomicU64>,
+) -> RawBody {
     if incoming.is_end_stream() {
         return RawBody::NONE;
     }
@@ -65,6 +72,7 @@ pub fn request_body(incoming: Incoming, idle: Duration) -> RawBody {
         incoming,
         idle,
         stalled: Box::pin(tokio::time::sleep(idle)),
+        counted,
     });
     RawBody {
         state: Box::into_raw(body) as *mut c_void,
@@ -99,6 +107,9 @@ unsafe extern "C" fn request_poll_chunk(
                         Ok(data) => {
                             let next = tokio::time::Instant::now() + body.idle;
                             body.stalled.as_mut().reset(next);
+                            if let Some(c) = body.counted {
+                                c.fetch_add(data.len() as u64, Ordering::Relaxed);
+                            }
                             return (poll::READY, lend(data));
                         }
                         Err(_trailers) => continue,
@@ -383,8 +394,9 @@ impl ResponseBody {
     }
 }
 
-/// A streamed response body made by the plugin, polled only when hyper can send more.
-pub struct PluginStream(RawBody);
+/// A streamed response body made by the plugin, polled only when hyper can send more; the
+/// bytes sent are added to its counter, if it has one.
+pub struct PluginStream(RawBody, Option<&'static AtomicU64>);
 
 // SAFETY: the plugin's body objects may be polled and dropped from any thread, one at a time
 // (`&mut` access only).
@@ -394,7 +406,12 @@ impl PluginStream {
     /// # Safety
     /// `raw` must be a body object made by the plugin (not `NONE`), owned by the caller.
     pub unsafe fn new(raw: RawBody) -> PluginStream {
-        PluginStream(raw)
+        PluginStream(raw, None)
+    }
+
+    /// Counts the bytes of the chunks polled from now on into `counter`.
+    pub fn count_into(&mut self, counter: &'static AtomicU64) {
+        self.1 = Some(counter);
     }
 }
 
@@ -429,6 +446,9 @@ impl http_body::Body for ResponseBody {
                 match status {
                     poll::PENDING => Poll::Pending,
                     poll::READY => {
+                        if let Some(c) = s.1 {
+                            c.fetch_add(chunk.data.len as u64, Ordering::Relaxed);
+                        }
                         Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(PluginChunk(chunk))))))
                     }
                     poll::END => Poll::Ready(None),

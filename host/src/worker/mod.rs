@@ -6,7 +6,8 @@
 //! [`backlog`]), per-connection HTTP (hyper, HTTP/1.1 and HTTP/2), the built-in `/_host/`
 //! routes, dispatching each request to the plugin (on the I/O thread when the plugin declares
 //! the handler non-blocking, on the blocking pool otherwise), the heartbeat that tells the
-//! master its I/O thread still runs, and the drain. It never binds a socket, never spawns
+//! master its I/O thread still runs, and the drain. It counts each request in its cell of the
+//! shared worker table for `/metrics` (see `counters`). It never binds a socket, never spawns
 //! processes and never decides when to reload: it obeys [`MasterToWorker`].
 //!
 //! Drain: stop accepting at once and tell the master; HTTP/1 responses from then on carry
@@ -116,6 +117,8 @@ struct Shared {
     /// The shared worker table and this worker's cell in it: requests in flight are recorded
     /// there, and, with `balance`, the count of connections that stay.
     accept_table: Option<(crate::accept_table::Table, usize)>,
+    /// This worker's request counters in its cell (for the master's `/metrics`).
+    counters: Option<&'static crate::counters::Counters>,
     balance: bool,
     /// Open connections that will stay: they carried a request that did not ask to close the
     /// connection after it (HTTP/2, or HTTP/1 keep-alive). What the accept table counts: a
@@ -425,6 +428,7 @@ async fn serve(
         in_flight: AtomicU64::new(0),
         connections: watch::Sender::new(0),
         upgraded: AtomicU64::new(0),
+        counters: accept_table.and_then(|(table, cell)| table.counters(cell)),
         accept_table,
         balance: spec.accept_balance,
         staying: AtomicU64::new(0),
@@ -717,10 +721,14 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
 }
 
 /// Counts a request in flight for as long as it is held, and records it in the worker table,
-/// where the master finds it if this worker dies or hangs before the request is done.
+/// where the master finds it if this worker dies or hangs before the request is done. With
+/// counters, [`InFlight::answered`] counts its answer; dropped without it, it was cancelled.
 struct InFlight<'a> {
     shared: &'a Shared,
     record: Option<usize>,
+    /// CLOCK_MONOTONIC (ns) when it began; 0 without a worker table.
+    began_ns: u64,
+    answered: bool,
 }
 
 impl<'a> InFlight<'a> {
@@ -735,16 +743,47 @@ impl<'a> InFlight<'a> {
             let _ = shared.recycle_tx.send((reason, false));
         }
         shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut began_ns = 0;
         let record = shared.accept_table.as_ref().and_then(|(table, cell)| {
-            table.begin(*cell, method.as_str(), path, monotonic_ns() / 1000)
+            began_ns = monotonic_ns();
+            table.begin(*cell, method.as_str(), path, began_ns / 1000)
         });
-        InFlight { shared, record }
+        if let Some(c) = shared.counters {
+            c.begin();
+        }
+        InFlight {
+            shared,
+            record,
+            began_ns,
+            answered: false,
+        }
+    }
+
+    /// Counts the answer: its status class, the time since the request began (until its
+    /// response head is ready), and its body bytes (a streamed body counts as it is sent).
+    fn answered(&mut self, resp: &mut Response<ResponseBody>) {
+        let Some(c) = self.shared.counters else {
+            return;
+        };
+        self.answered = true;
+        let us = monotonic_ns().saturating_sub(self.began_ns) / 1000;
+        c.answered(resp.status().as_u16(), us);
+        match resp.body_mut() {
+            ResponseBody::Full(Some(b)) => c.response_body(b.len() as u64),
+            ResponseBody::Full(None) => {}
+            ResponseBody::Stream(s) => s.count_into(c.response_bytes()),
+        }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(c) = self.shared.counters
+            && !self.answered
+        {
+            c.cancelled();
+        }
         if let Some((table, cell)) = &self.shared.accept_table {
             table.end(*cell, self.record);
         }
@@ -809,7 +848,14 @@ async fn call_plugin(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<R
             return resp.map(ResponseBody::full);
         };
         match collected {
-            Ok(collected) => collected.to_bytes(),
+            Ok(collected) => {
+                let body = collected.to_bytes();
+                if let Some(c) = shared.counters {
+                    c.request_bytes()
+                        .fetch_add(body.len() as u64, Ordering::Relaxed);
+                }
+                body
+            }
             Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some() =>
@@ -887,7 +933,8 @@ async fn call_async(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respons
         None => (plugin_api::ffi::RawUpgrade::NONE, None),
     };
     let (parts, body) = req.into_parts();
-    let body = abi_io::request_body(body, shared.body_read_timeout);
+    let counted = shared.counters.map(|c| c.request_bytes());
+    let body = abi_io::request_body(body, shared.body_read_timeout, counted);
     let serving = shared.plugin.serve(&parts, body, upgrade);
     tokio::pin!(serving);
     // Each poll runs plugin code on the I/O thread: one that blocks stalls every connection
@@ -977,7 +1024,7 @@ async fn handle_request(
         conn.first_h2_request.notify_one();
     }
     conn.note_request(&req);
-    let _in_flight = InFlight::new(shared, req.method(), req.uri().path());
+    let mut in_flight = InFlight::new(shared, req.method(), req.uri().path());
     let mut resp = if req.uri().path().starts_with("/_host/") {
         builtin(&req).map(ResponseBody::full)
     } else {
@@ -1007,5 +1054,6 @@ async fn handle_request(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    in_flight.answered(&mut resp);
     Ok(resp)
 }

@@ -105,7 +105,7 @@ impl Supervisor {
             "worker failed to start: {reason}"
         );
         let reason = format!("{}: {reason}", self.plugin_label(&w.generation));
-        self.kill_worker(id);
+        self.kill_worker_for(id, "start_failed");
         if self
             .rollout
             .as_ref()
@@ -118,8 +118,9 @@ impl Supervisor {
     }
 
     pub(super) fn on_exit(&mut self, id: WorkerId, status: std::io::Result<ExitStatus>) {
-        // Read before the cell is freed: what it was serving when it died.
+        // Read before the cell is freed: what it was serving when it died, and its counters.
         let evidence = self.evidence_suffix(id);
+        self.fold_metrics(id, &status);
         self.release_accept_cell(id);
         let Some(w) = self.workers.remove(&id) else {
             return;
@@ -208,6 +209,8 @@ impl Supervisor {
         };
         let _ = w.kill.send(());
         w.state = WorkerState::Hung;
+        w.killed_for = Some("hung");
+        self.metrics.count_kill("hung");
         let (slot, pid, generation, ready_at) = (w.slot, w.pid, w.generation.number, w.ready_at);
         let h = &mut self.health[slot as usize];
         h.crashes += 1;
@@ -291,8 +294,9 @@ impl Supervisor {
                     generation = generation.number,
                     "starting a replacement worker"
                 );
-                if let Err(e) = self.spawn(slot as u32, generation) {
-                    self.slot_failed(slot as u32, format!("cannot start a worker: {e}"));
+                match self.spawn(slot as u32, generation) {
+                    Ok(_) => self.metrics.count_start("replacement"),
+                    Err(e) => self.slot_failed(slot as u32, format!("cannot start a worker: {e}")),
                 }
             }
         }

@@ -33,12 +33,14 @@
 //! rollbacks, the queue), [`health`] (crashes, hung workers, backoff, replacements), [`recycle`]
 //! (one-slot rollouts that replace a worker over `max_requests` or `max_worker_rss`, or whose
 //! plugin asked), [`spawn`] (starting and signalling worker processes), [`status`] (answering
-//! `status`) and [`evidence`] (what a hung or dead worker was doing, for the log). This file
+//! `status`), [`evidence`] (what a hung or dead worker was doing, for the log) and [`metrics`]
+//! (what `/metrics` reports: counters folded from exited workers, starts, exits, kills). This file
 //! holds the state, the one match, the run loop and the timers (the watchdog's among them: a
 //! ready worker's silence is a deadline like the others).
 
 mod evidence;
 mod health;
+mod metrics;
 mod recycle;
 mod rollout;
 mod spawn;
@@ -89,6 +91,10 @@ pub(crate) enum Event {
     SnapshotTaken {
         ticket: u64,
         result: Result<rollout::Taken, String>,
+    },
+    /// A scrape of the admin listener's `/metrics`, with where to send the report.
+    Metrics {
+        reply: oneshot::Sender<crate::master::admin::MetricsReport>,
     },
 }
 
@@ -158,6 +164,10 @@ struct Worker {
     /// When it last sent anything (a heartbeat, or any other message): a ready worker silent
     /// for `worker_timeout` is hung.
     last_heard: Instant,
+    /// Why it was told to leave (a rollout's kind, `stop`, `surplus`), for `/metrics`.
+    leaving: Option<&'static str>,
+    /// Why the master killed it (see `metrics::KILL_CAUSES`), for `/metrics`.
+    killed_for: Option<&'static str>,
 }
 
 type Reply = Option<oneshot::Sender<ControlResponse>>;
@@ -237,6 +247,7 @@ pub(crate) struct Supervisor {
     queries: Vec<StatusQuery>,
     start_notify: Option<std::fs::File>,
     recycling: recycle::Recycling,
+    metrics: metrics::Metrics,
 }
 
 fn unix_now() -> u64 {
@@ -292,6 +303,7 @@ impl Supervisor {
             queries: Vec::new(),
             recycling,
             start_notify,
+            metrics: metrics::Metrics::default(),
         }
     }
 
@@ -376,6 +388,9 @@ impl Supervisor {
             Event::PluginChanged => self.request_rollout(RolloutKind::Watch, None),
             Event::Built(report) => self.last_build = Some(report),
             Event::SnapshotTaken { ticket, result } => self.on_snapshot(ticket, result),
+            Event::Metrics { reply } => {
+                let _ = reply.send(self.metrics_report());
+            }
             Event::Signal(SignalAction::Stop(name)) => {
                 tracing::info!(signal = name, "stop requested by signal");
                 self.request_stop(None);
@@ -393,6 +408,8 @@ impl Supervisor {
                     if !matches!(w.state, WorkerState::Killed) {
                         let _ = w.kill.send(());
                         w.state = WorkerState::Killed;
+                        w.killed_for = Some("stop");
+                        self.metrics.count_kill("stop");
                     }
                 }
             }
@@ -409,7 +426,7 @@ impl Supervisor {
         }
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
-            self.retire(id);
+            self.retire(id, "stop");
         }
     }
 
@@ -466,7 +483,7 @@ impl Supervisor {
                             "worker still running {} after graceful_timeout; killing it",
                             humantime::format_duration(KILL_MARGIN)
                         );
-                        self.kill_worker(id);
+                        self.kill_worker_for(id, "drain_timeout");
                     }
                 }
                 Expired::Silent(silent) => self.on_hung(id, silent),

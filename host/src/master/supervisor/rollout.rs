@@ -265,9 +265,10 @@ impl Supervisor {
             }
             return;
         };
-        let target = r.target.clone();
+        let (target, kind) = (r.target.clone(), r.kind);
         match self.spawn(slot, target) {
             Ok(id) => {
+                self.metrics.count_start(kind.name());
                 if let Some(r) = &mut self.rollout {
                     r.candidate = Some(id);
                 }
@@ -323,6 +324,7 @@ impl Supervisor {
         replies: Vec<Reply>,
         outcome: Result<(), String>,
     ) {
+        self.count_reload(kind, &report, &outcome);
         if kind == RolloutKind::Recycle {
             // Not a reload: `last_reload` and the refused build stay as they were.
             self.recycle_concluded(&report, outcome);
@@ -504,6 +506,7 @@ impl Supervisor {
             .rollout
             .as_ref()
             .is_some_and(|r| r.candidate == Some(id));
+        let kind = self.rollout.as_ref().map_or("reload", |r| r.kind.name());
         if is_candidate {
             let old = self.serving[slot].replace(id);
             // A new generation in the slot is a fresh start: forget its failures.
@@ -520,7 +523,7 @@ impl Supervisor {
                     r.awaiting_ack.insert(old);
                     r.report.drained_pids.push(ow.pid);
                 }
-                self.retire(old);
+                self.retire(old, kind);
             }
             self.advance();
         } else if self.serving[slot].is_none() && self.stopping.is_none() {
@@ -529,7 +532,7 @@ impl Supervisor {
             self.health[slot].respawn_at = None;
             self.health[slot].hung = false;
         } else {
-            self.retire(id);
+            self.retire(id, "surplus");
         }
     }
 

@@ -43,11 +43,13 @@ pub(crate) fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
 }
 
 impl Supervisor {
-    /// Tells a worker to leave: drain if it serves, kill if it never became ready.
-    pub(super) fn retire(&mut self, id: WorkerId) {
+    /// Tells a worker to leave (`why`: a rollout's kind, `stop`, ...): drain if it serves, kill
+    /// if it never became ready.
+    pub(super) fn retire(&mut self, id: WorkerId, why: &'static str) {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
+        w.leaving = w.leaving.or(Some(why));
         match w.state {
             WorkerState::Ready => {
                 let _ = w.tx.send(MasterToWorker::Drain);
@@ -70,12 +72,20 @@ impl Supervisor {
         }
     }
 
+    /// Kills a worker that is not wanted any more (a candidate whose rollout ended).
     pub(super) fn kill_worker(&mut self, id: WorkerId) {
+        self.kill_worker_for(id, "aborted");
+    }
+
+    /// SIGKILLs a worker, once; `cause` is one of `metrics::KILL_CAUSES`.
+    pub(super) fn kill_worker_for(&mut self, id: WorkerId, cause: &'static str) {
         if let Some(w) = self.workers.get_mut(&id)
             && !matches!(w.state, WorkerState::Killed | WorkerState::Hung)
         {
             let _ = w.kill.send(());
             w.state = WorkerState::Killed;
+            w.killed_for = Some(cause);
+            self.metrics.count_kill(cause);
         }
     }
 
@@ -90,6 +100,12 @@ impl Supervisor {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(err)?;
         let listener = self.listener.try_clone().map_err(err)?;
         let accept_cell = self.free_accept_cell();
+        if accept_cell.is_none() && self.accept_table.is_some() {
+            tracing::warn!(
+                slot,
+                "no free cell in the worker table: this worker's requests are not counted in /metrics, nor named if it dies"
+            );
+        }
         if let (Some(cell), Some((table, _))) = (accept_cell, &self.accept_table) {
             table.reset(cell as usize);
         }
@@ -223,6 +239,8 @@ impl Supervisor {
                 startup: None,
                 accept_cell,
                 last_heard: Instant::now(),
+                leaving: None,
+                killed_for: None,
             },
         );
         Ok(id)

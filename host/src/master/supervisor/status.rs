@@ -81,6 +81,7 @@ impl Supervisor {
             master_pid: std::process::id(),
             master_rss_bytes: rss_bytes(std::process::id()),
             listen: self.cfg.listen.to_string(),
+            admin_listen: self.cfg.admin_listen.map(|a| a.to_string()),
             generation: self.current.as_ref().map_or(0, |g| g.number),
             workers,
             slots: self.slot_statuses(),

@@ -1,0 +1,470 @@
+//! The admin listener: `GET /metrics` on `admin_listen`, in the Prometheus (OpenMetrics) text
+//! format, served by the master itself.
+//!
+//! Owns the admin socket, its tiny HTTP handling (hyper's HTTP/1 server, one request per
+//! connection), and the exposition: turning a [`MetricsReport`] into text. It decides nothing
+//! and counts nothing: each scrape asks the supervisor for a report through an
+//! [`Event::Metrics`] (the supervisor adds up its workers' shared counters and what it folded
+//! from exited ones, see `supervisor::metrics`), then formats it. It never touches the public
+//! listener: workers serve that one, and the admin socket is close-on-exec, so no worker holds it.
+//!
+//! The master's runtime is single-threaded, so nothing here may stall it or use up its fds:
+//! a client must send its request head within [`READ_DEADLINE`], a connection lives at most
+//! [`CONNECTION_DEADLINE`], at most [`MAX_CONNECTIONS`] are open (one more closes the oldest),
+//! and accept errors are logged at most once a second and retried with backoff, as on the
+//! control socket.
+//!
+//! The format comes from `prometheus-client`, the Prometheus project's own Rust client: it
+//! writes the OpenMetrics text that Prometheus negotiates by default (and that it parses
+//! strictly), with names, `_total` suffixes, units, label escaping and `# EOF` right. Its custom
+//! [`Collector`] lets the report be written as it is, histogram buckets included, without
+//! copying it into live metric objects on every scrape.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use super::supervisor::Event;
+use crate::counters::{BUCKETS_US, Totals};
+use crate::ratelimit::RateLimit;
+
+/// A client must send its request head this long after the master accepted the connection.
+pub const READ_DEADLINE: Duration = Duration::from_secs(2);
+/// A connection (request and answer) lasts at most this long.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// Most admin connections open at once (Prometheus scrapes one at a time).
+pub const MAX_CONNECTIONS: usize = 16;
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What a scrape reports: everything the supervisor counted, as plain numbers.
+#[derive(Debug, Default)]
+pub(crate) struct MetricsReport {
+    /// One entry per generation that served (or still serves) requests, oldest first.
+    pub generations: Vec<GenerationMetrics>,
+    /// The generation new connections reach (0 before the first one serves).
+    pub serving_generation: u64,
+    /// Reloads by (kind, outcome).
+    pub reloads: Vec<(String, &'static str, u64)>,
+    /// Worker processes started, by cause.
+    pub worker_starts: Vec<(&'static str, u64)>,
+    /// Worker processes reaped, by (cause, how they ended).
+    pub worker_exits: Vec<(&'static str, &'static str, u64)>,
+    /// Workers the master SIGKILLed, by cause.
+    pub worker_kills: Vec<(&'static str, u64)>,
+}
+
+/// One generation's requests, summed over its live workers and the ones that exited.
+#[derive(Debug, Default)]
+pub(crate) struct GenerationMetrics {
+    /// The generation number, or `older` for the sum of generations too old to keep apart.
+    pub generation: String,
+    pub plugin: String,
+    pub version: String,
+    pub sha256: String,
+    pub totals: Totals,
+    /// Its live workers by state.
+    pub workers: Vec<(&'static str, u64)>,
+}
+
+/// Binds the admin listener (called before any worker is spawned; the socket is close-on-exec).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(64)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Serves `/metrics` until `shutdown` fires. See the module doc for the limits it enforces.
+pub async fn serve(
+    listener: TcpListener,
+    events: mpsc::UnboundedSender<Event>,
+    mut shutdown: oneshot::Receiver<()>,
+) {
+    static ACCEPT_ERRORS: RateLimit = RateLimit::per_second();
+    let mut clients = tokio::task::JoinSet::new();
+    // Open connections, oldest first.
+    let mut open: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(done) = clients.join_next_with_id(), if !clients.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                open.retain(|h| h.id() != id);
+                continue;
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    stream
+                }
+                Err(e) => {
+                    if let Some(suppressed) = ACCEPT_ERRORS.hit(&e) {
+                        tracing::warn!(error = %e, suppressed, retry_in = ?backoff, "admin listener accept failed");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            },
+        };
+        if open.len() >= MAX_CONNECTIONS
+            && let Some(oldest) = open.pop_front()
+        {
+            oldest.abort();
+            tracing::debug!(
+                MAX_CONNECTIONS,
+                "closed the oldest admin connection to make room"
+            );
+        }
+        open.push_back(clients.spawn(connection(stream, events.clone())));
+    }
+    clients.abort_all();
+}
+
+/// One connection: one request, bounded in time.
+async fn connection(stream: tokio::net::TcpStream, events: mpsc::UnboundedSender<Event>) {
+    let service = hyper::service::service_fn(move |req| answer(req, events.clone()));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(READ_DEADLINE)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    if tokio::time::timeout(CONNECTION_DEADLINE, conn)
+        .await
+        .is_err()
+    {
+        tracing::debug!("closed an admin connection at its {CONNECTION_DEADLINE:?} deadline");
+    }
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() != "/metrics" {
+        return Ok(plain(
+            StatusCode::NOT_FOUND,
+            "not found: metrics are at /metrics\n",
+        ));
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return Ok(resp);
+    }
+    let (reply, report) = oneshot::channel();
+    let report = match events.send(Event::Metrics { reply }) {
+        Ok(()) => tokio::time::timeout(CONNECTION_DEADLINE, report).await,
+        Err(_) => return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "stopping\n")),
+    };
+    let Ok(Ok(report)) = report else {
+        return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"));
+    };
+    match encode(report) {
+        Ok(text) => {
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+            Ok(resp)
+        }
+        Err(_) => Ok(plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot format the metrics\n",
+        )),
+    }
+}
+
+/// The report as OpenMetrics text.
+pub(crate) fn encode(report: MetricsReport) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(report));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl GenerationMetrics {
+    fn labels(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("generation", self.generation.clone()),
+            ("plugin", self.plugin.clone()),
+            ("version", self.version.clone()),
+            ("sha256", self.sha256.clone()),
+        ]
+    }
+}
+
+impl MetricsReport {
+    /// A counter per generation.
+    fn per_generation(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        unit: Option<&Unit>,
+        value: impl Fn(&Totals) -> u64,
+    ) -> std::fmt::Result {
+        let mut metric = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
+        for g in &self.generations {
+            let labels = g.labels();
+            metric
+                .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(&value(&g.totals), None)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collector for MetricsReport {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_http_requests",
+                "HTTP requests answered by workers, by generation and status class",
+                None,
+                MetricType::Counter,
+            )?;
+            for g in &self.generations {
+                for (class, n) in CLASSES.iter().zip(g.totals.by_class) {
+                    let mut labels = g.labels();
+                    labels.push(("class", class.to_string()));
+                    metric
+                        .encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                }
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_http_request_duration",
+                "Time from a request's head to its response's head, in the worker",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?;
+            for g in &self.generations {
+                let t = &g.totals;
+                let buckets: Vec<(f64, u64)> = BUCKETS_US
+                    .iter()
+                    .map(|&us| us as f64 / 1e6)
+                    .chain([f64::INFINITY])
+                    .zip(t.latency)
+                    .collect();
+                let labels = g.labels();
+                metric
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(
+                        t.latency_sum_us as f64 / 1e6,
+                        t.latency.iter().sum(),
+                        &buckets,
+                        None,
+                    )?;
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_http_requests_in_flight",
+                "HTTP requests being handled now",
+                None,
+                MetricType::Gauge,
+            )?;
+            for g in &self.generations {
+                let labels = g.labels();
+                metric
+                    .encode_family(&labels)?
+                    .encode_gauge(&g.totals.in_flight)?;
+            }
+        }
+        self.per_generation(
+            &mut encoder,
+            "host_http_requests_cancelled",
+            "HTTP requests abandoned before their answer (the client went away)",
+            None,
+            |t| t.cancelled,
+        )?;
+        self.per_generation(
+            &mut encoder,
+            "host_http_requests_lost",
+            "HTTP requests in flight on a worker when it died (crashed, hung or killed)",
+            None,
+            |t| t.lost,
+        )?;
+        self.per_generation(
+            &mut encoder,
+            "host_http_request_body",
+            "Request body bytes read for handlers",
+            Some(&Unit::Bytes),
+            |t| t.request_bytes,
+        )?;
+        self.per_generation(
+            &mut encoder,
+            "host_http_response_body",
+            "Response body bytes produced by handlers",
+            Some(&Unit::Bytes),
+            |t| t.response_bytes,
+        )?;
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_workers",
+                "Live worker processes, by generation and state",
+                None,
+                MetricType::Gauge,
+            )?;
+            for g in &self.generations {
+                for (state, n) in &g.workers {
+                    let mut labels = g.labels();
+                    labels.push(("state", state.to_string()));
+                    metric.encode_family(&labels)?.encode_gauge(n)?;
+                }
+            }
+        }
+        encoder
+            .encode_descriptor(
+                "host_serving_generation",
+                "The generation new connections reach",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&self.serving_generation)?;
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_reloads",
+                "Reloads, rollbacks and automatic (watch) reloads, by outcome",
+                None,
+                MetricType::Counter,
+            )?;
+            for (kind, outcome, n) in &self.reloads {
+                let labels = [("kind", kind.as_str()), ("outcome", outcome)];
+                metric
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_worker_starts",
+                "Worker processes started, by cause",
+                None,
+                MetricType::Counter,
+            )?;
+            for (cause, n) in &self.worker_starts {
+                metric
+                    .encode_family(&[("cause", *cause)])?
+                    .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_worker_exits",
+                "Worker processes that ended, by cause and how they ended",
+                None,
+                MetricType::Counter,
+            )?;
+            for (cause, how, n) in &self.worker_exits {
+                metric
+                    .encode_family(&[("cause", *cause), ("how", *how)])?
+                    .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_worker_kills",
+                "Worker processes the master SIGKILLed, by cause",
+                None,
+                MetricType::Counter,
+            )?;
+            for (cause, n) in &self.worker_kills {
+                metric
+                    .encode_family(&[("cause", *cause)])?
+                    .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_encodes_as_openmetrics_text() {
+        let mut totals = Totals {
+            by_class: [0, 3, 0, 1, 1],
+            latency_sum_us: 12_500_000,
+            response_bytes: 42,
+            ..Totals::default()
+        };
+        totals.latency[0] = 4;
+        totals.latency[crate::counters::BUCKETS - 1] = 1;
+        let report = MetricsReport {
+            generations: vec![GenerationMetrics {
+                generation: "2".into(),
+                plugin: "ex\"ample".into(),
+                version: "0.1.0".into(),
+                sha256: "ab".into(),
+                totals,
+                workers: vec![("ready", 2)],
+            }],
+            serving_generation: 2,
+            reloads: vec![("reload".into(), "ok", 1)],
+            worker_starts: vec![("reload", 2)],
+            worker_exits: vec![("reload", "exit_0", 2)],
+            worker_kills: vec![("hung", 0)],
+        };
+        let text = encode(report).unwrap();
+        // prometheus-client writes `le` first; label order does not matter to Prometheus.
+        let labels = r#"generation="2",plugin="ex\"ample",version="0.1.0",sha256="ab""#;
+        for line in [
+            "# TYPE host_http_requests counter".to_string(),
+            format!("host_http_requests_total{{{labels},class=\"2xx\"}} 3"),
+            format!("host_http_request_duration_seconds_count{{{labels}}} 5"),
+            format!("host_http_request_duration_seconds_sum{{{labels}}} 12.5"),
+            format!("host_http_request_duration_seconds_bucket{{le=\"0.0005\",{labels}}} 4"),
+            format!("host_http_request_duration_seconds_bucket{{le=\"10.0\",{labels}}} 4"),
+            format!("host_http_request_duration_seconds_bucket{{le=\"+Inf\",{labels}}} 5"),
+            format!("host_http_response_body_bytes_total{{{labels}}} 42"),
+            format!("host_workers{{{labels},state=\"ready\"}} 2"),
+            "host_serving_generation 2".to_string(),
+            "host_reloads_total{kind=\"reload\",outcome=\"ok\"} 1".to_string(),
+            "host_worker_exits_total{cause=\"reload\",how=\"exit_0\"} 2".to_string(),
+            "# EOF".to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+    }
+}
