@@ -77,7 +77,7 @@ use master::pidfile;
 use protocol::{ControlRequest, ControlResponse, ReloadReport, StatusReport};
 
 /// The environment variable through which `start -d` hands the master its readiness pipe.
-const START_NOTIFY_ENV: &str = "HOST_START_NOTIFY_FD";
+pub(crate) const START_NOTIFY_ENV: &str = "HOST_START_NOTIFY_FD";
 
 #[derive(Parser)]
 #[command(
@@ -116,6 +116,9 @@ enum Command {
     Stop,
     /// Stop (if running), then start in the background.
     Restart,
+    /// Replace the running master by the `host` binary now on disk, without closing the
+    /// listener; waits until the new master serves and the old one has exited.
+    Upgrade,
     /// Check the config file and exit: 0 when valid, else one line naming file, line and key.
     Check,
     /// Show the master, its workers and the last reload.
@@ -219,6 +222,13 @@ fn default_timeout(cfg: &Config, command: &Command) -> Duration {
         Command::Stop | Command::Restart => {
             cfg.graceful_timeout.checked_add(Duration::from_secs(15))
         }
+        // The new master's deadline (start_timeout for itself and per worker, plus 5 s), then
+        // the old master's drain.
+        Command::Upgrade => cfg
+            .start_timeout
+            .checked_mul(workers.saturating_add(1))
+            .and_then(|d| d.checked_add(cfg.graceful_timeout))
+            .and_then(|d| d.checked_add(Duration::from_secs(20))),
         Command::Start { .. } => cfg
             .start_timeout
             .checked_mul(workers)
@@ -310,6 +320,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             start_daemon(&cfg, &DevFlags::default(), timeout)
         }
         Command::Status { json } => status(&cfg, json, timeout),
+        Command::Upgrade => upgrade(&cfg, timeout),
         Command::Worker { .. } => unreachable!("handled in main"),
     }
 }
@@ -488,6 +499,42 @@ fn stop(cfg: &Config, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
+fn upgrade(cfg: &Config, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    match ask(cfg, ControlRequest::Upgrade, timeout)? {
+        ControlResponse::Upgraded(r) => {
+            println!(
+                "upgraded: master pid {} serving (host {}, build {}, {}) in {} ms; old master pid {} draining",
+                r.new_pid,
+                r.version,
+                r.build,
+                r.exe.display(),
+                r.duration_ms,
+                r.old_pid
+            );
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(3));
+            if !pidfile::wait_exited(r.old_pid, left) {
+                bail!(
+                    "timed out after {} waiting for the old master pid {} to drain and exit (master pid {} serves)",
+                    humantime::format_duration(left),
+                    r.old_pid,
+                    r.new_pid
+                );
+            }
+            println!("old master pid {} exited", r.old_pid);
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlResponse::UpgradeFailed { reason } => {
+            eprintln!("error: upgrade failed: {reason}; the old master serves on");
+            Ok(ExitCode::FAILURE)
+        }
+        ControlResponse::Refused { reason } => bail!("upgrade refused: {reason}"),
+        other => bail!("unexpected answer from the master: {other:?}"),
+    }
+}
+
 fn human_bytes(n: u64) -> String {
     if n >= 1 << 20 {
         format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
@@ -516,11 +563,13 @@ fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCod
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "master pid {}  listen {}  generation {}  rss {}",
+        "master pid {}  listen {}  generation {}  rss {}  host {} (build {})",
         report.master_pid,
         report.listen,
         report.generation,
-        human_bytes(report.master_rss_bytes)
+        human_bytes(report.master_rss_bytes),
+        report.version,
+        report.build
     );
     println!(
         "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {:<12}  PLUGIN",

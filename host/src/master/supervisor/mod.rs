@@ -38,6 +38,7 @@
 //! ready worker's silence is a deadline like the others).
 
 mod evidence;
+mod handover;
 mod health;
 mod recycle;
 mod rollout;
@@ -63,6 +64,9 @@ use rollout::PendingSnapshot;
 use spawn::KILL_MARGIN;
 use status::StatusQuery;
 
+pub(crate) use handover::Exit;
+pub(crate) use spawn::describe_exit;
+
 /// Everything the master reacts to.
 pub(crate) enum Event {
     /// A message from a worker.
@@ -87,12 +91,35 @@ pub(crate) enum Event {
         ticket: u64,
         result: Result<rollout::Taken, String>,
     },
+    /// `host upgrade`: the new master took over, or why it did not.
+    Upgraded(Result<crate::protocol::UpgradeReport, String>),
+}
+
+/// What the supervisor tells the rest of the master about its life (systemd's notifications,
+/// and the hand-over of a master started by `host upgrade`). Things that happened, not orders.
+#[derive(Debug)]
+pub(crate) enum Notice {
+    /// The first generation serves.
+    Serving { status: String },
+    /// The first generation could not start; the master exits.
+    StartFailed { reason: String },
+    /// A reload or rollback began.
+    Reloading { status: String },
+    /// A reload, rollback or watch reload ended, either way.
+    Reloaded { status: String },
+    /// Stopping (not after handing over to a new master).
+    Stopping,
+    /// Anything else worth a line in `systemctl status`.
+    Status(String),
+    /// A new master took over; this one drains and exits.
+    HandedOver { new_pid: u32 },
 }
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum SignalAction {
     Reload(&'static str),
     Stop(&'static str),
+    Upgrade(&'static str),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -232,6 +259,13 @@ pub(crate) struct Supervisor {
     queries: Vec<StatusQuery>,
     start_notify: Option<std::fs::File>,
     recycling: recycle::Recycling,
+    /// Where [`Notice`]s go (none: nobody listens).
+    notices: Option<mpsc::UnboundedSender<Notice>>,
+    /// How to start a new master for `host upgrade` (none: upgrades are refused).
+    launcher: Option<crate::master::upgrade::Launcher>,
+    upgrading: Option<handover::Upgrading>,
+    /// A new master took over: stopping leaves the pidfile and the control socket to it.
+    handed_over: bool,
 }
 
 fn unix_now() -> u64 {
@@ -286,6 +320,28 @@ impl Supervisor {
             queries: Vec::new(),
             recycling,
             start_notify,
+            notices: None,
+            launcher: None,
+            upgrading: None,
+            handed_over: false,
+        }
+    }
+
+    /// Sends [`Notice`]s to `notices` from now on.
+    pub(crate) fn with_notices(mut self, notices: mpsc::UnboundedSender<Notice>) -> Self {
+        self.notices = Some(notices);
+        self
+    }
+
+    /// Lets `host upgrade` start a new master with `launcher`.
+    pub(crate) fn with_launcher(mut self, launcher: crate::master::upgrade::Launcher) -> Self {
+        self.launcher = Some(launcher);
+        self
+    }
+
+    pub(super) fn notice(&self, notice: Notice) {
+        if let Some(tx) = &self.notices {
+            let _ = tx.send(notice);
         }
     }
 
@@ -293,7 +349,7 @@ impl Supervisor {
     pub(crate) async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<Event>,
-    ) -> Result<(), String> {
+    ) -> Result<Exit, String> {
         self.begin(RolloutKind::Start, Vec::new());
         loop {
             if let Some(outcome) = self.finished() {
@@ -362,7 +418,13 @@ impl Supervisor {
                 }
                 ControlRequest::Stop => self.request_stop(Some(reply)),
                 ControlRequest::Status => self.request_status(reply),
+                ControlRequest::Upgrade => self.request_upgrade(Some(reply)),
             },
+            Event::Signal(SignalAction::Upgrade(name)) => {
+                tracing::info!(signal = name, "upgrade requested by signal");
+                self.request_upgrade(None);
+            }
+            Event::Upgraded(outcome) => self.on_upgraded(outcome),
             Event::Signal(SignalAction::Reload(name)) => {
                 tracing::info!(signal = name, "reload requested by signal");
                 self.request_rollout(RolloutKind::Reload, None);
@@ -395,6 +457,10 @@ impl Supervisor {
             workers = self.workers.len(),
             "stopping: draining every worker"
         );
+        if !self.handed_over {
+            self.notice(Notice::Stopping);
+        }
+        self.cancel_upgrade("host is stopping");
         self.stopping = Some(vec![reply]);
         self.abort_rollout("host is stopping");
         for h in &mut self.health {
@@ -487,7 +553,7 @@ impl Supervisor {
             .min()
     }
 
-    fn finished(&mut self) -> Option<Result<(), String>> {
+    fn finished(&mut self) -> Option<Result<Exit, String>> {
         if self.stopping.is_none() || !self.workers.is_empty() {
             return None;
         }
@@ -498,7 +564,8 @@ impl Supervisor {
         }
         Some(match self.fatal.take() {
             Some(reason) => Err(reason),
-            None => Ok(()),
+            None if self.handed_over => Ok(Exit::HandedOver),
+            None => Ok(Exit::Stopped),
         })
     }
 }

@@ -21,7 +21,7 @@ use crate::protocol::{MasterToWorker, Sender, WorkerSpec, WorkerToMaster};
 pub(super) const KILL_MARGIN: Duration = Duration::from_secs(2);
 
 /// A wait status in words: "exited with status 1", "killed by SIGSEGV (core dumped)".
-pub(super) fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
+pub(crate) fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
     match status {
         Err(e) => format!("could not be waited for: {e}"),
         Ok(s) => match (s.code(), s.signal()) {
@@ -108,6 +108,12 @@ impl Supervisor {
                 &crate::worker::monotonic_ns().to_string(),
             ])
             .stdin(std::process::Stdio::null());
+        for var in crate::master::systemd::MASTER_ONLY_ENV
+            .iter()
+            .chain(&[crate::master::upgrade::FROM_ENV, crate::START_NOTIFY_ENV])
+        {
+            cmd.env_remove(var);
+        }
         cmd.fd_mappings(
             vec![
                 FdMapping {
