@@ -59,21 +59,25 @@ pub(crate) struct Launcher {
 }
 
 impl Launcher {
-    /// The binary this process was started from, and its arguments. Call it first thing: once
-    /// the file is replaced, `/proc/self/exe` reads `<path> (deleted)`, which this strips (the
-    /// upgrade wants whatever is at that path *now*).
+    /// The binary this process was started from, and its arguments. Call it first thing: the
+    /// path is the one the process was started by (`argv[0]`, resolved against the current
+    /// directory or `PATH`, when it is this very file), so a symlink such as
+    /// `/usr/bin/host -> /opt/host-1.2/host` is followed again at upgrade time; otherwise
+    /// `/proc/self/exe`, which reads `<path> (deleted)` once the file was replaced (stripped:
+    /// the upgrade wants whatever is at that path *now*).
     pub(crate) fn capture(pidfile: OwnedFd) -> Launcher {
         let mut args = std::env::args_os();
         let argv0 = args.next().unwrap_or_else(|| "host".into());
-        let exe = std::env::current_exe()
-            .map(|p| {
+        let exe = by_argv0(&argv0)
+            .or_else(|| {
+                let p = std::env::current_exe().ok()?;
                 let s = p.as_os_str().to_string_lossy();
-                match s.strip_suffix(" (deleted)") {
+                Some(match s.strip_suffix(" (deleted)") {
                     Some(path) => PathBuf::from(path),
                     None => p,
-                }
+                })
             })
-            .unwrap_or_else(|_| PathBuf::from(&argv0));
+            .unwrap_or_else(|| PathBuf::from(&argv0));
         Launcher {
             exe,
             argv0,
@@ -136,6 +140,25 @@ impl Launcher {
         tokio::spawn(watch(child, ours, exe, deadline, cancelled, events));
         Ok((pid, cancel))
     }
+}
+
+/// `argv[0]` as a path to this process's own binary: with a `/`, against the current directory;
+/// without, the first match in `PATH`. `None` unless that path is the running file (same device
+/// and inode as `/proc/self/exe`).
+fn by_argv0(argv0: &std::ffi::OsStr) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata("/proc/self/exe").ok()?;
+    let same = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino())
+    };
+    let path = PathBuf::from(argv0);
+    if argv0.as_encoded_bytes().contains(&b'/') {
+        let path = std::path::absolute(&path).ok()?;
+        return same(&path).then_some(path);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(&path))
+        .find(|p| p.is_absolute() && same(p))
 }
 
 /// Follows the new master until it took over (or did not), and reports to the supervisor.

@@ -458,6 +458,7 @@ async fn serve(
         tokio::signal::unix::SignalKind::quit(),
         tokio::signal::unix::SignalKind::hangup(),
         tokio::signal::unix::SignalKind::user_defined1(),
+        tokio::signal::unix::SignalKind::user_defined2(),
     ]
     .into_iter()
     .filter_map(|k| tokio::signal::unix::signal(k).ok())
