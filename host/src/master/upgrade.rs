@@ -187,6 +187,8 @@ async fn watch(
         let mut channel_open = true;
         loop {
             tokio::select! {
+                // What it says first: a `Failed` is read before the exit it precedes.
+                biased;
                 msg = rx.recv(), if channel_open => match msg {
                     Ok(Some(NewToOldMaster::Serving { version, build, .. })) => {
                         tracing::info!(new_pid = pid, %version, %build, "the new master serves; handing over");
@@ -210,6 +212,15 @@ async fn watch(
                     Ok(None) | Err(_) => channel_open = false,
                 },
                 status = child.wait() => {
+                    // What it said before exiting may still be unread: its end is closed now,
+                    // so this ends at once.
+                    while channel_open && said.is_none() {
+                        match tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+                            Ok(Ok(Some(NewToOldMaster::Failed { reason }))) => said = Some(reason),
+                            Ok(Ok(Some(_))) => {}
+                            _ => channel_open = false,
+                        }
+                    }
                     let why = said.take().unwrap_or_else(|| {
                         super::supervisor::describe_exit(&status)
                     });
