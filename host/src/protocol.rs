@@ -147,13 +147,19 @@ pub enum ControlRequest {
 pub enum ControlResponse {
     Reloaded(ReloadReport),
     ReloadFailed(ReloadReport),
-    Stopped { master_pid: u32 },
+    Stopped {
+        master_pid: u32,
+    },
     Status(Box<StatusReport>),
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     /// A new master serves and owns the pidfile and the control socket; this one drains.
     Upgraded(UpgradeReport),
     /// The new master did not take over; this one serves on.
-    UpgradeFailed { reason: String },
+    UpgradeFailed {
+        reason: String,
+    },
 }
 
 /// A finished `host upgrade`.

@@ -274,7 +274,10 @@ fn monotonic_usec() -> i128 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_protocol_through_start_reload_upgrade_and_stop() {
-    let sock_dir = tempfile::Builder::new().prefix("notify-").tempdir().unwrap();
+    let sock_dir = tempfile::Builder::new()
+        .prefix("notify-")
+        .tempdir()
+        .unwrap();
     let path = sock_dir.path().join("notify.sock");
     let mut notify = NotifySocket::bind(&path);
     let mut host = Host::start(
@@ -313,7 +316,10 @@ async fn notify_protocol_through_start_reload_upgrade_and_stop() {
         .unwrap_or_else(|| panic!("RELOADING=1 without MONOTONIC_USEC: {reloading}"))
         .parse()
         .unwrap();
-    assert!(before <= usec && usec <= after, "{before} <= {usec} <= {after}");
+    assert!(
+        before <= usec && usec <= after,
+        "{before} <= {usec} <= {after}"
+    );
 
     let mark = notify.seen.len();
     let out = host.cli(&["upgrade"]).await;
@@ -429,7 +435,9 @@ async fn socket_activation_serves_on_the_passed_socket() {
     })
     .await;
     drop(activated);
-    let reply = tests::get(addr, "/").await.expect("served on the passed socket");
+    let reply = tests::get(addr, "/")
+        .await
+        .expect("served on the passed socket");
     assert_eq!(reply.status, 200);
     let out = cli(&["status", "--json"]);
     assert!(out.status.success(), "{}", read_log());

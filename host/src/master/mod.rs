@@ -256,11 +256,13 @@ async fn serve(
         events.clone(),
         shutdown_rx,
     ));
-    let mut supervisor = Supervisor::new(cfg.clone(), listener, events, start_notify)
-        .with_notices(notices);
+    let mut supervisor =
+        Supervisor::new(cfg.clone(), listener, events, start_notify).with_notices(notices);
     match pidfile_fd {
         Ok(fd) => supervisor = supervisor.with_launcher(upgrade::Launcher::capture(fd)),
-        Err(e) => tracing::warn!(error = %e, "`host upgrade` is unavailable: cannot duplicate the pidfile"),
+        Err(e) => {
+            tracing::warn!(error = %e, "`host upgrade` is unavailable: cannot duplicate the pidfile")
+        }
     }
     let outcome = supervisor.run(rx).await;
     let _ = control_shutdown.send(());

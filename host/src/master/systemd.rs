@@ -61,8 +61,7 @@ impl Notifier {
 
     /// How often to ping the watchdog: half of `WATCHDOG_USEC`, as sd_watchdog_enabled(3) advises.
     pub(crate) fn watchdog_interval(&self) -> Option<Duration> {
-        self.watchdog
-            .map(|d| (d / 2).max(Duration::from_millis(1)))
+        self.watchdog.map(|d| (d / 2).max(Duration::from_millis(1)))
     }
 
     pub(crate) fn ping(&self) {
@@ -92,11 +91,9 @@ impl Notifier {
             Notice::Reloading { status } => {
                 self.reloading = true;
                 match NotifyState::monotonic_usec_now() {
-                    Ok(now) => self.send(&[
-                        NotifyState::Reloading,
-                        now,
-                        NotifyState::Status(status),
-                    ]),
+                    Ok(now) => {
+                        self.send(&[NotifyState::Reloading, now, NotifyState::Status(status)])
+                    }
                     Err(_) => self.send(&[NotifyState::Reloading, NotifyState::Status(status)]),
                 }
             }

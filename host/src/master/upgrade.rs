@@ -274,10 +274,8 @@ impl Handover {
             .map_err(|_| format!("{FROM_ENV}={from:?} is not a pid"))?;
         let take = |fd, what| crate::fd::take_inherited(fd, what).map_err(|e| e.to_string());
         let listener = TcpListener::from(take(LISTENER_FD, "listener from the old master")?);
-        let channel = std::os::unix::net::UnixStream::from(take(
-            CHANNEL_FD,
-            "channel to the old master",
-        )?);
+        let channel =
+            std::os::unix::net::UnixStream::from(take(CHANNEL_FD, "channel to the old master")?);
         let pidfile = File::from(take(PIDFILE_FD, "pidfile from the old master")?);
         let stream = channel
             .set_nonblocking(true)
@@ -335,8 +333,8 @@ impl Successor {
                 "the old master did not answer; taking over anyway"
             ),
         }
-        let pidfile = PidFile::adopt(self.pidfile, &cfg.pid_file())
-            .map_err(|e| crate::error_chain(&e))?;
+        let pidfile =
+            PidFile::adopt(self.pidfile, &cfg.pid_file()).map_err(|e| crate::error_chain(&e))?;
         let control = match super::control::bind_replacing(&cfg.control_socket()) {
             Ok(control) => control,
             Err(e) => {

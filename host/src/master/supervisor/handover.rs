@@ -55,7 +55,10 @@ impl Supervisor {
             return refuse(reply, "host is stopping");
         }
         if let Some(u) = &mut self.upgrading {
-            tracing::info!(new_pid = u.new_pid, "upgrade already under way; waiting for it");
+            tracing::info!(
+                new_pid = u.new_pid,
+                "upgrade already under way; waiting for it"
+            );
             u.replies.push(reply);
             return;
         }

@@ -33,7 +33,8 @@ impl Supervisor {
             return;
         }
         if self.upgrading.is_some() {
-            let reason = "a host upgrade is under way: the new master runs the plugin file as it is now";
+            let reason =
+                "a host upgrade is under way: the new master runs the plugin file as it is now";
             tracing::info!(kind = kind.name(), "not rolling out: {reason}");
             if let Some(reply) = reply {
                 let _ = reply.send(ControlResponse::Refused {
@@ -86,7 +87,11 @@ impl Supervisor {
             self.notice(super::Notice::Reloading {
                 status: format!(
                     "{}: rolling out generation {}",
-                    if kind == RolloutKind::Reload { "reloading" } else { "rolling back" },
+                    if kind == RolloutKind::Reload {
+                        "reloading"
+                    } else {
+                        "rolling back"
+                    },
                     report.generation
                 ),
             });
