@@ -30,7 +30,7 @@ async fn health(host: &Host) -> Value {
 fn loads(host: &Host) -> Vec<(Mode, Load)> {
     [Mode::Close, Mode::KeepAlive, Mode::H2]
         .into_iter()
-        .map(|mode| (mode, Load::start(host.addr, 3, mode, "/")))
+        .map(|mode| (mode, Load::start(host.addr, 4, mode, "/")))
         .collect()
 }
 
@@ -71,9 +71,16 @@ async fn upgrade_under_load_between_two_builds() {
     host.master_pid = new_master;
     assert_ne!(new_master, old_master);
     for (_, load) in &loads {
-        load.advance(100).await;
+        load.advance(300).await;
     }
     let reports = finish(loads).await;
+    let served_by_new: u64 = host.status().await["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["requests"].as_u64().unwrap())
+        .sum();
+    assert!(served_by_new >= 300, "the new workers served {served_by_new}");
 
     // `upgrade` returned once the old master exited; its workers went before it.
     assert!(!pid_alive(old_master), "old master {old_master} still runs");
