@@ -65,8 +65,39 @@ async fn upgrade_under_load_between_two_builds() {
     }
     // A package manager replaces the file; the running master keeps its deleted image.
     install_binary(&new_build, host.bin.as_ref().unwrap());
+    // `status` answers throughout: the control socket is renamed over, never missing.
+    let polling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let poller = {
+        let polling = polling.clone();
+        let (bin, config) = (host_bin(), host.config.clone());
+        tokio::spawn(async move {
+            let (mut answered, mut failed) = (0u32, Vec::new());
+            while polling.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = tokio::process::Command::new(&bin)
+                    .arg("-c")
+                    .arg(&config)
+                    .args(["status", "--json"])
+                    .output()
+                    .await
+                    .unwrap();
+                if out.status.success() {
+                    answered += 1;
+                } else {
+                    failed.push(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+            }
+            (answered, failed)
+        })
+    };
     let out = host.cli(&["upgrade"]).await;
+    polling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (answered, failed) = poller.await.unwrap();
     assert!(out.status.success(), "{}", host.explain(&out));
+    assert!(
+        failed.is_empty(),
+        "status failed during the upgrade: {failed:?}"
+    );
+    eprintln!("status answered {answered} times during the upgrade");
     let new_master = new_master_pid(&out.stdout);
     host.master_pid = new_master;
     assert_ne!(new_master, old_master);
@@ -80,7 +111,10 @@ async fn upgrade_under_load_between_two_builds() {
         .iter()
         .map(|w| w["requests"].as_u64().unwrap())
         .sum();
-    assert!(served_by_new >= 300, "the new workers served {served_by_new}");
+    assert!(
+        served_by_new >= 300,
+        "the new workers served {served_by_new}"
+    );
 
     // `upgrade` returned once the old master exited; its workers went before it.
     assert!(!pid_alive(old_master), "old master {old_master} still runs");
@@ -473,4 +507,44 @@ async fn socket_activation_serves_on_the_passed_socket() {
         .unwrap();
     assert!(exit.success(), "{exit:?}\n{}", read_log());
     drop(occupied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_upgrades_like_the_command() {
+    let mut host = Host::start(
+        &example_plugin(&[]),
+        HostOptions {
+            bin: Some(host_bin()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let old_master = host.master_pid;
+    let old_workers = host.worker_pids(None).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old_master as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    let status = host
+        .wait_status("a new master", |s| {
+            s["master_pid"].as_u64() != Some(old_master as u64)
+        })
+        .await;
+    host.master_pid = status["master_pid"].as_u64().unwrap() as u32;
+    wait_until(
+        Duration::from_secs(15),
+        "the old master and its workers to exit",
+        || !pid_alive(old_master) && old_workers.iter().all(|p| !pid_alive(*p)),
+    )
+    .await;
+    assert_eq!(
+        host.body("/").await.lines().next(),
+        Some("hello from example-plugin 0.1.0")
+    );
+    assert!(
+        host.log().contains("upgrade requested by signal"),
+        "{}",
+        host.log()
+    );
 }
