@@ -25,6 +25,8 @@
 //! - `GET /async/hello`: answers at once.
 //! - `GET /async/sleep?ms=N`: awaits a tokio timer (at most 60 s), answers `slept N`.
 //! - `GET /async/panic`: panics after an await; the host answers `500`.
+//! - `GET /async/block?ms=N`: blocks its thread `N` ms (at most 10 s) inside the future, which
+//!   an async handler must never do: the host logs it, naming the path.
 //! - `GET /stream?chunks=N&every_ms=M[&size=S]`: `N` lines `chunk I`, `M` ms apart, each sent
 //!   as it is produced (padded to `S` bytes when given); `GET /stream/stats` says how many
 //!   chunks this worker's streams produced, to watch a slow client slow the producer down.
@@ -242,8 +244,8 @@ impl Plugin for Example {
             // answer in microseconds, /panic and /exit at once. /spin is declared non-blocking
             // on purpose (it is the handler that lies).
             "/sleep" | "/leak" => Dispatch::Blocking,
-            "/async/hello" | "/async/sleep" | "/async/panic" | "/stream" | "/events"
-            | "/upload" | "/ws" => Dispatch::Async,
+            "/async/hello" | "/async/sleep" | "/async/panic" | "/async/block" | "/stream"
+            | "/events" | "/upload" | "/ws" => Dispatch::Async,
             _ => Dispatch::Inline,
         }
     }
@@ -265,6 +267,16 @@ impl Plugin for Example {
                 _ => async_text(
                     StatusCode::BAD_REQUEST,
                     "usage: /async/sleep?ms=N with N <= 60000\n".into(),
+                ),
+            },
+            "/async/block" => match query_param(&req, "ms").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms <= 10_000 => {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    async_text(StatusCode::OK, format!("blocked {ms}\n"))
+                }
+                _ => async_text(
+                    StatusCode::BAD_REQUEST,
+                    "usage: /async/block?ms=N with N <= 10000\n".into(),
                 ),
             },
             "/async/panic" => {

@@ -24,6 +24,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::logging::LogFormat;
+
 /// A checked configuration. All paths are absolute.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -64,8 +66,11 @@ pub struct Config {
     pub watch: bool,
     /// Quiet time after the last change before reacting to a burst of them.
     pub watch_debounce: Duration,
-    /// Build command (run with `sh -c` in the config file's directory) after a source change.
+    /// Build command (run with `sh -c` in `build_dir`) after a source change.
     pub build: Option<String>,
+    /// Where `build` runs: the config file's directory (the current directory for a `--build`
+    /// given on the command line).
+    pub build_dir: PathBuf,
     /// What `build` watches (recursively); required with `build`.
     pub watch_paths: Vec<PathBuf>,
     /// Recycling: a worker that served this many requests (plus its jitter) is replaced, new
@@ -81,6 +86,11 @@ pub struct Config {
     /// The `[plugin_config]` table, as the plugin's `on_worker_start` receives it (`{}` when
     /// absent). The only key a reload re-reads.
     pub plugin_config: PluginConfig,
+    /// How log lines are written, by the master and its workers.
+    pub log_format: LogFormat,
+    /// Keys set on the command line (dev mode's flags), not in the file: a reload that re-reads
+    /// the file does not count them as changed.
+    pub overridden: Vec<&'static str>,
 }
 
 /// The `[plugin_config]` table as JSON text (what the plugin receives), and that text's sha256
@@ -157,6 +167,7 @@ struct RawConfig {
     max_worker_rss: Option<ByteSize>,
     worker_timeout: Option<String>,
     plugin_config: Option<toml::Value>,
+    log_format: Option<String>,
 }
 
 /// A size: a number of bytes, or a string like `"512MiB"`.
@@ -253,7 +264,7 @@ impl Config {
         }
         macro_rules! compare {
             ($($key:ident),*) => {$(
-                if new.$key != self.$key {
+                if new.$key != self.$key && !self.overridden.contains(&stringify!($key)) {
                     changed.push(stringify!($key));
                 }
             )*};
@@ -282,7 +293,8 @@ impl Config {
             max_requests,
             max_requests_jitter,
             max_worker_rss,
-            worker_timeout
+            worker_timeout,
+            log_format
         );
         changed
     }
@@ -461,6 +473,15 @@ impl Config {
                 message,
             })?,
         };
+        let log_format = match raw.log_format.as_deref() {
+            None => LogFormat::default(),
+            Some(name) => LogFormat::from_name(name).ok_or_else(|| {
+                invalid(
+                    "log_format",
+                    format!("{name:?} is not a log format (\"text\" or \"json\")"),
+                )
+            })?,
+        };
         if build.is_some() && watch_paths.is_empty() {
             return Err(invalid(
                 "build",
@@ -504,12 +525,15 @@ impl Config {
             watch: raw.watch.unwrap_or(false) || build.is_some(),
             watch_debounce: duration("watch_debounce", &raw.watch_debounce, "300ms", MAX_WAIT)?,
             build,
+            build_dir: base.to_path_buf(),
             watch_paths,
             max_requests,
             max_requests_jitter,
             max_worker_rss,
             worker_timeout,
             plugin_config,
+            log_format,
+            overridden: Vec::new(),
         })
     }
 
@@ -864,6 +888,31 @@ mod tests {
     }
 
     #[test]
+    fn keys_set_on_the_command_line_are_not_changed_keys() {
+        let file = parse("workers = 2\n").unwrap();
+        let mut running = file.clone();
+        running.build = Some("make".into());
+        running.watch = true;
+        assert_eq!(running.frozen_keys_changed(&file), ["watch", "build"]);
+        running.overridden = vec!["build", "watch"];
+        assert!(running.frozen_keys_changed(&file).is_empty());
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        assert_eq!(parse("").unwrap().log_format, LogFormat::Text);
+        assert_eq!(
+            parse("log_format = \"json\"\n").unwrap().log_format,
+            LogFormat::Json
+        );
+        let err = parse("\nlog_format = \"yaml\"\n").unwrap_err().to_string();
+        assert!(
+            err.starts_with("/srv/app/host.toml:2: log_format: ") && err.contains("\"json\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = parse("wrokers = 2\n").unwrap_err().to_string();
         assert!(err.contains("wrokers"), "{err}");
@@ -1002,6 +1051,7 @@ mod tests {
             "max_worker_rss",
             "worker_timeout",
             "plugin_config",
+            "log_format",
         ];
 
         /// A `[plugin_config]` table: nested tables and arrays of any TOML value, including ones
@@ -1065,6 +1115,9 @@ mod tests {
                         .prop_map(move |(n, unit)| quoted(format!("{n}{unit}"))),
                 ]
                 .boxed(),
+                "log_format" => prop::sample::select(vec!["text", "json", "JSON", "", "yaml"])
+                    .prop_map(move |s| quoted(s.to_string()))
+                    .boxed(),
                 "plugin_config" => plugin_table()
                     .prop_map(|t| toml::Value::Table(t).to_string())
                     .boxed(),

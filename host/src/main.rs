@@ -47,8 +47,11 @@
 //! - [`config`]: `host.toml` -> checked `Config`.
 //! - [`protocol`]: typed master/worker/CLI messages and their framing.
 //! - [`master`]: the event loop, [`master::supervisor`] (the state machine), the control socket,
-//!   the pidfile, plugin snapshots, the open-files limit the workers inherit.
-//! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called.
+//!   the pidfile, plugin snapshots, the open-files limit the workers inherit, dev mode's watcher
+//!   and build command ([`master::build`], which also runs once before the master starts).
+//! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called;
+//!   [`worker::check`] is the throwaway worker `host check` starts ([`check`]) to try a plugin.
+//! - [`logging`]: who wrote each line, as text or JSON (`log_format`).
 //! - `ratelimit`: at most one log line per cause per second, with a count, for errors that
 //!   repeat as fast as a loop spins (`accept` out of file descriptors).
 //! - `fd`: inherited file descriptors; `accept_table`: the shared page where accepting workers
@@ -61,6 +64,7 @@
 #![deny(unsafe_code)]
 
 mod accept_table;
+mod check;
 mod config;
 mod fd;
 mod logging;
@@ -80,6 +84,7 @@ use clap::{Parser, Subcommand};
 use command_fds::{CommandFdExt, FdMapping};
 
 use config::Config;
+use logging::LogFormat;
 use master::control::{self, ControlError};
 use master::pidfile;
 use protocol::{ControlRequest, ControlResponse, ReloadReport, StatusReport};
@@ -127,8 +132,14 @@ enum Command {
     /// Replace the running master by the `host` binary now on disk, without closing the
     /// listener; waits until the new master serves and the old one has exited.
     Upgrade,
-    /// Check the config file and exit: 0 when valid, else one line naming file, line and key.
-    Check,
+    /// Check the config file, then load the plugin in a throwaway worker (ABI checks,
+    /// on_worker_start with [plugin_config], on_worker_stop): 0 and a summary, or one line saying
+    /// why. Touches no running host.
+    Check {
+        /// Also show the check worker's log (the plugin's own lines included) on stderr.
+        #[arg(short, long)]
+        verbose: bool,
+    },
     /// Show the master, its workers and the last reload.
     Status {
         /// Machine-readable output.
@@ -146,10 +157,23 @@ enum Command {
         /// CLOCK_MONOTONIC (ns) when the master spawned it, for the startup timings.
         #[arg(long, default_value_t = 0)]
         spawned_at_ns: u64,
+        #[arg(long, default_value = "text", value_parser = parse_log_format)]
+        log_format: LogFormat,
+    },
+    /// `host check`'s throwaway worker: loads the plugin, starts and stops it, reports.
+    #[command(name = "__check-plugin", hide = true)]
+    CheckPlugin {
+        #[arg(long, default_value = "text", value_parser = parse_log_format)]
+        log_format: LogFormat,
     },
 }
 
-/// Dev mode, from the command line (each overrides its config key).
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    LogFormat::from_name(s).ok_or_else(|| format!("{s:?} is not a log format (text or json)"))
+}
+
+/// Dev mode, from the command line (each overrides its config key). Relative paths, and the
+/// directory `--build` runs in, are the current directory's (config keys: the config file's).
 #[derive(clap::Args, Clone, Default)]
 struct DevFlags {
     /// Reload by itself when the plugin file changes (config `watch = true`).
@@ -168,6 +192,7 @@ impl DevFlags {
         let cwd = std::env::current_dir().context("cannot read the current directory")?;
         if !self.watch_paths.is_empty() {
             cfg.watch_paths = self.watch_paths.iter().map(|p| cwd.join(p)).collect();
+            cfg.overridden.push("watch_paths");
         }
         if let Some(build) = &self.build {
             if cfg.watch_paths.is_empty() {
@@ -177,8 +202,13 @@ impl DevFlags {
                 );
             }
             cfg.build = Some(build.clone());
+            cfg.build_dir = cwd;
+            cfg.overridden.push("build");
         }
-        cfg.watch |= self.watch || cfg.build.is_some();
+        if !cfg.watch && (self.watch || cfg.build.is_some()) {
+            cfg.watch = true;
+            cfg.overridden.push("watch");
+        }
         Ok(())
     }
 
@@ -241,7 +271,7 @@ fn default_timeout(cfg: &Config, command: &Command) -> Duration {
             .start_timeout
             .checked_mul(workers)
             .and_then(|d| d.checked_add(margin)),
-        Command::Check | Command::Worker { .. } => None,
+        Command::Check { .. } | Command::Worker { .. } | Command::CheckPlugin { .. } => None,
     };
     d.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT)
 }
@@ -260,14 +290,16 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Worker {
-        slot,
-        generation,
-        master_pid,
-        spawned_at_ns,
-    } = cli.command
-    {
-        return worker::run(slot, generation, master_pid, spawned_at_ns);
+    match cli.command {
+        Command::Worker {
+            slot,
+            generation,
+            master_pid,
+            spawned_at_ns,
+            log_format,
+        } => return worker::run(slot, generation, master_pid, spawned_at_ns, log_format),
+        Command::CheckPlugin { log_format } => return worker::check::run(log_format),
+        _ => {}
     }
     match run(cli) {
         Ok(code) => code,
@@ -292,8 +324,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .timeout
         .unwrap_or_else(|| default_timeout(&cfg, &cli.command));
     match cli.command {
-        Command::Check => {
-            println!("{}: ok", cfg.file.display());
+        Command::Check { verbose } => {
+            let options = check::Options {
+                timeout: cli.timeout,
+                verbose,
+            };
+            let ok = check::run(&cfg, &options)?;
+            println!(
+                "ok: {}; plugin {}: {} {} (sha256 {}, plugin-api {}) started and stopped in {} ms",
+                cfg.file.display(),
+                cfg.plugin.display(),
+                ok.plugin.name,
+                ok.plugin.version,
+                &ok.plugin.sha256[..ok.plugin.sha256.len().min(12)],
+                ok.plugin.api_version,
+                ok.took.as_millis()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Start { daemon: false, dev } => {
@@ -329,7 +375,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json } => status(&cfg, json, timeout),
         Command::Upgrade => upgrade(&cfg, timeout),
-        Command::Worker { .. } => unreachable!("handled in main"),
+        Command::Worker { .. } | Command::CheckPlugin { .. } => unreachable!("handled in main"),
     }
 }
 
@@ -343,15 +389,22 @@ fn start_foreground(cfg: Config) -> anyhow::Result<ExitCode> {
                 "start notification pipe",
             )?))
         }
-        _ => None,
+        // Started by `host upgrade`: the pidfile is locked by design (the old master passed its
+        // lock on), and the old master's build already ran.
+        _ if std::env::var_os(master::upgrade::FROM_ENV).is_some() => None,
+        _ => {
+            refuse_if_running(&cfg)?;
+            build_at_start(&cfg)?;
+            None
+        }
     };
-    logging::init(format!("master[{}]", std::process::id()));
+    logging::init(logging::Process::Master, cfg.log_format);
     let _ = nix::sys::prctl::set_name(c"host-master");
     master::run(cfg, notify)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn start_daemon(cfg: &Config, dev: &DevFlags, timeout: Duration) -> anyhow::Result<ExitCode> {
+fn refuse_if_running(cfg: &Config) -> anyhow::Result<()> {
     if pidfile::is_locked(&cfg.pid_file()) {
         let pid = std::fs::read_to_string(cfg.pid_file()).unwrap_or_default();
         bail!(
@@ -360,6 +413,22 @@ fn start_daemon(cfg: &Config, dev: &DevFlags, timeout: Duration) -> anyhow::Resu
             cfg.pid_file().display()
         );
     }
+    Ok(())
+}
+
+/// Dev mode: the build runs once before the master starts, so the first responses come from a
+/// fresh build; a failed one refuses the start.
+fn build_at_start(cfg: &Config) -> anyhow::Result<()> {
+    if let Some(build) = &cfg.build {
+        let took = master::build::at_start(build, &cfg.build_dir)?;
+        eprintln!("build succeeded in {} ms", took.as_millis());
+    }
+    Ok(())
+}
+
+fn start_daemon(cfg: &Config, dev: &DevFlags, timeout: Duration) -> anyhow::Result<ExitCode> {
+    refuse_if_running(cfg)?;
+    build_at_start(cfg)?;
     master::ensure_state_dir(cfg)?;
     let log_path = cfg.log_file();
     let log = std::fs::OpenOptions::new()
@@ -634,6 +703,15 @@ fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCod
             .map(|s| format!("slot {}: {}", s.slot, s.recycles))
             .collect();
         println!("recycled: {recycled} workers ({})", per_slot.join(", "));
+    }
+    if let Some(b) = &report.last_build {
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_secs(b.started_at),
+        );
+        match &b.error {
+            None => println!("last build: ok at {when} in {} ms", b.duration_ms),
+            Some(e) => println!("last build: FAILED at {when}: {e}"),
+        }
     }
     match &report.last_reload {
         None => println!("last reload: none"),

@@ -277,6 +277,22 @@ pub struct StatusReport {
     pub version: String,
     #[serde(default)]
     pub build: String,
+    /// Dev mode: the last build the watcher ran (`null` without `build`, or before the first).
+    #[serde(default)]
+    pub last_build: Option<BuildReport>,
+}
+
+/// The outcome of one dev-mode build (`build`, `--build`), as `status` shows it: a failed one
+/// stays there until a later build succeeds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BuildReport {
+    pub ok: bool,
+    pub command: String,
+    /// Seconds since the Unix epoch when it began.
+    pub started_at: u64,
+    pub duration_ms: u64,
+    /// Why it failed: the build's first error line (or how it exited); `None` when `ok`.
+    pub error: Option<String>,
 }
 
 /// A generation: which plugin build and which `[plugin_config]` it runs.

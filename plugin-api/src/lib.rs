@@ -19,6 +19,9 @@
 //! plugin_api::export_plugin!(Hello);
 //! ```
 //!
+//! With the `axum` feature, `export_axum!(build)` exports an `axum::Router` built per worker
+//! instead (module `axum`).
+//!
 //! Plugin authors write no `unsafe`: [`export_plugin!`] generates the one exported symbol and
 //! the `extern "C"` shims (in [`export`]), which catch every panic. The `#[repr(C)]` layout both
 //! sides agree on lives in [`ffi`]; the host checks its header (magic, ABI version, sizes,

@@ -165,6 +165,19 @@ pub fn fixture_plugin(kind: &str) -> PathBuf {
     dest
 }
 
+/// The axum example plugin (`example-axum`: an `axum::Router` exported with
+/// `plugin_api::export_axum!`), built once per process.
+pub fn axum_plugin() -> PathBuf {
+    static BUILD: OnceLock<PathBuf> = OnceLock::new();
+    BUILD
+        .get_or_init(|| {
+            let dest = nested_target().join("example-axum.so");
+            cargo_build("example-axum", &[], "libexample_axum.so", &dest);
+            dest
+        })
+        .clone()
+}
+
 /// The example plugin built with `EXAMPLE_GREETING=greeting`.
 pub fn greeting_plugin(greeting: &str) -> PathBuf {
     example_plugin(&[("EXAMPLE_GREETING", greeting)])
@@ -211,6 +224,7 @@ pub struct Host {
     /// The binary `start` ran from, when the test gave one (`HostOptions::bin`): the master's
     /// binary path, which `host upgrade` starts again.
     pub bin: Option<PathBuf>,
+    cwd: Option<PathBuf>,
 }
 
 /// Options for [`Host::start`].
@@ -225,6 +239,10 @@ pub struct HostOptions {
     /// A `host` binary to copy into the host's dir (`bin/host`) and run `start` from, so the
     /// master runs from a file the test may replace; other commands run [`host_bin`].
     pub bin: Option<PathBuf>,
+    /// More arguments for `start -d` (dev mode's `--build`, `--watch-path`).
+    pub start_args: Vec<String>,
+    /// The current directory of every CLI command (default: the test's).
+    pub cwd: Option<PathBuf>,
 }
 
 impl Default for HostOptions {
@@ -235,6 +253,8 @@ impl Default for HostOptions {
             env: Vec::new(),
             fd_limits: None,
             bin: None,
+            start_args: Vec::new(),
+            cwd: None,
         }
     }
 }
@@ -289,8 +309,11 @@ impl Host {
             env: opts.env,
             fd_limits: opts.fd_limits,
             bin,
+            cwd: opts.cwd,
         };
-        let out = host.cli(&["start", "-d"]).await;
+        let mut args = vec!["start", "-d"];
+        args.extend(opts.start_args.iter().map(String::as_str));
+        let out = host.cli(&args).await;
         assert!(
             out.status.success(),
             "host start -d failed: {}",
@@ -314,6 +337,9 @@ impl Host {
             .args(args)
             .envs(self.env.iter().cloned())
             .kill_on_drop(true);
+        if let Some(cwd) = &self.cwd {
+            cmd.current_dir(cwd);
+        }
         if let Some((soft, hard)) = self.fd_limits {
             // SAFETY: the closure runs in the forked child before exec and only calls
             // setrlimit, which is async-signal-safe; it touches no memory of the parent.

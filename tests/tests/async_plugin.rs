@@ -70,6 +70,21 @@ async fn async_handlers_answer_and_a_panicking_future_is_a_500() {
             && host.log().contains("/async/panic was requested")
     })
     .await;
+    // An async handler that blocks its thread is named in the log.
+    assert_eq!(
+        get(host.addr, "/async/block?ms=100").await.unwrap().status,
+        200
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the blocking poll in the log",
+        || {
+            host.log().lines().any(|l| {
+                l.contains("an async handler blocked the I/O thread") && l.contains("/async/block")
+            })
+        },
+    )
+    .await;
 }
 
 /// Opens `n` connections to `addr`, at most `parallel` connecting at a time.
@@ -505,4 +520,25 @@ async fn a_101_the_host_cannot_honour_is_a_500_with_the_reason_logged() {
     // Without an Upgrade header, a 101 is refused as well.
     let plain = get(host.addr, "/bad-upgrade").await.unwrap();
     assert_eq!(plain.status, 500);
+}
+
+#[tokio::test]
+async fn a_streamed_upload_that_stalls_fails_after_body_read_timeout() {
+    let (host, pid) = one_worker("body_read_timeout = \"1s\"").await;
+    let mut s = TcpStream::connect(host.addr).await.unwrap();
+    // Announces 1 MB, sends 5 bytes, then nothing.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut reply = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut reply))
+        .await
+        .expect("an answer once the body stalled")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("request body stalled"), "{reply}");
+    // The worker serves on.
+    assert_eq!(get(host.addr, "/async/hello").await.unwrap().status, 200);
+    assert_eq!(host.wait_for_workers("ready").await, vec![pid]);
 }

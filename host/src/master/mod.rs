@@ -9,6 +9,7 @@
 //! on the main thread, so every worker is spawned from a thread that lives as long as the master
 //! (what `PR_SET_PDEATHSIG` in the workers relies on).
 
+pub mod build;
 pub mod control;
 pub mod limits;
 pub mod pidfile;

@@ -5,13 +5,15 @@
 //! events that name the plugin file, and after `watch_debounce` of quiet sends one
 //! [`Event::PluginChanged`]. With `build`, it watches `watch_paths` instead, runs the build
 //! command after each quiet period, shows its output, and sends `PluginChanged` only when the
-//! build succeeded. Changes made while a build runs trigger another build after it.
+//! build succeeded; each build's outcome goes to the supervisor too, for `status`
+//! ([`Event::Built`]). The build runs in `build_dir` (see [`super::build`]), awaited on this task,
+//! never on the master's loop. Changes made while a build runs trigger another build after it.
 //!
 //! It decides nothing about reloading: the supervisor compares the file's content hash with the
 //! serving generation (and the last refused build) and skips what would change nothing.
 
 use std::path::{Component, Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
@@ -115,8 +117,14 @@ pub fn spawn(cfg: &Config, events: mpsc::UnboundedSender<Event>) -> Result<(), W
         }
     }
     let build = cfg.build.clone();
-    let cwd = cfg.file.parent().unwrap_or(Path::new("/")).to_path_buf();
-    tokio::spawn(run(watcher, rx, cfg.watch_debounce, build, cwd, events));
+    tokio::spawn(run(
+        watcher,
+        rx,
+        cfg.watch_debounce,
+        build,
+        cfg.build_dir.clone(),
+        events,
+    ));
     Ok(())
 }
 
@@ -137,48 +145,19 @@ async fn run(
                 Err(_) => break,
             }
         }
-        if let Some(command) = &build
-            && !run_build(command, &cwd).await
-        {
-            continue;
+        if let Some(command) = &build {
+            let report = super::build::run(command, &cwd).await;
+            let ok = report.ok;
+            // For `status`: a failed build shows there until one succeeds.
+            if events.send(Event::Built(report)).is_err() {
+                return;
+            }
+            if !ok {
+                continue;
+            }
         }
         if events.send(Event::PluginChanged).is_err() {
             return;
-        }
-    }
-}
-
-/// Runs the build command through `sh -c` in the config file's directory; logs its outcome and,
-/// when it fails, its output. Returns whether it succeeded.
-async fn run_build(command: &str, cwd: &Path) -> bool {
-    tracing::info!(command, "building");
-    let began = Instant::now();
-    let output = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .current_dir(cwd)
-        .output()
-        .await;
-    let took =
-        humantime::format_duration(Duration::from_millis(began.elapsed().as_millis() as u64));
-    match output {
-        Ok(out) if out.status.success() => {
-            tracing::info!(command, took = %took, "build succeeded");
-            true
-        }
-        Ok(out) => {
-            let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
-            text.push_str(&String::from_utf8_lossy(&out.stdout));
-            // The build's own report, line by line, as the developer would see it in a terminal.
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                tracing::warn!(target: "build", "{line}");
-            }
-            tracing::warn!(command, took = %took, status = %out.status, "build failed; still serving the previous build");
-            false
-        }
-        Err(e) => {
-            tracing::error!(command, error = %e, "cannot run the build command");
-            false
         }
     }
 }

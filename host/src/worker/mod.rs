@@ -22,6 +22,7 @@
 
 mod abi_io;
 mod backlog;
+pub mod check;
 mod h2_drain;
 pub mod loader;
 
@@ -102,6 +103,8 @@ struct Shared {
     /// Paths whose "non-blocking" handler was caught taking longer than [`INLINE_LIMIT`].
     slow_paths: std::sync::Mutex<std::collections::HashSet<String>>,
     any_slow: AtomicBool,
+    /// Paths whose async handler was caught blocking the I/O thread (logged once each).
+    blocking_polls: std::sync::Mutex<std::collections::HashSet<String>>,
     plugin: Arc<LoadedPlugin>,
     http: auto::Builder<TokioExecutor>,
     draining: Arc<AtomicBool>,
@@ -208,6 +211,19 @@ impl Shared {
             && self.slow_paths.lock().is_ok_and(|set| set.contains(path))
     }
 
+    /// An async handler's future blocked the I/O thread in one poll: logged once per path.
+    fn note_blocking_poll(&self, path: &str, took: Duration) {
+        if let Ok(mut set) = self.blocking_polls.lock()
+            && set.insert(path.to_string())
+        {
+            tracing::warn!(
+                path,
+                took_ms = took.as_millis() as u64,
+                "an async handler blocked the I/O thread in one poll, stalling every connection of this worker; move blocking work to tokio::task::spawn_blocking"
+            );
+        }
+    }
+
     fn mark_slow(&self, path: &str, took: Duration) {
         if let Ok(mut set) = self.slow_paths.lock()
             && set.insert(path.to_string())
@@ -223,16 +239,22 @@ impl Shared {
 }
 
 /// Entry point of the `__worker` role.
-pub fn run(slot: u32, generation: u64, master_pid: u32, spawned_at_ns: u64) -> ExitCode {
+pub fn run(
+    slot: u32,
+    generation: u64,
+    master_pid: u32,
+    spawned_at_ns: u64,
+    log_format: crate::logging::LogFormat,
+) -> ExitCode {
     let since_spawn = move || monotonic_ns().saturating_sub(spawned_at_ns) / 1000;
     let mut startup = StartupTimings {
         exec_us: since_spawn(),
         ..Default::default()
     };
-    crate::logging::init(format!(
-        "worker[{} slot={slot} gen={generation}]",
-        std::process::id()
-    ));
+    crate::logging::init(
+        crate::logging::Process::Worker { slot, generation },
+        log_format,
+    );
     // Die with the master. The signal fires when the *thread* that spawned us exits; the master
     // spawns from its main thread, which lives as long as it does. Check the parent right after,
     // in case it died before the call.
@@ -398,6 +420,7 @@ async fn serve(
     let shared = Arc::new(Shared {
         slow_paths: Default::default(),
         any_slow: AtomicBool::new(false),
+        blocking_polls: Default::default(),
         plugin: Arc::new(plugin),
         http,
         draining: Arc::new(AtomicBool::new(false)),
@@ -874,7 +897,20 @@ async fn call_async(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respons
     };
     let (parts, body) = req.into_parts();
     let body = abi_io::request_body(body, shared.body_read_timeout);
-    let resp = shared.plugin.serve(&parts, body, upgrade).await;
+    let serving = shared.plugin.serve(&parts, body, upgrade);
+    tokio::pin!(serving);
+    // Each poll runs plugin code on the I/O thread: one that blocks stalls every connection
+    // of this worker, so it is named in the log (once per path).
+    let resp = std::future::poll_fn(|cx| {
+        let began = std::time::Instant::now();
+        let polled = serving.as_mut().poll(cx);
+        let took = began.elapsed();
+        if took > INLINE_LIMIT {
+            shared.note_blocking_poll(parts.uri.path(), took);
+        }
+        polled
+    })
+    .await;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         match watch {
             Some(w) if w.kept() => {}

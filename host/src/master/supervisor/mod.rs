@@ -56,16 +56,16 @@ use tokio::time::Instant;
 use super::snapshot::Snapshot;
 use crate::config::{Config, PluginConfig};
 use crate::protocol::{
-    ControlRequest, ControlResponse, MasterToWorker, PluginInfo, ReloadReport, StartupTimings,
-    WorkerStateName, WorkerToMaster,
+    BuildReport, ControlRequest, ControlResponse, MasterToWorker, PluginInfo, ReloadReport,
+    StartupTimings, WorkerStateName, WorkerToMaster,
 };
 use health::SlotHealth;
 use rollout::PendingSnapshot;
 use spawn::KILL_MARGIN;
+pub(crate) use spawn::describe_exit;
 use status::StatusQuery;
 
 pub(crate) use handover::Exit;
-pub(crate) use spawn::describe_exit;
 
 /// Everything the master reacts to.
 pub(crate) enum Event {
@@ -85,6 +85,8 @@ pub(crate) enum Event {
     Signal(SignalAction),
     /// Dev mode: the plugin file changed (or a build succeeded) and things have settled.
     PluginChanged,
+    /// Dev mode: a build the watcher ran ended (before its `PluginChanged`, if it succeeded).
+    Built(BuildReport),
     /// The snapshot a rollout's first step took on the blocking pool, with the
     /// `[plugin_config]` it read (or why it could not).
     SnapshotTaken {
@@ -253,6 +255,8 @@ pub(crate) struct Supervisor {
     stopping: Option<Vec<Reply>>,
     fatal: Option<String>,
     last_reload: Option<ReloadReport>,
+    /// Dev mode: the last build's outcome, for `status`.
+    last_build: Option<BuildReport>,
     /// Plugin and `[plugin_config]` sha256 of the last generation a reload refused: dev mode
     /// does not retry identical bytes with an identical configuration.
     last_refused: Option<(String, String)>,
@@ -316,6 +320,7 @@ impl Supervisor {
             stopping: None,
             fatal: None,
             last_reload: None,
+            last_build: None,
             last_refused: None,
             queries: Vec::new(),
             recycling,
@@ -430,6 +435,7 @@ impl Supervisor {
                 self.request_rollout(RolloutKind::Reload, None);
             }
             Event::PluginChanged => self.request_rollout(RolloutKind::Watch, None),
+            Event::Built(report) => self.last_build = Some(report),
             Event::SnapshotTaken { ticket, result } => self.on_snapshot(ticket, result),
             Event::Signal(SignalAction::Stop(name)) => {
                 tracing::info!(signal = name, "stop requested by signal");

@@ -103,6 +103,8 @@ impl Supervisor {
             .args(["--slot", &slot.to_string()])
             .args(["--generation", &generation.number.to_string()])
             .args(["--master-pid", &std::process::id().to_string()])
+            // The worker logs before its spec arrives: its format comes on the command line.
+            .args(["--log-format", self.cfg.log_format.name()])
             .args([
                 "--spawned-at-ns",
                 &crate::worker::monotonic_ns().to_string(),

@@ -85,6 +85,7 @@ impl Supervisor {
             workers,
             slots: self.slot_statuses(),
             last_reload: self.last_reload.clone(),
+            last_build: self.last_build.clone(),
             generations: self
                 .history
                 .iter()

@@ -1,0 +1,196 @@
+//! Dev mode's build command (config `build`, `start --build`): `sh -c CMD` in `cfg.build_dir`
+//! (the config file's directory, or the current directory for `--build`).
+//!
+//! It runs in two places. Once at `host start`, before the master exists ([`at_start`]: blocking,
+//! in the process that starts the master, its output streamed to the terminal; a failure refuses
+//! the start). Then after each source change, for the watcher ([`run`]: a child process awaited
+//! asynchronously, so the master's single-threaded loop goes on answering `status`, signals and
+//! workers meanwhile). Each outcome is a [`BuildReport`] naming the build's first error line,
+//! which the master keeps for `status` until a later build succeeds.
+//!
+//! It never reloads (the watcher asks the supervisor for that) and never reads the plugin.
+
+use std::io::{BufRead as _, Write as _};
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::protocol::BuildReport;
+
+/// Longest error line kept for `status`.
+const MAX_ERROR_LINE: usize = 300;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot run the build command `{command}` in {dir}")]
+    Spawn {
+        command: String,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the build at start failed ({status}): {first_error}; not starting (`{command}` in {dir})"
+    )]
+    Failed {
+        command: String,
+        dir: PathBuf,
+        status: ExitStatus,
+        first_error: String,
+    },
+}
+
+/// The line of a build's output that says what went wrong: the first one that starts with
+/// `error` (cargo's and rustc's), else the last non-empty one; at most [`MAX_ERROR_LINE`] bytes.
+pub fn first_error_line(output: &str) -> Option<String> {
+    let mut lines = output.lines().map(str::trim).filter(|l| !l.is_empty());
+    let line = lines
+        .clone()
+        .find(|l| l.to_ascii_lowercase().starts_with("error"))
+        .or_else(|| lines.next_back())?;
+    let mut end = line.len().min(MAX_ERROR_LINE);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(line[..end].to_string())
+}
+
+fn command(command: &str, dir: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(command)
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Runs the build once, before the master starts: its output goes to this process's stderr as
+/// it comes (stdout included), and a failure is an error naming the first error line.
+pub fn at_start(build: &str, dir: &Path) -> Result<Duration, BuildError> {
+    let spawn_err = |source| BuildError::Spawn {
+        command: build.to_string(),
+        dir: dir.to_path_buf(),
+        source,
+    };
+    eprintln!("building: {build} (in {})", dir.display());
+    let began = Instant::now();
+    let stdout = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(spawn_err)?;
+    let mut child = command(build, dir)
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    // Shown as it comes, and kept for the first error line.
+    let mut seen = String::new();
+    if let Some(pipe) = child.stderr.take() {
+        let mut terminal = std::io::stderr();
+        for line in std::io::BufReader::new(pipe)
+            .split(b'\n')
+            .map_while(Result::ok)
+        {
+            let _ = terminal.write_all(&line);
+            let _ = terminal.write_all(b"\n");
+            seen.push_str(&String::from_utf8_lossy(&line));
+            seen.push('\n');
+        }
+    }
+    let status = child.wait().map_err(spawn_err)?;
+    if status.success() {
+        return Ok(began.elapsed());
+    }
+    Err(BuildError::Failed {
+        command: build.to_string(),
+        dir: dir.to_path_buf(),
+        status,
+        first_error: first_error_line(&seen).unwrap_or_else(|| "no output".into()),
+    })
+}
+
+/// Runs the build after a source change, as a child process this task awaits (the master's loop
+/// is not held up); logs its outcome and, when it fails, its output line by line.
+pub async fn run(build: &str, dir: &Path) -> BuildReport {
+    tracing::info!(command = build, "building");
+    let started_at = unix_now();
+    let began = Instant::now();
+    let output = tokio::process::Command::from(command(build, dir))
+        .kill_on_drop(true)
+        .output()
+        .await;
+    let elapsed = began.elapsed();
+    let took = humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64));
+    let error = match output {
+        Ok(out) if out.status.success() => {
+            tracing::info!(command = build, took = %took, "build succeeded");
+            None
+        }
+        Ok(out) => {
+            let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+            // The build's own report, line by line, as the developer would see it in a terminal.
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                tracing::warn!(target: "build", "{line}");
+            }
+            tracing::warn!(command = build, took = %took, status = %out.status, "build failed; still serving the previous build");
+            Some(
+                first_error_line(&text).unwrap_or_else(|| format!("{} with no output", out.status)),
+            )
+        }
+        Err(e) => {
+            tracing::error!(command = build, error = %e, "cannot run the build command");
+            Some(format!(
+                "cannot run the build command in {}: {e}",
+                dir.display()
+            ))
+        }
+    };
+    BuildReport {
+        ok: error.is_none(),
+        command: build.to_string(),
+        started_at,
+        duration_ms: elapsed.as_millis() as u64,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_error_line_is_the_compilers() {
+        let cargo = "   Compiling p v0.1.0 (/x)\nerror: expected one of `!` or `::`, found `does`\n --> src/lib.rs:1:6\n\nerror: could not compile `p`\n";
+        assert_eq!(
+            first_error_line(cargo).as_deref(),
+            Some("error: expected one of `!` or `::`, found `does`")
+        );
+        assert_eq!(
+            first_error_line("make: *** [all] Stop.\n\n").as_deref(),
+            Some("make: *** [all] Stop.")
+        );
+        assert_eq!(first_error_line("\n  \n"), None);
+        let long = format!("error: {}", "é".repeat(400));
+        assert!(first_error_line(&long).unwrap().len() <= MAX_ERROR_LINE);
+    }
+
+    #[test]
+    fn a_failed_build_at_start_names_its_first_error() {
+        let dir = std::env::temp_dir();
+        let err = at_start("echo 'error: broken here' >&2; exit 3", &dir).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("error: broken here") && msg.contains("3"),
+            "{msg}"
+        );
+        assert!(at_start("true", &dir).is_ok());
+    }
+}
