@@ -354,3 +354,26 @@ impl Successor {
         Ok((pidfile, control))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::by_argv0;
+
+    #[test]
+    fn argv0_names_the_running_binary_or_nothing() {
+        let me = std::env::current_exe().unwrap();
+        assert_eq!(by_argv0(me.as_os_str()), Some(me.clone()));
+        // Another file, or a name on PATH that is not this binary, is not taken for it.
+        assert_eq!(by_argv0("/bin/sh".as_ref()), None);
+        assert_eq!(by_argv0("sh".as_ref()), None);
+        assert_eq!(by_argv0("no-such-host-binary".as_ref()), None);
+        // A symlink to the running binary is kept as the symlink (followed again at upgrade).
+        let dir = std::env::temp_dir().join(format!("host-argv0-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("host");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&me, &link).unwrap();
+        assert_eq!(by_argv0(link.as_os_str()), Some(link.clone()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
