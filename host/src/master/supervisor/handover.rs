@@ -62,6 +62,9 @@ impl Supervisor {
             u.replies.push(reply);
             return;
         }
+        if self.current.is_none() {
+            return refuse(reply, "this master's first generation does not serve yet");
+        }
         if self.rollout.is_some() || self.snapshotting.is_some() {
             return refuse(
                 reply,
