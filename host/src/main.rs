@@ -34,6 +34,14 @@
 //! host's own keys are read at start; a reload that finds them changed names them and leaves them
 //! for `host restart`.
 //!
+//! # Upgrading `host` itself
+//!
+//! `host upgrade` (or `SIGUSR2`) is the one exception to "workers run the master's image": the
+//! master starts the binary now at the path it was started from as a new master, hands it the
+//! listening socket, the pidfile's lock and (once its own workers are ready) the control socket,
+//! then drains its workers and exits ([`master::upgrade`]). Under systemd the masters report each
+//! step over `NOTIFY_SOCKET` and can serve on a socket systemd passed ([`master::systemd`]).
+//!
 //! # Layout
 //!
 //! - [`config`]: `host.toml` -> checked `Config`.
@@ -85,7 +93,7 @@ use master::pidfile;
 use protocol::{ControlRequest, ControlResponse, ReloadReport, StatusReport};
 
 /// The environment variable through which `start -d` hands the master its readiness pipe.
-const START_NOTIFY_ENV: &str = "HOST_START_NOTIFY_FD";
+pub(crate) const START_NOTIFY_ENV: &str = "HOST_START_NOTIFY_FD";
 
 #[derive(Parser)]
 #[command(
@@ -124,6 +132,9 @@ enum Command {
     Stop,
     /// Stop (if running), then start in the background.
     Restart,
+    /// Replace the running master by the `host` binary now on disk, without closing the
+    /// listener; waits until the new master serves and the old one has exited.
+    Upgrade,
     /// Check the config file, then load the plugin in a throwaway worker (ABI checks,
     /// on_worker_start with [plugin_config], on_worker_stop): 0 and a summary, or one line saying
     /// why. Touches no running host.
@@ -252,6 +263,13 @@ fn default_timeout(cfg: &Config, command: &Command) -> Duration {
         Command::Stop | Command::Restart => {
             cfg.graceful_timeout.checked_add(Duration::from_secs(15))
         }
+        // The new master's deadline (start_timeout for itself and per worker, plus 5 s), then
+        // the old master's drain.
+        Command::Upgrade => cfg
+            .start_timeout
+            .checked_mul(workers.saturating_add(1))
+            .and_then(|d| d.checked_add(cfg.graceful_timeout))
+            .and_then(|d| d.checked_add(Duration::from_secs(20))),
         Command::Start { .. } => cfg
             .start_timeout
             .checked_mul(workers)
@@ -359,6 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             start_daemon(&cfg, &DevFlags::default(), timeout)
         }
         Command::Status { json } => status(&cfg, json, timeout),
+        Command::Upgrade => upgrade(&cfg, timeout),
         Command::Worker { .. } | Command::CheckPlugin { .. } => unreachable!("handled in main"),
     }
 }
@@ -373,6 +392,9 @@ fn start_foreground(cfg: Config) -> anyhow::Result<ExitCode> {
                 "start notification pipe",
             )?))
         }
+        // Started by `host upgrade`: the pidfile is locked by design (the old master passed its
+        // lock on), and the old master's build already ran.
+        _ if std::env::var_os(master::upgrade::FROM_ENV).is_some() => None,
         _ => {
             refuse_if_running(&cfg)?;
             build_at_start(&cfg)?;
@@ -557,6 +579,42 @@ fn stop(cfg: &Config, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
+fn upgrade(cfg: &Config, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    match ask(cfg, ControlRequest::Upgrade, timeout)? {
+        ControlResponse::Upgraded(r) => {
+            println!(
+                "upgraded: master pid {} serving (host {}, build {}, {}) in {} ms; old master pid {} draining",
+                r.new_pid,
+                r.version,
+                r.build,
+                r.exe.display(),
+                r.duration_ms,
+                r.old_pid
+            );
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(3));
+            if !pidfile::wait_exited(r.old_pid, left) {
+                bail!(
+                    "timed out after {} waiting for the old master pid {} to drain and exit (master pid {} serves)",
+                    humantime::format_duration(left),
+                    r.old_pid,
+                    r.new_pid
+                );
+            }
+            println!("old master pid {} exited", r.old_pid);
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlResponse::UpgradeFailed { reason } => {
+            eprintln!("error: upgrade failed: {reason}; the old master serves on");
+            Ok(ExitCode::FAILURE)
+        }
+        ControlResponse::Refused { reason } => bail!("upgrade refused: {reason}"),
+        other => bail!("unexpected answer from the master: {other:?}"),
+    }
+}
+
 fn human_bytes(n: u64) -> String {
     if n >= 1 << 20 {
         format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
@@ -585,11 +643,13 @@ fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCod
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "master pid {}  listen {}  generation {}  rss {}",
+        "master pid {}  listen {}  generation {}  rss {}  host {} (build {})",
         report.master_pid,
         report.listen,
         report.generation,
-        human_bytes(report.master_rss_bytes)
+        human_bytes(report.master_rss_bytes),
+        report.version,
+        report.build
     );
     if let Some(admin) = &report.admin_listen {
         println!("metrics http://{admin}/metrics");

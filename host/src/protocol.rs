@@ -139,15 +139,65 @@ pub enum ControlRequest {
     Rollback,
     Stop,
     Status,
+    /// Start the `host` binary now on disk as a new master, hand it the listener, and retire.
+    Upgrade,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ControlResponse {
     Reloaded(ReloadReport),
     ReloadFailed(ReloadReport),
-    Stopped { master_pid: u32 },
+    Stopped {
+        master_pid: u32,
+    },
     Status(Box<StatusReport>),
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
+    /// A new master serves and owns the pidfile and the control socket; this one drains.
+    Upgraded(UpgradeReport),
+    /// The new master did not take over; this one serves on.
+    UpgradeFailed {
+        reason: String,
+    },
+}
+
+/// A finished `host upgrade`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    /// The master that answers (it drains its workers and exits next).
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// The binary the new master runs, and its version and build id.
+    pub exe: PathBuf,
+    pub version: String,
+    pub build: String,
+    pub duration_ms: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// old master <-> new master during `host upgrade` (see `master::upgrade`)
+
+/// From the new master to the one that started it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum NewToOldMaster {
+    /// Its first generation serves on the inherited listener.
+    Serving {
+        pid: u32,
+        version: String,
+        build: String,
+    },
+    /// It cannot serve, and exits.
+    Failed { reason: String },
+    /// It owns the pidfile and the control socket now.
+    TookOver,
+}
+
+/// From the old master to the new one.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum OldToNewMaster {
+    /// Take the pidfile and the control socket.
+    TakeOver,
 }
 
 /// The outcome of one reload attempt.
@@ -225,6 +275,11 @@ pub struct StatusReport {
     /// The generations kept for `rollback`, oldest first; the last is the one serving.
     #[serde(default)]
     pub generations: Vec<GenerationStatus>,
+    /// The running host's version and build id (`HOST_BUILD_ID` at compile time, or `dev`).
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub build: String,
     /// Dev mode: the last build the watcher ran (`null` without `build`, or before the first).
     #[serde(default)]
     pub last_build: Option<BuildReport>,

@@ -54,7 +54,8 @@ pub fn cargo(target: &Path, cwd: &Path, args: &[&str], env: &[(&str, &str)]) {
         .env_remove("EXAMPLE_GREETING")
         .env_remove("EXAMPLE_FAIL_START")
         .env_remove("EXAMPLE_START_DELAY_MS")
-        .env_remove("FIXTURE");
+        .env_remove("FIXTURE")
+        .env_remove("HOST_BUILD_ID");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -90,6 +91,35 @@ pub fn host_bin() -> PathBuf {
         dest
     })
     .clone()
+}
+
+/// The `host` binary built with `HOST_BUILD_ID=id` (what `status` and `/_host/health` report as
+/// `build`), built once per test process. It shares the nested target dir with [`host_bin`], so
+/// cargo rebuilds the `host` crate (only) when the id changes between the two.
+pub fn host_build(id: &str) -> PathBuf {
+    static CACHE: OnceLock<Mutex<BTreeMap<String, PathBuf>>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = cache.get(id) {
+        return p.clone();
+    }
+    let dest = nested_target().join(format!("host-build-{id}"));
+    cargo_build("host", &[("HOST_BUILD_ID", id)], "host", &dest);
+    cache.insert(id.to_string(), dest.clone());
+    dest
+}
+
+/// Puts a copy of `src` at `dest` the way a package manager does: written beside it, then
+/// renamed over it (a new inode; a master running the old file keeps it, and its
+/// `/proc/<pid>/exe` reads "(deleted)").
+pub fn install_binary(src: &Path, dest: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = dest.with_extension("new");
+    std::fs::copy(src, &tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, dest).unwrap();
 }
 
 /// A build of the example plugin with the given build-time environment, cached per process.
@@ -191,6 +221,9 @@ pub struct Host {
     pub master_pid: u32,
     env: Vec<(String, String)>,
     fd_limits: Option<(u64, u64)>,
+    /// The binary `start` ran from, when the test gave one (`HostOptions::bin`): the master's
+    /// binary path, which `host upgrade` starts again.
+    pub bin: Option<PathBuf>,
     cwd: Option<PathBuf>,
 }
 
@@ -203,6 +236,9 @@ pub struct HostOptions {
     pub env: Vec<(String, String)>,
     /// `RLIMIT_NOFILE` (soft, hard) the CLI, and so the master it starts, begins with.
     pub fd_limits: Option<(u64, u64)>,
+    /// A `host` binary to copy into the host's dir (`bin/host`) and run `start` from, so the
+    /// master runs from a file the test may replace; other commands run [`host_bin`].
+    pub bin: Option<PathBuf>,
     /// More arguments for `start -d` (dev mode's `--build`, `--watch-path`).
     pub start_args: Vec<String>,
     /// The current directory of every CLI command (default: the test's).
@@ -216,6 +252,7 @@ impl Default for HostOptions {
             extra: String::new(),
             env: Vec::new(),
             fd_limits: None,
+            bin: None,
             start_args: Vec::new(),
             cwd: None,
         }
@@ -257,6 +294,12 @@ impl Host {
         text.push_str(&opts.extra);
         text.push('\n');
         std::fs::write(&config, text).unwrap();
+        let bin = opts.bin.map(|src| {
+            std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+            let dest = dir.path().join("bin/host");
+            install_binary(&src, &dest);
+            dest
+        });
         let mut host = Host {
             dir,
             config,
@@ -265,6 +308,7 @@ impl Host {
             master_pid: 0,
             env: opts.env,
             fd_limits: opts.fd_limits,
+            bin,
             cwd: opts.cwd,
         };
         let mut args = vec!["start", "-d"];
@@ -283,7 +327,11 @@ impl Host {
 
     /// `host -c <config> <args>` with this host's environment, killed if dropped.
     fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(host_bin());
+        let bin = match &self.bin {
+            Some(bin) if args.first() == Some(&"start") => bin.clone(),
+            _ => host_bin(),
+        };
+        let mut cmd = tokio::process::Command::new(bin);
         cmd.arg("-c")
             .arg(&self.config)
             .args(args)

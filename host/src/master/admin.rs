@@ -92,6 +92,33 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// For a master started by `host upgrade`: binds `addr` once the old master has let go of it
+/// (it does at the hand-over), retrying for up to 30 s, then serves like [`serve`]. Never
+/// blocks the master: the retries are timers.
+pub async fn serve_after_hand_over(
+    addr: SocketAddr,
+    events: mpsc::UnboundedSender<Event>,
+    mut shutdown: oneshot::Receiver<()>,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let listener = loop {
+        match bind(addr) {
+            Ok(listener) => break listener,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                tracing::error!(%addr, error = %e, "cannot bind admin_listen after the upgrade; /metrics is not served");
+                return;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    };
+    tracing::info!(%addr, "serving /metrics");
+    serve(listener, events, shutdown).await
+}
+
 /// Serves `/metrics` until `shutdown` fires. See the module doc for the limits it enforces.
 pub async fn serve(
     listener: TcpListener,

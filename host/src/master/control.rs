@@ -111,6 +111,28 @@ pub fn bind(socket: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
+/// Binds the control socket for a master taking over from another (`host upgrade`): binds a
+/// private path next to `socket`, then renames it over `socket`. The rename is atomic, so a
+/// client always finds a master listening there: the old one until the rename, this one after.
+pub fn bind_replacing(socket: &Path) -> Result<UnixListener, ControlError> {
+    let err = |source| ControlError::Bind {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let mut tmp = socket.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(err)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, socket));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    Ok(listener)
+}
+
 /// How long, at shutdown, the server waits for answers still being written (a `stop`'s own).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -302,6 +324,9 @@ fn awaited(request: &ControlRequest) -> &'static str {
             "the rollback to finish (the master goes on with it; `host status` shows the outcome)"
         }
         ControlRequest::Stop => "every worker to stop (the master goes on stopping)",
+        ControlRequest::Upgrade => {
+            "the new master to take over (the master goes on with it; `host status` shows who serves)"
+        }
     }
 }
 

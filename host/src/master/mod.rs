@@ -1,10 +1,11 @@
-//! The master process: binds the listening socket once, raises the open-files limit the workers
+//! The master process: binds the listening socket once (or takes it from systemd, or from the
+//! master it replaces at `host upgrade`), raises the open-files limit the workers
 //! inherit ([`limits`]), owns the pidfile and the control socket, turns signals and control
-//! requests into [`Event`]s, and runs the [`Supervisor`].
+//! requests into [`Event`]s, and runs the [`Supervisor`]. [`systemd`] reports the supervisor's
+//! [`Notice`]s to the service manager; [`upgrade`] starts a successor and hands everything over.
 //!
 //! This is the only part of the host that talks to the outside world besides the workers' HTTP.
-//! It never loads plugin code and never serves the public listener; its only HTTP is `/metrics`
-//! on the admin listener ([`admin`]), when `admin_listen` is set. It runs on a single-threaded runtime
+//! It never loads plugin code and never serves HTTP itself. It runs on a single-threaded runtime
 //! on the main thread, so every worker is spawned from a thread that lives as long as the master
 //! (what `PR_SET_PDEATHSIG` in the workers relies on).
 
@@ -15,6 +16,8 @@ pub mod limits;
 pub mod pidfile;
 pub mod snapshot;
 pub(crate) mod supervisor;
+pub(crate) mod systemd;
+pub(crate) mod upgrade;
 pub mod watch;
 
 use std::net::TcpListener;
@@ -28,7 +31,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use pidfile::PidFile;
-use supervisor::{Event, SignalAction, Supervisor};
+use supervisor::{Event, Exit, Notice, SignalAction, Supervisor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
@@ -60,6 +63,10 @@ pub enum MasterError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Watch(#[from] watch::WatchError),
+    #[error("socket activation")]
+    Activation(#[from] systemd::ActivationError),
+    #[error("cannot take over from the old master: {0}")]
+    Handover(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -110,8 +117,9 @@ fn forward_signal(
     Ok(())
 }
 
-/// Runs the master until it is stopped. `start_notify`, when given, receives one line once the
-/// first generation serves (or why it could not): `host start -d` waits on it.
+/// Runs the master until it is stopped (or has handed over to a new master after `host
+/// upgrade`). `start_notify`, when given, receives one line once the first generation serves (or
+/// why it could not): `host start -d` waits on it.
 pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), MasterError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -119,89 +127,273 @@ pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), Maste
         .map_err(MasterError::Runtime)?;
     let result = rt.block_on(async move {
         ensure_state_dir(&cfg)?;
-        let pidfile = PidFile::acquire(&cfg.pid_file())?;
-        let result = async {
-            let control = control::bind(&cfg.control_socket())?;
-            let listener = bind_listener(&cfg)?;
-            // With port 0 the kernel picks one: report the real address from here on.
-            let mut cfg = cfg.clone();
-            cfg.listen = listener
-                .local_addr()
-                .map_err(|source| MasterError::Listen {
-                    addr: cfg.listen,
-                    source,
-                })?;
-            // Before any worker is spawned (it is close-on-exec anyway: no worker holds it).
-            let admin = match cfg.admin_listen {
-                Some(addr) => {
-                    let err = |source| MasterError::AdminListen { addr, source };
-                    let listener = admin::bind(addr).map_err(err)?;
-                    cfg.admin_listen = Some(listener.local_addr().map_err(err)?);
-                    Some(listener)
-                }
-                None => None,
-            };
-            tracing::info!(
-                listen = %cfg.listen,
-                admin_listen = cfg.admin_listen.map(|a| a.to_string()),
-                workers = cfg.workers,
-                plugin = %cfg.plugin.display(),
-                config = %cfg.file.display(),
-                "master starting"
-            );
-            // Before any worker is spawned: workers inherit the raised limit.
-            limits::raise_nofile().log();
-            let (events, rx) = mpsc::unbounded_channel();
-            forward_signal(
-                SignalKind::hangup(),
-                SignalAction::Reload("SIGHUP"),
-                &events,
-            )?;
-            forward_signal(
-                SignalKind::user_defined1(),
-                SignalAction::Reload("SIGUSR1"),
-                &events,
-            )?;
-            forward_signal(
-                SignalKind::terminate(),
-                SignalAction::Stop("SIGTERM"),
-                &events,
-            )?;
-            forward_signal(
-                SignalKind::interrupt(),
-                SignalAction::Stop("SIGINT"),
-                &events,
-            )?;
-            forward_signal(SignalKind::quit(), SignalAction::Stop("SIGQUIT"), &events)?;
-            if cfg.watch {
-                watch::spawn(&cfg, events.clone())?;
+        let handover = upgrade::Handover::from_env().map_err(MasterError::Handover)?;
+        // A master started by `host upgrade` owns neither until it takes over.
+        let mut pidfile = match &handover {
+            None => Some(PidFile::acquire(&cfg.pid_file())?),
+            Some(_) => None,
+        };
+        let result = serve(cfg.clone(), handover, pidfile.as_ref(), start_notify).await;
+        let (result, adopted) = match result {
+            Ok((exit, adopted)) => (Ok(exit), adopted),
+            Err(e) => (Err(e), None),
+        };
+        pidfile = pidfile.or(adopted);
+        match (&result, pidfile) {
+            (Ok(Exit::HandedOver), Some(pidfile)) => {
+                pidfile.hand_over();
+                tracing::info!("master exited: a new master serves");
             }
-            let (control_shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
-            let control_task = tokio::spawn(control::serve(control, events.clone(), shutdown_rx));
-            let (admin_shutdown, admin_shutdown_rx) = tokio::sync::oneshot::channel();
-            let admin_task = admin.map(|listener| {
-                tokio::spawn(admin::serve(listener, events.clone(), admin_shutdown_rx))
-            });
-            let supervisor = Supervisor::new(Arc::new(cfg.clone()), listener, events, start_notify);
-            let outcome = supervisor.run(rx).await;
-            let _ = control_shutdown.send(());
-            let _ = control_task.await;
-            let _ = admin_shutdown.send(());
-            if let Some(task) = admin_task {
-                let _ = task.await;
+            (_, Some(pidfile)) => {
+                let _ = std::fs::remove_file(cfg.control_socket());
+                pidfile.remove();
             }
-            let _ = std::fs::remove_file(cfg.control_socket());
-            outcome.map_err(MasterError::Failed)
+            (_, None) => {}
         }
-        .await;
-        pidfile.remove();
         match &result {
-            Ok(()) => tracing::info!("master stopped"),
+            Ok(Exit::Stopped) => tracing::info!("master stopped"),
+            Ok(Exit::HandedOver) => {}
             Err(e) => tracing::error!("master failed: {}", crate::error_chain(e)),
         }
-        result
+        result.map(|_| ())
     });
     // A snapshot abandoned at stop ends at its next chunk; do not wait long for it.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     result
+}
+
+/// Who owns the control socket: this master since it started, or (started by `host upgrade`)
+/// the master that started it, until this one takes over.
+enum ControlSocket {
+    Bound(tokio::net::UnixListener),
+    AfterTakeOver(upgrade::Successor),
+}
+
+/// Everything between taking the pidfile and releasing it. Returns how the run ended and, for
+/// a master started by `host upgrade`, the pidfile it adopted.
+async fn serve(
+    cfg: Config,
+    handover: Option<upgrade::Handover>,
+    pidfile: Option<&PidFile>,
+    start_notify: Option<std::fs::File>,
+) -> Result<(Exit, Option<PidFile>), MasterError> {
+    // The pidfile descriptor a successor inherits (it shares the lock).
+    let pidfile_fd = match (&handover, pidfile) {
+        (Some(h), _) => h.successor.pidfile_fd(),
+        (None, Some(p)) => p.dup_fd(),
+        (None, None) => Err(std::io::Error::other("no pidfile")),
+    };
+    let upgraded = handover.is_some();
+    let (listener, control) = match handover {
+        Some(h) => (h.listener, ControlSocket::AfterTakeOver(h.successor)),
+        None => {
+            let control = control::bind(&cfg.control_socket())?;
+            let listener = match systemd::activated_listener()? {
+                Some(listener) => {
+                    tracing::info!("serving on the socket systemd passed (LISTEN_FDS)");
+                    listener
+                }
+                None => bind_listener(&cfg)?,
+            };
+            (listener, ControlSocket::Bound(control))
+        }
+    };
+    // With port 0 the kernel picks one: report the real address from here on.
+    let mut cfg = cfg;
+    let configured = cfg.listen;
+    cfg.listen = listener
+        .local_addr()
+        .map_err(|source| MasterError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    if configured.port() != 0 && configured != cfg.listen {
+        tracing::warn!(
+            configured = %configured,
+            serving = %cfg.listen,
+            "serving on an inherited socket, not on `listen`"
+        );
+    }
+    tracing::info!(
+        listen = %cfg.listen,
+        workers = cfg.workers,
+        plugin = %cfg.plugin.display(),
+        config = %cfg.file.display(),
+        version = crate::worker::HOST_VERSION,
+        build = crate::worker::HOST_BUILD,
+        "master starting"
+    );
+    // Before any worker is spawned: workers inherit the raised limit.
+    limits::raise_nofile().log();
+    let (events, rx) = mpsc::unbounded_channel();
+    forward_signal(
+        SignalKind::hangup(),
+        SignalAction::Reload("SIGHUP"),
+        &events,
+    )?;
+    forward_signal(
+        SignalKind::user_defined1(),
+        SignalAction::Reload("SIGUSR1"),
+        &events,
+    )?;
+    forward_signal(
+        SignalKind::user_defined2(),
+        SignalAction::Upgrade("SIGUSR2"),
+        &events,
+    )?;
+    forward_signal(
+        SignalKind::terminate(),
+        SignalAction::Stop("SIGTERM"),
+        &events,
+    )?;
+    forward_signal(
+        SignalKind::interrupt(),
+        SignalAction::Stop("SIGINT"),
+        &events,
+    )?;
+    forward_signal(SignalKind::quit(), SignalAction::Stop("SIGQUIT"), &events)?;
+    if cfg.watch {
+        watch::spawn(&cfg, events.clone())?;
+    }
+    // The admin listener (before any worker is spawned; it is close-on-exec anyway). A master
+    // started by `host upgrade` binds it once the old master let go of it, at the hand-over.
+    let (admin_shutdown, admin_shutdown_rx) = tokio::sync::oneshot::channel();
+    let admin_task = match cfg.admin_listen {
+        Some(addr) if !upgraded => {
+            let err = |source| MasterError::AdminListen { addr, source };
+            let listener = admin::bind(addr).map_err(err)?;
+            cfg.admin_listen = Some(listener.local_addr().map_err(err)?);
+            Some(tokio::spawn(admin::serve(
+                listener,
+                events.clone(),
+                admin_shutdown_rx,
+            )))
+        }
+        Some(addr) => Some(tokio::spawn(admin::serve_after_hand_over(
+            addr,
+            events.clone(),
+            admin_shutdown_rx,
+        ))),
+        None => None,
+    };
+    let cfg = Arc::new(cfg);
+    let (control_shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
+    let (notices, notices_rx) = mpsc::unbounded_channel();
+    let side = tokio::spawn(lifecycle(
+        cfg.clone(),
+        notices_rx,
+        control,
+        events.clone(),
+        shutdown_rx,
+        admin_shutdown,
+    ));
+    let mut supervisor =
+        Supervisor::new(cfg.clone(), listener, events, start_notify).with_notices(notices);
+    match pidfile_fd {
+        Ok(fd) => supervisor = supervisor.with_launcher(upgrade::Launcher::capture(fd)),
+        Err(e) => {
+            tracing::warn!(error = %e, "`host upgrade` is unavailable: cannot duplicate the pidfile")
+        }
+    }
+    let outcome = supervisor.run(rx).await;
+    let _ = control_shutdown.send(());
+    let adopted = side.await.ok().flatten();
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    match outcome {
+        Ok(exit) => Ok((exit, adopted)),
+        Err(reason) => {
+            if let Some(pidfile) = adopted {
+                let _ = std::fs::remove_file(cfg.control_socket());
+                pidfile.remove();
+            }
+            Err(MasterError::Failed(reason))
+        }
+    }
+}
+
+/// The master's side tasks: serves the control socket (from the start, or once this master took
+/// over from the one that started it), tells systemd what the supervisor reports, and pings its
+/// watchdog. Ends when the supervisor is done; returns the pidfile it adopted at a take-over.
+async fn lifecycle(
+    cfg: Arc<Config>,
+    mut notices: mpsc::UnboundedReceiver<Notice>,
+    control: ControlSocket,
+    events: mpsc::UnboundedSender<Event>,
+    shutdown: tokio::sync::oneshot::Receiver<()>,
+    admin_shutdown: tokio::sync::oneshot::Sender<()>,
+) -> Option<PidFile> {
+    let mut shutdown = Some(shutdown);
+    let mut admin_shutdown = Some(admin_shutdown);
+    let mut server = None;
+    let mut successor = None;
+    let mut notifier = systemd::Notifier::from_env(matches!(control, ControlSocket::Bound(_)));
+    match control {
+        ControlSocket::Bound(listener) => {
+            server = shutdown
+                .take()
+                .map(|s| tokio::spawn(control::serve(listener, events.clone(), s)));
+        }
+        ControlSocket::AfterTakeOver(s) => successor = Some(s),
+    }
+    let mut adopted = None;
+    let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
+    loop {
+        let tick = async {
+            match &mut watchdog {
+                Some(interval) => interval.tick().await,
+                None => std::future::pending().await,
+            }
+        };
+        let notice = tokio::select! {
+            notice = notices.recv() => match notice {
+                Some(notice) => notice,
+                None => break,
+            },
+            _ = tick => {
+                notifier.ping();
+                continue;
+            }
+        };
+        match (notice, successor.take()) {
+            (Notice::Serving { status }, Some(s)) => match s.take_over(&cfg).await {
+                Ok((pidfile, listener)) => {
+                    tracing::info!(
+                        "took over: the pidfile and the control socket are this master's"
+                    );
+                    adopted = Some(pidfile);
+                    server = shutdown
+                        .take()
+                        .map(|s| tokio::spawn(control::serve(listener, events.clone(), s)));
+                    notifier.took_over(&status);
+                }
+                Err(reason) => {
+                    tracing::error!("cannot take over from the old master: {reason}");
+                    let _ = events.send(Event::Signal(SignalAction::Stop("failed take-over")));
+                }
+            },
+            (Notice::StartFailed { reason }, Some(s)) => {
+                s.failed(&reason).await;
+                notifier.notice(&Notice::StartFailed { reason });
+            }
+            (notice, s) => {
+                successor = s;
+                if matches!(notice, Notice::HandedOver { .. }) {
+                    // The new master binds the admin address next: let go of it now.
+                    if let Some(admin) = admin_shutdown.take() {
+                        let _ = admin.send(());
+                    }
+                }
+                notifier.notice(&notice);
+            }
+        }
+    }
+    if let Some(admin) = admin_shutdown.take() {
+        let _ = admin.send(());
+    }
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    adopted
 }

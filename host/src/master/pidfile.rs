@@ -3,6 +3,11 @@
 //! The lock, not the file's existence, says whether a master runs: the kernel drops it when the
 //! master exits, however it exits, so a stale file left by a SIGKILLed master is simply reused.
 //! `stop` then waits for the master's process itself to exit.
+//!
+//! `host upgrade` passes the lock on instead of releasing it: a `flock` belongs to the open file
+//! description, so the new master inherits a duplicate of the old master's descriptor and holds
+//! the same lock, with no moment when nobody does. The old master then exits without unlocking
+//! ([`PidFile::hand_over`]), and the new one [adopts](PidFile::adopt) it and writes its pid.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -70,6 +75,42 @@ impl PidFile {
                 errno,
             }),
         }
+    }
+
+    /// Takes over the lock held through `file`, a duplicate of the old master's descriptor
+    /// inherited at `host upgrade` (so locking it again converts a lock this description already
+    /// holds), and writes this process's pid.
+    pub fn adopt(file: File, path: &Path) -> Result<PidFile, PidFileError> {
+        let open_err = |source| PidFileError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                lock.set_len(0).map_err(open_err)?;
+                lock.rewind().map_err(open_err)?;
+                writeln!(lock, "{}", std::process::id()).map_err(open_err)?;
+                Ok(PidFile {
+                    lock,
+                    path: path.to_path_buf(),
+                })
+            }
+            Err((_, errno)) => Err(PidFileError::Lock {
+                path: path.to_path_buf(),
+                errno,
+            }),
+        }
+    }
+
+    /// Leaves the file and the lock to the new master that shares this lock: the descriptor
+    /// is closed at exit without `LOCK_UN`, which would release the new master's lock too.
+    pub fn hand_over(self) {
+        std::mem::forget(self.lock);
+    }
+
+    /// A duplicate of the locked descriptor (it shares the lock), for `host upgrade`.
+    pub fn dup_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Ok(self.lock.try_clone()?.into())
     }
 
     /// Removes the file, then releases the lock (by dropping it).

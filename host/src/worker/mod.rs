@@ -55,6 +55,12 @@ use loader::{Dispatch, LoadedPlugin, Placement};
 
 /// The host's version, compiled into the binary: part of the frozen "start script".
 pub const HOST_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Which build of `host` this is: `HOST_BUILD_ID` at compile time, `dev` when unset. `status`
+/// and `/_host/health` report it, so an upgrade can be seen to have happened.
+pub const HOST_BUILD: &str = match option_env!("HOST_BUILD_ID") {
+    Some(id) => id,
+    None => "dev",
+};
 
 /// An inline handler slower than this stalled the I/O thread: its path goes to the blocking pool
 /// from then on.
@@ -479,6 +485,7 @@ async fn serve(
         tokio::signal::unix::SignalKind::quit(),
         tokio::signal::unix::SignalKind::hangup(),
         tokio::signal::unix::SignalKind::user_defined1(),
+        tokio::signal::unix::SignalKind::user_defined2(),
     ]
     .into_iter()
     .filter_map(|k| tokio::signal::unix::signal(k).ok())
@@ -808,7 +815,9 @@ fn builtin(req: &Request<Incoming>) -> Response<Bytes> {
         {
             let mut resp = plain(
                 StatusCode::OK,
-                format!("{{\"status\":\"ok\",\"host_version\":\"{HOST_VERSION}\"}}\n"),
+                format!(
+                    "{{\"status\":\"ok\",\"host_version\":\"{HOST_VERSION}\",\"version\":\"{HOST_VERSION}\",\"build\":\"{HOST_BUILD}\"}}\n"
+                ),
             );
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

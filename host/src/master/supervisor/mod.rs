@@ -39,6 +39,7 @@
 //! ready worker's silence is a deadline like the others).
 
 mod evidence;
+mod handover;
 mod health;
 mod metrics;
 mod recycle;
@@ -65,6 +66,8 @@ use rollout::PendingSnapshot;
 use spawn::KILL_MARGIN;
 pub(crate) use spawn::describe_exit;
 use status::StatusQuery;
+
+pub(crate) use handover::Exit;
 
 /// Everything the master reacts to.
 pub(crate) enum Event {
@@ -96,12 +99,35 @@ pub(crate) enum Event {
     Metrics {
         reply: oneshot::Sender<crate::master::admin::MetricsReport>,
     },
+    /// `host upgrade`: the new master took over, or why it did not.
+    Upgraded(Result<crate::protocol::UpgradeReport, String>),
+}
+
+/// What the supervisor tells the rest of the master about its life (systemd's notifications,
+/// and the hand-over of a master started by `host upgrade`). Things that happened, not orders.
+#[derive(Debug)]
+pub(crate) enum Notice {
+    /// The first generation serves.
+    Serving { status: String },
+    /// The first generation could not start; the master exits.
+    StartFailed { reason: String },
+    /// A reload or rollback began.
+    Reloading { status: String },
+    /// A reload, rollback or watch reload ended, either way.
+    Reloaded { status: String },
+    /// Stopping (not after handing over to a new master).
+    Stopping,
+    /// Anything else worth a line in `systemctl status`.
+    Status(String),
+    /// A new master took over; this one drains and exits.
+    HandedOver { new_pid: u32 },
 }
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum SignalAction {
     Reload(&'static str),
     Stop(&'static str),
+    Upgrade(&'static str),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -248,6 +274,13 @@ pub(crate) struct Supervisor {
     start_notify: Option<std::fs::File>,
     recycling: recycle::Recycling,
     metrics: metrics::Metrics,
+    /// Where [`Notice`]s go (none: nobody listens).
+    notices: Option<mpsc::UnboundedSender<Notice>>,
+    /// How to start a new master for `host upgrade` (none: upgrades are refused).
+    launcher: Option<crate::master::upgrade::Launcher>,
+    upgrading: Option<handover::Upgrading>,
+    /// A new master took over: stopping leaves the pidfile and the control socket to it.
+    handed_over: bool,
 }
 
 fn unix_now() -> u64 {
@@ -304,6 +337,28 @@ impl Supervisor {
             recycling,
             start_notify,
             metrics: metrics::Metrics::default(),
+            notices: None,
+            launcher: None,
+            upgrading: None,
+            handed_over: false,
+        }
+    }
+
+    /// Sends [`Notice`]s to `notices` from now on.
+    pub(crate) fn with_notices(mut self, notices: mpsc::UnboundedSender<Notice>) -> Self {
+        self.notices = Some(notices);
+        self
+    }
+
+    /// Lets `host upgrade` start a new master with `launcher`.
+    pub(crate) fn with_launcher(mut self, launcher: crate::master::upgrade::Launcher) -> Self {
+        self.launcher = Some(launcher);
+        self
+    }
+
+    pub(super) fn notice(&self, notice: Notice) {
+        if let Some(tx) = &self.notices {
+            let _ = tx.send(notice);
         }
     }
 
@@ -311,7 +366,7 @@ impl Supervisor {
     pub(crate) async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<Event>,
-    ) -> Result<(), String> {
+    ) -> Result<Exit, String> {
         self.begin(RolloutKind::Start, Vec::new());
         loop {
             if let Some(outcome) = self.finished() {
@@ -380,7 +435,13 @@ impl Supervisor {
                 }
                 ControlRequest::Stop => self.request_stop(Some(reply)),
                 ControlRequest::Status => self.request_status(reply),
+                ControlRequest::Upgrade => self.request_upgrade(Some(reply)),
             },
+            Event::Signal(SignalAction::Upgrade(name)) => {
+                tracing::info!(signal = name, "upgrade requested by signal");
+                self.request_upgrade(None);
+            }
+            Event::Upgraded(outcome) => self.on_upgraded(outcome),
             Event::Signal(SignalAction::Reload(name)) => {
                 tracing::info!(signal = name, "reload requested by signal");
                 self.request_rollout(RolloutKind::Reload, None);
@@ -419,6 +480,10 @@ impl Supervisor {
             workers = self.workers.len(),
             "stopping: draining every worker"
         );
+        if !self.handed_over {
+            self.notice(Notice::Stopping);
+        }
+        self.cancel_upgrade("host is stopping");
         self.stopping = Some(vec![reply]);
         self.abort_rollout("host is stopping");
         for h in &mut self.health {
@@ -511,7 +576,7 @@ impl Supervisor {
             .min()
     }
 
-    fn finished(&mut self) -> Option<Result<(), String>> {
+    fn finished(&mut self) -> Option<Result<Exit, String>> {
         if self.stopping.is_none() || !self.workers.is_empty() {
             return None;
         }
@@ -522,7 +587,8 @@ impl Supervisor {
         }
         Some(match self.fatal.take() {
             Some(reason) => Err(reason),
-            None => Ok(()),
+            None if self.handed_over => Ok(Exit::HandedOver),
+            None => Ok(Exit::Stopped),
         })
     }
 }

@@ -32,6 +32,17 @@ impl Supervisor {
             }
             return;
         }
+        if self.upgrading.is_some() {
+            let reason =
+                "a host upgrade is under way: the new master runs the plugin file as it is now";
+            tracing::info!(kind = kind.name(), "not rolling out: {reason}");
+            if let Some(reply) = reply {
+                let _ = reply.send(ControlResponse::Refused {
+                    reason: reason.into(),
+                });
+            }
+            return;
+        }
         if self.rollout.is_some() || self.snapshotting.is_some() {
             tracing::info!(
                 kind = kind.name(),
@@ -72,6 +83,19 @@ impl Supervisor {
             drained_pids: Vec::new(),
             kind: kind.name().to_string(),
         };
+        if matches!(kind, RolloutKind::Reload | RolloutKind::Rollback) {
+            self.notice(super::Notice::Reloading {
+                status: format!(
+                    "{}: rolling out generation {}",
+                    if kind == RolloutKind::Reload {
+                        "reloading"
+                    } else {
+                        "rolling back"
+                    },
+                    report.generation
+                ),
+            });
+        }
         let source = if kind == RolloutKind::Rollback {
             let Some(previous) = self.history.iter().rev().nth(1) else {
                 let reason =
@@ -333,14 +357,23 @@ impl Supervisor {
         }
         if kind == RolloutKind::Start {
             match &outcome {
-                Ok(()) => self.notify_started(&format!(
-                    "serving http://{} with {} workers (generation {}, master pid {})",
-                    self.cfg.listen,
-                    self.cfg.workers,
-                    report.generation,
-                    std::process::id()
-                )),
+                Ok(()) => {
+                    let line = format!(
+                        "serving http://{} with {} workers (generation {}, master pid {})",
+                        self.cfg.listen,
+                        self.cfg.workers,
+                        report.generation,
+                        std::process::id()
+                    );
+                    self.notice(super::Notice::Serving {
+                        status: line.clone(),
+                    });
+                    self.notify_started(&line);
+                }
                 Err(reason) => {
+                    self.notice(super::Notice::StartFailed {
+                        reason: reason.clone(),
+                    });
                     self.notify_started(&format!("error: {reason}"));
                     if self.fatal.is_none() {
                         self.fatal = Some(reason.clone());
@@ -349,6 +382,19 @@ impl Supervisor {
                 }
             }
         } else {
+            let status = match &report.error {
+                None => format!(
+                    "generation {} serving ({} workers, sha256 {})",
+                    report.generation,
+                    self.cfg.workers,
+                    report.sha256.as_deref().map_or("-", short)
+                ),
+                Some(e) => format!(
+                    "{} to generation {} failed: {e}; serving generation {}",
+                    report.kind, report.generation, report.serving_generation
+                ),
+            };
+            self.notice(super::Notice::Reloaded { status });
             self.last_reload = Some(report.clone());
         }
         if outcome.is_err() {

@@ -126,6 +126,12 @@ impl Supervisor {
                 &crate::worker::monotonic_ns().to_string(),
             ])
             .stdin(std::process::Stdio::null());
+        for var in crate::master::systemd::MASTER_ONLY_ENV
+            .iter()
+            .chain(&[crate::master::upgrade::FROM_ENV, crate::START_NOTIFY_ENV])
+        {
+            cmd.env_remove(var);
+        }
         cmd.fd_mappings(
             vec![
                 FdMapping {

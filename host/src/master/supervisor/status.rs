@@ -96,6 +96,8 @@ impl Supervisor {
                     config_sha256: g.config.sha256.clone(),
                 })
                 .collect(),
+            version: crate::worker::HOST_VERSION.to_string(),
+            build: crate::worker::HOST_BUILD.to_string(),
         };
         let _ = reply.send(ControlResponse::Status(Box::new(report)));
     }
