@@ -45,14 +45,21 @@ async fn finish(loads: Vec<(Mode, Load)>) -> Vec<(Mode, LoadReport)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_under_load_between_two_builds() {
     let new_build = host_build("lifecycle-b");
+    // A fixed admin port (one the kernel just had free): the new master must take it over.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut host = Host::start(
         &example_plugin(&[]),
         HostOptions {
             bin: Some(host_bin()),
+            extra: format!("admin_listen = \"{admin}\""),
             ..Default::default()
         },
     )
     .await;
+    assert_eq!(tests::get(admin, "/metrics").await.unwrap().status, 200);
     let before = host.status().await;
     assert_eq!(before["build"], "dev", "{before}");
     assert_eq!(health(&host).await["build"], "dev");
@@ -131,6 +138,18 @@ async fn upgrade_under_load_between_two_builds() {
     assert_eq!(health(&host).await["build"], "lifecycle-b");
     let pidfile = std::fs::read_to_string(host.dir.path().join("state/host.pid")).unwrap();
     assert_eq!(pidfile.trim(), new_master.to_string());
+    // The admin address moved to the new master with the rest (its counters start over).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tests::get(admin, "/metrics").await {
+            Ok(r) if r.status == 200 && r.body.contains("host_serving_generation") => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "the new master does not serve /metrics on {admin}: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for (mode, report) in &reports {
         eprintln!(
             "{mode:?}: {} ok, {} connections, {} closes",
