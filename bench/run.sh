@@ -17,6 +17,12 @@ if ! command -v wrk >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get install -y -q wrk >/dev/null
 fi
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "bench: installing nginx-light" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get install -y -q nginx-light >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 for tool in taskset python3; do
   command -v $tool >/dev/null 2>&1 || { echo "bench: $tool is required" >&2; exit 1; }
 done
@@ -28,7 +34,9 @@ cargo build --release -q -p host -p example-plugin -p bench
 BIN=$ROOT/target/release
 WORK=$(mktemp -d)
 BARE_PID=
+NGINX_PID=
 cleanup() {
+  [ -n "$NGINX_PID" ] && kill "$NGINX_PID" 2>/dev/null || true
   for c in "$WORK"/*.toml; do [ -e "$c" ] && "$BIN/host" -c "$c" stop >/dev/null 2>&1 || true; done
   [ -n "$BARE_PID" ] && kill "$BARE_PID" 2>/dev/null || true
   rm -rf "$WORK"
@@ -59,30 +67,89 @@ wrk_run() { # url threads connections [cpu]
   echo "$(echo "$out" | awk '/Requests\/sec/ {print $2}') $(echo "$out" | awk '/requests in/ {print $1}')"
 }
 
-# 1. Throughput and CPU per request: plugin path vs bare hyper, server on one CPU, wrk on the other.
-echo "bench: 1/6 throughput vs bare hyper ($RUNS interleaved rounds of ${SECS}s)" >&2
+# 1. CPU per request and throughput: the host against what users would pick instead, server on
+#    one CPU, wrk on the other, RUNS interleaved rounds: plain HTTP/1 hyper, nginx (one worker,
+#    `return 200`), bare hyper set up like a worker (auto h1/h2, header timer), and the host
+#    (one worker) for the plugin's `/` and its own `/_host/health`.
+echo "bench: 1/8 CPU per request vs plain hyper, nginx, bare hyper ($RUNS interleaved rounds of ${SECS}s)" >&2
 config one 1 18191
-BARE_RPS=(); HOST_RPS=(); BARE_CPU=(); HOST_CPU=()
+mkdir -p "$WORK/nginx"
+cat > "$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/body;
+  proxy_temp_path $WORK/nginx/proxy;
+  server {
+    listen 127.0.0.1:18182;
+    location / { default_type text/plain; return 200 "hello from nginx 0.1.0\npid 0 generation 0 slot 0\n"; }
+  }
+}
+NGINX
+ANCHORS=()  # "name cpu_us rps"
+measure() { # name url pids...
+  local name=$1 url=$2; shift 2
+  # shellcheck disable=SC2068
+  t0=$(cpu_ticks $@); read -r rps n < <(wrk_run "$url" 1 32 $CLIENT_CPU); t1=$(cpu_ticks $@)
+  ANCHORS+=("$name $(python3 -c "print(($t1-$t0)/$CLK*1e6/$n)") $rps")
+}
+wait_port() { until (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; do :; done; }
 for _ in $(seq "$RUNS"); do
+  taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18180 --plain-h1 & BARE_PID=$!
+  wait_port 18180; measure plain-hyper http://127.0.0.1:18180/ $BARE_PID
+  kill $BARE_PID; wait $BARE_PID 2>/dev/null || true; BARE_PID=
+
+  taskset -c $SERVER_CPU "$NGINX" -c "$WORK/nginx.conf" -e "$WORK/nginx/error.log" & NGINX_PID=$!
+  wait_port 18182; sleep 0.2
+  measure nginx http://127.0.0.1:18182/ $NGINX_PID $(pgrep -P $NGINX_PID)
+  kill $NGINX_PID; wait $NGINX_PID 2>/dev/null || true; NGINX_PID=
+
   taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18181 & BARE_PID=$!
-  until (exec 3<>/dev/tcp/127.0.0.1/18181) 2>/dev/null; do :; done
-  t0=$(cpu_ticks $BARE_PID); read -r rps n < <(wrk_run http://127.0.0.1:18181/ 1 32 $CLIENT_CPU); t1=$(cpu_ticks $BARE_PID)
-  BARE_RPS+=("$rps"); BARE_CPU+=("$(python3 -c "print(($t1-$t0)/$CLK*1e6/$n)")")
+  wait_port 18181; measure bare-hyper http://127.0.0.1:18181/ $BARE_PID
   kill $BARE_PID; wait $BARE_PID 2>/dev/null || true; BARE_PID=
 
   start_host one $SERVER_CPU
   pids=$(host_pids one)
   # shellcheck disable=SC2086
-  t0=$(cpu_ticks $pids); read -r rps n < <(wrk_run http://127.0.0.1:18191/ 1 32 $CLIENT_CPU); t1=$(cpu_ticks $pids)
-  HOST_RPS+=("$rps"); HOST_CPU+=("$(python3 -c "print(($t1-$t0)/$CLK*1e6/$n)")")
+  measure host-plugin http://127.0.0.1:18191/ $pids
+  # shellcheck disable=SC2086
+  measure host-health http://127.0.0.1:18191/_host/health $pids
   stop_host one
 done
+
+# 2. Reload of 4 idle workers, CLI round trip included, against a `status` round trip on the
+#    same host, and where worker start time goes.
+echo "bench: 2/8 reload time, 4 idle workers" >&2
+config four 4 18192
+start_host four
+RELOAD4=(); STATUS4=()
+for _ in $(seq 9); do
+  t0=$(now_ns); "$BIN/host" -c "$WORK/four.toml" reload >/dev/null; t1=$(now_ns)
+  RELOAD4+=("$(python3 -c "print(($t1-$t0)/1e6)")")
+  t0=$(now_ns); "$BIN/host" -c "$WORK/four.toml" status >/dev/null; t1=$(now_ns)
+  STATUS4+=("$(python3 -c "print(($t1-$t0)/1e6)")")
+done
+STARTUP=$(status_json four | python3 -c '
+import json, sys
+ws = [w["startup_us"] for w in json.load(sys.stdin)["workers"] if w.get("startup_us")]
+keys = ["exec_us", "runtime_us", "spec_us", "dlopen_us", "on_worker_start_us", "ready_us"]
+avg = {k: sum(w[k] for w in ws) / len(ws) for k in keys}
+prev = 0
+for k in keys:
+    print(f"{k[:-3]} {avg[k]-prev:.0f} {avg[k]:.0f}")
+    prev = avg[k]
+')
+stop_host four
 
 # 8. Handler kinds on one pinned worker: CPU per request for the inline path (`/`), an async
 #    handler that is ready at once (`/async/hello`), a streamed one-chunk body, and the blocking
 #    pool (`/sleep?ms=0`), RUNS interleaved rounds. Then 10,000 concurrent requests that each
 #    await a 1 s timer in one worker: time to the last answer, and the worker's threads.
-echo "bench: 8 handler kinds ($RUNS rounds) and 10,000 sleeping requests" >&2
+echo "bench: 8/8 handler kinds ($RUNS rounds) and 10,000 sleeping requests" >&2
 KIND_PATHS=("/" "/async/hello" "/stream?chunks=1&every_ms=0" "/sleep?ms=0")
 KINDS=()
 for _ in $(seq "$RUNS"); do
@@ -102,29 +169,8 @@ SLEEPERS=$( (ulimit -n "$(ulimit -Hn)"; taskset -c $CLIENT_CPU "$BIN/bench-tool"
   --path '/async/sleep?ms=1000' --count 10000 --pid "$SLEEPER_PID") )
 stop_host sleepers
 
-# 2. Reload of 4 idle workers, CLI round trip included, and where worker start time goes.
-echo "bench: 2/6 reload time, 4 idle workers" >&2
-config four 4 18192
-start_host four
-RELOAD4=()
-for _ in $(seq 9); do
-  t0=$(now_ns); "$BIN/host" -c "$WORK/four.toml" reload >/dev/null; t1=$(now_ns)
-  RELOAD4+=("$(python3 -c "print(($t1-$t0)/1e6)")")
-done
-STARTUP=$(status_json four | python3 -c '
-import json, sys
-ws = [w["startup_us"] for w in json.load(sys.stdin)["workers"] if w.get("startup_us")]
-keys = ["exec_us", "runtime_us", "spec_us", "dlopen_us", "on_worker_start_us", "ready_us"]
-avg = {k: sum(w[k] for w in ws) / len(ws) for k in keys}
-prev = 0
-for k in keys:
-    print(f"{k[:-3]} {avg[k]-prev:.0f} {avg[k]:.0f}")
-    prev = avg[k]
-')
-stop_host four
-
 # 3. Latency across a reload under load (16 keep-alive clients, reload at 3 s of 8 s).
-echo "bench: 3/6 latency during a reload under load" >&2
+echo "bench: 3/8 latency during a reload under load" >&2
 config lat 2 18193
 start_host lat $SERVER_CPU
 LAT=$(taskset -c $CLIENT_CPU "$BIN/bench-tool" latency --addr 127.0.0.1:18193 --connections 16 --duration 8s \
@@ -139,7 +185,7 @@ print(s["master_rss_bytes"], max(w["rss_bytes"] for w in s["workers"]))')
 stop_host lat
 
 # 4. One worker, 16 concurrent blocking requests of 200 ms.
-echo "bench: 4/6 16 concurrent /sleep?ms=200 on one worker" >&2
+echo "bench: 4/8 16 concurrent /sleep?ms=200 on one worker" >&2
 config burst 1 18194
 start_host burst
 BURST=$("$BIN/bench-tool" burst --addr 127.0.0.1:18194 --path '/sleep?ms=200' --count 16)
@@ -147,7 +193,7 @@ stop_host burst
 
 # 6. Scaling: throughput with 1, 2, 4 workers (no pinning: wrk shares the CPUs), reload time
 #    with 1, 4, 16 workers.
-echo "bench: 6/6 scaling" >&2
+echo "bench: 6/8 scaling" >&2
 SCALE_RPS=()
 for n in 1 2 4; do
   config "s$n" "$n" $((18200 + n)); start_host "s$n"
@@ -169,7 +215,7 @@ done
 #    4 workers, wrk with 32 keep-alive connections (it reconnects when told to close), a reload at
 #    2 s, then each new worker's share of the following 5 s. And Connection: close throughput on
 #    4 workers, on and off, CPU per request over every host process.
-echo "bench: 7/7 accept balance after a reload, on and off" >&2
+echo "bench: 7/8 accept balance after a reload, on and off" >&2
 BAL=()
 for _ in 1 2; do
   for mode in true false; do
@@ -202,15 +248,15 @@ done
 
 # Results.
 # (Arrays cannot be exported: each goes out as a space- or line-separated string.)
-export R_BARE_RPS="${BARE_RPS[*]}" R_HOST_RPS="${HOST_RPS[*]}" R_BARE_CPU="${BARE_CPU[*]}" R_HOST_CPU="${HOST_CPU[*]}"
-export R_RELOAD4="${RELOAD4[*]}" STARTUP LAT MEM BURST
+R_ANCHORS="$(printf '%s\n' "${ANCHORS[@]}")"
+export R_ANCHORS R_RELOAD4="${RELOAD4[*]}" R_STATUS4="${STATUS4[*]}" STARTUP LAT MEM BURST
 R_SCALE_RPS="$(printf '%s\n' "${SCALE_RPS[@]}")"
 R_SCALE_RELOAD="$(printf '%s\n' "${SCALE_RELOAD[@]}")"
 R_BAL="$(printf '%s\n' "${BAL[@]}")"
 R_KINDS="$(printf '%s\n' "${KINDS[@]}")"
 export R_SCALE_RPS R_SCALE_RELOAD R_BAL R_KINDS SLEEPERS
 export MACHINE="$(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, Linux $(uname -r)"
-export RUSTC="$(rustc --version)" WRK="$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)" WHEN="$(date -u +%Y-%m-%d)"
+export RUSTC="$(rustc --version)" WRK="$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)" WHEN="$(date -u +%Y-%m-%d)" NGINX_VERSION="$("$NGINX" -v 2>&1 | cut -d/ -f2)"
 export SECS RUNS SERVER_CPU CLIENT_CPU
 python3 "$ROOT/bench/report.py" > "$ROOT/bench/RESULTS.md"
 echo "bench: wrote bench/RESULTS.md and bench/latency-during-reload.svg" >&2

@@ -171,7 +171,8 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
         };
         crate::runtime::start()
             .map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
-        let _rt = crate::runtime::enter();
+        // The host calls this on its I/O thread, where it later polls the plugin's futures.
+        crate::runtime::enter_for_good();
         let wctx = WorkerContext {
             slot,
             generation,

@@ -35,10 +35,34 @@ pub(crate) fn start() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Enters the plugin runtime's context for as long as the guard lives (nothing before `start`).
+thread_local! {
+    /// This thread stays inside the plugin runtime's context for good (see [`enter_for_good`]).
+    static ENTERED_FOR_GOOD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Enters the plugin runtime's context for as long as the guard lives (nothing before `start`,
+/// and nothing on a thread that is inside it for good).
 #[inline]
 pub(crate) fn enter() -> Option<EnterGuard<'static>> {
+    if ENTERED_FOR_GOOD.with(std::cell::Cell::get) {
+        return None;
+    }
     HANDLE.get().map(Handle::enter)
+}
+
+/// Puts the calling thread inside the plugin runtime's context until it exits. Called in
+/// `on_worker_start`, which the host runs on its I/O thread: every later call from that thread
+/// (the inline handlers, and every poll of an async handler's future) is then in context without
+/// entering and leaving each time. Guards entered later on this thread nest inside this one,
+/// so tokio's drop-order check holds.
+pub(crate) fn enter_for_good() {
+    if ENTERED_FOR_GOOD.with(std::cell::Cell::get) {
+        return;
+    }
+    if let Some(handle) = HANDLE.get() {
+        std::mem::forget(handle.enter());
+        ENTERED_FOR_GOOD.with(|e| e.set(true));
+    }
 }
 
 /// The host said the worker drains: wake everyone waiting in [`draining`].

@@ -1,7 +1,8 @@
 //! The baseline: a hyper server doing what a `host` worker does for `GET /`, minus the plugin.
 //! Same hyper setup (auto HTTP/1 + HTTP/2 builder, tokio timer, header read timeout), same
 //! response (the example plugin's body and content type), one current-thread runtime unless
-//! `--threads` says otherwise.
+//! `--threads` says otherwise. `--plain-h1`: HTTP/1 only, no timer and no header timeout, the
+//! cheapest hyper server (an anchor for what the HTTP stack costs).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,6 +23,9 @@ struct Args {
     /// Runtime threads; 1 means a current-thread runtime, like a host worker's I/O thread.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// HTTP/1 only, without the header-read timer.
+    #[arg(long)]
+    plain_h1: bool,
 }
 
 async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -60,11 +64,21 @@ fn main() {
             .keep_alive(true)
             .header_read_timeout(Duration::from_secs(10));
         let http = std::sync::Arc::new(http);
+        let mut plain = hyper::server::conn::http1::Builder::new();
+        plain.keep_alive(true);
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
+            if args.plain_h1 {
+                let conn =
+                    plain.serve_connection(TokioIo::new(stream), hyper::service::service_fn(hello));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                continue;
+            }
             let http = http.clone();
             tokio::spawn(async move {
                 let _ = http

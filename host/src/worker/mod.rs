@@ -830,12 +830,38 @@ fn builtin(req: &Request<Incoming>) -> Response<Bytes> {
     }
 }
 
-async fn call_plugin(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<ResponseBody> {
+/// How this request runs: the plugin's answer, unless an "inline" path was caught stalling.
+fn dispatch_of(shared: &Shared, req: &Request<Incoming>) -> Dispatch {
     let path = req.uri().path();
-    let dispatch = match shared.plugin.dispatch(req.method(), path) {
+    match shared.plugin.dispatch(req.method(), path) {
         Dispatch::Inline if shared.known_slow(path) => Dispatch::Blocking,
         d => d,
-    };
+    }
+}
+
+/// An inline handler with no body to read: called right here, synchronously (it cannot be cut
+/// by `graceful_timeout` halfway, so it needs none of the machinery around the other calls).
+fn call_inline(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
+    let (parts, _) = req.into_parts();
+    let began = std::time::Instant::now();
+    let resp = shared.plugin.handle(&parts, &Bytes::new());
+    let took = began.elapsed();
+    if took > INLINE_LIMIT {
+        shared.mark_slow(parts.uri.path(), took);
+    }
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return refuse_switch(
+            "it came from a synchronous `handle` (upgrades need `serve`, Dispatch::Async)",
+        );
+    }
+    resp
+}
+
+async fn call_plugin(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    dispatch: Dispatch,
+) -> Response<ResponseBody> {
     if dispatch == Dispatch::Async {
         return call_async(shared, req).await;
     }
@@ -1036,11 +1062,13 @@ async fn handle_request(
     let mut in_flight = InFlight::new(shared, req.method(), req.uri().path());
     let mut resp = if req.uri().path().starts_with("/_host/") {
         builtin(&req).map(ResponseBody::full)
-    } else {
+    } else if let dispatch = dispatch_of(shared, &req)
+        && !(dispatch == Dispatch::Inline && req.body().is_end_stream())
+    {
         let mut cut = shared.cut_rx.clone();
         tokio::select! {
             biased;
-            resp = call_plugin(shared, req) => resp,
+            resp = call_plugin(shared, req, dispatch) => resp,
             Ok(_) = cut.wait_for(|c| *c) => {
                 // `graceful_timeout` reached with this request still running: an answer the
                 // client can act on instead of a closed connection.
@@ -1054,6 +1082,8 @@ async fn handle_request(
                 resp.map(ResponseBody::full)
             }
         }
+    } else {
+        call_inline(shared, req)
     };
     if !h2
         && (shared.draining.load(Ordering::Relaxed)
