@@ -2,14 +2,14 @@
 # The benchmark: the plugin host measured side by side with a bare hyper server, in one run.
 # Writes bench/RESULTS.md (tables, targets, machine) and bench/latency-during-reload.svg.
 #
-#   bench/run.sh            # about three minutes on a 2-core machine, after the release build
+#   bench/run.sh            # about six minutes on a 2-core machine, after the release build
 #
 # Needs: cargo, python3, taskset (util-linux), wrk (installed with apt-get if missing).
 # Benchmarks are not tests: nothing here fails on a number; the targets are reported.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-RUNS=${RUNS:-3}       # interleaved rounds for the throughput comparison (medians are reported)
+RUNS=${RUNS:-5}       # interleaved rounds for the throughput comparison (medians are reported)
 SECS=${SECS:-5}       # seconds per wrk run
 
 if ! command -v wrk >/dev/null 2>&1; then
