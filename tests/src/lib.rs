@@ -927,3 +927,44 @@ pub async fn fixture_host_with_marker(var: &str) -> (Host, tempfile::TempPath) {
     .await;
     (host, marker)
 }
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket (tokio-tungstenite, a real client)
+
+/// A client WebSocket.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Opens `ws://addr/ws` and checks the `101`.
+pub async fn ws_connect(addr: SocketAddr) -> Ws {
+    let (ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("WebSocket handshake");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Sends `text` and returns the text message that answers it (10 s at most).
+pub async fn ws_echo(ws: &mut Ws, text: &str) -> String {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::Text(text.into())).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        Ok(Some(Ok(Message::Text(reply)))) => reply.to_string(),
+        other => panic!("expected an echo, got {other:?}"),
+    }
+}
+
+/// Reads until the server's Close frame (10 s at most per message) and returns its code.
+pub async fn ws_close_code(
+    ws: &mut Ws,
+) -> Option<tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode> {
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a Close frame, got {other:?}"),
+        }
+    }
+}

@@ -5,14 +5,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::StreamExt as _;
 use http_body_util::BodyExt as _;
 use hyper_util::rt::TokioIo;
 use sha2::Digest as _;
 use tests::{Host, HostOptions, example_plugin, get, pid_alive, wait_until};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 fn proc_status(pid: u32, key: &str) -> u64 {
@@ -335,47 +334,22 @@ fn tokio_stream_from<T: Send + 'static>(
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-async fn ws_connect(
-    addr: SocketAddr,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
-    let (ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .expect("WebSocket handshake");
-    assert_eq!(resp.status(), 101);
-    ws
-}
-
-async fn ws_echo(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
-    text: &str,
-) -> String {
-    ws.send(Message::Text(text.into())).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-        Ok(Some(Ok(Message::Text(reply)))) => reply.to_string(),
-        other => panic!("expected an echo, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn a_websocket_is_closed_with_1012_on_reload_and_reconnects_to_the_new_generation() {
     let (host, old_pid) = one_worker("").await;
-    let mut ws = ws_connect(host.addr).await;
-    assert_eq!(ws_echo(&mut ws, "hi").await, "gen=1 hi");
-    assert_eq!(ws_echo(&mut ws, "again").await, "gen=1 again");
+    let mut ws = tests::ws_connect(host.addr).await;
+    assert_eq!(tests::ws_echo(&mut ws, "hi").await, "gen=1 hi");
+    assert_eq!(tests::ws_echo(&mut ws, "again").await, "gen=1 again");
 
     host.reload_ok().await;
     // The old worker drains: its handler sends Close 1012 (Service Restart).
-    let close = loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-            Ok(Some(Ok(Message::Close(frame)))) => break frame,
-            Ok(Some(Ok(_))) => continue,
-            other => panic!("expected Close 1012, got {other:?}"),
-        }
-    };
-    assert_eq!(close.map(|f| f.code), Some(CloseCode::Restart));
+    assert_eq!(
+        tests::ws_close_code(&mut ws).await,
+        Some(CloseCode::Restart)
+    );
     drop(ws);
-    let mut ws = ws_connect(host.addr).await;
-    assert_eq!(ws_echo(&mut ws, "back").await, "gen=2 back");
+    let mut ws = tests::ws_connect(host.addr).await;
+    assert_eq!(tests::ws_echo(&mut ws, "back").await, "gen=2 back");
     // The old worker exits once its socket is closed, well before graceful_timeout (10 s).
     wait_until(Duration::from_secs(8), "the old worker to exit", || {
         !pid_alive(old_pid)

@@ -5,13 +5,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt as _, StreamExt as _};
 use http_body_util::BodyExt as _;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tests::{Host, HostOptions, Load, Mode, axum_plugin, get, pid_alive, wait_until};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 async fn axum_host(workers: usize) -> Host {
@@ -342,46 +340,24 @@ async fn sse_events_end_on_reload_and_resume_on_the_new_generation() {
     .await;
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
-async fn ws_connect(addr: SocketAddr) -> Ws {
-    let (ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .expect("WebSocket handshake");
-    assert_eq!(resp.status(), 101);
-    ws
-}
-
-async fn ws_echo(ws: &mut Ws, text: &str) -> String {
-    ws.send(Message::Text(text.into())).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-        Ok(Some(Ok(Message::Text(reply)))) => reply.to_string(),
-        other => panic!("expected an echo, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn websocket_echoes_closes_with_1012_on_reload_and_reconnects_to_the_new_generation() {
     let host = axum_host(1).await;
     let old_pid = host.wait_for_workers("ready").await[0];
-    let mut ws = ws_connect(host.addr).await;
-    assert_eq!(ws_echo(&mut ws, "hi").await, "gen=1 hi");
-    assert_eq!(ws_echo(&mut ws, "again").await, "gen=1 again");
+    let mut ws = tests::ws_connect(host.addr).await;
+    assert_eq!(tests::ws_echo(&mut ws, "hi").await, "gen=1 hi");
+    assert_eq!(tests::ws_echo(&mut ws, "again").await, "gen=1 again");
     // Not a handshake: the extractor's 400.
     assert_eq!(request(host.addr, "GET", "/ws", None, "").await.status, 400);
 
     host.reload_ok().await;
-    let close = loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-            Ok(Some(Ok(Message::Close(frame)))) => break frame,
-            Ok(Some(Ok(_))) => continue,
-            other => panic!("expected Close 1012, got {other:?}"),
-        }
-    };
-    assert_eq!(close.map(|f| f.code), Some(CloseCode::Restart));
+    assert_eq!(
+        tests::ws_close_code(&mut ws).await,
+        Some(CloseCode::Restart)
+    );
     drop(ws);
-    let mut ws = ws_connect(host.addr).await;
-    assert_eq!(ws_echo(&mut ws, "back").await, "gen=2 back");
+    let mut ws = tests::ws_connect(host.addr).await;
+    assert_eq!(tests::ws_echo(&mut ws, "back").await, "gen=2 back");
     wait_until(Duration::from_secs(8), "the old worker to exit", || {
         !pid_alive(old_pid)
     })
