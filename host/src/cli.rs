@@ -1,0 +1,395 @@
+//! The commands a person runs (`start`, `reload`, `rollback`, `stop`, `status`, `upgrade`): each
+//! starts the master or talks to it over the control socket, and prints what happened.
+//!
+//! This module owns the client side of the control protocol and the wording of the CLI's
+//! output. It never supervises workers and never serves HTTP; `main.rs` parses the command line
+//! and dispatches here.
+
+use std::io::Read as _;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use command_fds::{CommandFdExt, FdMapping};
+
+use crate::config::Config;
+use crate::master::control::{self, ControlError};
+use crate::master::pidfile;
+use crate::protocol::{ControlRequest, ControlResponse, ReloadReport, StatusReport};
+use crate::{DevFlags, START_NOTIFY_ENV, error_chain, fd, logging, master};
+
+fn client<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    Ok(rt.block_on(f))
+}
+
+pub(crate) fn start_foreground(cfg: Config) -> anyhow::Result<ExitCode> {
+    let notify = match std::env::var(START_NOTIFY_ENV) {
+        Ok(v) if v == fd::LISTENER_FD.to_string() => {
+            // Started by `start -d`: leave the terminal's session and report through fd 3.
+            let _ = nix::unistd::setsid();
+            Some(std::fs::File::from(fd::take_inherited(
+                fd::LISTENER_FD,
+                "start notification pipe",
+            )?))
+        }
+        // Started by `host upgrade`: the pidfile is locked by design (the old master passed its
+        // lock on), and the old master's build already ran.
+        _ if std::env::var_os(master::upgrade::FROM_ENV).is_some() => None,
+        _ => {
+            refuse_if_running(&cfg)?;
+            build_at_start(&cfg)?;
+            None
+        }
+    };
+    logging::init(logging::Process::Master, cfg.log_format);
+    let _ = nix::sys::prctl::set_name(c"host-master");
+    master::run(cfg, notify)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn refuse_if_running(cfg: &Config) -> anyhow::Result<()> {
+    if pidfile::is_locked(&cfg.pid_file()) {
+        let pid = std::fs::read_to_string(cfg.pid_file()).unwrap_or_default();
+        bail!(
+            "host is already running with this config (master pid {}, pidfile {})",
+            pid.trim(),
+            cfg.pid_file().display()
+        );
+    }
+    Ok(())
+}
+
+/// Dev mode: the build runs once before the master starts, so the first responses come from a
+/// fresh build; a failed one refuses the start.
+fn build_at_start(cfg: &Config) -> anyhow::Result<()> {
+    if let Some(build) = &cfg.build {
+        let took = master::build::at_start(build, &cfg.build_dir)?;
+        eprintln!("build succeeded in {} ms", took.as_millis());
+    }
+    Ok(())
+}
+
+pub(crate) fn start_daemon(
+    cfg: &Config,
+    dev: &DevFlags,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    refuse_if_running(cfg)?;
+    build_at_start(cfg)?;
+    master::ensure_state_dir(cfg)?;
+    let log_path = cfg.log_file();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open log file {}", log_path.display()))?;
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "host".into()))
+        .arg("--config")
+        .arg(&cfg.file)
+        .arg("start")
+        .args(dev.args())
+        .env(START_NOTIFY_ENV, fd::LISTENER_FD.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().context("cannot duplicate the log file")?)
+        .stderr(log);
+    cmd.fd_mappings(vec![FdMapping {
+        parent_fd: write_end,
+        child_fd: fd::LISTENER_FD,
+    }])?;
+    let mut child = cmd.spawn().context("cannot start the master")?;
+    drop(cmd); // closes our copy of the pipe's write end, so EOF means the master closed it
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::fs::File::from(read_end).read_to_string(&mut line);
+        let _ = tx.send(line);
+    });
+    let Ok(line) = rx.recv_timeout(timeout) else {
+        bail!(
+            "timed out after {} waiting for the master (pid {}) to report that it serves; it goes on starting (log: {}; --timeout sets the limit)",
+            humantime::format_duration(timeout),
+            child.id(),
+            log_path.display()
+        );
+    };
+    let line = line.trim();
+    if let Some(serving) = line.strip_prefix("serving ") {
+        println!(
+            "host started: serving {serving}; log: {}",
+            log_path.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _ = child.wait();
+    let reason = match line.strip_prefix("error: ") {
+        Some(reason) => reason.to_string(),
+        None => {
+            last_error_line(&log_path).unwrap_or_else(|| "the master exited during start".into())
+        }
+    };
+    bail!("host did not start: {reason} (log: {})", log_path.display())
+}
+
+fn last_error_line(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| l.contains("error"))
+        .map(|l| l.trim().to_string())
+}
+
+fn ask(
+    cfg: &Config,
+    request: ControlRequest,
+    timeout: Duration,
+) -> anyhow::Result<ControlResponse> {
+    Ok(client(control::request(
+        &cfg.control_socket(),
+        request,
+        timeout,
+    ))??)
+}
+
+fn print_reload(report: &ReloadReport) {
+    let sha = report
+        .sha256
+        .as_deref()
+        .map_or("-", |s| &s[..s.len().min(12)]);
+    let config_sha = report
+        .config_sha256
+        .as_deref()
+        .map_or("-", |s| &s[..s.len().min(12)]);
+    let what = if report.kind == "rollback" {
+        "rolled back"
+    } else {
+        "reloaded"
+    };
+    match &report.error {
+        None => println!(
+            "{what}: generation {} serving (sha256 {sha}, config {config_sha}) in {} ms; started {:?}, draining {:?}",
+            report.generation, report.duration_ms, report.started_pids, report.drained_pids
+        ),
+        Some(error) => eprintln!(
+            "error: {} to generation {} failed: {error}; still serving generation {}",
+            report.kind, report.generation, report.serving_generation
+        ),
+    }
+    if !report.ignored_keys.is_empty() {
+        eprintln!(
+            "note: a reload applies only [plugin_config]; changed keys {} take effect at `host restart`",
+            report.ignored_keys.join(", ")
+        );
+    }
+}
+
+pub(crate) fn rollout(
+    cfg: &Config,
+    request: ControlRequest,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    match ask(cfg, request, timeout)? {
+        ControlResponse::Reloaded(report) => {
+            print_reload(&report);
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlResponse::ReloadFailed(report) => {
+            print_reload(&report);
+            Ok(ExitCode::FAILURE)
+        }
+        ControlResponse::Refused { reason } => bail!("refused: {reason}"),
+        other => bail!("unexpected answer from the master: {other:?}"),
+    }
+}
+
+pub(crate) fn stop(cfg: &Config, timeout: Duration) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    match ask(cfg, ControlRequest::Stop, timeout)? {
+        ControlResponse::Stopped { master_pid } => {
+            // The master answers once every worker has exited; now wait for the master itself
+            // (it only has to flush the answer and remove its files: a few seconds at least).
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(3));
+            if !pidfile::wait_exited(master_pid, left) {
+                bail!(
+                    "timed out after {} waiting for master pid {master_pid} to exit after it answered `stopped`",
+                    humantime::format_duration(left)
+                );
+            }
+            println!("host stopped (master pid {master_pid})");
+            Ok(())
+        }
+        ControlResponse::Refused { reason } => bail!("stop refused: {reason}"),
+        other => bail!("unexpected answer from the master: {other:?}"),
+    }
+}
+
+pub(crate) fn upgrade(cfg: &Config, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    match ask(cfg, ControlRequest::Upgrade, timeout)? {
+        ControlResponse::Upgraded(r) => {
+            println!(
+                "upgraded: master pid {} serving (host {}, build {}, {}) in {} ms; old master pid {} draining",
+                r.new_pid,
+                r.version,
+                r.build,
+                r.exe.display(),
+                r.duration_ms,
+                r.old_pid
+            );
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(3));
+            if !pidfile::wait_exited(r.old_pid, left) {
+                bail!(
+                    "timed out after {} waiting for the old master pid {} to drain and exit (master pid {} serves)",
+                    humantime::format_duration(left),
+                    r.old_pid,
+                    r.new_pid
+                );
+            }
+            println!("old master pid {} exited", r.old_pid);
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlResponse::UpgradeFailed { reason } => {
+            eprintln!("error: upgrade failed: {reason}; the old master serves on");
+            Ok(ExitCode::FAILURE)
+        }
+        ControlResponse::Refused { reason } => bail!("upgrade refused: {reason}"),
+        other => bail!("unexpected answer from the master: {other:?}"),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{} KiB", n >> 10)
+    }
+}
+
+pub(crate) fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let report: StatusReport = match ask(cfg, ControlRequest::Status, timeout) {
+        Ok(ControlResponse::Status(report)) => *report,
+        Ok(other) => bail!("unexpected answer from the master: {other:?}"),
+        Err(e)
+            if matches!(
+                e.downcast_ref::<ControlError>(),
+                Some(ControlError::NotRunning { .. })
+            ) =>
+        {
+            eprintln!("{}", error_chain(e.as_ref()));
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "master pid {}  listen {}  generation {}  rss {}  host {} (build {})",
+        report.master_pid,
+        report.listen,
+        report.generation,
+        human_bytes(report.master_rss_bytes),
+        report.version,
+        report.build
+    );
+    if let Some(admin) = &report.admin_listen {
+        println!("metrics http://{admin}/metrics");
+    }
+    println!(
+        "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {:<12}  PLUGIN",
+        "SLOT", "PID", "GEN", "STATE", "REQUESTS", "RSS", "CONFIG"
+    );
+    for w in &report.workers {
+        let plugin = w.plugin.as_ref().map_or("-".to_string(), |p| {
+            format!(
+                "{} {} ({})",
+                p.name,
+                p.version,
+                &p.sha256[..12.min(p.sha256.len())]
+            )
+        });
+        let state = serde_json::to_value(w.state)?
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        println!(
+            "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {:<12}  {plugin}",
+            w.slot,
+            w.pid,
+            w.generation,
+            state,
+            w.requests,
+            human_bytes(w.rss_bytes),
+            &w.config_sha256[..12.min(w.config_sha256.len())]
+        );
+    }
+    for slot in report.slots.iter().filter(|s| s.state == "hung") {
+        println!(
+            "slot {} HUNG, replacement starting: {}",
+            slot.slot,
+            slot.last_error.as_deref().unwrap_or("unknown")
+        );
+    }
+    for slot in report.slots.iter().filter(|s| s.state == "failing") {
+        let retry = slot
+            .retry_in_ms
+            .map_or(String::new(), |ms| format!(", retrying in {ms} ms"));
+        println!(
+            "slot {} FAILING ({} failures{retry}): {}",
+            slot.slot,
+            slot.failures,
+            slot.last_error.as_deref().unwrap_or("unknown")
+        );
+    }
+    let recycled: u64 = report.slots.iter().map(|s| s.recycles).sum();
+    if recycled > 0 {
+        let per_slot: Vec<String> = report
+            .slots
+            .iter()
+            .filter(|s| s.recycles > 0)
+            .map(|s| format!("slot {}: {}", s.slot, s.recycles))
+            .collect();
+        println!("recycled: {recycled} workers ({})", per_slot.join(", "));
+    }
+    if let Some(b) = &report.last_build {
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_secs(b.started_at),
+        );
+        match &b.error {
+            None => println!("last build: ok at {when} in {} ms", b.duration_ms),
+            Some(e) => println!("last build: FAILED at {when}: {e}"),
+        }
+    }
+    match &report.last_reload {
+        None => println!("last reload: none"),
+        Some(r) => {
+            let when = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_secs(r.started_at),
+            );
+            match &r.error {
+                None => println!(
+                    "last reload: ok, generation {} at {when} in {} ms",
+                    r.generation, r.duration_ms
+                ),
+                Some(e) => println!(
+                    "last reload: FAILED, generation {} at {when}: {e}",
+                    r.generation
+                ),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
