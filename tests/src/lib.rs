@@ -968,3 +968,60 @@ pub async fn ws_close_code(
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Server-sent events
+
+/// A server-sent event stream, read event by event.
+pub struct Events {
+    body: hyper::body::Incoming,
+    pending: String,
+}
+
+impl Events {
+    pub async fn open(addr: SocketAddr) -> Events {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("/events")
+            .header(http::header::HOST, "t")
+            .header(http::header::ACCEPT, "text/event-stream")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()[http::header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        assert_eq!(resp.headers()[http::header::TRANSFER_ENCODING], "chunked");
+        Events {
+            body: resp.into_body(),
+            pending: String::new(),
+        }
+    }
+
+    /// The next event (up to its blank line), or `None` at a clean end of the stream. A
+    /// transport error, or 10 s without a frame, fails the test.
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(i) = self.pending.find("\n\n") {
+                let event = self.pending[..i].to_string();
+                self.pending.drain(..i + 2);
+                return Some(event);
+            }
+            match tokio::time::timeout(Duration::from_secs(10), self.body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.pending.push_str(&String::from_utf8_lossy(&data));
+                    }
+                }
+                Ok(None) => return None,
+                Ok(Some(Err(e))) => panic!("event stream failed: {e}"),
+                Err(_) => panic!("no event within 10 s"),
+            }
+        }
+    }
+}

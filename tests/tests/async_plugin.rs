@@ -361,76 +361,28 @@ async fn a_websocket_is_closed_with_1012_on_reload_and_reconnects_to_the_new_gen
 #[tokio::test]
 async fn an_event_stream_ends_on_reload_and_resumes_on_the_new_generation() {
     let (host, old_pid) = one_worker("").await;
-    let mut events = sse(host.addr).await;
-    let first = next_event(&mut events).await.unwrap();
+    let mut events = tests::Events::open(host.addr).await;
+    let first = events.next().await.unwrap();
     assert!(
         first.contains("id: 0") && first.contains("data: gen=1 "),
         "{first}"
     );
-    assert!(next_event(&mut events).await.unwrap().contains("id: 1"));
+    assert!(events.next().await.unwrap().contains("id: 1"));
 
     host.reload_ok().await;
     // The stream ends cleanly (not an error) once the old worker drains.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while let Some(event) = next_event(&mut events).await {
+    while let Some(event) = events.next().await {
         assert!(event.contains("gen=1"), "{event}");
         assert!(Instant::now() < deadline, "the event stream did not end");
     }
-    let mut events = sse(host.addr).await;
-    let resumed = next_event(&mut events).await.unwrap();
+    let mut events = tests::Events::open(host.addr).await;
+    let resumed = events.next().await.unwrap();
     assert!(resumed.contains("data: gen=2 "), "{resumed}");
     wait_until(Duration::from_secs(8), "the old worker to exit", || {
         !pid_alive(old_pid)
     })
     .await;
-}
-
-type Events = hyper::body::Incoming;
-
-async fn sse(addr: SocketAddr) -> Events {
-    let mut sender = h1(addr).await;
-    let req = http::Request::get("/events")
-        .header(http::header::HOST, "t")
-        .header(http::header::ACCEPT, "text/event-stream")
-        .body(http_body_util::Full::default())
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.headers()[http::header::CONTENT_TYPE],
-        "text/event-stream"
-    );
-    resp.into_body()
-}
-
-/// The next event (frames may split or join events; this reads until a blank line), or `None`
-/// at the end of the stream. A transport error fails the test.
-async fn next_event(body: &mut Events) -> Option<String> {
-    thread_local! {
-        static PENDING: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-    }
-    loop {
-        if let Some(event) = PENDING.with(|p| {
-            let mut p = p.borrow_mut();
-            p.find("\n\n").map(|i| {
-                let event = p[..i].to_string();
-                p.drain(..i + 2);
-                event
-            })
-        }) {
-            return Some(event);
-        }
-        match tokio::time::timeout(Duration::from_secs(10), body.frame()).await {
-            Ok(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data() {
-                    PENDING.with(|p| p.borrow_mut().push_str(&String::from_utf8_lossy(&data)));
-                }
-            }
-            Ok(None) => return None,
-            Ok(Some(Err(e))) => panic!("event stream failed: {e}"),
-            Err(_) => panic!("no event within 10 s"),
-        }
-    }
 }
 
 #[tokio::test]

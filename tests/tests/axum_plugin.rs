@@ -250,60 +250,6 @@ async fn reloads_under_http2_load_fail_nothing() {
     reloads_under_load(Mode::H2).await;
 }
 
-/// A server-sent event stream, read event by event.
-struct Events {
-    body: hyper::body::Incoming,
-    pending: String,
-}
-
-impl Events {
-    async fn open(addr: SocketAddr) -> Events {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::get("/events")
-            .header(http::header::HOST, "t")
-            .header(http::header::ACCEPT, "text/event-stream")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        assert_eq!(
-            resp.headers()[http::header::CONTENT_TYPE],
-            "text/event-stream"
-        );
-        assert_eq!(resp.headers()[http::header::TRANSFER_ENCODING], "chunked");
-        Events {
-            body: resp.into_body(),
-            pending: String::new(),
-        }
-    }
-
-    /// The next event (up to its blank line), or `None` at a clean end of the stream. A
-    /// transport error, or 10 s without a frame, fails the test.
-    async fn next(&mut self) -> Option<String> {
-        loop {
-            if let Some(i) = self.pending.find("\n\n") {
-                let event = self.pending[..i].to_string();
-                self.pending.drain(..i + 2);
-                return Some(event);
-            }
-            match tokio::time::timeout(Duration::from_secs(10), self.body.frame()).await {
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.pending.push_str(&String::from_utf8_lossy(&data));
-                    }
-                }
-                Ok(None) => return None,
-                Ok(Some(Err(e))) => panic!("event stream failed: {e}"),
-                Err(_) => panic!("no event within 10 s"),
-            }
-        }
-    }
-}
-
 fn has_line(event: &str, line: &str) -> bool {
     event.lines().any(|l| l == line)
 }
@@ -312,7 +258,7 @@ fn has_line(event: &str, line: &str) -> bool {
 async fn sse_events_end_on_reload_and_resume_on_the_new_generation() {
     let host = axum_host(1).await;
     let old_pid = host.wait_for_workers("ready").await[0];
-    let mut events = Events::open(host.addr).await;
+    let mut events = tests::Events::open(host.addr).await;
     let first = events.next().await.unwrap();
     assert!(has_line(&first, "id: 0"), "{first:?}");
     assert!(
@@ -329,7 +275,7 @@ async fn sse_events_end_on_reload_and_resume_on_the_new_generation() {
         assert!(event.contains("data: gen=1 "), "{event:?}");
         assert!(Instant::now() < deadline, "the event stream did not end");
     }
-    let mut events = Events::open(host.addr).await;
+    let mut events = tests::Events::open(host.addr).await;
     let resumed = events.next().await.unwrap();
     assert!(has_line(&resumed, "id: 0"), "{resumed:?}");
     assert!(resumed.contains("data: gen=2 pid="), "{resumed:?}");
