@@ -11,12 +11,11 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::process::ExitCode;
 
 use nix::sys::signal::Signal;
-use tokio::net::UnixStream;
 
 use super::loader::{self, Placement};
 use crate::fd;
 use crate::logging::{LogFormat, Process};
-use crate::protocol::{MasterToWorker, Receiver, Sender, StartupTimings, WorkerToMaster};
+use crate::protocol::{MasterToWorker, StartupTimings, WorkerToMaster};
 
 /// Entry point of the `__check-plugin` role.
 pub fn run(log_format: LogFormat) -> ExitCode {
@@ -48,19 +47,13 @@ pub fn run(log_format: LogFormat) -> ExitCode {
 }
 
 async fn check(channel: StdUnixStream) -> ExitCode {
-    let channel = match channel
-        .set_nonblocking(true)
-        .and_then(|_| UnixStream::from_std(channel))
-    {
-        Ok(c) => c,
+    let (mut tx, mut rx) = match super::channel_halves(channel) {
+        Ok(halves) => halves,
         Err(e) => {
             tracing::error!(error = %e, "cannot use the channel");
             return ExitCode::FAILURE;
         }
     };
-    let (rd, wr) = channel.into_split();
-    let mut tx = Sender::<_, WorkerToMaster>::new(wr);
-    let mut rx = Receiver::<_, MasterToWorker>::new(rd);
     let spec = match rx.recv().await {
         Ok(Some(MasterToWorker::Start(spec))) => spec,
         other => {

@@ -320,19 +320,14 @@ async fn serve(
     spawned_at_ns: u64,
 ) -> ExitCode {
     let since_spawn = || monotonic_ns().saturating_sub(spawned_at_ns) / 1000;
-    let channel = match channel
-        .set_nonblocking(true)
-        .and_then(|_| UnixStream::from_std(channel))
-    {
-        Ok(c) => c,
+    let (mut tx, rx) = match channel_halves(channel) {
+        Ok(halves) => halves,
         Err(e) => {
             tracing::error!(error = %e, "cannot use the master channel");
             return ExitCode::FAILURE;
         }
     };
-    let (rd, wr) = channel.into_split();
-    let mut tx = Sender::<_, WorkerToMaster>::new(wr);
-    let mut orders = spawn_reader(Receiver::<_, MasterToWorker>::new(rd));
+    let mut orders = spawn_reader(rx);
 
     let spec: WorkerSpec = match orders.recv().await {
         Some(MasterToWorker::Start(spec)) if spec.slot == slot && spec.generation == generation => {
@@ -614,6 +609,18 @@ async fn serve(
         })
         .await;
     ExitCode::SUCCESS
+}
+
+/// The worker's end of its channel to the master (fd 4), as typed halves on this runtime.
+pub(crate) fn channel_halves(
+    channel: StdUnixStream,
+) -> std::io::Result<(
+    Sender<tokio::net::unix::OwnedWriteHalf, WorkerToMaster>,
+    Receiver<tokio::net::unix::OwnedReadHalf, MasterToWorker>,
+)> {
+    channel.set_nonblocking(true)?;
+    let (rd, wr) = UnixStream::from_std(channel)?.into_split();
+    Ok((Sender::new(wr), Receiver::new(rd)))
 }
 
 /// Reads orders in their own task: a frame read is not cancel-safe, so it must not sit in a
