@@ -159,10 +159,9 @@ unsafe extern "C" fn request_drop(state: *mut c_void) {
 // ---------------------------------------------------------------------------------------------
 // Upgrades.
 
-/// Counts an upgraded connection (and the handle that may become one) as open, so a drain
-/// waits for it; released when the plugin drops it.
-pub trait OpenGuard: Send + 'static {}
-impl<T: Send + 'static> OpenGuard for T {}
+/// Keeps an upgraded connection (and the handle that may become one) counted as open, so a
+/// drain waits for it; released when the plugin drops it.
+pub type OpenGuard = Box<dyn Send>;
 
 /// What the request handler learns about the upgrade handle it gave the plugin.
 #[derive(Clone, Default)]
@@ -178,14 +177,14 @@ impl UpgradeWatch {
 struct UpgradeState {
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
     kept: UpgradeWatch,
-    guard: Option<Box<dyn OpenGuard>>,
+    guard: Option<OpenGuard>,
 }
 
 /// The upgrade handle for an HTTP/1.1 request that asked for one; `guard` keeps the connection
 /// counted from now until the plugin drops the handle or the connection it becomes.
 pub fn upgrade(
     on_upgrade: hyper::upgrade::OnUpgrade,
-    guard: Box<dyn OpenGuard>,
+    guard: OpenGuard,
 ) -> (RawUpgrade, UpgradeWatch) {
     let kept = UpgradeWatch(Arc::new(AtomicBool::new(true)));
     let state = Box::new(UpgradeState {
@@ -258,7 +257,7 @@ unsafe extern "C" fn upgrade_drop(state: *mut c_void) {
 /// An upgraded connection lent to the plugin.
 struct UpgradedIo {
     io: TokioIo<hyper::upgrade::Upgraded>,
-    _guard: Option<Box<dyn OpenGuard>>,
+    _guard: Option<OpenGuard>,
 }
 
 static UPGRADED_IO: IoVTable = IoVTable {
