@@ -85,10 +85,14 @@ pub struct Example {
     served: AtomicU64,
     /// Shared by every request of this worker: `/locked` counts under it, `/poison` poisons it.
     locked: Mutex<u64>,
+    /// The bodies of `/` and `/async/hello`: fixed for the worker's life, so built once here
+    /// and shared by every response (a `Bytes` clone) rather than formatted per request.
+    hello: Bytes,
+    hello_async: Bytes,
 }
 
-fn text(status: StatusCode, body: String) -> Response {
-    let mut resp = Response::new(Bytes::from(body));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response {
+    let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -123,23 +127,25 @@ impl Plugin for Example {
             slot = ctx.slot,
             "example plugin started"
         );
+        let who = format!(
+            "pid {} generation {} slot {}\n",
+            ctx.pid, ctx.generation, ctx.slot
+        );
         Ok(Example {
             ctx: ctx.clone(),
             served: AtomicU64::new(0),
             locked: Mutex::new(0),
+            hello: Bytes::from(format!("{GREETING} from example-plugin {VERSION}\n{who}")),
+            hello_async: Bytes::from(format!(
+                "{GREETING} from example-plugin {VERSION} (async)\n{who}"
+            )),
         })
     }
 
     fn handle(&self, req: Request) -> Response {
         let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
         match req.uri().path() {
-            "/" => text(
-                StatusCode::OK,
-                format!(
-                    "{GREETING} from example-plugin {VERSION}\npid {} generation {} slot {}\n",
-                    self.ctx.pid, self.ctx.generation, self.ctx.slot
-                ),
-            ),
+            "/" => text(StatusCode::OK, self.hello.clone()),
             "/sleep" => match query_param(&req, "ms").map(str::parse::<u64>) {
                 Some(Ok(ms)) if ms <= 60_000 => {
                     std::thread::sleep(Duration::from_millis(ms));
@@ -147,7 +153,7 @@ impl Plugin for Example {
                 }
                 _ => text(
                     StatusCode::BAD_REQUEST,
-                    "usage: /sleep?ms=N with N <= 60000\n".into(),
+                    "usage: /sleep?ms=N with N <= 60000\n",
                 ),
             },
             "/panic" => panic!("/panic was requested"),
@@ -161,7 +167,7 @@ impl Plugin for Example {
                 }
                 _ => text(
                     StatusCode::BAD_REQUEST,
-                    "usage: /spin?ms=N with N <= 3600000\n".into(),
+                    "usage: /spin?ms=N with N <= 3600000\n",
                 ),
             },
             "/exit" => std::process::exit(3),
@@ -199,7 +205,7 @@ impl Plugin for Example {
                 }
                 _ => text(
                     StatusCode::BAD_REQUEST,
-                    "usage: /leak?mb=N with N <= 1024\n".into(),
+                    "usage: /leak?mb=N with N <= 1024\n",
                 ),
             },
             "/poison" => {
@@ -252,13 +258,7 @@ impl Plugin for Example {
 
     async fn serve(&self, mut req: http::Request<Body>) -> http::Response<Body> {
         match req.uri().path() {
-            "/async/hello" => async_text(
-                StatusCode::OK,
-                format!(
-                    "{GREETING} from example-plugin {VERSION} (async)\npid {} generation {} slot {}\n",
-                    self.ctx.pid, self.ctx.generation, self.ctx.slot
-                ),
-            ),
+            "/async/hello" => async_text(StatusCode::OK, self.hello_async.clone()),
             "/async/sleep" => match query_param(&req, "ms").map(str::parse::<u64>) {
                 Some(Ok(ms)) if ms <= 60_000 => {
                     plugin_api::tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -266,7 +266,7 @@ impl Plugin for Example {
                 }
                 _ => async_text(
                     StatusCode::BAD_REQUEST,
-                    "usage: /async/sleep?ms=N with N <= 60000\n".into(),
+                    "usage: /async/sleep?ms=N with N <= 60000\n",
                 ),
             },
             "/async/block" => match query_param(&req, "ms").map(str::parse::<u64>) {
@@ -276,7 +276,7 @@ impl Plugin for Example {
                 }
                 _ => async_text(
                     StatusCode::BAD_REQUEST,
-                    "usage: /async/block?ms=N with N <= 10000\n".into(),
+                    "usage: /async/block?ms=N with N <= 10000\n",
                 ),
             },
             "/async/panic" => {
@@ -302,8 +302,9 @@ impl Plugin for Example {
     }
 }
 
-fn async_text(status: StatusCode, body: String) -> http::Response<Body> {
-    let mut resp = http::Response::new(Body::from(body));
+fn async_text(status: StatusCode, body: impl Into<Body>) -> http::Response<Body> {
+    let body: Body = body.into();
+    let mut resp = http::Response::new(body);
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -324,7 +325,7 @@ impl Example {
         if every > 60_000 || size > (1 << 20) {
             return async_text(
                 StatusCode::BAD_REQUEST,
-                "usage: /stream?chunks=N&every_ms=M&size=S with M <= 60000, S <= 1048576\n".into(),
+                "usage: /stream?chunks=N&every_ms=M&size=S with M <= 60000, S <= 1048576\n",
             );
         }
         let lines = futures_util::stream::unfold(0u64, move |i| async move {

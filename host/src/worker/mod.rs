@@ -24,6 +24,7 @@
 mod abi_io;
 mod backlog;
 pub mod check;
+mod drain_signal;
 mod h2_drain;
 pub mod loader;
 
@@ -109,7 +110,8 @@ struct Shared {
     plugin: Arc<LoadedPlugin>,
     http: auto::Builder<TokioExecutor>,
     draining: Arc<AtomicBool>,
-    drain_rx: watch::Receiver<bool>,
+    /// Fired when the worker starts draining: each connection task waits on it.
+    drain: drain_signal::DrainSignal,
     /// Set at `graceful_timeout`: requests still waiting for their handler answer `503`.
     cut_rx: watch::Receiver<bool>,
     /// Requests answered `503` because they were still running at `graceful_timeout`.
@@ -384,7 +386,6 @@ async fn serve(
         }
     };
 
-    let (drain_tx, drain_rx) = watch::channel(false);
     let (cut_tx, cut_rx) = watch::channel(false);
     let accept_table = spec.accept_cell.and_then(|cell| {
         let table = fd::take_inherited(crate::accept_table::TABLE_FD, "accept table")
@@ -415,14 +416,15 @@ async fn serve(
         .max_header_list_size(spec.max_header_bytes as u32);
     http.http2().timer(TokioTimer::new());
     let info = plugin.info.clone();
+    let draining = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
         slow_paths: Default::default(),
         any_slow: AtomicBool::new(false),
         blocking_polls: Default::default(),
         plugin: Arc::new(plugin),
         http,
-        draining: Arc::new(AtomicBool::new(false)),
-        drain_rx,
+        draining: draining.clone(),
+        drain: drain_signal::DrainSignal::new(draining),
         cut_rx,
         cut_answered: AtomicU64::new(0),
         requests: AtomicU64::new(0),
@@ -496,7 +498,7 @@ async fn serve(
                 if let Some((table, cell)) = &shared.accept_table {
                     table.clear(*cell);
                 }
-                let _ = drain_tx.send(true);
+                shared.drain.fire();
                 // Long-lived handlers (WebSocket, event streams) learn it and wind down.
                 shared.plugin.on_drain();
                 *deadline = Some(Instant::now() + graceful_timeout);
@@ -681,12 +683,6 @@ impl Drop for UpgradeGuard {
     }
 }
 
-async fn wait_for_drain(mut rx: watch::Receiver<bool>) {
-    if rx.wait_for(|d| *d).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
     let guard = ConnectionGuard::new(shared.clone());
     tokio::spawn(async move {
@@ -714,7 +710,7 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
                 }
                 return;
             }
-            _ = wait_for_drain(shared.drain_rx.clone()) => {}
+            _ = shared.drain.wait() => {}
         }
         // Draining. An HTTP/1 keep-alive client may be about to send its next request on this
         // connection: give it `idle_grace` to do so (its response carries `Connection: close`)
@@ -775,12 +771,18 @@ impl<'a> InFlight<'a> {
 
     /// Counts the answer: its status class, the time since the request began (until its
     /// response head is ready), and its body bytes (a streamed body counts as it is sent).
-    fn answered(&mut self, resp: &mut Response<ResponseBody>) {
+    /// `ready_ns` is the clock reading when the response was ready, or 0 to read it here.
+    fn answered(&mut self, resp: &mut Response<ResponseBody>, ready_ns: u64) {
         let Some(c) = self.shared.counters else {
             return;
         };
         self.answered = true;
-        let us = monotonic_ns().saturating_sub(self.began_ns) / 1000;
+        let now = if ready_ns == 0 {
+            monotonic_ns()
+        } else {
+            ready_ns
+        };
+        let us = now.saturating_sub(self.began_ns) / 1000;
         c.answered(resp.status().as_u16(), us);
         match resp.body_mut() {
             ResponseBody::Full(Some(b)) => c.response_body(b.len() as u64),
@@ -848,20 +850,32 @@ fn dispatch_of(shared: &Shared, req: &Request<Incoming>) -> Dispatch {
 
 /// An inline handler with no body to read: called right here, synchronously (it cannot be cut
 /// by `graceful_timeout` halfway, so it needs none of the machinery around the other calls).
-fn call_inline(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
+/// `began_ns` is when the request began (its [`InFlight`] clock reading, or 0 for none); returns
+/// the response and the clock reading when it was ready, so one request reads the clock twice.
+fn call_inline(
+    shared: &Shared,
+    req: Request<Incoming>,
+    began_ns: u64,
+) -> (Response<ResponseBody>, u64) {
     let (parts, _) = req.into_parts();
-    let began = std::time::Instant::now();
+    let began_ns = if began_ns == 0 {
+        monotonic_ns()
+    } else {
+        began_ns
+    };
     let resp = shared.plugin.handle(&parts, &Bytes::new());
-    let took = began.elapsed();
+    let ended_ns = monotonic_ns();
+    let took = Duration::from_nanos(ended_ns.saturating_sub(began_ns));
     if took > INLINE_LIMIT {
         shared.mark_slow(parts.uri.path(), took);
     }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        return refuse_switch(
+        let refused = refuse_switch(
             "it came from a synchronous `handle` (upgrades need `serve`, Dispatch::Async)",
         );
+        return (refused, ended_ns);
     }
-    resp
+    (resp, ended_ns)
 }
 
 async fn call_plugin(
@@ -1067,6 +1081,8 @@ async fn handle_request(
     }
     conn.note_request(&req);
     let mut in_flight = InFlight::new(shared, req.method(), req.uri().path());
+    // When the response was ready, if already read from the clock.
+    let mut ready_ns = 0;
     let mut resp = if req.uri().path().starts_with("/_host/") {
         builtin(&req).map(ResponseBody::full)
     } else if let dispatch = dispatch_of(shared, &req)
@@ -1090,7 +1106,9 @@ async fn handle_request(
             }
         }
     } else {
-        call_inline(shared, req)
+        let (resp, ended_ns) = call_inline(shared, req, in_flight.began_ns);
+        ready_ns = ended_ns;
+        resp
     };
     if !h2
         && (shared.draining.load(Ordering::Relaxed)
@@ -1100,6 +1118,6 @@ async fn handle_request(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    in_flight.answered(&mut resp);
+    in_flight.answered(&mut resp, ready_ns);
     Ok(resp)
 }
