@@ -185,6 +185,19 @@ w(
 w("")
 w(f"CLI round trip included (the command returns once every slot runs the new generation); 9 runs: "
   f"{', '.join(f'{x:.1f}' for x in reload4)} ms; median **{med(reload4):.1f} ms**.")
+changed = floats("R_CHANGED")
+snap_ms = floats("R_SNAP_MS")
+hash_kv = dict(kv.split("=", 1) for kv in env["HASH"].split())
+w("")
+w(
+    f"After the plugin file changed (16 bytes appended each time, so a new sha256; {int(hash_kv['bytes']) / 1e6:.1f} MB): "
+    f"`host reload` took {', '.join(f'{x:.1f}' for x in changed)} ms, median **{med(changed):.1f} ms**; the master's snapshot "
+    f"(read, hash, copy, `fsync`, rename) took {', '.join(f'{x:.0f}' for x in snap_ms)} ms, median {med(snap_ms):.0f} ms. "
+    f"Its parts measured apart on this machine (`bench-tool hash`, medians of 5): SHA-256 in memory "
+    f"{float(hash_kv['sha256_ms']):.1f} ms ({hash_kv['sha256_mb_s']} MB/s, SHA extensions "
+    f"{'used' if hash_kv['sha_ni'] == 'true' else 'absent on this CPU'}), reading the file {float(hash_kv['read_ms']):.1f} ms, "
+    f"writing and `fsync`ing a copy {float(hash_kv['copy_fsync_ms']):.1f} ms."
+)
 w("")
 w("Where one worker's start goes (mean over the last generation's workers, µs since the master spawned it):")
 w("")

@@ -133,6 +133,17 @@ for _ in $(seq 9); do
   t0=$(now_ns); "$BIN/host" -c "$WORK/four.toml" status >/dev/null; t1=$(now_ns)
   STATUS4+=("$(python3 -c "print(($t1-$t0)/1e6)")")
 done
+# A changed plugin file: each round appends 16 random bytes (a new sha256; trailing bytes leave
+# the ELF loadable), so the reload reads, hashes, copies and syncs it. `snapshot_ms` is the
+# master's own figure from its log; `bench-tool hash` gives the parts' floor on this machine.
+CHANGED=(); SNAP_MS=()
+for _ in $(seq 5); do
+  head -c 16 /dev/urandom >> "$WORK/plugin.so"
+  t0=$(now_ns); "$BIN/host" -c "$WORK/four.toml" reload >/dev/null; t1=$(now_ns)
+  CHANGED+=("$(python3 -c "print(($t1-$t0)/1e6)")")
+  SNAP_MS+=("$(grep -o 'kind="reload" snapshot_ms=[0-9]*' "$WORK/state-four/host.log" | tail -1 | cut -d= -f3)")
+done
+HASH=$("$BIN/bench-tool" hash --file "$WORK/plugin.so" --dir "$WORK/state-four")
 STARTUP=$(status_json four | python3 -c '
 import json, sys
 ws = [w["startup_us"] for w in json.load(sys.stdin)["workers"] if w.get("startup_us")]
@@ -250,6 +261,7 @@ done
 # (Arrays cannot be exported: each goes out as a space- or line-separated string.)
 R_ANCHORS="$(printf '%s\n' "${ANCHORS[@]}")"
 export R_ANCHORS R_RELOAD4="${RELOAD4[*]}" R_STATUS4="${STATUS4[*]}" STARTUP LAT MEM BURST
+export R_CHANGED="${CHANGED[*]}" R_SNAP_MS="${SNAP_MS[*]}" HASH
 R_SCALE_RPS="$(printf '%s\n' "${SCALE_RPS[@]}")"
 R_SCALE_RELOAD="$(printf '%s\n' "${SCALE_RELOAD[@]}")"
 R_BAL="$(printf '%s\n' "${BAL[@]}")"

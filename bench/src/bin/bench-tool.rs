@@ -8,6 +8,9 @@
 //! - `sleepers`: opens N connections first, then sends one request on each at once; prints how
 //!   long from the first request sent to the last answer, and the most threads the server
 //!   process (`--pid`) ran meanwhile.
+//! - `hash`: what a reload of a changed plugin file costs at most, by parts: SHA-256 of the file
+//!   in memory (the crate and version the host uses, with the CPU's SHA extensions if it has
+//!   them), reading it, and copying it with `fsync` as the snapshot does.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -71,6 +74,14 @@ enum Command {
         /// The server process whose thread count is sampled.
         #[arg(long)]
         pid: u32,
+    },
+    Hash {
+        /// The file to hash and copy (the plugin).
+        #[arg(long)]
+        file: PathBuf,
+        /// Where the copy goes (a directory on the same file system as the snapshots).
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -445,5 +456,65 @@ fn main() {
             count,
             pid,
         } => rt.block_on(sleepers(addr, path, count, pid)),
+        Command::Hash { file, dir } => hash(&file, &dir),
     }
+}
+
+/// Prints one line of `key=value`s: the file's size, SHA-256 in memory (MB/s, median of 5), and
+/// the time to read it and to copy it with `fsync` (median of 5 each, in ms).
+fn hash(file: &std::path::Path, dir: &std::path::Path) {
+    use sha2::Digest;
+    use std::io::Write;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let bytes =
+        std::fs::read(file).unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+    let mb = bytes.len() as f64 / 1e6;
+    let hash_s = median(
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(sha2::Sha256::digest(&bytes));
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    let read_ms = median(
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(std::fs::read(file).expect("read"));
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    );
+    let copy = dir.join(".bench-hash-copy");
+    let copy_ms = median(
+        (0..5)
+            .map(|_| {
+                let _ = std::fs::remove_file(&copy);
+                let t = Instant::now();
+                let mut out = std::fs::File::create(&copy).expect("create the copy");
+                out.write_all(&bytes).expect("write the copy");
+                out.sync_all().expect("fsync the copy");
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    );
+    let _ = std::fs::remove_file(&copy);
+    #[cfg(target_arch = "x86_64")]
+    let sha_ni = std::arch::is_x86_feature_detected!("sha");
+    #[cfg(not(target_arch = "x86_64"))]
+    let sha_ni = false;
+    println!(
+        "bytes={} sha256_mb_s={:.0} sha256_ms={:.2} read_ms={:.2} copy_fsync_ms={:.2} sha_ni={}",
+        bytes.len(),
+        mb / hash_s,
+        hash_s * 1e3,
+        read_ms,
+        copy_ms,
+        sha_ni
+    );
 }
