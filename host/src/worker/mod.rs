@@ -24,6 +24,7 @@
 mod abi_io;
 mod backlog;
 pub mod check;
+mod coalesce;
 mod drain_signal;
 mod h2_drain;
 pub mod loader;
@@ -698,7 +699,8 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
             let conn_state = conn_state.clone();
             hyper::service::service_fn(move |req| handle_request(conn_state.clone(), req))
         };
-        let io = h2_drain::DrainAwareIo::new(stream, shared.draining.clone());
+        let io =
+            coalesce::Coalesce::new(h2_drain::DrainAwareIo::new(stream, shared.draining.clone()));
         let conn = shared
             .http
             .serve_connection_with_upgrades(TokioIo::new(io), service);
