@@ -33,6 +33,29 @@ pub struct Snapshot {
     pub path: PathBuf,
     pub sha256: String,
     pub size: u64,
+    /// How this snapshot was come by, for the log.
+    pub taken: Taken,
+}
+
+/// How [`take`] came by a snapshot: the work it did, from none to all of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// The file was unchanged since its last snapshot (same [`Stamp`]): not read at all.
+    Unchanged,
+    /// Read and hashed; a snapshot of these bytes existed already, so nothing was written.
+    Known,
+    /// Read, hashed and copied into a new snapshot.
+    Copied,
+}
+
+impl Taken {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Taken::Unchanged => "unchanged file, not read",
+            Taken::Known => "read, bytes known",
+            Taken::Copied => "read and copied",
+        }
+    }
 }
 
 /// What [`take`] accepts.
@@ -337,7 +360,10 @@ fn unchanged(source: &Path, stamp: Stamp) -> Option<Snapshot> {
     let (was, snapshot) = last.as_ref()?.get(source)?;
     let still_there = std::fs::symlink_metadata(&snapshot.path)
         .is_ok_and(|m| m.is_file() && m.len() == snapshot.size);
-    (*was == stamp && still_there).then(|| snapshot.clone())
+    (*was == stamp && still_there).then(|| Snapshot {
+        taken: Taken::Unchanged,
+        ..snapshot.clone()
+    })
 }
 
 fn remember(source: &Path, stamp: Stamp, snapshot: &Snapshot) {
@@ -426,6 +452,7 @@ pub fn take(
                 path,
                 sha256: scan.sha256,
                 size: scan.size,
+                taken: Taken::Known,
             });
         }
         let path = dir.join(format!("{}.so", scan.sha256));
@@ -447,6 +474,7 @@ pub fn take(
             path,
             sha256: scan.sha256,
             size: scan.size,
+            taken: Taken::Copied,
         })
     })();
     drop(out);
@@ -553,6 +581,12 @@ mod tests {
 
         // The same file, unchanged: not read, nothing written (not even a temporary file).
         let again = take_(&good, &snap, false).unwrap();
+        assert_eq!(first.taken, Taken::Copied);
+        assert_eq!(
+            again.taken,
+            Taken::Unchanged,
+            "the unchanged file was read again"
+        );
         assert_eq!(again.path, first.path);
         assert_eq!(again.sha256, first.sha256);
         assert_eq!(inode(&again.path), before, "the snapshot was not replaced");
@@ -566,6 +600,7 @@ mod tests {
         let copy = dir.join("copy.so");
         std::fs::copy(&good, &copy).unwrap();
         let third = take_(&copy, &snap, false).unwrap();
+        assert_eq!(third.taken, Taken::Known);
         assert_eq!(third.path, first.path);
         assert_eq!(inode(&third.path), before, "the snapshot was not replaced");
         let files: Vec<_> = std::fs::read_dir(&snap).unwrap().flatten().collect();

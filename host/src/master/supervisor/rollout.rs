@@ -213,6 +213,7 @@ impl Supervisor {
             bytes = snapshot.size,
             kind = kind.name(),
             snapshot_ms = started.elapsed().as_millis() as u64,
+            snapshot = snapshot.taken.as_str(),
             "rolling out a new generation"
         );
         report.sha256 = Some(snapshot.sha256.clone());
