@@ -198,22 +198,42 @@ impl Inner {
         self.done.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Gets one more thread looking at the queue: a parked one, else a new one while under the
-    /// maximum. Returns whether a thread must be started (after the lock is released).
+    /// Counts one more thread looking at the queue: a parked one, else a new one while under
+    /// the maximum. The caller carries the [`Wake`] out once it has released the lock (woken
+    /// under it, a thread that gets the CPU at once would only block on the lock).
     #[must_use]
-    fn wake_one(&self, st: &mut State) -> bool {
+    fn wake_one(&self, st: &mut State) -> Wake {
         if st.idle > 0 {
             st.idle -= 1;
             st.notified += 1;
             st.searching += 1;
-            self.idle_cond.notify_one();
-            false
+            Wake::Parked
         } else if st.threads < self.max_threads {
             st.threads += 1;
             st.searching += 1;
-            true
+            Wake::Start
         } else {
-            false // all busy: the first to finish takes the next job
+            Wake::None // all busy: the first to finish takes the next job
+        }
+    }
+
+    /// Wakes a thread if the queue holds jobs and none is looking at it: to be carried out
+    /// with the lock released.
+    #[must_use]
+    fn wake_if_unattended(&self, st: &mut State) -> Wake {
+        if !st.queue.is_empty() && st.searching == 0 {
+            self.wake_one(st)
+        } else {
+            Wake::None
+        }
+    }
+
+    fn carry_out(self: &Arc<Self>, wake: Wake) {
+        match wake {
+            Wake::None => {}
+            // Any parked thread will do: each takes a wake only if `notified` counts one.
+            Wake::Parked => self.idle_cond.notify_one(),
+            Wake::Start => self.start_thread(),
         }
     }
 
@@ -247,13 +267,8 @@ async fn kicker(inner: Arc<Inner>) {
         inner.kick.notified().await;
         // Cleared before looking, so a submission after the look signals again.
         inner.kick_asked.store(false, Ordering::SeqCst);
-        let start = {
-            let mut st = inner.lock();
-            !st.queue.is_empty() && st.searching == 0 && inner.wake_one(&mut st)
-        };
-        if start {
-            inner.start_thread();
-        }
+        let wake = inner.wake_if_unattended(&mut inner.lock());
+        inner.carry_out(wake);
     }
 }
 
@@ -271,6 +286,13 @@ async fn deliverer(inner: Arc<Inner>) {
     }
 }
 
+/// What [`Inner::wake_one`] decided.
+enum Wake {
+    None,
+    Parked,
+    Start,
+}
+
 /// A pool thread. Counted as searching by whoever started it.
 fn work(inner: Arc<Inner>) {
     let _runtime = inner.runtime.as_ref().map(|rt| rt.enter());
@@ -280,11 +302,9 @@ fn work(inner: Arc<Inner>) {
             && let Some(job) = st.queue.pop_front()
         {
             st.searching -= 1;
-            let start = !st.queue.is_empty() && st.searching == 0 && inner.wake_one(&mut st);
+            let wake = inner.wake_if_unattended(&mut st);
             drop(st);
-            if start {
-                inner.start_thread();
-            }
+            inner.carry_out(wake);
             job();
             st = inner.lock();
             st.searching += 1;
