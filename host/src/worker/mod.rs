@@ -5,7 +5,7 @@
 //! Owns: the accept loop (which drops connections whose client is already gone, see
 //! [`backlog`]), per-connection HTTP (hyper, HTTP/1.1 and HTTP/2), the built-in `/_host/`
 //! routes, dispatching each request to the plugin (on the I/O thread when the plugin declares
-//! the handler non-blocking, on the blocking pool otherwise), the heartbeat that tells the
+//! the handler non-blocking, on the blocking [`pool`] otherwise), the heartbeat that tells the
 //! master its I/O thread still runs, and the drain. It counts each request in its cell of the
 //! shared worker table for `/metrics` (see `counters`). It never binds a socket, never spawns
 //! processes and never decides when to reload: it obeys [`MasterToWorker`].
@@ -28,6 +28,7 @@ mod coalesce;
 mod drain_signal;
 mod h2_drain;
 pub mod loader;
+mod pool;
 
 use std::convert::Infallible;
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -63,6 +64,10 @@ pub const HOST_BUILD: &str = match option_env!("HOST_BUILD_ID") {
     Some(id) => id,
     None => "dev",
 };
+
+/// The blocking pool: at most this many threads, each leaving after [`POOL_IDLE`] without work.
+const POOL_MAX_THREADS: usize = 1024;
+const POOL_IDLE: Duration = Duration::from_secs(60);
 
 /// An inline handler slower than this stalled the I/O thread: its path goes to the blocking pool
 /// from then on.
@@ -109,6 +114,8 @@ struct Shared {
     /// Paths whose async handler was caught blocking the I/O thread (logged once each).
     blocking_polls: std::sync::Mutex<std::collections::HashSet<String>>,
     plugin: Arc<LoadedPlugin>,
+    /// Where `Dispatch::Blocking` handlers run.
+    pool: pool::Pool,
     http: auto::Builder<TokioExecutor>,
     draining: Arc<AtomicBool>,
     /// Fired when the worker starts draining: each connection task waits on it.
@@ -283,8 +290,6 @@ pub fn run(
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .max_blocking_threads(1024)
-        .thread_keep_alive(Duration::from_secs(60))
         .build()
     {
         Ok(rt) => rt,
@@ -302,7 +307,8 @@ pub fn run(
         startup,
         spawned_at_ns,
     ));
-    // Handlers still blocked at a graceful deadline must not hold the exit up.
+    // Handlers still blocked at a graceful deadline must not hold the exit up (the blocking
+    // pool's threads are never joined either: the process exits under them).
     rt.shutdown_background();
     code
 }
@@ -423,6 +429,7 @@ async fn serve(
         any_slow: AtomicBool::new(false),
         blocking_polls: Default::default(),
         plugin: Arc::new(plugin),
+        pool: pool::Pool::new(POOL_MAX_THREADS, POOL_IDLE),
         http,
         draining: draining.clone(),
         drain: drain_signal::DrainSignal::new(draining),
@@ -945,7 +952,7 @@ async fn call_plugin(
     } else {
         let plugin = shared.plugin.clone();
         let path = parts.uri.path().to_string();
-        match tokio::task::spawn_blocking(move || plugin.handle(&parts, &body)).await {
+        match shared.pool.run(move || plugin.handle(&parts, &body)).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::error!(error = %e, path, "request task failed");
