@@ -81,6 +81,47 @@ async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// One keep-alive request; then how long the server left the idle connection open (up to 10 s).
+async fn idle_until_closed(addr: std::net::SocketAddr) -> Duration {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read the whole response: its head, then Content-Length bytes of body.
+    let answered = loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("the response came")
+            .unwrap();
+        assert!(n > 0, "closed before the response was whole: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let len: usize = text[..head_end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a content-length");
+            if got.len() >= head_end + 4 + len {
+                break Instant::now();
+            }
+        }
+    };
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("the idle connection was closed within 10 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing more comes on the idle connection");
+    answered.elapsed()
+}
+
 fn served(reply: &tests::Reply) -> u64 {
     reply
         .body
@@ -155,6 +196,34 @@ async fn bad_http_input_is_answered_by_the_host_and_never_reaches_the_plugin() {
     assert!(!slow.contains("200 OK"), "{slow:?}");
 
     only_good_requests_reached_the_plugin(&host, before, load).await;
+
+    // (After the count above: these requests reach the plugin.) The same guard closes a keep-alive connection left idle after its response for longer
+    // than header_read_timeout (not before it), and never cuts a busy one: a handler slower
+    // than the timeout, or a response that streams for longer than it.
+    let idle_for = idle_until_closed(host.addr).await;
+    assert!(
+        idle_for >= Duration::from_millis(500) && idle_for < Duration::from_secs(3),
+        "an idle keep-alive connection was closed after {idle_for:?} (header_read_timeout 500ms)"
+    );
+    let slow_handler = raw(
+        host.addr,
+        b"GET /sleep?ms=1200 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        slow_handler.starts_with("HTTP/1.1 200") && slow_handler.contains("slept 1200 ms"),
+        "a handler slower than header_read_timeout: {slow_handler:?}"
+    );
+    let streamed = raw(
+        host.addr,
+        b"GET /stream?chunks=4&every_ms=400 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        streamed.starts_with("HTTP/1.1 200") && streamed.ends_with("0\r\n\r\n"),
+        "a response streaming for longer than header_read_timeout arrived whole: {streamed:?}"
+    );
+
     assert_eq!(host.worker_pids(None).await, pid, "no worker crashed");
 }
 

@@ -2,7 +2,8 @@
 //! Same hyper setup (auto HTTP/1 + HTTP/2 builder, tokio timer, header read timeout), same
 //! response (the example plugin's body and content type), one current-thread runtime unless
 //! `--threads` says otherwise. `--plain-h1`: HTTP/1 only, no timer and no header timeout, the
-//! cheapest hyper server (an anchor for what the HTTP stack costs).
+//! cheapest hyper server (an anchor for what the HTTP stack costs). `--no-header-timer`: the
+//! auto builder without the header timer, to tell the two costs apart.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +27,9 @@ struct Args {
     /// HTTP/1 only, without the header-read timer.
     #[arg(long)]
     plain_h1: bool,
+    /// Without the header-read timer (and the timer it needs).
+    #[arg(long)]
+    no_header_timer: bool,
 }
 
 async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -59,13 +63,17 @@ fn main() {
             .await
             .expect("bind");
         let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
-            .timer(TokioTimer::new())
-            .keep_alive(true)
-            .header_read_timeout(Duration::from_secs(10));
-        let http = std::sync::Arc::new(http);
+        http.http1().keep_alive(true);
         let mut plain = hyper::server::conn::http1::Builder::new();
         plain.keep_alive(true);
+        if args.no_header_timer {
+            http.http1().header_read_timeout(None);
+        } else {
+            http.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+        }
+        let http = std::sync::Arc::new(http);
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;

@@ -27,6 +27,7 @@ pub mod check;
 mod coalesce;
 mod drain_signal;
 mod h2_drain;
+mod head_timeout;
 pub mod loader;
 mod pool;
 
@@ -120,6 +121,8 @@ struct Shared {
     draining: Arc<AtomicBool>,
     /// Fired when the worker starts draining: each connection task waits on it.
     drain: drain_signal::DrainSignal,
+    /// The slowloris guard (`header_read_timeout`).
+    head_timeout: Arc<head_timeout::HeadTimeout>,
     /// Set at `graceful_timeout`: requests still waiting for their handler answer `503`.
     cut_rx: watch::Receiver<bool>,
     /// Requests answered `503` because they were still running at `graceful_timeout`.
@@ -410,10 +413,10 @@ async fn serve(
         }
     });
     let mut http = auto::Builder::new(TokioExecutor::new());
+    // The slowloris guard is `head_timeout`'s sweep, not hyper's timer per request.
     http.http1()
-        .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(Duration::from_millis(spec.header_read_timeout_ms))
+        .header_read_timeout(None)
         .max_buf_size(spec.max_header_bytes);
     if spec.max_headers != 100 {
         // hyper's default; any other value moves header parsing to the heap, so only when asked.
@@ -424,6 +427,8 @@ async fn serve(
     http.http2().timer(TokioTimer::new());
     let info = plugin.info.clone();
     let draining = Arc::new(AtomicBool::new(false));
+    let head_timeout =
+        head_timeout::HeadTimeout::start(Duration::from_millis(spec.header_read_timeout_ms));
     let shared = Arc::new(Shared {
         slow_paths: Default::default(),
         any_slow: AtomicBool::new(false),
@@ -433,6 +438,7 @@ async fn serve(
         http,
         draining: draining.clone(),
         drain: drain_signal::DrainSignal::new(draining),
+        head_timeout,
         cut_rx,
         cut_answered: AtomicU64::new(0),
         requests: AtomicU64::new(0),
@@ -701,6 +707,7 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
             is_h2: AtomicBool::new(false),
             first_h2_request: tokio::sync::Notify::new(),
             staying: AtomicBool::new(false),
+            watch: shared.head_timeout.watch(),
         });
         let service = {
             let conn_state = conn_state.clone();
@@ -720,6 +727,11 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
                 return;
             }
             _ = shared.drain.wait() => {}
+            _ = conn_state.watch.expired() => {
+                // No request head within `header_read_timeout` of going idle: closed without
+                // a response, as hyper's own header timeout does.
+                return;
+            }
         }
         // Draining. An HTTP/1 keep-alive client may be about to send its next request on this
         // connection: give it `idle_grace` to do so (its response carries `Connection: close`)
@@ -1039,6 +1051,8 @@ struct Connection {
     first_h2_request: tokio::sync::Notify,
     /// Counted in [`Shared::staying`].
     staying: AtomicBool,
+    /// Its place in the slowloris guard.
+    watch: Arc<head_timeout::Watch>,
 }
 
 impl Connection {
@@ -1082,10 +1096,12 @@ impl Drop for Connection {
 async fn handle_request(
     conn: Arc<Connection>,
     req: Request<Incoming>,
-) -> Result<Response<ResponseBody>, Infallible> {
+) -> Result<Response<head_timeout::BusyBody<ResponseBody>>, Infallible> {
+    let busy = conn.watch.busy();
     let shared = &conn.shared;
     let h2 = req.version() == Version::HTTP_2;
     if h2 && !conn.is_h2.swap(true, Ordering::Relaxed) {
+        conn.watch.exempt();
         conn.first_h2_request.notify_one();
     }
     conn.note_request(&req);
@@ -1128,5 +1144,5 @@ async fn handle_request(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     in_flight.answered(&mut resp, ready_ns);
-    Ok(resp)
+    Ok(resp.map(|body| head_timeout::BusyBody::new(body, busy)))
 }

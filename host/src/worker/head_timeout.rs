@@ -1,0 +1,295 @@
+//! The slowloris guard (`header_read_timeout`): one sweep per worker, not a timer per request.
+//!
+//! A connection with nothing in progress (just accepted, or its last response sent in full) must
+//! bring a complete request head within the timeout, or it is closed without a response. hyper's
+//! own `header_read_timeout` does the same with a timer armed for every head it reads, idle waits
+//! between keep-alive requests included: a boxed sleep, a clock read, and a registration in and
+//! removal from tokio's timer wheel per request, some 5% of the CPU time of a short keep-alive
+//! request (bench: `bare-hyper` with and without it, loaded side by side on one CPU). Here a
+//! request costs two atomic counter updates and one store of a coarse clock, and a task sweeps
+//! the worker's connections every quarter of the timeout.
+//!
+//! A connection is "busy" from a request's head until its response has been sent in full (the
+//! response body dropped by hyper); a busy connection is never cut here (a slow request body is
+//! `body_read_timeout`'s business, a long response is no one's). An idle one is closed once idle
+//! for longer than the timeout: between 1x and 1.5x of it, given the sweep's period. An HTTP/2
+//! connection is exempt from its first request on (hyper applies no head timeout to HTTP/2
+//! either); one that sent no request is held to it like any other.
+//!
+//! Owns: the coarse clock, the register of connections, the sweep. Never reads or writes a
+//! socket: it marks a connection expired and wakes its task, which closes it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The worker's connections and their coarse clock.
+pub struct HeadTimeout {
+    timeout_ms: u64,
+    period: Duration,
+    epoch: Instant,
+    /// Milliseconds since `epoch`, as of the last sweep.
+    now_ms: AtomicU64,
+    register: Mutex<Register>,
+}
+
+#[derive(Default)]
+struct Register {
+    watches: Vec<Weak<Watch>>,
+}
+
+/// One connection's state, shared by its task and the sweep.
+pub struct Watch {
+    head_timeout: Arc<HeadTimeout>,
+    /// Requests whose response has not been sent in full.
+    busy: AtomicU32,
+    /// The coarse clock when it last became idle.
+    idle_since_ms: AtomicU64,
+    exempt: AtomicBool,
+    expired: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl HeadTimeout {
+    /// Starts the sweep on the current runtime; it ends when the last `Arc` is dropped.
+    pub fn start(timeout: Duration) -> Arc<HeadTimeout> {
+        let period = (timeout / 4).clamp(Duration::from_millis(1), Duration::from_millis(250));
+        let head_timeout = Arc::new(HeadTimeout {
+            timeout_ms: timeout.as_millis().max(1) as u64,
+            period,
+            epoch: Instant::now(),
+            now_ms: AtomicU64::new(0),
+            register: Mutex::new(Register::default()),
+        });
+        tokio::spawn(sweep(Arc::downgrade(&head_timeout), period));
+        head_timeout
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now_ms.load(Ordering::Relaxed)
+    }
+
+    /// Registers a connection, idle from now.
+    pub fn watch(self: &Arc<Self>) -> Arc<Watch> {
+        let watch = Arc::new(Watch {
+            head_timeout: self.clone(),
+            busy: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(self.now_ms()),
+            exempt: AtomicBool::new(false),
+            expired: AtomicBool::new(false),
+            waker: Mutex::new(None),
+        });
+        let mut register = self.register.lock().unwrap_or_else(|e| e.into_inner());
+        register.watches.push(Arc::downgrade(&watch));
+        watch
+    }
+
+    /// One pass: advance the clock, expire the idle connections, forget the closed ones.
+    fn sweep_once(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.now_ms.store(now, Ordering::Relaxed);
+        // Idle since at most one period before the recorded time (the clock is coarse): wait
+        // that much longer, so no connection is cut early.
+        let limit = self.timeout_ms + self.period.as_millis() as u64;
+        let mut expired = Vec::new();
+        {
+            let mut register = self.register.lock().unwrap_or_else(|e| e.into_inner());
+            register.watches.retain(|w| {
+                let Some(watch) = w.upgrade() else {
+                    return false;
+                };
+                if watch.busy.load(Ordering::SeqCst) == 0
+                    && !watch.exempt.load(Ordering::Relaxed)
+                    && now.saturating_sub(watch.idle_since_ms.load(Ordering::SeqCst)) > limit
+                {
+                    expired.push(watch);
+                    return false;
+                }
+                true
+            });
+        }
+        for watch in expired {
+            watch.expire();
+        }
+    }
+}
+
+async fn sweep(head_timeout: Weak<HeadTimeout>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match head_timeout.upgrade() {
+            Some(h) => h.sweep_once(),
+            None => return,
+        }
+    }
+}
+
+impl Watch {
+    /// A request's head arrived: busy until the returned guard drops (with its response body).
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    /// HTTP/2: no head timeout from now on.
+    pub fn exempt(&self) {
+        self.exempt.store(true, Ordering::Relaxed);
+    }
+
+    fn expire(&self) {
+        self.expired.store(true, Ordering::SeqCst);
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Completes when the connection has been idle too long.
+    pub fn expired(&self) -> Expired<'_> {
+        Expired {
+            watch: self,
+            registered: None,
+        }
+    }
+}
+
+/// Holds its connection busy (see the module docs).
+pub struct Busy(Arc<Watch>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let watch = &self.0;
+        // Idle from now if this was the last request in progress. The time is stored before
+        // the count drops, so the sweep never sees an idle connection with an old time.
+        watch
+            .idle_since_ms
+            .store(watch.head_timeout.now_ms(), Ordering::SeqCst);
+        watch.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that holds its connection busy until hyper drops it (sent in full, or the
+/// connection gone).
+pub struct BusyBody<B> {
+    body: B,
+    _busy: Busy,
+}
+
+impl<B> BusyBody<B> {
+    pub fn new(body: B, busy: Busy) -> Self {
+        BusyBody { body, _busy: busy }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for BusyBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A connection's wait for its expiry: one atomic load per poll, the waker stored once.
+pub struct Expired<'a> {
+    watch: &'a Watch,
+    registered: Option<Waker>,
+}
+
+impl Future for Expired<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.watch.expired.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        if this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        *this.watch.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+        this.registered = Some(cx.waker().clone());
+        // `expire` sets the flag before it takes the waker: look again.
+        if this.watch.expired.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_expires_after_the_timeout_and_a_busy_one_never() {
+        let h = HeadTimeout::start(Duration::from_millis(400));
+        let idle = h.watch();
+        let busy = h.watch();
+        let exempt = h.watch();
+        exempt.exempt();
+        let guard = busy.busy();
+        let began = tokio::time::Instant::now();
+        idle.expired().await;
+        let took = began.elapsed();
+        // Not before the timeout, and within 1.5x of it.
+        assert!(
+            took >= Duration::from_millis(400) && took <= Duration::from_millis(600),
+            "{took:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            !busy.expired.load(Ordering::SeqCst),
+            "a busy connection expired"
+        );
+        assert!(
+            !exempt.expired.load(Ordering::SeqCst),
+            "an HTTP/2 connection expired"
+        );
+        // Idle from the moment its response is done: expires a timeout later, not at once.
+        drop(guard);
+        let idle_from = tokio::time::Instant::now();
+        busy.expired().await;
+        assert!(idle_from.elapsed() >= Duration::from_millis(400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_connections_leave_the_register_and_the_sweep_ends_with_the_worker() {
+        let h = HeadTimeout::start(Duration::from_secs(10));
+        for _ in 0..100 {
+            drop(h.watch());
+        }
+        let kept = h.watch();
+        let _guard = kept.busy();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(h.register.lock().unwrap().watches.len(), 1);
+        // The watch holds the `HeadTimeout` too; with both gone the sweep task returns.
+        let weak = Arc::downgrade(&h);
+        drop(_guard);
+        drop(kept);
+        drop(h);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(weak.upgrade().is_none());
+    }
+}
