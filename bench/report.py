@@ -160,7 +160,7 @@ w("|---|---|---|---|---|")
 names = {
     "plain-hyper": "hyper, HTTP/1 only, no header timer (`bare-hyper --plain-h1`)",
     "nginx": f"nginx {env.get('NGINX_VERSION', '')}, one worker, `return 200`",
-    "bare-hyper": "hyper set up like a worker: auto h1/h2, header timer (`bare-hyper`)",
+    "bare-hyper": "hyper with the auto h1/h2 builder and hyper's header timer (`bare-hyper`)",
     "host-health": "host, `/_host/health` (the host's own route)",
     "host-plugin": "host + example plugin, `/` (through the plugin)",
 }
@@ -171,10 +171,35 @@ for n in ["plain-hyper", "nginx", "bare-hyper", "host-health", "host-plugin"]:
 w("")
 w(
     f"Ratios (medians of the per-round ratios): plugin path / host's own route **{plugin_vs_health:.2f}x**; host `/` / nginx **{plugin_vs_nginx:.2f}x**; "
-    f"worker-like hyper / plain hyper {a_cpu['bare-hyper'] / a_cpu['plain-hyper']:.2f}x (what the auto h1/h2 "
-    f"builder and header timer cost); host `/_host/health` / worker-like hyper {a_cpu['host-health'] / a_cpu['bare-hyper']:.2f}x."
+    f"auto h1/h2 hyper with header timer / plain hyper {a_cpu['bare-hyper'] / a_cpu['plain-hyper']:.2f}x; "
+    f"host `/_host/health` / that hyper {a_cpu['host-health'] / a_cpu['bare-hyper']:.2f}x (the host keeps both protections, "
+    "h2c and the slowloris guard, but its guard is one sweep per worker instead of hyper's timer per request)."
 )
 w("")
+pairs = {}
+for line in env.get("R_PAIRS", "").splitlines():
+    if line.strip():
+        a, b, r = line.split()
+        pairs.setdefault((a, b), []).append(float(r))
+pair_names = {
+    ("plain-hyper", "auto-no-timer"): ("hyper with the auto h1/h2 builder, no header timer", "plain HTTP/1 hyper", "the auto builder (h2c detection)"),
+    ("auto-no-timer", "bare-hyper"): ("the same with hyper's header-read timer", "without it", "hyper's timer per request head, which the host replaced by one sweep per worker"),
+    ("bare-hyper", "host-health"): ("the host's `/_host/health`", "hyper set up like a worker", "what the host adds around hyper"),
+}
+if pairs:
+    w(
+        "**Side by side.** Two servers pinned to the same CPU and loaded at the same time (a `wrk -t1 -c32` each, on the other "
+        "CPU), so the machine's noise, which moves from second to second, hits both alike: steadier than rounds one after "
+        f"the other, for costs of a few percent between set-ups of the same server. {env['RUNS']} rounds of {env['SECS']} s; "
+        "CPU per request of the second over the first."
+    )
+    w("")
+    w("| server | against | CPU per request, ratio (median) | each round | what it measures |")
+    w("|---|---|---|---|---|")
+    for key, rounds in pairs.items():
+        second, first, what = pair_names.get(key, (key[1], key[0], ""))
+        w(f"| {second} | {first} | **{med(rounds):.3f}x** | {', '.join(f'{r:.3f}' for r in rounds)} | {what} |")
+    w("")
 w("## 2. `host reload` of 4 idle workers")
 w("")
 w(

@@ -121,6 +121,37 @@ for _ in $(seq "$RUNS"); do
   stop_host one
 done
 
+# 1b. Side by side: two servers pinned to the same CPU and loaded at the same time (a wrk each,
+#     on the other CPU), so the machine's noise, which moves from second to second, hits both
+#     alike. Steadier than rounds one after the other for telling apart costs of a few percent
+#     between two set-ups of the same server.
+side_by_side() { # name_a url_a pids_a name_b url_b pids_b  -> appends "name_a name_b ratio" per round
+  local a0 b0 a1 b1 na nb
+  for _ in $(seq "$RUNS"); do
+    # shellcheck disable=SC2086
+    a0=$(cpu_ticks $3); b0=$(cpu_ticks $6)
+    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$2" > "$WORK/wrk-a.txt" & local wa=$!
+    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$5" > "$WORK/wrk-b.txt" & local wb=$!
+    wait $wa $wb
+    # shellcheck disable=SC2086
+    a1=$(cpu_ticks $3); b1=$(cpu_ticks $6)
+    na=$(awk '/requests in/ {print $1}' "$WORK/wrk-a.txt"); nb=$(awk '/requests in/ {print $1}' "$WORK/wrk-b.txt")
+    PAIRS+=("$1 $4 $(python3 -c "print((($b1-$b0)/$nb) / (($a1-$a0)/$na))")")
+  done
+}
+PAIRS=()
+taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18180 --plain-h1 & PLAIN_PID=$!
+taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18183 --no-header-timer & NOTIMER_PID=$!
+taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18181 & BARE_PID=$!
+wait_port 18180; wait_port 18183; wait_port 18181
+side_by_side plain-hyper http://127.0.0.1:18180/ $PLAIN_PID auto-no-timer http://127.0.0.1:18183/ $NOTIMER_PID
+side_by_side auto-no-timer http://127.0.0.1:18183/ $NOTIMER_PID bare-hyper http://127.0.0.1:18181/ $BARE_PID
+start_host one $SERVER_CPU
+# shellcheck disable=SC2046
+side_by_side bare-hyper http://127.0.0.1:18181/ $BARE_PID host-health http://127.0.0.1:18191/_host/health "$(host_pids one)"
+stop_host one
+kill $PLAIN_PID $NOTIMER_PID $BARE_PID; wait $PLAIN_PID $NOTIMER_PID $BARE_PID 2>/dev/null || true; BARE_PID=
+
 # 2. Reload of 4 idle workers, CLI round trip included, against a `status` round trip on the
 #    same host, and where worker start time goes.
 echo "bench: 2/8 reload time, 4 idle workers" >&2
@@ -260,6 +291,8 @@ done
 # Results.
 # (Arrays cannot be exported: each goes out as a space- or line-separated string.)
 R_ANCHORS="$(printf '%s\n' "${ANCHORS[@]}")"
+R_PAIRS="$(printf '%s\n' "${PAIRS[@]}")"
+export R_PAIRS
 export R_ANCHORS R_RELOAD4="${RELOAD4[*]}" R_STATUS4="${STATUS4[*]}" STARTUP LAT MEM BURST
 export R_CHANGED="${CHANGED[*]}" R_SNAP_MS="${SNAP_MS[*]}" HASH
 R_SCALE_RPS="$(printf '%s\n' "${SCALE_RPS[@]}")"

@@ -1,6 +1,7 @@
-//! The baseline: a hyper server doing what a `host` worker does for `GET /`, minus the plugin.
-//! Same hyper setup (auto HTTP/1 + HTTP/2 builder, tokio timer, header read timeout), same
-//! response (the example plugin's body and content type), one current-thread runtime unless
+//! The baseline: a hyper server answering what a `host` worker answers for `GET /`, minus the
+//! plugin: the auto HTTP/1 + HTTP/2 builder with hyper's own header-read timer (the worker keeps
+//! the same protections, h2c and a slowloris guard, but guards with one sweep per worker instead
+//! of that timer), the example plugin's body and content type, one current-thread runtime unless
 //! `--threads` says otherwise. `--plain-h1`: HTTP/1 only, no timer and no header timeout, the
 //! cheapest hyper server (an anchor for what the HTTP stack costs). `--no-header-timer`: the
 //! auto builder without the header timer, to tell the two costs apart.
