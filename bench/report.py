@@ -28,7 +28,26 @@ def paired(rounds_a, rounds_b):
     return med([a[0] / b[0] for a, b in zip(rounds_a, rounds_b)])
 
 
-plugin_vs_health = paired(anchors["host-plugin"], anchors["host-health"])
+# Side by side (run.sh 1b and 8): "a b cpu_a cpu_b rps_a rps_b" per round.
+pairs = {}
+for line in env.get("R_PAIRS", "").splitlines():
+    if line.strip():
+        a, b, *vals = line.split()
+        pairs.setdefault((a, b), []).append(tuple(float(v) for v in vals))
+
+
+def pair_ratio(a, b):
+    """Median over rounds of b's CPU per request over a's, measured side by side."""
+    return med([cb / ca for ca, cb, _, _ in pairs[(a, b)]])
+
+
+def pair_cpu(a, b):
+    rounds = pairs[(a, b)]
+    return med([r[0] for r in rounds]), med([r[1] for r in rounds])
+
+
+plugin_vs_health = pair_ratio("host:/_host/health", "host:/")
+health_cpu, plugin_cpu = pair_cpu("host:/_host/health", "host:/")
 plugin_vs_nginx = paired(anchors["host-plugin"], anchors["nginx"])
 reload4 = floats("R_RELOAD4")
 status4 = floats("R_STATUS4")
@@ -55,7 +74,7 @@ targets = [
     (
         "CPU per request: the plugin's `/` vs the host's own `/_host/health`",
         "<= 1.1x",
-        f"{plugin_vs_health:.2f}x ({a_cpu['host-plugin']:.2f} vs {a_cpu['host-health']:.2f} µs)",
+        f"{plugin_vs_health:.2f}x ({plugin_cpu:.2f} vs {health_cpu:.2f} µs, side by side)",
         verdict(plugin_vs_health <= 1.1),
     ),
     (
@@ -94,28 +113,18 @@ targets.append(
     )
 )
 
-kinds = {}
-for line in env["R_KINDS"].splitlines():  # path cpu_us rps
-    path, cpu, rps = line.split()
-    kinds.setdefault(path, []).append((float(cpu), float(rps)))
-kind_cpu = {p: med([c for c, _ in v]) for p, v in kinds.items()}
-kind_rps = {p: med([r for _, r in v]) for p, v in kinds.items()}
-async_ratio = paired(kinds["/async/hello"], kinds["/"])
-targets.append(
-    (
-        "Async handler ready at once, CPU per request vs the inline path",
-        "<= 1.1x",
-        f"{async_ratio:.2f}x ({kind_cpu['/async/hello']:.1f} vs {kind_cpu['/']:.1f} us)",
-        verdict(async_ratio <= 1.1),
-    )
-)
-for path, label in [("/stream?chunks=1&every_ms=0", "Streamed body (1 chunk)"), ("/sleep?ms=0", "Blocking pool (`/sleep?ms=0`)")]:
-    r = paired(kinds[path], kinds["/"])
+kind_paths = ["/async/hello", "/stream?chunks=1&every_ms=0", "/sleep?ms=0"]
+for path, label in zip(
+    kind_paths,
+    ["Async handler", "Streamed body (1 chunk)", "Blocking pool (`/sleep?ms=0`)"],
+):
+    r = pair_ratio("host:/", f"host:{path}")
+    inline_cpu, path_cpu = pair_cpu("host:/", f"host:{path}")
     targets.append(
         (
             f"{label}, ready at once, CPU per request vs the inline path",
             "<= 1.1x",
-            f"{r:.2f}x ({kind_cpu[path]:.1f} vs {kind_cpu['/']:.1f} us)",
+            f"{r:.2f}x ({path_cpu:.1f} vs {inline_cpu:.1f} µs, side by side)",
             verdict(r <= 1.1),
         )
     )
@@ -170,36 +179,33 @@ for n in ["plain-hyper", "nginx", "bare-hyper", "host-health", "host-plugin"]:
         w(f"| {names[n]} | {a_cpu[n]:.2f} | {a_cpu[n] / a_cpu['nginx']:.2f}x | {a_rps[n]:,.0f} | {rounds} |")
 w("")
 w(
-    f"Ratios (medians of the per-round ratios): plugin path / host's own route **{plugin_vs_health:.2f}x**; host `/` / nginx **{plugin_vs_nginx:.2f}x**; "
+    f"Ratios (medians of the per-round ratios): plugin path / host's own route {paired(anchors['host-plugin'], anchors['host-health']):.2f}x "
+    f"(the target is taken side by side, below: **{plugin_vs_health:.2f}x**); host `/` / nginx **{plugin_vs_nginx:.2f}x**; "
     f"auto h1/h2 hyper with header timer / plain hyper {a_cpu['bare-hyper'] / a_cpu['plain-hyper']:.2f}x; "
     f"host `/_host/health` / that hyper {a_cpu['host-health'] / a_cpu['bare-hyper']:.2f}x (the host keeps both protections, "
     "h2c and the slowloris guard, but its guard is one sweep per worker instead of hyper's timer per request)."
 )
 w("")
-pairs = {}
-for line in env.get("R_PAIRS", "").splitlines():
-    if line.strip():
-        a, b, r = line.split()
-        pairs.setdefault((a, b), []).append(float(r))
 pair_names = {
     ("plain-hyper", "auto-no-timer"): ("hyper with the auto h1/h2 builder, no header timer", "plain HTTP/1 hyper", "the auto builder (h2c detection)"),
     ("auto-no-timer", "bare-hyper"): ("the same with hyper's header-read timer", "without it", "hyper's timer per request head, which the host replaced by one sweep per worker"),
-    ("bare-hyper", "host-health"): ("the host's `/_host/health`", "hyper set up like a worker", "what the host adds around hyper"),
+    ("bare-hyper", "host-health"): ("the host's `/_host/health`", "hyper with the auto builder and header timer", "what the host adds around hyper, less what it saves"),
+    ("host:/_host/health", "host:/"): ("the host's `/` (through the plugin)", "the host's `/_host/health`", "the plugin boundary (two identical hosts, swapping paths each round)"),
 }
-if pairs:
-    w(
-        "**Side by side.** Two servers pinned to the same CPU and loaded at the same time (a `wrk -t1 -c32` each, on the other "
-        "CPU), so the machine's noise, which moves from second to second, hits both alike: steadier than rounds one after "
-        f"the other, for costs of a few percent between set-ups of the same server. {env['RUNS']} rounds of {env['SECS']} s; "
-        "CPU per request of the second over the first."
-    )
-    w("")
-    w("| server | against | CPU per request, ratio (median) | each round | what it measures |")
-    w("|---|---|---|---|---|")
-    for key, rounds in pairs.items():
-        second, first, what = pair_names.get(key, (key[1], key[0], ""))
+w(
+    "**Side by side.** Two servers pinned to the same CPU and loaded at the same time (a `wrk -t1 -c32` each, on the other "
+    "CPU), so the machine's noise, which moves from second to second, hits both alike: steadier than rounds one after "
+    f"the other, for costs of a few percent between set-ups of the same server. {env['RUNS']} rounds of {env['SECS']} s; "
+    "which wrk starts first alternates; CPU per request of the first column over the second."
+)
+w("")
+w("| server | against | CPU per request, ratio (median) | each round | what it measures |")
+w("|---|---|---|---|---|")
+for key, (second, first, what) in pair_names.items():
+    if key in pairs:
+        rounds = [cb / ca for ca, cb, _, _ in pairs[key]]
         w(f"| {second} | {first} | **{med(rounds):.3f}x** | {', '.join(f'{r:.3f}' for r in rounds)} | {what} |")
-    w("")
+w("")
 w("## 2. `host reload` of 4 idle workers")
 w("")
 w(
@@ -301,21 +307,26 @@ w("")
 w("## 8. Handler kinds")
 w("")
 w(
-    f"One worker pinned to a CPU, `wrk -t1 -c32 -d{env['SECS']}s` on the other, {env['RUNS']} interleaved rounds "
-    "(medians). CPU time of every host process per request; each ratio is to the inline path in the same run."
+    "Each path against the inline path `/`, side by side (as in section 1: two identical one-worker hosts on one CPU, "
+    f"loaded at the same time, swapping paths each round; {env['RUNS']} rounds of {env['SECS']} s). CPU time of every "
+    "host process per request, medians."
 )
 w("")
-w("| path | handler kind | CPU µs / request | vs inline (median of per-round ratios) | requests/s |")
-w("|---|---|---|---|---|")
+w("| path | handler kind | CPU µs / request | inline `/`, same rounds | ratio (median of rounds) | each round | requests/s |")
+w("|---|---|---|---|---|---|---|")
 kind_names = {
-    "/": "inline `handle` (I/O thread)",
     "/async/hello": "async `serve`, ready at once",
     "/stream?chunks=1&every_ms=0": "async `serve`, streamed body (1 chunk)",
     "/sleep?ms=0": "`handle` on the blocking pool",
 }
-for path, cpu in kind_cpu.items():
+for path in kind_paths:
+    key = ("host:/", f"host:{path}")
+    inline_cpu, path_cpu = pair_cpu(*key)
+    rounds = [cb / ca for ca, cb, _, _ in pairs[key]]
+    rps = med([r[3] for r in pairs[key]])
     w(
-        f"| `{path}` | {kind_names.get(path, '')} | {cpu:.1f} | {paired(kinds[path], kinds['/']):.2f}x | {kind_rps[path]:,.0f} |"
+        f"| `{path}` | {kind_names[path]} | {path_cpu:.1f} | {inline_cpu:.1f} | {med(rounds):.2f}x | "
+        f"{', '.join(f'{r:.2f}' for r in rounds)} | {rps:,.0f} |"
     )
 w("")
 w(

@@ -123,20 +123,48 @@ done
 
 # 1b. Side by side: two servers pinned to the same CPU and loaded at the same time (a wrk each,
 #     on the other CPU), so the machine's noise, which moves from second to second, hits both
-#     alike. Steadier than rounds one after the other for telling apart costs of a few percent
-#     between two set-ups of the same server.
-side_by_side() { # name_a url_a pids_a name_b url_b pids_b  -> appends "name_a name_b ratio" per round
-  local a0 b0 a1 b1 na nb
-  for _ in $(seq "$RUNS"); do
-    # shellcheck disable=SC2086
-    a0=$(cpu_ticks $3); b0=$(cpu_ticks $6)
-    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$2" > "$WORK/wrk-a.txt" & local wa=$!
-    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$5" > "$WORK/wrk-b.txt" & local wb=$!
-    wait $wa $wb
-    # shellcheck disable=SC2086
-    a1=$(cpu_ticks $3); b1=$(cpu_ticks $6)
-    na=$(awk '/requests in/ {print $1}' "$WORK/wrk-a.txt"); nb=$(awk '/requests in/ {print $1}' "$WORK/wrk-b.txt")
-    PAIRS+=("$1 $4 $(python3 -c "print((($b1-$b0)/$nb) / (($a1-$a0)/$na))")")
+#     alike. Steadier than rounds one after the other for costs of a few percent between two
+#     set-ups of the same server. The wrk that starts first alternates between rounds; for two
+#     paths of the host, so does which of two identical hosts serves which path.
+pair_round() { # url_a pids_a url_b pids_b swap -> "cpu_a cpu_b rps_a rps_b"
+  local a0 b0 a1 b1 wa wb
+  # shellcheck disable=SC2086
+  a0=$(cpu_ticks $2); b0=$(cpu_ticks $4)
+  if [ "$5" = 1 ]; then
+    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$3" > "$WORK/wrk-b.txt" & wb=$!
+    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$1" > "$WORK/wrk-a.txt" & wa=$!
+  else
+    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$1" > "$WORK/wrk-a.txt" & wa=$!
+    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$3" > "$WORK/wrk-b.txt" & wb=$!
+  fi
+  wait $wa $wb
+  # shellcheck disable=SC2086
+  a1=$(cpu_ticks $2); b1=$(cpu_ticks $4)
+  python3 - "$WORK/wrk-a.txt" "$WORK/wrk-b.txt" "$((a1 - a0))" "$((b1 - b0))" "$CLK" <<'PY'
+import re, sys
+def parse(f):
+    t = open(f).read()
+    return int(re.search(r"(\d+) requests in", t).group(1)), float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+(na, ra), (nb, rb) = parse(sys.argv[1]), parse(sys.argv[2])
+clk = float(sys.argv[5])
+print(int(sys.argv[3]) / clk * 1e6 / na, int(sys.argv[4]) / clk * 1e6 / nb, ra, rb)
+PY
+}
+side_by_side() { # name_a url_a pids_a name_b url_b pids_b -> PAIRS += "name_a name_b cpu_a cpu_b rps_a rps_b"
+  for i in $(seq "$RUNS"); do
+    PAIRS+=("$1 $4 $(pair_round "$2" "$3" "$5" "$6" $((i % 2)))")
+  done
+}
+side_by_side_paths() { # path_a path_b: two identical hosts (`one`, `two`), roles swapped each round
+  local one two
+  one=$(host_pids one); two=$(host_pids two)
+  for i in $(seq "$RUNS"); do
+    if [ $((i % 2)) = 1 ]; then
+      PAIRS+=("host:$1 host:$2 $(pair_round "http://127.0.0.1:18191$1" "$one" "http://127.0.0.1:18195$2" "$two" 0)")
+    else
+      read -r cb ca rb ra < <(pair_round "http://127.0.0.1:18191$2" "$one" "http://127.0.0.1:18195$1" "$two" 0)
+      PAIRS+=("host:$1 host:$2 $ca $cb $ra $rb")
+    fi
   done
 }
 PAIRS=()
@@ -146,11 +174,14 @@ taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18181 & BARE_PID=$!
 wait_port 18180; wait_port 18183; wait_port 18181
 side_by_side plain-hyper http://127.0.0.1:18180/ $PLAIN_PID auto-no-timer http://127.0.0.1:18183/ $NOTIMER_PID
 side_by_side auto-no-timer http://127.0.0.1:18183/ $NOTIMER_PID bare-hyper http://127.0.0.1:18181/ $BARE_PID
+config two 1 18195
 start_host one $SERVER_CPU
-# shellcheck disable=SC2046
+start_host two $SERVER_CPU
 side_by_side bare-hyper http://127.0.0.1:18181/ $BARE_PID host-health http://127.0.0.1:18191/_host/health "$(host_pids one)"
-stop_host one
 kill $PLAIN_PID $NOTIMER_PID $BARE_PID; wait $PLAIN_PID $NOTIMER_PID $BARE_PID 2>/dev/null || true; BARE_PID=
+side_by_side_paths /_host/health /
+stop_host one
+stop_host two
 
 # 2. Reload of 4 idle workers, CLI round trip included, against a `status` round trip on the
 #    same host, and where worker start time goes.
@@ -187,23 +218,18 @@ for k in keys:
 ')
 stop_host four
 
-# 8. Handler kinds on one pinned worker: CPU per request for the inline path (`/`), an async
-#    handler that is ready at once (`/async/hello`), a streamed one-chunk body, and the blocking
-#    pool (`/sleep?ms=0`), RUNS interleaved rounds. Then 10,000 concurrent requests that each
-#    await a 1 s timer in one worker: time to the last answer, and the worker's threads.
-echo "bench: 8/8 handler kinds ($RUNS rounds) and 10,000 sleeping requests" >&2
-KIND_PATHS=("/" "/async/hello" "/stream?chunks=1&every_ms=0" "/sleep?ms=0")
-KINDS=()
-for _ in $(seq "$RUNS"); do
-  start_host one $SERVER_CPU
-  pids=$(host_pids one)
-  for path in "${KIND_PATHS[@]}"; do
-    # shellcheck disable=SC2086
-    t0=$(cpu_ticks $pids); read -r rps n < <(wrk_run "http://127.0.0.1:18191$path" 1 32 $CLIENT_CPU); t1=$(cpu_ticks $pids)
-    KINDS+=("$path $(python3 -c "print(($t1-$t0)/$CLK*1e6/$n)") $rps")
-  done
-  stop_host one
+# 8. Handler kinds, side by side (as in 1b): CPU per request of an async handler that is ready
+#    at once (`/async/hello`), a streamed one-chunk body, and the blocking pool (`/sleep?ms=0`),
+#    each against the inline path (`/`). Then 10,000 concurrent requests that each await a 1 s
+#    timer in one worker: time to the last answer, and the worker's threads.
+echo "bench: 8/8 handler kinds ($RUNS rounds each) and 10,000 sleeping requests" >&2
+start_host one $SERVER_CPU
+start_host two $SERVER_CPU
+for path in "/async/hello" "/stream?chunks=1&every_ms=0" "/sleep?ms=0"; do
+  side_by_side_paths / "$path"
 done
+stop_host one
+stop_host two
 config sleepers 1 18199
 start_host sleepers $SERVER_CPU
 SLEEPER_PID=$(status_json sleepers | python3 -c 'import json,sys; print(json.load(sys.stdin)["workers"][0]["pid"])')
@@ -298,8 +324,7 @@ export R_CHANGED="${CHANGED[*]}" R_SNAP_MS="${SNAP_MS[*]}" HASH
 R_SCALE_RPS="$(printf '%s\n' "${SCALE_RPS[@]}")"
 R_SCALE_RELOAD="$(printf '%s\n' "${SCALE_RELOAD[@]}")"
 R_BAL="$(printf '%s\n' "${BAL[@]}")"
-R_KINDS="$(printf '%s\n' "${KINDS[@]}")"
-export R_SCALE_RPS R_SCALE_RELOAD R_BAL R_KINDS SLEEPERS
+export R_SCALE_RPS R_SCALE_RELOAD R_BAL SLEEPERS
 export MACHINE="$(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, Linux $(uname -r)"
 export RUSTC="$(rustc --version)" WRK="$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)" WHEN="$(date -u +%Y-%m-%d)" NGINX_VERSION="$("$NGINX" -v 2>&1 | cut -d/ -f2)"
 export SECS RUNS SERVER_CPU CLIENT_CPU
