@@ -4,7 +4,7 @@
 //! bring a complete request head within the timeout, or it is closed without a response. hyper's
 //! own `header_read_timeout` does the same with a timer armed for every head it reads, idle waits
 //! between keep-alive requests included: a boxed sleep, a clock read, and a registration in and
-//! removal from tokio's timer wheel per request, some 5% of the CPU time of a short keep-alive
+//! removal from tokio's timer wheel per request, 4-5% of the CPU time of a short keep-alive
 //! request (bench: `bare-hyper` with and without it, loaded side by side on one CPU). Here a
 //! request costs two atomic counter updates and one store of a coarse clock, and a task sweeps
 //! the worker's connections every quarter of the timeout.
