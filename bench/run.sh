@@ -2,7 +2,7 @@
 # The benchmark: the plugin host measured side by side with a bare hyper server, in one run.
 # Writes bench/RESULTS.md (tables, targets, machine) and bench/latency-during-reload.svg.
 #
-#   bench/run.sh            # about six minutes on a 2-core machine, after the release build
+#   bench/run.sh            # about seven minutes on a 2-core machine, after the release build
 #
 # Needs: cargo, python3, taskset (util-linux), wrk (installed with apt-get if missing).
 # Benchmarks are not tests: nothing here fails on a number; the targets are reported.
