@@ -3,7 +3,8 @@
 //! serves HTTP on the listening socket it inherited, and drains when told.
 //!
 //! Owns: the accept loop (which drops connections whose client is already gone, see
-//! [`backlog`]), per-connection HTTP (hyper, HTTP/1.1 and HTTP/2), the built-in `/_host/`
+//! [`backlog`]), per-connection HTTP (hyper, HTTP/1.1 and HTTP/2; the slowloris guard is
+//! [`head_timeout`]'s sweep, small writes are joined by [`coalesce`]), the built-in `/_host/`
 //! routes, dispatching each request to the plugin (on the I/O thread when the plugin declares
 //! the handler non-blocking, on the blocking [`pool`] otherwise), the heartbeat that tells the
 //! master its I/O thread still runs, and the drain. It counts each request in its cell of the
