@@ -31,15 +31,8 @@ pub fn run(log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the runtime");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = super::io_runtime() else {
+        return ExitCode::FAILURE;
     };
     let code = rt.block_on(check(channel));
     rt.shutdown_background();

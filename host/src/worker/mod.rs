@@ -292,15 +292,8 @@ pub fn run(
             return ExitCode::FAILURE;
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the runtime");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = io_runtime() else {
+        return ExitCode::FAILURE;
     };
     startup.runtime_us = since_spawn();
     let code = rt.block_on(serve(
@@ -626,6 +619,21 @@ async fn serve(
         })
         .await;
     ExitCode::SUCCESS
+}
+
+/// The worker's I/O runtime: one thread (blocking handlers have their own [`pool`]). `None`,
+/// logged, if it cannot be built.
+pub(crate) fn io_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the runtime");
+            None
+        }
+    }
 }
 
 /// The worker's end of its channel to the master (fd 4), as typed halves on this runtime.
