@@ -197,6 +197,17 @@ pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, what: &str, mut c
 
 /// Whether `pid` is a running process. A zombie counts as gone: a daemonized master is
 /// reparented to PID 1, which in some sandboxes never reaps it.
+/// The pids of a `status --json`'s workers, of those in `state` if given.
+pub fn worker_pids_in(status: &Value, state: Option<&str>) -> Vec<u32> {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| state.is_none_or(|s| w["state"] == s))
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect()
+}
+
 pub fn pid_alive(pid: u32) -> bool {
     if kill(Pid::from_raw(pid as i32), None).is_err() {
         return false;
@@ -422,14 +433,17 @@ impl Host {
 
     /// Pids of the workers in `status`, optionally only those in `state`.
     pub async fn worker_pids(&self, state: Option<&str>) -> Vec<u32> {
-        let status = self.status().await;
-        status["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| state.is_none_or(|s| w["state"] == s))
-            .map(|w| w["pid"].as_u64().unwrap() as u32)
-            .collect()
+        worker_pids_in(&self.status().await, state)
+    }
+
+    /// Waits (10 s at most) until as many workers as in `before` are ready again, one of them
+    /// new: a crashed or killed one was replaced. Returns that status.
+    pub async fn wait_for_replacement(&self, what: &str, before: &[u32]) -> Value {
+        self.wait_status(what, |s| {
+            let ready = worker_pids_in(s, Some("ready"));
+            ready.len() == before.len() && ready.iter().any(|p| !before.contains(p))
+        })
+        .await
     }
 
     /// `host reload`, asserting success.
@@ -700,6 +714,19 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// One line for the test's output: every count of the report.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} ok, {} failed, {} non-200, {} unprocessed and retried, {} connections, {} told to close",
+            self.ok,
+            self.errors.len(),
+            self.non_200.len(),
+            self.unprocessed.len(),
+            self.connects,
+            self.closes
+        )
+    }
+
     /// Panics unless every request got a `200`: none failed, none unprocessed.
     pub fn assert_clean(&self) {
         assert!(
@@ -967,6 +994,27 @@ pub async fn ws_close_code(
             other => panic!("expected a Close frame, got {other:?}"),
         }
     }
+}
+
+/// The WebSocket reload round trip, for a one-worker host whose `/ws` echoes `gen=N text`:
+/// echoes from generation 1; a reload closes the socket with 1012 (Service Restart); a new
+/// socket reaches generation 2; and the old worker (`old_pid`), held by nothing else, exits well
+/// before `graceful_timeout` (10 s).
+pub async fn ws_across_reload(host: &Host, old_pid: u32) {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let mut ws = ws_connect(host.addr).await;
+    assert_eq!(ws_echo(&mut ws, "hi").await, "gen=1 hi");
+    assert_eq!(ws_echo(&mut ws, "again").await, "gen=1 again");
+    host.reload_ok().await;
+    assert_eq!(ws_close_code(&mut ws).await, Some(CloseCode::Restart));
+    drop(ws);
+    let mut ws = ws_connect(host.addr).await;
+    assert_eq!(ws_echo(&mut ws, "back").await, "gen=2 back");
+    wait_until(Duration::from_secs(8), "the old worker to exit", || {
+        !pid_alive(old_pid)
+    })
+    .await;
+    ws.close(None).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

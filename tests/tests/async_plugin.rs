@@ -12,7 +12,6 @@ use sha2::Digest as _;
 use tests::{Host, HostOptions, example_plugin, get, pid_alive, wait_until};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 fn proc_status(pid: u32, key: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -337,25 +336,8 @@ fn tokio_stream_from<T: Send + 'static>(
 #[tokio::test]
 async fn a_websocket_is_closed_with_1012_on_reload_and_reconnects_to_the_new_generation() {
     let (host, old_pid) = one_worker("").await;
-    let mut ws = tests::ws_connect(host.addr).await;
-    assert_eq!(tests::ws_echo(&mut ws, "hi").await, "gen=1 hi");
-    assert_eq!(tests::ws_echo(&mut ws, "again").await, "gen=1 again");
-
-    host.reload_ok().await;
     // The old worker drains: its handler sends Close 1012 (Service Restart).
-    assert_eq!(
-        tests::ws_close_code(&mut ws).await,
-        Some(CloseCode::Restart)
-    );
-    drop(ws);
-    let mut ws = tests::ws_connect(host.addr).await;
-    assert_eq!(tests::ws_echo(&mut ws, "back").await, "gen=2 back");
-    // The old worker exits once its socket is closed, well before graceful_timeout (10 s).
-    wait_until(Duration::from_secs(8), "the old worker to exit", || {
-        !pid_alive(old_pid)
-    })
-    .await;
-    ws.close(None).await.unwrap();
+    tests::ws_across_reload(&host, old_pid).await;
 }
 
 #[tokio::test]

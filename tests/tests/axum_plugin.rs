@@ -10,7 +10,6 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tests::{Host, HostOptions, Load, Mode, axum_plugin, get, pid_alive, wait_until};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 async fn axum_host(workers: usize) -> Host {
     Host::start(
@@ -200,14 +199,7 @@ async fn reloads_under_load(mode: Mode) {
         .await;
     }
     let report = load.finish().await;
-    eprintln!(
-        "{mode:?}: {} ok, {} failed, {} non-200, {} unprocessed and retried, {} connections",
-        report.ok,
-        report.errors.len(),
-        report.non_200.len(),
-        report.unprocessed.len(),
-        report.connects,
-    );
+    eprintln!("{mode:?}: {}", report.summary());
     if mode == Mode::H2 {
         // As in reload.rs: an HTTP/2 stream the client sent after the server's GOAWAY was never
         // processed (the client retries it); not a failed request. Nothing else may go wrong.
@@ -290,23 +282,7 @@ async fn sse_events_end_on_reload_and_resume_on_the_new_generation() {
 async fn websocket_echoes_closes_with_1012_on_reload_and_reconnects_to_the_new_generation() {
     let host = axum_host(1).await;
     let old_pid = host.wait_for_workers("ready").await[0];
-    let mut ws = tests::ws_connect(host.addr).await;
-    assert_eq!(tests::ws_echo(&mut ws, "hi").await, "gen=1 hi");
-    assert_eq!(tests::ws_echo(&mut ws, "again").await, "gen=1 again");
     // Not a handshake: the extractor's 400.
     assert_eq!(request(host.addr, "GET", "/ws", None, "").await.status, 400);
-
-    host.reload_ok().await;
-    assert_eq!(
-        tests::ws_close_code(&mut ws).await,
-        Some(CloseCode::Restart)
-    );
-    drop(ws);
-    let mut ws = tests::ws_connect(host.addr).await;
-    assert_eq!(tests::ws_echo(&mut ws, "back").await, "gen=2 back");
-    wait_until(Duration::from_secs(8), "the old worker to exit", || {
-        !pid_alive(old_pid)
-    })
-    .await;
-    ws.close(None).await.unwrap();
+    tests::ws_across_reload(&host, old_pid).await;
 }

@@ -151,10 +151,7 @@ async fn upgrade_under_load_between_two_builds() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for (mode, report) in &reports {
-        eprintln!(
-            "{mode:?}: {} ok, {} connections, {} closes",
-            report.ok, report.connects, report.closes
-        );
+        eprintln!("{mode:?}: {}", report.summary());
         report.assert_clean();
     }
 

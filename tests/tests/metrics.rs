@@ -190,17 +190,8 @@ async fn metrics_count_every_request_across_a_reload_and_a_crash() {
         get(host.addr, "/exit").await.is_err(),
         "/exit has no answer"
     );
-    host.wait_status("the crashed worker replaced", |s| {
-        let ready: Vec<u64> = s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["state"] == "ready")
-            .map(|w| w["pid"].as_u64().unwrap())
-            .collect();
-        ready.len() == 2 && ready.iter().any(|p| !before_crash.contains(&(*p as u32)))
-    })
-    .await;
+    host.wait_for_replacement("the crashed worker replaced", &before_crash)
+        .await;
 
     let m = scrape(&host, admin).await;
     for (class, n) in [("2xx", 50.0), ("4xx", 5.0), ("5xx", 3.0)] {

@@ -130,17 +130,8 @@ async fn a_new_config_reloads_with_the_same_build_and_rolls_back_with_it() {
     // A crashed worker's replacement runs its generation's configuration too.
     let before = host.worker_pids(Some("ready")).await;
     let _ = tests::get(host.addr, "/exit").await;
-    host.wait_status("a replacement for the crashed worker", |s| {
-        let ready: Vec<u32> = s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["state"] == "ready")
-            .map(|w| w["pid"].as_u64().unwrap() as u32)
-            .collect();
-        ready.len() == before.len() && ready.iter().any(|p| !before.contains(p))
-    })
-    .await;
+    host.wait_for_replacement("a replacement for the crashed worker", &before)
+        .await;
     assert_eq!(config_sha(&host.status().await), (two.clone(), second));
     assert_every_worker_has(&host, serde_json::json!({"message": "two", "limit": 5})).await;
 

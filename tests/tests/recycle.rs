@@ -55,12 +55,9 @@ async fn workers_over_max_worker_rss_are_recycled_without_failing_a_request() {
         .map(|w| w["rss_bytes"].as_u64().unwrap() >> 20)
         .collect();
     eprintln!(
-        "max_worker_rss: {} recycles, worker RSS after: {rss:?} MiB; load: {} ok, {} failed, {} non-200, {} connections",
+        "max_worker_rss: {} recycles, worker RSS after: {rss:?} MiB; load: {}",
         recycles(&status),
-        report.ok,
-        report.errors.len(),
-        report.non_200.len(),
-        report.connects
+        report.summary()
     );
     assert!(
         leaks_failed.is_empty(),
@@ -94,13 +91,10 @@ async fn max_requests_recycles_workers_without_failing_a_request() {
         .wait_status("at least 4 recycles", |s| recycles(s) >= 4)
         .await;
     eprintln!(
-        "max_requests: {} requests, {} recycles; {} failed, {} non-200, {} connections, {} told to close",
+        "max_requests: {} requests, {} recycles; {}",
         report.total(),
         recycles(&status),
-        report.errors.len(),
-        report.non_200.len(),
-        report.connects,
-        report.closes
+        report.summary()
     );
     report.assert_clean();
     assert!(

@@ -37,15 +37,7 @@ async fn reload_under_load(mode: Mode) {
         .await;
     }
     let report = load.finish().await;
-    eprintln!(
-        "{mode:?}: {} ok, {} failed, {} non-200, {} unprocessed and retried, {} connections, {} told to close",
-        report.ok,
-        report.errors.len(),
-        report.non_200.len(),
-        report.unprocessed.len(),
-        report.connects,
-        report.closes
-    );
+    eprintln!("{mode:?}: {}", report.summary());
 
     assert!(
         report.errors.is_empty(),

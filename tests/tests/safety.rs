@@ -278,17 +278,8 @@ async fn dead_workers_are_replaced_their_exit_decoded_and_their_requests_named()
             // The request dies with its worker: that one is expected to fail.
             let _ = get(host.addr, how).await;
         }
-        host.wait_status(&format!("{how}: a replacement worker"), |s| {
-            let ready: Vec<u64> = s["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|w| w["state"] == "ready")
-                .map(|w| w["pid"].as_u64().unwrap())
-                .collect();
-            ready.len() == 2 && ready.iter().any(|p| !before.contains(&(*p as u32)))
-        })
-        .await;
+        host.wait_for_replacement(&format!("{how}: a replacement worker"), &before)
+            .await;
         let log = host.log();
         let line = log
             .lines()
