@@ -208,6 +208,16 @@ pub fn worker_pids_in(status: &Value, state: Option<&str>) -> Vec<u32> {
         .collect()
 }
 
+/// Waits (20 s at most) until every one of `old` (workers a reload replaced) has exited.
+pub async fn wait_old_workers_gone(old: &[u32]) {
+    wait_until(
+        Duration::from_secs(20),
+        "old workers to exit after their drain",
+        || old.iter().all(|&pid| !pid_alive(pid)),
+    )
+    .await;
+}
+
 pub fn pid_alive(pid: u32) -> bool {
     if kill(Pid::from_raw(pid as i32), None).is_err() {
         return false;

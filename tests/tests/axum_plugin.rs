@@ -191,12 +191,7 @@ async fn reloads_under_load(mode: Mode) {
             "after reload {generation}: {reply:?}"
         );
         load.advance(200).await;
-        wait_until(
-            Duration::from_secs(20),
-            "old workers to exit after their drain",
-            || old.iter().all(|&pid| !pid_alive(pid)),
-        )
-        .await;
+        tests::wait_old_workers_gone(&old).await;
     }
     let report = load.finish().await;
     eprintln!("{mode:?}: {}", report.summary());

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use tests::{Host, HostOptions, Load, Mode, greeting_plugin, pid_alive, wait_until};
+use tests::{Host, HostOptions, Load, Mode, greeting_plugin};
 
 const WORKERS: usize = 4;
 const CLIENTS: usize = 32;
@@ -38,12 +38,7 @@ async fn keep_alive_clients_spread_over_the_new_workers_after_a_reload() {
     let old = host.worker_pids(None).await;
     host.install_plugin(&v2);
     host.reload_ok().await;
-    wait_until(
-        Duration::from_secs(20),
-        "old workers to exit after their drain",
-        || old.iter().all(|&pid| !pid_alive(pid)),
-    )
-    .await;
+    tests::wait_old_workers_gone(&old).await;
 
     // A fixed window on purpose: the question is how the settled connections share the work.
     let before = ready_requests(&host.status().await);
