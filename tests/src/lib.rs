@@ -707,8 +707,10 @@ pub enum Mode {
 }
 
 /// What a load run saw.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LoadReport {
+    /// The client kind that produced it: it decides which outcomes count as clean.
+    pub mode: Mode,
     pub ok: u64,
     pub non_200: Vec<(u16, String)>,
     pub errors: Vec<String>,
@@ -737,7 +739,23 @@ impl LoadReport {
         )
     }
 
-    /// Panics unless every request got a `200`: none failed, none unprocessed.
+    fn new(mode: Mode) -> LoadReport {
+        LoadReport {
+            mode,
+            ok: 0,
+            non_200: Vec::new(),
+            errors: Vec::new(),
+            first_lines: BTreeMap::new(),
+            closes: 0,
+            connects: 0,
+            unprocessed: Vec::new(),
+        }
+    }
+
+    /// Panics unless every request got a `200`: none failed, and none unprocessed over
+    /// HTTP/1. Over HTTP/2 a request the bare client handed its connection after the server's
+    /// GOAWAY is refused by the client's own library before it is sent (RFC 9113, 6.8; the
+    /// README's "What clients see during a reload"): counted apart, not a failure.
     pub fn assert_clean(&self) {
         assert!(
             self.errors.is_empty(),
@@ -752,8 +770,9 @@ impl LoadReport {
             &self.non_200[..self.non_200.len().min(3)]
         );
         assert!(
-            self.unprocessed.is_empty(),
-            "unprocessed requests: {:?}",
+            self.mode == Mode::H2 || self.unprocessed.is_empty(),
+            "unprocessed {:?} requests: {:?}",
+            self.mode,
             self.unprocessed
         );
     }
@@ -773,7 +792,7 @@ pub struct Load {
 impl Load {
     pub fn start(addr: SocketAddr, clients: usize, mode: Mode, path: &'static str) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
-        let report = Arc::new(Mutex::new(LoadReport::default()));
+        let report = Arc::new(Mutex::new(LoadReport::new(mode)));
         let tasks = (0..clients)
             .map(|_| {
                 let (stop, report) = (stop.clone(), report.clone());
