@@ -113,7 +113,7 @@ targets.append(
     )
 )
 
-kind_paths = ["/async/hello", "/stream?chunks=1&every_ms=0", "/sleep?ms=0"]
+kind_paths = ["/async/hello", "/stream/hello", "/sleep?ms=0"]
 for path, label in zip(
     kind_paths,
     ["Async handler", "Streamed body (1 chunk)", "Blocking pool (`/sleep?ms=0`)"],
@@ -316,7 +316,7 @@ w("| path | handler kind | CPU µs / request | inline `/`, same rounds | ratio (
 w("|---|---|---|---|---|---|---|")
 kind_names = {
     "/async/hello": "async `serve`, ready at once",
-    "/stream?chunks=1&every_ms=0": "async `serve`, streamed body (1 chunk)",
+    "/stream/hello": "async `serve`, the same answer streamed (1 chunk)",
     "/sleep?ms=0": "`handle` on the blocking pool",
 }
 for path in kind_paths:

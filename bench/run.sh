@@ -219,13 +219,14 @@ for k in keys:
 stop_host four
 
 # 8. Handler kinds, side by side (as in 1b): CPU per request of an async handler that is ready
-#    at once (`/async/hello`), a streamed one-chunk body, and the blocking pool (`/sleep?ms=0`),
+#    at once (`/async/hello`), the same answer as a streamed one-chunk body (`/stream/hello`), and
+#    the blocking pool (`/sleep?ms=0`),
 #    each against the inline path (`/`). Then 10,000 concurrent requests that each await a 1 s
 #    timer in one worker: time to the last answer, and the worker's threads.
 echo "bench: 8/8 handler kinds ($RUNS rounds each) and 10,000 sleeping requests" >&2
 start_host one $SERVER_CPU
 start_host two $SERVER_CPU
-for path in "/async/hello" "/stream?chunks=1&every_ms=0" "/sleep?ms=0"; do
+for path in "/async/hello" "/stream/hello" "/sleep?ms=0"; do
   side_by_side_paths / "$path"
 done
 stop_host one

@@ -23,6 +23,8 @@
 //!
 //! Async routes (run by `serve` in the plugin's own tokio runtime, see `dispatch`):
 //! - `GET /async/hello`: answers at once.
+//! - `GET /stream/hello`: the same answer as a streamed body of one chunk, ready at once (the
+//!   host sends it with `Content-Length`, like a whole one).
 //! - `GET /async/sleep?ms=N`: awaits a tokio timer (at most 60 s), answers `slept N`.
 //! - `GET /async/panic`: panics after an await; the host answers `500`.
 //! - `GET /async/block?ms=N`: blocks its thread `N` ms (at most 10 s) inside the future, which
@@ -251,7 +253,7 @@ impl Plugin for Example {
             // on purpose (it is the handler that lies).
             "/sleep" | "/leak" => Dispatch::Blocking,
             "/async/hello" | "/async/sleep" | "/async/panic" | "/async/block" | "/stream"
-            | "/events" | "/upload" | "/ws" => Dispatch::Async,
+            | "/stream/hello" | "/events" | "/upload" | "/ws" => Dispatch::Async,
             _ => Dispatch::Inline,
         }
     }
@@ -284,6 +286,13 @@ impl Plugin for Example {
                 panic!("/async/panic was requested")
             }
             "/stream" => self.stream(&req),
+            "/stream/hello" => {
+                let chunk = Ok::<_, std::convert::Infallible>(self.hello_async.clone());
+                async_text(
+                    StatusCode::OK,
+                    Body::from_stream(futures_util::stream::iter([chunk])),
+                )
+            }
             "/events" => self.events(),
             "/upload" => upload(req.into_body()).await,
             "/ws" => {

@@ -174,30 +174,35 @@ async fn h1(
     sender
 }
 
+/// `GET path` on a new connection, HTTP/1.1 or HTTP/2 (h2c): the response, its body unread.
+async fn request(addr: SocketAddr, h2: bool, path: &str) -> http::Response<hyper::body::Incoming> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    if h2 {
+        let (mut s, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        s.send_request(req).await.unwrap()
+    } else {
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        s.send_request(req).await.unwrap()
+    }
+}
+
 #[tokio::test]
 async fn a_streamed_response_arrives_chunk_by_chunk() {
     let (host, _) = one_worker("").await;
     for h2 in [false, true] {
-        let stream = TcpStream::connect(host.addr).await.unwrap();
-        let req = http::Request::get(format!("http://{}/stream?chunks=4&every_ms=300", host.addr))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = if h2 {
-            let (mut s, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                TokioIo::new(stream),
-            )
-            .await
-            .unwrap();
-            tokio::spawn(conn);
-            s.send_request(req).await.unwrap()
-        } else {
-            let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            s.send_request(req).await.unwrap()
-        };
+        let resp = request(host.addr, h2, "/stream?chunks=4&every_ms=300").await;
         assert_eq!(resp.status(), 200);
         assert!(resp.headers().get(http::header::CONTENT_LENGTH).is_none());
         if !h2 {
@@ -209,6 +214,46 @@ async fn a_streamed_response_arrives_chunk_by_chunk() {
         assert_eq!(&first[..], b"chunk 0\n", "h2={h2}");
         let rest = body.collect().await.unwrap().to_bytes();
         assert_eq!(&rest[..], b"chunk 1\nchunk 2\nchunk 3\n", "h2={h2}");
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_body_complete_when_the_response_is_ready_is_sent_whole() {
+    let (host, _) = one_worker("").await;
+    for h2 in [false, true] {
+        // One chunk, or none: sent with its length, as a whole body would be.
+        for (path, expect) in [
+            ("/stream?chunks=1&every_ms=0", "chunk 0\n"),
+            ("/stream?chunks=0&every_ms=0", ""),
+        ] {
+            let resp = request(host.addr, h2, path).await;
+            assert_eq!(resp.status(), 200, "{path} h2={h2}");
+            let length = resp.headers().get(http::header::CONTENT_LENGTH);
+            // HTTP/2 ends an empty response with its HEADERS frame and names no length.
+            assert!(
+                length.map(|v| v.as_bytes()) == Some(expect.len().to_string().as_bytes())
+                    || (h2 && expect.is_empty() && length.is_none()),
+                "{path} h2={h2}: {:?}",
+                resp.headers()
+            );
+            assert!(
+                resp.headers()
+                    .get(http::header::TRANSFER_ENCODING)
+                    .is_none()
+            );
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], expect.as_bytes(), "{path} h2={h2}");
+        }
+        let resp = request(host.addr, h2, "/stream/hello").await;
+        let length = resp.headers()[http::header::CONTENT_LENGTH].clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(length.as_bytes(), body.len().to_string().as_bytes());
+        assert!(body.starts_with(b"hello from example-plugin"), "{body:?}");
+        // More chunks than the host looks ahead at: streamed, all of them, in order.
+        let resp = request(host.addr, h2, "/stream?chunks=3&every_ms=0").await;
+        assert!(resp.headers().get(http::header::CONTENT_LENGTH).is_none());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"chunk 0\nchunk 1\nchunk 2\n", "h2={h2}");
     }
 }
 

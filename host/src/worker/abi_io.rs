@@ -391,11 +391,43 @@ impl ResponseBody {
     pub fn full(bytes: Bytes) -> ResponseBody {
         ResponseBody::Full(Some(bytes))
     }
+
+    /// Polls a streamed body (twice at most) before its head is sent: one that is already
+    /// complete becomes whole, so it goes out with `Content-Length` in one write instead of
+    /// chunked; what a longer one already yielded is kept, in order, for hyper's first polls.
+    /// A whole body is left as it is.
+    pub fn settle(&mut self, cx: &mut Context<'_>) {
+        let ResponseBody::Stream(stream) = self else {
+            return;
+        };
+        let mut first = None;
+        loop {
+            match stream.poll_plugin(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    *self = ResponseBody::Full(first);
+                    return;
+                }
+                Poll::Ready(Some(Ok(chunk))) if first.is_none() => first = Some(chunk),
+                Poll::Ready(Some(polled)) => {
+                    stream.ahead.extend(first.take().map(Ok));
+                    stream.ahead.push_back(polled);
+                    return;
+                }
+            }
+        }
+        stream.ahead.extend(first.map(Ok));
+    }
 }
 
 /// A streamed response body made by the plugin, polled only when hyper can send more; the
 /// bytes sent are added to its counter, if it has one.
-pub struct PluginStream(RawBody, Option<&'static AtomicU64>);
+pub struct PluginStream {
+    raw: RawBody,
+    counter: Option<&'static AtomicU64>,
+    /// What [`ResponseBody::settle`] polled before the head was sent, to be sent first.
+    ahead: std::collections::VecDeque<Result<Bytes, String>>,
+}
 
 // SAFETY: the plugin's body objects may be polled and dropped from any thread, one at a time
 // (`&mut` access only).
@@ -405,19 +437,44 @@ impl PluginStream {
     /// # Safety
     /// `raw` must be a body object made by the plugin (not `NONE`), owned by the caller.
     pub unsafe fn new(raw: RawBody) -> PluginStream {
-        PluginStream(raw, None)
+        PluginStream {
+            raw,
+            counter: None,
+            ahead: Default::default(),
+        }
     }
 
-    /// Counts the bytes of the chunks polled from now on into `counter`.
+    /// Counts the bytes of the chunks sent from now on into `counter`.
     pub fn count_into(&mut self, counter: &'static AtomicU64) {
-        self.1 = Some(counter);
+        self.counter = Some(counter);
+    }
+
+    /// The plugin's next chunk, or the message of its error.
+    fn poll_plugin(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, String>>> {
+        let mut chunk = RawChunk::EMPTY;
+        let (state, vt) = (self.raw.state, self.raw.vtable);
+        // SAFETY: the plugin's live body object; `chunk` is a valid out-pointer; the shim
+        // enters the plugin's runtime and catches panics.
+        let status =
+            cx.with_ffi_context(|fcx| unsafe { ((*vt).poll_chunk)(state, fcx, &mut chunk) });
+        match status {
+            poll::PENDING => Poll::Pending,
+            poll::READY => Poll::Ready(Some(Ok(Bytes::from_owner(PluginChunk(chunk))))),
+            poll::END => Poll::Ready(None),
+            _ => {
+                let chunk = PluginChunk(chunk);
+                Poll::Ready(Some(Err(
+                    String::from_utf8_lossy(chunk.as_ref()).into_owned()
+                )))
+            }
+        }
     }
 }
 
 impl Drop for PluginStream {
     fn drop(&mut self) {
         // SAFETY: the plugin's live body object, dropped exactly once, here; its shim catches panics.
-        unsafe { ((*self.0.vtable).drop)(self.0.state) }
+        unsafe { ((*self.raw.vtable).drop)(self.raw.state) }
     }
 }
 
@@ -436,28 +493,26 @@ impl http_body::Body for ResponseBody {
                     .map(|b| Ok(Frame::data(b))),
             ),
             ResponseBody::Stream(s) => {
-                let mut chunk = RawChunk::EMPTY;
-                let (state, vt) = (s.0.state, s.0.vtable);
-                // SAFETY: the plugin's live body object; `chunk` is a valid out-pointer; the
-                // shim enters the plugin's runtime and catches panics.
-                let status = cx
-                    .with_ffi_context(|fcx| unsafe { ((*vt).poll_chunk)(state, fcx, &mut chunk) });
-                match status {
-                    poll::PENDING => Poll::Pending,
-                    poll::READY => {
-                        if let Some(c) = s.1 {
-                            c.fetch_add(chunk.data.len as u64, Ordering::Relaxed);
+                let polled = match s.ahead.pop_front() {
+                    Some(polled) => polled,
+                    None => match s.poll_plugin(cx) {
+                        Poll::Ready(Some(polled)) => polled,
+                        Poll::Ready(None) => return Poll::Ready(None),
+                        Poll::Pending => return Poll::Pending,
+                    },
+                };
+                Poll::Ready(Some(match polled {
+                    Ok(chunk) => {
+                        if let Some(c) = s.counter {
+                            c.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                         }
-                        Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(PluginChunk(chunk))))))
+                        Ok(Frame::data(chunk))
                     }
-                    poll::END => Poll::Ready(None),
-                    _ => {
-                        let chunk = PluginChunk(chunk);
-                        let message = String::from_utf8_lossy(chunk.as_ref()).into_owned();
+                    Err(message) => {
                         tracing::warn!(error = %message, "the plugin's response body failed; the response is cut");
-                        Poll::Ready(Some(Err(message.into())))
+                        Err(message.into())
                     }
-                }
+                }))
             }
         }
     }
@@ -473,8 +528,8 @@ impl http_body::Body for ResponseBody {
         match self {
             ResponseBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             // SAFETY: the plugin's live body object; the shim catches panics.
-            ResponseBody::Stream(s) => match unsafe { ((*s.0.vtable).exact_len)(s.0.state) } {
-                u64::MAX => SizeHint::default(),
+            ResponseBody::Stream(s) => match unsafe { ((*s.raw.vtable).exact_len)(s.raw.state) } {
+                n if n == u64::MAX || !s.ahead.is_empty() => SizeHint::default(),
                 n => SizeHint::with_exact(n),
             },
         }

@@ -1152,6 +1152,13 @@ async fn handle_request(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    if let ResponseBody::Stream(_) = resp.body() {
+        std::future::poll_fn(|cx| {
+            resp.body_mut().settle(cx);
+            std::task::Poll::Ready(())
+        })
+        .await;
+    }
     in_flight.answered(&mut resp, ready_ns);
     Ok(resp.map(|body| head_timeout::BusyBody::new(body, busy)))
 }
