@@ -161,7 +161,8 @@ w(
     "(for the host: master and its one worker; for nginx: master and its one worker), divided by the requests "
     "served: steadier than requests/s on a shared machine. Every server answers a short `text/plain` body on "
     "keep-alive HTTP/1.1. The host's `/` is the example plugin's inline handler; `/_host/health` is answered by "
-    "the host itself, same process, same connection handling."
+    "the host itself, same process, same connection handling. In each round nginx and the host run back to back, "
+    "in alternating order, so the host / nginx ratio compares measurements seconds apart."
 )
 w("")
 w("| server | CPU µs / request | vs nginx | requests/s | CPU µs, each round |")

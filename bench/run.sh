@@ -98,20 +98,13 @@ measure() { # name url pids...
   ANCHORS+=("$name $(python3 -c "print(($t1-$t0)/$CLK*1e6/$n)") $rps")
 }
 wait_port() { until (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; do :; done; }
-for _ in $(seq "$RUNS"); do
-  taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18180 --plain-h1 & BARE_PID=$!
-  wait_port 18180; measure plain-hyper http://127.0.0.1:18180/ $BARE_PID
-  kill $BARE_PID; wait $BARE_PID 2>/dev/null || true; BARE_PID=
-
+measure_nginx() {
   taskset -c $SERVER_CPU "$NGINX" -c "$WORK/nginx.conf" -e "$WORK/nginx/error.log" & NGINX_PID=$!
   wait_port 18182; sleep 0.2
   measure nginx http://127.0.0.1:18182/ $NGINX_PID $(pgrep -P $NGINX_PID)
   kill $NGINX_PID; wait $NGINX_PID 2>/dev/null || true; NGINX_PID=
-
-  taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18181 & BARE_PID=$!
-  wait_port 18181; measure bare-hyper http://127.0.0.1:18181/ $BARE_PID
-  kill $BARE_PID; wait $BARE_PID 2>/dev/null || true; BARE_PID=
-
+}
+measure_host() {
   start_host one $SERVER_CPU
   pids=$(host_pids one)
   # shellcheck disable=SC2086
@@ -119,6 +112,19 @@ for _ in $(seq "$RUNS"); do
   # shellcheck disable=SC2086
   measure host-health http://127.0.0.1:18191/_host/health $pids
   stop_host one
+}
+# nginx and the host are measured back to back, in alternating order, so the ratio the target
+# names compares rounds a few seconds apart.
+for i in $(seq "$RUNS"); do
+  taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18180 --plain-h1 & BARE_PID=$!
+  wait_port 18180; measure plain-hyper http://127.0.0.1:18180/ $BARE_PID
+  kill $BARE_PID; wait $BARE_PID 2>/dev/null || true; BARE_PID=
+
+  taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18181 & BARE_PID=$!
+  wait_port 18181; measure bare-hyper http://127.0.0.1:18181/ $BARE_PID
+  kill $BARE_PID; wait $BARE_PID 2>/dev/null || true; BARE_PID=
+
+  if [ $((i % 2)) = 1 ]; then measure_nginx; measure_host; else measure_host; measure_nginx; fi
 done
 
 # 1b. Side by side: two servers pinned to the same CPU and loaded at the same time (a wrk each,
