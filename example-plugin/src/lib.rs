@@ -29,8 +29,9 @@
 //! - `GET /async/panic`: panics after an await; the host answers `500`.
 //! - `GET /async/block?ms=N`: blocks its thread `N` ms (at most 10 s) inside the future, which
 //!   an async handler must never do: the host logs it, naming the path.
-//! - `GET /stream?chunks=N&every_ms=M[&size=S]`: `N` lines `chunk I`, `M` ms apart, each sent
-//!   as it is produced (padded to `S` bytes when given); `GET /stream/stats` says how many
+//! - `GET /stream?chunks=N&every_ms=M[&size=S][&fail_at=F]`: `N` lines `chunk I`, `M` ms apart,
+//!   each sent as it is produced (padded to `S` bytes when given; the stream panics instead of
+//!   producing chunk `F` when given); `GET /stream/stats` says how many
 //!   chunks this worker's streams produced, to watch a slow client slow the producer down.
 //! - `GET /events`: server-sent events, one every 100 ms with an increasing `id:` and
 //!   `data: gen=G pid=P`; the stream ends when the worker drains.
@@ -331,6 +332,7 @@ impl Example {
                 .unwrap_or(default)
         };
         let (chunks, every, size) = (num("chunks", 10), num("every_ms", 100), num("size", 0));
+        let fail_at = num("fail_at", u64::MAX);
         if every > 60_000 || size > (1 << 20) {
             return async_text(
                 StatusCode::BAD_REQUEST,
@@ -343,6 +345,9 @@ impl Example {
             }
             if i > 0 && every > 0 {
                 plugin_api::tokio::time::sleep(Duration::from_millis(every)).await;
+            }
+            if i == fail_at {
+                panic!("/stream was asked to fail at chunk {i}");
             }
             STREAM_PRODUCED.fetch_add(1, Ordering::Relaxed);
             let mut line = format!("chunk {i}\n").into_bytes();

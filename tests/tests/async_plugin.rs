@@ -257,6 +257,53 @@ async fn a_streamed_body_complete_when_the_response_is_ready_is_sent_whole() {
     }
 }
 
+#[tokio::test]
+async fn a_streamed_body_that_fails_before_its_head_is_sent_is_a_500_and_after_it_is_cut() {
+    let (host, _) = one_worker("").await;
+    for h2 in [false, true] {
+        // Fails in the host's first polls (at once, or at the second chunk with the first ready):
+        // nothing was sent, so the client gets a 500 it can act on.
+        for path in [
+            "/stream?chunks=3&every_ms=0&fail_at=0",
+            "/stream?chunks=3&every_ms=0&fail_at=1",
+        ] {
+            let resp = request(host.addr, h2, path).await;
+            assert_eq!(resp.status(), 500, "{path} h2={h2}");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"internal server error\n");
+        }
+        // Fails after the head and a chunk went out: the response is cut, the client sees an
+        // error instead of a complete body.
+        let resp = request(host.addr, h2, "/stream?chunks=3&every_ms=100&fail_at=1").await;
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"chunk 0\n");
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => assert!(
+                    frame.data_ref().is_none_or(|d| d.is_empty()),
+                    "h2={h2}: more data after the failure: {frame:?}"
+                ),
+                Some(Err(_)) => break,
+                None => panic!("h2={h2}: the failed stream ended as if complete"),
+            }
+        }
+    }
+    // Each failure is logged with its request's path, and the worker serves on.
+    let log = host.log();
+    assert!(
+        log.contains("failed before anything was sent; answered 500")
+            && log.contains("/stream was asked to fail at chunk 0"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the response is cut") && log.contains("path=\"/stream\""),
+        "{log}"
+    );
+    assert_eq!(get(host.addr, "/").await.unwrap().status, 200);
+}
+
 async fn produced(addr: SocketAddr) -> u64 {
     let body = get(addr, "/stream/stats").await.unwrap().body;
     body.trim()

@@ -395,10 +395,11 @@ impl ResponseBody {
     /// Polls a streamed body (twice at most) before its head is sent: one that is already
     /// complete becomes whole, so it goes out with `Content-Length` in one write instead of
     /// chunked; what a longer one already yielded is kept, in order, for hyper's first polls.
-    /// A whole body is left as it is.
-    pub fn settle(&mut self, cx: &mut Context<'_>) {
+    /// A whole body is left as it is. A body that fails in these polls is an `Err` with its
+    /// message: nothing was sent yet, so the caller can still answer `500`.
+    pub fn settle(&mut self, cx: &mut Context<'_>) -> Result<(), String> {
         let ResponseBody::Stream(stream) = self else {
-            return;
+            return Ok(());
         };
         let mut first = None;
         loop {
@@ -406,17 +407,19 @@ impl ResponseBody {
                 Poll::Pending => break,
                 Poll::Ready(None) => {
                     *self = ResponseBody::Full(first);
-                    return;
+                    return Ok(());
                 }
+                Poll::Ready(Some(Err(message))) => return Err(message),
                 Poll::Ready(Some(Ok(chunk))) if first.is_none() => first = Some(chunk),
-                Poll::Ready(Some(polled)) => {
+                Poll::Ready(Some(Ok(chunk))) => {
                     stream.ahead.extend(first.take().map(Ok));
-                    stream.ahead.push_back(polled);
-                    return;
+                    stream.ahead.push_back(Ok(chunk));
+                    return Ok(());
                 }
             }
         }
         stream.ahead.extend(first.map(Ok));
+        Ok(())
     }
 }
 
@@ -427,6 +430,8 @@ pub struct PluginStream {
     counter: Option<&'static AtomicU64>,
     /// What [`ResponseBody::settle`] polled before the head was sent, to be sent first.
     ahead: std::collections::VecDeque<Result<Bytes, String>>,
+    /// The request's, for the log if the body fails.
+    uri: Option<http::Uri>,
 }
 
 // SAFETY: the plugin's body objects may be polled and dropped from any thread, one at a time
@@ -441,7 +446,13 @@ impl PluginStream {
             raw,
             counter: None,
             ahead: Default::default(),
+            uri: None,
         }
+    }
+
+    /// Names the request in the log line of a failure.
+    pub fn answers(&mut self, uri: &http::Uri) {
+        self.uri = Some(uri.clone());
     }
 
     /// Counts the bytes of the chunks sent from now on into `counter`.
@@ -509,7 +520,8 @@ impl http_body::Body for ResponseBody {
                         Ok(Frame::data(chunk))
                     }
                     Err(message) => {
-                        tracing::warn!(error = %message, "the plugin's response body failed; the response is cut");
+                        let path = s.uri.as_ref().map_or("", |u| u.path());
+                        tracing::warn!(error = %message, path, "the plugin's response body failed; the response is cut");
                         Err(message.into())
                     }
                 }))

@@ -286,7 +286,7 @@ async fn call_async(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respons
     tokio::pin!(serving);
     // Each poll runs plugin code on the I/O thread: one that blocks stalls every connection
     // of this worker, so it is named in the log (once per path).
-    let resp = std::future::poll_fn(|cx| {
+    let mut resp = std::future::poll_fn(|cx| {
         let began = std::time::Instant::now();
         let polled = serving.as_mut().poll(cx);
         let took = began.elapsed();
@@ -296,6 +296,18 @@ async fn call_async(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respons
         polled
     })
     .await;
+    if let ResponseBody::Stream(_) = resp.body() {
+        let settled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(resp.body_mut().settle(cx))).await;
+        if let Err(error) = settled {
+            tracing::error!(%error, path = parts.uri.path(), "the plugin's response body failed before anything was sent; answered 500");
+            return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+                .map(ResponseBody::full);
+        }
+        if let ResponseBody::Stream(s) = resp.body_mut() {
+            s.answers(&parts.uri);
+        }
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         match watch {
             Some(w) if w.kept() => {}
@@ -362,13 +374,6 @@ pub(super) async fn handle(
     {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    if let ResponseBody::Stream(_) = resp.body() {
-        std::future::poll_fn(|cx| {
-            resp.body_mut().settle(cx);
-            std::task::Poll::Ready(())
-        })
-        .await;
     }
     in_flight.answered(&mut resp, ready_ns);
     Ok(resp.map(|body| head_timeout::BusyBody::new(body, busy)))
