@@ -107,6 +107,50 @@ impl Body {
         }
     }
 
+    /// Polls a streamed response body a few times (at most [`SETTLE_POLLS`]) with the handler's
+    /// context, before the response goes to the host: a body that has already ended becomes
+    /// whole, so the host sends it with its length and never calls back into the plugin for
+    /// it; a longer one keeps the chunks polled here in front of the rest. An error here comes
+    /// before anything was sent. Whole bodies, and a request body passed back as the
+    /// response, are left as they are.
+    pub(crate) fn settle(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
+        if !matches!(self.0, Inner::Boxed(_)) {
+            return Ok(());
+        }
+        let mut ahead = std::collections::VecDeque::new();
+        for _ in 0..SETTLE_POLLS {
+            match Pin::new(&mut *self).poll_frame(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    let whole = match ahead.len() {
+                        0 => Bytes::new(),
+                        1 => ahead.pop_front().unwrap_or_default(),
+                        _ => ahead
+                            .iter()
+                            .flat_map(|b: &Bytes| b.iter().copied())
+                            .collect(),
+                    };
+                    self.0 = Inner::Full(Some(whole));
+                    return Ok(());
+                }
+                Poll::Ready(Some(Err(e))) => return Err(e),
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Empty chunks carry nothing; trailers are not passed on.
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        ahead.push_back(data);
+                    }
+                }
+            }
+        }
+        if !ahead.is_empty() {
+            let rest = std::mem::take(self);
+            *self = Body::new(Prefixed { ahead, rest });
+        }
+        Ok(())
+    }
+
     /// The host's request body (`NONE`: empty).
     ///
     /// # Safety
@@ -180,6 +224,46 @@ impl http_body::Body for Body {
             Inner::Host(h) => h.size_hint(),
             Inner::Boxed(b) => b.size_hint(),
         }
+    }
+}
+
+/// How many times [`Body::settle`] polls a streamed body before its response goes to the host:
+/// enough for one chunk and the end.
+const SETTLE_POLLS: usize = 2;
+
+/// Chunks already polled, then the rest of the body.
+struct Prefixed {
+    ahead: std::collections::VecDeque<Bytes>,
+    rest: Body,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.ahead.pop_front() {
+            Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ahead.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let ahead: u64 = self.ahead.iter().map(|b| b.len() as u64).sum();
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + ahead);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + ahead);
+        }
+        hint
     }
 }
 

@@ -105,6 +105,19 @@ fn panicked(payload: &(dyn std::any::Any + Send)) -> RawAsyncResponse {
     ))
 }
 
+/// The handler's response with its body settled (see [`Body::settle`]): one that fails before
+/// anything was sent becomes a `500`.
+fn settled(resp: http::Response<Body>, cx: &mut Context<'_>) -> http::Response<Body> {
+    let (parts, mut body) = resp.into_parts();
+    match body.settle(cx) {
+        Ok(()) => http::Response::from_parts(parts, body),
+        Err(e) => {
+            tracing::error!(error = %e, "the response body failed before anything was sent; answered 500");
+            plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+        }
+    }
+}
+
 /// Moves a response to the host: a whole body inline, any other as a stream.
 fn into_raw(resp: http::Response<Body>) -> RawAsyncResponse {
     let (parts, mut body) = resp.into_parts();
@@ -142,7 +155,9 @@ impl<F: Future<Output = http::Response<Body>>> Future for Guarded<F> {
         // SAFETY: a structural pin projection: `fut` is never moved out of `Guarded` (its `Drop`
         // drops it in place).
         let fut = unsafe { self.map_unchecked_mut(|g| &mut *g.fut) };
-        match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+        match catch_unwind(AssertUnwindSafe(|| {
+            fut.poll(cx).map(|resp| settled(resp, cx))
+        })) {
             Ok(Poll::Ready(resp)) => Poll::Ready(into_raw(resp)),
             Ok(Poll::Pending) => Poll::Pending,
             Err(payload) => Poll::Ready(panicked(&*payload)),

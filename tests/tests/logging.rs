@@ -31,6 +31,8 @@ async fn a_plugin_event_arrives_with_the_fields_of_its_enclosing_spans() {
     assert!(line.starts_with("worker["), "{line}");
     assert!(line.contains(" INFO "), "{line}");
     assert!(line.contains("module=fixture_plugin"), "{line}");
+    // Written while the host served `/traced`: the line names the request.
+    assert!(line.contains(r#"path="/traced""#), "{line}");
     assert!(
         !line.contains("hidden") && !line.contains("secret"),
         "{line}"

@@ -312,6 +312,7 @@ async fn json_logs_are_one_object_per_line_from_master_and_workers() {
     assert_eq!(traced["level"], "INFO");
     assert_eq!(traced["target"], "plugin");
     assert_eq!(traced["module"], "fixture_plugin");
+    assert_eq!(traced["path"], "/traced");
     // Master events keep their own fields, flattened.
     assert!(
         log.lines()

@@ -178,8 +178,11 @@ async fn plugin_routes_and_panics() {
     assert_eq!(count(&b), count(&a) + 1, "{a:?} then {b:?}");
     assert_eq!(host.worker_pids(None).await, pid);
     assert!(
-        host.log().contains("/panic was requested"),
-        "the panic message is logged"
+        host.log()
+            .lines()
+            .any(|l| l.contains("/panic was requested") && l.contains("path=\"/panic\"")),
+        "the panic message is logged with the request's path: {}",
+        host.log()
     );
     assert_eq!(get(host.addr, "/nope").await.unwrap().status, 404);
     assert_eq!(get(host.addr, "/_host/nope").await.unwrap().status, 404);

@@ -462,6 +462,7 @@ impl PluginStream {
 
     /// The plugin's next chunk, or the message of its error.
     fn poll_plugin(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, String>>> {
+        let _serving = self.uri.as_ref().map(|u| super::loader::serving(u.path()));
         let mut chunk = RawChunk::EMPTY;
         let (state, vt) = (self.raw.state, self.raw.vtable);
         // SAFETY: the plugin's live body object; `chunk` is a valid out-pointer; the shim

@@ -156,19 +156,60 @@ fn header_str(raw: RawStr, field: &'static str) -> Result<String, LoadError> {
         .map_err(|_| LoadError::Utf8 { field })
 }
 
-/// Forwards a plugin log record to this process's `tracing`.
+thread_local! {
+    /// The path of the request whose plugin code runs on this thread now (null: none), set by
+    /// [`serving`] and read by [`plugin_log`].
+    static SERVING: std::cell::Cell<(*const u8, usize)> =
+        const { std::cell::Cell::new((std::ptr::null(), 0)) };
+}
+
+/// Names `path` in each log line the plugin writes on this thread until the guard drops, so a
+/// panic's or an error's line points at its request. Guards nest.
+pub fn serving(path: &str) -> Serving {
+    Serving(SERVING.replace((path.as_ptr(), path.len())))
+}
+
+/// Restores the request named before [`serving`] when dropped.
+pub struct Serving((*const u8, usize));
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        SERVING.set(self.0);
+    }
+}
+
+/// The path [`serving`] names on this thread, if any.
+fn serving_path<'a>() -> Option<&'a str> {
+    let (ptr, len) = SERVING.get();
+    // SAFETY: set by `serving` from a `&str` that outlives its guard, which resets it on this
+    // thread when dropped; the caller uses it only within the plugin call it was set for.
+    (!ptr.is_null())
+        .then(|| unsafe { std::str::from_utf8_unchecked(std::slice::from_raw_parts(ptr, len)) })
+}
+
+/// Forwards a plugin log record to this process's `tracing`, with the path of the request being
+/// served on this thread when there is one.
 extern "C" fn plugin_log(level: u8, target: RawStr, message: RawStr) {
     let _ = catch_unwind(|| {
         // SAFETY: the plugin passes views valid for the duration of this call.
         let (target, message) = unsafe { (target.as_bytes(), message.as_bytes()) };
         let target = String::from_utf8_lossy(target);
         let message = String::from_utf8_lossy(message);
+        let path = serving_path();
         match level {
-            ffi::level::ERROR => tracing::error!(target: "plugin", module = %target, "{message}"),
-            ffi::level::WARN => tracing::warn!(target: "plugin", module = %target, "{message}"),
-            ffi::level::INFO => tracing::info!(target: "plugin", module = %target, "{message}"),
-            ffi::level::DEBUG => tracing::debug!(target: "plugin", module = %target, "{message}"),
-            _ => tracing::trace!(target: "plugin", module = %target, "{message}"),
+            ffi::level::ERROR => {
+                tracing::error!(target: "plugin", module = %target, path, "{message}")
+            }
+            ffi::level::WARN => {
+                tracing::warn!(target: "plugin", module = %target, path, "{message}")
+            }
+            ffi::level::INFO => {
+                tracing::info!(target: "plugin", module = %target, path, "{message}")
+            }
+            ffi::level::DEBUG => {
+                tracing::debug!(target: "plugin", module = %target, path, "{message}")
+            }
+            _ => tracing::trace!(target: "plugin", module = %target, path, "{message}"),
         }
     });
 }
@@ -531,6 +572,7 @@ impl LoadedPlugin {
         parts: &http::request::Parts,
         body: &Bytes,
     ) -> http::Response<ResponseBody> {
+        let _serving = serving(parts.uri.path());
         with_raw_head(parts, body, |req| {
             let mut raw = RawResponse::EMPTY;
             // SAFETY: `state` is live (only `stop` frees it, taking `self` by value), `req` and
@@ -557,6 +599,7 @@ impl LoadedPlugin {
             .expect("dispatch said async");
         let serve = hooks.serve;
         let state = self.state;
+        let _serving = serving(parts.uri.path());
         let fut = with_raw_head(parts, &Bytes::new(), move |head| {
             let req = RawAsyncRequest {
                 // SAFETY: a bitwise copy of views that outlive the call.

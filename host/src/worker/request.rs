@@ -287,6 +287,7 @@ async fn call_async(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respons
     // Each poll runs plugin code on the I/O thread: one that blocks stalls every connection
     // of this worker, so it is named in the log (once per path).
     let mut resp = std::future::poll_fn(|cx| {
+        let _serving = super::loader::serving(parts.uri.path());
         let began = std::time::Instant::now();
         let polled = serving.as_mut().poll(cx);
         let took = began.elapsed();
@@ -296,16 +297,14 @@ async fn call_async(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respons
         polled
     })
     .await;
-    if let ResponseBody::Stream(_) = resp.body() {
+    if let ResponseBody::Stream(s) = resp.body_mut() {
+        s.answers(&parts.uri);
         let settled =
             std::future::poll_fn(|cx| std::task::Poll::Ready(resp.body_mut().settle(cx))).await;
         if let Err(error) = settled {
             tracing::error!(%error, path = parts.uri.path(), "the plugin's response body failed before anything was sent; answered 500");
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
                 .map(ResponseBody::full);
-        }
-        if let ResponseBody::Stream(s) = resp.body_mut() {
-            s.answers(&parts.uri);
         }
     }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
