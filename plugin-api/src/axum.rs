@@ -53,16 +53,16 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
 use ::axum::extract::FromRequestParts;
 use ::axum::response::Response;
-use bytes::Bytes;
 use http::request::Parts;
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::Body as _;
 use tower::ServiceExt as _;
 
 use crate::Body;
+use crate::body::Prefixed;
 use crate::websocket::{Handshake, WebSocket};
 
 #[doc(hidden)]
@@ -123,80 +123,43 @@ pub fn serve(
             Err(never) => match never {},
         };
         let (parts, body) = resp.into_parts();
-        http::Response::from_parts(parts, into_body(body).await)
+        match into_body(body).await {
+            Ok(body) => http::Response::from_parts(parts, body),
+            Err(e) => {
+                tracing::error!(error = %e, "the response body failed before anything was sent; answered 500");
+                let mut resp = http::Response::new(Body::from("internal server error\n"));
+                *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                resp
+            }
+        }
     }
 }
 
 /// The response body for the host: a body whose whole content is ready at once (`Json`, a
 /// `String`, an empty `101`) as bytes, which the host sends in one piece with its
-/// `Content-Length`; any other as a stream, read only as fast as the client takes it.
-async fn into_body(mut body: ::axum::body::Body) -> Body {
+/// `Content-Length`; any other as a stream, read only as fast as the client takes it (and
+/// settled like any streamed [`Body`] before it leaves the handler's task). A body that fails
+/// before anything was sent is an `Err`.
+async fn into_body(mut body: ::axum::body::Body) -> Result<Body, ::axum::Error> {
     if body.is_end_stream() {
-        return Body::empty();
+        return Ok(Body::empty());
     }
     let Some(len) = body.size_hint().exact() else {
-        return Body::new(body);
+        return Ok(Body::new(body));
     };
     // One poll, never a wait: what is not ready now streams.
     let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
-    match first {
+    Ok(match first {
         Poll::Pending => Body::new(body),
         Poll::Ready(None) => Body::empty(),
         Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
             Ok(data) if data.len() as u64 == len => Body::from(data),
-            Ok(data) => Body::new(Prefixed {
-                first: Some(Ok(Frame::data(data))),
-                rest: body,
-            }),
-            Err(frame) => Body::new(Prefixed {
-                first: Some(Ok(frame)),
-                rest: body,
-            }),
+            Ok(data) => Body::new(Prefixed::new(data, body)),
+            // Trailers are not passed on.
+            Err(_trailers) => Body::new(body),
         },
-        Poll::Ready(Some(Err(e))) => Body::new(Prefixed {
-            first: Some(Err(e)),
-            rest: body,
-        }),
-    }
-}
-
-/// A body whose first frame was already polled.
-struct Prefixed {
-    first: Option<Result<Frame<Bytes>, ::axum::Error>>,
-    rest: ::axum::body::Body,
-}
-
-impl http_body::Body for Prefixed {
-    type Data = Bytes;
-    type Error = ::axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ::axum::Error>>> {
-        match self.first.take() {
-            Some(first) => Poll::Ready(Some(first)),
-            None => Pin::new(&mut self.rest).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.rest.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let first = match &self.first {
-            Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
-            _ => 0,
-        };
-        let rest = self.rest.size_hint();
-        let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower() + first);
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + first);
-        }
-        hint
-    }
+        Poll::Ready(Some(Err(e))) => return Err(e),
+    })
 }
 
 /// axum's `WebSocketUpgrade`, for this host: an extractor for a WebSocket handshake, whose
@@ -263,6 +226,7 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
 mod tests {
     use super::*;
     use ::axum::Router;
+    use bytes::Bytes;
     use ::axum::routing::{get, post};
     use http_body_util::BodyExt as _;
 

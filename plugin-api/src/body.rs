@@ -232,19 +232,29 @@ impl http_body::Body for Body {
 const SETTLE_POLLS: usize = 2;
 
 /// Chunks already polled, then the rest of the body.
-struct Prefixed {
+pub(crate) struct Prefixed<B> {
     ahead: std::collections::VecDeque<Bytes>,
-    rest: Body,
+    rest: B,
 }
 
-impl http_body::Body for Prefixed {
+impl<B> Prefixed<B> {
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
+    pub(crate) fn new(first: Bytes, rest: B) -> Self {
+        Prefixed {
+            ahead: [first].into(),
+            rest,
+        }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Prefixed<B> {
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.ahead.pop_front() {
             Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
             None => Pin::new(&mut self.rest).poll_frame(cx),
