@@ -226,8 +226,8 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
 mod tests {
     use super::*;
     use ::axum::Router;
-    use bytes::Bytes;
     use ::axum::routing::{get, post};
+    use bytes::Bytes;
     use http_body_util::BodyExt as _;
 
     fn handshake(path: &str) -> http::Request<Body> {

@@ -16,6 +16,9 @@
 //! connection is exempt from its first request on (hyper applies no head timeout to HTTP/2
 //! either); one that sent no request is held to it like any other.
 //!
+//! With no connection at all the sweep sleeps until one arrives, so an idle worker is not woken
+//! four times a second for nothing.
+//!
 //! Owns: the coarse clock, the register of connections, the sweep. Never reads or writes a
 //! socket: it marks a connection expired and wakes its task, which closes it.
 
@@ -32,9 +35,21 @@ pub struct HeadTimeout {
     timeout_ms: u64,
     period: Duration,
     epoch: Instant,
-    /// Milliseconds since `epoch`, as of the last sweep.
+    /// Milliseconds since `epoch`, as of the last sweep (or the first connection after the
+    /// sweep slept).
     now_ms: AtomicU64,
     register: Mutex<Register>,
+    /// Wakes the sweep, asleep while the register is empty.
+    wake_sweep: Arc<tokio::sync::Notify>,
+    /// Sweeps done so far.
+    sweeps: AtomicU64,
+}
+
+impl Drop for HeadTimeout {
+    fn drop(&mut self) {
+        // A sleeping sweep wakes, finds the worker's connections gone, and ends.
+        self.wake_sweep.notify_one();
+    }
 }
 
 #[derive(Default)]
@@ -64,8 +79,14 @@ impl HeadTimeout {
             epoch: Instant::now(),
             now_ms: AtomicU64::new(0),
             register: Mutex::new(Register::default()),
+            wake_sweep: Arc::new(tokio::sync::Notify::new()),
+            sweeps: AtomicU64::new(0),
         });
-        tokio::spawn(sweep(Arc::downgrade(&head_timeout), period));
+        tokio::spawn(sweep(
+            Arc::downgrade(&head_timeout),
+            period,
+            head_timeout.wake_sweep.clone(),
+        ));
         head_timeout
     }
 
@@ -75,6 +96,14 @@ impl HeadTimeout {
 
     /// Registers a connection, idle from now.
     pub fn watch(self: &Arc<Self>) -> Arc<Watch> {
+        let mut register = self.register.lock().unwrap_or_else(|e| e.into_inner());
+        let first = register.watches.is_empty();
+        if first {
+            // The sweep may have slept, leaving the coarse clock behind: bring it up to date
+            // before anything reads it.
+            let now = self.epoch.elapsed().as_millis() as u64;
+            self.now_ms.fetch_max(now, Ordering::Relaxed);
+        }
         let watch = Arc::new(Watch {
             head_timeout: self.clone(),
             busy: AtomicU32::new(0),
@@ -83,20 +112,25 @@ impl HeadTimeout {
             expired: AtomicBool::new(false),
             waker: Mutex::new(None),
         });
-        let mut register = self.register.lock().unwrap_or_else(|e| e.into_inner());
         register.watches.push(Arc::downgrade(&watch));
+        drop(register);
+        if first {
+            self.wake_sweep.notify_one();
+        }
         watch
     }
 
-    /// One pass: advance the clock, expire the idle connections, forget the closed ones.
-    fn sweep_once(&self) {
+    /// One pass: advance the clock, expire the idle connections, forget the closed ones. Returns
+    /// whether any connection is left.
+    fn sweep_once(&self) -> bool {
+        self.sweeps.fetch_add(1, Ordering::Relaxed);
         let now = self.epoch.elapsed().as_millis() as u64;
-        self.now_ms.store(now, Ordering::Relaxed);
+        self.now_ms.fetch_max(now, Ordering::Relaxed);
         // Idle since at most one period before the recorded time (the clock is coarse): wait
         // that much longer, so no connection is cut early.
         let limit = self.timeout_ms + self.period.as_millis() as u64;
         let mut expired = Vec::new();
-        {
+        let left = {
             let mut register = self.register.lock().unwrap_or_else(|e| e.into_inner());
             register.watches.retain(|w| {
                 let Some(watch) = w.upgrade() else {
@@ -111,21 +145,30 @@ impl HeadTimeout {
                 }
                 true
             });
-        }
+            !register.watches.is_empty()
+        };
         for watch in expired {
             watch.expire();
         }
+        left
     }
 }
 
-async fn sweep(head_timeout: Weak<HeadTimeout>, period: Duration) {
+async fn sweep(head_timeout: Weak<HeadTimeout>, period: Duration, wake: Arc<tokio::sync::Notify>) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match head_timeout.upgrade() {
-            Some(h) => h.sweep_once(),
-            None => return,
+        let Some(h) = head_timeout.upgrade() else {
+            return;
+        };
+        let left = h.sweep_once();
+        drop(h);
+        if !left {
+            // `watch` notifies when it adds to an empty register (after this look, or before:
+            // the permit is kept), and so does the worker's end.
+            wake.notified().await;
+            tick.reset();
         }
     }
 }
@@ -272,6 +315,31 @@ mod tests {
         let idle_from = tokio::time::Instant::now();
         busy.expired().await;
         assert!(idle_from.elapsed() >= Duration::from_millis(400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_connection_the_sweep_sleeps_and_wakes_for_the_next_one() {
+        let h = HeadTimeout::start(Duration::from_millis(400));
+        drop(h.watch());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let asleep = h.sweeps.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(
+            h.sweeps.load(Ordering::Relaxed),
+            asleep,
+            "swept with no connection"
+        );
+        // The next connection is held to the timeout as before: not early (the clock the sweep
+        // left behind is brought up to date), and not much later.
+        let idle = h.watch();
+        let began = tokio::time::Instant::now();
+        idle.expired().await;
+        let took = began.elapsed();
+        assert!(
+            took >= Duration::from_millis(400) && took <= Duration::from_millis(600),
+            "{took:?}"
+        );
+        assert!(h.sweeps.load(Ordering::Relaxed) > asleep);
     }
 
     #[tokio::test(start_paused = true)]
