@@ -107,8 +107,8 @@ impl Body {
         }
     }
 
-    /// Polls a streamed response body a few times (at most [`SETTLE_POLLS`]) with the handler's
-    /// context, before the response goes to the host: a body that has already ended becomes
+    /// Polls a streamed response body twice at most (enough for one chunk and the end) with the
+    /// handler's context, before the response goes to the host: a body that has already ended becomes
     /// whole, so the host sends it with its length and never calls back into the plugin for
     /// it; a longer one keeps the chunks polled here in front of the rest. An error here comes
     /// before anything was sent. Whole bodies, and a request body passed back as the
@@ -118,19 +118,12 @@ impl Body {
             return Ok(());
         }
         let mut ahead = std::collections::VecDeque::new();
-        for _ in 0..SETTLE_POLLS {
+        for _ in 0..2 {
             match Pin::new(&mut *self).poll_frame(cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => {
-                    let whole = match ahead.len() {
-                        0 => Bytes::new(),
-                        1 => ahead.pop_front().unwrap_or_default(),
-                        _ => ahead
-                            .iter()
-                            .flat_map(|b: &Bytes| b.iter().copied())
-                            .collect(),
-                    };
-                    self.0 = Inner::Full(Some(whole));
+                    // At most one chunk came before the end (two polls).
+                    self.0 = Inner::Full(ahead.pop_front());
                     return Ok(());
                 }
                 Poll::Ready(Some(Err(e))) => return Err(e),
@@ -226,10 +219,6 @@ impl http_body::Body for Body {
         }
     }
 }
-
-/// How many times [`Body::settle`] polls a streamed body before its response goes to the host:
-/// enough for one chunk and the end.
-const SETTLE_POLLS: usize = 2;
 
 /// Chunks already polled, then the rest of the body.
 pub(crate) struct Prefixed<B> {

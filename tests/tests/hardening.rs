@@ -197,9 +197,10 @@ async fn bad_http_input_is_answered_by_the_host_and_never_reaches_the_plugin() {
 
     only_good_requests_reached_the_plugin(&host, before, load).await;
 
-    // (After the count above: these requests reach the plugin.) The same guard closes a keep-alive connection left idle after its response for longer
-    // than header_read_timeout (not before it), and never cuts a busy one: a handler slower
-    // than the timeout, or a response that streams for longer than it.
+    // (After the count above: these requests reach the plugin.) The same guard closes a
+    // keep-alive connection left idle after its response for longer than header_read_timeout
+    // (not before it), and never cuts a busy one: a handler slower than the timeout, or a
+    // response that streams for longer than it.
     let idle_for = idle_until_closed(host.addr).await;
     // Timed from the client's side, which gets the response a little after the server counted
     // the connection idle: hence 450 ms, not 500, for "not before the timeout".
