@@ -18,14 +18,17 @@ use tests::{Host, HostOptions, greeting_plugin};
 /// refused to send.
 const H2_STREAM_LOG: &str = "info,h2::proto::streams::streams=trace";
 
-/// The pooled client fails no request in the runs seen (about 25, each 50k-70k requests).
-/// One CI run failed 1 request with `GoAway(NO_ERROR)`, not reproduced since. hyper's client
-/// can refuse a request itself: its dispatch task checks the connection, takes the request,
-/// and opens the stream, and if the connection task reads the GOAWAY in between (on another
-/// thread), the open fails without a retry (hyper hands the request back only when the
-/// connection closes). The server cannot prevent that, so the test checks what it can: the
-/// server dropped no stream it received (its h2 log), and any failure is such a refusal,
-/// counted apart and bounded.
+/// The pooled client fails no request in most runs (each 50k-70k requests). Two CI runs
+/// failed 1 request each, both refused by the client before it sent them:
+/// - `GoAway(NO_ERROR)`: hyper's dispatch task checks the connection, takes the request, and
+///   opens the stream, and if the connection task reads the GOAWAY in between (on another
+///   thread), the open fails without a retry (hyper hands the request back only when the
+///   connection closes);
+/// - `Canceled, "connection was not ready"`: the pool handed out a connection whose task had
+///   just ended after the final GOAWAY, and hyper returned the request unsent.
+/// The server cannot prevent either, so the test checks what it can: the server dropped no
+/// stream it received (its h2 log), and any failure is such a refusal, counted apart and
+/// bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pooled_h2_client_loses_nothing_across_reloads() {
     let (v1, v2) = (greeting_plugin("v1"), greeting_plugin("v2"));
@@ -106,9 +109,12 @@ async fn pooled_h2_client_loses_nothing_across_reloads() {
     );
     let refused_by_client = errors
         .iter()
-        .filter(|e| e.contains("GoAway(b\"\", NO_ERROR, Remote)"))
+        .filter(|e| {
+            e.contains("GoAway(b\"\", NO_ERROR, Remote)")
+                || e.contains("Canceled, \"connection was not ready\"")
+        })
         .count();
-    eprintln!("refused by the client itself after a GOAWAY, never sent: {refused_by_client}");
+    eprintln!("refused by the client itself, never sent: {refused_by_client}");
     assert_eq!(
         refused_by_client,
         errors.len(),
