@@ -443,6 +443,40 @@ impl<F: Future + Unpin> Future for NoUnwind<F> {
     }
 }
 
+/// One call of the plugin's async `serve`: resolves to the host's response (a `500` if the
+/// plugin's future panicked across the ABI). `Unpin`, so it can be polled where it was made and
+/// moved afterwards; it owns everything it needs, and the plugin state stays alive until the
+/// worker exits, after every request is done.
+pub struct ServeCall {
+    fut: NoUnwind<async_ffi::FfiFuture<RawAsyncResponse>>,
+    free: unsafe extern "C" fn(*mut c_void),
+}
+
+impl Future for ServeCall {
+    type Output = http::Response<ResponseBody>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let free = self.free;
+        std::pin::Pin::new(&mut self.fut)
+            .poll(cx)
+            .map(|raw| match raw {
+                // SAFETY: `raw` is what the plugin's `serve` future resolved to, now ours.
+                Some(raw) => unsafe { response_from(raw.head, raw.stream, free) },
+                None => {
+                    tracing::error!("the plugin's future panicked across the ABI; answered 500");
+                    let mut resp = http::Response::new(ResponseBody::full(Bytes::from_static(
+                        b"internal server error\n",
+                    )));
+                    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    resp
+                }
+            })
+    }
+}
+
 /// Builds the host's response from the plugin's: headers copied into host memory, the body
 /// lent without a copy (whole) or streamed (`stream`), freed on the plugin's side when done.
 ///
@@ -591,7 +625,7 @@ impl LoadedPlugin {
         parts: &http::request::Parts,
         body: RawBody,
         upgrade: RawUpgrade,
-    ) -> impl Future<Output = http::Response<ResponseBody>> + Send + 'static {
+    ) -> ServeCall {
         let hooks = self
             .hooks
             .async_hooks
@@ -611,22 +645,9 @@ impl LoadedPlugin {
             // the plugin; the shim catches panics.
             unsafe { serve(state, &req) }
         });
-        let free = self.hooks.free_response;
-        async move {
-            match (NoUnwind(fut)).await {
-                Some(raw) => {
-                    // SAFETY: `raw` is what the plugin's `serve` future resolved to.
-                    unsafe { response_from(raw.head, raw.stream, free) }
-                }
-                None => {
-                    tracing::error!("the plugin's future panicked across the ABI; answered 500");
-                    let mut resp = http::Response::new(ResponseBody::full(Bytes::from_static(
-                        b"internal server error\n",
-                    )));
-                    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                    resp
-                }
-            }
+        ServeCall {
+            fut: NoUnwind(fut),
+            free: self.hooks.free_response,
         }
     }
 

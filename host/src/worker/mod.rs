@@ -717,7 +717,7 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
         });
         let service = {
             let conn_state = conn_state.clone();
-            hyper::service::service_fn(move |req| request::handle(conn_state.clone(), req))
+            hyper::service::service_fn(move |req| request::call(conn_state.clone(), req))
         };
         let io =
             coalesce::Coalesce::new(h2_drain::DrainAwareIo::new(stream, shared.draining.clone()));

@@ -5,8 +5,10 @@
 //! through [`LoadedPlugin`].
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,16 +26,19 @@ use super::{
 /// Counts a request in flight for as long as it is held, and records it in the worker table,
 /// where the master finds it if this worker dies or hangs before the request is done. With
 /// counters, [`InFlight::answered`] counts its answer; dropped without it, it was cancelled.
-struct InFlight<'a> {
-    shared: &'a Shared,
+/// It holds the request's handle on its connection, so a request that outlives [`call`] carries
+/// everything it needs in one place.
+struct InFlight {
+    conn: Arc<Connection>,
     record: Option<usize>,
     /// CLOCK_MONOTONIC (ns) when it began; 0 without a worker table.
     began_ns: u64,
     answered: bool,
 }
 
-impl<'a> InFlight<'a> {
-    fn new(shared: &'a Shared, method: &http::Method, path: &str) -> Self {
+impl InFlight {
+    fn new(conn: Arc<Connection>, method: &http::Method, path: &str) -> Self {
+        let shared = &*conn.shared;
         let served = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
         if served == shared.recycle_after {
             let base = shared.recycle_after.saturating_sub(shared.recycle_jitter);
@@ -53,7 +58,7 @@ impl<'a> InFlight<'a> {
             c.begin();
         }
         InFlight {
-            shared,
+            conn,
             record,
             began_ns,
             answered: false,
@@ -63,8 +68,12 @@ impl<'a> InFlight<'a> {
     /// Counts the answer: its status class, the time since the request began (until its
     /// response head is ready), and its body bytes (a streamed body counts as it is sent).
     /// `ready_ns` is the clock reading when the response was ready, or 0 to read it here.
+    fn shared(&self) -> &Shared {
+        &self.conn.shared
+    }
+
     fn answered(&mut self, resp: &mut Response<ResponseBody>, ready_ns: u64) {
-        let Some(c) = self.shared.counters else {
+        let Some(c) = self.shared().counters else {
             return;
         };
         self.answered = true;
@@ -83,15 +92,16 @@ impl<'a> InFlight<'a> {
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if let Some(c) = self.shared.counters
+        let shared = &*self.conn.shared;
+        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(c) = shared.counters
             && !self.answered
         {
             c.cancelled();
         }
-        if let Some((table, cell)) = &self.shared.accept_table {
+        if let Some((table, cell)) = &shared.accept_table {
             table.end(*cell, self.record);
         }
     }
@@ -169,80 +179,96 @@ fn call_inline(
     (resp, ended_ns)
 }
 
-async fn call_plugin(
+/// Reads a request body for a synchronous handler, whole: within `max_body_bytes` and
+/// `body_read_timeout`, else the answer that says which.
+async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Response<ResponseBody>> {
+    let collect = Limited::new(body, shared.max_body_bytes).collect();
+    let Ok(collected) = tokio::time::timeout(shared.body_read_timeout, collect).await else {
+        let mut resp = plain(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body not received within {}\n",
+                humantime::format_duration(shared.body_read_timeout)
+            ),
+        );
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(resp.map(ResponseBody::full));
+    };
+    match collected {
+        Ok(collected) => {
+            let body = collected.to_bytes();
+            if let Some(c) = shared.counters {
+                c.request_bytes()
+                    .fetch_add(body.len() as u64, Ordering::Relaxed);
+            }
+            Ok(body)
+        }
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds {} bytes\n", shared.max_body_bytes),
+            )
+            .map(ResponseBody::full))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the request body");
+            Err(
+                plain(StatusCode::BAD_REQUEST, "cannot read the request body\n")
+                    .map(ResponseBody::full),
+            )
+        }
+    }
+}
+
+/// Calls a synchronous handler with its whole body: on the blocking pool by default; a handler
+/// the plugin declares non-blocking runs right here on the I/O thread (no hand-off), unless its
+/// path has been caught taking too long.
+async fn call_sync(
     shared: &Arc<Shared>,
-    req: Request<Incoming>,
+    parts: http::request::Parts,
+    body: Bytes,
     dispatch: Dispatch,
 ) -> Response<ResponseBody> {
-    if dispatch == Dispatch::Async {
-        return call_async(shared, req).await;
+    if dispatch != Dispatch::Inline {
+        return on_pool(shared, parts, body).await;
     }
-    let (parts, body) = req.into_parts();
-    let body = if body.is_end_stream() {
-        Bytes::new() // most GETs: nothing to read or buffer
-    } else {
-        let collect = Limited::new(body, shared.max_body_bytes).collect();
-        let Ok(collected) = tokio::time::timeout(shared.body_read_timeout, collect).await else {
-            let mut resp = plain(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "request body not received within {}\n",
-                    humantime::format_duration(shared.body_read_timeout)
-                ),
-            );
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return resp.map(ResponseBody::full);
-        };
-        match collected {
-            Ok(collected) => {
-                let body = collected.to_bytes();
-                if let Some(c) = shared.counters {
-                    c.request_bytes()
-                        .fetch_add(body.len() as u64, Ordering::Relaxed);
-                }
-                body
-            }
-            Err(e)
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                return plain(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body exceeds {} bytes\n", shared.max_body_bytes),
-                )
-                .map(ResponseBody::full);
-            }
+    let began = std::time::Instant::now();
+    let resp = shared.plugin.handle(&parts, &body);
+    let took = began.elapsed();
+    if took > INLINE_LIMIT {
+        shared.mark_slow(parts.uri.path(), took);
+    }
+    sync_answer(resp)
+}
+
+/// Queues a synchronous handler's call on the blocking pool at once; the future waits for its
+/// answer and holds little else.
+fn on_pool(
+    shared: &Arc<Shared>,
+    parts: http::request::Parts,
+    body: Bytes,
+) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
+    let plugin = shared.plugin.clone();
+    let uri = parts.uri.clone();
+    let running = shared.pool.run(move || plugin.handle(&parts, &body));
+    async move {
+        match running.await {
+            Ok(resp) => sync_answer(resp),
             Err(e) => {
-                tracing::debug!(error = %e, "cannot read the request body");
-                return plain(StatusCode::BAD_REQUEST, "cannot read the request body\n")
-                    .map(ResponseBody::full);
+                tracing::error!(error = %e, path = uri.path(), "request task failed");
+                plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+                    .map(ResponseBody::full)
             }
         }
-    };
-    // Handlers may block, so by default each call runs on the blocking pool. A handler the plugin
-    // declares non-blocking runs right here on the I/O thread (no hand-off), unless its path has
-    // been caught taking too long.
-    let resp = if dispatch == Dispatch::Inline {
-        let began = std::time::Instant::now();
-        let resp = shared.plugin.handle(&parts, &body);
-        let took = began.elapsed();
-        if took > INLINE_LIMIT {
-            shared.mark_slow(parts.uri.path(), took);
-        }
-        resp
-    } else {
-        let plugin = shared.plugin.clone();
-        let path = parts.uri.path().to_string();
-        match shared.pool.run(move || plugin.handle(&parts, &body)).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                tracing::error!(error = %e, path, "request task failed");
-                return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
-                    .map(ResponseBody::full);
-            }
-        }
-    };
+    }
+}
+
+/// A synchronous handler's answer, unless it is a `101`, which only `serve` can give.
+fn sync_answer(resp: Response<ResponseBody>) -> Response<ResponseBody> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         return refuse_switch(
             "it came from a synchronous `handle` (upgrades need `serve`, Dispatch::Async)",
@@ -263,117 +289,223 @@ fn refuse_switch(why: &str) -> Response<ResponseBody> {
     .map(ResponseBody::full)
 }
 
-/// An async handler: the body streams in as the client sends it (each chunk waited for at most
-/// `body_read_timeout`), the response may stream out, and an HTTP/1.1 `Upgrade` request may be
-/// taken over after its `101`.
-async fn call_async(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<ResponseBody> {
-    let wants_upgrade =
-        req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
-    let on_upgrade = wants_upgrade
-        .then(|| req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>())
-        .flatten();
-    let (upgrade, watch) = match on_upgrade {
-        Some(on) => {
-            let (raw, watch) = abi_io::upgrade(on, Box::new(UpgradeGuard::new(shared)));
-            (raw, Some(watch))
-        }
-        None => (plugin_api::ffi::RawUpgrade::NONE, None),
-    };
-    let (parts, body) = req.into_parts();
-    let counted = shared.counters.map(|c| c.request_bytes());
-    let body = abi_io::request_body(body, shared.body_read_timeout, counted);
-    let serving = shared.plugin.serve(&parts, body, upgrade);
-    tokio::pin!(serving);
-    // Each poll runs plugin code on the I/O thread: one that blocks stalls every connection
-    // of this worker, so it is named in the log (once per path).
-    let mut resp = std::future::poll_fn(|cx| {
-        let _serving = super::loader::serving(parts.uri.path());
-        let began = std::time::Instant::now();
-        let polled = serving.as_mut().poll(cx);
-        let took = began.elapsed();
-        if took > INLINE_LIMIT {
-            shared.note_blocking_poll(parts.uri.path(), took);
-        }
-        polled
-    })
-    .await;
-    if let ResponseBody::Stream(s) = resp.body_mut() {
-        s.answers(&parts.uri);
-        let settled =
-            std::future::poll_fn(|cx| std::task::Poll::Ready(resp.body_mut().settle(cx))).await;
-        if let Err(error) = settled {
-            tracing::error!(%error, path = parts.uri.path(), "the plugin's response body failed before anything was sent; answered 500");
-            return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
-                .map(ResponseBody::full);
-        }
-    }
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        match watch {
-            Some(w) if w.kept() => {}
-            Some(_) => {
-                return refuse_switch(
-                    "the handler dropped the request's OnUpgrade (keep it: plugin_api::upgrade::on)",
-                );
-            }
-            None if parts.version != Version::HTTP_11 => {
-                return refuse_switch("upgrades exist only in HTTP/1.1");
-            }
-            None => return refuse_switch("the request did not ask for an upgrade"),
-        }
-    }
-    resp
+/// An async handler's call: the body streams in as the client sends it (each chunk waited for
+/// at most `body_read_timeout`), the response may stream out, and an HTTP/1.1 `Upgrade` request
+/// may be taken over after its `101`. Polled in place first (most handlers answer at once), then
+/// moved into the request's boxed future if it must wait.
+struct AsyncCall {
+    parts: http::request::Parts,
+    serving: super::loader::ServeCall,
+    watch: Option<abi_io::UpgradeWatch>,
 }
 
-pub(super) async fn handle(
-    conn: Arc<Connection>,
-    req: Request<Incoming>,
-) -> Result<Response<head_timeout::BusyBody<ResponseBody>>, Infallible> {
+impl AsyncCall {
+    fn start(shared: &Arc<Shared>, mut req: Request<Incoming>) -> AsyncCall {
+        let wants_upgrade =
+            req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
+        let on_upgrade = wants_upgrade
+            .then(|| req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>())
+            .flatten();
+        let (upgrade, watch) = match on_upgrade {
+            Some(on) => {
+                let (raw, watch) = abi_io::upgrade(on, Box::new(UpgradeGuard::new(shared)));
+                (raw, Some(watch))
+            }
+            None => (plugin_api::ffi::RawUpgrade::NONE, None),
+        };
+        let (parts, body) = req.into_parts();
+        let counted = shared.counters.map(|c| c.request_bytes());
+        let body = abi_io::request_body(body, shared.body_read_timeout, counted);
+        let serving = shared.plugin.serve(&parts, body, upgrade);
+        AsyncCall {
+            parts,
+            serving,
+            watch,
+        }
+    }
+
+    /// Polls the plugin's future, then settles a streamed body (see [`ResponseBody::settle`]) and
+    /// checks a `101`: the whole answer, ready or not.
+    ///
+    /// Each poll runs plugin code on the I/O thread: one that blocks stalls every connection of
+    /// this worker, so it is named in the log (once per path).
+    fn poll_answer(
+        &mut self,
+        shared: &Shared,
+        cx: &mut Context<'_>,
+    ) -> Poll<Response<ResponseBody>> {
+        let path = self.parts.uri.path();
+        let polled = {
+            let _serving = super::loader::serving(path);
+            let began = std::time::Instant::now();
+            let polled = Pin::new(&mut self.serving).poll(cx);
+            let took = began.elapsed();
+            if took > INLINE_LIMIT {
+                shared.note_blocking_poll(path, took);
+            }
+            polled
+        };
+        let Poll::Ready(mut resp) = polled else {
+            return Poll::Pending;
+        };
+        if let ResponseBody::Stream(s) = resp.body_mut() {
+            s.answers(&self.parts.uri);
+            if let Err(error) = resp.body_mut().settle(cx) {
+                tracing::error!(%error, path, "the plugin's response body failed before anything was sent; answered 500");
+                return Poll::Ready(
+                    plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+                        .map(ResponseBody::full),
+                );
+            }
+        }
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let why = match &self.watch {
+                Some(w) if w.kept() => return Poll::Ready(resp),
+                Some(_) => {
+                    "the handler dropped the request's OnUpgrade (keep it: plugin_api::upgrade::on)"
+                }
+                None if self.parts.version != Version::HTTP_11 => "upgrades exist only in HTTP/1.1",
+                None => "the request did not ask for an upgrade",
+            };
+            return Poll::Ready(refuse_switch(why));
+        }
+        Poll::Ready(resp)
+    }
+}
+
+/// The response future hyper holds for one request: the answer itself when [`call`] could give
+/// it at once, else the rest of the request, boxed. Small either way: hyper moves it, and a
+/// request answered at once (the common case) costs no allocation.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "boxing the ready answer would cost the allocation this type exists to avoid"
+)]
+pub(super) enum Answer {
+    Ready(Option<Response<head_timeout::BusyBody<ResponseBody>>>),
+    Later(Pin<Box<dyn Future<Output = Response<head_timeout::BusyBody<ResponseBody>>> + Send>>),
+}
+
+impl Future for Answer {
+    type Output = Result<Response<head_timeout::BusyBody<ResponseBody>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Answer::Ready(resp) => Poll::Ready(Ok(resp.take().expect("polled after it was ready"))),
+            Answer::Later(rest) => rest.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
+/// Takes one request. What can be answered without waiting is answered here, synchronously:
+/// the built-in routes, an inline handler with no body, and an async handler whose future is
+/// ready on its first poll. The rest (a body to read, the blocking pool, an async handler that
+/// waits) continues in a boxed future, which `graceful_timeout` can cut.
+pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
     let busy = conn.watch.busy();
-    let shared = &conn.shared;
     let h2 = req.version() == Version::HTTP_2;
     if h2 && !conn.is_h2.swap(true, Ordering::Relaxed) {
         conn.watch.exempt();
         conn.first_h2_request.notify_one();
     }
     conn.note_request(&req);
-    let mut in_flight = InFlight::new(shared, req.method(), req.uri().path());
-    // When the response was ready, if already read from the clock.
-    let mut ready_ns = 0;
-    let mut resp = if req.uri().path().starts_with("/_host/") {
-        builtin(&req).map(ResponseBody::full)
-    } else if let dispatch = dispatch_of(shared, &req)
-        && !(dispatch == Dispatch::Inline && req.body().is_end_stream())
-    {
-        let mut cut = shared.cut_rx.clone();
-        tokio::select! {
-            biased;
-            resp = call_plugin(shared, req, dispatch) => resp,
-            Ok(_) = cut.wait_for(|c| *c) => {
-                // `graceful_timeout` reached with this request still running: an answer the
-                // client can act on instead of a closed connection.
-                shared.cut_answered.fetch_add(1, Ordering::SeqCst);
-                let mut resp = plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the worker serving this request is shutting down; retry\n",
-                );
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                resp.map(ResponseBody::full)
-            }
+    let in_flight = InFlight::new(conn, req.method(), req.uri().path());
+    let shared = &in_flight.conn.shared;
+    if req.uri().path().starts_with("/_host/") {
+        let resp = builtin(&req).map(ResponseBody::full);
+        return Answer::Ready(Some(finish(in_flight, resp, 0, busy, h2)));
+    }
+    let dispatch = dispatch_of(shared, &req);
+    if dispatch == Dispatch::Inline && req.body().is_end_stream() {
+        let (resp, ready_ns) = call_inline(shared, req, in_flight.began_ns);
+        return Answer::Ready(Some(finish(in_flight, resp, ready_ns, busy, h2)));
+    }
+    if dispatch == Dispatch::Async {
+        let mut call = AsyncCall::start(shared, req);
+        // A first poll with a waker that does nothing: if the handler waits, the boxed rest polls
+        // it again with the connection's waker (hyper polls a response future as soon as it has
+        // it), and a future registers the waker of its latest poll.
+        if let Poll::Ready(resp) = call.poll_answer(shared, &mut Context::from_waker(Waker::noop()))
+        {
+            return Answer::Ready(Some(finish(in_flight, resp, 0, busy, h2)));
         }
-    } else {
-        let (resp, ended_ns) = call_inline(shared, req, in_flight.began_ns);
-        ready_ns = ended_ns;
-        resp
-    };
+        return Answer::Later(Box::pin(async move {
+            let resp = {
+                let shared = &*in_flight.conn.shared;
+                cuttable(
+                    shared,
+                    std::future::poll_fn(|cx| call.poll_answer(shared, cx)),
+                )
+                .await
+            };
+            finish(in_flight, resp, 0, busy, h2)
+        }));
+    }
+    let (parts, body) = req.into_parts();
+    if body.is_end_stream() {
+        // On the blocking pool (an inline handler with no body was answered above): queued now,
+        // so the future holds only the wait.
+        let answer = on_pool(shared, parts, Bytes::new());
+        return Answer::Later(Box::pin(async move {
+            let resp = cuttable(&in_flight.conn.shared, answer).await;
+            finish(in_flight, resp, 0, busy, h2)
+        }));
+    }
+    Answer::Later(Box::pin(async move {
+        let resp = {
+            let shared = &in_flight.conn.shared;
+            let call = async {
+                match read_body(shared, body).await {
+                    Ok(body) => call_sync(shared, parts, body, dispatch).await,
+                    Err(resp) => resp,
+                }
+            };
+            cuttable(shared, call).await
+        };
+        finish(in_flight, resp, 0, busy, h2)
+    }))
+}
+
+/// Runs a plugin call until it answers, or until `graceful_timeout` is reached with it still
+/// running: then a `503` the client can act on instead of a closed connection.
+async fn cuttable(
+    shared: &Shared,
+    answer: impl Future<Output = Response<ResponseBody>>,
+) -> Response<ResponseBody> {
+    let mut cut = shared.cut_rx.clone();
+    tokio::select! {
+        biased;
+        resp = answer => resp,
+        Ok(_) = cut.wait_for(|c| *c) => {
+            shared.cut_answered.fetch_add(1, Ordering::SeqCst);
+            let mut resp = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the worker serving this request is shutting down; retry\n",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.map(ResponseBody::full)
+        }
+    }
+}
+
+/// The last touches on an answer: `Connection: close` when this HTTP/1 connection should end,
+/// the answer counted, and the body tied to the connection's busy mark.
+fn finish(
+    mut in_flight: InFlight,
+    mut resp: Response<ResponseBody>,
+    ready_ns: u64,
+    busy: head_timeout::Busy,
+    h2: bool,
+) -> Response<head_timeout::BusyBody<ResponseBody>> {
+    let shared = in_flight.shared();
     if !h2
         && (shared.draining.load(Ordering::Relaxed)
             || shared.retiring.load(Ordering::Relaxed)
-            || shared.hand_off_one(&conn))
+            || shared.hand_off_one(&in_flight.conn))
     {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     in_flight.answered(&mut resp, ready_ns);
-    Ok(resp.map(|body| head_timeout::BusyBody::new(body, busy)))
+    resp.map(|body| head_timeout::BusyBody::new(body, busy))
 }
