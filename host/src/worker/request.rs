@@ -325,7 +325,8 @@ impl AsyncCall {
     }
 
     /// Polls the plugin's future, then settles a streamed body (see [`ResponseBody::settle`]) and
-    /// checks a `101`: the whole answer, ready or not.
+    /// checks a `101`: the whole answer, ready or not, with the clock reading when it was ready.
+    /// `began_ns` is a clock reading taken just before, or 0 to read it here.
     ///
     /// Each poll runs plugin code on the I/O thread: one that blocks stalls every connection of
     /// this worker, so it is named in the log (once per path).
@@ -333,18 +334,23 @@ impl AsyncCall {
         &mut self,
         shared: &Shared,
         cx: &mut Context<'_>,
-    ) -> Poll<Response<ResponseBody>> {
+        began_ns: u64,
+    ) -> Poll<(Response<ResponseBody>, u64)> {
         let path = self.parts.uri.path();
+        let began_ns = if began_ns == 0 {
+            monotonic_ns()
+        } else {
+            began_ns
+        };
         let polled = {
             let _serving = super::loader::serving(path);
-            let began = std::time::Instant::now();
-            let polled = Pin::new(&mut self.serving).poll(cx);
-            let took = began.elapsed();
-            if took > INLINE_LIMIT {
-                shared.note_blocking_poll(path, took);
-            }
-            polled
+            Pin::new(&mut self.serving).poll(cx)
         };
+        let ended_ns = monotonic_ns();
+        let took = Duration::from_nanos(ended_ns.saturating_sub(began_ns));
+        if took > INLINE_LIMIT {
+            shared.note_blocking_poll(path, took);
+        }
         let Poll::Ready(mut resp) = polled else {
             return Poll::Pending;
         };
@@ -352,24 +358,22 @@ impl AsyncCall {
             s.answers(&self.parts.uri);
             if let Err(error) = resp.body_mut().settle(cx) {
                 tracing::error!(%error, path, "the plugin's response body failed before anything was sent; answered 500");
-                return Poll::Ready(
-                    plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
-                        .map(ResponseBody::full),
-                );
+                let resp = plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
+                return Poll::Ready((resp.map(ResponseBody::full), ended_ns));
             }
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let why = match &self.watch {
-                Some(w) if w.kept() => return Poll::Ready(resp),
+                Some(w) if w.kept() => return Poll::Ready((resp, ended_ns)),
                 Some(_) => {
                     "the handler dropped the request's OnUpgrade (keep it: plugin_api::upgrade::on)"
                 }
                 None if self.parts.version != Version::HTTP_11 => "upgrades exist only in HTTP/1.1",
                 None => "the request did not ask for an upgrade",
             };
-            return Poll::Ready(refuse_switch(why));
+            return Poll::Ready((refuse_switch(why), ended_ns));
         }
-        Poll::Ready(resp)
+        Poll::Ready((resp, ended_ns))
     }
 }
 
@@ -424,18 +428,16 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
         // A first poll with a waker that does nothing: if the handler waits, the boxed rest polls
         // it again with the connection's waker (hyper polls a response future as soon as it has
         // it), and a future registers the waker of its latest poll.
-        if let Poll::Ready(resp) = call.poll_answer(shared, &mut Context::from_waker(Waker::noop()))
+        let mut cx = Context::from_waker(Waker::noop());
+        if let Poll::Ready((resp, ready_ns)) = call.poll_answer(shared, &mut cx, in_flight.began_ns)
         {
-            return Answer::Ready(Some(finish(in_flight, resp, 0, busy, h2)));
+            return Answer::Ready(Some(finish(in_flight, resp, ready_ns, busy, h2)));
         }
         return Answer::Later(Box::pin(async move {
             let resp = {
                 let shared = &*in_flight.conn.shared;
-                cuttable(
-                    shared,
-                    std::future::poll_fn(|cx| call.poll_answer(shared, cx)),
-                )
-                .await
+                let answer = std::future::poll_fn(|cx| call.poll_answer(shared, cx, 0));
+                cuttable(shared, async { answer.await.0 }).await
             };
             finish(in_flight, resp, 0, busy, h2)
         }));
