@@ -222,7 +222,6 @@ pub(crate) fn to_parts(raw: &RawRequest) -> Result<http::request::Parts, String>
     // SAFETY (for every `as_bytes` below): the host guarantees the request and everything it
     // points to are valid for the duration of `handle`, and this function copies what it keeps.
     let method = Method::from_bytes(unsafe { raw.method.as_bytes() }).map_err(|e| e.to_string())?;
-    let uri = http::Uri::try_from(unsafe { raw.uri.as_bytes() }).map_err(|e| e.to_string())?;
     let version = match raw.version {
         9 => Version::HTTP_09,
         10 => Version::HTTP_10,
@@ -236,12 +235,15 @@ pub(crate) fn to_parts(raw: &RawRequest) -> Result<http::request::Parts, String>
         // SAFETY: `headers` points to `headers_len` initialized `RawHeader`s (ownership rules).
         unsafe { std::slice::from_raw_parts(raw.headers, raw.headers_len) }
     };
+    let uri = http::Uri::try_from(unsafe { raw.uri.as_bytes() }).map_err(|e| e.to_string())?;
     let mut headers = HeaderMap::with_capacity(raw_headers.len());
     for h in raw_headers {
         let name =
             HeaderName::from_bytes(unsafe { h.name.as_bytes() }).map_err(|e| e.to_string())?;
-        let value =
-            HeaderValue::from_bytes(unsafe { h.value.as_bytes() }).map_err(|e| e.to_string())?;
+        let value = Bytes::copy_from_slice(unsafe { h.value.as_bytes() });
+        // SAFETY: the host passes values its HTTP parser accepted (`RawRequest::headers`), valid
+        // `HeaderValue` bytes: they are copied, not checked again.
+        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
         headers.append(name, value);
     }
     let (mut parts, ()) = http::Request::new(()).into_parts();

@@ -137,6 +137,9 @@ pub struct RawRequest {
     pub uri: RawStr,
     /// 9 = HTTP/0.9, 10 = HTTP/1.0, 11 = HTTP/1.1, 20 = HTTP/2, 30 = HTTP/3.
     pub version: u32,
+    /// The request's headers, as the host's HTTP parser accepted them: each name a valid
+    /// lowercase header name, each value valid for `http::HeaderValue` (the plugin takes them
+    /// without checking the values again).
     pub headers: *const RawHeader,
     pub headers_len: usize,
     pub body: RawStr,
