@@ -132,16 +132,18 @@ done
 #     alike. Steadier than rounds one after the other for costs of a few percent between two
 #     set-ups of the same server. The wrk that starts first alternates between rounds; for two
 #     paths of the host, so does which of two identical hosts serves which path.
-pair_round() { # url_a pids_a url_b pids_b swap -> "cpu_a cpu_b rps_a rps_b"
+pair_round() { # url_a pids_a url_b pids_b swap [wrk script] -> "cpu_a cpu_b rps_a rps_b"
   local a0 b0 a1 b1 wa wb
+  local script=()
+  if [ -n "${6:-}" ]; then script=(-s "$6"); fi
   # shellcheck disable=SC2086
   a0=$(cpu_ticks $2); b0=$(cpu_ticks $4)
   if [ "$5" = 1 ]; then
-    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$3" > "$WORK/wrk-b.txt" & wb=$!
-    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$1" > "$WORK/wrk-a.txt" & wa=$!
+    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "${script[@]}" "$3" > "$WORK/wrk-b.txt" & wb=$!
+    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "${script[@]}" "$1" > "$WORK/wrk-a.txt" & wa=$!
   else
-    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$1" > "$WORK/wrk-a.txt" & wa=$!
-    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "$3" > "$WORK/wrk-b.txt" & wb=$!
+    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "${script[@]}" "$1" > "$WORK/wrk-a.txt" & wa=$!
+    taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d"${SECS}s" "${script[@]}" "$3" > "$WORK/wrk-b.txt" & wb=$!
   fi
   wait $wa $wb
   # shellcheck disable=SC2086
@@ -161,18 +163,32 @@ side_by_side() { # name_a url_a pids_a name_b url_b pids_b -> PAIRS += "name_a n
     PAIRS+=("$1 $4 $(pair_round "$2" "$3" "$5" "$6" $((i % 2)))")
   done
 }
-side_by_side_paths() { # path_a path_b: two identical hosts (`one`, `two`), roles swapped each round
-  local one two
+side_by_side_paths() { # path_a path_b [wrk script tag]: two identical hosts (`one`, `two`),
+  # roles swapped each round; with a tag, wrk runs $WORK/<tag>.lua and the pair is named after it
+  local one two script="" tag=""
   one=$(host_pids one); two=$(host_pids two)
+  if [ -n "${3:-}" ]; then script="$WORK/$3.lua"; tag="+$3"; fi
   for i in $(seq "$RUNS"); do
     if [ $((i % 2)) = 1 ]; then
-      PAIRS+=("host:$1 host:$2 $(pair_round "http://127.0.0.1:18191$1" "$one" "http://127.0.0.1:18195$2" "$two" 0)")
+      PAIRS+=("host:$1$tag host:$2$tag $(pair_round "http://127.0.0.1:18191$1" "$one" "http://127.0.0.1:18195$2" "$two" 0 "$script")")
     else
-      read -r cb ca rb ra < <(pair_round "http://127.0.0.1:18191$2" "$one" "http://127.0.0.1:18195$1" "$two" 0)
-      PAIRS+=("host:$1 host:$2 $ca $cb $ra $rb")
+      read -r cb ca rb ra < <(pair_round "http://127.0.0.1:18191$2" "$one" "http://127.0.0.1:18195$1" "$two" 0 "$script")
+      PAIRS+=("host:$1$tag host:$2$tag $ca $cb $ra $rb")
     fi
   done
 }
+# A browser's request: wrk's own carries one header (Host); a browser's navigation some ten.
+cat > "$WORK/browser.lua" <<'LUA'
+wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+wrk.headers["Accept"] = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+wrk.headers["Accept-Language"] = "en-US,en;q=0.5"
+wrk.headers["Accept-Encoding"] = "gzip, deflate, br, zstd"
+wrk.headers["Cookie"] = "session=0123456789abcdef0123456789abcdef; theme=dark"
+wrk.headers["Referer"] = "http://127.0.0.1/"
+wrk.headers["Sec-Fetch-Dest"] = "document"
+wrk.headers["Sec-Fetch-Mode"] = "navigate"
+wrk.headers["Upgrade-Insecure-Requests"] = "1"
+LUA
 PAIRS=()
 taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18180 --plain-h1 & PLAIN_PID=$!
 taskset -c $SERVER_CPU "$BIN/bare-hyper" --addr 127.0.0.1:18183 --no-header-timer & NOTIMER_PID=$!
@@ -186,6 +202,7 @@ start_host two $SERVER_CPU
 side_by_side bare-hyper http://127.0.0.1:18181/ $BARE_PID host-health http://127.0.0.1:18191/_host/health "$(host_pids one)"
 kill $PLAIN_PID $NOTIMER_PID $BARE_PID; wait $PLAIN_PID $NOTIMER_PID $BARE_PID 2>/dev/null || true; BARE_PID=
 side_by_side_paths /_host/health /
+side_by_side_paths /_host/health / browser
 stop_host one
 stop_host two
 

@@ -486,3 +486,54 @@ async fn a_failed_build_at_start_refuses_to_start() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "no master was started");
 }
+
+/// `GLIBC_TUNABLES` as `/proc` shows it in each worker's environment.
+fn workers_tunables(status: &Value) -> Vec<Option<String>> {
+    tests::worker_pids_in(status, None)
+        .into_iter()
+        .map(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+            environ
+                .split(|b| *b == 0)
+                .filter_map(|var| var.strip_prefix(b"GLIBC_TUNABLES="))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .next()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_get_the_hosts_malloc_tunables_unless_the_environment_sets_its_own() {
+    // The test's own environment may set it: then that is what the workers must get.
+    let inherited = std::env::var("GLIBC_TUNABLES").ok();
+    let host = Host::start(&fixture_plugin(""), HostOptions::default()).await;
+    let expected = inherited.unwrap_or_else(|| "glibc.malloc.tcache_count=64".into());
+    let got = workers_tunables(&host.status().await);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got.iter().all(|t| t.as_deref() == Some(&*expected)),
+        "{got:?}"
+    );
+    // Replacement workers too.
+    host.reload_ok().await;
+    let got = workers_tunables(&host.status().await);
+    assert!(
+        got.iter().all(|t| t.as_deref() == Some(&*expected)),
+        "{got:?}"
+    );
+    drop(host);
+
+    let own = "glibc.malloc.mxfast=0";
+    let host = Host::start(
+        &fixture_plugin(""),
+        HostOptions {
+            env: vec![("GLIBC_TUNABLES".into(), own.into())],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(!host.body("/").await.is_empty());
+    let got = workers_tunables(&host.status().await);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.iter().all(|t| t.as_deref() == Some(own)), "{got:?}");
+}

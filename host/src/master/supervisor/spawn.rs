@@ -17,6 +17,15 @@ use super::{Event, Generation, Supervisor, Worker, WorkerId, WorkerState};
 use crate::fd;
 use crate::protocol::{MasterToWorker, Sender, WorkerSpec, WorkerToMaster};
 
+/// glibc malloc's tunables for workers, unless the master's environment has its own
+/// `GLIBC_TUNABLES` (then the workers inherit that). By default each thread keeps 7 freed chunks
+/// of each size; a request through the plugin frees more than that of a few sizes (its header
+/// map, each header value, on both sides of the ABI, which share the one malloc), and the surplus
+/// goes to lists that the next large allocation consolidates. Keeping 64 cut the CPU per request
+/// by 5-7% for a browser's request (ten headers) and 1-2% for wrk's, and worker RSS after load
+/// grew by about 0.1 MiB (measured in `bench`'s way, side by side). Other C libraries ignore it.
+pub(crate) const WORKER_MALLOC_TUNABLES: &str = "glibc.malloc.tcache_count=64";
+
 /// How long past `graceful_timeout` a draining worker may take to exit on its own before SIGKILL.
 pub(super) const KILL_MARGIN: Duration = Duration::from_secs(2);
 
@@ -126,6 +135,9 @@ impl Supervisor {
                 &crate::worker::monotonic_ns().to_string(),
             ])
             .stdin(std::process::Stdio::null());
+        if std::env::var_os("GLIBC_TUNABLES").is_none() {
+            cmd.env("GLIBC_TUNABLES", WORKER_MALLOC_TUNABLES);
+        }
         for var in crate::master::systemd::MASTER_ONLY_ENV
             .iter()
             .chain(&[crate::master::upgrade::FROM_ENV, crate::START_NOTIFY_ENV])
