@@ -153,6 +153,7 @@ w = out.append
 w("# Benchmark results")
 w("")
 w(f"Measured {env['WHEN']} by `bench/run.sh` on: {env['MACHINE']}; {env['RUSTC']}; {env['WRK']}.")
+w("The host, the example plugin and the hyper servers are built with `--profile production` (fat LTO, one codegen unit).")
 w("Numbers from one run on a shared virtual machine: expect a few percent of noise between runs.")
 w("")
 w("## Targets")

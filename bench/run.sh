@@ -2,7 +2,7 @@
 # The benchmark: the plugin host measured side by side with a bare hyper server, in one run.
 # Writes bench/RESULTS.md (tables, targets, machine) and bench/latency-during-reload.svg.
 #
-#   bench/run.sh            # about seven minutes on a 2-core machine, after the release build
+#   bench/run.sh            # about ten minutes on a 2-core machine, after the production build
 #
 # Needs: cargo, python3, taskset (util-linux), wrk (installed with apt-get if missing).
 # Benchmarks are not tests: nothing here fails on a number; the targets are reported.
@@ -29,9 +29,11 @@ done
 CPUS=$(nproc)
 if [ "$CPUS" -ge 2 ]; then SERVER_CPU=0; CLIENT_CPU=1; else SERVER_CPU=0; CLIENT_CPU=0; fi
 
-echo "bench: building (release)" >&2
-cargo build --release -q -p host -p example-plugin -p bench
-BIN=$ROOT/target/release
+# Built as a deployment would be: the `production` profile (fat LTO; see Cargo.toml), for the host,
+# the example plugin and the hyper anchors alike.
+echo "bench: building (--profile production)" >&2
+cargo build --profile production -q -p host -p example-plugin -p bench
+BIN=$ROOT/target/production
 WORK=$(mktemp -d)
 BARE_PID=
 NGINX_PID=
