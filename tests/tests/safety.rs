@@ -379,7 +379,7 @@ async fn a_crash_loop_backs_off_and_a_reload_still_works() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_request_past_graceful_timeout_gets_503_and_is_logged() {
+async fn requests_past_graceful_timeout_get_503_and_are_logged() {
     let host = Host::start(
         &greeting_plugin("v1"),
         HostOptions {
@@ -390,9 +390,11 @@ async fn a_request_past_graceful_timeout_gets_503_and_is_logged() {
     )
     .await;
     let addr = host.addr;
+    // One on the blocking pool, one an async handler still waiting on its timer.
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=20000").await });
-    host.wait_status("the slow request in flight", |s| {
-        s["workers"][0]["in_flight"] == 1
+    let slow_async = tokio::spawn(async move { get(addr, "/async/sleep?ms=20000").await });
+    host.wait_status("the slow requests in flight", |s| {
+        s["workers"][0]["in_flight"] == 2
     })
     .await;
     let old = host.worker_pids(None).await[0];
@@ -412,15 +414,17 @@ async fn a_request_past_graceful_timeout_gets_503_and_is_logged() {
     )
     .await;
     // Not a closed connection: an answer the client can act on.
-    let cut = slow
-        .await
-        .unwrap()
-        .expect("the cut request gets a response");
-    assert_eq!(cut.status, 503, "{cut:?}");
-    assert_eq!(cut.retry_after.as_deref(), Some("1"), "{cut:?}");
-    wait_until(Duration::from_secs(5), "the cut to be logged", || {
+    for slow in [slow, slow_async] {
+        let cut = slow
+            .await
+            .unwrap()
+            .expect("the cut request gets a response");
+        assert_eq!(cut.status, 503, "{cut:?}");
+        assert_eq!(cut.retry_after.as_deref(), Some("1"), "{cut:?}");
+    }
+    wait_until(Duration::from_secs(5), "the cuts to be logged", || {
         let log = host.log();
-        log.contains("answered_503=1") && log.contains("cut_requests=1")
+        log.contains("answered_503=2") && log.contains("cut_requests=2")
     })
     .await;
     let report = load.finish().await;
