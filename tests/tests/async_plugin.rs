@@ -530,6 +530,25 @@ async fn a_101_the_host_cannot_honour_is_a_500_with_the_reason_logged() {
 }
 
 #[tokio::test]
+async fn a_plugin_future_that_keeps_its_first_waker_is_still_woken() {
+    // The host polls an async handler's future first in hyper's service call, where the task's
+    // own waker is not at hand; a future that keeps only that first waker must still be woken.
+    let host = Host::start(&tests::fixture_plugin(""), HostOptions::default()).await;
+    for h2 in [false, true] {
+        let answer = async {
+            let resp = request(host.addr, h2, "/first-waker").await;
+            let status = resp.status();
+            (status, resp.into_body().collect().await.unwrap().to_bytes())
+        };
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .unwrap_or_else(|_| panic!("no answer (h2: {h2}): the wake was lost"));
+        assert_eq!(status, 200, "h2: {h2}");
+        assert_eq!(&body[..], b"woken\n", "h2: {h2}");
+    }
+}
+
+#[tokio::test]
 async fn a_streamed_upload_that_stalls_fails_after_body_read_timeout() {
     let (host, pid) = one_worker("body_read_timeout = \"1s\"").await;
     let mut s = TcpStream::connect(host.addr).await.unwrap();

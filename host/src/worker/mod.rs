@@ -27,6 +27,7 @@ mod backlog;
 pub mod check;
 mod coalesce;
 mod drain_signal;
+mod first_poll;
 mod h2_drain;
 mod head_timeout;
 pub mod loader;

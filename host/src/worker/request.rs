@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 
 use super::abi_io::{self, ResponseBody};
+use super::first_poll::FirstPoll;
 use super::loader::Dispatch;
 use super::{
     Connection, HOST_BUILD, HOST_VERSION, INLINE_LIMIT, Shared, UpgradeGuard, head_timeout,
@@ -297,6 +298,9 @@ struct AsyncCall {
     parts: http::request::Parts,
     serving: super::loader::ServeCall,
     watch: Option<abi_io::UpgradeWatch>,
+    /// Where wakers kept from the first poll in [`call`] send their wakes (see
+    /// [`first_poll`](super::first_poll)).
+    relay: Option<Arc<super::first_poll::Relay>>,
 }
 
 impl AsyncCall {
@@ -321,21 +325,37 @@ impl AsyncCall {
             parts,
             serving,
             watch,
+            relay: None,
         }
     }
 
-    /// Polls the plugin's future, then settles a streamed body (see [`ResponseBody::settle`]) and
-    /// checks a `101`: the whole answer, ready or not, with the clock reading when it was ready.
-    /// `began_ns` is a clock reading taken just before, or 0 to read it here.
-    ///
-    /// Each poll runs plugin code on the I/O thread: one that blocks stalls every connection of
-    /// this worker, so it is named in the log (once per path).
+    /// Polls the plugin's future, then settles a streamed body and checks a `101` (see
+    /// [`AsyncCall::complete`]): the whole answer, ready or not, with the clock reading when
+    /// the plugin's future was ready. `began_ns` is a clock reading taken just before, or 0 to
+    /// read it here.
     fn poll_answer(
         &mut self,
         shared: &Shared,
         cx: &mut Context<'_>,
         began_ns: u64,
     ) -> Poll<(Response<ResponseBody>, u64)> {
+        let Poll::Ready((resp, ready_ns)) = self.poll_serving(shared, cx, began_ns) else {
+            return Poll::Pending;
+        };
+        Poll::Ready((self.complete(resp, cx), ready_ns))
+    }
+
+    /// Polls the plugin's future once. Each poll runs plugin code on the I/O thread: one that
+    /// blocks stalls every connection of this worker, so it is named in the log (once per path).
+    fn poll_serving(
+        &mut self,
+        shared: &Shared,
+        cx: &mut Context<'_>,
+        began_ns: u64,
+    ) -> Poll<(Response<ResponseBody>, u64)> {
+        if let Some(relay) = &self.relay {
+            relay.register(cx.waker());
+        }
         let path = self.parts.uri.path();
         let began_ns = if began_ns == 0 {
             monotonic_ns()
@@ -351,29 +371,37 @@ impl AsyncCall {
         if took > INLINE_LIMIT {
             shared.note_blocking_poll(path, took);
         }
-        let Poll::Ready(mut resp) = polled else {
-            return Poll::Pending;
-        };
+        polled.map(|resp| (resp, ended_ns))
+    }
+
+    /// The answer, from the plugin's response: a streamed body settled (see
+    /// [`ResponseBody::settle`], which may poll it with `cx`), a `101` checked.
+    fn complete(
+        &self,
+        mut resp: Response<ResponseBody>,
+        cx: &mut Context<'_>,
+    ) -> Response<ResponseBody> {
+        let path = self.parts.uri.path();
         if let ResponseBody::Stream(s) = resp.body_mut() {
             s.answers(&self.parts.uri);
             if let Err(error) = resp.body_mut().settle(cx) {
                 tracing::error!(%error, path, "the plugin's response body failed before anything was sent; answered 500");
-                let resp = plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
-                return Poll::Ready((resp.map(ResponseBody::full), ended_ns));
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+                    .map(ResponseBody::full);
             }
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let why = match &self.watch {
-                Some(w) if w.kept() => return Poll::Ready((resp, ended_ns)),
+                Some(w) if w.kept() => return resp,
                 Some(_) => {
                     "the handler dropped the request's OnUpgrade (keep it: plugin_api::upgrade::on)"
                 }
                 None if self.parts.version != Version::HTTP_11 => "upgrades exist only in HTTP/1.1",
                 None => "the request did not ask for an upgrade",
             };
-            return Poll::Ready((refuse_switch(why), ended_ns));
+            return refuse_switch(why);
         }
-        Poll::Ready((resp, ended_ns))
+        resp
     }
 }
 
@@ -425,22 +453,42 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
     }
     if dispatch == Dispatch::Async {
         let mut call = AsyncCall::start(shared, req);
-        // A first poll with a waker that does nothing: if the handler waits, the boxed rest polls
-        // it again with the connection's waker (hyper polls a response future as soon as it has
-        // it), and a future registers the waker of its latest poll.
-        let mut cx = Context::from_waker(Waker::noop());
-        if let Poll::Ready((resp, ready_ns)) = call.poll_answer(shared, &mut cx, in_flight.began_ns)
-        {
-            return Answer::Ready(Some(finish(in_flight, resp, ready_ns, busy, h2)));
-        }
-        return Answer::Later(Box::pin(async move {
-            let resp = {
-                let shared = &*in_flight.conn.shared;
-                let answer = std::future::poll_fn(|cx| call.poll_answer(shared, cx, 0));
-                cuttable(shared, async { answer.await.0 }).await
-            };
-            finish(in_flight, resp, 0, busy, h2)
-        }));
+        // The first poll, here, with a stand-in for the task's waker (see `first_poll`). A whole
+        // body needs nothing more: answered here. A stream is settled, and a future that waits
+        // is polled, from the boxed rest, with the task's waker.
+        let first = FirstPoll::default();
+        let polled = first.with_waker(|waker| {
+            let cx = &mut Context::from_waker(waker);
+            call.poll_serving(shared, cx, in_flight.began_ns)
+                .map(|(resp, ready_ns)| match resp.body() {
+                    ResponseBody::Stream(_) => (resp, ready_ns, false),
+                    ResponseBody::Full(_) => (call.complete(resp, cx), ready_ns, true),
+                })
+        });
+        call.relay = first.into_relay();
+        return match polled {
+            Poll::Ready((resp, ready_ns, true)) => {
+                Answer::Ready(Some(finish(in_flight, resp, ready_ns, busy, h2)))
+            }
+            Poll::Ready((resp, ready_ns, false)) => {
+                let mut resp = Some(resp);
+                Answer::Later(Box::pin(async move {
+                    let resp = std::future::poll_fn(move |cx| {
+                        Poll::Ready(call.complete(resp.take().expect("polled once"), cx))
+                    })
+                    .await;
+                    finish(in_flight, resp, ready_ns, busy, h2)
+                }))
+            }
+            Poll::Pending => Answer::Later(Box::pin(async move {
+                let resp = {
+                    let shared = &*in_flight.conn.shared;
+                    let answer = std::future::poll_fn(|cx| call.poll_answer(shared, cx, 0));
+                    cuttable(shared, async { answer.await.0 }).await
+                };
+                finish(in_flight, resp, 0, busy, h2)
+            })),
+        };
     }
     let (parts, body) = req.into_parts();
     if body.is_end_stream() {
