@@ -66,23 +66,19 @@ impl InFlight {
         }
     }
 
-    /// Counts the answer: its status class, the time since the request began (until its
-    /// response head is ready), and its body bytes (a streamed body counts as it is sent).
-    /// `ready_ns` is the clock reading when the response was ready, or 0 to read it here.
     fn shared(&self) -> &Shared {
         &self.conn.shared
     }
 
+    /// Counts the answer: its status class, the time since the request began (until its
+    /// response head is ready), and its body bytes (a streamed body counts as it is sent).
+    /// `ready_ns` is the clock reading when the response was ready, or 0 to read it here.
     fn answered(&mut self, resp: &mut Response<ResponseBody>, ready_ns: u64) {
         let Some(c) = self.shared().counters else {
             return;
         };
         self.answered = true;
-        let now = if ready_ns == 0 {
-            monotonic_ns()
-        } else {
-            ready_ns
-        };
+        let now = reading_or_now(ready_ns);
         let us = now.saturating_sub(self.began_ns) / 1000;
         c.answered(resp.status().as_u16(), us);
         match resp.body_mut() {
@@ -141,6 +137,11 @@ fn builtin(req: &Request<Incoming>) -> Response<Bytes> {
     }
 }
 
+/// A clock reading passed along (`monotonic_ns`), or the clock read now for 0 (none was taken).
+fn reading_or_now(ns: u64) -> u64 {
+    if ns == 0 { monotonic_ns() } else { ns }
+}
+
 /// How this request runs: the plugin's answer, unless an "inline" path was caught stalling.
 fn dispatch_of(shared: &Shared, req: &Request<Incoming>) -> Dispatch {
     let path = req.uri().path();
@@ -160,11 +161,7 @@ fn call_inline(
     began_ns: u64,
 ) -> (Response<ResponseBody>, u64) {
     let (parts, _) = req.into_parts();
-    let began_ns = if began_ns == 0 {
-        monotonic_ns()
-    } else {
-        began_ns
-    };
+    let began_ns = reading_or_now(began_ns);
     let resp = shared.plugin.handle(&parts, &Bytes::new());
     let ended_ns = monotonic_ns();
     let took = Duration::from_nanos(ended_ns.saturating_sub(began_ns));
@@ -330,22 +327,20 @@ impl AsyncCall {
     }
 
     /// Polls the plugin's future, then settles a streamed body and checks a `101` (see
-    /// [`AsyncCall::complete`]): the whole answer, ready or not, with the clock reading when
-    /// the plugin's future was ready. `began_ns` is a clock reading taken just before, or 0 to
-    /// read it here.
+    /// [`AsyncCall::complete`]): the whole answer, ready or not.
     fn poll_answer(
         &mut self,
         shared: &Shared,
         cx: &mut Context<'_>,
-        began_ns: u64,
-    ) -> Poll<(Response<ResponseBody>, u64)> {
-        let Poll::Ready((resp, ready_ns)) = self.poll_serving(shared, cx, began_ns) else {
+    ) -> Poll<Response<ResponseBody>> {
+        let Poll::Ready((resp, _)) = self.poll_serving(shared, cx, 0) else {
             return Poll::Pending;
         };
-        Poll::Ready((self.complete(resp, cx), ready_ns))
+        Poll::Ready(self.complete(resp, cx))
     }
 
-    /// Polls the plugin's future once. Each poll runs plugin code on the I/O thread: one that
+    /// Polls the plugin's future once, and gives its answer with the clock reading when it was
+    /// ready. `began_ns` is a clock reading taken just before, or 0 to read it here. Each poll runs plugin code on the I/O thread: one that
     /// blocks stalls every connection of this worker, so it is named in the log (once per path).
     fn poll_serving(
         &mut self,
@@ -357,11 +352,7 @@ impl AsyncCall {
             relay.register(cx.waker());
         }
         let path = self.parts.uri.path();
-        let began_ns = if began_ns == 0 {
-            monotonic_ns()
-        } else {
-            began_ns
-        };
+        let began_ns = reading_or_now(began_ns);
         let polled = {
             let _serving = super::loader::serving(path);
             Pin::new(&mut self.serving).poll(cx)
@@ -483,8 +474,11 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
             Poll::Pending => Answer::Later(Box::pin(async move {
                 let resp = {
                     let shared = &*in_flight.conn.shared;
-                    let answer = std::future::poll_fn(|cx| call.poll_answer(shared, cx, 0));
-                    cuttable(shared, async { answer.await.0 }).await
+                    cuttable(
+                        shared,
+                        std::future::poll_fn(|cx| call.poll_answer(shared, cx)),
+                    )
+                    .await
                 };
                 finish(in_flight, resp, 0, busy, h2)
             })),
