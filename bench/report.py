@@ -51,7 +51,9 @@ health_cpu, plugin_cpu = pair_cpu("host:/_host/health", "host:/")
 browser_key = ("host:/_host/health+browser", "host:/+browser")
 browser_vs_health = pair_ratio(*browser_key)
 browser_health_cpu, browser_plugin_cpu = pair_cpu(*browser_key)
-plugin_vs_nginx = paired(anchors["host-plugin"], anchors["nginx"])
+plugin_vs_nginx = paired(anchors["host-plugin"], anchors["nginx"])  # rounds one after the other
+nginx_side = pair_ratio("nginx", "host-plugin")  # side by side: what the target is judged on
+nginx_cpu, host_side_cpu = pair_cpu("nginx", "host-plugin")
 reload4 = floats("R_RELOAD4")
 status4 = floats("R_STATUS4")
 reload_vs_status = med(reload4) / med(status4)
@@ -89,8 +91,8 @@ targets = [
     (
         "CPU per request: the host's `/` vs nginx `return 200`",
         "<= 1.0x",
-        f"{plugin_vs_nginx:.2f}x ({a_cpu['host-plugin']:.2f} vs {a_cpu['nginx']:.2f} µs)",
-        verdict(plugin_vs_nginx <= 1.0),
+        f"{nginx_side:.2f}x ({host_side_cpu:.2f} vs {nginx_cpu:.2f} µs, side by side; {plugin_vs_nginx:.2f}x in rounds one after the other)",
+        verdict(nginx_side <= 1.0),
     ),
     ("`host reload`, 4 idle workers (median)", "<= 50 ms", f"{med(reload4):.1f} ms", verdict(med(reload4) <= 50)),
     (
@@ -172,7 +174,7 @@ w(
     "served: steadier than requests/s on a shared machine. Every server answers a short `text/plain` body on "
     "keep-alive HTTP/1.1. The host's `/` is the example plugin's inline handler; `/_host/health` is answered by "
     "the host itself, same process, same connection handling. In each round nginx and the host run back to back, "
-    "in alternating order, so the host / nginx ratio compares measurements seconds apart."
+    "in alternating order, so the host / nginx ratio compares measurements seconds apart (the target itself is judged side by side, below)."
 )
 w("")
 w("| server | CPU µs / request | vs nginx | requests/s | CPU µs, each round |")
@@ -191,7 +193,7 @@ for n in ["plain-hyper", "nginx", "bare-hyper", "host-health", "host-plugin"]:
 w("")
 w(
     f"Ratios (medians of the per-round ratios): plugin path / host's own route {paired(anchors['host-plugin'], anchors['host-health']):.2f}x "
-    f"(the target is taken side by side, below: **{plugin_vs_health:.2f}x**); host `/` / nginx **{plugin_vs_nginx:.2f}x**; "
+    f"(the target is taken side by side, below: **{plugin_vs_health:.2f}x**); host `/` / nginx {plugin_vs_nginx:.2f}x (the target is taken side by side, below: **{nginx_side:.2f}x**); "
     f"auto h1/h2 hyper with header timer / plain hyper {a_cpu['bare-hyper'] / a_cpu['plain-hyper']:.2f}x; "
     f"host `/_host/health` / that hyper {a_cpu['host-health'] / a_cpu['bare-hyper']:.2f}x (the host keeps both protections, "
     "h2c and the slowloris guard, but its guard is one sweep per worker instead of hyper's timer per request)."
@@ -201,6 +203,7 @@ pair_names = {
     ("plain-hyper", "auto-no-timer"): ("hyper with the auto h1/h2 builder, no header timer", "plain HTTP/1 hyper", "the auto builder (h2c detection)"),
     ("auto-no-timer", "bare-hyper"): ("the same with hyper's header-read timer", "without it", "hyper's timer per request head, which the host replaced by one sweep per worker"),
     ("bare-hyper", "host-health"): ("the host's `/_host/health`", "hyper with the auto builder and header timer", "what the host adds around hyper, less what it saves"),
+    ("nginx", "host-plugin"): ("the host's `/` (through the plugin)", "nginx `return 200`", "the host against nginx (the target)"),
     ("host:/_host/health", "host:/"): ("the host's `/` (through the plugin)", "the host's `/_host/health`", "the plugin boundary (two identical hosts, swapping paths each round)"),
     browser_key: ("the same, a browser's request", "the same", "the plugin boundary for a request with ten headers (wrk's sends one): each is copied into the plugin's own `HeaderMap`"),
 }

@@ -203,6 +203,12 @@ start_host one $SERVER_CPU
 start_host two $SERVER_CPU
 side_by_side bare-hyper http://127.0.0.1:18181/ $BARE_PID host-health http://127.0.0.1:18191/_host/health "$(host_pids one)"
 kill $PLAIN_PID $NOTIMER_PID $BARE_PID; wait $PLAIN_PID $NOTIMER_PID $BARE_PID 2>/dev/null || true; BARE_PID=
+# nginx against the host's `/`, side by side: the target's ratio with the machine's noise, which
+# moved nginx's own rounds by up to 40% in one run, hitting both alike.
+taskset -c $SERVER_CPU "$NGINX" -c "$WORK/nginx.conf" -e "$WORK/nginx/error.log" & NGINX_PID=$!
+wait_port 18182; sleep 0.2
+side_by_side nginx http://127.0.0.1:18182/ "$NGINX_PID $(pgrep -P $NGINX_PID)" host-plugin http://127.0.0.1:18191/ "$(host_pids one)"
+kill $NGINX_PID; wait $NGINX_PID 2>/dev/null || true; NGINX_PID=
 side_by_side_paths /_host/health /
 side_by_side_paths /_host/health / browser
 stop_host one
