@@ -533,18 +533,24 @@ async fn a_101_the_host_cannot_honour_is_a_500_with_the_reason_logged() {
 async fn a_plugin_future_that_keeps_its_first_waker_is_still_woken() {
     // The host polls an async handler's future first in hyper's service call, where the task's
     // own waker is not at hand; a future that keeps only that first waker must still be woken.
+    // Also its response body's stream, which plugin-api polls within that first poll.
     let host = Host::start(&tests::fixture_plugin(""), HostOptions::default()).await;
-    for h2 in [false, true] {
+    for (h2, path) in [
+        (false, "/first-waker"),
+        (true, "/first-waker"),
+        (false, "/first-waker-stream"),
+        (true, "/first-waker-stream"),
+    ] {
         let answer = async {
-            let resp = request(host.addr, h2, "/first-waker").await;
+            let resp = request(host.addr, h2, path).await;
             let status = resp.status();
             (status, resp.into_body().collect().await.unwrap().to_bytes())
         };
         let (status, body) = tokio::time::timeout(Duration::from_secs(10), answer)
             .await
-            .unwrap_or_else(|_| panic!("no answer (h2: {h2}): the wake was lost"));
-        assert_eq!(status, 200, "h2: {h2}");
-        assert_eq!(&body[..], b"woken\n", "h2: {h2}");
+            .unwrap_or_else(|_| panic!("{path} (h2: {h2}): no answer, the wake was lost"));
+        assert_eq!(status, 200, "{path} (h2: {h2})");
+        assert_eq!(&body[..], b"woken\n", "{path} (h2: {h2})");
     }
 }
 

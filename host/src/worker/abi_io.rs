@@ -432,6 +432,9 @@ pub struct PluginStream {
     ahead: std::collections::VecDeque<Result<Bytes, String>>,
     /// The request's, for the log if the body fails.
     uri: Option<http::Uri>,
+    /// Where wakers the plugin kept from the first poll of its `serve` future send their wakes
+    /// (see [`first_poll`](super::first_poll)): each poll of the body registers its waker there.
+    relay: Option<Arc<super::first_poll::Relay>>,
 }
 
 // SAFETY: the plugin's body objects may be polled and dropped from any thread, one at a time
@@ -447,6 +450,7 @@ impl PluginStream {
             counter: None,
             ahead: Default::default(),
             uri: None,
+            relay: None,
         }
     }
 
@@ -461,7 +465,16 @@ impl PluginStream {
     }
 
     /// The plugin's next chunk, or the message of its error.
+    /// Sends the wakes of wakers kept from a stand-in (see [`first_poll`](super::first_poll)) to
+    /// the waker of each later poll of this body.
+    pub fn relay_wakes(&mut self, relay: Arc<super::first_poll::Relay>) {
+        self.relay = Some(relay);
+    }
+
     fn poll_plugin(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, String>>> {
+        if let Some(relay) = &self.relay {
+            relay.register(cx.waker());
+        }
         let _serving = self.uri.as_ref().map(|u| super::loader::serving(u.path()));
         let mut chunk = RawChunk::EMPTY;
         let (state, vt) = (self.raw.state, self.raw.vtable);

@@ -375,6 +375,10 @@ impl AsyncCall {
         let path = self.parts.uri.path();
         if let ResponseBody::Stream(s) = resp.body_mut() {
             s.answers(&self.parts.uri);
+            if let Some(relay) = &self.relay {
+                // The plugin may have polled the body in its first poll, with the stand-in.
+                s.relay_wakes(relay.clone());
+            }
             if let Err(error) = resp.body_mut().settle(cx) {
                 tracing::error!(%error, path, "the plugin's response body failed before anything was sent; answered 500");
                 return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
