@@ -222,6 +222,7 @@ pub(crate) fn to_parts(raw: &RawRequest) -> Result<http::request::Parts, String>
     // SAFETY (for every `as_bytes` below): the host guarantees the request and everything it
     // points to are valid for the duration of `handle`, and this function copies what it keeps.
     let method = Method::from_bytes(unsafe { raw.method.as_bytes() }).map_err(|e| e.to_string())?;
+    let uri = http::Uri::try_from(unsafe { raw.uri.as_bytes() }).map_err(|e| e.to_string())?;
     let version = match raw.version {
         9 => Version::HTTP_09,
         10 => Version::HTTP_10,
@@ -235,7 +236,6 @@ pub(crate) fn to_parts(raw: &RawRequest) -> Result<http::request::Parts, String>
         // SAFETY: `headers` points to `headers_len` initialized `RawHeader`s (ownership rules).
         unsafe { std::slice::from_raw_parts(raw.headers, raw.headers_len) }
     };
-    let uri = http::Uri::try_from(unsafe { raw.uri.as_bytes() }).map_err(|e| e.to_string())?;
     let mut headers = HeaderMap::with_capacity(raw_headers.len());
     for h in raw_headers {
         let name =

@@ -464,13 +464,13 @@ impl PluginStream {
         self.counter = Some(counter);
     }
 
-    /// The plugin's next chunk, or the message of its error.
     /// Sends the wakes of wakers kept from a stand-in (see [`first_poll`](super::first_poll)) to
     /// the waker of each later poll of this body.
     pub fn relay_wakes(&mut self, relay: Arc<super::first_poll::Relay>) {
         self.relay = Some(relay);
     }
 
+    /// The plugin's next chunk, or the message of its error.
     fn poll_plugin(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, String>>> {
         if let Some(relay) = &self.relay {
             relay.register(cx.waker());

@@ -151,30 +151,26 @@ fn dispatch_of(shared: &Shared, req: &Request<Incoming>) -> Dispatch {
     }
 }
 
-/// An inline handler with no body to read: called right here, synchronously (it cannot be cut
-/// by `graceful_timeout` halfway, so it needs none of the machinery around the other calls).
-/// `began_ns` is when the request began (its [`InFlight`] clock reading, or 0 for none); returns
-/// the response and the clock reading when it was ready, so one request reads the clock twice.
+/// An inline handler, called right here on the I/O thread (it cannot be cut by
+/// `graceful_timeout` halfway, so it needs none of the machinery around the other calls) and
+/// timed: a path caught taking longer than [`INLINE_LIMIT`] runs on the blocking pool from then
+/// on. `began_ns` is a clock reading taken before (the request's [`InFlight`] one), or 0 to read
+/// it here; returns the answer and the clock reading when it was ready, so a request with no
+/// body reads the clock twice.
 fn call_inline(
     shared: &Shared,
-    req: Request<Incoming>,
+    parts: &http::request::Parts,
+    body: &Bytes,
     began_ns: u64,
 ) -> (Response<ResponseBody>, u64) {
-    let (parts, _) = req.into_parts();
     let began_ns = reading_or_now(began_ns);
-    let resp = shared.plugin.handle(&parts, &Bytes::new());
+    let resp = shared.plugin.handle(parts, body);
     let ended_ns = monotonic_ns();
     let took = Duration::from_nanos(ended_ns.saturating_sub(began_ns));
     if took > INLINE_LIMIT {
         shared.mark_slow(parts.uri.path(), took);
     }
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let refused = refuse_switch(
-            "it came from a synchronous `handle` (upgrades need `serve`, Dispatch::Async)",
-        );
-        return (refused, ended_ns);
-    }
-    (resp, ended_ns)
+    (sync_answer(resp), ended_ns)
 }
 
 /// Reads a request body for a synchronous handler, whole: within `max_body_bytes` and
@@ -234,13 +230,7 @@ async fn call_sync(
     if dispatch != Dispatch::Inline {
         return on_pool(shared, parts, body).await;
     }
-    let began = std::time::Instant::now();
-    let resp = shared.plugin.handle(&parts, &body);
-    let took = began.elapsed();
-    if took > INLINE_LIMIT {
-        shared.mark_slow(parts.uri.path(), took);
-    }
-    sync_answer(resp)
+    call_inline(shared, &parts, &body, 0).0
 }
 
 /// Queues a synchronous handler's call on the blocking pool at once; the future waits for its
@@ -443,7 +433,8 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
     }
     let dispatch = dispatch_of(shared, &req);
     if dispatch == Dispatch::Inline && req.body().is_end_stream() {
-        let (resp, ready_ns) = call_inline(shared, req, in_flight.began_ns);
+        let (parts, _) = req.into_parts();
+        let (resp, ready_ns) = call_inline(shared, &parts, &Bytes::new(), in_flight.began_ns);
         return Answer::Ready(Some(finish(in_flight, resp, ready_ns, busy, h2)));
     }
     if dispatch == Dispatch::Async {
