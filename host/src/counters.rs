@@ -31,7 +31,56 @@ pub const BUCKETS: usize = BUCKETS_US.len() + 1;
 /// Status classes: 1xx to 5xx.
 pub const CLASSES: usize = 5;
 
-/// One worker's counters: 256 bytes, a multiple of a cache line, so that two workers' cells never
+/// A bound that a client or a plugin ran into, counted per worker in [`Counters`] and shown in
+/// `/metrics` as `host_limit_hits{limit="<name>"}`: every resource that a client or a plugin can
+/// grow has a bound, a rate-limited log line when it is hit, and this count. New bounds add a
+/// variant here (at the end: the position is the index into the cell).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// A request the blocking pool refused because its queue was full (answered `503`).
+    PoolQueueFull,
+    /// A blocking-pool job dropped before it started because its client had gone.
+    PoolAbandoned,
+    /// A connection refused or closed because the worker held `max_connections`.
+    Connections,
+    /// An idle connection (HTTP/1 keep-alive or HTTP/2 with no stream) closed at its timeout.
+    IdleTimeout,
+    /// A connection closed because a write made no progress for `send_timeout`.
+    SendTimeout,
+    /// An entry not recorded because a bounded set (slow paths, blocking polls) was full.
+    TrackingFull,
+}
+
+/// How many [`Limit`] slots a cell has (room for more variants without a layout change).
+pub const LIMITS: usize = 16;
+
+impl Limit {
+    /// Every variant, in index order.
+    pub const ALL: [Limit; 6] = [
+        Limit::PoolQueueFull,
+        Limit::PoolAbandoned,
+        Limit::Connections,
+        Limit::IdleTimeout,
+        Limit::SendTimeout,
+        Limit::TrackingFull,
+    ];
+
+    /// The `limit` label in `/metrics`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Limit::PoolQueueFull => "pool_queue_full",
+            Limit::PoolAbandoned => "pool_abandoned",
+            Limit::Connections => "max_connections",
+            Limit::IdleTimeout => "idle_timeout",
+            Limit::SendTimeout => "send_timeout",
+            Limit::TrackingFull => "tracking_full",
+        }
+    }
+}
+
+const _: () = assert!(Limit::ALL.len() <= LIMITS);
+
+/// One worker's counters: 384 bytes, a multiple of a cache line, so that two workers' cells never
 /// share one. Cumulative since the worker started (the master zeroes the cell before it hands it
 /// out), except `in_flight`. Only the owning worker writes; anyone may read, at any time.
 #[repr(C)]
@@ -50,10 +99,12 @@ pub struct Counters {
     /// Response body bytes handlers produced (whole bodies when answered, streamed ones as they
     /// are sent).
     response_bytes: AtomicU64,
+    /// How often each [`Limit`] was hit, by its index.
+    limit_hits: [AtomicU64; LIMITS],
     _reserved: [AtomicU64; 7],
 }
 
-const _: () = assert!(size_of::<Counters>() == 256);
+const _: () = assert!(size_of::<Counters>() == 384);
 
 /// Adds `n` (wrapping) to a counter that only one thread ever writes: a relaxed load and a
 /// relaxed store, plain moves on x86 and ARM, where `fetch_add` is a locked read-modify-write
@@ -128,15 +179,26 @@ impl Counters {
         bump(&self.response_bytes, n);
     }
 
+    /// A bound was hit. From any thread of the worker (rare: a locked add is fine).
+    #[allow(dead_code)] // until the first bound counts itself
+    pub fn limit_hit(&self, limit: Limit) {
+        self.limit_hits[limit as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Zeroes every counter: the master's, for a cell no worker holds.
     pub fn reset(&self) {
-        let all = self.by_class.iter().chain(&self.latency).chain([
-            &self.latency_sum_us,
-            &self.in_flight,
-            &self.cancelled,
-            &self.request_bytes,
-            &self.response_bytes,
-        ]);
+        let all = self
+            .by_class
+            .iter()
+            .chain(&self.latency)
+            .chain(&self.limit_hits)
+            .chain([
+                &self.latency_sum_us,
+                &self.in_flight,
+                &self.cancelled,
+                &self.request_bytes,
+                &self.response_bytes,
+            ]);
         for c in all {
             c.store(0, Ordering::Relaxed);
         }
@@ -155,6 +217,7 @@ impl Counters {
             lost: 0,
             request_bytes: load(&self.request_bytes),
             response_bytes: load(&self.response_bytes),
+            limit_hits: self.limit_hits.each_ref().map(load),
         }
     }
 }
@@ -172,6 +235,8 @@ pub struct Totals {
     pub lost: u64,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// How often each [`Limit`] was hit, by its index.
+    pub limit_hits: [u64; LIMITS],
 }
 
 impl Totals {
@@ -181,6 +246,9 @@ impl Totals {
             *a = a.wrapping_add(b);
         }
         for (a, b) in self.latency.iter_mut().zip(other.latency) {
+            *a = a.wrapping_add(b);
+        }
+        for (a, b) in self.limit_hits.iter_mut().zip(other.limit_hits) {
             *a = a.wrapping_add(b);
         }
         for (a, b) in [
@@ -222,6 +290,7 @@ mod tests {
             cancelled: AtomicU64::new(0),
             request_bytes: AtomicU64::new(0),
             response_bytes: AtomicU64::new(0),
+            limit_hits: Default::default(),
             _reserved: Default::default(),
         })
     }
@@ -281,6 +350,8 @@ mod tests {
         assert_eq!(t.latency[BUCKETS - 1], 1);
         assert_eq!(t.latency_sum_us, 20_003_700);
         assert_eq!((t.in_flight, t.cancelled, t.response_bytes), (1, 1, 10));
+        c.limit_hit(Limit::SendTimeout);
+        assert_eq!(c.read().limit_hits[Limit::SendTimeout as usize], 1);
         let dead = t.clone().at_death();
         assert_eq!((dead.in_flight, dead.lost), (0, 1));
         let mut sum = Totals::default();

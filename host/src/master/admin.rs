@@ -39,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use super::supervisor::Event;
-use crate::counters::{BUCKETS_US, Totals};
+use crate::counters::{BUCKETS_US, Limit, Totals};
 use crate::ratelimit::RateLimit;
 
 /// A client must send its request head this long after the master accepted the connection.
@@ -350,6 +350,26 @@ impl Collector for MetricsReport {
             None,
             |t| t.lost,
         )?;
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_limit_hits",
+                "Times a worker bound was hit (a request refused, a connection closed, an entry not kept), by limit",
+                None,
+                MetricType::Counter,
+            )?;
+            for g in &self.generations {
+                for limit in Limit::ALL {
+                    let mut labels = g.labels();
+                    labels.push(("limit", limit.name().to_string()));
+                    metric
+                        .encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, _, u64>(
+                            &g.totals.limit_hits[limit as usize],
+                            None,
+                        )?;
+                }
+            }
+        }
         self.per_generation(
             &mut encoder,
             "host_http_request_body",
