@@ -1,8 +1,10 @@
 //! The master process: binds the listening socket once (or takes it from systemd, or from the
 //! master it replaces at `host upgrade`), raises the open-files limit the workers
-//! inherit ([`limits`]), owns the pidfile and the control socket, turns signals and control
-//! requests into [`Event`]s, and runs the [`Supervisor`]. [`systemd`] reports the supervisor's
-//! [`Notice`]s to the service manager; [`upgrade`] starts a successor and hands everything over.
+//! inherit ([`limits`]), owns the pidfile and the control socket in a `state_dir` it checks,
+//! creates and keeps ([`state_dir`]: refused when others can write it, recreated when deleted),
+//! turns signals and control requests into [`Event`]s, and runs the [`Supervisor`]. [`systemd`]
+//! reports the supervisor's [`Notice`]s to the service manager; [`upgrade`] starts a successor
+//! and hands everything over.
 //!
 //! This is the only part of the host that talks to the outside world besides the workers' HTTP.
 //! It never loads plugin code and never serves HTTP itself. It runs on a single-threaded runtime

@@ -20,7 +20,10 @@
 //! rollout, and the reported duration counts the snapshot.
 //!
 //! A rollout moves slots to a target generation one at a time, new before old: spawn a
-//! candidate for the slot, wait for its `Ready`, then tell the slot's old worker to drain. The
+//! candidate for the slot, wait for its `Ready`, then tell the slot's old worker to drain.
+//! Before each candidate it waits (bounded) for room: fewer than `max_draining_workers` old
+//! workers still leaving, and a free cell in the worker table, which is sized for that; no
+//! worker is ever started without a cell, so `/metrics` misses none of its requests. The
 //! first candidate is the canary: if it fails, nothing old was touched. If a later one fails, the
 //! slots already moved are rolled back to the serving generation the same way. A rollout is done
 //! when every slot moved and every old worker acknowledged that it stopped accepting, so a
