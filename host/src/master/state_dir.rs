@@ -23,8 +23,9 @@
 //! [`Watch`] runs on the control server's loop (a few `lstat`s a second, no blocking): when
 //! the control socket or the pidfile is gone from its path (`rm -rf state_dir`), it recreates
 //! `state_dir` under the same rule, binds the socket again and takes the pidfile's lock again,
-//! logs it once, and counts it in `/metrics` (`host_state_dir_repairs_total`). A socket at the
-//! path that is not the one it bound is left alone: it is a successor's after `host upgrade`.
+//! logs it once, and counts it in `/metrics` (`host_state_dir_repairs_total`). Any socket at the
+//! path is left alone (after `host upgrade` it is the successor's), and so is a pidfile another
+//! process holds locked.
 //! [`port_holder`] names the process that holds the `listen` port when a `start` cannot bind
 //! it, so that a master whose `state_dir` was lost is not mistaken for a stranger.
 //!
@@ -186,7 +187,6 @@ fn identity(path: &Path) -> Option<(u64, u64)> {
 pub struct Watch {
     state_dir: PathBuf,
     socket: PathBuf,
-    socket_id: Option<(u64, u64)>,
     pid_file: PathBuf,
     /// The pidfile this master locks (dev, inode): the original, or the one it recreated.
     pid_id: Option<(u64, u64)>,
@@ -196,13 +196,12 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// Watches `cfg`'s control socket, as bound now, and the pidfile this master locks
+    /// Watches `cfg`'s control socket and the pidfile this master locks
     /// (`pid_id`: its device and inode; `None`: the pidfile is not watched).
     pub fn new(cfg: &crate::config::Config, pid_id: Option<(u64, u64)>) -> Watch {
         let socket = cfg.control_socket();
         Watch {
             state_dir: cfg.state_dir.clone(),
-            socket_id: identity(&socket),
             socket,
             pid_file: cfg.pid_file(),
             pid_id,
@@ -239,7 +238,6 @@ impl Watch {
             match super::control::bind(&self.socket) {
                 Ok(bound) => {
                     *listener = bound;
-                    self.socket_id = identity(&self.socket);
                     REPAIRED[0].fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         socket = %self.socket.display(),
