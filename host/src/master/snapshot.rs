@@ -755,6 +755,57 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_on_disk_is_hashed_again_and_foreign_bytes_replaced() {
+        let dir =
+            std::env::temp_dir().join(format!("host-snapshot-foreign-{}", std::process::id()));
+        let snap = dir.join("snap");
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.so");
+        std::fs::copy(std::env::current_exe().unwrap(), &good).unwrap();
+        let first = take_(&good, &snap, false).unwrap();
+        let real = std::fs::read(&first.path).unwrap();
+        // Other bytes of the same size under the same name.
+        let mut foreign = real.clone();
+        let last = foreign.len() - 1;
+        foreign[last] ^= 0xff;
+        let plant = |bytes: &[u8]| {
+            std::fs::set_permissions(&first.path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::fs::write(&first.path, bytes).unwrap();
+        };
+        plant(&foreign);
+        // A rollback's check refuses it.
+        let err = verify(&first, &AtomicBool::new(false))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("does not match") && err.contains("sha256"),
+            "{err}"
+        );
+        // The unchanged plugin file (not read again) does not vouch for a rewritten snapshot,
+        // and the bytes known by name are checked: replaced by a fresh copy.
+        let again = take_(&good, &snap, false).unwrap();
+        assert_eq!(again.taken, Taken::Copied);
+        assert_eq!(std::fs::read(&again.path).unwrap(), real);
+        verify(&again, &AtomicBool::new(false)).unwrap();
+        // The same with a copy of the plugin under another name (the `Known` path).
+        plant(&foreign);
+        let copy = dir.join("copy.so");
+        std::fs::copy(&good, &copy).unwrap();
+        let third = take_(&copy, &snap, false).unwrap();
+        assert_eq!(third.taken, Taken::Copied);
+        assert_eq!(std::fs::read(&third.path).unwrap(), real);
+        // A snapshot directory others can write is refused.
+        std::fs::set_permissions(&snap, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::copy(&good, dir.join("fresh.so")).unwrap();
+        std::fs::write(dir.join("fresh.so"), b"\x7fELF other").unwrap();
+        let err = take_(&dir.join("fresh.so"), &snap, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refusing snapshot directory"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn refuses_fifos_devices_and_files_over_the_limit_before_reading() {
         let dir = std::env::temp_dir().join(format!("host-snapshot-kind-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
