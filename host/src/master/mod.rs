@@ -92,9 +92,10 @@ fn bind_listener(cfg: &Config) -> Result<TcpListener, MasterError> {
     .map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
     socket.bind(&cfg.listen.into()).map_err(|e| {
-        match state_dir::port_holder(cfg.listen)
-            .filter(|_| e.kind() == std::io::ErrorKind::AddrInUse)
-        {
+        let holder = (e.kind() == std::io::ErrorKind::AddrInUse)
+            .then(|| state_dir::port_holder(cfg.listen))
+            .flatten();
+        match holder {
             Some(holder) => MasterError::ListenInUse {
                 addr: cfg.listen,
                 holder,
