@@ -6,8 +6,9 @@
 //! `start_timeout` (or `--timeout`) each. A failure is the one-line reason a reload would give.
 //!
 //! It never loads plugin code in this process, never binds the listen address and never touches
-//! `state_dir` (pidfile, control socket, snapshots): it runs as well before `host start` as next
-//! to a running host, which it neither asks nor disturbs.
+//! `state_dir` (pidfile, control socket, snapshots): it only reads the metadata of `state_dir`
+//! and its parents, to refuse one that `start` would refuse (see `master::state_dir`). It runs
+//! as well before `host start` as next to a running host, which it neither asks nor disturbs.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
@@ -70,6 +71,7 @@ impl Drop for TempDir {
 pub fn run(cfg: &Config, options: &Options) -> Result<Checked, CheckError> {
     let failed = |reason: String| CheckError { reason };
     let began = Instant::now();
+    crate::master::state_dir::check(&cfg.state_dir).map_err(|e| failed(e.to_string()))?;
     let dir = TempDir::new().map_err(|e| {
         failed(format!(
             "cannot create a temporary directory in {}: {e}",

@@ -50,6 +50,9 @@ pub struct Config {
     pub backlog: i32,
     /// How many generations' snapshots to keep (for `host rollback`); at least 2.
     pub keep_snapshots: usize,
+    /// Most old workers draining (or killed, not yet reaped) at once: a rollout waits for one
+    /// to exit before it starts its next worker past this. Sizes the worker table.
+    pub max_draining_workers: usize,
     /// Load a plugin file (or one in a directory) that other users can write. Off by default:
     /// whoever can write the file chooses the native code this host runs.
     pub allow_writable_plugin: bool,
@@ -155,6 +158,7 @@ struct RawConfig {
     body_read_timeout: Option<String>,
     backlog: Option<i64>,
     keep_snapshots: Option<i64>,
+    max_draining_workers: Option<i64>,
     allow_writable_plugin: Option<bool>,
     accept_balance: Option<bool>,
     max_plugin_bytes: Option<ByteSize>,
@@ -232,6 +236,8 @@ pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_millis(100);
 /// The largest `[plugin_config]`, as JSON text. It travels escaped inside the worker's start
 /// message (at most twice as long then), whose frame is at most `protocol::MAX_FRAME` (1 MiB).
 pub const MAX_PLUGIN_CONFIG_BYTES: usize = 256 << 10;
+/// The largest `max_draining_workers`: each is a process, and a cell of the worker table.
+pub const MAX_DRAINING_WORKERS: i64 = 4096;
 /// How deeply `[plugin_config]` may nest tables and arrays.
 pub const MAX_PLUGIN_CONFIG_DEPTH: usize = 64;
 
@@ -307,6 +313,10 @@ impl Config {
             worker_timeout,
             log_format
         );
+        // Its default follows `workers`: named only when it changed by itself.
+        if new.max_draining_workers != self.max_draining_workers && new.workers == self.workers {
+            changed.push("max_draining_workers");
+        }
         changed
     }
 
@@ -439,6 +449,16 @@ impl Config {
                 ));
             }
         };
+        let max_draining_workers = match raw.max_draining_workers {
+            None => 4 * workers,
+            Some(n) if (1..=MAX_DRAINING_WORKERS).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "max_draining_workers",
+                    format!("{n} is out of range 1..={MAX_DRAINING_WORKERS}"),
+                ));
+            }
+        };
         let max_plugin_bytes = match raw.max_plugin_bytes.as_ref().map(ByteSize::bytes) {
             None => 512 << 20,
             Some(Ok(0)) => {
@@ -555,6 +575,7 @@ impl Config {
             )?,
             backlog,
             keep_snapshots,
+            max_draining_workers,
             allow_writable_plugin: raw.allow_writable_plugin.unwrap_or(false),
             accept_balance: raw.accept_balance.unwrap_or(true),
             max_plugin_bytes,
@@ -1039,6 +1060,8 @@ mod tests {
             ("backlog = 0\n", "backlog"),
             ("workers = 1025\n", "workers"),
             ("keep_snapshots = 1\n", "keep_snapshots"),
+            ("max_draining_workers = 0\n", "max_draining_workers"),
+            ("max_draining_workers = 4097\n", "max_draining_workers"),
             ("max_headers = 100000\n", "max_headers"),
             ("max_header_bytes = 100\n", "max_header_bytes"),
         ] {
@@ -1116,6 +1139,7 @@ mod tests {
             "max_body_bytes",
             "backlog",
             "keep_snapshots",
+            "max_draining_workers",
             "allow_writable_plugin",
             "accept_balance",
             "max_plugin_bytes",
@@ -1178,7 +1202,7 @@ mod tests {
                         .boxed(),
                     )
                     .boxed(),
-                "workers" | "max_body_bytes" | "backlog" | "keep_snapshots" | "max_headers"
+                "workers" | "max_body_bytes" | "backlog" | "keep_snapshots" | "max_draining_workers" | "max_headers"
                 | "max_header_bytes" | "max_requests" | "max_requests_jitter" => {
                     prop_oneof![3 => -2i64..2000, 1 => -2i64..70_000, 1 => any::<i64>(), 1 => 0i64..(1 << 31)]
                         .prop_map(|n| n.to_string())

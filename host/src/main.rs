@@ -47,7 +47,7 @@
 //! - [`config`]: `host.toml` -> checked `Config`.
 //! - [`protocol`]: typed master/worker/CLI messages and their framing.
 //! - [`master`]: the event loop, [`master::supervisor`] (the state machine), the control socket,
-//!   the pidfile, plugin snapshots, the open-files limit the workers inherit, dev mode's watcher
+//!   the pidfile, `state_dir` (who may own it, and recreating it when deleted), plugin snapshots, the open-files limit the workers inherit, dev mode's watcher
 //!   and build command ([`master::build`], which also runs once before the master starts).
 //! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called;
 //!   [`worker::check`] is the throwaway worker `host check` starts ([`check`]) to try a plugin.

@@ -67,6 +67,10 @@ pub(crate) struct MetricsReport {
     pub worker_exits: Vec<(&'static str, &'static str, u64)>,
     /// Workers the master SIGKILLed, by cause.
     pub worker_kills: Vec<(&'static str, u64)>,
+    /// Master bounds hit (a rollout that waited for room), by limit.
+    pub master_limit_hits: Vec<(&'static str, u64)>,
+    /// Files of `state_dir` recreated after they went missing, by what.
+    pub state_dir_repairs: Vec<(&'static str, u64)>,
 }
 
 /// One generation's requests, summed over its live workers and the ones that exited.
@@ -460,6 +464,32 @@ impl Collector for MetricsReport {
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
         }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_master_limit_hits",
+                "Times the master waited at a bound (a rollout waiting for room for its next worker), by limit",
+                None,
+                MetricType::Counter,
+            )?;
+            for (limit, n) in &self.master_limit_hits {
+                metric
+                    .encode_family(&[("limit", *limit)])?
+                    .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_state_dir_repairs",
+                "Files of state_dir the master recreated after they went missing, by what",
+                None,
+                MetricType::Counter,
+            )?;
+            for (what, n) in &self.state_dir_repairs {
+                metric
+                    .encode_family(&[("what", *what)])?
+                    .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+        }
         Ok(())
     }
 }
@@ -492,6 +522,8 @@ mod tests {
             worker_starts: vec![("reload", 2)],
             worker_exits: vec![("reload", "exit_0", 2)],
             worker_kills: vec![("hung", 0)],
+            master_limit_hits: vec![("max_draining_workers", 1)],
+            state_dir_repairs: vec![("control_socket", 2)],
         };
         let text = encode(report).unwrap();
         // prometheus-client writes `le` first; label order does not matter to Prometheus.
@@ -509,6 +541,8 @@ mod tests {
             "host_serving_generation 2".to_string(),
             "host_reloads_total{kind=\"reload\",outcome=\"ok\"} 1".to_string(),
             "host_worker_exits_total{cause=\"reload\",how=\"exit_0\"} 2".to_string(),
+            "host_master_limit_hits_total{limit=\"max_draining_workers\"} 1".to_string(),
+            "host_state_dir_repairs_total{what=\"control_socket\"} 2".to_string(),
             "# EOF".to_string(),
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");

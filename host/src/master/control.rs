@@ -23,6 +23,12 @@
 //!   (10 ms doubling to 1 s). On `EMFILE`/`ENFILE` a spare fd, kept open for this, is closed so
 //!   one queued connection can be accepted and closed at once: its client learns something
 //!   instead of hanging, and the queue moves.
+//!
+//! # It cannot be lost
+//!
+//! The server loop also runs `state_dir::Watch` twice a second: a socket (or pidfile) deleted
+//! from its path, say with `rm -rf state_dir`, is created again and the new listener replaces
+//! the old one, so every CLI command reaches this master again within a second.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -147,9 +153,10 @@ struct Conn {
 /// still in flight, so the caller of `stop` hears `Stopped` before the master exits. See the
 /// module doc for the limits it enforces.
 pub async fn serve(
-    listener: UnixListener,
+    mut listener: UnixListener,
     events: mpsc::UnboundedSender<Event>,
     mut shutdown: oneshot::Receiver<()>,
+    mut watch: Option<super::state_dir::Watch>,
 ) {
     static ACCEPT_ERRORS: RateLimit = RateLimit::per_second();
     static SHED: RateLimit = RateLimit::per_second();
@@ -160,9 +167,17 @@ pub async fn serve(
     let mut spare = open_spare();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut paused_until: Option<Instant> = None;
+    let mut look = tokio::time::interval(super::state_dir::WATCH_EVERY);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let stream = tokio::select! {
             _ = &mut shutdown => break,
+            _ = look.tick(), if watch.is_some() => {
+                if let Some(watch) = &mut watch {
+                    watch.tick(&mut listener);
+                }
+                continue;
+            }
             Some(done) = clients.join_next_with_id(), if !clients.is_empty() => {
                 let id = match done {
                     Ok((id, ())) => id,

@@ -1,8 +1,10 @@
 //! The master process: binds the listening socket once (or takes it from systemd, or from the
 //! master it replaces at `host upgrade`), raises the open-files limit the workers
-//! inherit ([`limits`]), owns the pidfile and the control socket, turns signals and control
-//! requests into [`Event`]s, and runs the [`Supervisor`]. [`systemd`] reports the supervisor's
-//! [`Notice`]s to the service manager; [`upgrade`] starts a successor and hands everything over.
+//! inherit ([`limits`]), owns the pidfile and the control socket in a `state_dir` it checks,
+//! creates and keeps ([`state_dir`]: refused when others can write it, recreated when deleted),
+//! turns signals and control requests into [`Event`]s, and runs the [`Supervisor`]. [`systemd`]
+//! reports the supervisor's [`Notice`]s to the service manager; [`upgrade`] starts a successor
+//! and hands everything over.
 //!
 //! This is the only part of the host that talks to the outside world besides the workers' HTTP.
 //! It never loads plugin code and never serves HTTP itself. It runs on a single-threaded runtime
@@ -15,14 +17,13 @@ pub mod control;
 pub mod limits;
 pub mod pidfile;
 pub mod snapshot;
+pub mod state_dir;
 pub(crate) mod supervisor;
 pub(crate) mod systemd;
 pub(crate) mod upgrade;
 pub mod watch;
 
 use std::net::TcpListener;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -35,12 +36,8 @@ use supervisor::{Event, Exit, Notice, SignalAction, Supervisor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
-    #[error("cannot create state directory {path}")]
-    StateDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    StateDir(#[from] state_dir::StateDirError),
     #[error(transparent)]
     PidFile(#[from] pidfile::PidFileError),
     #[error(transparent)]
@@ -50,6 +47,11 @@ pub enum MasterError {
         addr: std::net::SocketAddr,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} (key `listen`): the address is in use by {holder}")]
+    ListenInUse {
+        addr: std::net::SocketAddr,
+        holder: String,
     },
     #[error("cannot listen on {addr} (key `admin_listen`)")]
     AdminListen {
@@ -71,16 +73,10 @@ pub enum MasterError {
     Failed(String),
 }
 
-/// Creates the state directory (mode 0700) if needed.
+/// Checks the state directory and its parents, and creates it (mode 0700) if needed (see
+/// [`state_dir`]).
 pub fn ensure_state_dir(cfg: &Config) -> Result<(), MasterError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&cfg.state_dir)
-        .map_err(|source| MasterError::StateDir {
-            path: cfg.state_dir.clone(),
-            source,
-        })
+    Ok(state_dir::ensure(&cfg.state_dir)?)
 }
 
 fn bind_listener(cfg: &Config) -> Result<TcpListener, MasterError> {
@@ -95,7 +91,18 @@ fn bind_listener(cfg: &Config) -> Result<TcpListener, MasterError> {
     )
     .map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
-    socket.bind(&cfg.listen.into()).map_err(err)?;
+    socket.bind(&cfg.listen.into()).map_err(|e| {
+        let holder = (e.kind() == std::io::ErrorKind::AddrInUse)
+            .then(|| state_dir::port_holder(cfg.listen))
+            .flatten();
+        match holder {
+            Some(holder) => MasterError::ListenInUse {
+                addr: cfg.listen,
+                holder,
+            },
+            None => err(e),
+        }
+    })?;
     socket.listen(cfg.backlog).map_err(err)?;
     Ok(socket.into())
 }
@@ -281,6 +288,7 @@ async fn serve(
     let (notices, notices_rx) = mpsc::unbounded_channel();
     let side = tokio::spawn(lifecycle(
         cfg.clone(),
+        pidfile.and_then(PidFile::identity),
         notices_rx,
         control,
         events.clone(),
@@ -318,6 +326,7 @@ async fn serve(
 /// watchdog. Ends when the supervisor is done; returns the pidfile it adopted at a take-over.
 async fn lifecycle(
     cfg: Arc<Config>,
+    pid_id: Option<(u64, u64)>,
     mut notices: mpsc::UnboundedReceiver<Notice>,
     control: ControlSocket,
     events: mpsc::UnboundedSender<Event>,
@@ -331,9 +340,10 @@ async fn lifecycle(
     let mut notifier = systemd::Notifier::from_env(matches!(control, ControlSocket::Bound(_)));
     match control {
         ControlSocket::Bound(listener) => {
+            let watch = state_dir::Watch::new(&cfg, pid_id);
             server = shutdown
                 .take()
-                .map(|s| tokio::spawn(control::serve(listener, events.clone(), s)));
+                .map(|s| tokio::spawn(control::serve(listener, events.clone(), s, Some(watch))));
         }
         ControlSocket::AfterTakeOver(s) => successor = Some(s),
     }
@@ -362,10 +372,11 @@ async fn lifecycle(
                     tracing::info!(
                         "took over: the pidfile and the control socket are this master's"
                     );
+                    let watch = state_dir::Watch::new(&cfg, pidfile.identity());
                     adopted = Some(pidfile);
-                    server = shutdown
-                        .take()
-                        .map(|s| tokio::spawn(control::serve(listener, events.clone(), s)));
+                    server = shutdown.take().map(|s| {
+                        tokio::spawn(control::serve(listener, events.clone(), s, Some(watch)))
+                    });
                     notifier.took_over(&status);
                 }
                 Err(reason) => {

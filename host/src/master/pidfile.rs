@@ -113,6 +113,12 @@ impl PidFile {
         Ok(self.lock.try_clone()?.into())
     }
 
+    /// The locked file's device and inode, to tell whether the path still names it.
+    pub fn identity(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        self.lock.metadata().ok().map(|m| (m.dev(), m.ino()))
+    }
+
     /// Removes the file, then releases the lock (by dropping it).
     pub fn remove(self) {
         let _ = std::fs::remove_file(&self.path);

@@ -17,6 +17,14 @@
 //! twice, and a failed write (a full disk) matters only when it does not exist: reloading bytes
 //! already snapshotted needs no disk space. A file unchanged since its last snapshot (same
 //! device, inode, size, mtime and ctime) is not read at all.
+//!
+//! A snapshot already on disk is never trusted by its name: before it is reused its bytes are
+//! hashed again, and it must be this user's own file, writable by nobody else; one that does
+//! not match (foreign code under the right name and size, say) is logged and replaced by a fresh
+//! copy. The fast path above reuses the snapshot only if the file is the very one this master
+//! wrote or checked (same device, inode, size, mtime and ctime), and a rollback re-hashes the
+//! kept snapshot ([`verify`]). The snapshot directory is created 0700 and refused when others
+//! can write it.
 //! This module reads and writes files; it never loads them.
 
 use std::io::{Read, Seek, Write};
@@ -104,6 +112,12 @@ pub enum SnapshotError {
     },
     #[error("snapshot of plugin file {path} abandoned")]
     Cancelled { path: PathBuf },
+    #[error("snapshot {path} does not match: {why}")]
+    Mismatch { path: PathBuf, why: String },
+    #[error(
+        "refusing snapshot directory {path}: {problem}; whoever can write it chooses the code this host runs"
+    )]
+    InsecureDir { path: PathBuf, problem: String },
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -315,13 +329,123 @@ fn pass(
     })
 }
 
-/// The snapshot of these bytes, if one was already taken: snapshots are only ever created by
-/// renaming a complete, synced copy into place, so the name and the size identify the content.
-fn existing(dir: &Path, scan: &Scan) -> Option<PathBuf> {
+/// Why the file at `path` is not a trustworthy snapshot of `sha256` (`size` bytes), if it is
+/// not: not a regular file of this user's, writable by others, another size, or other bytes
+/// (hashed again, never trusted by name).
+fn mismatch(
+    path: &Path,
+    sha256: &str,
+    size: u64,
+    cancel: &AtomicBool,
+) -> Result<Option<String>, SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Ok(Some(e.to_string())),
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.is_file() {
+        return Ok(Some("not a regular file".into()));
+    }
+    if meta.uid() != me {
+        return Ok(Some(format!(
+            "owned by uid {}, not by this user",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Ok(Some(format!(
+            "writable by others (mode {:04o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    if meta.len() != size {
+        return Ok(Some(format!("{} bytes, expected {size}", meta.len())));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY | nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| SnapshotError::Read {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+    let scan = pass(path, &mut file, None, size, cancel, &mut None)?;
+    Ok((scan.sha256 != sha256 || scan.size != size)
+        .then(|| format!("its content has sha256 {}", scan.sha256)))
+}
+
+/// The snapshot of these bytes, if one was already taken and still holds them (hashed again:
+/// see [`mismatch`]). One that does not is logged; the caller writes a fresh copy over it.
+fn existing(
+    dir: &Path,
+    scan: &Scan,
+    cancel: &AtomicBool,
+) -> Result<Option<PathBuf>, SnapshotError> {
     let path = dir.join(format!("{}.so", scan.sha256));
-    std::fs::symlink_metadata(&path)
-        .is_ok_and(|m| m.is_file() && m.len() == scan.size)
-        .then_some(path)
+    if std::fs::symlink_metadata(&path).is_err() {
+        return Ok(None);
+    }
+    match mismatch(&path, &scan.sha256, scan.size, cancel)? {
+        None => Ok(Some(path)),
+        Some(why) => {
+            tracing::warn!(
+                path = %path.display(),
+                "the snapshot on disk did not match its name ({why}); replacing it with a fresh copy"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Checks, by hashing it again, that a kept snapshot (a rollback's) still holds the bytes it is
+/// named after and is this user's own file, writable by nobody else.
+pub fn verify(snapshot: &Snapshot, cancel: &AtomicBool) -> Result<(), SnapshotError> {
+    match mismatch(&snapshot.path, &snapshot.sha256, snapshot.size, cancel)? {
+        None => Ok(()),
+        Some(why) => Err(SnapshotError::Mismatch {
+            path: snapshot.path.clone(),
+            why,
+        }),
+    }
+}
+
+/// Creates the snapshot directory (mode 0700) if needed, and refuses one that users other
+/// than this one can write, or that is not this user's (or root's).
+fn prepare_dir(dir: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let write_err = |e| SnapshotError::Write {
+        path: dir.to_path_buf(),
+        source: e,
+    };
+    if std::fs::symlink_metadata(dir).is_err() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(write_err)?;
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(write_err)?;
+    let me = nix::unistd::geteuid().as_raw();
+    let problem = if !meta.is_dir() {
+        Some("not a directory".to_string())
+    } else if meta.uid() != me && meta.uid() != 0 {
+        Some(format!("owned by uid {}", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "writable by others (mode {:04o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(SnapshotError::InsecureDir {
+            path: dir.to_path_buf(),
+            problem,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// What identifies an unchanged file without reading it: device, inode, size, and the
@@ -348,18 +472,19 @@ impl Stamp {
     }
 }
 
-/// Each plugin file snapshotted, as it was then, and its snapshot (in practice one: the
-/// configured plugin).
-type Seen = std::collections::HashMap<PathBuf, (Stamp, Snapshot)>;
+/// Each plugin file snapshotted, as it was then, its snapshot, and the snapshot file as it was
+/// written or checked (in practice one entry: the configured plugin).
+type Seen = std::collections::HashMap<PathBuf, (Stamp, Snapshot, Stamp)>;
 static LAST: std::sync::Mutex<Option<Seen>> = std::sync::Mutex::new(None);
 
 /// The snapshot taken last time of `source`, if the file has not changed since and the snapshot
-/// is still there.
+/// is still the very file written or checked then (same [`Stamp`]: nothing replaced or
+/// rewrote it).
 fn unchanged(source: &Path, stamp: Stamp) -> Option<Snapshot> {
     let last = LAST.lock().ok()?;
-    let (was, snapshot) = last.as_ref()?.get(source)?;
+    let (was, snapshot, written) = last.as_ref()?.get(source)?;
     let still_there = std::fs::symlink_metadata(&snapshot.path)
-        .is_ok_and(|m| m.is_file() && m.len() == snapshot.size);
+        .is_ok_and(|m| m.is_file() && Stamp::of(&m) == *written);
     (*was == stamp && still_there).then(|| Snapshot {
         taken: Taken::Unchanged,
         ..snapshot.clone()
@@ -367,12 +492,15 @@ fn unchanged(source: &Path, stamp: Stamp) -> Option<Snapshot> {
 }
 
 fn remember(source: &Path, stamp: Stamp, snapshot: &Snapshot) {
+    let Ok(written) = std::fs::symlink_metadata(&snapshot.path).map(|m| Stamp::of(&m)) else {
+        return;
+    };
     if let Ok(mut last) = LAST.lock() {
         let seen = last.get_or_insert_with(Seen::new);
         if seen.len() >= 16 {
             seen.clear();
         }
-        seen.insert(source.to_path_buf(), (stamp, snapshot.clone()));
+        seen.insert(source.to_path_buf(), (stamp, snapshot.clone(), written));
     }
 }
 
@@ -412,6 +540,7 @@ pub fn take(
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
     let mut write_error = None;
+    prepare_dir(dir)?;
     let mut out = match std::fs::create_dir_all(dir).and_then(|()| {
         std::fs::OpenOptions::new()
             .write(true)
@@ -446,7 +575,7 @@ pub fn take(
                 head,
             });
         }
-        if let Some(path) = existing(dir, &scan) {
+        if let Some(path) = existing(dir, &scan, cancel)? {
             check_elf(source, &path, scan.size)?;
             return Ok(Snapshot {
                 path,
@@ -622,6 +751,57 @@ mod tests {
             old,
             "a changed file is read and copied again"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_on_disk_is_hashed_again_and_foreign_bytes_replaced() {
+        let dir =
+            std::env::temp_dir().join(format!("host-snapshot-foreign-{}", std::process::id()));
+        let snap = dir.join("snap");
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.so");
+        std::fs::copy(std::env::current_exe().unwrap(), &good).unwrap();
+        let first = take_(&good, &snap, false).unwrap();
+        let real = std::fs::read(&first.path).unwrap();
+        // Other bytes of the same size under the same name.
+        let mut foreign = real.clone();
+        let last = foreign.len() - 1;
+        foreign[last] ^= 0xff;
+        let plant = |bytes: &[u8]| {
+            std::fs::set_permissions(&first.path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::fs::write(&first.path, bytes).unwrap();
+        };
+        plant(&foreign);
+        // A rollback's check refuses it.
+        let err = verify(&first, &AtomicBool::new(false))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("does not match") && err.contains("sha256"),
+            "{err}"
+        );
+        // The unchanged plugin file (not read again) does not vouch for a rewritten snapshot,
+        // and the bytes known by name are checked: replaced by a fresh copy.
+        let again = take_(&good, &snap, false).unwrap();
+        assert_eq!(again.taken, Taken::Copied);
+        assert_eq!(std::fs::read(&again.path).unwrap(), real);
+        verify(&again, &AtomicBool::new(false)).unwrap();
+        // The same with a copy of the plugin under another name (the `Known` path).
+        plant(&foreign);
+        let copy = dir.join("copy.so");
+        std::fs::copy(&good, &copy).unwrap();
+        let third = take_(&copy, &snap, false).unwrap();
+        assert_eq!(third.taken, Taken::Copied);
+        assert_eq!(std::fs::read(&third.path).unwrap(), real);
+        // A snapshot directory others can write is refused.
+        std::fs::set_permissions(&snap, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::copy(&good, dir.join("fresh.so")).unwrap();
+        std::fs::write(dir.join("fresh.so"), b"\x7fELF other").unwrap();
+        let err = take_(&dir.join("fresh.so"), &snap, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refusing snapshot directory"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -74,6 +74,9 @@ const REFILL_EVERY: Duration = Duration::from_millis(100);
 /// start-failure backoff count): the crash is treated as a run-time one again.
 const CRASH_LOOP_OVER_AFTER: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How soon a replacement that found no free cell in the worker table looks again (a cell is
+/// freed when a worker is reaped, normally within milliseconds of its kill).
+const CELL_RETRY: Duration = Duration::from_millis(100);
 
 fn backoff(failures: u32) -> Duration {
     match failures {
@@ -190,6 +193,11 @@ impl Supervisor {
                 self.runtime_failure(&w, format!("worker {} {how}", w.pid));
             }
         }
+        // Its cell (and its place among the leaving workers) is free: a rollout waiting for
+        // room looks again.
+        if self.room_wait.is_some() {
+            self.advance();
+        }
         // Last: a status query waiting for this worker may be answered now, and must see its
         // slot refilled, not half-way.
         self.forget_in_queries(id);
@@ -286,6 +294,21 @@ impl Supervisor {
                 .values()
                 .any(|w| w.slot == slot as u32 && matches!(w.state, WorkerState::Starting { .. }));
             if self.serving[slot].is_some() || starting {
+                continue;
+            }
+            if self.accept_table.is_some() && self.free_accept_cell().is_none() {
+                // Every cell is held (by workers not reaped yet): look again shortly.
+                static NO_CELL: crate::ratelimit::RateLimit =
+                    crate::ratelimit::RateLimit::per_second();
+                if let Some(suppressed) = NO_CELL.hit(&std::io::Error::other("no cell")) {
+                    tracing::warn!(
+                        slot,
+                        suppressed,
+                        "replacement waits: every cell of the worker table is held by a live worker"
+                    );
+                }
+                self.metrics.count_limit("worker_table_full");
+                self.health[slot].respawn_at = Some(now + CELL_RETRY);
                 continue;
             }
             if let Some(generation) = self.generation_for_slot(slot as u32) {

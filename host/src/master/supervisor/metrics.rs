@@ -9,8 +9,10 @@
 //! the last [`KEEP_GENERATIONS`] are added up under `generation="older"`, so that a long dev
 //! session of automatic reloads cannot grow the report without bound.
 //!
-//! It also counts the supervisor's own events: worker starts, exits and kills by cause, and
-//! reloads by outcome. It never changes a worker, a slot or a rollout; the transitions call it.
+//! It also counts the supervisor's own events: worker starts, exits and kills by cause,
+//! reloads by outcome, and the master bounds a rollout waited at; and it reports how often
+//! `state_dir`'s control socket and pidfile were recreated (counted by `state_dir::Watch`). It
+//! never changes a worker, a slot or a rollout; the transitions call it.
 
 use std::collections::BTreeMap;
 use std::process::ExitStatus;
@@ -37,6 +39,9 @@ pub(super) const START_CAUSES: [&str; 7] = [
 /// Why the master SIGKILLed a worker.
 pub(super) const KILL_CAUSES: [&str; 5] =
     ["hung", "drain_timeout", "start_failed", "stop", "aborted"];
+/// Master bounds a rollout can wait at: `max_draining_workers` (too many old workers still
+/// draining) and `worker_table_full` (no free cell in the worker table).
+pub(super) const MASTER_LIMITS: [&str; 2] = ["max_draining_workers", "worker_table_full"];
 const RELOAD_KINDS: [&str; 3] = ["reload", "rollback", "watch"];
 const RELOAD_OUTCOMES: [&str; 5] = ["ok", "refused", "reverted", "revert_failed", "interrupted"];
 
@@ -59,11 +64,17 @@ pub(super) struct Metrics {
     starts: BTreeMap<&'static str, u64>,
     exits: BTreeMap<(&'static str, &'static str), u64>,
     kills: BTreeMap<&'static str, u64>,
+    limits: BTreeMap<&'static str, u64>,
 }
 
 impl Metrics {
     pub(super) fn count_start(&mut self, cause: &'static str) {
         *self.starts.entry(cause).or_default() += 1;
+    }
+
+    /// A master bound was hit (one of [`MASTER_LIMITS`]).
+    pub(super) fn count_limit(&mut self, limit: &'static str) {
+        *self.limits.entry(limit).or_default() += 1;
     }
 
     pub(super) fn count_kill(&mut self, cause: &'static str) {
@@ -290,6 +301,8 @@ impl Supervisor {
             worker_starts: counted(&START_CAUSES, &m.starts),
             worker_exits: m.exits.iter().map(|((c, h), n)| (*c, *h, *n)).collect(),
             worker_kills: counted(&KILL_CAUSES, &m.kills),
+            master_limit_hits: counted(&MASTER_LIMITS, &m.limits),
+            state_dir_repairs: crate::master::state_dir::repairs(),
         }
     }
 }

@@ -20,7 +20,10 @@
 //! rollout, and the reported duration counts the snapshot.
 //!
 //! A rollout moves slots to a target generation one at a time, new before old: spawn a
-//! candidate for the slot, wait for its `Ready`, then tell the slot's old worker to drain. The
+//! candidate for the slot, wait for its `Ready`, then tell the slot's old worker to drain.
+//! Before each candidate it waits (bounded) for room: fewer than `max_draining_workers` old
+//! workers still leaving, and a free cell in the worker table, which is sized for that; no
+//! worker is ever started without a cell, so `/metrics` misses none of its requests. The
 //! first candidate is the canary: if it fails, nothing old was touched. If a later one fails, the
 //! slots already moved are rolled back to the serving generation the same way. A rollout is done
 //! when every slot moved and every old worker acknowledged that it stopped accepting, so a
@@ -281,6 +284,19 @@ pub(crate) struct Supervisor {
     upgrading: Option<handover::Upgrading>,
     /// A new master took over: stopping leaves the pidfile and the control socket to it.
     handed_over: bool,
+    /// Since when the rollout has been waiting for room to start its next worker (see
+    /// `rollout::room_for_candidate`).
+    room_wait: Option<Instant>,
+}
+
+/// Cells of the worker table: a cell for every worker that can be alive at once. Each slot's
+/// serving worker and one starting beside it (a rollout's candidate or a crash replacement),
+/// the old workers still draining (at most `max_draining_workers`: a rollout waits for one to
+/// exit before it starts a worker past that), and 4 for hung or killed ones not yet reaped.
+/// A worker is never started without a cell (its requests would go uncounted): when none is
+/// free, its start waits for one (see `rollout::room_for_candidate`).
+fn table_cells(cfg: &Config) -> usize {
+    2 * cfg.workers + cfg.max_draining_workers + 4
 }
 
 fn unix_now() -> u64 {
@@ -301,9 +317,7 @@ impl Supervisor {
         start_notify: Option<std::fs::File>,
     ) -> Supervisor {
         let slots = cfg.workers;
-        // A cell per worker alive at once: every slot's, the draining ones of a reload or two, a
-        // candidate, crash replacements.
-        let accept_table = crate::accept_table::Table::create(3 * slots + 4)
+        let accept_table = crate::accept_table::Table::create(table_cells(&cfg))
             .inspect_err(|e| {
                 tracing::warn!(
                     "{}; workers will accept without balancing, and a dead worker's requests in flight will not be known",
@@ -341,6 +355,7 @@ impl Supervisor {
             launcher: None,
             upgrading: None,
             handed_over: false,
+            room_wait: None,
         }
     }
 
@@ -555,6 +570,12 @@ impl Supervisor {
             }
         }
         self.respawn_due(now);
+        if self
+            .room_wait
+            .is_some_and(|since| since + self.room_wait_limit() <= now)
+        {
+            self.advance();
+        }
         self.answer_overdue_queries(now);
         self.recycle_timer(now);
     }
@@ -569,7 +590,9 @@ impl Supervisor {
         let respawns = self.health.iter().filter_map(|h| h.respawn_at);
         let queries = self.queries.iter().map(|q| q.deadline);
         let recycling = self.recycling.deadline();
+        let room = self.room_wait.map(|since| since + self.room_wait_limit());
         workers
+            .chain(room)
             .chain(respawns)
             .chain(queries)
             .chain(recycling)

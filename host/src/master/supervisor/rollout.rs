@@ -2,7 +2,9 @@
 //! generation and re-reads the config file's `[plugin_config]` for it (a reload applies only
 //! that key of the file; the others wait for a restart), moves slots onto it one at a time
 //! (candidate ready, then the old worker drains), fails or reverts it, queues requests that
-//! arrive meanwhile, answers every caller, and prunes snapshots no kept generation uses. It never
+//! arrive meanwhile, answers every caller, and prunes snapshots no kept generation uses. Before
+//! each new worker it makes sure there is room for it: fewer than `max_draining_workers` old
+//! workers still leaving and a free cell in the worker table, or it waits (bounded) for an exit. It never
 //! spawns or signals a process itself (that is [`spawn`](super::spawn)) and never decides on
 //! crash backoff (that is [`health`](super::health)).
 
@@ -21,6 +23,7 @@ use super::{
 use crate::config::{Config, PluginConfig};
 use crate::master::snapshot::{self, Snapshot};
 use crate::protocol::{ControlResponse, PluginInfo, ReloadReport, StartupTimings};
+use crate::ratelimit::RateLimit;
 
 impl Supervisor {
     pub(super) fn request_rollout(&mut self, kind: RolloutKind, reply: Reply) {
@@ -284,13 +287,19 @@ impl Supervisor {
         if r.candidate.is_some() {
             return;
         }
-        let Some(slot) = r.pending.pop_front() else {
+        let Some(&slot) = r.pending.front() else {
             if r.awaiting_ack.is_empty() {
                 self.finish();
             }
             return;
         };
         let (target, kind) = (r.target.clone(), r.kind);
+        if !self.room_for_candidate(slot, target.number) {
+            return;
+        }
+        if let Some(r) = &mut self.rollout {
+            r.pending.pop_front();
+        }
         match self.spawn(slot, target) {
             Ok(id) => {
                 self.metrics.count_start(kind.name());
@@ -300,6 +309,79 @@ impl Supervisor {
             }
             Err(e) => self.fail_rollout(format!("cannot start a worker for slot {slot}: {e}")),
         }
+    }
+
+    /// How long a rollout waits for room before it goes on regardless: old workers are
+    /// SIGKILLed `KILL_MARGIN` past `graceful_timeout`, and reaped soon after.
+    pub(super) fn room_wait_limit(&self) -> std::time::Duration {
+        self.cfg.graceful_timeout + super::KILL_MARGIN + std::time::Duration::from_secs(3)
+    }
+
+    /// Whether the rollout may start its next worker (for `slot`, of `generation`) now: fewer
+    /// than `max_draining_workers` old workers are still leaving (draining, or hung or killed
+    /// and not yet reaped), and the worker table has a free cell. Otherwise the rollout waits,
+    /// logged (at most once a second) and counted in `/metrics` once per wait; every exit looks
+    /// again. The wait is bounded by [`Self::room_wait_limit`]: past it a free cell is enough
+    /// (the draining workers are overdue), and without one the rollout fails.
+    fn room_for_candidate(&mut self, slot: u32, generation: u64) -> bool {
+        static WAITS: RateLimit = RateLimit::per_second();
+        let now = Instant::now();
+        let leaving = self
+            .workers
+            .values()
+            .filter(|w| {
+                matches!(
+                    w.state,
+                    WorkerState::Draining { .. } | WorkerState::Hung | WorkerState::Killed
+                )
+            })
+            .count();
+        let cell = self.accept_table.is_none() || self.free_accept_cell().is_some();
+        let overdue = self
+            .room_wait
+            .is_some_and(|since| now >= since + self.room_wait_limit());
+        let drain_room = leaving < self.cfg.max_draining_workers || overdue;
+        if cell && drain_room {
+            self.room_wait = None;
+            return true;
+        }
+        let cells = self.accept_table.as_ref().map_or(0, |(t, _)| t.len());
+        if !cell && overdue {
+            self.room_wait = None;
+            self.fail_rollout(format!(
+                "cannot start a worker for slot {slot}: no free cell in the worker table ({cells} cells, {} workers alive) after waiting {}",
+                self.workers.len(),
+                humantime::format_duration(self.room_wait_limit())
+            ));
+            return false;
+        }
+        if self.room_wait.is_none() {
+            self.room_wait = Some(now);
+            let limit = if drain_room {
+                "worker_table_full"
+            } else {
+                "max_draining_workers"
+            };
+            self.metrics.count_limit(limit);
+            if let Some(suppressed) = WAITS.hit(&std::io::Error::other(limit)) {
+                let why = if drain_room {
+                    format!("every cell of the worker table ({cells}) is held by a live worker")
+                } else {
+                    format!(
+                        "{leaving} old workers are still draining (max_draining_workers {})",
+                        self.cfg.max_draining_workers
+                    )
+                };
+                tracing::warn!(
+                    generation,
+                    slot,
+                    suppressed,
+                    "rollout waits before starting its next worker: {why}; it goes on when one exits (at most {})",
+                    humantime::format_duration(self.room_wait_limit())
+                );
+            }
+        }
+        false
     }
 
     pub(super) fn finish(&mut self) {
@@ -349,6 +431,7 @@ impl Supervisor {
         replies: Vec<Reply>,
         outcome: Result<(), String>,
     ) {
+        self.room_wait = None;
         self.count_reload(kind, &report, &outcome);
         if kind == RolloutKind::Recycle {
             // Not a reload: `last_reload` and the refused build stay as they were.
@@ -455,6 +538,7 @@ impl Supervisor {
         let Some(mut r) = self.rollout.take() else {
             return;
         };
+        self.room_wait = None;
         if let Some(id) = r.candidate.take() {
             self.kill_worker(id);
         }
@@ -665,18 +749,24 @@ impl SnapshotSource {
                 snapshot,
                 config,
             } => {
-                if std::fs::symlink_metadata(&snapshot.path).is_ok_and(|m| m.is_file()) {
-                    Ok(Taken {
-                        snapshot,
-                        config,
-                        ignored_keys: Vec::new(),
-                    })
-                } else {
-                    Err(format!(
+                if std::fs::symlink_metadata(&snapshot.path).is_err() {
+                    return Err(format!(
                         "the snapshot of generation {generation} is gone: {}",
                         snapshot.path.display()
-                    ))
+                    ));
                 }
+                // Never trusted by name: its bytes are hashed again.
+                snapshot::verify(&snapshot, cancel).map_err(|e| {
+                    format!(
+                        "the snapshot of generation {generation} cannot be trusted: {}",
+                        crate::error_chain(&e)
+                    )
+                })?;
+                Ok(Taken {
+                    snapshot,
+                    config,
+                    ignored_keys: Vec::new(),
+                })
             }
         }
     }

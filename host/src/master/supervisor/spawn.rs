@@ -110,10 +110,10 @@ impl Supervisor {
         let listener = self.listener.try_clone().map_err(err)?;
         let accept_cell = self.free_accept_cell();
         if accept_cell.is_none() && self.accept_table.is_some() {
-            tracing::warn!(
-                slot,
-                "no free cell in the worker table: this worker's requests are not counted in /metrics, nor named if it dies"
-            );
+            // Never a worker whose requests go uncounted: the callers wait for a cell first.
+            return Err(err(std::io::Error::other(
+                "no free cell in the worker table",
+            )));
         }
         if let (Some(cell), Some((table, _))) = (accept_cell, &self.accept_table) {
             table.reset(cell as usize);
@@ -265,7 +265,7 @@ impl Supervisor {
     }
 
     /// The lowest accept-table cell no live worker holds.
-    fn free_accept_cell(&self) -> Option<u32> {
+    pub(super) fn free_accept_cell(&self) -> Option<u32> {
         let (table, _) = self.accept_table.as_ref()?;
         let used: std::collections::HashSet<u32> = self
             .workers
