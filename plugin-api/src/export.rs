@@ -162,13 +162,18 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
             // SAFETY: the host's context covers the field (checked just above).
             .then(|| unsafe { std::ptr::addr_of!((*ctx).restart_worker).read() });
         // ABI 1.3: the plugin's configuration.
-        let config: std::sync::Arc<str> = if size as usize >= size_of::<HostContext>() {
+        let config: std::sync::Arc<str> = if size as usize >= ffi::HOST_CONTEXT_1_3_SIZE {
             // SAFETY: the host's context covers the field, a view valid for this call.
             let raw = unsafe { std::ptr::addr_of!((*ctx).config).read() };
             String::from_utf8_lossy(unsafe { raw.as_bytes() }).into()
         } else {
             "{}".into()
         };
+        // ABI 1.4: the functions behind each request's cancellation.
+        if size as usize >= size_of::<HostContext>() {
+            // SAFETY: the host's context covers the field.
+            crate::cancel::install(unsafe { std::ptr::addr_of!((*ctx).cancel).read() });
+        }
         crate::runtime::start()
             .map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
         // The host calls this on its I/O thread, where it later polls the plugin's futures.
@@ -278,12 +283,23 @@ unsafe extern "C" fn handle<P: Plugin>(
     out: *mut RawResponse,
 ) {
     let _rt = crate::runtime::enter();
+    let raw_req = req;
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `state` is the pointer `on_worker_start::<P>` returned, alive until `on_worker_stop`.
         let plugin = unsafe { &*(state as *const P) };
         // SAFETY: the host passes a valid request for the duration of this call.
         match to_request(unsafe { &*req }) {
-            Ok(req) => plugin.handle(req),
+            Ok(mut req) => {
+                if crate::cancel::host_passes_tokens() {
+                    // SAFETY: a host whose context had the cancellation functions passes a
+                    // `RawHandleRequest`, whose first field `req` points at.
+                    let token = unsafe { (*req_ext(raw_req)).cancel };
+                    if let Some(c) = crate::Cancellation::from_raw(token) {
+                        req.extensions_mut().insert(c);
+                    }
+                }
+                plugin.handle(req)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "request could not be converted");
                 plain(StatusCode::BAD_REQUEST, "bad request\n")
@@ -300,6 +316,11 @@ unsafe extern "C" fn handle<P: Plugin>(
     let (parts, body) = resp.into_parts();
     // SAFETY: the host passes a valid, exclusive out-pointer.
     unsafe { out.write(raw_response(parts, body)) };
+}
+
+/// The [`RawHandleRequest`](ffi::RawHandleRequest) a 1.4 host's `handle` pointer points into.
+fn req_ext(req: *const RawRequest) -> *const ffi::RawHandleRequest {
+    req.cast()
 }
 
 /// Moves a response's head and whole body into one plugin allocation the host frees with
@@ -407,6 +428,7 @@ mod tests {
             log: log_nothing,
             restart_worker: count_restart,
             config: RawStr::new(b"{}"),
+            cancel: std::ptr::null(),
         };
         let mut state = std::ptr::null_mut();
         let mut storage = [0u8; 256];
