@@ -97,6 +97,9 @@ pub struct Config {
     pub blocking_queue: usize,
     /// At most this many more threads may still run handlers whose client is gone.
     pub blocking_abandoned_threads: usize,
+    /// A worker remembers at most this many paths caught stalling its I/O thread (and as many
+    /// whose async handler blocked in one poll).
+    pub max_slow_paths: usize,
     /// Keys set on the command line (dev mode's flags), not in the file: a reload that re-reads
     /// the file does not count them as changed.
     pub overridden: Vec<&'static str>,
@@ -181,6 +184,7 @@ struct RawConfig {
     blocking_threads: Option<i64>,
     blocking_queue: Option<i64>,
     blocking_abandoned_threads: Option<i64>,
+    max_slow_paths: Option<i64>,
 }
 
 /// A size: a number of bytes, or a string like `"512MiB"`.
@@ -246,6 +250,8 @@ pub const MAX_PLUGIN_CONFIG_BYTES: usize = 256 << 10;
 pub const MAX_POOL_THREADS: i64 = 32_768;
 /// The largest `blocking_queue`.
 pub const MAX_POOL_QUEUE: i64 = 1_000_000;
+/// The largest `max_slow_paths` (8 bytes each).
+pub const MAX_SLOW_PATHS: i64 = 1 << 20;
 /// How deeply `[plugin_config]` may nest tables and arrays.
 pub const MAX_PLUGIN_CONFIG_DEPTH: usize = 64;
 
@@ -322,7 +328,8 @@ impl Config {
             log_format,
             blocking_threads,
             blocking_queue,
-            blocking_abandoned_threads
+            blocking_abandoned_threads,
+            max_slow_paths
         );
         changed
     }
@@ -522,6 +529,13 @@ impl Config {
             0,
             MAX_POOL_THREADS,
         )?;
+        let max_slow_paths = count(
+            "max_slow_paths",
+            raw.max_slow_paths,
+            1024,
+            1,
+            MAX_SLOW_PATHS,
+        )?;
         let max_requests = requests("max_requests", raw.max_requests)?;
         let max_requests_jitter = requests("max_requests_jitter", raw.max_requests_jitter)?;
         let max_worker_rss = match raw.max_worker_rss.as_ref().map(ByteSize::bytes) {
@@ -624,6 +638,7 @@ impl Config {
             blocking_threads,
             blocking_queue,
             blocking_abandoned_threads,
+            max_slow_paths,
             overridden: Vec::new(),
         })
     }
@@ -640,6 +655,7 @@ impl Config {
             max_threads: self.blocking_threads as u32,
             max_queue: self.blocking_queue as u32,
             max_abandoned: self.blocking_abandoned_threads as u32,
+            max_slow_paths: self.max_slow_paths as u32,
         }
     }
 
@@ -1105,6 +1121,7 @@ mod tests {
                 "blocking_abandoned_threads = -1\n",
                 "blocking_abandoned_threads",
             ),
+            ("max_slow_paths = 0\n", "max_slow_paths"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(
@@ -1200,6 +1217,7 @@ mod tests {
             "blocking_threads",
             "blocking_queue",
             "blocking_abandoned_threads",
+            "max_slow_paths",
         ];
 
         /// A `[plugin_config]` table: nested tables and arrays of any TOML value, including ones
@@ -1247,7 +1265,7 @@ mod tests {
                     .boxed(),
                 "workers" | "max_body_bytes" | "backlog" | "keep_snapshots" | "max_headers"
                 | "max_header_bytes" | "max_requests" | "max_requests_jitter" | "blocking_threads"
-                | "blocking_queue" | "blocking_abandoned_threads" => {
+                | "blocking_queue" | "blocking_abandoned_threads" | "max_slow_paths" => {
                     prop_oneof![3 => -2i64..2000, 1 => -2i64..70_000, 1 => any::<i64>(), 1 => 0i64..(1 << 31)]
                         .prop_map(|n| n.to_string())
                         .boxed()

@@ -58,12 +58,14 @@ pub struct WorkerSpec {
 }
 
 /// The blocking pool's bounds (`blocking_threads`, `blocking_queue`,
-/// `blocking_abandoned_threads`).
+/// `blocking_abandoned_threads`), and how many slow paths, which it takes off the I/O thread, a
+/// worker remembers (`max_slow_paths`).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct PoolSpec {
     pub max_threads: u32,
     pub max_queue: u32,
     pub max_abandoned: u32,
+    pub max_slow_paths: u32,
 }
 
 impl Default for PoolSpec {
@@ -72,6 +74,7 @@ impl Default for PoolSpec {
             max_threads: 1024,
             max_queue: 1024,
             max_abandoned: 1024,
+            max_slow_paths: 1024,
         }
     }
 }

@@ -394,7 +394,7 @@ async fn serve(
         max_abandoned: spec.pool.max_abandoned as usize,
     };
     let shared = Arc::new(Shared {
-        slow_paths: slow_paths::SlowPaths::new(counters),
+        slow_paths: slow_paths::SlowPaths::new(spec.pool.max_slow_paths as usize, counters),
         plugin: Arc::new(plugin),
         pool: pool::Pool::new(pool_limits, POOL_IDLE, counters),
         http,

@@ -4,7 +4,7 @@
 //! log once).
 //!
 //! Owns both sets and their bounds. A client chooses the paths (up to `max_header_bytes` each),
-//! so neither set may grow with them: each holds at most [`MAX_PATHS`] entries, kept as keyed
+//! so neither set may grow with them: each holds at most `max_slow_paths` entries, kept as keyed
 //! 64-bit hashes of the paths, not the paths (8 bytes an entry, whatever the path's length). A
 //! path met once a set is full is not remembered (counted as `Limit::TrackingFull`): a slow one
 //! keeps running inline. Two paths with the same hash (rare, and not choosable: the key is
@@ -22,14 +22,13 @@ use std::time::Duration;
 use crate::counters::{Counters, Limit};
 use crate::ratelimit::RateLimit;
 
-/// The most paths each set remembers.
-pub(super) const MAX_PATHS: usize = 1024;
-
 static SLOW_WARNING: RateLimit = RateLimit::per_second();
 static BLOCKING_WARNING: RateLimit = RateLimit::per_second();
 static FULL_WARNING: RateLimit = RateLimit::per_second();
 
 pub(super) struct SlowPaths {
+    /// The most paths each set remembers.
+    max: usize,
     keys: RandomState,
     /// Hashes of paths whose "non-blocking" handler was caught taking too long.
     slow: Mutex<HashSet<u64>>,
@@ -47,8 +46,9 @@ enum Remembered {
 }
 
 impl SlowPaths {
-    pub(super) fn new(counters: Option<&'static Counters>) -> SlowPaths {
+    pub(super) fn new(max: usize, counters: Option<&'static Counters>) -> SlowPaths {
         SlowPaths {
+            max,
             keys: RandomState::new(),
             slow: Mutex::default(),
             any_slow: AtomicBool::new(false),
@@ -107,7 +107,7 @@ impl SlowPaths {
         if set.contains(&key) {
             return Remembered::Known;
         }
-        if set.len() >= MAX_PATHS {
+        if set.len() >= self.max {
             drop(set);
             if let Some(c) = self.counters {
                 c.limit_hit(Limit::TrackingFull);
@@ -115,9 +115,9 @@ impl SlowPaths {
             if let Some(more) = FULL_WARNING.hit_named("tracking full") {
                 tracing::warn!(
                     path = shorten(path),
-                    max_paths = MAX_PATHS,
+                    max_slow_paths = self.max,
                     more_not_kept = more,
-                    "too many distinct slow paths to remember; this one is not kept"
+                    "too many distinct slow paths to remember (max_slow_paths); this one is not kept"
                 );
             }
             return Remembered::Full;
@@ -142,7 +142,8 @@ mod tests {
 
     #[test]
     fn each_set_keeps_at_most_max_paths() {
-        let paths = SlowPaths::new(None);
+        const MAX_PATHS: usize = 64;
+        let paths = SlowPaths::new(MAX_PATHS, None);
         for i in 0..MAX_PATHS + 100 {
             paths.mark_slow(&format!("/p/{i}"), Duration::from_millis(30));
             paths.note_blocking_poll(&format!("/p/{i}"), Duration::from_millis(30));
