@@ -461,6 +461,102 @@ mod tests {
         );
     }
 
+    /// A host's token for the test below: a flag and a reference count.
+    struct FakeToken {
+        cancelled: std::sync::atomic::AtomicBool,
+        refs: std::sync::atomic::AtomicI32,
+    }
+
+    fn fake(t: *const c_void) -> &'static FakeToken {
+        // SAFETY: the test passes a pointer to a `'static` `FakeToken`.
+        unsafe { &*t.cast::<FakeToken>() }
+    }
+    extern "C" fn fake_is_cancelled(t: *const c_void) -> bool {
+        fake(t).cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    extern "C" fn fake_wait(t: *const c_void, _timeout_ns: u64) -> bool {
+        fake_is_cancelled(t)
+    }
+    extern "C" fn fake_clone(t: *const c_void) {
+        fake(t)
+            .refs
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    extern "C" fn fake_drop(t: *const c_void) {
+        fake(t)
+            .refs
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    static FAKE_VTABLE: ffi::CancelVTable = ffi::CancelVTable {
+        is_cancelled: fake_is_cancelled,
+        wait: fake_wait,
+        clone: fake_clone,
+        drop: fake_drop,
+    };
+
+    /// Answers whether its request is cancelled.
+    struct SaysCancelled;
+    impl Plugin for SaysCancelled {
+        fn on_worker_start(_ctx: &WorkerContext) -> Result<Self, crate::BoxError> {
+            Ok(SaysCancelled)
+        }
+        fn handle(&self, req: Request) -> Response {
+            let c = crate::Cancellation::of(&req);
+            Response::new(Bytes::from(format!(
+                "{} {}",
+                c.is_cancelled(),
+                c.wait(std::time::Duration::ZERO)
+            )))
+        }
+    }
+
+    /// Calls `handle::<SaysCancelled>` with a 1.4 request carrying `token`; its answer.
+    fn handle_with_token(token: *const c_void) -> String {
+        let head = RawRequest {
+            method: RawStr::new(b"GET"),
+            uri: RawStr::new(b"/"),
+            version: 11,
+            headers: std::ptr::null(),
+            headers_len: 0,
+            body: RawStr::EMPTY,
+        };
+        let req = ffi::RawHandleRequest {
+            head,
+            cancel: token,
+        };
+        let mut out = RawResponse::EMPTY;
+        let state = std::ptr::NonNull::<SaysCancelled>::dangling().as_ptr() as *const c_void;
+        // SAFETY: a valid request and out-pointer; `SaysCancelled` is a ZST, so the dangling
+        // state pointer is a valid reference to it.
+        unsafe {
+            handle::<SaysCancelled>(state, (&raw const req).cast(), &mut out);
+        }
+        // SAFETY: written by `handle`, freed once below.
+        let text = String::from_utf8(unsafe { out.body.as_bytes() }.to_vec()).unwrap();
+        // SAFETY: `out.owner` came from this `handle`.
+        unsafe { free_response(out.owner) };
+        text
+    }
+
+    #[test]
+    fn handle_sees_the_hosts_cancellation_and_gives_its_reference_back() {
+        static TOKEN: FakeToken = FakeToken {
+            cancelled: std::sync::atomic::AtomicBool::new(false),
+            refs: std::sync::atomic::AtomicI32::new(0),
+        };
+        let token = (&raw const TOKEN).cast::<c_void>();
+        crate::cancel::install(&FAKE_VTABLE);
+        assert_eq!(handle_with_token(token), "false false");
+        TOKEN
+            .cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(handle_with_token(token), "true true");
+        // Every reference taken was given back.
+        assert_eq!(TOKEN.refs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // No token (a call on the host's I/O thread): never cancelled.
+        assert_eq!(handle_with_token(std::ptr::null()), "false false");
+    }
+
     #[test]
     fn entry_symbol_matches_the_macro() {
         assert_eq!(ffi::ENTRY_SYMBOL, b"host_plugin_entry_v1\0");
