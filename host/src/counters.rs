@@ -49,6 +49,9 @@ pub enum Limit {
     SendTimeout,
     /// An entry not recorded because a bounded set (slow paths, blocking polls) was full.
     TrackingFull,
+    /// A blocking-pool thread not started for waiting work because `blocking_abandoned_threads`
+    /// threads still run handlers whose client is gone.
+    PoolAbandonedThreads,
 }
 
 /// How many [`Limit`] slots a cell has (room for more variants without a layout change).
@@ -56,13 +59,14 @@ pub const LIMITS: usize = 16;
 
 impl Limit {
     /// Every variant, in index order.
-    pub const ALL: [Limit; 6] = [
+    pub const ALL: [Limit; 7] = [
         Limit::PoolQueueFull,
         Limit::PoolAbandoned,
         Limit::Connections,
         Limit::IdleTimeout,
         Limit::SendTimeout,
         Limit::TrackingFull,
+        Limit::PoolAbandonedThreads,
     ];
 
     /// The `limit` label in `/metrics`.
@@ -74,6 +78,7 @@ impl Limit {
             Limit::IdleTimeout => "idle_timeout",
             Limit::SendTimeout => "send_timeout",
             Limit::TrackingFull => "tracking_full",
+            Limit::PoolAbandonedThreads => "pool_abandoned_threads",
         }
     }
 }

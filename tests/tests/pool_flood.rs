@@ -334,6 +334,13 @@ async fn handlers_that_ignore_cancellation_stop_holding_the_pool_up_to_a_cap() {
     );
     let (_, done, _) = cancel_stats(&host).await;
     assert!(done >= 1, "a stubborn handler ended first");
+    assert!(limit_hits(&host, "pool_abandoned_threads").await >= 1);
+    assert!(
+        host.log()
+            .contains("handlers whose client is gone (blocking_abandoned_threads)"),
+        "{}",
+        host.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -348,6 +348,10 @@ impl Inner {
             st.searching += 1;
             Wake::Start
         } else {
+            if st.threads - st.abandoned < self.limits.max_threads {
+                // Room for live work, but the abandoned threads are at their cap.
+                self.abandoned_cap_hit(st);
+            }
             Wake::None // all busy: the first to finish takes the next job
         }
     }
@@ -407,6 +411,23 @@ impl Inner {
         self.count_abandoned(swept.len());
         // Outside the lock: each reports `Lost` to a slot no one awaits.
         drop(swept);
+    }
+
+    /// Work waits because `max_abandoned` threads run abandoned jobs: counted, and logged at
+    /// most once a second.
+    fn abandoned_cap_hit(&self, st: &State) {
+        static WARNING: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::per_second();
+        if let Some(c) = self.counters {
+            c.limit_hit(crate::counters::Limit::PoolAbandonedThreads);
+        }
+        if let Some(more) = WARNING.hit_named("abandoned threads at cap") {
+            tracing::warn!(
+                abandoned = st.abandoned,
+                queued = st.queue.len() - st.queued_abandoned,
+                more_not_logged = more,
+                "the blocking pool's threads all run handlers whose client is gone (blocking_abandoned_threads); waiting work starts when one ends"
+            );
+        }
     }
 
     fn count_abandoned(&self, n: usize) {
