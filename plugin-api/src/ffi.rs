@@ -7,6 +7,9 @@
 //!
 //! Ownership rules, which both sides rely on:
 //! - [`RawRequest`] and [`HostContext`] are borrowed from the host for the duration of one call.
+//!   So is a [`RawHandleRequest`]; the cancellation token in it is the host's, kept alive past
+//!   the call only by references the plugin takes with [`CancelVTable::clone`] (and gives back
+//!   with [`CancelVTable::drop`]).
 //! - A [`RawResponse`] is allocated by the plugin; everything it points to stays valid until the
 //!   host passes its `owner` to [`VTable::free_response`]. Memory is freed on the side that
 //!   allocated it.

@@ -1,5 +1,6 @@
 //! Loads a plugin snapshot into this worker: `dlopen` with `RTLD_NOW`, the header checks, the
-//! `on_worker_start` hook, and the per-request calls across the ABI.
+//! `on_worker_start` hook, and the per-request calls across the ABI, with the functions the
+//! plugin calls back to read a blocking request's cancellation (a pool job's `Cancel`).
 //!
 //! The only module in `host` that calls plugin code, and (with `fd.rs`) the only one with
 //! `unsafe`. It checks the exported header field by field (magic first, then ABI major and minor,
