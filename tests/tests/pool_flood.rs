@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use tests::{Host, HostOptions, fixture_plugin, get, wait_until};
+use tests::{Host, HostOptions, example_plugin, fixture_plugin, get, wait_until};
 
 /// A legitimate request must be answered within this, even during a flood (generous: a loaded
 /// 2-core machine; without the fix it waits for the flood's 20 s handlers).
@@ -399,6 +399,40 @@ async fn a_handler_sees_its_request_cancelled_and_an_async_one_is_dropped() {
     // The same requests, left to finish, are answered as before.
     assert_eq!(host.body("/sleep?ms=10").await, "slept\n");
     assert_eq!(host.body("/async-wait?ms=10").await, "waited\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_example_sleep_returns_when_its_client_leaves() {
+    // No room for abandoned threads: a handler that ran on would keep its thread, and the pool's
+    // two threads would stay taken for 20 s.
+    let host = Host::start(
+        &example_plugin(&[]),
+        HostOptions {
+            workers: 1,
+            extra: "blocking_threads = 2\nblocking_abandoned_threads = 0".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = host.addr;
+    let mut left = Vec::new();
+    for _ in 0..2 {
+        left.push(abandoned_h1(addr, "/sleep?ms=20000").await.unwrap());
+    }
+    host.wait_status("two in flight", |s| s["workers"][0]["in_flight"] == 2)
+        .await;
+    drop(left);
+    let began = Instant::now();
+    let reply = tokio::time::timeout(ANSWER_WITHIN, get(addr, "/sleep?ms=10"))
+        .await
+        .expect("the pool's threads were still sleeping for clients that left")
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body, "slept 10 ms\n");
+    eprintln!(
+        "answered after the example's sleepers left in {:?}",
+        began.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
