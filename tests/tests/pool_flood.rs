@@ -518,3 +518,59 @@ async fn many_distinct_slow_paths_give_a_handful_of_log_lines_and_a_bounded_set(
     // The lines carry what they stand for.
     assert!(log.contains("more_paths_not_logged"), "{log}");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends `/lying-sleep/<tag>-<c>-<i>-<pad>?ms=25` for `c` in 0..4 (concurrently), `i` in 0..n.
+async fn slow_paths(addr: SocketAddr, tag: &str, n: usize, pad_len: usize) {
+    let pad = "x".repeat(pad_len);
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (pad, tag) = (pad.clone(), tag.to_string());
+            tokio::spawn(async move {
+                for i in 0..n {
+                    let path = format!("/lying-sleep/{tag}-{c}-{i}-{pad}?ms=25");
+                    let reply = get(addr, &path).await.unwrap();
+                    assert_eq!(reply.body, "slept\n");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_distinct_long_slow_paths_grow_neither_the_worker_nor_the_log() {
+    // The defaults: every path below is remembered (1024 of them may be).
+    let host = fixture_host("").await;
+    let addr = host.addr;
+    let pid = host.worker_pids(None).await[0];
+    // Warm up (connection buffers for long request heads), then measure 200 paths of 60 KB:
+    // kept as they came, they alone would take 12 MB.
+    slow_paths(addr, "warm", 5, 60_000).await;
+    let (rss_before, log_before) = (rss_kib(pid), host.log().len());
+    let began = Instant::now();
+    slow_paths(addr, "flood", 50, 60_000).await;
+    let took = began.elapsed();
+    let (rss_after, log_after) = (rss_kib(pid), host.log().len());
+    eprintln!(
+        "200 slow paths of 60 KB in {took:?}: worker RSS {rss_before} -> {rss_after} KiB, log {log_before} -> {log_after} bytes"
+    );
+    assert!(
+        rss_after < rss_before + 6 * 1024,
+        "the worker grew from {rss_before} to {rss_after} KiB"
+    );
+    assert!(
+        log_after < log_before + 16 * 1024,
+        "the log grew from {log_before} to {log_after} bytes"
+    );
+}
