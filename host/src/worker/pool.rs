@@ -203,7 +203,8 @@ struct State {
 }
 
 impl Pool {
-    /// A pool of at most `max_threads` threads, each leaving after `idle_timeout` without work.
+    /// A pool within `limits`, each thread leaving after `idle_timeout` without work; jobs
+    /// dropped unrun count in `counters`.
     /// Must be called on the tokio runtime whose tasks will await its jobs (the I/O runtime):
     /// its kicker and deliverer tasks run there.
     pub fn new(
