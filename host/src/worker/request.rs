@@ -262,7 +262,7 @@ fn on_pool(
             tracing::warn!(
                 queued = full.queued,
                 more_refused_not_logged = more,
-                path = uri.path(),
+                path = super::slow_paths::shorten(uri.path()),
                 "the blocking pool's queue is full (blocking_queue); answered 503"
             );
         }

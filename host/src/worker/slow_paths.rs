@@ -128,7 +128,7 @@ impl SlowPaths {
 }
 
 /// At most 200 bytes of a path for a log line (a client may send 64 KiB ones).
-fn shorten(path: &str) -> &str {
+pub(super) fn shorten(path: &str) -> &str {
     let mut end = path.len().min(200);
     while !path.is_char_boundary(end) {
         end -= 1;
