@@ -4,7 +4,8 @@
 //! - `GET /`: `200`, first line `<greeting> from example-plugin <version>`; the greeting is
 //!   compiled in from `EXAMPLE_GREETING` (default `hello`), so
 //!   `EXAMPLE_GREETING=v2 cargo build -p example-plugin` makes a visibly new build.
-//! - `GET /sleep?ms=N`: blocks its thread for `N` ms (at most 60 s), then answers.
+//! - `GET /sleep?ms=N`: blocks its thread for `N` ms (at most 60 s), then answers; it returns at
+//!   once if the client leaves meanwhile (it waits on the request's `Cancellation`).
 //! - `GET /panic`: panics; the host answers `500` and the worker keeps serving.
 //! - `GET /state`: a per-worker counter created in `on_worker_start`.
 //! - `GET /leak?mb=N`: leaks `N` MiB (at most 1024), writing every page so the worker's RSS
@@ -54,7 +55,8 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use plugin_api::http::{StatusCode, header};
 use plugin_api::websocket::{self, Message};
 use plugin_api::{
-    Body, BodyExt as _, BoxError, Bytes, Dispatch, Plugin, Request, Response, WorkerContext,
+    Body, BodyExt as _, BoxError, Bytes, Cancellation, Dispatch, Plugin, Request, Response,
+    WorkerContext,
 };
 use sha2::Digest as _;
 
@@ -151,7 +153,10 @@ impl Plugin for Example {
             "/" => text(StatusCode::OK, self.hello.clone()),
             "/sleep" => match query_param(&req, "ms").map(str::parse::<u64>) {
                 Some(Ok(ms)) if ms <= 60_000 => {
-                    std::thread::sleep(Duration::from_millis(ms));
+                    // A sleep that ends when the client leaves: no one would read the answer.
+                    if Cancellation::of(&req).wait(Duration::from_millis(ms)) {
+                        return text(StatusCode::SERVICE_UNAVAILABLE, "cancelled\n");
+                    }
                     text(StatusCode::OK, format!("slept {ms} ms\n"))
                 }
                 _ => text(

@@ -112,6 +112,7 @@ pub fn run(cfg: &Config, options: &Options) -> Result<Checked, CheckError> {
         max_requests_jitter: 0,
         heartbeat_ms: 0,
         plugin_config: cfg.plugin_config.json.to_string(),
+        pool: cfg.blocking_pool(),
     };
     let plugin = rt
         .block_on(throwaway_worker(cfg, spec, options))

@@ -93,6 +93,16 @@ pub struct Config {
     pub plugin_config: PluginConfig,
     /// How log lines are written, by the master and its workers.
     pub log_format: LogFormat,
+    /// The blocking pool: at most this many threads run live requests.
+    pub blocking_threads: usize,
+    /// At most this many requests wait for a pool thread beyond those free threads can take at
+    /// once; more are answered `503` with `Retry-After`.
+    pub blocking_queue: usize,
+    /// At most this many more threads may still run handlers whose client is gone.
+    pub blocking_abandoned_threads: usize,
+    /// A worker remembers at most this many paths caught stalling its I/O thread (and as many
+    /// whose async handler blocked in one poll).
+    pub max_slow_paths: usize,
     /// Keys set on the command line (dev mode's flags), not in the file: a reload that re-reads
     /// the file does not count them as changed.
     pub overridden: Vec<&'static str>,
@@ -175,6 +185,10 @@ struct RawConfig {
     worker_timeout: Option<String>,
     plugin_config: Option<toml::Value>,
     log_format: Option<String>,
+    blocking_threads: Option<i64>,
+    blocking_queue: Option<i64>,
+    blocking_abandoned_threads: Option<i64>,
+    max_slow_paths: Option<i64>,
 }
 
 /// A size: a number of bytes, or a string like `"512MiB"`.
@@ -238,6 +252,12 @@ pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_millis(100);
 pub const MAX_PLUGIN_CONFIG_BYTES: usize = 256 << 10;
 /// The largest `max_draining_workers`: each is a process, and a cell of the worker table.
 pub const MAX_DRAINING_WORKERS: i64 = 4096;
+/// The largest `blocking_threads` and `blocking_abandoned_threads`.
+pub const MAX_POOL_THREADS: i64 = 32_768;
+/// The largest `blocking_queue`.
+pub const MAX_POOL_QUEUE: i64 = 1_000_000;
+/// The largest `max_slow_paths` (8 bytes each).
+pub const MAX_SLOW_PATHS: i64 = 1 << 20;
 /// How deeply `[plugin_config]` may nest tables and arrays.
 pub const MAX_PLUGIN_CONFIG_DEPTH: usize = 64;
 
@@ -311,7 +331,11 @@ impl Config {
             max_requests_jitter,
             max_worker_rss,
             worker_timeout,
-            log_format
+            log_format,
+            blocking_threads,
+            blocking_queue,
+            blocking_abandoned_threads,
+            max_slow_paths
         );
         // Its default follows `workers`: named only when it changed by itself.
         if new.max_draining_workers != self.max_draining_workers && new.workers == self.workers {
@@ -498,6 +522,40 @@ impl Config {
                 format!("{n} is out of range 0..={MAX_REQUESTS} (0: off)"),
             )),
         };
+        let count = |key: &str, value: Option<i64>, default: usize, min: i64, max: i64| match value
+        {
+            None => Ok(default),
+            Some(n) if (min..=max).contains(&n) => Ok(n as usize),
+            Some(n) => Err(invalid(key, format!("{n} is out of range {min}..={max}"))),
+        };
+        let blocking_threads = count(
+            "blocking_threads",
+            raw.blocking_threads,
+            1024,
+            1,
+            MAX_POOL_THREADS,
+        )?;
+        let blocking_queue = count(
+            "blocking_queue",
+            raw.blocking_queue,
+            1024,
+            0,
+            MAX_POOL_QUEUE,
+        )?;
+        let blocking_abandoned_threads = count(
+            "blocking_abandoned_threads",
+            raw.blocking_abandoned_threads,
+            1024,
+            0,
+            MAX_POOL_THREADS,
+        )?;
+        let max_slow_paths = count(
+            "max_slow_paths",
+            raw.max_slow_paths,
+            1024,
+            1,
+            MAX_SLOW_PATHS,
+        )?;
         let max_requests = requests("max_requests", raw.max_requests)?;
         let max_requests_jitter = requests("max_requests_jitter", raw.max_requests_jitter)?;
         let max_worker_rss = match raw.max_worker_rss.as_ref().map(ByteSize::bytes) {
@@ -598,6 +656,10 @@ impl Config {
             worker_timeout,
             plugin_config,
             log_format,
+            blocking_threads,
+            blocking_queue,
+            blocking_abandoned_threads,
+            max_slow_paths,
             overridden: Vec::new(),
         })
     }
@@ -606,6 +668,16 @@ impl Config {
     /// least one a second.
     pub fn heartbeat_interval(&self) -> Duration {
         (self.worker_timeout / 4).min(Duration::from_secs(1))
+    }
+
+    /// The blocking pool's bounds, as workers receive them.
+    pub fn blocking_pool(&self) -> crate::protocol::PoolSpec {
+        crate::protocol::PoolSpec {
+            max_threads: self.blocking_threads as u32,
+            max_queue: self.blocking_queue as u32,
+            max_abandoned: self.blocking_abandoned_threads as u32,
+            max_slow_paths: self.max_slow_paths as u32,
+        }
     }
 
     pub fn control_socket(&self) -> PathBuf {
@@ -1064,6 +1136,15 @@ mod tests {
             ("max_draining_workers = 4097\n", "max_draining_workers"),
             ("max_headers = 100000\n", "max_headers"),
             ("max_header_bytes = 100\n", "max_header_bytes"),
+            ("blocking_threads = 0\n", "blocking_threads"),
+            ("blocking_threads = 40000\n", "blocking_threads"),
+            ("blocking_queue = -1\n", "blocking_queue"),
+            ("blocking_queue = 1000001\n", "blocking_queue"),
+            (
+                "blocking_abandoned_threads = -1\n",
+                "blocking_abandoned_threads",
+            ),
+            ("max_slow_paths = 0\n", "max_slow_paths"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(
@@ -1157,6 +1238,10 @@ mod tests {
             "worker_timeout",
             "plugin_config",
             "log_format",
+            "blocking_threads",
+            "blocking_queue",
+            "blocking_abandoned_threads",
+            "max_slow_paths",
         ];
 
         /// A `[plugin_config]` table: nested tables and arrays of any TOML value, including ones
@@ -1203,7 +1288,8 @@ mod tests {
                     )
                     .boxed(),
                 "workers" | "max_body_bytes" | "backlog" | "keep_snapshots" | "max_draining_workers" | "max_headers"
-                | "max_header_bytes" | "max_requests" | "max_requests_jitter" => {
+                | "max_header_bytes" | "max_requests" | "max_requests_jitter" | "blocking_threads"
+                | "blocking_queue" | "blocking_abandoned_threads" | "max_slow_paths" => {
                     prop_oneof![3 => -2i64..2000, 1 => -2i64..70_000, 1 => any::<i64>(), 1 => 0i64..(1 << 31)]
                         .prop_map(|n| n.to_string())
                         .boxed()

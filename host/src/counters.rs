@@ -49,6 +49,9 @@ pub enum Limit {
     SendTimeout,
     /// An entry not recorded because a bounded set (slow paths, blocking polls) was full.
     TrackingFull,
+    /// A blocking-pool thread not started for waiting work because `blocking_abandoned_threads`
+    /// threads still run handlers whose client is gone.
+    PoolAbandonedThreads,
 }
 
 /// How many [`Limit`] slots a cell has (room for more variants without a layout change).
@@ -56,13 +59,14 @@ pub const LIMITS: usize = 16;
 
 impl Limit {
     /// Every variant, in index order.
-    pub const ALL: [Limit; 6] = [
+    pub const ALL: [Limit; 7] = [
         Limit::PoolQueueFull,
         Limit::PoolAbandoned,
         Limit::Connections,
         Limit::IdleTimeout,
         Limit::SendTimeout,
         Limit::TrackingFull,
+        Limit::PoolAbandonedThreads,
     ];
 
     /// The `limit` label in `/metrics`.
@@ -74,6 +78,7 @@ impl Limit {
             Limit::IdleTimeout => "idle_timeout",
             Limit::SendTimeout => "send_timeout",
             Limit::TrackingFull => "tracking_full",
+            Limit::PoolAbandonedThreads => "pool_abandoned_threads",
         }
     }
 }
@@ -180,7 +185,6 @@ impl Counters {
     }
 
     /// A bound was hit. From any thread of the worker (rare: a locked add is fine).
-    #[allow(dead_code)] // until the first bound counts itself
     pub fn limit_hit(&self, limit: Limit) {
         self.limit_hits[limit as usize].fetch_add(1, Ordering::Relaxed);
     }

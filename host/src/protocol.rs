@@ -52,6 +52,31 @@ pub struct WorkerSpec {
     /// `on_worker_start` as it is (at most `config::MAX_PLUGIN_CONFIG_BYTES`).
     #[serde(default = "empty_object")]
     pub plugin_config: String,
+    /// The blocking pool's bounds.
+    #[serde(default)]
+    pub pool: PoolSpec,
+}
+
+/// The blocking pool's bounds (`blocking_threads`, `blocking_queue`,
+/// `blocking_abandoned_threads`), and how many slow paths, which it takes off the I/O thread, a
+/// worker remembers (`max_slow_paths`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct PoolSpec {
+    pub max_threads: u32,
+    pub max_queue: u32,
+    pub max_abandoned: u32,
+    pub max_slow_paths: u32,
+}
+
+impl Default for PoolSpec {
+    fn default() -> PoolSpec {
+        PoolSpec {
+            max_threads: 1024,
+            max_queue: 1024,
+            max_abandoned: 1024,
+            max_slow_paths: 1024,
+        }
+    }
 }
 
 fn empty_object() -> String {
@@ -456,6 +481,7 @@ mod tests {
             max_requests_jitter: 0,
             heartbeat_ms: 0,
             plugin_config: worst.clone(),
+            pool: PoolSpec::default(),
         };
         tx.send(&MasterToWorker::Start(spec)).await.unwrap();
         match rx.recv().await.unwrap() {

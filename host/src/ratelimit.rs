@@ -1,6 +1,7 @@
 //! Rate-limited logging of repeated I/O errors: the first occurrence of a cause is logged at
 //! once, then at most one line per cause per second, carrying how many occurrences were
-//! suppressed since the last line. A cause is the errno (or the error kind when there is none).
+//! suppressed since the last line. A cause is the errno (or the error kind when there is none),
+//! or a name the caller gives ([`RateLimit::hit_named`]) for a bound that is not an I/O error.
 //!
 //! Used where an error can repeat as fast as a loop spins, such as `accept` failing with
 //! `EMFILE`: the log stays readable and the count says how bad it was. It decides only whether
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 enum Cause {
     Errno(i32),
     Kind(io::ErrorKind),
+    Named(&'static str),
 }
 
 impl Cause {
@@ -48,6 +50,12 @@ impl RateLimit {
     /// same cause were suppressed since the last line (0 for the first).
     pub(crate) fn hit(&self, e: &io::Error) -> Option<u64> {
         self.hit_at(Cause::of(e), Instant::now())
+    }
+
+    /// Records one occurrence of the cause called `name` (a bound hit, a warning that repeats),
+    /// as [`RateLimit::hit`] does for an error.
+    pub(crate) fn hit_named(&self, name: &'static str) -> Option<u64> {
+        self.hit_at(Cause::Named(name), Instant::now())
     }
 
     fn hit_at(&self, cause: Cause, now: Instant) -> Option<u64> {

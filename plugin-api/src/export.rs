@@ -162,13 +162,18 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
             // SAFETY: the host's context covers the field (checked just above).
             .then(|| unsafe { std::ptr::addr_of!((*ctx).restart_worker).read() });
         // ABI 1.3: the plugin's configuration.
-        let config: std::sync::Arc<str> = if size as usize >= size_of::<HostContext>() {
+        let config: std::sync::Arc<str> = if size as usize >= ffi::HOST_CONTEXT_1_3_SIZE {
             // SAFETY: the host's context covers the field, a view valid for this call.
             let raw = unsafe { std::ptr::addr_of!((*ctx).config).read() };
             String::from_utf8_lossy(unsafe { raw.as_bytes() }).into()
         } else {
             "{}".into()
         };
+        // ABI 1.4: the functions behind each request's cancellation.
+        if size as usize >= size_of::<HostContext>() {
+            // SAFETY: the host's context covers the field.
+            crate::cancel::install(unsafe { std::ptr::addr_of!((*ctx).cancel).read() });
+        }
         crate::runtime::start()
             .map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
         // The host calls this on its I/O thread, where it later polls the plugin's futures.
@@ -278,12 +283,23 @@ unsafe extern "C" fn handle<P: Plugin>(
     out: *mut RawResponse,
 ) {
     let _rt = crate::runtime::enter();
+    let raw_req = req;
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `state` is the pointer `on_worker_start::<P>` returned, alive until `on_worker_stop`.
         let plugin = unsafe { &*(state as *const P) };
         // SAFETY: the host passes a valid request for the duration of this call.
         match to_request(unsafe { &*req }) {
-            Ok(req) => plugin.handle(req),
+            Ok(mut req) => {
+                if crate::cancel::host_passes_tokens() {
+                    // SAFETY: a host whose context had the cancellation functions passes a
+                    // `RawHandleRequest`, whose first field `req` points at.
+                    let token = unsafe { (*req_ext(raw_req)).cancel };
+                    if let Some(c) = crate::Cancellation::from_raw(token) {
+                        req.extensions_mut().insert(c);
+                    }
+                }
+                plugin.handle(req)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "request could not be converted");
                 plain(StatusCode::BAD_REQUEST, "bad request\n")
@@ -300,6 +316,11 @@ unsafe extern "C" fn handle<P: Plugin>(
     let (parts, body) = resp.into_parts();
     // SAFETY: the host passes a valid, exclusive out-pointer.
     unsafe { out.write(raw_response(parts, body)) };
+}
+
+/// The [`RawHandleRequest`](ffi::RawHandleRequest) a 1.4 host's `handle` pointer points into.
+fn req_ext(req: *const RawRequest) -> *const ffi::RawHandleRequest {
+    req.cast()
 }
 
 /// Moves a response's head and whole body into one plugin allocation the host frees with
@@ -407,6 +428,7 @@ mod tests {
             log: log_nothing,
             restart_worker: count_restart,
             config: RawStr::new(b"{}"),
+            cancel: std::ptr::null(),
         };
         let mut state = std::ptr::null_mut();
         let mut storage = [0u8; 256];
@@ -437,6 +459,102 @@ mod tests {
             RESTARTS.load(std::sync::atomic::Ordering::SeqCst),
             before + 1
         );
+    }
+
+    /// A host's token for the test below: a flag and a reference count.
+    struct FakeToken {
+        cancelled: std::sync::atomic::AtomicBool,
+        refs: std::sync::atomic::AtomicI32,
+    }
+
+    fn fake(t: *const c_void) -> &'static FakeToken {
+        // SAFETY: the test passes a pointer to a `'static` `FakeToken`.
+        unsafe { &*t.cast::<FakeToken>() }
+    }
+    extern "C" fn fake_is_cancelled(t: *const c_void) -> bool {
+        fake(t).cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    extern "C" fn fake_wait(t: *const c_void, _timeout_ns: u64) -> bool {
+        fake_is_cancelled(t)
+    }
+    extern "C" fn fake_clone(t: *const c_void) {
+        fake(t)
+            .refs
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    extern "C" fn fake_drop(t: *const c_void) {
+        fake(t)
+            .refs
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    static FAKE_VTABLE: ffi::CancelVTable = ffi::CancelVTable {
+        is_cancelled: fake_is_cancelled,
+        wait: fake_wait,
+        clone: fake_clone,
+        drop: fake_drop,
+    };
+
+    /// Answers whether its request is cancelled.
+    struct SaysCancelled;
+    impl Plugin for SaysCancelled {
+        fn on_worker_start(_ctx: &WorkerContext) -> Result<Self, crate::BoxError> {
+            Ok(SaysCancelled)
+        }
+        fn handle(&self, req: Request) -> Response {
+            let c = crate::Cancellation::of(&req);
+            Response::new(Bytes::from(format!(
+                "{} {}",
+                c.is_cancelled(),
+                c.wait(std::time::Duration::ZERO)
+            )))
+        }
+    }
+
+    /// Calls `handle::<SaysCancelled>` with a 1.4 request carrying `token`; its answer.
+    fn handle_with_token(token: *const c_void) -> String {
+        let head = RawRequest {
+            method: RawStr::new(b"GET"),
+            uri: RawStr::new(b"/"),
+            version: 11,
+            headers: std::ptr::null(),
+            headers_len: 0,
+            body: RawStr::EMPTY,
+        };
+        let req = ffi::RawHandleRequest {
+            head,
+            cancel: token,
+        };
+        let mut out = RawResponse::EMPTY;
+        let state = std::ptr::NonNull::<SaysCancelled>::dangling().as_ptr() as *const c_void;
+        // SAFETY: a valid request and out-pointer; `SaysCancelled` is a ZST, so the dangling
+        // state pointer is a valid reference to it.
+        unsafe {
+            handle::<SaysCancelled>(state, (&raw const req).cast(), &mut out);
+        }
+        // SAFETY: written by `handle`, freed once below.
+        let text = String::from_utf8(unsafe { out.body.as_bytes() }.to_vec()).unwrap();
+        // SAFETY: `out.owner` came from this `handle`.
+        unsafe { free_response(out.owner) };
+        text
+    }
+
+    #[test]
+    fn handle_sees_the_hosts_cancellation_and_gives_its_reference_back() {
+        static TOKEN: FakeToken = FakeToken {
+            cancelled: std::sync::atomic::AtomicBool::new(false),
+            refs: std::sync::atomic::AtomicI32::new(0),
+        };
+        let token = (&raw const TOKEN).cast::<c_void>();
+        crate::cancel::install(&FAKE_VTABLE);
+        assert_eq!(handle_with_token(token), "false false");
+        TOKEN
+            .cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(handle_with_token(token), "true true");
+        // Every reference taken was given back.
+        assert_eq!(TOKEN.refs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // No token (a call on the host's I/O thread): never cancelled.
+        assert_eq!(handle_with_token(std::ptr::null()), "false false");
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //!
 //! Ownership rules, which both sides rely on:
 //! - [`RawRequest`] and [`HostContext`] are borrowed from the host for the duration of one call.
+//!   So is a [`RawHandleRequest`]; the cancellation token in it is the host's, kept alive past
+//!   the call only by references the plugin takes with [`CancelVTable::clone`] (and gives back
+//!   with [`CancelVTable::drop`]).
 //! - A [`RawResponse`] is allocated by the plugin; everything it points to stays valid until the
 //!   host passes its `owner` to [`VTable::free_response`]. Memory is freed on the side that
 //!   allocated it.
@@ -21,8 +24,9 @@ pub const ABI_MAJOR: u32 = 1;
 /// Compatible additions bump the minor; the host accepts plugins with a minor up to its own.
 /// 1.1 added [`VTable::may_block`]; 1.2 added [`HostContext::restart_worker`]; 1.3 added
 /// [`HostContext::config`], [`VTable::dispatch`], [`VTable::serve`] (async handlers, streaming
-/// bodies, upgrades) and [`VTable::on_drain`].
-pub const ABI_MINOR: u32 = 3;
+/// bodies, upgrades) and [`VTable::on_drain`]; 1.4 added [`HostContext::cancel`] and the
+/// [`RawHandleRequest`] that `handle` receives from such a host (a request's cancellation).
+pub const ABI_MINOR: u32 = 4;
 /// The `plugin-api` crate version both sides were built with.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Name of the one exported symbol, NUL-terminated for `dlsym`. The `v1` is [`ABI_MAJOR`].
@@ -122,12 +126,46 @@ pub struct HostContext {
     /// ABI 1.3: the `[plugin_config]` table of the host's configuration file, as JSON text
     /// (UTF-8); `{}` when the file has none. Borrowed for the `on_worker_start` call.
     pub config: RawStr,
+    /// ABI 1.4: the functions behind a request's cancellation token
+    /// ([`RawHandleRequest::cancel`]); `'static`. A host whose context covers this field passes
+    /// `handle` a [`RawHandleRequest`].
+    pub cancel: *const CancelVTable,
 }
 
 /// The size of the ABI 1.1 context (before `restart_worker`): what an older host passes.
 pub const HOST_CONTEXT_1_1_SIZE: usize = std::mem::offset_of!(HostContext, restart_worker);
 /// The size of the ABI 1.2 context (before `config`).
 pub const HOST_CONTEXT_1_2_SIZE: usize = std::mem::offset_of!(HostContext, config);
+/// The size of the ABI 1.3 context (before `cancel`).
+pub const HOST_CONTEXT_1_3_SIZE: usize = std::mem::offset_of!(HostContext, cancel);
+
+/// ABI 1.4: what `handle` receives from a host whose [`HostContext`] covers `cancel` (the
+/// pointer `handle` gets points at `head`, its first field, so older plugins read it as a plain
+/// [`RawRequest`]). Borrowed for the call, like the request.
+#[repr(C)]
+pub struct RawHandleRequest {
+    pub head: RawRequest,
+    /// The request's cancellation token, for [`HostContext::cancel`]'s functions; null: the
+    /// request is never cancelled (a call on the host's I/O thread). Valid for the call; a
+    /// plugin that keeps it longer takes a reference with `clone` and gives it back with `drop`.
+    pub cancel: *const c_void,
+}
+
+/// ABI 1.4: a request's cancellation, made by the host: set once the client is gone (its
+/// HTTP/1 connection closed, its HTTP/2 stream reset) or the host stopped waiting for the answer
+/// (`graceful_timeout`). A blocking handler polls it or waits on it, and stops early. Every
+/// function is callable from any thread, never unwinds, and takes a non-null token.
+#[repr(C)]
+pub struct CancelVTable {
+    /// Whether the request is cancelled. Never blocks.
+    pub is_cancelled: extern "C" fn(token: *const c_void) -> bool,
+    /// Blocks until the request is cancelled or `timeout_ns` passed; whether it is cancelled.
+    pub wait: extern "C" fn(token: *const c_void, timeout_ns: u64) -> bool,
+    /// Takes one more reference on the token (valid until the matching `drop`).
+    pub clone: extern "C" fn(token: *const c_void),
+    /// Gives back a reference taken with `clone`.
+    pub drop: extern "C" fn(token: *const c_void),
+}
 
 /// An HTTP request, borrowed from the host for one `handle` call.
 #[repr(C)]

@@ -35,6 +35,7 @@
 #[cfg(feature = "axum")]
 pub mod axum;
 mod body;
+mod cancel;
 pub mod export;
 pub mod ffi;
 mod log;
@@ -46,6 +47,7 @@ pub mod websocket;
 
 pub use body::{Body, BodyError};
 pub use bytes::Bytes;
+pub use cancel::Cancellation;
 pub use http;
 pub use http_body;
 pub use http_body_util::{self, BodyExt};
@@ -80,7 +82,8 @@ pub trait Plugin: Send + Sync + Sized + 'static {
 
     /// Serves one request synchronously, with the whole body. Called from many threads at once.
     /// It may block unless [`Plugin::dispatch`] says [`Dispatch::Inline`] for its path, and a
-    /// panic here becomes a `500` for this request only. The default answers `404`: a plugin
+    /// panic here becomes a `500` for this request only. A handler that blocks for long should
+    /// watch [`Cancellation::of`] its request and return early once the client is gone. The default answers `404`: a plugin
     /// whose every route is async implements [`Plugin::serve`] instead.
     fn handle(&self, req: Request) -> Response {
         let _ = req;

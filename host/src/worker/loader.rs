@@ -1,5 +1,6 @@
 //! Loads a plugin snapshot into this worker: `dlopen` with `RTLD_NOW`, the header checks, the
-//! `on_worker_start` hook, and the per-request calls across the ABI.
+//! `on_worker_start` hook, and the per-request calls across the ABI, with the functions the
+//! plugin calls back to read a blocking request's cancellation (a pool job's `Cancel`).
 //!
 //! The only module in `host` that calls plugin code, and (with `fd.rs`) the only one with
 //! `unsafe`. It checks the exported header field by field (magic first, then ABI major and minor,
@@ -18,9 +19,13 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use plugin_api::ffi::{
-    self, ErrorBuf, HostContext, PluginHeader, RawAsyncRequest, RawAsyncResponse, RawBody,
-    RawHeader, RawRequest, RawResponse, RawStr, RawUpgrade, VTable,
+    self, CancelVTable, ErrorBuf, HostContext, PluginHeader, RawAsyncRequest, RawAsyncResponse,
+    RawBody, RawHandleRequest, RawHeader, RawRequest, RawResponse, RawStr, RawUpgrade, VTable,
 };
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::pool::Cancel;
 
 use super::abi_io::{PluginStream, ResponseBody};
 
@@ -224,6 +229,45 @@ extern "C" fn plugin_restart_worker(reason: RawStr) {
     });
 }
 
+/// The functions behind a request's cancellation token (ABI 1.4): a token is a pool job's
+/// [`Cancel`], as `Arc::as_ptr` gives it; the plugin holds references with `clone` and `drop`.
+static CANCEL_VTABLE: CancelVTable = CancelVTable {
+    is_cancelled: cancel_is_cancelled,
+    wait: cancel_wait,
+    clone: cancel_clone,
+    drop: cancel_drop,
+};
+
+/// The [`Cancel`] behind a token.
+///
+/// # Safety
+/// `token` is what [`LoadedPlugin::handle`] passed: `Arc::as_ptr` of a [`Cancel`] that the call,
+/// or a reference the plugin took with `clone`, keeps alive while `'a` lasts.
+unsafe fn token<'a>(token: *const c_void) -> &'a Cancel {
+    // SAFETY: see above.
+    unsafe { &*token.cast::<Cancel>() }
+}
+
+extern "C" fn cancel_is_cancelled(t: *const c_void) -> bool {
+    // SAFETY: the plugin passes only tokens it holds (the ABI contract of `CancelVTable`).
+    unsafe { token(t) }.is_cancelled()
+}
+
+extern "C" fn cancel_wait(t: *const c_void, timeout_ns: u64) -> bool {
+    // SAFETY: as in `cancel_is_cancelled`. `wait` cannot panic (a poisoned lock is taken over).
+    unsafe { token(t) }.wait(Duration::from_nanos(timeout_ns))
+}
+
+extern "C" fn cancel_clone(t: *const c_void) {
+    // SAFETY: `t` came from `Arc::as_ptr` and its Arc is alive (see `token`).
+    unsafe { Arc::increment_strong_count(t.cast::<Cancel>()) }
+}
+
+extern "C" fn cancel_drop(t: *const c_void) {
+    // SAFETY: gives back one reference taken with `cancel_clone`.
+    unsafe { Arc::decrement_strong_count(t.cast::<Cancel>()) }
+}
+
 /// Where a worker is: passed to the plugin's `on_worker_start`.
 pub struct Placement {
     pub slot: u32,
@@ -357,6 +401,7 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         restart_worker: plugin_restart_worker,
         // A view of `at.config`, which outlives the `on_worker_start` call (the plugin copies it).
         config: RawStr::new(at.config.as_bytes()),
+        cancel: &CANCEL_VTABLE,
     };
     let mut err_storage = vec![0u8; 4096];
     let mut err = ErrorBuf {
@@ -600,17 +645,27 @@ impl LoadedPlugin {
         }
     }
 
-    /// Calls the plugin's `handle`. Blocks for as long as the handler does.
+    /// Calls the plugin's `handle`, with the request's cancellation when it has one (a pool
+    /// job's). Blocks for as long as the handler does.
     pub fn handle(
         &self,
         parts: &http::request::Parts,
         body: &Bytes,
+        cancel: Option<&Arc<Cancel>>,
     ) -> http::Response<ResponseBody> {
         let _serving = serving(parts.uri.path());
-        with_raw_head(parts, body, |req| {
+        with_raw_head(parts, body, |head| {
+            let ext = RawHandleRequest {
+                // SAFETY: a bitwise copy of views that outlive the call.
+                head: unsafe { std::ptr::read(head) },
+                cancel: cancel.map_or(std::ptr::null(), |c| Arc::as_ptr(c).cast()),
+            };
             let mut raw = RawResponse::EMPTY;
+            let req = (&raw const ext).cast::<RawRequest>();
             // SAFETY: `state` is live (only `stop` frees it, taking `self` by value), `req` and
-            // everything it points to outlive the call, and `raw` is a valid out-pointer.
+            // everything it points to outlive the call (the token's `Arc` too: `cancel` is
+            // borrowed for it), and `raw` is a valid out-pointer. A plugin older than 1.4 reads
+            // the pointer as its `RawRequest`, the first field.
             unsafe { (self.hooks.handle)(self.state, req, &mut raw) };
             // SAFETY: `raw` was just written by the plugin's `handle`.
             unsafe { self.response(raw, RawBody::NONE) }

@@ -33,6 +33,7 @@ mod head_timeout;
 pub mod loader;
 mod pool;
 mod request;
+mod slow_paths;
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::process::ExitCode;
@@ -65,8 +66,7 @@ pub const HOST_BUILD: &str = match option_env!("HOST_BUILD_ID") {
     None => "dev",
 };
 
-/// The blocking pool: at most this many threads, each leaving after [`POOL_IDLE`] without work.
-const POOL_MAX_THREADS: usize = 1024;
+/// The blocking pool's threads leave after this long without work (its bounds are in the spec).
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
 /// An inline handler slower than this stalled the I/O thread: its path goes to the blocking pool
@@ -108,11 +108,8 @@ pub(crate) fn plugin_asked_restart(reason: &str) {
 
 /// What every connection and request of this worker shares.
 struct Shared {
-    /// Paths whose "non-blocking" handler was caught taking longer than [`INLINE_LIMIT`].
-    slow_paths: std::sync::Mutex<std::collections::HashSet<String>>,
-    any_slow: AtomicBool,
-    /// Paths whose async handler was caught blocking the I/O thread (logged once each).
-    blocking_polls: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Paths caught stalling the I/O thread (bounded, see [`slow_paths`]).
+    slow_paths: slow_paths::SlowPaths,
     plugin: Arc<LoadedPlugin>,
     /// Where `Dispatch::Blocking` handlers run.
     pool: pool::Pool,
@@ -218,37 +215,6 @@ impl Shared {
             let now = table.others_total(*cell);
             idle = if now > others { 0 } else { idle + 1 };
             others = now;
-        }
-    }
-
-    fn known_slow(&self, path: &str) -> bool {
-        self.any_slow.load(Ordering::Relaxed)
-            && self.slow_paths.lock().is_ok_and(|set| set.contains(path))
-    }
-
-    /// An async handler's future blocked the I/O thread in one poll: logged once per path.
-    fn note_blocking_poll(&self, path: &str, took: Duration) {
-        if let Ok(mut set) = self.blocking_polls.lock()
-            && set.insert(path.to_string())
-        {
-            tracing::warn!(
-                path,
-                took_ms = took.as_millis() as u64,
-                "an async handler blocked the I/O thread in one poll, stalling every connection of this worker; move blocking work to tokio::task::spawn_blocking"
-            );
-        }
-    }
-
-    fn mark_slow(&self, path: &str, took: Duration) {
-        if let Ok(mut set) = self.slow_paths.lock()
-            && set.insert(path.to_string())
-        {
-            tracing::warn!(
-                path,
-                took_ms = took.as_millis() as u64,
-                "a handler the plugin declared non-blocking stalled the I/O thread; this path now runs on the blocking pool"
-            );
-            self.any_slow.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -421,12 +387,16 @@ async fn serve(
     let draining = Arc::new(AtomicBool::new(false));
     let head_timeout =
         head_timeout::HeadTimeout::start(Duration::from_millis(spec.header_read_timeout_ms));
+    let counters = accept_table.and_then(|(table, cell)| table.counters(cell));
+    let pool_limits = pool::Limits {
+        max_threads: spec.pool.max_threads as usize,
+        max_queue: spec.pool.max_queue as usize,
+        max_abandoned: spec.pool.max_abandoned as usize,
+    };
     let shared = Arc::new(Shared {
-        slow_paths: Default::default(),
-        any_slow: AtomicBool::new(false),
-        blocking_polls: Default::default(),
+        slow_paths: slow_paths::SlowPaths::new(spec.pool.max_slow_paths as usize, counters),
         plugin: Arc::new(plugin),
-        pool: pool::Pool::new(POOL_MAX_THREADS, POOL_IDLE),
+        pool: pool::Pool::new(pool_limits, POOL_IDLE, counters),
         http,
         draining: draining.clone(),
         drain: drain_signal::DrainSignal::new(draining),
@@ -437,7 +407,7 @@ async fn serve(
         in_flight: AtomicU64::new(0),
         connections: watch::Sender::new(0),
         upgraded: AtomicU64::new(0),
-        counters: accept_table.and_then(|(table, cell)| table.counters(cell)),
+        counters,
         accept_table,
         balance: spec.accept_balance,
         staying: AtomicU64::new(0),

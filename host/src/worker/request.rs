@@ -1,7 +1,11 @@
 //! One request's path through a worker: the built-in `/_host/` routes, the choice between the
 //! I/O thread, the blocking pool and the plugin's async `serve`, the body limits, the answer when
-//! `graceful_timeout` cuts a request, and the in-flight record each request keeps in the worker
-//! table. It never accepts connections, never talks to the master, and calls plugin code only
+//! `graceful_timeout` cuts a request or the blocking pool's queue is full (`503` with
+//! `Retry-After`), and the in-flight record each request keeps in the worker table.
+//!
+//! A request whose client leaves (hyper drops its future: the HTTP/1 connection closed, the
+//! HTTP/2 stream reset) cancels its work: a blocking call's pool job is cancelled (see `pool`),
+//! and an async handler's future is dropped with it, which stops it at its next await. It never accepts connections, never talks to the master, and calls plugin code only
 //! through [`LoadedPlugin`].
 
 use std::convert::Infallible;
@@ -23,6 +27,11 @@ use super::{
     Connection, HOST_BUILD, HOST_VERSION, INLINE_LIMIT, Shared, UpgradeGuard, head_timeout,
     monotonic_ns,
 };
+use crate::counters::Limit;
+use crate::ratelimit::RateLimit;
+
+/// The warning for requests refused because the blocking pool's queue is full.
+static QUEUE_FULL_WARNING: RateLimit = RateLimit::per_second();
 
 /// Counts a request in flight for as long as it is held, and records it in the worker table,
 /// where the master finds it if this worker dies or hangs before the request is done. With
@@ -146,7 +155,7 @@ fn reading_or_now(ns: u64) -> u64 {
 fn dispatch_of(shared: &Shared, req: &Request<Incoming>) -> Dispatch {
     let path = req.uri().path();
     match shared.plugin.dispatch(req.method(), path) {
-        Dispatch::Inline if shared.known_slow(path) => Dispatch::Blocking,
+        Dispatch::Inline if shared.slow_paths.known_slow(path) => Dispatch::Blocking,
         d => d,
     }
 }
@@ -164,11 +173,11 @@ fn call_inline(
     began_ns: u64,
 ) -> (Response<ResponseBody>, u64) {
     let began_ns = reading_or_now(began_ns);
-    let resp = shared.plugin.handle(parts, body);
+    let resp = shared.plugin.handle(parts, body, None);
     let ended_ns = monotonic_ns();
     let took = Duration::from_nanos(ended_ns.saturating_sub(began_ns));
     if took > INLINE_LIMIT {
-        shared.mark_slow(parts.uri.path(), took);
+        shared.slow_paths.mark_slow(parts.uri.path(), took);
     }
     (sync_answer(resp), ended_ns)
 }
@@ -234,7 +243,7 @@ async fn call_sync(
 }
 
 /// Queues a synchronous handler's call on the blocking pool at once; the future waits for its
-/// answer and holds little else.
+/// answer and holds little else (dropped, it cancels the call). A full queue answers `503`.
 fn on_pool(
     shared: &Arc<Shared>,
     parts: http::request::Parts,
@@ -242,8 +251,27 @@ fn on_pool(
 ) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
     let plugin = shared.plugin.clone();
     let uri = parts.uri.clone();
-    let running = shared.pool.run(move || plugin.handle(&parts, &body));
+    let running = shared
+        .pool
+        .run(move |cancel| plugin.handle(&parts, &body, Some(cancel)));
+    if let Err(full) = &running {
+        if let Some(c) = shared.counters {
+            c.limit_hit(Limit::PoolQueueFull);
+        }
+        if let Some(more) = QUEUE_FULL_WARNING.hit_named("blocking queue full") {
+            tracing::warn!(
+                queued = full.queued,
+                more_refused_not_logged = more,
+                path = super::slow_paths::shorten(uri.path()),
+                "the blocking pool's queue is full (blocking_queue); answered 503"
+            );
+        }
+    }
     async move {
+        let running = match running {
+            Ok(running) => running,
+            Err(_) => return busy_answer(),
+        };
         match running.await {
             Ok(resp) => sync_answer(resp),
             Err(e) => {
@@ -253,6 +281,17 @@ fn on_pool(
             }
         }
     }
+}
+
+/// `503` with `Retry-After`: the blocking pool's queue is full.
+fn busy_answer() -> Response<ResponseBody> {
+    let mut resp = plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the server is busy; retry\n",
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp.map(ResponseBody::full)
 }
 
 /// A synchronous handler's answer, unless it is a `101`, which only `serve` can give.
@@ -350,7 +389,7 @@ impl AsyncCall {
         let ended_ns = monotonic_ns();
         let took = Duration::from_nanos(ended_ns.saturating_sub(began_ns));
         if took > INLINE_LIMIT {
-            shared.note_blocking_poll(path, took);
+            shared.slow_paths.note_blocking_poll(path, took);
         }
         polled.map(|resp| (resp, ended_ns))
     }

@@ -234,6 +234,7 @@ impl Supervisor {
                 .map_or(0, |(t, _)| t.len() as u32),
             accept_balance: self.cfg.accept_balance,
             plugin_config: generation.config.json.to_string(),
+            pool: self.cfg.blocking_pool(),
         };
         let _ = tx.send(MasterToWorker::Start(spec));
         tracing::debug!(pid, slot, generation = generation.number, "worker spawned");
