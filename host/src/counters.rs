@@ -180,7 +180,6 @@ impl Counters {
     }
 
     /// A bound was hit. From any thread of the worker (rare: a locked add is fine).
-    #[allow(dead_code)] // until the first bound counts itself
     pub fn limit_hit(&self, limit: Limit) {
         self.limit_hits[limit as usize].fetch_add(1, Ordering::Relaxed);
     }
