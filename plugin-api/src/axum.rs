@@ -204,7 +204,7 @@ impl WebSocketUpgrade {
     }
 
     /// The socket's size limits (default [`Limits::default`](crate::websocket::Limits): 1 MiB
-    /// messages, 256 KiB frames); a larger incoming message gets Close 1009.
+    /// messages and frames); a larger incoming message gets Close 1009.
     pub fn limits(mut self, limits: crate::websocket::Limits) -> Self {
         self.0 = self.0.limits(limits);
         self

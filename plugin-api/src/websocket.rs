@@ -22,7 +22,7 @@
 //! touched on the first read) let one client hold 61 MiB of the worker with a fragmented
 //! message it never finishes, and make every idle socket cost 138 KiB. Here a socket is made
 //! with [`Limits::default`]: messages up to [`MAX_MESSAGE`] (1 MiB), frames up to [`MAX_FRAME`]
-//! (256 KiB), a [`READ_BUFFER`] (4 KiB) read buffer, and at most [`MAX_WRITE_BUFFER`] of
+//! (as large), a [`READ_BUFFER`] (4 KiB) read buffer, and at most [`MAX_WRITE_BUFFER`] of
 //! outgoing frames buffered ahead of the socket. A larger incoming message or frame is refused:
 //! the client gets Close 1009 (Message Too Big) and the handler gets the error
 //! (`tungstenite::Error::Capacity`) as the stream's last item. Choose other limits with
@@ -52,9 +52,10 @@ use crate::upgrade::{OnUpgrade, Upgraded};
 /// The largest incoming message by default: 1 MiB. A chat line, a JSON event or an RPC call fits
 /// many times over; bulk transfers belong in HTTP bodies, which stream.
 pub const MAX_MESSAGE: usize = 1 << 20;
-/// The largest incoming frame by default: 256 KiB (browsers send a message as one frame; a
-/// message larger than this arrives in several).
-pub const MAX_FRAME: usize = 256 << 10;
+/// The largest incoming frame by default: as large as a message. Browsers send every message as
+/// one frame, so a smaller frame limit would refuse messages the message limit allows; the
+/// memory a client can hold is bounded by the message limit either way.
+pub const MAX_FRAME: usize = MAX_MESSAGE;
 /// The read buffer: 4 KiB, touched on the first read. Larger frames grow it while they arrive.
 pub const READ_BUFFER: usize = 4 << 10;
 /// Outgoing frames are written to the connection once this much is buffered (or on flush).
@@ -386,7 +387,7 @@ mod tests {
     #[test]
     fn limits_stay_consistent() {
         let l = Limits::default();
-        assert_eq!((l.max_message, l.max_frame), (1 << 20, 256 << 10));
+        assert_eq!((l.max_message, l.max_frame), (1 << 20, 1 << 20));
         let l = Limits::default().max_message(1000);
         assert_eq!((l.max_message, l.max_frame), (1000, 1000));
         let l = Limits::default().max_frame(usize::MAX);
