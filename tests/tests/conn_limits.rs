@@ -114,13 +114,17 @@ async fn idle_http2_connections_get_goaway_at_keepalive_timeout() {
     assert!(conns.iter().all(|(c, _)| !c.is_finished()), "closed early");
     // ...and all of them, with GOAWAY (the h2 client's connection ends cleanly), well before
     // the old "never".
+    let opened = began.elapsed();
+    let mut last = Duration::ZERO;
     for (conn, _client) in conns {
         let ended = tokio::time::timeout(Duration::from_secs(15), conn)
             .await
             .expect("an idle HTTP/2 connection still open 15 s after keepalive_timeout (2 s)")
             .unwrap();
         assert!(ended.duration_since(began) >= Duration::from_secs(2));
+        last = last.max(ended.duration_since(began));
     }
+    eprintln!("20 idle HTTP/2 connections opened within {opened:?}, the last closed at {last:?}");
     assert_eq!(connections(&host).await, [0]);
     assert!(limit_hits(admin, "idle_timeout").await >= 20);
     // A connection in use is not idle: a stream open for longer than the timeout is served.

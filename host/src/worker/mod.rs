@@ -3,8 +3,11 @@
 //! serves HTTP on the listening socket it inherited, and drains when told.
 //!
 //! Owns: the accept loop (which drops connections whose client is already gone, see
-//! [`backlog`]), per-connection HTTP (hyper, HTTP/1.1 and HTTP/2; the slowloris guard is
-//! [`head_timeout`]'s sweep, small writes are joined by [`coalesce`]), each request's path in
+//! [`backlog`], and stops accepting while the worker holds `max_connections`), per-connection
+//! HTTP (hyper, HTTP/1.1 and HTTP/2, with HTTP/2's streams, per-stream send buffer and pings
+//! bounded; the slowloris guard and `keepalive_timeout` are [`head_timeout`]'s sweep, a write
+//! that makes no progress for `send_timeout` ends its connection in [`send_timeout`], small
+//! writes are joined by [`coalesce`]), each request's path in
 //! [`request`] (the built-in `/_host/` routes; the plugin's handler on the I/O thread when the
 //! plugin declares it non-blocking, on the blocking [`pool`] otherwise), the heartbeat that tells the
 //! master its I/O thread still runs, and the drain. It counts each request in its cell of the
