@@ -105,13 +105,15 @@ impl Limits {
         self
     }
 
+    /// tungstenite's settings; the fields are public, so they are brought into range here too.
     fn config(self) -> WebSocketConfig {
+        let message = self.max_message.max(1);
         WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer)
+            .read_buffer_size(self.read_buffer.clamp(256, 1 << 20))
             .write_buffer_size(WRITE_BUFFER)
-            .max_write_buffer_size(2 * self.max_message.max(self.max_frame) + WRITE_BUFFER)
-            .max_message_size(Some(self.max_message))
-            .max_frame_size(Some(self.max_frame.min(self.max_message)))
+            .max_write_buffer_size(message.saturating_mul(2).saturating_add(WRITE_BUFFER))
+            .max_message_size(Some(message))
+            .max_frame_size(Some(self.max_frame.clamp(1, message)))
     }
 }
 
@@ -396,6 +398,14 @@ mod tests {
         assert_eq!((l.max_message, l.max_frame, l.read_buffer), (1, 1, 256));
         let c = Limits::default().config();
         assert_eq!(c.read_buffer_size, READ_BUFFER);
+        let c = Limits {
+            max_message: usize::MAX,
+            max_frame: 0,
+            read_buffer: 0,
+        }
+        .config();
+        assert_eq!((c.max_frame_size, c.read_buffer_size), (Some(1), 256));
+        assert!(c.max_write_buffer_size > c.write_buffer_size);
         assert!(c.max_write_buffer_size > c.write_buffer_size + MAX_MESSAGE);
     }
 }
