@@ -104,27 +104,32 @@ async fn idle_http2_connections_get_goaway_at_keepalive_timeout() {
     // The attack: HTTP/2 connections that sent one request and then nothing, held for ever
     // (they were exempt from header_read_timeout). Scaled down: 20 of them, a 2 s timeout.
     let (host, admin) = host(1, "keepalive_timeout = \"2s\"").await;
-    let began = Instant::now();
     let mut conns = Vec::new();
     for _ in 0..20 {
-        conns.push(h2_one_request(host.addr, "/").await);
+        let (conn, client) = h2_one_request(host.addr, "/").await;
+        conns.push((conn, client, Instant::now()));
     }
     // Not before the timeout...
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(conns.iter().all(|(c, _)| !c.is_finished()), "closed early");
+    assert!(
+        conns.iter().all(|(c, _, _)| !c.is_finished()),
+        "closed early"
+    );
     // ...and all of them, with GOAWAY (the h2 client's connection ends cleanly), well before
     // the old "never".
-    let opened = began.elapsed();
-    let mut last = Duration::ZERO;
-    for (conn, _client) in conns {
+    let (mut shortest, mut longest) = (Duration::MAX, Duration::ZERO);
+    for (conn, _client, idle_from) in conns {
         let ended = tokio::time::timeout(Duration::from_secs(15), conn)
             .await
             .expect("an idle HTTP/2 connection still open 15 s after keepalive_timeout (2 s)")
             .unwrap();
-        assert!(ended.duration_since(began) >= Duration::from_secs(2));
-        last = last.max(ended.duration_since(began));
+        let idle = ended.duration_since(idle_from);
+        (shortest, longest) = (shortest.min(idle), longest.max(idle));
     }
-    eprintln!("20 idle HTTP/2 connections opened within {opened:?}, the last closed at {last:?}");
+    eprintln!("20 idle HTTP/2 connections closed after {shortest:?} to {longest:?} idle");
+    // Not before the timeout (the response's last frame may reach the client a little after the
+    // server counted the stream done).
+    assert!(shortest >= Duration::from_millis(1900), "{shortest:?}");
     assert_eq!(connections(&host).await, [0]);
     assert!(limit_hits(admin, "idle_timeout").await >= 20);
     // A connection in use is not idle: a stream open for longer than the timeout is served.
