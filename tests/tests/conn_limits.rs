@@ -292,6 +292,54 @@ async fn an_http2_client_that_never_reads_is_bounded_and_closed_at_send_timeout(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_grants_no_window_is_closed_at_send_timeout() {
+    // The same attack with the socket read but no flow-control window granted (no
+    // WINDOW_UPDATE): nothing waits to be written, so only the responses' lack of progress
+    // shows it. The client answers pings, so only send_timeout can end it.
+    let (host, admin) = host(1, "send_timeout = \"3s\"").await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let tcp = TcpStream::connect(host.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+            Instant::now()
+        });
+        let mut client = client.ready().await.unwrap();
+        let mut responses = Vec::new();
+        for _ in 0..50 {
+            client = client.ready().await.unwrap();
+            let req = http::Request::get(format!(
+                "http://{}/stream?chunks=1000000&every_ms=0&size=16384",
+                host.addr
+            ))
+            .body(())
+            .unwrap();
+            // Kept, never read: its data is never released, so no WINDOW_UPDATE is sent.
+            responses.push(client.send_request(req, true).unwrap().0);
+        }
+        clients.push((conn, client, responses));
+    }
+    host.wait_status("the worker to hold the 5 connections", |s| {
+        s["workers"][0]["connections"] == 5
+    })
+    .await;
+    let began = Instant::now();
+    for (conn, _client, _responses) in clients {
+        tokio::time::timeout(Duration::from_secs(30), conn)
+            .await
+            .expect("a connection granting no window still open 30 s in (send_timeout 3 s)")
+            .unwrap();
+    }
+    eprintln!(
+        "5 HTTP/2 connections granting no window closed within {:?}",
+        began.elapsed()
+    );
+    assert!(limit_hits(admin, "send_timeout").await >= 5);
+    assert_eq!(connections(&host).await, [0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_client_that_never_reads_a_stream_is_closed_at_send_timeout() {
     let (host, admin) = host(1, "send_timeout = \"3s\"").await;
     let mut s = TcpStream::connect(host.addr).await.unwrap();

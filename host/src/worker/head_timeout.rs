@@ -19,6 +19,15 @@
 //! `keepalive_timeout`, and an HTTP/2 connection (idle: no stream open) to `keepalive_timeout`
 //! (the connection task then sends GOAWAY rather than cutting it).
 //!
+//! The same sweep finds HTTP/2 responses stalled by a client that grants no flow-control window:
+//! a response body that yielded data and is not asked for more for `send_timeout` (hyper polls a
+//! body again only when the stream, the connection and the socket can take more) marks its
+//! connection stalled, and its task closes it. `send_timeout`'s write deadline does not see
+//! this case: with no window nothing is written, so no write waits. Any body of the connection
+//! polled counts as progress for all of them. The price: a single chunk that takes longer than
+//! `send_timeout` to drain to a slow reader (a 1 MiB chunk below 17 KB/s, with the default) is
+//! cut too. HTTP/1 has no window: its writes' deadline is enough, and this check skips it.
+//!
 //! With no connection at all the sweep sleeps until one arrives, so an idle worker is not woken
 //! four times a second for nothing.
 //!
@@ -38,6 +47,8 @@ pub struct HeadTimeout {
     timeout_ms: u64,
     /// `keepalive_timeout`: for a connection that served a request.
     keepalive_ms: u64,
+    /// `send_timeout`: for a response body waiting to be asked for more.
+    send_ms: u64,
     period: Duration,
     epoch: Instant,
     /// Milliseconds since `epoch`, as of the last sweep (or the first connection after the
@@ -73,19 +84,27 @@ pub struct Watch {
     served: AtomicBool,
     /// HTTP/2: held to `keepalive_timeout` alone.
     h2: AtomicBool,
+    /// Response bodies whose last poll yielded data: hyper asks for more once it can send.
+    waiting_bodies: AtomicU32,
+    /// The coarse clock when a response body of this connection was last polled.
+    body_polled_ms: AtomicU64,
+    /// Expired because its responses made no progress for `send_timeout`.
+    stalled: AtomicBool,
     expired: AtomicBool,
     waker: Mutex<Option<Waker>>,
 }
 
 impl HeadTimeout {
     /// Starts the sweep on the current runtime; it ends when the last `Arc` is dropped.
-    /// `timeout` is `header_read_timeout`, `keepalive` is `keepalive_timeout`.
-    pub fn start(timeout: Duration, keepalive: Duration) -> Arc<HeadTimeout> {
-        let period = (timeout.min(keepalive) / 4)
+    /// `timeout` is `header_read_timeout`, `keepalive` is `keepalive_timeout`, `send` is
+    /// `send_timeout`.
+    pub fn start(timeout: Duration, keepalive: Duration, send: Duration) -> Arc<HeadTimeout> {
+        let period = (timeout.min(keepalive).min(send) / 4)
             .clamp(Duration::from_millis(1), Duration::from_millis(250));
         let head_timeout = Arc::new(HeadTimeout {
             timeout_ms: timeout.as_millis().max(1) as u64,
             keepalive_ms: keepalive.as_millis().max(1) as u64,
+            send_ms: send.as_millis().max(1) as u64,
             period,
             epoch: Instant::now(),
             now_ms: AtomicU64::new(0),
@@ -121,6 +140,9 @@ impl HeadTimeout {
             idle_since_ms: AtomicU64::new(self.now_ms()),
             served: AtomicBool::new(false),
             h2: AtomicBool::new(false),
+            waiting_bodies: AtomicU32::new(0),
+            body_polled_ms: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
             expired: AtomicBool::new(false),
             waker: Mutex::new(None),
         });
@@ -144,6 +166,7 @@ impl HeadTimeout {
         let head = self.timeout_ms + slack;
         let keepalive = self.keepalive_ms + slack;
         let kept_alive = head.min(keepalive);
+        let send = self.send_ms + slack;
         let mut expired = Vec::new();
         let left = {
             let mut register = self.register.lock().unwrap_or_else(|e| e.into_inner());
@@ -158,9 +181,19 @@ impl HeadTimeout {
                 } else {
                     head
                 };
-                if watch.busy.load(Ordering::SeqCst) == 0
+                let busy = watch.busy.load(Ordering::SeqCst);
+                if busy == 0
                     && now.saturating_sub(watch.idle_since_ms.load(Ordering::SeqCst)) > limit
                 {
+                    expired.push(watch);
+                    return false;
+                }
+                if busy > 0
+                    && watch.h2.load(Ordering::Relaxed)
+                    && watch.waiting_bodies.load(Ordering::Relaxed) > 0
+                    && now.saturating_sub(watch.body_polled_ms.load(Ordering::Relaxed)) > send
+                {
+                    watch.stalled.store(true, Ordering::Relaxed);
                     expired.push(watch);
                     return false;
                 }
@@ -217,6 +250,11 @@ impl Watch {
         self.h2.load(Ordering::Relaxed)
     }
 
+    /// Whether it expired because its responses made no progress for `send_timeout`.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+
     fn expire(&self) {
         self.expired.store(true, Ordering::SeqCst);
         let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -253,12 +291,36 @@ impl Drop for Busy {
 /// connection gone).
 pub struct BusyBody<B> {
     body: B,
-    _busy: Busy,
+    busy: Busy,
+    /// Its last poll yielded data (counted in the watch's `waiting_bodies`).
+    waiting: bool,
 }
 
 impl<B> BusyBody<B> {
     pub fn new(body: B, busy: Busy) -> Self {
-        BusyBody { body, _busy: busy }
+        BusyBody {
+            body,
+            busy,
+            waiting: false,
+        }
+    }
+
+    fn set_waiting(&mut self, waiting: bool) {
+        if self.waiting != waiting {
+            self.waiting = waiting;
+            let count = &self.busy.0.waiting_bodies;
+            if waiting {
+                count.fetch_add(1, Ordering::Relaxed);
+            } else {
+                count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl<B> Drop for BusyBody<B> {
+    fn drop(&mut self) {
+        self.set_waiting(false);
     }
 }
 
@@ -270,7 +332,14 @@ impl<B: http_body::Body + Unpin> http_body::Body for BusyBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let watch = &this.busy.0;
+        watch
+            .body_polled_ms
+            .store(watch.head_timeout.now_ms(), Ordering::Relaxed);
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        this.set_waiting(matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data()));
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -327,7 +396,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_expires_after_the_timeout_and_a_busy_one_never() {
-        let h = HeadTimeout::start(Duration::from_millis(400), Duration::from_secs(3600));
+        let h = HeadTimeout::start(
+            Duration::from_millis(400),
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
         let idle = h.watch();
         let busy = h.watch();
         let h2 = h.watch();
@@ -355,7 +428,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn after_a_request_the_keepalive_timeout_holds_http2_and_shortens_http1() {
-        let h = HeadTimeout::start(Duration::from_secs(10), Duration::from_secs(2));
+        let h = HeadTimeout::start(
+            Duration::from_secs(10),
+            Duration::from_secs(2),
+            Duration::from_secs(3600),
+        );
         // No request yet: the head timeout, for either protocol.
         let fresh = h.watch();
         // HTTP/2 with no stream open: `keepalive_timeout`, however long the head timeout.
@@ -373,9 +450,69 @@ mod tests {
         assert!(!fresh.served());
     }
 
+    /// A body whose chunks come one at a time, each once asked for.
+    struct Chunks(u32);
+
+    impl http_body::Body for Chunks {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            if self.0 == 0 {
+                return Poll::Ready(None);
+            }
+            self.0 -= 1;
+            Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                b"x",
+            )))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_not_asked_for_more_for_send_timeout_stalls_its_connection() {
+        use http_body_util::BodyExt as _;
+        let h = HeadTimeout::start(
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+            Duration::from_secs(2),
+        );
+        let watch = h.watch();
+        watch.exempt();
+        let mut body = BusyBody::new(Chunks(100), watch.busy());
+        // Asked for more every second: progress, however long.
+        for _ in 0..10 {
+            body.frame().await.unwrap().unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(!watch.stalled() && !watch.expired.load(Ordering::SeqCst));
+        // Not asked for more (the client grants no window): stalled after 2 to 3 s.
+        body.frame().await.unwrap().unwrap();
+        let began = tokio::time::Instant::now();
+        watch.expired().await;
+        assert!(watch.stalled());
+        let took = began.elapsed();
+        assert!(
+            took >= Duration::from_secs(2) && took <= Duration::from_secs(3),
+            "{took:?}"
+        );
+        // A connection whose handler still runs (no body yet) is not stalled.
+        drop(body);
+        let other = h.watch();
+        let _busy = other.busy();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!other.expired.load(Ordering::SeqCst));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn with_no_connection_the_sweep_sleeps_and_wakes_for_the_next_one() {
-        let h = HeadTimeout::start(Duration::from_millis(400), Duration::from_secs(75));
+        let h = HeadTimeout::start(
+            Duration::from_millis(400),
+            Duration::from_secs(75),
+            Duration::from_secs(60),
+        );
         drop(h.watch());
         tokio::time::sleep(Duration::from_secs(1)).await;
         let asleep = h.sweeps.load(Ordering::Relaxed);
@@ -393,7 +530,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn closed_connections_leave_the_register_and_the_sweep_ends_with_the_worker() {
-        let h = HeadTimeout::start(Duration::from_secs(10), Duration::from_secs(75));
+        let h = HeadTimeout::start(
+            Duration::from_secs(10),
+            Duration::from_secs(75),
+            Duration::from_secs(60),
+        );
         for _ in 0..100 {
             drop(h.watch());
         }

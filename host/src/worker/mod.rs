@@ -446,9 +446,11 @@ async fn serve(
     http.http2().timer(TokioTimer::new());
     let info = plugin.info.clone();
     let draining = Arc::new(AtomicBool::new(false));
+    let send_timeout = Duration::from_millis(spec.send_timeout_ms.max(1));
     let head_timeout = head_timeout::HeadTimeout::start(
         Duration::from_millis(spec.header_read_timeout_ms),
         keepalive,
+        send_timeout,
     );
     let max_connections = match spec.max_connections {
         0 => connections_from_fd_limit(),
@@ -464,7 +466,7 @@ async fn serve(
         draining: draining.clone(),
         drain: drain_signal::DrainSignal::new(draining),
         head_timeout,
-        send_timeout: Duration::from_millis(spec.send_timeout_ms.max(1)),
+        send_timeout,
         max_connections,
         cut_rx,
         cut_answered: AtomicU64::new(0),
@@ -806,6 +808,12 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
             _ = shared.drain.wait() => {}
             _ = conn_state.watch.expired() => {
                 let watch = &conn_state.watch;
+                if watch.stalled() {
+                    // A response not asked for more for `send_timeout`: the client grants no
+                    // flow-control window. Closed, as a write that waits that long is.
+                    send_timeout::note_hit(shared.counters, shared.send_timeout);
+                    return;
+                }
                 if watch.served() {
                     note_idle_close(&shared);
                 }

@@ -11,6 +11,9 @@
 //! A write that goes through at once costs nothing more than the call; the timer (one boxed
 //! `Sleep` per connection, made the first time a write waits) is armed only while one waits.
 //!
+//! A client that grants no HTTP/2 flow-control window makes no write wait (nothing is written):
+//! `head_timeout`'s sweep finds those, and counts and logs them through [`note_hit`].
+//!
 //! Owns: the deadline on one connection's writes, its count (`Limit::SendTimeout`) and its
 //! rate-limited log line. Never reads, reorders or buffers bytes.
 
@@ -78,18 +81,24 @@ impl<T> SendTimeout<T> {
             return Poll::Pending;
         }
         self.timed_out = true;
-        if let Some(counters) = self.counters {
-            counters.limit_hit(Limit::SendTimeout);
-        }
-        static LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::per_second();
-        if let Some(suppressed) = LOG.hit(&Self::error()) {
-            tracing::warn!(
-                timeout = %humantime::format_duration(self.timeout),
-                suppressed,
-                "closed a connection whose client read nothing for send_timeout"
-            );
-        }
+        note_hit(self.counters, self.timeout);
         Poll::Ready(Err(Self::error()))
+    }
+}
+
+/// A connection closed at `send_timeout` (here, or by `head_timeout`'s sweep for a response
+/// stalled without a window): counted, and logged at most once a second.
+pub(crate) fn note_hit(counters: Option<&'static Counters>, timeout: Duration) {
+    if let Some(counters) = counters {
+        counters.limit_hit(Limit::SendTimeout);
+    }
+    static LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::per_second();
+    if let Some(suppressed) = LOG.hit(&io::ErrorKind::TimedOut.into()) {
+        tracing::warn!(
+            timeout = %humantime::format_duration(timeout),
+            suppressed,
+            "closed a connection whose client took nothing for send_timeout"
+        );
     }
 }
 
