@@ -171,6 +171,28 @@ impl WebSocket {
     }
 }
 
+/// Logs a refused message: at most one line a second (a client can send one refused message
+/// per megabyte), with how many were not logged since the last.
+fn log_refusal(e: &tungstenite::Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_SECOND.load(Ordering::Relaxed);
+    if now > last
+        && LAST_SECOND
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        tracing::warn!(error = %e, suppressed, "refused a WebSocket message over its limit with Close 1009");
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 impl std::ops::Deref for WebSocket {
     type Target = tokio_tungstenite::WebSocketStream<Upgraded>;
 
@@ -199,6 +221,7 @@ impl Stream for WebSocket {
         if this.refused.is_none() {
             match ready!(Pin::new(&mut this.inner).poll_next(cx)) {
                 Some(Err(e @ tungstenite::Error::Capacity(_))) => {
+                    log_refusal(&e);
                     this.refused = Some((e, Refusal::Queue));
                 }
                 other => return Poll::Ready(other),

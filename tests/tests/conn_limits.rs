@@ -420,6 +420,11 @@ async fn a_websocket_message_never_finished_gets_1009_and_memory_stays_bounded()
     let grew_mib = peak.saturating_sub(before) / 1024;
     eprintln!("10 unfinished 8 MiB WebSocket messages: worker RSS peak +{grew_mib} MiB");
     assert!(grew_mib < 40, "worker RSS grew by {grew_mib} MiB");
+    tests::wait_until(Duration::from_secs(10), "the refusal in the log", || {
+        host.log()
+            .contains("refused a WebSocket message over its limit with Close 1009")
+    })
+    .await;
     // Messages under the limit still pass.
     let big = "y".repeat(512 << 10);
     warm.send(Message::Text(big.clone().into())).await.unwrap();
