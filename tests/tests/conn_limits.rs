@@ -26,10 +26,15 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A host with `workers` workers, `/metrics` on an admin port, and `extra` config lines.
+/// A host of the example plugin with `workers` workers, `/metrics` on an admin port, and
+/// `extra` config lines.
 async fn host(workers: usize, extra: &str) -> (Host, SocketAddr) {
+    host_of(&example_plugin(&[]), workers, extra).await
+}
+
+async fn host_of(plugin: &std::path::Path, workers: usize, extra: &str) -> (Host, SocketAddr) {
     let host = Host::start(
-        &example_plugin(&[]),
+        plugin,
         HostOptions {
             workers,
             extra: format!("admin_listen = \"127.0.0.1:0\"\n{extra}"),
@@ -396,9 +401,19 @@ async fn unfinished_message(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_message_never_finished_gets_1009_and_memory_stays_bounded() {
+    never_finished_message(&example_plugin(&[])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_message_never_finished_through_axum_gets_1009() {
+    never_finished_message(&tests::axum_plugin()).await;
+}
+
+/// `plugin` serves `/ws`, an echo answering `gen=1 TEXT`.
+async fn never_finished_message(plugin: &std::path::Path) {
     // The attack: a fragmented 60 MiB message never finished held ~61 MiB per connection.
     // Scaled down: 10 connections sending 8 MiB each (the default message limit is 1 MiB).
-    let (host, _admin) = host(1, "").await;
+    let (host, _admin) = host_of(plugin, 1, "").await;
     let pid = host.wait_for_workers("ready").await[0];
     let mut warm = tests::ws_connect(host.addr).await;
     assert_eq!(tests::ws_echo(&mut warm, "hi").await, "gen=1 hi");
@@ -415,7 +430,10 @@ async fn a_websocket_message_never_finished_gets_1009_and_memory_stays_bounded()
     }
     peak = peak.max(rss_kib(pid));
     let grew_mib = peak.saturating_sub(before) / 1024;
-    eprintln!("10 unfinished 8 MiB WebSocket messages: worker RSS peak +{grew_mib} MiB");
+    eprintln!(
+        "10 unfinished 8 MiB WebSocket messages ({}): worker RSS peak +{grew_mib} MiB",
+        plugin.display()
+    );
     assert!(grew_mib < 40, "worker RSS grew by {grew_mib} MiB");
     tests::wait_until(Duration::from_secs(10), "the refusal in the log", || {
         host.log()
@@ -433,10 +451,20 @@ async fn a_websocket_message_never_finished_gets_1009_and_memory_stays_bounded()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_websocket_costs_little_worker_memory() {
+    idle_websockets(&example_plugin(&[])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_through_axum_costs_little_worker_memory() {
+    idle_websockets(&tests::axum_plugin()).await;
+}
+
+/// `plugin` serves `/ws`, an echo answering `gen=1 TEXT`.
+async fn idle_websockets(plugin: &std::path::Path) {
     // Measured: 138 KiB of worker RSS per idle WebSocket with tungstenite's 128 KiB read
     // buffer. Here: 500 idle sockets, each having exchanged one message.
     const N: usize = 500;
-    let (host, _admin) = host(1, "").await;
+    let (host, _admin) = host_of(plugin, 1, "").await;
     let pid = host.wait_for_workers("ready").await[0];
     let mut sockets = Vec::new();
     for i in 0..50 {
@@ -452,7 +480,10 @@ async fn an_idle_websocket_costs_little_worker_memory() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let per_kib = rss_kib(pid).saturating_sub(before) as f64 / N as f64;
-    eprintln!("idle WebSocket: {per_kib:.1} KiB of worker RSS each ({N} sockets, debug build)");
+    eprintln!(
+        "idle WebSocket ({}): {per_kib:.1} KiB of worker RSS each ({N} sockets, debug build)",
+        plugin.display()
+    );
     assert!(per_kib < 32.0, "{per_kib:.1} KiB per idle WebSocket");
     // They are all alive.
     let last = sockets.last_mut().unwrap();
