@@ -49,16 +49,17 @@ pub struct WorkerSpec {
     #[serde(default)]
     pub heartbeat_ms: u64,
     /// Connection bounds (see `config::Config`); `max_connections` 0: from the worker's
-    /// open-files limit.
-    #[serde(default)]
+    /// open-files limit. A spec without them (from another build of the host) gets the
+    /// configuration's defaults.
+    #[serde(default = "default_keepalive_ms")]
     pub keepalive_timeout_ms: u64,
-    #[serde(default)]
+    #[serde(default = "default_send_timeout_ms")]
     pub send_timeout_ms: u64,
     #[serde(default)]
     pub max_connections: u64,
-    #[serde(default)]
+    #[serde(default = "default_http2_max_streams")]
     pub http2_max_streams: u32,
-    #[serde(default)]
+    #[serde(default = "default_http2_send_buffer")]
     pub http2_send_buffer: usize,
     /// The generation's `[plugin_config]` as JSON text, handed to the plugin's
     /// `on_worker_start` as it is (at most `config::MAX_PLUGIN_CONFIG_BYTES`).
@@ -68,6 +69,22 @@ pub struct WorkerSpec {
 
 fn empty_object() -> String {
     "{}".into()
+}
+
+fn default_keepalive_ms() -> u64 {
+    75_000
+}
+
+fn default_send_timeout_ms() -> u64 {
+    60_000
+}
+
+fn default_http2_max_streams() -> u32 {
+    128
+}
+
+fn default_http2_send_buffer() -> usize {
+    32 << 10
 }
 
 /// Orders from the master to one worker.
