@@ -149,6 +149,16 @@ targets.append(
         verdict(sl_ms <= 1500 and sl_errors == 0 and sl_threads <= 16),
     )
 )
+ws = env["WS_IDLE"].split()  # "ws-idle <open> <errors> <rss before KiB> <rss after KiB> <KiB each>"
+ws_count, ws_errors, ws_before, ws_after, ws_each = int(ws[1]), int(ws[2]), int(ws[3]), int(ws[4]), float(ws[5])
+targets.append(
+    (
+        f"Worker RSS per idle WebSocket, {ws_count:,} connections, one worker",
+        "<= 16 KiB",
+        f"{ws_each:.1f} KiB, {ws_errors} errors",
+        verdict(ws_each <= 16 and ws_errors == 0),
+    )
+)
 
 out = []
 w = out.append
@@ -350,5 +360,11 @@ w(
     f"{sl_count:,} connections opened first, then one `GET /async/sleep?ms=1000` on each at once (one worker): "
     f"the last answer came {sl_ms / 1000:.2f} s after the first request was sent, {sl_errors} failed, and the "
     f"worker ran at most {sl_threads} threads (sampled every 20 ms)."
+)
+w("")
+w(
+    f"{ws_count:,} WebSockets opened on one worker (the example's `/ws` echo, through `plugin_api::websocket`), one "
+    f"message exchanged on each, then left idle: the worker's RSS went from {ws_before / 1024:.1f} to "
+    f"{ws_after / 1024:.1f} MiB, **{ws_each:.1f} KiB per socket** (after 100 sockets to warm up; {ws_errors} failed)."
 )
 print("\n".join(out))

@@ -253,8 +253,9 @@ stop_host four
 #    at once (`/async/hello`), the same answer as a streamed one-chunk body (`/stream/hello`), and
 #    the blocking pool (`/sleep?ms=0`),
 #    each against the inline path (`/`). Then 10,000 concurrent requests that each await a 1 s
-#    timer in one worker: time to the last answer, and the worker's threads.
-echo "bench: 8/8 handler kinds ($RUNS rounds each) and 10,000 sleeping requests" >&2
+#    timer in one worker: time to the last answer, and the worker's threads. And the worker
+#    memory of 5,000 idle WebSockets.
+echo "bench: 8/8 handler kinds ($RUNS rounds each), 10,000 sleeping requests, 5,000 idle WebSockets" >&2
 start_host one $SERVER_CPU
 start_host two $SERVER_CPU
 for path in "/async/hello" "/stream/hello" "/sleep?ms=0"; do
@@ -268,6 +269,14 @@ SLEEPER_PID=$(status_json sleepers | python3 -c 'import json,sys; print(json.loa
 SLEEPERS=$( (ulimit -n "$(ulimit -Hn)"; taskset -c $CLIENT_CPU "$BIN/bench-tool" sleepers --addr 127.0.0.1:18199 \
   --path '/async/sleep?ms=1000' --count 10000 --pid "$SLEEPER_PID") )
 stop_host sleepers
+# What an idle WebSocket costs the worker: 5,000 of them (the example's `/ws` echo), each having
+# exchanged one message, on one worker.
+config wsidle 1 18198
+start_host wsidle $SERVER_CPU
+WS_PID=$(status_json wsidle | python3 -c 'import json,sys; print(json.load(sys.stdin)["workers"][0]["pid"])')
+WS_IDLE=$( (ulimit -n "$(ulimit -Hn)"; taskset -c $CLIENT_CPU "$BIN/bench-tool" ws-idle --addr 127.0.0.1:18198 \
+  --count 5000 --pid "$WS_PID") )
+stop_host wsidle
 
 # 3. Latency across a reload under load (16 keep-alive clients, reload at 3 s of 8 s). One
 #    worker on the server's CPU: two workers pinned to one CPU take turns in scheduler slices
@@ -359,7 +368,7 @@ export R_CHANGED="${CHANGED[*]}" R_SNAP_MS="${SNAP_MS[*]}" HASH
 R_SCALE_RPS="$(printf '%s\n' "${SCALE_RPS[@]}")"
 R_SCALE_RELOAD="$(printf '%s\n' "${SCALE_RELOAD[@]}")"
 R_BAL="$(printf '%s\n' "${BAL[@]}")"
-export R_SCALE_RPS R_SCALE_RELOAD R_BAL SLEEPERS
+export R_SCALE_RPS R_SCALE_RELOAD R_BAL SLEEPERS WS_IDLE
 export MACHINE="$(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, Linux $(uname -r)"
 export RUSTC="$(rustc --version)" WRK="$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)" WHEN="$(date -u +%Y-%m-%d)" NGINX_VERSION="$("$NGINX" -v 2>&1 | cut -d/ -f2)"
 export SECS RUNS SERVER_CPU CLIENT_CPU

@@ -111,6 +111,11 @@ pub fn run(cfg: &Config, options: &Options) -> Result<Checked, CheckError> {
         max_requests: 0,
         max_requests_jitter: 0,
         heartbeat_ms: 0,
+        keepalive_timeout_ms: cfg.keepalive_timeout.as_millis() as u64,
+        send_timeout_ms: cfg.send_timeout.as_millis() as u64,
+        max_connections: cfg.max_connections.unwrap_or(0),
+        http2_max_streams: cfg.http2_max_streams,
+        http2_send_buffer: cfg.http2_send_buffer,
         plugin_config: cfg.plugin_config.json.to_string(),
         pool: cfg.blocking_pool(),
     };

@@ -63,6 +63,18 @@ pub struct Config {
     pub max_plugin_bytes: u64,
     /// A client must send a request's headers within this time (slowloris guard).
     pub header_read_timeout: Duration,
+    /// An HTTP/2 connection with no stream open for this long gets GOAWAY (an idle HTTP/1
+    /// keep-alive connection is closed at the shorter of this and `header_read_timeout`).
+    pub keepalive_timeout: Duration,
+    /// A connection whose writes make no progress for this long is closed.
+    pub send_timeout: Duration,
+    /// Most connections one worker holds open; at the limit it stops accepting. `None`: derived
+    /// from the worker's open-files limit.
+    pub max_connections: Option<u64>,
+    /// Most concurrent streams a client may open on one HTTP/2 connection.
+    pub http2_max_streams: u32,
+    /// Most response bytes buffered per HTTP/2 stream ahead of the socket.
+    pub http2_send_buffer: usize,
     /// Most header fields in one request; more get `431`.
     pub max_headers: usize,
     /// Most bytes of request line and headers; more get `431` (or `414` for a long URI).
@@ -175,6 +187,11 @@ struct RawConfig {
     header_read_timeout: Option<String>,
     max_headers: Option<i64>,
     max_header_bytes: Option<i64>,
+    keepalive_timeout: Option<String>,
+    send_timeout: Option<String>,
+    max_connections: Option<i64>,
+    http2_max_streams: Option<i64>,
+    http2_send_buffer: Option<ByteSize>,
     watch: Option<bool>,
     watch_debounce: Option<String>,
     build: Option<String>,
@@ -242,6 +259,8 @@ pub const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 /// The largest `max_body_bytes`: the whole body is held in memory.
 pub const MAX_BODY_BYTES: i64 = 1 << 30;
+/// The largest `max_connections` (per worker).
+pub const MAX_CONNECTIONS: i64 = 1 << 24;
 /// The largest `max_requests` and `max_requests_jitter`: their sum can never overflow.
 pub const MAX_REQUESTS: i64 = 1 << 40;
 /// The shortest `worker_timeout`: workers beat four times per timeout, and a beat every 25 ms is
@@ -323,6 +342,11 @@ impl Config {
             header_read_timeout,
             max_headers,
             max_header_bytes,
+            keepalive_timeout,
+            send_timeout,
+            max_connections,
+            http2_max_streams,
+            http2_send_buffer,
             watch,
             watch_debounce,
             build,
@@ -514,6 +538,39 @@ impl Config {
                 ));
             }
         };
+        let max_connections = match raw.max_connections {
+            None | Some(0) => None,
+            Some(n) if (1..=MAX_CONNECTIONS).contains(&n) => Some(n as u64),
+            Some(n) => {
+                return Err(invalid(
+                    "max_connections",
+                    format!(
+                        "{n} is out of range 0..={MAX_CONNECTIONS} (0: from the open-files limit)"
+                    ),
+                ));
+            }
+        };
+        let http2_max_streams = match raw.http2_max_streams {
+            None => 128,
+            Some(n) if (1..=10_000).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(invalid(
+                    "http2_max_streams",
+                    format!("{n} is out of range 1..=10000"),
+                ));
+            }
+        };
+        let http2_send_buffer = match raw.http2_send_buffer.as_ref().map(ByteSize::bytes) {
+            None => 32 << 10,
+            Some(Ok(n)) if (1024..=16 << 20).contains(&n) => n as usize,
+            Some(Ok(n)) => {
+                return Err(invalid(
+                    "http2_send_buffer",
+                    format!("{n} is out of range 1KiB..=16MiB"),
+                ));
+            }
+            Some(Err(message)) => return Err(invalid("http2_send_buffer", message)),
+        };
         let requests = |key: &str, value: Option<i64>| match value {
             None => Ok(0),
             Some(n) if (0..=MAX_REQUESTS).contains(&n) => Ok(n as u64),
@@ -643,6 +700,16 @@ impl Config {
                 "10s",
                 MAX_WAIT,
             )?,
+            keepalive_timeout: duration(
+                "keepalive_timeout",
+                &raw.keepalive_timeout,
+                "75s",
+                MAX_WAIT,
+            )?,
+            send_timeout: duration("send_timeout", &raw.send_timeout, "60s", MAX_WAIT)?,
+            max_connections,
+            http2_max_streams,
+            http2_send_buffer,
             max_headers,
             max_header_bytes,
             watch: raw.watch.unwrap_or(false) || build.is_some(),
@@ -1036,6 +1103,43 @@ mod tests {
     }
 
     #[test]
+    fn connection_bounds_have_defaults_and_one_line_errors() {
+        let c = parse("").unwrap();
+        assert_eq!(c.keepalive_timeout, Duration::from_secs(75));
+        assert_eq!(c.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_connections, None);
+        assert_eq!(c.http2_max_streams, 128);
+        assert_eq!(c.http2_send_buffer, 32 << 10);
+        let c = parse(
+            "keepalive_timeout = \"5s\"\nsend_timeout = \"2s\"\nmax_connections = 100\nhttp2_max_streams = 10\nhttp2_send_buffer = \"64KiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.keepalive_timeout, Duration::from_secs(5));
+        assert_eq!(c.send_timeout, Duration::from_secs(2));
+        assert_eq!(c.max_connections, Some(100));
+        assert_eq!(c.http2_max_streams, 10);
+        assert_eq!(c.http2_send_buffer, 64 << 10);
+        assert_eq!(
+            parse("max_connections = 0\n").unwrap().max_connections,
+            None
+        );
+        for (text, key) in [
+            ("\nkeepalive_timeout = \"0s\"\n", "keepalive_timeout"),
+            ("\nsend_timeout = \"forever\"\n", "send_timeout"),
+            ("\nmax_connections = -1\n", "max_connections"),
+            ("\nhttp2_max_streams = 0\n", "http2_max_streams"),
+            ("\nhttp2_send_buffer = 100\n", "http2_send_buffer"),
+            ("\nhttp2_send_buffer = \"1TiB\"\n", "http2_send_buffer"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("/srv/app/host.toml:2: {key}: ")) && !err.contains('\n'),
+                "{text:?} gave {err}"
+            );
+        }
+    }
+
+    #[test]
     fn log_format_is_text_or_json() {
         assert_eq!(parse("").unwrap().log_format, LogFormat::Text);
         assert_eq!(
@@ -1228,6 +1332,11 @@ mod tests {
             "header_read_timeout",
             "max_headers",
             "max_header_bytes",
+            "keepalive_timeout",
+            "send_timeout",
+            "max_connections",
+            "http2_max_streams",
+            "http2_send_buffer",
             "watch",
             "watch_debounce",
             "build",
@@ -1272,7 +1381,8 @@ mod tests {
             let quoted = |s: String| toml::Value::String(s).to_string();
             let typed = match key {
                 "graceful_timeout" | "start_timeout" | "idle_grace" | "header_read_timeout"
-                | "watch_debounce" | "body_read_timeout" | "worker_timeout" => (
+                | "watch_debounce" | "body_read_timeout" | "worker_timeout"
+                | "keepalive_timeout" | "send_timeout" => (
                     prop_oneof![3 => 0u64..100, 1 => 0u64..100_000_000, 1 => any::<u64>()],
                     prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d"]),
                 )
@@ -1289,7 +1399,8 @@ mod tests {
                     .boxed(),
                 "workers" | "max_body_bytes" | "backlog" | "keep_snapshots" | "max_draining_workers" | "max_headers"
                 | "max_header_bytes" | "max_requests" | "max_requests_jitter" | "blocking_threads"
-                | "blocking_queue" | "blocking_abandoned_threads" | "max_slow_paths" => {
+                | "blocking_queue" | "blocking_abandoned_threads" | "max_slow_paths"
+                | "max_connections" | "http2_max_streams" => {
                     prop_oneof![3 => -2i64..2000, 1 => -2i64..70_000, 1 => any::<i64>(), 1 => 0i64..(1 << 31)]
                         .prop_map(|n| n.to_string())
                         .boxed()
@@ -1297,7 +1408,7 @@ mod tests {
                 "allow_writable_plugin" | "watch" | "accept_balance" => {
                     any::<bool>().prop_map(|b| b.to_string()).boxed()
                 }
-                "max_plugin_bytes" | "max_worker_rss" => prop_oneof![
+                "max_plugin_bytes" | "max_worker_rss" | "http2_send_buffer" => prop_oneof![
                     any::<i64>().prop_map(|n| n.to_string()),
                     (
                         any::<u64>(),
@@ -1402,6 +1513,8 @@ mod tests {
                             ("watch_debounce", c.watch_debounce),
                             ("body_read_timeout", c.body_read_timeout),
                             ("worker_timeout", c.worker_timeout),
+                            ("keepalive_timeout", c.keepalive_timeout),
+                            ("send_timeout", c.send_timeout),
                         ] {
                             bounded(key, d);
                         }

@@ -41,7 +41,8 @@ pub enum Limit {
     PoolQueueFull,
     /// A blocking-pool job dropped before it started because its client had gone.
     PoolAbandoned,
-    /// A connection refused or closed because the worker held `max_connections`.
+    /// The worker reached `max_connections` and stopped accepting (once each time it does;
+    /// connections wait in the backlog or go to other workers meanwhile).
     Connections,
     /// An idle connection (HTTP/1 keep-alive or HTTP/2 with no stream) closed at its timeout.
     IdleTimeout,

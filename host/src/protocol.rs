@@ -48,6 +48,19 @@ pub struct WorkerSpec {
     /// How often to send [`WorkerToMaster::Heartbeat`] once ready; 0: never.
     #[serde(default)]
     pub heartbeat_ms: u64,
+    /// Connection bounds (see `config::Config`); `max_connections` 0: from the worker's
+    /// open-files limit. A spec without them (from another build of the host) gets the
+    /// configuration's defaults.
+    #[serde(default = "default_keepalive_ms")]
+    pub keepalive_timeout_ms: u64,
+    #[serde(default = "default_send_timeout_ms")]
+    pub send_timeout_ms: u64,
+    #[serde(default)]
+    pub max_connections: u64,
+    #[serde(default = "default_http2_max_streams")]
+    pub http2_max_streams: u32,
+    #[serde(default = "default_http2_send_buffer")]
+    pub http2_send_buffer: usize,
     /// The generation's `[plugin_config]` as JSON text, handed to the plugin's
     /// `on_worker_start` as it is (at most `config::MAX_PLUGIN_CONFIG_BYTES`).
     #[serde(default = "empty_object")]
@@ -83,7 +96,25 @@ fn empty_object() -> String {
     "{}".into()
 }
 
+fn default_keepalive_ms() -> u64 {
+    75_000
+}
+
+fn default_send_timeout_ms() -> u64 {
+    60_000
+}
+
+fn default_http2_max_streams() -> u32 {
+    128
+}
+
+fn default_http2_send_buffer() -> usize {
+    32 << 10
+}
+
 /// Orders from the master to one worker.
+// `Start` is sent once per worker and never held in bulk: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum MasterToWorker {
     Start(WorkerSpec),
@@ -480,6 +511,11 @@ mod tests {
             max_requests: 0,
             max_requests_jitter: 0,
             heartbeat_ms: 0,
+            keepalive_timeout_ms: 0,
+            send_timeout_ms: 0,
+            max_connections: 0,
+            http2_max_streams: 0,
+            http2_send_buffer: 0,
             plugin_config: worst.clone(),
             pool: PoolSpec::default(),
         };

@@ -202,6 +202,27 @@ impl WebSocketUpgrade {
     {
         self.0.accept(callback).map(::axum::body::Body::new)
     }
+
+    /// The socket's size limits (default [`Limits::default`](crate::websocket::Limits): 1 MiB
+    /// messages and frames); a larger incoming message gets Close 1009.
+    pub fn limits(mut self, limits: crate::websocket::Limits) -> Self {
+        self.0 = self.0.limits(limits);
+        self
+    }
+
+    /// Sets the largest incoming message, as axum's own extractor does.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        let limits = self.0.limits_mut();
+        *limits = limits.max_message(bytes);
+        self
+    }
+
+    /// Sets the largest incoming frame, as axum's own extractor does.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        let limits = self.0.limits_mut();
+        *limits = limits.max_frame(bytes);
+        self
+    }
 }
 
 impl std::fmt::Debug for WebSocketUpgrade {

@@ -8,6 +8,9 @@
 //! - `sleepers`: opens N connections first, then sends one request on each at once; prints how
 //!   long from the first request sent to the last answer, and the most threads the server
 //!   process (`--pid`) ran meanwhile.
+//! - `ws-idle`: opens N WebSockets (`GET /ws`, the example's echo), exchanges one message on
+//!   each so every socket has read once, leaves them idle, and prints how much the worker's
+//!   resident set (`--pid`, `VmRSS`) grew per socket, after a warm-up of 100 sockets.
 //! - `hash`: what a reload of a changed plugin file costs at most, by parts: SHA-256 of the file
 //!   in memory (the crate and version the host uses, with the CPU's SHA extensions if it has
 //!   them), reading it, and copying it with `fsync` as the snapshot does.
@@ -72,6 +75,15 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         count: usize,
         /// The server process whose thread count is sampled.
+        #[arg(long)]
+        pid: u32,
+    },
+    WsIdle {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 5_000)]
+        count: usize,
+        /// The worker whose resident set is sampled.
         #[arg(long)]
         pid: u32,
     },
@@ -456,8 +468,96 @@ fn main() {
             count,
             pid,
         } => rt.block_on(sleepers(addr, path, count, pid)),
+        Command::WsIdle { addr, count, pid } => rt.block_on(ws_idle(addr, count, pid)),
         Command::Hash { file, dir } => hash(&file, &dir),
     }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One WebSocket on a raw connection: the handshake, then one masked text message `hi` and its
+/// echo read back (the worker's socket has read once). The connection is returned open.
+async fn ws_open(addr: SocketAddr) -> Result<tokio::net::TcpStream, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let handshake = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(handshake.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if s.read(&mut byte).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed during the handshake".into());
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(String::from_utf8_lossy(&head).into_owned());
+    }
+    // FIN + text, masked, 2 bytes: "hi" under the mask 1,2,3,4.
+    let mask = [1u8, 2, 3, 4];
+    let frame = [0x81, 0x82, 1, 2, 3, 4, b'h' ^ mask[0], b'i' ^ mask[1]];
+    s.write_all(&frame).await.map_err(|e| e.to_string())?;
+    let mut hdr = [0u8; 2];
+    s.read_exact(&mut hdr).await.map_err(|e| e.to_string())?;
+    let mut payload = vec![0u8; usize::from(hdr[1] & 0x7f)];
+    s.read_exact(&mut payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !payload.ends_with(b"hi") {
+        return Err("no echo".into());
+    }
+    Ok(s)
+}
+
+async fn ws_idle(addr: SocketAddr, count: usize, pid: u32) {
+    let open = |n: usize| async move {
+        let gate = Arc::new(tokio::sync::Semaphore::new(64));
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let _permit = gate.acquire().await;
+                    ws_open(addr).await
+                })
+            })
+            .collect();
+        let (mut open, mut errors) = (Vec::with_capacity(n), 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(s) => open.push(s),
+                Err(_) => errors += 1,
+            }
+        }
+        (open, errors)
+    };
+    let (_warm, warm_errors) = open(100).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid);
+    let (sockets, errors) = open(count).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    let per = after.saturating_sub(before) as f64 / sockets.len().max(1) as f64;
+    println!(
+        "ws-idle {} {} {before} {after} {per:.1}",
+        sockets.len(),
+        errors + warm_errors
+    );
 }
 
 /// Prints one line of `key=value`s: the file's size, SHA-256 in memory (MB/s, median of 5), and

@@ -3,8 +3,11 @@
 //! serves HTTP on the listening socket it inherited, and drains when told.
 //!
 //! Owns: the accept loop (which drops connections whose client is already gone, see
-//! [`backlog`]), per-connection HTTP (hyper, HTTP/1.1 and HTTP/2; the slowloris guard is
-//! [`head_timeout`]'s sweep, small writes are joined by [`coalesce`]), each request's path in
+//! [`backlog`], and stops accepting while the worker holds `max_connections`), per-connection
+//! HTTP (hyper, HTTP/1.1 and HTTP/2, with HTTP/2's streams, per-stream send buffer and pings
+//! bounded; the slowloris guard and `keepalive_timeout` are [`head_timeout`]'s sweep, a write
+//! that makes no progress for `send_timeout` ends its connection in [`send_timeout`], small
+//! writes are joined by [`coalesce`]), each request's path in
 //! [`request`] (the built-in `/_host/` routes; the plugin's handler on the I/O thread when the
 //! plugin declares it non-blocking, on the blocking [`pool`] otherwise), the heartbeat that tells the
 //! master its I/O thread still runs, and the drain. It counts each request in its cell of the
@@ -33,6 +36,7 @@ mod head_timeout;
 pub mod loader;
 mod pool;
 mod request;
+mod send_timeout;
 mod slow_paths;
 
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -86,6 +90,17 @@ const ACCEPT_STEP_ASIDE_IDLE_ROUNDS: u32 = 5;
 /// At most one keep-alive connection handed off to a less loaded worker per this long.
 const HAND_OFF_EVERY: Duration = Duration::from_millis(100);
 
+/// HTTP/2 connections are pinged after this long without a frame from the client (or after
+/// `keepalive_timeout`, if shorter), and closed when the ping is not answered within
+/// [`H2_PING_TIMEOUT`] (or `keepalive_timeout`, if shorter): a vanished peer is found even while
+/// a stream stays open with nothing to send.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// When `max_connections` is not set: this share of the worker's open-files limit (the rest
+/// stays for the plugin's own files, sockets and pipes).
+const CONNECTIONS_PER_FD: (u64, u64) = (9, 10);
+
 /// At `graceful_timeout`, how long the `503` answers to requests still running may take to be
 /// written before the worker exits anyway (the master kills it 2 s after the timeout).
 const CUT_FLUSH: Duration = Duration::from_millis(1000);
@@ -117,8 +132,12 @@ struct Shared {
     draining: Arc<AtomicBool>,
     /// Fired when the worker starts draining: each connection task waits on it.
     drain: drain_signal::DrainSignal,
-    /// The slowloris guard (`header_read_timeout`).
+    /// The idle guard (`header_read_timeout`, `keepalive_timeout`).
     head_timeout: Arc<head_timeout::HeadTimeout>,
+    /// A connection whose writes make no progress for this long is closed.
+    send_timeout: Duration,
+    /// At this many open connections the worker stops accepting until one closes.
+    max_connections: u64,
     /// Set at `graceful_timeout`: requests still waiting for their handler answer `503`.
     cut_rx: watch::Receiver<bool>,
     /// Requests answered `503` because they were still running at `graceful_timeout`.
@@ -380,13 +399,29 @@ async fn serve(
         // hyper's default; any other value moves header parsing to the heap, so only when asked.
         http.http1().max_headers(spec.max_headers);
     }
+    // What one HTTP/2 connection can make the worker hold for a client that does not read:
+    // at most `http2_max_streams` streams, each buffering at most `http2_send_buffer` of its
+    // response (hyper's defaults, 200 x 400 KiB, came to ~107 MB with h2's overhead).
+    let keepalive = Duration::from_millis(spec.keepalive_timeout_ms.max(1));
     http.http2()
-        .max_header_list_size(spec.max_header_bytes as u32);
+        .max_header_list_size(spec.max_header_bytes as u32)
+        .max_concurrent_streams(spec.http2_max_streams.max(1))
+        .max_send_buf_size(spec.http2_send_buffer.max(1024))
+        .keep_alive_interval(Some(H2_PING_INTERVAL.min(keepalive)))
+        .keep_alive_timeout(H2_PING_TIMEOUT.min(keepalive));
     http.http2().timer(TokioTimer::new());
     let info = plugin.info.clone();
     let draining = Arc::new(AtomicBool::new(false));
-    let head_timeout =
-        head_timeout::HeadTimeout::start(Duration::from_millis(spec.header_read_timeout_ms));
+    let send_timeout = Duration::from_millis(spec.send_timeout_ms.max(1));
+    let head_timeout = head_timeout::HeadTimeout::start(
+        Duration::from_millis(spec.header_read_timeout_ms),
+        keepalive,
+        send_timeout,
+    );
+    let max_connections = match spec.max_connections {
+        0 => connections_from_fd_limit(),
+        n => n,
+    };
     let counters = accept_table.and_then(|(table, cell)| table.counters(cell));
     let pool_limits = pool::Limits {
         max_threads: spec.pool.max_threads as usize,
@@ -401,6 +436,8 @@ async fn serve(
         draining: draining.clone(),
         drain: drain_signal::DrainSignal::new(draining),
         head_timeout,
+        send_timeout,
+        max_connections,
         cut_rx,
         cut_answered: AtomicU64::new(0),
         requests: AtomicU64::new(0),
@@ -464,6 +501,9 @@ async fn serve(
     .filter_map(|k| tokio::signal::unix::signal(k).ok())
     .collect();
     let mut conns = shared.connections.subscribe();
+    // Wakes the accept loop when a connection closes while it holds `max_connections`.
+    let mut below_limit = shared.connections.subscribe();
+    let mut at_limit = false;
 
     let start_drain =
         |listener: &mut Option<TcpListener>, deadline: &mut Option<Instant>, why: &str| {
@@ -482,11 +522,30 @@ async fn serve(
         };
 
     let cut = loop {
+        // At `max_connections`: stop accepting (the other workers, or the backlog, take new
+        // connections) until one closes.
+        let full = *below_limit.borrow_and_update() >= shared.max_connections;
+        if full && !at_limit && listener.is_some() {
+            if let Some(counters) = shared.counters {
+                counters.limit_hit(crate::counters::Limit::Connections);
+            }
+            static AT_LIMIT: crate::ratelimit::RateLimit =
+                crate::ratelimit::RateLimit::per_second();
+            if let Some(suppressed) = AT_LIMIT.hit(&std::io::ErrorKind::QuotaExceeded.into()) {
+                tracing::warn!(
+                    max_connections = shared.max_connections,
+                    suppressed,
+                    "holding max_connections: not accepting until a connection closes"
+                );
+            }
+        }
+        at_limit = full;
         tokio::select! {
+            _ = below_limit.changed(), if full => {}
             accepted = async {
                 shared.step_aside().await;
                 listener.as_ref().expect("guarded").accept().await
-            }, if listener.is_some() => {
+            }, if listener.is_some() && !full => {
                 match accepted {
                     // Its client gave up while it waited in the backlog: do not run its request.
                     Ok((stream, _peer)) if backlog::client_gone(&stream) => backlog::note_dropped(),
@@ -587,6 +646,18 @@ async fn serve(
         })
         .await;
     ExitCode::SUCCESS
+}
+
+/// The default `max_connections`: [`CONNECTIONS_PER_FD`] of the open-files limit the worker
+/// inherited (the master raised it to the hard limit), at least 1.
+fn connections_from_fd_limit() -> u64 {
+    let (num, den) = CONNECTIONS_PER_FD;
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft)
+        .saturating_mul(num)
+        .checked_div(den)
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// The worker's I/O runtime: one thread (blocking handlers have their own [`pool`]). `None`,
@@ -690,6 +761,7 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
             let conn_state = conn_state.clone();
             hyper::service::service_fn(move |req| request::call(conn_state.clone(), req))
         };
+        let stream = send_timeout::SendTimeout::new(stream, shared.send_timeout, shared.counters);
         let io =
             coalesce::Coalesce::new(h2_drain::DrainAwareIo::new(stream, shared.draining.clone()));
         let conn = shared
@@ -705,8 +777,27 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
             }
             _ = shared.drain.wait() => {}
             _ = conn_state.watch.expired() => {
-                // No request head within `header_read_timeout` of going idle: closed without
-                // a response, as hyper's own header timeout does.
+                let watch = &conn_state.watch;
+                if watch.stalled() {
+                    // A response not asked for more for `send_timeout`: the client grants no
+                    // flow-control window. Closed, as a write that waits that long is.
+                    send_timeout::note_hit(shared.counters, shared.send_timeout);
+                    return;
+                }
+                if watch.served() {
+                    note_idle_close(&shared);
+                }
+                if !watch.is_h2() {
+                    // No request head within `header_read_timeout` (or `keepalive_timeout`
+                    // after a request) of going idle: closed without a response, as hyper's
+                    // own header timeout does.
+                    return;
+                }
+                // HTTP/2 with no stream open for `keepalive_timeout`: GOAWAY, then close once
+                // h2 is done (a stream the client opened meanwhile is served; writes are held
+                // to `send_timeout`, so this ends).
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
                 return;
             }
         }
@@ -726,6 +817,21 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
     });
+}
+
+/// An idle connection that had served requests was closed at its timeout: counted, and logged
+/// at most once a second.
+fn note_idle_close(shared: &Shared) {
+    if let Some(counters) = shared.counters {
+        counters.limit_hit(crate::counters::Limit::IdleTimeout);
+    }
+    static IDLE: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::per_second();
+    if let Some(suppressed) = IDLE.hit(&std::io::ErrorKind::TimedOut.into()) {
+        tracing::info!(
+            suppressed,
+            "closed an idle keep-alive connection (keepalive_timeout or header_read_timeout)"
+        );
+    }
 }
 
 /// One connection's view: the worker's shared state and what it learned about the connection.

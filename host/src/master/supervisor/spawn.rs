@@ -227,6 +227,11 @@ impl Supervisor {
             max_requests,
             max_requests_jitter,
             heartbeat_ms: self.cfg.heartbeat_interval().as_millis() as u64,
+            keepalive_timeout_ms: self.cfg.keepalive_timeout.as_millis() as u64,
+            send_timeout_ms: self.cfg.send_timeout.as_millis() as u64,
+            max_connections: self.cfg.max_connections.unwrap_or(0),
+            http2_max_streams: self.cfg.http2_max_streams,
+            http2_send_buffer: self.cfg.http2_send_buffer,
             accept_cell,
             accept_cells: self
                 .accept_table
