@@ -316,7 +316,8 @@ impl Collector for MetricsReport {
                     .encode_family(&labels)?
                     .encode_histogram::<NoLabelSet>(
                         t.latency_sum_us as f64 / 1e6,
-                        t.latency.iter().sum(),
+                        // Wrapping: the buckets come from a table plugins can write to.
+                        t.latency.iter().fold(0u64, |a, &b| a.wrapping_add(b)),
                         &buckets,
                         None,
                     )?;

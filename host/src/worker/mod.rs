@@ -352,6 +352,24 @@ async fn serve(
     let _ = RECYCLE_REQUESTS.set(recycle_tx.clone());
     // The on-start hook: load this generation's plugin. Everything linked into `host` is frozen;
     // this is the code a reload refreshes.
+    // The worker table, mapped and its fd closed before any plugin code runs (loading runs the
+    // plugin's ELF constructors): plugin code never holds the memfd, so it cannot truncate it
+    // under the master (it is sealed besides, see `accept_table`).
+    let accept_table = spec.accept_cell.and_then(|cell| {
+        let table = fd::take_inherited(crate::accept_table::TABLE_FD, "accept table")
+            .map_err(|e| e.to_string())
+            .and_then(|fd| {
+                crate::accept_table::Table::map(&fd, spec.accept_cells as usize)
+                    .map_err(|e| crate::error_chain(&e))
+            });
+        match table {
+            Ok(table) => Some((table, cell as usize)),
+            Err(e) => {
+                tracing::warn!("{e}; accepting without balancing");
+                None
+            }
+        }
+    });
     let at = Placement {
         slot,
         generation,
@@ -389,21 +407,6 @@ async fn serve(
     };
 
     let (cut_tx, cut_rx) = watch::channel(false);
-    let accept_table = spec.accept_cell.and_then(|cell| {
-        let table = fd::take_inherited(crate::accept_table::TABLE_FD, "accept table")
-            .map_err(|e| e.to_string())
-            .and_then(|fd| {
-                crate::accept_table::Table::map(&fd, spec.accept_cells as usize)
-                    .map_err(|e| crate::error_chain(&e))
-            });
-        match table {
-            Ok(table) => Some((table, cell as usize)),
-            Err(e) => {
-                tracing::warn!("{e}; accepting without balancing");
-                None
-            }
-        }
-    });
     let mut http = auto::Builder::new(TokioExecutor::new());
     // The slowloris guard is `head_timeout`'s sweep, not hyper's timer per request.
     http.http1()
