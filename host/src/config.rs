@@ -93,6 +93,12 @@ pub struct Config {
     /// Keys set on the command line (dev mode's flags), not in the file: a reload that re-reads
     /// the file does not count them as changed.
     pub overridden: Vec<&'static str>,
+    /// How often the master checks that the shared listening socket still listens (a plugin
+    /// can shut it down for every worker with one call); it re-arms it when it does not.
+    pub listener_check_interval: Duration,
+    /// Processes the workers left behind (the master is their subreaper) get SIGTERM, then
+    /// SIGKILL this much later.
+    pub orphan_grace: Duration,
 }
 
 /// The `[plugin_config]` table as JSON text (what the plugin receives), and that text's sha256
@@ -171,6 +177,8 @@ struct RawConfig {
     worker_timeout: Option<String>,
     plugin_config: Option<toml::Value>,
     log_format: Option<String>,
+    listener_check_interval: Option<String>,
+    orphan_grace: Option<String>,
 }
 
 /// A size: a number of bytes, or a string like `"512MiB"`.
@@ -305,7 +313,9 @@ impl Config {
             max_requests_jitter,
             max_worker_rss,
             worker_timeout,
-            log_format
+            log_format,
+            listener_check_interval,
+            orphan_grace
         );
         changed
     }
@@ -578,6 +588,13 @@ impl Config {
             plugin_config,
             log_format,
             overridden: Vec::new(),
+            listener_check_interval: duration(
+                "listener_check_interval",
+                &raw.listener_check_interval,
+                "1s",
+                MAX_WAIT,
+            )?,
+            orphan_grace: duration("orphan_grace", &raw.orphan_grace, "2s", MAX_WAIT)?,
         })
     }
 
@@ -1133,6 +1150,8 @@ mod tests {
             "worker_timeout",
             "plugin_config",
             "log_format",
+            "listener_check_interval",
+            "orphan_grace",
         ];
 
         /// A `[plugin_config]` table: nested tables and arrays of any TOML value, including ones
@@ -1163,7 +1182,8 @@ mod tests {
             let quoted = |s: String| toml::Value::String(s).to_string();
             let typed = match key {
                 "graceful_timeout" | "start_timeout" | "idle_grace" | "header_read_timeout"
-                | "watch_debounce" | "body_read_timeout" | "worker_timeout" => (
+                | "watch_debounce" | "body_read_timeout" | "worker_timeout"
+                | "listener_check_interval" | "orphan_grace" => (
                     prop_oneof![3 => 0u64..100, 1 => 0u64..100_000_000, 1 => any::<u64>()],
                     prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d"]),
                 )
@@ -1292,6 +1312,8 @@ mod tests {
                             ("watch_debounce", c.watch_debounce),
                             ("body_read_timeout", c.body_read_timeout),
                             ("worker_timeout", c.worker_timeout),
+                            ("listener_check_interval", c.listener_check_interval),
+                            ("orphan_grace", c.orphan_grace),
                         ] {
                             bounded(key, d);
                         }

@@ -67,6 +67,14 @@ pub(crate) struct MetricsReport {
     pub worker_exits: Vec<(&'static str, &'static str, u64)>,
     /// Workers the master SIGKILLed, by cause.
     pub worker_kills: Vec<(&'static str, u64)>,
+    /// The shared listening socket: whether it listens (1) or is down (0), and how often it
+    /// was found shut down (by a plugin) and re-armed.
+    pub listener_up: bool,
+    pub listener_recoveries: u64,
+    /// Processes the workers left behind that the master ended: all, and those that needed
+    /// SIGKILL.
+    pub orphans_ended: u64,
+    pub orphans_killed: u64,
 }
 
 /// One generation's requests, summed over its live workers and the ones that exited.
@@ -448,6 +456,41 @@ impl Collector for MetricsReport {
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
         }
+        encoder
+            .encode_descriptor(
+                "host_listener_up",
+                "Whether the shared listening socket listens (0: down, connections refused)",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&i64::from(self.listener_up))?;
+        encoder
+            .encode_descriptor(
+                "host_listener_recoveries",
+                "Times the listening socket was found not listening (a plugin shut it down) and re-armed",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, u64>(&self.listener_recoveries, None)?;
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_orphans_ended",
+                "Processes the workers left behind (forked by a plugin) that the master ended, by the signal that ended them",
+                None,
+                MetricType::Counter,
+            )?;
+            for (signal, n) in [
+                (
+                    "SIGTERM",
+                    self.orphans_ended.saturating_sub(self.orphans_killed),
+                ),
+                ("SIGKILL", self.orphans_killed),
+            ] {
+                metric
+                    .encode_family(&[("signal", signal)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
         {
             let mut metric = encoder.encode_descriptor(
                 "host_worker_kills",
@@ -493,6 +536,7 @@ mod tests {
             worker_starts: vec![("reload", 2)],
             worker_exits: vec![("reload", "exit_0", 2)],
             worker_kills: vec![("hung", 0)],
+            ..MetricsReport::default()
         };
         let text = encode(report).unwrap();
         // prometheus-client writes `le` first; label order does not matter to Prometheus.

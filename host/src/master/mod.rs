@@ -13,6 +13,7 @@ pub mod admin;
 pub mod build;
 pub mod control;
 pub mod limits;
+pub(crate) mod orphans;
 pub mod pidfile;
 pub mod snapshot;
 pub(crate) mod supervisor;
@@ -184,6 +185,7 @@ async fn serve(
         (None, None) => Err(std::io::Error::other("no pidfile")),
     };
     let upgraded = handover.is_some();
+    let mut activated = false;
     let (listener, control) = match handover {
         Some(h) => (h.listener, ControlSocket::AfterTakeOver(h.successor)),
         None => {
@@ -191,6 +193,7 @@ async fn serve(
             let listener = match systemd::activated_listener()? {
                 Some(listener) => {
                     tracing::info!("serving on the socket systemd passed (LISTEN_FDS)");
+                    activated = true;
                     listener
                 }
                 None => bind_listener(&cfg)?,
@@ -223,8 +226,10 @@ async fn serve(
         build = crate::worker::HOST_BUILD,
         "master starting"
     );
-    // Before any worker is spawned: workers inherit the raised limit.
+    // Before any worker is spawned: workers inherit the raised limit, and whatever they start
+    // is reparented to this process when they exit (see `orphans`).
     limits::raise_nofile().log();
+    orphans::become_subreaper();
     let (events, rx) = mpsc::unbounded_channel();
     forward_signal(
         SignalKind::hangup(),
@@ -252,6 +257,17 @@ async fn serve(
         &events,
     )?;
     forward_signal(SignalKind::quit(), SignalAction::Stop("SIGQUIT"), &events)?;
+    {
+        let mut children = signal(SignalKind::child()).map_err(MasterError::Signals)?;
+        let events = events.clone();
+        tokio::spawn(async move {
+            while children.recv().await.is_some() {
+                if events.send(Event::ChildSignal).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     if cfg.watch {
         watch::spawn(&cfg, events.clone())?;
     }
@@ -287,8 +303,9 @@ async fn serve(
         shutdown_rx,
         admin_shutdown,
     ));
-    let mut supervisor =
-        Supervisor::new(cfg.clone(), listener, events, start_notify).with_notices(notices);
+    let mut supervisor = Supervisor::new(cfg.clone(), listener, events, start_notify)
+        .with_notices(notices)
+        .with_activated_listener(activated);
     match pidfile_fd {
         Ok(fd) => supervisor = supervisor.with_launcher(upgrade::Launcher::capture(fd)),
         Err(e) => {

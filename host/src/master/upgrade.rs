@@ -136,6 +136,8 @@ impl Launcher {
             .spawn()
             .map_err(|e| failed("exec", e))?;
         let pid = child.id().unwrap_or(0);
+        // The master's own child, not an orphan to end (it outlives this master).
+        crate::master::orphans::own(pid);
         let (cancel, cancelled) = oneshot::channel();
         tokio::spawn(watch(child, ours, exe, deadline, cancelled, events));
         Ok((pid, cancel))

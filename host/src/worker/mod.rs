@@ -30,6 +30,7 @@ mod drain_signal;
 mod first_poll;
 mod h2_drain;
 mod head_timeout;
+mod listener;
 pub mod loader;
 mod pool;
 mod request;
@@ -370,6 +371,16 @@ async fn serve(
             }
         }
     });
+    // Which socket fd 3 is, before plugin code can close or replace it.
+    let listener_id = match listener::identity(&listener) {
+        Ok(id) => id,
+        Err(e) => {
+            let reason = format!("cannot use the inherited listening socket: {e}");
+            tracing::error!("{reason}");
+            let _ = tx.send(&WorkerToMaster::StartFailed { reason }).await;
+            return ExitCode::FAILURE;
+        }
+    };
     let at = Placement {
         slot,
         generation,
@@ -392,6 +403,21 @@ async fn serve(
     startup.dlopen_us = plugin.loaded_at_ns.saturating_sub(spawned_at_ns) / 1000;
     startup.on_worker_start_us = since_spawn();
     tracing::info!(plugin = %plugin.info.name, version = %plugin.info.version, sha256 = %&plugin.info.sha256[..12], "plugin loaded");
+    // Its constructors and `on_worker_start` ran: a plugin that closed fd 3 or shut the shared
+    // socket down is refused (the master re-arms the shared socket).
+    if let Err(lost) = listener::check(listener_id) {
+        let reason = format!(
+            "loading the plugin (its constructors or on_worker_start) broke the listening socket: {}",
+            lost.reason
+        );
+        tracing::error!("{reason}");
+        if lost.own_fd {
+            // fd 3 is not ours any more: never close it.
+            std::mem::forget(listener);
+        }
+        let _ = tx.send(&WorkerToMaster::StartFailed { reason }).await;
+        return ExitCode::FAILURE;
+    }
 
     let listener = match listener
         .set_nonblocking(true)
@@ -536,10 +562,47 @@ async fn serve(
                         // were not logged) and back off briefly instead of spinning.
                         static ACCEPT_ERRORS: crate::ratelimit::RateLimit =
                             crate::ratelimit::RateLimit::per_second();
-                        if let Some(suppressed) = ACCEPT_ERRORS.hit(&e) {
+                        let logged = ACCEPT_ERRORS.hit(&e);
+                        if let Some(suppressed) = logged {
                             tracing::warn!(error = %e, suppressed, "accept failed");
                         }
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        // The listener itself may be gone (closed, or shut down by a plugin):
+                        // tell the master at once (then at most once a second).
+                        let lost = if listener::means_gone(&e) {
+                            listener::check(listener_id).err()
+                        } else {
+                            None
+                        };
+                        match lost {
+                            Some(lost) if lost.own_fd => {
+                                tracing::error!(
+                                    "{}: this worker stops accepting and asks for a replacement",
+                                    lost.reason
+                                );
+                                // fd 3 is not ours any more: never close it (or deregister it).
+                                if let Some(l) = listener.take() {
+                                    std::mem::forget(l);
+                                }
+                                let _ = tx
+                                    .send(&WorkerToMaster::ListenerLost {
+                                        own_fd: true,
+                                        reason: lost.reason,
+                                    })
+                                    .await;
+                            }
+                            Some(lost) => {
+                                if logged.is_some() {
+                                    let _ = tx
+                                        .send(&WorkerToMaster::ListenerLost {
+                                            own_fd: false,
+                                            reason: lost.reason,
+                                        })
+                                        .await;
+                                }
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            None => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
                     }
                 }
             }

@@ -290,6 +290,10 @@ impl Supervisor {
             worker_starts: counted(&START_CAUSES, &m.starts),
             worker_exits: m.exits.iter().map(|((c, h), n)| (*c, *h, *n)).collect(),
             worker_kills: counted(&KILL_CAUSES, &m.kills),
+            listener_up: self.listener_health.down.is_none(),
+            listener_recoveries: self.listener_health.recoveries,
+            orphans_ended: self.orphans.found,
+            orphans_killed: self.orphans.killed,
         }
     }
 }

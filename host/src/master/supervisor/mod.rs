@@ -41,6 +41,7 @@
 mod evidence;
 mod handover;
 mod health;
+mod listener;
 mod metrics;
 mod recycle;
 mod rollout;
@@ -101,6 +102,8 @@ pub(crate) enum Event {
     },
     /// `host upgrade`: the new master took over, or why it did not.
     Upgraded(Result<crate::protocol::UpgradeReport, String>),
+    /// SIGCHLD: a child exited, perhaps an orphan a worker left behind (see `orphans`).
+    ChildSignal,
 }
 
 /// What the supervisor tells the rest of the master about its life (systemd's notifications,
@@ -281,6 +284,10 @@ pub(crate) struct Supervisor {
     upgrading: Option<handover::Upgrading>,
     /// A new master took over: stopping leaves the pidfile and the control socket to it.
     handed_over: bool,
+    /// Processes the workers left behind, being ended (see `orphans`).
+    orphans: crate::master::orphans::Orphans,
+    /// Whether the listener listens, and its recoveries (see `listener`).
+    listener_health: listener::ListenerHealth,
 }
 
 fn unix_now() -> u64 {
@@ -312,6 +319,7 @@ impl Supervisor {
             })
             .ok();
         let recycling = recycle::Recycling::new(slots, cfg.max_worker_rss.is_some());
+        let every = cfg.listener_check_interval;
         Supervisor {
             cfg,
             listener,
@@ -341,6 +349,8 @@ impl Supervisor {
             launcher: None,
             upgrading: None,
             handed_over: false,
+            orphans: Default::default(),
+            listener_health: listener::ListenerHealth::new(every),
         }
     }
 
@@ -397,7 +407,14 @@ impl Supervisor {
         match ev {
             Event::Worker { id, msg } => match self.heard_from(id, msg) {
                 WorkerToMaster::Ready { plugin, startup } => self.on_ready(id, plugin, startup),
-                WorkerToMaster::StartFailed { reason } => self.on_start_failed(id, reason),
+                WorkerToMaster::StartFailed { reason } => {
+                    self.on_start_failed(id, reason);
+                    // Its plugin's constructors may have shut the shared listener down.
+                    self.check_listener("after a worker failed to start");
+                }
+                WorkerToMaster::ListenerLost { own_fd, reason } => {
+                    self.on_listener_lost(id, own_fd, reason)
+                }
                 WorkerToMaster::Draining => self.on_drain_ack(id),
                 WorkerToMaster::Stats {
                     requests,
@@ -427,7 +444,12 @@ impl Supervisor {
                 // Noted by `heard_from`, like every message.
                 WorkerToMaster::Heartbeat => {}
             },
-            Event::Exited { id, status } => self.on_exit(id, status),
+            Event::Exited { id, status } => {
+                self.on_exit(id, status);
+                // Its children, if it left any, are the master's now.
+                self.sweep_orphans();
+            }
+            Event::ChildSignal => self.sweep_orphans(),
             Event::Control { request, reply } => match request {
                 ControlRequest::Reload => self.request_rollout(RolloutKind::Reload, Some(reply)),
                 ControlRequest::Rollback => {
@@ -495,6 +517,11 @@ impl Supervisor {
         }
     }
 
+    /// Ends the processes the workers left behind and reaps those that exited.
+    fn sweep_orphans(&mut self) {
+        self.orphans.sweep(Instant::now(), self.cfg.orphan_grace);
+    }
+
     /// A message from worker `id` proves it alive; returns the message for the match.
     fn heard_from(&mut self, id: WorkerId, msg: WorkerToMaster) -> WorkerToMaster {
         if let Some(w) = self.workers.get_mut(&id) {
@@ -554,6 +581,10 @@ impl Supervisor {
                 Expired::Silent(silent) => self.on_hung(id, silent),
             }
         }
+        if self.orphans.deadline().is_some_and(|d| d <= now) {
+            self.sweep_orphans();
+        }
+        self.listener_timer(now);
         self.respawn_due(now);
         self.answer_overdue_queries(now);
         self.recycle_timer(now);
@@ -573,11 +604,19 @@ impl Supervisor {
             .chain(respawns)
             .chain(queries)
             .chain(recycling)
+            .chain(self.orphans.deadline())
+            .chain(Some(self.listener_health.next_check))
             .min()
     }
 
     fn finished(&mut self) -> Option<Result<Exit, String>> {
         if self.stopping.is_none() || !self.workers.is_empty() {
+            return None;
+        }
+        // Every worker is gone, so everything they started is the master's child now: stopped
+        // (and the port free) once those are gone too.
+        self.sweep_orphans();
+        if self.orphans.any() {
             return None;
         }
         for reply in self.stopping.take().into_iter().flatten().flatten() {
