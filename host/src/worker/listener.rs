@@ -108,3 +108,65 @@ pub(super) fn means_gone(e: &std::io::Error) -> bool {
         Some(libc::EBADF | libc::ENOTSOCK | libc::EINVAL | libc::EOPNOTSUPP)
     )
 }
+
+/// What an accept found.
+pub(super) enum Accepted {
+    /// A connection (non-blocking, close-on-exec).
+    Connection(std::net::TcpStream),
+    /// The reactor saw the socket hang up (it was shut down). That readiness never clears, so
+    /// this registration would report the socket ready forever: the caller drops it, and
+    /// registers the socket again once it listens.
+    HungUp,
+}
+
+/// Accepts one connection on `listener`. Not tokio's `TcpListener::accept`: after a
+/// `shutdown` its registration stays "read closed" for good, and once the master re-armed the
+/// socket, accept's would-block retry loop would spin inside one poll, wedging the I/O thread.
+pub(super) async fn accept(
+    listener: &tokio::io::unix::AsyncFd<std::net::TcpListener>,
+) -> std::io::Result<Accepted> {
+    loop {
+        let mut guard = listener.readable().await?;
+        if guard.ready().is_read_closed() {
+            return Ok(Accepted::HungUp);
+        }
+        match guard.try_io(|l| accept4(l.get_ref().as_raw_fd())) {
+            Ok(result) => return result.map(Accepted::Connection),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// `accept4` with `SOCK_NONBLOCK | SOCK_CLOEXEC`, as mio does.
+fn accept4(fd: RawFd) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: accept4 with null address pointers writes nothing to memory; it returns a new fd
+    // or -1.
+    let conn = unsafe {
+        libc::accept4(
+            fd,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if conn < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `conn` is a fresh fd that accept4 just returned; nothing else owns it.
+    Ok(unsafe { std::net::TcpStream::from_raw_fd(conn) })
+}
+
+/// Registers the listener with the I/O reactor, for read readiness.
+pub(super) fn register(
+    listener: std::net::TcpListener,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::net::TcpListener>> {
+    // SAFETY: the `TcpListener` owns its fd and host code neither closes nor replaces it while
+    // registered: it is deregistered by `into_inner` (or dropped) first. Plugin code may close
+    // fd 3 under it; [`check`] finds that and the worker then leaks the registration
+    // (`mem::forget`) instead of deregistering or closing a number that may name another file.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE)
+    };
+    registered.map_err(std::io::Error::from)
+}

@@ -47,7 +47,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -83,6 +84,9 @@ const ACCEPT_STEP_ASIDE_ROUNDS: u32 = 30;
 /// ...and only while the others keep taking connections: after this many steps in which they
 /// took none (busy, or hung), accept.
 const ACCEPT_STEP_ASIDE_IDLE_ROUNDS: u32 = 5;
+
+/// While the shared listening socket does not listen, how often a worker looks again.
+const LISTENER_RECHECK: Duration = Duration::from_millis(20);
 
 /// At most one keep-alive connection handed off to a less loaded worker per this long.
 const HAND_OFF_EVERY: Duration = Duration::from_millis(100);
@@ -421,7 +425,7 @@ async fn serve(
 
     let listener = match listener
         .set_nonblocking(true)
-        .and_then(|_| TcpListener::from_std(listener))
+        .and_then(|_| listener::register(listener))
     {
         Ok(l) => l,
         Err(e) => {
@@ -507,6 +511,9 @@ async fn serve(
     });
 
     let mut listener = Some(listener);
+    // The listener while the shared socket does not listen (shut down by a plugin): out of the
+    // reactor, checked every `LISTENER_RECHECK` until the master re-armed it.
+    let mut parked: Option<std::net::TcpListener> = None;
     let mut deadline: Option<Instant> = None;
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -524,32 +531,38 @@ async fn serve(
     .collect();
     let mut conns = shared.connections.subscribe();
 
-    let start_drain =
-        |listener: &mut Option<TcpListener>, deadline: &mut Option<Instant>, why: &str| {
-            if deadline.is_none() {
-                tracing::info!(reason = why, "draining");
-                *listener = None;
-                shared.draining.store(true, Ordering::SeqCst);
-                if let Some((table, cell)) = &shared.accept_table {
-                    table.clear(*cell);
-                }
-                shared.drain.fire();
-                // Long-lived handlers (WebSocket, event streams) learn it and wind down.
-                shared.plugin.on_drain();
-                *deadline = Some(Instant::now() + graceful_timeout);
+    let start_drain = |listener: &mut Option<AsyncFd<std::net::TcpListener>>,
+                       deadline: &mut Option<Instant>,
+                       why: &str| {
+        if deadline.is_none() {
+            tracing::info!(reason = why, "draining");
+            *listener = None;
+            shared.draining.store(true, Ordering::SeqCst);
+            if let Some((table, cell)) = &shared.accept_table {
+                table.clear(*cell);
             }
-        };
+            shared.drain.fire();
+            // Long-lived handlers (WebSocket, event streams) learn it and wind down.
+            shared.plugin.on_drain();
+            *deadline = Some(Instant::now() + graceful_timeout);
+        }
+    };
 
     let cut = loop {
         tokio::select! {
             accepted = async {
                 shared.step_aside().await;
-                listener.as_ref().expect("guarded").accept().await
+                listener::accept(listener.as_ref().expect("guarded")).await
             }, if listener.is_some() => {
                 match accepted {
                     // Its client gave up while it waited in the backlog: do not run its request.
-                    Ok((stream, _peer)) if backlog::client_gone(&stream) => backlog::note_dropped(),
-                    Ok((stream, _peer)) => {
+                    Ok(listener::Accepted::Connection(stream)) if backlog::client_gone(&stream) => {
+                        backlog::note_dropped()
+                    }
+                    Ok(listener::Accepted::Connection(stream)) => {
+                        let Ok(stream) = TcpStream::from_std(stream) else {
+                            continue;
+                        };
                         spawn_connection(shared.clone(), stream);
                         // Let the new connection read its first request (and count itself for
                         // balance, if it will stay) before the next accept looks at the counts.
@@ -604,6 +617,45 @@ async fn serve(
                             None => tokio::time::sleep(Duration::from_millis(10)).await,
                         }
                     }
+                    Ok(listener::Accepted::HungUp) => {
+                        // Shut down (by a plugin, here or in another worker). Out of the reactor
+                        // until it listens again; the master re-arms it.
+                        let lost = listener::check(listener_id).err();
+                        if let Some(l) = listener.take() {
+                            match lost {
+                                Some(ref lost) if lost.own_fd => std::mem::forget(l),
+                                _ => parked = Some(l.into_inner()),
+                            }
+                        }
+                        match lost {
+                            Some(lost) => {
+                                tracing::warn!("{}; waiting for the master to re-arm it", lost.reason);
+                                if lost.own_fd {
+                                    parked = None;
+                                }
+                                let _ = tx
+                                    .send(&WorkerToMaster::ListenerLost {
+                                        own_fd: lost.own_fd,
+                                        reason: lost.reason,
+                                    })
+                                    .await;
+                            }
+                            // Re-armed already: register it again at once.
+                            None => {
+                                listener = parked.take().and_then(|l| {
+                                    listener::register(l).ok()
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep(LISTENER_RECHECK), if parked.is_some() && deadline.is_none() => {
+                if listener::check(listener_id).is_ok() {
+                    tracing::info!("the listening socket listens again; accepting");
+                    listener = parked
+                        .take()
+                        .and_then(|l| listener::register(l).ok());
                 }
             }
             order = orders.recv() => match order {

@@ -23,7 +23,7 @@ use std::time::Duration;
 use socket2::SockRef;
 use tokio::time::Instant;
 
-use super::{Supervisor, WorkerId};
+use super::{Supervisor, WorkerId, WorkerState};
 use crate::protocol::ListenerStatus;
 
 /// What the supervisor knows about its listener.
@@ -78,6 +78,18 @@ impl Supervisor {
             }
         }
         let found = format!("the listening socket no longer listens (seen {why})");
+        if self
+            .workers
+            .values()
+            .any(|w| matches!(w.state, WorkerState::Starting { .. }))
+        {
+            // A starting worker's plugin may be the culprit (an ELF constructor): it checks the
+            // socket right after loading its plugin and is refused if it finds it down. Re-arm
+            // once it has, or else the check could pass on a socket re-armed under it.
+            return self.listener_failed(format!(
+                "{found}; re-armed once the workers starting now have loaded their plugin"
+            ));
+        }
         // `shutdown` on a listening socket disconnects it; if the port was the kernel's choice
         // it is released too. Bind it again (EINVAL: still bound) and listen.
         let rearm = match sock.bind(&self.cfg.listen.into()) {
@@ -144,6 +156,14 @@ impl Supervisor {
             self.request_recycle(id, format!("it cannot accept any more: {reason}"), false);
         } else {
             self.check_listener(&format!("by worker pid {pid}: {reason}"));
+        }
+    }
+
+    /// After any event, while the listener is down: a worker that was starting may have
+    /// checked it by now (see [`Supervisor::check_listener`]).
+    pub(super) fn recheck_listener_if_down(&mut self) {
+        if self.listener_health.down.is_some() && self.stopping.is_none() {
+            self.check_listener("again");
         }
     }
 

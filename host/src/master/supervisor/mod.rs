@@ -385,7 +385,10 @@ impl Supervisor {
             let next = self.next_deadline();
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Some(ev) => self.handle(ev),
+                    Some(ev) => {
+                        self.handle(ev);
+                        self.recheck_listener_if_down();
+                    }
                     None => return Err("the event channel closed".into()),
                 },
                 _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
@@ -397,6 +400,7 @@ impl Supervisor {
                         self.handle(ev);
                     }
                     self.on_timer(Instant::now());
+                    self.recheck_listener_if_down();
                 }
             }
         }

@@ -1,0 +1,259 @@
+//! One syscall in a plugin takes down neither the master, nor the listening socket, nor
+//! outlives `host stop` (issue 18, findings 6 to 8). Each test loads a fixture plugin that makes
+//! the call (`tests/fixtures/fixture-plugin`: the `truncate-table` and `ctor-shutdown-listener`
+//! builds, and the hostile routes of every build) into the real `host` binary and talks to it
+//! over real sockets:
+//!
+//! - truncating the shared worker table (its fd found through `/proc`, in an ELF constructor and
+//!   in `on_worker_start`) fails: the master lives and serves;
+//! - `shutdown(3, SHUT_RD)` in a handler: the master re-arms the socket and new connections are
+//!   served again within seconds; `status` and `/metrics` count the recovery;
+//! - the same in a constructor: the canary is refused, the old generation serves on;
+//! - `close(3)` in a handler: that worker is replaced, and no request fails;
+//! - a forked `setsid()` child that ignores SIGTERM and holds the listener: ended when its worker
+//!   leaves at a reload, and at `host stop`, after which `host start` gets the same port.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::{
+    Host, HostOptions, fixture_plugin, get, pid_alive, wait_old_workers_gone, wait_until,
+    worker_pids_in,
+};
+
+/// The value of the unlabeled sample `name`, or of the first whose labels contain `labels`.
+async fn metric(admin: SocketAddr, name: &str, labels: &str) -> f64 {
+    let reply = get(admin, "/metrics").await.expect("GET /metrics");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply
+        .body
+        .lines()
+        .find(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with(' ')
+                    || (l[name.len()..].starts_with('{') && l.contains(labels)))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name}{{{labels}}} in:\n{}", reply.body))
+}
+
+fn admin_addr(status: &Value) -> SocketAddr {
+    status["admin_listen"].as_str().unwrap().parse().unwrap()
+}
+
+fn with_admin(extra: &str) -> HostOptions {
+    HostOptions {
+        extra: format!("admin_listen = \"127.0.0.1:0\"\n{extra}"),
+        ..HostOptions::default()
+    }
+}
+
+/// Waits (`within`) until a new connection gets `fixture ok`; returns how long it took.
+async fn served_again(host: &Host, within: Duration) -> Duration {
+    let began = Instant::now();
+    loop {
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), get(host.addr, "/")).await
+            && r.status == 200
+            && r.body == "fixture ok\n"
+        {
+            return began.elapsed();
+        }
+        assert!(
+            began.elapsed() < within,
+            "no new connection served within {within:?}\n{}",
+            host.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `n` requests, each on a new connection, every one answered `fixture ok`.
+async fn all_served(host: &Host, n: usize) {
+    for i in 0..n {
+        let r = get(host.addr, "/")
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}\n{}", host.log()));
+        assert_eq!(r.body, "fixture ok\n", "request {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn truncating_the_worker_table_does_not_kill_the_master() {
+    let report = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let mut opts = with_admin("");
+    opts.env = vec![(
+        "FIXTURE_REPORT".into(),
+        report.to_str().unwrap().to_string(),
+    )];
+    let host = Host::start(&fixture_plugin("truncate-table"), opts).await;
+    let admin = admin_addr(&host.status().await);
+    // A reload runs the attack again in every new worker, with the master reading the table.
+    host.reload_ok().await;
+    all_served(&host, 20).await;
+    assert!(metric(admin, "host_http_requests_total", "class=\"2xx\"").await >= 20.0);
+    assert!(
+        pid_alive(host.master_pid),
+        "the master died\n{}",
+        host.log()
+    );
+
+    let text = std::fs::read_to_string(&report).unwrap();
+    // Both hooks of all four workers ran the attack; it found the table only in the master
+    // (its own fd was closed before its constructor ran), and every truncation failed.
+    assert!(text.matches("constructor").count() >= 4, "{text}");
+    assert!(text.contains("on_worker_start"), "{text}");
+    assert!(
+        !text.contains("constructor self") && !text.contains("on_worker_start self"),
+        "a worker still held the table's fd while its plugin ran:\n{text}"
+    );
+    assert!(
+        text.contains("parent"),
+        "the attack never found the table:\n{text}"
+    );
+    assert!(!text.contains("truncate: ok"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_shut_down_by_a_handler_is_re_armed() {
+    let host = Host::start(&fixture_plugin(""), with_admin("")).await;
+    let admin = admin_addr(&host.status().await);
+    assert_eq!(host.status().await["listener"]["recoveries"], 0);
+
+    let r = get(host.addr, "/shutdown-listener").await.unwrap();
+    assert_eq!(r.status, 200);
+    let took = served_again(&host, Duration::from_secs(10)).await;
+    eprintln!("served again {took:?} after the shutdown");
+    all_served(&host, 50).await;
+
+    let status = host.status().await;
+    let listener = &status["listener"];
+    assert_eq!(listener["up"], true, "{status}");
+    assert!(listener["recoveries"].as_u64().unwrap() >= 1, "{status}");
+    assert!(
+        listener["last_recovery"]
+            .as_str()
+            .unwrap()
+            .contains("no longer listens"),
+        "{status}"
+    );
+    assert!(metric(admin, "host_listener_recoveries_total", "").await >= 1.0);
+    assert_eq!(metric(admin, "host_listener_up", "").await, 1.0);
+    assert!(host.log().contains("re-armed it"), "{}", host.log());
+    // Nothing else had to change: the same workers serve, and a reload succeeds.
+    host.reload_ok().await;
+    all_served(&host, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_canary_whose_constructor_shuts_the_listener_down_is_refused() {
+    let host = Host::start(&fixture_plugin(""), with_admin("")).await;
+    let before = host.status().await;
+    host.install_plugin(&fixture_plugin("ctor-shutdown-listener"));
+    let out = host.cli(&["reload"]).await;
+    assert!(!out.status.success(), "{}", host.explain(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("broke the listening socket"),
+        "{}",
+        host.explain(&out)
+    );
+    served_again(&host, Duration::from_secs(10)).await;
+    all_served(&host, 20).await;
+    let status = host.status().await;
+    assert_eq!(status["generation"], before["generation"], "{status}");
+    assert_eq!(
+        worker_pids_in(&status, Some("ready")),
+        worker_pids_in(&before, Some("ready")),
+        "the old generation's workers serve on"
+    );
+    assert!(
+        status["listener"]["recoveries"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_whose_listener_fd_was_closed_is_replaced() {
+    let host = Host::start(&fixture_plugin(""), HostOptions::default()).await;
+    let before = host.worker_pids(Some("ready")).await;
+    let r = get(host.addr, "/close-listener-fd").await.unwrap();
+    let broken: u32 = r.body.trim().parse().unwrap();
+    assert!(before.contains(&broken));
+    // Requests keep coming, each on a new connection (the broken worker is woken by each and
+    // finds its fd gone); none fails, and the broken worker is replaced.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sent = 0;
+    loop {
+        all_served(&host, 5).await;
+        sent += 5;
+        let ready = host.worker_pids(Some("ready")).await;
+        if ready.len() == before.len() && !ready.contains(&broken) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker {broken} was not replaced; ready: {ready:?}\n{}",
+            host.log()
+        );
+    }
+    eprintln!("replaced after {sent} requests");
+    wait_old_workers_gone(&[broken]).await;
+    all_served(&host, 20).await;
+    assert!(host.log().contains("replacing it"), "{}", host.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forked_child_is_ended_at_reload_and_at_stop() {
+    // A fixed port: `host start` must get it again after `stop`.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let host = Host::start(
+        &fixture_plugin(""),
+        with_admin(&format!(
+            "listen = \"127.0.0.1:{port}\"\norphan_grace = \"300ms\""
+        )),
+    )
+    .await;
+    let admin = admin_addr(&host.status().await);
+    let fork = || async {
+        let r = get(host.addr, "/fork-holder").await.unwrap();
+        let pid: u32 = r.body.trim().parse().unwrap();
+        assert!(pid > 0 && pid_alive(pid), "{}", r.body);
+        pid
+    };
+
+    // A worker that leaves at a reload takes what it forked with it.
+    let first = fork().await;
+    let old = host.worker_pids(None).await;
+    host.reload_ok().await;
+    wait_old_workers_gone(&old).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the child of a drained worker to be ended",
+        || !pid_alive(first),
+    )
+    .await;
+    assert!(
+        metric(admin, "host_orphans_ended_total", "signal=\"SIGKILL\"").await >= 1.0,
+        "it ignores SIGTERM"
+    );
+
+    // `stop` answers once the child is gone, and the port is free again.
+    let second = fork().await;
+    let out = host.cli(&["stop"]).await;
+    assert!(out.status.success(), "{}", host.explain(&out));
+    assert!(!pid_alive(second), "the forked child outlived `host stop`");
+    let out = host.cli(&["start", "-d"]).await;
+    assert!(
+        out.status.success(),
+        "host start on the same port: {}",
+        host.explain(&out)
+    );
+    all_served(&host, 5).await;
+    let out = host.cli(&["stop"]).await;
+    assert!(out.status.success(), "{}", host.explain(&out));
+}
