@@ -1,7 +1,9 @@
 //! The master process: binds the listening socket once (or takes it from systemd, or from the
-//! master it replaces at `host upgrade`), raises the open-files limit the workers
-//! inherit ([`limits`]), owns the pidfile and the control socket, turns signals and control
-//! requests into [`Event`]s, and runs the [`Supervisor`]. [`systemd`] reports the supervisor's
+//! master it replaces at `host upgrade`; the supervisor re-arms that same socket if a plugin
+//! shuts it down), raises the open-files limit the workers inherit ([`limits`]), is the
+//! subreaper of everything the workers start ([`orphans`]: ended when their worker is gone,
+//! and before `stop` reports stopped), owns the pidfile and the control socket, turns signals
+//! and control requests into [`Event`]s, and runs the [`Supervisor`]. [`systemd`] reports the supervisor's
 //! [`Notice`]s to the service manager; [`upgrade`] starts a successor and hands everything over.
 //!
 //! This is the only part of the host that talks to the outside world besides the workers' HTTP.

@@ -6,11 +6,13 @@
 //! `accept` fails in a way that means the socket is gone.
 //!
 //! It owns the identity of the inherited socket (device and inode, read before any plugin code
-//! runs) and the two checks on fd 3 by number (`fstat`, `getsockopt(SO_ACCEPTCONN)`); it never
-//! closes, binds or re-arms anything (the master re-arms the shared socket).
+//! runs), the two checks on fd 3 by number (`fstat`, `getsockopt(SO_ACCEPTCONN)`), and the
+//! accept itself (see [`accept`]: tokio's would wedge the I/O thread once a shut-down socket is
+//! re-armed). It never closes, binds or re-arms anything (the master re-arms the shared socket).
 //!
-//! This is one of the places host code uses `unsafe`: two syscalls on a raw fd number that
-//! plugin code may have closed, where no `BorrowedFd` may be made.
+//! This is one of the places host code uses `unsafe`: syscalls on a raw fd number that plugin
+//! code may have closed, where no `BorrowedFd` may be made, `accept4`, and registering the
+//! socket with the reactor.
 
 #![allow(unsafe_code)]
 

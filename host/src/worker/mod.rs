@@ -3,7 +3,11 @@
 //! serves HTTP on the listening socket it inherited, and drains when told.
 //!
 //! Owns: the accept loop (which drops connections whose client is already gone, see
-//! [`backlog`]), per-connection HTTP (hyper, HTTP/1.1 and HTTP/2; the slowloris guard is
+//! [`backlog`], and checks that its listening socket is still there, see [`listener`]: a
+//! canary whose plugin broke it is refused, a closed fd 3 makes the worker ask for its
+//! replacement, a shut-down socket is left out of the reactor until the master re-arms it),
+//! the start order (the worker table is mapped and its fd closed before the plugin is loaded),
+//! per-connection HTTP (hyper, HTTP/1.1 and HTTP/2; the slowloris guard is
 //! [`head_timeout`]'s sweep, small writes are joined by [`coalesce`]), each request's path in
 //! [`request`] (the built-in `/_host/` routes; the plugin's handler on the I/O thread when the
 //! plugin declares it non-blocking, on the blocking [`pool`] otherwise), the heartbeat that tells the
