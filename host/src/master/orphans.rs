@@ -58,20 +58,47 @@ fn is_own(pid: u32) -> bool {
         .is_ok_and(|own| own.as_ref().is_some_and(|o| o.contains(&pid)))
 }
 
-/// The children of `parent` (from `/proc/<pid>/stat`), each with whether it is a zombie.
-fn children_of(parent: u32) -> Vec<(u32, bool)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
+/// The state letter and parent pid of `pid`, from `/proc/<pid>/stat`.
+fn state_and_parent(pid: u32) -> Option<(bool, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the parenthesized name (which may hold spaces and parentheses).
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let mut fields = rest.split_whitespace();
+    let zombie = fields.next()? == "Z";
+    let ppid: u32 = fields.next()?.parse().ok()?;
+    Some((zombie, ppid))
+}
+
+/// This process's children, each with whether it is a zombie: from each thread's
+/// `/proc/self/task/<tid>/children` where the kernel has it (`CONFIG_PROC_CHILDREN`), else from
+/// every process's `/proc/<pid>/stat` (slower on a machine with many processes).
+fn children_of_self() -> Vec<(u32, bool)> {
+    let me = std::process::id();
+    let listed: Option<Vec<u32>> = std::fs::read_dir("/proc/self/task").ok().and_then(|tasks| {
+        let mut pids = Vec::new();
+        for task in tasks.flatten() {
+            let text = std::fs::read_to_string(task.path().join("children")).ok()?;
+            pids.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        Some(pids)
+    });
+    let candidates: Vec<u32> = match listed {
+        Some(pids) => pids,
+        None => match std::fs::read_dir("/proc") {
+            Ok(dir) => dir
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .collect(),
+            Err(_) => return Vec::new(),
+        },
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    candidates
+        .into_iter()
         .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The fields after the parenthesized name (which may hold spaces and parentheses).
-            let (_, rest) = stat.rsplit_once(") ")?;
-            let mut fields = rest.split_whitespace();
-            let state = fields.next()?;
-            let ppid: u32 = fields.next()?.parse().ok()?;
-            (ppid == parent).then_some((pid, state == "Z"))
+            let (zombie, ppid) = state_and_parent(pid)?;
+            (ppid == me).then_some((pid, zombie))
         })
         .collect()
 }
@@ -99,8 +126,7 @@ impl Orphans {
     /// Looks at the master's children: reaps orphans that exited, sends SIGTERM to new ones and
     /// SIGKILL to those whose `grace` ran out.
     pub fn sweep(&mut self, now: Instant, grace: Duration) {
-        let me = std::process::id();
-        let children: Vec<(u32, bool)> = children_of(me)
+        let children: Vec<(u32, bool)> = children_of_self()
             .into_iter()
             .filter(|(pid, _)| !is_own(*pid))
             .collect();
