@@ -8,6 +8,9 @@
 //!   in `on_worker_start`) fails: the master lives and serves;
 //! - `shutdown(3, SHUT_RD)` in a handler: the master re-arms the socket and new connections are
 //!   served again within seconds; `status` and `/metrics` count the recovery;
+//! - a socket that cannot be re-armed (a child of the plugin took the port) is reported down by
+//!   `status` and `/metrics`, `reload` and `upgrade` do not report success, and it is re-armed
+//!   once the port is free;
 //! - the same in a constructor: the canary is refused, the old generation serves on;
 //! - `close(3)` in a handler: that worker is replaced, and no request fails;
 //! - a forked `setsid()` child that ignores SIGTERM and holds the listener: ended when its worker
@@ -143,6 +146,60 @@ async fn a_listener_shut_down_by_a_handler_is_re_armed() {
     // Nothing else had to change: the same workers serve, and a reload succeeds.
     host.reload_ok().await;
     all_served(&host, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_that_cannot_be_re_armed_is_reported_down() {
+    // The thief ignores SIGTERM: with this grace it outlives its worker's drain at the reload.
+    let host = Host::start(&fixture_plugin(""), with_admin("orphan_grace = \"60s\"")).await;
+    let admin = admin_addr(&host.status().await);
+    // A child of the plugin shuts the socket down and listens on its address itself.
+    let r = get(host.addr, "/steal-listener").await.unwrap();
+    let thief: u32 = r.body.trim().parse().unwrap();
+    let status = host
+        .wait_status("the listener reported down", |s| {
+            s["listener"]["up"] == false
+        })
+        .await;
+    let error = status["listener"]["error"].as_str().unwrap();
+    assert!(error.contains("re-arming it failed"), "{status}");
+    assert_eq!(metric(admin, "host_listener_up", "").await, 0.0);
+    let text = host.cli(&["status"]).await;
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("listener DOWN"),
+        "{}",
+        host.explain(&text)
+    );
+    // Neither an upgrade nor a reload reports success meanwhile.
+    let out = host.cli(&["upgrade"]).await;
+    assert!(!out.status.success(), "{}", host.explain(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listening socket is down"),
+        "{}",
+        host.explain(&out)
+    );
+    let out = host.cli(&["reload"]).await;
+    assert!(!out.status.success(), "{}", host.explain(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no connection reaches it"),
+        "{}",
+        host.explain(&out)
+    );
+    // Once the thief is gone, the next check re-arms the socket.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(thief as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    served_again(&host, Duration::from_secs(10)).await;
+    let status = host.status().await;
+    assert_eq!(status["listener"]["up"], true, "{status}");
+    assert!(
+        status["listener"]["recoveries"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    assert_eq!(metric(admin, "host_listener_up", "").await, 1.0);
+    host.reload_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -379,7 +379,8 @@ async fn serve(
             }
         }
     });
-    // Which socket fd 3 is, before plugin code can close or replace it.
+    // Which socket fd 3 is, before plugin code can close or replace it, and whether it listens
+    // (it may be down already, shut down by another worker's plugin: not this plugin's doing).
     let listener_id = match listener::identity(&listener) {
         Ok(id) => id,
         Err(e) => {
@@ -389,6 +390,7 @@ async fn serve(
             return ExitCode::FAILURE;
         }
     };
+    let listening_before = listener::check(listener_id).is_ok();
     let at = Placement {
         slot,
         generation,
@@ -413,7 +415,9 @@ async fn serve(
     tracing::info!(plugin = %plugin.info.name, version = %plugin.info.version, sha256 = %&plugin.info.sha256[..12], "plugin loaded");
     // Its constructors and `on_worker_start` ran: a plugin that closed fd 3 or shut the shared
     // socket down is refused (the master re-arms the shared socket).
-    if let Err(lost) = listener::check(listener_id) {
+    if let Err(lost) = listener::check(listener_id)
+        && (lost.own_fd || listening_before)
+    {
         let reason = format!(
             "loading the plugin (its constructors or on_worker_start) broke the listening socket: {}",
             lost.reason

@@ -132,7 +132,8 @@ impl Supervisor {
                 " (socket activation: the master cannot bind a socket of its own; restart the socket unit)",
             );
         }
-        if self.listener_health.down.as_ref() != Some(&reason) {
+        // One line when it goes down (and another when it is back up); `status` has the latest.
+        if self.listener_health.down.is_none() {
             tracing::error!("{reason}; new connections are refused until it is recovered");
         }
         self.listener_health.down = Some(reason);
