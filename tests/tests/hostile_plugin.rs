@@ -41,6 +41,18 @@ async fn metric(admin: SocketAddr, name: &str, labels: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name}{{{labels}}} in:\n{}", reply.body))
 }
 
+/// SIGKILLs a process the test's plugin started, when dropped (forgotten once it is gone).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 fn admin_addr(status: &Value) -> SocketAddr {
     status["admin_listen"].as_str().unwrap().parse().unwrap()
 }
@@ -156,6 +168,8 @@ async fn a_listener_that_cannot_be_re_armed_is_reported_down() {
     // A child of the plugin shuts the socket down and listens on its address itself.
     let r = get(host.addr, "/steal-listener").await.unwrap();
     let thief: u32 = r.body.trim().parse().unwrap();
+    // Killed however the test ends: it ignores SIGTERM and would outlive a failed test.
+    let _thief = KillOnDrop(thief);
     let status = host
         .wait_status("the listener reported down", |s| {
             s["listener"]["up"] == false
@@ -186,11 +200,7 @@ async fn a_listener_that_cannot_be_re_armed_is_reported_down() {
         host.explain(&out)
     );
     // Once the thief is gone, the next check re-arms the socket.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(thief as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    drop(_thief);
     served_again(&host, Duration::from_secs(10)).await;
     let status = host.status().await;
     assert_eq!(status["listener"]["up"], true, "{status}");
@@ -285,6 +295,7 @@ async fn a_forked_child_is_ended_at_reload_and_at_stop() {
 
     // A worker that leaves at a reload takes what it forked with it.
     let first = fork().await;
+    let _first = KillOnDrop(first);
     let old = host.worker_pids(None).await;
     host.reload_ok().await;
     wait_old_workers_gone(&old).await;
@@ -294,6 +305,8 @@ async fn a_forked_child_is_ended_at_reload_and_at_stop() {
         || !pid_alive(first),
     )
     .await;
+    // Gone: its pid may be reused, never kill it again.
+    std::mem::forget(_first);
     assert!(
         metric(admin, "host_orphans_ended_total", "signal=\"SIGKILL\"").await >= 1.0,
         "it ignores SIGTERM"
@@ -301,9 +314,11 @@ async fn a_forked_child_is_ended_at_reload_and_at_stop() {
 
     // `stop` answers once the child is gone, and the port is free again.
     let second = fork().await;
+    let _second = KillOnDrop(second);
     let out = host.cli(&["stop"]).await;
     assert!(out.status.success(), "{}", host.explain(&out));
     assert!(!pid_alive(second), "the forked child outlived `host stop`");
+    std::mem::forget(_second);
     let out = host.cli(&["start", "-d"]).await;
     assert!(
         out.status.success(),
