@@ -129,10 +129,15 @@ pub async fn run(build: &str, dir: &Path) -> BuildReport {
     let output = match cmd.spawn() {
         Ok(child) => {
             // The master's own child, not an orphan a worker left behind.
-            if let Some(pid) = child.id() {
+            let pid = child.id();
+            if let Some(pid) = pid {
                 crate::master::orphans::own(pid);
             }
-            child.wait_with_output().await
+            let output = child.wait_with_output().await;
+            if let Some(pid) = pid.filter(|_| output.is_ok()) {
+                crate::master::orphans::disown(pid);
+            }
+            output
         }
         Err(e) => Err(e),
     };

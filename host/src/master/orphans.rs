@@ -2,7 +2,8 @@
 //! process does not die with its worker and, forked without `exec`, it holds the listening
 //! socket. The master is a child subreaper (`PR_SET_CHILD_SUBREAPER`), so every such process is
 //! reparented to it, not to init, once the worker (or whatever parent it had below the master)
-//! exits. Such an orphan is ended at once: SIGTERM, then SIGKILL if it is still there
+//! exits (any process reparented to the master that it did not start itself counts: one a
+//! dev-mode build left running in the background too). Such an orphan is ended at once: SIGTERM, then SIGKILL if it is still there
 //! `orphan_grace` later. So nothing a worker started outlives the worker by more than
 //! `orphan_grace` (its exit during a reload included), and `stop` reports stopped, and releases
 //! the port, only once every one of them is gone.
