@@ -637,7 +637,17 @@ async fn serve(
                         }
                         match lost {
                             Some(lost) => {
-                                tracing::warn!("{}; waiting for the master to re-arm it", lost.reason);
+                                static HUNG_UP: crate::ratelimit::RateLimit =
+                                    crate::ratelimit::RateLimit::per_second();
+                                if let Some(suppressed) =
+                                    HUNG_UP.hit(&std::io::ErrorKind::Other.into())
+                                {
+                                    tracing::warn!(
+                                        suppressed,
+                                        "{}; waiting for the master to re-arm it",
+                                        lost.reason
+                                    );
+                                }
                                 if lost.own_fd {
                                     parked = None;
                                 }
@@ -660,7 +670,7 @@ async fn serve(
             }
             _ = tokio::time::sleep(LISTENER_RECHECK), if parked.is_some() && deadline.is_none() => {
                 if listener::check(listener_id).is_ok() {
-                    tracing::info!("the listening socket listens again; accepting");
+                    tracing::debug!("the listening socket listens again; accepting");
                     listener = parked
                         .take()
                         .and_then(|l| listener::register(l).ok());

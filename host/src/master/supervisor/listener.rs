@@ -115,11 +115,17 @@ impl Supervisor {
                 self.listener_health.recoveries += 1;
                 self.listener_health.down = None;
                 self.listener_health.last_recovery = Some((super::unix_now(), found.clone()));
-                tracing::warn!(
-                    listen = %self.cfg.listen,
-                    recoveries = self.listener_health.recoveries,
-                    "{found}: a plugin shut it down; re-armed it, every worker accepts again"
-                );
+                // A plugin that does it on every request must not flood the log.
+                static REARMED: crate::ratelimit::RateLimit =
+                    crate::ratelimit::RateLimit::per_second();
+                if let Some(suppressed) = REARMED.hit(&std::io::ErrorKind::Other.into()) {
+                    tracing::warn!(
+                        listen = %self.cfg.listen,
+                        recoveries = self.listener_health.recoveries,
+                        suppressed,
+                        "{found}: a plugin shut it down; re-armed it, every worker accepts again"
+                    );
+                }
                 true
             }
             Err(e) => self.listener_failed(format!("{found}, and re-arming it failed: {e}")),
