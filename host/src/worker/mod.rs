@@ -359,8 +359,6 @@ async fn serve(
     // Before the plugin starts: `restart_worker()` may be called from `on_worker_start` on.
     let (recycle_tx, mut recycle_rx) = mpsc::unbounded_channel::<(String, bool)>();
     let _ = RECYCLE_REQUESTS.set(recycle_tx.clone());
-    // The on-start hook: load this generation's plugin. Everything linked into `host` is frozen;
-    // this is the code a reload refreshes.
     // The worker table, mapped and its fd closed before any plugin code runs (loading runs the
     // plugin's ELF constructors): plugin code never holds the memfd, so it cannot truncate it
     // under the master (it is sealed besides, see `accept_table`).
@@ -391,6 +389,8 @@ async fn serve(
         }
     };
     let listening_before = listener::check(listener_id).is_ok();
+    // The on-start hook: load this generation's plugin. Everything linked into `host` is frozen;
+    // this is the code a reload refreshes.
     let at = Placement {
         slot,
         generation,
