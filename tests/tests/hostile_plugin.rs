@@ -12,6 +12,7 @@
 //!   `status` and `/metrics`, `reload` and `upgrade` do not report success, and it is re-armed
 //!   once the port is free;
 //! - the same in a constructor: the canary is refused, the old generation serves on;
+//! - the same on a socket systemd passed (`LISTEN_FDS`): re-armed too;
 //! - `close(3)` in a handler: that worker is replaced, and no request fails;
 //! - a forked `setsid()` child that ignores SIGTERM and holds the listener: ended when its worker
 //!   leaves at a reload, and at `host stop`, after which `host start` gets the same port.
@@ -328,4 +329,100 @@ async fn a_forked_child_is_ended_at_reload_and_at_stop() {
     all_served(&host, 5).await;
     let out = host.cli(&["stop"]).await;
     assert!(out.status.success(), "{}", host.explain(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_socket_passed_by_systemd_is_re_armed_too() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::Builder::new()
+        .prefix("host-it-")
+        .tempdir()
+        .unwrap();
+    tests::install(&fixture_plugin(""), &dir.path().join("plugin.so"));
+    let activated = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = activated.local_addr().unwrap();
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "workers = 2\nlisten = \"{addr}\"\nplugin = \"plugin.so\"\nstate_dir = \"state\"\n"
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("foreground.log")).unwrap();
+    let fd = activated.as_raw_fd();
+    // As systemd does (see lifecycle.rs): the socket on fd 3, LISTEN_FDS=1, LISTEN_PID.
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+        .arg(tests::host_bin())
+        .arg("-c")
+        .arg(&config)
+        .arg("start")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: runs in the forked child before exec; dup2 and fcntl are async-signal-safe and
+    // touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                let flags = nix::libc::fcntl(3, nix::libc::F_GETFD);
+                nix::libc::fcntl(3, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC);
+            } else if nix::libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(dir.path().join("foreground.log")).unwrap();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(tests::host_bin())
+            .arg("-c")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(20), "the host to serve", || {
+        read_log().contains("generation 1 is serving")
+    })
+    .await;
+    // Only the host holds the socket now.
+    drop(activated);
+    let r = get(addr, "/shutdown-listener").await.unwrap();
+    assert_eq!(r.status, 200, "{}", read_log());
+    let began = Instant::now();
+    loop {
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), get(addr, "/")).await
+            && r.body == "fixture ok\n"
+        {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "not served again:\n{}",
+            read_log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = cli(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["listener"]["activated"], true, "{status}");
+    assert_eq!(status["listener"]["up"], true, "{status}");
+    assert!(
+        status["listener"]["recoveries"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    let out = cli(&["stop"]);
+    assert!(out.status.success(), "{}", read_log());
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the foreground master exits after stop")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}\n{}", read_log());
 }
