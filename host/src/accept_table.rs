@@ -19,6 +19,13 @@
 //! writes its cell (from its I/O thread; request body bytes also from the threads that poll the
 //! body); the master and the other workers only read. Every access is through atomics.
 //!
+//! The memfd is sealed against shrinking and growing before any worker exists, and a worker maps
+//! it and closes its fd before it loads its plugin: plugin code (an ELF constructor, a handler)
+//! can neither truncate the table under the master (which would die of SIGBUS at its next
+//! read) nor find its fd. It can still write garbage into any cell through the mapping, so
+//! everything read from the table is only a number to report: lengths are clamped to their
+//! fields, strings decoded lossily, sums wrap, and no value found there is used as an index.
+//!
 //! This is one of the places host code uses `unsafe`: mapping the table. It reads and writes
 //! cells; it decides nothing.
 
@@ -68,6 +75,8 @@ pub enum TableError {
     Create(#[source] nix::Error),
     #[error("cannot map the worker table")]
     Map(#[source] nix::Error),
+    #[error("the worker table is not sealed against shrinking")]
+    NotSealed,
     #[error("the worker table has {found} bytes, expected at least {expected}")]
     TooSmall { found: u64, expected: u64 },
 }
@@ -113,12 +122,24 @@ impl Table {
     /// records start zeroed (free) and stay untouched pages until a worker uses them.
     pub fn create(cells: usize) -> Result<(Table, OwnedFd), TableError> {
         let cells = cells.max(1);
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        use nix::sys::memfd::MFdFlags;
         let fd = nix::sys::memfd::memfd_create(
             c"host-worker-table",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
         )
         .map_err(TableError::Create)?;
         nix::unistd::ftruncate(&fd, byte_len(cells) as i64).map_err(TableError::Create)?;
+        // Its size is final: a plugin that finds the fd (or reopens it through /proc) and
+        // truncates it would otherwise make every process that maps it, the master first, die
+        // of SIGBUS at its next touch.
+        fcntl(
+            &fd,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )
+        .map_err(TableError::Create)?;
         let table = Table::map(&fd, cells)?;
         for count in table.counts {
             count.store(INACTIVE, Ordering::Relaxed);
@@ -126,10 +147,17 @@ impl Table {
         Ok((table, fd))
     }
 
-    /// Maps a table of `cells` cells from `fd`: a worker's, once at start.
+    /// Maps a table of `cells` cells from `fd`: a worker's, once at start, before any plugin
+    /// code runs (the worker closes `fd` right after). Refuses a table that is not sealed
+    /// against shrinking: one a plugin could truncate under the master.
     pub fn map(fd: &impl AsFd, cells: usize) -> Result<Table, TableError> {
         let cells = cells.max(1);
         let len = byte_len(cells);
+        let seals = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
+            .map_err(TableError::Map)?;
+        if seals & nix::libc::F_SEAL_SHRINK == 0 {
+            return Err(TableError::NotSealed);
+        }
         let found = nix::sys::stat::fstat(fd.as_fd())
             .map_err(TableError::Map)?
             .st_size as u64;
@@ -414,6 +442,51 @@ mod tests {
         assert!(master.counters(3).is_none());
         master.reset(1);
         assert_eq!(worker.counters(1).unwrap().read().answered(), 0);
+    }
+
+    #[test]
+    fn the_table_cannot_be_resized() {
+        let (master, fd) = Table::create(2).unwrap();
+        assert!(nix::unistd::ftruncate(&fd, 0).is_err(), "shrink refused");
+        assert!(
+            nix::unistd::ftruncate(&fd, 1 << 30).is_err(),
+            "grow refused"
+        );
+        master.publish(0, 1);
+        assert!(Table::map(&fd, 2).is_ok());
+        // An unsealed table (not the master's) is refused.
+        let loose = nix::sys::memfd::memfd_create(c"loose", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .unwrap();
+        nix::unistd::ftruncate(&loose, byte_len(2) as i64).unwrap();
+        assert!(matches!(Table::map(&loose, 2), Err(TableError::NotSealed)));
+    }
+
+    #[test]
+    fn garbage_in_a_cell_reads_as_bounded_values() {
+        let (master, fd) = Table::create(2).unwrap();
+        let worker = Table::map(&fd, 2).unwrap();
+        // What a hostile plugin could write through the mapping: every byte 0xff.
+        for r in &worker.requests[1].records {
+            r.head.store(u64::MAX, Ordering::Relaxed);
+            r.started_us.store(u64::MAX, Ordering::Relaxed);
+            r.method.store(u64::MAX, Ordering::Relaxed);
+            for w in &r.path {
+                w.store(u64::MAX, Ordering::Relaxed);
+            }
+        }
+        worker.requests[1]
+            .overflow
+            .store(u64::MAX, Ordering::Relaxed);
+        worker.counts[1].store(u32::MAX - 1, Ordering::Relaxed);
+        let (seen, more) = master.in_flight(1, 0);
+        assert_eq!((seen.len(), more), (RECORDS, u64::MAX));
+        assert!(
+            seen.iter()
+                .all(|r| r.path.chars().count() <= PATH_BYTES && r.age_us == 0)
+        );
+        assert_eq!(master.others_total(0), u64::from(u32::MAX - 1));
+        master.reset(1);
+        assert!(master.in_flight(1, 0).0.is_empty());
     }
 
     #[test]

@@ -308,6 +308,13 @@ pub(crate) fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Res
     if let Some(admin) = &report.admin_listen {
         println!("metrics http://{admin}/metrics");
     }
+    let l = &report.listener;
+    if let Some(error) = &l.error {
+        println!("listener DOWN: {error}");
+    }
+    if let Some(last) = &l.last_recovery {
+        println!("listener re-armed {} times; last: {last}", l.recoveries);
+    }
     println!(
         "{:<5} {:<8} {:<4} {:<9} {:>9} {:>9}  {:<12}  PLUGIN",
         "SLOT", "PID", "GEN", "STATE", "REQUESTS", "RSS", "CONFIG"

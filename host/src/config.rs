@@ -118,6 +118,12 @@ pub struct Config {
     /// Keys set on the command line (dev mode's flags), not in the file: a reload that re-reads
     /// the file does not count them as changed.
     pub overridden: Vec<&'static str>,
+    /// How often the master checks that the shared listening socket still listens (a plugin
+    /// can shut it down for every worker with one call); it re-arms it when it does not.
+    pub listener_check_interval: Duration,
+    /// Processes the workers left behind (the master is their subreaper) get SIGTERM, then
+    /// SIGKILL this much later.
+    pub orphan_grace: Duration,
 }
 
 /// The `[plugin_config]` table as JSON text (what the plugin receives), and that text's sha256
@@ -206,6 +212,8 @@ struct RawConfig {
     blocking_queue: Option<i64>,
     blocking_abandoned_threads: Option<i64>,
     max_slow_paths: Option<i64>,
+    listener_check_interval: Option<String>,
+    orphan_grace: Option<String>,
 }
 
 /// A size: a number of bytes, or a string like `"512MiB"`.
@@ -359,7 +367,9 @@ impl Config {
             blocking_threads,
             blocking_queue,
             blocking_abandoned_threads,
-            max_slow_paths
+            max_slow_paths,
+            listener_check_interval,
+            orphan_grace
         );
         // Its default follows `workers`: named only when it changed by itself.
         if new.max_draining_workers != self.max_draining_workers && new.workers == self.workers {
@@ -728,6 +738,13 @@ impl Config {
             blocking_abandoned_threads,
             max_slow_paths,
             overridden: Vec::new(),
+            listener_check_interval: duration(
+                "listener_check_interval",
+                &raw.listener_check_interval,
+                "1s",
+                MAX_WAIT,
+            )?,
+            orphan_grace: duration("orphan_grace", &raw.orphan_grace, "2s", MAX_WAIT)?,
         })
     }
 
@@ -1351,6 +1368,8 @@ mod tests {
             "blocking_queue",
             "blocking_abandoned_threads",
             "max_slow_paths",
+            "listener_check_interval",
+            "orphan_grace",
         ];
 
         /// A `[plugin_config]` table: nested tables and arrays of any TOML value, including ones
@@ -1382,7 +1401,8 @@ mod tests {
             let typed = match key {
                 "graceful_timeout" | "start_timeout" | "idle_grace" | "header_read_timeout"
                 | "watch_debounce" | "body_read_timeout" | "worker_timeout"
-                | "keepalive_timeout" | "send_timeout" => (
+                | "keepalive_timeout" | "send_timeout" | "listener_check_interval"
+                | "orphan_grace" => (
                     prop_oneof![3 => 0u64..100, 1 => 0u64..100_000_000, 1 => any::<u64>()],
                     prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d"]),
                 )
@@ -1515,6 +1535,8 @@ mod tests {
                             ("worker_timeout", c.worker_timeout),
                             ("keepalive_timeout", c.keepalive_timeout),
                             ("send_timeout", c.send_timeout),
+                            ("listener_check_interval", c.listener_check_interval),
+                            ("orphan_grace", c.orphan_grace),
                         ] {
                             bounded(key, d);
                         }

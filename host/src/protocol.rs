@@ -184,6 +184,11 @@ pub enum WorkerToMaster {
     },
     /// Sent by the worker's I/O thread at a steady beat once ready: it is not wedged.
     Heartbeat,
+    /// `accept` failed in a way that means the listener is gone (EBADF, ENOTSOCK, EINVAL):
+    /// `own_fd` when this worker's fd 3 was closed or now names something else (the worker
+    /// stopped accepting and wants a replacement); otherwise the shared socket no longer
+    /// listens (the worker retries; the master re-arms it). At most once a second.
+    ListenerLost { own_fd: bool, reason: String },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -339,6 +344,36 @@ pub struct StatusReport {
     /// Dev mode: the last build the watcher ran (`null` without `build`, or before the first).
     #[serde(default)]
     pub last_build: Option<BuildReport>,
+    /// Whether the shared listening socket listens, and its recoveries.
+    #[serde(default)]
+    pub listener: ListenerStatus,
+}
+
+/// The listening socket as `status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// It listens (or was re-armed at its last check).
+    pub up: bool,
+    /// Why it is down, while it is.
+    pub error: Option<String>,
+    /// Times it was found not listening (a plugin shut it down) and re-armed.
+    pub recoveries: u64,
+    /// What the last recovery found, and when.
+    pub last_recovery: Option<String>,
+    /// Passed by systemd (`LISTEN_FDS`): the master cannot bind a new one.
+    pub activated: bool,
+}
+
+impl Default for ListenerStatus {
+    fn default() -> Self {
+        ListenerStatus {
+            up: true,
+            error: None,
+            recoveries: 0,
+            last_recovery: None,
+            activated: false,
+        }
+    }
 }
 
 /// The outcome of one dev-mode build (`build`, `--build`), as `status` shows it: a failed one

@@ -71,6 +71,14 @@ pub(crate) struct MetricsReport {
     pub master_limit_hits: Vec<(&'static str, u64)>,
     /// Files of `state_dir` recreated after they went missing, by what.
     pub state_dir_repairs: Vec<(&'static str, u64)>,
+    /// The shared listening socket: whether it listens (1) or is down (0), and how often it
+    /// was found shut down (by a plugin) and re-armed.
+    pub listener_up: bool,
+    pub listener_recoveries: u64,
+    /// Processes the workers left behind that the master ended: all, and those that needed
+    /// SIGKILL.
+    pub orphans_ended: u64,
+    pub orphans_killed: u64,
 }
 
 /// One generation's requests, summed over its live workers and the ones that exited.
@@ -320,7 +328,8 @@ impl Collector for MetricsReport {
                     .encode_family(&labels)?
                     .encode_histogram::<NoLabelSet>(
                         t.latency_sum_us as f64 / 1e6,
-                        t.latency.iter().sum(),
+                        // Wrapping: the buckets come from a table plugins can write to.
+                        t.latency.iter().fold(0u64, |a, &b| a.wrapping_add(b)),
                         &buckets,
                         None,
                     )?;
@@ -451,6 +460,41 @@ impl Collector for MetricsReport {
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
         }
+        encoder
+            .encode_descriptor(
+                "host_listener_up",
+                "Whether the shared listening socket listens (0: down, connections refused)",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&i64::from(self.listener_up))?;
+        encoder
+            .encode_descriptor(
+                "host_listener_recoveries",
+                "Times the listening socket was found not listening (a plugin shut it down) and re-armed",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, u64>(&self.listener_recoveries, None)?;
+        {
+            let mut metric = encoder.encode_descriptor(
+                "host_orphans_ended",
+                "Processes the workers left behind (forked by a plugin) that the master ended, by the signal that ended them",
+                None,
+                MetricType::Counter,
+            )?;
+            for (signal, n) in [
+                (
+                    "SIGTERM",
+                    self.orphans_ended.saturating_sub(self.orphans_killed),
+                ),
+                ("SIGKILL", self.orphans_killed),
+            ] {
+                metric
+                    .encode_family(&[("signal", signal)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
         {
             let mut metric = encoder.encode_descriptor(
                 "host_worker_kills",
@@ -524,6 +568,7 @@ mod tests {
             worker_kills: vec![("hung", 0)],
             master_limit_hits: vec![("max_draining_workers", 1)],
             state_dir_repairs: vec![("control_socket", 2)],
+            ..MetricsReport::default()
         };
         let text = encode(report).unwrap();
         // prometheus-client writes `le` first; label order does not matter to Prometheus.

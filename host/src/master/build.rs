@@ -122,10 +122,25 @@ pub async fn run(build: &str, dir: &Path) -> BuildReport {
     tracing::info!(command = build, "building");
     let started_at = unix_now();
     let began = Instant::now();
-    let output = tokio::process::Command::from(command(build, dir))
-        .kill_on_drop(true)
-        .output()
-        .await;
+    let mut cmd = tokio::process::Command::from(command(build, dir));
+    cmd.kill_on_drop(true)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = match cmd.spawn() {
+        Ok(child) => {
+            // The master's own child, not an orphan a worker left behind.
+            let pid = child.id();
+            if let Some(pid) = pid {
+                crate::master::orphans::own(pid);
+            }
+            let output = child.wait_with_output().await;
+            if let Some(pid) = pid.filter(|_| output.is_ok()) {
+                crate::master::orphans::disown(pid);
+            }
+            output
+        }
+        Err(e) => Err(e),
+    };
     let elapsed = began.elapsed();
     let took = humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64));
     let error = match output {

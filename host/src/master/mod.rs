@@ -1,10 +1,12 @@
 //! The master process: binds the listening socket once (or takes it from systemd, or from the
-//! master it replaces at `host upgrade`), raises the open-files limit the workers
-//! inherit ([`limits`]), owns the pidfile and the control socket in a `state_dir` it checks,
-//! creates and keeps ([`state_dir`]: refused when others can write it, recreated when deleted),
-//! turns signals and control requests into [`Event`]s, and runs the [`Supervisor`]. [`systemd`]
-//! reports the supervisor's [`Notice`]s to the service manager; [`upgrade`] starts a successor
-//! and hands everything over.
+//! master it replaces at `host upgrade`; the supervisor re-arms that same socket if a plugin
+//! shuts it down), raises the open-files limit the workers inherit ([`limits`]), is the
+//! subreaper of everything the workers start ([`orphans`]: ended when their worker is gone,
+//! and before `stop` reports stopped), owns the pidfile and the control socket in a `state_dir`
+//! it checks, creates and keeps ([`state_dir`]: refused when others can write it, recreated
+//! when deleted), turns signals and control requests into [`Event`]s, and runs the
+//! [`Supervisor`]. [`systemd`] reports the supervisor's [`Notice`]s to the service manager;
+//! [`upgrade`] starts a successor and hands everything over.
 //!
 //! This is the only part of the host that talks to the outside world besides the workers' HTTP.
 //! It never loads plugin code and never serves HTTP itself. It runs on a single-threaded runtime
@@ -15,6 +17,7 @@ pub mod admin;
 pub mod build;
 pub mod control;
 pub mod limits;
+pub(crate) mod orphans;
 pub mod pidfile;
 pub mod snapshot;
 pub mod state_dir;
@@ -191,6 +194,7 @@ async fn serve(
         (None, None) => Err(std::io::Error::other("no pidfile")),
     };
     let upgraded = handover.is_some();
+    let mut activated = false;
     let (listener, control) = match handover {
         Some(h) => (h.listener, ControlSocket::AfterTakeOver(h.successor)),
         None => {
@@ -198,6 +202,7 @@ async fn serve(
             let listener = match systemd::activated_listener()? {
                 Some(listener) => {
                     tracing::info!("serving on the socket systemd passed (LISTEN_FDS)");
+                    activated = true;
                     listener
                 }
                 None => bind_listener(&cfg)?,
@@ -230,8 +235,10 @@ async fn serve(
         build = crate::worker::HOST_BUILD,
         "master starting"
     );
-    // Before any worker is spawned: workers inherit the raised limit.
+    // Before any worker is spawned: workers inherit the raised limit, and whatever they start
+    // is reparented to this process when they exit (see `orphans`).
     limits::raise_nofile().log();
+    orphans::become_subreaper();
     let (events, rx) = mpsc::unbounded_channel();
     forward_signal(
         SignalKind::hangup(),
@@ -259,6 +266,17 @@ async fn serve(
         &events,
     )?;
     forward_signal(SignalKind::quit(), SignalAction::Stop("SIGQUIT"), &events)?;
+    {
+        let mut children = signal(SignalKind::child()).map_err(MasterError::Signals)?;
+        let events = events.clone();
+        tokio::spawn(async move {
+            while children.recv().await.is_some() {
+                if events.send(Event::ChildSignal).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     if cfg.watch {
         watch::spawn(&cfg, events.clone())?;
     }
@@ -295,8 +313,9 @@ async fn serve(
         shutdown_rx,
         admin_shutdown,
     ));
-    let mut supervisor =
-        Supervisor::new(cfg.clone(), listener, events, start_notify).with_notices(notices);
+    let mut supervisor = Supervisor::new(cfg.clone(), listener, events, start_notify)
+        .with_notices(notices)
+        .with_activated_listener(activated);
     match pidfile_fd {
         Ok(fd) => supervisor = supervisor.with_launcher(upgrade::Launcher::capture(fd)),
         Err(e) => {

@@ -136,6 +136,8 @@ impl Launcher {
             .spawn()
             .map_err(|e| failed("exec", e))?;
         let pid = child.id().unwrap_or(0);
+        // The master's own child, not an orphan to end (it outlives this master).
+        crate::master::orphans::own(pid);
         let (cancel, cancelled) = oneshot::channel();
         tokio::spawn(watch(child, ours, exe, deadline, cancelled, events));
         Ok((pid, cancel))
@@ -243,7 +245,9 @@ async fn watch(
     if outcome.is_err() {
         // Its workers die with it (PR_SET_PDEATHSIG); wait briefly so it is gone when we answer.
         let _ = child.start_kill();
-        let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+            crate::master::orphans::disown(pid);
+        }
     }
     let _ = events.send(Event::Upgraded(outcome));
 }

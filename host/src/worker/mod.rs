@@ -3,11 +3,15 @@
 //! serves HTTP on the listening socket it inherited, and drains when told.
 //!
 //! Owns: the accept loop (which drops connections whose client is already gone, see
-//! [`backlog`], and stops accepting while the worker holds `max_connections`), per-connection
-//! HTTP (hyper, HTTP/1.1 and HTTP/2, with HTTP/2's streams, per-stream send buffer and pings
-//! bounded; the slowloris guard and `keepalive_timeout` are [`head_timeout`]'s sweep, a write
-//! that makes no progress for `send_timeout` ends its connection in [`send_timeout`], small
-//! writes are joined by [`coalesce`]), each request's path in
+//! [`backlog`], stops accepting while the worker holds `max_connections`, and checks that its
+//! listening socket is still there, see [`listener`]: a canary whose plugin broke it is
+//! refused, a closed fd 3 makes the worker ask for its replacement, a shut-down socket is left
+//! out of the reactor until the master re-arms it), the start order (the worker table is mapped
+//! and its fd closed before the plugin is loaded), per-connection HTTP (hyper, HTTP/1.1 and
+//! HTTP/2, with HTTP/2's streams, per-stream send buffer and pings bounded; the slowloris guard
+//! and `keepalive_timeout` are [`head_timeout`]'s sweep, a write that makes no progress for
+//! `send_timeout` ends its connection in [`send_timeout`], small writes are joined by
+//! [`coalesce`]), each request's path in
 //! [`request`] (the built-in `/_host/` routes; the plugin's handler on the I/O thread when the
 //! plugin declares it non-blocking, on the blocking [`pool`] otherwise), the heartbeat that tells the
 //! master its I/O thread still runs, and the drain. It counts each request in its cell of the
@@ -33,6 +37,7 @@ mod drain_signal;
 mod first_poll;
 mod h2_drain;
 mod head_timeout;
+mod listener;
 pub mod loader;
 mod pool;
 mod request;
@@ -51,7 +56,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -86,6 +92,9 @@ const ACCEPT_STEP_ASIDE_ROUNDS: u32 = 30;
 /// ...and only while the others keep taking connections: after this many steps in which they
 /// took none (busy, or hung), accept.
 const ACCEPT_STEP_ASIDE_IDLE_ROUNDS: u32 = 5;
+
+/// While the shared listening socket does not listen, how often a worker looks again.
+const LISTENER_RECHECK: Duration = Duration::from_millis(20);
 
 /// At most one keep-alive connection handed off to a less loaded worker per this long.
 const HAND_OFF_EVERY: Duration = Duration::from_millis(100);
@@ -335,6 +344,36 @@ async fn serve(
     // Before the plugin starts: `restart_worker()` may be called from `on_worker_start` on.
     let (recycle_tx, mut recycle_rx) = mpsc::unbounded_channel::<(String, bool)>();
     let _ = RECYCLE_REQUESTS.set(recycle_tx.clone());
+    // The worker table, mapped and its fd closed before any plugin code runs (loading runs the
+    // plugin's ELF constructors): plugin code never holds the memfd, so it cannot truncate it
+    // under the master (it is sealed besides, see `accept_table`).
+    let accept_table = spec.accept_cell.and_then(|cell| {
+        let table = fd::take_inherited(crate::accept_table::TABLE_FD, "accept table")
+            .map_err(|e| e.to_string())
+            .and_then(|fd| {
+                crate::accept_table::Table::map(&fd, spec.accept_cells as usize)
+                    .map_err(|e| crate::error_chain(&e))
+            });
+        match table {
+            Ok(table) => Some((table, cell as usize)),
+            Err(e) => {
+                tracing::warn!("{e}; accepting without balancing");
+                None
+            }
+        }
+    });
+    // Which socket fd 3 is, before plugin code can close or replace it, and whether it listens
+    // (it may be down already, shut down by another worker's plugin: not this plugin's doing).
+    let listener_id = match listener::identity(&listener) {
+        Ok(id) => id,
+        Err(e) => {
+            let reason = format!("cannot use the inherited listening socket: {e}");
+            tracing::error!("{reason}");
+            let _ = tx.send(&WorkerToMaster::StartFailed { reason }).await;
+            return ExitCode::FAILURE;
+        }
+    };
+    let listening_before = listener::check(listener_id).is_ok();
     // The on-start hook: load this generation's plugin. Everything linked into `host` is frozen;
     // this is the code a reload refreshes.
     let at = Placement {
@@ -359,10 +398,27 @@ async fn serve(
     startup.dlopen_us = plugin.loaded_at_ns.saturating_sub(spawned_at_ns) / 1000;
     startup.on_worker_start_us = since_spawn();
     tracing::info!(plugin = %plugin.info.name, version = %plugin.info.version, sha256 = %&plugin.info.sha256[..12], "plugin loaded");
+    // Its constructors and `on_worker_start` ran: a plugin that closed fd 3 or shut the shared
+    // socket down is refused (the master re-arms the shared socket).
+    if let Err(lost) = listener::check(listener_id)
+        && (lost.own_fd || listening_before)
+    {
+        let reason = format!(
+            "loading the plugin (its constructors or on_worker_start) broke the listening socket: {}",
+            lost.reason
+        );
+        tracing::error!("{reason}");
+        if lost.own_fd {
+            // fd 3 is not ours any more: never close it.
+            std::mem::forget(listener);
+        }
+        let _ = tx.send(&WorkerToMaster::StartFailed { reason }).await;
+        return ExitCode::FAILURE;
+    }
 
     let listener = match listener
         .set_nonblocking(true)
-        .and_then(|_| TcpListener::from_std(listener))
+        .and_then(|_| listener::register(listener))
     {
         Ok(l) => l,
         Err(e) => {
@@ -374,21 +430,6 @@ async fn serve(
     };
 
     let (cut_tx, cut_rx) = watch::channel(false);
-    let accept_table = spec.accept_cell.and_then(|cell| {
-        let table = fd::take_inherited(crate::accept_table::TABLE_FD, "accept table")
-            .map_err(|e| e.to_string())
-            .and_then(|fd| {
-                crate::accept_table::Table::map(&fd, spec.accept_cells as usize)
-                    .map_err(|e| crate::error_chain(&e))
-            });
-        match table {
-            Ok(table) => Some((table, cell as usize)),
-            Err(e) => {
-                tracing::warn!("{e}; accepting without balancing");
-                None
-            }
-        }
-    });
     let mut http = auto::Builder::new(TokioExecutor::new());
     // The slowloris guard is `head_timeout`'s sweep, not hyper's timer per request.
     http.http1()
@@ -485,6 +526,9 @@ async fn serve(
     });
 
     let mut listener = Some(listener);
+    // The listener while the shared socket does not listen (shut down by a plugin): out of the
+    // reactor, checked every `LISTENER_RECHECK` until the master re-armed it.
+    let mut parked: Option<std::net::TcpListener> = None;
     let mut deadline: Option<Instant> = None;
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -505,21 +549,22 @@ async fn serve(
     let mut below_limit = shared.connections.subscribe();
     let mut at_limit = false;
 
-    let start_drain =
-        |listener: &mut Option<TcpListener>, deadline: &mut Option<Instant>, why: &str| {
-            if deadline.is_none() {
-                tracing::info!(reason = why, "draining");
-                *listener = None;
-                shared.draining.store(true, Ordering::SeqCst);
-                if let Some((table, cell)) = &shared.accept_table {
-                    table.clear(*cell);
-                }
-                shared.drain.fire();
-                // Long-lived handlers (WebSocket, event streams) learn it and wind down.
-                shared.plugin.on_drain();
-                *deadline = Some(Instant::now() + graceful_timeout);
+    let start_drain = |listener: &mut Option<AsyncFd<std::net::TcpListener>>,
+                       deadline: &mut Option<Instant>,
+                       why: &str| {
+        if deadline.is_none() {
+            tracing::info!(reason = why, "draining");
+            *listener = None;
+            shared.draining.store(true, Ordering::SeqCst);
+            if let Some((table, cell)) = &shared.accept_table {
+                table.clear(*cell);
             }
-        };
+            shared.drain.fire();
+            // Long-lived handlers (WebSocket, event streams) learn it and wind down.
+            shared.plugin.on_drain();
+            *deadline = Some(Instant::now() + graceful_timeout);
+        }
+    };
 
     let cut = loop {
         // At `max_connections`: stop accepting (the other workers, or the backlog, take new
@@ -544,12 +589,17 @@ async fn serve(
             _ = below_limit.changed(), if full => {}
             accepted = async {
                 shared.step_aside().await;
-                listener.as_ref().expect("guarded").accept().await
+                listener::accept(listener.as_ref().expect("guarded")).await
             }, if listener.is_some() && !full => {
                 match accepted {
                     // Its client gave up while it waited in the backlog: do not run its request.
-                    Ok((stream, _peer)) if backlog::client_gone(&stream) => backlog::note_dropped(),
-                    Ok((stream, _peer)) => {
+                    Ok(listener::Accepted::Connection(stream)) if backlog::client_gone(&stream) => {
+                        backlog::note_dropped()
+                    }
+                    Ok(listener::Accepted::Connection(stream)) => {
+                        let Ok(stream) = TcpStream::from_std(stream) else {
+                            continue;
+                        };
                         spawn_connection(shared.clone(), stream);
                         // Let the new connection read its first request (and count itself for
                         // balance, if it will stay) before the next accept looks at the counts.
@@ -562,11 +612,97 @@ async fn serve(
                         // were not logged) and back off briefly instead of spinning.
                         static ACCEPT_ERRORS: crate::ratelimit::RateLimit =
                             crate::ratelimit::RateLimit::per_second();
-                        if let Some(suppressed) = ACCEPT_ERRORS.hit(&e) {
+                        let logged = ACCEPT_ERRORS.hit(&e);
+                        if let Some(suppressed) = logged {
                             tracing::warn!(error = %e, suppressed, "accept failed");
                         }
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        // The listener itself may be gone (closed, or shut down by a plugin):
+                        // tell the master at once (then at most once a second).
+                        let lost = if listener::means_gone(&e) {
+                            listener::check(listener_id).err()
+                        } else {
+                            None
+                        };
+                        match lost {
+                            Some(lost) if lost.own_fd => {
+                                tracing::error!(
+                                    "{}: this worker stops accepting and asks for a replacement",
+                                    lost.reason
+                                );
+                                // fd 3 is not ours any more: never close it (or deregister it).
+                                if let Some(l) = listener.take() {
+                                    std::mem::forget(l);
+                                }
+                                let _ = tx
+                                    .send(&WorkerToMaster::ListenerLost {
+                                        own_fd: true,
+                                        reason: lost.reason,
+                                    })
+                                    .await;
+                            }
+                            Some(lost) => {
+                                if logged.is_some() {
+                                    let _ = tx
+                                        .send(&WorkerToMaster::ListenerLost {
+                                            own_fd: false,
+                                            reason: lost.reason,
+                                        })
+                                        .await;
+                                }
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            None => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
                     }
+                    Ok(listener::Accepted::HungUp) => {
+                        // Shut down (by a plugin, here or in another worker). Out of the reactor
+                        // until it listens again; the master re-arms it.
+                        let lost = listener::check(listener_id).err();
+                        if let Some(l) = listener.take() {
+                            match lost {
+                                Some(ref lost) if lost.own_fd => std::mem::forget(l),
+                                _ => parked = Some(l.into_inner()),
+                            }
+                        }
+                        match lost {
+                            Some(lost) => {
+                                static HUNG_UP: crate::ratelimit::RateLimit =
+                                    crate::ratelimit::RateLimit::per_second();
+                                if let Some(suppressed) =
+                                    HUNG_UP.hit(&std::io::ErrorKind::Other.into())
+                                {
+                                    tracing::warn!(
+                                        suppressed,
+                                        "{}; waiting for the master to re-arm it",
+                                        lost.reason
+                                    );
+                                }
+                                if lost.own_fd {
+                                    parked = None;
+                                }
+                                let _ = tx
+                                    .send(&WorkerToMaster::ListenerLost {
+                                        own_fd: lost.own_fd,
+                                        reason: lost.reason,
+                                    })
+                                    .await;
+                            }
+                            // Re-armed already: register it again at once.
+                            None => {
+                                listener = parked.take().and_then(|l| {
+                                    listener::register(l).ok()
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep(LISTENER_RECHECK), if parked.is_some() && deadline.is_none() => {
+                if listener::check(listener_id).is_ok() {
+                    tracing::debug!("the listening socket listens again; accepting");
+                    listener = parked
+                        .take()
+                        .and_then(|l| listener::register(l).ok());
                 }
             }
             order = orders.recv() => match order {

@@ -71,6 +71,10 @@ impl Supervisor {
                 "a rollout is under way; upgrade once it is over (`host status`)",
             );
         }
+        if !self.check_listener("before an upgrade") {
+            let down = self.listener_health.down.clone().unwrap_or_default();
+            return refuse(reply, &format!("the listening socket is down: {down}"));
+        }
         let Some(launcher) = &self.launcher else {
             return refuse(reply, "this master cannot start a new one");
         };

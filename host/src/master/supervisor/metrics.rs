@@ -303,6 +303,10 @@ impl Supervisor {
             worker_kills: counted(&KILL_CAUSES, &m.kills),
             master_limit_hits: counted(&MASTER_LIMITS, &m.limits),
             state_dir_repairs: crate::master::state_dir::repairs(),
+            listener_up: self.listener_health.down.is_none(),
+            listener_recoveries: self.listener_health.recoveries,
+            orphans_ended: self.orphans.found,
+            orphans_killed: self.orphans.killed,
         }
     }
 }

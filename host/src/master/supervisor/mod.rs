@@ -36,7 +36,8 @@
 //! rollbacks, the queue), [`health`] (crashes, hung workers, backoff, replacements), [`recycle`]
 //! (one-slot rollouts that replace a worker over `max_requests` or `max_worker_rss`, or whose
 //! plugin asked), [`spawn`] (starting and signalling worker processes), [`status`] (answering
-//! `status`), [`evidence`] (what a hung or dead worker was doing, for the log) and [`metrics`]
+//! `status`), [`listener`] (the shared listening socket's checks and re-arming), [`evidence`]
+//! (what a hung or dead worker was doing, for the log) and [`metrics`]
 //! (what `/metrics` reports: counters folded from exited workers, starts, exits, kills). This file
 //! holds the state, the one match, the run loop and the timers (the watchdog's among them: a
 //! ready worker's silence is a deadline like the others).
@@ -44,6 +45,7 @@
 mod evidence;
 mod handover;
 mod health;
+mod listener;
 mod metrics;
 mod recycle;
 mod rollout;
@@ -104,6 +106,8 @@ pub(crate) enum Event {
     },
     /// `host upgrade`: the new master took over, or why it did not.
     Upgraded(Result<crate::protocol::UpgradeReport, String>),
+    /// SIGCHLD: a child exited, perhaps an orphan a worker left behind (see `orphans`).
+    ChildSignal,
 }
 
 /// What the supervisor tells the rest of the master about its life (systemd's notifications,
@@ -284,6 +288,10 @@ pub(crate) struct Supervisor {
     upgrading: Option<handover::Upgrading>,
     /// A new master took over: stopping leaves the pidfile and the control socket to it.
     handed_over: bool,
+    /// Processes the workers left behind, being ended (see `orphans`).
+    orphans: crate::master::orphans::Orphans,
+    /// Whether the listener listens, and its recoveries (see `listener`).
+    listener_health: listener::ListenerHealth,
     /// Since when the rollout has been waiting for room to start its next worker (see
     /// `rollout::room_for_candidate`).
     room_wait: Option<Instant>,
@@ -326,6 +334,7 @@ impl Supervisor {
             })
             .ok();
         let recycling = recycle::Recycling::new(slots, cfg.max_worker_rss.is_some());
+        let every = cfg.listener_check_interval;
         Supervisor {
             cfg,
             listener,
@@ -356,6 +365,8 @@ impl Supervisor {
             upgrading: None,
             handed_over: false,
             room_wait: None,
+            orphans: Default::default(),
+            listener_health: listener::ListenerHealth::new(every),
         }
     }
 
@@ -390,7 +401,10 @@ impl Supervisor {
             let next = self.next_deadline();
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Some(ev) => self.handle(ev),
+                    Some(ev) => {
+                        self.handle(ev);
+                        self.recheck_listener_if_down();
+                    }
                     None => return Err("the event channel closed".into()),
                 },
                 _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
@@ -402,6 +416,7 @@ impl Supervisor {
                         self.handle(ev);
                     }
                     self.on_timer(Instant::now());
+                    self.recheck_listener_if_down();
                 }
             }
         }
@@ -412,7 +427,14 @@ impl Supervisor {
         match ev {
             Event::Worker { id, msg } => match self.heard_from(id, msg) {
                 WorkerToMaster::Ready { plugin, startup } => self.on_ready(id, plugin, startup),
-                WorkerToMaster::StartFailed { reason } => self.on_start_failed(id, reason),
+                WorkerToMaster::StartFailed { reason } => {
+                    self.on_start_failed(id, reason);
+                    // Its plugin's constructors may have shut the shared listener down.
+                    self.check_listener("after a worker failed to start");
+                }
+                WorkerToMaster::ListenerLost { own_fd, reason } => {
+                    self.on_listener_lost(id, own_fd, reason)
+                }
                 WorkerToMaster::Draining => self.on_drain_ack(id),
                 WorkerToMaster::Stats {
                     requests,
@@ -442,7 +464,12 @@ impl Supervisor {
                 // Noted by `heard_from`, like every message.
                 WorkerToMaster::Heartbeat => {}
             },
-            Event::Exited { id, status } => self.on_exit(id, status),
+            Event::Exited { id, status } => {
+                self.on_exit(id, status);
+                // Its children, if it left any, are the master's now.
+                self.sweep_orphans();
+            }
+            Event::ChildSignal => self.sweep_orphans(),
             Event::Control { request, reply } => match request {
                 ControlRequest::Reload => self.request_rollout(RolloutKind::Reload, Some(reply)),
                 ControlRequest::Rollback => {
@@ -510,6 +537,11 @@ impl Supervisor {
         }
     }
 
+    /// Ends the processes the workers left behind and reaps those that exited.
+    fn sweep_orphans(&mut self) {
+        self.orphans.sweep(Instant::now(), self.cfg.orphan_grace);
+    }
+
     /// A message from worker `id` proves it alive; returns the message for the match.
     fn heard_from(&mut self, id: WorkerId, msg: WorkerToMaster) -> WorkerToMaster {
         if let Some(w) = self.workers.get_mut(&id) {
@@ -569,6 +601,10 @@ impl Supervisor {
                 Expired::Silent(silent) => self.on_hung(id, silent),
             }
         }
+        if self.orphans.deadline().is_some_and(|d| d <= now) {
+            self.sweep_orphans();
+        }
+        self.listener_timer(now);
         self.respawn_due(now);
         if self
             .room_wait
@@ -596,11 +632,19 @@ impl Supervisor {
             .chain(respawns)
             .chain(queries)
             .chain(recycling)
+            .chain(self.orphans.deadline())
+            .chain(Some(self.listener_health.next_check))
             .min()
     }
 
     fn finished(&mut self) -> Option<Result<Exit, String>> {
         if self.stopping.is_none() || !self.workers.is_empty() {
+            return None;
+        }
+        // Every worker is gone, so everything they started is the master's child now: stopped
+        // (and the port free) once those are gone too.
+        self.sweep_orphans();
+        if self.orphans.any() {
             return None;
         }
         for reply in self.stopping.take().into_iter().flatten().flatten() {

@@ -432,6 +432,21 @@ impl Supervisor {
         outcome: Result<(), String>,
     ) {
         self.room_wait = None;
+        let (mut report, mut outcome) = (report, outcome);
+        // Not a success while nobody can connect: a plugin may have shut the listener down.
+        if report.ok
+            && !matches!(kind, RolloutKind::Start | RolloutKind::Recycle)
+            && !self.check_listener("at the end of a rollout")
+        {
+            let down = self.listener_health.down.clone().unwrap_or_default();
+            let e = format!(
+                "generation {} serves, but no connection reaches it: {down}",
+                report.serving_generation
+            );
+            report.ok = false;
+            report.error = Some(e.clone());
+            outcome = Err(e);
+        }
         self.count_reload(kind, &report, &outcome);
         if kind == RolloutKind::Recycle {
             // Not a reload: `last_reload` and the refused build stay as they were.

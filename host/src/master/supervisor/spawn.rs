@@ -165,6 +165,7 @@ impl Supervisor {
         .map_err(|e| err(std::io::Error::other(e)))?;
         let mut child = tokio::process::Command::from(cmd).spawn().map_err(err)?;
         let pid = child.id().unwrap_or(0);
+        crate::master::orphans::own(pid);
 
         let id = WorkerId(self.next_id);
         self.next_id += 1;
@@ -178,7 +179,10 @@ impl Supervisor {
         tokio::spawn(async move {
             let status = loop {
                 tokio::select! {
-                    status = child.wait() => break status,
+                    status = child.wait() => {
+                        crate::master::orphans::disown(pid);
+                        break status;
+                    }
                     Some(()) = kill_rx.recv() => {
                         let _ = child.start_kill();
                     }

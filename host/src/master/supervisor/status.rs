@@ -98,6 +98,7 @@ impl Supervisor {
                 .collect(),
             version: crate::worker::HOST_VERSION.to_string(),
             build: crate::worker::HOST_BUILD.to_string(),
+            listener: self.listener_status(),
         };
         let _ = reply.send(ControlResponse::Status(Box::new(report)));
     }
