@@ -53,6 +53,13 @@ pub enum Limit {
     /// A blocking-pool thread not started for waiting work because `blocking_abandoned_threads`
     /// threads still run handlers whose client is gone.
     PoolAbandonedThreads,
+    /// A connection closed because no complete request head arrived within
+    /// `header_read_timeout` of its accept (the slowloris guard).
+    HeaderReadTimeout,
+    /// A request body over `max_body_bytes` (answered `413`).
+    BodyTooLarge,
+    /// A request body not received within `body_read_timeout` (answered `408`).
+    BodyReadTimeout,
 }
 
 /// How many [`Limit`] slots a cell has (room for more variants without a layout change).
@@ -60,7 +67,7 @@ pub const LIMITS: usize = 16;
 
 impl Limit {
     /// Every variant, in index order.
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 10] = [
         Limit::PoolQueueFull,
         Limit::PoolAbandoned,
         Limit::Connections,
@@ -68,6 +75,9 @@ impl Limit {
         Limit::SendTimeout,
         Limit::TrackingFull,
         Limit::PoolAbandonedThreads,
+        Limit::HeaderReadTimeout,
+        Limit::BodyTooLarge,
+        Limit::BodyReadTimeout,
     ];
 
     /// The `limit` label in `/metrics`.
@@ -80,6 +90,9 @@ impl Limit {
             Limit::SendTimeout => "send_timeout",
             Limit::TrackingFull => "tracking_full",
             Limit::PoolAbandonedThreads => "pool_abandoned_threads",
+            Limit::HeaderReadTimeout => "header_read_timeout",
+            Limit::BodyTooLarge => "max_body_bytes",
+            Limit::BodyReadTimeout => "body_read_timeout",
         }
     }
 }

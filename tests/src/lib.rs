@@ -387,6 +387,24 @@ impl Host {
         }
     }
 
+    /// `host_limit_hits_total{limit="<limit>"}` from `/metrics`, summed over generations. The
+    /// host must have been started with `admin_listen` set (`status` reports where).
+    pub async fn limit_hits(&self, limit: &str) -> u64 {
+        let admin: SocketAddr = self.status().await["admin_listen"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .expect("the host was started with admin_listen");
+        let reply = get(admin, "/metrics").await.expect("GET /metrics");
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let label = format!("limit=\"{limit}\"");
+        reply
+            .body
+            .lines()
+            .filter(|l| l.starts_with("host_limit_hits_total{") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// `status --json`, parsed.
     pub async fn status(&self) -> Value {
         let out = self.cli(&["status", "--json"]).await;

@@ -52,18 +52,6 @@ async fn host_of(plugin: &std::path::Path, workers: usize, extra: &str) -> (Host
     (host, admin)
 }
 
-/// `host_limit_hits_total{limit="<limit>"}`, summed over generations.
-async fn limit_hits(admin: SocketAddr, limit: &str) -> u64 {
-    let reply = get(admin, "/metrics").await.unwrap();
-    let label = format!("limit=\"{limit}\"");
-    reply
-        .body
-        .lines()
-        .filter(|l| l.starts_with("host_limit_hits_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// Open connections per worker, as `status` reports them.
 async fn connections(host: &Host) -> Vec<u64> {
     host.status().await["workers"]
@@ -108,7 +96,7 @@ async fn h2_one_request(
 async fn idle_http2_connections_get_goaway_at_keepalive_timeout() {
     // The attack: HTTP/2 connections that sent one request and then nothing, held for ever
     // (they were exempt from header_read_timeout). Scaled down: 20 of them, a 2 s timeout.
-    let (host, admin) = host(1, "keepalive_timeout = \"2s\"").await;
+    let (host, _admin) = host(1, "keepalive_timeout = \"2s\"").await;
     let mut conns = Vec::new();
     for _ in 0..20 {
         let (conn, client) = h2_one_request(host.addr, "/").await;
@@ -130,7 +118,7 @@ async fn idle_http2_connections_get_goaway_at_keepalive_timeout() {
     // stream done: a margin for a loaded machine.)
     assert!(shortest >= Duration::from_millis(1500), "{shortest:?}");
     assert_eq!(connections(&host).await, [0]);
-    assert!(limit_hits(admin, "idle_timeout").await >= 20);
+    assert!(host.limit_hits("idle_timeout").await >= 20);
     // A connection in use is not idle: a stream open for longer than the timeout is served.
     let reply = tokio::time::timeout(
         Duration::from_secs(20),
@@ -165,7 +153,7 @@ async fn read_head(s: &mut TcpStream) -> String {
 async fn max_connections_stops_accepting_and_a_client_is_served_once_one_closes() {
     // The attack: connections piled up until the workers ran out of fds, and every client
     // failed. Scaled down: 2 workers of at most 10 connections, 30 clients.
-    let (host, admin) = host(
+    let (host, _admin) = host(
         2,
         "max_connections = 10\nheader_read_timeout = \"60s\"\naccept_balance = false",
     )
@@ -195,7 +183,7 @@ async fn max_connections_stops_accepting_and_a_client_is_served_once_one_closes(
     let early = tokio::time::timeout(Duration::from_millis(1500), waiting[0].peek(&mut buf)).await;
     assert!(early.is_err(), "a worker over max_connections answered");
     assert!(connections(&host).await.iter().all(|&n| n <= 10));
-    assert!(limit_hits(admin, "max_connections").await >= 2);
+    assert!(host.limit_hits("max_connections").await >= 2);
     assert!(
         host.log().contains("holding max_connections"),
         "{}",
@@ -251,7 +239,7 @@ async fn h2_never_reading(addr: SocketAddr, path: &str, streams: usize) -> impl 
 async fn an_http2_client_that_never_reads_is_bounded_and_closed_at_send_timeout() {
     // The attack: a 2^31 window, 200 streams on a streaming route, nothing read: ~107 MB per
     // connection, for ever. Scaled down: 10 such connections, send_timeout 4 s.
-    let (host, admin) = host(1, "send_timeout = \"4s\"").await;
+    let (host, _admin) = host(1, "send_timeout = \"4s\"").await;
     let pid = host.wait_for_workers("ready").await[0];
     let path = "/stream?chunks=1000000&every_ms=0&size=16384";
     // Warm the allocator and the plugin's runtime with one read stream.
@@ -284,7 +272,7 @@ async fn an_http2_client_that_never_reads_is_bounded_and_closed_at_send_timeout(
     // ...and held far less than the 1.1 GB they held unbounded (128 streams x 32 KiB each, a
     // chunk each in flight, and h2's bookkeeping: ~6 MiB a connection).
     assert!(grew_mib < 200, "worker RSS grew by {grew_mib} MiB");
-    assert!(limit_hits(admin, "send_timeout").await >= 10);
+    assert!(host.limit_hits("send_timeout").await >= 10);
     drop(attackers);
     // The worker still serves.
     assert_eq!(get(host.addr, "/").await.unwrap().status, 200);
@@ -295,7 +283,7 @@ async fn an_http2_client_that_grants_no_window_is_closed_at_send_timeout() {
     // The same attack with the socket read but no flow-control window granted (no
     // WINDOW_UPDATE): nothing waits to be written, so only the responses' lack of progress
     // shows it. The client answers pings, so only send_timeout can end it.
-    let (host, admin) = host(1, "send_timeout = \"3s\"").await;
+    let (host, _admin) = host(1, "send_timeout = \"3s\"").await;
     let mut clients = Vec::new();
     for _ in 0..5 {
         let tcp = TcpStream::connect(host.addr).await.unwrap();
@@ -334,13 +322,13 @@ async fn an_http2_client_that_grants_no_window_is_closed_at_send_timeout() {
         "5 HTTP/2 connections granting no window closed within {:?}",
         began.elapsed()
     );
-    assert!(limit_hits(admin, "send_timeout").await >= 5);
+    assert!(host.limit_hits("send_timeout").await >= 5);
     assert_eq!(connections(&host).await, [0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_client_that_never_reads_a_stream_is_closed_at_send_timeout() {
-    let (host, admin) = host(1, "send_timeout = \"3s\"").await;
+    let (host, _admin) = host(1, "send_timeout = \"3s\"").await;
     let mut s = TcpStream::connect(host.addr).await.unwrap();
     s.write_all(b"GET /stream?chunks=1000000&every_ms=0&size=16384 HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -359,7 +347,7 @@ async fn an_http1_client_that_never_reads_a_stream_is_closed_at_send_timeout() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(began.elapsed() >= Duration::from_secs(3));
-    assert_eq!(limit_hits(admin, "send_timeout").await, 1);
+    assert_eq!(host.limit_hits("send_timeout").await, 1);
     drop(s);
 }
 

@@ -139,9 +139,9 @@ async fn bad_http_input_is_answered_by_the_host_and_never_reaches_the_plugin() {
         &greeting_plugin("v1"),
         HostOptions {
             workers: 1,
-            extra:
-                "max_body_bytes = 1000\nheader_read_timeout = \"500ms\"\nmax_header_bytes = 16384"
-                    .into(),
+            extra: "max_body_bytes = 1000\nheader_read_timeout = \"500ms\"\n\
+                    max_header_bytes = 16384\nadmin_listen = \"127.0.0.1:0\""
+                .into(),
             ..Default::default()
         },
     )
@@ -194,6 +194,9 @@ async fn bad_http_input_is_answered_by_the_host_and_never_reaches_the_plugin() {
         "the slow client was not cut off ({took:?}): {slow:?}"
     );
     assert!(!slow.contains("200 OK"), "{slow:?}");
+    // Each bound counts what it refused in `/metrics`.
+    assert_eq!(host.limit_hits("max_body_bytes").await, 1);
+    assert!(host.limit_hits("header_read_timeout").await >= 1);
 
     only_good_requests_reached_the_plugin(&host, before, load).await;
 
@@ -259,7 +262,7 @@ async fn slow_request_bodies_get_408_at_body_read_timeout_and_good_clients_are_u
         &greeting_plugin("v1"),
         HostOptions {
             workers: 1,
-            extra: "body_read_timeout = \"2s\"".into(),
+            extra: "body_read_timeout = \"2s\"\nadmin_listen = \"127.0.0.1:0\"".into(),
             ..Default::default()
         },
     )
@@ -279,6 +282,7 @@ async fn slow_request_bodies_get_408_at_body_read_timeout_and_good_clients_are_u
     eprintln!("300 trickling bodies: the last got its 408 and close after {latest:?}");
     // 2 s of deadline, plus scheduling on a loaded machine; never the 100 000 bytes' 14 hours.
     assert!(latest < Duration::from_secs(6), "{latest:?}");
+    assert_eq!(host.limit_hits("body_read_timeout").await, 300);
     only_good_requests_reached_the_plugin(&host, before, load).await;
 }
 

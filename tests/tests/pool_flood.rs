@@ -39,27 +39,6 @@ async fn fixture_host(extra: &str) -> Host {
     .await
 }
 
-fn admin_addr(status: &serde_json::Value) -> SocketAddr {
-    status["admin_listen"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .expect("status --json reports admin_listen")
-}
-
-/// `host_limit_hits_total{limit="<limit>"}`, summed over generations.
-async fn limit_hits(host: &Host, limit: &str) -> u64 {
-    let admin = admin_addr(&host.status().await);
-    let reply = get(admin, "/metrics").await.expect("GET /metrics");
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    let label = format!("limit=\"{limit}\"");
-    reply
-        .body
-        .lines()
-        .filter(|l| l.starts_with("host_limit_hits") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 /// The fixture's `/cancel-stats` numbers: (seen, stubborn_done, async_dropped).
 async fn cancel_stats(host: &Host) -> (u64, u64, u64) {
     let (seen, _, done, dropped) = all_cancel_stats(host).await;
@@ -199,8 +178,8 @@ async fn an_http1_flood_of_abandoned_requests_leaves_the_pool_serving() {
     assert!(sent >= 5_000, "only {sent} flood requests were sent");
     // Every flood request that reached a handler saw its cancellation and returned.
     let (seen, _, _) = cancel_stats(&host).await;
-    let abandoned = limit_hits(&host, "pool_abandoned").await;
-    let full = limit_hits(&host, "pool_queue_full").await;
+    let abandoned = host.limit_hits("pool_abandoned").await;
+    let full = host.limit_hits("pool_queue_full").await;
     eprintln!(
         "HTTP/1 flood: {sent} sent in {flood_took:?}; legitimate: {answered} answered, slowest {slowest:?}; \
          handlers cancelled {seen}, dropped unrun {abandoned}, refused (queue full) {full}"
@@ -285,8 +264,8 @@ async fn an_http2_flood_of_reset_streams_leaves_the_pool_serving() {
     let (answered, slowest) = legit.await.unwrap();
     let opened = opened.load(Ordering::Relaxed);
     let (seen, _, _) = cancel_stats(&host).await;
-    let abandoned = limit_hits(&host, "pool_abandoned").await;
-    let full = limit_hits(&host, "pool_queue_full").await;
+    let abandoned = host.limit_hits("pool_abandoned").await;
+    let full = host.limit_hits("pool_queue_full").await;
     eprintln!(
         "HTTP/2 flood: {opened} streams opened and reset in {flood_took:?}; legitimate: {answered} answered, \
          slowest {slowest:?}; handlers cancelled {seen}, dropped unrun {abandoned}, refused (queue full) {full}"
@@ -356,7 +335,7 @@ async fn handlers_that_ignore_cancellation_stop_holding_the_pool_up_to_a_cap() {
         done >= 1 && took >= Duration::from_secs(1),
         "a thread started past blocking_threads + blocking_abandoned_threads ({took:?}, {done} stubborn handlers done)"
     );
-    assert!(limit_hits(&host, "pool_abandoned_threads").await >= 1);
+    assert!(host.limit_hits("pool_abandoned_threads").await >= 1);
     assert!(
         host.log()
             .contains("handlers whose client is gone (blocking_abandoned_threads)"),
@@ -479,7 +458,7 @@ async fn a_full_queue_answers_503_with_retry_after_at_once() {
     for l in live {
         assert_eq!(l.await.unwrap().unwrap().body, "slept\n");
     }
-    assert_eq!(limit_hits(&host, "pool_queue_full").await, 1);
+    assert_eq!(host.limit_hits("pool_queue_full").await, 1);
     wait_until(Duration::from_secs(5), "the warning", || {
         host.log().contains("the blocking pool's queue is full")
     })
@@ -521,7 +500,7 @@ async fn many_distinct_slow_paths_give_a_handful_of_log_lines_and_a_bounded_set(
         .lines()
         .filter(|l| l.contains("too many distinct slow paths"))
         .count();
-    let tracking_full = limit_hits(&host, "tracking_full").await;
+    let tracking_full = host.limit_hits("tracking_full").await;
     eprintln!(
         "200 slow paths in {took:?}: {stalls} stall lines, {full} tracking-full lines, tracking_full={tracking_full}"
     );

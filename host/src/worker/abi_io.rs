@@ -15,6 +15,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::counters::{Counters, Limit};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -54,8 +56,9 @@ struct RequestBody {
     incoming: Incoming,
     idle: Duration,
     stalled: Pin<Box<tokio::time::Sleep>>,
-    /// Where the bytes read are counted (the worker's request counters), if anywhere.
-    counted: Option<&'static AtomicU64>,
+    /// Where the bytes read (and a stall past `body_read_timeout`) are counted: the worker's
+    /// request counters, if any.
+    counted: Option<&'static Counters>,
 }
 
 /// The request body as a [`RawBody`] for the plugin (`NONE` when it is empty); the bytes the
@@ -63,7 +66,7 @@ struct RequestBody {
 pub fn request_body(
     incoming: Incoming,
     idle: Duration,
-    counted: Option<&'static AtomicU64>,
+    counted: Option<&'static Counters>,
 ) -> RawBody {
     if incoming.is_end_stream() {
         return RawBody::NONE;
@@ -108,7 +111,8 @@ unsafe extern "C" fn request_poll_chunk(
                             let next = tokio::time::Instant::now() + body.idle;
                             body.stalled.as_mut().reset(next);
                             if let Some(c) = body.counted {
-                                c.fetch_add(data.len() as u64, Ordering::Relaxed);
+                                c.request_bytes()
+                                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                             }
                             return (poll::READY, lend(data));
                         }
@@ -120,6 +124,9 @@ unsafe extern "C" fn request_poll_chunk(
                     Poll::Ready(None) => return (poll::END, RawChunk::EMPTY),
                     Poll::Pending => {
                         if body.stalled.as_mut().poll(cx).is_ready() {
+                            if let Some(c) = body.counted {
+                                c.limit_hit(Limit::BodyReadTimeout);
+                            }
                             return (
                                 poll::ERROR,
                                 message_chunk(format!(

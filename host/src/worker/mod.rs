@@ -922,6 +922,8 @@ fn spawn_connection(shared: Arc<Shared>, stream: TcpStream) {
                 }
                 if watch.served() {
                     note_idle_close(&shared);
+                } else {
+                    note_head_timeout(&shared);
                 }
                 if !watch.is_h2() {
                     // No request head within `header_read_timeout` (or `keepalive_timeout`
@@ -966,6 +968,21 @@ fn note_idle_close(shared: &Shared) {
         tracing::info!(
             suppressed,
             "closed an idle keep-alive connection (keepalive_timeout or header_read_timeout)"
+        );
+    }
+}
+
+/// A connection that sent no complete request head within `header_read_timeout` of its
+/// accept was closed (the slowloris guard): counted, and logged at most once a second.
+fn note_head_timeout(shared: &Shared) {
+    if let Some(counters) = shared.counters {
+        counters.limit_hit(crate::counters::Limit::HeaderReadTimeout);
+    }
+    static SLOW: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::per_second();
+    if let Some(suppressed) = SLOW.hit(&std::io::ErrorKind::TimedOut.into()) {
+        tracing::info!(
+            suppressed,
+            "closed a connection that sent no complete request head within header_read_timeout"
         );
     }
 }

@@ -187,6 +187,9 @@ fn call_inline(
 async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Response<ResponseBody>> {
     let collect = Limited::new(body, shared.max_body_bytes).collect();
     let Ok(collected) = tokio::time::timeout(shared.body_read_timeout, collect).await else {
+        if let Some(c) = shared.counters {
+            c.limit_hit(Limit::BodyReadTimeout);
+        }
         let mut resp = plain(
             StatusCode::REQUEST_TIMEOUT,
             format!(
@@ -211,6 +214,9 @@ async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Response<Re
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
+            if let Some(c) = shared.counters {
+                c.limit_hit(Limit::BodyTooLarge);
+            }
             Err(plain(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body exceeds {} bytes\n", shared.max_body_bytes),
@@ -344,8 +350,7 @@ impl AsyncCall {
             None => (plugin_api::ffi::RawUpgrade::NONE, None),
         };
         let (parts, body) = req.into_parts();
-        let counted = shared.counters.map(|c| c.request_bytes());
-        let body = abi_io::request_body(body, shared.body_read_timeout, counted);
+        let body = abi_io::request_body(body, shared.body_read_timeout, shared.counters);
         let serving = shared.plugin.serve(&parts, body, upgrade);
         AsyncCall {
             parts,
