@@ -1120,3 +1120,48 @@ impl Events {
         }
     }
 }
+
+/// The sum of the samples of `name` (a counter's `_total` included) whose labels contain every
+/// `key="value"` of `with`, in a `/metrics` text.
+pub fn metric(text: &str, name: &str, with: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `host -c <config> start` in the foreground, started the way systemd's socket activation
+/// starts it: `listener` on fd 3, `LISTEN_FDS=1`, and `LISTEN_PID` the host's own pid (`exec`
+/// keeps the shell's). Its output goes to `log`.
+pub fn socket_activated(
+    config: &Path,
+    listener: std::os::fd::RawFd,
+    log: std::fs::File,
+) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+        .arg(host_bin())
+        .arg("-c")
+        .arg(config)
+        .arg("start")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: runs in the forked child before exec; dup2 and fcntl are async-signal-safe and
+    // touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if listener == 3 {
+                let flags = nix::libc::fcntl(3, nix::libc::F_GETFD);
+                nix::libc::fcntl(3, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC);
+            } else if nix::libc::dup2(listener, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}

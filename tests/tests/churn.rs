@@ -9,16 +9,6 @@ use std::time::{Duration, Instant};
 
 use tests::{Host, HostOptions, example_plugin, get, wait_until};
 
-/// The sum of the samples of `name` whose labels contain every `key="value"` of `with`.
-fn metric(text: &str, name: &str, with: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| with.iter().all(|w| l.contains(w)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn scrape(host: &Host, admin: std::net::SocketAddr) -> String {
     let reply = get(admin, "/metrics")
         .await
@@ -59,7 +49,7 @@ async fn churn_reloads_with_draining_workers_leave_metrics_exact() {
     let mut slow = Vec::new();
     for round in 0..RELOADS {
         let text = scrape(&host, admin).await;
-        let serving = metric(&text, "host_serving_generation", &[]) as u64;
+        let serving = tests::metric(&text, "host_serving_generation", &[]) as u64;
         for _ in 0..2 {
             let addr = host.addr;
             slow.push(tokio::spawn(async move {
@@ -70,7 +60,7 @@ async fn churn_reloads_with_draining_workers_leave_metrics_exact() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = scrape(&host, admin).await;
-            if metric(&text, "host_http_requests_in_flight", &[&generation]) >= 2.0 {
+            if tests::metric(&text, "host_http_requests_in_flight", &[&generation]) >= 2.0 {
                 break;
             }
             assert!(
@@ -123,20 +113,20 @@ async fn churn_reloads_with_draining_workers_leave_metrics_exact() {
     let text = scrape(&host, admin).await;
     let log = host.log();
     let sent = (REQUESTS + 2 * RELOADS) as f64;
-    let counted = metric(&text, "host_http_requests_total", &[]);
+    let counted = tests::metric(&text, "host_http_requests_total", &[]);
     assert_eq!(
         counted, sent,
         "/metrics counted {counted} of {sent}\n{text}"
     );
     let newest = format!("generation=\"{}\"", RELOADS + 1);
     assert_eq!(
-        metric(&text, "host_http_requests_total", &[&newest]),
+        tests::metric(&text, "host_http_requests_total", &[&newest]),
         REQUESTS as f64,
         "{text}"
     );
     assert!(!log.contains("no free cell"), "{log}");
     // The bound was hit (and said so), not avoided: rollouts waited for old workers to exit.
-    let waits = metric(
+    let waits = tests::metric(
         &text,
         "host_master_limit_hits_total",
         &["limit=\"max_draining_workers\""],

@@ -334,7 +334,6 @@ async fn a_forked_child_is_ended_at_reload_and_at_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_socket_passed_by_systemd_is_re_armed_too() {
     use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::Builder::new()
         .prefix("host-it-")
         .tempdir()
@@ -352,29 +351,7 @@ async fn a_socket_passed_by_systemd_is_re_armed_too() {
     .unwrap();
     let log = std::fs::File::create(dir.path().join("foreground.log")).unwrap();
     let fd = activated.as_raw_fd();
-    // As systemd does (see lifecycle.rs): the socket on fd 3, LISTEN_FDS=1, LISTEN_PID.
-    let mut cmd = std::process::Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
-        .arg(tests::host_bin())
-        .arg("-c")
-        .arg(&config)
-        .arg("start")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    // SAFETY: runs in the forked child before exec; dup2 and fcntl are async-signal-safe and
-    // touch no memory of the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                let flags = nix::libc::fcntl(3, nix::libc::F_GETFD);
-                nix::libc::fcntl(3, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC);
-            } else if nix::libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let cmd = tests::socket_activated(&config, fd, log);
     let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(true)
         .spawn()

@@ -452,31 +452,8 @@ async fn socket_activation_serves_on_the_passed_socket() {
     .unwrap();
     let log = std::fs::File::create(dir.path().join("foreground.log")).unwrap();
     let fd = activated.as_raw_fd();
-    let mut cmd = tokio::process::Command::new("/bin/sh");
-    // As systemd does: the socket on fd 3, LISTEN_FDS=1, LISTEN_PID = the host's own pid
-    // (`exec` keeps the shell's pid).
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
-        .arg(host_bin())
-        .arg("-c")
-        .arg(&config)
-        .arg("start")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .kill_on_drop(true);
-    // SAFETY: runs in the forked child before exec; dup2 and fcntl are async-signal-safe and
-    // touch no memory of the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                let flags = nix::libc::fcntl(3, nix::libc::F_GETFD);
-                nix::libc::fcntl(3, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC);
-            } else if nix::libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = tokio::process::Command::from(tests::socket_activated(&config, fd, log));
+    cmd.kill_on_drop(true);
     let mut child = cmd.spawn().unwrap();
     let read_log = || std::fs::read_to_string(dir.path().join("foreground.log")).unwrap();
     let cli = |args: &[&str]| {

@@ -223,17 +223,6 @@ async fn a_foreign_snapshot_under_the_real_name_and_size_is_not_served() {
     assert!(out.status.success(), "stop: {}", stderr(&out));
 }
 
-/// The sum of the samples of `name` (a counter's `_total` included) whose labels contain every
-/// `key="value"` of `with`, in the `/metrics` text.
-fn metric(text: &str, name: &str, with: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| with.iter().all(|w| l.contains(w)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_state_dir_is_recreated_and_every_command_reaches_the_master_again() {
     let host = Host::start(
@@ -312,7 +301,7 @@ async fn a_deleted_state_dir_is_recreated_and_every_command_reaches_the_master_a
     // Counted, once each.
     let text = get(admin, "/metrics").await.unwrap().body;
     assert_eq!(
-        metric(
+        tests::metric(
             &text,
             "host_state_dir_repairs_total",
             &["what=\"control_socket\""]
@@ -321,7 +310,7 @@ async fn a_deleted_state_dir_is_recreated_and_every_command_reaches_the_master_a
         "{text}"
     );
     assert_eq!(
-        metric(&text, "host_state_dir_repairs_total", &["what=\"pidfile\""]),
+        tests::metric(&text, "host_state_dir_repairs_total", &["what=\"pidfile\""]),
         1.0,
         "{text}"
     );
