@@ -42,6 +42,7 @@
 //! holds the state, the one match, the run loop and the timers (the watchdog's among them: a
 //! ready worker's silence is a deadline like the others).
 
+mod analysis;
 mod evidence;
 mod handover;
 mod health;
@@ -245,6 +246,8 @@ struct Rollout {
     started: Instant,
     /// For a revert: why the reload failed.
     failure: Option<String>,
+    /// A reload's canary: the rollout waits after its first workers for the verdict.
+    canary: Option<analysis::CanaryPlan>,
 }
 
 /// The master's state. See the module doc.
@@ -295,6 +298,18 @@ pub(crate) struct Supervisor {
     /// Since when the rollout has been waiting for room to start its next worker (see
     /// `rollout::room_for_candidate`).
     room_wait: Option<Instant>,
+    /// A canary under analysis, or a new generation in its watch period (see `analysis`).
+    judging: Option<analysis::Judging>,
+    /// How the last judged generation ended, for `status`.
+    last_verdict: Option<crate::protocol::CanaryVerdict>,
+    /// The old generation's analysis figures, kept from a promotion to the watch period.
+    watch_baseline: Option<crate::protocol::CanaryFigures>,
+    /// The verdict that started the rollback under way (a watch period's).
+    watch_rollback: Option<crate::protocol::CanaryVerdict>,
+    /// `host abort` during a watch period, answered when its rollback ends.
+    queued_abort_reply: Reply,
+    /// `host reload`'s flags, for the next reload's canary.
+    canary_override: Option<crate::protocol::CanaryOverride>,
 }
 
 /// Cells of the worker table: a cell for every worker that can be alive at once. Each slot's
@@ -365,6 +380,12 @@ impl Supervisor {
             upgrading: None,
             handed_over: false,
             room_wait: None,
+            judging: None,
+            last_verdict: None,
+            watch_baseline: None,
+            watch_rollback: None,
+            queued_abort_reply: None,
+            canary_override: None,
             orphans: Default::default(),
             listener_health: listener::ListenerHealth::new(every),
         }
@@ -472,6 +493,13 @@ impl Supervisor {
             Event::ChildSignal => self.sweep_orphans(),
             Event::Control { request, reply } => match request {
                 ControlRequest::Reload => self.request_rollout(RolloutKind::Reload, Some(reply)),
+                ControlRequest::ReloadWith(flags) => {
+                    // The flags of the latest request apply to the next reload.
+                    self.canary_override = Some(flags);
+                    self.request_rollout(RolloutKind::Reload, Some(reply))
+                }
+                ControlRequest::Promote => self.request_verdict(true, Some(reply)),
+                ControlRequest::Abort => self.request_verdict(false, Some(reply)),
                 ControlRequest::Rollback => {
                     self.request_rollout(RolloutKind::Rollback, Some(reply))
                 }
@@ -614,6 +642,7 @@ impl Supervisor {
         }
         self.answer_overdue_queries(now);
         self.recycle_timer(now);
+        self.judging_timer(now);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -632,6 +661,7 @@ impl Supervisor {
             .chain(respawns)
             .chain(queries)
             .chain(recycling)
+            .chain(self.judging_deadline())
             .chain(self.orphans.deadline())
             .chain(Some(self.listener_health.next_check))
             .min()
