@@ -186,8 +186,14 @@ fn print_reload(report: &ReloadReport) {
             report.kind, report.generation, report.serving_generation
         ),
     }
-    if let Some(v) = &report.verdict {
-        print_verdict(v);
+    match &report.verdict {
+        // The error said why; the figures, one generation a line.
+        Some(v) if report.error.is_some() => {
+            eprintln!("  new {}", figures(&v.canary));
+            eprintln!("  old {}", figures(&v.baseline));
+        }
+        Some(v) => print_verdict(v),
+        None => {}
     }
     if !report.ignored_keys.is_empty() {
         eprintln!(
@@ -220,12 +226,13 @@ pub(crate) fn rollout(
 fn figures(f: &CanaryFigures) -> String {
     let p99 = f.p99_ms.map_or("-".to_string(), |ms| format!("{ms} ms"));
     format!(
-        "generation {} ({} workers): {} requests, 5xx {:.1}% ({}), p99 {p99}, {} crashes",
+        "generation {} ({} workers): {} requests, 5xx {:.1}% ({}), p99 {p99}, {} panics, {} crashes",
         f.generation,
         f.workers,
         f.requests,
         f.error_share * 100.0,
         f.errors,
+        f.panics,
         f.crashes
     )
 }

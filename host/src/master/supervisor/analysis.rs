@@ -117,9 +117,7 @@ fn figures(
             errors as f64 / requests as f64
         },
         p99_ms: p99_ms(&latency),
-        // Not counted yet: the plugin-side shim answers a panic with a `500` the host cannot
-        // tell apart, so a panicking route shows in the 5xx share.
-        panics: 0,
+        panics: d(now.panics, start.panics),
         crashes,
     }
 }
