@@ -25,7 +25,10 @@
 //! workers still leaving, and a free cell in the worker table, which is sized for that; no
 //! worker is ever started without a cell, so `/metrics` misses none of its requests. The
 //! first candidate is the canary: if it fails, nothing old was touched. If a later one fails, the
-//! slots already moved are rolled back to the serving generation the same way. A rollout is done
+//! slots already moved are rolled back to the serving generation the same way. A reload with a
+//! canary plan holds after its first `canary_workers` slots until [`analysis`] judges the new
+//! generation on live traffic: promoted, the rollout goes on; condemned, it fails with the
+//! figures and the moved slots are reverted the same way. A rollout is done
 //! when every slot moved and every old worker acknowledged that it stopped accepting, so a
 //! connection opened after `reload` returns reaches new code.
 //!
@@ -33,7 +36,8 @@
 //! than the listener it hands to workers, and it never loads plugin code.
 //!
 //! The transitions live by concern, each an `impl Supervisor` block: [`rollout`] (reloads,
-//! rollbacks, the queue), [`health`] (crashes, hung workers, backoff, replacements), [`recycle`]
+//! rollbacks, the queue), [`analysis`] (a canary judged on live traffic, the watch period after
+//! a full rollout, `promote` and `abort`), [`health`] (crashes, hung workers, backoff, replacements), [`recycle`]
 //! (one-slot rollouts that replace a worker over `max_requests` or `max_worker_rss`, or whose
 //! plugin asked), [`spawn`] (starting and signalling worker processes), [`status`] (answering
 //! `status`), [`listener`] (the shared listening socket's checks and re-arming), [`evidence`]

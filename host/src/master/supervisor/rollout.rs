@@ -1,8 +1,9 @@
 //! Rollouts: reload, rollback, revert and the first start. Snapshots the plugin for a new
 //! generation and re-reads the config file's `[plugin_config]` for it (a reload applies only
 //! that key of the file; the others wait for a restart), moves slots onto it one at a time
-//! (candidate ready, then the old worker drains), fails or reverts it, queues requests that
-//! arrive meanwhile, answers every caller, and prunes snapshots no kept generation uses. Before
+//! (candidate ready, then the old worker drains; a reload's canary held for
+//! [`analysis`](super::analysis)'s verdict), fails or reverts it, queues requests that
+//! arrive meanwhile (a reload or rollback during a canary analysis is refused instead), answers every caller, and prunes snapshots no kept generation uses. Before
 //! each new worker it makes sure there is room for it: fewer than `max_draining_workers` old
 //! workers still leaving and a free cell in the worker table, or it waits (bounded) for an exit. It never
 //! spawns or signals a process itself (that is [`spawn`](super::spawn)) and never decides on
