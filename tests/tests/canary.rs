@@ -386,3 +386,47 @@ async fn the_watcher_does_not_retry_a_refused_build() {
     assert_eq!(generations(&status), [1, 1]);
     finish(loads).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn promote_and_abort_during_the_watch_period() {
+    let host = Host::start(&fixture_plugin(""), canary_host_options("1s", "10m")).await;
+    let loads = load(&host);
+    host.install_plugin(&fixture_plugin("canary-late"));
+    host.reload_ok().await;
+    host.wait_status("the watch period", |s| s["canary"]["phase"] == "watch")
+        .await;
+
+    // Promote: the generation is kept and its watch ends.
+    let promote = host.cli(&["promote"]).await;
+    assert!(promote.status.success(), "{}", host.explain(&promote));
+    assert!(
+        String::from_utf8_lossy(&promote.stdout).contains("generation 2 kept"),
+        "{}",
+        host.explain(&promote)
+    );
+    let status = host.status().await;
+    assert!(status["canary"].is_null(), "{status}");
+    assert_eq!(status["last_verdict"]["outcome"], "held", "{status}");
+
+    // Abort, in generation 3's watch period: a rollback to generation 2's build (as
+    // generation 4).
+    host.install_plugin(&fixture_plugin(""));
+    host.reload_ok().await;
+    host.wait_status("the second watch period", |s| {
+        s["canary"]["phase"] == "watch" && s["canary"]["generation"] == 3
+    })
+    .await;
+    let abort = host.cli(&["abort"]).await;
+    assert!(abort.status.success(), "{}", host.explain(&abort));
+    assert!(
+        String::from_utf8_lossy(&abort.stdout).contains("aborted: generation 3 rolled back"),
+        "{}",
+        host.explain(&abort)
+    );
+    let status = wait_all_on(&host, 4).await;
+    assert_eq!(status["last_verdict"]["outcome"], "aborted_by_hand");
+    assert_eq!(status["last_reload"]["kind"], "rollback");
+    for r in finish(loads).await {
+        r.assert_clean();
+    }
+}
