@@ -8,7 +8,10 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::{Host, HostOptions, Load, LoadReport, Mode, fixture_plugin, wait_until};
+use tests::{
+    Host, HostOptions, Load, LoadReport, Mode, example_plugin, fixture_plugin, get,
+    greeting_plugin, wait_until,
+};
 
 /// Load on `/work` (and `/work/b`) from several clients, a new connection per request so
 /// that the canary gets its share of them.
@@ -429,4 +432,59 @@ async fn promote_and_abort_during_the_watch_period() {
     for r in finish(loads).await {
         r.assert_clean();
     }
+}
+
+/// The example plugin's `EXAMPLE_ERROR_PERCENT` knob: `500` to exactly that share of a
+/// worker's `GET /`, never two in a row at 30%; such a build is rolled back by itself, and
+/// `reload --canary 0` skips the analysis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn example_error_percent_makes_a_bad_build_the_canary_refuses() {
+    let bad = example_plugin(&[("EXAMPLE_ERROR_PERCENT", "30")]);
+    let one = Host::start(
+        &bad,
+        HostOptions {
+            workers: 1,
+            ..HostOptions::default()
+        },
+    )
+    .await;
+    let mut failed = Vec::new();
+    for i in 1..=20 {
+        let reply = get(one.addr, "/").await.unwrap();
+        if reply.status == 500 {
+            assert_eq!(reply.body, "EXAMPLE_ERROR_PERCENT=30: failing\n");
+            failed.push(i);
+        }
+    }
+    assert_eq!(failed, [4, 7, 10, 14, 17, 20], "spread evenly, 30%");
+    drop(one);
+
+    let host = Host::start(&greeting_plugin("v1"), canary_host_options("5m", "10s")).await;
+    // `--canary 0`: at once, no verdict.
+    host.install_plugin(&greeting_plugin("v2"));
+    let began = Instant::now();
+    let out = host.cli(&["reload", "--canary", "0"]).await;
+    assert!(out.status.success(), "{}", host.explain(&out));
+    assert!(began.elapsed() < Duration::from_secs(30));
+    assert!(host.status().await["last_verdict"].is_null());
+
+    let clients = Load::start(host.addr, 4, Mode::Close, "/");
+    clients.advance(50).await;
+    host.install_plugin(&bad);
+    let out = host.cli(&["reload", "--analysis", "40s"]).await;
+    assert!(!out.status.success(), "{}", host.explain(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("5xx share"),
+        "{}",
+        host.explain(&out)
+    );
+    let report = clients.finish().await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    for (status, body) in &report.non_200 {
+        assert_eq!(
+            (*status, body.as_str()),
+            (500, "EXAMPLE_ERROR_PERCENT=30: failing\n")
+        );
+    }
+    wait_all_on(&host, 2).await;
 }
