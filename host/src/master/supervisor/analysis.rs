@@ -222,7 +222,7 @@ impl Supervisor {
         let analysis = over
             .analysis_ms
             .map_or(c.analysis, Duration::from_millis)
-            .max(CHECK_EVERY);
+            .clamp(CHECK_EVERY, crate::config::MAX_WAIT);
         if !judged || workers == 0 {
             return None;
         }
@@ -242,16 +242,12 @@ impl Supervisor {
     }
 
     /// A generation's counters now: its exited workers' and its live workers' cells.
-    fn totals_of(&self, generation: u64) -> (Totals, u32) {
-        let (mut totals, workers) = (
-            self.exited_totals(generation),
-            self.live_counters(generation),
-        );
-        let n = workers.len() as u32;
-        for t in workers {
+    fn totals_of(&self, generation: u64) -> Totals {
+        let mut totals = self.exited_totals(generation);
+        for t in self.live_counters(generation) {
             totals.add(&t);
         }
-        (totals, n)
+        totals
     }
 
     fn serving_workers_of(&self, generation: u64) -> u32 {
@@ -273,8 +269,8 @@ impl Supervisor {
         baseline_fixed: Option<CanaryFigures>,
     ) {
         let now = Instant::now();
-        let (canary_at_start, _) = self.totals_of(generation);
-        let (baseline_at_start, _) = self.totals_of(baseline);
+        let canary_at_start = self.totals_of(generation);
+        let baseline_at_start = self.totals_of(baseline);
         tracing::info!(
             generation,
             baseline,
@@ -332,7 +328,7 @@ impl Supervisor {
 
     /// The figures of the window now: (canary, baseline).
     fn window_figures(&self, j: &Judging) -> (CanaryFigures, CanaryFigures) {
-        let (now, _) = self.totals_of(j.generation);
+        let now = self.totals_of(j.generation);
         let canary = figures(
             j.generation,
             self.serving_workers_of(j.generation),
@@ -343,7 +339,7 @@ impl Supervisor {
         let baseline = match &j.baseline_fixed {
             Some(f) => f.clone(),
             None => {
-                let (now, _) = self.totals_of(j.baseline);
+                let now = self.totals_of(j.baseline);
                 figures(
                     j.baseline,
                     self.serving_workers_of(j.baseline),

@@ -498,9 +498,15 @@ impl Supervisor {
             Event::Control { request, reply } => match request {
                 ControlRequest::Reload => self.request_rollout(RolloutKind::Reload, Some(reply)),
                 ControlRequest::ReloadWith(flags) => {
-                    // The flags of the latest request apply to the next reload.
+                    // The flags of the latest request apply to the next reload; a refused
+                    // request leaves none behind.
                     self.canary_override = Some(flags);
-                    self.request_rollout(RolloutKind::Reload, Some(reply))
+                    self.request_rollout(RolloutKind::Reload, Some(reply));
+                    let pending = self.snapshotting.is_some()
+                        || self.queued.iter().any(|(k, _)| *k == RolloutKind::Reload);
+                    if !pending {
+                        self.canary_override = None;
+                    }
                 }
                 ControlRequest::Promote => self.request_verdict(true, Some(reply)),
                 ControlRequest::Abort => self.request_verdict(false, Some(reply)),
