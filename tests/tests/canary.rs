@@ -68,9 +68,15 @@ async fn wait_all_on(host: &Host, generation: u64) -> Value {
 /// A bad build under load is rolled back by itself within the analysis period; returns the
 /// reload's stderr and the load seen up to the rollback.
 async fn rolled_back(kind: &str) -> (String, Vec<LoadReport>) {
+    rolled_back_with(kind, "").await
+}
+
+async fn rolled_back_with(kind: &str, extra: &str) -> (String, Vec<LoadReport>) {
     let bad = fixture_plugin(kind);
     let analysis = Duration::from_secs(40);
-    let host = Host::start(&fixture_plugin(""), canary_host_options("40s", "10s")).await;
+    let mut opts = canary_host_options("40s", "10s");
+    opts.extra.push_str(extra);
+    let host = Host::start(&fixture_plugin(""), opts).await;
     let loads = load(&host);
     advance(&loads, 50).await;
 
@@ -172,6 +178,12 @@ async fn a_canary_crashing_under_traffic_is_rolled_back() {
         stderr.contains("crashed or hung") || stderr.contains("5xx share"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_canary_hanging_under_traffic_is_rolled_back() {
+    let (stderr, _reports) = rolled_back_with("canary-hang", "worker_timeout = \"1s\"\n").await;
+    assert!(stderr.contains("crashed or hung"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
