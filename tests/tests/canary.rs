@@ -188,7 +188,7 @@ async fn a_canary_hanging_under_traffic_is_rolled_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_good_canary_is_promoted_to_every_worker_and_watched() {
-    let host = Host::start(&fixture_plugin(""), canary_host_options("4s", "3s")).await;
+    let host = Host::start(&fixture_plugin(""), canary_host_options("10s", "3s")).await;
     let loads = load(&host);
     advance(&loads, 50).await;
     host.install_plugin(&fixture_plugin("canary-late"));
@@ -231,10 +231,26 @@ async fn a_good_canary_is_promoted_to_every_worker_and_watched() {
         host.explain(&second)
     );
 
+    // So is one asked by signal, with a log line.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host.master_pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the signalled reload refused",
+        || {
+            host.log()
+                .contains("reload refused: generation 2 is under canary analysis")
+        },
+    )
+    .await;
+
     let out = reload.await.unwrap();
     assert!(out.status.success(), "{}", host.explain(&out));
     assert!(
-        began.elapsed() >= Duration::from_secs(4),
+        began.elapsed() >= Duration::from_secs(10),
         "promoted before its analysis ended"
     );
     assert!(
