@@ -3,7 +3,8 @@
 //!
 //! Each shim converts between the [`ffi`](crate::ffi) views and the `http` types, calls the
 //! safe [`Plugin`] method inside `catch_unwind`, and never lets a panic cross the ABI: a panic in
-//! `on_worker_start` becomes a load failure carrying the panic message, one in `handle` a `500`.
+//! `on_worker_start` becomes a load failure carrying the panic message, one in `handle` a `500`
+//! (reported to a 1.5 host, which counts it).
 //! Nothing here allocates memory the host frees, or frees memory the host allocated.
 
 use std::any::Any;

@@ -1,6 +1,8 @@
 //! Loads a plugin snapshot into this worker: `dlopen` with `RTLD_NOW`, the header checks, the
 //! `on_worker_start` hook, and the per-request calls across the ABI, with the functions the
-//! plugin calls back to read a blocking request's cancellation (a pool job's `Cancel`).
+//! plugin calls back to read a blocking request's cancellation (a pool job's `Cancel`) and to
+//! report a handler panic its shim caught (counted in this worker's cell, with those the host
+//! catches around a plugin future, for the master's canary analysis).
 //!
 //! The only module in `host` that calls plugin code, and (with `fd.rs`) the only one with
 //! `unsafe`. It checks the exported header field by field (magic first, then ABI major and minor,
