@@ -47,8 +47,8 @@ trap cleanup EXIT
 install -m 644 "$BIN/libexample_plugin.so" "$WORK/plugin.so"
 CLK=$(getconf CLK_TCK)
 
-config() { # name workers port
-  printf 'listen = "127.0.0.1:%s"\nworkers = %s\nplugin = "plugin.so"\nstate_dir = "state-%s"\n' "$3" "$2" "$1" > "$WORK/$1.toml"
+config() { # name workers port (reloads roll out at once: the figures are the rollout's own)
+  printf 'listen = "127.0.0.1:%s"\nworkers = %s\nplugin = "plugin.so"\nstate_dir = "state-%s"\ncanary_workers = 0\n' "$3" "$2" "$1" > "$WORK/$1.toml"
 }
 start_host() { # name [cpu]: start -d, pinned to a CPU if given (workers inherit it)
   if [ -n "${2:-}" ]; then taskset -c "$2" "$BIN/host" -c "$WORK/$1.toml" start -d >/dev/null

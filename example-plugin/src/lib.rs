@@ -43,7 +43,10 @@
 //!
 //! `EXAMPLE_FAIL_START` = `panic` | `error` | `hang` at build time makes `on_worker_start` panic,
 //! return an error, or never return: a deliberately bad build. `EXAMPLE_START_DELAY_MS=N` makes
-//! it take `N` ms (a slow start, to watch a rollout happen).
+//! it take `N` ms (a slow start, to watch a rollout happen). `EXAMPLE_ERROR_PERCENT=N` (0 to
+//! 100) makes `GET /` answer `500` to `N`% of a worker's requests to it, spread evenly (the
+//! `k`th fails when `k * N / 100` steps up), not in bursts: a build that starts fine and then
+//! does worse, for trying the canary analysis.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,6 +74,15 @@ const GREETING: &str = match option_env!("EXAMPLE_GREETING") {
 };
 const FAIL_START: Option<&str> = option_env!("EXAMPLE_FAIL_START");
 const START_DELAY_MS: Option<&str> = option_env!("EXAMPLE_START_DELAY_MS");
+/// `EXAMPLE_ERROR_PERCENT`, clamped to 100; 0 when unset or not a number.
+const ERROR_PERCENT: u64 = match option_env!("EXAMPLE_ERROR_PERCENT") {
+    Some(p) => match u64::from_str_radix(p, 10) {
+        Ok(p) if p <= 100 => p,
+        Ok(_) => 100,
+        Err(_) => 0,
+    },
+    None => 0,
+};
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What the example plugin accepts in `[plugin_config]`.
@@ -88,6 +100,8 @@ struct ExampleConfig {
 pub struct Example {
     ctx: WorkerContext,
     served: AtomicU64,
+    /// Requests to `/` this worker answered: which of them fail with `EXAMPLE_ERROR_PERCENT`.
+    root_served: AtomicU64,
     /// Shared by every request of this worker: `/locked` counts under it, `/poison` poisons it.
     locked: Mutex<u64>,
     /// The bodies of `/` and `/async/hello`: fixed for the worker's life, so built once here
@@ -139,6 +153,7 @@ impl Plugin for Example {
         Ok(Example {
             ctx: ctx.clone(),
             served: AtomicU64::new(0),
+            root_served: AtomicU64::new(0),
             locked: Mutex::new(0),
             hello: Bytes::from(format!("{GREETING} from example-plugin {VERSION}\n{who}")),
             hello_async: Bytes::from(format!(
@@ -150,7 +165,16 @@ impl Plugin for Example {
     fn handle(&self, req: Request) -> Response {
         let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
         match req.uri().path() {
-            "/" => text(StatusCode::OK, self.hello.clone()),
+            "/" => {
+                let k = self.root_served.fetch_add(1, Ordering::Relaxed) + 1;
+                if k * ERROR_PERCENT / 100 > (k - 1) * ERROR_PERCENT / 100 {
+                    return text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("EXAMPLE_ERROR_PERCENT={ERROR_PERCENT}: failing\n"),
+                    );
+                }
+                text(StatusCode::OK, self.hello.clone())
+            }
             "/sleep" => match query_param(&req, "ms").map(str::parse::<u64>) {
                 Some(Ok(ms)) if ms <= 60_000 => {
                     // A sleep that ends when the client leaves: no one would read the answer.

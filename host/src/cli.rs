@@ -1,4 +1,5 @@
-//! The commands a person runs (`start`, `reload`, `rollback`, `stop`, `status`, `upgrade`): each
+//! The commands a person runs (`start`, `reload`, `rollback`, `promote`, `abort`, `stop`,
+//! `status`, `upgrade`): each
 //! starts the master or talks to it over the control socket, and prints what happened.
 //!
 //! This module owns the client side of the control protocol and the wording of the CLI's
@@ -17,7 +18,9 @@ use command_fds::{CommandFdExt, FdMapping};
 use crate::config::Config;
 use crate::master::control::{self, ControlError};
 use crate::master::pidfile;
-use crate::protocol::{ControlRequest, ControlResponse, ReloadReport, StatusReport};
+use crate::protocol::{
+    CanaryFigures, CanaryVerdict, ControlRequest, ControlResponse, ReloadReport, StatusReport,
+};
 use crate::{DevFlags, START_NOTIFY_ENV, error_chain, fd, logging, master};
 
 fn client<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
@@ -183,6 +186,15 @@ fn print_reload(report: &ReloadReport) {
             report.kind, report.generation, report.serving_generation
         ),
     }
+    match &report.verdict {
+        // The error said why; the figures, one generation a line.
+        Some(v) if report.error.is_some() => {
+            eprintln!("  new {}", figures(&v.canary));
+            eprintln!("  old {}", figures(&v.baseline));
+        }
+        Some(v) => print_verdict(v),
+        None => {}
+    }
     if !report.ignored_keys.is_empty() {
         eprintln!(
             "note: a reload applies only [plugin_config]; changed keys {} take effect at `host restart`",
@@ -202,6 +214,80 @@ pub(crate) fn rollout(
             Ok(ExitCode::SUCCESS)
         }
         ControlResponse::ReloadFailed(report) => {
+            print_reload(&report);
+            Ok(ExitCode::FAILURE)
+        }
+        ControlResponse::Refused { reason } => bail!("refused: {reason}"),
+        other => bail!("unexpected answer from the master: {other:?}"),
+    }
+}
+
+/// One generation's judged figures, for a line.
+fn figures(f: &CanaryFigures) -> String {
+    let p99 = f.p99_ms.map_or("-".to_string(), |ms| format!("{ms} ms"));
+    format!(
+        "generation {} ({} workers): {} requests, 5xx {:.1}% ({}), p99 {p99}, {} panics, {} crashes",
+        f.generation,
+        f.workers,
+        f.requests,
+        f.error_share * 100.0,
+        f.errors,
+        f.panics,
+        f.crashes
+    )
+}
+
+/// A canary's verdict: its outcome and the figures that decided, on stderr.
+fn print_verdict(v: &CanaryVerdict) {
+    eprintln!(
+        "canary: generation {} {}: {}",
+        v.generation,
+        v.outcome.replace('_', " "),
+        v.reason
+    );
+    eprintln!("  new {}", figures(&v.canary));
+    eprintln!("  old {}", figures(&v.baseline));
+}
+
+/// `host promote` and `host abort`: waits until the rollout they end is over.
+pub(crate) fn verdict(
+    cfg: &Config,
+    request: ControlRequest,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let abort = matches!(request, ControlRequest::Abort);
+    match ask(cfg, request, timeout)? {
+        ControlResponse::Judged(v) => {
+            println!(
+                "generation {} kept: its watch period ended by hand",
+                v.generation
+            );
+            print_verdict(&v);
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlResponse::Reloaded(report) if !abort => {
+            print_reload(&report);
+            Ok(ExitCode::SUCCESS)
+        }
+        // An abort succeeds when the judged generation no longer serves.
+        ControlResponse::Reloaded(report) | ControlResponse::ReloadFailed(report)
+            if abort
+                && report
+                    .verdict
+                    .as_ref()
+                    .is_some_and(|v| v.generation != report.serving_generation) =>
+        {
+            let judged = report.verdict.as_ref().map_or(0, |v| v.generation);
+            println!(
+                "aborted: generation {judged} rolled back; serving generation {}",
+                report.serving_generation
+            );
+            if let Some(v) = &report.verdict {
+                print_verdict(v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlResponse::Reloaded(report) | ControlResponse::ReloadFailed(report) => {
             print_reload(&report);
             Ok(ExitCode::FAILURE)
         }
@@ -370,6 +456,27 @@ pub(crate) fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Res
             .map(|s| format!("slot {}: {}", s.slot, s.recycles))
             .collect();
         println!("recycled: {recycled} workers ({})", per_slot.join(", "));
+    }
+    if let Some(c) = &report.canary {
+        println!(
+            "canary {}: generation {}, {} of {} s",
+            c.phase,
+            c.generation,
+            c.elapsed_ms / 1000,
+            c.period_ms / 1000
+        );
+        println!("  new {}", figures(&c.canary));
+        println!("  old {}", figures(&c.baseline));
+    }
+    if let Some(v) = &report.last_verdict {
+        let when =
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(v.at));
+        println!(
+            "last canary: generation {} {} at {when}: {}",
+            v.generation,
+            v.outcome.replace('_', " "),
+            v.reason
+        );
     }
     if let Some(b) = &report.last_build {
         let when = humantime::format_rfc3339_seconds(

@@ -124,6 +124,30 @@ pub struct Config {
     /// Processes the workers left behind (the master is their subreaper) get SIGTERM, then
     /// SIGKILL this much later.
     pub orphan_grace: Duration,
+    /// The canary: new workers a reload starts, then holds for `canary_analysis` while the
+    /// master judges them against the old generation on live traffic. 0: no staged rollout.
+    pub canary: CanaryConfig,
+}
+
+/// The `canary_*` keys (and `watch_canary`): how a new generation is judged on live traffic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CanaryConfig {
+    /// New workers serving beside the old generation during the analysis; 0: off.
+    pub workers: usize,
+    /// How long the canary serves beside the old generation before it is promoted.
+    pub analysis: Duration,
+    /// After a full rollout, how long the new generation is still judged (and rolled back by
+    /// itself if it fails).
+    pub watch: Duration,
+    /// Requests the canary must answer before its error share or latency can condemn it.
+    pub min_requests: u64,
+    /// The canary's 5xx share (failed answers and lost requests included) may exceed the old
+    /// generation's by at most this fraction (0.02: two percentage points).
+    pub max_error_increase: f64,
+    /// The canary's p99 latency may be at most this many times the old generation's.
+    pub max_latency_ratio: f64,
+    /// Dev mode: judge the watcher's reloads too (off: they roll out at once).
+    pub in_watch_mode: bool,
 }
 
 /// The `[plugin_config]` table as JSON text (what the plugin receives), and that text's sha256
@@ -214,6 +238,13 @@ struct RawConfig {
     max_slow_paths: Option<i64>,
     listener_check_interval: Option<String>,
     orphan_grace: Option<String>,
+    canary_workers: Option<i64>,
+    canary_analysis: Option<String>,
+    canary_watch: Option<String>,
+    canary_min_requests: Option<i64>,
+    canary_max_error_increase: Option<f64>,
+    canary_max_latency_ratio: Option<f64>,
+    watch_canary: Option<bool>,
 }
 
 /// A size: a number of bytes, or a string like `"512MiB"`.
@@ -369,7 +400,8 @@ impl Config {
             blocking_abandoned_threads,
             max_slow_paths,
             listener_check_interval,
-            orphan_grace
+            orphan_grace,
+            canary
         );
         // Its default follows `workers`: named only when it changed by itself.
         if new.max_draining_workers != self.max_draining_workers && new.workers == self.workers {
@@ -670,6 +702,41 @@ impl Config {
                 )
             })?,
         };
+        let canary_workers = count("canary_workers", raw.canary_workers, 1, 0, 1024)?;
+        let canary_min_requests = count(
+            "canary_min_requests",
+            raw.canary_min_requests,
+            100,
+            1,
+            MAX_REQUESTS,
+        )? as u64;
+        let fraction = |key: &str, value: Option<f64>, default: f64, min: f64, max: f64| match value
+        {
+            None => Ok(default),
+            Some(x) if (min..=max).contains(&x) => Ok(x),
+            Some(x) => Err(invalid(key, format!("{x} is out of range {min}..={max}"))),
+        };
+        let canary = CanaryConfig {
+            workers: canary_workers,
+            analysis: duration("canary_analysis", &raw.canary_analysis, "30s", MAX_WAIT)?,
+            watch: duration("canary_watch", &raw.canary_watch, "60s", MAX_WAIT)?,
+            min_requests: canary_min_requests,
+            max_error_increase: fraction(
+                "canary_max_error_increase",
+                raw.canary_max_error_increase,
+                0.02,
+                0.0,
+                1.0,
+            )?,
+            max_latency_ratio: fraction(
+                "canary_max_latency_ratio",
+                raw.canary_max_latency_ratio,
+                3.0,
+                1.0,
+                1000.0,
+            )?,
+            in_watch_mode: raw.watch_canary.unwrap_or(false),
+        };
         if build.is_some() && watch_paths.is_empty() {
             return Err(invalid(
                 "build",
@@ -745,6 +812,7 @@ impl Config {
                 MAX_WAIT,
             )?,
             orphan_grace: duration("orphan_grace", &raw.orphan_grace, "2s", MAX_WAIT)?,
+            canary,
         })
     }
 
@@ -1266,6 +1334,20 @@ mod tests {
                 "blocking_abandoned_threads",
             ),
             ("max_slow_paths = 0\n", "max_slow_paths"),
+            ("canary_workers = -1\n", "canary_workers"),
+            ("canary_min_requests = 0\n", "canary_min_requests"),
+            (
+                "canary_max_error_increase = 1.5\n",
+                "canary_max_error_increase",
+            ),
+            (
+                "canary_max_error_increase = nan\n",
+                "canary_max_error_increase",
+            ),
+            (
+                "canary_max_latency_ratio = 0.5\n",
+                "canary_max_latency_ratio",
+            ),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(
@@ -1370,6 +1452,13 @@ mod tests {
             "max_slow_paths",
             "listener_check_interval",
             "orphan_grace",
+            "canary_workers",
+            "canary_analysis",
+            "canary_watch",
+            "canary_min_requests",
+            "canary_max_error_increase",
+            "canary_max_latency_ratio",
+            "watch_canary",
         ];
 
         /// A `[plugin_config]` table: nested tables and arrays of any TOML value, including ones
@@ -1402,7 +1491,7 @@ mod tests {
                 "graceful_timeout" | "start_timeout" | "idle_grace" | "header_read_timeout"
                 | "watch_debounce" | "body_read_timeout" | "worker_timeout"
                 | "keepalive_timeout" | "send_timeout" | "listener_check_interval"
-                | "orphan_grace" => (
+                | "orphan_grace" | "canary_analysis" | "canary_watch" => (
                     prop_oneof![3 => 0u64..100, 1 => 0u64..100_000_000, 1 => any::<u64>()],
                     prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d"]),
                 )
@@ -1420,12 +1509,18 @@ mod tests {
                 "workers" | "max_body_bytes" | "backlog" | "keep_snapshots" | "max_draining_workers" | "max_headers"
                 | "max_header_bytes" | "max_requests" | "max_requests_jitter" | "blocking_threads"
                 | "blocking_queue" | "blocking_abandoned_threads" | "max_slow_paths"
-                | "max_connections" | "http2_max_streams" => {
+                | "max_connections" | "http2_max_streams" | "canary_workers"
+                | "canary_min_requests" => {
                     prop_oneof![3 => -2i64..2000, 1 => -2i64..70_000, 1 => any::<i64>(), 1 => 0i64..(1 << 31)]
                         .prop_map(|n| n.to_string())
                         .boxed()
                 }
-                "allow_writable_plugin" | "watch" | "accept_balance" => {
+                "canary_max_error_increase" | "canary_max_latency_ratio" => prop_oneof![
+                    any::<f64>().prop_map(|f| format!("{f:?}")),
+                    (-1.0f64..1100.0).prop_map(|f| format!("{f:?}")),
+                ]
+                .boxed(),
+                "allow_writable_plugin" | "watch" | "accept_balance" | "watch_canary" => {
                     any::<bool>().prop_map(|b| b.to_string()).boxed()
                 }
                 "max_plugin_bytes" | "max_worker_rss" | "http2_send_buffer" => prop_oneof![
@@ -1537,6 +1632,8 @@ mod tests {
                             ("send_timeout", c.send_timeout),
                             ("listener_check_interval", c.listener_check_interval),
                             ("orphan_grace", c.orphan_grace),
+                            ("canary_analysis", c.canary.analysis),
+                            ("canary_watch", c.canary.watch),
                         ] {
                             bounded(key, d);
                         }
@@ -1549,6 +1646,7 @@ mod tests {
                         prop_assert!((1..=65535).contains(&c.backlog));
                         prop_assert!(c.max_requests.checked_add(c.max_requests_jitter).is_some());
                         prop_assert!(c.worker_timeout >= MIN_WORKER_TIMEOUT);
+                        prop_assert!(c.canary.max_error_increase.is_finite() && c.canary.max_latency_ratio >= 1.0);
                         prop_assert!(!c.heartbeat_interval().is_zero());
                         prop_assert!(c.plugin_config.json.len() <= MAX_PLUGIN_CONFIG_BYTES);
                         let json: serde_json::Value = serde_json::from_str(&c.plugin_config.json).unwrap();

@@ -120,7 +120,9 @@ pub struct Counters {
     response_bytes: AtomicU64,
     /// How often each [`Limit`] was hit, by its index.
     limit_hits: [AtomicU64; LIMITS],
-    _reserved: [AtomicU64; 7],
+    /// Handler panics caught at the plugin boundary (each answered `500`).
+    panics: AtomicU64,
+    _reserved: [AtomicU64; 6],
 }
 
 const _: () = assert!(size_of::<Counters>() == 384);
@@ -203,6 +205,11 @@ impl Counters {
         self.limit_hits[limit as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A handler panic caught at the plugin boundary. From any thread of the worker (rare).
+    pub fn panicked(&self) {
+        self.panics.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Zeroes every counter: the master's, for a cell no worker holds.
     pub fn reset(&self) {
         let all = self
@@ -216,6 +223,7 @@ impl Counters {
                 &self.cancelled,
                 &self.request_bytes,
                 &self.response_bytes,
+                &self.panics,
             ]);
         for c in all {
             c.store(0, Ordering::Relaxed);
@@ -236,6 +244,7 @@ impl Counters {
             request_bytes: load(&self.request_bytes),
             response_bytes: load(&self.response_bytes),
             limit_hits: self.limit_hits.each_ref().map(load),
+            panics: load(&self.panics),
         }
     }
 }
@@ -255,6 +264,8 @@ pub struct Totals {
     pub response_bytes: u64,
     /// How often each [`Limit`] was hit, by its index.
     pub limit_hits: [u64; LIMITS],
+    /// Handler panics caught at the plugin boundary.
+    pub panics: u64,
 }
 
 impl Totals {
@@ -276,6 +287,7 @@ impl Totals {
             (&mut self.lost, other.lost),
             (&mut self.request_bytes, other.request_bytes),
             (&mut self.response_bytes, other.response_bytes),
+            (&mut self.panics, other.panics),
         ] {
             *a = a.wrapping_add(b);
         }
@@ -309,6 +321,7 @@ mod tests {
             request_bytes: AtomicU64::new(0),
             response_bytes: AtomicU64::new(0),
             limit_hits: Default::default(),
+            panics: AtomicU64::new(0),
             _reserved: Default::default(),
         })
     }

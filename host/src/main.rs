@@ -121,8 +121,23 @@ enum Command {
         #[command(flatten)]
         dev: DevFlags,
     },
-    /// Roll every worker onto a fresh snapshot of the plugin; waits for the outcome.
-    Reload,
+    /// Roll every worker onto a fresh snapshot of the plugin; waits for the outcome. With a
+    /// canary (`canary_workers`), the first new workers are judged on live traffic for
+    /// `canary_analysis` first: promoted, or rolled back by themselves (exit status 1).
+    Reload {
+        /// New workers to judge before the rest (config `canary_workers`; 0: no canary).
+        #[arg(long, value_name = "N")]
+        canary: Option<u32>,
+        /// How long to judge them (config `canary_analysis`), e.g. "30s".
+        #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+        analysis: Option<Duration>,
+    },
+    /// End the canary's analysis now and roll its generation out to every worker (or end the
+    /// watch period of a generation that already serves everywhere).
+    Promote,
+    /// Roll the canary under analysis back now (or the generation in its watch period: back
+    /// to the previous one); its build is refused like a failed one.
+    Abort,
     /// Roll every worker back onto the generation that served before the current one.
     Rollback,
     /// Stop gracefully; returns when every process has exited.
@@ -252,7 +267,17 @@ fn default_timeout(cfg: &Config, command: &Command) -> Duration {
     let d = match command {
         Command::Status { .. } => Some(Duration::from_secs(5)),
         // A queued reload waits for the running one; a failed one rolls slots back.
-        Command::Reload | Command::Rollback => cfg
+        Command::Reload { analysis, .. } => cfg
+            .start_timeout
+            .checked_mul(workers.saturating_mul(2))
+            .and_then(|d| d.checked_add(margin))
+            .and_then(|d| d.checked_add(analysis.unwrap_or(cfg.canary.analysis))),
+        Command::Rollback => cfg
+            .start_timeout
+            .checked_mul(workers.saturating_mul(2))
+            .and_then(|d| d.checked_add(margin)),
+        // A promotion rolls out to every worker; an abort moves the canary's slots back.
+        Command::Promote | Command::Abort => cfg
             .start_timeout
             .checked_mul(workers.saturating_mul(2))
             .and_then(|d| d.checked_add(margin)),
@@ -342,7 +367,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dev.apply(&mut cfg)?;
             cli::start_daemon(&cfg, &dev, timeout)
         }
-        Command::Reload => cli::rollout(&cfg, ControlRequest::Reload, timeout),
+        Command::Reload {
+            canary: None,
+            analysis: None,
+        } => cli::rollout(&cfg, ControlRequest::Reload, timeout),
+        Command::Reload { canary, analysis } => {
+            let flags = protocol::CanaryOverride {
+                workers: canary,
+                analysis_ms: analysis.map(|d| d.as_millis().max(1) as u64),
+            };
+            cli::rollout(&cfg, ControlRequest::ReloadWith(flags), timeout)
+        }
+        Command::Promote => cli::verdict(&cfg, ControlRequest::Promote, timeout),
+        Command::Abort => cli::verdict(&cfg, ControlRequest::Abort, timeout),
         Command::Rollback => cli::rollout(&cfg, ControlRequest::Rollback, timeout),
         Command::Stop => {
             cli::stop(&cfg, timeout)?;

@@ -202,6 +202,71 @@ pub enum ControlRequest {
     Status,
     /// Start the `host` binary now on disk as a new master, hand it the listener, and retire.
     Upgrade,
+    /// `host reload` with flags: this reload's canary instead of the config's.
+    ReloadWith(CanaryOverride),
+    /// `host promote`: end the canary's analysis (or the watch period) now, keeping the new
+    /// generation.
+    Promote,
+    /// `host abort`: roll the canary (or the generation in its watch period) back now.
+    Abort,
+}
+
+/// `host reload --canary N --analysis D`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryOverride {
+    /// New workers held for analysis (0: roll out at once).
+    pub workers: Option<u32>,
+    pub analysis_ms: Option<u64>,
+}
+
+/// One generation's figures over a judging window (deltas since the window began).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CanaryFigures {
+    pub generation: u64,
+    /// Its workers serving when the figures were read.
+    pub workers: u32,
+    /// Requests answered, plus those lost in a crash.
+    pub requests: u64,
+    /// `5xx` answers, plus requests lost in a crash.
+    pub errors: u64,
+    /// `errors / requests` (0 with no request).
+    pub error_share: f64,
+    /// The upper bound of the latency bucket holding the 99th percentile, in ms (`None`: no
+    /// request answered).
+    pub p99_ms: Option<f64>,
+    /// Handler panics caught at the plugin boundary.
+    pub panics: u64,
+    /// Its workers that died while serving or were killed as hung.
+    pub crashes: u64,
+}
+
+/// A canary under analysis, or a new generation in its watch period, as `status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CanaryStatus {
+    /// `analysis` (canary workers beside the old generation) or `watch` (after a full rollout).
+    pub phase: String,
+    pub generation: u64,
+    pub elapsed_ms: u64,
+    pub period_ms: u64,
+    pub canary: CanaryFigures,
+    /// The old generation: over the same window during the analysis, over the analysis
+    /// window during the watch period.
+    pub baseline: CanaryFigures,
+}
+
+/// How a judged generation ended.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CanaryVerdict {
+    pub generation: u64,
+    /// `promoted`, `promoted_by_hand`, `rolled_back`, `aborted_by_hand` or `held` (its
+    /// watch period passed).
+    pub outcome: String,
+    /// What decided, with the figures.
+    pub reason: String,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    pub canary: CanaryFigures,
+    pub baseline: CanaryFigures,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -215,6 +280,8 @@ pub enum ControlResponse {
     Refused {
         reason: String,
     },
+    /// `host promote` during a watch period: the generation is kept, its watch ended.
+    Judged(CanaryVerdict),
     /// A new master serves and owns the pidfile and the control socket; this one drains.
     Upgraded(UpgradeReport),
     /// The new master did not take over; this one serves on.
@@ -288,6 +355,9 @@ pub struct ReloadReport {
     pub drained_pids: Vec<u32>,
     /// `reload` or `rollback`.
     pub kind: String,
+    /// The canary's verdict, when this reload's new generation was judged on live traffic.
+    #[serde(default)]
+    pub verdict: Option<CanaryVerdict>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,6 +417,12 @@ pub struct StatusReport {
     /// Whether the shared listening socket listens, and its recoveries.
     #[serde(default)]
     pub listener: ListenerStatus,
+    /// A canary under analysis or a generation in its watch period, with its figures.
+    #[serde(default)]
+    pub canary: Option<CanaryStatus>,
+    /// How the last judged generation ended.
+    #[serde(default)]
+    pub last_verdict: Option<CanaryVerdict>,
 }
 
 /// The listening socket as `status` shows it.

@@ -3,7 +3,8 @@
 //!
 //! Each shim converts between the [`ffi`](crate::ffi) views and the `http` types, calls the
 //! safe [`Plugin`] method inside `catch_unwind`, and never lets a panic cross the ABI: a panic in
-//! `on_worker_start` becomes a load failure carrying the panic message, one in `handle` a `500`.
+//! `on_worker_start` becomes a load failure carrying the panic message, one in `handle` a `500`
+//! (reported to a 1.5 host, which counts it).
 //! Nothing here allocates memory the host frees, or frees memory the host allocated.
 
 use std::any::Any;
@@ -102,6 +103,16 @@ fn install_panic_hook() {
     }));
 }
 
+/// The host's [`HostContext::panicked`], when its context had it (ABI 1.5).
+static HOST_PANICKED: std::sync::OnceLock<extern "C" fn()> = std::sync::OnceLock::new();
+
+/// Tells the host that a handler panicked (it counts them); nothing with an older host.
+pub(crate) fn report_panic() {
+    if let Some(panicked) = HOST_PANICKED.get() {
+        panicked();
+    }
+}
+
 /// "message at file:line:col" for a caught panic.
 pub(crate) fn describe_panic(payload: &(dyn Any + Send)) -> String {
     let location = PANIC_LOCATION.with(|cell| cell.borrow_mut().take());
@@ -170,9 +181,14 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
             "{}".into()
         };
         // ABI 1.4: the functions behind each request's cancellation.
-        if size as usize >= size_of::<HostContext>() {
+        if size as usize >= ffi::HOST_CONTEXT_1_4_SIZE {
             // SAFETY: the host's context covers the field.
             crate::cancel::install(unsafe { std::ptr::addr_of!((*ctx).cancel).read() });
+        }
+        // ABI 1.5: where caught handler panics are reported.
+        if size as usize >= size_of::<HostContext>() {
+            // SAFETY: the host's context covers the field.
+            let _ = HOST_PANICKED.set(unsafe { std::ptr::addr_of!((*ctx).panicked).read() });
         }
         crate::runtime::start()
             .map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
@@ -307,6 +323,7 @@ unsafe extern "C" fn handle<P: Plugin>(
         }
     }));
     let resp = result.unwrap_or_else(|payload| {
+        report_panic();
         tracing::error!(
             panic = %describe_panic(&*payload),
             "handler panicked; answered 500"
@@ -416,6 +433,8 @@ mod tests {
         }
     }
 
+    extern "C" fn panicked_nowhere() {}
+
     /// Starts `AskRestart` with a context of `size` bytes; whether it started (it does only when
     /// `restart_worker` reached the host).
     fn start_with_context_size(size: usize) -> bool {
@@ -429,6 +448,7 @@ mod tests {
             restart_worker: count_restart,
             config: RawStr::new(b"{}"),
             cancel: std::ptr::null(),
+            panicked: panicked_nowhere,
         };
         let mut state = std::ptr::null_mut();
         let mut storage = [0u8; 256];

@@ -95,6 +95,7 @@ fn plain(status: StatusCode, text: &'static str) -> http::Response<Body> {
 }
 
 fn panicked(payload: &(dyn std::any::Any + Send)) -> RawAsyncResponse {
+    crate::export::report_panic();
     tracing::error!(
         panic = %crate::export::describe_panic(payload),
         "handler panicked; answered 500"

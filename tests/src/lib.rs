@@ -305,6 +305,8 @@ impl Host {
             "state_dir = \"state\"",
             "graceful_timeout = \"10s\"",
             "start_timeout = \"10s\"",
+            // Reloads roll out at once unless a test judges a canary (`tests/tests/canary.rs`).
+            "canary_workers = 0",
         ] {
             let key = default.split(' ').next().unwrap();
             if !set_in_extra.contains(&key) {

@@ -332,13 +332,19 @@ async fn answer(
 fn awaited(request: &ControlRequest) -> &'static str {
     match request {
         ControlRequest::Status => "the master's answer to `status`",
-        ControlRequest::Reload => {
+        ControlRequest::Reload | ControlRequest::ReloadWith(_) => {
             "the reload to finish (the master goes on with it; `host status` shows the outcome)"
         }
         ControlRequest::Rollback => {
             "the rollback to finish (the master goes on with it; `host status` shows the outcome)"
         }
         ControlRequest::Stop => "every worker to stop (the master goes on stopping)",
+        ControlRequest::Promote => {
+            "the promoted generation to reach every worker (the master goes on; `host status` shows it)"
+        }
+        ControlRequest::Abort => {
+            "the rollback to finish (the master goes on with it; `host status` shows the outcome)"
+        }
         ControlRequest::Upgrade => {
             "the new master to take over (the master goes on with it; `host status` shows who serves)"
         }

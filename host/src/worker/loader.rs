@@ -1,6 +1,8 @@
 //! Loads a plugin snapshot into this worker: `dlopen` with `RTLD_NOW`, the header checks, the
 //! `on_worker_start` hook, and the per-request calls across the ABI, with the functions the
-//! plugin calls back to read a blocking request's cancellation (a pool job's `Cancel`).
+//! plugin calls back to read a blocking request's cancellation (a pool job's `Cancel`) and to
+//! report a handler panic its shim caught (counted in this worker's cell, with those the host
+//! catches around a plugin future, for the master's canary analysis).
 //!
 //! The only module in `host` that calls plugin code, and (with `fd.rs`) the only one with
 //! `unsafe`. It checks the exported header field by field (magic first, then ABI major and minor,
@@ -229,6 +231,22 @@ extern "C" fn plugin_restart_worker(reason: RawStr) {
     });
 }
 
+/// Where this worker counts handler panics: its cell's counters, once the worker has one.
+static PANICS: std::sync::OnceLock<&'static crate::counters::Counters> = std::sync::OnceLock::new();
+
+/// Counts handler panics in `counters` from now on (this worker's cell).
+pub fn count_panics_in(counters: &'static crate::counters::Counters) {
+    let _ = PANICS.set(counters);
+}
+
+/// A handler panic caught at the plugin boundary: by the plugin's shim (ABI 1.5
+/// `HostContext::panicked`), or by the host around a plugin future. Any thread; never unwinds.
+extern "C" fn plugin_panicked() {
+    if let Some(c) = PANICS.get() {
+        c.panicked();
+    }
+}
+
 /// The functions behind a request's cancellation token (ABI 1.4): a token is a pool job's
 /// [`Cancel`], as `Arc::as_ptr` gives it; the plugin holds references with `clone` and `drop`.
 static CANCEL_VTABLE: CancelVTable = CancelVTable {
@@ -402,6 +420,7 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         // A view of `at.config`, which outlives the `on_worker_start` call (the plugin copies it).
         config: RawStr::new(at.config.as_bytes()),
         cancel: &CANCEL_VTABLE,
+        panicked: plugin_panicked,
     };
     let mut err_storage = vec![0u8; 4096];
     let mut err = ErrorBuf {
@@ -511,6 +530,7 @@ impl Future for ServeCall {
                 // SAFETY: `raw` is what the plugin's `serve` future resolved to, now ours.
                 Some(raw) => unsafe { response_from(raw.head, raw.stream, free) },
                 None => {
+                    plugin_panicked();
                     tracing::error!("the plugin's future panicked across the ABI; answered 500");
                     let mut resp = http::Response::new(ResponseBody::full(Bytes::from_static(
                         b"internal server error\n",

@@ -464,6 +464,9 @@ async fn serve(
         n => n,
     };
     let counters = accept_table.and_then(|(table, cell)| table.counters(cell));
+    if let Some(c) = counters {
+        loader::count_panics_in(c);
+    }
     let pool_limits = pool::Limits {
         max_threads: spec.pool.max_threads as usize,
         max_queue: spec.pool.max_queue as usize,

@@ -181,6 +181,7 @@ impl Supervisor {
                 self.workers.remove(&id);
             }
             WorkerState::Ready => {
+                self.note_crash(w.generation.number);
                 let h = &mut self.health[w.slot as usize];
                 h.crashes += 1;
                 tracing::error!(
@@ -220,6 +221,7 @@ impl Supervisor {
         w.killed_for = Some("hung");
         self.metrics.count_kill("hung");
         let (slot, pid, generation, ready_at) = (w.slot, w.pid, w.generation.number, w.ready_at);
+        self.note_crash(generation);
         let h = &mut self.health[slot as usize];
         h.crashes += 1;
         h.hung = true;

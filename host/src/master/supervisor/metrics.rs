@@ -182,6 +182,29 @@ impl Supervisor {
         }
     }
 
+    /// The folded counters of `generation`'s exited workers (zero once it is merged into
+    /// `older`: the canary analysis reads recent generations only).
+    pub(super) fn exited_totals(&self, generation: u64) -> Totals {
+        self.metrics
+            .exited
+            .get(&generation)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_default()
+    }
+
+    /// The counters in the cells of `generation`'s live workers, read now.
+    pub(super) fn live_counters(&self, generation: u64) -> Vec<Totals> {
+        let Some((table, _)) = self.accept_table.as_ref() else {
+            return Vec::new();
+        };
+        self.workers
+            .values()
+            .filter(|w| w.generation.number == generation)
+            .filter_map(|w| table.counters(w.accept_cell? as usize))
+            .map(|c| c.read())
+            .collect()
+    }
+
     fn labels_of(&self, w: &Worker) -> Labels {
         let (plugin, version) = w
             .plugin
@@ -337,6 +360,7 @@ mod tests {
             started_pids: Vec::new(),
             drained_pids: Vec::new(),
             kind: "reload".into(),
+            verdict: None,
         }
     }
 

@@ -25,7 +25,10 @@
 //! workers still leaving, and a free cell in the worker table, which is sized for that; no
 //! worker is ever started without a cell, so `/metrics` misses none of its requests. The
 //! first candidate is the canary: if it fails, nothing old was touched. If a later one fails, the
-//! slots already moved are rolled back to the serving generation the same way. A rollout is done
+//! slots already moved are rolled back to the serving generation the same way. A reload with a
+//! canary plan holds after its first `canary_workers` slots until [`analysis`] judges the new
+//! generation on live traffic: promoted, the rollout goes on; condemned, it fails with the
+//! figures and the moved slots are reverted the same way. A rollout is done
 //! when every slot moved and every old worker acknowledged that it stopped accepting, so a
 //! connection opened after `reload` returns reaches new code.
 //!
@@ -33,7 +36,8 @@
 //! than the listener it hands to workers, and it never loads plugin code.
 //!
 //! The transitions live by concern, each an `impl Supervisor` block: [`rollout`] (reloads,
-//! rollbacks, the queue), [`health`] (crashes, hung workers, backoff, replacements), [`recycle`]
+//! rollbacks, the queue), [`analysis`] (a canary judged on live traffic, the watch period after
+//! a full rollout, `promote` and `abort`), [`health`] (crashes, hung workers, backoff, replacements), [`recycle`]
 //! (one-slot rollouts that replace a worker over `max_requests` or `max_worker_rss`, or whose
 //! plugin asked), [`spawn`] (starting and signalling worker processes), [`status`] (answering
 //! `status`), [`listener`] (the shared listening socket's checks and re-arming), [`evidence`]
@@ -42,6 +46,7 @@
 //! holds the state, the one match, the run loop and the timers (the watchdog's among them: a
 //! ready worker's silence is a deadline like the others).
 
+mod analysis;
 mod evidence;
 mod handover;
 mod health;
@@ -245,6 +250,8 @@ struct Rollout {
     started: Instant,
     /// For a revert: why the reload failed.
     failure: Option<String>,
+    /// A reload's canary: the rollout waits after its first workers for the verdict.
+    canary: Option<analysis::CanaryPlan>,
 }
 
 /// The master's state. See the module doc.
@@ -295,6 +302,18 @@ pub(crate) struct Supervisor {
     /// Since when the rollout has been waiting for room to start its next worker (see
     /// `rollout::room_for_candidate`).
     room_wait: Option<Instant>,
+    /// A canary under analysis, or a new generation in its watch period (see `analysis`).
+    judging: Option<analysis::Judging>,
+    /// How the last judged generation ended, for `status`.
+    last_verdict: Option<crate::protocol::CanaryVerdict>,
+    /// The old generation's analysis figures, kept from a promotion to the watch period.
+    watch_baseline: Option<crate::protocol::CanaryFigures>,
+    /// The verdict that started the rollback under way (a watch period's).
+    watch_rollback: Option<crate::protocol::CanaryVerdict>,
+    /// `host abort` during a watch period, answered when its rollback ends.
+    queued_abort_reply: Reply,
+    /// `host reload`'s flags, for the next reload's canary.
+    canary_override: Option<crate::protocol::CanaryOverride>,
 }
 
 /// Cells of the worker table: a cell for every worker that can be alive at once. Each slot's
@@ -365,6 +384,12 @@ impl Supervisor {
             upgrading: None,
             handed_over: false,
             room_wait: None,
+            judging: None,
+            last_verdict: None,
+            watch_baseline: None,
+            watch_rollback: None,
+            queued_abort_reply: None,
+            canary_override: None,
             orphans: Default::default(),
             listener_health: listener::ListenerHealth::new(every),
         }
@@ -472,6 +497,19 @@ impl Supervisor {
             Event::ChildSignal => self.sweep_orphans(),
             Event::Control { request, reply } => match request {
                 ControlRequest::Reload => self.request_rollout(RolloutKind::Reload, Some(reply)),
+                ControlRequest::ReloadWith(flags) => {
+                    // The flags of the latest request apply to the next reload; a refused
+                    // request leaves none behind.
+                    self.canary_override = Some(flags);
+                    self.request_rollout(RolloutKind::Reload, Some(reply));
+                    let pending = self.snapshotting.is_some()
+                        || self.queued.iter().any(|(k, _)| *k == RolloutKind::Reload);
+                    if !pending {
+                        self.canary_override = None;
+                    }
+                }
+                ControlRequest::Promote => self.request_verdict(true, Some(reply)),
+                ControlRequest::Abort => self.request_verdict(false, Some(reply)),
                 ControlRequest::Rollback => {
                     self.request_rollout(RolloutKind::Rollback, Some(reply))
                 }
@@ -614,6 +652,7 @@ impl Supervisor {
         }
         self.answer_overdue_queries(now);
         self.recycle_timer(now);
+        self.judging_timer(now);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -632,6 +671,7 @@ impl Supervisor {
             .chain(respawns)
             .chain(queries)
             .chain(recycling)
+            .chain(self.judging_deadline())
             .chain(self.orphans.deadline())
             .chain(Some(self.listener_health.next_check))
             .min()

@@ -169,6 +169,7 @@ impl Supervisor {
                 started_pids: Vec::new(),
                 drained_pids: Vec::new(),
                 kind: RolloutKind::Recycle.name().to_string(),
+                verdict: None,
             };
             self.rollout = Some(Rollout {
                 kind: RolloutKind::Recycle,
@@ -181,6 +182,7 @@ impl Supervisor {
                 report,
                 started: Instant::now(),
                 failure: None,
+                canary: None,
             });
             self.advance();
             return;

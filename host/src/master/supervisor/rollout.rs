@@ -1,8 +1,9 @@
 //! Rollouts: reload, rollback, revert and the first start. Snapshots the plugin for a new
 //! generation and re-reads the config file's `[plugin_config]` for it (a reload applies only
 //! that key of the file; the others wait for a restart), moves slots onto it one at a time
-//! (candidate ready, then the old worker drains), fails or reverts it, queues requests that
-//! arrive meanwhile, answers every caller, and prunes snapshots no kept generation uses. Before
+//! (candidate ready, then the old worker drains; a reload's canary held for
+//! [`analysis`](super::analysis)'s verdict), fails or reverts it, queues requests that
+//! arrive meanwhile (a reload or rollback during a canary analysis is refused instead), answers every caller, and prunes snapshots no kept generation uses. Before
 //! each new worker it makes sure there is room for it: fewer than `max_draining_workers` old
 //! workers still leaving and a free cell in the worker table, or it waits (bounded) for an exit. It never
 //! spawns or signals a process itself (that is [`spawn`](super::spawn)) and never decides on
@@ -46,6 +47,22 @@ impl Supervisor {
             }
             return;
         }
+        if let Some(j) = self
+            .judging
+            .as_ref()
+            .filter(|j| j.phase == super::analysis::Phase::Analysis)
+            && matches!(kind, RolloutKind::Reload | RolloutKind::Rollback)
+        {
+            let reason = format!(
+                "generation {} is under canary analysis; `host promote` or `host abort` ends it first",
+                j.generation
+            );
+            tracing::warn!(kind = kind.name(), "{} refused: {reason}", kind.name());
+            if let Some(reply) = reply {
+                let _ = reply.send(ControlResponse::Refused { reason });
+            }
+            return;
+        }
         if self.rollout.is_some() || self.snapshotting.is_some() {
             tracing::info!(
                 kind = kind.name(),
@@ -71,6 +88,9 @@ impl Supervisor {
     /// `max_plugin_bytes`), never on this loop; [`Self::on_snapshot`] goes on when it arrives.
     /// Until then the supervisor is busy as during a rollout: requests queue, `stop` abandons it.
     pub(super) fn begin(&mut self, kind: RolloutKind, replies: Vec<Reply>) {
+        if kind != RolloutKind::Recycle {
+            self.close_watch(&format!("a {} began", kind.name()));
+        }
         let mut report = ReloadReport {
             ok: false,
             generation: self.next_generation,
@@ -85,6 +105,7 @@ impl Supervisor {
             started_pids: Vec::new(),
             drained_pids: Vec::new(),
             kind: kind.name().to_string(),
+            verdict: None,
         };
         if matches!(kind, RolloutKind::Reload | RolloutKind::Rollback) {
             self.notice(super::Notice::Reloading {
@@ -222,6 +243,7 @@ impl Supervisor {
         report.sha256 = Some(snapshot.sha256.clone());
         report.config_sha256 = Some(config.sha256.clone());
         report.ignored_keys = ignored_keys.into_iter().map(str::to_string).collect();
+        let canary = self.canary_plan(kind);
         self.rollout = Some(Rollout {
             kind,
             target: Arc::new(Generation {
@@ -238,6 +260,7 @@ impl Supervisor {
             // The reported duration covers the snapshot too.
             started,
             failure: None,
+            canary,
         });
         self.advance();
     }
@@ -284,9 +307,10 @@ impl Supervisor {
     /// Starts the next slot's candidate, or finishes the rollout when nothing is left.
     pub(super) fn advance(&mut self) {
         let Some(r) = &mut self.rollout else { return };
-        if r.candidate.is_some() {
+        if r.candidate.is_some() || self.held_for_analysis() {
             return;
         }
+        let Some(r) = &mut self.rollout else { return };
         let Some(&slot) = r.pending.front() else {
             if r.awaiting_ack.is_empty() {
                 self.finish();
@@ -414,9 +438,15 @@ impl Supervisor {
                     "generation {} is serving",
                     r.target.number
                 );
+                let previous = self.current.as_ref().map_or(0, |g| g.number);
                 self.history.push_back(r.target.clone());
+                let judged = r.canary.is_some_and(|p| p.promoted);
+                let number = r.target.number;
                 self.current = Some(r.target);
                 self.prune_snapshots();
+                if judged {
+                    self.open_watch(number, previous);
+                }
                 Ok(())
             }
         };
@@ -448,6 +478,13 @@ impl Supervisor {
             outcome = Err(e);
         }
         self.count_reload(kind, &report, &outcome);
+        let mut abort_reply = None;
+        if kind == RolloutKind::Rollback
+            && let Some(verdict) = self.watch_rollback.take()
+        {
+            report.verdict = Some(verdict);
+            abort_reply = self.queued_abort_reply.take();
+        }
         if kind == RolloutKind::Recycle {
             // Not a reload: `last_reload` and the refused build stay as they were.
             self.recycle_concluded(&report, outcome);
@@ -520,7 +557,7 @@ impl Supervisor {
         } else {
             ControlResponse::ReloadFailed(report)
         };
-        for reply in replies.into_iter().flatten() {
+        for reply in replies.into_iter().flatten().chain(abort_reply) {
             let _ = reply.send(response.clone());
         }
         self.start_queued();
@@ -554,6 +591,8 @@ impl Supervisor {
             return;
         };
         self.room_wait = None;
+        self.judging
+            .take_if(|j| j.phase == super::analysis::Phase::Analysis);
         if let Some(id) = r.candidate.take() {
             self.kill_worker(id);
         }
@@ -574,6 +613,7 @@ impl Supervisor {
                     report: r.report,
                     started: r.started,
                     failure: Some(reason),
+                    canary: None,
                 });
                 self.advance();
             }
@@ -603,6 +643,7 @@ impl Supervisor {
                 Err(format!("interrupted: {reason}")),
             );
         }
+        self.judging.take();
         if let Some(r) = self.rollout.take() {
             if let Some(id) = r.candidate {
                 self.kill_worker(id);

@@ -99,6 +99,8 @@ impl Supervisor {
             version: crate::worker::HOST_VERSION.to_string(),
             build: crate::worker::HOST_BUILD.to_string(),
             listener: self.listener_status(),
+            canary: self.canary_status(),
+            last_verdict: self.last_verdict.clone(),
         };
         let _ = reply.send(ControlResponse::Status(Box::new(report)));
     }
