@@ -40,7 +40,7 @@ fn canary_host_options(analysis: &str, watch: &str) -> HostOptions {
     HostOptions {
         workers: 2,
         extra: format!(
-            "canary_workers = 1\ncanary_analysis = \"{analysis}\"\ncanary_watch = \"{watch}\"\ncanary_min_requests = 50\n"
+            "canary_workers = 1\ncanary_analysis = \"{analysis}\"\ncanary_watch = \"{watch}\"\ncanary_min_requests = 50\nadmin_listen = \"127.0.0.1:0\"\n"
         ),
         ..HostOptions::default()
     }
@@ -72,6 +72,12 @@ async fn rolled_back(kind: &str) -> (String, Vec<LoadReport>) {
 }
 
 async fn rolled_back_with(kind: &str, extra: &str) -> (String, Vec<LoadReport>) {
+    rolled_back_host(kind, extra).await.1
+}
+
+/// A host whose canary build `kind` is rolled back under load: the host, what `reload` said on
+/// stderr, and the clients' reports.
+async fn rolled_back_host(kind: &str, extra: &str) -> (Host, (String, Vec<LoadReport>)) {
     let bad = fixture_plugin(kind);
     let analysis = Duration::from_secs(40);
     let mut opts = canary_host_options("40s", "10s");
@@ -127,7 +133,7 @@ async fn rolled_back_with(kind: &str, extra: &str) -> (String, Vec<LoadReport>) 
         eprintln!("{kind} after the rollback: {}", r.summary());
         r.assert_clean();
     }
-    (stderr, reports)
+    (host, (stderr, reports))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -150,9 +156,25 @@ async fn a_canary_answering_500_is_rolled_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_canary_panicking_on_one_route_is_rolled_back() {
-    let (stderr, reports) = rolled_back("canary-panic").await;
+    let (host, (stderr, reports)) = rolled_back_host("canary-panic", "").await;
     // Counted apart from other 500s: the plugin's shim reports each panic it catches.
     assert!(stderr.contains("handler panics in"), "{stderr}");
+    // And in `/metrics`, for the canary's generation only.
+    let admin = host.status().await["admin_listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let text = tests::get(admin, "/metrics").await.unwrap().body;
+    let panics = |g: &str| {
+        tests::metric(
+            &text,
+            "host_http_handler_panics_total",
+            &[&format!("generation=\"{g}\"")],
+        )
+    };
+    assert!(panics("2") >= 1.0, "{text}");
+    assert_eq!(panics("1"), 0.0, "{text}");
     // The good build never answers 500: every one came from the canary, on its one route.
     assert!(reports[0].non_200.is_empty(), "{:?}", reports[0].non_200);
     assert!(!reports[1].non_200.is_empty());

@@ -363,6 +363,13 @@ impl Collector for MetricsReport {
             None,
             |t| t.lost,
         )?;
+        self.per_generation(
+            &mut encoder,
+            "host_http_handler_panics",
+            "Handler panics caught at the plugin boundary, each answered 500 (plugins built against plugin-api ABI 1.5 or later)",
+            None,
+            |t| t.panics,
+        )?;
         {
             let mut metric = encoder.encode_descriptor(
                 "host_limit_hits",
