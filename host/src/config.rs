@@ -290,6 +290,12 @@ pub const MAX_PLUGIN_CONFIG_DEPTH: usize = 64;
 
 impl Config {
     /// Reads and checks the config file at `path`.
+    /// The config file's directory, against which its relative paths resolve (and which the
+    /// plugin reads as `WorkerContext::config_dir`).
+    pub fn config_dir(&self) -> &Path {
+        self.file.parent().unwrap_or(Path::new("/"))
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {

@@ -25,8 +25,9 @@ pub const ABI_MAJOR: u32 = 1;
 /// 1.1 added [`VTable::may_block`]; 1.2 added [`HostContext::restart_worker`]; 1.3 added
 /// [`HostContext::config`], [`VTable::dispatch`], [`VTable::serve`] (async handlers, streaming
 /// bodies, upgrades) and [`VTable::on_drain`]; 1.4 added [`HostContext::cancel`] and the
-/// [`RawHandleRequest`] that `handle` receives from such a host (a request's cancellation).
-pub const ABI_MINOR: u32 = 4;
+/// [`RawHandleRequest`] that `handle` receives from such a host (a request's cancellation);
+/// 1.5 added [`HostContext::config_dir`] and [`HostContext::check`].
+pub const ABI_MINOR: u32 = 5;
 /// The `plugin-api` crate version both sides were built with.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Name of the one exported symbol, NUL-terminated for `dlsym`. The `v1` is [`ABI_MAJOR`].
@@ -130,6 +131,12 @@ pub struct HostContext {
     /// ([`RawHandleRequest::cancel`]); `'static`. A host whose context covers this field passes
     /// `handle` a [`RawHandleRequest`].
     pub cancel: *const CancelVTable,
+    /// ABI 1.5: the directory of the host's configuration file (absolute, UTF-8), against which
+    /// the host resolves its own relative paths. Borrowed for the `on_worker_start` call.
+    pub config_dir: RawStr,
+    /// ABI 1.5: `true` when the plugin runs under `host check` (a throwaway worker that serves
+    /// nothing), `false` in a serving worker.
+    pub check: bool,
 }
 
 /// The size of the ABI 1.1 context (before `restart_worker`): what an older host passes.
@@ -138,6 +145,8 @@ pub const HOST_CONTEXT_1_1_SIZE: usize = std::mem::offset_of!(HostContext, resta
 pub const HOST_CONTEXT_1_2_SIZE: usize = std::mem::offset_of!(HostContext, config);
 /// The size of the ABI 1.3 context (before `cancel`).
 pub const HOST_CONTEXT_1_3_SIZE: usize = std::mem::offset_of!(HostContext, cancel);
+/// The size of the ABI 1.4 context (before `config_dir`).
+pub const HOST_CONTEXT_1_4_SIZE: usize = std::mem::offset_of!(HostContext, config_dir);
 
 /// ABI 1.4: what `handle` receives from a host whose [`HostContext`] covers `cancel` (the
 /// pointer `handle` gets points at `head`, its first field, so older plugins read it as a plain
