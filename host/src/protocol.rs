@@ -279,7 +279,8 @@ pub struct ReloadReport {
     #[serde(default)]
     pub config_sha256: Option<String>,
     /// Keys of the config file that changed since the master started but that a reload does
-    /// not apply (only `plugin_config` reloads): they take effect at `host restart`.
+    /// not apply (only `plugin_config` reloads): they take effect at `host upgrade` (`listen` at
+    /// `host restart`).
     #[serde(default)]
     pub ignored_keys: Vec<String>,
     /// Why it failed; `None` when `ok`.
