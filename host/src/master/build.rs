@@ -5,8 +5,10 @@
 //! in the process that starts the master, its output streamed to the terminal; a failure refuses
 //! the start). Then after each source change, for the watcher ([`run`]: a child process awaited
 //! asynchronously, so the master's single-threaded loop goes on answering `status`, signals and
-//! workers meanwhile). Each outcome is a [`BuildReport`] naming the build's first error line,
-//! which the master keeps for `status` until a later build succeeds.
+//! workers meanwhile, in a process group of its own that is killed whole when the watcher cancels
+//! the build or goes away). Each finished build's outcome is a [`BuildReport`] naming its first
+//! error line, which the master keeps for `status` until a later build succeeds; a cancelled
+//! build reports nothing.
 //!
 //! It never reloads (the watcher asks the supervisor for that) and never reads the plugin.
 
