@@ -198,7 +198,7 @@ async fn the_plugin_sees_its_config_dir_and_host_check_and_awaits_its_set_up() {
         dir.display(),
         dir.display()
     );
-    assert_eq!(report_lines(&report), [expected.clone()]);
+    assert_eq!(report_lines(&report), std::slice::from_ref(&expected));
     let context = host.body("/context").await;
     assert!(
         context.starts_with(&format!("{expected} ticks=")),
