@@ -81,7 +81,7 @@ done
   echo "\`bench/run.sh devloop\` ($(date -u +%Y-%m-%d), $(nproc) CPUs, $(rustc --version | cut -d' ' -f1-2)): a host in dev mode"
   echo "(\`build = \"cargo build --profile $PROFILE -p NAME\"\`, \`watch_debounce = \"$DEBOUNCE\"\`, 2 workers);"
   echo "each of $EDITS edits changes the first line of \`GET /\` in \`src/lib.rs\`; the time is from the write to"
-  echo "the first answer with the new line. Target: within 3 s. Overrides: $(env | grep '^CARGO_PROFILE_' | tr '\n' ' ' || true)"
+  echo "the first answer with the new line. Target: within 3 s. Profile overrides: $(env | grep '^CARGO_PROFILE_' | tr '\n' ' ' | grep . || echo none)."
   echo
   echo "| plugin | save -> served, median (each) | the build in it, median |"
   echo "|---|---|---|"
