@@ -207,9 +207,9 @@ impl WorkerContext {
     ///
     /// It blocks the calling thread, which in `on_worker_start` is the worker's I/O thread
     /// before it serves anything: the host's `start_timeout` bounds it (a start that takes
-    /// longer is refused, and the worker is killed). Never call it from a handler, an async
-    /// one least of all: it would stall every connection of the worker; it panics when called
-    /// from inside the plugin's runtime.
+    /// longer is refused, and the worker is killed). Never call it from a handler: on the I/O
+    /// thread it would stall every connection of the worker, and in a task of the plugin's
+    /// runtime tokio refuses it with a panic.
     pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
         runtime::block_on(future)
     }
