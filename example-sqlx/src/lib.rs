@@ -15,7 +15,6 @@
 //! - `GET /notes/{id}`: one note, or `404`.
 
 use std::path::PathBuf;
-use std::str::FromStr as _;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -62,7 +61,7 @@ pub fn build(ctx: &WorkerContext) -> Result<Router, BoxError> {
     let config: Config = ctx.config()?;
     let path = ctx.resolve_path(&config.database);
     if ctx.is_check() {
-        return check(&path).map(|()| Router::new());
+        return check(ctx, &path).map(|()| Router::new());
     }
     let options = SqliteConnectOptions::new()
         .filename(&path)
@@ -94,12 +93,24 @@ pub fn build(ctx: &WorkerContext) -> Result<Router, BoxError> {
         .with_state(app))
 }
 
-/// Under `host check`: validate without creating anything.
-fn check(path: &std::path::Path) -> Result<(), BoxError> {
+/// Under `host check`: validate without creating anything. An existing database is opened
+/// read-only and its table read; a missing one needs only its directory.
+fn check(ctx: &WorkerContext, path: &std::path::Path) -> Result<(), BoxError> {
     if path.exists() {
-        let url = format!("sqlite://{}?mode=ro", path.display());
-        SqliteConnectOptions::from_str(&url)?;
-        return Ok(());
+        let options = SqliteConnectOptions::new().filename(path).read_only(true);
+        return ctx
+            .block_on(async {
+                let db = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(options)
+                    .await?;
+                sqlx::query("SELECT count(*) FROM notes")
+                    .fetch_one(&db)
+                    .await?;
+                db.close().await;
+                Ok::<_, sqlx::Error>(())
+            })
+            .map_err(|e| format!("database {}: {e}", path.display()).into());
     }
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(format!(
