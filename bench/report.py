@@ -367,4 +367,9 @@ w(
     f"message exchanged on each, then left idle: the worker's RSS went from {ws_before / 1024:.1f} to "
     f"{ws_after / 1024:.1f} MiB, **{ws_each:.1f} KiB per socket** (after 100 sockets to warm up; {ws_errors} failed)."
 )
+# The dev loop's section, written by bench/devloop.sh.
+devloop = os.path.join(os.path.dirname(os.path.abspath(__file__)), "devloop.md")
+if os.path.exists(devloop):
+    w("")
+    w(open(devloop).read().rstrip("\n"))
 print("\n".join(out))

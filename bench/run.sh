@@ -3,12 +3,24 @@
 # Writes bench/RESULTS.md (tables, targets, machine) and bench/latency-during-reload.svg.
 #
 #   bench/run.sh            # about ten minutes on a 2-core machine, after the production build
+#   bench/run.sh devloop    # only the dev loop's save -> served (bench/devloop.sh), into RESULTS.md
 #
 # Needs: cargo, python3, taskset (util-linux), wrk (installed with apt-get if missing).
 # Benchmarks are not tests: nothing here fails on a number; the targets are reported.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# The dev loop's step alone: its section of RESULTS.md is replaced, the rest kept.
+if [ "${1:-}" = devloop ]; then
+  bench/devloop.sh
+  python3 - "$ROOT/bench/RESULTS.md" "$ROOT/bench/devloop.md" <<'PY'
+import sys
+results, section = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+head = results.split("## 9. Dev loop", 1)[0].rstrip("\n")
+open(sys.argv[1], "w").write(head + "\n\n" + section)
+PY
+  exit 0
+fi
 RUNS=${RUNS:-5}       # interleaved rounds for the throughput comparison (medians are reported)
 SECS=${SECS:-5}       # seconds per wrk run
 
@@ -357,6 +369,9 @@ print(f"{ratio:.2f}", ",".join(str(n) for n in served))
     stop_host "bal-$mode"
   done
 done
+
+# The dev loop: save -> served (writes bench/devloop.md, which the report includes).
+"$ROOT/bench/devloop.sh" >/dev/null
 
 # Results.
 # (Arrays cannot be exported: each goes out as a space- or line-separated string.)

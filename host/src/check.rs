@@ -117,6 +117,7 @@ pub fn run(cfg: &Config, options: &Options) -> Result<Checked, CheckError> {
         http2_max_streams: cfg.http2_max_streams,
         http2_send_buffer: cfg.http2_send_buffer,
         plugin_config: cfg.plugin_config.json.to_string(),
+        config_dir: cfg.config_dir().to_string_lossy().into_owned(),
         pool: cfg.blocking_pool(),
     };
     let plugin = rt

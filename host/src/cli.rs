@@ -197,8 +197,8 @@ fn print_reload(report: &ReloadReport) {
     }
     if !report.ignored_keys.is_empty() {
         eprintln!(
-            "note: a reload applies only [plugin_config]; changed keys {} take effect at `host restart`",
-            report.ignored_keys.join(", ")
+            "note: {}",
+            crate::config::Config::frozen_keys_note(&report.ignored_keys)
         );
     }
 }

@@ -321,6 +321,12 @@ pub const MAX_PLUGIN_CONFIG_DEPTH: usize = 64;
 
 impl Config {
     /// Reads and checks the config file at `path`.
+    /// The config file's directory, against which its relative paths resolve (and which the
+    /// plugin reads as `WorkerContext::config_dir`).
+    pub fn config_dir(&self) -> &Path {
+        self.file.parent().unwrap_or(Path::new("/"))
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
@@ -333,11 +339,31 @@ impl Config {
     /// Reads this config's file again for a reload and returns its `[plugin_config]`, the only
     /// part a reload applies. The whole file is checked (a file `host check` refuses refuses the
     /// reload, with the same one line); other keys that changed are ignored and named, so the
-    /// caller can say they wait for `host restart`. Blocks on file I/O (and on a resolver for a
+    /// caller can say they wait for `host upgrade`. Blocks on file I/O (and on a resolver for a
     /// `listen` host name): not for the master's event loop.
     pub fn reread_plugin_config(&self) -> Result<(PluginConfig, Vec<&'static str>), ConfigError> {
         let new = Config::load(&self.file)?;
         Ok((new.plugin_config.clone(), self.frozen_keys_changed(&new)))
+    }
+
+    /// What a reload says about `keys`, changed keys it does not apply: they take effect at
+    /// `host upgrade` (a new master, with no failed request), except `listen`, whose socket an
+    /// upgrade inherits: that one waits for `host restart`.
+    pub fn frozen_keys_note<S: AsRef<str>>(keys: &[S]) -> String {
+        let (listen, upgrade): (Vec<&str>, Vec<&str>) =
+            keys.iter().map(AsRef::as_ref).partition(|k| *k == "listen");
+        let mut note = String::from("a reload applies only [plugin_config]; changed keys ");
+        if !upgrade.is_empty() {
+            note.push_str(&upgrade.join(", "));
+            note.push_str(" take effect at `host upgrade`");
+        }
+        if !listen.is_empty() {
+            if !upgrade.is_empty() {
+                note.push_str(", and ");
+            }
+            note.push_str("listen takes effect at `host restart` (an upgrade keeps the socket)");
+        }
+        note
     }
 
     /// The keys other than `plugin_config` whose values differ in `new` (a `listen` with port
@@ -976,6 +1002,23 @@ fn syntax_error(file: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reload_note_points_to_upgrade_and_listen_to_restart() {
+        assert_eq!(
+            Config::frozen_keys_note(&["workers", "graceful_timeout"]),
+            "a reload applies only [plugin_config]; changed keys workers, graceful_timeout take effect at `host upgrade`"
+        );
+        let both = Config::frozen_keys_note(&["listen", "workers"]);
+        assert!(
+            both.contains("workers take effect at `host upgrade`")
+                && both.ends_with(
+                    "listen takes effect at `host restart` (an upgrade keeps the socket)"
+                ),
+            "{both}"
+        );
+        assert!(!Config::frozen_keys_note(&["listen"]).contains("upgrade`"));
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/srv/app/host.toml"), text)

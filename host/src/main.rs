@@ -32,7 +32,7 @@
 //! a generation is a plugin snapshot *and* that table (as JSON, given to `on_worker_start`), so a
 //! new configuration rolls out, is checked by the canary and rolls back like a new build. The
 //! host's own keys are read at start; a reload that finds them changed names them and leaves them
-//! for `host restart`.
+//! for `host upgrade` (`listen` for `host restart`).
 //!
 //! # Upgrading `host` itself
 //!

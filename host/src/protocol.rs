@@ -65,6 +65,10 @@ pub struct WorkerSpec {
     /// `on_worker_start` as it is (at most `config::MAX_PLUGIN_CONFIG_BYTES`).
     #[serde(default = "empty_object")]
     pub plugin_config: String,
+    /// The config file's directory, for `HostContext::config_dir` (empty from an older master:
+    /// the plugin then sees none).
+    #[serde(default)]
+    pub config_dir: String,
     /// The blocking pool's bounds.
     #[serde(default)]
     pub pool: PoolSpec,
@@ -342,7 +346,8 @@ pub struct ReloadReport {
     #[serde(default)]
     pub config_sha256: Option<String>,
     /// Keys of the config file that changed since the master started but that a reload does
-    /// not apply (only `plugin_config` reloads): they take effect at `host restart`.
+    /// not apply (only `plugin_config` reloads): they take effect at `host upgrade` (`listen` at
+    /// `host restart`).
     #[serde(default)]
     pub ignored_keys: Vec<String>,
     /// Why it failed; `None` when `ok`.
@@ -628,6 +633,7 @@ mod tests {
             http2_max_streams: 0,
             http2_send_buffer: 0,
             plugin_config: worst.clone(),
+            config_dir: "/srv/app".into(),
             pool: PoolSpec::default(),
         };
         tx.send(&MasterToWorker::Start(spec)).await.unwrap();

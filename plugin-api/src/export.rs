@@ -186,10 +186,28 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
             crate::cancel::install(unsafe { std::ptr::addr_of!((*ctx).cancel).read() });
         }
         // ABI 1.5: where caught handler panics are reported.
-        if size as usize >= size_of::<HostContext>() {
+        if size as usize >= crate::ffi::HOST_CONTEXT_1_5_SIZE {
             // SAFETY: the host's context covers the field.
             let _ = HOST_PANICKED.set(unsafe { std::ptr::addr_of!((*ctx).panicked).read() });
         }
+        // ABI 1.5: the config file's directory, and whether this is `host check`.
+        let (config_dir, check) = if size as usize >= crate::ffi::HOST_CONTEXT_1_5_SIZE {
+            // SAFETY: the host's context covers both fields; the directory is a view valid for
+            // this call, copied here. `check` is read as a byte: any non-zero value is `true`.
+            let (raw, check) = unsafe {
+                (
+                    std::ptr::addr_of!((*ctx).config_dir).read(),
+                    std::ptr::addr_of!((*ctx).check).cast::<u8>().read() != 0,
+                )
+            };
+            let dir = String::from_utf8_lossy(unsafe { raw.as_bytes() }).into_owned();
+            (
+                (!dir.is_empty()).then(|| std::path::PathBuf::from(dir).into()),
+                check,
+            )
+        } else {
+            (None, false)
+        };
         crate::runtime::start()
             .map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
         // The host calls this on its I/O thread, where it later polls the plugin's futures.
@@ -200,6 +218,8 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
             pid,
             restart,
             config,
+            config_dir,
+            check,
         };
         P::on_worker_start(&wctx).map(|p| Box::into_raw(Box::new(p)) as *mut c_void)
     }));
@@ -438,6 +458,10 @@ mod tests {
     /// Starts `AskRestart` with a context of `size` bytes; whether it started (it does only when
     /// `restart_worker` reached the host).
     fn start_with_context_size(size: usize) -> bool {
+        start_with::<AskRestart>(size)
+    }
+
+    fn start_with<P: Plugin>(size: usize) -> bool {
         let ctx = HostContext {
             size: size as u32,
             slot: 0,
@@ -449,6 +473,8 @@ mod tests {
             config: RawStr::new(b"{}"),
             cancel: std::ptr::null(),
             panicked: panicked_nowhere,
+            config_dir: RawStr::new(b"/etc/myservice"),
+            check: true,
         };
         let mut state = std::ptr::null_mut();
         let mut storage = [0u8; 256];
@@ -458,12 +484,57 @@ mod tests {
             len: 0,
         };
         // SAFETY: every pointer is valid for the call.
-        let ok = unsafe { on_worker_start::<AskRestart>(&ctx, &mut state, &mut err) };
+        let ok = unsafe { on_worker_start::<P>(&ctx, &mut state, &mut err) };
         if ok {
             // SAFETY: `state` came from the successful start above.
-            unsafe { on_worker_stop::<AskRestart>(state) };
+            unsafe { on_worker_stop::<P>(state) };
         }
         ok
+    }
+
+    /// What `SeesContext` saw: the config dir, `is_check`, and what its async set-up returned.
+    static SEEN: std::sync::Mutex<Vec<(Option<std::path::PathBuf>, bool, u32)>> =
+        std::sync::Mutex::new(Vec::new());
+
+    struct SeesContext;
+    impl Plugin for SeesContext {
+        fn on_worker_start(ctx: &WorkerContext) -> Result<Self, crate::BoxError> {
+            let awaited = ctx.block_on(async {
+                let task = tokio::spawn(async {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    7
+                });
+                task.await.unwrap_or(0)
+            });
+            SEEN.lock().unwrap().push((
+                ctx.config_dir().map(|d| d.to_path_buf()),
+                ctx.is_check(),
+                awaited,
+            ));
+            assert_eq!(
+                ctx.resolve_path("data/app.db"),
+                ctx.config_dir()
+                    .unwrap_or(std::path::Path::new(""))
+                    .join("data/app.db")
+            );
+            assert_eq!(ctx.resolve_path("/abs"), std::path::Path::new("/abs"));
+            Ok(SeesContext)
+        }
+        fn handle(&self, _req: Request) -> Response {
+            Response::new(Bytes::new())
+        }
+    }
+
+    #[test]
+    fn config_dir_and_check_reach_a_new_plugin_and_default_with_an_old_host() {
+        assert!(start_with::<SeesContext>(size_of::<HostContext>()));
+        assert!(start_with::<SeesContext>(ffi::HOST_CONTEXT_1_4_SIZE));
+        let seen = SEEN.lock().unwrap();
+        assert_eq!(
+            seen[0],
+            (Some(std::path::PathBuf::from("/etc/myservice")), true, 7)
+        );
+        assert_eq!(seen[1], (None, false, 7));
     }
 
     #[test]

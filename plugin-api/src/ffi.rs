@@ -26,7 +26,7 @@ pub const ABI_MAJOR: u32 = 1;
 /// [`HostContext::config`], [`VTable::dispatch`], [`VTable::serve`] (async handlers, streaming
 /// bodies, upgrades) and [`VTable::on_drain`]; 1.4 added [`HostContext::cancel`] and the
 /// [`RawHandleRequest`] that `handle` receives from such a host (a request's cancellation); 1.5
-/// added [`HostContext::panicked`].
+/// added [`HostContext::panicked`], [`HostContext::config_dir`] and [`HostContext::check`].
 pub const ABI_MINOR: u32 = 5;
 /// The `plugin-api` crate version both sides were built with.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -135,6 +135,12 @@ pub struct HostContext {
     /// (the host counts it for the canary analysis). Callable from any thread; never blocks,
     /// never unwinds.
     pub panicked: extern "C" fn(),
+    /// ABI 1.5: the directory of the host's configuration file (absolute, UTF-8), against which
+    /// the host resolves its own relative paths. Borrowed for the `on_worker_start` call.
+    pub config_dir: RawStr,
+    /// ABI 1.5: `true` when the plugin runs under `host check` (a throwaway worker that serves
+    /// nothing), `false` in a serving worker.
+    pub check: bool,
 }
 
 /// The size of the ABI 1.1 context (before `restart_worker`): what an older host passes.
@@ -145,6 +151,10 @@ pub const HOST_CONTEXT_1_2_SIZE: usize = std::mem::offset_of!(HostContext, confi
 pub const HOST_CONTEXT_1_3_SIZE: usize = std::mem::offset_of!(HostContext, cancel);
 /// The size of the ABI 1.4 context (before `panicked`).
 pub const HOST_CONTEXT_1_4_SIZE: usize = std::mem::offset_of!(HostContext, panicked);
+/// The size of the ABI 1.5 context: the whole struct today. (A field appended later makes this
+/// the `offset_of!` that field, as for the sizes above: a plugin reads a 1.5 field only from a
+/// host whose context is at least this long.)
+pub const HOST_CONTEXT_1_5_SIZE: usize = size_of::<HostContext>();
 
 /// ABI 1.4: what `handle` receives from a host whose [`HostContext`] covers `cancel` (the
 /// pointer `handle` gets points at `head`, its first field, so older plugins read it as a plain

@@ -153,6 +153,10 @@ pub struct WorkerContext {
     pub(crate) restart: Option<extern "C" fn(ffi::RawStr)>,
     /// The `[plugin_config]` table as JSON text (`{}` when absent or the host is older).
     pub(crate) config: std::sync::Arc<str>,
+    /// The config file's directory (ABI 1.5; `None` from an older host).
+    pub(crate) config_dir: Option<std::sync::Arc<std::path::Path>>,
+    /// Running under `host check` (ABI 1.5; `false` from an older host).
+    pub(crate) check: bool,
 }
 
 impl WorkerContext {
@@ -166,6 +170,48 @@ impl WorkerContext {
     /// The `[plugin_config]` table as JSON text.
     pub fn config_json(&self) -> &str {
         &self.config
+    }
+
+    /// The directory of the host's configuration file (absolute): the host resolves its own
+    /// relative paths (`plugin`, `state_dir`) against it, and a plugin should do the same with
+    /// paths in `[plugin_config]`, so that `host -c svc/host.toml` means the same files from any
+    /// current directory (see [`Self::resolve_path`]). `None` from a host older than ABI 1.5.
+    pub fn config_dir(&self) -> Option<&std::path::Path> {
+        self.config_dir.as_deref()
+    }
+
+    /// `path` as the host would read a path in its configuration file: an absolute path as it
+    /// is, a relative one against [`Self::config_dir`] (against the current directory when the
+    /// host is older than ABI 1.5).
+    pub fn resolve_path(&self, path: impl AsRef<std::path::Path>) -> std::path::PathBuf {
+        let path = path.as_ref();
+        match self.config_dir() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+
+    /// Whether this `on_worker_start` runs under `host check`: a throwaway worker that serves
+    /// nothing and is stopped right after (`on_worker_stop` runs). `check` runs the whole start
+    /// hook, so a plugin that creates a database, runs migrations or registers itself somewhere
+    /// should skip such side effects here and only validate (open read-only, parse, connect).
+    /// Always `false` from a host older than ABI 1.5.
+    pub fn is_check(&self) -> bool {
+        self.check
+    }
+
+    /// Runs `future` to completion on the plugin's tokio runtime and returns its output: the way
+    /// to do async set-up in `on_worker_start` (open a `sqlx` pool, run migrations, connect a
+    /// client). Timers, sockets and `tokio::spawn` work inside it, and what it spawns keeps
+    /// running on the plugin's runtime after it returns (a pool's background tasks, say).
+    ///
+    /// It blocks the calling thread, which in `on_worker_start` is the worker's I/O thread
+    /// before it serves anything: the host's `start_timeout` bounds it (a start that takes
+    /// longer is refused, and the worker is killed). Never call it from a handler: on the I/O
+    /// thread it would stall every connection of the worker, and in a task of the plugin's
+    /// runtime tokio refuses it with a panic.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        runtime::block_on(future)
     }
 
     /// Whether this worker is draining (a reload, a recycle or a stop replaces it): long-lived

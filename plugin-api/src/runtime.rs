@@ -6,7 +6,8 @@
 //! its own, and the shims enter its context around every call into plugin code. The host polls
 //! the plugin's futures on its I/O thread with its own waker: a future that is ready at once
 //! costs no thread hand-off, one that waits parks no thread. This module owns that runtime and
-//! the drain flag; it never runs plugin code itself.
+//! the drain flag; it never runs plugin code itself, except the future a plugin hands to
+//! `WorkerContext::block_on` in its start hook.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +63,16 @@ pub(crate) fn enter_for_good() {
     if let Some(handle) = HANDLE.get() {
         std::mem::forget(handle.enter());
         ENTERED_FOR_GOOD.with(|e| e.set(true));
+    }
+}
+
+/// Runs `future` to completion on this thread, in the plugin runtime's context, while the
+/// runtime's own thread drives its timers and sockets (see `WorkerContext::block_on`).
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    match HANDLE.get() {
+        Some(handle) => handle.block_on(future),
+        // Only before `on_worker_start` (which starts the runtime) could there be none.
+        None => panic!("WorkerContext::block_on called before the plugin's runtime started"),
     }
 }
 

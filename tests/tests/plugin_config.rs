@@ -109,7 +109,7 @@ async fn a_new_config_reloads_with_the_same_build_and_rolls_back_with_it() {
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     let noted = String::from_utf8_lossy(&out.stderr);
     assert!(
-        noted.contains("changed keys graceful_timeout take effect at `host restart`"),
+        noted.contains("changed keys graceful_timeout take effect at `host upgrade`"),
         "{}",
         host.explain(&out)
     );

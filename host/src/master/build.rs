@@ -5,8 +5,10 @@
 //! in the process that starts the master, its output streamed to the terminal; a failure refuses
 //! the start). Then after each source change, for the watcher ([`run`]: a child process awaited
 //! asynchronously, so the master's single-threaded loop goes on answering `status`, signals and
-//! workers meanwhile). Each outcome is a [`BuildReport`] naming the build's first error line,
-//! which the master keeps for `status` until a later build succeeds.
+//! workers meanwhile, in a process group of its own that is killed whole when the watcher cancels
+//! the build or goes away). Each finished build's outcome is a [`BuildReport`] naming its first
+//! error line, which the master keeps for `status` until a later build succeeds; a cancelled
+//! build reports nothing.
 //!
 //! It never reloads (the watcher asks the supervisor for that) and never reads the plugin.
 
@@ -116,24 +118,97 @@ pub fn at_start(build: &str, dir: &Path) -> Result<Duration, BuildError> {
     })
 }
 
+/// How a build after a source change ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// It ran to its end, well or not.
+    Done(BuildReport),
+    /// A newer change came first: its whole process group was killed, and nothing it made
+    /// may be rolled out.
+    Cancelled,
+}
+
+/// The build's process group (the shell is its leader, and cargo, rustc and build scripts are
+/// in it), SIGKILLed when dropped armed: a cancelled build, or a watcher that ends (the master
+/// stops), leaves no compiler running. What a build script moved to a session of its own is
+/// reparented to the master and ended there (see `master::orphans`).
+struct Group(Option<nix::unistd::Pid>);
+
+impl Group {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn read_all(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut out = Vec::new();
+    if let Some(mut pipe) = pipe {
+        let _ = pipe.read_to_end(&mut out).await;
+    }
+    out
+}
+
 /// Runs the build after a source change, as a child process this task awaits (the master's loop
-/// is not held up); logs its outcome and, when it fails, its output line by line.
-pub async fn run(build: &str, dir: &Path) -> BuildReport {
+/// is not held up), in a process group of its own; logs its outcome and, when it fails, its
+/// output line by line. When `cancel` resolves first, the whole group is killed and reaped, and
+/// the outcome is [`Outcome::Cancelled`].
+pub async fn run(build: &str, dir: &Path, cancel: impl std::future::Future) -> Outcome {
     tracing::info!(command = build, "building");
     let started_at = unix_now();
     let began = Instant::now();
     let mut cmd = tokio::process::Command::from(command(build, dir));
     cmd.kill_on_drop(true)
+        .process_group(0)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let output = match cmd.spawn() {
-        Ok(child) => {
+        Ok(mut child) => {
             // The master's own child, not an orphan a worker left behind.
             let pid = child.id();
             if let Some(pid) = pid {
                 crate::master::orphans::own(pid);
             }
-            let output = child.wait_with_output().await;
+            // `process_group(0)`: the group's id is the shell's pid.
+            let mut group = Group(pid.map(|p| nix::unistd::Pid::from_raw(p as i32)));
+            let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+            let finished = {
+                let ran = async {
+                    let (out, err, status) =
+                        tokio::join!(read_all(stdout), read_all(stderr), child.wait());
+                    status.map(|status| std::process::Output {
+                        status,
+                        stdout: out,
+                        stderr: err,
+                    })
+                };
+                tokio::select! {
+                    output = ran => Some(output),
+                    _ = cancel => None,
+                }
+            };
+            let Some(output) = finished else {
+                // The pipes may stay open in a process that left the group: only the shell,
+                // which SIGKILL surely ends, is awaited.
+                group.kill();
+                let _ = child.wait().await;
+                if let Some(pid) = pid {
+                    crate::master::orphans::disown(pid);
+                }
+                let took = began.elapsed();
+                tracing::info!(command = build, took = %humantime::format_duration(Duration::from_millis(took.as_millis() as u64)), "build cancelled: the sources changed again; building anew");
+                return Outcome::Cancelled;
+            };
+            // The shell was reaped: its pid (the group's id) may be reused from now on.
+            group.0 = None;
             if let Some(pid) = pid.filter(|_| output.is_ok()) {
                 crate::master::orphans::disown(pid);
             }
@@ -168,13 +243,13 @@ pub async fn run(build: &str, dir: &Path) -> BuildReport {
             ))
         }
     };
-    BuildReport {
+    Outcome::Done(BuildReport {
         ok: error.is_none(),
         command: build.to_string(),
         started_at,
         duration_ms: elapsed.as_millis() as u64,
         error,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -195,6 +270,41 @@ mod tests {
         assert_eq!(first_error_line("\n  \n"), None);
         let long = format!("error: {}", "é".repeat(400));
         assert!(first_error_line(&long).unwrap().len() <= MAX_ERROR_LINE);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_build_leaves_no_process_of_its_group_running() {
+        let dir = std::env::temp_dir().join(format!("host-build-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A compiler stand-in in the background of the shell, as cargo runs rustc.
+        let script = "sleep 30 & echo $! > pid; wait";
+        let cancel = tokio::time::sleep(Duration::from_millis(300));
+        let began = Instant::now();
+        let outcome = run(script, &dir, cancel).await;
+        assert!(matches!(outcome, Outcome::Cancelled), "{outcome:?}");
+        assert!(began.elapsed() < Duration::from_secs(10));
+        let pid: i32 = std::fs::read_to_string(dir.join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Killed with its group (a zombie waiting for this test process, its subreaper, or gone).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+            if matches!(state, None | Some('Z') | Some('X')) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the build's sleep {pid} still runs"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let done = run("true", &dir, std::future::pending::<()>()).await;
+        assert!(matches!(done, Outcome::Done(ref r) if r.ok), "{done:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -12,6 +12,10 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 /// files and pipes do not fit.
 pub const LOW_HARD_LIMIT: u64 = 65536;
 
+/// The limit the warning recommends, and the one `dist/host.service` and `dist/host@.service`
+/// set (`LimitNOFILE=`); a unit test keeps them in agreement.
+pub const RECOMMENDED_NOFILE: u64 = 1_048_576;
+
 /// What [`raise_nofile`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NofileOutcome {
@@ -62,8 +66,8 @@ impl NofileOutcome {
             tracing::warn!(
                 "open-files limit is only {soft}: a worker fails to accept connections beyond \
                  about that many open at once; raise the hard limit where the host is started \
-                 (systemd: LimitNOFILE=1048576 in the unit; a shell: `ulimit -Hn 1048576` as \
-                 root, or `nofile` in /etc/security/limits.conf)"
+                 (systemd: LimitNOFILE={RECOMMENDED_NOFILE} in the unit; a shell: `ulimit -Hn \
+                 {RECOMMENDED_NOFILE}` as root, or `nofile` in /etc/security/limits.conf)"
             );
         }
     }
@@ -102,6 +106,17 @@ fn raise_to_hard(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_unit_files_set_the_limit_the_warning_recommends() {
+        let line = format!("\nLimitNOFILE={RECOMMENDED_NOFILE}\n");
+        for (name, unit) in [
+            ("host.service", include_str!("../../../dist/host.service")),
+            ("host@.service", include_str!("../../../dist/host@.service")),
+        ] {
+            assert!(unit.contains(&line), "dist/{name} lacks{line}");
+        }
+    }
 
     #[test]
     fn a_soft_limit_below_the_hard_one_is_raised_to_it() {

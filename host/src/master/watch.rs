@@ -7,7 +7,9 @@
 //! command after each quiet period, shows its output, and sends `PluginChanged` only when the
 //! build succeeded; each build's outcome goes to the supervisor too, for `status`
 //! ([`Event::Built`]). The build runs in `build_dir` (see [`super::build`]), awaited on this task,
-//! never on the master's loop. Changes made while a build runs trigger another build after it.
+//! never on the master's loop. A change made while a build runs cancels it (its whole process
+//! group is killed) and, after `watch_debounce` of quiet, a new build starts: only a build that
+//! ran from start to end with no newer change is reported or rolled out, never a stale one.
 //!
 //! It decides nothing about reloading: the supervisor compares the file's content hash with the
 //! serving generation (and the last refused build) and skips what would change nothing.
@@ -18,6 +20,7 @@ use std::time::Duration;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use super::build::Outcome;
 use super::supervisor::Event;
 use crate::config::Config;
 
@@ -137,27 +140,54 @@ async fn run(
     events: mpsc::UnboundedSender<Event>,
 ) {
     while rx.recv().await.is_some() {
-        // Debounce: wait until nothing has happened for `debounce`.
+        // Until a build ends with no newer change behind it.
         loop {
-            match tokio::time::timeout(debounce, rx.recv()).await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return,
-                Err(_) => break,
+            if !quiet_for(&mut rx, debounce).await {
+                return;
             }
-        }
-        if let Some(command) = &build {
-            let report = super::build::run(command, &cwd).await;
+            let Some(command) = &build else {
+                break;
+            };
+            // A change during the build cancels it: its output would be stale.
+            let report = match super::build::run(command, &cwd, rx.recv()).await {
+                Outcome::Done(report) => report,
+                Outcome::Cancelled => continue,
+            };
+            // A change that came just as the build ended makes it stale too: build again, and
+            // roll out (or report) only what the newest sources make.
+            if !rx.is_empty() {
+                tracing::info!(
+                    command = %command,
+                    "the sources changed as the build ended; building anew"
+                );
+                continue;
+            }
             let ok = report.ok;
             // For `status`: a failed build shows there until one succeeds.
             if events.send(Event::Built(report)).is_err() {
                 return;
             }
             if !ok {
-                continue;
+                break;
             }
+            if events.send(Event::PluginChanged).is_err() {
+                return;
+            }
+            break;
         }
-        if events.send(Event::PluginChanged).is_err() {
+        if build.is_none() && events.send(Event::PluginChanged).is_err() {
             return;
+        }
+    }
+}
+
+/// Waits until nothing has happened for `debounce`; `false` when the watch is gone.
+async fn quiet_for(rx: &mut mpsc::UnboundedReceiver<notify::Event>, debounce: Duration) -> bool {
+    loop {
+        match tokio::time::timeout(debounce, rx.recv()).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return false,
+            Err(_) => return true,
         }
     }
 }

@@ -59,6 +59,8 @@ async fn check(channel: StdUnixStream) -> ExitCode {
         generation: spec.generation,
         sha256: spec.plugin_sha256.clone(),
         config: spec.plugin_config.clone(),
+        config_dir: spec.config_dir.clone(),
+        check: true,
     };
     let plugin = match loader::load(&spec.plugin, &at) {
         Ok(p) => p,

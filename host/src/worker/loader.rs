@@ -293,6 +293,10 @@ pub struct Placement {
     pub sha256: String,
     /// The generation's `[plugin_config]` as JSON text, for `HostContext::config`.
     pub config: String,
+    /// The config file's directory, for `HostContext::config_dir`.
+    pub config_dir: String,
+    /// Whether this is `host check`'s throwaway worker, for `HostContext::check`.
+    pub check: bool,
 }
 
 /// Loads the plugin at `path`, checks it, and runs its `on_worker_start`.
@@ -421,6 +425,9 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         config: RawStr::new(at.config.as_bytes()),
         cancel: &CANCEL_VTABLE,
         panicked: plugin_panicked,
+        // A view of `at.config_dir`, which outlives the call too.
+        config_dir: RawStr::new(at.config_dir.as_bytes()),
+        check: at.check,
     };
     let mut err_storage = vec![0u8; 4096];
     let mut err = ErrorBuf {

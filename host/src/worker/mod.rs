@@ -381,6 +381,8 @@ async fn serve(
         generation,
         sha256: spec.plugin_sha256.clone(),
         config: spec.plugin_config.clone(),
+        config_dir: spec.config_dir.clone(),
+        check: false,
     };
     let plugin = match loader::load(&spec.plugin, &at) {
         Ok(p) => p,

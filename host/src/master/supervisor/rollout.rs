@@ -780,8 +780,8 @@ impl SnapshotSource {
                     if !ignored.is_empty() {
                         tracing::warn!(
                             config = %cfg.file.display(),
-                            "a reload applies only [plugin_config]; changed keys {} take effect at `host restart`",
-                            ignored.join(", ")
+                            "{}",
+                            Config::frozen_keys_note(&ignored)
                         );
                     }
                     (config, ignored)

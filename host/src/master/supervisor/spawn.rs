@@ -243,6 +243,7 @@ impl Supervisor {
                 .map_or(0, |(t, _)| t.len() as u32),
             accept_balance: self.cfg.accept_balance,
             plugin_config: generation.config.json.to_string(),
+            config_dir: self.cfg.config_dir().to_string_lossy().into_owned(),
             pool: self.cfg.blocking_pool(),
         };
         let _ = tx.send(MasterToWorker::Start(spec));
