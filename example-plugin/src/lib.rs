@@ -30,6 +30,9 @@
 //! - `GET /async/panic`: panics after an await; the host answers `500`.
 //! - `GET /async/block?ms=N`: blocks its thread `N` ms (at most 10 s) inside the future, which
 //!   an async handler must never do: the host logs it, naming the path.
+//! - `GET /async/spin[/ANY]?ms=N`: busy-loops inside the future until its thread has run `N` ms on a
+//!   CPU (at most 10 s; the thread's CPU time, however long the machine keeps it waiting): above
+//!   20 ms the host names the path in the log, below it not, however long the poll took.
 //! - `GET /stream?chunks=N&every_ms=M[&size=S][&fail_at=F]`: `N` lines `chunk I`, `M` ms apart,
 //!   each sent as it is produced (padded to `S` bytes when given; the stream panics instead of
 //!   producing chunk `F` when given); `GET /stream/stats` says how many
@@ -260,6 +263,7 @@ impl Plugin for Example {
             "/sleep" | "/leak" => Dispatch::Blocking,
             "/async/hello" | "/async/sleep" | "/async/panic" | "/async/block" | "/stream"
             | "/stream/hello" | "/events" | "/upload" | "/ws" => Dispatch::Async,
+            p if p.starts_with("/async/spin") => Dispatch::Async,
             _ => Dispatch::Inline,
         }
     }
@@ -287,6 +291,18 @@ impl Plugin for Example {
                     "usage: /async/block?ms=N with N <= 10000\n",
                 ),
             },
+            p if p.starts_with("/async/spin") => {
+                match query_param(&req, "ms").map(str::parse::<u64>) {
+                    Some(Ok(ms)) if ms <= 10_000 => {
+                        spin_cpu(Duration::from_millis(ms));
+                        async_text(StatusCode::OK, format!("spun {ms}\n"))
+                    }
+                    _ => async_text(
+                        StatusCode::BAD_REQUEST,
+                        "usage: /async/spin?ms=N with N <= 10000\n",
+                    ),
+                }
+            }
             "/async/panic" => {
                 plugin_api::tokio::task::yield_now().await;
                 panic!("/async/panic was requested")
@@ -314,6 +330,20 @@ impl Plugin for Example {
             served = self.served.load(Ordering::Relaxed),
             "example plugin stopping"
         );
+    }
+}
+
+/// Busy-loops until the calling thread has run `cpu` on a CPU.
+fn spin_cpu(cpu: Duration) {
+    use nix::time::{ClockId, clock_gettime};
+    let now = || {
+        clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+            .map(Duration::from)
+            .unwrap_or_default()
+    };
+    let end = now() + cpu;
+    while now() < end {
+        std::hint::spin_loop();
     }
 }
 

@@ -43,6 +43,7 @@ mod pool;
 mod request;
 mod send_timeout;
 mod slow_paths;
+mod thread_clock;
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::process::ExitCode;

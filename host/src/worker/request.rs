@@ -374,8 +374,11 @@ impl AsyncCall {
     }
 
     /// Polls the plugin's future once, and gives its answer with the clock reading when it was
-    /// ready. `began_ns` is a clock reading taken just before, or 0 to read it here. Each poll runs plugin code on the I/O thread: one that
-    /// blocks stalls every connection of this worker, so it is named in the log (once per path).
+    /// ready. `began_ns` is a clock reading taken just before, or 0 to read it here. Each poll
+    /// runs plugin code on the I/O thread: one that blocks stalls every connection of this
+    /// worker, so it is named in the log (once per path), judged by the thread's CPU time and
+    /// voluntary switches ([`super::thread_clock`]), never by a wall clock a busy machine
+    /// stretches.
     fn poll_serving(
         &mut self,
         shared: &Shared,
@@ -387,13 +390,19 @@ impl AsyncCall {
         }
         let path = self.parts.uri.path();
         let began_ns = reading_or_now(began_ns);
+        let began = super::thread_clock::Reading::now();
         let polled = {
             let _serving = super::loader::serving(path);
             Pin::new(&mut self.serving).poll(cx)
         };
         let ended_ns = monotonic_ns();
         let took = Duration::from_nanos(ended_ns.saturating_sub(began_ns));
-        if took > INLINE_LIMIT {
+        // Judged on what the thread did, not on the wall clock alone: a poll that only waited
+        // for a CPU on a busy machine is not the handler's doing.
+        if took > INLINE_LIMIT
+            && let (Some(began), Some(ended)) = (began, super::thread_clock::Reading::now())
+            && began.blocked_since(&ended, took, INLINE_LIMIT)
+        {
             shared.slow_paths.note_blocking_poll(path, took);
         }
         polled.map(|resp| (resp, ended_ns))
