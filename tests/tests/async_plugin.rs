@@ -575,91 +575,11 @@ async fn a_streamed_upload_that_stalls_fails_after_body_read_timeout() {
     assert_eq!(host.wait_for_workers("ready").await, vec![pid]);
 }
 
-/// The CPUs this process may run on, first of them.
-fn first_allowed_cpu() -> String {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let list = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .expect("Cpus_allowed_list");
-    list.trim().split([',', '-']).next().unwrap().to_string()
-}
-
-/// Busy loops pinned to `cpu`, killed (by their own pid) when dropped.
-struct Hogs(Vec<std::process::Child>);
-
-impl Hogs {
-    fn start(cpu: &str, n: usize) -> Hogs {
-        Hogs(
-            (0..n)
-                .map(|_| {
-                    std::process::Command::new("taskset")
-                        .args(["-c", cpu, "sh", "-c", "while :; do :; done"])
-                        .spawn()
-                        .expect("taskset")
-                })
-                .collect(),
-        )
-    }
-}
-
-impl Hogs {
-    /// Waits until every loop has run on its CPU (the shell exec'd and spinning).
-    async fn wait_spinning(&self) {
-        let ticks = |pid: u32| -> u64 {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let after_comm = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
-            // utime is field 14; after the comm it is the 12th.
-            after_comm
-                .split_whitespace()
-                .nth(11)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        wait_until(Duration::from_secs(20), "the busy loops spinning", || {
-            self.0.iter().all(|c| ticks(c.id()) >= 10)
-        })
-        .await;
-    }
-}
-
-impl Drop for Hogs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Pins every thread of `pid` to `cpu` and gives each, and its scheduling group (the worker
-/// runs in a session of its own: with autogroups, nice weighs only inside one), the lowest
-/// priority (nice 19), so that busy loops on that CPU keep it waiting for a CPU most of the time.
-fn starve(pid: u32, cpu: &str) {
-    if std::path::Path::new(&format!("/proc/{pid}/autogroup")).exists() {
-        std::fs::write(format!("/proc/{pid}/autogroup"), "19")
-            .expect("nice the worker's autogroup");
-    }
-    let ok = std::process::Command::new("taskset")
-        .args(["-a", "-c", "-p", cpu, &pid.to_string()])
-        .output()
-        .unwrap();
-    assert!(ok.status.success(), "taskset: {ok:?}");
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let tid = task.unwrap().file_name().into_string().unwrap();
-        let ok = std::process::Command::new("renice")
-            .args(["-n", "19", "-p", &tid])
-            .output()
-            .unwrap();
-        assert!(ok.status.success(), "renice: {ok:?}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_kept_waiting_for_a_cpu_is_not_accused_of_blocking_one_that_spins_is() {
     let (host, pid) = one_worker("").await;
-    let cpu = first_allowed_cpu();
-    starve(pid, &cpu);
+    let cpu = tests::first_allowed_cpu();
+    tests::starve(pid, &cpu, 19);
     let accused = |path: &str| {
         let needle = format!("path=\"{path}\"");
         host.log()
@@ -670,16 +590,16 @@ async fn a_poll_kept_waiting_for_a_cpu_is_not_accused_of_blocking_one_that_spins
             .count()
     };
     {
-        let hogs = Hogs::start(&cpu, 2);
+        let hogs = tests::Hogs::start(&cpu, 2);
         hogs.wait_spinning().await;
-        // 5 ms on a CPU, spread over far more than the 20 ms limit of wall time: the thread
-        // waits for the CPU behind two busy loops at a higher priority.
+        // 5 ms on a CPU, spread over more than twice the 20 ms limit of wall time (often ten
+        // times): the thread waits for the CPU behind two busy loops at a higher priority.
         let began = Instant::now();
         let waited = get(host.addr, "/async/spin/waited?ms=5").await.unwrap();
         let wall = began.elapsed();
         assert_eq!(waited.status, 200, "{waited:?}");
         assert!(
-            wall > Duration::from_millis(100),
+            wall > Duration::from_millis(50),
             "the worker was not kept waiting ({wall:?}): the test proves nothing"
         );
         eprintln!("5 ms of CPU took {wall:?} of wall time");

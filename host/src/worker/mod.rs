@@ -165,7 +165,7 @@ struct Shared {
     counters: Option<&'static crate::counters::Counters>,
     balance: bool,
     /// Open connections that will stay: they carried a request that did not ask to close the
-    /// connection after it (HTTP/2, or HTTP/1 keep-alive). What the accept table counts: a
+    /// connection after it (HTTP/2, or HTTP/1 keep-alive), or were upgraded ([`UpgradeGuard`]). What the accept table counts: a
     /// connection per request lives microseconds and says nothing about load to come.
     staying: AtomicU64,
     /// When this worker last closed a keep-alive connection to even out the load (monotonic ns).
@@ -866,19 +866,26 @@ impl Drop for ConnectionGuard {
 }
 
 /// Counts a connection the plugin may take over (after a `101`) as open and upgraded, from the
-/// request that asked for it until the plugin drops it: a drain waits for it.
+/// request that asked for it until the plugin drops it: a drain waits for it. It counts as
+/// staying too, for balance: a WebSocket is the longest-lived connection there is, and hyper
+/// has let go of the HTTP connection (and its [`Connection`] count) once it is handed over.
 struct UpgradeGuard(ConnectionGuard);
 
 impl UpgradeGuard {
     fn new(shared: &Arc<Shared>) -> UpgradeGuard {
         shared.upgraded.fetch_add(1, Ordering::SeqCst);
+        shared.staying.fetch_add(1, Ordering::Relaxed);
+        shared.publish_connections();
         UpgradeGuard(ConnectionGuard::new(shared.clone()))
     }
 }
 
 impl Drop for UpgradeGuard {
     fn drop(&mut self) {
-        self.0.0.upgraded.fetch_sub(1, Ordering::SeqCst);
+        let shared = &self.0.0;
+        shared.upgraded.fetch_sub(1, Ordering::SeqCst);
+        shared.staying.fetch_sub(1, Ordering::Relaxed);
+        shared.publish_connections();
     }
 }
 

@@ -580,7 +580,8 @@ async fn cuttable(
     }
 }
 
-/// The last touches on an answer: `Connection: close` when this HTTP/1 connection should end,
+/// The last touches on an answer: `Connection: close` when this HTTP/1 connection should end
+/// (never on a `101`),
 /// the answer counted, and the body tied to the connection's busy mark.
 fn finish(
     mut in_flight: InFlight,
@@ -590,7 +591,11 @@ fn finish(
     h2: bool,
 ) -> Response<head_timeout::BusyBody<ResponseBody>> {
     let shared = in_flight.shared();
+    // A `101` hands the connection over: `Connection: close` would break the handshake (the
+    // client needs `Connection: Upgrade`), and the upgraded connection is the plugin's to end.
+    let upgrading = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if !h2
+        && !upgrading
         && (shared.draining.load(Ordering::Relaxed)
             || shared.retiring.load(Ordering::Relaxed)
             || shared.hand_off_one(&in_flight.conn))
