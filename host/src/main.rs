@@ -73,6 +73,7 @@ mod counters;
 mod fd;
 mod logging;
 mod master;
+mod plugin_metrics;
 mod protocol;
 mod ratelimit;
 mod worker;

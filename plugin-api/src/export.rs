@@ -170,9 +170,15 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
             "{}".into()
         };
         // ABI 1.4: the functions behind each request's cancellation.
-        if size as usize >= size_of::<HostContext>() {
+        if size as usize >= ffi::HOST_CONTEXT_1_4_SIZE {
             // SAFETY: the host's context covers the field.
             crate::cancel::install(unsafe { std::ptr::addr_of!((*ctx).cancel).read() });
+        }
+        // ABI 1.5: the functions behind the plugin's metrics (without them, metrics count
+        // nothing).
+        if size as usize >= size_of::<HostContext>() {
+            // SAFETY: the host's context covers the field.
+            crate::metrics::install(unsafe { std::ptr::addr_of!((*ctx).metrics).read() });
         }
         crate::runtime::start()
             .map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
@@ -429,6 +435,7 @@ mod tests {
             restart_worker: count_restart,
             config: RawStr::new(b"{}"),
             cancel: std::ptr::null(),
+            metrics: std::ptr::null(),
         };
         let mut state = std::ptr::null_mut();
         let mut storage = [0u8; 256];

@@ -402,6 +402,7 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         // A view of `at.config`, which outlives the `on_worker_start` call (the plugin copies it).
         config: RawStr::new(at.config.as_bytes()),
         cancel: &CANCEL_VTABLE,
+        metrics: &super::metrics_abi::METRICS_VTABLE,
     };
     let mut err_storage = vec![0u8; 4096];
     let mut err = ErrorBuf {

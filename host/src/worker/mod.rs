@@ -39,6 +39,7 @@ mod h2_drain;
 mod head_timeout;
 mod listener;
 pub mod loader;
+mod metrics_abi;
 mod pool;
 mod request;
 mod send_timeout;
@@ -356,7 +357,12 @@ async fn serve(
                     .map_err(|e| crate::error_chain(&e))
             });
         match table {
-            Ok(table) => Some((table, cell as usize)),
+            Ok(table) => {
+                if let Some(series) = table.plugin_series(cell as usize) {
+                    metrics_abi::install(series, table.counters(cell as usize));
+                }
+                Some((table, cell as usize))
+            }
             Err(e) => {
                 tracing::warn!("{e}; accepting without balancing");
                 None
