@@ -118,6 +118,8 @@ pub fn run(cfg: &Config, options: &Options) -> Result<Checked, CheckError> {
         http2_send_buffer: cfg.http2_send_buffer,
         plugin_config: cfg.plugin_config.json.to_string(),
         pool: cfg.blocking_pool(),
+        // A check serves no traffic worth a line.
+        access_log: None,
     };
     let plugin = rt
         .block_on(throwaway_worker(cfg, spec, options))

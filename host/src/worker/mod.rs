@@ -30,6 +30,7 @@
 //! responses carry `Connection: close`, and it steps aside before accepting while others can).
 
 mod abi_io;
+mod access_log;
 mod backlog;
 pub mod check;
 mod coalesce;
@@ -297,6 +298,7 @@ pub fn run(
         generation,
         startup,
         spawned_at_ns,
+        log_format,
     ));
     // Handlers still blocked at a graceful deadline must not hold the exit up (the blocking
     // pool's threads are never joined either: the process exits under them).
@@ -318,6 +320,7 @@ async fn serve(
     generation: u64,
     mut startup: StartupTimings,
     spawned_at_ns: u64,
+    log_format: crate::logging::LogFormat,
 ) -> ExitCode {
     let since_spawn = || monotonic_ns().saturating_sub(spawned_at_ns) / 1000;
     let (mut tx, rx) = match channel_halves(channel) {
@@ -471,6 +474,9 @@ async fn serve(
         n => n,
     };
     let counters = accept_table.and_then(|(table, cell)| table.counters(cell));
+    if let Some(path) = &spec.access_log {
+        access_log::start(path.clone(), log_format, generation, counters);
+    }
     let pool_limits = pool::Limits {
         max_threads: spec.pool.max_threads as usize,
         max_queue: spec.pool.max_queue as usize,
@@ -782,6 +788,8 @@ async fn serve(
         }
         tracing::info!("drained; exiting");
     }
+    // The last requests' lines, before the process ends under the writer.
+    access_log::flush(Duration::from_secs(2));
     let _ = tx
         .send(&WorkerToMaster::Exiting {
             cut_requests,

@@ -44,6 +44,8 @@ struct InFlight {
     /// CLOCK_MONOTONIC (ns) when it began; 0 without a worker table.
     began_ns: u64,
     answered: bool,
+    /// Its access-log line, when there is an access log.
+    access: Option<super::access_log::Line>,
 }
 
 impl InFlight {
@@ -72,6 +74,7 @@ impl InFlight {
             record,
             began_ns,
             answered: false,
+            access: None,
         }
     }
 
@@ -478,7 +481,8 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
         conn.first_h2_request.notify_one();
     }
     conn.note_request(&req);
-    let in_flight = InFlight::new(conn, req.method(), req.uri().path());
+    let mut in_flight = InFlight::new(conn, req.method(), req.uri().path());
+    in_flight.access = super::access_log::Line::begin(&req, in_flight.began_ns);
     let shared = &in_flight.conn.shared;
     if req.uri().path().starts_with("/_host/") {
         let resp = builtin(&req).map(ResponseBody::full);
@@ -604,5 +608,9 @@ fn finish(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     in_flight.answered(&mut resp, ready_ns);
-    resp.map(|body| head_timeout::BusyBody::new(body, busy))
+    let line = in_flight.access.take().map(|mut line| {
+        line.status(resp.status().as_u16());
+        line
+    });
+    resp.map(|body| head_timeout::BusyBody::new(body, busy).with_line(line))
 }

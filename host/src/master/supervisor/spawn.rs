@@ -244,6 +244,7 @@ impl Supervisor {
             accept_balance: self.cfg.accept_balance,
             plugin_config: generation.config.json.to_string(),
             pool: self.cfg.blocking_pool(),
+            access_log: self.cfg.access_log.clone(),
         };
         let _ = tx.send(MasterToWorker::Start(spec));
         tracing::debug!(pid, slot, generation = generation.number, "worker spawned");
