@@ -594,13 +594,21 @@ async fn a_poll_kept_waiting_for_a_cpu_is_not_accused_of_blocking_one_that_spins
         hogs.wait_spinning().await;
         // 5 ms on a CPU, spread over more than twice the 20 ms limit of wall time (often ten
         // times): the thread waits for the CPU behind two busy loops at a higher priority.
-        let began = Instant::now();
-        let waited = get(host.addr, "/async/spin/waited?ms=5").await.unwrap();
-        let wall = began.elapsed();
-        assert_eq!(waited.status, 200, "{waited:?}");
+        // Up to 5 tries: the scheduler may yet run it at once, which proves nothing.
+        let mut walls = Vec::new();
+        for _ in 0..5 {
+            let began = Instant::now();
+            let waited = get(host.addr, "/async/spin/waited?ms=5").await.unwrap();
+            walls.push(began.elapsed());
+            assert_eq!(waited.status, 200, "{waited:?}");
+            if walls.last().unwrap() > &Duration::from_millis(50) {
+                break;
+            }
+        }
+        let wall = *walls.iter().max().unwrap();
         assert!(
             wall > Duration::from_millis(50),
-            "the worker was not kept waiting ({wall:?}): the test proves nothing"
+            "the worker was never kept waiting ({walls:?}): the test proves nothing"
         );
         eprintln!("5 ms of CPU took {wall:?} of wall time");
         // Awaiting is not blocking either.

@@ -15,7 +15,9 @@
 //! [`request`] (the built-in `/_host/` routes; the plugin's handler on the I/O thread when the
 //! plugin declares it non-blocking, on the blocking [`pool`] otherwise), the heartbeat that tells the
 //! master its I/O thread still runs, and the drain. It counts each request in its cell of the
-//! shared worker table for `/metrics` (see `counters`). It never binds a socket, never spawns
+//! shared worker table for `/metrics` (see `counters`), keeps its plugin's metrics there too
+//! ([`metrics_abi`]), and writes the access log off the I/O thread ([`access_log`]). It never
+//! binds a socket, never spawns
 //! processes and never decides when to reload: it obeys [`MasterToWorker`].
 //!
 //! Drain: stop accepting at once and tell the master; HTTP/1 responses from then on carry
@@ -817,6 +819,8 @@ fn connections_from_fd_limit() -> u64 {
 pub(crate) fn io_runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // A baseline for judging polls is taken afresh after the thread slept (`thread_clock`).
+        .on_thread_park(thread_clock::note_parked)
         .build()
     {
         Ok(rt) => Some(rt),

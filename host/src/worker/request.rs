@@ -393,7 +393,7 @@ impl AsyncCall {
         }
         let path = self.parts.uri.path();
         let began_ns = reading_or_now(began_ns);
-        let began = super::thread_clock::Reading::now();
+        let began = super::thread_clock::baseline(began_ns);
         let polled = {
             let _serving = super::loader::serving(path);
             Pin::new(&mut self.serving).poll(cx)
