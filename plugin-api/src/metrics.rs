@@ -127,3 +127,21 @@ impl Histogram {
         self.0 >= 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_host_every_handle_is_inert() {
+        let c = Counter::new("c_total", "", &[]);
+        c.inc();
+        assert!(!c.is_live());
+        let g = Gauge::new("g", "", &[]);
+        g.set(3);
+        assert!(!g.is_live());
+        let h = Histogram::new("h", "", &[], &[1.0]);
+        h.observe(0.5);
+        assert!(!h.is_live());
+    }
+}

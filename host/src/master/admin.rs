@@ -302,6 +302,8 @@ impl MetricsReport {
                 families.entry(&sample.name).or_default().push((g, sample));
             }
         }
+        // A counter `x_total` and a gauge `x` would make two families named `x`: the first wins.
+        let mut exposed = std::collections::BTreeSet::new();
         for (name, series) in families {
             let first = series[0].1;
             let (kind, name) = match first.kind {
@@ -313,6 +315,9 @@ impl MetricsReport {
                 GAUGE => (MetricType::Gauge, name),
                 _ => (MetricType::Histogram, name),
             };
+            if !exposed.insert(name) {
+                continue;
+            }
             let mut metric = encoder.encode_descriptor(name, &first.help, None, kind)?;
             for (g, sample) in series.iter().filter(|(_, s)| s.kind == first.kind) {
                 let labels: Vec<(String, String)> = g
