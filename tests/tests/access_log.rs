@@ -41,6 +41,23 @@ async fn post(addr: std::net::SocketAddr, path: &str, len: usize) -> u16 {
     status
 }
 
+/// A chunked POST (no `Content-Length`) of `hello` to `/`, on a raw socket: its status line.
+async fn post_chunked(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    out.lines().next().unwrap_or("").to_string()
+}
+
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -64,8 +81,9 @@ async fn text_lines_carry_every_field() {
     let host = host_with(&format!("access_log = {:?}", log.to_str().unwrap())).await;
     let pids = host.worker_pids(Some("ready")).await;
     let (hello, _) = three_requests(&host).await;
-    wait_until(Duration::from_secs(10), "three lines", || {
-        lines(&log).len() == 3
+    assert_eq!(post_chunked(host.addr).await, "HTTP/1.1 200 OK");
+    wait_until(Duration::from_secs(10), "four lines", || {
+        lines(&log).len() == 4
     })
     .await;
     let lines = lines(&log);
@@ -85,8 +103,16 @@ async fn text_lines_carry_every_field() {
             .find(|f| f[2] == path)
             .unwrap_or_else(|| panic!("no line for {path}: {lines:?}"))
     };
-    let root = find("/");
+    let root = fields
+        .iter()
+        .find(|f| f[1] == "GET" && f[2] == "/")
+        .expect("GET /");
     assert_eq!(&root[1..4], ["GET", "/", "200"]);
+    let chunked = fields
+        .iter()
+        .find(|f| f[1] == "POST" && f[2] == "/")
+        .expect("POST /");
+    assert_eq!(chunked[5], "in=5", "a chunked body counted as read");
     assert_eq!(root[5], "in=0");
     assert_eq!(root[6], format!("out={}", hello.len()));
     assert_eq!(find("/no-such-route")[3], "404");

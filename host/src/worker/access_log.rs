@@ -130,6 +130,13 @@ impl Line {
         }
     }
 
+    /// The request body's length as read whole (for a synchronous handler).
+    pub(super) fn received(&mut self, n: usize) {
+        if let Some(e) = &mut self.entry {
+            e.bytes_in = n as u64;
+        }
+    }
+
     /// Counts response body bytes as they are sent.
     pub fn sent(&mut self, n: usize) {
         if let Some(e) = &mut self.entry {

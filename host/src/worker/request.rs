@@ -547,16 +547,22 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
         }));
     }
     Answer::Later(Box::pin(async move {
-        let resp = {
-            let shared = &in_flight.conn.shared;
-            let call = async {
-                match read_body(shared, body).await {
-                    Ok(body) => call_sync(shared, parts, body, dispatch).await,
-                    Err(resp) => resp,
+        let mut in_flight = in_flight;
+        let shared = in_flight.conn.shared.clone();
+        let access = &mut in_flight.access;
+        let call = async {
+            match read_body(&shared, body).await {
+                Ok(body) => {
+                    // The body as read: exact even without a `Content-Length`.
+                    if let Some(line) = access {
+                        line.received(body.len());
+                    }
+                    call_sync(&shared, parts, body, dispatch).await
                 }
-            };
-            cuttable(shared, call).await
+                Err(resp) => resp,
+            }
         };
+        let resp = cuttable(&shared, call).await;
         finish(in_flight, resp, 0, busy, h2)
     }))
 }
