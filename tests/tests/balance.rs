@@ -10,6 +10,10 @@ const WORKERS: usize = 4;
 const CLIENTS: usize = 32;
 const WINDOW: Duration = Duration::from_secs(5);
 
+/// The tests of this file measure shares of the CPU: one at a time (the WebSocket test's busy
+/// loop would skew the other's).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `requests` per ready worker, by pid.
 fn ready_requests(status: &serde_json::Value) -> BTreeMap<u64, u64> {
     status["workers"]
@@ -23,6 +27,7 @@ fn ready_requests(status: &serde_json::Value) -> BTreeMap<u64, u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_clients_spread_over_the_new_workers_after_a_reload() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let (v1, v2) = (greeting_plugin("v1"), greeting_plugin("v2"));
     let host = Host::start(
         &v1,
@@ -96,6 +101,7 @@ fn ready_connections(status: &serde_json::Value) -> BTreeMap<u64, u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_clients_spread_over_the_new_workers_after_a_reload() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     const SOCKETS: u64 = 10;
     let host = Host::start(
         &tests::example_plugin(&[]),

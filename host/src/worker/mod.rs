@@ -95,9 +95,9 @@ const ACCEPT_STEP_ASIDE: Duration = Duration::from_millis(1);
 /// At most this many steps aside in a row...
 const ACCEPT_STEP_ASIDE_ROUNDS: u32 = 30;
 /// ...and only while the others keep taking connections: after this many steps in which they
-/// took none (busy, or hung), accept. 10, not 5: a worker waiting for a CPU on a busy machine
-/// takes longer than 5 ms to take its connection (WebSockets landed 7:3 on two workers).
-const ACCEPT_STEP_ASIDE_IDLE_ROUNDS: u32 = 10;
+/// took none (busy, or hung), accept. 20, not 5: a worker waiting for a CPU on a busy machine
+/// takes longer than 5 (or 10) ms to take its connection (WebSockets landed 7:3 on two workers).
+const ACCEPT_STEP_ASIDE_IDLE_ROUNDS: u32 = 20;
 
 /// While the shared listening socket does not listen, how often a worker looks again.
 const LISTENER_RECHECK: Duration = Duration::from_millis(20);
