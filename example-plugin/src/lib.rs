@@ -30,6 +30,9 @@
 //! - `GET /async/panic`: panics after an await; the host answers `500`.
 //! - `GET /async/block?ms=N`: blocks its thread `N` ms (at most 10 s) inside the future, which
 //!   an async handler must never do: the host logs it, naming the path.
+//! - `GET /async/spin[/ANY]?ms=N`: busy-loops inside the future until its thread has run `N` ms on a
+//!   CPU (at most 10 s; the thread's CPU time, however long the machine keeps it waiting): above
+//!   20 ms the host names the path in the log, below it not, however long the poll took.
 //! - `GET /stream?chunks=N&every_ms=M[&size=S][&fail_at=F]`: `N` lines `chunk I`, `M` ms apart,
 //!   each sent as it is produced (padded to `S` bytes when given; the stream panics instead of
 //!   producing chunk `F` when given); `GET /stream/stats` says how many
@@ -40,6 +43,15 @@
 //!   `bytes=N sha256=HEX` without holding it.
 //! - `GET /ws`: WebSocket; echoes each text message as `gen=G MESSAGE`, and sends Close 1012
 //!   (Service Restart) when its worker drains.
+//!
+//! - `GET /series?n=N`: registers `N` more series `example_series_total{n="I"}` (at most 1000),
+//!   to watch the host's bound on a worker's series; answers how many the host kept.
+//!
+//! Metrics (served by the master's `/metrics`, summed over workers, by generation): every
+//! request counted in `example_requests_total{route="..."}` (its path when it is one of the
+//! routes above, else `other`: a label's values must stay few), open WebSockets in the gauge
+//! `example_websockets_open`, and the time `/sleep` and `/async/sleep` slept in the histogram
+//! `example_sleep_seconds`.
 //!
 //! `EXAMPLE_FAIL_START` = `panic` | `error` | `hang` at build time makes `on_worker_start` panic,
 //! return an error, or never return: a deliberately bad build. `EXAMPLE_START_DELAY_MS=N` makes
@@ -56,6 +68,7 @@ use plugin_api::http;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use plugin_api::http::{StatusCode, header};
+use plugin_api::metrics::{Counter, Gauge, Histogram};
 use plugin_api::websocket::{self, Message};
 use plugin_api::{
     Body, BodyExt as _, BoxError, Bytes, Cancellation, Dispatch, Plugin, Request, Response,
@@ -96,8 +109,70 @@ struct ExampleConfig {
     limit: u64,
 }
 
+/// The routes counted by name in `example_requests_total`; any other path counts as `other`.
+const ROUTES: [&str; 21] = [
+    "/",
+    "/async/block",
+    "/async/hello",
+    "/async/panic",
+    "/async/sleep",
+    "/config",
+    "/events",
+    "/exit",
+    "/leak",
+    "/locked",
+    "/panic",
+    "/poison",
+    "/series",
+    "/sleep",
+    "/spin",
+    "/state",
+    "/stream",
+    "/stream/hello",
+    "/stream/stats",
+    "/upload",
+    "/ws",
+];
+
+/// The plugin's metrics, registered once per worker.
+struct Metrics {
+    /// One counter per route in [`ROUTES`], then `other`.
+    requests: Vec<Counter>,
+    websockets: Gauge,
+    slept: Histogram,
+}
+
+impl Metrics {
+    fn register() -> Metrics {
+        let help = "Requests the example plugin answered, by route";
+        Metrics {
+            requests: ROUTES
+                .iter()
+                .chain(&["other"])
+                .map(|route| Counter::new("example_requests_total", help, &[("route", route)]))
+                .collect(),
+            websockets: Gauge::new("example_websockets_open", "Open WebSockets on /ws", &[]),
+            slept: Histogram::new(
+                "example_sleep_seconds",
+                "Time /sleep and /async/sleep slept",
+                &[],
+                &[0.01, 0.1, 1.0, 10.0],
+            ),
+        }
+    }
+
+    fn count(&self, path: &str) {
+        let i = ROUTES
+            .iter()
+            .position(|r| *r == path)
+            .unwrap_or(ROUTES.len());
+        self.requests[i].inc();
+    }
+}
+
 /// Per-worker state, built in `on_worker_start`.
 pub struct Example {
+    metrics: Metrics,
     ctx: WorkerContext,
     served: AtomicU64,
     /// Requests to `/` this worker answered: which of them fail with `EXAMPLE_ERROR_PERCENT`.
@@ -151,6 +226,7 @@ impl Plugin for Example {
             ctx.pid, ctx.generation, ctx.slot
         );
         Ok(Example {
+            metrics: Metrics::register(),
             ctx: ctx.clone(),
             served: AtomicU64::new(0),
             root_served: AtomicU64::new(0),
@@ -164,6 +240,7 @@ impl Plugin for Example {
 
     fn handle(&self, req: Request) -> Response {
         let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics.count(req.uri().path());
         match req.uri().path() {
             "/" => {
                 let k = self.root_served.fetch_add(1, Ordering::Relaxed) + 1;
@@ -181,6 +258,7 @@ impl Plugin for Example {
                     if Cancellation::of(&req).wait(Duration::from_millis(ms)) {
                         return text(StatusCode::SERVICE_UNAVAILABLE, "cancelled\n");
                     }
+                    self.metrics.slept.observe(ms as f64 / 1000.0);
                     text(StatusCode::OK, format!("slept {ms} ms\n"))
                 }
                 _ => text(
@@ -189,6 +267,19 @@ impl Plugin for Example {
                 ),
             },
             "/panic" => panic!("/panic was requested"),
+            "/series" => match query_param(&req, "n").map(str::parse::<u64>) {
+                Some(Ok(n)) if n <= 1000 => {
+                    let kept = (0..n)
+                        .map(|i| Counter::new("example_series_total", "", &[("n", &i.to_string())]))
+                        .filter(Counter::is_live)
+                        .count();
+                    text(StatusCode::OK, format!("kept {kept}\n"))
+                }
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "usage: /series?n=N with N <= 1000\n",
+                ),
+            },
             "/spin" => match query_param(&req, "ms").map(str::parse::<u64>) {
                 Some(Ok(ms)) if ms <= 3_600_000 => {
                     let until = Instant::now() + Duration::from_millis(ms);
@@ -284,16 +375,19 @@ impl Plugin for Example {
             "/sleep" | "/leak" => Dispatch::Blocking,
             "/async/hello" | "/async/sleep" | "/async/panic" | "/async/block" | "/stream"
             | "/stream/hello" | "/events" | "/upload" | "/ws" => Dispatch::Async,
+            p if p.starts_with("/async/spin") => Dispatch::Async,
             _ => Dispatch::Inline,
         }
     }
 
     async fn serve(&self, mut req: http::Request<Body>) -> http::Response<Body> {
+        self.metrics.count(req.uri().path());
         match req.uri().path() {
             "/async/hello" => async_text(StatusCode::OK, self.hello_async.clone()),
             "/async/sleep" => match query_param(&req, "ms").map(str::parse::<u64>) {
                 Some(Ok(ms)) if ms <= 60_000 => {
                     plugin_api::tokio::time::sleep(Duration::from_millis(ms)).await;
+                    self.metrics.slept.observe(ms as f64 / 1000.0);
                     async_text(StatusCode::OK, format!("slept {ms}\n"))
                 }
                 _ => async_text(
@@ -311,6 +405,18 @@ impl Plugin for Example {
                     "usage: /async/block?ms=N with N <= 10000\n",
                 ),
             },
+            p if p.starts_with("/async/spin") => {
+                match query_param(&req, "ms").map(str::parse::<u64>) {
+                    Some(Ok(ms)) if ms <= 10_000 => {
+                        spin_cpu(Duration::from_millis(ms));
+                        async_text(StatusCode::OK, format!("spun {ms}\n"))
+                    }
+                    _ => async_text(
+                        StatusCode::BAD_REQUEST,
+                        "usage: /async/spin?ms=N with N <= 10000\n",
+                    ),
+                }
+            }
             "/async/panic" => {
                 plugin_api::tokio::task::yield_now().await;
                 panic!("/async/panic was requested")
@@ -327,7 +433,12 @@ impl Plugin for Example {
             "/upload" => upload(req.into_body()).await,
             "/ws" => {
                 let (ctx, generation) = (self.ctx.clone(), self.ctx.generation);
-                websocket::upgrade(&mut req, move |socket| echo(socket, ctx, generation))
+                let open = self.metrics.websockets;
+                websocket::upgrade(&mut req, move |socket| async move {
+                    open.add(1);
+                    echo(socket, ctx, generation).await;
+                    open.add(-1);
+                })
             }
             other => async_text(StatusCode::NOT_FOUND, format!("no route for {other}\n")),
         }
@@ -338,6 +449,20 @@ impl Plugin for Example {
             served = self.served.load(Ordering::Relaxed),
             "example plugin stopping"
         );
+    }
+}
+
+/// Busy-loops until the calling thread has run `cpu` on a CPU.
+fn spin_cpu(cpu: Duration) {
+    use nix::time::{ClockId, clock_gettime};
+    let now = || {
+        clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+            .map(Duration::from)
+            .unwrap_or_default()
+    };
+    let end = now() + cpu;
+    while now() < end {
+        std::hint::spin_loop();
     }
 }
 

@@ -13,6 +13,7 @@
 //!   `/metrics`, which the master reads while the worker runs and folds into its generation's
 //!   total after the worker is reaped, before the cell is freed: counters never go backwards
 //!   when a worker is replaced, and the last requests of a worker that crashed are counted too.
+//! - its plugin's own metrics ([`crate::plugin_metrics`]), read and folded the same way.
 //!
 //! The master gives each worker a cell of its own when it spawns it and frees the cell when it
 //! reaps the worker; a worker clears its count when it stops accepting. Only the owning worker
@@ -38,6 +39,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap};
 
 use crate::counters::Counters;
+use crate::plugin_metrics::{SERIES, Series};
+
+/// A cell's plugin metric series.
+pub type PluginSeries = [Series; SERIES];
 
 /// Where a worker finds the table.
 pub const TABLE_FD: RawFd = 5;
@@ -87,6 +92,7 @@ pub struct Table {
     counts: &'static [AtomicU32],
     requests: &'static [Requests],
     counters: &'static [Counters],
+    series: &'static [PluginSeries],
 }
 
 impl std::fmt::Debug for Table {
@@ -105,8 +111,13 @@ fn counters_offset(cells: usize) -> usize {
     (requests_offset(cells) + cells * size_of::<Requests>()).next_multiple_of(64)
 }
 
+/// Where the plugin metric series start: after the request counters, cache-line aligned.
+fn series_offset(cells: usize) -> usize {
+    (counters_offset(cells) + cells * size_of::<Counters>()).next_multiple_of(64)
+}
+
 fn byte_len(cells: usize) -> usize {
-    counters_offset(cells) + cells * size_of::<Counters>()
+    series_offset(cells) + cells * size_of::<PluginSeries>()
 }
 
 /// A request as recorded: method, path (both possibly cut short), and how long it has run.
@@ -185,11 +196,12 @@ impl Table {
         .as_ptr()
         .cast::<u8>();
         // SAFETY: the mapping is page-aligned and `len` bytes long: `cells` `AtomicU32`s at the
-        // start, then `cells` `Requests` and then `cells` `Counters` (plain atomics, valid for
-        // any bits, zero included), each at a 64-byte-aligned offset, all inside it. It is
+        // start, then `cells` `Requests`, `cells` `Counters` and `cells` `PluginSeries` (plain
+        // atomics, valid for any bits, zero included), each at a 64-byte-aligned offset, all
+        // inside it. It is
         // readable and writable and never unmapped, so `'static` holds; every process that maps
         // it touches it only through atomics.
-        let (counts, requests, counters) = unsafe {
+        let (counts, requests, counters, series) = unsafe {
             (
                 std::slice::from_raw_parts(base.cast::<AtomicU32>().cast_const(), cells),
                 std::slice::from_raw_parts(
@@ -204,12 +216,19 @@ impl Table {
                         .cast_const(),
                     cells,
                 ),
+                std::slice::from_raw_parts(
+                    base.add(series_offset(cells))
+                        .cast::<PluginSeries>()
+                        .cast_const(),
+                    cells,
+                ),
             )
         };
         Ok(Table {
             counts,
             requests,
             counters,
+            series,
         })
     }
 
@@ -234,7 +253,8 @@ impl Table {
         }
     }
 
-    /// Frees `cell` entirely (count, request records and counters), for its next worker.
+    /// Frees `cell` entirely (count, request records, counters and plugin series), for its next
+    /// worker.
     pub fn reset(&self, cell: usize) {
         self.clear(cell);
         if let Some(r) = self.requests.get(cell) {
@@ -246,6 +266,14 @@ impl Table {
         if let Some(c) = self.counters.get(cell) {
             c.reset();
         }
+        if let Some(s) = self.series.get(cell) {
+            crate::plugin_metrics::reset(s);
+        }
+    }
+
+    /// The plugin metric series of `cell`: the owning worker's to write, anyone's to read.
+    pub fn plugin_series(&self, cell: usize) -> Option<&'static PluginSeries> {
+        self.series.get(cell)
     }
 
     /// The request counters of `cell`: the owning worker's to write, anyone's to read.

@@ -119,6 +119,8 @@ pub fn run(cfg: &Config, options: &Options) -> Result<Checked, CheckError> {
         plugin_config: cfg.plugin_config.json.to_string(),
         config_dir: cfg.config_dir().to_string_lossy().into_owned(),
         pool: cfg.blocking_pool(),
+        // A check serves no traffic worth a line.
+        access_log: None,
     };
     let plugin = rt
         .block_on(throwaway_worker(cfg, spec, options))

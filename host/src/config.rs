@@ -105,6 +105,8 @@ pub struct Config {
     pub plugin_config: PluginConfig,
     /// How log lines are written, by the master and its workers.
     pub log_format: LogFormat,
+    /// Where workers append one line per request (in `log_format`); `None`: no access log.
+    pub access_log: Option<PathBuf>,
     /// The blocking pool: at most this many threads run live requests.
     pub blocking_threads: usize,
     /// At most this many requests wait for a pool thread beyond those free threads can take at
@@ -232,6 +234,7 @@ struct RawConfig {
     worker_timeout: Option<String>,
     plugin_config: Option<toml::Value>,
     log_format: Option<String>,
+    access_log: Option<String>,
     blocking_threads: Option<i64>,
     blocking_queue: Option<i64>,
     blocking_abandoned_threads: Option<i64>,
@@ -421,6 +424,7 @@ impl Config {
             max_worker_rss,
             worker_timeout,
             log_format,
+            access_log,
             blocking_threads,
             blocking_queue,
             blocking_abandoned_threads,
@@ -719,6 +723,11 @@ impl Config {
                 message,
             })?,
         };
+        // Off by default; an empty string is off too (a way to turn it off in a file that set it).
+        let access_log = match raw.access_log.as_deref() {
+            None | Some("") => None,
+            Some(p) => Some(resolve(p)),
+        };
         let log_format = match raw.log_format.as_deref() {
             None => LogFormat::default(),
             Some(name) => LogFormat::from_name(name).ok_or_else(|| {
@@ -826,6 +835,7 @@ impl Config {
             worker_timeout,
             plugin_config,
             log_format,
+            access_log,
             blocking_threads,
             blocking_queue,
             blocking_abandoned_threads,
@@ -1282,6 +1292,26 @@ mod tests {
     }
 
     #[test]
+    fn access_log_is_off_by_default_and_resolves_against_the_config_file() {
+        assert_eq!(parse("").unwrap().access_log, None);
+        assert_eq!(parse("access_log = \"\"\n").unwrap().access_log, None);
+        assert_eq!(
+            parse("access_log = \"logs/access.log\"\n")
+                .unwrap()
+                .access_log,
+            Some(PathBuf::from("/srv/app/logs/access.log"))
+        );
+        assert_eq!(
+            parse("access_log = \"/var/log/a.log\"\n")
+                .unwrap()
+                .access_log,
+            Some(PathBuf::from("/var/log/a.log"))
+        );
+        let err = parse("\naccess_log = 3\n").unwrap_err().to_string();
+        assert!(err.starts_with("/srv/app/host.toml:2"), "{err}");
+    }
+
+    #[test]
     fn admin_listen_is_off_by_default_and_never_the_public_listener() {
         assert_eq!(parse("").unwrap().admin_listen, None);
         let c = parse("admin_listen = \"127.0.0.1:9100\"\n").unwrap();
@@ -1489,6 +1519,7 @@ mod tests {
             "worker_timeout",
             "plugin_config",
             "log_format",
+            "access_log",
             "blocking_threads",
             "blocking_queue",
             "blocking_abandoned_threads",
@@ -1575,6 +1606,9 @@ mod tests {
                         .prop_map(move |(n, unit)| quoted(format!("{n}{unit}"))),
                 ]
                 .boxed(),
+                "access_log" => prop::sample::select(vec!["", "access.log", "/dev/full", "a/b.log"])
+                    .prop_map(move |s| quoted(s.to_string()))
+                    .boxed(),
                 "log_format" => prop::sample::select(vec!["text", "json", "JSON", "", "yaml"])
                     .prop_map(move |s| quoted(s.to_string()))
                     .boxed(),

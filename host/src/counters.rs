@@ -60,6 +60,12 @@ pub enum Limit {
     BodyTooLarge,
     /// A request body not received within `body_read_timeout` (answered `408`).
     BodyReadTimeout,
+    /// A plugin metric series refused because the worker holds
+    /// [`SERIES`](crate::plugin_metrics::SERIES) already.
+    PluginSeries,
+    /// An access log line dropped: its queue was full (the disk slower than the requests) or
+    /// the write failed (a full disk).
+    AccessLogDropped,
 }
 
 /// How many [`Limit`] slots a cell has (room for more variants without a layout change).
@@ -67,7 +73,7 @@ pub const LIMITS: usize = 16;
 
 impl Limit {
     /// Every variant, in index order.
-    pub const ALL: [Limit; 10] = [
+    pub const ALL: [Limit; 12] = [
         Limit::PoolQueueFull,
         Limit::PoolAbandoned,
         Limit::Connections,
@@ -78,6 +84,8 @@ impl Limit {
         Limit::HeaderReadTimeout,
         Limit::BodyTooLarge,
         Limit::BodyReadTimeout,
+        Limit::PluginSeries,
+        Limit::AccessLogDropped,
     ];
 
     /// The `limit` label in `/metrics`.
@@ -93,6 +101,8 @@ impl Limit {
             Limit::HeaderReadTimeout => "header_read_timeout",
             Limit::BodyTooLarge => "max_body_bytes",
             Limit::BodyReadTimeout => "body_read_timeout",
+            Limit::PluginSeries => "plugin_series",
+            Limit::AccessLogDropped => "access_log_dropped",
         }
     }
 }

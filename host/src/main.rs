@@ -56,9 +56,12 @@
 //!   repeat as fast as a loop spins (`accept` out of file descriptors).
 //! - `counters`: the request counters each worker keeps in its cell of that page, which the
 //!   master adds up per generation for `/metrics` (served by [`master::admin`]).
+//! - `plugin_metrics`: the plugin's own metric series in each worker's cell of that page
+//!   (layout, registration, the master's defensive read and sums).
 //! - `fd`: inherited file descriptors; `accept_table`: the shared page where accepting workers
-//!   publish their connection counts. With the loader (and one `setpriority` call for the
-//!   snapshot thread), the only `unsafe` in the crate.
+//!   publish their connection counts. With the loader, the functions the plugin calls back
+//!   (`worker::metrics_abi` among them) and one `setpriority` call for the snapshot thread, the
+//!   only `unsafe` in the crate.
 //!
 //! This file is the binary's edge: the CLI, choosing the role, printing to the terminal, and the
 //! only place `anyhow` is used.
@@ -73,6 +76,7 @@ mod counters;
 mod fd;
 mod logging;
 mod master;
+mod plugin_metrics;
 mod protocol;
 mod ratelimit;
 mod worker;

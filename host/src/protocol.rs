@@ -72,6 +72,9 @@ pub struct WorkerSpec {
     /// The blocking pool's bounds.
     #[serde(default)]
     pub pool: PoolSpec,
+    /// Where to append the access log (`access_log`); `None`: no access log.
+    #[serde(default)]
+    pub access_log: Option<PathBuf>,
 }
 
 /// The blocking pool's bounds (`blocking_threads`, `blocking_queue`,
@@ -635,6 +638,7 @@ mod tests {
             plugin_config: worst.clone(),
             config_dir: "/srv/app".into(),
             pool: PoolSpec::default(),
+            access_log: None,
         };
         tx.send(&MasterToWorker::Start(spec)).await.unwrap();
         match rx.recv().await.unwrap() {

@@ -208,6 +208,12 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
         } else {
             (None, false)
         };
+        // ABI 1.5: the functions behind the plugin's metrics (without them, metrics count
+        // nothing).
+        if size as usize >= crate::ffi::HOST_CONTEXT_1_5_SIZE {
+            // SAFETY: the host's context covers the field.
+            crate::metrics::install(unsafe { std::ptr::addr_of!((*ctx).metrics).read() });
+        }
         crate::runtime::start()
             .map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
         // The host calls this on its I/O thread, where it later polls the plugin's futures.
@@ -475,6 +481,7 @@ mod tests {
             panicked: panicked_nowhere,
             config_dir: RawStr::new(b"/etc/myservice"),
             check: true,
+            metrics: std::ptr::null(),
         };
         let mut state = std::ptr::null_mut();
         let mut storage = [0u8; 256];

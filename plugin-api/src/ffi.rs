@@ -26,7 +26,8 @@ pub const ABI_MAJOR: u32 = 1;
 /// [`HostContext::config`], [`VTable::dispatch`], [`VTable::serve`] (async handlers, streaming
 /// bodies, upgrades) and [`VTable::on_drain`]; 1.4 added [`HostContext::cancel`] and the
 /// [`RawHandleRequest`] that `handle` receives from such a host (a request's cancellation); 1.5
-/// added [`HostContext::panicked`], [`HostContext::config_dir`] and [`HostContext::check`].
+/// added [`HostContext::panicked`], [`HostContext::config_dir`], [`HostContext::check`] and
+/// [`HostContext::metrics`] (plugin metrics, served by the master's `/metrics`).
 pub const ABI_MINOR: u32 = 5;
 /// The `plugin-api` crate version both sides were built with.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -141,6 +142,42 @@ pub struct HostContext {
     /// ABI 1.5: `true` when the plugin runs under `host check` (a throwaway worker that serves
     /// nothing), `false` in a serving worker.
     pub check: bool,
+    /// ABI 1.5: the functions that register and update the plugin's metrics; `'static`.
+    pub metrics: *const MetricsVTable,
+}
+
+/// Metric kinds for [`MetricsVTable::register`].
+pub mod metric_kind {
+    pub const COUNTER: u8 = 1;
+    pub const GAUGE: u8 = 2;
+    pub const HISTOGRAM: u8 = 3;
+}
+
+/// ABI 1.5: the plugin's metrics, kept by the host in memory the master reads (so they survive
+/// the worker). Every function is callable from any thread, never blocks and never unwinds; a
+/// series id the host did not give is ignored.
+#[repr(C)]
+pub struct MetricsVTable {
+    /// Registers a series (or finds the one already registered with the same kind, name and
+    /// labels) and returns its id, or a negative number when refused: a bad name, label or
+    /// bucket list (the host logs why), or the worker's series bound reached. `labels` are
+    /// `labels_len` name/value pairs; `bounds` the `bounds_len` increasing upper bounds of a
+    /// histogram's buckets (ignored for other kinds). Every view is borrowed for the call.
+    pub register: extern "C" fn(
+        kind: u8,
+        name: RawStr,
+        help: RawStr,
+        labels: *const RawHeader,
+        labels_len: usize,
+        bounds: *const f64,
+        bounds_len: usize,
+    ) -> i64,
+    /// Adds to a counter (or, as a signed number, to a gauge).
+    pub add: extern "C" fn(id: i64, delta: i64),
+    /// Sets a gauge.
+    pub set: extern "C" fn(id: i64, value: i64),
+    /// Records one observation in a histogram.
+    pub observe: extern "C" fn(id: i64, value: f64),
 }
 
 /// The size of the ABI 1.1 context (before `restart_worker`): what an older host passes.

@@ -39,6 +39,7 @@ mod cancel;
 pub mod export;
 pub mod ffi;
 mod log;
+pub mod metrics;
 mod runtime;
 mod serve;
 pub mod upgrade;

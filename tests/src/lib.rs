@@ -1167,3 +1167,86 @@ pub fn socket_activated(
     }
     cmd
 }
+
+// ---------------------------------------------------------------------------------------------
+// CPU contention: a worker made to wait for a CPU, as on a busy machine
+
+/// The CPUs this process may run on, first of them.
+pub fn first_allowed_cpu() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list");
+    list.trim().split([',', '-']).next().unwrap().to_string()
+}
+
+/// Busy loops pinned to `cpu`, killed (by their own pid) when dropped.
+pub struct Hogs(Vec<std::process::Child>);
+
+impl Hogs {
+    pub fn start(cpu: &str, n: usize) -> Hogs {
+        Hogs(
+            (0..n)
+                .map(|_| {
+                    std::process::Command::new("taskset")
+                        .args(["-c", cpu, "sh", "-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("taskset")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Hogs {
+    /// Waits until every loop has run on its CPU (the shell exec'd and spinning).
+    pub async fn wait_spinning(&self) {
+        let ticks = |pid: u32| -> u64 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after_comm = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
+            // utime is field 14; after the comm it is the 12th.
+            after_comm
+                .split_whitespace()
+                .nth(11)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        wait_until(Duration::from_secs(20), "the busy loops spinning", || {
+            self.0.iter().all(|c| ticks(c.id()) >= 10)
+        })
+        .await;
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Pins every thread of `pid` to `cpu` and gives each, and its scheduling group (the worker
+/// runs in a session of its own: with autogroups, nice weighs only inside one), priority `nice`
+/// (19: busy loops on that CPU keep it waiting for a CPU most of the time).
+pub fn starve(pid: u32, cpu: &str, nice: i32) {
+    if std::path::Path::new(&format!("/proc/{pid}/autogroup")).exists() {
+        std::fs::write(format!("/proc/{pid}/autogroup"), nice.to_string())
+            .expect("nice the worker's autogroup");
+    }
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-c", "-p", cpu, &pid.to_string()])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "taskset: {ok:?}");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = task.unwrap().file_name().into_string().unwrap();
+        let ok = std::process::Command::new("renice")
+            .args(["-n", &nice.to_string(), "-p", &tid])
+            .output()
+            .unwrap();
+        assert!(ok.status.success(), "renice: {ok:?}");
+    }
+}

@@ -574,3 +574,59 @@ async fn a_streamed_upload_that_stalls_fails_after_body_read_timeout() {
     assert_eq!(get(host.addr, "/async/hello").await.unwrap().status, 200);
     assert_eq!(host.wait_for_workers("ready").await, vec![pid]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_kept_waiting_for_a_cpu_is_not_accused_of_blocking_one_that_spins_is() {
+    let (host, pid) = one_worker("").await;
+    let cpu = tests::first_allowed_cpu();
+    tests::starve(pid, &cpu, 19);
+    let accused = |path: &str| {
+        let needle = format!("path=\"{path}\"");
+        host.log()
+            .lines()
+            .filter(|l| {
+                l.contains("an async handler blocked the I/O thread") && l.contains(&needle)
+            })
+            .count()
+    };
+    {
+        let hogs = tests::Hogs::start(&cpu, 2);
+        hogs.wait_spinning().await;
+        // 5 ms on a CPU, spread over more than twice the 20 ms limit of wall time (often ten
+        // times): the thread waits for the CPU behind two busy loops at a higher priority.
+        // Up to 5 tries: the scheduler may yet run it at once, which proves nothing.
+        let mut walls = Vec::new();
+        for _ in 0..5 {
+            let began = Instant::now();
+            let waited = get(host.addr, "/async/spin/waited?ms=5").await.unwrap();
+            walls.push(began.elapsed());
+            assert_eq!(waited.status, 200, "{waited:?}");
+            if walls.last().unwrap() > &Duration::from_millis(50) {
+                break;
+            }
+        }
+        let wall = *walls.iter().max().unwrap();
+        assert!(
+            wall > Duration::from_millis(50),
+            "the worker was never kept waiting ({walls:?}): the test proves nothing"
+        );
+        eprintln!("5 ms of CPU took {wall:?} of wall time");
+        // Awaiting is not blocking either.
+        assert_eq!(
+            get(host.addr, "/async/sleep?ms=100").await.unwrap().status,
+            200
+        );
+    }
+    // 60 ms on a CPU in one poll: accused, whatever the machine does.
+    let hog = get(host.addr, "/async/spin/hog?ms=60").await.unwrap();
+    assert_eq!(hog.status, 200, "{hog:?}");
+    wait_until(
+        Duration::from_secs(20),
+        "the spinning poll in the log",
+        || accused("/async/spin/hog") == 1,
+    )
+    .await;
+    // The worker logs in order: had the waiting poll been accused, its line would be there.
+    assert_eq!(accused("/async/spin/waited"), 0, "{}", host.log());
+    assert_eq!(accused("/async/sleep"), 0, "{}", host.log());
+}

@@ -10,6 +10,10 @@ const WORKERS: usize = 4;
 const CLIENTS: usize = 32;
 const WINDOW: Duration = Duration::from_secs(5);
 
+/// The tests of this file measure shares of the CPU: one at a time (the WebSocket test's busy
+/// loop would skew the other's).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `requests` per ready worker, by pid.
 fn ready_requests(status: &serde_json::Value) -> BTreeMap<u64, u64> {
     status["workers"]
@@ -23,6 +27,7 @@ fn ready_requests(status: &serde_json::Value) -> BTreeMap<u64, u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_clients_spread_over_the_new_workers_after_a_reload() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let (v1, v2) = (greeting_plugin("v1"), greeting_plugin("v2"));
     let host = Host::start(
         &v1,
@@ -76,4 +81,71 @@ async fn keep_alive_clients_spread_over_the_new_workers_after_a_reload() {
     );
     assert!(min > 0, "a worker served nothing: {served:?}");
     assert!(max <= 2 * min, "unbalanced: {served:?}");
+}
+
+/// Open connections per ready worker, by pid.
+fn ready_connections(status: &serde_json::Value) -> BTreeMap<u64, u64> {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "ready")
+        .map(|w| {
+            (
+                w["pid"].as_u64().unwrap(),
+                w["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_clients_spread_over_the_new_workers_after_a_reload() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    const SOCKETS: u64 = 10;
+    let host = Host::start(
+        &tests::example_plugin(&[]),
+        HostOptions {
+            workers: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let old = host.worker_pids(None).await;
+    host.install_plugin(&tests::example_plugin(&[("EXAMPLE_GREETING", "v2")]));
+    host.reload_ok().await;
+    tests::wait_old_workers_gone(&old).await;
+    let new = host.wait_for_workers("ready").await;
+    assert_eq!(new.len(), 2);
+    // As on a busy machine: one worker shares its CPU with a busy loop, so the other, always
+    // on a CPU when a connection arrives, wins every race to accept it unless it steps aside.
+    let cpu = tests::first_allowed_cpu();
+    tests::starve(new[0], &cpu, 0);
+    let hogs = tests::Hogs::start(&cpu, 1);
+    hogs.wait_spinning().await;
+
+    // One after another, each in use (an echo answered) before the next connects.
+    let mut sockets = Vec::new();
+    for i in 0..SOCKETS {
+        let mut ws = tests::ws_connect(host.addr).await;
+        assert_eq!(
+            tests::ws_echo(&mut ws, &format!("{i}")).await,
+            format!("gen=2 {i}")
+        );
+        sockets.push(ws);
+    }
+    let status = host
+        .wait_status("every socket counted", |s| {
+            ready_connections(s).values().sum::<u64>() == SOCKETS
+        })
+        .await;
+    let split: Vec<u64> = ready_connections(&status).into_values().collect();
+    eprintln!("{SOCKETS} WebSocket clients after a reload landed {split:?}");
+    assert_eq!(split.len(), 2, "{status}");
+    assert!(
+        split.iter().all(|&n| n <= 6),
+        "upgraded connections piled onto one worker: {split:?}"
+    );
+    drop(sockets);
+    drop(hogs);
 }

@@ -92,6 +92,8 @@ pub(crate) struct GenerationMetrics {
     pub totals: Totals,
     /// Its live workers by state.
     pub workers: Vec<(&'static str, u64)>,
+    /// Its plugin's own metrics, summed over its live workers and the ones that exited.
+    pub plugin_series: crate::plugin_metrics::Sums,
 }
 
 /// Binds the admin listener (called before any worker is spawned; the socket is close-on-exec).
@@ -289,8 +291,69 @@ impl MetricsReport {
     }
 }
 
+impl MetricsReport {
+    /// The plugins' own metrics: one family per name, a series per generation and label set.
+    fn encode_plugin_series(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        use crate::plugin_metrics::{COUNTER, GAUGE, Sample, Value};
+        let mut families: std::collections::BTreeMap<&str, Vec<(&GenerationMetrics, &Sample)>> =
+            std::collections::BTreeMap::new();
+        for g in &self.generations {
+            for sample in g.plugin_series.samples() {
+                families.entry(&sample.name).or_default().push((g, sample));
+            }
+        }
+        // A counter `x_total` and a gauge `x` would make two families named `x`: the first wins.
+        let mut exposed = std::collections::BTreeSet::new();
+        for (name, series) in families {
+            let first = series[0].1;
+            let (kind, name) = match first.kind {
+                // The exposition adds `_total` to a counter's name.
+                COUNTER => (
+                    MetricType::Counter,
+                    name.strip_suffix("_total").unwrap_or(name),
+                ),
+                GAUGE => (MetricType::Gauge, name),
+                _ => (MetricType::Histogram, name),
+            };
+            if !exposed.insert(name) {
+                continue;
+            }
+            let mut metric = encoder.encode_descriptor(name, &first.help, None, kind)?;
+            for (g, sample) in series.iter().filter(|(_, s)| s.kind == first.kind) {
+                let labels: Vec<(String, String)> = g
+                    .labels()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .chain(sample.labels.iter().cloned())
+                    .collect();
+                let mut family = metric.encode_family(&labels)?;
+                match &sample.value {
+                    Value::Counter(n) => family.encode_counter::<NoLabelSet, _, u64>(n, None)?,
+                    Value::Gauge(n) => family.encode_gauge(n)?,
+                    Value::Histogram {
+                        bounds,
+                        buckets,
+                        sum,
+                    } => {
+                        let pairs: Vec<(f64, u64)> = bounds
+                            .iter()
+                            .copied()
+                            .chain([f64::INFINITY])
+                            .zip(buckets.iter().copied())
+                            .collect();
+                        let count = buckets.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+                        family.encode_histogram::<NoLabelSet>(*sum, count, &pairs, None)?
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Collector for MetricsReport {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        self.encode_plugin_series(&mut encoder)?;
         {
             let mut metric = encoder.encode_descriptor(
                 "host_http_requests",
@@ -567,6 +630,7 @@ mod tests {
                 sha256: "ab".into(),
                 totals,
                 workers: vec![("ready", 2)],
+                ..GenerationMetrics::default()
             }],
             serving_generation: 2,
             reloads: vec![("reload".into(), "ok", 1)],

@@ -294,6 +294,8 @@ pub struct BusyBody<B> {
     busy: Busy,
     /// Its last poll yielded data (counted in the watch's `waiting_bodies`).
     waiting: bool,
+    /// The request's access-log line, given the bytes sent and queued when the body is dropped.
+    line: Option<super::access_log::Line>,
 }
 
 impl<B> BusyBody<B> {
@@ -302,7 +304,14 @@ impl<B> BusyBody<B> {
             body,
             busy,
             waiting: false,
+            line: None,
         }
+    }
+
+    /// Carries the request's access-log line until the body is done.
+    pub fn with_line(mut self, line: Option<super::access_log::Line>) -> Self {
+        self.line = line;
+        self
     }
 
     fn set_waiting(&mut self, waiting: bool) {
@@ -339,6 +348,11 @@ impl<B: http_body::Body + Unpin> http_body::Body for BusyBody<B> {
             .store(watch.head_timeout.now_ms(), Ordering::Relaxed);
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         this.set_waiting(matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data()));
+        if let (Some(line), Poll::Ready(Some(Ok(frame)))) = (&mut this.line, &polled)
+            && let Some(data) = frame.data_ref()
+        {
+            line.sent(bytes::Buf::remaining(data));
+        }
         polled
     }
 

@@ -428,6 +428,7 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         // A view of `at.config_dir`, which outlives the call too.
         config_dir: RawStr::new(at.config_dir.as_bytes()),
         check: at.check,
+        metrics: &super::metrics_abi::METRICS_VTABLE,
     };
     let mut err_storage = vec![0u8; 4096];
     let mut err = ErrorBuf {

@@ -15,7 +15,9 @@
 //! [`request`] (the built-in `/_host/` routes; the plugin's handler on the I/O thread when the
 //! plugin declares it non-blocking, on the blocking [`pool`] otherwise), the heartbeat that tells the
 //! master its I/O thread still runs, and the drain. It counts each request in its cell of the
-//! shared worker table for `/metrics` (see `counters`). It never binds a socket, never spawns
+//! shared worker table for `/metrics` (see `counters`), keeps its plugin's metrics there too
+//! ([`metrics_abi`]), and writes the access log off the I/O thread ([`access_log`]). It never
+//! binds a socket, never spawns
 //! processes and never decides when to reload: it obeys [`MasterToWorker`].
 //!
 //! Drain: stop accepting at once and tell the master; HTTP/1 responses from then on carry
@@ -30,6 +32,7 @@
 //! responses carry `Connection: close`, and it steps aside before accepting while others can).
 
 mod abi_io;
+mod access_log;
 mod backlog;
 pub mod check;
 mod coalesce;
@@ -39,10 +42,12 @@ mod h2_drain;
 mod head_timeout;
 mod listener;
 pub mod loader;
+mod metrics_abi;
 mod pool;
 mod request;
 mod send_timeout;
 mod slow_paths;
+mod thread_clock;
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::process::ExitCode;
@@ -90,8 +95,9 @@ const ACCEPT_STEP_ASIDE: Duration = Duration::from_millis(1);
 /// At most this many steps aside in a row...
 const ACCEPT_STEP_ASIDE_ROUNDS: u32 = 30;
 /// ...and only while the others keep taking connections: after this many steps in which they
-/// took none (busy, or hung), accept.
-const ACCEPT_STEP_ASIDE_IDLE_ROUNDS: u32 = 5;
+/// took none (busy, or hung), accept. 20, not 5: a worker waiting for a CPU on a busy machine
+/// takes longer than 5 (or 10) ms to take its connection (WebSockets landed 7:3 on two workers).
+const ACCEPT_STEP_ASIDE_IDLE_ROUNDS: u32 = 20;
 
 /// While the shared listening socket does not listen, how often a worker looks again.
 const LISTENER_RECHECK: Duration = Duration::from_millis(20);
@@ -164,7 +170,7 @@ struct Shared {
     counters: Option<&'static crate::counters::Counters>,
     balance: bool,
     /// Open connections that will stay: they carried a request that did not ask to close the
-    /// connection after it (HTTP/2, or HTTP/1 keep-alive). What the accept table counts: a
+    /// connection after it (HTTP/2, or HTTP/1 keep-alive), or were upgraded ([`UpgradeGuard`]). What the accept table counts: a
     /// connection per request lives microseconds and says nothing about load to come.
     staying: AtomicU64,
     /// When this worker last closed a keep-alive connection to even out the load (monotonic ns).
@@ -295,6 +301,7 @@ pub fn run(
         generation,
         startup,
         spawned_at_ns,
+        log_format,
     ));
     // Handlers still blocked at a graceful deadline must not hold the exit up (the blocking
     // pool's threads are never joined either: the process exits under them).
@@ -316,6 +323,7 @@ async fn serve(
     generation: u64,
     mut startup: StartupTimings,
     spawned_at_ns: u64,
+    log_format: crate::logging::LogFormat,
 ) -> ExitCode {
     let since_spawn = || monotonic_ns().saturating_sub(spawned_at_ns) / 1000;
     let (mut tx, rx) = match channel_halves(channel) {
@@ -355,7 +363,12 @@ async fn serve(
                     .map_err(|e| crate::error_chain(&e))
             });
         match table {
-            Ok(table) => Some((table, cell as usize)),
+            Ok(table) => {
+                if let Some(series) = table.plugin_series(cell as usize) {
+                    metrics_abi::install(series, table.counters(cell as usize));
+                }
+                Some((table, cell as usize))
+            }
             Err(e) => {
                 tracing::warn!("{e}; accepting without balancing");
                 None
@@ -468,6 +481,9 @@ async fn serve(
     let counters = accept_table.and_then(|(table, cell)| table.counters(cell));
     if let Some(c) = counters {
         loader::count_panics_in(c);
+    }
+    if let Some(path) = &spec.access_log {
+        access_log::start(path.clone(), log_format, generation, counters);
     }
     let pool_limits = pool::Limits {
         max_threads: spec.pool.max_threads as usize,
@@ -780,6 +796,8 @@ async fn serve(
         }
         tracing::info!("drained; exiting");
     }
+    // The last requests' lines, before the process ends under the writer.
+    access_log::flush(Duration::from_secs(2));
     let _ = tx
         .send(&WorkerToMaster::Exiting {
             cut_requests,
@@ -806,6 +824,8 @@ fn connections_from_fd_limit() -> u64 {
 pub(crate) fn io_runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // A baseline for judging polls is taken afresh after the thread slept (`thread_clock`).
+        .on_thread_park(thread_clock::note_parked)
         .build()
     {
         Ok(rt) => Some(rt),
@@ -870,19 +890,26 @@ impl Drop for ConnectionGuard {
 }
 
 /// Counts a connection the plugin may take over (after a `101`) as open and upgraded, from the
-/// request that asked for it until the plugin drops it: a drain waits for it.
+/// request that asked for it until the plugin drops it: a drain waits for it. It counts as
+/// staying too, for balance: a WebSocket is the longest-lived connection there is, and hyper
+/// has let go of the HTTP connection (and its [`Connection`] count) once it is handed over.
 struct UpgradeGuard(ConnectionGuard);
 
 impl UpgradeGuard {
     fn new(shared: &Arc<Shared>) -> UpgradeGuard {
         shared.upgraded.fetch_add(1, Ordering::SeqCst);
+        shared.staying.fetch_add(1, Ordering::Relaxed);
+        shared.publish_connections();
         UpgradeGuard(ConnectionGuard::new(shared.clone()))
     }
 }
 
 impl Drop for UpgradeGuard {
     fn drop(&mut self) {
-        self.0.0.upgraded.fetch_sub(1, Ordering::SeqCst);
+        let shared = &self.0.0;
+        shared.upgraded.fetch_sub(1, Ordering::SeqCst);
+        shared.staying.fetch_sub(1, Ordering::Relaxed);
+        shared.publish_connections();
     }
 }
 

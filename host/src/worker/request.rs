@@ -44,6 +44,8 @@ struct InFlight {
     /// CLOCK_MONOTONIC (ns) when it began; 0 without a worker table.
     began_ns: u64,
     answered: bool,
+    /// Its access-log line, when there is an access log.
+    access: Option<super::access_log::Line>,
 }
 
 impl InFlight {
@@ -72,6 +74,7 @@ impl InFlight {
             record,
             began_ns,
             answered: false,
+            access: None,
         }
     }
 
@@ -374,8 +377,11 @@ impl AsyncCall {
     }
 
     /// Polls the plugin's future once, and gives its answer with the clock reading when it was
-    /// ready. `began_ns` is a clock reading taken just before, or 0 to read it here. Each poll runs plugin code on the I/O thread: one that
-    /// blocks stalls every connection of this worker, so it is named in the log (once per path).
+    /// ready. `began_ns` is a clock reading taken just before, or 0 to read it here. Each poll
+    /// runs plugin code on the I/O thread: one that blocks stalls every connection of this
+    /// worker, so it is named in the log (once per path), judged by the thread's CPU time and
+    /// voluntary switches ([`super::thread_clock`]), never by a wall clock a busy machine
+    /// stretches.
     fn poll_serving(
         &mut self,
         shared: &Shared,
@@ -387,13 +393,19 @@ impl AsyncCall {
         }
         let path = self.parts.uri.path();
         let began_ns = reading_or_now(began_ns);
+        let began = super::thread_clock::baseline(began_ns);
         let polled = {
             let _serving = super::loader::serving(path);
             Pin::new(&mut self.serving).poll(cx)
         };
         let ended_ns = monotonic_ns();
         let took = Duration::from_nanos(ended_ns.saturating_sub(began_ns));
-        if took > INLINE_LIMIT {
+        // Judged on what the thread did, not on the wall clock alone: a poll that only waited
+        // for a CPU on a busy machine is not the handler's doing.
+        if took > INLINE_LIMIT
+            && let (Some(began), Some(ended)) = (began, super::thread_clock::Reading::now())
+            && began.blocked_since(&ended, took, INLINE_LIMIT)
+        {
             shared.slow_paths.note_blocking_poll(path, took);
         }
         polled.map(|resp| (resp, ended_ns))
@@ -469,7 +481,8 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
         conn.first_h2_request.notify_one();
     }
     conn.note_request(&req);
-    let in_flight = InFlight::new(conn, req.method(), req.uri().path());
+    let mut in_flight = InFlight::new(conn, req.method(), req.uri().path());
+    in_flight.access = super::access_log::Line::begin(&req, in_flight.began_ns);
     let shared = &in_flight.conn.shared;
     if req.uri().path().starts_with("/_host/") {
         let resp = builtin(&req).map(ResponseBody::full);
@@ -534,16 +547,22 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
         }));
     }
     Answer::Later(Box::pin(async move {
-        let resp = {
-            let shared = &in_flight.conn.shared;
-            let call = async {
-                match read_body(shared, body).await {
-                    Ok(body) => call_sync(shared, parts, body, dispatch).await,
-                    Err(resp) => resp,
+        let mut in_flight = in_flight;
+        let shared = in_flight.conn.shared.clone();
+        let access = &mut in_flight.access;
+        let call = async {
+            match read_body(&shared, body).await {
+                Ok(body) => {
+                    // The body as read: exact even without a `Content-Length`.
+                    if let Some(line) = access {
+                        line.received(body.len());
+                    }
+                    call_sync(&shared, parts, body, dispatch).await
                 }
-            };
-            cuttable(shared, call).await
+                Err(resp) => resp,
+            }
         };
+        let resp = cuttable(&shared, call).await;
         finish(in_flight, resp, 0, busy, h2)
     }))
 }
@@ -571,7 +590,8 @@ async fn cuttable(
     }
 }
 
-/// The last touches on an answer: `Connection: close` when this HTTP/1 connection should end,
+/// The last touches on an answer: `Connection: close` when this HTTP/1 connection should end
+/// (never on a `101`),
 /// the answer counted, and the body tied to the connection's busy mark.
 fn finish(
     mut in_flight: InFlight,
@@ -581,7 +601,11 @@ fn finish(
     h2: bool,
 ) -> Response<head_timeout::BusyBody<ResponseBody>> {
     let shared = in_flight.shared();
+    // A `101` hands the connection over: `Connection: close` would break the handshake (the
+    // client needs `Connection: Upgrade`), and the upgraded connection is the plugin's to end.
+    let upgrading = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if !h2
+        && !upgrading
         && (shared.draining.load(Ordering::Relaxed)
             || shared.retiring.load(Ordering::Relaxed)
             || shared.hand_off_one(&in_flight.conn))
@@ -590,5 +614,9 @@ fn finish(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     in_flight.answered(&mut resp, ready_ns);
-    resp.map(|body| head_timeout::BusyBody::new(body, busy))
+    let line = in_flight.access.take().map(|mut line| {
+        line.status(resp.status().as_u16());
+        line
+    });
+    resp.map(|body| head_timeout::BusyBody::new(body, busy).with_line(line))
 }

@@ -24,6 +24,10 @@ use crate::protocol::ReloadReport;
 
 /// Generations whose counters are reported apart.
 const KEEP_GENERATIONS: usize = 64;
+/// Plugin series the master keeps per generation (and for `older`): a generation's workers may
+/// each register different ones, so the master bounds what it folds; more are dropped and
+/// counted (`plugin_series` in `host_master_limit_hits`).
+const FOLDED_SERIES: usize = 4 * crate::plugin_metrics::SERIES;
 
 /// Why a worker was started: a rollout's kind (`start`, `reload`, `rollback`, `watch`,
 /// `revert`, `recycle`), or `replacement` after a crash, a hang or a failed start.
@@ -41,7 +45,9 @@ pub(super) const KILL_CAUSES: [&str; 5] =
     ["hung", "drain_timeout", "start_failed", "stop", "aborted"];
 /// Master bounds a rollout can wait at: `max_draining_workers` (too many old workers still
 /// draining) and `worker_table_full` (no free cell in the worker table).
-pub(super) const MASTER_LIMITS: [&str; 2] = ["max_draining_workers", "worker_table_full"];
+/// `plugin_series`: plugin series not kept because a generation holds [`FOLDED_SERIES`].
+pub(super) const MASTER_LIMITS: [&str; 3] =
+    ["max_draining_workers", "worker_table_full", "plugin_series"];
 const RELOAD_KINDS: [&str; 3] = ["reload", "rollback", "watch"];
 const RELOAD_OUTCOMES: [&str; 5] = ["ok", "refused", "reverted", "revert_failed", "interrupted"];
 
@@ -60,6 +66,10 @@ pub(super) struct Metrics {
     /// Everything folded from generations up to `merged_through`.
     older: Totals,
     merged_through: u64,
+    /// The plugin's counters and histograms of exited workers, per generation (the last
+    /// [`KEEP_GENERATIONS`]), and those of older generations together.
+    plugin_exited: BTreeMap<u64, crate::plugin_metrics::Sums>,
+    plugin_older: crate::plugin_metrics::Sums,
     reloads: BTreeMap<(String, &'static str), u64>,
     starts: BTreeMap<&'static str, u64>,
     exits: BTreeMap<(&'static str, &'static str), u64>,
@@ -79,6 +89,48 @@ impl Metrics {
 
     pub(super) fn count_kill(&mut self, cause: &'static str) {
         *self.kills.entry(cause).or_default() += 1;
+    }
+
+    /// Adds a dead worker's plugin counters and histograms to its generation's.
+    fn fold_plugin(&mut self, generation: u64, samples: &[crate::plugin_metrics::Sample]) {
+        if samples.is_empty() {
+            return;
+        }
+        let sums = if generation <= self.merged_through {
+            &mut self.plugin_older
+        } else {
+            self.plugin_exited.entry(generation).or_default()
+        };
+        if sums.add(samples, false, FOLDED_SERIES) > 0 {
+            self.note_series_dropped();
+        }
+        self.merge_old_plugin_series();
+    }
+
+    /// Moves the plugin series of generations merged into `older` there.
+    fn merge_old_plugin_series(&mut self) {
+        while let Some(entry) = self.plugin_exited.first_entry() {
+            if *entry.key() > self.merged_through {
+                break;
+            }
+            let sums = entry.remove();
+            let samples: Vec<_> = sums.samples().into_iter().cloned().collect();
+            if self.plugin_older.add(&samples, false, FOLDED_SERIES) > 0 {
+                self.note_series_dropped();
+            }
+        }
+    }
+
+    fn note_series_dropped(&mut self) {
+        self.count_limit("plugin_series");
+        static DROPPED: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::per_second();
+        if let Some(more) = DROPPED.hit_named("plugin series dropped") {
+            tracing::warn!(
+                max = FOLDED_SERIES,
+                more_not_logged = more,
+                "plugin metric series not kept: the generation holds the most the master keeps"
+            );
+        }
     }
 
     /// Adds a dead worker's final counters to its generation.
@@ -180,6 +232,16 @@ impl Supervisor {
             let labels = self.labels_of(w);
             self.metrics.fold(w.generation.number, labels, &totals);
         }
+        let series = w
+            .accept_cell
+            .zip(self.accept_table.as_ref())
+            .and_then(|(cell, (table, _))| table.plugin_series(cell as usize));
+        if let Some(series) = series {
+            let generation = w.generation.number;
+            self.metrics
+                .fold_plugin(generation, &crate::plugin_metrics::read(series));
+        }
+        self.metrics.merge_old_plugin_series();
     }
 
     /// The folded counters of `generation`'s exited workers (zero once it is merged into
@@ -252,14 +314,27 @@ impl Supervisor {
                     sha256: labels.sha256.clone(),
                     totals: totals.clone(),
                     workers: Vec::new(),
+                    plugin_series: m.plugin_exited.get(number).cloned().unwrap_or_default(),
                 },
             );
+        }
+        // Plugin series of a generation none of whose workers served a request yet.
+        for (number, sums) in &m.plugin_exited {
+            generations
+                .entry(*number)
+                .or_insert_with(|| GenerationMetrics {
+                    generation: number.to_string(),
+                    plugin_series: sums.clone(),
+                    ..GenerationMetrics::default()
+                });
         }
         let mut older = (m.merged_through > 0).then(|| GenerationMetrics {
             generation: "older".into(),
             totals: m.older.clone(),
+            plugin_series: m.plugin_older.clone(),
             ..GenerationMetrics::default()
         });
+        let mut dropped = 0;
         let mut by_state: BTreeMap<(u64, &'static str), u64> = BTreeMap::new();
         for w in self.workers.values() {
             let number = w.generation.number;
@@ -294,6 +369,19 @@ impl Supervisor {
             if let Some(c) = counters {
                 g.totals.add(&c.read());
             }
+            let series = w
+                .accept_cell
+                .zip(self.accept_table.as_ref())
+                .and_then(|(cell, (table, _))| table.plugin_series(cell as usize));
+            if let Some(series) = series {
+                dropped +=
+                    g.plugin_series
+                        .add(&crate::plugin_metrics::read(series), true, FOLDED_SERIES);
+            }
+        }
+        if dropped > 0 {
+            // Only what this scrape shows: counted when the master folds, not per scrape.
+            tracing::debug!(dropped, "plugin series over the bound left out of a scrape");
         }
         for ((number, state), n) in by_state {
             if let Some(g) = generations.get_mut(&number) {

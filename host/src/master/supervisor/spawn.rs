@@ -245,6 +245,7 @@ impl Supervisor {
             plugin_config: generation.config.json.to_string(),
             config_dir: self.cfg.config_dir().to_string_lossy().into_owned(),
             pool: self.cfg.blocking_pool(),
+            access_log: self.cfg.access_log.clone(),
         };
         let _ = tx.send(MasterToWorker::Start(spec));
         tracing::debug!(pid, slot, generation = generation.number, "worker spawned");
