@@ -6,6 +6,8 @@
 //! `target/`. Builds are serialized across test binaries with a file lock, so two tests never
 //! race on one artifact.
 
+pub mod prom;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -3,121 +3,12 @@
 //! workers all exited are still there (they never go backwards), the reload and the worker
 //! exits and starts are counted by cause, and the admin listener is never the public one.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tests::{Host, HostOptions, example_plugin, get, host_bin, open_fds, wait_until};
 
-/// One sample of the exposition: `name{labels} value`.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Parses Prometheus / OpenMetrics text (samples only; `#` lines are checked for shape).
-fn parse(text: &str) -> Vec<Sample> {
-    assert!(
-        text.trim_end().ends_with("# EOF"),
-        "OpenMetrics text ends with # EOF:\n{text}"
-    );
-    let mut samples = Vec::new();
-    for line in text.lines().filter(|l| !l.is_empty()) {
-        if let Some(comment) = line.strip_prefix("# ") {
-            let kind = comment.split(' ').next().unwrap();
-            assert!(
-                ["HELP", "TYPE", "UNIT", "EOF"].contains(&kind),
-                "bad line {line:?}"
-            );
-            continue;
-        }
-        let (name, rest) = match line.find('{') {
-            Some(brace) => (&line[..brace], &line[brace + 1..]),
-            None => {
-                let (name, value) = line.split_once(' ').expect("name value");
-                samples.push(Sample {
-                    name: name.into(),
-                    labels: BTreeMap::new(),
-                    value: value.parse().expect("a number"),
-                });
-                continue;
-            }
-        };
-        // Labels: key="value" pairs, values with \" \\ \n escapes, then `} value`.
-        let mut labels = BTreeMap::new();
-        let mut chars = rest.chars().peekable();
-        loop {
-            let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-            assert_eq!(chars.next(), Some('"'), "quoted label value in {line:?}");
-            let mut value = String::new();
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => match chars.next() {
-                        Some('n') => value.push('\n'),
-                        Some(other) => value.push(other),
-                        None => panic!("dangling escape in {line:?}"),
-                    },
-                    '"' => break,
-                    c => value.push(c),
-                }
-            }
-            labels.insert(key.trim_start_matches(',').to_string(), value);
-            match chars.next() {
-                Some(',') => continue,
-                Some('}') => break,
-                other => panic!("unexpected {other:?} in {line:?}"),
-            }
-        }
-        let value: String = chars.collect();
-        samples.push(Sample {
-            name: name.into(),
-            labels,
-            value: value.trim().parse().unwrap_or_else(|_| panic!("{line:?}")),
-        });
-    }
-    samples
-}
-
-/// The sum of the samples named `name` whose labels include every `(key, value)` of `with`.
-fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| {
-            with.iter()
-                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|s| s.value)
-        .sum()
-}
-
-fn admin_addr(status: &serde_json::Value) -> SocketAddr {
-    status["admin_listen"]
-        .as_str()
-        .expect("status --json reports admin_listen")
-        .parse()
-        .unwrap()
-}
-
-async fn scrape(host: &Host, admin: SocketAddr) -> Vec<Sample> {
-    let reply = get(admin, "/metrics")
-        .await
-        .unwrap_or_else(|e| panic!("GET /metrics: {e}\n{}", host.log()));
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    parse(&reply.body)
-}
-
-/// Sends `n` GETs of `path`, each on a new connection, and checks their status.
-async fn send(host: &Host, path: &str, n: usize, status: u16) {
-    for _ in 0..n {
-        let reply = get(host.addr, path)
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", host.log()));
-        assert_eq!(reply.status, status, "GET {path}: {}", reply.body);
-    }
-}
+use tests::prom::{Sample, admin_addr, scrape, send, sum};
 
 const REQUESTS: &str = "host_http_requests_total";
 
