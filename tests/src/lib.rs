@@ -1136,38 +1136,81 @@ pub fn metric(text: &str, name: &str, with: &[&str]) -> f64 {
         .sum()
 }
 
-/// `host -c <config> start` in the foreground, started the way systemd's socket activation
-/// starts it: `listener` on fd 3, `LISTEN_FDS=1`, and `LISTEN_PID` the host's own pid (`exec`
-/// keeps the shell's). Its output goes to `log`.
-pub fn socket_activated(
-    config: &Path,
-    listener: std::os::fd::RawFd,
-    log: std::fs::File,
-) -> std::process::Command {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
-        .arg(host_bin())
-        .arg("-c")
-        .arg(config)
-        .arg("start")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    // SAFETY: runs in the forked child before exec; dup2 and fcntl are async-signal-safe and
-    // touch no memory of the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if listener == 3 {
-                let flags = nix::libc::fcntl(3, nix::libc::F_GETFD);
-                nix::libc::fcntl(3, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC);
-            } else if nix::libc::dup2(listener, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+/// A host started in the foreground the way systemd's socket activation starts it: `listener`
+/// on fd 3, `LISTEN_FDS=1`, and `LISTEN_PID` the host's own pid (`exec` keeps the shell's). Its
+/// config is `dir/host.toml`, its output goes to `dir/foreground.log`; killed when dropped.
+pub struct Activated {
+    child: tokio::process::Child,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Activated {
+    /// Starts it and waits until its generation 1 serves.
+    pub async fn start(dir: &Path, listener: std::os::fd::RawFd) -> Activated {
+        use std::os::unix::process::CommandExt;
+        let config = dir.join("host.toml");
+        let log = dir.join("foreground.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+            .arg(host_bin())
+            .arg("-c")
+            .arg(&config)
+            .arg("start")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        // SAFETY: runs in the forked child before exec; dup2 and fcntl are async-signal-safe and
+        // touch no memory of the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if listener == 3 {
+                    let flags = nix::libc::fcntl(3, nix::libc::F_GETFD);
+                    nix::libc::fcntl(3, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC);
+                } else if nix::libc::dup2(listener, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let host = Activated { child, config, log };
+        wait_until(Duration::from_secs(20), "the host to serve", || {
+            host.log().contains("generation 1 is serving")
+        })
+        .await;
+        host
     }
-    cmd
+
+    /// Its output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `host -c <config> <args>`, run to its end.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        std::process::Command::new(host_bin())
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `host stop`, then waits for the foreground master to exit cleanly.
+    pub async fn stop(mut self) {
+        let out = self.cli(&["stop"]);
+        assert!(out.status.success(), "{}", self.log());
+        let exit = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the foreground master exits after stop")
+            .unwrap();
+        assert!(exit.success(), "{exit:?}\n{}", self.log());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

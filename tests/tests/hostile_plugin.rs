@@ -349,30 +349,11 @@ async fn a_socket_passed_by_systemd_is_re_armed_too() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("foreground.log")).unwrap();
-    let fd = activated.as_raw_fd();
-    let cmd = tests::socket_activated(&config, fd, log);
-    let mut child = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let read_log = || std::fs::read_to_string(dir.path().join("foreground.log")).unwrap();
-    let cli = |args: &[&str]| {
-        std::process::Command::new(tests::host_bin())
-            .arg("-c")
-            .arg(&config)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    wait_until(Duration::from_secs(20), "the host to serve", || {
-        read_log().contains("generation 1 is serving")
-    })
-    .await;
+    let host = tests::Activated::start(dir.path(), activated.as_raw_fd()).await;
     // Only the host holds the socket now.
     drop(activated);
     let r = get(addr, "/shutdown-listener").await.unwrap();
-    assert_eq!(r.status, 200, "{}", read_log());
+    assert_eq!(r.status, 200, "{}", host.log());
     let began = Instant::now();
     loop {
         if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), get(addr, "/")).await
@@ -383,11 +364,11 @@ async fn a_socket_passed_by_systemd_is_re_armed_too() {
         assert!(
             began.elapsed() < Duration::from_secs(10),
             "not served again:\n{}",
-            read_log()
+            host.log()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let out = cli(&["status", "--json"]);
+    let out = host.cli(&["status", "--json"]);
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["listener"]["activated"], true, "{status}");
     assert_eq!(status["listener"]["up"], true, "{status}");
@@ -395,11 +376,5 @@ async fn a_socket_passed_by_systemd_is_re_armed_too() {
         status["listener"]["recoveries"].as_u64().unwrap() >= 1,
         "{status}"
     );
-    let out = cli(&["stop"]);
-    assert!(out.status.success(), "{}", read_log());
-    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("the foreground master exits after stop")
-        .unwrap();
-    assert!(exit.success(), "{exit:?}\n{}", read_log());
+    host.stop().await;
 }

@@ -450,34 +450,17 @@ async fn socket_activation_serves_on_the_passed_socket() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("foreground.log")).unwrap();
-    let fd = activated.as_raw_fd();
-    let mut cmd = tokio::process::Command::from(tests::socket_activated(&config, fd, log));
-    cmd.kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap();
-    let read_log = || std::fs::read_to_string(dir.path().join("foreground.log")).unwrap();
-    let cli = |args: &[&str]| {
-        std::process::Command::new(host_bin())
-            .arg("-c")
-            .arg(&config)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    wait_until(Duration::from_secs(20), "the host to serve", || {
-        read_log().contains("generation 1 is serving")
-    })
-    .await;
+    let host = tests::Activated::start(dir.path(), activated.as_raw_fd()).await;
     drop(activated);
     let reply = tests::get(addr, "/")
         .await
         .expect("served on the passed socket");
     assert_eq!(reply.status, 200);
-    let out = cli(&["status", "--json"]);
-    assert!(out.status.success(), "{}", read_log());
+    let out = host.cli(&["status", "--json"]);
+    assert!(out.status.success(), "{}", host.log());
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["listen"], addr.to_string(), "{status}");
-    assert!(read_log().contains("LISTEN_FDS"), "{}", read_log());
+    assert!(host.log().contains("LISTEN_FDS"), "{}", host.log());
     // The workers got the socket on their own fd 3, and not systemd's variables.
     for w in status["workers"].as_array().unwrap() {
         let pid = w["pid"].as_u64().unwrap();
@@ -487,18 +470,12 @@ async fn socket_activation_serves_on_the_passed_socket() {
         assert!(!environ.contains("LISTEN_PID="), "worker {pid}: {environ}");
     }
     // A reload works on it too (the new workers get the same socket).
-    let out = cli(&["reload"]);
-    assert!(out.status.success(), "{}", read_log());
+    let out = host.cli(&["reload"]);
+    assert!(out.status.success(), "{}", host.log());
     let reply = tests::get(addr, "/").await.expect("served after a reload");
     assert_eq!(reply.status, 200);
 
-    let out = cli(&["stop"]);
-    assert!(out.status.success(), "{}", read_log());
-    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("the foreground master exits after stop")
-        .unwrap();
-    assert!(exit.success(), "{exit:?}\n{}", read_log());
+    host.stop().await;
     drop(occupied);
 }
 
