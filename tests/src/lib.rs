@@ -1245,6 +1245,18 @@ impl Hogs {
 }
 
 impl Hogs {
+    /// Gives every loop priority `nice` (a loop of lower priority still keeps its CPU busy, but
+    /// a task woken there preempts it at once).
+    pub fn renice(&self, nice: i32) {
+        for c in &self.0 {
+            let ok = std::process::Command::new("renice")
+                .args(["-n", &nice.to_string(), "-p", &c.id().to_string()])
+                .output()
+                .unwrap();
+            assert!(ok.status.success(), "renice: {ok:?}");
+        }
+    }
+
     /// Waits until every loop has run on its CPU (the shell exec'd and spinning).
     pub async fn wait_spinning(&self) {
         let ticks = |pid: u32| -> u64 {
