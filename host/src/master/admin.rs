@@ -38,7 +38,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use super::supervisor::Event;
+use super::supervisor::{Event, GenerationMetrics, MetricsReport};
 use crate::counters::{BUCKETS_US, Limit, Totals};
 use crate::ratelimit::RateLimit;
 
@@ -51,50 +51,6 @@ pub const MAX_CONNECTIONS: usize = 16;
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// What a scrape reports: everything the supervisor counted, as plain numbers.
-#[derive(Debug, Default)]
-pub(crate) struct MetricsReport {
-    /// One entry per generation that served (or still serves) requests, oldest first.
-    pub generations: Vec<GenerationMetrics>,
-    /// The generation new connections reach (0 before the first one serves).
-    pub serving_generation: u64,
-    /// Reloads by (kind, outcome).
-    pub reloads: Vec<(String, &'static str, u64)>,
-    /// Worker processes started, by cause.
-    pub worker_starts: Vec<(&'static str, u64)>,
-    /// Worker processes reaped, by (cause, how they ended).
-    pub worker_exits: Vec<(&'static str, &'static str, u64)>,
-    /// Workers the master SIGKILLed, by cause.
-    pub worker_kills: Vec<(&'static str, u64)>,
-    /// Master bounds hit (a rollout that waited for room), by limit.
-    pub master_limit_hits: Vec<(&'static str, u64)>,
-    /// Files of `state_dir` recreated after they went missing, by what.
-    pub state_dir_repairs: Vec<(&'static str, u64)>,
-    /// The shared listening socket: whether it listens (1) or is down (0), and how often it
-    /// was found shut down (by a plugin) and re-armed.
-    pub listener_up: bool,
-    pub listener_recoveries: u64,
-    /// Processes the workers left behind that the master ended: all, and those that needed
-    /// SIGKILL.
-    pub orphans_ended: u64,
-    pub orphans_killed: u64,
-}
-
-/// One generation's requests, summed over its live workers and the ones that exited.
-#[derive(Debug, Default)]
-pub(crate) struct GenerationMetrics {
-    /// The generation number, or `older` for the sum of generations too old to keep apart.
-    pub generation: String,
-    pub plugin: String,
-    pub version: String,
-    pub sha256: String,
-    pub totals: Totals,
-    /// Its live workers by state.
-    pub workers: Vec<(&'static str, u64)>,
-    /// Its plugin's own metrics, summed over its live workers and the ones that exited.
-    pub plugin_series: crate::plugin_metrics::Sums,
-}
 
 /// Binds the admin listener (called before any worker is spawned; the socket is close-on-exec).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -231,9 +187,10 @@ async fn answer(
         Ok(()) => tokio::time::timeout(CONNECTION_DEADLINE, report).await,
         Err(_) => return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "stopping\n")),
     };
-    let Ok(Ok(report)) = report else {
+    let Ok(Ok(mut report)) = report else {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"));
     };
+    report.state_dir_repairs = super::state_dir::repairs();
     match encode(report) {
         Ok(text) => {
             let mut resp = Response::new(Full::new(Bytes::from(text)));
