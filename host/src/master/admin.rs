@@ -11,8 +11,8 @@
 //! The master's runtime is single-threaded, so nothing here may stall it or use up its fds:
 //! a client must send its request head within [`READ_DEADLINE`], a connection lives at most
 //! [`CONNECTION_DEADLINE`], at most [`MAX_CONNECTIONS`] are open (one more closes the oldest),
-//! and accept errors are logged at most once a second and retried with backoff, as on the
-//! control socket.
+//! and accept errors are logged at most once a second and retried with backoff: the accept
+//! loop is the control socket's ([`accept_loop`](super::accept_loop)).
 //!
 //! The format comes from `prometheus-client`, the Prometheus project's own Rust client: it
 //! writes the OpenMetrics text that Prometheus negotiates by default (and that it parses
@@ -20,9 +20,11 @@
 //! [`Collector`] lets the report be written as it is, histogram buckets included, without
 //! copying it into live metric objects on every scrape.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,9 +40,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
+use super::accept_loop::Server;
 use super::supervisor::{Event, GenerationMetrics, MetricsReport};
 use crate::counters::{BUCKETS_US, Limit, Totals};
-use crate::ratelimit::RateLimit;
 
 /// A client must send its request head this long after the master accepted the connection.
 pub const READ_DEADLINE: Duration = Duration::from_secs(2);
@@ -48,8 +50,6 @@ pub const READ_DEADLINE: Duration = Duration::from_secs(2);
 pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 /// Most admin connections open at once (Prometheus scrapes one at a time).
 pub const MAX_CONNECTIONS: usize = 16;
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Binds the admin listener (called before any worker is spawned; the socket is close-on-exec).
@@ -89,54 +89,39 @@ pub async fn serve_after_hand_over(
     serve(listener, events, shutdown).await
 }
 
-/// Serves `/metrics` until `shutdown` fires. See the module doc for the limits it enforces.
-pub async fn serve(
-    listener: TcpListener,
+/// The admin listener, as the accept loop serves it.
+struct AdminServer {
     events: mpsc::UnboundedSender<Event>,
-    mut shutdown: oneshot::Receiver<()>,
-) {
-    static ACCEPT_ERRORS: RateLimit = RateLimit::per_second();
-    let mut clients = tokio::task::JoinSet::new();
-    // Open connections, oldest first.
-    let mut open: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
-    let mut backoff = ACCEPT_BACKOFF_MIN;
-    loop {
-        let stream = tokio::select! {
-            _ = &mut shutdown => break,
-            Some(done) = clients.join_next_with_id(), if !clients.is_empty() => {
-                let id = match done {
-                    Ok((id, ())) => id,
-                    Err(e) => e.id(),
-                };
-                open.retain(|h| h.id() != id);
-                continue;
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    backoff = ACCEPT_BACKOFF_MIN;
-                    stream
-                }
-                Err(e) => {
-                    if let Some(suppressed) = ACCEPT_ERRORS.hit(&e) {
-                        tracing::warn!(error = %e, suppressed, retry_in = ?backoff, "admin listener accept failed");
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                    continue;
-                }
-            },
-        };
-        if open.len() >= MAX_CONNECTIONS
-            && let Some(oldest) = open.pop_front()
-        {
-            oldest.abort();
-            tracing::debug!(
-                MAX_CONNECTIONS,
-                "closed the oldest admin connection to make room"
-            );
-        }
-        open.push_back(clients.spawn(connection(stream, events.clone())));
+}
+
+impl Server for AdminServer {
+    type Listener = TcpListener;
+    const WHAT: &'static str = "admin listener";
+    // Prometheus scrapes one at a time: the oldest open connection is the stale one.
+    const EVICT_ANY: bool = true;
+
+    fn cap(&self) -> usize {
+        MAX_CONNECTIONS
     }
+
+    fn serve(
+        &self,
+        stream: tokio::net::TcpStream,
+        _requested: Arc<AtomicBool>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        connection(stream, self.events.clone())
+    }
+}
+
+/// Serves `/metrics` until `shutdown` fires. See the module doc for the limits it enforces
+/// ([`accept_loop`](super::accept_loop) enforces them).
+pub async fn serve(
+    mut listener: TcpListener,
+    events: mpsc::UnboundedSender<Event>,
+    shutdown: oneshot::Receiver<()>,
+) {
+    let mut server = AdminServer { events };
+    let mut clients = super::accept_loop::run(&mut server, &mut listener, shutdown).await;
     clients.abort_all();
 }
 

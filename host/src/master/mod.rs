@@ -13,6 +13,7 @@
 //! on the main thread, so every worker is spawned from a thread that lives as long as the master
 //! (what `PR_SET_PDEATHSIG` in the workers relies on).
 
+pub(crate) mod accept_loop;
 pub mod admin;
 pub(crate) mod binary_upgrade;
 pub mod build;
@@ -341,6 +342,14 @@ async fn serve(
     }
 }
 
+/// The control socket's upkeep: `state_dir`'s watch, which recreates it when it was deleted.
+fn upkeep(mut watch: state_dir::Watch) -> control::Upkeep {
+    control::Upkeep {
+        every: state_dir::WATCH_EVERY,
+        run: Box::new(move |listener| watch.tick(listener)),
+    }
+}
+
 /// The control plane, beside the supervisor: serves the control socket (from the start, or once
 /// this master took over from the one that started it), tells systemd what the supervisor
 /// reports, pings its watchdog, and lets go of the admin address at a hand-over. Ends when the
@@ -362,9 +371,14 @@ async fn control_plane(
     match control {
         ControlSocket::Bound(listener) => {
             let watch = state_dir::Watch::new(&cfg, pid_id);
-            server = shutdown
-                .take()
-                .map(|s| tokio::spawn(control::serve(listener, events.clone(), s, Some(watch))));
+            server = shutdown.take().map(|s| {
+                tokio::spawn(control::serve(
+                    listener,
+                    events.clone(),
+                    s,
+                    Some(upkeep(watch)),
+                ))
+            });
         }
         ControlSocket::AfterTakeOver(s) => successor = Some(s),
     }
@@ -396,7 +410,12 @@ async fn control_plane(
                     let watch = state_dir::Watch::new(&cfg, pidfile.identity());
                     adopted = Some(pidfile);
                     server = shutdown.take().map(|s| {
-                        tokio::spawn(control::serve(listener, events.clone(), s, Some(watch)))
+                        tokio::spawn(control::serve(
+                            listener,
+                            events.clone(),
+                            s,
+                            Some(upkeep(watch)),
+                        ))
                     });
                     notifier.took_over(&status);
                 }

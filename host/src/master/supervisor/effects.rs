@@ -6,7 +6,7 @@
 //! A trait rather than a list of actions the transitions return: several effects answer at once
 //! (a spawn gives a pid or an error, and the next decision depends on which), so with a list the
 //! answers would have to come back as events, and the order of decisions would change. The
-//! master's [`System`](crate::master::system::System) does what the supervisor always did; the
+//! master's `System` (`master/system.rs`) does what the supervisor always did; the
 //! unit tests' fake records each call, and with tokio's paused clock drives the rollout and
 //! health decisions without a process.
 //!

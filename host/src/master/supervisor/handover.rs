@@ -2,8 +2,8 @@
 //! (not while stopping or rolling out; a second request joins the running one), answering every
 //! caller, and, once the new master took over, draining every worker and exiting without
 //! touching the pidfile or the control socket. Starting and watching the new master is
-//! [`binary_upgrade`](crate::master::binary_upgrade)'s, through the supervisor's
-//! [`Effects`](super::Effects); this never spawns or waits on a process itself.
+//! `master/binary_upgrade.rs`'s, through the supervisor's [`Effects`](super::Effects); this
+//! never spawns or waits on a process itself.
 
 use std::time::Duration;
 
