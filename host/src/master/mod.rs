@@ -5,8 +5,10 @@
 //! and before `stop` reports stopped), owns the pidfile and the control socket in a `state_dir`
 //! it checks, creates and keeps ([`state_dir`]: refused when others can write it, recreated
 //! when deleted), turns signals and control requests into [`Event`]s, and runs the
-//! [`Supervisor`]. [`systemd`] reports the supervisor's [`Notice`]s to the service manager;
-//! [`binary_upgrade`] starts a successor and hands everything over.
+//! [`Supervisor`], whose decisions act on the world through [`system`] (its `Effects`: workers
+//! exec'd and signalled, snapshots, notices). [`systemd`] reports the supervisor's [`Notice`]s
+//! to the service manager; [`binary_upgrade`] starts a successor and hands everything over
+//! (`host upgrade`); the control socket and the admin listener share one [`accept_loop`].
 //!
 //! This is the only part of the host that talks to the outside world besides the workers' HTTP.
 //! It never loads plugin code and never serves HTTP itself. It runs on a single-threaded runtime

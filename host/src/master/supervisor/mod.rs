@@ -32,14 +32,20 @@
 //! when every slot moved and every old worker acknowledged that it stopped accepting, so a
 //! connection opened after `reload` returns reaches new code.
 //!
-//! This module spawns and signals processes and answers requests; it does not own sockets other
-//! than the listener it hands to workers, and it never loads plugin code.
+//! This module decides and answers requests; what a decision does to the world (spawning and
+//! signalling processes, snapshots, notices) goes through [`Effects`] (see [`effects`]), so the
+//! decisions are unit-tested with a fake and a paused clock (`tests.rs`). It does not own sockets
+//! other than the listener it hands to workers (which it checks and re-arms, see [`listener`]),
+//! and it never loads plugin code. It is one self-contained value: events go in through
+//! [`Supervisor::handle`] and the timers through [`Supervisor::on_timer`] at
+//! [`Supervisor::next_deadline`]; [`Supervisor::run`] is that loop.
 //!
 //! The transitions live by concern, each an `impl Supervisor` block: [`rollout`] (reloads,
 //! rollbacks, the queue), [`analysis`] (a canary judged on live traffic, the watch period after
 //! a full rollout, `promote` and `abort`), [`health`] (crashes, hung workers, backoff, replacements), [`recycle`]
 //! (one-slot rollouts that replace a worker over `max_requests` or `max_worker_rss`, or whose
-//! plugin asked), [`spawn`] (starting and signalling worker processes), [`status`] (answering
+//! plugin asked), [`spawn`] (starting and signalling workers, through [`effects`]),
+//! [`handover`] (the old master's side of `host upgrade`), [`status`] (answering
 //! `status`), [`listener`] (the shared listening socket's checks and re-arming), [`evidence`]
 //! (what a hung or dead worker was doing, for the log) and [`metrics`]
 //! (what `/metrics` reports: counters folded from exited workers, starts, exits, kills). This file
