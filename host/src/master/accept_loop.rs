@@ -57,6 +57,8 @@ pub(crate) trait Server {
     type Listener: Listener;
     /// The socket, in log lines: "control socket".
     const WHAT: &'static str;
+    /// One of its connections, in log lines: "control connection".
+    const CONNECTION: &'static str;
     /// At the cap, close the oldest connection even if it sent its request.
     const EVICT_ANY: bool = false;
     /// Most connections open at once.
@@ -112,15 +114,9 @@ pub(crate) async fn run<S: Server>(
         t
     });
     loop {
-        let upkeep_due = async {
-            match &mut upkeep {
-                Some(t) => t.tick().await,
-                None => std::future::pending().await,
-            }
-        };
         let stream = tokio::select! {
             _ = &mut shutdown => break,
-            _ = upkeep_due => {
+            _ = tick_or_never(&mut upkeep) => {
                 server.upkeep(listener);
                 continue;
             }
@@ -153,7 +149,7 @@ pub(crate) async fn run<S: Server>(
                         if let Some(Ok(_shed)) = try_accept(listener)
                             && let Some(suppressed) = shed.hit(&e)
                         {
-                            tracing::warn!(suppressed, "out of file descriptors: closed a queued connection on the {}", S::WHAT);
+                            tracing::warn!(suppressed, "out of file descriptors: closed a queued {}", S::CONNECTION);
                         }
                         spare = open_spare();
                     }
@@ -179,12 +175,12 @@ pub(crate) async fn run<S: Server>(
                     let which = if S::EVICT_ANY {
                         ""
                     } else {
-                        " that sent no request yet"
+                        " that sent no request yet,"
                     };
                     tracing::debug!(
                         cap,
-                        "closed the oldest {} connection{which}, to make room",
-                        S::WHAT
+                        "closed the oldest {}{which} to make room",
+                        S::CONNECTION
                     );
                     // Let the aborted task run its drop (closing the fd) before accepting more.
                     tokio::task::yield_now().await;
@@ -194,8 +190,8 @@ pub(crate) async fn run<S: Server>(
                         tracing::warn!(
                             cap,
                             suppressed,
-                            "refused a {} connection: every open one is waiting for an answer",
-                            S::WHAT
+                            "refused a {}: every open one is waiting for an answer",
+                            S::CONNECTION
                         );
                     }
                     continue;
@@ -215,6 +211,16 @@ pub(crate) async fn run<S: Server>(
         );
     }
     clients
+}
+
+/// The next tick of `interval`, or never when there is none.
+pub(crate) async fn tick_or_never(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// One accept attempt, without waiting: `None` when nothing is queued.

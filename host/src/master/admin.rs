@@ -97,6 +97,7 @@ struct AdminServer {
 impl Server for AdminServer {
     type Listener = TcpListener;
     const WHAT: &'static str = "admin listener";
+    const CONNECTION: &'static str = "admin connection";
     // Prometheus scrapes one at a time: the oldest open connection is the stale one.
     const EVICT_ANY: bool = true;
 

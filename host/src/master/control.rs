@@ -161,6 +161,7 @@ struct ControlServer {
 impl Server for ControlServer {
     type Listener = UnixListener;
     const WHAT: &'static str = "control socket";
+    const CONNECTION: &'static str = "control connection";
 
     fn cap(&self) -> usize {
         connection_cap()

@@ -387,12 +387,7 @@ async fn control_plane(
     let mut adopted = None;
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
     loop {
-        let tick = async {
-            match &mut watchdog {
-                Some(interval) => interval.tick().await,
-                None => std::future::pending().await,
-            }
-        };
+        let tick = accept_loop::tick_or_never(&mut watchdog);
         let notice = tokio::select! {
             notice = notices.recv() => match notice {
                 Some(notice) => notice,

@@ -280,6 +280,24 @@ impl Test {
         answer
     }
 
+    /// `host reload` of a new build, whose first worker (pid 102, slot 0) became ready and
+    /// replaced slot 0's old worker (told to drain); returns the caller's answer to come, and
+    /// what was done past that.
+    fn reload_first_ready(&mut self) -> (oneshot::Receiver<ControlResponse>, Vec<Did>) {
+        let reload = self.control(ControlRequest::Reload);
+        self.snapshot(2, 'b');
+        self.ready(102);
+        let did = self.did();
+        let first = [
+            Did::Notice("reloading"),
+            Did::Snapshot(2),
+            SPAWN(102, 0, 2),
+            Did::Drain(100),
+        ];
+        assert_eq!(did[..first.len().min(did.len())], first);
+        (reload, did[first.len()..].to_vec())
+    }
+
     /// Lets `by` pass on the paused clock and runs the timers, as the loop does at a deadline.
     async fn after(&mut self, by: Duration) {
         tokio::time::advance(by).await;
@@ -296,8 +314,8 @@ impl Test {
         }
     }
 
-    /// (pid, generation, state) of every live worker, as `status` shows them.
-    fn workers(&mut self) -> Vec<(u32, u64, WorkerStateName)> {
+    /// Asserts that `status` shows exactly these workers, each ready: (pid, generation).
+    fn assert_ready(&mut self, expected: &[(u32, u64)]) {
         let mut w: Vec<_> = self
             .status()
             .workers
@@ -305,13 +323,32 @@ impl Test {
             .map(|w| (w.pid, w.generation, w.state))
             .collect();
         w.sort_by_key(|w| w.0);
-        w
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|&(pid, generation)| (pid, generation, WorkerStateName::Ready))
+            .collect();
+        assert_eq!(w, expected);
     }
 }
 
 /// The answer a caller got, which must have come by now.
 fn answer(rx: &mut oneshot::Receiver<ControlResponse>) -> ControlResponse {
     rx.try_recv().expect("answered")
+}
+
+/// The report of a reload to generation 2 that failed, saying `why`, with generation 1 still
+/// serving: its caller must have been told by now.
+fn failed(rx: &mut oneshot::Receiver<ControlResponse>, why: &str) -> crate::protocol::ReloadReport {
+    let report = match answer(rx) {
+        ControlResponse::ReloadFailed(report) => report,
+        other => panic!("not a failed rollout: {other:?}"),
+    };
+    assert_eq!((report.generation, report.serving_generation), (2, 1));
+    assert!(
+        report.error.as_deref().is_some_and(|e| e.contains(why)),
+        "no {why:?} in {report:?}"
+    );
+    report
 }
 
 fn unanswered(rx: &mut oneshot::Receiver<ControlResponse>) -> bool {
@@ -332,29 +369,13 @@ async fn a_canary_that_cannot_start_is_refused_and_no_old_worker_is_touched() {
         },
     );
     assert_eq!(t.did(), [Did::Kill(102), Did::Notice("reloaded")]);
-    let ControlResponse::ReloadFailed(report) = answer(&mut reload) else {
-        panic!("not refused")
-    };
-    assert_eq!((report.generation, report.serving_generation), (2, 1));
-    assert!(
-        report
-            .error
-            .as_deref()
-            .is_some_and(|e| e.ends_with("on_worker_start returned an error")),
-        "{report:?}"
-    );
+    let report = failed(&mut reload, "on_worker_start returned an error");
     assert!(report.drained_pids.is_empty());
     t.exited(102, killed_by(9));
     assert_eq!(t.did(), []);
     let status = t.status();
     assert_eq!(status.generation, 1);
-    assert_eq!(
-        t.workers(),
-        [
-            (100, 1, WorkerStateName::Ready),
-            (101, 1, WorkerStateName::Ready)
-        ]
-    );
+    t.assert_ready(&[(100, 1), (101, 1)]);
     // The refused build is remembered; the number was used (its snapshot was taken).
     assert_eq!(t.sup.last_refused.as_ref().map(|(s, _)| &s[..1]), Some("b"));
     let _again = t.control(ControlRequest::Reload);
@@ -366,15 +387,9 @@ async fn a_canary_that_cannot_start_is_refused_and_no_old_worker_is_touched() {
 #[tokio::test(start_paused = true)]
 async fn a_reload_that_fails_past_its_canary_reverts_the_moved_slots_new_before_old() {
     let mut t = Test::started("canary_workers = 0\n");
-    let mut reload = t.control(ControlRequest::Reload);
-    t.snapshot(2, 'b');
-    assert_eq!(
-        t.did(),
-        [Did::Notice("reloading"), Did::Snapshot(2), SPAWN(102, 0, 2)]
-    );
     // Slot 0 moved: its old worker drains, and slot 1's candidate starts.
-    t.ready(102);
-    assert_eq!(t.did(), [Did::Drain(100), SPAWN(103, 1, 2)]);
+    let (mut reload, did) = t.reload_first_ready();
+    assert_eq!(did, [SPAWN(103, 1, 2)]);
     t.drained(100);
     assert_eq!(t.did(), []);
     // Slot 1's candidate fails: killed, and slot 0 goes back to generation 1, new before old.
@@ -385,27 +400,11 @@ async fn a_reload_that_fails_past_its_canary_reverts_the_moved_slots_new_before_
     assert_eq!(t.did(), [Did::Drain(102)]);
     t.drained(102);
     assert_eq!(t.did(), [Did::Notice("reloaded")]);
-    let ControlResponse::ReloadFailed(report) = answer(&mut reload) else {
-        panic!("not failed")
-    };
-    assert_eq!((report.generation, report.serving_generation), (2, 1));
+    let report = failed(&mut reload, "worker exited with status 1 during start");
     assert_eq!(report.started_pids, [102, 104]);
     assert_eq!(report.drained_pids, [100, 102]);
-    assert!(
-        report
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains("worker exited with status 1 during start")),
-        "{report:?}"
-    );
     assert_eq!(t.status().generation, 1);
-    assert_eq!(
-        t.workers(),
-        [
-            (101, 1, WorkerStateName::Ready),
-            (104, 1, WorkerStateName::Ready)
-        ]
-    );
+    t.assert_ready(&[(101, 1), (104, 1)]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -442,26 +441,16 @@ async fn reloads_asked_during_a_reload_wait_for_it_and_share_one_rollout() {
     for rx in [&mut second, &mut third] {
         assert!(matches!(answer(rx), ControlResponse::Reloaded(r) if r.generation == 3));
     }
-    assert_eq!(t.workers(), [(102, 3, WorkerStateName::Ready)]);
+    t.assert_ready(&[(102, 3)]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn stop_during_a_rollout_kills_the_candidate_drains_the_rest_and_refuses_the_queue() {
     let mut t = Test::started("canary_workers = 0\n");
-    let mut reload = t.control(ControlRequest::Reload);
-    t.snapshot(2, 'b');
-    t.ready(102);
+    let (mut reload, did) = t.reload_first_ready();
+    assert_eq!(did, [SPAWN(103, 1, 2)]);
     let mut queued = t.control(ControlRequest::Rollback);
-    assert_eq!(
-        t.did(),
-        [
-            Did::Notice("reloading"),
-            Did::Snapshot(2),
-            SPAWN(102, 0, 2),
-            Did::Drain(100),
-            SPAWN(103, 1, 2)
-        ]
-    );
+    assert_eq!(t.did(), []);
     let mut stop = t.control(ControlRequest::Stop);
     assert_eq!(
         t.did(),
@@ -554,18 +543,10 @@ const CANARY: &str = "canary_workers = 1\ncanary_analysis = \"30s\"\nworker_time
 #[tokio::test(start_paused = true)]
 async fn a_canary_that_crashes_is_condemned_and_its_slot_reverted() {
     let mut t = Test::started(CANARY);
-    let mut reload = t.control(ControlRequest::Reload);
-    t.snapshot(2, 'b');
-    t.ready(102);
+    let (mut reload, did) = t.reload_first_ready();
     assert_eq!(
-        t.did(),
-        [
-            Did::Notice("reloading"),
-            Did::Snapshot(2),
-            SPAWN(102, 0, 2),
-            Did::Drain(100),
-            Did::Notice("status")
-        ],
+        did,
+        [Did::Notice("status")],
         "held for the analysis after one worker"
     );
     assert!(t.sup.judging.is_some());
@@ -588,9 +569,7 @@ async fn a_canary_that_crashes_is_condemned_and_its_slot_reverted() {
     assert!(unanswered(&mut reload));
     t.drained(103);
     assert_eq!(t.did(), [Did::Notice("reloaded")]);
-    let ControlResponse::ReloadFailed(report) = answer(&mut reload) else {
-        panic!("not failed")
-    };
+    let report = failed(&mut reload, "judged worse than generation 1");
     let verdict = report.verdict.expect("a verdict");
     assert_eq!(
         (verdict.generation, verdict.outcome.as_str()),
@@ -603,23 +582,15 @@ async fn a_canary_that_crashes_is_condemned_and_its_slot_reverted() {
         verdict.reason
     );
     assert_eq!(t.sup.last_verdict.as_ref().map(|v| v.generation), Some(2));
-    assert_eq!(
-        t.workers(),
-        [
-            (101, 1, WorkerStateName::Ready),
-            (104, 1, WorkerStateName::Ready)
-        ]
-    );
+    t.assert_ready(&[(101, 1), (104, 1)]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_hung_canary_is_killed_condemned_and_its_slot_reverted() {
     let mut t = Test::started(CANARY);
-    let mut reload = t.control(ControlRequest::Reload);
-    t.snapshot(2, 'b');
-    t.ready(102);
+    let (mut reload, did) = t.reload_first_ready();
+    assert_eq!(did, [Did::Notice("status")]);
     t.drained(100);
-    t.did();
     // The old worker beats; the canary falls silent past worker_timeout.
     t.after(Duration::from_millis(600)).await;
     t.from(101, WorkerToMaster::Heartbeat);
@@ -641,9 +612,7 @@ async fn a_hung_canary_is_killed_condemned_and_its_slot_reverted() {
     t.exited(102, killed_by(9));
     t.from(103, WorkerToMaster::StartFailed { reason: "x".into() });
     assert_eq!(t.did(), [Did::Notice("reloaded"), Did::Kill(103)]);
-    let ControlResponse::ReloadFailed(report) = answer(&mut reload) else {
-        panic!("not failed")
-    };
+    let report = failed(&mut reload, "judged worse than generation 1");
     let verdict = report.verdict.expect("a verdict");
     assert_eq!(
         (verdict.outcome.as_str(), verdict.canary.crashes),
