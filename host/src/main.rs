@@ -39,8 +39,9 @@
 //! `host upgrade` (or `SIGUSR2`) is the one exception to "workers run the master's image": the
 //! master starts the binary now at the path it was started from as a new master, hands it the
 //! listening socket, the pidfile's lock and (once its own workers are ready) the control socket,
-//! then drains its workers and exits ([`master::binary_upgrade`]). Under systemd the masters report each
-//! step over `NOTIFY_SOCKET` and can serve on a socket systemd passed ([`master::systemd`]).
+//! then drains its workers and exits ([`master::binary_upgrade`]). Under systemd the masters
+//! report each step over `NOTIFY_SOCKET` and can serve on a socket systemd passed
+//! ([`master::systemd`]).
 //!
 //! # Layout
 //!

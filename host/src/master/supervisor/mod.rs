@@ -42,13 +42,13 @@
 //!
 //! The transitions live by concern, each an `impl Supervisor` block: [`rollout`] (reloads,
 //! rollbacks, the queue), [`analysis`] (a canary judged on live traffic, the watch period after
-//! a full rollout, `promote` and `abort`), [`health`] (crashes, hung workers, backoff, replacements), [`recycle`]
-//! (one-slot rollouts that replace a worker over `max_requests` or `max_worker_rss`, or whose
-//! plugin asked), [`spawn`] (starting and signalling workers, through [`effects`]),
-//! [`handover`] (the old master's side of `host upgrade`), [`status`] (answering
-//! `status`), [`listener`] (the shared listening socket's checks and re-arming), [`evidence`]
-//! (what a hung or dead worker was doing, for the log) and [`metrics`]
-//! (what `/metrics` reports: counters folded from exited workers, starts, exits, kills). This file
+//! a full rollout, `promote` and `abort`), [`health`] (crashes, hung workers, backoff,
+//! replacements), [`recycle`] (one-slot rollouts that replace a worker over `max_requests` or
+//! `max_worker_rss`, or whose plugin asked), [`spawn`] (starting and signalling workers,
+//! through [`effects`]), [`handover`] (the old master's side of `host upgrade`), [`status`]
+//! (answering `status`), [`listener`] (the shared listening socket's checks and re-arming),
+//! [`evidence`] (what a hung or dead worker was doing, for the log) and [`metrics`] (what
+//! `/metrics` reports: counters folded from exited workers, starts, exits, kills). This file
 //! holds the state, the one match, the run loop and the timers (the watchdog's among them: a
 //! ready worker's silence is a deadline like the others).
 

@@ -1,7 +1,8 @@
 //! Worker processes as the supervisor keeps them: start one in a free cell of the worker table
 //! with its spec, tell it to drain, kill it, and the cells' bookkeeping. The process itself
-//! (exec, its channel, reaping) is [`Effects`](super::Effects)'; this never execs or waits on a process, and
-//! never decides *when* a worker starts or leaves (the rollout and health code do).
+//! (exec, its channel, reaping) is [`Effects`](super::Effects)'; this never execs or waits on
+//! a process, and never decides *when* a worker starts or leaves (the rollout and health code
+//! do).
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -86,9 +87,9 @@ impl Supervisor {
         }
     }
 
-    /// Starts a worker for `slot` running `generation` (through [`Effects::spawn_worker`](super::Effects::spawn_worker): this
-    /// binary with the listener and a fresh channel), in a free cell of the worker table, then
-    /// sends it its spec.
+    /// Starts a worker for `slot` running `generation` in a free cell of the worker table
+    /// (through [`Effects::spawn_worker`](super::Effects::spawn_worker): this binary with the
+    /// listener and a fresh channel), then sends it its spec.
     pub(super) fn spawn(
         &mut self,
         slot: u32,
