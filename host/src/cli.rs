@@ -43,7 +43,7 @@ pub(crate) fn start_foreground(cfg: Config) -> anyhow::Result<ExitCode> {
         }
         // Started by `host upgrade`: the pidfile is locked by design (the old master passed its
         // lock on), and the old master's build already ran.
-        _ if std::env::var_os(master::upgrade::FROM_ENV).is_some() => None,
+        _ if std::env::var_os(master::binary_upgrade::FROM_ENV).is_some() => None,
         _ => {
             refuse_if_running(&cfg)?;
             build_at_start(&cfg)?;

@@ -39,14 +39,16 @@
 //! `host upgrade` (or `SIGUSR2`) is the one exception to "workers run the master's image": the
 //! master starts the binary now at the path it was started from as a new master, hands it the
 //! listening socket, the pidfile's lock and (once its own workers are ready) the control socket,
-//! then drains its workers and exits ([`master::upgrade`]). Under systemd the masters report each
-//! step over `NOTIFY_SOCKET` and can serve on a socket systemd passed ([`master::systemd`]).
+//! then drains its workers and exits ([`master::binary_upgrade`]). Under systemd the masters
+//! report each step over `NOTIFY_SOCKET` and can serve on a socket systemd passed
+//! ([`master::systemd`]).
 //!
 //! # Layout
 //!
 //! - [`config`]: `host.toml` -> checked `Config`.
 //! - [`protocol`]: typed master/worker/CLI messages and their framing.
-//! - [`master`]: the event loop, [`master::supervisor`] (the state machine), the control socket,
+//! - [`master`]: the event loop, [`master::supervisor`] (the state machine, which decides and
+//!   acts through its `Effects`; `master::system` is the real one), the control socket,
 //!   the pidfile, `state_dir` (who may own it, and recreating it when deleted), plugin snapshots, the open-files limit the workers inherit, dev mode's watcher
 //!   and build command ([`master::build`], which also runs once before the master starts).
 //! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called;
@@ -59,9 +61,15 @@
 //! - `plugin_metrics`: the plugin's own metric series in each worker's cell of that page
 //!   (layout, registration, the master's defensive read and sums).
 //! - `fd`: inherited file descriptors; `accept_table`: the shared page where accepting workers
-//!   publish their connection counts. With the loader, the functions the plugin calls back
-//!   (`worker::metrics_abi` among them) and one `setpriority` call for the snapshot thread, the
-//!   only `unsafe` in the crate.
+//!   publish their connection counts.
+//!
+//! `unsafe` is denied at the root and allowed only in: `fd`, `accept_table`, the worker's
+//! calls into the plugin and the functions it calls back ([`worker::loader`],
+//! `worker::abi_io`, `worker::metrics_abi`), its raw-fd checks of the listening socket and
+//! `accept4` (`worker::listener`), the stand-in waker of an async handler's first poll
+//! (`worker::first_poll`), and one `setpriority` call for the master's snapshot thread
+//! (`master::snapshot`). The master's supervisor has none: what it does to processes goes
+//! through its `Effects` (`master::system`).
 //!
 //! This file is the binary's edge: the CLI, choosing the role, printing to the terminal, and the
 //! only place `anyhow` is used.

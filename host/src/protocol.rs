@@ -311,7 +311,7 @@ pub struct UpgradeReport {
 }
 
 // ---------------------------------------------------------------------------------------------
-// old master <-> new master during `host upgrade` (see `master::upgrade`)
+// old master <-> new master during `host upgrade` (see `master::binary_upgrade`)
 
 /// From the new master to the one that started it.
 #[derive(Clone, Debug, Serialize, Deserialize)]

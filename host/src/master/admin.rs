@@ -11,8 +11,8 @@
 //! The master's runtime is single-threaded, so nothing here may stall it or use up its fds:
 //! a client must send its request head within [`READ_DEADLINE`], a connection lives at most
 //! [`CONNECTION_DEADLINE`], at most [`MAX_CONNECTIONS`] are open (one more closes the oldest),
-//! and accept errors are logged at most once a second and retried with backoff, as on the
-//! control socket.
+//! and accept errors are logged at most once a second and retried with backoff: the accept
+//! loop is the control socket's ([`accept_loop`](super::accept_loop)).
 //!
 //! The format comes from `prometheus-client`, the Prometheus project's own Rust client: it
 //! writes the OpenMetrics text that Prometheus negotiates by default (and that it parses
@@ -20,9 +20,11 @@
 //! [`Collector`] lets the report be written as it is, histogram buckets included, without
 //! copying it into live metric objects on every scrape.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,9 +40,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use super::supervisor::Event;
+use super::accept_loop::Server;
+use super::supervisor::{Event, GenerationMetrics, MetricsReport};
 use crate::counters::{BUCKETS_US, Limit, Totals};
-use crate::ratelimit::RateLimit;
 
 /// A client must send its request head this long after the master accepted the connection.
 pub const READ_DEADLINE: Duration = Duration::from_secs(2);
@@ -48,53 +50,7 @@ pub const READ_DEADLINE: Duration = Duration::from_secs(2);
 pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 /// Most admin connections open at once (Prometheus scrapes one at a time).
 pub const MAX_CONNECTIONS: usize = 16;
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// What a scrape reports: everything the supervisor counted, as plain numbers.
-#[derive(Debug, Default)]
-pub(crate) struct MetricsReport {
-    /// One entry per generation that served (or still serves) requests, oldest first.
-    pub generations: Vec<GenerationMetrics>,
-    /// The generation new connections reach (0 before the first one serves).
-    pub serving_generation: u64,
-    /// Reloads by (kind, outcome).
-    pub reloads: Vec<(String, &'static str, u64)>,
-    /// Worker processes started, by cause.
-    pub worker_starts: Vec<(&'static str, u64)>,
-    /// Worker processes reaped, by (cause, how they ended).
-    pub worker_exits: Vec<(&'static str, &'static str, u64)>,
-    /// Workers the master SIGKILLed, by cause.
-    pub worker_kills: Vec<(&'static str, u64)>,
-    /// Master bounds hit (a rollout that waited for room), by limit.
-    pub master_limit_hits: Vec<(&'static str, u64)>,
-    /// Files of `state_dir` recreated after they went missing, by what.
-    pub state_dir_repairs: Vec<(&'static str, u64)>,
-    /// The shared listening socket: whether it listens (1) or is down (0), and how often it
-    /// was found shut down (by a plugin) and re-armed.
-    pub listener_up: bool,
-    pub listener_recoveries: u64,
-    /// Processes the workers left behind that the master ended: all, and those that needed
-    /// SIGKILL.
-    pub orphans_ended: u64,
-    pub orphans_killed: u64,
-}
-
-/// One generation's requests, summed over its live workers and the ones that exited.
-#[derive(Debug, Default)]
-pub(crate) struct GenerationMetrics {
-    /// The generation number, or `older` for the sum of generations too old to keep apart.
-    pub generation: String,
-    pub plugin: String,
-    pub version: String,
-    pub sha256: String,
-    pub totals: Totals,
-    /// Its live workers by state.
-    pub workers: Vec<(&'static str, u64)>,
-    /// Its plugin's own metrics, summed over its live workers and the ones that exited.
-    pub plugin_series: crate::plugin_metrics::Sums,
-}
 
 /// Binds the admin listener (called before any worker is spawned; the socket is close-on-exec).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -133,54 +89,40 @@ pub async fn serve_after_hand_over(
     serve(listener, events, shutdown).await
 }
 
-/// Serves `/metrics` until `shutdown` fires. See the module doc for the limits it enforces.
-pub async fn serve(
-    listener: TcpListener,
+/// The admin listener, as the accept loop serves it.
+struct AdminServer {
     events: mpsc::UnboundedSender<Event>,
-    mut shutdown: oneshot::Receiver<()>,
-) {
-    static ACCEPT_ERRORS: RateLimit = RateLimit::per_second();
-    let mut clients = tokio::task::JoinSet::new();
-    // Open connections, oldest first.
-    let mut open: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
-    let mut backoff = ACCEPT_BACKOFF_MIN;
-    loop {
-        let stream = tokio::select! {
-            _ = &mut shutdown => break,
-            Some(done) = clients.join_next_with_id(), if !clients.is_empty() => {
-                let id = match done {
-                    Ok((id, ())) => id,
-                    Err(e) => e.id(),
-                };
-                open.retain(|h| h.id() != id);
-                continue;
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    backoff = ACCEPT_BACKOFF_MIN;
-                    stream
-                }
-                Err(e) => {
-                    if let Some(suppressed) = ACCEPT_ERRORS.hit(&e) {
-                        tracing::warn!(error = %e, suppressed, retry_in = ?backoff, "admin listener accept failed");
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                    continue;
-                }
-            },
-        };
-        if open.len() >= MAX_CONNECTIONS
-            && let Some(oldest) = open.pop_front()
-        {
-            oldest.abort();
-            tracing::debug!(
-                MAX_CONNECTIONS,
-                "closed the oldest admin connection to make room"
-            );
-        }
-        open.push_back(clients.spawn(connection(stream, events.clone())));
+}
+
+impl Server for AdminServer {
+    type Listener = TcpListener;
+    const WHAT: &'static str = "admin listener";
+    const CONNECTION: &'static str = "admin connection";
+    // Prometheus scrapes one at a time: the oldest open connection is the stale one.
+    const EVICT_ANY: bool = true;
+
+    fn cap(&self) -> usize {
+        MAX_CONNECTIONS
     }
+
+    fn serve(
+        &self,
+        stream: tokio::net::TcpStream,
+        _requested: Arc<AtomicBool>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        connection(stream, self.events.clone())
+    }
+}
+
+/// Serves `/metrics` until `shutdown` fires. See the module doc for the limits it enforces
+/// ([`accept_loop`](super::accept_loop) enforces them).
+pub async fn serve(
+    mut listener: TcpListener,
+    events: mpsc::UnboundedSender<Event>,
+    shutdown: oneshot::Receiver<()>,
+) {
+    let mut server = AdminServer { events };
+    let mut clients = super::accept_loop::run(&mut server, &mut listener, shutdown).await;
     clients.abort_all();
 }
 
@@ -231,9 +173,10 @@ async fn answer(
         Ok(()) => tokio::time::timeout(CONNECTION_DEADLINE, report).await,
         Err(_) => return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "stopping\n")),
     };
-    let Ok(Ok(report)) = report else {
+    let Ok(Ok(mut report)) = report else {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"));
     };
+    report.state_dir_repairs = super::state_dir::repairs();
     match encode(report) {
         Ok(text) => {
             let mut resp = Response::new(Full::new(Bytes::from(text)));

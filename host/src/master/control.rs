@@ -26,25 +26,29 @@
 //!
 //! # It cannot be lost
 //!
-//! The server loop also runs `state_dir::Watch` twice a second: a socket (or pidfile) deleted
-//! from its path, say with `rm -rf state_dir`, is created again and the new listener replaces
-//! the old one, so every CLI command reaches this master again within a second.
+//! The server loop also runs the [`Upkeep`] the master gives it, `state_dir::Watch` twice a
+//! second: a socket (or pidfile) deleted from its path, say with `rm -rf state_dir`, is created
+//! again and the new listener replaces the old one, so every CLI command reaches this master
+//! again within a second.
+//!
+//! The accept loop itself (the cap, eviction, backoff, the spare fd) is
+//! [`accept_loop`](super::accept_loop)'s, shared with the admin listener; this module says
+//! who is admitted and what a connection does.
 
-use std::collections::HashMap;
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::accept_loop::Server;
 use super::supervisor::Event;
 use crate::protocol::{ControlRequest, ControlResponse, ProtocolError, Receiver, Sender};
-use crate::ratelimit::RateLimit;
 
 /// A client must have sent its whole request this long after the master accepted it.
 pub const READ_DEADLINE: Duration = Duration::from_secs(2);
@@ -52,8 +56,6 @@ pub const READ_DEADLINE: Duration = Duration::from_secs(2);
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
 /// Most control connections open at once (fewer under a low fd limit: see [`connection_cap`]).
 pub const MAX_CONNECTIONS: usize = 64;
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// How many control connections may be open: [`MAX_CONNECTIONS`], or a quarter of the soft fd
 /// limit when that is lower (at least 2), so the control plane leaves most fds to supervision.
@@ -142,154 +144,82 @@ pub fn bind_replacing(socket: &Path) -> Result<UnixListener, ControlError> {
 /// How long, at shutdown, the server waits for answers still being written (a `stop`'s own).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A connection being served: when it was accepted (order) and whether its request is in.
-struct Conn {
-    seq: u64,
-    requested: Arc<AtomicBool>,
-    abort: tokio::task::AbortHandle,
+/// Periodic care of the control socket, given by the master: `state_dir`'s watch, which binds
+/// the socket again (replacing the listener) when it was deleted.
+pub struct Upkeep {
+    pub every: Duration,
+    pub run: Box<dyn FnMut(&mut UnixListener) + Send>,
+}
+
+/// The control socket, as the accept loop serves it.
+struct ControlServer {
+    events: mpsc::UnboundedSender<Event>,
+    me: u32,
+    upkeep: Option<Upkeep>,
+}
+
+impl Server for ControlServer {
+    type Listener = UnixListener;
+    const WHAT: &'static str = "control socket";
+    const CONNECTION: &'static str = "control connection";
+
+    fn cap(&self) -> usize {
+        connection_cap()
+    }
+
+    fn admit(&self, stream: &UnixStream) -> bool {
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == self.me || cred.uid() == 0 => true,
+            Ok(cred) => {
+                tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "refused a control connection from another user");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read control peer credentials; refused");
+                false
+            }
+        }
+    }
+
+    fn serve(
+        &self,
+        stream: UnixStream,
+        requested: Arc<AtomicBool>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        answer(stream, self.events.clone(), requested)
+    }
+
+    fn upkeep_every(&self) -> Option<Duration> {
+        self.upkeep.as_ref().map(|u| u.every)
+    }
+
+    fn upkeep(&mut self, listener: &mut UnixListener) {
+        if let Some(u) = &mut self.upkeep {
+            (u.run)(listener);
+        }
+    }
 }
 
 /// Accepts control connections until `shutdown` fires, then waits (bounded) for the answers
 /// still in flight, so the caller of `stop` hears `Stopped` before the master exits. See the
-/// module doc for the limits it enforces.
+/// module doc for the limits it enforces ([`accept_loop`](super::accept_loop) enforces them).
 pub async fn serve(
     mut listener: UnixListener,
     events: mpsc::UnboundedSender<Event>,
-    mut shutdown: oneshot::Receiver<()>,
-    mut watch: Option<super::state_dir::Watch>,
+    shutdown: oneshot::Receiver<()>,
+    upkeep: Option<Upkeep>,
 ) {
-    static ACCEPT_ERRORS: RateLimit = RateLimit::per_second();
-    static SHED: RateLimit = RateLimit::per_second();
-    let me = nix::unistd::getuid().as_raw();
-    let mut clients = tokio::task::JoinSet::new();
-    let mut conns: HashMap<tokio::task::Id, Conn> = HashMap::new();
-    let mut seq = 0u64;
-    let mut spare = open_spare();
-    let mut backoff = ACCEPT_BACKOFF_MIN;
-    let mut paused_until: Option<Instant> = None;
-    let mut look = tokio::time::interval(super::state_dir::WATCH_EVERY);
-    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut shutdown => break,
-            _ = look.tick(), if watch.is_some() => {
-                if let Some(watch) = &mut watch {
-                    watch.tick(&mut listener);
-                }
-                continue;
-            }
-            Some(done) = clients.join_next_with_id(), if !clients.is_empty() => {
-                let id = match done {
-                    Ok((id, ())) => id,
-                    Err(e) => e.id(),
-                };
-                conns.remove(&id);
-                continue;
-            }
-            _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
-                paused_until = None;
-                continue;
-            }
-            accepted = listener.accept(), if paused_until.is_none() => match accepted {
-                Ok((stream, _)) => {
-                    backoff = ACCEPT_BACKOFF_MIN;
-                    stream
-                }
-                Err(e) => {
-                    if let Some(suppressed) = ACCEPT_ERRORS.hit(&e) {
-                        tracing::warn!(error = %e, suppressed, retry_in = ?backoff, "control socket accept failed");
-                    }
-                    if matches!(e.raw_os_error(), Some(nix::libc::EMFILE | nix::libc::ENFILE))
-                        && spare.take().is_some()
-                    {
-                        // The spare fd is closed: accept one queued connection and close it,
-                        // so its client is told (EOF) instead of waiting in the backlog.
-                        if let Some(Ok(_shed)) = try_accept(&listener)
-                            && let Some(suppressed) = SHED.hit(&e)
-                        {
-                            tracing::warn!(suppressed, "out of file descriptors: closed a queued control connection");
-                        }
-                        spare = open_spare();
-                    }
-                    paused_until = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                    continue;
-                }
-            },
-        };
-        match stream.peer_cred() {
-            Ok(cred) if cred.uid() == me || cred.uid() == 0 => {}
-            Ok(cred) => {
-                tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "refused a control connection from another user");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read control peer credentials; refused");
-                continue;
-            }
-        }
-        let cap = connection_cap();
-        if conns.len() >= cap {
-            let oldest_silent = conns
-                .iter()
-                .filter(|(_, c)| !c.requested.load(Ordering::Acquire))
-                .min_by_key(|(_, c)| c.seq)
-                .map(|(id, _)| *id);
-            match oldest_silent.and_then(|id| conns.remove(&id)) {
-                Some(evicted) => {
-                    evicted.abort.abort();
-                    tracing::debug!(
-                        cap,
-                        "closed the oldest control connection that sent no request yet, to make room"
-                    );
-                    // Let the aborted task run its drop (closing the fd) before accepting more.
-                    tokio::task::yield_now().await;
-                }
-                None => {
-                    static FULL: RateLimit = RateLimit::per_second();
-                    if let Some(suppressed) = FULL.hit(&std::io::Error::other("full")) {
-                        tracing::warn!(
-                            cap,
-                            suppressed,
-                            "refused a control connection: every open one is waiting for an answer"
-                        );
-                    }
-                    continue;
-                }
-            }
-        }
-        let requested = Arc::new(AtomicBool::new(false));
-        let abort = clients.spawn(answer(stream, events.clone(), requested.clone()));
-        seq += 1;
-        conns.insert(
-            abort.id(),
-            Conn {
-                seq,
-                requested,
-                abort,
-            },
-        );
-    }
+    let mut server = ControlServer {
+        events,
+        me: nix::unistd::getuid().as_raw(),
+        upkeep,
+    };
+    let mut clients = super::accept_loop::run(&mut server, &mut listener, shutdown).await;
     drop(listener);
     let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
         while clients.join_next().await.is_some() {}
     })
     .await;
-}
-
-/// One accept attempt, without waiting: `None` when nothing is queued.
-fn try_accept(listener: &UnixListener) -> Option<std::io::Result<UnixStream>> {
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    match listener.poll_accept(&mut cx) {
-        Poll::Ready(r) => Some(r.map(|(s, _)| s)),
-        Poll::Pending => None,
-    }
-}
-
-/// The fd kept in reserve for accepting (and closing) a connection when fds run out.
-fn open_spare() -> Option<std::fs::File> {
-    std::fs::File::open("/dev/null").ok()
 }
 
 async fn answer(

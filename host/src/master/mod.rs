@@ -5,15 +5,19 @@
 //! and before `stop` reports stopped), owns the pidfile and the control socket in a `state_dir`
 //! it checks, creates and keeps ([`state_dir`]: refused when others can write it, recreated
 //! when deleted), turns signals and control requests into [`Event`]s, and runs the
-//! [`Supervisor`]. [`systemd`] reports the supervisor's [`Notice`]s to the service manager;
-//! [`upgrade`] starts a successor and hands everything over.
+//! [`Supervisor`], whose decisions act on the world through [`system`] (its `Effects`: workers
+//! exec'd and signalled, snapshots, notices). [`systemd`] reports the supervisor's [`Notice`]s
+//! to the service manager; [`binary_upgrade`] starts a successor and hands everything over
+//! (`host upgrade`); the control socket and the admin listener share one [`accept_loop`].
 //!
 //! This is the only part of the host that talks to the outside world besides the workers' HTTP.
 //! It never loads plugin code and never serves HTTP itself. It runs on a single-threaded runtime
 //! on the main thread, so every worker is spawned from a thread that lives as long as the master
 //! (what `PR_SET_PDEATHSIG` in the workers relies on).
 
+pub(crate) mod accept_loop;
 pub mod admin;
+pub(crate) mod binary_upgrade;
 pub mod build;
 pub mod control;
 pub mod limits;
@@ -22,8 +26,8 @@ pub mod pidfile;
 pub mod snapshot;
 pub mod state_dir;
 pub(crate) mod supervisor;
+pub(crate) mod system;
 pub(crate) mod systemd;
-pub(crate) mod upgrade;
 pub mod watch;
 
 use std::net::TcpListener;
@@ -137,7 +141,7 @@ pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), Maste
         .map_err(MasterError::Runtime)?;
     let result = rt.block_on(async move {
         ensure_state_dir(&cfg)?;
-        let handover = upgrade::Handover::from_env().map_err(MasterError::Handover)?;
+        let handover = binary_upgrade::Handover::from_env().map_err(MasterError::Handover)?;
         // A master started by `host upgrade` owns neither until it takes over.
         let mut pidfile = match &handover {
             None => Some(PidFile::acquire(&cfg.pid_file())?),
@@ -176,14 +180,14 @@ pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), Maste
 /// the master that started it, until this one takes over.
 enum ControlSocket {
     Bound(tokio::net::UnixListener),
-    AfterTakeOver(upgrade::Successor),
+    AfterTakeOver(binary_upgrade::Successor),
 }
 
 /// Everything between taking the pidfile and releasing it. Returns how the run ended and, for
 /// a master started by `host upgrade`, the pidfile it adopted.
 async fn serve(
     cfg: Config,
-    handover: Option<upgrade::Handover>,
+    handover: Option<binary_upgrade::Handover>,
     pidfile: Option<&PidFile>,
     start_notify: Option<std::fs::File>,
 ) -> Result<(Exit, Option<PidFile>), MasterError> {
@@ -304,7 +308,7 @@ async fn serve(
     let cfg = Arc::new(cfg);
     let (control_shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
     let (notices, notices_rx) = mpsc::unbounded_channel();
-    let side = tokio::spawn(lifecycle(
+    let side = tokio::spawn(control_plane(
         cfg.clone(),
         pidfile.and_then(PidFile::identity),
         notices_rx,
@@ -313,15 +317,15 @@ async fn serve(
         shutdown_rx,
         admin_shutdown,
     ));
-    let mut supervisor = Supervisor::new(cfg.clone(), listener, events, start_notify)
-        .with_notices(notices)
-        .with_activated_listener(activated);
+    let mut system = system::System::new(cfg.clone(), events, start_notify).with_notices(notices);
     match pidfile_fd {
-        Ok(fd) => supervisor = supervisor.with_launcher(upgrade::Launcher::capture(fd)),
+        Ok(fd) => system = system.with_launcher(binary_upgrade::Launcher::capture(fd)),
         Err(e) => {
             tracing::warn!(error = %e, "`host upgrade` is unavailable: cannot duplicate the pidfile")
         }
     }
+    let supervisor =
+        Supervisor::new(cfg.clone(), listener, Box::new(system)).with_activated_listener(activated);
     let outcome = supervisor.run(rx).await;
     let _ = control_shutdown.send(());
     let adopted = side.await.ok().flatten();
@@ -340,10 +344,19 @@ async fn serve(
     }
 }
 
-/// The master's side tasks: serves the control socket (from the start, or once this master took
-/// over from the one that started it), tells systemd what the supervisor reports, and pings its
-/// watchdog. Ends when the supervisor is done; returns the pidfile it adopted at a take-over.
-async fn lifecycle(
+/// The control socket's upkeep: `state_dir`'s watch, which recreates it when it was deleted.
+fn upkeep(mut watch: state_dir::Watch) -> control::Upkeep {
+    control::Upkeep {
+        every: state_dir::WATCH_EVERY,
+        run: Box::new(move |listener| watch.tick(listener)),
+    }
+}
+
+/// The control plane, beside the supervisor: serves the control socket (from the start, or once
+/// this master took over from the one that started it), tells systemd what the supervisor
+/// reports, pings its watchdog, and lets go of the admin address at a hand-over. Ends when the
+/// supervisor is done; returns the pidfile it adopted at a take-over.
+async fn control_plane(
     cfg: Arc<Config>,
     pid_id: Option<(u64, u64)>,
     mut notices: mpsc::UnboundedReceiver<Notice>,
@@ -360,21 +373,21 @@ async fn lifecycle(
     match control {
         ControlSocket::Bound(listener) => {
             let watch = state_dir::Watch::new(&cfg, pid_id);
-            server = shutdown
-                .take()
-                .map(|s| tokio::spawn(control::serve(listener, events.clone(), s, Some(watch))));
+            server = shutdown.take().map(|s| {
+                tokio::spawn(control::serve(
+                    listener,
+                    events.clone(),
+                    s,
+                    Some(upkeep(watch)),
+                ))
+            });
         }
         ControlSocket::AfterTakeOver(s) => successor = Some(s),
     }
     let mut adopted = None;
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
     loop {
-        let tick = async {
-            match &mut watchdog {
-                Some(interval) => interval.tick().await,
-                None => std::future::pending().await,
-            }
-        };
+        let tick = accept_loop::tick_or_never(&mut watchdog);
         let notice = tokio::select! {
             notice = notices.recv() => match notice {
                 Some(notice) => notice,
@@ -394,7 +407,12 @@ async fn lifecycle(
                     let watch = state_dir::Watch::new(&cfg, pidfile.identity());
                     adopted = Some(pidfile);
                     server = shutdown.take().map(|s| {
-                        tokio::spawn(control::serve(listener, events.clone(), s, Some(watch)))
+                        tokio::spawn(control::serve(
+                            listener,
+                            events.clone(),
+                            s,
+                            Some(upkeep(watch)),
+                        ))
                     });
                     notifier.took_over(&status);
                 }

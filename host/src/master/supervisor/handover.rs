@@ -2,11 +2,11 @@
 //! (not while stopping or rolling out; a second request joins the running one), answering every
 //! caller, and, once the new master took over, draining every worker and exiting without
 //! touching the pidfile or the control socket. Starting and watching the new master is
-//! [`upgrade`](crate::master::upgrade)'s; this never spawns or waits on a process itself.
+//! `master/binary_upgrade.rs`'s, through the supervisor's [`Effects`](super::Effects); this
+//! never spawns or waits on a process itself.
 
 use std::time::Duration;
 
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Notice, Reply, Supervisor};
@@ -23,7 +23,6 @@ pub(crate) enum Exit {
 /// An upgrade under way: its callers, and what kills the new master if it must be abandoned.
 pub(crate) struct Upgrading {
     replies: Vec<Reply>,
-    cancel: Option<oneshot::Sender<()>>,
     new_pid: u32,
     started: Instant,
 }
@@ -75,20 +74,18 @@ impl Supervisor {
             let down = self.listener_health.down.clone().unwrap_or_default();
             return refuse(reply, &format!("the listening socket is down: {down}"));
         }
-        let Some(launcher) = &self.launcher else {
+        let Some(exe) = self.fx.successor_exe() else {
             return refuse(reply, "this master cannot start a new one");
         };
         let deadline = self.upgrade_deadline();
-        let exe = launcher.exe().display().to_string();
-        match launcher.launch(&self.listener, deadline, self.events.clone()) {
-            Ok((new_pid, cancel)) => {
+        match self.fx.launch_successor(&self.listener, deadline) {
+            Ok(new_pid) => {
                 tracing::info!(new_pid, exe = %exe, deadline = %humantime::format_duration(deadline), "upgrade: started a new master");
                 self.notice(Notice::Status(format!(
                     "upgrading: new master pid {new_pid} ({exe}) starting its workers"
                 )));
                 self.upgrading = Some(Upgrading {
                     replies: vec![reply],
-                    cancel: Some(cancel),
                     new_pid,
                     started: Instant::now(),
                 });
@@ -142,10 +139,8 @@ impl Supervisor {
 
     /// Abandons an upgrade under way: the new master is killed, its callers told why.
     pub(super) fn cancel_upgrade(&mut self, reason: &str) {
-        if let Some(mut u) = self.upgrading.take() {
-            if let Some(cancel) = u.cancel.take() {
-                let _ = cancel.send(());
-            }
+        if let Some(u) = self.upgrading.take() {
+            self.fx.cancel_successor();
             tracing::warn!(new_pid = u.new_pid, "upgrade abandoned: {reason}");
             for reply in u.replies.into_iter().flatten() {
                 let _ = reply.send(ControlResponse::UpgradeFailed {

@@ -128,6 +128,7 @@ impl Supervisor {
         let Some(w) = self.workers.remove(&id) else {
             return;
         };
+        self.fx.reaped(id);
         let how = describe_exit(&status);
         let clean = status.as_ref().is_ok_and(|s| s.success());
         if let Some(r) = &mut self.rollout
@@ -216,7 +217,7 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        let _ = w.kill.send(());
+        self.fx.kill(id);
         w.state = WorkerState::Hung;
         w.killed_for = Some("hung");
         self.metrics.count_kill("hung");

@@ -11,15 +11,16 @@
 //!
 //! It also counts the supervisor's own events: worker starts, exits and kills by cause,
 //! reloads by outcome, and the master bounds a rollout waited at; and it reports how often
-//! `state_dir`'s control socket and pidfile were recreated (counted by `state_dir::Watch`). It
-//! never changes a worker, a slot or a rollout; the transitions call it.
+//! `state_dir`'s control socket and pidfile were recreated (counted by `state_dir::Watch`, and
+//! added to the report by the admin listener). It defines the [`MetricsReport`] a scrape gets
+//! (the admin listener formats it). It never changes a worker, a slot or a rollout; the
+//! transitions call it.
 
 use std::collections::BTreeMap;
 use std::process::ExitStatus;
 
 use super::{RolloutKind, Supervisor, Worker, WorkerId, WorkerState};
 use crate::counters::Totals;
-use crate::master::admin::{GenerationMetrics, MetricsReport};
 use crate::protocol::ReloadReport;
 
 /// Generations whose counters are reported apart.
@@ -50,6 +51,50 @@ pub(super) const MASTER_LIMITS: [&str; 3] =
     ["max_draining_workers", "worker_table_full", "plugin_series"];
 const RELOAD_KINDS: [&str; 3] = ["reload", "rollback", "watch"];
 const RELOAD_OUTCOMES: [&str; 5] = ["ok", "refused", "reverted", "revert_failed", "interrupted"];
+
+/// What a scrape reports: everything the supervisor counted, as plain numbers.
+#[derive(Debug, Default)]
+pub(crate) struct MetricsReport {
+    /// One entry per generation that served (or still serves) requests, oldest first.
+    pub generations: Vec<GenerationMetrics>,
+    /// The generation new connections reach (0 before the first one serves).
+    pub serving_generation: u64,
+    /// Reloads by (kind, outcome).
+    pub reloads: Vec<(String, &'static str, u64)>,
+    /// Worker processes started, by cause.
+    pub worker_starts: Vec<(&'static str, u64)>,
+    /// Worker processes reaped, by (cause, how they ended).
+    pub worker_exits: Vec<(&'static str, &'static str, u64)>,
+    /// Workers the master SIGKILLed, by cause.
+    pub worker_kills: Vec<(&'static str, u64)>,
+    /// Master bounds hit (a rollout that waited for room), by limit.
+    pub master_limit_hits: Vec<(&'static str, u64)>,
+    /// Files of `state_dir` recreated after they went missing, by what.
+    pub state_dir_repairs: Vec<(&'static str, u64)>,
+    /// The shared listening socket: whether it listens (1) or is down (0), and how often it
+    /// was found shut down (by a plugin) and re-armed.
+    pub listener_up: bool,
+    pub listener_recoveries: u64,
+    /// Processes the workers left behind that the master ended: all, and those that needed
+    /// SIGKILL.
+    pub orphans_ended: u64,
+    pub orphans_killed: u64,
+}
+
+/// One generation's requests, summed over its live workers and the ones that exited.
+#[derive(Debug, Default)]
+pub(crate) struct GenerationMetrics {
+    /// The generation number, or `older` for the sum of generations too old to keep apart.
+    pub generation: String,
+    pub plugin: String,
+    pub version: String,
+    pub sha256: String,
+    pub totals: Totals,
+    /// Its live workers by state.
+    pub workers: Vec<(&'static str, u64)>,
+    /// Its plugin's own metrics, summed over its live workers and the ones that exited.
+    pub plugin_series: crate::plugin_metrics::Sums,
+}
 
 /// A generation's labels: which build it runs.
 #[derive(Clone, Debug, Default)]
@@ -413,11 +458,12 @@ impl Supervisor {
             worker_exits: m.exits.iter().map(|((c, h), n)| (*c, *h, *n)).collect(),
             worker_kills: counted(&KILL_CAUSES, &m.kills),
             master_limit_hits: counted(&MASTER_LIMITS, &m.limits),
-            state_dir_repairs: crate::master::state_dir::repairs(),
+            // Counted by `state_dir::Watch`; the admin listener adds them.
+            state_dir_repairs: Vec::new(),
             listener_up: self.listener_health.down.is_none(),
             listener_recoveries: self.listener_health.recoveries,
-            orphans_ended: self.orphans.found,
-            orphans_killed: self.orphans.killed,
+            orphans_ended: self.fx.orphans_ended().0,
+            orphans_killed: self.fx.orphans_ended().1,
         }
     }
 }

@@ -14,7 +14,7 @@
 //! A rollout's first step is the snapshot of the plugin file its generation runs, after reading
 //! the config file again for its `[plugin_config]` (a reload; the first start uses the one the
 //! master was started with; a rollback reuses a kept generation's). That file I/O
-//! runs on tokio's blocking pool, never on this loop (a FIFO, a slow disk or a 200 MB file must
+//! runs on a thread of its own, never on this loop (a FIFO, a slow disk or a 200 MB file must
 //! not stall `status`, signals or crash replacement); its result comes back as
 //! [`Event::SnapshotTaken`]. Meanwhile the supervisor is busy exactly as during the rest of the
 //! rollout, and the reported duration counts the snapshot.
@@ -32,21 +32,28 @@
 //! when every slot moved and every old worker acknowledged that it stopped accepting, so a
 //! connection opened after `reload` returns reaches new code.
 //!
-//! This module spawns and signals processes and answers requests; it does not own sockets other
-//! than the listener it hands to workers, and it never loads plugin code.
+//! This module decides and answers requests; what a decision does to the world (spawning and
+//! signalling processes, snapshots, notices) goes through [`Effects`] (see [`effects`]), so the
+//! decisions are unit-tested with a fake and a paused clock (`tests.rs`). It does not own sockets
+//! other than the listener it hands to workers (which it checks and re-arms, see [`listener`]),
+//! and it never loads plugin code. It is one self-contained value: events go in through
+//! [`Supervisor::handle`] and the timers through [`Supervisor::on_timer`] at
+//! [`Supervisor::next_deadline`]; [`Supervisor::run`] is that loop.
 //!
 //! The transitions live by concern, each an `impl Supervisor` block: [`rollout`] (reloads,
 //! rollbacks, the queue), [`analysis`] (a canary judged on live traffic, the watch period after
-//! a full rollout, `promote` and `abort`), [`health`] (crashes, hung workers, backoff, replacements), [`recycle`]
-//! (one-slot rollouts that replace a worker over `max_requests` or `max_worker_rss`, or whose
-//! plugin asked), [`spawn`] (starting and signalling worker processes), [`status`] (answering
-//! `status`), [`listener`] (the shared listening socket's checks and re-arming), [`evidence`]
-//! (what a hung or dead worker was doing, for the log) and [`metrics`]
-//! (what `/metrics` reports: counters folded from exited workers, starts, exits, kills). This file
+//! a full rollout, `promote` and `abort`), [`health`] (crashes, hung workers, backoff,
+//! replacements), [`recycle`] (one-slot rollouts that replace a worker over `max_requests` or
+//! `max_worker_rss`, or whose plugin asked), [`spawn`] (starting and signalling workers,
+//! through [`effects`]), [`handover`] (the old master's side of `host upgrade`), [`status`]
+//! (answering `status`), [`listener`] (the shared listening socket's checks and re-arming),
+//! [`evidence`] (what a hung or dead worker was doing, for the log) and [`metrics`] (what
+//! `/metrics` reports: counters folded from exited workers, starts, exits, kills). This file
 //! holds the state, the one match, the run loop and the timers (the watchdog's among them: a
 //! ready worker's silence is a deadline like the others).
 
 mod analysis;
+mod effects;
 mod evidence;
 mod handover;
 mod health;
@@ -56,6 +63,8 @@ mod recycle;
 mod rollout;
 mod spawn;
 mod status;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::process::ExitStatus;
@@ -68,8 +77,8 @@ use tokio::time::Instant;
 use super::snapshot::Snapshot;
 use crate::config::{Config, PluginConfig};
 use crate::protocol::{
-    BuildReport, ControlRequest, ControlResponse, MasterToWorker, PluginInfo, ReloadReport,
-    StartupTimings, WorkerStateName, WorkerToMaster,
+    BuildReport, ControlRequest, ControlResponse, PluginInfo, ReloadReport, StartupTimings,
+    WorkerStateName, WorkerToMaster,
 };
 use health::SlotHealth;
 use rollout::PendingSnapshot;
@@ -77,7 +86,10 @@ use spawn::KILL_MARGIN;
 pub(crate) use spawn::describe_exit;
 use status::StatusQuery;
 
+pub(crate) use effects::{Effects, WorkerLaunch};
 pub(crate) use handover::Exit;
+pub(crate) use metrics::{GenerationMetrics, MetricsReport};
+pub(crate) use rollout::SnapshotSource;
 
 /// Everything the master reacts to.
 pub(crate) enum Event {
@@ -99,7 +111,7 @@ pub(crate) enum Event {
     PluginChanged,
     /// Dev mode: a build the watcher ran ended (before its `PluginChanged`, if it succeeded).
     Built(BuildReport),
-    /// The snapshot a rollout's first step took on the blocking pool, with the
+    /// The snapshot a rollout's first step took off the loop, with the
     /// `[plugin_config]` it read (or why it could not).
     SnapshotTaken {
         ticket: u64,
@@ -107,7 +119,7 @@ pub(crate) enum Event {
     },
     /// A scrape of the admin listener's `/metrics`, with where to send the report.
     Metrics {
-        reply: oneshot::Sender<crate::master::admin::MetricsReport>,
+        reply: oneshot::Sender<metrics::MetricsReport>,
     },
     /// `host upgrade`: the new master took over, or why it did not.
     Upgraded(Result<crate::protocol::UpgradeReport, String>),
@@ -186,10 +198,6 @@ struct Worker {
     generation: Arc<Generation>,
     pid: u32,
     state: WorkerState,
-    tx: mpsc::UnboundedSender<MasterToWorker>,
-    /// Asks the task that owns the `Child` to SIGKILL it. That task also reaps it, so a kill can
-    /// never reach a recycled pid.
-    kill: mpsc::UnboundedSender<()>,
     plugin: Option<PluginInfo>,
     requests: u64,
     in_flight: u64,
@@ -261,7 +269,8 @@ pub(crate) struct Supervisor {
     /// Where accepting workers publish their connection counts (`None` if it could not be
     /// created: workers then accept without looking at each other).
     accept_table: Option<(crate::accept_table::Table, std::os::fd::OwnedFd)>,
-    events: mpsc::UnboundedSender<Event>,
+    /// What the transitions do to the world (see [`effects`]).
+    fx: Box<dyn Effects>,
     workers: BTreeMap<WorkerId, Worker>,
     serving: Vec<Option<WorkerId>>,
     health: Vec<SlotHealth>,
@@ -285,18 +294,11 @@ pub(crate) struct Supervisor {
     /// does not retry identical bytes with an identical configuration.
     last_refused: Option<(String, String)>,
     queries: Vec<StatusQuery>,
-    start_notify: Option<std::fs::File>,
     recycling: recycle::Recycling,
     metrics: metrics::Metrics,
-    /// Where [`Notice`]s go (none: nobody listens).
-    notices: Option<mpsc::UnboundedSender<Notice>>,
-    /// How to start a new master for `host upgrade` (none: upgrades are refused).
-    launcher: Option<crate::master::upgrade::Launcher>,
     upgrading: Option<handover::Upgrading>,
     /// A new master took over: stopping leaves the pidfile and the control socket to it.
     handed_over: bool,
-    /// Processes the workers left behind, being ended (see `orphans`).
-    orphans: crate::master::orphans::Orphans,
     /// Whether the listener listens, and its recoveries (see `listener`).
     listener_health: listener::ListenerHealth,
     /// Since when the rollout has been waiting for room to start its next worker (see
@@ -337,11 +339,11 @@ fn short(sha: &str) -> &str {
 }
 
 impl Supervisor {
+    /// A supervisor for `cfg`'s slots on `listener`, whose transitions act through `fx`.
     pub(crate) fn new(
         cfg: Arc<Config>,
         listener: std::net::TcpListener,
-        events: mpsc::UnboundedSender<Event>,
-        start_notify: Option<std::fs::File>,
+        fx: Box<dyn Effects>,
     ) -> Supervisor {
         let slots = cfg.workers;
         let accept_table = crate::accept_table::Table::create(table_cells(&cfg))
@@ -358,7 +360,7 @@ impl Supervisor {
             cfg,
             listener,
             accept_table,
-            events,
+            fx,
             workers: BTreeMap::new(),
             serving: vec![None; slots],
             health: (0..slots).map(|_| SlotHealth::default()).collect(),
@@ -377,10 +379,7 @@ impl Supervisor {
             last_refused: None,
             queries: Vec::new(),
             recycling,
-            start_notify,
             metrics: metrics::Metrics::default(),
-            notices: None,
-            launcher: None,
             upgrading: None,
             handed_over: false,
             room_wait: None,
@@ -390,27 +389,12 @@ impl Supervisor {
             watch_rollback: None,
             queued_abort_reply: None,
             canary_override: None,
-            orphans: Default::default(),
             listener_health: listener::ListenerHealth::new(every),
         }
     }
 
-    /// Sends [`Notice`]s to `notices` from now on.
-    pub(crate) fn with_notices(mut self, notices: mpsc::UnboundedSender<Notice>) -> Self {
-        self.notices = Some(notices);
-        self
-    }
-
-    /// Lets `host upgrade` start a new master with `launcher`.
-    pub(crate) fn with_launcher(mut self, launcher: crate::master::upgrade::Launcher) -> Self {
-        self.launcher = Some(launcher);
-        self
-    }
-
-    pub(super) fn notice(&self, notice: Notice) {
-        if let Some(tx) = &self.notices {
-            let _ = tx.send(notice);
-        }
+    pub(super) fn notice(&mut self, notice: Notice) {
+        self.fx.notice(notice);
     }
 
     /// Runs until the master is stopped (`Ok`) or cannot start (`Err` with the reason).
@@ -545,9 +529,9 @@ impl Supervisor {
             replies.push(reply);
             if by_signal {
                 tracing::warn!("second stop signal: killing every worker now");
-                for w in self.workers.values_mut() {
+                for (id, w) in &mut self.workers {
                     if !matches!(w.state, WorkerState::Killed) {
-                        let _ = w.kill.send(());
+                        self.fx.kill(*id);
                         w.state = WorkerState::Killed;
                         w.killed_for = Some("stop");
                         self.metrics.count_kill("stop");
@@ -577,7 +561,7 @@ impl Supervisor {
 
     /// Ends the processes the workers left behind and reaps those that exited.
     fn sweep_orphans(&mut self) {
-        self.orphans.sweep(Instant::now(), self.cfg.orphan_grace);
+        self.fx.sweep_orphans(Instant::now(), self.cfg.orphan_grace);
     }
 
     /// A message from worker `id` proves it alive; returns the message for the match.
@@ -639,7 +623,7 @@ impl Supervisor {
                 Expired::Silent(silent) => self.on_hung(id, silent),
             }
         }
-        if self.orphans.deadline().is_some_and(|d| d <= now) {
+        if self.fx.orphans_pending().1.is_some_and(|d| d <= now) {
             self.sweep_orphans();
         }
         self.listener_timer(now);
@@ -672,7 +656,7 @@ impl Supervisor {
             .chain(queries)
             .chain(recycling)
             .chain(self.judging_deadline())
-            .chain(self.orphans.deadline())
+            .chain(self.fx.orphans_pending().1)
             .chain(Some(self.listener_health.next_check))
             .min()
     }
@@ -684,7 +668,7 @@ impl Supervisor {
         // Every worker is gone, so everything they started is the master's child now: stopped
         // (and the port free) once those are gone too.
         self.sweep_orphans();
-        if self.orphans.any() {
+        if self.fx.orphans_pending().0 {
             return None;
         }
         for reply in self.stopping.take().into_iter().flatten().flatten() {

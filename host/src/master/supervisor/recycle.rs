@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::status::rss_bytes;
 use super::{Rollout, RolloutKind, Supervisor, WorkerId, WorkerState, unix_now};
 use crate::protocol::ReloadReport;
 
@@ -270,7 +269,7 @@ impl Supervisor {
                 .filter(|id| !self.recycling.requested.contains_key(*id))
                 .filter_map(|id| {
                     let w = self.workers.get(id)?;
-                    let rss = rss_bytes(w.pid);
+                    let rss = self.fx.rss_bytes(w.pid);
                     (matches!(w.state, WorkerState::Ready) && rss > limit).then_some((*id, rss))
                 })
                 .collect();

@@ -10,7 +10,6 @@
 //! crash backoff (that is [`health`](super::health)).
 
 use std::collections::HashSet;
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,8 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::time::Instant;
 
 use super::{
-    Event, Generation, Reply, Rollout, RolloutKind, Supervisor, WorkerId, WorkerState, short,
-    unix_now,
+    Generation, Reply, Rollout, RolloutKind, Supervisor, WorkerId, WorkerState, short, unix_now,
 };
 use crate::config::{Config, PluginConfig};
 use crate::master::snapshot::{self, Snapshot};
@@ -84,8 +82,8 @@ impl Supervisor {
     }
 
     /// Starts a rollout of `kind` with its first step, the snapshot its generation runs. The
-    /// snapshot is taken on the blocking pool (it reads, hashes and copies a file of up to
-    /// `max_plugin_bytes`), never on this loop; [`Self::on_snapshot`] goes on when it arrives.
+    /// snapshot is taken off this loop (it reads, hashes and copies a file of up to
+    /// `max_plugin_bytes`: [`Effects::take_snapshot`](super::Effects::take_snapshot)); [`Self::on_snapshot`] goes on when it arrives.
     /// Until then the supervisor is busy as during a rollout: requests queue, `stop` abandons it.
     pub(super) fn begin(&mut self, kind: RolloutKind, replies: Vec<Reply>) {
         if kind != RolloutKind::Recycle {
@@ -151,21 +149,7 @@ impl Supervisor {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let cancel = Arc::new(AtomicBool::new(false));
-        let (cfg, events, abandoned) = (self.cfg.clone(), self.events.clone(), cancel.clone());
-        // A thread of its own at a lower priority: reading, hashing and copying a big plugin is
-        // background work that must not take the CPU from the event loop or the workers.
-        let spawned = std::thread::Builder::new().name("snapshot".into()).spawn({
-            let events = events.clone();
-            move || {
-                crate::master::snapshot::lower_thread_priority();
-                let result = source.take(&cfg, &abandoned);
-                let _ = events.send(Event::SnapshotTaken { ticket, result });
-            }
-        });
-        if let Err(e) = spawned {
-            let result = Err(format!("cannot start the snapshot thread: {e}"));
-            let _ = events.send(Event::SnapshotTaken { ticket, result });
-        }
+        self.fx.take_snapshot(ticket, source, cancel.clone());
         self.snapshotting = Some(PendingSnapshot {
             ticket,
             kind,
@@ -284,24 +268,7 @@ impl Supervisor {
         if let Some(r) = &self.rollout {
             keep.insert(r.target.snapshot.path.clone());
         }
-        let Ok(entries) = std::fs::read_dir(self.cfg.snapshot_dir()) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let is_snapshot = path.extension().is_some_and(|e| e == "so")
-                && path.file_stem().is_some_and(|s| {
-                    s.len() == 64 && s.to_string_lossy().bytes().all(|b| b.is_ascii_hexdigit())
-                });
-            if is_snapshot && !keep.contains(&path) {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => tracing::debug!(path = %path.display(), "pruned an old snapshot"),
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot prune an old snapshot")
-                    }
-                }
-            }
-        }
+        self.fx.prune_snapshots(&keep);
     }
 
     /// Starts the next slot's candidate, or finishes the rollout when nothing is left.
@@ -580,9 +547,7 @@ impl Supervisor {
     }
 
     pub(super) fn notify_started(&mut self, line: &str) {
-        if let Some(mut f) = self.start_notify.take() {
-            let _ = writeln!(f, "{line}");
-        }
+        self.fx.started(line);
     }
 
     /// The candidate failed: kill it; revert the slots already moved, or give up.
@@ -733,9 +698,9 @@ impl Supervisor {
     }
 }
 
-/// A rollout's first step, under way on the blocking pool.
+/// A rollout's first step, under way off the loop.
 pub(super) struct PendingSnapshot {
-    /// Matches the [`Event::SnapshotTaken`] that ends it.
+    /// Matches the [`Event::SnapshotTaken`](super::Event::SnapshotTaken) that ends it.
     ticket: u64,
     kind: RolloutKind,
     replies: Vec<Reply>,
@@ -747,14 +712,14 @@ pub(super) struct PendingSnapshot {
 
 /// What a rollout's first step brings back from the snapshot thread.
 pub(crate) struct Taken {
-    snapshot: Snapshot,
-    config: PluginConfig,
+    pub(super) snapshot: Snapshot,
+    pub(super) config: PluginConfig,
     /// Keys of the re-read config file that changed but that a reload does not apply.
-    ignored_keys: Vec<&'static str>,
+    pub(super) ignored_keys: Vec<&'static str>,
 }
 
 /// Where a new generation's snapshot and `[plugin_config]` come from.
-enum SnapshotSource {
+pub(crate) enum SnapshotSource {
     /// A fresh snapshot of the configured plugin file, with the `[plugin_config]` the master
     /// started with, or (`reread_config`) the one in the config file now.
     PluginFile { reread_config: bool },
@@ -768,9 +733,9 @@ enum SnapshotSource {
 }
 
 impl SnapshotSource {
-    /// Blocks (file I/O): runs on the blocking pool. A config file that does not pass
+    /// Blocks (file I/O): runs on a thread of its own. A config file that does not pass
     /// `host check` refuses the rollout with the same one line, before the plugin is read.
-    fn take(self, cfg: &Config, cancel: &AtomicBool) -> Result<Taken, String> {
+    pub(crate) fn take(self, cfg: &Config, cancel: &AtomicBool) -> Result<Taken, String> {
         match self {
             SnapshotSource::PluginFile { reread_config } => {
                 let (config, ignored_keys) = if reread_config {

@@ -1,30 +1,19 @@
-//! Worker processes: exec this binary as a worker with the listener and a fresh channel, wire
-//! its messages and exit into [`Event`]s, tell it to drain, kill it. It never decides *when*
-//! a worker starts or leaves (the rollout and health code do) and never waits on a process:
-//! each child is owned and reaped by its own task.
+//! Worker processes as the supervisor keeps them: start one in a free cell of the worker table
+//! with its spec, tell it to drain, kill it, and the cells' bookkeeping. The process itself
+//! (exec, its channel, reaping) is [`Effects`](super::Effects)'; this never execs or waits on
+//! a process, and never decides *when* a worker starts or leaves (the rollout and health code
+//! do).
 
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
-use command_fds::{CommandFdExt, FdMapping};
 use nix::sys::signal::Signal;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Event, Generation, Supervisor, Worker, WorkerId, WorkerState};
-use crate::fd;
-use crate::protocol::{MasterToWorker, Sender, WorkerSpec, WorkerToMaster};
-
-/// glibc malloc's tunables for workers, unless the master's environment has its own
-/// `GLIBC_TUNABLES` (then the workers inherit that). By default each thread keeps 7 freed chunks
-/// of each size; a request through the plugin frees more than that of a few sizes (its header
-/// map, each header value, on both sides of the ABI, which share the one malloc), and the surplus
-/// goes to lists that the next large allocation consolidates. Keeping 64 cut the CPU per request
-/// by 5-7% for a browser's request (ten headers) and 1-2% for wrk's, and worker RSS after load
-/// grew by about 0.1 MiB (measured in `bench`'s way, side by side). Other C libraries ignore it.
-pub(crate) const WORKER_MALLOC_TUNABLES: &str = "glibc.malloc.tcache_count=64";
+use super::{Generation, Supervisor, Worker, WorkerId, WorkerLaunch, WorkerState};
+use crate::protocol::{MasterToWorker, WorkerSpec};
 
 /// How long past `graceful_timeout` a draining worker may take to exit on its own before SIGKILL.
 pub(super) const KILL_MARGIN: Duration = Duration::from_secs(2);
@@ -61,7 +50,7 @@ impl Supervisor {
         w.leaving = w.leaving.or(Some(why));
         match w.state {
             WorkerState::Ready => {
-                let _ = w.tx.send(MasterToWorker::Drain);
+                self.fx.send(id, MasterToWorker::Drain);
                 w.state = WorkerState::Draining {
                     kill_at: Instant::now() + self.cfg.graceful_timeout + KILL_MARGIN,
                 };
@@ -91,23 +80,22 @@ impl Supervisor {
         if let Some(w) = self.workers.get_mut(&id)
             && !matches!(w.state, WorkerState::Killed | WorkerState::Hung)
         {
-            let _ = w.kill.send(());
+            self.fx.kill(id);
             w.state = WorkerState::Killed;
             w.killed_for = Some(cause);
             self.metrics.count_kill(cause);
         }
     }
 
-    /// Starts a worker for `slot` running `generation`: exec this binary with the listener on
-    /// fd 3 and a fresh channel on fd 4, then send it its spec.
+    /// Starts a worker for `slot` running `generation` in a free cell of the worker table
+    /// (through [`Effects::spawn_worker`](super::Effects::spawn_worker): this binary with the
+    /// listener and a fresh channel), then sends it its spec.
     pub(super) fn spawn(
         &mut self,
         slot: u32,
         generation: Arc<Generation>,
     ) -> Result<WorkerId, SpawnWorkerError> {
         let err = |source| SpawnWorkerError { slot, source };
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(err)?;
-        let listener = self.listener.try_clone().map_err(err)?;
         let accept_cell = self.free_accept_cell();
         if accept_cell.is_none() && self.accept_table.is_some() {
             // Never a worker whose requests go uncounted: the callers wait for a cell first.
@@ -118,95 +106,22 @@ impl Supervisor {
         if let (Some(cell), Some((table, _))) = (accept_cell, &self.accept_table) {
             table.reset(cell as usize);
         }
-        let table_fd = match (&self.accept_table, accept_cell) {
-            (Some((_, fd)), Some(_)) => Some(fd.try_clone().map_err(err)?),
+        let table = match (&self.accept_table, accept_cell) {
+            (Some((_, fd)), Some(_)) => Some(fd),
             _ => None,
         };
-        let mut cmd = std::process::Command::new("/proc/self/exe");
-        cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "host".into()))
-            .arg("__worker")
-            .args(["--slot", &slot.to_string()])
-            .args(["--generation", &generation.number.to_string()])
-            .args(["--master-pid", &std::process::id().to_string()])
-            // The worker logs before its spec arrives: its format comes on the command line.
-            .args(["--log-format", self.cfg.log_format.name()])
-            .args([
-                "--spawned-at-ns",
-                &crate::worker::monotonic_ns().to_string(),
-            ])
-            .stdin(std::process::Stdio::null());
-        if std::env::var_os("GLIBC_TUNABLES").is_none() {
-            cmd.env("GLIBC_TUNABLES", WORKER_MALLOC_TUNABLES);
-        }
-        for var in crate::master::systemd::MASTER_ONLY_ENV
-            .iter()
-            .chain(&[crate::master::upgrade::FROM_ENV, crate::START_NOTIFY_ENV])
-        {
-            cmd.env_remove(var);
-        }
-        cmd.fd_mappings(
-            vec![
-                FdMapping {
-                    parent_fd: listener.into(),
-                    child_fd: fd::LISTENER_FD,
-                },
-                FdMapping {
-                    parent_fd: theirs.into(),
-                    child_fd: fd::CHANNEL_FD,
-                },
-            ]
-            .into_iter()
-            .chain(table_fd.map(|fd| FdMapping {
-                parent_fd: fd,
-                child_fd: crate::accept_table::TABLE_FD,
-            }))
-            .collect(),
-        )
-        .map_err(|e| err(std::io::Error::other(e)))?;
-        let mut child = tokio::process::Command::from(cmd).spawn().map_err(err)?;
-        let pid = child.id().unwrap_or(0);
-        crate::master::orphans::own(pid);
-
         let id = WorkerId(self.next_id);
+        let pid = self
+            .fx
+            .spawn_worker(WorkerLaunch {
+                id,
+                slot,
+                generation: generation.number,
+                listener: &self.listener,
+                table,
+            })
+            .map_err(err)?;
         self.next_id += 1;
-
-        ours.set_nonblocking(true).map_err(err)?;
-        let stream = tokio::net::UnixStream::from_std(ours).map_err(err)?;
-        let (rd, wr) = stream.into_split();
-        let (tx, mut orders) = mpsc::unbounded_channel::<MasterToWorker>();
-        let events = self.events.clone();
-        let (kill, mut kill_rx) = mpsc::unbounded_channel::<()>();
-        tokio::spawn(async move {
-            let status = loop {
-                tokio::select! {
-                    status = child.wait() => {
-                        crate::master::orphans::disown(pid);
-                        break status;
-                    }
-                    Some(()) = kill_rx.recv() => {
-                        let _ = child.start_kill();
-                    }
-                }
-            };
-            let _ = events.send(Event::Exited { id, status });
-        });
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            let mut rx = crate::protocol::Receiver::<_, WorkerToMaster>::new(rd);
-            while let Ok(Some(msg)) = rx.recv().await {
-                if events.send(Event::Worker { id, msg }).is_err() {
-                    break;
-                }
-            }
-        });
-        tokio::spawn(async move {
-            let mut sender = Sender::<_, MasterToWorker>::new(wr);
-            while let Some(order) = orders.recv().await {
-                if sender.send(&order).await.is_err() {
-                    break;
-                }
-            }
-        });
 
         // Recycling: this worker's request limit, `max_requests` plus its own jitter.
         let (max_requests, max_requests_jitter) = match self.cfg.max_requests {
@@ -247,7 +162,7 @@ impl Supervisor {
             pool: self.cfg.blocking_pool(),
             access_log: self.cfg.access_log.clone(),
         };
-        let _ = tx.send(MasterToWorker::Start(spec));
+        self.fx.send(id, MasterToWorker::Start(spec));
         tracing::debug!(pid, slot, generation = generation.number, "worker spawned");
         self.workers.insert(
             id,
@@ -258,8 +173,6 @@ impl Supervisor {
                 state: WorkerState::Starting {
                     deadline: Instant::now() + self.cfg.start_timeout,
                 },
-                tx,
-                kill,
                 plugin: None,
                 requests: 0,
                 in_flight: 0,

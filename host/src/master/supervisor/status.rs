@@ -23,24 +23,12 @@ pub(super) struct StatusQuery {
 /// How long a status query waits for workers' counters.
 const STATS_WAIT: Duration = Duration::from_millis(300);
 
-/// Resident set size of `pid` in bytes, from `/proc/<pid>/statm`.
-pub(super) fn rss_bytes(pid: u32) -> u64 {
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u64;
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * page)
-}
-
 impl Supervisor {
     pub(super) fn request_status(&mut self, reply: oneshot::Sender<ControlResponse>) {
         let mut waiting = HashSet::new();
         for (id, w) in &self.workers {
             if matches!(w.state, WorkerState::Ready | WorkerState::Draining { .. })
-                && w.tx.send(MasterToWorker::QueryStats).is_ok()
+                && self.fx.send(*id, MasterToWorker::QueryStats)
             {
                 waiting.insert(*id);
             }
@@ -70,7 +58,7 @@ impl Supervisor {
                     requests: w.requests,
                     in_flight: w.in_flight,
                     connections: w.connections,
-                    rss_bytes: rss_bytes(w.pid),
+                    rss_bytes: self.fx.rss_bytes(w.pid),
                     plugin: w.plugin.clone(),
                     config_sha256: w.generation.config.sha256.clone(),
                     startup_us: w.startup.clone(),
@@ -79,7 +67,7 @@ impl Supervisor {
             .collect();
         let report = StatusReport {
             master_pid: std::process::id(),
-            master_rss_bytes: rss_bytes(std::process::id()),
+            master_rss_bytes: self.fx.rss_bytes(std::process::id()),
             listen: self.cfg.listen.to_string(),
             admin_listen: self.cfg.admin_listen.map(|a| a.to_string()),
             generation: self.current.as_ref().map_or(0, |g| g.number),
