@@ -1662,15 +1662,16 @@ mod tests {
             prop_oneof![3 => few, 1 => many, 1 => with_table]
         }
 
-        /// Every key the README's configuration table documents gets random values here.
+        /// Every key the configuration table (`docs/configuration.md`) documents gets random
+        /// values here.
         #[test]
         fn the_property_test_covers_every_documented_key() {
-            let readme = include_str!("../../README.md");
-            let section = readme
-                .split("## Configuration")
+            let docs = include_str!("../../docs/configuration.md");
+            let section = docs
+                .split("<!-- keys:begin -->\n")
                 .nth(1)
-                .and_then(|s| s.split("\n## ").next())
-                .expect("README has a Configuration section");
+                .and_then(|s| s.split("<!-- keys:end -->").next())
+                .expect("docs/configuration.md has the keys table between its markers");
             let documented: std::collections::BTreeSet<&str> = section
                 .lines()
                 .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
