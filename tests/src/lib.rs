@@ -25,7 +25,7 @@ pub use clients::{Events, Reply, get, get_on_one_connection};
 pub use host::{
     Activated, Host, HostOptions, fixture_host_with_marker, wait_old_workers_gone, worker_pids_in,
 };
-pub use load::{Load, LoadReport, Mode};
+pub use load::{Answer, Load, LoadError, LoadReport, Mode};
 pub use process::{
     Hogs, first_allowed_cpu, open_fds, pid_alive, set_fd_limit, set_soft_fd_limit, starve,
 };

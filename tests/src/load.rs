@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::clients::{Failure, Sender, connect_with, send};
 use crate::wait_until;
@@ -22,6 +22,31 @@ pub enum Mode {
     H2,
 }
 
+/// How long a load client waits for one answer before it counts the request as failed and
+/// drops its connection, as an impatient client does.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A `200`: when it came, to which client, and from which worker.
+#[derive(Clone, Copy, Debug)]
+pub struct Answer {
+    pub at: Instant,
+    /// The client (0..clients) that sent it.
+    pub client: usize,
+    /// The worker pid the body names (`... pid N ...`, as the example plugin's `/` says), if it
+    /// names one.
+    pub worker: Option<u32>,
+}
+
+/// A request that got no response (or whose connection could not be opened).
+#[derive(Clone, Debug)]
+pub struct LoadError {
+    pub client: usize,
+    /// The worker the client's connection was on, as its last answer there named it: `None` for
+    /// a new connection (every one in [`Mode::Close`]) or one whose answers name no worker.
+    pub worker: Option<u32>,
+    pub error: String,
+}
+
 /// What a load run saw.
 #[derive(Debug)]
 pub struct LoadReport {
@@ -29,7 +54,9 @@ pub struct LoadReport {
     pub mode: Mode,
     pub ok: u64,
     pub non_200: Vec<(u16, String)>,
-    pub errors: Vec<String>,
+    pub errors: Vec<LoadError>,
+    /// Every `200`, in the order they came.
+    pub answers: Vec<Answer>,
     /// Count of responses per first body line (which build served them).
     pub first_lines: BTreeMap<String, u64>,
     /// Responses that asked the client to close (keep-alive mode).
@@ -61,6 +88,7 @@ impl LoadReport {
             ok: 0,
             non_200: Vec::new(),
             errors: Vec::new(),
+            answers: Vec::new(),
             first_lines: BTreeMap::new(),
             closes: 0,
             connects: 0,
@@ -98,7 +126,17 @@ impl LoadReport {
     }
 }
 
-/// Clients sending back-to-back `GET path` until stopped, counting every outcome.
+/// The worker pid a body names: the number after the word `pid` (`pid 123 generation 1 slot 0`).
+pub fn served_by(body: &str) -> Option<u32> {
+    body.split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Clients sending back-to-back `GET path` until stopped, counting every outcome. Each request
+/// waits [`REQUEST_DEADLINE`] at most.
 pub struct Load {
     stop: Arc<AtomicBool>,
     report: Arc<Mutex<LoadReport>>,
@@ -110,26 +148,37 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(LoadReport::new(mode)));
         let tasks = (0..clients)
-            .map(|_| {
+            .map(|client| {
                 let (stop, report) = (stop.clone(), report.clone());
                 tokio::spawn(async move {
                     let mut conn: Option<Sender> = None;
+                    // The worker the open connection is on, once an answer on it named one.
+                    let mut worker = None;
                     while !stop.load(Ordering::Relaxed) {
                         if conn.as_ref().is_some_and(|c| c.is_closed()) {
                             conn = None;
                         }
                         let sender = match conn.as_mut() {
                             Some(s) => s,
-                            None => match connect_with(addr, mode == Mode::H2).await {
-                                Ok(s) => {
-                                    report.lock().unwrap().connects += 1;
-                                    conn.insert(s)
+                            None => {
+                                worker = None;
+                                match connect_with(addr, mode == Mode::H2).await {
+                                    Ok(s) => {
+                                        report.lock().unwrap().connects += 1;
+                                        conn.insert(s)
+                                    }
+                                    Err(error) => {
+                                        report.lock().unwrap().errors.push(LoadError {
+                                            client,
+                                            worker,
+                                            error,
+                                        });
+                                        // Not a spin while connections are refused.
+                                        tokio::time::sleep(Duration::from_millis(10)).await;
+                                        continue;
+                                    }
                                 }
-                                Err(e) => {
-                                    report.lock().unwrap().errors.push(e);
-                                    continue;
-                                }
-                            },
+                            }
                         };
                         // A keep-alive connection the server closed while idle is not a failed
                         // request (nothing was sent yet): reconnect, as every client does.
@@ -137,7 +186,16 @@ impl Load {
                             conn = None;
                             continue;
                         }
-                        let result = send(sender, addr, path, mode == Mode::Close).await;
+                        let result = tokio::time::timeout(
+                            REQUEST_DEADLINE,
+                            send(sender, addr, path, mode == Mode::Close),
+                        )
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Failure::Failed(format!(
+                                "no answer within {REQUEST_DEADLINE:?}"
+                            )))
+                        });
                         let mut r = report.lock().unwrap();
                         match result {
                             Ok(reply) => {
@@ -149,6 +207,12 @@ impl Load {
                                 }
                                 if reply.status == 200 {
                                     r.ok += 1;
+                                    worker = served_by(&reply.body);
+                                    r.answers.push(Answer {
+                                        at: Instant::now(),
+                                        client,
+                                        worker,
+                                    });
                                     *r.first_lines
                                         .entry(reply.first_line().to_string())
                                         .or_default() += 1;
@@ -160,8 +224,12 @@ impl Load {
                                 r.unprocessed.push(e);
                                 conn = None;
                             }
-                            Err(Failure::Failed(e)) => {
-                                r.errors.push(e);
+                            Err(Failure::Failed(error)) => {
+                                r.errors.push(LoadError {
+                                    client,
+                                    worker,
+                                    error,
+                                });
                                 conn = None;
                             }
                         }
@@ -179,6 +247,16 @@ impl Load {
     /// Requests answered so far (any outcome).
     pub fn total(&self) -> u64 {
         self.report.lock().unwrap().total()
+    }
+
+    /// Whether a `200` has come from worker `pid` (see [`Answer::worker`]).
+    pub fn served_by(&self, pid: u32) -> bool {
+        self.report
+            .lock()
+            .unwrap()
+            .answers
+            .iter()
+            .any(|a| a.worker == Some(pid))
     }
 
     /// Waits until at least `n` more requests than now have completed.
