@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use host_status::{StatusReport, WorkerStateName};
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -19,13 +20,12 @@ use crate::process::pid_alive;
 use crate::wait_until;
 
 /// The pids of a `status --json`'s workers, of those in `state` if given.
-pub fn worker_pids_in(status: &Value, state: Option<&str>) -> Vec<u32> {
-    status["workers"]
-        .as_array()
-        .unwrap()
+pub fn worker_pids_in(status: &StatusReport, state: Option<WorkerStateName>) -> Vec<u32> {
+    status
+        .workers
         .iter()
-        .filter(|w| state.is_none_or(|s| w["state"] == s))
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .filter(|w| state.is_none_or(|s| w.state == s))
+        .map(|w| w.pid)
         .collect()
 }
 
@@ -151,8 +151,8 @@ impl Host {
             host.explain(&out)
         );
         let status = host.status().await;
-        host.master_pid = status["master_pid"].as_u64().unwrap() as u32;
-        host.addr = status["listen"].as_str().unwrap().parse().unwrap();
+        host.master_pid = status.master_pid;
+        host.addr = status.listen.parse().unwrap();
         host
     }
 
@@ -200,10 +200,7 @@ impl Host {
     /// `host_limit_hits_total{limit="<limit>"}` from `/metrics`, summed over generations. The
     /// host must have been started with `admin_listen` set (`status` reports where).
     pub async fn limit_hits(&self, limit: &str) -> u64 {
-        let admin: SocketAddr = self.status().await["admin_listen"]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .expect("the host was started with admin_listen");
+        let admin = self.admin_addr().await;
         let reply = get(admin, "/metrics").await.expect("GET /metrics");
         assert_eq!(reply.status, 200, "{}", reply.body);
         let label = format!("limit=\"{limit}\"");
@@ -215,8 +212,23 @@ impl Host {
             .sum()
     }
 
-    /// `status --json`, parsed.
-    pub async fn status(&self) -> Value {
+    /// Where the master serves `/metrics`. The host must have been started with `admin_listen`
+    /// set.
+    pub async fn admin_addr(&self) -> SocketAddr {
+        self.status()
+            .await
+            .admin_listen
+            .and_then(|a| a.parse().ok())
+            .expect("the host was started with admin_listen")
+    }
+
+    /// `status --json`, read into the types the host prints it from.
+    pub async fn status(&self) -> StatusReport {
+        serde_json::from_value(self.status_json().await).expect("status --json is a StatusReport")
+    }
+
+    /// `status --json` as printed, untyped: for the tests of the output itself.
+    pub async fn status_json(&self) -> Value {
         let out = self.cli(&["status", "--json"]).await;
         assert!(
             out.status.success(),
@@ -227,7 +239,11 @@ impl Host {
     }
 
     /// Polls `status --json` until `cond` holds (10 s at most) and returns that status.
-    pub async fn wait_status(&self, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        cond: impl Fn(&StatusReport) -> bool,
+    ) -> StatusReport {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let status = self.status().await;
@@ -236,31 +252,19 @@ impl Host {
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for {what}; last status: {status}"
+                "timed out waiting for {what}; last status: {status:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
     /// Pids of the workers in `state`, once there is at least one (10 s at most).
-    pub async fn wait_for_workers(&self, state: &str) -> Vec<u32> {
-        let what = format!("a worker in state {state}");
+    pub async fn wait_for_workers(&self, state: WorkerStateName) -> Vec<u32> {
+        let what = format!("a worker in state {state:?}");
         let status = self
-            .wait_status(&what, |s| {
-                s["workers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|w| w["state"] == state)
-            })
+            .wait_status(&what, |s| s.workers.iter().any(|w| w.state == state))
             .await;
-        status["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["state"] == state)
-            .map(|w| w["pid"].as_u64().unwrap() as u32)
-            .collect()
+        worker_pids_in(&status, Some(state))
     }
 
     /// Starts `host -c <config> <args>` in the background.
@@ -270,15 +274,15 @@ impl Host {
     }
 
     /// Pids of the workers in `status`, optionally only those in `state`.
-    pub async fn worker_pids(&self, state: Option<&str>) -> Vec<u32> {
+    pub async fn worker_pids(&self, state: Option<WorkerStateName>) -> Vec<u32> {
         worker_pids_in(&self.status().await, state)
     }
 
     /// Waits (10 s at most) until as many workers as in `before` are ready again, one of them
     /// new: a crashed or killed one was replaced. Returns that status.
-    pub async fn wait_for_replacement(&self, what: &str, before: &[u32]) -> Value {
+    pub async fn wait_for_replacement(&self, what: &str, before: &[u32]) -> StatusReport {
         self.wait_status(what, |s| {
-            let ready = worker_pids_in(s, Some("ready"));
+            let ready = worker_pids_in(s, Some(WorkerStateName::Ready));
             ready.len() == before.len() && ready.iter().any(|p| !before.contains(p))
         })
         .await
@@ -363,7 +367,7 @@ impl Drop for Host {
 impl Host {
     /// `status` asked over the control socket directly, without starting a CLI process: how
     /// long the master took to answer, and the report (as `status --json` prints it).
-    pub async fn raw_status(&self) -> (Duration, Value) {
+    pub async fn raw_status(&self) -> (Duration, StatusReport) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let socket = self.dir.path().join("state/host.sock");
         let began = Instant::now();
@@ -381,8 +385,10 @@ impl Host {
         let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
         stream.read_exact(&mut body).await.unwrap();
         let took = began.elapsed();
-        let answer: Value = serde_json::from_slice(&body).expect("the master answers JSON");
-        (took, answer["Status"].clone())
+        let mut answer: Value = serde_json::from_slice(&body).expect("the master answers JSON");
+        let report = serde_json::from_value(answer["Status"].take())
+            .unwrap_or_else(|e| panic!("the master answers a status report: {e}: {answer}"));
+        (took, report)
     }
 }
 
@@ -467,6 +473,13 @@ impl Activated {
             .args(args)
             .output()
             .unwrap()
+    }
+
+    /// `status --json`, read into the types the host prints it from.
+    pub fn status(&self) -> StatusReport {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "host status failed\n{}", self.log());
+        serde_json::from_slice(&out.stdout).expect("status --json is a StatusReport")
     }
 
     /// `host stop`, then waits for the foreground master to exit cleanly.

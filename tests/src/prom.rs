@@ -92,9 +92,10 @@ pub fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
 }
 
 /// Where `status --json` says the admin listener (`/metrics`) is.
-pub fn admin_addr(status: &serde_json::Value) -> SocketAddr {
-    status["admin_listen"]
-        .as_str()
+pub fn admin_addr(status: &host_status::StatusReport) -> SocketAddr {
+    status
+        .admin_listen
+        .as_deref()
         .expect("status --json reports admin_listen")
         .parse()
         .unwrap()

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::Value;
+use host_status::{StatusReport, WorkerStateName};
 use tests::{Host, HostOptions, Load, LoadError, Mode, example_plugin, pid_alive, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -72,23 +72,16 @@ fn logged_at(log: &str, what: &[&str]) -> Option<SystemTime> {
     humantime::parse_rfc3339(line.split_whitespace().nth(1)?).ok()
 }
 
-fn ready_pids(status: &Value) -> Vec<u32> {
-    status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|w| w["state"] == "ready")
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
-        .collect()
+fn ready_pids(status: &StatusReport) -> Vec<u32> {
+    tests::worker_pids_in(status, Some(WorkerStateName::Ready))
 }
 
-fn shows_hung(status: &Value) -> bool {
-    let any = |key: &str| {
-        status[key]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|x| x["state"] == "hung"))
-    };
-    any("workers") || any("slots")
+fn shows_hung(status: &StatusReport) -> bool {
+    status
+        .workers
+        .iter()
+        .any(|w| w.state == WorkerStateName::Hung)
+        || status.slots.iter().any(|s| s.state == "hung")
 }
 
 enum Wedge {
@@ -117,16 +110,12 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
         },
     )
     .await;
-    let before = host.worker_pids(Some("ready")).await;
+    let before = host.worker_pids(Some(WorkerStateName::Ready)).await;
     assert_eq!(before.len(), 2);
     let load = Load::start(host.addr, CLIENTS, Mode::KeepAlive, "/");
     // The clients connect in a burst that may land on one worker; the balance spreads them.
     host.wait_status("the load clients on both workers", |s| {
-        s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|w| w["connections"].as_u64().unwrap() >= 2)
+        s.workers.iter().all(|w| w.connections >= 2)
     })
     .await;
     load.advance(200).await;
@@ -168,7 +157,7 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
         }
         assert!(
             Instant::now() < deadline,
-            "no replacement within 10 s; last status: {status}"
+            "no replacement within 10 s; last status: {status:?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
@@ -398,10 +387,10 @@ async fn a_storm_of_crashing_requests_never_empties_the_service() {
             while !stop.load(Ordering::Relaxed) {
                 let (_, status) = socket_host.raw_status().await;
                 polls += 1;
-                for slot in status["slots"].as_array().unwrap() {
-                    match slot["state"].as_str() {
-                        Some("failing") => failing.push(slot.clone()),
-                        Some("starting") => starting += 1,
+                for slot in status.slots {
+                    match slot.state.as_str() {
+                        "failing" => failing.push(slot),
+                        "starting" => starting += 1,
                         _ => {}
                     }
                 }
@@ -446,12 +435,7 @@ async fn a_storm_of_crashing_requests_never_empties_the_service() {
     let worst_gap = gaps.into_iter().max().unwrap();
 
     let status = host.status().await;
-    let crashes: Vec<u64> = status["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["crashes"].as_u64().unwrap())
-        .collect();
+    let crashes: Vec<u64> = status.slots.iter().map(|s| s.crashes).collect();
     let log = host.log();
     let died = log
         .lines()
@@ -476,7 +460,7 @@ async fn a_storm_of_crashing_requests_never_empties_the_service() {
         "{worst_gap:?} without an answer"
     );
     assert!(failing.is_empty(), "slots backed off: {failing:?}");
-    assert_eq!(ready_pids(&status).len(), 4, "{status}");
+    assert_eq!(ready_pids(&status).len(), 4, "{status:?}");
 }
 
 /// The guard: a generation whose workers die right after every ready is not respawned as fast
@@ -486,7 +470,7 @@ async fn a_storm_of_crashing_requests_never_empties_the_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_generation_that_dies_after_every_ready_backs_off() {
     let (host, marker) = tests::fixture_host_with_marker("FIXTURE_EXIT_MARKER").await;
-    let before = host.worker_pids(Some("ready")).await;
+    let before = host.worker_pids(Some(WorkerStateName::Ready)).await;
     // From now on every new worker ends its process just after it reported ready.
     std::fs::write(&marker, b"exit").unwrap();
     let began = Instant::now();
@@ -497,26 +481,20 @@ async fn a_generation_that_dies_after_every_ready_backs_off() {
     .unwrap();
     let status = host
         .wait_status("the slot to back off as a crash loop", |s| {
-            s["slots"]
-                .as_array()
-                .unwrap()
+            s.slots
                 .iter()
-                .any(|s| s["state"] == "failing" && s["failures"].as_u64().unwrap() >= 3)
+                .any(|s| s.state == "failing" && s.failures >= 3)
         })
         .await;
     let elapsed = began.elapsed();
     let log = host.log();
-    let failing = status["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["state"] == "failing")
-        .unwrap();
+    let failing = status.slots.iter().find(|s| s.state == "failing").unwrap();
     assert!(
-        failing["last_error"]
-            .as_str()
+        failing
+            .last_error
+            .as_deref()
             .is_some_and(|e| e.contains("crash loop") && e.contains("exited with status 4")),
-        "{status}"
+        "{status:?}"
     );
     // Workers that reported ready after the kill, all in the crash-looping slot: 3 at once,
     // then at most one per 100 ms, then the backoff.
@@ -531,12 +509,7 @@ async fn a_generation_that_dies_after_every_ready_backs_off() {
 
     std::fs::remove_file(&marker).unwrap();
     host.wait_status("the slot to serve again", |s| {
-        ready_pids(s).len() == 2
-            && s["slots"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|s| s["state"] == "serving")
+        ready_pids(s).len() == 2 && s.slots.iter().all(|s| s.state == "serving")
     })
     .await;
     eprintln!("crash loop: {restarts} restarts in {elapsed:?} before 3 backoff steps");
