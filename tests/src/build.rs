@@ -68,6 +68,26 @@ fn cargo_build(package: &str, env: &[(&str, &str)], artifact: &str, dest: &Path)
     std::fs::rename(&tmp, dest).unwrap();
 }
 
+/// One builder's builds made so far in this process, by artifact name.
+type Built = OnceLock<Mutex<BTreeMap<String, PathBuf>>>;
+
+/// The build at `nested_target()/name`, made by `build(dest)` the first time this process asks
+/// `built` for `name`. Each builder has its own `built`, so a build in progress holds up only
+/// callers of that builder.
+fn built_once(built: &'static Built, name: String, build: impl FnOnce(&Path)) -> PathBuf {
+    let mut built = built
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = built.get(&name) {
+        return p.clone();
+    }
+    let dest = nested_target().join(&name);
+    build(&dest);
+    built.insert(name, dest.clone());
+    dest
+}
+
 /// The `host` binary, built once per test process.
 pub fn host_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -83,18 +103,10 @@ pub fn host_bin() -> PathBuf {
 /// `build`), built once per test process. It shares the nested target dir with [`host_bin`], so
 /// cargo rebuilds the `host` crate (only) when the id changes between the two.
 pub fn host_build(id: &str) -> PathBuf {
-    static CACHE: OnceLock<Mutex<BTreeMap<String, PathBuf>>> = OnceLock::new();
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = cache.get(id) {
-        return p.clone();
-    }
-    let dest = nested_target().join(format!("host-build-{id}"));
-    cargo_build("host", &[("HOST_BUILD_ID", id)], "host", &dest);
-    cache.insert(id.to_string(), dest.clone());
-    dest
+    static BUILT: Built = OnceLock::new();
+    built_once(&BUILT, format!("host-build-{id}"), |dest| {
+        cargo_build("host", &[("HOST_BUILD_ID", id)], "host", dest)
+    })
 }
 
 /// Puts a copy of `src` at `dest` the way a package manager does: written beside it, then
@@ -110,45 +122,29 @@ pub fn install_binary(src: &Path, dest: &Path) {
 
 /// A build of the example plugin with the given build-time environment, cached per process.
 pub fn example_plugin(env: &[(&str, &str)]) -> PathBuf {
-    static CACHE: OnceLock<Mutex<BTreeMap<String, PathBuf>>> = OnceLock::new();
+    static BUILT: Built = OnceLock::new();
     let key: String = env.iter().map(|(k, v)| format!("{k}={v};")).collect();
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = cache.get(&key) {
-        return p.clone();
-    }
     let name: String = key
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    let dest = nested_target().join(format!("example-plugin-{name}.so"));
-    cargo_build("example-plugin", env, "libexample_plugin.so", &dest);
-    cache.insert(key, dest.clone());
-    dest
+    built_once(&BUILT, format!("example-plugin-{name}.so"), |dest| {
+        cargo_build("example-plugin", env, "libexample_plugin.so", dest)
+    })
 }
 
 /// The fixture plugin (`tests/fixtures/fixture-plugin`) built with `FIXTURE=kind` (`""` for
 /// the working one).
 pub fn fixture_plugin(kind: &str) -> PathBuf {
-    static CACHE: OnceLock<Mutex<BTreeMap<String, PathBuf>>> = OnceLock::new();
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = cache.get(kind) {
-        return p.clone();
-    }
-    let dest = nested_target().join(format!("fixture-plugin-{kind}.so"));
+    static BUILT: Built = OnceLock::new();
     let env: &[(&str, &str)] = if kind.is_empty() {
         &[]
     } else {
         &[("FIXTURE", kind)]
     };
-    cargo_build("fixture-plugin", env, "libfixture_plugin.so", &dest);
-    cache.insert(kind.to_string(), dest.clone());
-    dest
+    built_once(&BUILT, format!("fixture-plugin-{kind}.so"), |dest| {
+        cargo_build("fixture-plugin", env, "libfixture_plugin.so", dest)
+    })
 }
 
 /// The axum example plugin (`example-axum`: an `axum::Router` exported with
