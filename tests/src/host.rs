@@ -224,18 +224,29 @@ impl Host {
 
     /// `status --json`, read into the types the host prints it from.
     pub async fn status(&self) -> StatusReport {
-        serde_json::from_value(self.status_json().await).expect("status --json is a StatusReport")
+        let json = self.status_output().await;
+        serde_json::from_slice(&json).unwrap_or_else(|e| {
+            panic!(
+                "status --json is not a StatusReport: {e}\n{}",
+                String::from_utf8_lossy(&json)
+            )
+        })
     }
 
     /// `status --json` as printed, untyped: for the tests of the output itself.
     pub async fn status_json(&self) -> Value {
+        serde_json::from_slice(&self.status_output().await).expect("status --json is JSON")
+    }
+
+    /// What `status --json` printed, once it succeeded.
+    async fn status_output(&self) -> Vec<u8> {
         let out = self.cli(&["status", "--json"]).await;
         assert!(
             out.status.success(),
             "host status failed: {}",
             self.explain(&out)
         );
-        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+        out.stdout
     }
 
     /// Polls `status --json` until `cond` holds (10 s at most) and returns that status.

@@ -1,7 +1,9 @@
 //! The load generator: clients sending back-to-back `GET path` until stopped (a new connection
 //! per request, one kept-alive HTTP/1.1 connection, or one HTTP/2 connection each), counting
-//! every outcome into a [`LoadReport`]. The one load generator of the tests: what a test needs
-//! to know about its requests is recorded here. It never judges a run; the test does.
+//! every outcome into a [`LoadReport`]: each `200` with its time, client and worker, each failure
+//! with the client and the worker its connection was on. The one load generator of the tests:
+//! what a test needs to know about its requests is recorded here, and the test judges the run
+//! (`LoadReport::assert_clean` is the judgement the reload tests share).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
