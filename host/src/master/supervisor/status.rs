@@ -1,18 +1,19 @@
 //! `host status`: asks every live worker for its counters, waits for them (bounded by
 //! `STATS_WAIT`) and answers with the master's view of workers, slots and the last reload. It
 //! never changes a worker or a slot; a worker that does not answer in time is reported with the
-//! counters it sent last. The report is built from the `host-status` crate's types, the one
-//! definition of what `status --json` prints.
+//! counters it sent last. The report is built from the `host-status` crate's types (re-exported
+//! by `protocol`), the one definition of what `status --json` prints.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use host_status::{GenerationStatus, SlotStatus, StatusReport, WorkerStatus};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Supervisor, WorkerId, WorkerState};
-use crate::protocol::{ControlResponse, MasterToWorker};
+use crate::protocol::{
+    ControlResponse, GenerationStatus, MasterToWorker, SlotStatus, StatusReport, WorkerStatus,
+};
 
 pub(super) struct StatusQuery {
     reply: oneshot::Sender<ControlResponse>,
