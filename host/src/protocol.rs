@@ -4,6 +4,10 @@
 //! [`MAX_FRAME`]. Messages are typed by direction ([`MasterToWorker`], [`WorkerToMaster`],
 //! [`ControlRequest`], [`ControlResponse`]), and [`Sender`] / [`Receiver`] carry one type each,
 //! so the compiler knows who may send what. This module does no I/O of its own beyond a frame.
+//!
+//! The status report and the records in it ([`StatusReport`], [`ReloadReport`], ...) are defined
+//! once, in the `host-status` crate, which the integration tests read `status --json` into; they
+//! are re-exported here and travel in these messages like the rest.
 
 use std::marker::PhantomData;
 use std::path::PathBuf;
@@ -11,6 +15,12 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub use host_status::{
+    BuildReport, CanaryFigures, CanaryStatus, CanaryVerdict, GenerationStatus, ListenerStatus,
+    PluginInfo, ReloadReport, SlotStatus, StartupTimings, StatusReport, WorkerStateName,
+    WorkerStatus,
+};
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -131,33 +141,6 @@ pub enum MasterToWorker {
     QueryStats,
 }
 
-/// The plugin a worker has loaded, as its header describes it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PluginInfo {
-    pub name: String,
-    pub version: String,
-    pub api_version: String,
-    pub sha256: String,
-}
-
-/// When a worker reached each point of its start, in microseconds since the master spawned it
-/// (CLOCK_MONOTONIC, which both processes share). Cumulative: each includes the ones before.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct StartupTimings {
-    /// `main` entered: fork + exec + dynamic linking of `host`.
-    pub exec_us: u64,
-    /// Logging and the tokio runtime set up.
-    pub runtime_us: u64,
-    /// The Start order received from the master.
-    pub spec_us: u64,
-    /// The plugin `dlopen`ed and its header checked.
-    pub dlopen_us: u64,
-    /// The plugin's `on_worker_start` returned.
-    pub on_worker_start_us: u64,
-    /// Accepting, about to report ready.
-    pub ready_us: u64,
-}
-
 /// Events from one worker to the master.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum WorkerToMaster {
@@ -226,56 +209,6 @@ pub struct CanaryOverride {
     pub analysis_ms: Option<u64>,
 }
 
-/// One generation's figures over a judging window (deltas since the window began).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct CanaryFigures {
-    pub generation: u64,
-    /// Its workers serving when the figures were read.
-    pub workers: u32,
-    /// Requests answered, plus those lost in a crash.
-    pub requests: u64,
-    /// `5xx` answers, plus requests lost in a crash.
-    pub errors: u64,
-    /// `errors / requests` (0 with no request).
-    pub error_share: f64,
-    /// The upper bound of the latency bucket holding the 99th percentile, in ms (`None`: no
-    /// request answered).
-    pub p99_ms: Option<f64>,
-    /// Handler panics caught at the plugin boundary.
-    pub panics: u64,
-    /// Its workers that died while serving or were killed as hung.
-    pub crashes: u64,
-}
-
-/// A canary under analysis, or a new generation in its watch period, as `status` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CanaryStatus {
-    /// `analysis` (canary workers beside the old generation) or `watch` (after a full rollout).
-    pub phase: String,
-    pub generation: u64,
-    pub elapsed_ms: u64,
-    pub period_ms: u64,
-    pub canary: CanaryFigures,
-    /// The old generation: over the same window during the analysis, over the analysis
-    /// window during the watch period.
-    pub baseline: CanaryFigures,
-}
-
-/// How a judged generation ended.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CanaryVerdict {
-    pub generation: u64,
-    /// `promoted`, `promoted_by_hand`, `rolled_back`, `aborted_by_hand` or `held` (its
-    /// watch period passed).
-    pub outcome: String,
-    /// What decided, with the figures.
-    pub reason: String,
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-    pub canary: CanaryFigures,
-    pub baseline: CanaryFigures,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ControlResponse {
     Reloaded(ReloadReport),
@@ -333,177 +266,6 @@ pub enum NewToOldMaster {
 pub enum OldToNewMaster {
     /// Take the pidfile and the control socket.
     TakeOver,
-}
-
-/// The outcome of one reload attempt.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ReloadReport {
-    pub ok: bool,
-    /// The generation this attempt created (whether or not it went live).
-    pub generation: u64,
-    /// The generation serving once the attempt was over.
-    pub serving_generation: u64,
-    pub plugin_path: PathBuf,
-    pub sha256: Option<String>,
-    /// sha256 of the generation's `[plugin_config]` JSON text, once it was read.
-    #[serde(default)]
-    pub config_sha256: Option<String>,
-    /// Keys of the config file that changed since the master started but that a reload does
-    /// not apply (only `plugin_config` reloads): they take effect at `host upgrade` (`listen` at
-    /// `host restart`).
-    #[serde(default)]
-    pub ignored_keys: Vec<String>,
-    /// Why it failed; `None` when `ok`.
-    pub error: Option<String>,
-    /// Seconds since the Unix epoch when the attempt began.
-    pub started_at: u64,
-    pub duration_ms: u64,
-    /// Workers started and workers told to drain.
-    pub started_pids: Vec<u32>,
-    pub drained_pids: Vec<u32>,
-    /// `reload` or `rollback`.
-    pub kind: String,
-    /// The canary's verdict, when this reload's new generation was judged on live traffic.
-    #[serde(default)]
-    pub verdict: Option<CanaryVerdict>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WorkerStateName {
-    Starting,
-    Ready,
-    Draining,
-    /// Sent no heartbeat for `worker_timeout`: killed, its slot being refilled.
-    Hung,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct WorkerStatus {
-    pub slot: u32,
-    pub pid: u32,
-    pub generation: u64,
-    pub state: WorkerStateName,
-    pub requests: u64,
-    pub in_flight: u64,
-    /// Open client connections.
-    #[serde(default)]
-    pub connections: u64,
-    pub rss_bytes: u64,
-    pub plugin: Option<PluginInfo>,
-    /// sha256 of the `[plugin_config]` JSON text its generation runs.
-    #[serde(default)]
-    pub config_sha256: String,
-    /// How its start went, once ready.
-    pub startup_us: Option<StartupTimings>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StatusReport {
-    pub master_pid: u32,
-    pub master_rss_bytes: u64,
-    pub listen: String,
-    /// Where the master serves `/metrics`, when `admin_listen` is set (the bound address).
-    #[serde(default)]
-    pub admin_listen: Option<String>,
-    pub generation: u64,
-    pub workers: Vec<WorkerStatus>,
-    /// One entry per slot: who serves it and, when it keeps failing, why.
-    pub slots: Vec<SlotStatus>,
-    pub last_reload: Option<ReloadReport>,
-    /// The generations kept for `rollback`, oldest first; the last is the one serving.
-    #[serde(default)]
-    pub generations: Vec<GenerationStatus>,
-    /// The running host's version and build id (`HOST_BUILD_ID` at compile time, or `dev`).
-    #[serde(default)]
-    pub version: String,
-    #[serde(default)]
-    pub build: String,
-    /// Dev mode: the last build the watcher ran (`null` without `build`, or before the first).
-    #[serde(default)]
-    pub last_build: Option<BuildReport>,
-    /// Whether the shared listening socket listens, and its recoveries.
-    #[serde(default)]
-    pub listener: ListenerStatus,
-    /// A canary under analysis or a generation in its watch period, with its figures.
-    #[serde(default)]
-    pub canary: Option<CanaryStatus>,
-    /// How the last judged generation ended.
-    #[serde(default)]
-    pub last_verdict: Option<CanaryVerdict>,
-}
-
-/// The listening socket as `status` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ListenerStatus {
-    /// It listens (or was re-armed at its last check).
-    pub up: bool,
-    /// Why it is down, while it is.
-    pub error: Option<String>,
-    /// Times it was found not listening (a plugin shut it down) and re-armed.
-    pub recoveries: u64,
-    /// What the last recovery found, and when.
-    pub last_recovery: Option<String>,
-    /// Passed by systemd (`LISTEN_FDS`): the master cannot bind a new one.
-    pub activated: bool,
-}
-
-impl Default for ListenerStatus {
-    fn default() -> Self {
-        ListenerStatus {
-            up: true,
-            error: None,
-            recoveries: 0,
-            last_recovery: None,
-            activated: false,
-        }
-    }
-}
-
-/// The outcome of one dev-mode build (`build`, `--build`), as `status` shows it: a failed one
-/// stays there until a later build succeeds.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BuildReport {
-    pub ok: bool,
-    pub command: String,
-    /// Seconds since the Unix epoch when it began.
-    pub started_at: u64,
-    pub duration_ms: u64,
-    /// Why it failed: the build's first error line (or how it exited); `None` when `ok`.
-    pub error: Option<String>,
-}
-
-/// A generation: which plugin build and which `[plugin_config]` it runs.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct GenerationStatus {
-    pub generation: u64,
-    /// sha256 of the plugin snapshot.
-    pub sha256: String,
-    /// sha256 of the `[plugin_config]` JSON text.
-    pub config_sha256: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SlotStatus {
-    pub slot: u32,
-    /// The ready worker serving this slot, if any.
-    pub pid: Option<u32>,
-    /// `serving`, `starting`, `hung` (its worker was killed as hung, the replacement is not
-    /// ready yet) or `failing`.
-    pub state: String,
-    /// Consecutive failed starts (or crash loops) the slot is backing off for.
-    pub failures: u32,
-    /// Run-time crashes (deaths and hangs of ready workers) in this slot since the master
-    /// started.
-    #[serde(default)]
-    pub crashes: u64,
-    pub last_error: Option<String>,
-    /// When a failing slot is tried again.
-    pub retry_in_ms: Option<u64>,
-    /// Workers of this slot replaced by recycling (`max_requests`, `max_worker_rss`,
-    /// `restart_worker()`).
-    #[serde(default)]
-    pub recycles: u64,
 }
 
 // ---------------------------------------------------------------------------------------------

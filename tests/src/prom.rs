@@ -1,5 +1,6 @@
 //! The master's `/metrics` text, parsed: samples with their labels, sums over label subsets, a
-//! scrape of a host's admin listener, and requests sent to move the counters.
+//! scrape of a host's admin listener, and requests sent to move the counters; and [`metric`], a
+//! sum read straight off the text without the parser's checks.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -91,9 +92,10 @@ pub fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
 }
 
 /// Where `status --json` says the admin listener (`/metrics`) is.
-pub fn admin_addr(status: &serde_json::Value) -> SocketAddr {
-    status["admin_listen"]
-        .as_str()
+pub fn admin_addr(status: &host_status::StatusReport) -> SocketAddr {
+    status
+        .admin_listen
+        .as_deref()
         .expect("status --json reports admin_listen")
         .parse()
         .unwrap()
@@ -116,4 +118,15 @@ pub async fn send(host: &Host, path: &str, n: usize, status: u16) {
             .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", host.log()));
         assert_eq!(reply.status, status, "GET {path}: {}", reply.body);
     }
+}
+
+/// The sum of the samples of `name` (a counter's `_total` included) whose labels contain every
+/// `key="value"` of `with`, in a `/metrics` text.
+pub fn metric(text: &str, name: &str, with: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

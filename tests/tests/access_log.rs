@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use host_status::WorkerStateName;
 use tests::{Host, HostOptions, example_plugin, get, wait_until};
 
 async fn host_with(extra: &str) -> Host {
@@ -79,7 +80,7 @@ async fn text_lines_carry_every_field() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let host = host_with(&format!("access_log = {:?}", log.to_str().unwrap())).await;
-    let pids = host.worker_pids(Some("ready")).await;
+    let pids = host.worker_pids(Some(WorkerStateName::Ready)).await;
     let (hello, _) = three_requests(&host).await;
     assert_eq!(post_chunked(host.addr).await, "HTTP/1.1 200 OK");
     wait_until(Duration::from_secs(10), "four lines", || {
@@ -166,7 +167,7 @@ async fn json_lines_follow_log_format() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_drops_lines_counts_them_and_the_workers_serve_on() {
     let host = host_with("access_log = \"/dev/full\"").await;
-    let pids = host.worker_pids(Some("ready")).await;
+    let pids = host.worker_pids(Some(WorkerStateName::Ready)).await;
     for _ in 0..50 {
         assert_eq!(get(host.addr, "/").await.unwrap().status, 200);
     }
@@ -182,7 +183,7 @@ async fn a_full_disk_drops_lines_counts_them_and_the_workers_serve_on() {
     })
     .await;
     assert_eq!(get(host.addr, "/").await.unwrap().status, 200);
-    assert_eq!(host.worker_pids(Some("ready")).await, pids);
+    assert_eq!(host.worker_pids(Some(WorkerStateName::Ready)).await, pids);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
+use host_status::WorkerStateName;
 use http_body_util::BodyExt as _;
 use hyper_util::rt::TokioIo;
 use sha2::Digest as _;
@@ -41,7 +42,7 @@ async fn one_worker(extra: &str) -> (Host, u32) {
         },
     )
     .await;
-    let pid = host.wait_for_workers("ready").await[0];
+    let pid = host.wait_for_workers(WorkerStateName::Ready).await[0];
     (host, pid)
 }
 
@@ -62,7 +63,10 @@ async fn async_handlers_answer_and_a_panicking_future_is_a_500() {
     // The same worker goes on serving, sync and async routes alike.
     assert_eq!(get(host.addr, "/async/hello").await.unwrap().status, 200);
     assert_eq!(get(host.addr, "/").await.unwrap().status, 200);
-    assert_eq!(host.wait_for_workers("ready").await, vec![pid]);
+    assert_eq!(
+        host.wait_for_workers(WorkerStateName::Ready).await,
+        vec![pid]
+    );
     wait_until(Duration::from_secs(10), "the panic in the log", || {
         host.log().lines().any(|l| {
             l.contains("handler panicked; answered 500")
@@ -163,7 +167,10 @@ async fn one_worker_holds_ten_thousand_sleeping_requests_on_few_threads() {
     // All concurrent: one at a time (or a thread each) would take far longer than a few timer
     // periods. The 1.5 s target is measured in bench/run.sh, not here.
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    assert_eq!(host.wait_for_workers("ready").await, vec![pid]);
+    assert_eq!(
+        host.wait_for_workers(WorkerStateName::Ready).await,
+        vec![pid]
+    );
 }
 
 async fn h1(
@@ -572,7 +579,10 @@ async fn a_streamed_upload_that_stalls_fails_after_body_read_timeout() {
     assert!(reply.contains("request body stalled"), "{reply}");
     // The worker serves on.
     assert_eq!(get(host.addr, "/async/hello").await.unwrap().status, 200);
-    assert_eq!(host.wait_for_workers("ready").await, vec![pid]);
+    assert_eq!(
+        host.wait_for_workers(WorkerStateName::Ready).await,
+        vec![pid]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

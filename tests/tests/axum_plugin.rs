@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use host_status::WorkerStateName;
 use http_body_util::BodyExt as _;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -87,7 +88,7 @@ async fn get_json(addr: SocketAddr, path: &str) -> Value {
 #[tokio::test]
 async fn every_route_answers_through_the_router_with_its_extractors() {
     let host = axum_host(1).await;
-    let pid = host.wait_for_workers("ready").await[0];
+    let pid = host.wait_for_workers(WorkerStateName::Ready).await[0];
 
     // `/`: `State`, and a whole body sent with its length, not chunked.
     let hello = request(host.addr, "GET", "/", None, "").await;
@@ -174,7 +175,10 @@ async fn every_route_answers_through_the_router_with_its_extractors() {
     );
     // Built-in routes stay the host's.
     assert_eq!(get(host.addr, "/_host/health").await.unwrap().status, 200);
-    assert_eq!(host.wait_for_workers("ready").await, vec![pid]);
+    assert_eq!(
+        host.wait_for_workers(WorkerStateName::Ready).await,
+        vec![pid]
+    );
 }
 
 /// 8 clients on `/` through three reloads; the new generation serves after each.
@@ -183,7 +187,7 @@ async fn reloads_under_load(mode: Mode) {
     let load = Load::start(host.addr, 8, mode, "/");
     load.advance(200).await;
     for generation in 2..=4 {
-        let old = host.worker_pids(Some("ready")).await;
+        let old = host.worker_pids(Some(WorkerStateName::Ready)).await;
         host.reload_ok().await;
         let reply = get(host.addr, "/").await.unwrap();
         assert!(
@@ -204,7 +208,7 @@ async fn reloads_under_load(mode: Mode) {
         report.first_lines.keys().collect::<Vec<_>>(),
         ["hello from example-axum 0.1.0"]
     );
-    assert_eq!(host.status().await["generation"], 4);
+    assert_eq!(host.status().await.generation, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -229,7 +233,7 @@ fn has_line(event: &str, line: &str) -> bool {
 #[tokio::test]
 async fn sse_events_end_on_reload_and_resume_on_the_new_generation() {
     let host = axum_host(1).await;
-    let old_pid = host.wait_for_workers("ready").await[0];
+    let old_pid = host.wait_for_workers(WorkerStateName::Ready).await[0];
     let mut events = tests::Events::open(host.addr).await;
     let first = events.next().await.unwrap();
     assert!(has_line(&first, "id: 0"), "{first:?}");
@@ -261,7 +265,7 @@ async fn sse_events_end_on_reload_and_resume_on_the_new_generation() {
 #[tokio::test]
 async fn websocket_echoes_closes_with_1012_on_reload_and_reconnects_to_the_new_generation() {
     let host = axum_host(1).await;
-    let old_pid = host.wait_for_workers("ready").await[0];
+    let old_pid = host.wait_for_workers(WorkerStateName::Ready).await[0];
     // Not a handshake: the extractor's 400.
     assert_eq!(request(host.addr, "GET", "/ws", None, "").await.status, 400);
     tests::ws_across_reload(&host, old_pid).await;

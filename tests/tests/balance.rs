@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use host_status::{StatusReport, WorkerStateName};
 use tests::{Host, HostOptions, Load, Mode, greeting_plugin};
 
 const WORKERS: usize = 4;
@@ -15,13 +16,12 @@ const WINDOW: Duration = Duration::from_secs(5);
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `requests` per ready worker, by pid.
-fn ready_requests(status: &serde_json::Value) -> BTreeMap<u64, u64> {
-    status["workers"]
-        .as_array()
-        .unwrap()
+fn ready_requests(status: &StatusReport) -> BTreeMap<u32, u64> {
+    status
+        .workers
         .iter()
-        .filter(|w| w["state"] == "ready")
-        .map(|w| (w["pid"].as_u64().unwrap(), w["requests"].as_u64().unwrap()))
+        .filter(|w| w.state == WorkerStateName::Ready)
+        .map(|w| (w.pid, w.requests))
         .collect()
 }
 
@@ -50,12 +50,11 @@ async fn keep_alive_clients_spread_over_the_new_workers_after_a_reload() {
     tokio::time::sleep(WINDOW).await;
     let after_status = host.status().await;
     let after = ready_requests(&after_status);
-    let connections: Vec<u64> = after_status["workers"]
-        .as_array()
-        .unwrap()
+    let connections: Vec<u64> = after_status
+        .workers
         .iter()
-        .filter(|w| w["state"] == "ready")
-        .map(|w| w["connections"].as_u64().unwrap())
+        .filter(|w| w.state == WorkerStateName::Ready)
+        .map(|w| w.connections)
         .collect();
     let report = load.finish().await;
 
@@ -84,18 +83,12 @@ async fn keep_alive_clients_spread_over_the_new_workers_after_a_reload() {
 }
 
 /// Open connections per ready worker, by pid.
-fn ready_connections(status: &serde_json::Value) -> BTreeMap<u64, u64> {
-    status["workers"]
-        .as_array()
-        .unwrap()
+fn ready_connections(status: &StatusReport) -> BTreeMap<u32, u64> {
+    status
+        .workers
         .iter()
-        .filter(|w| w["state"] == "ready")
-        .map(|w| {
-            (
-                w["pid"].as_u64().unwrap(),
-                w["connections"].as_u64().unwrap(),
-            )
-        })
+        .filter(|w| w.state == WorkerStateName::Ready)
+        .map(|w| (w.pid, w.connections))
         .collect()
 }
 
@@ -115,7 +108,7 @@ async fn websocket_clients_spread_over_the_new_workers_after_a_reload() {
     host.install_plugin(&tests::example_plugin(&[("EXAMPLE_GREETING", "v2")]));
     host.reload_ok().await;
     tests::wait_old_workers_gone(&old).await;
-    let new = host.wait_for_workers("ready").await;
+    let new = host.wait_for_workers(WorkerStateName::Ready).await;
     assert_eq!(new.len(), 2);
     // As on a busy machine: one worker shares its CPU with a busy loop, so the other, always
     // on a CPU when a connection arrives, wins every race to accept it unless it steps aside.
@@ -145,7 +138,7 @@ async fn websocket_clients_spread_over_the_new_workers_after_a_reload() {
         .await;
     let split: Vec<u64> = ready_connections(&status).into_values().collect();
     eprintln!("{SOCKETS} WebSocket clients after a reload landed {split:?}");
-    assert_eq!(split.len(), 2, "{status}");
+    assert_eq!(split.len(), 2, "{status:?}");
     assert!(
         split.iter().all(|&n| n <= 6),
         "upgraded connections piled onto one worker: {split:?}"

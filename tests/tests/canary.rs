@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use host_status::{StatusReport, WorkerStateName};
 use tests::{
     Host, HostOptions, Load, LoadReport, Mode, example_plugin, fixture_plugin, get,
     greeting_plugin, wait_until,
@@ -46,18 +46,30 @@ fn canary_host_options(analysis: &str, watch: &str) -> HostOptions {
     }
 }
 
-fn generations(status: &Value) -> Vec<u64> {
-    status["workers"]
-        .as_array()
-        .unwrap()
+fn generations(status: &StatusReport) -> Vec<u64> {
+    status
+        .workers
         .iter()
-        .filter(|w| w["state"] == "ready")
-        .map(|w| w["generation"].as_u64().unwrap())
+        .filter(|w| w.state == WorkerStateName::Ready)
+        .map(|w| w.generation)
         .collect()
 }
 
+/// How the last judged generation ended (`""`: none was judged yet).
+fn outcome(status: &StatusReport) -> &str {
+    status
+        .last_verdict
+        .as_ref()
+        .map_or("", |v| v.outcome.as_str())
+}
+
+/// The phase of the canary under way (`""`: none).
+fn phase(status: &StatusReport) -> &str {
+    status.canary.as_ref().map_or("", |c| c.phase.as_str())
+}
+
 /// Waits until both slots serve `generation` and nothing else is ready.
-async fn wait_all_on(host: &Host, generation: u64) -> Value {
+async fn wait_all_on(host: &Host, generation: u64) -> StatusReport {
     host.wait_status(&format!("every worker on generation {generation}"), |s| {
         let g = generations(s);
         g.len() == 2 && g.iter().all(|n| *n == generation)
@@ -109,11 +121,12 @@ async fn rolled_back_host(kind: &str, extra: &str) -> (Host, (String, Vec<LoadRe
     eprintln!("{kind}: reload exited non-zero after {took:?}:\n{stderr}");
 
     let status = wait_all_on(&host, 1).await;
-    let verdict = &status["last_verdict"];
-    assert_eq!(verdict["outcome"], "rolled_back", "{status}");
-    assert_eq!(verdict["generation"], 2, "{status}");
-    assert!(status["canary"].is_null(), "{status}");
-    assert_eq!(status["last_reload"]["verdict"]["outcome"], "rolled_back");
+    let verdict = status.last_verdict.as_ref().unwrap();
+    assert_eq!(verdict.outcome, "rolled_back", "{status:?}");
+    assert_eq!(verdict.generation, 2, "{status:?}");
+    assert!(status.canary.is_none(), "{status:?}");
+    let last = status.last_reload.as_ref().unwrap();
+    assert_eq!(last.verdict.as_ref().unwrap().outcome, "rolled_back");
     let text = host.cli(&["status"]).await;
     let text = String::from_utf8_lossy(&text.stdout).to_string();
     assert!(
@@ -160,11 +173,7 @@ async fn a_canary_panicking_on_one_route_is_rolled_back() {
     // Counted apart from other 500s: the plugin's shim reports each panic it catches.
     assert!(stderr.contains("handler panics in"), "{stderr}");
     // And in `/metrics`, for the canary's generation only.
-    let admin = host.status().await["admin_listen"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let admin = host.admin_addr().await;
     let text = tests::get(admin, "/metrics").await.unwrap().body;
     let panics = |g: &str| {
         tests::metric(
@@ -220,22 +229,17 @@ async fn a_good_canary_is_promoted_to_every_worker_and_watched() {
     // While it runs, status shows the canary's figures against the old generation's.
     let status = host
         .wait_status("the canary analysis", |s| {
-            s["canary"]["phase"] == "analysis"
-                && s["canary"]["canary"]["requests"].as_u64() > Some(0)
+            s.canary
+                .as_ref()
+                .is_some_and(|c| c.phase == "analysis" && c.canary.requests > 0)
         })
         .await;
-    let c = &status["canary"];
-    assert_eq!(
-        (
-            c["generation"].as_u64(),
-            c["baseline"]["generation"].as_u64()
-        ),
-        (Some(2), Some(1))
-    );
-    assert_eq!(c["canary"]["workers"], 1, "{status}");
+    let c = status.canary.as_ref().unwrap();
+    assert_eq!((c.generation, c.baseline.generation), (2, 1));
+    assert_eq!(c.canary.workers, 1, "{status:?}");
     let mut gens = generations(&status);
     gens.sort();
-    assert_eq!(gens, [1, 2], "one canary beside one old worker: {status}");
+    assert_eq!(gens, [1, 2], "one canary beside one old worker: {status:?}");
     let text = host.cli(&["status"]).await;
     let text = String::from_utf8_lossy(&text.stdout).to_string();
     assert!(
@@ -281,14 +285,12 @@ async fn a_good_canary_is_promoted_to_every_worker_and_watched() {
         host.explain(&out)
     );
     let status = wait_all_on(&host, 2).await;
-    assert_eq!(status["last_verdict"]["outcome"], "promoted", "{status}");
+    assert_eq!(outcome(&status), "promoted", "{status:?}");
     // Its watch period, then it is kept.
     let status = host
-        .wait_status("the end of the watch period", |s| {
-            s["last_verdict"]["outcome"] == "held"
-        })
+        .wait_status("the end of the watch period", |s| outcome(s) == "held")
         .await;
-    assert!(status["canary"].is_null());
+    assert!(status.canary.is_none());
     assert_eq!(generations(&status), [2, 2]);
     for r in finish(loads).await {
         eprintln!("promoted: {}", r.summary());
@@ -312,10 +314,8 @@ async fn promote_and_abort_by_hand() {
 
     // Abort: the canary's slot goes back to generation 1; the reload fails, saying so.
     let reload = host.spawn_cli(&["reload"]);
-    host.wait_status("the canary analysis", |s| {
-        s["canary"]["phase"] == "analysis"
-    })
-    .await;
+    host.wait_status("the canary analysis", |s| phase(s) == "analysis")
+        .await;
     let abort = host.cli(&["abort"]).await;
     assert!(abort.status.success(), "{}", host.explain(&abort));
     assert!(
@@ -331,22 +331,20 @@ async fn promote_and_abort_by_hand() {
         host.explain(&out)
     );
     let status = wait_all_on(&host, 1).await;
-    assert_eq!(status["last_verdict"]["outcome"], "aborted_by_hand");
+    assert_eq!(outcome(&status), "aborted_by_hand");
 
     // Promote: long before the 10 minutes, every worker runs the new build.
     let began = Instant::now();
     let reload = host.spawn_cli(&["reload"]);
-    host.wait_status("the canary analysis", |s| {
-        s["canary"]["phase"] == "analysis"
-    })
-    .await;
+    host.wait_status("the canary analysis", |s| phase(s) == "analysis")
+        .await;
     let promote = host.cli(&["promote"]).await;
     assert!(promote.status.success(), "{}", host.explain(&promote));
     let out = reload.await.unwrap();
     assert!(out.status.success(), "{}", host.explain(&out));
     assert!(began.elapsed() < Duration::from_secs(60));
     let status = wait_all_on(&host, 3).await;
-    assert_eq!(status["last_verdict"]["outcome"], "promoted_by_hand");
+    assert_eq!(outcome(&status), "promoted_by_hand");
     for r in finish(loads).await {
         eprintln!("by hand: {}", r.summary());
         r.assert_clean();
@@ -368,35 +366,32 @@ async fn a_generation_failing_in_its_watch_period_is_rolled_back() {
     host.install_plugin(&fixture_plugin("canary-late"));
     host.reload_ok().await;
     let status = host
-        .wait_status("the watch period", |s| s["canary"]["phase"] == "watch")
+        .wait_status("the watch period", |s| phase(s) == "watch")
         .await;
     assert_eq!(generations(&status), [2, 2]);
     let watch_began = Instant::now();
     std::fs::write(&marker, "").unwrap();
     let status = host
         .wait_status("the rollback after the watch's verdict", |s| {
-            s["last_verdict"]["outcome"] == "rolled_back"
-                && s["last_reload"]["kind"] == "rollback"
-                && s["last_reload"]["ok"] == true
+            outcome(s) == "rolled_back"
+                && s.last_reload
+                    .as_ref()
+                    .is_some_and(|r| r.kind == "rollback" && r.ok)
         })
         .await;
     assert!(watch_began.elapsed() < Duration::from_secs(60));
-    assert_eq!(
-        status["last_reload"]["verdict"]["generation"], 2,
-        "{status}"
-    );
+    let last = status.last_reload.as_ref().unwrap();
+    assert_eq!(last.verdict.as_ref().unwrap().generation, 2, "{status:?}");
     // A rollback is a new generation (3) running generation 1's snapshot.
     let status = wait_all_on(&host, 3).await;
-    let sha = |s: &Value, n: u64| {
-        s["generations"]
-            .as_array()
-            .unwrap()
+    let sha = |s: &StatusReport, n: u64| {
+        s.generations
             .iter()
-            .find(|g| g["generation"] == n)
-            .map(|g| g["sha256"].clone())
+            .find(|g| g.generation == n)
+            .map(|g| g.sha256.clone())
     };
-    assert_eq!(sha(&status, 3), sha(&status, 1), "{status}");
-    assert!(status["canary"].is_null(), "{status}");
+    assert_eq!(sha(&status, 3), sha(&status, 1), "{status:?}");
+    assert!(status.canary.is_none(), "{status:?}");
     // Generation 1 (the working build) never answers 500, marker or not.
     let after = load(&host);
     advance(&after, 100).await;
@@ -425,7 +420,7 @@ async fn the_watcher_does_not_retry_a_refused_build() {
     })
     .await;
     let status = wait_all_on(&host, 1).await;
-    assert_eq!(status["last_verdict"]["outcome"], "rolled_back", "{status}");
+    assert_eq!(outcome(&status), "rolled_back", "{status:?}");
     // The same bytes again: not retried.
     host.install_plugin(&fixture_plugin("canary-errors"));
     wait_until(
@@ -435,7 +430,11 @@ async fn the_watcher_does_not_retry_a_refused_build() {
     )
     .await;
     let status = host.status().await;
-    assert_eq!(status["last_verdict"]["generation"], 2, "{status}");
+    assert_eq!(
+        status.last_verdict.as_ref().unwrap().generation,
+        2,
+        "{status:?}"
+    );
     assert_eq!(generations(&status), [1, 1]);
     finish(loads).await;
 }
@@ -446,7 +445,7 @@ async fn promote_and_abort_during_the_watch_period() {
     let loads = load(&host);
     host.install_plugin(&fixture_plugin("canary-late"));
     host.reload_ok().await;
-    host.wait_status("the watch period", |s| s["canary"]["phase"] == "watch")
+    host.wait_status("the watch period", |s| phase(s) == "watch")
         .await;
 
     // Promote: the generation is kept and its watch ends.
@@ -458,15 +457,15 @@ async fn promote_and_abort_during_the_watch_period() {
         host.explain(&promote)
     );
     let status = host.status().await;
-    assert!(status["canary"].is_null(), "{status}");
-    assert_eq!(status["last_verdict"]["outcome"], "held", "{status}");
+    assert!(status.canary.is_none(), "{status:?}");
+    assert_eq!(outcome(&status), "held", "{status:?}");
 
     // Abort, in generation 3's watch period: a rollback to generation 2's build (as
     // generation 4).
     host.install_plugin(&fixture_plugin(""));
     host.reload_ok().await;
     host.wait_status("the second watch period", |s| {
-        s["canary"]["phase"] == "watch" && s["canary"]["generation"] == 3
+        phase(s) == "watch" && s.canary.as_ref().unwrap().generation == 3
     })
     .await;
     let abort = host.cli(&["abort"]).await;
@@ -477,8 +476,8 @@ async fn promote_and_abort_during_the_watch_period() {
         host.explain(&abort)
     );
     let status = wait_all_on(&host, 4).await;
-    assert_eq!(status["last_verdict"]["outcome"], "aborted_by_hand");
-    assert_eq!(status["last_reload"]["kind"], "rollback");
+    assert_eq!(outcome(&status), "aborted_by_hand");
+    assert_eq!(status.last_reload.unwrap().kind, "rollback");
     for r in finish(loads).await {
         r.assert_clean();
     }
@@ -516,7 +515,7 @@ async fn example_error_percent_makes_a_bad_build_the_canary_refuses() {
     let out = host.cli(&["reload", "--canary", "0"]).await;
     assert!(out.status.success(), "{}", host.explain(&out));
     assert!(began.elapsed() < Duration::from_secs(30));
-    assert!(host.status().await["last_verdict"].is_null());
+    assert!(host.status().await.last_verdict.is_none());
 
     let clients = Load::start(host.addr, 4, Mode::Close, "/");
     clients.advance(50).await;

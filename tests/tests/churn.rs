@@ -37,11 +37,7 @@ async fn churn_reloads_with_draining_workers_leave_metrics_exact() {
         },
     )
     .await;
-    let admin: std::net::SocketAddr = host.status().await["admin_listen"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let admin = host.admin_addr().await;
 
     // Each round: two slow requests on the serving worker (seen in flight in /metrics), then a
     // reload, which drains that worker while they run.
@@ -88,11 +84,9 @@ async fn churn_reloads_with_draining_workers_leave_metrics_exact() {
     })
     .await;
     let status = host
-        .wait_status("one worker left", |s| {
-            s["workers"].as_array().unwrap().len() == 1
-        })
+        .wait_status("one worker left", |s| s.workers.len() == 1)
         .await;
-    assert_eq!(status["workers"][0]["generation"], RELOADS as u64 + 1);
+    assert_eq!(status.workers[0].generation, RELOADS as u64 + 1);
 
     // The attack's second half: requests to the newest workers, every one counted.
     let clients: Vec<_> = (0..4)

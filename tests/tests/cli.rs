@@ -7,7 +7,7 @@ use tests::{Host, HostOptions, get, greeting_plugin, host_bin, pid_alive, wait_u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_has_the_documented_shape() {
     let host = Host::start(&greeting_plugin("v1"), HostOptions::default()).await;
-    let s = host.status().await;
+    let s = host.status_json().await;
     assert_eq!(s["master_pid"].as_u64(), Some(host.master_pid as u64));
     assert_eq!(s["generation"], 1);
     let workers = s["workers"].as_array().unwrap();
@@ -29,12 +29,7 @@ async fn status_json_has_the_documented_shape() {
         get(host.addr, "/").await.unwrap();
     }
     let s = host.status().await;
-    let total: u64 = s["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["requests"].as_u64().unwrap())
-        .sum();
+    let total: u64 = s.workers.iter().map(|w| w.requests).sum();
     assert_eq!(total, 5);
 
     let out = host.cli(&["status"]).await;
@@ -82,13 +77,9 @@ async fn a_reload_to_a_broken_file_is_refused_and_the_old_build_serves() {
     );
     assert!(host.body("/").await.starts_with("v1 from"));
     let s = host.status().await;
-    assert_eq!(s["last_reload"]["ok"], false);
-    assert!(
-        s["last_reload"]["error"]
-            .as_str()
-            .unwrap()
-            .contains("not an ELF")
-    );
+    let last = s.last_reload.expect("a last reload");
+    assert!(!last.ok);
+    assert!(last.error.unwrap().contains("not an ELF"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
+use host_status::WorkerStateName;
 use tests::{Host, HostOptions, example_plugin, get};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -44,21 +45,21 @@ async fn host_of(plugin: &std::path::Path, workers: usize, extra: &str) -> (Host
     .await;
     let status = host
         .wait_status("every worker ready", |s| {
-            let w = s["workers"].as_array().unwrap();
-            w.len() == workers && w.iter().all(|w| w["state"] == "ready")
+            s.workers.len() == workers
+                && s.workers.iter().all(|w| w.state == WorkerStateName::Ready)
         })
         .await;
-    let admin = status["admin_listen"].as_str().unwrap().parse().unwrap();
+    let admin = tests::prom::admin_addr(&status);
     (host, admin)
 }
 
 /// Open connections per worker, as `status` reports them.
 async fn connections(host: &Host) -> Vec<u64> {
-    host.status().await["workers"]
-        .as_array()
-        .unwrap()
+    host.status()
+        .await
+        .workers
         .iter()
-        .map(|w| w["connections"].as_u64().unwrap_or(0))
+        .map(|w| w.connections)
         .collect()
 }
 
@@ -163,11 +164,7 @@ async fn max_connections_stops_accepting_and_a_client_is_served_once_one_closes(
         held.push(keep_alive(host.addr).await);
     }
     host.wait_status("both workers holding 10 connections", |s| {
-        s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|w| w["connections"] == 10)
+        s.workers.iter().all(|w| w.connections == 10)
     })
     .await;
     // More clients: accepted by the kernel into the backlog, not by a worker.
@@ -240,7 +237,7 @@ async fn an_http2_client_that_never_reads_is_bounded_and_closed_at_send_timeout(
     // The attack: a 2^31 window, 200 streams on a streaming route, nothing read: ~107 MB per
     // connection, for ever. Scaled down: 10 such connections, send_timeout 4 s.
     let (host, _admin) = host(1, "send_timeout = \"4s\"").await;
-    let pid = host.wait_for_workers("ready").await[0];
+    let pid = host.wait_for_workers(WorkerStateName::Ready).await[0];
     let path = "/stream?chunks=1000000&every_ms=0&size=16384";
     // Warm the allocator and the plugin's runtime with one read stream.
     let reply = get(host.addr, "/stream?chunks=10&every_ms=0&size=16384")
@@ -308,7 +305,7 @@ async fn an_http2_client_that_grants_no_window_is_closed_at_send_timeout() {
         clients.push((conn, client, responses));
     }
     host.wait_status("the worker to hold the 5 connections", |s| {
-        s["workers"][0]["connections"] == 5
+        s.workers[0].connections == 5
     })
     .await;
     let began = Instant::now();
@@ -335,7 +332,7 @@ async fn an_http1_client_that_never_reads_a_stream_is_closed_at_send_timeout() {
         .unwrap();
     let began = Instant::now();
     host.wait_status("the worker to hold the connection", |s| {
-        s["workers"][0]["connections"] == 1
+        s.workers[0].connections == 1
     })
     .await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -402,7 +399,7 @@ async fn never_finished_message(plugin: &std::path::Path) {
     // The attack: a fragmented 60 MiB message never finished held ~61 MiB per connection.
     // Scaled down: 10 connections sending 8 MiB each (the default message limit is 1 MiB).
     let (host, _admin) = host_of(plugin, 1, "").await;
-    let pid = host.wait_for_workers("ready").await[0];
+    let pid = host.wait_for_workers(WorkerStateName::Ready).await[0];
     let mut warm = tests::ws_connect(host.addr).await;
     assert_eq!(tests::ws_echo(&mut warm, "hi").await, "gen=1 hi");
     let before = rss_kib(pid);
@@ -453,7 +450,7 @@ async fn idle_websockets(plugin: &std::path::Path) {
     // buffer. Here: 500 idle sockets, each having exchanged one message.
     const N: usize = 500;
     let (host, _admin) = host_of(plugin, 1, "").await;
-    let pid = host.wait_for_workers("ready").await[0];
+    let pid = host.wait_for_workers(WorkerStateName::Ready).await[0];
     let mut sockets = Vec::new();
     for i in 0..50 {
         let mut ws = tests::ws_connect(host.addr).await;

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use host_status::WorkerStateName;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tests::{
@@ -110,18 +111,14 @@ async fn silent_control_connections_under_fd_limit_256_starve_neither_status_nor
 
     // A killed worker is replaced while the silent connections keep coming.
     let status = host.status().await;
-    let victim = &status["workers"][0];
-    let (slot, pid) = (
-        victim["slot"].clone(),
-        victim["pid"].as_u64().unwrap() as u32,
-    );
+    let (slot, pid) = (status.workers[0].slot, status.workers[0].pid);
     let t = Instant::now();
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     let replaced = host
         .wait_status("a new ready worker in the killed worker's slot", |s| {
-            s["workers"].as_array().unwrap().iter().any(|w| {
-                w["slot"] == slot && w["state"] == "ready" && w["pid"].as_u64() != Some(pid as u64)
-            })
+            s.workers
+                .iter()
+                .any(|w| w.slot == slot && w.state == WorkerStateName::Ready && w.pid != pid)
         })
         .await;
     eprintln!(
@@ -129,7 +126,7 @@ async fn silent_control_connections_under_fd_limit_256_starve_neither_status_nor
         t.elapsed().as_millis(),
         open_fds(host.master_pid)
     );
-    assert_eq!(replaced["workers"].as_array().unwrap().len(), 2);
+    assert_eq!(replaced.workers.len(), 2);
     assert!(host.body("/").await.starts_with("v1 from"));
 
     let reconnects = silent.finish().await;
@@ -214,7 +211,7 @@ async fn durations_that_would_overflow_are_refused_by_start_check_and_reload() {
     assert!(host.body("/").await.starts_with("v1 from"));
     std::fs::write(&host.config, good).unwrap();
     host.reload_ok().await;
-    assert_eq!(host.status().await["master_pid"], host.master_pid);
+    assert_eq!(host.status().await.master_pid, host.master_pid);
 
     let ok = run_host(&host.config, &["check"]).await;
     assert!(ok.status.success(), "{}", host.explain(&ok));
@@ -313,7 +310,7 @@ async fn workers_out_of_fds_log_one_accept_line_per_second_with_a_count() {
         },
     )
     .await;
-    let workers = host.worker_pids(Some("ready")).await;
+    let workers = host.worker_pids(Some(WorkerStateName::Ready)).await;
     for &pid in &workers {
         set_fd_limit(pid, 64);
     }
@@ -427,13 +424,13 @@ async fn a_master_out_of_fds_logs_accept_failures_once_a_second_and_recovers() {
     // With fds back, supervision goes on: a killed worker is replaced.
     drop(silent);
     set_soft_fd_limit(host.master_pid, 1024);
-    let pid = host.worker_pids(Some("ready")).await[0];
+    let pid = host.worker_pids(Some(WorkerStateName::Ready)).await[0];
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     host.wait_status("a replacement worker", |s| {
-        let w = s["workers"].as_array().unwrap();
-        w.len() == 2
-            && w.iter()
-                .all(|w| w["state"] == "ready" && w["pid"].as_u64() != Some(pid as u64))
+        s.workers.len() == 2
+            && s.workers
+                .iter()
+                .all(|w| w.state == WorkerStateName::Ready && w.pid != pid)
     })
     .await;
 }
@@ -467,7 +464,7 @@ async fn the_master_raises_its_soft_fd_limit_to_the_hard_one_and_workers_inherit
     )
     .await;
     assert_eq!(nofile_limits(host.master_pid), (hard, hard));
-    let workers = host.worker_pids(Some("ready")).await;
+    let workers = host.worker_pids(Some(WorkerStateName::Ready)).await;
     assert_eq!(workers.len(), 2);
     for pid in workers {
         assert_eq!(nofile_limits(pid), (hard, hard), "worker {pid}");

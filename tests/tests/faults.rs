@@ -6,15 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
-use serde_json::Value;
-use tests::{Host, HostOptions, example_plugin, pid_alive, wait_until};
+use host_status::{StatusReport, WorkerStateName};
+use tests::{Host, HostOptions, Load, LoadError, Mode, example_plugin, pid_alive, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -53,15 +50,6 @@ async fn get_within(
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
 }
 
-/// The worker pid in an example-plugin `/` body (`... pid 123 generation 1 slot 0`).
-fn served_by(body: &str) -> Option<u32> {
-    body.split_whitespace()
-        .skip_while(|w| *w != "pid")
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// Pids of the log lines that contain `what` (the `pid=` field the master writes).
 fn logged_pids(log: &str, what: &str) -> Vec<u32> {
     log.lines()
@@ -84,173 +72,16 @@ fn logged_at(log: &str, what: &[&str]) -> Option<SystemTime> {
     humantime::parse_rfc3339(line.split_whitespace().nth(1)?).ok()
 }
 
-fn ready_pids(status: &Value) -> Vec<u32> {
-    status["workers"]
-        .as_array()
-        .unwrap()
+fn ready_pids(status: &StatusReport) -> Vec<u32> {
+    tests::worker_pids_in(status, Some(WorkerStateName::Ready))
+}
+
+fn shows_hung(status: &StatusReport) -> bool {
+    status
+        .workers
         .iter()
-        .filter(|w| w["state"] == "ready")
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn shows_hung(status: &Value) -> bool {
-    let any = |key: &str| {
-        status[key]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|x| x["state"] == "hung"))
-    };
-    any("workers") || any("slots")
-}
-
-/// A request a keep-alive client sent that got no answer, and which worker its connection was
-/// on (`None`: a new connection that had not been answered yet).
-#[derive(Debug)]
-struct Lost {
-    client: usize,
-    server: Option<u32>,
-    error: String,
-}
-
-#[derive(Debug, Default)]
-struct PidLoadReport {
-    /// When each answer came, and from which worker.
-    ok: Vec<(Instant, u32)>,
-    non_200: Vec<u16>,
-    lost: Vec<Lost>,
-}
-
-/// Keep-alive clients sending `GET /` back to back, each remembering which worker its
-/// connection is on, so that a failure can be told apart: on the hung worker, or elsewhere.
-struct PidLoad {
-    stop: Arc<AtomicBool>,
-    report: Arc<Mutex<PidLoadReport>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl PidLoad {
-    fn start(addr: SocketAddr, clients: usize) -> PidLoad {
-        let stop = Arc::new(AtomicBool::new(false));
-        let report = Arc::new(Mutex::new(PidLoadReport::default()));
-        let tasks = (0..clients)
-            .map(|client| {
-                let (stop, report) = (stop.clone(), report.clone());
-                tokio::spawn(async move {
-                    let mut conn: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> =
-                        None;
-                    let mut server = None;
-                    while !stop.load(Ordering::Relaxed) {
-                        let sender = match &mut conn {
-                            Some(s) => s,
-                            None => {
-                                let Ok(stream) = TcpStream::connect(addr).await else {
-                                    tokio::time::sleep(Duration::from_millis(10)).await;
-                                    continue;
-                                };
-                                let _ = stream.set_nodelay(true);
-                                let Ok((sender, c)) =
-                                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                                        .await
-                                else {
-                                    continue;
-                                };
-                                tokio::spawn(c);
-                                server = None;
-                                conn.insert(sender)
-                            }
-                        };
-                        // Closed by the server while idle: nothing was sent, reconnect.
-                        if sender.ready().await.is_err() {
-                            conn = None;
-                            continue;
-                        }
-                        let req = http::Request::get("/")
-                            .header(http::header::HOST, addr.to_string())
-                            .body(Empty::<Bytes>::new())
-                            .unwrap();
-                        let answer = tokio::time::timeout(Duration::from_secs(20), async {
-                            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-                            let status = resp.status().as_u16();
-                            let close = resp
-                                .headers()
-                                .get(http::header::CONNECTION)
-                                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-                            let body = resp
-                                .into_body()
-                                .collect()
-                                .await
-                                .map_err(|e| e.to_string())?
-                                .to_bytes();
-                            Ok::<_, String>((status, close, body))
-                        })
-                        .await
-                        .unwrap_or_else(|_| Err("no answer within 20 s".into()));
-                        let mut r = report.lock().unwrap();
-                        match answer {
-                            Ok((200, close, body)) => {
-                                let pid = served_by(&String::from_utf8_lossy(&body))
-                                    .expect("the body names its worker");
-                                r.ok.push((Instant::now(), pid));
-                                server = Some(pid);
-                                if close {
-                                    conn = None;
-                                }
-                            }
-                            Ok((status, _, _)) => {
-                                r.non_200.push(status);
-                                conn = None;
-                            }
-                            Err(error) => {
-                                r.lost.push(Lost {
-                                    client,
-                                    server,
-                                    error,
-                                });
-                                conn = None;
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        PidLoad {
-            stop,
-            report,
-            tasks,
-        }
-    }
-
-    fn ok(&self) -> usize {
-        self.report.lock().unwrap().ok.len()
-    }
-
-    fn served_by(&self, pid: u32) -> bool {
-        self.report
-            .lock()
-            .unwrap()
-            .ok
-            .iter()
-            .any(|(_, p)| *p == pid)
-    }
-
-    async fn advance(&self, n: usize) {
-        let target = self.ok() + n;
-        wait_until(Duration::from_secs(30), "answers under load", || {
-            self.ok() >= target
-        })
-        .await;
-    }
-
-    async fn finish(self) -> PidLoadReport {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.expect("load client panicked");
-        }
-        Arc::try_unwrap(self.report)
-            .expect("clients done")
-            .into_inner()
-            .unwrap()
-    }
+        .any(|w| w.state == WorkerStateName::Hung)
+        || status.slots.iter().any(|s| s.state == "hung")
 }
 
 enum Wedge {
@@ -279,16 +110,12 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
         },
     )
     .await;
-    let before = host.worker_pids(Some("ready")).await;
+    let before = host.worker_pids(Some(WorkerStateName::Ready)).await;
     assert_eq!(before.len(), 2);
-    let load = PidLoad::start(host.addr, CLIENTS);
+    let load = Load::start(host.addr, CLIENTS, Mode::KeepAlive, "/");
     // The clients connect in a burst that may land on one worker; the balance spreads them.
     host.wait_status("the load clients on both workers", |s| {
-        s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|w| w["connections"].as_u64().unwrap() >= 2)
+        s.workers.iter().all(|w| w.connections >= 2)
     })
     .await;
     load.advance(200).await;
@@ -330,7 +157,7 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
         }
         assert!(
             Instant::now() < deadline,
-            "no replacement within 10 s; last status: {status}"
+            "no replacement within 10 s; last status: {status:?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
@@ -385,22 +212,22 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
     };
     assert!(line.contains(named), "{line}");
     let answered_while_hung = report
-        .ok
+        .answers
         .iter()
-        .filter(|(t, pid)| *pid == other && *t > wedged_at && *t < wedged_at + seen_after)
+        .filter(|a| a.worker == Some(other) && a.at > wedged_at && a.at < wedged_at + seen_after)
         .count();
     assert!(
         answered_while_hung > 0,
         "the other worker answered nothing while one was hung"
     );
     let mut lost_per_client = BTreeMap::<usize, usize>::new();
-    for l in &report.lost {
+    for l in &report.errors {
         *lost_per_client.entry(l.client).or_default() += 1;
     }
-    let elsewhere: Vec<&Lost> = report
-        .lost
+    let elsewhere: Vec<&LoadError> = report
+        .errors
         .iter()
-        .filter(|l| l.server.is_some_and(|s| s != hung))
+        .filter(|l| l.worker.is_some_and(|s| s != hung))
         .collect();
     assert!(
         elsewhere.is_empty(),
@@ -409,15 +236,15 @@ async fn a_wedged_worker_is_replaced(wedge: Wedge) {
     assert!(
         lost_per_client.values().all(|n| *n <= 1),
         "a client lost more than the one request it had on the hung worker: {:?}",
-        report.lost
+        report.errors
     );
     assert!(report.non_200.is_empty(), "{:?}", report.non_200);
     eprintln!(
         "found hung after {found_hung_after:?}, replacement ready after {replaced_after:?}, seen in status after {seen_after:?} (status showed hung: {saw_hung}); {} answered, {} of them by the other worker while one was hung; lost with the hung worker: {} of {CLIENTS} clients ({:?})",
-        report.ok.len(),
+        report.ok,
         answered_while_hung,
-        report.lost.len(),
-        report.lost.first().map(|l| &l.error)
+        report.errors.len(),
+        report.errors.first().map(|l| &l.error)
     );
 }
 
@@ -560,10 +387,10 @@ async fn a_storm_of_crashing_requests_never_empties_the_service() {
             while !stop.load(Ordering::Relaxed) {
                 let (_, status) = socket_host.raw_status().await;
                 polls += 1;
-                for slot in status["slots"].as_array().unwrap() {
-                    match slot["state"].as_str() {
-                        Some("failing") => failing.push(slot.clone()),
-                        Some("starting") => starting += 1,
+                for slot in status.slots {
+                    match slot.state.as_str() {
+                        "failing" => failing.push(slot),
+                        "starting" => starting += 1,
                         _ => {}
                     }
                 }
@@ -608,12 +435,7 @@ async fn a_storm_of_crashing_requests_never_empties_the_service() {
     let worst_gap = gaps.into_iter().max().unwrap();
 
     let status = host.status().await;
-    let crashes: Vec<u64> = status["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["crashes"].as_u64().unwrap())
-        .collect();
+    let crashes: Vec<u64> = status.slots.iter().map(|s| s.crashes).collect();
     let log = host.log();
     let died = log
         .lines()
@@ -638,7 +460,7 @@ async fn a_storm_of_crashing_requests_never_empties_the_service() {
         "{worst_gap:?} without an answer"
     );
     assert!(failing.is_empty(), "slots backed off: {failing:?}");
-    assert_eq!(ready_pids(&status).len(), 4, "{status}");
+    assert_eq!(ready_pids(&status).len(), 4, "{status:?}");
 }
 
 /// The guard: a generation whose workers die right after every ready is not respawned as fast
@@ -648,7 +470,7 @@ async fn a_storm_of_crashing_requests_never_empties_the_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_generation_that_dies_after_every_ready_backs_off() {
     let (host, marker) = tests::fixture_host_with_marker("FIXTURE_EXIT_MARKER").await;
-    let before = host.worker_pids(Some("ready")).await;
+    let before = host.worker_pids(Some(WorkerStateName::Ready)).await;
     // From now on every new worker ends its process just after it reported ready.
     std::fs::write(&marker, b"exit").unwrap();
     let began = Instant::now();
@@ -659,26 +481,20 @@ async fn a_generation_that_dies_after_every_ready_backs_off() {
     .unwrap();
     let status = host
         .wait_status("the slot to back off as a crash loop", |s| {
-            s["slots"]
-                .as_array()
-                .unwrap()
+            s.slots
                 .iter()
-                .any(|s| s["state"] == "failing" && s["failures"].as_u64().unwrap() >= 3)
+                .any(|s| s.state == "failing" && s.failures >= 3)
         })
         .await;
     let elapsed = began.elapsed();
     let log = host.log();
-    let failing = status["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["state"] == "failing")
-        .unwrap();
+    let failing = status.slots.iter().find(|s| s.state == "failing").unwrap();
     assert!(
-        failing["last_error"]
-            .as_str()
+        failing
+            .last_error
+            .as_deref()
             .is_some_and(|e| e.contains("crash loop") && e.contains("exited with status 4")),
-        "{status}"
+        "{status:?}"
     );
     // Workers that reported ready after the kill, all in the crash-looping slot: 3 at once,
     // then at most one per 100 ms, then the backoff.
@@ -693,12 +509,7 @@ async fn a_generation_that_dies_after_every_ready_backs_off() {
 
     std::fs::remove_file(&marker).unwrap();
     host.wait_status("the slot to serve again", |s| {
-        ready_pids(s).len() == 2
-            && s["slots"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|s| s["state"] == "serving")
+        ready_pids(s).len() == 2 && s.slots.iter().all(|s| s.state == "serving")
     })
     .await;
     eprintln!("crash loop: {restarts} restarts in {elapsed:?} before 3 backoff steps");

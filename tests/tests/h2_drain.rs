@@ -125,7 +125,7 @@ async fn pooled_h2_client_loses_nothing_across_reloads() {
         refused_by_client <= 5,
         "{refused_by_client} refusals: more than a rare race explains"
     );
-    assert_eq!(host.status().await["generation"], 6);
+    assert_eq!(host.status().await.generation, 6);
 }
 
 /// One `h2load` run: (started, done, succeeded) requests.

@@ -46,11 +46,7 @@ async fn the_control_socket_is_private_to_its_user() {
             "{command} as nobody: {err}"
         );
     }
-    assert_eq!(
-        host.status().await["workers"].as_array().unwrap().len(),
-        2,
-        "still running"
-    );
+    assert_eq!(host.status().await.workers.len(), 2, "still running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use host_status::WorkerStateName;
 use tests::{
     Host, HostOptions, fixture_plugin, get, pid_alive, wait_old_workers_gone, wait_until,
     worker_pids_in,
@@ -52,10 +52,6 @@ impl Drop for KillOnDrop {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-}
-
-fn admin_addr(status: &Value) -> SocketAddr {
-    status["admin_listen"].as_str().unwrap().parse().unwrap()
 }
 
 fn with_admin(extra: &str) -> HostOptions {
@@ -103,7 +99,7 @@ async fn truncating_the_worker_table_does_not_kill_the_master() {
         report.to_str().unwrap().to_string(),
     )];
     let host = Host::start(&fixture_plugin("truncate-table"), opts).await;
-    let admin = admin_addr(&host.status().await);
+    let admin = host.admin_addr().await;
     // A reload runs the attack again in every new worker, with the master reading the table.
     host.reload_ok().await;
     all_served(&host, 20).await;
@@ -133,8 +129,8 @@ async fn truncating_the_worker_table_does_not_kill_the_master() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_listener_shut_down_by_a_handler_is_re_armed() {
     let host = Host::start(&fixture_plugin(""), with_admin("")).await;
-    let admin = admin_addr(&host.status().await);
-    assert_eq!(host.status().await["listener"]["recoveries"], 0);
+    let admin = host.admin_addr().await;
+    assert_eq!(host.status().await.listener.recoveries, 0);
 
     let r = get(host.addr, "/shutdown-listener").await.unwrap();
     assert_eq!(r.status, 200);
@@ -143,15 +139,16 @@ async fn a_listener_shut_down_by_a_handler_is_re_armed() {
     all_served(&host, 50).await;
 
     let status = host.status().await;
-    let listener = &status["listener"];
-    assert_eq!(listener["up"], true, "{status}");
-    assert!(listener["recoveries"].as_u64().unwrap() >= 1, "{status}");
+    let listener = &status.listener;
+    assert!(listener.up, "{status:?}");
+    assert!(listener.recoveries >= 1, "{status:?}");
     assert!(
-        listener["last_recovery"]
-            .as_str()
+        listener
+            .last_recovery
+            .as_deref()
             .unwrap()
             .contains("no longer listens"),
-        "{status}"
+        "{status:?}"
     );
     assert!(metric(admin, "host_listener_recoveries_total", "").await >= 1.0);
     assert_eq!(metric(admin, "host_listener_up", "").await, 1.0);
@@ -165,19 +162,17 @@ async fn a_listener_shut_down_by_a_handler_is_re_armed() {
 async fn a_listener_that_cannot_be_re_armed_is_reported_down() {
     // The thief ignores SIGTERM: with this grace it outlives its worker's drain at the reload.
     let host = Host::start(&fixture_plugin(""), with_admin("orphan_grace = \"60s\"")).await;
-    let admin = admin_addr(&host.status().await);
+    let admin = host.admin_addr().await;
     // A child of the plugin shuts the socket down and listens on its address itself.
     let r = get(host.addr, "/steal-listener").await.unwrap();
     let thief: u32 = r.body.trim().parse().unwrap();
     // Killed however the test ends: it ignores SIGTERM and would outlive a failed test.
     let _thief = KillOnDrop(thief);
     let status = host
-        .wait_status("the listener reported down", |s| {
-            s["listener"]["up"] == false
-        })
+        .wait_status("the listener reported down", |s| !s.listener.up)
         .await;
-    let error = status["listener"]["error"].as_str().unwrap();
-    assert!(error.contains("re-arming it failed"), "{status}");
+    let error = status.listener.error.as_deref().unwrap();
+    assert!(error.contains("re-arming it failed"), "{status:?}");
     assert_eq!(metric(admin, "host_listener_up", "").await, 0.0);
     let text = host.cli(&["status"]).await;
     assert!(
@@ -204,11 +199,8 @@ async fn a_listener_that_cannot_be_re_armed_is_reported_down() {
     drop(_thief);
     served_again(&host, Duration::from_secs(10)).await;
     let status = host.status().await;
-    assert_eq!(status["listener"]["up"], true, "{status}");
-    assert!(
-        status["listener"]["recoveries"].as_u64().unwrap() >= 1,
-        "{status}"
-    );
+    assert!(status.listener.up, "{status:?}");
+    assert!(status.listener.recoveries >= 1, "{status:?}");
     assert_eq!(metric(admin, "host_listener_up", "").await, 1.0);
     host.reload_ok().await;
 }
@@ -229,22 +221,19 @@ async fn a_canary_whose_constructor_shuts_the_listener_down_is_refused() {
     served_again(&host, Duration::from_secs(10)).await;
     all_served(&host, 20).await;
     let status = host.status().await;
-    assert_eq!(status["generation"], before["generation"], "{status}");
+    assert_eq!(status.generation, before.generation, "{status:?}");
     assert_eq!(
-        worker_pids_in(&status, Some("ready")),
-        worker_pids_in(&before, Some("ready")),
+        worker_pids_in(&status, Some(WorkerStateName::Ready)),
+        worker_pids_in(&before, Some(WorkerStateName::Ready)),
         "the old generation's workers serve on"
     );
-    assert!(
-        status["listener"]["recoveries"].as_u64().unwrap() >= 1,
-        "{status}"
-    );
+    assert!(status.listener.recoveries >= 1, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_whose_listener_fd_was_closed_is_replaced() {
     let host = Host::start(&fixture_plugin(""), HostOptions::default()).await;
-    let before = host.worker_pids(Some("ready")).await;
+    let before = host.worker_pids(Some(WorkerStateName::Ready)).await;
     let r = get(host.addr, "/close-listener-fd").await.unwrap();
     let broken: u32 = r.body.trim().parse().unwrap();
     assert!(before.contains(&broken));
@@ -255,7 +244,7 @@ async fn a_worker_whose_listener_fd_was_closed_is_replaced() {
     loop {
         all_served(&host, 5).await;
         sent += 5;
-        let ready = host.worker_pids(Some("ready")).await;
+        let ready = host.worker_pids(Some(WorkerStateName::Ready)).await;
         if ready.len() == before.len() && !ready.contains(&broken) {
             break;
         }
@@ -286,7 +275,7 @@ async fn a_forked_child_is_ended_at_reload_and_at_stop() {
         )),
     )
     .await;
-    let admin = admin_addr(&host.status().await);
+    let admin = host.admin_addr().await;
     let fork = || async {
         let r = get(host.addr, "/fork-holder").await.unwrap();
         let pid: u32 = r.body.trim().parse().unwrap();
@@ -368,13 +357,9 @@ async fn a_socket_passed_by_systemd_is_re_armed_too() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let out = host.cli(&["status", "--json"]);
-    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(status["listener"]["activated"], true, "{status}");
-    assert_eq!(status["listener"]["up"], true, "{status}");
-    assert!(
-        status["listener"]["recoveries"].as_u64().unwrap() >= 1,
-        "{status}"
-    );
+    let status = host.status();
+    assert!(status.listener.activated, "{status:?}");
+    assert!(status.listener.up, "{status:?}");
+    assert!(status.listener.recoveries >= 1, "{status:?}");
     host.stop().await;
 }

@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use host_status::WorkerStateName;
 use serde_json::Value;
 use tests::{
     Host, HostOptions, Load, LoadReport, Mode, example_plugin, host_bin, host_build,
@@ -61,7 +62,7 @@ async fn upgrade_under_load_between_two_builds() {
     .await;
     assert_eq!(tests::get(admin, "/metrics").await.unwrap().status, 200);
     let before = host.status().await;
-    assert_eq!(before["build"], "dev", "{before}");
+    assert_eq!(before.build, "dev", "{before:?}");
     assert_eq!(health(&host).await["build"], "dev");
     let old_master = host.master_pid;
     let old_workers = host.worker_pids(None).await;
@@ -112,12 +113,7 @@ async fn upgrade_under_load_between_two_builds() {
         load.advance(300).await;
     }
     let reports = finish(loads).await;
-    let served_by_new: u64 = host.status().await["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["requests"].as_u64().unwrap())
-        .sum();
+    let served_by_new: u64 = host.status().await.workers.iter().map(|w| w.requests).sum();
     assert!(
         served_by_new >= 300,
         "the new workers served {served_by_new}"
@@ -129,10 +125,10 @@ async fn upgrade_under_load_between_two_builds() {
         assert!(!pid_alive(*pid), "old worker {pid} still runs");
     }
     let after = host.status().await;
-    assert_eq!(after["master_pid"].as_u64(), Some(new_master as u64));
-    assert_eq!(after["build"], "lifecycle-b", "{after}");
-    assert_eq!(after["listen"], before["listen"]);
-    let new_workers = host.worker_pids(Some("ready")).await;
+    assert_eq!(after.master_pid, new_master);
+    assert_eq!(after.build, "lifecycle-b", "{after:?}");
+    assert_eq!(after.listen, before.listen);
+    let new_workers = host.worker_pids(Some(WorkerStateName::Ready)).await;
     assert_eq!(new_workers.len(), 2);
     assert!(new_workers.iter().all(|p| !old_workers.contains(p)));
     assert_eq!(health(&host).await["build"], "lifecycle-b");
@@ -233,8 +229,8 @@ async fn upgrade_to_a_broken_binary_is_refused_and_the_old_master_serves_on() {
         report.assert_clean();
     }
     let status = host.status().await;
-    assert_eq!(status["master_pid"].as_u64(), Some(master as u64));
-    let mut now: Vec<u32> = host.worker_pids(Some("ready")).await;
+    assert_eq!(status.master_pid, master);
+    let mut now: Vec<u32> = host.worker_pids(Some(WorkerStateName::Ready)).await;
     now.sort();
     let mut before = workers.clone();
     before.sort();
@@ -456,14 +452,12 @@ async fn socket_activation_serves_on_the_passed_socket() {
         .await
         .expect("served on the passed socket");
     assert_eq!(reply.status, 200);
-    let out = host.cli(&["status", "--json"]);
-    assert!(out.status.success(), "{}", host.log());
-    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(status["listen"], addr.to_string(), "{status}");
+    let status = host.status();
+    assert_eq!(status.listen, addr.to_string(), "{status:?}");
     assert!(host.log().contains("LISTEN_FDS"), "{}", host.log());
     // The workers got the socket on their own fd 3, and not systemd's variables.
-    for w in status["workers"].as_array().unwrap() {
-        let pid = w["pid"].as_u64().unwrap();
+    for w in &status.workers {
+        let pid = w.pid;
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         let environ = String::from_utf8_lossy(&environ);
         assert!(!environ.contains("LISTEN_FDS="), "worker {pid}: {environ}");
@@ -497,11 +491,9 @@ async fn sigusr2_upgrades_like_the_command() {
     )
     .unwrap();
     let status = host
-        .wait_status("a new master", |s| {
-            s["master_pid"].as_u64() != Some(old_master as u64)
-        })
+        .wait_status("a new master", |s| s.master_pid != old_master)
         .await;
-    host.master_pid = status["master_pid"].as_u64().unwrap() as u32;
+    host.master_pid = status.master_pid;
     wait_until(
         Duration::from_secs(15),
         "the old master and its workers to exit",

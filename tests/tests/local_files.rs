@@ -205,7 +205,7 @@ async fn a_foreign_snapshot_under_the_real_name_and_size_is_not_served() {
         "replaced by a fresh copy"
     );
     let status = host.status().await;
-    assert_eq!(status["workers"][0]["plugin"]["sha256"], sha.as_str());
+    assert_eq!(status.workers[0].plugin.as_ref().unwrap().sha256, sha);
 
     // Again behind the master's back, between reloads of an unchanged plugin file (the path
     // where the file is not read at all): the snapshot is not the file it wrote, so it is
@@ -234,7 +234,7 @@ async fn a_deleted_state_dir_is_recreated_and_every_command_reaches_the_master_a
     )
     .await;
     let status = host.status().await;
-    let admin: std::net::SocketAddr = status["admin_listen"].as_str().unwrap().parse().unwrap();
+    let admin = tests::prom::admin_addr(&status);
     let state = host.dir.path().join("state");
 
     // The attack: `rm -rf state_dir` under the running master (renamed away first, so the

@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use host_status::{StatusReport, WorkerStateName};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tests::{Host, HostOptions, greeting_plugin, pid_alive, wait_until};
@@ -33,18 +34,12 @@ fn snapshot_files(host: &Host) -> Vec<String> {
 }
 
 /// Ready workers as (pid, generation).
-fn ready_workers(status: &serde_json::Value) -> Vec<(u64, u64)> {
-    status["workers"]
-        .as_array()
-        .unwrap()
+fn ready_workers(status: &StatusReport) -> Vec<(u32, u64)> {
+    status
+        .workers
         .iter()
-        .filter(|w| w["state"] == "ready")
-        .map(|w| {
-            (
-                w["pid"].as_u64().unwrap(),
-                w["generation"].as_u64().unwrap(),
-            )
-        })
+        .filter(|w| w.state == WorkerStateName::Ready)
+        .map(|w| (w.pid, w.generation))
         .collect()
 }
 
@@ -82,12 +77,12 @@ async fn a_fifo_plugin_is_refused_at_once_and_the_master_stays_responsive() {
 
     // The master still answers, and still replaces a dead worker.
     let status = host.status().await;
-    assert_eq!(status["last_reload"]["ok"], false);
-    let before = host.worker_pids(Some("ready")).await;
+    assert!(!status.last_reload.unwrap().ok);
+    let before = host.worker_pids(Some(WorkerStateName::Ready)).await;
     sigkill(before[0]);
     host.wait_status("a replacement worker", |s| {
         let ready = ready_workers(s);
-        ready.len() == 2 && ready.iter().any(|(p, _)| !before.contains(&(*p as u32)))
+        ready.len() == 2 && ready.iter().any(|(p, _)| !before.contains(p))
     })
     .await;
 
@@ -141,7 +136,7 @@ async fn a_large_plugin_is_snapshotted_off_the_event_loop() {
         snapshotting(&host) > started
     })
     .await;
-    let victim = host.worker_pids(Some("ready")).await[0];
+    let victim = host.worker_pids(Some(WorkerStateName::Ready)).await[0];
     sigkill(victim);
     let (mut raw_max, mut cli_max, mut polls) = (Duration::ZERO, Duration::ZERO, 0u32);
     let mut replaced_during_snapshot = None;
@@ -159,7 +154,7 @@ async fn a_large_plugin_is_snapshotted_off_the_event_loop() {
         }
         if replaced_during_snapshot.is_none() {
             let ready = ready_workers(&status);
-            if ready.len() == 2 && ready.iter().all(|(p, _)| *p != u64::from(victim)) {
+            if ready.len() == 2 && ready.iter().all(|(p, _)| *p != victim) {
                 // The replacement serves; was the snapshot still being taken?
                 replaced_during_snapshot = Some(!rolled_out(&host, 2));
             }
@@ -169,7 +164,7 @@ async fn a_large_plugin_is_snapshotted_off_the_event_loop() {
     let out = reload.await.unwrap();
     assert!(out.status.success(), "{}", host.explain(&out));
     let status = host.status().await;
-    let duration_ms = status["last_reload"]["duration_ms"].as_u64().unwrap();
+    let duration_ms = status.last_reload.unwrap().duration_ms;
     let log = host.log();
     let snapshot_ms: u64 = log
         .lines()
@@ -289,7 +284,10 @@ async fn oversized_plugins_and_devices_are_refused_without_being_copied() {
     );
     assert!(began.elapsed() < Duration::from_secs(5));
     assert_eq!(snapshot_files(&host), kept, "nothing was written");
-    assert_eq!(host.worker_pids(Some("ready")).await.len(), 2);
+    assert_eq!(
+        host.worker_pids(Some(WorkerStateName::Ready)).await.len(),
+        2
+    );
 }
 
 /// A tmpfs mounted over a directory, unmounted (lazily: workers may still map files in it)

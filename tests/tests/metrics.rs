@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use host_status::WorkerStateName;
 use tests::{Host, HostOptions, example_plugin, get, host_bin, open_fds, wait_until};
 
 use tests::prom::{Sample, admin_addr, scrape, send, sum};
@@ -46,11 +47,9 @@ async fn metrics_count_every_request_across_a_reload_and_a_crash() {
     host.reload_ok().await;
     // Every generation-1 worker has exited.
     host.wait_status("only generation 2 workers", |s| {
-        s["workers"]
-            .as_array()
-            .unwrap()
+        s.workers
             .iter()
-            .all(|w| w["generation"] == 2 && w["state"] == "ready")
+            .all(|w| w.generation == 2 && w.state == WorkerStateName::Ready)
     })
     .await;
     let after_reload = scrape(&host, admin).await;
@@ -76,7 +75,7 @@ async fn metrics_count_every_request_across_a_reload_and_a_crash() {
 
     // Generation 2: 20 OK, then a handler that ends its worker's process.
     send(&host, "/", 20, 200).await;
-    let before_crash = host.worker_pids(Some("ready")).await;
+    let before_crash = host.worker_pids(Some(WorkerStateName::Ready)).await;
     assert!(
         get(host.addr, "/exit").await.is_err(),
         "/exit has no answer"
@@ -243,11 +242,9 @@ async fn metrics_count_every_request_across_a_reload_and_a_crash() {
     let out = host.cli(&["rollback"]).await;
     assert!(out.status.success(), "{}", host.explain(&out));
     host.wait_status("only generation 3 workers", |s| {
-        s["workers"]
-            .as_array()
-            .unwrap()
+        s.workers
             .iter()
-            .all(|w| w["generation"] == 3 && w["state"] == "ready")
+            .all(|w| w.generation == 3 && w.state == WorkerStateName::Ready)
     })
     .await;
     let last = scrape(&host, admin).await;

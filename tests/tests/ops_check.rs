@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use host_status::StatusReport;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tests::{
@@ -204,7 +205,7 @@ fn snapshot_files(host: &Host) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_next_to_a_running_host_changes_nothing() {
     let host = Host::start(&greeting_plugin("v1"), HostOptions::default()).await;
-    let before = host.status().await;
+    let before = host.status_json().await;
     let snapshots = snapshot_files(&host);
     let log_lines = host.log().lines().count();
 
@@ -223,7 +224,7 @@ async fn check_next_to_a_running_host_changes_nothing() {
     let out = host.cli(&["check"]).await;
     assert!(!out.status.success(), "{}", host.explain(&out));
 
-    let after = host.status().await;
+    let after = host.status_json().await;
     for key in [
         "master_pid",
         "generation",
@@ -398,8 +399,8 @@ async fn dev_mode_builds_at_start_in_the_current_directory_and_shows_a_failed_bu
     wait_until(Duration::from_secs(10), "a build to begin", || builds() > 0).await;
     let (took, status) = host.raw_status().await;
     assert!(
-        status["last_build"].is_null(),
-        "the build is still running: {status}"
+        status.last_build.is_none(),
+        "the build is still running: {status:?}"
     );
     assert!(
         took < Duration::from_millis(500),
@@ -407,14 +408,15 @@ async fn dev_mode_builds_at_start_in_the_current_directory_and_shows_a_failed_bu
     );
     let status = host
         .wait_status("the failed build in status", |s| {
-            s["last_build"]["ok"] == false
+            s.last_build.as_ref().is_some_and(|b| !b.ok)
         })
         .await;
+    let build = status.last_build.unwrap();
     assert_eq!(
-        status["last_build"]["error"],
-        "error: no such build: /nonexistent/build.so"
+        build.error.as_deref(),
+        Some("error: no such build: /nonexistent/build.so")
     );
-    assert!(status["last_build"]["started_at"].as_u64().unwrap() > 0);
+    assert!(build.started_at > 0);
     let out = host.cli(&["status"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -425,12 +427,12 @@ async fn dev_mode_builds_at_start_in_the_current_directory_and_shows_a_failed_bu
     assert!(host.body("/").await.starts_with("v2 from"));
     // It stays until a build succeeds.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(host.status().await["last_build"]["ok"], false);
+    assert!(!host.status().await.last_build.unwrap().ok);
 
     std::fs::write(project.dir.path().join("src/delay"), "0").unwrap();
     project.edit(&greeting_plugin("v3"));
     host.wait_status("the next build to succeed", |s| {
-        s["last_build"]["ok"] == true
+        s.last_build.as_ref().is_some_and(|b| b.ok)
     })
     .await;
     wait_until(Duration::from_secs(10), "v3 served", || {
@@ -488,7 +490,7 @@ async fn a_failed_build_at_start_refuses_to_start() {
 }
 
 /// `GLIBC_TUNABLES` as `/proc` shows it in each worker's environment.
-fn workers_tunables(status: &Value) -> Vec<Option<String>> {
+fn workers_tunables(status: &StatusReport) -> Vec<Option<String>> {
     tests::worker_pids_in(status, None)
         .into_iter()
         .map(|pid| {

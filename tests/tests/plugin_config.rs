@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use host_status::{StatusReport, WorkerStateName};
 use serde_json::Value;
 use tests::{Host, HostOptions, get_on_one_connection, greeting_plugin};
 
@@ -27,7 +28,7 @@ async fn start(message: &str) -> Host {
 /// `GET /config` from every ready worker: pid -> body (each asked on a connection whose `GET /`
 /// named the worker), within 10 s.
 async fn config_of_every_worker(host: &Host) -> BTreeMap<u32, Value> {
-    let pids = host.worker_pids(Some("ready")).await;
+    let pids = host.worker_pids(Some(WorkerStateName::Ready)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = BTreeMap::new();
     while seen.len() < pids.len() {
@@ -61,34 +62,29 @@ async fn assert_every_worker_has(host: &Host, expected: Value) {
 }
 
 /// The config hash every worker in `status` runs (they must agree) and the serving generation.
-fn config_sha(status: &Value) -> (String, u64) {
-    let shas: Vec<&str> = status["workers"]
-        .as_array()
-        .unwrap()
+fn config_sha(status: &StatusReport) -> (String, u64) {
+    let shas: Vec<&str> = status
+        .workers
         .iter()
-        .map(|w| w["config_sha256"].as_str().unwrap())
+        .map(|w| w.config_sha256.as_str())
         .collect();
     assert!(
         shas.windows(2).all(|w| w[0] == w[1]),
-        "workers disagree: {status}"
+        "workers disagree: {status:?}"
     );
-    assert_eq!(shas[0].len(), 64, "{status}");
-    let generation = status["generation"].as_u64().unwrap();
-    let listed = status["generations"]
-        .as_array()
-        .unwrap()
+    assert_eq!(shas[0].len(), 64, "{status:?}");
+    let generation = status.generation;
+    let listed = status
+        .generations
         .last()
         .expect("status lists the generations");
-    assert_eq!(listed["generation"], generation, "{status}");
-    assert_eq!(listed["config_sha256"], shas[0], "{status}");
+    assert_eq!(listed.generation, generation, "{status:?}");
+    assert_eq!(listed.config_sha256, shas[0], "{status:?}");
     (shas[0].to_string(), generation)
 }
 
-fn plugin_sha(status: &Value) -> String {
-    status["workers"][0]["plugin"]["sha256"]
-        .as_str()
-        .unwrap()
-        .to_string()
+fn plugin_sha(status: &StatusReport) -> String {
+    status.workers[0].plugin.as_ref().unwrap().sha256.clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,11 +111,14 @@ async fn a_new_config_reloads_with_the_same_build_and_rolls_back_with_it() {
     );
     let status = host.status().await;
     let (two, second) = config_sha(&status);
-    assert_ne!(two, one, "{status}");
-    assert_eq!(second, first + 1, "{status}");
+    assert_ne!(two, one, "{status:?}");
+    assert_eq!(second, first + 1, "{status:?}");
     assert_eq!(plugin_sha(&status), build, "the build did not change");
     assert!(said.contains(&format!("config {}", &two[..12])), "{said}");
-    assert_eq!(status["last_reload"]["config_sha256"], two.as_str());
+    assert_eq!(
+        status.last_reload.unwrap().config_sha256.as_deref(),
+        Some(two.as_str())
+    );
     assert_every_worker_has(&host, serde_json::json!({"message": "two", "limit": 5})).await;
     let text = String::from_utf8_lossy(&host.cli(&["status"]).await.stdout).into_owned();
     assert!(
@@ -128,7 +127,7 @@ async fn a_new_config_reloads_with_the_same_build_and_rolls_back_with_it() {
     );
 
     // A crashed worker's replacement runs its generation's configuration too.
-    let before = host.worker_pids(Some("ready")).await;
+    let before = host.worker_pids(Some(WorkerStateName::Ready)).await;
     let _ = tests::get(host.addr, "/exit").await;
     host.wait_for_replacement("a replacement for the crashed worker", &before)
         .await;
@@ -140,8 +139,8 @@ async fn a_new_config_reloads_with_the_same_build_and_rolls_back_with_it() {
     assert!(out.status.success(), "{}", host.explain(&out));
     let status = host.status().await;
     let (back, third) = config_sha(&status);
-    assert_eq!(back, one, "{status}");
-    assert_eq!(third, second + 1, "{status}");
+    assert_eq!(back, one, "{status:?}");
+    assert_eq!(third, second + 1, "{status:?}");
     assert_every_worker_has(&host, serde_json::json!({"message": "one"})).await;
 
     // A reload reads the file again.
@@ -165,7 +164,7 @@ async fn a_config_the_plugin_refuses_is_a_refused_reload() {
     );
     assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
     let status = host.status().await;
-    assert_eq!(status["generation"], 1, "{status}");
+    assert_eq!(status.generation, 1, "{status:?}");
     assert_eq!(host.worker_pids(None).await, before);
     assert_every_worker_has(&host, serde_json::json!({"message": "one"})).await;
 }
@@ -200,13 +199,14 @@ async fn a_plugin_config_that_does_not_parse_is_refused_in_one_line() {
     // Every command, `status` too, refuses an invalid file: make it valid again to ask.
     set_plugin_config(&host, "[plugin_config]\nmessage = \"one\"\n");
     let status = host.status().await;
-    let error = status["last_reload"]["error"].as_str().unwrap_or_default();
+    let last = status.last_reload.as_ref().unwrap();
+    let error = last.error.as_deref().unwrap_or_default();
     assert!(
         error.starts_with(&file) && error.contains("plugin_config.ratio") && !error.contains('\n'),
-        "{status}"
+        "{status:?}"
     );
-    assert_eq!(status["last_reload"]["ok"], false);
-    assert_eq!(status["generation"], 1, "{status}");
+    assert!(!last.ok);
+    assert_eq!(status.generation, 1, "{status:?}");
     assert_eq!(host.worker_pids(None).await, before);
     assert_every_worker_has(&host, serde_json::json!({"message": "one"})).await;
 }

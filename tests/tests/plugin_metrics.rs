@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use host_status::WorkerStateName;
 use tests::{Host, HostOptions, example_plugin, get, wait_until};
 
 use tests::prom::{Sample, admin_addr, scrape, sum};
@@ -45,19 +46,18 @@ async fn until_both_served(host: &Host) -> u64 {
             sent += 1;
         }
         let status = host.status().await;
-        let served: Vec<u64> = status["workers"]
-            .as_array()
-            .unwrap()
+        let served: Vec<u64> = status
+            .workers
             .iter()
-            .filter(|w| w["state"] == "ready")
-            .map(|w| w["requests"].as_u64().unwrap())
+            .filter(|w| w.state == WorkerStateName::Ready)
+            .map(|w| w.requests)
             .collect();
         if served.len() == 2 && served.iter().all(|&n| n > 0) {
             return sent;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "one worker served everything: {status}"
+            "one worker served everything: {status:?}"
         );
     }
 }
@@ -71,7 +71,7 @@ async fn plugin_counters_add_up_over_workers_and_never_go_back() {
     let mut seen = route_count(&samples, "1", "/");
 
     // A worker dies abruptly (`/exit`): what it counted stays, its replacement adds to it.
-    let before = host.worker_pids(Some("ready")).await;
+    let before = host.worker_pids(Some(WorkerStateName::Ready)).await;
     // The connection dies with the worker: no answer to check.
     let _ = get(host.addr, "/exit").await;
     host.wait_for_replacement("the exited worker", &before)
@@ -153,7 +153,7 @@ async fn plugin_counters_add_up_over_workers_and_never_go_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_registering_too_many_series_is_bounded_counted_and_logged() {
     let (host, admin) = two_workers().await;
-    let pids = host.worker_pids(Some("ready")).await;
+    let pids = host.worker_pids(Some(WorkerStateName::Ready)).await;
     // One connection, one worker: 300 series asked, 256 kept at most (some taken already).
     let reply = get(host.addr, "/series?n=300").await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.body);
@@ -172,7 +172,7 @@ async fn a_plugin_registering_too_many_series_is_bounded_counted_and_logged() {
     .await;
     // The worker serves on, and the page is still well-formed with every kept series.
     assert_eq!(get(host.addr, "/").await.unwrap().status, 200);
-    assert_eq!(host.worker_pids(Some("ready")).await, pids);
+    assert_eq!(host.worker_pids(Some(WorkerStateName::Ready)).await, pids);
     let samples = scrape(&host, admin).await;
     let series = samples
         .iter()

@@ -190,10 +190,8 @@ async fn an_http1_flood_of_abandoned_requests_leaves_the_pool_serving() {
         "no flood request was cancelled or dropped"
     );
     // Nothing of the flood still runs: the status shows no request in flight soon after.
-    host.wait_status("no request in flight", |s| {
-        s["workers"][0]["in_flight"] == 0
-    })
-    .await;
+    host.wait_status("no request in flight", |s| s.workers[0].in_flight == 0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -273,10 +271,8 @@ async fn an_http2_flood_of_reset_streams_leaves_the_pool_serving() {
     assert_eq!(opened, 6_000);
     assert!(answered >= 3, "{answered}");
     assert!(seen > 0, "no handler saw its stream reset");
-    host.wait_status("no request in flight", |s| {
-        s["workers"][0]["in_flight"] == 0
-    })
-    .await;
+    host.wait_status("no request in flight", |s| s.workers[0].in_flight == 0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -297,7 +293,7 @@ async fn handlers_that_ignore_cancellation_stop_holding_the_pool_up_to_a_cap() {
     wait_stubborn_started(&host, 4).await;
     // ...and their clients leave: a new request gets a thread at once, beside them.
     drop(stuck);
-    host.wait_status("the four cancelled", |s| s["workers"][0]["in_flight"] == 0)
+    host.wait_status("the four cancelled", |s| s.workers[0].in_flight == 0)
         .await;
     let began = Instant::now();
     let reply = tokio::time::timeout(ANSWER_WITHIN, get(addr, "/sleep?ms=10"))
@@ -319,7 +315,7 @@ async fn handlers_that_ignore_cancellation_stop_holding_the_pool_up_to_a_cap() {
     }
     wait_stubborn_started(&host, 8).await;
     drop(stuck);
-    host.wait_status("the four cancelled", |s| s["workers"][0]["in_flight"] == 0)
+    host.wait_status("the four cancelled", |s| s.workers[0].in_flight == 0)
         .await;
     let began = Instant::now();
     let waited = tokio::time::timeout(Duration::from_secs(30), get(addr, "/sleep?ms=10"))
@@ -350,7 +346,7 @@ async fn a_handler_sees_its_request_cancelled_and_an_async_one_is_dropped() {
     let addr = host.addr;
     // HTTP/1: the connection closes while the handler waits.
     let s = abandoned_h1(addr, "/sleep?ms=30000").await.unwrap();
-    host.wait_status("in flight", |s| s["workers"][0]["in_flight"] == 1)
+    host.wait_status("in flight", |s| s.workers[0].in_flight == 1)
         .await;
     let closed = Instant::now();
     drop(s);
@@ -374,7 +370,7 @@ async fn a_handler_sees_its_request_cancelled_and_an_async_one_is_dropped() {
         .body(())
         .unwrap();
     let (resp, _stream) = client.send_request(req, true).unwrap();
-    host.wait_status("in flight", |s| s["workers"][0]["in_flight"] == 1)
+    host.wait_status("in flight", |s| s.workers[0].in_flight == 1)
         .await;
     drop(resp);
     drop(_stream);
@@ -387,7 +383,7 @@ async fn a_handler_sees_its_request_cancelled_and_an_async_one_is_dropped() {
     .await;
     // An async handler needs nothing: its future is dropped with the request.
     let s = abandoned_h1(addr, "/async-wait?ms=30000").await.unwrap();
-    host.wait_status("in flight", |s| s["workers"][0]["in_flight"] == 1)
+    host.wait_status("in flight", |s| s.workers[0].in_flight == 1)
         .await;
     drop(s);
     wait_stats(
@@ -420,7 +416,7 @@ async fn the_example_sleep_returns_when_its_client_leaves() {
     for _ in 0..2 {
         left.push(abandoned_h1(addr, "/sleep?ms=20000").await.unwrap());
     }
-    host.wait_status("two in flight", |s| s["workers"][0]["in_flight"] == 2)
+    host.wait_status("two in flight", |s| s.workers[0].in_flight == 2)
         .await;
     drop(left);
     let began = Instant::now();
@@ -444,7 +440,7 @@ async fn a_full_queue_answers_503_with_retry_after_at_once() {
     let live: Vec<_> = (0..4)
         .map(|_| tokio::spawn(async move { get(addr, "/sleep?ms=8000").await }))
         .collect();
-    host.wait_status("four in flight", |s| s["workers"][0]["in_flight"] == 4)
+    host.wait_status("four in flight", |s| s.workers[0].in_flight == 4)
         .await;
     let began = Instant::now();
     let refused = get(addr, "/sleep?ms=10").await.unwrap();

@@ -4,17 +4,12 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use host_status::{StatusReport, WorkerStateName};
 use tests::{Host, HostOptions, Load, Mode, example_plugin, get, pid_alive, wait_until};
 
 /// Recycles done so far, over every slot.
-fn recycles(status: &Value) -> u64 {
-    status["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["recycles"].as_u64().unwrap_or(0))
-        .sum()
+fn recycles(status: &StatusReport) -> u64 {
+    status.slots.iter().map(|s| s.recycles).sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -39,21 +34,15 @@ async fn workers_over_max_worker_rss_are_recycled_without_failing_a_request() {
     }
     let status = host
         .wait_status("every worker ready and below 80 MiB", |s| {
-            let workers = s["workers"].as_array().unwrap();
-            workers.len() == 2
-                && workers
+            s.workers.len() == 2
+                && s.workers
                     .iter()
-                    .all(|w| w["state"] == "ready" && w["rss_bytes"].as_u64().unwrap() < 80 << 20)
+                    .all(|w| w.state == WorkerStateName::Ready && w.rss_bytes < 80 << 20)
         })
         .await;
     load.advance(200).await;
     let report = load.finish().await;
-    let rss: Vec<u64> = status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["rss_bytes"].as_u64().unwrap() >> 20)
-        .collect();
+    let rss: Vec<u64> = status.workers.iter().map(|w| w.rss_bytes >> 20).collect();
     eprintln!(
         "max_worker_rss: {} recycles, worker RSS after: {rss:?} MiB; load: {}",
         recycles(&status),
@@ -66,7 +55,7 @@ async fn workers_over_max_worker_rss_are_recycled_without_failing_a_request() {
     report.assert_clean();
     // 300 MiB leaked, yet every worker ends below 80 MiB: only replacements can do that (how
     // many depends on how the leaks fell between the master's RSS checks).
-    assert!(recycles(&status) >= 1, "no recycle: {status}");
+    assert!(recycles(&status) >= 1, "no recycle: {status:?}");
     assert!(
         host.log().contains("over max_worker_rss 64 MiB"),
         "no recycle line with the reason in the log"
@@ -102,8 +91,8 @@ async fn max_requests_recycles_workers_without_failing_a_request() {
         "no recycle line with the reason in the log"
     );
     // Every recycle keeps the generation: recycling is not a reload.
-    assert_eq!(status["generation"], 1);
-    assert!(status["last_reload"].is_null(), "{status}");
+    assert_eq!(status.generation, 1);
+    assert!(status.last_reload.is_none(), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -118,7 +107,7 @@ async fn a_poisoned_mutex_is_cured_by_restart_worker() {
     .await;
     let load = Load::start(host.addr, 4, Mode::KeepAlive, "/");
     load.advance(100).await;
-    let old = host.worker_pids(Some("ready")).await[0];
+    let old = host.worker_pids(Some(WorkerStateName::Ready)).await[0];
     assert!(host.body("/locked").await.contains("counted 1 requests"));
 
     let poison = get(host.addr, "/poison").await.unwrap();
@@ -135,12 +124,10 @@ async fn a_poisoned_mutex_is_cured_by_restart_worker() {
 
     let status = host
         .wait_status("a new worker serving slot 0", |s| {
-            s["slots"][0]["pid"]
-                .as_u64()
-                .is_some_and(|p| p != u64::from(old))
+            s.slots[0].pid.is_some_and(|p| p != old)
         })
         .await;
-    let new = status["slots"][0]["pid"].as_u64().unwrap() as u32;
+    let new = status.slots[0].pid.unwrap();
     wait_until(
         Duration::from_secs(20),
         "the poisoned worker to drain and exit",
@@ -165,7 +152,7 @@ async fn a_poisoned_mutex_is_cured_by_restart_worker() {
     );
     report.assert_clean();
     let status = host.status().await;
-    assert_eq!(status["slots"][0]["recycles"], 1, "{status}");
+    assert_eq!(status.slots[0].recycles, 1, "{status:?}");
     let text = host.cli(&["status"]).await;
     assert!(
         String::from_utf8_lossy(&text.stdout).contains("recycled: 1 workers (slot 0: 1)"),
@@ -233,24 +220,23 @@ async fn recycles_and_reloads_interleave_without_failing_a_request() {
     let report = load.finish().await;
     let status = host
         .wait_status("no recycle or drain under way", |s| {
-            let workers = s["workers"].as_array().unwrap();
-            workers.len() == 2 && workers.iter().all(|w| w["state"] == "ready")
+            s.workers.len() == 2 && s.workers.iter().all(|w| w.state == WorkerStateName::Ready)
         })
         .await;
     eprintln!(
         "interleaved: {} requests, {} recycles, generation {}; {} failed, {} non-200",
         report.total(),
         recycles(&status),
-        status["generation"],
+        status.generation,
         report.errors.len(),
         report.non_200.len()
     );
     report.assert_clean();
-    assert_eq!(status["generation"], 4, "{status}");
-    assert!(recycles(&status) >= 1, "{status}");
+    assert_eq!(status.generation, 4, "{status:?}");
+    assert!(recycles(&status) >= 1, "{status:?}");
     // Every worker runs the last build: a recycle never brought an old generation back.
-    for w in status["workers"].as_array().unwrap() {
-        assert_eq!(w["generation"], 4, "{status}");
+    for w in &status.workers {
+        assert_eq!(w.generation, 4, "{status:?}");
     }
     assert!(host.body("/").await.starts_with("v2 from"));
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use host_status::WorkerStateName;
 use tests::{Host, HostOptions, Load, Mode, get, greeting_plugin, pid_alive, wait_until};
 
 async fn reload_under_load(mode: Mode) {
@@ -17,7 +18,7 @@ async fn reload_under_load(mode: Mode) {
 
     // Three rollouts back and forth while the clients keep going.
     for (build, greeting) in [(&v2, "v2"), (&v1, "v1"), (&v2, "v2")] {
-        let old = host.worker_pids(Some("ready")).await;
+        let old = host.worker_pids(Some(WorkerStateName::Ready)).await;
         host.install_plugin(build);
         host.reload_ok().await;
         // A connection opened after `reload` returned reaches the new build.
@@ -62,9 +63,9 @@ async fn reload_under_load(mode: Mode) {
     );
 
     let status = host.status().await;
-    assert_eq!(status["generation"], 4);
-    assert_eq!(status["workers"].as_array().unwrap().len(), 2);
-    assert_eq!(status["last_reload"]["ok"], true);
+    assert_eq!(status.generation, 4);
+    assert_eq!(status.workers.len(), 2);
+    assert!(status.last_reload.unwrap().ok);
 
     let workers = host.worker_pids(None).await;
     let out = host.cli(&["stop"]).await;
@@ -106,7 +107,7 @@ async fn in_flight_request_finishes_on_the_old_worker() {
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=1500").await });
     // The old worker has the request before the reload starts.
     host.wait_status("the slow request in flight", |s| {
-        s["workers"][0]["in_flight"] == 1
+        s.workers[0].in_flight == 1
     })
     .await;
     let old = host.worker_pids(None).await;

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use host_status::{StatusReport, WorkerStateName};
 use tests::{
     Host, HostOptions, Load, Mode, example_plugin, fixture_plugin, get, greeting_plugin, pid_alive,
     wait_until,
@@ -150,13 +151,11 @@ async fn bad_builds_are_refused_under_load_and_the_old_build_keeps_serving() {
             );
         }
         let status = host.status().await;
-        assert_eq!(status["last_reload"]["ok"], false, "{name}");
+        let last = status.last_reload.as_ref().unwrap();
+        assert!(!last.ok, "{name}");
         assert!(
-            status["last_reload"]["error"]
-                .as_str()
-                .unwrap()
-                .contains(causes[0]),
-            "{name}: {status}"
+            last.error.as_deref().unwrap().contains(causes[0]),
+            "{name}: {status:?}"
         );
         assert_eq!(
             host.worker_pids(None).await,
@@ -223,7 +222,7 @@ async fn rollback_returns_to_the_previous_generation_and_old_snapshots_are_prune
         "rollback serves v1 again"
     );
     let status = host.status().await;
-    assert_eq!(status["last_reload"]["kind"], "rollback");
+    assert_eq!(status.last_reload.unwrap().kind, "rollback");
     // Rolling back again returns to v2 (like `cd -`), even though the file on disk says v2 too.
     host.cli(&["rollback"]).await;
     assert!(host.body("/").await.starts_with("v2 from"));
@@ -238,7 +237,7 @@ async fn rollback_returns_to_the_previous_generation_and_old_snapshots_are_prune
     );
 
     // keep_snapshots = 2: the v2 and v3 snapshots stay, v1's is pruned once its workers are gone.
-    let old = host.worker_pids(Some("draining")).await;
+    let old = host.worker_pids(Some(WorkerStateName::Draining)).await;
     wait_until(Duration::from_secs(15), "drained workers to exit", || {
         old.iter().all(|&p| !pid_alive(p))
     })
@@ -267,7 +266,7 @@ async fn dead_workers_are_replaced_their_exit_decoded_and_their_requests_named()
         ("/segfault", "killed by SIGSEGV"),
         ("/abort", "killed by SIGABRT"),
     ] {
-        let before = host.worker_pids(Some("ready")).await;
+        let before = host.worker_pids(Some(WorkerStateName::Ready)).await;
         if how == "SIGKILL" {
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(before[0] as i32),
@@ -319,7 +318,7 @@ async fn a_crash_loop_backs_off_and_a_reload_still_works() {
     std::fs::write(&marker, b"crash").unwrap();
     let load = Load::start(host.addr, 8, Mode::Close, "/");
     load.advance(50).await;
-    let victim = host.worker_pids(Some("ready")).await[0];
+    let victim = host.worker_pids(Some(WorkerStateName::Ready)).await[0];
     let began = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim as i32),
@@ -327,27 +326,20 @@ async fn a_crash_loop_backs_off_and_a_reload_still_works() {
     )
     .unwrap();
 
-    let failing = |s: &serde_json::Value| {
-        s["slots"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["state"] == "failing")
-            .cloned()
-    };
+    let failing = |s: &StatusReport| s.slots.iter().find(|s| s.state == "failing").cloned();
     let status = host
         .wait_status("the slot to show as failing", |s| {
-            failing(s).is_some_and(|f| f["failures"].as_u64().unwrap() >= 4)
+            failing(s).is_some_and(|f| f.failures >= 4)
         })
         .await;
     let slot = failing(&status).unwrap();
     assert!(
-        slot["last_error"].as_str().unwrap().contains("SIGABRT"),
-        "{slot}"
+        slot.last_error.as_deref().unwrap().contains("SIGABRT"),
+        "{slot:?}"
     );
     // Backoff, not a spin: 100, 200, 400 ms... between attempts, so few attempts in this time.
     let elapsed = began.elapsed();
-    let failures = slot["failures"].as_u64().unwrap();
+    let failures = u64::from(slot.failures);
     let max_expected = 2 + (elapsed.as_millis() as f64 / 100.0).log2().max(0.0).ceil() as u64 + 1;
     assert!(
         failures <= max_expected,
@@ -365,8 +357,11 @@ async fn a_crash_loop_backs_off_and_a_reload_still_works() {
     host.install_plugin(&greeting_plugin("v2"));
     host.reload_ok().await;
     let status = host.status().await;
-    assert!(failing(&status).is_none(), "{status}");
-    assert_eq!(host.worker_pids(Some("ready")).await.len(), 2);
+    assert!(failing(&status).is_none(), "{status:?}");
+    assert_eq!(
+        host.worker_pids(Some(WorkerStateName::Ready)).await.len(),
+        2
+    );
     assert!(host.body("/").await.starts_with("v2 from"));
     load.advance(50).await;
     let report = load.finish().await;
@@ -394,7 +389,7 @@ async fn requests_past_graceful_timeout_get_503_and_are_logged() {
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=20000").await });
     let slow_async = tokio::spawn(async move { get(addr, "/async/sleep?ms=20000").await });
     host.wait_status("the slow requests in flight", |s| {
-        s["workers"][0]["in_flight"] == 2
+        s.workers[0].in_flight == 2
     })
     .await;
     let old = host.worker_pids(None).await[0];
@@ -443,7 +438,7 @@ async fn reloads_during_a_rollout_are_coalesced_and_each_answered() {
     ]));
     let load = Load::start(host.addr, 8, Mode::Close, "/");
     let first = host.spawn_cli(&["reload"]);
-    host.wait_for_workers("starting").await;
+    host.wait_for_workers(WorkerStateName::Starting).await;
     let (a, b) = tokio::join!(host.cli(&["reload"]), host.cli(&["reload"]));
     let first = first.await.unwrap();
     for out in [&first, &a, &b] {
@@ -458,7 +453,7 @@ async fn reloads_during_a_rollout_are_coalesced_and_each_answered() {
         gens[1].contains("generation 3") && gens[2].contains("generation 3"),
         "the two queued reloads shared one rollout: {gens:?}"
     );
-    assert_eq!(host.status().await["generation"], 3);
+    assert_eq!(host.status().await.generation, 3);
     let report = load.finish().await;
     assert!(
         report.errors.is_empty() && report.non_200.is_empty(),
@@ -475,7 +470,7 @@ async fn stop_during_a_reload_leaves_nothing_behind() {
         ("EXAMPLE_START_DELAY_MS", "3000"),
     ]));
     let reload = host.spawn_cli(&["reload"]);
-    let starting = host.wait_for_workers("starting").await;
+    let starting = host.wait_for_workers(WorkerStateName::Starting).await;
     pids.extend(starting);
     host.stop_during(reload, &pids).await;
 }

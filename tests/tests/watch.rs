@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use host_status::WorkerStateName;
 use tests::{
     Host, HostOptions, Load, Mode, cargo, fixture_plugin, get, greeting_plugin, wait_until,
     workspace,
@@ -144,10 +145,10 @@ async fn rapid_identical_rewrites_cause_at_most_one_reload() {
     served_within(&host, "v2 from", Duration::from_secs(10)).await;
     // The generation counts as serving once its rollout ends, a little after its first answer.
     let status = host
-        .wait_status("v2's rollout to end", |s| s["generation"] != 1)
+        .wait_status("v2's rollout to end", |s| s.generation != 1)
         .await;
     assert_eq!(
-        status["generation"], 2,
+        status.generation, 2,
         "the identical rewrites made no generation"
     );
 
@@ -161,15 +162,18 @@ async fn rapid_identical_rewrites_cause_at_most_one_reload() {
     served_within(&host, "fixture ok", Duration::from_secs(10)).await;
     let status = host
         .wait_status("the fixture's rollout to end", |s| {
-            s["workers"].as_array().unwrap().iter().all(|w| {
-                w["state"] != "ready"
-                    || (w["plugin"]["name"] == "fixture-plugin"
-                        && w["generation"] == s["generation"])
+            s.workers.iter().all(|w| {
+                w.state != WorkerStateName::Ready
+                    || (w
+                        .plugin
+                        .as_ref()
+                        .is_some_and(|p| p.name == "fixture-plugin")
+                        && w.generation == s.generation)
             })
         })
         .await;
     assert_eq!(
-        status["generation"], 4,
+        status.generation, 4,
         "v2, then one generation for six writes of v3, then the fixture"
     );
 }

@@ -1,7 +1,8 @@
 //! `host status`: asks every live worker for its counters, waits for them (bounded by
 //! `STATS_WAIT`) and answers with the master's view of workers, slots and the last reload. It
 //! never changes a worker or a slot; a worker that does not answer in time is reported with the
-//! counters it sent last.
+//! counters it sent last. The report is built from the `host-status` crate's types (re-exported
+//! by `protocol`), the one definition of what `status --json` prints.
 
 use std::collections::HashSet;
 use std::time::Duration;
