@@ -50,7 +50,7 @@
 //!   the pidfile, `state_dir` (who may own it, and recreating it when deleted), plugin snapshots, the open-files limit the workers inherit, dev mode's watcher
 //!   and build command ([`master::build`], which also runs once before the master starts).
 //! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called;
-//!   [`worker::check`] is the throwaway worker `host check` starts ([`check`]) to try a plugin.
+//!   [`worker::trial`] is the throwaway worker `host check` starts ([`check`]) to try a plugin.
 //! - [`logging`]: who wrote each line, as text or JSON (`log_format`).
 //! - `ratelimit`: at most one log line per cause per second, with a count, for errors that
 //!   repeat as fast as a loop spins (`accept` out of file descriptors).
@@ -58,17 +58,20 @@
 //!   master adds up per generation for `/metrics` (served by [`master::admin`]).
 //! - `plugin_metrics`: the plugin's own metric series in each worker's cell of that page
 //!   (layout, registration, the master's defensive read and sums).
-//! - `fd`: inherited file descriptors; `accept_table`: the shared page where accepting workers
-//!   publish their connection counts. With the loader, the functions the plugin calls back
-//!   (`worker::metrics_abi` among them) and one `setpriority` call for the snapshot thread, the
-//!   only `unsafe` in the crate.
+//! - `fd`: inherited file descriptors; `worker_table`: the page the master shares with every
+//!   worker, a cell each (connection counts for balance, requests in flight, counters).
+//!
+//! `unsafe` is denied here and allowed only in these files, each block with its `SAFETY`
+//! comment: `fd`, `worker_table` (the mapping), the worker's plugin boundary
+//! (`worker::loader`, `worker::abi_io`, `worker::metrics_abi`), `worker::listener` (syscalls
+//! on fd 3 by number), `worker::first_poll` (a waker's vtable), and one `setpriority` call for the
+//! snapshot thread (`master::snapshot`).
 //!
 //! This file is the binary's edge: the CLI, choosing the role, printing to the terminal, and the
 //! only place `anyhow` is used.
 
 #![deny(unsafe_code)]
 
-mod accept_table;
 mod check;
 mod cli;
 mod config;
@@ -80,6 +83,7 @@ mod plugin_metrics;
 mod protocol;
 mod ratelimit;
 mod worker;
+mod worker_table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -327,7 +331,7 @@ fn main() -> ExitCode {
             spawned_at_ns,
             log_format,
         } => return worker::run(slot, generation, master_pid, spawned_at_ns, log_format),
-        Command::CheckPlugin { log_format } => return worker::check::run(log_format),
+        Command::CheckPlugin { log_format } => return worker::trial::run(log_format),
         _ => {}
     }
     match run(cli) {

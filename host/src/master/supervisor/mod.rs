@@ -260,7 +260,7 @@ pub(crate) struct Supervisor {
     listener: std::net::TcpListener,
     /// Where accepting workers publish their connection counts (`None` if it could not be
     /// created: workers then accept without looking at each other).
-    accept_table: Option<(crate::accept_table::Table, std::os::fd::OwnedFd)>,
+    accept_table: Option<(crate::worker_table::WorkerTable, std::os::fd::OwnedFd)>,
     events: mpsc::UnboundedSender<Event>,
     workers: BTreeMap<WorkerId, Worker>,
     serving: Vec<Option<WorkerId>>,
@@ -344,7 +344,7 @@ impl Supervisor {
         start_notify: Option<std::fs::File>,
     ) -> Supervisor {
         let slots = cfg.workers;
-        let accept_table = crate::accept_table::Table::create(table_cells(&cfg))
+        let accept_table = crate::worker_table::WorkerTable::create(table_cells(&cfg))
             .inspect_err(|e| {
                 tracing::warn!(
                     "{}; workers will accept without balancing, and a dead worker's requests in flight will not be known",
