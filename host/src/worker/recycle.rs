@@ -94,3 +94,35 @@ impl Recycle {
         !self.retiring.swap(true, Ordering::SeqCst)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_limit_asks_once_and_retiring_is_set_once() {
+        let (recycle, mut rx) = Recycle::start(5, 2);
+        for served in 1..=4 {
+            recycle.served(served);
+        }
+        assert!(rx.try_recv().is_err(), "no ask below the limit");
+        recycle.served(5);
+        let ask = rx.try_recv().expect("an ask at the limit");
+        assert!(!ask.by_plugin);
+        assert_eq!(ask.reason, "served 5 requests (max_requests 3 + jitter 2)");
+        recycle.served(6);
+        assert!(rx.try_recv().is_err(), "one ask only");
+        assert!(!recycle.retiring());
+        assert!(recycle.retire() && recycle.retiring());
+        assert!(!recycle.retire(), "the second retire is not the first");
+    }
+
+    #[test]
+    fn without_a_limit_nothing_is_asked() {
+        let (recycle, mut rx) = Recycle::start(0, 0);
+        for served in 1..1000 {
+            recycle.served(served);
+        }
+        assert!(rx.try_recv().is_err());
+    }
+}
