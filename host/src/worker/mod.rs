@@ -197,11 +197,7 @@ async fn serve(
     timings.dlopen_us = plugin.loaded_at_ns.saturating_sub(at.spawned_at_ns) / 1000;
     timings.on_worker_start_us = at.since_spawn();
     tracing::info!(plugin = %plugin.info.name, version = %plugin.info.version, sha256 = %&plugin.info.sha256[..12], "plugin loaded");
-    let listener = match before.check_after_load(listener).and_then(|l| {
-        l.set_nonblocking(true)
-            .and_then(|_| listener::register(l))
-            .map_err(|e| format!("cannot use the inherited listening socket: {e}"))
-    }) {
+    let listener = match before.adopt(listener) {
         Ok(listener) => listener,
         Err(reason) => return refuse(&mut tx, reason).await,
     };

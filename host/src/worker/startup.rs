@@ -10,6 +10,7 @@
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 
+use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
@@ -189,25 +190,29 @@ impl ListenerBefore {
         })
     }
 
-    /// After the plugin's constructors and `on_worker_start` ran: a plugin that closed fd 3 or
-    /// shut the shared socket down is refused (the master re-arms the shared socket), with the
-    /// reason. fd 3 is never closed when it is no longer this worker's.
-    pub(super) fn check_after_load(
+    /// After the plugin's constructors and `on_worker_start` ran: the listener, registered
+    /// with the reactor for accepting. A plugin that closed fd 3 or shut the shared socket
+    /// down is refused (the master re-arms the shared socket), with the reason. fd 3 is never
+    /// closed when it is no longer this worker's.
+    pub(super) fn adopt(
         &self,
         listener: std::net::TcpListener,
-    ) -> Result<std::net::TcpListener, String> {
-        match listener::check(self.id) {
-            Err(lost) if lost.own_fd || self.listening => {
-                if lost.own_fd {
-                    // fd 3 is not ours any more: never close it.
-                    std::mem::forget(listener);
-                }
-                Err(format!(
-                    "loading the plugin (its constructors or on_worker_start) broke the listening socket: {}",
-                    lost.reason
-                ))
+    ) -> Result<AsyncFd<std::net::TcpListener>, String> {
+        if let Err(lost) = listener::check(self.id)
+            && (lost.own_fd || self.listening)
+        {
+            if lost.own_fd {
+                // fd 3 is not ours any more: never close it.
+                std::mem::forget(listener);
             }
-            _ => Ok(listener),
+            return Err(format!(
+                "loading the plugin (its constructors or on_worker_start) broke the listening socket: {}",
+                lost.reason
+            ));
         }
+        listener
+            .set_nonblocking(true)
+            .and_then(|_| listener::register(listener))
+            .map_err(|e| format!("cannot use the inherited listening socket: {e}"))
     }
 }
