@@ -72,16 +72,21 @@ impl Recycle {
     #[inline]
     pub(super) fn served(&self, served: u64) {
         if served == self.after {
-            let base = self.after.saturating_sub(self.jitter);
-            let reason = format!(
-                "served {served} requests (max_requests {base} + jitter {})",
-                self.jitter
-            );
-            let _ = self.tx.send(RecycleRequest {
-                reason,
-                by_plugin: false,
-            });
+            self.ask_at_limit(served);
         }
+    }
+
+    #[cold]
+    fn ask_at_limit(&self, served: u64) {
+        let base = self.after.saturating_sub(self.jitter);
+        let reason = format!(
+            "served {served} requests (max_requests {base} + jitter {})",
+            self.jitter
+        );
+        let _ = self.tx.send(RecycleRequest {
+            reason,
+            by_plugin: false,
+        });
     }
 
     /// Whether this worker asked for its replacement.
