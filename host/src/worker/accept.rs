@@ -1,10 +1,10 @@
 //! The accept side of the event loop: takes connections from the listening socket the worker
-//! inherited and hands each to its own task ([`connection::spawn`](super::connection::spawn)).
+//! inherited and hands each to its own task ([`connection::spawn`]).
 //!
 //! Owns the listener's state: accepting; parked (the shared socket was shut down, by a plugin
 //! here or in another worker: out of the reactor, looked at every [`LISTENER_RECHECK`] until
 //! the master re-armed it); or stopped (draining, or fd 3 is no longer this worker's). It drops
-//! connections whose client is already gone ([`backlog`](super::backlog)), stops accepting
+//! connections whose client is already gone ([`backlog`]), stops accepting
 //! while the worker holds `max_connections`, steps aside for less loaded workers (the
 //! [`balance`](super::balance) decides), and tells the master when the socket is lost
 //! (`ListenerLost`). It never binds or re-arms a socket, and never serves a connection.

@@ -1,14 +1,13 @@
 //! One accepted connection's life: hyper serving it (HTTP/1.1 and HTTP/2, with HTTP/2's
 //! streams, per-stream send buffer and pings bounded), its socket wrapped so that a write that
-//! makes no progress for `send_timeout` ends it ([`send_timeout`](super::send_timeout)), small
-//! writes are joined ([`coalesce`](super::coalesce)) and a drain covers every HTTP/2 stream the
-//! client sent ([`h2_drain`](super::h2_drain)), and its end: the idle guard's verdict
-//! ([`head_timeout`](super::head_timeout)), or the drain (`idle_grace` for an HTTP/1 keep-alive
-//! client, GOAWAY for HTTP/2).
+//! makes no progress for `send_timeout` ends it ([`send_timeout`]), small writes are joined
+//! ([`coalesce`]) and a drain covers every HTTP/2 stream the client sent ([`h2_drain`]), and
+//! its end: the idle guard's verdict ([`head_timeout`]), or the drain (`idle_grace` for an
+//! HTTP/1 keep-alive client, GOAWAY for HTTP/2).
 //!
 //! Owns the connection task and hyper's settings ([`settings`]). Each request goes down to
-//! [`request::call`](super::request::call); it never accepts, never answers a request itself
-//! and never decides when to drain.
+//! [`request::call`]; it never accepts, never answers a request itself and never decides when
+//! to drain.
 
 use std::sync::Arc;
 use std::time::Duration;
