@@ -57,7 +57,7 @@ pub struct Config {
     /// whoever can write the file chooses the native code this host runs.
     pub allow_writable_plugin: bool,
     /// Workers publish their connection counts and one holding clearly more than another steps
-    /// aside before accepting (see `accept_table`). Off: the kernel alone decides.
+    /// aside before accepting (see `worker_table`). Off: the kernel alone decides.
     pub accept_balance: bool,
     /// Largest plugin file a reload snapshots.
     pub max_plugin_bytes: u64,

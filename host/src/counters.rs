@@ -1,5 +1,5 @@
 //! Request counters for `/metrics`: what each worker counts about the requests it serves, kept
-//! in its cell of the shared worker table (see `accept_table`) so that the master can read them
+//! in its cell of the shared worker table (see `worker_table`) so that the master can read them
 //! while the worker runs and, exactly, after it died.
 //!
 //! Owns the layout of a cell's [`Counters`] (plain atomics), the per-request recording (a few
@@ -7,7 +7,7 @@
 //! locked instruction, no allocation, no syscall beyond one more read of the vDSO clock the
 //! request path already reads), the latency buckets, and [`Totals`],
 //! the plain numbers the master adds up. It never maps memory, never talks to the master and
-//! never formats metrics: `accept_table` maps, the master folds and `master::admin` exposes.
+//! never formats metrics: `worker_table` maps, the master folds and `master::admin` exposes.
 //!
 //! Why shared memory and not messages: counters must never go backwards when a worker is
 //! replaced, so the master keeps the final counts of every exited worker. Polling `Stats` would

@@ -52,7 +52,7 @@
 //!   the pidfile, `state_dir` (who may own it, and recreating it when deleted), plugin snapshots, the open-files limit the workers inherit, dev mode's watcher
 //!   and build command ([`master::build`], which also runs once before the master starts).
 //! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called;
-//!   [`worker::check`] is the throwaway worker `host check` starts ([`check`]) to try a plugin.
+//!   [`worker::trial`] is the throwaway worker `host check` starts ([`check`]) to try a plugin.
 //! - [`logging`]: who wrote each line, as text or JSON (`log_format`).
 //! - `ratelimit`: at most one log line per cause per second, with a count, for errors that
 //!   repeat as fast as a loop spins (`accept` out of file descriptors).
@@ -60,15 +60,14 @@
 //!   master adds up per generation for `/metrics` (served by [`master::admin`]).
 //! - `plugin_metrics`: the plugin's own metric series in each worker's cell of that page
 //!   (layout, registration, the master's defensive read and sums).
-//! - `fd`: inherited file descriptors; `accept_table`: the shared page where accepting workers
-//!   publish their connection counts.
+//! - `fd`: inherited file descriptors; `worker_table`: the page the master shares with every
+//!   worker, a cell each (connection counts for balance, requests in flight, counters).
 //!
-//! `unsafe` is denied at the root and allowed only in: `fd`, `accept_table`, the worker's
-//! calls into the plugin and the functions it calls back ([`worker::loader`],
-//! `worker::abi_io`, `worker::metrics_abi`), its raw-fd checks of the listening socket and
-//! `accept4` (`worker::listener`), the stand-in waker of an async handler's first poll
-//! (`worker::first_poll`), and one `setpriority` call for the master's snapshot thread
-//! (`master::snapshot`). The master's supervisor has none: what it does to processes goes
+//! `unsafe` is denied here and allowed only in these files, each block with its `SAFETY`
+//! comment: `fd`, `worker_table` (the mapping), the worker's plugin boundary
+//! (`worker::loader`, `worker::abi_io`, `worker::metrics_abi`), `worker::listener` (syscalls
+//! on fd 3 by number), `worker::first_poll` (a waker's vtable), and one `setpriority` call for the
+//! snapshot thread (`master::snapshot`). The master's supervisor has none: what it does to processes goes
 //! through its `Effects` (`master::system`).
 //!
 //! This file is the binary's edge: the CLI, choosing the role, printing to the terminal, and the
@@ -76,7 +75,6 @@
 
 #![deny(unsafe_code)]
 
-mod accept_table;
 mod check;
 mod cli;
 mod config;
@@ -88,6 +86,7 @@ mod plugin_metrics;
 mod protocol;
 mod ratelimit;
 mod worker;
+mod worker_table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -335,7 +334,7 @@ fn main() -> ExitCode {
             spawned_at_ns,
             log_format,
         } => return worker::run(slot, generation, master_pid, spawned_at_ns, log_format),
-        Command::CheckPlugin { log_format } => return worker::check::run(log_format),
+        Command::CheckPlugin { log_format } => return worker::trial::run(log_format),
         _ => {}
     }
     match run(cli) {

@@ -3,7 +3,7 @@
 //! worker writes them through the functions it gives the plugin (`MetricsVTable`); the master
 //! reads them for `/metrics` while the worker runs and folds the counters and histograms into
 //! its generation's total when it is reaped, as it does the request counters (see
-//! `accept_table`).
+//! `worker_table`).
 //!
 //! Owns the slot layout, registration (validation, the bound) and the defensive read. A plugin
 //! can write anything into its cell through the mapping, so [`read`] trusts nothing: lengths

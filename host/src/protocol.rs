@@ -40,7 +40,7 @@ pub struct WorkerSpec {
     pub idle_grace_ms: u64,
     pub max_body_bytes: usize,
     pub body_read_timeout_ms: u64,
-    /// This worker's cell in the accept table (fd 5) and the table's size; `None`: no table.
+    /// This worker's cell in the worker table (fd 5) and the table's size; `None`: no table.
     pub accept_cell: Option<u32>,
     pub accept_cells: u32,
     /// Whether to publish connection counts and step aside for less loaded workers.

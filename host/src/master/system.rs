@@ -149,7 +149,7 @@ impl Effects for System {
             .into_iter()
             .chain(table_fd.map(|fd| FdMapping {
                 parent_fd: fd,
-                child_fd: crate::accept_table::TABLE_FD,
+                child_fd: crate::worker_table::TABLE_FD,
             }))
             .collect(),
         )

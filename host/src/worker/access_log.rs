@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime};
 
+use super::clock::Stamp;
 use crate::counters::{Counters, Limit};
 use crate::logging::LogFormat;
 use crate::ratelimit::RateLimit;
@@ -88,13 +89,16 @@ pub(super) fn flush(timeout: Duration) {
 /// A request's access-log line in the making: queued when dropped (with its response body).
 pub struct Line {
     entry: Option<Entry>,
-    began_ns: u64,
+    began: Stamp,
 }
 
 impl Line {
-    /// A line for a request that began at `began_ns` (`monotonic_ns`), or `None` without an
+    /// A line for a request that began at `began` (read now if `None`), or `None` without an
     /// access log.
-    pub(super) fn begin(req: &http::Request<hyper::body::Incoming>, began_ns: u64) -> Option<Line> {
+    pub(super) fn begin(
+        req: &http::Request<hyper::body::Incoming>,
+        began: Option<Stamp>,
+    ) -> Option<Line> {
         LOG.get()?;
         let path = req.uri().path();
         let path = match path.char_indices().nth(MAX_PATH) {
@@ -116,11 +120,7 @@ impl Line {
                 bytes_in,
                 bytes_out: 0,
             }),
-            began_ns: if began_ns == 0 {
-                super::monotonic_ns()
-            } else {
-                began_ns
-            },
+            began: began.unwrap_or_else(Stamp::now),
         })
     }
 
@@ -150,7 +150,7 @@ impl Drop for Line {
         let (Some(log), Some(mut entry)) = (LOG.get(), self.entry.take()) else {
             return;
         };
-        entry.duration_us = super::monotonic_ns().saturating_sub(self.began_ns) / 1000;
+        entry.duration_us = Stamp::now().micros_since(self.began);
         match log.tx.try_send(Message::Entry(entry)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => dropped(log.counters, 1, "its queue is full"),

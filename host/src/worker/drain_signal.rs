@@ -1,17 +1,21 @@
-//! The worker's drain, told to every connection task.
+//! The worker's drain, told to every connection task, and its cut at `graceful_timeout`
+//! ([`Cut`]), told to every request still waiting for its handler.
 //!
 //! Each connection waits for the drain for as long as it lives, alongside serving its requests,
 //! so the wait is polled on every wake-up of the connection (each read and each write). A
 //! `watch` or `Notify` waiter takes a lock to re-register the task's waker on each such poll;
 //! here a poll is one atomic load, and the waker is registered once per connection (again only
-//! if the task's waker changes). This module owns that signal; it never decides when to drain.
+//! if the task's waker changes). This module owns both signals; it never decides when to drain
+//! or cut (the event loop does).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+
+use tokio::sync::watch;
 
 /// Fired once, when the worker starts draining; every [`Wait`] then completes.
 pub struct DrainSignal {
@@ -56,6 +60,53 @@ impl DrainSignal {
 
     fn fired(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether the worker drains (a relaxed read, for the request path).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The flag itself, for a connection's I/O wrapper (`h2_drain`).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.draining.clone()
+    }
+}
+
+/// `graceful_timeout`'s cut: set once, then requests still waiting for their handler answer
+/// `503` (counted here) instead of being cut with their connection.
+pub struct Cut {
+    rx: watch::Receiver<bool>,
+    answered: AtomicU64,
+}
+
+impl Cut {
+    /// The cut, and the sender that sets it.
+    pub fn new() -> (watch::Sender<bool>, Cut) {
+        let (tx, rx) = watch::channel(false);
+        let cut = Cut {
+            rx,
+            answered: AtomicU64::new(0),
+        };
+        (tx, cut)
+    }
+
+    /// Completes once the cut is set (never if its sender is gone first).
+    pub async fn wait(&self) {
+        let mut rx = self.rx.clone();
+        if rx.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// A request was answered `503` at the cut.
+    pub fn note_answered(&self) {
+        self.answered.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many requests were answered `503` at the cut.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::SeqCst)
     }
 }
 

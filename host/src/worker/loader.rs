@@ -227,7 +227,7 @@ extern "C" fn plugin_restart_worker(reason: RawStr) {
     let _ = catch_unwind(|| {
         // SAFETY: the plugin passes a view valid for the duration of this call.
         let reason = String::from_utf8_lossy(unsafe { reason.as_bytes() });
-        crate::worker::plugin_asked_restart(&reason);
+        super::recycle::plugin_asked_restart(&reason);
     });
 }
 
@@ -412,7 +412,7 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         }
     };
 
-    let loaded_at_ns = crate::worker::monotonic_ns();
+    let loaded_at_ns = super::clock::monotonic_ns();
     let ctx = HostContext {
         size: size_of::<HostContext>() as u32,
         slot: at.slot,

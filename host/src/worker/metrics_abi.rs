@@ -15,10 +15,10 @@ use std::sync::{Mutex, OnceLock};
 
 use plugin_api::ffi::{MetricsVTable, RawHeader, RawStr};
 
-use crate::accept_table::PluginSeries;
 use crate::counters::{Counters, Limit};
 use crate::plugin_metrics::{self, Refused};
 use crate::ratelimit::RateLimit;
+use crate::worker_table::PluginSeries;
 
 static SERIES: OnceLock<(&'static PluginSeries, Option<&'static Counters>)> = OnceLock::new();
 static REGISTER: Mutex<()> = Mutex::new(());

@@ -5,15 +5,19 @@
 //!
 //! A request whose client leaves (hyper drops its future: the HTTP/1 connection closed, the
 //! HTTP/2 stream reset) cancels its work: a blocking call's pool job is cancelled (see `pool`),
-//! and an async handler's future is dropped with it, which stops it at its next await. It never accepts connections, never talks to the master, and calls plugin code only
-//! through [`LoadedPlugin`].
+//! and an async handler's future is dropped with it, which stops it at its next await.
+//!
+//! It never accepts connections, never talks to the master, and calls plugin code only through
+//! [`LoadedPlugin`](super::loader::LoadedPlugin). It is the hottest path and depends only
+//! downward: on the connection's state ([`Connection`]), the worker's shared parts
+//! ([`Shared`]) and the modules that own them (balance, recycling, slow paths, the drain), never
+//! on the connection task or the event loop above it.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
@@ -21,12 +25,14 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 
 use super::abi_io::{self, ResponseBody};
+use super::builtin::plain;
+use super::clock::Stamp;
+use super::conn_state::{Connection, UpgradeGuard};
 use super::first_poll::FirstPoll;
+use super::head_timeout;
 use super::loader::Dispatch;
-use super::{
-    Connection, HOST_BUILD, HOST_VERSION, INLINE_LIMIT, Shared, UpgradeGuard, head_timeout,
-    monotonic_ns,
-};
+use super::shared::Shared;
+use super::slow_paths::INLINE_LIMIT;
 use crate::counters::Limit;
 use crate::ratelimit::RateLimit;
 
@@ -41,8 +47,8 @@ static QUEUE_FULL_WARNING: RateLimit = RateLimit::per_second();
 struct InFlight {
     conn: Arc<Connection>,
     record: Option<usize>,
-    /// CLOCK_MONOTONIC (ns) when it began; 0 without a worker table.
-    began_ns: u64,
+    /// When it began; `None` without a worker table (nothing to record or count).
+    began: Option<Stamp>,
     answered: bool,
     /// Its access-log line, when there is an access log.
     access: Option<super::access_log::Line>,
@@ -51,20 +57,14 @@ struct InFlight {
 impl InFlight {
     fn new(conn: Arc<Connection>, method: &http::Method, path: &str) -> Self {
         let shared = &*conn.shared;
-        let served = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        if served == shared.recycle_after {
-            let base = shared.recycle_after.saturating_sub(shared.recycle_jitter);
-            let reason = format!(
-                "served {served} requests (max_requests {base} + jitter {})",
-                shared.recycle_jitter
-            );
-            let _ = shared.recycle_tx.send((reason, false));
-        }
-        shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut began_ns = 0;
-        let record = shared.accept_table.as_ref().and_then(|(table, cell)| {
-            began_ns = monotonic_ns();
-            table.begin(*cell, method.as_str(), path, began_ns / 1000)
+        let served = shared.tally.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        shared.recycle.served(served);
+        shared.tally.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut began = None;
+        let record = shared.table.as_ref().and_then(|(table, cell)| {
+            let now = Stamp::now();
+            began = Some(now);
+            table.begin(*cell, method.as_str(), path, now.as_us())
         });
         if let Some(c) = shared.counters {
             c.begin();
@@ -72,7 +72,7 @@ impl InFlight {
         InFlight {
             conn,
             record,
-            began_ns,
+            began,
             answered: false,
             access: None,
         }
@@ -84,14 +84,14 @@ impl InFlight {
 
     /// Counts the answer: its status class, the time since the request began (until its
     /// response head is ready), and its body bytes (a streamed body counts as it is sent).
-    /// `ready_ns` is the clock reading when the response was ready, or 0 to read it here.
-    fn answered(&mut self, resp: &mut Response<ResponseBody>, ready_ns: u64) {
+    /// `ready` is the clock reading when the response was ready, or `None` to read it here.
+    fn answered(&mut self, resp: &mut Response<ResponseBody>, ready: Option<Stamp>) {
         let Some(c) = self.shared().counters else {
             return;
         };
         self.answered = true;
-        let now = reading_or_now(ready_ns);
-        let us = now.saturating_sub(self.began_ns) / 1000;
+        let now = ready.unwrap_or_else(Stamp::now);
+        let us = self.began.map_or(0, |began| now.micros_since(began));
         c.answered(resp.status().as_u16(), us);
         match resp.body_mut() {
             ResponseBody::Full(Some(b)) => c.response_body(b.len() as u64),
@@ -104,54 +104,16 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let shared = &*self.conn.shared;
-        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        shared.tally.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Some(c) = shared.counters
             && !self.answered
         {
             c.cancelled();
         }
-        if let Some((table, cell)) = &shared.accept_table {
+        if let Some((table, cell)) = &shared.table {
             table.end(*cell, self.record);
         }
     }
-}
-
-fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
-    let mut resp = Response::new(body.into());
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-/// The built-in routes: compiled into `host`, so they stay frozen across reloads.
-fn builtin(req: &Request<Incoming>) -> Response<Bytes> {
-    match req.uri().path() {
-        "/_host/health"
-            if req.method() == http::Method::GET || req.method() == http::Method::HEAD =>
-        {
-            let mut resp = plain(
-                StatusCode::OK,
-                format!(
-                    "{{\"status\":\"ok\",\"host_version\":\"{HOST_VERSION}\",\"version\":\"{HOST_VERSION}\",\"build\":\"{HOST_BUILD}\"}}\n"
-                ),
-            );
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            resp
-        }
-        "/_host/health" => plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
-        _ => plain(StatusCode::NOT_FOUND, "no such built-in route\n"),
-    }
-}
-
-/// A clock reading passed along (`monotonic_ns`), or the clock read now for 0 (none was taken).
-fn reading_or_now(ns: u64) -> u64 {
-    if ns == 0 { monotonic_ns() } else { ns }
 }
 
 /// How this request runs: the plugin's answer, unless an "inline" path was caught stalling.
@@ -166,30 +128,31 @@ fn dispatch_of(shared: &Shared, req: &Request<Incoming>) -> Dispatch {
 /// An inline handler, called right here on the I/O thread (it cannot be cut by
 /// `graceful_timeout` halfway, so it needs none of the machinery around the other calls) and
 /// timed: a path caught taking longer than [`INLINE_LIMIT`] runs on the blocking pool from then
-/// on. `began_ns` is a clock reading taken before (the request's [`InFlight`] one), or 0 to read
-/// it here; returns the answer and the clock reading when it was ready, so a request with no
-/// body reads the clock twice.
+/// on. `began` is a clock reading taken before (the request's [`InFlight`] one), or `None` to
+/// read it here; returns the answer and the clock reading when it was ready, so a request with
+/// no body reads the clock twice.
 fn call_inline(
     shared: &Shared,
     parts: &http::request::Parts,
     body: &Bytes,
-    began_ns: u64,
-) -> (Response<ResponseBody>, u64) {
-    let began_ns = reading_or_now(began_ns);
+    began: Option<Stamp>,
+) -> (Response<ResponseBody>, Stamp) {
+    let began = began.unwrap_or_else(Stamp::now);
     let resp = shared.plugin.handle(parts, body, None);
-    let ended_ns = monotonic_ns();
-    let took = Duration::from_nanos(ended_ns.saturating_sub(began_ns));
+    let ended = Stamp::now();
+    let took = ended.since(began);
     if took > INLINE_LIMIT {
         shared.slow_paths.mark_slow(parts.uri.path(), took);
     }
-    (sync_answer(resp), ended_ns)
+    (sync_answer(resp), ended)
 }
 
 /// Reads a request body for a synchronous handler, whole: within `max_body_bytes` and
 /// `body_read_timeout`, else the answer that says which.
 async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Response<ResponseBody>> {
-    let collect = Limited::new(body, shared.max_body_bytes).collect();
-    let Ok(collected) = tokio::time::timeout(shared.body_read_timeout, collect).await else {
+    let limits = &shared.limits;
+    let collect = Limited::new(body, limits.max_body_bytes).collect();
+    let Ok(collected) = tokio::time::timeout(limits.body_read_timeout, collect).await else {
         if let Some(c) = shared.counters {
             c.limit_hit(Limit::BodyReadTimeout);
         }
@@ -197,7 +160,7 @@ async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Response<Re
             StatusCode::REQUEST_TIMEOUT,
             format!(
                 "request body not received within {}\n",
-                humantime::format_duration(shared.body_read_timeout)
+                humantime::format_duration(limits.body_read_timeout)
             ),
         );
         resp.headers_mut()
@@ -222,7 +185,7 @@ async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Response<Re
             }
             Err(plain(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body exceeds {} bytes\n", shared.max_body_bytes),
+                format!("request body exceeds {} bytes\n", limits.max_body_bytes),
             )
             .map(ResponseBody::full))
         }
@@ -248,7 +211,7 @@ async fn call_sync(
     if dispatch != Dispatch::Inline {
         return on_pool(shared, parts, body).await;
     }
-    call_inline(shared, &parts, &body, 0).0
+    call_inline(shared, &parts, &body, None).0
 }
 
 /// Queues a synchronous handler's call on the blocking pool at once; the future waits for its
@@ -353,7 +316,7 @@ impl AsyncCall {
             None => (plugin_api::ffi::RawUpgrade::NONE, None),
         };
         let (parts, body) = req.into_parts();
-        let body = abi_io::request_body(body, shared.body_read_timeout, shared.counters);
+        let body = abi_io::request_body(body, shared.limits.body_read_timeout, shared.counters);
         let serving = shared.plugin.serve(&parts, body, upgrade);
         AsyncCall {
             parts,
@@ -370,14 +333,14 @@ impl AsyncCall {
         shared: &Shared,
         cx: &mut Context<'_>,
     ) -> Poll<Response<ResponseBody>> {
-        let Poll::Ready((resp, _)) = self.poll_serving(shared, cx, 0) else {
+        let Poll::Ready((resp, _)) = self.poll_serving(shared, cx, None) else {
             return Poll::Pending;
         };
         Poll::Ready(self.complete(resp, cx))
     }
 
     /// Polls the plugin's future once, and gives its answer with the clock reading when it was
-    /// ready. `began_ns` is a clock reading taken just before, or 0 to read it here. Each poll
+    /// ready. `began` is a clock reading taken just before, or `None` to read it here. Each poll
     /// runs plugin code on the I/O thread: one that blocks stalls every connection of this
     /// worker, so it is named in the log (once per path), judged by the thread's CPU time and
     /// voluntary switches ([`super::thread_clock`]), never by a wall clock a busy machine
@@ -386,20 +349,20 @@ impl AsyncCall {
         &mut self,
         shared: &Shared,
         cx: &mut Context<'_>,
-        began_ns: u64,
-    ) -> Poll<(Response<ResponseBody>, u64)> {
+        began: Option<Stamp>,
+    ) -> Poll<(Response<ResponseBody>, Stamp)> {
         if let Some(relay) = &self.relay {
             relay.register(cx.waker());
         }
         let path = self.parts.uri.path();
-        let began_ns = reading_or_now(began_ns);
-        let began = super::thread_clock::baseline(began_ns);
+        let began_at = began.unwrap_or_else(Stamp::now);
+        let began = super::thread_clock::baseline(began_at);
         let polled = {
             let _serving = super::loader::serving(path);
             Pin::new(&mut self.serving).poll(cx)
         };
-        let ended_ns = monotonic_ns();
-        let took = Duration::from_nanos(ended_ns.saturating_sub(began_ns));
+        let ended = Stamp::now();
+        let took = ended.since(began_at);
         // Judged on what the thread did, not on the wall clock alone: a poll that only waited
         // for a CPU on a busy machine is not the handler's doing.
         if took > INLINE_LIMIT
@@ -408,7 +371,7 @@ impl AsyncCall {
         {
             shared.slow_paths.note_blocking_poll(path, took);
         }
-        polled.map(|resp| (resp, ended_ns))
+        polled.map(|resp| (resp, ended))
     }
 
     /// The answer, from the plugin's response: a streamed body settled (see
@@ -476,23 +439,19 @@ impl Future for Answer {
 pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
     let busy = conn.watch.busy();
     let h2 = req.version() == Version::HTTP_2;
-    if h2 && !conn.is_h2.swap(true, Ordering::Relaxed) {
-        conn.watch.exempt();
-        conn.first_h2_request.notify_one();
-    }
     conn.note_request(&req);
     let mut in_flight = InFlight::new(conn, req.method(), req.uri().path());
-    in_flight.access = super::access_log::Line::begin(&req, in_flight.began_ns);
+    in_flight.access = super::access_log::Line::begin(&req, in_flight.began);
     let shared = &in_flight.conn.shared;
     if req.uri().path().starts_with("/_host/") {
-        let resp = builtin(&req).map(ResponseBody::full);
-        return Answer::Ready(Some(finish(in_flight, resp, 0, busy, h2)));
+        let resp = super::builtin::route(&req).map(ResponseBody::full);
+        return Answer::Ready(Some(finish(in_flight, resp, None, busy, h2)));
     }
     let dispatch = dispatch_of(shared, &req);
     if dispatch == Dispatch::Inline && req.body().is_end_stream() {
         let (parts, _) = req.into_parts();
-        let (resp, ready_ns) = call_inline(shared, &parts, &Bytes::new(), in_flight.began_ns);
-        return Answer::Ready(Some(finish(in_flight, resp, ready_ns, busy, h2)));
+        let (resp, ready) = call_inline(shared, &parts, &Bytes::new(), in_flight.began);
+        return Answer::Ready(Some(finish(in_flight, resp, Some(ready), busy, h2)));
     }
     if dispatch == Dispatch::Async {
         let mut call = AsyncCall::start(shared, req);
@@ -502,25 +461,25 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
         let first = FirstPoll::default();
         let polled = first.with_waker(|waker| {
             let cx = &mut Context::from_waker(waker);
-            call.poll_serving(shared, cx, in_flight.began_ns)
-                .map(|(resp, ready_ns)| match resp.body() {
-                    ResponseBody::Stream(_) => (resp, ready_ns, false),
-                    ResponseBody::Full(_) => (call.complete(resp, cx), ready_ns, true),
+            call.poll_serving(shared, cx, in_flight.began)
+                .map(|(resp, ready)| match resp.body() {
+                    ResponseBody::Stream(_) => (resp, ready, false),
+                    ResponseBody::Full(_) => (call.complete(resp, cx), ready, true),
                 })
         });
         call.relay = first.into_relay();
         return match polled {
-            Poll::Ready((resp, ready_ns, true)) => {
-                Answer::Ready(Some(finish(in_flight, resp, ready_ns, busy, h2)))
+            Poll::Ready((resp, ready, true)) => {
+                Answer::Ready(Some(finish(in_flight, resp, Some(ready), busy, h2)))
             }
-            Poll::Ready((resp, ready_ns, false)) => {
+            Poll::Ready((resp, ready, false)) => {
                 let mut resp = Some(resp);
                 Answer::Later(Box::pin(async move {
                     let resp = std::future::poll_fn(move |cx| {
                         Poll::Ready(call.complete(resp.take().expect("polled once"), cx))
                     })
                     .await;
-                    finish(in_flight, resp, ready_ns, busy, h2)
+                    finish(in_flight, resp, Some(ready), busy, h2)
                 }))
             }
             Poll::Pending => Answer::Later(Box::pin(async move {
@@ -532,7 +491,7 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
                     )
                     .await
                 };
-                finish(in_flight, resp, 0, busy, h2)
+                finish(in_flight, resp, None, busy, h2)
             })),
         };
     }
@@ -543,7 +502,7 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
         let answer = on_pool(shared, parts, Bytes::new());
         return Answer::Later(Box::pin(async move {
             let resp = cuttable(&in_flight.conn.shared, answer).await;
-            finish(in_flight, resp, 0, busy, h2)
+            finish(in_flight, resp, None, busy, h2)
         }));
     }
     Answer::Later(Box::pin(async move {
@@ -563,7 +522,7 @@ pub(super) fn call(conn: Arc<Connection>, req: Request<Incoming>) -> Answer {
             }
         };
         let resp = cuttable(&shared, call).await;
-        finish(in_flight, resp, 0, busy, h2)
+        finish(in_flight, resp, None, busy, h2)
     }))
 }
 
@@ -573,12 +532,11 @@ async fn cuttable(
     shared: &Shared,
     answer: impl Future<Output = Response<ResponseBody>>,
 ) -> Response<ResponseBody> {
-    let mut cut = shared.cut_rx.clone();
     tokio::select! {
         biased;
         resp = answer => resp,
-        Ok(_) = cut.wait_for(|c| *c) => {
-            shared.cut_answered.fetch_add(1, Ordering::SeqCst);
+        () = shared.cut.wait() => {
+            shared.cut.note_answered();
             let mut resp = plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the worker serving this request is shutting down; retry\n",
@@ -596,7 +554,7 @@ async fn cuttable(
 fn finish(
     mut in_flight: InFlight,
     mut resp: Response<ResponseBody>,
-    ready_ns: u64,
+    ready: Option<Stamp>,
     busy: head_timeout::Busy,
     h2: bool,
 ) -> Response<head_timeout::BusyBody<ResponseBody>> {
@@ -606,14 +564,14 @@ fn finish(
     let upgrading = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if !h2
         && !upgrading
-        && (shared.draining.load(Ordering::Relaxed)
-            || shared.retiring.load(Ordering::Relaxed)
-            || shared.hand_off_one(&in_flight.conn))
+        && (shared.drain.is_draining()
+            || shared.recycle.retiring()
+            || shared.balance.hand_off_one(in_flight.conn.staying()))
     {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    in_flight.answered(&mut resp, ready_ns);
+    in_flight.answered(&mut resp, ready);
     let line = in_flight.access.take().map(|mut line| {
         line.status(resp.status().as_u16());
         line

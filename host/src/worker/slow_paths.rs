@@ -1,7 +1,6 @@
 //! The worker's memory of handlers that stalled its I/O thread: paths whose "non-blocking"
-//! handler was caught taking longer than [`INLINE_LIMIT`](super::INLINE_LIMIT) (they run on the
-//! blocking pool from then on), and paths whose async handler blocked in one poll (named in the
-//! log once).
+//! handler was caught taking longer than [`INLINE_LIMIT`] (they run on the blocking pool from
+//! then on), and paths whose async handler blocked in one poll (named in the log once).
 //!
 //! Owns both sets and their bounds. A client chooses the paths (up to `max_header_bytes` each),
 //! so neither set may grow with them: each holds at most `max_slow_paths` entries, kept as keyed
@@ -21,6 +20,10 @@ use std::time::Duration;
 
 use crate::counters::{Counters, Limit};
 use crate::ratelimit::RateLimit;
+
+/// An inline handler slower than this stalled the I/O thread: its path goes to the blocking pool
+/// from then on. A poll of an async handler longer than this is named in the log.
+pub(super) const INLINE_LIMIT: Duration = Duration::from_millis(20);
 
 static SLOW_WARNING: RateLimit = RateLimit::per_second();
 static BLOCKING_WARNING: RateLimit = RateLimit::per_second();

@@ -21,12 +21,14 @@ use std::time::Duration;
 
 use nix::sys::resource::{UsageWho, getrusage};
 
+use super::clock::Stamp;
+
 /// How old a baseline may be.
 pub(super) const BASELINE_AGE: Duration = Duration::from_millis(1);
 
 thread_local! {
-    /// The thread's last reading and when it was taken (`monotonic_ns`).
-    static BASELINE: Cell<Option<(u64, Reading)>> = const { Cell::new(None) };
+    /// The thread's last reading and when it was taken.
+    static BASELINE: Cell<Option<(Stamp, Reading)>> = const { Cell::new(None) };
     /// The thread slept since its baseline.
     static PARKED: Cell<bool> = const { Cell::new(false) };
 }
@@ -36,17 +38,17 @@ pub(super) fn note_parked() {
     PARKED.set(true);
 }
 
-/// A reading of this thread from at most [`BASELINE_AGE`] before `now_ns` (`monotonic_ns`),
-/// with no sleep of the thread since: the start of a poll about to run.
-pub(super) fn baseline(now_ns: u64) -> Option<Reading> {
-    let fresh = BASELINE.get().filter(|(at, _)| {
-        !PARKED.get() && now_ns.saturating_sub(*at) <= BASELINE_AGE.as_nanos() as u64
-    });
+/// A reading of this thread from at most [`BASELINE_AGE`] before `now`, with no sleep of the
+/// thread since: the start of a poll about to run.
+pub(super) fn baseline(now: Stamp) -> Option<Reading> {
+    let fresh = BASELINE
+        .get()
+        .filter(|(at, _)| !PARKED.get() && now.since(*at) <= BASELINE_AGE);
     if let Some((_, reading)) = fresh {
         return Some(reading);
     }
     let reading = Reading::now()?;
-    BASELINE.set(Some((now_ns, reading)));
+    BASELINE.set(Some((now, reading)));
     PARKED.set(false);
     Some(reading)
 }
@@ -127,7 +129,7 @@ mod tests {
         eprintln!("{:?} a CPU clock reading", began.elapsed() / N);
         let began = std::time::Instant::now();
         for _ in 0..N {
-            std::hint::black_box(super::super::monotonic_ns());
+            std::hint::black_box(super::super::clock::monotonic_ns());
         }
         eprintln!("{:?} a monotonic reading", began.elapsed() / N);
     }

@@ -1,5 +1,5 @@
 //! What a worker was doing when it hung or died: the requests it had in flight (method, path,
-//! age), read from its cell in the shared worker table (see `accept_table`), where the worker
+//! age), read from its cell in the shared worker table (see `worker_table`), where the worker
 //! records each request as it starts and clears it as it ends. The record survives an abrupt
 //! death (abort, segfault, `exit`): the master reads it after the worker is gone, before the cell
 //! is given to another worker. Only read for the log lines of [`health`](super::health); it never

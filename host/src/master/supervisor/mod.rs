@@ -268,7 +268,7 @@ pub(crate) struct Supervisor {
     listener: std::net::TcpListener,
     /// Where accepting workers publish their connection counts (`None` if it could not be
     /// created: workers then accept without looking at each other).
-    accept_table: Option<(crate::accept_table::Table, std::os::fd::OwnedFd)>,
+    accept_table: Option<(crate::worker_table::WorkerTable, std::os::fd::OwnedFd)>,
     /// What the transitions do to the world (see [`effects`]).
     fx: Box<dyn Effects>,
     workers: BTreeMap<WorkerId, Worker>,
@@ -346,7 +346,7 @@ impl Supervisor {
         fx: Box<dyn Effects>,
     ) -> Supervisor {
         let slots = cfg.workers;
-        let accept_table = crate::accept_table::Table::create(table_cells(&cfg))
+        let accept_table = crate::worker_table::WorkerTable::create(table_cells(&cfg))
             .inspect_err(|e| {
                 tracing::warn!(
                     "{}; workers will accept without balancing, and a dead worker's requests in flight will not be known",

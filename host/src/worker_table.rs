@@ -75,7 +75,7 @@ struct Requests {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum TableError {
+pub enum WorkerTableError {
     #[error("cannot create the worker table")]
     Create(#[source] nix::Error),
     #[error("cannot map the worker table")]
@@ -88,16 +88,16 @@ pub enum TableError {
 
 /// A mapped table of `cells` cells. Never unmapped: it lives as long as the process.
 #[derive(Clone, Copy)]
-pub struct Table {
+pub struct WorkerTable {
     counts: &'static [AtomicU32],
     requests: &'static [Requests],
     counters: &'static [Counters],
     series: &'static [PluginSeries],
 }
 
-impl std::fmt::Debug for Table {
+impl std::fmt::Debug for WorkerTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Table({} cells)", self.counts.len())
+        write!(f, "WorkerTable({} cells)", self.counts.len())
     }
 }
 
@@ -128,10 +128,10 @@ pub struct InFlight {
     pub age_us: u64,
 }
 
-impl Table {
+impl WorkerTable {
     /// Creates a table of `cells` cells, none active: the master's, once at start. The request
     /// records start zeroed (free) and stay untouched pages until a worker uses them.
-    pub fn create(cells: usize) -> Result<(Table, OwnedFd), TableError> {
+    pub fn create(cells: usize) -> Result<(WorkerTable, OwnedFd), WorkerTableError> {
         let cells = cells.max(1);
         use nix::fcntl::{FcntlArg, SealFlag, fcntl};
         use nix::sys::memfd::MFdFlags;
@@ -139,8 +139,8 @@ impl Table {
             c"host-worker-table",
             MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
         )
-        .map_err(TableError::Create)?;
-        nix::unistd::ftruncate(&fd, byte_len(cells) as i64).map_err(TableError::Create)?;
+        .map_err(WorkerTableError::Create)?;
+        nix::unistd::ftruncate(&fd, byte_len(cells) as i64).map_err(WorkerTableError::Create)?;
         // Its size is final: a plugin that finds the fd (or reopens it through /proc) and
         // truncates it would otherwise make every process that maps it, the master first, die
         // of SIGBUS at its next touch.
@@ -150,8 +150,8 @@ impl Table {
                 SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
             ),
         )
-        .map_err(TableError::Create)?;
-        let table = Table::map(&fd, cells)?;
+        .map_err(WorkerTableError::Create)?;
+        let table = WorkerTable::map(&fd, cells)?;
         for count in table.counts {
             count.store(INACTIVE, Ordering::Relaxed);
         }
@@ -161,20 +161,20 @@ impl Table {
     /// Maps a table of `cells` cells from `fd`: a worker's, once at start, before any plugin
     /// code runs (the worker closes `fd` right after). Refuses a table that is not sealed
     /// against shrinking: one a plugin could truncate under the master.
-    pub fn map(fd: &impl AsFd, cells: usize) -> Result<Table, TableError> {
+    pub fn map(fd: &impl AsFd, cells: usize) -> Result<WorkerTable, WorkerTableError> {
         let cells = cells.max(1);
         let len = byte_len(cells);
         let seals = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
-            .map_err(TableError::Map)?;
+            .map_err(WorkerTableError::Map)?;
         if seals & nix::libc::F_SEAL_SHRINK == 0 {
-            return Err(TableError::NotSealed);
+            return Err(WorkerTableError::NotSealed);
         }
         let found = nix::sys::stat::fstat(fd.as_fd())
-            .map_err(TableError::Map)?
+            .map_err(WorkerTableError::Map)?
             .st_size as u64;
         if found < len as u64 {
             // Mapping past the end of the file would fault on first touch.
-            return Err(TableError::TooSmall {
+            return Err(WorkerTableError::TooSmall {
                 found,
                 expected: len as u64,
             });
@@ -192,7 +192,7 @@ impl Table {
                 0,
             )
         }
-        .map_err(TableError::Map)?
+        .map_err(WorkerTableError::Map)?
         .as_ptr()
         .cast::<u8>();
         // SAFETY: the mapping is page-aligned and `len` bytes long: `cells` `AtomicU32`s at the
@@ -224,7 +224,7 @@ impl Table {
                 ),
             )
         };
-        Ok(Table {
+        Ok(WorkerTable {
             counts,
             requests,
             counters,
@@ -301,8 +301,8 @@ impl Table {
     }
 
     /// Records a request starting in `cell` (the calling worker's own) at `now_us`
-    /// (CLOCK_MONOTONIC); returns the record to give back to [`Table::end`], or `None` if every
-    /// record is taken (the request is then only counted).
+    /// (CLOCK_MONOTONIC); returns the record to give back to [`WorkerTable::end`], or `None` if
+    /// every record is taken (the request is then only counted).
     pub fn begin(&self, cell: usize, method: &str, path: &str, now_us: u64) -> Option<usize> {
         let requests = self.requests.get(cell)?;
         let Some((i, record)) = requests
@@ -326,7 +326,7 @@ impl Table {
         Some(i)
     }
 
-    /// The request recorded by [`Table::begin`] in `cell` is done.
+    /// The request recorded by [`WorkerTable::begin`] in `cell` is done.
     pub fn end(&self, cell: usize, record: Option<usize>) {
         let Some(requests) = self.requests.get(cell) else {
             return;
@@ -398,8 +398,8 @@ mod tests {
 
     #[test]
     fn a_mapped_table_is_shared_and_starts_inactive() {
-        let (master, fd) = Table::create(4).unwrap();
-        let worker = Table::map(&fd, 4).unwrap();
+        let (master, fd) = WorkerTable::create(4).unwrap();
+        let worker = WorkerTable::map(&fd, 4).unwrap();
         assert_eq!(worker.least_loaded_other(0), None);
         worker.publish(1, 7);
         worker.publish(2, 3);
@@ -409,15 +409,15 @@ mod tests {
         master.clear(2);
         assert_eq!(worker.least_loaded_other(0), Some(7));
         assert!(matches!(
-            Table::map(&fd, 5000),
-            Err(TableError::TooSmall { .. })
+            WorkerTable::map(&fd, 5000),
+            Err(WorkerTableError::TooSmall { .. })
         ));
     }
 
     #[test]
     fn requests_in_flight_are_readable_by_another_mapping() {
-        let (master, fd) = Table::create(3).unwrap();
-        let worker = Table::map(&fd, 3).unwrap();
+        let (master, fd) = WorkerTable::create(3).unwrap();
+        let worker = WorkerTable::map(&fd, 3).unwrap();
         let long_path = format!("/{}", "x".repeat(300));
         let a = worker.begin(1, "GET", "/exit", 1_000);
         let b = worker.begin(1, "OPTIONS", &long_path, 2_000);
@@ -458,8 +458,8 @@ mod tests {
 
     #[test]
     fn counters_are_shared_per_cell_and_reset_with_it() {
-        let (master, fd) = Table::create(3).unwrap();
-        let worker = Table::map(&fd, 3).unwrap();
+        let (master, fd) = WorkerTable::create(3).unwrap();
+        let worker = WorkerTable::map(&fd, 3).unwrap();
         let mine = worker.counters(1).unwrap();
         mine.begin();
         mine.answered(200, 700);
@@ -475,25 +475,28 @@ mod tests {
 
     #[test]
     fn the_table_cannot_be_resized() {
-        let (master, fd) = Table::create(2).unwrap();
+        let (master, fd) = WorkerTable::create(2).unwrap();
         assert!(nix::unistd::ftruncate(&fd, 0).is_err(), "shrink refused");
         assert!(
             nix::unistd::ftruncate(&fd, 1 << 30).is_err(),
             "grow refused"
         );
         master.publish(0, 1);
-        assert!(Table::map(&fd, 2).is_ok());
+        assert!(WorkerTable::map(&fd, 2).is_ok());
         // An unsealed table (not the master's) is refused.
         let loose = nix::sys::memfd::memfd_create(c"loose", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
             .unwrap();
         nix::unistd::ftruncate(&loose, byte_len(2) as i64).unwrap();
-        assert!(matches!(Table::map(&loose, 2), Err(TableError::NotSealed)));
+        assert!(matches!(
+            WorkerTable::map(&loose, 2),
+            Err(WorkerTableError::NotSealed)
+        ));
     }
 
     #[test]
     fn garbage_in_a_cell_reads_as_bounded_values() {
-        let (master, fd) = Table::create(2).unwrap();
-        let worker = Table::map(&fd, 2).unwrap();
+        let (master, fd) = WorkerTable::create(2).unwrap();
+        let worker = WorkerTable::map(&fd, 2).unwrap();
         // What a hostile plugin could write through the mapping: every byte 0xff.
         for r in &worker.requests[1].records {
             r.head.store(u64::MAX, Ordering::Relaxed);
