@@ -1,5 +1,11 @@
 //! The config file: raw TOML in, a checked [`Config`] out.
 //!
+//! Each key is defined once in [`keys::KEYS`] (name, scope, kind and range, default, doc); the
+//! typed value, the default, the range error and `docs/configuration.md` come from that
+//! definition. This file combines keys (defaults that follow other keys, keys that need others)
+//! and builds the [`WorkerSpec`](crate::protocol::WorkerSpec) a worker starts with
+//! ([`Config::worker_spec`], the one place it is built).
+//!
 //! Owns parsing, defaults and validation, and the rule that relative paths are relative to the
 //! config file's directory. Every error is one line naming the file, the line and the key. It
 //! does not touch the filesystem beyond reading the file: whether the plugin exists is the
@@ -25,6 +31,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::logging::LogFormat;
+
+pub mod keys;
 
 /// A checked configuration. All paths are absolute.
 #[derive(Clone, Debug)]
@@ -131,6 +139,23 @@ pub struct Config {
     pub canary: CanaryConfig,
 }
 
+/// What a worker's spec takes from the caller rather than the config (see
+/// [`Config::worker_spec`]).
+pub struct WorkerStart<'a> {
+    pub slot: u32,
+    pub generation: u64,
+    /// The generation's private copy of the plugin, and its sha256.
+    pub plugin: PathBuf,
+    pub plugin_sha256: String,
+    pub plugin_config: &'a PluginConfig,
+    /// The worker's cell in the accept table and the table's size (`None`, 0: no table).
+    pub accept_cell: Option<u32>,
+    pub accept_cells: u32,
+    /// This worker's request limit (`max_requests` plus its jitter) and that jitter; 0: never.
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+}
+
 /// The `canary_*` keys (and `watch_canary`): how a new generation is judged on live traffic.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CanaryConfig {
@@ -195,59 +220,6 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    listen: Option<String>,
-    admin_listen: Option<String>,
-    workers: Option<i64>,
-    plugin: Option<String>,
-    state_dir: Option<String>,
-    graceful_timeout: Option<String>,
-    start_timeout: Option<String>,
-    idle_grace: Option<String>,
-    max_body_bytes: Option<i64>,
-    body_read_timeout: Option<String>,
-    backlog: Option<i64>,
-    keep_snapshots: Option<i64>,
-    max_draining_workers: Option<i64>,
-    allow_writable_plugin: Option<bool>,
-    accept_balance: Option<bool>,
-    max_plugin_bytes: Option<ByteSize>,
-    header_read_timeout: Option<String>,
-    max_headers: Option<i64>,
-    max_header_bytes: Option<i64>,
-    keepalive_timeout: Option<String>,
-    send_timeout: Option<String>,
-    max_connections: Option<i64>,
-    http2_max_streams: Option<i64>,
-    http2_send_buffer: Option<ByteSize>,
-    watch: Option<bool>,
-    watch_debounce: Option<String>,
-    build: Option<String>,
-    watch_paths: Option<Vec<String>>,
-    max_requests: Option<i64>,
-    max_requests_jitter: Option<i64>,
-    max_worker_rss: Option<ByteSize>,
-    worker_timeout: Option<String>,
-    plugin_config: Option<toml::Value>,
-    log_format: Option<String>,
-    access_log: Option<String>,
-    blocking_threads: Option<i64>,
-    blocking_queue: Option<i64>,
-    blocking_abandoned_threads: Option<i64>,
-    max_slow_paths: Option<i64>,
-    listener_check_interval: Option<String>,
-    orphan_grace: Option<String>,
-    canary_workers: Option<i64>,
-    canary_analysis: Option<String>,
-    canary_watch: Option<String>,
-    canary_min_requests: Option<i64>,
-    canary_max_error_increase: Option<f64>,
-    canary_max_latency_ratio: Option<f64>,
-    watch_canary: Option<bool>,
 }
 
 /// A size: a number of bytes, or a string like `"512MiB"`.
@@ -440,16 +412,13 @@ impl Config {
         changed
     }
 
-    /// Checks `text` as if read from `file` (absolute).
+    /// Checks `text` as if read from `file` (absolute). Each key is read through its
+    /// definition in [`keys::KEYS`] (type, default, range, error); what is left here is how keys
+    /// combine.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+        let table: toml::Table = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+        let keys = keys::Reader::new(file, text, &table)?;
         let base = file.parent().unwrap_or(Path::new("/"));
-        let invalid = |key: &str, message: String| ConfigError::Invalid {
-            path: file.to_path_buf(),
-            line: line_of_key(text, key),
-            key: key.to_string(),
-            message,
-        };
         let resolve = |p: &str| -> PathBuf {
             if Path::new(p).is_absolute() {
                 p.into()
@@ -457,45 +426,27 @@ impl Config {
                 base.join(p)
             }
         };
-        let duration = |key: &str,
-                        value: &Option<String>,
-                        default: &str,
-                        max: Duration|
-         -> Result<Duration, ConfigError> {
-            let s = value.as_deref().unwrap_or(default);
-            let range = format!(
-                "{}..={}",
-                humantime::format_duration(MIN_DURATION),
-                humantime::format_duration(max)
-            );
-            let d = humantime::parse_duration(s).map_err(|e| {
-                invalid(
-                    key,
-                    format!("{s:?} is not a duration like \"250ms\" or \"30s\" in {range} ({e})"),
-                )
-            })?;
-            if d.is_zero() {
-                return Err(invalid(key, format!("must be greater than zero ({range})")));
+        // A path that must be set to something (`plugin`, `state_dir`).
+        let required_path = |key: &str| -> Result<PathBuf, ConfigError> {
+            match keys.typed::<String>(key)?.as_deref() {
+                Some("") | None => Err(keys.invalid(key, "must not be empty".into())),
+                Some(p) => Ok(resolve(p)),
             }
-            if !(MIN_DURATION..=max).contains(&d) {
-                return Err(invalid(key, format!("{s:?} is out of range {range}")));
-            }
-            Ok(d)
         };
 
-        let listen_str = raw.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen_str = keys.typed::<String>("listen")?.unwrap_or_default();
         let listen = listen_str
             .to_socket_addrs()
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| {
-                invalid(
+                keys.invalid(
                     "listen",
                     format!("{listen_str:?} is not an address like \"127.0.0.1:8080\""),
                 )
             })?;
 
-        let admin_listen = match raw.admin_listen.as_deref() {
+        let admin_listen = match keys.typed::<String>("admin_listen")?.as_deref() {
             None => None,
             Some(text) => {
                 let admin = text
@@ -503,7 +454,7 @@ impl Config {
                     .ok()
                     .and_then(|mut a| a.next())
                     .ok_or_else(|| {
-                        invalid(
+                        keys.invalid(
                             "admin_listen",
                             format!("{text:?} is not an address like \"127.0.0.1:9100\""),
                         )
@@ -516,7 +467,7 @@ impl Config {
                         || admin.ip().is_unspecified()
                         || listen.ip().is_unspecified());
                 if clash {
-                    return Err(invalid(
+                    return Err(keys.invalid(
                         "admin_listen",
                         format!(
                             "{text:?} is the public `listen` address ({listen}): the admin listener is never the public one"
@@ -527,253 +478,64 @@ impl Config {
             }
         };
 
-        let workers = match raw.workers {
+        let workers = match keys.count("workers")? {
             None => std::thread::available_parallelism()
                 .map(|n| n.get().min(1024))
                 .unwrap_or(1),
-            Some(n) if (1..=1024).contains(&n) => n as usize,
-            Some(n) => return Err(invalid("workers", format!("{n} is out of range 1..=1024"))),
+            Some(n) => n as usize,
         };
-        let plugin = match raw.plugin.as_deref() {
-            Some("") => return Err(invalid("plugin", "must not be empty".into())),
-            Some(p) => resolve(p),
-            None => resolve("target/release/libexample_plugin.so"),
-        };
-        let state_dir = match raw.state_dir.as_deref() {
-            Some("") => return Err(invalid("state_dir", "must not be empty".into())),
-            Some(p) => resolve(p),
-            None => resolve(".host"),
-        };
-        let max_body_bytes = match raw.max_body_bytes {
-            None => 1 << 20,
-            Some(n) if (0..=MAX_BODY_BYTES).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(invalid(
-                    "max_body_bytes",
-                    format!("{n} is out of range 0..={MAX_BODY_BYTES}"),
-                ));
-            }
-        };
-        let backlog = match raw.backlog {
-            None => 1024,
-            Some(n) if (1..=65535).contains(&n) => n as i32,
-            Some(n) => return Err(invalid("backlog", format!("{n} is out of range 1..=65535"))),
-        };
-        let keep_snapshots = match raw.keep_snapshots {
-            None => 3,
-            Some(n) if (2..=1000).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(invalid(
-                    "keep_snapshots",
-                    format!("{n} is out of range 2..=1000"),
-                ));
-            }
-        };
-        let max_draining_workers = match raw.max_draining_workers {
+        let plugin = required_path("plugin")?;
+        let state_dir = required_path("state_dir")?;
+        let max_draining_workers = match keys.count("max_draining_workers")? {
             None => 4 * workers,
-            Some(n) if (1..=MAX_DRAINING_WORKERS).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(invalid(
-                    "max_draining_workers",
-                    format!("{n} is out of range 1..={MAX_DRAINING_WORKERS}"),
-                ));
-            }
+            Some(n) => n as usize,
         };
-        let max_plugin_bytes = match raw.max_plugin_bytes.as_ref().map(ByteSize::bytes) {
-            None => 512 << 20,
-            Some(Ok(0)) => {
-                return Err(invalid(
-                    "max_plugin_bytes",
-                    "must be greater than zero".into(),
-                ));
-            }
-            Some(Ok(n)) => n,
-            Some(Err(message)) => return Err(invalid("max_plugin_bytes", message)),
-        };
-        let max_headers = match raw.max_headers {
-            None => 100,
-            Some(n) if (1..=10_000).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(invalid(
-                    "max_headers",
-                    format!("{n} is out of range 1..=10000"),
-                ));
-            }
-        };
-        let max_header_bytes = match raw.max_header_bytes {
-            None => 64 * 1024,
-            Some(n) if (8192..=16 << 20).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(invalid(
-                    "max_header_bytes",
-                    format!("{n} is out of range 8192..=16777216"),
-                ));
-            }
-        };
-        let max_connections = match raw.max_connections {
-            None | Some(0) => None,
-            Some(n) if (1..=MAX_CONNECTIONS).contains(&n) => Some(n as u64),
-            Some(n) => {
-                return Err(invalid(
-                    "max_connections",
-                    format!(
-                        "{n} is out of range 0..={MAX_CONNECTIONS} (0: from the open-files limit)"
-                    ),
-                ));
-            }
-        };
-        let http2_max_streams = match raw.http2_max_streams {
-            None => 128,
-            Some(n) if (1..=10_000).contains(&n) => n as u32,
-            Some(n) => {
-                return Err(invalid(
-                    "http2_max_streams",
-                    format!("{n} is out of range 1..=10000"),
-                ));
-            }
-        };
-        let http2_send_buffer = match raw.http2_send_buffer.as_ref().map(ByteSize::bytes) {
-            None => 32 << 10,
-            Some(Ok(n)) if (1024..=16 << 20).contains(&n) => n as usize,
-            Some(Ok(n)) => {
-                return Err(invalid(
-                    "http2_send_buffer",
-                    format!("{n} is out of range 1KiB..=16MiB"),
-                ));
-            }
-            Some(Err(message)) => return Err(invalid("http2_send_buffer", message)),
-        };
-        let requests = |key: &str, value: Option<i64>| match value {
-            None => Ok(0),
-            Some(n) if (0..=MAX_REQUESTS).contains(&n) => Ok(n as u64),
-            Some(n) => Err(invalid(
-                key,
-                format!("{n} is out of range 0..={MAX_REQUESTS} (0: off)"),
-            )),
-        };
-        let count = |key: &str, value: Option<i64>, default: usize, min: i64, max: i64| match value
-        {
-            None => Ok(default),
-            Some(n) if (min..=max).contains(&n) => Ok(n as usize),
-            Some(n) => Err(invalid(key, format!("{n} is out of range {min}..={max}"))),
-        };
-        let blocking_threads = count(
-            "blocking_threads",
-            raw.blocking_threads,
-            1024,
-            1,
-            MAX_POOL_THREADS,
-        )?;
-        let blocking_queue = count(
-            "blocking_queue",
-            raw.blocking_queue,
-            1024,
-            0,
-            MAX_POOL_QUEUE,
-        )?;
-        let blocking_abandoned_threads = count(
-            "blocking_abandoned_threads",
-            raw.blocking_abandoned_threads,
-            1024,
-            0,
-            MAX_POOL_THREADS,
-        )?;
-        let max_slow_paths = count(
-            "max_slow_paths",
-            raw.max_slow_paths,
-            1024,
-            1,
-            MAX_SLOW_PATHS,
-        )?;
-        let max_requests = requests("max_requests", raw.max_requests)?;
-        let max_requests_jitter = requests("max_requests_jitter", raw.max_requests_jitter)?;
-        let max_worker_rss = match raw.max_worker_rss.as_ref().map(ByteSize::bytes) {
-            None | Some(Ok(0)) => None,
-            Some(Ok(n)) => Some(n),
-            Some(Err(message)) => return Err(invalid("max_worker_rss", message)),
-        };
-        let build = match raw.build.as_deref().map(str::trim) {
-            Some("") => return Err(invalid("build", "must not be empty".into())),
+        let build = match keys.typed::<String>("build")?.as_deref().map(str::trim) {
+            Some("") => return Err(keys.invalid("build", "must not be empty".into())),
             b => b.map(str::to_string),
         };
-        let watch_paths: Vec<PathBuf> = raw
-            .watch_paths
+        let watch_paths: Vec<PathBuf> = keys
+            .typed::<Vec<String>>("watch_paths")?
             .unwrap_or_default()
             .iter()
             .map(|p| resolve(p))
             .collect();
-        let worker_timeout = duration("worker_timeout", &raw.worker_timeout, "30s", MAX_WAIT)?;
-        if worker_timeout < MIN_WORKER_TIMEOUT {
-            return Err(invalid(
-                "worker_timeout",
-                format!(
-                    "{} is out of range {}..={}",
-                    humantime::format_duration(worker_timeout),
-                    humantime::format_duration(MIN_WORKER_TIMEOUT),
-                    humantime::format_duration(MAX_WAIT)
-                ),
-            ));
-        }
-        let plugin_config = match raw.plugin_config {
+        let plugin_config = match table.get("plugin_config") {
             None => PluginConfig::default(),
-            Some(value) => plugin_config(value).map_err(|(key, message)| ConfigError::Invalid {
-                path: file.to_path_buf(),
-                line: line_of_table(text, "plugin_config"),
-                key,
-                message,
-            })?,
+            Some(value) => {
+                plugin_config(value.clone()).map_err(|(key, message)| ConfigError::Invalid {
+                    path: file.to_path_buf(),
+                    line: line_of_table(text, "plugin_config"),
+                    key,
+                    message,
+                })?
+            }
         };
         // Off by default; an empty string is off too (a way to turn it off in a file that set it).
-        let access_log = match raw.access_log.as_deref() {
+        let access_log = match keys.typed::<String>("access_log")?.as_deref() {
             None | Some("") => None,
             Some(p) => Some(resolve(p)),
         };
-        let log_format = match raw.log_format.as_deref() {
+        let log_format = match keys.typed::<String>("log_format")?.as_deref() {
             None => LogFormat::default(),
             Some(name) => LogFormat::from_name(name).ok_or_else(|| {
-                invalid(
+                keys.invalid(
                     "log_format",
                     format!("{name:?} is not a log format (\"text\" or \"json\")"),
                 )
             })?,
         };
-        let canary_workers = count("canary_workers", raw.canary_workers, 1, 0, 1024)?;
-        let canary_min_requests = count(
-            "canary_min_requests",
-            raw.canary_min_requests,
-            100,
-            1,
-            MAX_REQUESTS,
-        )? as u64;
-        let fraction = |key: &str, value: Option<f64>, default: f64, min: f64, max: f64| match value
-        {
-            None => Ok(default),
-            Some(x) if (min..=max).contains(&x) => Ok(x),
-            Some(x) => Err(invalid(key, format!("{x} is out of range {min}..={max}"))),
-        };
         let canary = CanaryConfig {
-            workers: canary_workers,
-            analysis: duration("canary_analysis", &raw.canary_analysis, "30s", MAX_WAIT)?,
-            watch: duration("canary_watch", &raw.canary_watch, "60s", MAX_WAIT)?,
-            min_requests: canary_min_requests,
-            max_error_increase: fraction(
-                "canary_max_error_increase",
-                raw.canary_max_error_increase,
-                0.02,
-                0.0,
-                1.0,
-            )?,
-            max_latency_ratio: fraction(
-                "canary_max_latency_ratio",
-                raw.canary_max_latency_ratio,
-                3.0,
-                1.0,
-                1000.0,
-            )?,
-            in_watch_mode: raw.watch_canary.unwrap_or(false),
+            workers: keys.usize("canary_workers")?,
+            analysis: keys.duration("canary_analysis")?,
+            watch: keys.duration("canary_watch")?,
+            min_requests: keys.usize("canary_min_requests")? as u64,
+            max_error_increase: keys.fraction("canary_max_error_increase")?,
+            max_latency_ratio: keys.fraction("canary_max_latency_ratio")?,
+            in_watch_mode: keys.boolean("watch_canary")?,
         };
         if build.is_some() && watch_paths.is_empty() {
-            return Err(invalid(
+            return Err(keys.invalid(
                 "build",
                 "needs `watch_paths`: the source directories whose changes run it".into(),
             ));
@@ -785,69 +547,47 @@ impl Config {
             workers,
             plugin,
             state_dir,
-            graceful_timeout: duration(
-                "graceful_timeout",
-                &raw.graceful_timeout,
-                "30s",
-                MAX_DRAIN,
-            )?,
-            start_timeout: duration("start_timeout", &raw.start_timeout, "10s", MAX_WAIT)?,
-            idle_grace: duration("idle_grace", &raw.idle_grace, "1s", MAX_WAIT)?,
-            max_body_bytes,
-            body_read_timeout: duration(
-                "body_read_timeout",
-                &raw.body_read_timeout,
-                "30s",
-                MAX_WAIT,
-            )?,
-            backlog,
-            keep_snapshots,
+            graceful_timeout: keys.duration("graceful_timeout")?,
+            start_timeout: keys.duration("start_timeout")?,
+            idle_grace: keys.duration("idle_grace")?,
+            max_body_bytes: keys.usize("max_body_bytes")?,
+            body_read_timeout: keys.duration("body_read_timeout")?,
+            backlog: keys.usize("backlog")? as i32,
+            keep_snapshots: keys.usize("keep_snapshots")?,
             max_draining_workers,
-            allow_writable_plugin: raw.allow_writable_plugin.unwrap_or(false),
-            accept_balance: raw.accept_balance.unwrap_or(true),
-            max_plugin_bytes,
-            header_read_timeout: duration(
-                "header_read_timeout",
-                &raw.header_read_timeout,
-                "10s",
-                MAX_WAIT,
-            )?,
-            keepalive_timeout: duration(
-                "keepalive_timeout",
-                &raw.keepalive_timeout,
-                "75s",
-                MAX_WAIT,
-            )?,
-            send_timeout: duration("send_timeout", &raw.send_timeout, "60s", MAX_WAIT)?,
-            max_connections,
-            http2_max_streams,
-            http2_send_buffer,
-            max_headers,
-            max_header_bytes,
-            watch: raw.watch.unwrap_or(false) || build.is_some(),
-            watch_debounce: duration("watch_debounce", &raw.watch_debounce, "300ms", MAX_WAIT)?,
+            allow_writable_plugin: keys.boolean("allow_writable_plugin")?,
+            accept_balance: keys.boolean("accept_balance")?,
+            max_plugin_bytes: keys.size("max_plugin_bytes")?.unwrap_or_default(),
+            header_read_timeout: keys.duration("header_read_timeout")?,
+            keepalive_timeout: keys.duration("keepalive_timeout")?,
+            send_timeout: keys.duration("send_timeout")?,
+            max_connections: keys
+                .count("max_connections")?
+                .filter(|n| *n > 0)
+                .map(|n| n as u64),
+            http2_max_streams: keys.usize("http2_max_streams")? as u32,
+            http2_send_buffer: keys.size("http2_send_buffer")?.unwrap_or_default() as usize,
+            max_headers: keys.usize("max_headers")?,
+            max_header_bytes: keys.usize("max_header_bytes")?,
+            watch: keys.boolean("watch")? || build.is_some(),
+            watch_debounce: keys.duration("watch_debounce")?,
             build,
             build_dir: base.to_path_buf(),
             watch_paths,
-            max_requests,
-            max_requests_jitter,
-            max_worker_rss,
-            worker_timeout,
+            max_requests: keys.usize("max_requests")? as u64,
+            max_requests_jitter: keys.usize("max_requests_jitter")? as u64,
+            max_worker_rss: keys.size("max_worker_rss")?.filter(|n| *n > 0),
+            worker_timeout: keys.duration("worker_timeout")?,
             plugin_config,
             log_format,
             access_log,
-            blocking_threads,
-            blocking_queue,
-            blocking_abandoned_threads,
-            max_slow_paths,
+            blocking_threads: keys.usize("blocking_threads")?,
+            blocking_queue: keys.usize("blocking_queue")?,
+            blocking_abandoned_threads: keys.usize("blocking_abandoned_threads")?,
+            max_slow_paths: keys.usize("max_slow_paths")?,
             overridden: Vec::new(),
-            listener_check_interval: duration(
-                "listener_check_interval",
-                &raw.listener_check_interval,
-                "1s",
-                MAX_WAIT,
-            )?,
-            orphan_grace: duration("orphan_grace", &raw.orphan_grace, "2s", MAX_WAIT)?,
+            listener_check_interval: keys.duration("listener_check_interval")?,
+            orphan_grace: keys.duration("orphan_grace")?,
             canary,
         })
     }
@@ -865,6 +605,40 @@ impl Config {
             max_queue: self.blocking_queue as u32,
             max_abandoned: self.blocking_abandoned_threads as u32,
             max_slow_paths: self.max_slow_paths as u32,
+        }
+    }
+
+    /// The spec a worker of this config starts with: every bound from the config, the rest
+    /// from `worker` (the one place a [`WorkerSpec`](crate::protocol::WorkerSpec) is built;
+    /// `host check` then turns off what a check does not use).
+    pub fn worker_spec(&self, worker: WorkerStart) -> crate::protocol::WorkerSpec {
+        crate::protocol::WorkerSpec {
+            slot: worker.slot,
+            generation: worker.generation,
+            plugin: worker.plugin,
+            plugin_sha256: worker.plugin_sha256,
+            graceful_timeout_ms: self.graceful_timeout.as_millis() as u64,
+            idle_grace_ms: self.idle_grace.as_millis() as u64,
+            max_body_bytes: self.max_body_bytes,
+            body_read_timeout_ms: self.body_read_timeout.as_millis() as u64,
+            accept_cell: worker.accept_cell,
+            accept_cells: worker.accept_cells,
+            accept_balance: self.accept_balance,
+            header_read_timeout_ms: self.header_read_timeout.as_millis() as u64,
+            max_headers: self.max_headers,
+            max_header_bytes: self.max_header_bytes,
+            max_requests: worker.max_requests,
+            max_requests_jitter: worker.max_requests_jitter,
+            heartbeat_ms: self.heartbeat_interval().as_millis() as u64,
+            keepalive_timeout_ms: self.keepalive_timeout.as_millis() as u64,
+            send_timeout_ms: self.send_timeout.as_millis() as u64,
+            max_connections: self.max_connections.unwrap_or(0),
+            http2_max_streams: self.http2_max_streams,
+            http2_send_buffer: self.http2_send_buffer,
+            plugin_config: worker.plugin_config.json.to_string(),
+            config_dir: self.config_dir().to_string_lossy().into_owned(),
+            pool: self.blocking_pool(),
+            access_log: self.access_log.clone(),
         }
     }
 
@@ -1484,56 +1258,10 @@ mod tests {
             ]
         }
 
-        const KEYS: &[&str] = &[
-            "listen",
-            "admin_listen",
-            "workers",
-            "plugin",
-            "state_dir",
-            "graceful_timeout",
-            "start_timeout",
-            "idle_grace",
-            "max_body_bytes",
-            "backlog",
-            "keep_snapshots",
-            "max_draining_workers",
-            "allow_writable_plugin",
-            "accept_balance",
-            "max_plugin_bytes",
-            "body_read_timeout",
-            "header_read_timeout",
-            "max_headers",
-            "max_header_bytes",
-            "keepalive_timeout",
-            "send_timeout",
-            "max_connections",
-            "http2_max_streams",
-            "http2_send_buffer",
-            "watch",
-            "watch_debounce",
-            "build",
-            "watch_paths",
-            "max_requests",
-            "max_requests_jitter",
-            "max_worker_rss",
-            "worker_timeout",
-            "plugin_config",
-            "log_format",
-            "access_log",
-            "blocking_threads",
-            "blocking_queue",
-            "blocking_abandoned_threads",
-            "max_slow_paths",
-            "listener_check_interval",
-            "orphan_grace",
-            "canary_workers",
-            "canary_analysis",
-            "canary_watch",
-            "canary_min_requests",
-            "canary_max_error_increase",
-            "canary_max_latency_ratio",
-            "watch_canary",
-        ];
+        /// Every defined key: each gets random values of its kind, and of any kind.
+        fn keys() -> Vec<&'static str> {
+            keys::KEYS.iter().map(|k| k.name).collect()
+        }
 
         /// A `[plugin_config]` table: nested tables and arrays of any TOML value, including ones
         /// JSON cannot hold (`nan`, `inf`).
@@ -1560,12 +1288,10 @@ mod tests {
 
         /// A value of the type `key` takes, of any size; or any value at all.
         fn value_for(key: &'static str) -> BoxedStrategy<String> {
+            use keys::Kind;
             let quoted = |s: String| toml::Value::String(s).to_string();
-            let typed = match key {
-                "graceful_timeout" | "start_timeout" | "idle_grace" | "header_read_timeout"
-                | "watch_debounce" | "body_read_timeout" | "worker_timeout"
-                | "keepalive_timeout" | "send_timeout" | "listener_check_interval"
-                | "orphan_grace" | "canary_analysis" | "canary_watch" => (
+            let typed = match (key, keys::def(key).kind) {
+                (_, Kind::Duration { .. }) => (
                     prop_oneof![3 => 0u64..100, 1 => 0u64..100_000_000, 1 => any::<u64>()],
                     prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d"]),
                 )
@@ -1580,24 +1306,18 @@ mod tests {
                         .boxed(),
                     )
                     .boxed(),
-                "workers" | "max_body_bytes" | "backlog" | "keep_snapshots" | "max_draining_workers" | "max_headers"
-                | "max_header_bytes" | "max_requests" | "max_requests_jitter" | "blocking_threads"
-                | "blocking_queue" | "blocking_abandoned_threads" | "max_slow_paths"
-                | "max_connections" | "http2_max_streams" | "canary_workers"
-                | "canary_min_requests" => {
+                (_, Kind::Count { .. }) => {
                     prop_oneof![3 => -2i64..2000, 1 => -2i64..70_000, 1 => any::<i64>(), 1 => 0i64..(1 << 31)]
                         .prop_map(|n| n.to_string())
                         .boxed()
                 }
-                "canary_max_error_increase" | "canary_max_latency_ratio" => prop_oneof![
+                (_, Kind::Fraction { .. }) => prop_oneof![
                     any::<f64>().prop_map(|f| format!("{f:?}")),
                     (-1.0f64..1100.0).prop_map(|f| format!("{f:?}")),
                 ]
                 .boxed(),
-                "allow_writable_plugin" | "watch" | "accept_balance" | "watch_canary" => {
-                    any::<bool>().prop_map(|b| b.to_string()).boxed()
-                }
-                "max_plugin_bytes" | "max_worker_rss" | "http2_send_buffer" => prop_oneof![
+                (_, Kind::Bool) => any::<bool>().prop_map(|b| b.to_string()).boxed(),
+                (_, Kind::Size { .. }) => prop_oneof![
                     any::<i64>().prop_map(|n| n.to_string()),
                     (
                         any::<u64>(),
@@ -1606,22 +1326,22 @@ mod tests {
                         .prop_map(move |(n, unit)| quoted(format!("{n}{unit}"))),
                 ]
                 .boxed(),
-                "access_log" => prop::sample::select(vec!["", "access.log", "/dev/full", "a/b.log"])
+                ("access_log", _) => prop::sample::select(vec!["", "access.log", "/dev/full", "a/b.log"])
                     .prop_map(move |s| quoted(s.to_string()))
                     .boxed(),
-                "log_format" => prop::sample::select(vec!["text", "json", "JSON", "", "yaml"])
+                ("log_format", _) => prop::sample::select(vec!["text", "json", "JSON", "", "yaml"])
                     .prop_map(move |s| quoted(s.to_string()))
                     .boxed(),
-                "plugin_config" => plugin_table()
+                ("plugin_config", _) => plugin_table()
                     .prop_map(|t| toml::Value::Table(t).to_string())
                     .boxed(),
-                "listen" => prop_oneof![
+                ("listen", _) => prop_oneof![
                     Just("\"127.0.0.1:0\"".to_string()),
                     any::<u16>().prop_map(|p| format!("\"[::1]:{p}\"")),
                 ]
                 .boxed(),
                 // The default `listen` among them, to hit the clash.
-                "admin_listen" => prop_oneof![
+                ("admin_listen", _) => prop_oneof![
                     Just("\"127.0.0.1:8080\"".to_string()),
                     Just("\"0.0.0.0:8080\"".to_string()),
                     Just("\"127.0.0.1:0\"".to_string()),
@@ -1638,14 +1358,15 @@ mod tests {
         fn config_text() -> impl Strategy<Value = String> {
             let line = |(k, v): (&str, String)| format!("{k} = {v}\n");
             let few = prop::collection::vec(
-                prop::sample::select(KEYS).prop_flat_map(|k| (Just(k), value_for(k))),
+                prop::sample::select(keys()).prop_flat_map(|k| (Just(k), value_for(k))),
                 1..=2,
             )
             .prop_map(move |kvs| kvs.into_iter().map(line).collect::<String>())
             .boxed();
-            let many = prop::collection::vec(prop::option::weighted(0.5, value()), KEYS.len())
+            let many = prop::collection::vec(prop::option::weighted(0.5, value()), keys().len())
                 .prop_map(|values| {
-                    KEYS.iter()
+                    keys()
+                        .into_iter()
                         .zip(values)
                         .filter_map(|(k, v)| Some(format!("{k} = {}\n", v?)))
                         .collect::<String>()
@@ -1660,23 +1381,6 @@ mod tests {
                 },
             );
             prop_oneof![3 => few, 1 => many, 1 => with_table]
-        }
-
-        /// Every key the README's configuration table documents gets random values here.
-        #[test]
-        fn the_property_test_covers_every_documented_key() {
-            let readme = include_str!("../../README.md");
-            let section = readme
-                .split("## Configuration")
-                .nth(1)
-                .and_then(|s| s.split("\n## ").next())
-                .expect("README has a Configuration section");
-            let documented: std::collections::BTreeSet<&str> = section
-                .lines()
-                .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
-                .collect();
-            let tested: std::collections::BTreeSet<&str> = KEYS.iter().copied().collect();
-            assert_eq!(documented, tested);
         }
 
         fn bounded(key: &str, d: Duration) {
