@@ -1,4 +1,4 @@
-//! `host check`: is this deployment good to go? The config file is checked by [`Config::load`]
+//! `host check`: is this deployment good to go? The config file is checked by [`Config::load_all`]
 //! before this runs; here the configured plugin is tried in a throwaway worker, the way a reload's
 //! canary would try it: the same file checks and snapshot (into a private temporary directory,
 //! removed afterwards), then `/proc/self/exe __check-plugin` loads that copy with the ABI checks

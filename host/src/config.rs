@@ -39,6 +39,13 @@ pub mod keys;
 pub struct Config {
     /// The config file this was read from (absolute).
     pub file: PathBuf,
+    /// The worker group this is (`[[group]]`'s `name`; [`DEFAULT_GROUP`] for a file without
+    /// groups). Every other field is this group's value, or the master-wide one.
+    pub group: String,
+    /// The file has `[[group]]` tables (else its one group is the whole file, as before groups).
+    pub explicit_group: bool,
+    /// `host reload`, `SIGHUP` and the watcher replace this group's workers.
+    pub reloadable: bool,
     pub listen: SocketAddr,
     /// Where the master serves `/metrics` (Prometheus text); `None`: nowhere. Never `listen`.
     pub admin_listen: Option<SocketAddr>,
@@ -264,6 +271,12 @@ impl ByteSize {
 
 pub const DEFAULT_FILE: &str = "host.toml";
 
+/// The name of the one group of a file without `[[group]]` tables.
+pub const DEFAULT_GROUP: &str = "default";
+
+/// The longest group name (it names a directory and a metrics label).
+pub const MAX_GROUP_NAME: usize = 64;
+
 /// The shortest configurable duration: workers get durations in whole milliseconds.
 pub const MIN_DURATION: Duration = Duration::from_millis(1);
 /// The longest `graceful_timeout`: a day of draining (long downloads), not more.
@@ -295,20 +308,21 @@ pub const MAX_SLOW_PATHS: i64 = 1 << 20;
 pub const MAX_PLUGIN_CONFIG_DEPTH: usize = 64;
 
 impl Config {
-    /// Reads and checks the config file at `path`.
     /// The config file's directory, against which its relative paths resolve (and which the
     /// plugin reads as `WorkerContext::config_dir`).
     pub fn config_dir(&self) -> &Path {
         self.file.parent().unwrap_or(Path::new("/"))
     }
 
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads and checks the config file at `path`: every group, in the file's order (at least
+    /// one).
+    pub fn load_all(path: &Path) -> Result<Vec<Config>, ConfigError> {
         let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
             path: file.clone(),
             source,
         })?;
-        Config::parse(&file, &text)
+        Config::parse_all(&file, &text)
     }
 
     /// Reads this config's file again for a reload and returns its `[plugin_config]`, the only
@@ -317,8 +331,18 @@ impl Config {
     /// caller can say they wait for `host upgrade`. Blocks on file I/O (and on a resolver for a
     /// `listen` host name): not for the master's event loop.
     pub fn reread_plugin_config(&self) -> Result<(PluginConfig, Vec<&'static str>), ConfigError> {
-        let new = Config::load(&self.file)?;
-        Ok((new.plugin_config.clone(), self.frozen_keys_changed(&new)))
+        let all = Config::load_all(&self.file)?;
+        let new = all
+            .iter()
+            .find(|g| g.group == self.group)
+            .ok_or_else(|| ConfigError::Syntax {
+                path: self.file.clone(),
+                message: format!(
+                    "group {:?} is no longer in the file (a group comes and goes with `host upgrade`)",
+                    self.group
+                ),
+            })?;
+        Ok((new.plugin_config.clone(), self.frozen_keys_changed(new)))
     }
 
     /// What a reload says about `keys`, changed keys it does not apply: they take effect at
@@ -366,6 +390,7 @@ impl Config {
             )*};
         }
         compare!(
+            reloadable,
             workers,
             plugin,
             state_dir,
@@ -415,9 +440,123 @@ impl Config {
     /// Checks `text` as if read from `file` (absolute). Each key is read through its
     /// definition in [`keys::KEYS`] (type, default, range, error); what is left here is how keys
     /// combine.
+    #[cfg(test)]
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
-        let keys = keys::Reader::new(file, text, &table)?;
+        let mut all = Config::parse_all(file, text)?;
+        Ok(all.swap_remove(0))
+    }
+
+    /// Every group of `text` (read as if from `file`), in the file's order; a file without
+    /// `[[group]]` tables is one group, [`DEFAULT_GROUP`]. A group's key is its own, else the
+    /// top of the file's, else the default.
+    pub fn parse_all(file: &Path, text: &str) -> Result<Vec<Config>, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+        let groups = table.remove("group");
+        let sections = group_sections(text);
+        let top = keys::Reader::new(file, text, &table, &sections)?;
+        let Some(groups) = groups else {
+            return Ok(vec![Config::parse_group(&top, DEFAULT_GROUP, false)?]);
+        };
+        let header = |i: usize| sections.get(i).map_or(0, |r| r.start + 1);
+        let lines = |i: usize| sections.get(i).cloned().unwrap_or(0..0);
+        let group_error = |line: usize, key: String, message: String| ConfigError::Invalid {
+            path: file.to_path_buf(),
+            line,
+            key,
+            message,
+        };
+        let items = match groups {
+            toml::Value::Array(items) if !items.is_empty() => items,
+            other => {
+                return Err(group_error(
+                    line_of_table(text, "group"),
+                    "group".into(),
+                    format!(
+                        "must be one or more [[group]] tables (each with a `name`), not {}",
+                        other.type_str()
+                    ),
+                ));
+            }
+        };
+        let mut all: Vec<Config> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let Some(group) = item.as_table() else {
+                return Err(group_error(
+                    header(i),
+                    "group".into(),
+                    format!("must be a [[group]] table, not {}", item.type_str()),
+                ));
+            };
+            let name = match group.get("name") {
+                Some(toml::Value::String(name)) if valid_group_name(name) => name.as_str(),
+                Some(other) => {
+                    return Err(group_error(
+                        line_in(text, lines(i), "name"),
+                        "name".into(),
+                        format!(
+                            "{other} is not a group name: 1 to {MAX_GROUP_NAME} letters, digits, `-` or `_`"
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(group_error(
+                        header(i),
+                        "group".into(),
+                        "a [[group]] needs a `name`".into(),
+                    ));
+                }
+            };
+            let section = keys::Section {
+                name,
+                table: group,
+                lines: lines(i),
+            };
+            let config = Config::parse_group(&top.for_group(section)?, name, true)?;
+            let at = |key: &str| match line_in(text, lines(i), key) {
+                0 => header(i),
+                line => line,
+            };
+            if let Some(j) = all.iter().position(|g| g.group == name) {
+                return Err(group_error(
+                    at("name"),
+                    format!("group {name:?}: name"),
+                    format!(
+                        "{name:?} is already the name of the group at line {}",
+                        header(j)
+                    ),
+                ));
+            }
+            let clash = all.iter().position(|g| {
+                let (a, b) = (g.listen, config.listen);
+                a.port() != 0
+                    && a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+            });
+            if let Some(j) = clash {
+                return Err(group_error(
+                    at("listen"),
+                    format!("group {name:?}: listen"),
+                    format!(
+                        "{} is already the address of group {:?} (line {}): each group listens on its own",
+                        config.listen,
+                        all[j].group,
+                        header(j)
+                    ),
+                ));
+            }
+            all.push(config);
+        }
+        Ok(all)
+    }
+
+    /// One group's config, read through `keys` (the top of the file, or one `[[group]]`).
+    fn parse_group(
+        keys: &keys::Reader,
+        group: &str,
+        explicit_group: bool,
+    ) -> Result<Config, ConfigError> {
+        let (file, text) = (keys.file, keys.text);
         let base = file.parent().unwrap_or(Path::new("/"));
         let resolve = |p: &str| -> PathBuf {
             if Path::new(p).is_absolute() {
@@ -500,16 +639,29 @@ impl Config {
             .iter()
             .map(|p| resolve(p))
             .collect();
-        let plugin_config = match table.get("plugin_config") {
+        let plugin_config = match keys.table_value("plugin_config") {
             None => PluginConfig::default(),
-            Some(value) => {
-                plugin_config(value.clone()).map_err(|(key, message)| ConfigError::Invalid {
-                    path: file.to_path_buf(),
-                    line: line_of_table(text, "plugin_config"),
-                    key,
-                    message,
-                })?
-            }
+            Some(value) => plugin_config(value.clone()).map_err(|(key, message)| {
+                let lines = keys.group.as_ref().map(|g| g.lines.clone());
+                match lines.filter(|_| {
+                    keys.group
+                        .as_ref()
+                        .is_some_and(|g| g.table.contains_key("plugin_config"))
+                }) {
+                    Some(lines) => ConfigError::Invalid {
+                        path: file.to_path_buf(),
+                        line: line_in_table(text, lines, "group.plugin_config"),
+                        key: format!("group {group:?}: {key}"),
+                        message,
+                    },
+                    None => ConfigError::Invalid {
+                        path: file.to_path_buf(),
+                        line: line_of_table(text, "plugin_config"),
+                        key,
+                        message,
+                    },
+                }
+            })?,
         };
         // Off by default; an empty string is off too (a way to turn it off in a file that set it).
         let access_log = match keys.typed::<String>("access_log")?.as_deref() {
@@ -542,6 +694,9 @@ impl Config {
         }
         Ok(Config {
             file: file.to_path_buf(),
+            group: group.to_string(),
+            explicit_group,
+            reloadable: keys.boolean("reloadable")?,
             listen,
             admin_listen,
             workers,
@@ -654,8 +809,17 @@ impl Config {
         self.state_dir.join("host.log")
     }
 
+    /// Where this group's generations are snapshotted: `plugins/` in `state_dir` for a file
+    /// without groups (as before groups), `groups/<name>/plugins/` for a `[[group]]`.
     pub fn snapshot_dir(&self) -> PathBuf {
-        self.state_dir.join("plugins")
+        match self.explicit_group {
+            false => self.state_dir.join("plugins"),
+            true => self
+                .state_dir
+                .join("groups")
+                .join(&self.group)
+                .join("plugins"),
+        }
     }
 }
 
@@ -668,6 +832,71 @@ fn line_of_key(text: &str, key: &str) -> usize {
                 .is_some_and(|rest| rest.trim_start().starts_with('='))
         })
         .map_or(0, |i| i + 1)
+}
+
+/// `find` (a 1-based line finder, 0: absent) run on `lines` (0-based) of `text`, its answer
+/// as a line of `text`.
+fn within(text: &str, lines: std::ops::Range<usize>, find: impl Fn(&str) -> usize) -> usize {
+    let section: String = text
+        .lines()
+        .skip(lines.start)
+        .take(lines.len())
+        .collect::<Vec<_>>()
+        .join("\n");
+    match find(&section) {
+        0 => 0,
+        n => n + lines.start,
+    }
+}
+
+/// The 1-based line in `lines` (0-based, of `text`) where `key = ...` is set; 0 when absent.
+fn line_in(text: &str, lines: std::ops::Range<usize>, key: &str) -> usize {
+    within(text, lines, |section| line_of_key(section, key))
+}
+
+/// The 1-based line in `lines` of the `[key]` header (`key` dotted, like `group.plugin_config`).
+fn line_in_table(text: &str, lines: std::ops::Range<usize>, key: &str) -> usize {
+    match within(text, lines.clone(), |section| line_of_table(section, key)) {
+        0 => line_in(text, lines, key.rsplit('.').next().unwrap_or(key)),
+        n => n,
+    }
+}
+
+/// The 0-based line ranges of each `[[group]]` table: from its header to the next `[[group]]`,
+/// or to the next table of the top of the file (a header not under `group.`).
+fn group_sections(text: &str) -> Vec<std::ops::Range<usize>> {
+    let header = |l: &str| -> Option<String> {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let mut sections = Vec::new();
+    let mut open: Option<usize> = None;
+    for (i, l) in lines.iter().enumerate() {
+        let Some(name) = header(l) else { continue };
+        let new_group = l.trim().starts_with("[[") && name == "group";
+        if new_group || !name.starts_with("group.") {
+            if let Some(start) = open.take() {
+                sections.push(start..i);
+            }
+        }
+        if new_group {
+            open = Some(i);
+        }
+    }
+    if let Some(start) = open {
+        sections.push(start..lines.len());
+    }
+    sections
+}
+
+/// A group name names a directory and a metrics label: short, plain characters.
+fn valid_group_name(name: &str) -> bool {
+    (1..=MAX_GROUP_NAME).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// The 1-based line of the `[key]` header (or of `[key.sub]`, or `key = ...`); 0 when absent.
@@ -1118,6 +1347,124 @@ mod tests {
         assert_eq!(
             running.frozen_keys_changed(&parse("").unwrap()),
             ["admin_listen"]
+        );
+    }
+
+    fn groups(text: &str) -> Result<Vec<Config>, ConfigError> {
+        Config::parse_all(Path::new("/srv/app/host.toml"), text)
+    }
+
+    #[test]
+    fn a_file_without_groups_is_one_group_named_default() {
+        let all = groups("workers = 3\n").unwrap();
+        assert_eq!(all.len(), 1);
+        let c = &all[0];
+        assert_eq!(
+            (c.group.as_str(), c.explicit_group, c.reloadable),
+            ("default", false, true)
+        );
+        assert_eq!(c.snapshot_dir(), Path::new("/srv/app/.host/plugins"));
+    }
+
+    #[test]
+    fn groups_inherit_the_top_of_the_file_and_set_their_own() {
+        let all = groups(concat!(
+            "workers = 3\n",
+            "graceful_timeout = \"5s\"\n",
+            "state_dir = \"run\"\n",
+            "[plugin_config]\n",
+            "message = \"shared\"\n",
+            "[[group]]\n",
+            "name = \"api\"\n",
+            "listen = \"127.0.0.1:8080\"\n",
+            "[[group]]\n",
+            "name = \"gateway\"\n",
+            "listen = \"127.0.0.1:8081\"\n",
+            "workers = 1\n",
+            "reloadable = false\n",
+            "plugin = \"gw.so\"\n",
+            "[group.plugin_config]\n",
+            "message = \"own\"\n",
+        ))
+        .unwrap();
+        let (api, gw) = (&all[0], &all[1]);
+        assert_eq!((api.group.as_str(), gw.group.as_str()), ("api", "gateway"));
+        assert_eq!((api.workers, gw.workers), (3, 1));
+        assert_eq!((api.reloadable, gw.reloadable), (true, false));
+        assert_eq!(gw.graceful_timeout, Duration::from_secs(5));
+        assert_eq!(gw.plugin, Path::new("/srv/app/gw.so"));
+        assert_eq!(&*api.plugin_config.json, r#"{"message":"shared"}"#);
+        assert_eq!(&*gw.plugin_config.json, r#"{"message":"own"}"#);
+        assert_eq!(
+            gw.snapshot_dir(),
+            Path::new("/srv/app/run/groups/gateway/plugins")
+        );
+    }
+
+    #[test]
+    fn bad_groups_are_one_line_naming_the_line_group_and_key() {
+        let two = |second: &str| {
+            format!(
+                "listen = \"127.0.0.1:0\"\n[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:9000\"\n[[group]]\n{second}"
+            )
+        };
+        for (text, expected) in [
+            (
+                two("name = \"a\"\n"),
+                ":6: group \"a\": name: \"a\" is already the name of the group at line 2",
+            ),
+            (
+                two("name = \"b\"\nlisten = \"127.0.0.1:9000\"\n"),
+                ":7: group \"b\": listen: 127.0.0.1:9000 is already the address of group \"a\" (line 2)",
+            ),
+            (
+                two("name = \"b\"\nwrokers = 2\n"),
+                ":7: group \"b\": wrokers: unknown field `wrokers`",
+            ),
+            (
+                two("name = \"b\"\nworkers = 0\n"),
+                ":7: group \"b\": workers: 0 is out of range 1..=1024",
+            ),
+            (
+                two("name = \"b\"\nstate_dir = \"x\"\n"),
+                ":7: group \"b\": state_dir: is master-wide",
+            ),
+            (
+                two("workers = 2\n"),
+                ":5: group: a [[group]] needs a `name`",
+            ),
+            (
+                two("name = \"a b\"\n"),
+                ":6: name: \"a b\" is not a group name",
+            ),
+            (
+                two("name = \"b\"\n[group.plugin_config]\nx = nan\n"),
+                ":7: group \"b\": plugin_config.x: NaN cannot be passed",
+            ),
+            (
+                "group = 3\n".to_string(),
+                ":1: group: must be one or more [[group]] tables",
+            ),
+            // A key at the top is every group's: its error is the top's.
+            (
+                format!("workers = 0\n{}", two("name = \"b\"\n")),
+                ":1: workers: 0 is out of range",
+            ),
+        ] {
+            let err = groups(&text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("/srv/app/host.toml")
+                    && err.contains(expected)
+                    && !err.contains('\n'),
+                "{text:?} gave {err}, expected {expected}"
+            );
+        }
+        // Port 0 twice: two ports the kernel picks.
+        assert_eq!(
+            groups(&two("name = \"b\"\nlisten = \"127.0.0.1:0\"\n"))
+                .unwrap()
+                .len(),
+            2
         );
     }
 

@@ -216,6 +216,12 @@ pub enum ControlRequest {
     Promote,
     /// `host abort`: roll the canary (or the generation in its watch period) back now.
     Abort,
+    /// A request for one worker group (`host reload GROUP`, `rollback GROUP`, ...). A request
+    /// without it goes to every group (`status`, `stop`, `upgrade`) or to the first one.
+    Group {
+        group: String,
+        request: Box<ControlRequest>,
+    },
 }
 
 /// `host reload --canary N --analysis D`.
@@ -431,6 +437,20 @@ pub struct StatusReport {
     /// How the last judged generation ended.
     #[serde(default)]
     pub last_verdict: Option<CanaryVerdict>,
+    /// The worker group this is (`default` for a file without groups).
+    #[serde(default)]
+    pub group: String,
+    /// Whether `host reload` and `SIGHUP` replace this group's workers.
+    #[serde(default = "reloadable_default")]
+    pub reloadable: bool,
+    /// Every group's status, in the config file's order. The fields above are the first
+    /// group's (as before groups).
+    #[serde(default)]
+    pub groups: Vec<StatusReport>,
+}
+
+fn reloadable_default() -> bool {
+    true
 }
 
 /// The listening socket as `status` shows it.

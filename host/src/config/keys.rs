@@ -160,6 +160,13 @@ pub const KEYS: &[Key] = &[
         "the plugin file a reload snapshots",
     ),
     key(
+        "reloadable",
+        Group,
+        Kind::Bool,
+        Toml("true"),
+        "whether `host reload`, `SIGHUP` and the watcher replace this group's workers; `false`: only `host restart` and `host upgrade` do (see [Groups](groups.md))",
+    ),
+    key(
         "state_dir",
         Master,
         Kind::Path,
@@ -594,44 +601,145 @@ pub fn markdown_table() -> String {
     out
 }
 
+/// Where a group's keys are written: its `[[group]]` table and the lines it spans.
+pub struct Section<'a> {
+    pub name: &'a str,
+    pub table: &'a toml::Table,
+    /// 0-based line range of the group's table in the file.
+    pub lines: std::ops::Range<usize>,
+}
+
 /// Reads keys out of a parsed config file through their definitions; every error is the
-/// one line `Config::parse` returns.
+/// one line `Config::parse` returns. A group's key comes from its own table, else from the top
+/// of the file (every group's default), else from its definition.
 pub struct Reader<'a> {
     pub(super) file: &'a Path,
     pub(super) text: &'a str,
+    /// The top of the file (without its `[[group]]` tables).
     pub(super) table: &'a toml::Table,
+    /// The group being read, when the file has `[[group]]` tables.
+    pub(super) group: Option<Section<'a>>,
+    /// The lines of every group's table: the top of the file's keys are elsewhere.
+    pub(super) group_lines: &'a [std::ops::Range<usize>],
+}
+
+/// serde's words for a key that is not one of `expected`.
+fn unknown_key(unknown: &str, expected: impl Iterator<Item = &'static str>) -> String {
+    let expected: Vec<String> = expected.map(|k| format!("`{k}`")).collect();
+    format!(
+        "unknown field `{unknown}`, expected one of {}",
+        expected.join(", ")
+    )
 }
 
 impl<'a> Reader<'a> {
-    /// A reader of `table`, once every key in it is known (else the one-line error naming the
-    /// first unknown one, as serde words it).
-    pub fn new(file: &'a Path, text: &'a str, table: &'a toml::Table) -> Result<Self, ConfigError> {
-        let reader = Reader { file, text, table };
-        if let Some(unknown) = table.keys().find(|k| !KEYS.iter().any(|d| d.name == *k)) {
-            let expected: Vec<String> = KEYS.iter().map(|k| format!("`{}`", k.name)).collect();
-            return Err(reader.invalid(
-                unknown,
-                format!(
-                    "unknown field `{unknown}`, expected one of {}",
-                    expected.join(", ")
-                ),
-            ));
+    /// A reader of the top of the file, once every key in it is known (else the one-line error
+    /// naming the first unknown one, as serde words it). `groups`: the file has `[[group]]`s.
+    pub fn new(
+        file: &'a Path,
+        text: &'a str,
+        table: &'a toml::Table,
+        group_lines: &'a [std::ops::Range<usize>],
+    ) -> Result<Self, ConfigError> {
+        let reader = Reader {
+            file,
+            text,
+            table,
+            group: None,
+            group_lines,
+        };
+        let known = |k: &str| KEYS.iter().any(|d| d.name == k);
+        if let Some(unknown) = table.keys().find(|k| !known(k)) {
+            let names = KEYS.iter().map(|k| k.name);
+            let message = if group_lines.is_empty() {
+                unknown_key(unknown, names)
+            } else {
+                unknown_key(unknown, names.chain(["group"]))
+            };
+            return Err(reader.invalid(unknown, message));
         }
         Ok(reader)
     }
 
-    /// The one-line error about `key`, at the line that sets it (0: not set, a default).
+    /// A reader of one `[[group]]`: its own keys must be group keys (or `name`).
+    pub fn for_group(&self, section: Section<'a>) -> Result<Reader<'a>, ConfigError> {
+        let reader = Reader {
+            group: Some(section),
+            ..*self
+        };
+        let own = reader.group.as_ref().map_or(self.table, |g| g.table);
+        for k in own.keys().filter(|k| *k != "name") {
+            match KEYS.iter().find(|d| d.name == k) {
+                Some(d) if d.scope == Group => {}
+                Some(_) => {
+                    return Err(reader.invalid(
+                        k,
+                        "is master-wide: set it at the top of the file, not in a [[group]]".into(),
+                    ));
+                }
+                None => {
+                    let names = KEYS.iter().filter(|d| d.scope == Group).map(|d| d.name);
+                    let message = unknown_key(k, ["name"].into_iter().chain(names));
+                    return Err(reader.invalid(k, message));
+                }
+            }
+        }
+        Ok(reader)
+    }
+
+    /// The one-line error about `key`, at the line that sets it (0: not set, a default). A
+    /// key the group sets itself is named with its group.
     pub fn invalid(&self, key: &str, message: String) -> ConfigError {
+        let (line, key) = match &self.group {
+            Some(g) if g.table.contains_key(key.split('.').next().unwrap_or(key)) => (
+                super::line_in(self.text, g.lines.clone(), key),
+                format!("group {:?}: {key}", g.name),
+            ),
+            _ => (self.top_line(key), key.to_string()),
+        };
         ConfigError::Invalid {
             path: self.file.to_path_buf(),
-            line: super::line_of_key(self.text, key),
-            key: key.to_string(),
+            line,
+            key,
             message,
         }
     }
 
+    /// The line of a key at the top of the file (outside every group's table).
+    fn top_line(&self, key: &str) -> usize {
+        if self.group_lines.is_empty() {
+            return super::line_of_key(self.text, key);
+        }
+        let lines = self.text.lines().count();
+        let mut from = 0;
+        for range in self
+            .group_lines
+            .iter()
+            .cloned()
+            .chain(std::iter::once(lines..lines))
+        {
+            let line = super::line_in(self.text, from..range.start, key);
+            if line > 0 {
+                return line;
+            }
+            from = range.end;
+        }
+        0
+    }
+
+    /// The value of a table key (`plugin_config`): the group's own, else the top's.
+    pub fn table_value(&self, name: &str) -> Option<&'a toml::Value> {
+        self.group
+            .as_ref()
+            .and_then(|g| g.table.get(name))
+            .or_else(|| self.table.get(name))
+    }
+
     /// The value set for `name`, or its default (`None`: unset, or derived by the caller).
     fn value(&self, name: &str) -> Option<toml::Value> {
+        if let Some(v) = self.group.as_ref().and_then(|g| g.table.get(name)) {
+            return Some(v.clone());
+        }
         if let Some(v) = self.table.get(name) {
             return Some(v.clone());
         }
@@ -775,11 +883,7 @@ mod tests {
     #[test]
     fn every_default_reads_as_its_own_kind() {
         let empty = toml::Table::new();
-        let reader = Reader {
-            file: Path::new("/srv/app/host.toml"),
-            text: "",
-            table: &empty,
-        };
+        let reader = Reader::new(Path::new("/srv/app/host.toml"), "", &empty, &[]).unwrap();
         for k in KEYS {
             let ok = match k.kind {
                 Kind::Count { .. } => reader.count(k.name).is_ok(),

@@ -79,11 +79,18 @@ pub(crate) struct MetricsReport {
     /// SIGKILL.
     pub orphans_ended: u64,
     pub orphans_killed: u64,
+    /// The worker group this is (set by the master's group layer; empty: no `group` label).
+    pub group: String,
+    /// The other groups' reports: one exposition covers every group, each series labelled with
+    /// its `group`.
+    pub more: Vec<MetricsReport>,
 }
 
 /// One generation's requests, summed over its live workers and the ones that exited.
 #[derive(Debug, Default)]
 pub(crate) struct GenerationMetrics {
+    /// Its worker group (empty: no `group` label).
+    pub group: String,
     /// The generation number, or `older` for the sum of generations too old to keep apart.
     pub generation: String,
     pub plugin: String,
@@ -261,16 +268,61 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl GenerationMetrics {
     fn labels(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("generation", self.generation.clone()),
-            ("plugin", self.plugin.clone()),
-            ("version", self.version.clone()),
-            ("sha256", self.sha256.clone()),
-        ]
+        let group = (!self.group.is_empty()).then(|| ("group", self.group.clone()));
+        group
+            .into_iter()
+            .chain([
+                ("generation", self.generation.clone()),
+                ("plugin", self.plugin.clone()),
+                ("version", self.version.clone()),
+                ("sha256", self.sha256.clone()),
+            ])
+            .collect()
     }
 }
 
 impl MetricsReport {
+    /// This report and the other groups'.
+    fn all(&self) -> impl Iterator<Item = &MetricsReport> {
+        std::iter::once(self).chain(&self.more)
+    }
+
+    /// Every group's generations.
+    fn all_generations(&self) -> impl Iterator<Item = &GenerationMetrics> {
+        self.all().flat_map(|r| &r.generations)
+    }
+
+    /// `labels` behind this report's `group` label (none without a group).
+    fn with_group<'a>(&'a self, labels: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let group = (!self.group.is_empty()).then_some(("group", self.group.as_str()));
+        group.into_iter().chain(labels.iter().copied()).collect()
+    }
+
+    /// A gauge or counter per group (one series, unlabelled, without groups).
+    fn per_group(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        value: impl Fn(&MetricsReport) -> u64,
+    ) -> std::fmt::Result {
+        let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+        let encode = |m: &mut prometheus_client::encoding::MetricEncoder, v: u64| match kind {
+            MetricType::Gauge => m.encode_gauge(&v),
+            _ => m.encode_counter::<NoLabelSet, _, u64>(&v, None),
+        };
+        for r in self.all() {
+            let labels = r.with_group(&[]);
+            if r.group.is_empty() {
+                encode(&mut metric, value(r))?;
+            } else {
+                encode(&mut metric.encode_family(&labels)?, value(r))?;
+            }
+        }
+        Ok(())
+    }
+
     /// A counter per generation.
     fn per_generation(
         &self,
@@ -281,7 +333,7 @@ impl MetricsReport {
         value: impl Fn(&Totals) -> u64,
     ) -> std::fmt::Result {
         let mut metric = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
-        for g in &self.generations {
+        for g in self.all_generations() {
             let labels = g.labels();
             metric
                 .encode_family(&labels)?
@@ -297,7 +349,7 @@ impl MetricsReport {
         use crate::plugin_metrics::{COUNTER, GAUGE, Sample, Value};
         let mut families: std::collections::BTreeMap<&str, Vec<(&GenerationMetrics, &Sample)>> =
             std::collections::BTreeMap::new();
-        for g in &self.generations {
+        for g in self.all_generations() {
             for sample in g.plugin_series.samples() {
                 families.entry(&sample.name).or_default().push((g, sample));
             }
@@ -361,7 +413,7 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for g in &self.generations {
+            for g in self.all_generations() {
                 for (class, n) in CLASSES.iter().zip(g.totals.by_class) {
                     let mut labels = g.labels();
                     labels.push(("class", class.to_string()));
@@ -378,7 +430,7 @@ impl Collector for MetricsReport {
                 Some(&Unit::Seconds),
                 MetricType::Histogram,
             )?;
-            for g in &self.generations {
+            for g in self.all_generations() {
                 let t = &g.totals;
                 let buckets: Vec<(f64, u64)> = BUCKETS_US
                     .iter()
@@ -405,7 +457,7 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Gauge,
             )?;
-            for g in &self.generations {
+            for g in self.all_generations() {
                 let labels = g.labels();
                 metric
                     .encode_family(&labels)?
@@ -440,7 +492,7 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for g in &self.generations {
+            for g in self.all_generations() {
                 for limit in Limit::ALL {
                     let mut labels = g.labels();
                     labels.push(("limit", limit.name().to_string()));
@@ -474,7 +526,7 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Gauge,
             )?;
-            for g in &self.generations {
+            for g in self.all_generations() {
                 for (state, n) in &g.workers {
                     let mut labels = g.labels();
                     labels.push(("state", state.to_string()));
@@ -482,14 +534,13 @@ impl Collector for MetricsReport {
                 }
             }
         }
-        encoder
-            .encode_descriptor(
-                "host_serving_generation",
-                "The generation new connections reach",
-                None,
-                MetricType::Gauge,
-            )?
-            .encode_gauge(&self.serving_generation)?;
+        self.per_group(
+            &mut encoder,
+            "host_serving_generation",
+            "The generation new connections reach",
+            MetricType::Gauge,
+            |r| r.serving_generation,
+        )?;
         {
             let mut metric = encoder.encode_descriptor(
                 "host_reloads",
@@ -497,8 +548,11 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for (kind, outcome, n) in &self.reloads {
-                let labels = [("kind", kind.as_str()), ("outcome", outcome)];
+            for (r, (kind, outcome, n)) in self
+                .all()
+                .flat_map(|r| r.reloads.iter().map(move |x| (r, x)))
+            {
+                let labels = r.with_group(&[("kind", kind.as_str()), ("outcome", outcome)]);
                 metric
                     .encode_family(&labels)?
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
@@ -511,9 +565,12 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for (cause, n) in &self.worker_starts {
+            for (r, (cause, n)) in self
+                .all()
+                .flat_map(|r| r.worker_starts.iter().map(move |x| (r, x)))
+            {
                 metric
-                    .encode_family(&[("cause", *cause)])?
+                    .encode_family(&r.with_group(&[("cause", *cause)]))?
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
         }
@@ -524,28 +581,29 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for (cause, how, n) in &self.worker_exits {
+            for (r, (cause, how, n)) in self
+                .all()
+                .flat_map(|r| r.worker_exits.iter().map(move |x| (r, x)))
+            {
                 metric
-                    .encode_family(&[("cause", *cause), ("how", *how)])?
+                    .encode_family(&r.with_group(&[("cause", *cause), ("how", *how)]))?
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
         }
-        encoder
-            .encode_descriptor(
-                "host_listener_up",
-                "Whether the shared listening socket listens (0: down, connections refused)",
-                None,
-                MetricType::Gauge,
-            )?
-            .encode_gauge(&i64::from(self.listener_up))?;
-        encoder
-            .encode_descriptor(
-                "host_listener_recoveries",
-                "Times the listening socket was found not listening (a plugin shut it down) and re-armed",
-                None,
-                MetricType::Counter,
-            )?
-            .encode_counter::<NoLabelSet, _, u64>(&self.listener_recoveries, None)?;
+        self.per_group(
+            &mut encoder,
+            "host_listener_up",
+            "Whether the shared listening socket listens (0: down, connections refused)",
+            MetricType::Gauge,
+            |r| u64::from(r.listener_up),
+        )?;
+        self.per_group(
+            &mut encoder,
+            "host_listener_recoveries",
+            "Times the listening socket was found not listening (a plugin shut it down) and re-armed",
+            MetricType::Counter,
+            |r| r.listener_recoveries,
+        )?;
         {
             let mut metric = encoder.encode_descriptor(
                 "host_orphans_ended",
@@ -553,12 +611,12 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
+            // The master's, whichever group's loop ended them.
+            let ended: u64 = self.all().map(|r| r.orphans_ended).sum();
+            let killed: u64 = self.all().map(|r| r.orphans_killed).sum();
             for (signal, n) in [
-                (
-                    "SIGTERM",
-                    self.orphans_ended.saturating_sub(self.orphans_killed),
-                ),
-                ("SIGKILL", self.orphans_killed),
+                ("SIGTERM", ended.saturating_sub(killed)),
+                ("SIGKILL", killed),
             ] {
                 metric
                     .encode_family(&[("signal", signal)])?
@@ -572,9 +630,12 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for (cause, n) in &self.worker_kills {
+            for (r, (cause, n)) in self
+                .all()
+                .flat_map(|r| r.worker_kills.iter().map(move |x| (r, x)))
+            {
                 metric
-                    .encode_family(&[("cause", *cause)])?
+                    .encode_family(&r.with_group(&[("cause", *cause)]))?
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
         }
@@ -585,9 +646,12 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for (limit, n) in &self.master_limit_hits {
+            for (r, (limit, n)) in self
+                .all()
+                .flat_map(|r| r.master_limit_hits.iter().map(move |x| (r, x)))
+            {
                 metric
-                    .encode_family(&[("limit", *limit)])?
+                    .encode_family(&r.with_group(&[("limit", *limit)]))?
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
         }

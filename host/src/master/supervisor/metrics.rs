@@ -315,6 +315,7 @@ impl Supervisor {
                     totals: totals.clone(),
                     workers: Vec::new(),
                     plugin_series: m.plugin_exited.get(number).cloned().unwrap_or_default(),
+                    ..GenerationMetrics::default()
                 },
             );
         }
@@ -418,6 +419,7 @@ impl Supervisor {
             listener_recoveries: self.listener_health.recoveries,
             orphans_ended: self.orphans.found,
             orphans_killed: self.orphans.killed,
+            ..MetricsReport::default()
         }
     }
 }

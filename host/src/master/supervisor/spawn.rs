@@ -138,10 +138,14 @@ impl Supervisor {
         if std::env::var_os("GLIBC_TUNABLES").is_none() {
             cmd.env("GLIBC_TUNABLES", WORKER_MALLOC_TUNABLES);
         }
-        for var in crate::master::systemd::MASTER_ONLY_ENV
-            .iter()
-            .chain(&[crate::master::upgrade::FROM_ENV, crate::START_NOTIFY_ENV])
-        {
+        if self.cfg.explicit_group {
+            cmd.env(crate::logging::GROUP_ENV, &self.cfg.group);
+        }
+        for var in crate::master::systemd::MASTER_ONLY_ENV.iter().chain(&[
+            crate::master::upgrade::FROM_ENV,
+            crate::master::upgrade::GROUPS_ENV,
+            crate::START_NOTIFY_ENV,
+        ]) {
             cmd.env_remove(var);
         }
         cmd.fd_mappings(

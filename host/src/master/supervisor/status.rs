@@ -101,6 +101,9 @@ impl Supervisor {
             listener: self.listener_status(),
             canary: self.canary_status(),
             last_verdict: self.last_verdict.clone(),
+            group: self.cfg.group.clone(),
+            reloadable: self.cfg.reloadable,
+            groups: Vec::new(),
         };
         let _ = reply.send(ControlResponse::Status(Box::new(report)));
     }
