@@ -6,6 +6,7 @@
 //! `target/`. Builds are serialized across test binaries with a file lock, so two tests never
 //! race on one artifact.
 
+pub mod groups;
 pub mod prom;
 
 use std::collections::BTreeMap;
