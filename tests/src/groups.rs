@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{Activated, Host, HostOptions, axum_plugin, host_bin, wait_until};
+use crate::{Activated, Host, HostOptions, axum_plugin, wait_until};
 
 /// Starts a host with the groups `api` (the example plugin, or `plugin`) and `gateway` (the
 /// axum example). `top` goes at the top of the file; `api` and `gateway` into each group's
@@ -72,29 +72,17 @@ pub fn group_generation(status: &Value, name: &str) -> u64 {
 /// `dir/host.toml`, its output `dir/foreground.log`. Returns once every group has a ready
 /// worker.
 pub async fn activated(dir: &Path, sockets: &[(&str, RawFd)]) -> Activated {
-    use std::os::unix::process::CommandExt;
-    let config = dir.join("host.toml");
-    let log = dir.join("foreground.log");
-    let out = std::fs::File::create(&log).unwrap();
     let names: Vec<&str> = sockets.iter().map(|(n, _)| *n).collect();
     let fds: Vec<RawFd> = sockets.iter().map(|(_, fd)| *fd).collect();
-    let mut cmd = std::process::Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(format!(
-            "LISTEN_PID=$$ LISTEN_FDS={} LISTEN_FDNAMES={} exec \"$0\" \"$@\"",
-            fds.len(),
-            names.join(":")
-        ))
-        .arg(host_bin())
-        .arg("-c")
-        .arg(&config)
-        .arg("start")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out);
-    // SAFETY: runs in the forked child before exec; fcntl, dup2 and close are
-    // async-signal-safe, and `fds` is the child's own copy.
-    unsafe {
-        cmd.pre_exec(move || {
+    let env = format!(
+        "LISTEN_FDS={} LISTEN_FDNAMES={}",
+        fds.len(),
+        names.join(":")
+    );
+    // SAFETY: the setup only calls fcntl, dup2 and close, which are async-signal-safe, and
+    // reads `fds`, the child's own copy.
+    let host = unsafe {
+        crate::spawn_foreground(dir, &env, move || {
             // Out of the way first, so that moving one to 3 + i never closes another.
             let mut high = Vec::with_capacity(fds.len());
             for fd in &fds {
@@ -112,13 +100,8 @@ pub async fn activated(dir: &Path, sockets: &[(&str, RawFd)]) -> Activated {
                 nix::libc::close(*fd);
             }
             Ok(())
-        });
-    }
-    let child = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let host = Activated { child, config, log };
+        })
+    };
     wait_until(Duration::from_secs(30), "every group to serve", || {
         let out = host.cli(&["status", "--json"]);
         out.status.success()
