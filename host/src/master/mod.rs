@@ -1,12 +1,13 @@
-//! The master process: binds the listening socket once (or takes it from systemd, or from the
-//! master it replaces at `host upgrade`; the supervisor re-arms that same socket if a plugin
-//! shuts it down), raises the open-files limit the workers inherit ([`limits`]), is the
-//! subreaper of everything the workers start ([`orphans`]: ended when their worker is gone,
-//! and before `stop` reports stopped), owns the pidfile and the control socket in a `state_dir`
-//! it checks, creates and keeps ([`state_dir`]: refused when others can write it, recreated
-//! when deleted), turns signals and control requests into [`Event`]s, and runs the
-//! [`Supervisor`]. [`systemd`] reports the supervisor's [`Notice`]s to the service manager;
-//! [`upgrade`] starts a successor and hands everything over.
+//! The master process: binds each worker group's listening socket once (or takes them from
+//! systemd, or from the master it replaces at `host upgrade`; a group's supervisor re-arms that
+//! same socket if a plugin shuts it down), raises the open-files limit the workers inherit
+//! ([`limits`]), is the subreaper of everything the workers start ([`orphans`]: ended when their
+//! worker is gone, and before `stop` reports stopped), owns the pidfile and the control socket
+//! in a `state_dir` it checks, creates and keeps ([`state_dir`]: refused when others can write
+//! it, recreated when deleted), turns signals and control requests into [`Event`]s, and runs one
+//! [`Supervisor`] per group, which [`groups`] routes those events to. [`systemd`] reports the
+//! groups' [`Notice`]s to the service manager; [`upgrade`] starts a successor and hands
+//! everything over.
 //!
 //! This is the only part of the host that talks to the outside world besides the workers' HTTP.
 //! It never loads plugin code and never serves HTTP itself. It runs on a single-threaded runtime
