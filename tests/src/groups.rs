@@ -22,19 +22,26 @@ pub async fn two_groups(
     gateway: &str,
     bin: Option<PathBuf>,
 ) -> Host {
+    let opts = HostOptions {
+        bin,
+        ..HostOptions::default()
+    };
+    two_groups_with(plugin, top, api, gateway, opts).await
+}
+
+/// [`two_groups`] with more options (`extra` is replaced by the groups).
+pub async fn two_groups_with(
+    plugin: &Path,
+    top: &str,
+    api: &str,
+    gateway: &str,
+    opts: HostOptions,
+) -> Host {
     let extra = format!(
         "{top}\n[[group]]\nname = \"api\"\nplugin = \"plugin.so\"\n{api}\n[[group]]\nname = \"gateway\"\nplugin = \"{}\"\n{gateway}\n",
         axum_plugin().display()
     );
-    Host::start(
-        plugin,
-        HostOptions {
-            extra,
-            bin,
-            ..HostOptions::default()
-        },
-    )
-    .await
+    Host::start(plugin, HostOptions { extra, ..opts }).await
 }
 
 /// Group `name`'s part of a `status --json`.

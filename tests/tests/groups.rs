@@ -11,10 +11,12 @@ use std::os::fd::AsRawFd;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use tests::groups::{activated, group, group_addr, group_generation, group_pids, two_groups};
+use tests::groups::{
+    activated, group, group_addr, group_generation, group_pids, two_groups, two_groups_with,
+};
 use tests::{
-    Load, LoadReport, Mode, example_plugin, fixture_plugin, get, greeting_plugin, host_bin,
-    pid_alive, prom,
+    HostOptions, Load, LoadReport, Mode, example_plugin, fixture_plugin, get, greeting_plugin,
+    host_bin, pid_alive, prom,
 };
 
 /// Keep-alive and new-connection clients on each group's port.
@@ -379,4 +381,80 @@ async fn metrics_carry_each_group() {
         .filter(|l| l.starts_with("# TYPE host_serving_generation "))
         .count();
     assert_eq!(types, 1, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_storm_and_a_hung_worker_in_one_group_leave_the_other_alone() {
+    let marker = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    std::fs::remove_file(&marker).unwrap();
+    let host = two_groups_with(
+        &fixture_plugin(""),
+        "",
+        "worker_timeout = \"1s\"",
+        "",
+        HostOptions {
+            env: vec![("FIXTURE_CRASH_MARKER".into(), marker.display().to_string())],
+            ..HostOptions::default()
+        },
+    )
+    .await;
+    let before = host.status().await;
+    let gateway_before = group_pids(&before, "gateway");
+    let api = group_addr(&before, "api");
+    let gateway = vec![
+        Load::start(group_addr(&before, "gateway"), 2, Mode::KeepAlive, "/"),
+        Load::start(group_addr(&before, "gateway"), 1, Mode::Close, "/"),
+    ];
+    for l in &gateway {
+        l.advance(50).await;
+    }
+
+    // A crash storm: every api worker dies, and its replacements die at start.
+    std::fs::write(&marker, "").unwrap();
+    for _ in 0..2 {
+        let _ = get(api, "/abort").await;
+    }
+    host.wait_status("api slots failing", |s| {
+        group(s, "api")["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|slot| slot["state"] == "failing")
+    })
+    .await;
+    for l in &gateway {
+        l.advance(100).await;
+    }
+    std::fs::remove_file(&marker).unwrap();
+    let recovered = host
+        .wait_status("api serving again", |s| group_pids(s, "api").len() == 2)
+        .await;
+
+    // A hung worker: its I/O thread sleeps past worker_timeout; it is killed and replaced.
+    let hung = group_pids(&recovered, "api");
+    let sleeper = tokio::spawn(async move { get(api, "/lying-sleep?ms=3000").await });
+    host.wait_status("a hung api worker replaced", |s| {
+        let now = group_pids(s, "api");
+        now.len() == 2 && now.iter().any(|p| !hung.contains(p))
+    })
+    .await;
+    let _ = sleeper.await;
+    for l in &gateway {
+        l.advance(100).await;
+    }
+    for l in gateway {
+        let r = l.finish().await;
+        eprintln!("gateway: {}", r.summary());
+        r.assert_clean();
+    }
+    let after = host.status().await;
+    assert_eq!(group_pids(&after, "gateway"), gateway_before, "{after}");
+    assert!(
+        group(&after, "gateway")["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|slot| slot["failures"] == 0),
+        "{after}"
+    );
 }

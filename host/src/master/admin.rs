@@ -611,9 +611,10 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            // The master's, whichever group's loop ended them.
-            let ended: u64 = self.all().map(|r| r.orphans_ended).sum();
-            let killed: u64 = self.all().map(|r| r.orphans_killed).sum();
+            // The master's: every group's loop sees every orphan (each is the master's child),
+            // so each group counts them all; the largest count is the master's.
+            let ended = self.all().map(|r| r.orphans_ended).max().unwrap_or(0);
+            let killed = self.all().map(|r| r.orphans_killed).max().unwrap_or(0);
             for (signal, n) in [
                 ("SIGTERM", ended.saturating_sub(killed)),
                 ("SIGKILL", killed),
