@@ -1727,7 +1727,20 @@ mod tests {
                     format!("{keys}{}", toml::to_string(&doc).unwrap())
                 },
             );
-            prop_oneof![3 => few, 1 => many, 1 => with_table]
+            // The same keys in one or two `[[group]]` tables (any key, master-wide ones too).
+            let grouped = (
+                few.clone(),
+                prop_oneof![few.clone(), many.clone()],
+                any::<bool>(),
+            )
+                .prop_map(|(top, first, second)| {
+                    let mut text = format!("{top}[[group]]\nname = \"a\"\n{first}");
+                    if second {
+                        text.push_str("[[group]]\nname = \"b\"\n");
+                    }
+                    text
+                });
+            prop_oneof![3 => few, 1 => many, 1 => with_table, 1 => grouped]
         }
 
         fn bounded(key: &str, d: Duration) {
