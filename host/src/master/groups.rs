@@ -389,3 +389,97 @@ fn route_control(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notices(names: &[&str]) -> (Notices, mpsc::UnboundedReceiver<Notice>) {
+        let (out, rx) = mpsc::unbounded_channel();
+        let folded = Notices {
+            status: vec![None; names.len()],
+            names: names.iter().map(|n| n.to_string()).collect(),
+            out,
+            start_notify: None,
+            serving: false,
+            failed: false,
+            stopping_told: false,
+        };
+        (folded, rx)
+    }
+
+    fn serving(status: &str) -> Notice {
+        Notice::Serving {
+            status: status.into(),
+        }
+    }
+
+    #[test]
+    fn ready_once_every_group_serves_with_one_status_naming_each() {
+        let (mut n, mut rx) = notices(&["api", "gateway"]);
+        assert_eq!(n.fold(1, serving("serving http://b with 1 workers")), None);
+        assert!(rx.try_recv().is_err(), "READY before every group serves");
+        assert_eq!(n.fold(0, serving("serving http://a with 2 workers")), None);
+        match rx.try_recv() {
+            Ok(Notice::Serving { status }) => assert_eq!(
+                status,
+                "api: http://a with 2 workers; gateway: http://b with 1 workers"
+            ),
+            other => panic!("{other:?}"),
+        }
+        n.fold(
+            1,
+            Notice::Reloading {
+                status: "reloading".into(),
+            },
+        );
+        match rx.try_recv() {
+            Ok(Notice::Reloading { status }) => {
+                assert_eq!(status, "api: http://a with 2 workers; gateway: reloading")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_group_reads_as_before_groups() {
+        let (mut n, mut rx) = notices(&["default"]);
+        n.fold(0, serving("serving http://a with 2 workers"));
+        match rx.try_recv() {
+            Ok(Notice::Serving { status }) => assert_eq!(status, "serving http://a with 2 workers"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_start_stops_the_others_once_and_stopping_is_told_once() {
+        let (mut n, mut rx) = notices(&["api", "gateway"]);
+        let failed = |reason: &str| Notice::StartFailed {
+            reason: reason.into(),
+        };
+        assert!(n.fold(1, failed("boom")).is_some());
+        match rx.try_recv() {
+            Ok(Notice::StartFailed { reason }) => assert_eq!(reason, "group \"gateway\": boom"),
+            other => panic!("{other:?}"),
+        }
+        assert!(n.fold(0, failed("stopped")).is_none());
+        // Never READY after a failure, even if the other group serves.
+        n.fold(0, serving("serving http://a"));
+        n.fold(0, Notice::Stopping);
+        n.fold(1, Notice::Stopping);
+        let rest: Vec<Notice> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert!(matches!(rest.as_slice(), [Notice::Stopping]), "{rest:?}");
+    }
+
+    #[test]
+    fn a_hand_over_stops_the_other_groups_without_stopping_the_unit() {
+        let (mut n, mut rx) = notices(&["api", "gateway"]);
+        assert!(n.fold(0, Notice::HandedOver { new_pid: 7 }).is_some());
+        n.fold(1, Notice::Stopping);
+        let seen: Vec<Notice> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert!(
+            matches!(seen.as_slice(), [Notice::HandedOver { new_pid: 7 }]),
+            "{seen:?}"
+        );
+    }
+}
