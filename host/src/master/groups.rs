@@ -163,6 +163,7 @@ pub(crate) async fn run(
     let (notice_tx, mut notice_rx) = mpsc::unbounded_channel::<(usize, Notice)>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, Result<Exit, String>)>();
     let mut members = Vec::new();
+    let mut relays = Vec::new();
     let (out, _keep) = match notices {
         Some(tx) => (tx, None),
         None => {
@@ -182,13 +183,14 @@ pub(crate) async fn run(
     for (i, p) in prepared.into_iter().enumerate() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let notice_tx = notice_tx.clone();
-        tokio::spawn(async move {
+        // Ends once the group's supervisor is gone (its sender with it), every notice passed on.
+        relays.push(tokio::spawn(async move {
             while let Some(n) = rx.recv().await {
                 if notice_tx.send((i, n)).is_err() {
                     break;
                 }
             }
-        });
+        }));
         let supervisor = p.supervisor.with_notices(tx);
         // A file without groups logs as before groups.
         let span = match p.cfg.explicit_group {
@@ -235,6 +237,9 @@ pub(crate) async fn run(
         }
     }
     // Let the last notices through before the master's side tasks end.
+    for relay in relays {
+        let _ = relay.await;
+    }
     while let Ok((i, notice)) = notice_rx.try_recv() {
         folded.fold(i, notice);
     }
