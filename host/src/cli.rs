@@ -366,7 +366,10 @@ pub(crate) fn verdict(
     request: ControlRequest,
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
-    let abort = matches!(request, ControlRequest::Abort);
+    let abort = match &request {
+        ControlRequest::Group { request, .. } => matches!(**request, ControlRequest::Abort),
+        request => matches!(request, ControlRequest::Abort),
+    };
     match ask(cfg, request, timeout)? {
         ControlResponse::Judged(v) => {
             println!(

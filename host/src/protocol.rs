@@ -443,6 +443,9 @@ pub struct StatusReport {
     /// Whether `host reload` and `SIGHUP` replace this group's workers.
     #[serde(default = "reloadable_default")]
     pub reloadable: bool,
+    /// A reload, rollback or other rollout of this group is under way.
+    #[serde(default)]
+    pub rolling_out: bool,
     /// Every group's status, in the config file's order. The fields above are the first
     /// group's (as before groups).
     #[serde(default)]

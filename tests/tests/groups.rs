@@ -458,3 +458,40 @@ async fn a_crash_storm_and_a_hung_worker_in_one_group_leave_the_other_alone() {
         "{after}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_waits_until_no_group_rolls_out() {
+    let gateway_canary = "canary_workers = 1\ncanary_analysis = \"60s\"\n";
+    let mut host = two_groups(
+        &example_plugin(&[]),
+        "",
+        "",
+        gateway_canary,
+        Some(host_bin()),
+    )
+    .await;
+    // The gateway's reload holds its canary for the analysis period.
+    let reload = host.spawn_cli(&["reload", "gateway"]);
+    // (Its canary under analysis: `abort` has something to end.)
+    host.wait_status("the gateway's canary under analysis", |s| {
+        group(s, "gateway")["rolling_out"] == true && !group(s, "gateway")["canary"].is_null()
+    })
+    .await;
+    let out = host.cli(&["upgrade"]).await;
+    assert!(!out.status.success(), "{}", host.explain(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("group \"gateway\": a rollout is under way"),
+        "{}",
+        host.explain(&out)
+    );
+    // `abort GROUP` ends it; then the upgrade goes through.
+    let out = host.cli(&["abort", "gateway"]).await;
+    assert!(out.status.success(), "{}", host.explain(&out));
+    let reload = reload.await.unwrap();
+    assert!(!reload.status.success(), "{}", host.explain(&reload));
+    let out = host.cli(&["upgrade"]).await;
+    assert!(out.status.success(), "{}", host.explain(&out));
+    let after = host.status().await;
+    host.master_pid = after["master_pid"].as_u64().unwrap() as u32;
+    assert_eq!(group_pids(&after, "gateway").len(), 2, "{after}");
+}

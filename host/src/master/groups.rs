@@ -266,7 +266,7 @@ fn route(members: &[Member], ev: Event) {
     let lead = &members[0];
     match ev {
         Event::Signal(SignalAction::Upgrade(name)) => {
-            let _ = lead.events.send(Event::Signal(SignalAction::Upgrade(name)));
+            upgrade_when_settled(members, Event::Signal(SignalAction::Upgrade(name)));
         }
         Event::Signal(action) => {
             for m in members {
@@ -309,6 +309,38 @@ fn route(members: &[Member], ev: Event) {
             let _ = lead.events.send(other);
         }
     }
+}
+
+/// Passes `upgrade` (the request or the signal) to the lead, which hands every group over,
+/// unless another group is rolling out: the lead refuses during its own rollouts, and the
+/// others' would be cut short by the hand-over. Asked off this loop, in a task.
+fn upgrade_when_settled(members: &[Member], upgrade: Event) {
+    if members.len() == 1 {
+        let _ = members[0].events.send(upgrade);
+        return;
+    }
+    let lead = members[0].events.clone();
+    let asks = ask_all(&members[1..], |reply| Event::Control {
+        request: ControlRequest::Status,
+        reply,
+    });
+    tokio::spawn(async move {
+        for (name, rx) in asks {
+            if let Ok(ControlResponse::Status(report)) = rx.await
+                && report.rolling_out
+            {
+                let reason = format!(
+                    "group {name:?}: a rollout is under way; upgrade once it is over (`host status`)"
+                );
+                tracing::warn!("upgrade refused: {reason}");
+                if let Event::Control { reply, .. } = upgrade {
+                    let _ = reply.send(ControlResponse::Refused { reason });
+                }
+                return;
+            }
+        }
+        let _ = lead.send(upgrade);
+    });
 }
 
 /// Asks every group with `make`; the answers come back on the receivers, in group order.
@@ -388,7 +420,14 @@ fn route_control(
                 }
             });
         }
-        // `upgrade`, and a request from a client that names no group: the lead's.
+        ControlRequest::Upgrade => upgrade_when_settled(
+            members,
+            Event::Control {
+                request: ControlRequest::Upgrade,
+                reply,
+            },
+        ),
+        // A request from a client that names no group: the lead's.
         request => {
             let _ = members[0].events.send(Event::Control { request, reply });
         }
