@@ -6,6 +6,11 @@
 //! and builds the [`WorkerSpec`](crate::protocol::WorkerSpec) a worker starts with
 //! ([`Config::worker_spec`], the one place it is built).
 //!
+//! Worker groups: a file's `[[group]]` tables each become one [`Config`] ([`Config::parse_all`],
+//! in the file's order), whose keys are the group's own, else the top of the file's, else the
+//! defaults; master-wide keys (scope `master` in [`keys::KEYS`]) only at the top. A file without
+//! groups is one group, [`DEFAULT_GROUP`], exactly as before groups.
+//!
 //! Owns parsing, defaults and validation, and the rule that relative paths are relative to the
 //! config file's directory. Every error is one line naming the file, the line and the key. It
 //! does not touch the filesystem beyond reading the file: whether the plugin exists is the
