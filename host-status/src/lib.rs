@@ -188,6 +188,23 @@ pub struct StatusReport {
     /// How the last judged generation ended.
     #[serde(default)]
     pub last_verdict: Option<CanaryVerdict>,
+    /// The worker group this is (`default` for a file without groups).
+    #[serde(default)]
+    pub group: String,
+    /// Whether `host reload` and `SIGHUP` replace this group's workers.
+    #[serde(default = "reloadable_default")]
+    pub reloadable: bool,
+    /// A reload, rollback or other rollout of this group is under way.
+    #[serde(default)]
+    pub rolling_out: bool,
+    /// Every group's status, in the config file's order. The fields above are the first
+    /// group's (as before groups).
+    #[serde(default)]
+    pub groups: Vec<StatusReport>,
+}
+
+fn reloadable_default() -> bool {
+    true
 }
 
 /// The listening socket as `status` shows it.
@@ -365,6 +382,11 @@ mod tests {
                 baseline: figures(),
             }),
             last_verdict: Some(verdict()),
+            group: "default".into(),
+            reloadable: true,
+            rolling_out: false,
+            // One level is enough to print every key: a group's own report has the same shape.
+            groups: Vec::new(),
         }
     }
 
@@ -506,6 +528,7 @@ mod tests {
         want.extend(figures.map(|f| format!("canary.baseline.{f}")));
         want.push("last_verdict".into());
         verdict("last_verdict", &mut want);
+        want.extend(["group", "reloadable", "rolling_out", "groups"].map(String::from));
         // (`Value` sorts an object's keys; the printed order is the fields' order above.)
         got.sort();
         want.sort();
@@ -530,11 +553,16 @@ mod tests {
             "listener",
             "canary",
             "last_verdict",
+            "group",
+            "reloadable",
+            "rolling_out",
+            "groups",
         ] {
             map.remove(later);
         }
         let report: StatusReport = serde_json::from_value(value).unwrap();
         assert!(report.listener.up);
+        assert!(report.reloadable && report.groups.is_empty());
         assert!(report.generations.is_empty() && report.canary.is_none());
     }
 }

@@ -1,4 +1,4 @@
-//! `host check`: is this deployment good to go? The config file is checked by [`Config::load`]
+//! `host check`: is this deployment good to go? The config file is checked by [`Config::load_all`]
 //! before this runs; here the configured plugin is tried in a throwaway worker, the way a reload's
 //! canary would try it: the same file checks and snapshot (into a private temporary directory,
 //! removed afterwards), then `/proc/self/exe __check-plugin` loads that copy with the ABI checks
@@ -94,33 +94,21 @@ pub fn run(cfg: &Config, options: &Options) -> Result<Checked, CheckError> {
         .build()
         .map_err(|e| failed(format!("cannot start the runtime: {e}")))?;
     let spec = WorkerSpec {
-        slot: 0,
-        generation: 0,
-        plugin: copy.path.clone(),
-        plugin_sha256: copy.sha256.clone(),
-        graceful_timeout_ms: cfg.graceful_timeout.as_millis() as u64,
-        idle_grace_ms: cfg.idle_grace.as_millis() as u64,
-        max_body_bytes: cfg.max_body_bytes,
-        body_read_timeout_ms: cfg.body_read_timeout.as_millis() as u64,
-        accept_cell: None,
-        accept_cells: 0,
+        // A check balances nothing, beats no heart and serves no traffic worth a line.
         accept_balance: false,
-        header_read_timeout_ms: cfg.header_read_timeout.as_millis() as u64,
-        max_headers: cfg.max_headers,
-        max_header_bytes: cfg.max_header_bytes,
-        max_requests: 0,
-        max_requests_jitter: 0,
         heartbeat_ms: 0,
-        keepalive_timeout_ms: cfg.keepalive_timeout.as_millis() as u64,
-        send_timeout_ms: cfg.send_timeout.as_millis() as u64,
-        max_connections: cfg.max_connections.unwrap_or(0),
-        http2_max_streams: cfg.http2_max_streams,
-        http2_send_buffer: cfg.http2_send_buffer,
-        plugin_config: cfg.plugin_config.json.to_string(),
-        config_dir: cfg.config_dir().to_string_lossy().into_owned(),
-        pool: cfg.blocking_pool(),
-        // A check serves no traffic worth a line.
         access_log: None,
+        ..cfg.worker_spec(crate::config::WorkerStart {
+            slot: 0,
+            generation: 0,
+            plugin: copy.path.clone(),
+            plugin_sha256: copy.sha256.clone(),
+            plugin_config: &cfg.plugin_config,
+            accept_cell: None,
+            accept_cells: 0,
+            max_requests: 0,
+            max_requests_jitter: 0,
+        })
     };
     let plugin = rt
         .block_on(throwaway_worker(cfg, spec, options))

@@ -31,7 +31,8 @@ fn client<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
     Ok(rt.block_on(f))
 }
 
-pub(crate) fn start_foreground(cfg: Config) -> anyhow::Result<ExitCode> {
+pub(crate) fn start_foreground(groups: Vec<Config>) -> anyhow::Result<ExitCode> {
+    let cfg = groups.first().context("no worker group")?.clone();
     let notify = match std::env::var(START_NOTIFY_ENV) {
         Ok(v) if v == fd::LISTENER_FD.to_string() => {
             // Started by `start -d`: leave the terminal's session and report through fd 3.
@@ -46,13 +47,13 @@ pub(crate) fn start_foreground(cfg: Config) -> anyhow::Result<ExitCode> {
         _ if std::env::var_os(master::binary_upgrade::FROM_ENV).is_some() => None,
         _ => {
             refuse_if_running(&cfg)?;
-            build_at_start(&cfg)?;
+            build_at_start(&groups)?;
             None
         }
     };
     logging::init(logging::Process::Master, cfg.log_format);
     let _ = nix::sys::prctl::set_name(c"host-master");
-    master::run(cfg, notify)?;
+    master::run(groups, notify)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -68,23 +69,26 @@ fn refuse_if_running(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Dev mode: the build runs once before the master starts, so the first responses come from a
-/// fresh build; a failed one refuses the start.
-fn build_at_start(cfg: &Config) -> anyhow::Result<()> {
-    if let Some(build) = &cfg.build {
-        let took = master::build::at_start(build, &cfg.build_dir)?;
-        eprintln!("build succeeded in {} ms", took.as_millis());
+/// Dev mode: the build runs once before the master starts (each group's that has one), so the
+/// first responses come from a fresh build; a failed one refuses the start.
+fn build_at_start(groups: &[Config]) -> anyhow::Result<()> {
+    for cfg in groups {
+        if let Some(build) = &cfg.build {
+            let took = master::build::at_start(build, &cfg.build_dir)?;
+            eprintln!("build succeeded in {} ms", took.as_millis());
+        }
     }
     Ok(())
 }
 
 pub(crate) fn start_daemon(
-    cfg: &Config,
+    groups: &[Config],
     dev: &DevFlags,
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
+    let cfg = groups.first().context("no worker group")?;
     refuse_if_running(cfg)?;
-    build_at_start(cfg)?;
+    build_at_start(groups)?;
     master::ensure_state_dir(cfg)?;
     let log_path = cfg.log_file();
     let log = std::fs::OpenOptions::new()
@@ -203,6 +207,113 @@ fn print_reload(report: &ReloadReport) {
     }
 }
 
+/// `request` for `group`, or as it is (a file without groups: the master's one group).
+pub(crate) fn for_group(group: Option<&str>, request: ControlRequest) -> ControlRequest {
+    match group {
+        Some(group) => ControlRequest::Group {
+            group: group.to_string(),
+            request: Box::new(request),
+        },
+        None => request,
+    }
+}
+
+/// The groups a command names, checked against the config file. `None` for a file without
+/// groups.
+pub(crate) fn groups_named<'a>(
+    groups: &'a [Config],
+    names: &[String],
+) -> anyhow::Result<Option<Vec<&'a Config>>> {
+    if !groups.iter().any(|g| g.explicit_group) {
+        if let Some(name) = names.iter().find(|n| *n != &groups[0].group) {
+            bail!(
+                "no group named {name:?}: {} has no [[group]] tables (its one group is {:?})",
+                groups[0].file.display(),
+                groups[0].group
+            );
+        }
+        return Ok(None);
+    }
+    let mut named = Vec::new();
+    for name in names {
+        match groups.iter().find(|g| &g.group == name) {
+            Some(g) => named.push(g),
+            None => {
+                let all: Vec<&str> = groups.iter().map(|g| g.group.as_str()).collect();
+                bail!(
+                    "no group named {name:?} in {} (groups: {})",
+                    groups[0].file.display(),
+                    all.join(", ")
+                );
+            }
+        }
+    }
+    Ok(Some(named))
+}
+
+/// `host reload [GROUP...]`: each named group (none: every reloadable one, the others skipped
+/// and named) reloads in turn, one after another in the order given; a failed one does not stop
+/// the next, and the exit status is 1 if any failed.
+pub(crate) fn reload(
+    groups: &[Config],
+    names: &[String],
+    request: ControlRequest,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let Some(named) = groups_named(groups, names)? else {
+        return rollout(&groups[0], request, timeout);
+    };
+    let targets: Vec<&Config> = match names.is_empty() {
+        false => named,
+        true => {
+            for g in groups.iter().filter(|g| !g.reloadable) {
+                println!(
+                    "skipped group {:?}: reloadable = false (`host restart` or `host upgrade` replaces its workers)",
+                    g.group
+                );
+            }
+            groups.iter().filter(|g| g.reloadable).collect()
+        }
+    };
+    let mut code = ExitCode::SUCCESS;
+    for g in targets {
+        println!("group {:?}:", g.group);
+        match rollout(g, for_group(Some(&g.group), request.clone()), timeout) {
+            Ok(c) if c == ExitCode::SUCCESS => {}
+            Ok(c) => code = c,
+            Err(e) => {
+                eprintln!("error: group {:?}: {}", g.group, error_chain(e.as_ref()));
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// `request` for the one group a command names (`rollback GROUP`, `promote GROUP`, `abort
+/// GROUP`): required when the file has more than one.
+pub(crate) fn one_group(
+    groups: &[Config],
+    name: Option<String>,
+    command: &str,
+    request: ControlRequest,
+) -> anyhow::Result<ControlRequest> {
+    let names: Vec<String> = name.into_iter().collect();
+    let group = match groups_named(groups, &names)? {
+        None => None,
+        Some(named) if named.len() == 1 => Some(named[0].group.as_str()),
+        Some(_) if groups.len() == 1 => Some(groups[0].group.as_str()),
+        Some(_) => {
+            let all: Vec<&str> = groups.iter().map(|g| g.group.as_str()).collect();
+            bail!(
+                "`host {command}` needs the group to act on: host {command} GROUP (groups: {})",
+                all.join(", ")
+            )
+        }
+    };
+    Ok(for_group(group, request))
+}
+
 pub(crate) fn rollout(
     cfg: &Config,
     request: ControlRequest,
@@ -255,7 +366,10 @@ pub(crate) fn verdict(
     request: ControlRequest,
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
-    let abort = matches!(request, ControlRequest::Abort);
+    let abort = match &request {
+        ControlRequest::Group { request, .. } => matches!(**request, ControlRequest::Abort),
+        request => matches!(request, ControlRequest::Abort),
+    };
     match ask(cfg, request, timeout)? {
         ControlResponse::Judged(v) => {
             println!(
@@ -382,18 +496,50 @@ pub(crate) fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Res
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "master pid {}  listen {}  generation {}  rss {}  host {} (build {})",
-        report.master_pid,
-        report.listen,
-        report.generation,
-        human_bytes(report.master_rss_bytes),
-        report.version,
-        report.build
-    );
+    if report.groups.len() <= 1 {
+        println!(
+            "master pid {}  listen {}  generation {}  rss {}  host {} (build {})",
+            report.master_pid,
+            report.listen,
+            report.generation,
+            human_bytes(report.master_rss_bytes),
+            report.version,
+            report.build
+        );
+    } else {
+        println!(
+            "master pid {}  groups {}  rss {}  host {} (build {})",
+            report.master_pid,
+            report.groups.len(),
+            human_bytes(report.master_rss_bytes),
+            report.version,
+            report.build
+        );
+    }
     if let Some(admin) = &report.admin_listen {
         println!("metrics http://{admin}/metrics");
     }
+    if report.groups.len() <= 1 {
+        print_group_status(&report)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for g in &report.groups {
+        let reloadable = if g.reloadable {
+            ""
+        } else {
+            "  reloadable = false"
+        };
+        println!(
+            "\ngroup {}  listen {}  generation {}{reloadable}",
+            g.group, g.listen, g.generation
+        );
+        print_group_status(g)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One group's part of `status`: its listener, workers, slots, canary, build and last reload.
+fn print_group_status(report: &StatusReport) -> anyhow::Result<()> {
     let l = &report.listener;
     if let Some(error) = &l.error {
         println!("listener DOWN: {error}");
@@ -505,5 +651,5 @@ pub(crate) fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Res
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

@@ -1,5 +1,16 @@
 //! The config file: raw TOML in, a checked [`Config`] out.
 //!
+//! Each key is defined once in [`keys::KEYS`] (name, scope, kind and range, default, doc); the
+//! typed value, the default, the range error and `docs/configuration.md` come from that
+//! definition. This file combines keys (defaults that follow other keys, keys that need others)
+//! and builds the [`WorkerSpec`](crate::protocol::WorkerSpec) a worker starts with
+//! ([`Config::worker_spec`], the one place it is built).
+//!
+//! Worker groups: a file's `[[group]]` tables each become one [`Config`] ([`Config::parse_all`],
+//! in the file's order), whose keys are the group's own, else the top of the file's, else the
+//! defaults; master-wide keys (scope `master` in [`keys::KEYS`]) only at the top. A file without
+//! groups is one group, [`DEFAULT_GROUP`], exactly as before groups.
+//!
 //! Owns parsing, defaults and validation, and the rule that relative paths are relative to the
 //! config file's directory. Every error is one line naming the file, the line and the key. It
 //! does not touch the filesystem beyond reading the file: whether the plugin exists is the
@@ -26,11 +37,20 @@ use sha2::{Digest, Sha256};
 
 use crate::logging::LogFormat;
 
+pub mod keys;
+
 /// A checked configuration. All paths are absolute.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The config file this was read from (absolute).
     pub file: PathBuf,
+    /// The worker group this is (`[[group]]`'s `name`; [`DEFAULT_GROUP`] for a file without
+    /// groups). Every other field is this group's value, or the master-wide one.
+    pub group: String,
+    /// The file has `[[group]]` tables (else its one group is the whole file, as before groups).
+    pub explicit_group: bool,
+    /// `host reload`, `SIGHUP` and the watcher replace this group's workers.
+    pub reloadable: bool,
     pub listen: SocketAddr,
     /// Where the master serves `/metrics` (Prometheus text); `None`: nowhere. Never `listen`.
     pub admin_listen: Option<SocketAddr>,
@@ -131,6 +151,23 @@ pub struct Config {
     pub canary: CanaryConfig,
 }
 
+/// What a worker's spec takes from the caller rather than the config (see
+/// [`Config::worker_spec`]).
+pub struct WorkerStart<'a> {
+    pub slot: u32,
+    pub generation: u64,
+    /// The generation's private copy of the plugin, and its sha256.
+    pub plugin: PathBuf,
+    pub plugin_sha256: String,
+    pub plugin_config: &'a PluginConfig,
+    /// The worker's cell in the accept table and the table's size (`None`, 0: no table).
+    pub accept_cell: Option<u32>,
+    pub accept_cells: u32,
+    /// This worker's request limit (`max_requests` plus its jitter) and that jitter; 0: never.
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+}
+
 /// The `canary_*` keys (and `watch_canary`): how a new generation is judged on live traffic.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CanaryConfig {
@@ -197,59 +234,6 @@ pub enum ConfigError {
     Syntax { path: PathBuf, message: String },
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    listen: Option<String>,
-    admin_listen: Option<String>,
-    workers: Option<i64>,
-    plugin: Option<String>,
-    state_dir: Option<String>,
-    graceful_timeout: Option<String>,
-    start_timeout: Option<String>,
-    idle_grace: Option<String>,
-    max_body_bytes: Option<i64>,
-    body_read_timeout: Option<String>,
-    backlog: Option<i64>,
-    keep_snapshots: Option<i64>,
-    max_draining_workers: Option<i64>,
-    allow_writable_plugin: Option<bool>,
-    accept_balance: Option<bool>,
-    max_plugin_bytes: Option<ByteSize>,
-    header_read_timeout: Option<String>,
-    max_headers: Option<i64>,
-    max_header_bytes: Option<i64>,
-    keepalive_timeout: Option<String>,
-    send_timeout: Option<String>,
-    max_connections: Option<i64>,
-    http2_max_streams: Option<i64>,
-    http2_send_buffer: Option<ByteSize>,
-    watch: Option<bool>,
-    watch_debounce: Option<String>,
-    build: Option<String>,
-    watch_paths: Option<Vec<String>>,
-    max_requests: Option<i64>,
-    max_requests_jitter: Option<i64>,
-    max_worker_rss: Option<ByteSize>,
-    worker_timeout: Option<String>,
-    plugin_config: Option<toml::Value>,
-    log_format: Option<String>,
-    access_log: Option<String>,
-    blocking_threads: Option<i64>,
-    blocking_queue: Option<i64>,
-    blocking_abandoned_threads: Option<i64>,
-    max_slow_paths: Option<i64>,
-    listener_check_interval: Option<String>,
-    orphan_grace: Option<String>,
-    canary_workers: Option<i64>,
-    canary_analysis: Option<String>,
-    canary_watch: Option<String>,
-    canary_min_requests: Option<i64>,
-    canary_max_error_increase: Option<f64>,
-    canary_max_latency_ratio: Option<f64>,
-    watch_canary: Option<bool>,
-}
-
 /// A size: a number of bytes, or a string like `"512MiB"`.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -292,6 +276,12 @@ impl ByteSize {
 
 pub const DEFAULT_FILE: &str = "host.toml";
 
+/// The name of the one group of a file without `[[group]]` tables.
+pub const DEFAULT_GROUP: &str = "default";
+
+/// The longest group name (it names a directory and a metrics label).
+pub const MAX_GROUP_NAME: usize = 64;
+
 /// The shortest configurable duration: workers get durations in whole milliseconds.
 pub const MIN_DURATION: Duration = Duration::from_millis(1);
 /// The longest `graceful_timeout`: a day of draining (long downloads), not more.
@@ -323,20 +313,21 @@ pub const MAX_SLOW_PATHS: i64 = 1 << 20;
 pub const MAX_PLUGIN_CONFIG_DEPTH: usize = 64;
 
 impl Config {
-    /// Reads and checks the config file at `path`.
     /// The config file's directory, against which its relative paths resolve (and which the
     /// plugin reads as `WorkerContext::config_dir`).
     pub fn config_dir(&self) -> &Path {
         self.file.parent().unwrap_or(Path::new("/"))
     }
 
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads and checks the config file at `path`: every group, in the file's order (at least
+    /// one).
+    pub fn load_all(path: &Path) -> Result<Vec<Config>, ConfigError> {
         let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
             path: file.clone(),
             source,
         })?;
-        Config::parse(&file, &text)
+        Config::parse_all(&file, &text)
     }
 
     /// Reads this config's file again for a reload and returns its `[plugin_config]`, the only
@@ -345,8 +336,18 @@ impl Config {
     /// caller can say they wait for `host upgrade`. Blocks on file I/O (and on a resolver for a
     /// `listen` host name): not for the master's event loop.
     pub fn reread_plugin_config(&self) -> Result<(PluginConfig, Vec<&'static str>), ConfigError> {
-        let new = Config::load(&self.file)?;
-        Ok((new.plugin_config.clone(), self.frozen_keys_changed(&new)))
+        let all = Config::load_all(&self.file)?;
+        let new = all
+            .iter()
+            .find(|g| g.group == self.group)
+            .ok_or_else(|| ConfigError::Syntax {
+                path: self.file.clone(),
+                message: format!(
+                    "group {:?} is no longer in the file (a group comes and goes with `host upgrade`)",
+                    self.group
+                ),
+            })?;
+        Ok((new.plugin_config.clone(), self.frozen_keys_changed(new)))
     }
 
     /// What a reload says about `keys`, changed keys it does not apply: they take effect at
@@ -394,6 +395,7 @@ impl Config {
             )*};
         }
         compare!(
+            reloadable,
             workers,
             plugin,
             state_dir,
@@ -440,16 +442,127 @@ impl Config {
         changed
     }
 
-    /// Checks `text` as if read from `file` (absolute).
+    /// Checks `text` as if read from `file` (absolute). Each key is read through its
+    /// definition in [`keys::KEYS`] (type, default, range, error); what is left here is how keys
+    /// combine.
+    #[cfg(test)]
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
-        let base = file.parent().unwrap_or(Path::new("/"));
-        let invalid = |key: &str, message: String| ConfigError::Invalid {
+        let mut all = Config::parse_all(file, text)?;
+        Ok(all.swap_remove(0))
+    }
+
+    /// Every group of `text` (read as if from `file`), in the file's order; a file without
+    /// `[[group]]` tables is one group, [`DEFAULT_GROUP`]. A group's key is its own, else the
+    /// top of the file's, else the default.
+    pub fn parse_all(file: &Path, text: &str) -> Result<Vec<Config>, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+        let groups = table.remove("group");
+        let sections = group_sections(text);
+        let top = keys::Reader::new(file, text, &table, &sections)?;
+        let Some(groups) = groups else {
+            return Ok(vec![Config::parse_group(&top, DEFAULT_GROUP, false)?]);
+        };
+        let header = |i: usize| sections.get(i).map_or(0, |r| r.start + 1);
+        let lines = |i: usize| sections.get(i).cloned().unwrap_or(0..0);
+        let group_error = |line: usize, key: String, message: String| ConfigError::Invalid {
             path: file.to_path_buf(),
-            line: line_of_key(text, key),
-            key: key.to_string(),
+            line,
+            key,
             message,
         };
+        let items = match groups {
+            toml::Value::Array(items) if !items.is_empty() => items,
+            other => {
+                return Err(group_error(
+                    line_of_table(text, "group"),
+                    "group".into(),
+                    format!(
+                        "must be one or more [[group]] tables (each with a `name`), not {}",
+                        other.type_str()
+                    ),
+                ));
+            }
+        };
+        let mut all: Vec<Config> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let Some(group) = item.as_table() else {
+                return Err(group_error(
+                    header(i),
+                    "group".into(),
+                    format!("must be a [[group]] table, not {}", item.type_str()),
+                ));
+            };
+            let name = match group.get("name") {
+                Some(toml::Value::String(name)) if valid_group_name(name) => name.as_str(),
+                Some(other) => {
+                    return Err(group_error(
+                        line_in(text, lines(i), "name"),
+                        "name".into(),
+                        format!(
+                            "{other} is not a group name: 1 to {MAX_GROUP_NAME} letters, digits, `-` or `_`"
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(group_error(
+                        header(i),
+                        "group".into(),
+                        "a [[group]] needs a `name`".into(),
+                    ));
+                }
+            };
+            let section = keys::Section {
+                name,
+                table: group,
+                lines: lines(i),
+            };
+            let config = Config::parse_group(&top.for_group(section)?, name, true)?;
+            let at = |key: &str| match line_in(text, lines(i), key) {
+                0 => header(i),
+                line => line,
+            };
+            if let Some(j) = all.iter().position(|g| g.group == name) {
+                return Err(group_error(
+                    at("name"),
+                    format!("group {name:?}: name"),
+                    format!(
+                        "{name:?} is already the name of the group at line {}",
+                        header(j)
+                    ),
+                ));
+            }
+            let clash = all.iter().position(|g| {
+                let (a, b) = (g.listen, config.listen);
+                a.port() != 0
+                    && a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+            });
+            if let Some(j) = clash {
+                return Err(group_error(
+                    at("listen"),
+                    format!("group {name:?}: listen"),
+                    format!(
+                        "{} is already the address of group {:?} (line {}): each group listens on its own",
+                        config.listen,
+                        all[j].group,
+                        header(j)
+                    ),
+                ));
+            }
+            all.push(config);
+        }
+        Ok(all)
+    }
+
+    /// One group's config, read through `keys` (the top of the file, or one `[[group]]`).
+    fn parse_group(
+        keys: &keys::Reader,
+        group: &str,
+        explicit_group: bool,
+    ) -> Result<Config, ConfigError> {
+        let (file, text) = (keys.file, keys.text);
+        let base = file.parent().unwrap_or(Path::new("/"));
         let resolve = |p: &str| -> PathBuf {
             if Path::new(p).is_absolute() {
                 p.into()
@@ -457,45 +570,27 @@ impl Config {
                 base.join(p)
             }
         };
-        let duration = |key: &str,
-                        value: &Option<String>,
-                        default: &str,
-                        max: Duration|
-         -> Result<Duration, ConfigError> {
-            let s = value.as_deref().unwrap_or(default);
-            let range = format!(
-                "{}..={}",
-                humantime::format_duration(MIN_DURATION),
-                humantime::format_duration(max)
-            );
-            let d = humantime::parse_duration(s).map_err(|e| {
-                invalid(
-                    key,
-                    format!("{s:?} is not a duration like \"250ms\" or \"30s\" in {range} ({e})"),
-                )
-            })?;
-            if d.is_zero() {
-                return Err(invalid(key, format!("must be greater than zero ({range})")));
+        // A path that must be set to something (`plugin`, `state_dir`).
+        let required_path = |key: &str| -> Result<PathBuf, ConfigError> {
+            match keys.typed::<String>(key)?.as_deref() {
+                Some("") | None => Err(keys.invalid(key, "must not be empty".into())),
+                Some(p) => Ok(resolve(p)),
             }
-            if !(MIN_DURATION..=max).contains(&d) {
-                return Err(invalid(key, format!("{s:?} is out of range {range}")));
-            }
-            Ok(d)
         };
 
-        let listen_str = raw.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen_str = keys.typed::<String>("listen")?.unwrap_or_default();
         let listen = listen_str
             .to_socket_addrs()
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| {
-                invalid(
+                keys.invalid(
                     "listen",
                     format!("{listen_str:?} is not an address like \"127.0.0.1:8080\""),
                 )
             })?;
 
-        let admin_listen = match raw.admin_listen.as_deref() {
+        let admin_listen = match keys.typed::<String>("admin_listen")?.as_deref() {
             None => None,
             Some(text) => {
                 let admin = text
@@ -503,7 +598,7 @@ impl Config {
                     .ok()
                     .and_then(|mut a| a.next())
                     .ok_or_else(|| {
-                        invalid(
+                        keys.invalid(
                             "admin_listen",
                             format!("{text:?} is not an address like \"127.0.0.1:9100\""),
                         )
@@ -516,7 +611,7 @@ impl Config {
                         || admin.ip().is_unspecified()
                         || listen.ip().is_unspecified());
                 if clash {
-                    return Err(invalid(
+                    return Err(keys.invalid(
                         "admin_listen",
                         format!(
                             "{text:?} is the public `listen` address ({listen}): the admin listener is never the public one"
@@ -527,327 +622,132 @@ impl Config {
             }
         };
 
-        let workers = match raw.workers {
+        let workers = match keys.count("workers")? {
             None => std::thread::available_parallelism()
                 .map(|n| n.get().min(1024))
                 .unwrap_or(1),
-            Some(n) if (1..=1024).contains(&n) => n as usize,
-            Some(n) => return Err(invalid("workers", format!("{n} is out of range 1..=1024"))),
+            Some(n) => n as usize,
         };
-        let plugin = match raw.plugin.as_deref() {
-            Some("") => return Err(invalid("plugin", "must not be empty".into())),
-            Some(p) => resolve(p),
-            None => resolve("target/release/libexample_plugin.so"),
-        };
-        let state_dir = match raw.state_dir.as_deref() {
-            Some("") => return Err(invalid("state_dir", "must not be empty".into())),
-            Some(p) => resolve(p),
-            None => resolve(".host"),
-        };
-        let max_body_bytes = match raw.max_body_bytes {
-            None => 1 << 20,
-            Some(n) if (0..=MAX_BODY_BYTES).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(invalid(
-                    "max_body_bytes",
-                    format!("{n} is out of range 0..={MAX_BODY_BYTES}"),
-                ));
-            }
-        };
-        let backlog = match raw.backlog {
-            None => 1024,
-            Some(n) if (1..=65535).contains(&n) => n as i32,
-            Some(n) => return Err(invalid("backlog", format!("{n} is out of range 1..=65535"))),
-        };
-        let keep_snapshots = match raw.keep_snapshots {
-            None => 3,
-            Some(n) if (2..=1000).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(invalid(
-                    "keep_snapshots",
-                    format!("{n} is out of range 2..=1000"),
-                ));
-            }
-        };
-        let max_draining_workers = match raw.max_draining_workers {
+        let plugin = required_path("plugin")?;
+        let state_dir = required_path("state_dir")?;
+        let max_draining_workers = match keys.count("max_draining_workers")? {
             None => 4 * workers,
-            Some(n) if (1..=MAX_DRAINING_WORKERS).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(invalid(
-                    "max_draining_workers",
-                    format!("{n} is out of range 1..={MAX_DRAINING_WORKERS}"),
-                ));
-            }
+            Some(n) => n as usize,
         };
-        let max_plugin_bytes = match raw.max_plugin_bytes.as_ref().map(ByteSize::bytes) {
-            None => 512 << 20,
-            Some(Ok(0)) => {
-                return Err(invalid(
-                    "max_plugin_bytes",
-                    "must be greater than zero".into(),
-                ));
-            }
-            Some(Ok(n)) => n,
-            Some(Err(message)) => return Err(invalid("max_plugin_bytes", message)),
-        };
-        let max_headers = match raw.max_headers {
-            None => 100,
-            Some(n) if (1..=10_000).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(invalid(
-                    "max_headers",
-                    format!("{n} is out of range 1..=10000"),
-                ));
-            }
-        };
-        let max_header_bytes = match raw.max_header_bytes {
-            None => 64 * 1024,
-            Some(n) if (8192..=16 << 20).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(invalid(
-                    "max_header_bytes",
-                    format!("{n} is out of range 8192..=16777216"),
-                ));
-            }
-        };
-        let max_connections = match raw.max_connections {
-            None | Some(0) => None,
-            Some(n) if (1..=MAX_CONNECTIONS).contains(&n) => Some(n as u64),
-            Some(n) => {
-                return Err(invalid(
-                    "max_connections",
-                    format!(
-                        "{n} is out of range 0..={MAX_CONNECTIONS} (0: from the open-files limit)"
-                    ),
-                ));
-            }
-        };
-        let http2_max_streams = match raw.http2_max_streams {
-            None => 128,
-            Some(n) if (1..=10_000).contains(&n) => n as u32,
-            Some(n) => {
-                return Err(invalid(
-                    "http2_max_streams",
-                    format!("{n} is out of range 1..=10000"),
-                ));
-            }
-        };
-        let http2_send_buffer = match raw.http2_send_buffer.as_ref().map(ByteSize::bytes) {
-            None => 32 << 10,
-            Some(Ok(n)) if (1024..=16 << 20).contains(&n) => n as usize,
-            Some(Ok(n)) => {
-                return Err(invalid(
-                    "http2_send_buffer",
-                    format!("{n} is out of range 1KiB..=16MiB"),
-                ));
-            }
-            Some(Err(message)) => return Err(invalid("http2_send_buffer", message)),
-        };
-        let requests = |key: &str, value: Option<i64>| match value {
-            None => Ok(0),
-            Some(n) if (0..=MAX_REQUESTS).contains(&n) => Ok(n as u64),
-            Some(n) => Err(invalid(
-                key,
-                format!("{n} is out of range 0..={MAX_REQUESTS} (0: off)"),
-            )),
-        };
-        let count = |key: &str, value: Option<i64>, default: usize, min: i64, max: i64| match value
-        {
-            None => Ok(default),
-            Some(n) if (min..=max).contains(&n) => Ok(n as usize),
-            Some(n) => Err(invalid(key, format!("{n} is out of range {min}..={max}"))),
-        };
-        let blocking_threads = count(
-            "blocking_threads",
-            raw.blocking_threads,
-            1024,
-            1,
-            MAX_POOL_THREADS,
-        )?;
-        let blocking_queue = count(
-            "blocking_queue",
-            raw.blocking_queue,
-            1024,
-            0,
-            MAX_POOL_QUEUE,
-        )?;
-        let blocking_abandoned_threads = count(
-            "blocking_abandoned_threads",
-            raw.blocking_abandoned_threads,
-            1024,
-            0,
-            MAX_POOL_THREADS,
-        )?;
-        let max_slow_paths = count(
-            "max_slow_paths",
-            raw.max_slow_paths,
-            1024,
-            1,
-            MAX_SLOW_PATHS,
-        )?;
-        let max_requests = requests("max_requests", raw.max_requests)?;
-        let max_requests_jitter = requests("max_requests_jitter", raw.max_requests_jitter)?;
-        let max_worker_rss = match raw.max_worker_rss.as_ref().map(ByteSize::bytes) {
-            None | Some(Ok(0)) => None,
-            Some(Ok(n)) => Some(n),
-            Some(Err(message)) => return Err(invalid("max_worker_rss", message)),
-        };
-        let build = match raw.build.as_deref().map(str::trim) {
-            Some("") => return Err(invalid("build", "must not be empty".into())),
+        let build = match keys.typed::<String>("build")?.as_deref().map(str::trim) {
+            Some("") => return Err(keys.invalid("build", "must not be empty".into())),
             b => b.map(str::to_string),
         };
-        let watch_paths: Vec<PathBuf> = raw
-            .watch_paths
+        let watch_paths: Vec<PathBuf> = keys
+            .typed::<Vec<String>>("watch_paths")?
             .unwrap_or_default()
             .iter()
             .map(|p| resolve(p))
             .collect();
-        let worker_timeout = duration("worker_timeout", &raw.worker_timeout, "30s", MAX_WAIT)?;
-        if worker_timeout < MIN_WORKER_TIMEOUT {
-            return Err(invalid(
-                "worker_timeout",
-                format!(
-                    "{} is out of range {}..={}",
-                    humantime::format_duration(worker_timeout),
-                    humantime::format_duration(MIN_WORKER_TIMEOUT),
-                    humantime::format_duration(MAX_WAIT)
-                ),
-            ));
-        }
-        let plugin_config = match raw.plugin_config {
+        let plugin_config = match keys.table_value("plugin_config") {
             None => PluginConfig::default(),
-            Some(value) => plugin_config(value).map_err(|(key, message)| ConfigError::Invalid {
-                path: file.to_path_buf(),
-                line: line_of_table(text, "plugin_config"),
-                key,
-                message,
+            Some(value) => plugin_config(value.clone()).map_err(|(key, message)| {
+                let lines = keys.group.as_ref().map(|g| g.lines.clone());
+                match lines.filter(|_| {
+                    keys.group
+                        .as_ref()
+                        .is_some_and(|g| g.table.contains_key("plugin_config"))
+                }) {
+                    Some(lines) => ConfigError::Invalid {
+                        path: file.to_path_buf(),
+                        line: line_in_table(text, lines, "group.plugin_config"),
+                        key: format!("group {group:?}: {key}"),
+                        message,
+                    },
+                    None => ConfigError::Invalid {
+                        path: file.to_path_buf(),
+                        line: line_of_table(text, "plugin_config"),
+                        key,
+                        message,
+                    },
+                }
             })?,
         };
         // Off by default; an empty string is off too (a way to turn it off in a file that set it).
-        let access_log = match raw.access_log.as_deref() {
+        let access_log = match keys.typed::<String>("access_log")?.as_deref() {
             None | Some("") => None,
             Some(p) => Some(resolve(p)),
         };
-        let log_format = match raw.log_format.as_deref() {
+        let log_format = match keys.typed::<String>("log_format")?.as_deref() {
             None => LogFormat::default(),
             Some(name) => LogFormat::from_name(name).ok_or_else(|| {
-                invalid(
+                keys.invalid(
                     "log_format",
                     format!("{name:?} is not a log format (\"text\" or \"json\")"),
                 )
             })?,
         };
-        let canary_workers = count("canary_workers", raw.canary_workers, 1, 0, 1024)?;
-        let canary_min_requests = count(
-            "canary_min_requests",
-            raw.canary_min_requests,
-            100,
-            1,
-            MAX_REQUESTS,
-        )? as u64;
-        let fraction = |key: &str, value: Option<f64>, default: f64, min: f64, max: f64| match value
-        {
-            None => Ok(default),
-            Some(x) if (min..=max).contains(&x) => Ok(x),
-            Some(x) => Err(invalid(key, format!("{x} is out of range {min}..={max}"))),
-        };
         let canary = CanaryConfig {
-            workers: canary_workers,
-            analysis: duration("canary_analysis", &raw.canary_analysis, "30s", MAX_WAIT)?,
-            watch: duration("canary_watch", &raw.canary_watch, "60s", MAX_WAIT)?,
-            min_requests: canary_min_requests,
-            max_error_increase: fraction(
-                "canary_max_error_increase",
-                raw.canary_max_error_increase,
-                0.02,
-                0.0,
-                1.0,
-            )?,
-            max_latency_ratio: fraction(
-                "canary_max_latency_ratio",
-                raw.canary_max_latency_ratio,
-                3.0,
-                1.0,
-                1000.0,
-            )?,
-            in_watch_mode: raw.watch_canary.unwrap_or(false),
+            workers: keys.usize("canary_workers")?,
+            analysis: keys.duration("canary_analysis")?,
+            watch: keys.duration("canary_watch")?,
+            min_requests: keys.usize("canary_min_requests")? as u64,
+            max_error_increase: keys.fraction("canary_max_error_increase")?,
+            max_latency_ratio: keys.fraction("canary_max_latency_ratio")?,
+            in_watch_mode: keys.boolean("watch_canary")?,
         };
         if build.is_some() && watch_paths.is_empty() {
-            return Err(invalid(
+            return Err(keys.invalid(
                 "build",
                 "needs `watch_paths`: the source directories whose changes run it".into(),
             ));
         }
         Ok(Config {
             file: file.to_path_buf(),
+            group: group.to_string(),
+            explicit_group,
+            reloadable: keys.boolean("reloadable")?,
             listen,
             admin_listen,
             workers,
             plugin,
             state_dir,
-            graceful_timeout: duration(
-                "graceful_timeout",
-                &raw.graceful_timeout,
-                "30s",
-                MAX_DRAIN,
-            )?,
-            start_timeout: duration("start_timeout", &raw.start_timeout, "10s", MAX_WAIT)?,
-            idle_grace: duration("idle_grace", &raw.idle_grace, "1s", MAX_WAIT)?,
-            max_body_bytes,
-            body_read_timeout: duration(
-                "body_read_timeout",
-                &raw.body_read_timeout,
-                "30s",
-                MAX_WAIT,
-            )?,
-            backlog,
-            keep_snapshots,
+            graceful_timeout: keys.duration("graceful_timeout")?,
+            start_timeout: keys.duration("start_timeout")?,
+            idle_grace: keys.duration("idle_grace")?,
+            max_body_bytes: keys.usize("max_body_bytes")?,
+            body_read_timeout: keys.duration("body_read_timeout")?,
+            backlog: keys.usize("backlog")? as i32,
+            keep_snapshots: keys.usize("keep_snapshots")?,
             max_draining_workers,
-            allow_writable_plugin: raw.allow_writable_plugin.unwrap_or(false),
-            accept_balance: raw.accept_balance.unwrap_or(true),
-            max_plugin_bytes,
-            header_read_timeout: duration(
-                "header_read_timeout",
-                &raw.header_read_timeout,
-                "10s",
-                MAX_WAIT,
-            )?,
-            keepalive_timeout: duration(
-                "keepalive_timeout",
-                &raw.keepalive_timeout,
-                "75s",
-                MAX_WAIT,
-            )?,
-            send_timeout: duration("send_timeout", &raw.send_timeout, "60s", MAX_WAIT)?,
-            max_connections,
-            http2_max_streams,
-            http2_send_buffer,
-            max_headers,
-            max_header_bytes,
-            watch: raw.watch.unwrap_or(false) || build.is_some(),
-            watch_debounce: duration("watch_debounce", &raw.watch_debounce, "300ms", MAX_WAIT)?,
+            allow_writable_plugin: keys.boolean("allow_writable_plugin")?,
+            accept_balance: keys.boolean("accept_balance")?,
+            max_plugin_bytes: keys.size("max_plugin_bytes")?.unwrap_or_default(),
+            header_read_timeout: keys.duration("header_read_timeout")?,
+            keepalive_timeout: keys.duration("keepalive_timeout")?,
+            send_timeout: keys.duration("send_timeout")?,
+            max_connections: keys
+                .count("max_connections")?
+                .filter(|n| *n > 0)
+                .map(|n| n as u64),
+            http2_max_streams: keys.usize("http2_max_streams")? as u32,
+            http2_send_buffer: keys.size("http2_send_buffer")?.unwrap_or_default() as usize,
+            max_headers: keys.usize("max_headers")?,
+            max_header_bytes: keys.usize("max_header_bytes")?,
+            watch: keys.boolean("watch")? || build.is_some(),
+            watch_debounce: keys.duration("watch_debounce")?,
             build,
             build_dir: base.to_path_buf(),
             watch_paths,
-            max_requests,
-            max_requests_jitter,
-            max_worker_rss,
-            worker_timeout,
+            max_requests: keys.usize("max_requests")? as u64,
+            max_requests_jitter: keys.usize("max_requests_jitter")? as u64,
+            max_worker_rss: keys.size("max_worker_rss")?.filter(|n| *n > 0),
+            worker_timeout: keys.duration("worker_timeout")?,
             plugin_config,
             log_format,
             access_log,
-            blocking_threads,
-            blocking_queue,
-            blocking_abandoned_threads,
-            max_slow_paths,
+            blocking_threads: keys.usize("blocking_threads")?,
+            blocking_queue: keys.usize("blocking_queue")?,
+            blocking_abandoned_threads: keys.usize("blocking_abandoned_threads")?,
+            max_slow_paths: keys.usize("max_slow_paths")?,
             overridden: Vec::new(),
-            listener_check_interval: duration(
-                "listener_check_interval",
-                &raw.listener_check_interval,
-                "1s",
-                MAX_WAIT,
-            )?,
-            orphan_grace: duration("orphan_grace", &raw.orphan_grace, "2s", MAX_WAIT)?,
+            listener_check_interval: keys.duration("listener_check_interval")?,
+            orphan_grace: keys.duration("orphan_grace")?,
             canary,
         })
     }
@@ -868,6 +768,40 @@ impl Config {
         }
     }
 
+    /// The spec a worker of this config starts with: every bound from the config, the rest
+    /// from `worker` (the one place a [`WorkerSpec`](crate::protocol::WorkerSpec) is built;
+    /// `host check` then turns off what a check does not use).
+    pub fn worker_spec(&self, worker: WorkerStart) -> crate::protocol::WorkerSpec {
+        crate::protocol::WorkerSpec {
+            slot: worker.slot,
+            generation: worker.generation,
+            plugin: worker.plugin,
+            plugin_sha256: worker.plugin_sha256,
+            graceful_timeout_ms: self.graceful_timeout.as_millis() as u64,
+            idle_grace_ms: self.idle_grace.as_millis() as u64,
+            max_body_bytes: self.max_body_bytes,
+            body_read_timeout_ms: self.body_read_timeout.as_millis() as u64,
+            accept_cell: worker.accept_cell,
+            accept_cells: worker.accept_cells,
+            accept_balance: self.accept_balance,
+            header_read_timeout_ms: self.header_read_timeout.as_millis() as u64,
+            max_headers: self.max_headers,
+            max_header_bytes: self.max_header_bytes,
+            max_requests: worker.max_requests,
+            max_requests_jitter: worker.max_requests_jitter,
+            heartbeat_ms: self.heartbeat_interval().as_millis() as u64,
+            keepalive_timeout_ms: self.keepalive_timeout.as_millis() as u64,
+            send_timeout_ms: self.send_timeout.as_millis() as u64,
+            max_connections: self.max_connections.unwrap_or(0),
+            http2_max_streams: self.http2_max_streams,
+            http2_send_buffer: self.http2_send_buffer,
+            plugin_config: worker.plugin_config.json.to_string(),
+            config_dir: self.config_dir().to_string_lossy().into_owned(),
+            pool: self.blocking_pool(),
+            access_log: self.access_log.clone(),
+        }
+    }
+
     pub fn control_socket(&self) -> PathBuf {
         self.state_dir.join("host.sock")
     }
@@ -880,8 +814,17 @@ impl Config {
         self.state_dir.join("host.log")
     }
 
+    /// Where this group's generations are snapshotted: `plugins/` in `state_dir` for a file
+    /// without groups (as before groups), `groups/<name>/plugins/` for a `[[group]]`.
     pub fn snapshot_dir(&self) -> PathBuf {
-        self.state_dir.join("plugins")
+        match self.explicit_group {
+            false => self.state_dir.join("plugins"),
+            true => self
+                .state_dir
+                .join("groups")
+                .join(&self.group)
+                .join("plugins"),
+        }
     }
 }
 
@@ -894,6 +837,71 @@ fn line_of_key(text: &str, key: &str) -> usize {
                 .is_some_and(|rest| rest.trim_start().starts_with('='))
         })
         .map_or(0, |i| i + 1)
+}
+
+/// `find` (a 1-based line finder, 0: absent) run on `lines` (0-based) of `text`, its answer
+/// as a line of `text`.
+fn within(text: &str, lines: std::ops::Range<usize>, find: impl Fn(&str) -> usize) -> usize {
+    let section: String = text
+        .lines()
+        .skip(lines.start)
+        .take(lines.len())
+        .collect::<Vec<_>>()
+        .join("\n");
+    match find(&section) {
+        0 => 0,
+        n => n + lines.start,
+    }
+}
+
+/// The 1-based line in `lines` (0-based, of `text`) where `key = ...` is set; 0 when absent.
+fn line_in(text: &str, lines: std::ops::Range<usize>, key: &str) -> usize {
+    within(text, lines, |section| line_of_key(section, key))
+}
+
+/// The 1-based line in `lines` of the `[key]` header (`key` dotted, like `group.plugin_config`).
+fn line_in_table(text: &str, lines: std::ops::Range<usize>, key: &str) -> usize {
+    match within(text, lines.clone(), |section| line_of_table(section, key)) {
+        0 => line_in(text, lines, key.rsplit('.').next().unwrap_or(key)),
+        n => n,
+    }
+}
+
+/// The 0-based line ranges of each `[[group]]` table: from its header to the next `[[group]]`,
+/// or to the next table of the top of the file (a header not under `group.`).
+fn group_sections(text: &str) -> Vec<std::ops::Range<usize>> {
+    let header = |l: &str| -> Option<String> {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let mut sections = Vec::new();
+    let mut open: Option<usize> = None;
+    for (i, l) in lines.iter().enumerate() {
+        let Some(name) = header(l) else { continue };
+        let new_group = l.trim().starts_with("[[") && name == "group";
+        if new_group || !name.starts_with("group.") {
+            if let Some(start) = open.take() {
+                sections.push(start..i);
+            }
+        }
+        if new_group {
+            open = Some(i);
+        }
+    }
+    if let Some(start) = open {
+        sections.push(start..lines.len());
+    }
+    sections
+}
+
+/// A group name names a directory and a metrics label: short, plain characters.
+fn valid_group_name(name: &str) -> bool {
+    (1..=MAX_GROUP_NAME).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// The 1-based line of the `[key]` header (or of `[key.sub]`, or `key = ...`); 0 when absent.
@@ -1347,6 +1355,124 @@ mod tests {
         );
     }
 
+    fn groups(text: &str) -> Result<Vec<Config>, ConfigError> {
+        Config::parse_all(Path::new("/srv/app/host.toml"), text)
+    }
+
+    #[test]
+    fn a_file_without_groups_is_one_group_named_default() {
+        let all = groups("workers = 3\n").unwrap();
+        assert_eq!(all.len(), 1);
+        let c = &all[0];
+        assert_eq!(
+            (c.group.as_str(), c.explicit_group, c.reloadable),
+            ("default", false, true)
+        );
+        assert_eq!(c.snapshot_dir(), Path::new("/srv/app/.host/plugins"));
+    }
+
+    #[test]
+    fn groups_inherit_the_top_of_the_file_and_set_their_own() {
+        let all = groups(concat!(
+            "workers = 3\n",
+            "graceful_timeout = \"5s\"\n",
+            "state_dir = \"run\"\n",
+            "[plugin_config]\n",
+            "message = \"shared\"\n",
+            "[[group]]\n",
+            "name = \"api\"\n",
+            "listen = \"127.0.0.1:8080\"\n",
+            "[[group]]\n",
+            "name = \"gateway\"\n",
+            "listen = \"127.0.0.1:8081\"\n",
+            "workers = 1\n",
+            "reloadable = false\n",
+            "plugin = \"gw.so\"\n",
+            "[group.plugin_config]\n",
+            "message = \"own\"\n",
+        ))
+        .unwrap();
+        let (api, gw) = (&all[0], &all[1]);
+        assert_eq!((api.group.as_str(), gw.group.as_str()), ("api", "gateway"));
+        assert_eq!((api.workers, gw.workers), (3, 1));
+        assert_eq!((api.reloadable, gw.reloadable), (true, false));
+        assert_eq!(gw.graceful_timeout, Duration::from_secs(5));
+        assert_eq!(gw.plugin, Path::new("/srv/app/gw.so"));
+        assert_eq!(&*api.plugin_config.json, r#"{"message":"shared"}"#);
+        assert_eq!(&*gw.plugin_config.json, r#"{"message":"own"}"#);
+        assert_eq!(
+            gw.snapshot_dir(),
+            Path::new("/srv/app/run/groups/gateway/plugins")
+        );
+    }
+
+    #[test]
+    fn bad_groups_are_one_line_naming_the_line_group_and_key() {
+        let two = |second: &str| {
+            format!(
+                "listen = \"127.0.0.1:0\"\n[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:9000\"\n[[group]]\n{second}"
+            )
+        };
+        for (text, expected) in [
+            (
+                two("name = \"a\"\n"),
+                ":6: group \"a\": name: \"a\" is already the name of the group at line 2",
+            ),
+            (
+                two("name = \"b\"\nlisten = \"127.0.0.1:9000\"\n"),
+                ":7: group \"b\": listen: 127.0.0.1:9000 is already the address of group \"a\" (line 2)",
+            ),
+            (
+                two("name = \"b\"\nwrokers = 2\n"),
+                ":7: group \"b\": wrokers: unknown field `wrokers`",
+            ),
+            (
+                two("name = \"b\"\nworkers = 0\n"),
+                ":7: group \"b\": workers: 0 is out of range 1..=1024",
+            ),
+            (
+                two("name = \"b\"\nstate_dir = \"x\"\n"),
+                ":7: group \"b\": state_dir: is master-wide",
+            ),
+            (
+                two("workers = 2\n"),
+                ":5: group: a [[group]] needs a `name`",
+            ),
+            (
+                two("name = \"a b\"\n"),
+                ":6: name: \"a b\" is not a group name",
+            ),
+            (
+                two("name = \"b\"\n[group.plugin_config]\nx = nan\n"),
+                ":7: group \"b\": plugin_config.x: NaN cannot be passed",
+            ),
+            (
+                "group = 3\n".to_string(),
+                ":1: group: must be one or more [[group]] tables",
+            ),
+            // A key at the top is every group's: its error is the top's.
+            (
+                format!("workers = 0\n{}", two("name = \"b\"\n")),
+                ":1: workers: 0 is out of range",
+            ),
+        ] {
+            let err = groups(&text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("/srv/app/host.toml")
+                    && err.contains(expected)
+                    && !err.contains('\n'),
+                "{text:?} gave {err}, expected {expected}"
+            );
+        }
+        // Port 0 twice: two ports the kernel picks.
+        assert_eq!(
+            groups(&two("name = \"b\"\nlisten = \"127.0.0.1:0\"\n"))
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
     #[test]
     fn unknown_keys_are_refused() {
         let err = parse("wrokers = 2\n").unwrap_err().to_string();
@@ -1484,56 +1610,10 @@ mod tests {
             ]
         }
 
-        const KEYS: &[&str] = &[
-            "listen",
-            "admin_listen",
-            "workers",
-            "plugin",
-            "state_dir",
-            "graceful_timeout",
-            "start_timeout",
-            "idle_grace",
-            "max_body_bytes",
-            "backlog",
-            "keep_snapshots",
-            "max_draining_workers",
-            "allow_writable_plugin",
-            "accept_balance",
-            "max_plugin_bytes",
-            "body_read_timeout",
-            "header_read_timeout",
-            "max_headers",
-            "max_header_bytes",
-            "keepalive_timeout",
-            "send_timeout",
-            "max_connections",
-            "http2_max_streams",
-            "http2_send_buffer",
-            "watch",
-            "watch_debounce",
-            "build",
-            "watch_paths",
-            "max_requests",
-            "max_requests_jitter",
-            "max_worker_rss",
-            "worker_timeout",
-            "plugin_config",
-            "log_format",
-            "access_log",
-            "blocking_threads",
-            "blocking_queue",
-            "blocking_abandoned_threads",
-            "max_slow_paths",
-            "listener_check_interval",
-            "orphan_grace",
-            "canary_workers",
-            "canary_analysis",
-            "canary_watch",
-            "canary_min_requests",
-            "canary_max_error_increase",
-            "canary_max_latency_ratio",
-            "watch_canary",
-        ];
+        /// Every defined key: each gets random values of its kind, and of any kind.
+        fn keys() -> Vec<&'static str> {
+            keys::KEYS.iter().map(|k| k.name).collect()
+        }
 
         /// A `[plugin_config]` table: nested tables and arrays of any TOML value, including ones
         /// JSON cannot hold (`nan`, `inf`).
@@ -1560,12 +1640,10 @@ mod tests {
 
         /// A value of the type `key` takes, of any size; or any value at all.
         fn value_for(key: &'static str) -> BoxedStrategy<String> {
+            use keys::Kind;
             let quoted = |s: String| toml::Value::String(s).to_string();
-            let typed = match key {
-                "graceful_timeout" | "start_timeout" | "idle_grace" | "header_read_timeout"
-                | "watch_debounce" | "body_read_timeout" | "worker_timeout"
-                | "keepalive_timeout" | "send_timeout" | "listener_check_interval"
-                | "orphan_grace" | "canary_analysis" | "canary_watch" => (
+            let typed = match (key, keys::def(key).kind) {
+                (_, Kind::Duration { .. }) => (
                     prop_oneof![3 => 0u64..100, 1 => 0u64..100_000_000, 1 => any::<u64>()],
                     prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d"]),
                 )
@@ -1580,24 +1658,18 @@ mod tests {
                         .boxed(),
                     )
                     .boxed(),
-                "workers" | "max_body_bytes" | "backlog" | "keep_snapshots" | "max_draining_workers" | "max_headers"
-                | "max_header_bytes" | "max_requests" | "max_requests_jitter" | "blocking_threads"
-                | "blocking_queue" | "blocking_abandoned_threads" | "max_slow_paths"
-                | "max_connections" | "http2_max_streams" | "canary_workers"
-                | "canary_min_requests" => {
+                (_, Kind::Count { .. }) => {
                     prop_oneof![3 => -2i64..2000, 1 => -2i64..70_000, 1 => any::<i64>(), 1 => 0i64..(1 << 31)]
                         .prop_map(|n| n.to_string())
                         .boxed()
                 }
-                "canary_max_error_increase" | "canary_max_latency_ratio" => prop_oneof![
+                (_, Kind::Fraction { .. }) => prop_oneof![
                     any::<f64>().prop_map(|f| format!("{f:?}")),
                     (-1.0f64..1100.0).prop_map(|f| format!("{f:?}")),
                 ]
                 .boxed(),
-                "allow_writable_plugin" | "watch" | "accept_balance" | "watch_canary" => {
-                    any::<bool>().prop_map(|b| b.to_string()).boxed()
-                }
-                "max_plugin_bytes" | "max_worker_rss" | "http2_send_buffer" => prop_oneof![
+                (_, Kind::Bool) => any::<bool>().prop_map(|b| b.to_string()).boxed(),
+                (_, Kind::Size { .. }) => prop_oneof![
                     any::<i64>().prop_map(|n| n.to_string()),
                     (
                         any::<u64>(),
@@ -1606,22 +1678,22 @@ mod tests {
                         .prop_map(move |(n, unit)| quoted(format!("{n}{unit}"))),
                 ]
                 .boxed(),
-                "access_log" => prop::sample::select(vec!["", "access.log", "/dev/full", "a/b.log"])
+                ("access_log", _) => prop::sample::select(vec!["", "access.log", "/dev/full", "a/b.log"])
                     .prop_map(move |s| quoted(s.to_string()))
                     .boxed(),
-                "log_format" => prop::sample::select(vec!["text", "json", "JSON", "", "yaml"])
+                ("log_format", _) => prop::sample::select(vec!["text", "json", "JSON", "", "yaml"])
                     .prop_map(move |s| quoted(s.to_string()))
                     .boxed(),
-                "plugin_config" => plugin_table()
+                ("plugin_config", _) => plugin_table()
                     .prop_map(|t| toml::Value::Table(t).to_string())
                     .boxed(),
-                "listen" => prop_oneof![
+                ("listen", _) => prop_oneof![
                     Just("\"127.0.0.1:0\"".to_string()),
                     any::<u16>().prop_map(|p| format!("\"[::1]:{p}\"")),
                 ]
                 .boxed(),
                 // The default `listen` among them, to hit the clash.
-                "admin_listen" => prop_oneof![
+                ("admin_listen", _) => prop_oneof![
                     Just("\"127.0.0.1:8080\"".to_string()),
                     Just("\"0.0.0.0:8080\"".to_string()),
                     Just("\"127.0.0.1:0\"".to_string()),
@@ -1638,14 +1710,15 @@ mod tests {
         fn config_text() -> impl Strategy<Value = String> {
             let line = |(k, v): (&str, String)| format!("{k} = {v}\n");
             let few = prop::collection::vec(
-                prop::sample::select(KEYS).prop_flat_map(|k| (Just(k), value_for(k))),
+                prop::sample::select(keys()).prop_flat_map(|k| (Just(k), value_for(k))),
                 1..=2,
             )
             .prop_map(move |kvs| kvs.into_iter().map(line).collect::<String>())
             .boxed();
-            let many = prop::collection::vec(prop::option::weighted(0.5, value()), KEYS.len())
+            let many = prop::collection::vec(prop::option::weighted(0.5, value()), keys().len())
                 .prop_map(|values| {
-                    KEYS.iter()
+                    keys()
+                        .into_iter()
                         .zip(values)
                         .filter_map(|(k, v)| Some(format!("{k} = {}\n", v?)))
                         .collect::<String>()
@@ -1659,25 +1732,20 @@ mod tests {
                     format!("{keys}{}", toml::to_string(&doc).unwrap())
                 },
             );
-            prop_oneof![3 => few, 1 => many, 1 => with_table]
-        }
-
-        /// Every key the configuration table (`docs/configuration.md`) documents gets random
-        /// values here.
-        #[test]
-        fn the_property_test_covers_every_documented_key() {
-            let docs = include_str!("../../docs/configuration.md");
-            let section = docs
-                .split("<!-- keys:begin -->\n")
-                .nth(1)
-                .and_then(|s| s.split("<!-- keys:end -->").next())
-                .expect("docs/configuration.md has the keys table between its markers");
-            let documented: std::collections::BTreeSet<&str> = section
-                .lines()
-                .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
-                .collect();
-            let tested: std::collections::BTreeSet<&str> = KEYS.iter().copied().collect();
-            assert_eq!(documented, tested);
+            // The same keys in one or two `[[group]]` tables (any key, master-wide ones too).
+            let grouped = (
+                few.clone(),
+                prop_oneof![few.clone(), many.clone()],
+                any::<bool>(),
+            )
+                .prop_map(|(top, first, second)| {
+                    let mut text = format!("{top}[[group]]\nname = \"a\"\n{first}");
+                    if second {
+                        text.push_str("[[group]]\nname = \"b\"\n");
+                    }
+                    text
+                });
+            prop_oneof![3 => few, 1 => many, 1 => with_table, 1 => grouped]
         }
 
         fn bounded(key: &str, d: Duration) {

@@ -43,6 +43,15 @@ impl LogFormat {
     }
 }
 
+/// Set by the master in a worker's environment when the config file has `[[group]]` tables:
+/// the worker's group, which its log lines name.
+pub const GROUP_ENV: &str = "HOST_GROUP";
+
+/// This worker's group, from [`GROUP_ENV`] (`None`: a file without groups).
+fn worker_group() -> Option<String> {
+    std::env::var(GROUP_ENV).ok().filter(|g| !g.is_empty())
+}
+
 /// Which process writes the lines.
 #[derive(Clone, Copy, Debug)]
 pub enum Process {
@@ -60,9 +69,10 @@ impl Process {
     fn prefix(self, pid: u32) -> String {
         match self {
             Process::Master => format!("master[{pid}]"),
-            Process::Worker { slot, generation } => {
-                format!("worker[{pid} slot={slot} gen={generation}]")
-            }
+            Process::Worker { slot, generation } => match worker_group() {
+                Some(group) => format!("worker[{pid} group={group} slot={slot} gen={generation}]"),
+                None => format!("worker[{pid} slot={slot} gen={generation}]"),
+            },
             Process::Check => format!("check[{pid}]"),
         }
     }
@@ -71,9 +81,15 @@ impl Process {
     fn json(self, pid: u32) -> String {
         let value = match self {
             Process::Master => serde_json::json!({ "role": "master", "pid": pid }),
-            Process::Worker { slot, generation } => serde_json::json!({
-                "role": "worker", "pid": pid, "slot": slot, "generation": generation
-            }),
+            Process::Worker { slot, generation } => match worker_group() {
+                Some(group) => serde_json::json!({
+                    "role": "worker", "pid": pid, "group": group, "slot": slot,
+                    "generation": generation
+                }),
+                None => serde_json::json!({
+                    "role": "worker", "pid": pid, "slot": slot, "generation": generation
+                }),
+            },
             Process::Check => serde_json::json!({ "role": "check", "pid": pid }),
         };
         value.to_string()

@@ -134,8 +134,12 @@ enum Command {
     },
     /// Roll every worker onto a fresh snapshot of the plugin; waits for the outcome. With a
     /// canary (`canary_workers`), the first new workers are judged on live traffic for
-    /// `canary_analysis` first: promoted, or rolled back by themselves (exit status 1).
+    /// `canary_analysis` first: promoted, or rolled back by themselves (exit status 1). With
+    /// worker groups: the named groups, one after another (none: every reloadable group).
     Reload {
+        /// Worker groups to reload (`[[group]]` names); none: every group with `reloadable`.
+        #[arg(value_name = "GROUP")]
+        groups: Vec<String>,
         /// New workers to judge before the rest (config `canary_workers`; 0: no canary).
         #[arg(long, value_name = "N")]
         canary: Option<u32>,
@@ -145,12 +149,21 @@ enum Command {
     },
     /// End the canary's analysis now and roll its generation out to every worker (or end the
     /// watch period of a generation that already serves everywhere).
-    Promote,
+    Promote {
+        /// The worker group (required when the config has several).
+        group: Option<String>,
+    },
     /// Roll the canary under analysis back now (or the generation in its watch period: back
     /// to the previous one); its build is refused like a failed one.
-    Abort,
+    Abort {
+        /// The worker group (required when the config has several).
+        group: Option<String>,
+    },
     /// Roll every worker back onto the generation that served before the current one.
-    Rollback,
+    Rollback {
+        /// The worker group (required when the config has several).
+        group: Option<String>,
+    },
     /// Stop gracefully; returns when every process has exited.
     Stop,
     /// Stop (if running), then start in the background.
@@ -283,12 +296,12 @@ fn default_timeout(cfg: &Config, command: &Command) -> Duration {
             .checked_mul(workers.saturating_mul(2))
             .and_then(|d| d.checked_add(margin))
             .and_then(|d| d.checked_add(analysis.unwrap_or(cfg.canary.analysis))),
-        Command::Rollback => cfg
+        Command::Rollback { .. } => cfg
             .start_timeout
             .checked_mul(workers.saturating_mul(2))
             .and_then(|d| d.checked_add(margin)),
         // A promotion rolls out to every worker; an abort moves the canary's slots back.
-        Command::Promote | Command::Abort => cfg
+        Command::Promote { .. } | Command::Abort { .. } => cfg
             .start_timeout
             .checked_mul(workers.saturating_mul(2))
             .and_then(|d| d.checked_add(margin)),
@@ -346,52 +359,93 @@ fn main() -> ExitCode {
     }
 }
 
+/// The widest of the groups' values that a command's wait derives from, so a default
+/// `--timeout` covers the largest group.
+fn widest(groups: &[Config]) -> Config {
+    let mut cfg = groups[0].clone();
+    for g in &groups[1..] {
+        cfg.workers = cfg.workers.max(g.workers);
+        cfg.start_timeout = cfg.start_timeout.max(g.start_timeout);
+        cfg.graceful_timeout = cfg.graceful_timeout.max(g.graceful_timeout);
+        cfg.canary.analysis = cfg.canary.analysis.max(g.canary.analysis);
+    }
+    cfg
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let mut cfg = Config::load(&cli.config)?;
+    let mut groups = Config::load_all(&cli.config)?;
+    let cfg = groups[0].clone();
     let timeout = cli
         .timeout
-        .unwrap_or_else(|| default_timeout(&cfg, &cli.command));
+        .unwrap_or_else(|| default_timeout(&widest(&groups), &cli.command));
     match cli.command {
         Command::Check { verbose } => {
             let options = check::Options {
                 timeout: cli.timeout,
                 verbose,
             };
-            let ok = check::run(&cfg, &options)?;
-            println!(
-                "ok: {}; plugin {}: {} {} (sha256 {}, plugin-api {}) started and stopped in {} ms",
-                cfg.file.display(),
-                cfg.plugin.display(),
-                ok.plugin.name,
-                ok.plugin.version,
-                &ok.plugin.sha256[..ok.plugin.sha256.len().min(12)],
-                ok.plugin.api_version,
-                ok.took.as_millis()
-            );
+            for cfg in &groups {
+                let ok = check::run(cfg, &options).map_err(|e| match cfg.explicit_group {
+                    true => anyhow::anyhow!("group {:?}: {e}", cfg.group),
+                    false => e.into(),
+                })?;
+                let group = match cfg.explicit_group {
+                    true => format!(", group {}", cfg.group),
+                    false => String::new(),
+                };
+                println!(
+                    "ok: {}{group}; plugin {}: {} {} (sha256 {}, plugin-api {}) started and stopped in {} ms",
+                    cfg.file.display(),
+                    cfg.plugin.display(),
+                    ok.plugin.name,
+                    ok.plugin.version,
+                    &ok.plugin.sha256[..ok.plugin.sha256.len().min(12)],
+                    ok.plugin.api_version,
+                    ok.took.as_millis()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Start { daemon: false, dev } => {
-            dev.apply(&mut cfg)?;
-            cli::start_foreground(cfg)
+            for g in &mut groups {
+                dev.apply(g)?;
+            }
+            cli::start_foreground(groups)
         }
         Command::Start { daemon: true, dev } => {
-            dev.apply(&mut cfg)?;
-            cli::start_daemon(&cfg, &dev, timeout)
+            for g in &mut groups {
+                dev.apply(g)?;
+            }
+            cli::start_daemon(&groups, &dev, timeout)
         }
         Command::Reload {
+            groups: names,
             canary: None,
             analysis: None,
-        } => cli::rollout(&cfg, ControlRequest::Reload, timeout),
-        Command::Reload { canary, analysis } => {
+        } => cli::reload(&groups, &names, ControlRequest::Reload, timeout),
+        Command::Reload {
+            groups: names,
+            canary,
+            analysis,
+        } => {
             let flags = protocol::CanaryOverride {
                 workers: canary,
                 analysis_ms: analysis.map(|d| d.as_millis().max(1) as u64),
             };
-            cli::rollout(&cfg, ControlRequest::ReloadWith(flags), timeout)
+            cli::reload(&groups, &names, ControlRequest::ReloadWith(flags), timeout)
         }
-        Command::Promote => cli::verdict(&cfg, ControlRequest::Promote, timeout),
-        Command::Abort => cli::verdict(&cfg, ControlRequest::Abort, timeout),
-        Command::Rollback => cli::rollout(&cfg, ControlRequest::Rollback, timeout),
+        Command::Promote { group } => {
+            let request = cli::one_group(&groups, group, "promote", ControlRequest::Promote)?;
+            cli::verdict(&cfg, request, timeout)
+        }
+        Command::Abort { group } => {
+            let request = cli::one_group(&groups, group, "abort", ControlRequest::Abort)?;
+            cli::verdict(&cfg, request, timeout)
+        }
+        Command::Rollback { group } => {
+            let request = cli::one_group(&groups, group, "rollback", ControlRequest::Rollback)?;
+            cli::rollout(&cfg, request, timeout)
+        }
         Command::Stop => {
             cli::stop(&cfg, timeout)?;
             Ok(ExitCode::SUCCESS)
@@ -410,8 +464,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 daemon: true,
                 dev: DevFlags::default(),
             };
-            let timeout = cli.timeout.unwrap_or_else(|| default_timeout(&cfg, &start));
-            cli::start_daemon(&cfg, &DevFlags::default(), timeout)
+            let timeout = cli
+                .timeout
+                .unwrap_or_else(|| default_timeout(&widest(&groups), &start));
+            cli::start_daemon(&groups, &DevFlags::default(), timeout)
         }
         Command::Status { json } => cli::status(&cfg, json, timeout),
         Command::Upgrade => cli::upgrade(&cfg, timeout),

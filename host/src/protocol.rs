@@ -199,6 +199,12 @@ pub enum ControlRequest {
     Promote,
     /// `host abort`: roll the canary (or the generation in its watch period) back now.
     Abort,
+    /// A request for one worker group (`host reload GROUP`, `rollback GROUP`, ...). A request
+    /// without it goes to every group (`status`, `stop`, `upgrade`) or to the first one.
+    Group {
+        group: String,
+        request: Box<ControlRequest>,
+    },
 }
 
 /// `host reload --canary N --analysis D`.

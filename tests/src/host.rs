@@ -430,26 +430,50 @@ pub struct Activated {
     log: PathBuf,
 }
 
+/// Starts `host -c dir/host.toml start` in the foreground as systemd starts it: through a shell
+/// that sets `LISTEN_PID` to the host's own pid (`exec` keeps the shell's) and `env` (more
+/// `VAR=value` words), its output to `dir/foreground.log`, with `setup` run in the child before
+/// exec (to put the sockets in place). Killed when dropped.
+///
+/// # Safety
+///
+/// `setup` runs between fork and exec: it may only make async-signal-safe calls.
+pub(crate) unsafe fn spawn_foreground(
+    dir: &Path,
+    env: &str,
+    setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> Activated {
+    use std::os::unix::process::CommandExt;
+    let config = dir.join("host.toml");
+    let log = dir.join("foreground.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(format!("LISTEN_PID=$$ {env} exec \"$0\" \"$@\""))
+        .arg(host_bin())
+        .arg("-c")
+        .arg(&config)
+        .arg("start")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    // SAFETY: the caller promises `setup` is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(setup);
+    }
+    let child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    Activated { child, config, log }
+}
+
 impl Activated {
     /// Starts it and waits until its generation 1 serves.
     pub async fn start(dir: &Path, listener: std::os::fd::RawFd) -> Activated {
-        use std::os::unix::process::CommandExt;
-        let config = dir.join("host.toml");
-        let log = dir.join("foreground.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = std::process::Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
-            .arg(host_bin())
-            .arg("-c")
-            .arg(&config)
-            .arg("start")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        // SAFETY: runs in the forked child before exec; dup2 and fcntl are async-signal-safe and
-        // touch no memory of the parent.
-        unsafe {
-            cmd.pre_exec(move || {
+        // SAFETY: the setup only calls fcntl and dup2, which are async-signal-safe, and touches
+        // no memory of the parent.
+        let host = unsafe {
+            spawn_foreground(dir, "LISTEN_FDS=1", move || {
                 if listener == 3 {
                     let flags = nix::libc::fcntl(3, nix::libc::F_GETFD);
                     nix::libc::fcntl(3, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC);
@@ -457,13 +481,8 @@ impl Activated {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
-            });
-        }
-        let child = tokio::process::Command::from(cmd)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let host = Activated { child, config, log };
+            })
+        };
         wait_until(Duration::from_secs(20), "the host to serve", || {
             host.log().contains("generation 1 is serving")
         })

@@ -204,16 +204,61 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl GenerationMetrics {
     fn labels(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("generation", self.generation.clone()),
-            ("plugin", self.plugin.clone()),
-            ("version", self.version.clone()),
-            ("sha256", self.sha256.clone()),
-        ]
+        let group = (!self.group.is_empty()).then(|| ("group", self.group.clone()));
+        group
+            .into_iter()
+            .chain([
+                ("generation", self.generation.clone()),
+                ("plugin", self.plugin.clone()),
+                ("version", self.version.clone()),
+                ("sha256", self.sha256.clone()),
+            ])
+            .collect()
     }
 }
 
 impl MetricsReport {
+    /// This report and the other groups'.
+    fn all(&self) -> impl Iterator<Item = &MetricsReport> {
+        std::iter::once(self).chain(&self.more)
+    }
+
+    /// Every group's generations.
+    fn all_generations(&self) -> impl Iterator<Item = &GenerationMetrics> {
+        self.all().flat_map(|r| &r.generations)
+    }
+
+    /// `labels` behind this report's `group` label (none without a group).
+    fn with_group<'a>(&'a self, labels: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let group = (!self.group.is_empty()).then_some(("group", self.group.as_str()));
+        group.into_iter().chain(labels.iter().copied()).collect()
+    }
+
+    /// A gauge or counter per group (one series, unlabelled, without groups).
+    fn per_group(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        value: impl Fn(&MetricsReport) -> u64,
+    ) -> std::fmt::Result {
+        let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+        let encode = |m: &mut prometheus_client::encoding::MetricEncoder, v: u64| match kind {
+            MetricType::Gauge => m.encode_gauge(&v),
+            _ => m.encode_counter::<NoLabelSet, _, u64>(&v, None),
+        };
+        for r in self.all() {
+            let labels = r.with_group(&[]);
+            if r.group.is_empty() {
+                encode(&mut metric, value(r))?;
+            } else {
+                encode(&mut metric.encode_family(&labels)?, value(r))?;
+            }
+        }
+        Ok(())
+    }
+
     /// A counter per generation.
     fn per_generation(
         &self,
@@ -224,7 +269,7 @@ impl MetricsReport {
         value: impl Fn(&Totals) -> u64,
     ) -> std::fmt::Result {
         let mut metric = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
-        for g in &self.generations {
+        for g in self.all_generations() {
             let labels = g.labels();
             metric
                 .encode_family(&labels)?
@@ -240,7 +285,7 @@ impl MetricsReport {
         use crate::plugin_metrics::{COUNTER, GAUGE, Sample, Value};
         let mut families: std::collections::BTreeMap<&str, Vec<(&GenerationMetrics, &Sample)>> =
             std::collections::BTreeMap::new();
-        for g in &self.generations {
+        for g in self.all_generations() {
             for sample in g.plugin_series.samples() {
                 families.entry(&sample.name).or_default().push((g, sample));
             }
@@ -304,7 +349,7 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for g in &self.generations {
+            for g in self.all_generations() {
                 for (class, n) in CLASSES.iter().zip(g.totals.by_class) {
                     let mut labels = g.labels();
                     labels.push(("class", class.to_string()));
@@ -321,7 +366,7 @@ impl Collector for MetricsReport {
                 Some(&Unit::Seconds),
                 MetricType::Histogram,
             )?;
-            for g in &self.generations {
+            for g in self.all_generations() {
                 let t = &g.totals;
                 let buckets: Vec<(f64, u64)> = BUCKETS_US
                     .iter()
@@ -348,7 +393,7 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Gauge,
             )?;
-            for g in &self.generations {
+            for g in self.all_generations() {
                 let labels = g.labels();
                 metric
                     .encode_family(&labels)?
@@ -383,7 +428,7 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for g in &self.generations {
+            for g in self.all_generations() {
                 for limit in Limit::ALL {
                     let mut labels = g.labels();
                     labels.push(("limit", limit.name().to_string()));
@@ -417,7 +462,7 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Gauge,
             )?;
-            for g in &self.generations {
+            for g in self.all_generations() {
                 for (state, n) in &g.workers {
                     let mut labels = g.labels();
                     labels.push(("state", state.to_string()));
@@ -425,14 +470,13 @@ impl Collector for MetricsReport {
                 }
             }
         }
-        encoder
-            .encode_descriptor(
-                "host_serving_generation",
-                "The generation new connections reach",
-                None,
-                MetricType::Gauge,
-            )?
-            .encode_gauge(&self.serving_generation)?;
+        self.per_group(
+            &mut encoder,
+            "host_serving_generation",
+            "The generation new connections reach",
+            MetricType::Gauge,
+            |r| r.serving_generation,
+        )?;
         {
             let mut metric = encoder.encode_descriptor(
                 "host_reloads",
@@ -440,8 +484,11 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for (kind, outcome, n) in &self.reloads {
-                let labels = [("kind", kind.as_str()), ("outcome", outcome)];
+            for (r, (kind, outcome, n)) in self
+                .all()
+                .flat_map(|r| r.reloads.iter().map(move |x| (r, x)))
+            {
+                let labels = r.with_group(&[("kind", kind.as_str()), ("outcome", outcome)]);
                 metric
                     .encode_family(&labels)?
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
@@ -454,9 +501,12 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for (cause, n) in &self.worker_starts {
+            for (r, (cause, n)) in self
+                .all()
+                .flat_map(|r| r.worker_starts.iter().map(move |x| (r, x)))
+            {
                 metric
-                    .encode_family(&[("cause", *cause)])?
+                    .encode_family(&r.with_group(&[("cause", *cause)]))?
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
         }
@@ -467,28 +517,29 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for (cause, how, n) in &self.worker_exits {
+            for (r, (cause, how, n)) in self
+                .all()
+                .flat_map(|r| r.worker_exits.iter().map(move |x| (r, x)))
+            {
                 metric
-                    .encode_family(&[("cause", *cause), ("how", *how)])?
+                    .encode_family(&r.with_group(&[("cause", *cause), ("how", *how)]))?
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
         }
-        encoder
-            .encode_descriptor(
-                "host_listener_up",
-                "Whether the shared listening socket listens (0: down, connections refused)",
-                None,
-                MetricType::Gauge,
-            )?
-            .encode_gauge(&i64::from(self.listener_up))?;
-        encoder
-            .encode_descriptor(
-                "host_listener_recoveries",
-                "Times the listening socket was found not listening (a plugin shut it down) and re-armed",
-                None,
-                MetricType::Counter,
-            )?
-            .encode_counter::<NoLabelSet, _, u64>(&self.listener_recoveries, None)?;
+        self.per_group(
+            &mut encoder,
+            "host_listener_up",
+            "Whether the shared listening socket listens (0: down, connections refused)",
+            MetricType::Gauge,
+            |r| u64::from(r.listener_up),
+        )?;
+        self.per_group(
+            &mut encoder,
+            "host_listener_recoveries",
+            "Times the listening socket was found not listening (a plugin shut it down) and re-armed",
+            MetricType::Counter,
+            |r| r.listener_recoveries,
+        )?;
         {
             let mut metric = encoder.encode_descriptor(
                 "host_orphans_ended",
@@ -496,12 +547,13 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
+            // The master's: every group's loop sees every orphan (each is the master's child),
+            // so each group counts them all; the largest count is the master's.
+            let ended = self.all().map(|r| r.orphans_ended).max().unwrap_or(0);
+            let killed = self.all().map(|r| r.orphans_killed).max().unwrap_or(0);
             for (signal, n) in [
-                (
-                    "SIGTERM",
-                    self.orphans_ended.saturating_sub(self.orphans_killed),
-                ),
-                ("SIGKILL", self.orphans_killed),
+                ("SIGTERM", ended.saturating_sub(killed)),
+                ("SIGKILL", killed),
             ] {
                 metric
                     .encode_family(&[("signal", signal)])?
@@ -515,9 +567,12 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for (cause, n) in &self.worker_kills {
+            for (r, (cause, n)) in self
+                .all()
+                .flat_map(|r| r.worker_kills.iter().map(move |x| (r, x)))
+            {
                 metric
-                    .encode_family(&[("cause", *cause)])?
+                    .encode_family(&r.with_group(&[("cause", *cause)]))?
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
         }
@@ -528,9 +583,12 @@ impl Collector for MetricsReport {
                 None,
                 MetricType::Counter,
             )?;
-            for (limit, n) in &self.master_limit_hits {
+            for (r, (limit, n)) in self
+                .all()
+                .flat_map(|r| r.master_limit_hits.iter().map(move |x| (r, x)))
+            {
                 metric
-                    .encode_family(&[("limit", *limit)])?
+                    .encode_family(&r.with_group(&[("limit", *limit)]))?
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
         }

@@ -48,6 +48,12 @@ pub(crate) const FROM_ENV: &str = "HOST_UPGRADE_FROM";
 const LISTENER_FD: RawFd = 3;
 const CHANNEL_FD: RawFd = 4;
 const PIDFILE_FD: RawFd = 5;
+/// The other worker groups' listeners follow the pidfile, in the order of [`GROUPS_ENV`].
+const MORE_LISTENERS_FD: RawFd = 6;
+/// Set in the new master's environment: the groups whose listeners it inherits, comma-separated
+/// (the first one's on fd 3, the others' from fd 6 on). Absent (from a master of before
+/// groups): fd 3 is the one group's.
+pub(crate) const GROUPS_ENV: &str = "HOST_UPGRADE_GROUPS";
 
 /// What a master needs to start its successor, captured when it starts.
 pub(crate) struct Launcher {
@@ -56,6 +62,9 @@ pub(crate) struct Launcher {
     args: Vec<OsString>,
     /// A duplicate of the pidfile descriptor (shares its lock).
     pidfile: OwnedFd,
+    /// The worker groups, by name: the first is the one whose listener `launch` is given, the
+    /// others come with theirs (see [`Launcher::with_groups`]).
+    groups: Vec<(String, Option<TcpListener>)>,
 }
 
 impl Launcher {
@@ -83,7 +92,17 @@ impl Launcher {
             argv0,
             args: args.collect(),
             pidfile,
+            groups: Vec::new(),
         }
+    }
+
+    /// Hands every worker group's listener to the new master: `lead` is the group whose
+    /// listener `launch` gets, `others` the rest, each with its name.
+    pub(crate) fn with_groups(mut self, lead: &str, others: Vec<(String, TcpListener)>) -> Self {
+        self.groups = std::iter::once((lead.to_string(), None))
+            .chain(others.into_iter().map(|(name, l)| (name, Some(l))))
+            .collect();
+        self
     }
 
     pub(crate) fn exe(&self) -> &std::path::Path {
@@ -117,20 +136,41 @@ impl Launcher {
             .env_remove("LISTEN_FDNAMES")
             .env_remove("WATCHDOG_PID")
             .stdin(std::process::Stdio::null());
-        cmd.fd_mappings(vec![
-            FdMapping {
-                parent_fd: listener.into(),
-                child_fd: LISTENER_FD,
-            },
-            FdMapping {
-                parent_fd: theirs.into(),
-                child_fd: CHANNEL_FD,
-            },
-            FdMapping {
-                parent_fd: pidfile,
-                child_fd: PIDFILE_FD,
-            },
-        ])
+        let mut more = Vec::new();
+        for (i, l) in self
+            .groups
+            .iter()
+            .filter_map(|(_, l)| l.as_ref())
+            .enumerate()
+        {
+            more.push(FdMapping {
+                parent_fd: l.try_clone().map_err(|e| failed("dup", e))?.into(),
+                child_fd: MORE_LISTENERS_FD + i as RawFd,
+            });
+        }
+        if !self.groups.is_empty() {
+            let names: Vec<&str> = self.groups.iter().map(|(n, _)| n.as_str()).collect();
+            cmd.env(GROUPS_ENV, names.join(","));
+        }
+        cmd.fd_mappings(
+            [
+                FdMapping {
+                    parent_fd: listener.into(),
+                    child_fd: LISTENER_FD,
+                },
+                FdMapping {
+                    parent_fd: theirs.into(),
+                    child_fd: CHANNEL_FD,
+                },
+                FdMapping {
+                    parent_fd: pidfile,
+                    child_fd: PIDFILE_FD,
+                },
+            ]
+            .into_iter()
+            .chain(more)
+            .collect(),
+        )
         .map_err(|e| failed("fd mapping", std::io::Error::other(e)))?;
         let child = tokio::process::Command::from(cmd)
             .spawn()
@@ -255,6 +295,10 @@ async fn watch(
 /// What a master started by `host upgrade` inherited.
 pub(crate) struct Handover {
     pub(crate) listener: TcpListener,
+    /// Whose `listener` is: the old master's first group (`None`: a master of before groups).
+    pub(crate) lead: Option<String>,
+    /// The old master's other groups' listeners, by name.
+    pub(crate) others: Vec<(String, TcpListener)>,
     pub(crate) successor: Successor,
 }
 
@@ -281,6 +325,17 @@ impl Handover {
         let channel =
             std::os::unix::net::UnixStream::from(take(CHANNEL_FD, "channel to the old master")?);
         let pidfile = File::from(take(PIDFILE_FD, "pidfile from the old master")?);
+        let names: Vec<String> = std::env::var(GROUPS_ENV)
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
+        let mut others = Vec::new();
+        for (i, name) in names.iter().skip(1).enumerate() {
+            let fd = take(
+                MORE_LISTENERS_FD + i as RawFd,
+                "group listener from the old master",
+            )?;
+            others.push((name.clone(), TcpListener::from(fd)));
+        }
         let stream = channel
             .set_nonblocking(true)
             .and_then(|()| tokio::net::UnixStream::from_std(channel))
@@ -292,6 +347,8 @@ impl Handover {
         );
         Ok(Some(Handover {
             listener,
+            lead: names.first().cloned(),
+            others,
             successor: Successor {
                 rx: Receiver::new(rd),
                 tx: Sender::new(wr),

@@ -278,6 +278,7 @@ fn awaited(request: &ControlRequest) -> &'static str {
         ControlRequest::Upgrade => {
             "the new master to take over (the master goes on with it; `host status` shows who serves)"
         }
+        ControlRequest::Group { request, .. } => awaited(request),
     }
 }
 

@@ -1,14 +1,15 @@
-//! The master process: binds the listening socket once (or takes it from systemd, or from the
-//! master it replaces at `host upgrade`; the supervisor re-arms that same socket if a plugin
-//! shuts it down), raises the open-files limit the workers inherit ([`limits`]), is the
-//! subreaper of everything the workers start ([`orphans`]: ended when their worker is gone,
-//! and before `stop` reports stopped), owns the pidfile and the control socket in a `state_dir`
-//! it checks, creates and keeps ([`state_dir`]: refused when others can write it, recreated
-//! when deleted), turns signals and control requests into [`Event`]s, and runs the
-//! [`Supervisor`], whose decisions act on the world through [`system`] (its `Effects`: workers
-//! exec'd and signalled, snapshots, notices). [`systemd`] reports the supervisor's [`Notice`]s
-//! to the service manager; [`binary_upgrade`] starts a successor and hands everything over
-//! (`host upgrade`); the control socket and the admin listener share one [`accept_loop`].
+//! The master process: binds each worker group's listening socket once (or takes them from
+//! systemd, or from the master it replaces at `host upgrade`; a group's supervisor re-arms that
+//! same socket if a plugin shuts it down), raises the open-files limit the workers inherit
+//! ([`limits`]), is the subreaper of everything the workers start ([`orphans`]: ended when their
+//! worker is gone, and before `stop` reports stopped), owns the pidfile and the control socket
+//! in a `state_dir` it checks, creates and keeps ([`state_dir`]: refused when others can write
+//! it, recreated when deleted), turns signals and control requests into [`Event`]s, and runs one
+//! [`Supervisor`] per group, which [`groups`] routes those events to. [`systemd`] reports the
+//! groups' [`Notice`]s to the service manager; [`binary_upgrade`] starts a successor and hands
+//! everything over (`host upgrade`). Each supervisor's decisions act on the world through its
+//! [`system`] (its `Effects`: workers exec'd and signalled, snapshots, notices); the control
+//! socket and the admin listener share one [`accept_loop`].
 //!
 //! This is the only part of the host that talks to the outside world besides the workers' HTTP.
 //! It never loads plugin code and never serves HTTP itself. It runs on a single-threaded runtime
@@ -20,6 +21,7 @@ pub mod admin;
 pub(crate) mod binary_upgrade;
 pub mod build;
 pub mod control;
+pub(crate) mod groups;
 pub mod limits;
 pub(crate) mod orphans;
 pub mod pidfile;
@@ -132,9 +134,14 @@ fn forward_signal(
 }
 
 /// Runs the master until it is stopped (or has handed over to a new master after `host
-/// upgrade`). `start_notify`, when given, receives one line once the first generation serves (or
-/// why it could not): `host start -d` waits on it.
-pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), MasterError> {
+/// upgrade`). `groups` are the config file's worker groups (at least one; the first one's
+/// master-wide keys are the master's). `start_notify`, when given, receives one line once
+/// every group's first generation serves (or why one could not): `host start -d` waits on it.
+pub fn run(groups: Vec<Config>, start_notify: Option<std::fs::File>) -> Result<(), MasterError> {
+    let cfg = groups
+        .first()
+        .cloned()
+        .ok_or_else(|| MasterError::Failed("no worker group".into()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -147,7 +154,7 @@ pub fn run(cfg: Config, start_notify: Option<std::fs::File>) -> Result<(), Maste
             None => Some(PidFile::acquire(&cfg.pid_file())?),
             Some(_) => None,
         };
-        let result = serve(cfg.clone(), handover, pidfile.as_ref(), start_notify).await;
+        let result = serve(groups, handover, pidfile.as_ref(), start_notify).await;
         let (result, adopted) = match result {
             Ok((exit, adopted)) => (Ok(exit), adopted),
             Err(e) => (Err(e), None),
@@ -183,10 +190,64 @@ enum ControlSocket {
     AfterTakeOver(binary_upgrade::Successor),
 }
 
+/// The listeners a master started by `host upgrade` inherited: the old master's first group's
+/// (named, unless the old master had no groups) and the others', by group name.
+struct Inherited {
+    lead: TcpListener,
+    lead_name: Option<String>,
+    others: Vec<(String, TcpListener)>,
+}
+
+/// Each group's listening socket: inherited from the master `host upgrade` replaces (by group
+/// name), passed by systemd (by `LISTEN_FDNAMES`), or bound here. Returns them in `groups`'
+/// order, and whether they came from systemd.
+fn listeners(
+    groups: &[Config],
+    handover: Option<Inherited>,
+) -> Result<(Vec<TcpListener>, bool), MasterError> {
+    if let Some(Inherited {
+        lead,
+        lead_name,
+        mut others,
+    }) = handover
+    {
+        // A master of before groups passes one listener, its one group's.
+        let lead_name = lead_name.unwrap_or_else(|| groups[0].group.clone());
+        let mut lead = Some(lead);
+        let mut out = Vec::new();
+        for g in groups {
+            let inherited = match g.group == lead_name {
+                true => lead.take(),
+                false => others
+                    .iter()
+                    .position(|(name, _)| *name == g.group)
+                    .map(|i| others.swap_remove(i).1),
+            };
+            out.push(match inherited {
+                Some(l) => l,
+                None => bind_listener(g)?,
+            });
+        }
+        for (name, _) in &others {
+            tracing::warn!(group = %name, "the old master's group is not in the config: its listener is closed");
+        }
+        return Ok((out, false));
+    }
+    let names: Vec<&str> = groups.iter().map(|g| g.group.as_str()).collect();
+    if let Some(listeners) = systemd::activated_listeners(&names)? {
+        tracing::info!("serving on the sockets systemd passed (LISTEN_FDS)");
+        return Ok((listeners, true));
+    }
+    Ok((
+        groups.iter().map(bind_listener).collect::<Result<_, _>>()?,
+        false,
+    ))
+}
+
 /// Everything between taking the pidfile and releasing it. Returns how the run ended and, for
 /// a master started by `host upgrade`, the pidfile it adopted.
 async fn serve(
-    cfg: Config,
+    groups: Vec<Config>,
     handover: Option<binary_upgrade::Handover>,
     pidfile: Option<&PidFile>,
     start_notify: Option<std::fs::File>,
@@ -198,47 +259,51 @@ async fn serve(
         (None, None) => Err(std::io::Error::other("no pidfile")),
     };
     let upgraded = handover.is_some();
-    let mut activated = false;
-    let (listener, control) = match handover {
-        Some(h) => (h.listener, ControlSocket::AfterTakeOver(h.successor)),
-        None => {
-            let control = control::bind(&cfg.control_socket())?;
-            let listener = match systemd::activated_listener()? {
-                Some(listener) => {
-                    tracing::info!("serving on the socket systemd passed (LISTEN_FDS)");
-                    activated = true;
-                    listener
-                }
-                None => bind_listener(&cfg)?,
-            };
-            (listener, ControlSocket::Bound(control))
-        }
+    let (inherited, control) = match handover {
+        Some(h) => (
+            Some(Inherited {
+                lead: h.listener,
+                lead_name: h.lead,
+                others: h.others,
+            }),
+            ControlSocket::AfterTakeOver(h.successor),
+        ),
+        None => (
+            None,
+            ControlSocket::Bound(control::bind(&groups[0].control_socket())?),
+        ),
     };
+    let (listeners, activated) = listeners(&groups, inherited)?;
     // With port 0 the kernel picks one: report the real address from here on.
-    let mut cfg = cfg;
-    let configured = cfg.listen;
-    cfg.listen = listener
-        .local_addr()
-        .map_err(|source| MasterError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
-    if configured.port() != 0 && configured != cfg.listen {
-        tracing::warn!(
-            configured = %configured,
-            serving = %cfg.listen,
-            "serving on an inherited socket, not on `listen`"
+    let mut groups = groups;
+    for (cfg, listener) in groups.iter_mut().zip(&listeners) {
+        let configured = cfg.listen;
+        cfg.listen = listener
+            .local_addr()
+            .map_err(|source| MasterError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        if configured.port() != 0 && configured != cfg.listen {
+            tracing::warn!(
+                group = %cfg.group,
+                configured = %configured,
+                serving = %cfg.listen,
+                "serving on an inherited socket, not on `listen`"
+            );
+        }
+        tracing::info!(
+            group = %cfg.group,
+            listen = %cfg.listen,
+            workers = cfg.workers,
+            plugin = %cfg.plugin.display(),
+            config = %cfg.file.display(),
+            version = crate::worker::HOST_VERSION,
+            build = crate::worker::HOST_BUILD,
+            "master starting"
         );
     }
-    tracing::info!(
-        listen = %cfg.listen,
-        workers = cfg.workers,
-        plugin = %cfg.plugin.display(),
-        config = %cfg.file.display(),
-        version = crate::worker::HOST_VERSION,
-        build = crate::worker::HOST_BUILD,
-        "master starting"
-    );
+    let mut cfg = groups[0].clone();
     // Before any worker is spawned: workers inherit the raised limit, and whatever they start
     // is reparented to this process when they exit (see `orphans`).
     limits::raise_nofile().log();
@@ -281,8 +346,12 @@ async fn serve(
             }
         });
     }
-    if cfg.watch {
-        watch::spawn(&cfg, events.clone())?;
+    // Each group's own channel: its workers, snapshots and watcher talk to its supervisor alone.
+    let channels: Vec<_> = groups.iter().map(|_| mpsc::unbounded_channel()).collect();
+    for (g, (tx, _)) in groups.iter().zip(&channels) {
+        if g.watch && g.reloadable {
+            watch::spawn(g, tx.clone())?;
+        }
     }
     // The admin listener (before any worker is spawned; it is close-on-exec anyway). A master
     // started by `host upgrade` binds it once the old master let go of it, at the hand-over.
@@ -317,16 +386,51 @@ async fn serve(
         shutdown_rx,
         admin_shutdown,
     ));
-    let mut system = system::System::new(cfg.clone(), events, start_notify).with_notices(notices);
-    match pidfile_fd {
-        Ok(fd) => system = system.with_launcher(binary_upgrade::Launcher::capture(fd)),
-        Err(e) => {
-            tracing::warn!(error = %e, "`host upgrade` is unavailable: cannot duplicate the pidfile")
+    let mut launcher = match pidfile_fd {
+        Ok(fd) => {
+            let others = groups
+                .iter()
+                .zip(&listeners)
+                .skip(1)
+                .map(|(g, l)| Ok((g.group.clone(), l.try_clone()?)))
+                .collect::<std::io::Result<Vec<_>>>();
+            match others {
+                Ok(others) => Some(
+                    binary_upgrade::Launcher::capture(fd).with_groups(&groups[0].group, others),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "`host upgrade` is unavailable: cannot duplicate a listener");
+                    None
+                }
+            }
         }
+        Err(e) => {
+            tracing::warn!(error = %e, "`host upgrade` is unavailable: cannot duplicate the pidfile");
+            None
+        }
+    };
+    let mut prepared = Vec::new();
+    for ((mut g, listener), (tx, rx)) in groups.into_iter().zip(listeners).zip(channels) {
+        g.admin_listen = cfg.admin_listen;
+        let g = Arc::new(g);
+        // Each group's notices reach the group layer, which folds them into the master's.
+        let (notice_tx, notice_rx) = mpsc::unbounded_channel();
+        let mut system = system::System::new(g.clone(), tx.clone(), None).with_notices(notice_tx);
+        // The first group is the lead: `host upgrade` is its, with every group's listener.
+        if let Some(launcher) = launcher.take() {
+            system = system.with_launcher(launcher);
+        }
+        let supervisor = Supervisor::new(g.clone(), listener, Box::new(system))
+            .with_activated_listener(activated);
+        prepared.push(groups::Prepared {
+            cfg: g,
+            supervisor,
+            events: tx,
+            rx,
+            notices: notice_rx,
+        });
     }
-    let supervisor =
-        Supervisor::new(cfg.clone(), listener, Box::new(system)).with_activated_listener(activated);
-    let outcome = supervisor.run(rx).await;
+    let outcome = groups::run(prepared, rx, Some(notices), start_notify).await;
     let _ = control_shutdown.send(());
     let adopted = side.await.ok().flatten();
     if let Some(task) = admin_task {

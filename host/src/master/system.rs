@@ -129,10 +129,14 @@ impl Effects for System {
         if std::env::var_os("GLIBC_TUNABLES").is_none() {
             cmd.env("GLIBC_TUNABLES", WORKER_MALLOC_TUNABLES);
         }
-        for var in super::systemd::MASTER_ONLY_ENV
-            .iter()
-            .chain(&[super::binary_upgrade::FROM_ENV, crate::START_NOTIFY_ENV])
-        {
+        if self.cfg.explicit_group {
+            cmd.env(crate::logging::GROUP_ENV, &self.cfg.group);
+        }
+        for var in super::systemd::MASTER_ONLY_ENV.iter().chain(&[
+            super::binary_upgrade::FROM_ENV,
+            super::binary_upgrade::GROUPS_ENV,
+            crate::START_NOTIFY_ENV,
+        ]) {
             cmd.env_remove(var);
         }
         cmd.fd_mappings(

@@ -5,8 +5,9 @@
 //! `READY=1`, around a reload, as `Type=notify-reload` expects; `STOPPING=1`; `MAINPID=` when an
 //! upgrade hands over; a readable `STATUS=` with each) and pings `WATCHDOG=1` every half of
 //! `WATCHDOG_USEC` while this master is the service's main process. Without `NOTIFY_SOCKET` it
-//! does nothing. [`activated_listener`] takes the listening socket systemd passed
-//! (`LISTEN_FDS`/`LISTEN_PID`, fd 3) instead of binding one.
+//! does nothing. [`activated_listeners`] takes the listening sockets systemd passed
+//! (`LISTEN_FDS`/`LISTEN_PID`, from fd 3; one per worker group, by `LISTEN_FDNAMES`) instead of
+//! binding them.
 //!
 //! This module never decides anything: it reports what the supervisor did, and hands the master
 //! a socket. It never sends a notification on another process's behalf except `MAINPID=` for the
@@ -138,22 +139,63 @@ pub enum ActivationError {
     Count(usize),
     #[error(transparent)]
     NotInherited(#[from] crate::fd::NotInherited),
-    #[error("the socket passed on fd 3 (LISTEN_FDS) is not a listening TCP socket: {0}")]
-    NotListening(String),
+    #[error("the socket passed on fd {fd} (LISTEN_FDS) is not a listening TCP socket: {what}")]
+    NotListening { fd: i32, what: String },
+    #[error(
+        "no socket named {group:?} for group {group:?} (LISTEN_FDNAMES={names:?}): with several groups, each `.socket` unit sets FileDescriptorName= to its group's name"
+    )]
+    Unnamed { group: String, names: String },
 }
 
-/// The listening socket systemd passed (`LISTEN_FDS=1`, `LISTEN_PID` = this process), checked
-/// to be a listening TCP socket; `None` when there is none for this process.
-pub(crate) fn activated_listener() -> Result<Option<TcpListener>, ActivationError> {
+/// The listening sockets systemd passed (`LISTEN_FDS`, `LISTEN_PID` = this process), one per
+/// worker group in `groups`' order, each checked to be a listening TCP socket; `None` when
+/// there are none for this process. One group takes the one socket whatever its name; several
+/// take the sockets named after them (`LISTEN_FDNAMES`, from each `.socket` unit's
+/// `FileDescriptorName=`), and a passed socket no group is named for is closed.
+pub(crate) fn activated_listeners(
+    groups: &[&str],
+) -> Result<Option<Vec<TcpListener>>, ActivationError> {
     let fds = sd_notify::listen_fds().map_err(ActivationError::Env)?;
-    match fds.len() {
-        0 => return Ok(None),
-        1 => {}
-        n => return Err(ActivationError::Count(n)),
+    let count = fds.len();
+    if count == 0 {
+        return Ok(None);
     }
-    let fd = crate::fd::take_inherited(crate::fd::LISTENER_FD, "socket from LISTEN_FDS")?;
-    let socket = Socket::from(fd);
-    let bad = |what: String| ActivationError::NotListening(what);
+    if groups.len() == 1 {
+        if count != 1 {
+            return Err(ActivationError::Count(count));
+        }
+        return Ok(Some(vec![checked(crate::fd::LISTENER_FD)?]));
+    }
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|v| v.split(':').map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut listeners = Vec::new();
+    for group in groups {
+        let Some(i) = names.iter().position(|n| n == group) else {
+            return Err(ActivationError::Unnamed {
+                group: group.to_string(),
+                names: names.join(":"),
+            });
+        };
+        listeners.push(checked(crate::fd::LISTENER_FD + i as i32)?);
+    }
+    for (i, name) in names.iter().enumerate().take(count) {
+        if !groups.contains(&name.as_str()) {
+            tracing::warn!(name = %name, "socket activation: no group is named for this socket; closing it");
+            drop(crate::fd::take_inherited(
+                crate::fd::LISTENER_FD + i as i32,
+                "socket from LISTEN_FDS",
+            ));
+        }
+    }
+    Ok(Some(listeners))
+}
+
+/// The passed socket on `fd`, checked to be a listening TCP socket.
+fn checked(fd: i32) -> Result<TcpListener, ActivationError> {
+    let owned = crate::fd::take_inherited(fd, "socket from LISTEN_FDS")?;
+    let socket = Socket::from(owned);
+    let bad = |what: String| ActivationError::NotListening { fd, what };
     match socket.domain() {
         Ok(d) if d == Domain::IPV4 || d == Domain::IPV6 => {}
         Ok(d) => return Err(bad(format!("domain {d:?}"))),
@@ -169,5 +211,5 @@ pub(crate) fn activated_listener() -> Result<Option<TcpListener>, ActivationErro
         Ok(false) => return Err(bad("listen() was not called on it".into())),
         Err(e) => return Err(bad(e.to_string())),
     }
-    Ok(Some(socket.into()))
+    Ok(socket.into())
 }

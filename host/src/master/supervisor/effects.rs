@@ -42,7 +42,7 @@ pub(crate) struct WorkerLaunch<'a> {
 }
 
 /// What the supervisor's transitions do to the world. See the module doc.
-pub(crate) trait Effects {
+pub(crate) trait Effects: Send {
     /// Starts a worker process; its messages come back as `Event::Worker` and its exit as
     /// `Event::Exited`, both with `worker.id`. Returns its pid.
     fn spawn_worker(&mut self, worker: WorkerLaunch<'_>) -> std::io::Result<u32>;

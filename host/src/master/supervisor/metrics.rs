@@ -79,11 +79,18 @@ pub(crate) struct MetricsReport {
     /// SIGKILL.
     pub orphans_ended: u64,
     pub orphans_killed: u64,
+    /// The worker group this is (set by the master's group layer; empty: no `group` label).
+    pub group: String,
+    /// The other groups' reports: one exposition covers every group, each series labelled with
+    /// its `group`.
+    pub more: Vec<MetricsReport>,
 }
 
 /// One generation's requests, summed over its live workers and the ones that exited.
 #[derive(Debug, Default)]
 pub(crate) struct GenerationMetrics {
+    /// Its worker group (empty: no `group` label).
+    pub group: String,
     /// The generation number, or `older` for the sum of generations too old to keep apart.
     pub generation: String,
     pub plugin: String,
@@ -360,6 +367,7 @@ impl Supervisor {
                     totals: totals.clone(),
                     workers: Vec::new(),
                     plugin_series: m.plugin_exited.get(number).cloned().unwrap_or_default(),
+                    ..GenerationMetrics::default()
                 },
             );
         }
@@ -464,6 +472,7 @@ impl Supervisor {
             listener_recoveries: self.listener_health.recoveries,
             orphans_ended: self.fx.orphans_ended().0,
             orphans_killed: self.fx.orphans_ended().1,
+            ..MetricsReport::default()
         }
     }
 }

@@ -480,6 +480,19 @@ impl Supervisor {
             }
             Event::ChildSignal => self.sweep_orphans(),
             Event::Control { request, reply } => match request {
+                // A group that is not reloadable keeps its workers until `restart` or `upgrade`.
+                ControlRequest::Reload | ControlRequest::ReloadWith(_) if !self.cfg.reloadable => {
+                    let _ = reply.send(ControlResponse::Refused {
+                        reason: format!(
+                            "group {:?} is not reloadable (reloadable = false): `host restart` or `host upgrade` replaces its workers",
+                            self.cfg.group
+                        ),
+                    });
+                }
+                ControlRequest::Group { request, .. } => self.handle(Event::Control {
+                    request: *request,
+                    reply,
+                }),
                 ControlRequest::Reload => self.request_rollout(RolloutKind::Reload, Some(reply)),
                 ControlRequest::ReloadWith(flags) => {
                     // The flags of the latest request apply to the next reload; a refused
@@ -506,10 +519,17 @@ impl Supervisor {
                 self.request_upgrade(None);
             }
             Event::Upgraded(outcome) => self.on_upgraded(outcome),
+            Event::Signal(SignalAction::Reload(name)) if !self.cfg.reloadable => {
+                tracing::info!(
+                    signal = name,
+                    "reload by signal skips this group (reloadable = false)"
+                );
+            }
             Event::Signal(SignalAction::Reload(name)) => {
                 tracing::info!(signal = name, "reload requested by signal");
                 self.request_rollout(RolloutKind::Reload, None);
             }
+            Event::PluginChanged if !self.cfg.reloadable => {}
             Event::PluginChanged => self.request_rollout(RolloutKind::Watch, None),
             Event::Built(report) => self.last_build = Some(report),
             Event::SnapshotTaken { ticket, result } => self.on_snapshot(ticket, result),

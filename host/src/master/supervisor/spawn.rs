@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 use super::{Generation, Supervisor, Worker, WorkerId, WorkerLaunch, WorkerState};
-use crate::protocol::{MasterToWorker, WorkerSpec};
+use crate::protocol::MasterToWorker;
 
 /// How long past `graceful_timeout` a draining worker may take to exit on its own before SIGKILL.
 pub(super) const KILL_MARGIN: Duration = Duration::from_secs(2);
@@ -131,37 +131,20 @@ impl Supervisor {
                 (n + j, j)
             }
         };
-        let spec = WorkerSpec {
+        let spec = self.cfg.worker_spec(crate::config::WorkerStart {
             slot,
             generation: generation.number,
             plugin: generation.snapshot.path.clone(),
             plugin_sha256: generation.snapshot.sha256.clone(),
-            graceful_timeout_ms: self.cfg.graceful_timeout.as_millis() as u64,
-            idle_grace_ms: self.cfg.idle_grace.as_millis() as u64,
-            max_body_bytes: self.cfg.max_body_bytes,
-            body_read_timeout_ms: self.cfg.body_read_timeout.as_millis() as u64,
-            header_read_timeout_ms: self.cfg.header_read_timeout.as_millis() as u64,
-            max_headers: self.cfg.max_headers,
-            max_header_bytes: self.cfg.max_header_bytes,
-            max_requests,
-            max_requests_jitter,
-            heartbeat_ms: self.cfg.heartbeat_interval().as_millis() as u64,
-            keepalive_timeout_ms: self.cfg.keepalive_timeout.as_millis() as u64,
-            send_timeout_ms: self.cfg.send_timeout.as_millis() as u64,
-            max_connections: self.cfg.max_connections.unwrap_or(0),
-            http2_max_streams: self.cfg.http2_max_streams,
-            http2_send_buffer: self.cfg.http2_send_buffer,
+            plugin_config: &generation.config,
             accept_cell,
             accept_cells: self
                 .accept_table
                 .as_ref()
                 .map_or(0, |(t, _)| t.len() as u32),
-            accept_balance: self.cfg.accept_balance,
-            plugin_config: generation.config.json.to_string(),
-            config_dir: self.cfg.config_dir().to_string_lossy().into_owned(),
-            pool: self.cfg.blocking_pool(),
-            access_log: self.cfg.access_log.clone(),
-        };
+            max_requests,
+            max_requests_jitter,
+        });
         self.fx.send(id, MasterToWorker::Start(spec));
         tracing::debug!(pid, slot, generation = generation.number, "worker spawned");
         self.workers.insert(

@@ -90,6 +90,10 @@ impl Supervisor {
             listener: self.listener_status(),
             canary: self.canary_status(),
             last_verdict: self.last_verdict.clone(),
+            group: self.cfg.group.clone(),
+            reloadable: self.cfg.reloadable,
+            rolling_out: self.rollout.is_some() || self.snapshotting.is_some(),
+            groups: Vec::new(),
         };
         let _ = reply.send(ControlResponse::Status(Box::new(report)));
     }

@@ -4,13 +4,12 @@
 //! [`Supervisor::on_timer`] at a deadline); each test asserts the exact effects, in order (what
 //! was spawned, told to drain, killed, noticed), and what the callers were answered.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -52,17 +51,17 @@ struct World {
 
 /// The fake [`Effects`]: records, and does nothing.
 #[derive(Clone, Default)]
-struct Fake(Rc<RefCell<World>>);
+struct Fake(Arc<Mutex<World>>);
 
 impl Fake {
     fn pid(&self, id: WorkerId) -> u32 {
-        self.0.borrow().pids[&id]
+        self.0.lock().unwrap().pids[&id]
     }
 }
 
 impl Effects for Fake {
     fn spawn_worker(&mut self, w: WorkerLaunch<'_>) -> std::io::Result<u32> {
-        let mut world = self.0.borrow_mut();
+        let mut world = self.0.lock().unwrap();
         let pid = 100 + world.next_pid;
         world.next_pid += 1;
         world.pids.insert(w.id, pid);
@@ -76,7 +75,7 @@ impl Effects for Fake {
 
     fn send(&mut self, id: WorkerId, order: MasterToWorker) -> bool {
         let pid = self.pid(id);
-        let mut world = self.0.borrow_mut();
+        let mut world = self.0.lock().unwrap();
         match order {
             MasterToWorker::Start(spec) => {
                 assert_eq!(
@@ -98,13 +97,13 @@ impl Effects for Fake {
 
     fn kill(&mut self, id: WorkerId) {
         let pid = self.pid(id);
-        self.0.borrow_mut().did.push(Did::Kill(pid));
+        self.0.lock().unwrap().did.push(Did::Kill(pid));
     }
 
     fn reaped(&mut self, _: WorkerId) {}
 
     fn take_snapshot(&mut self, ticket: u64, _: SnapshotSource, _: Arc<AtomicBool>) {
-        self.0.borrow_mut().did.push(Did::Snapshot(ticket));
+        self.0.lock().unwrap().did.push(Did::Snapshot(ticket));
     }
 
     fn prune_snapshots(&mut self, _: &HashSet<PathBuf>) {}
@@ -119,11 +118,15 @@ impl Effects for Fake {
             Notice::Status(_) => "status",
             Notice::HandedOver { .. } => "handed_over",
         };
-        self.0.borrow_mut().did.push(Did::Notice(kind));
+        self.0.lock().unwrap().did.push(Did::Notice(kind));
     }
 
     fn started(&mut self, line: &str) {
-        self.0.borrow_mut().did.push(Did::Started(line.to_string()));
+        self.0
+            .lock()
+            .unwrap()
+            .did
+            .push(Did::Started(line.to_string()));
     }
 
     fn successor_exe(&self) -> Option<String> {
@@ -207,11 +210,11 @@ impl Test {
 
     /// What the supervisor did since the last call.
     fn did(&self) -> Vec<Did> {
-        std::mem::take(&mut self.fake.0.borrow_mut().did)
+        std::mem::take(&mut self.fake.0.lock().unwrap().did)
     }
 
     fn id(&self, pid: u32) -> WorkerId {
-        let world = self.fake.0.borrow();
+        let world = self.fake.0.lock().unwrap();
         *world
             .pids
             .iter()
