@@ -275,10 +275,11 @@ fn route(members: &[Member], ev: Event) {
                 let _ = m.events.send(Event::Signal(action));
             }
         }
+        // The master is one subreaper for every group: what workers leave behind is the
+        // master's, so one group (the lead) sweeps it all and counts it once; `stop` answers
+        // once every group stopped, the lead's wait for those orphans included.
         Event::ChildSignal => {
-            for m in members {
-                let _ = m.events.send(Event::ChildSignal);
-            }
+            let _ = lead.events.send(Event::ChildSignal);
         }
         Event::Metrics { reply } => {
             let asks = ask_all(members, |reply| Event::Metrics { reply });
