@@ -149,6 +149,24 @@ pub struct Config {
     /// The canary: new workers a reload starts, then holds for `canary_analysis` while the
     /// master judges them against the old generation on live traffic. 0: no staged rollout.
     pub canary: CanaryConfig,
+    /// `gateway = true`: this group's processes are WebSocket gateways (no plugin), with these
+    /// bounds; `None`: an ordinary plugin group.
+    pub gateway: Option<GatewayConfig>,
+}
+
+/// A gateway group's keys (`gateway = true`, `business`, `gateway_*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// The plugin group whose workers handle the clients' events.
+    pub business: String,
+    /// Most clients one gateway process holds; more are refused before the upgrade.
+    pub max_clients: u64,
+    /// Largest message (and frame) a client may send.
+    pub max_message: u64,
+    /// Most bytes queued for one client.
+    pub send_queue: u64,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
 }
 
 /// What a worker's spec takes from the caller rather than the config (see
@@ -293,6 +311,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 pub const MAX_BODY_BYTES: i64 = 1 << 30;
 /// The largest `max_connections` (per worker).
 pub const MAX_CONNECTIONS: i64 = 1 << 24;
+/// The largest `gateway_max_message` and `gateway_send_queue`: a gateway holds what a client
+/// sends, and what is queued for it, in memory.
+pub const MAX_GATEWAY_MESSAGE: u64 = 64 << 20;
 /// The largest `max_requests` and `max_requests_jitter`: their sum can never overflow.
 pub const MAX_REQUESTS: i64 = 1 << 40;
 /// The shortest `worker_timeout`: workers beat four times per timeout, and a beat every 25 ms is
@@ -461,7 +482,14 @@ impl Config {
         let sections = group_sections(text);
         let top = keys::Reader::new(file, text, &table, &sections)?;
         let Some(groups) = groups else {
-            return Ok(vec![Config::parse_group(&top, DEFAULT_GROUP, false)?]);
+            let only = Config::parse_group(&top, DEFAULT_GROUP, false)?;
+            if only.gateway.is_some() {
+                return Err(top.invalid(
+                    "gateway",
+                    "a gateway is a [[group]] beside its `business` group: write both as [[group]] tables".into(),
+                ));
+            }
+            return Ok(vec![only]);
         };
         let header = |i: usize| sections.get(i).map_or(0, |r| r.start + 1);
         let lines = |i: usize| sections.get(i).cloned().unwrap_or(0..0);
@@ -551,6 +579,32 @@ impl Config {
                 ));
             }
             all.push(config);
+        }
+        for (i, g) in all.iter().enumerate() {
+            let Some(gw) = &g.gateway else { continue };
+            let business = all.iter().find(|b| b.group == gw.business);
+            let problem = match business {
+                None => Some(format!(
+                    "{:?} is not the name of a group in this file",
+                    gw.business
+                )),
+                Some(b) if b.gateway.is_some() => Some(format!(
+                    "{:?} is a gateway group: `business` names a plugin group",
+                    gw.business
+                )),
+                Some(_) => None,
+            };
+            if let Some(message) = problem {
+                let line = match line_in(text, lines(i), "business") {
+                    0 => header(i),
+                    line => line,
+                };
+                return Err(group_error(
+                    line,
+                    format!("group {:?}: business", g.group),
+                    message,
+                ));
+            }
         }
         Ok(all)
     }
@@ -691,6 +745,26 @@ impl Config {
             max_latency_ratio: keys.fraction("canary_max_latency_ratio")?,
             in_watch_mode: keys.boolean("watch_canary")?,
         };
+        let gateway = match keys.boolean("gateway")? {
+            false => None,
+            true => {
+                let business = keys.typed::<String>("business")?.unwrap_or_default();
+                if business.is_empty() {
+                    return Err(keys.invalid(
+                        "gateway",
+                        "needs `business`: the name of the plugin group that handles its clients' events".into(),
+                    ));
+                }
+                Some(GatewayConfig {
+                    business,
+                    max_clients: keys.count("gateway_max_clients")?.unwrap_or(1) as u64,
+                    max_message: keys.size("gateway_max_message")?.unwrap_or_default(),
+                    send_queue: keys.size("gateway_send_queue")?.unwrap_or_default(),
+                    ping_interval: keys.duration("gateway_ping_interval")?,
+                    ping_timeout: keys.duration("gateway_ping_timeout")?,
+                })
+            }
+        };
         if build.is_some() && watch_paths.is_empty() {
             return Err(keys.invalid(
                 "build",
@@ -701,7 +775,9 @@ impl Config {
             file: file.to_path_buf(),
             group: group.to_string(),
             explicit_group,
-            reloadable: keys.boolean("reloadable")?,
+            // A gateway holds the clients through every business reload: only `restart` and
+            // `upgrade` replace it.
+            reloadable: keys.boolean("reloadable")? && gateway.is_none(),
             listen,
             admin_listen,
             workers,
@@ -729,7 +805,7 @@ impl Config {
             http2_send_buffer: keys.size("http2_send_buffer")?.unwrap_or_default() as usize,
             max_headers: keys.usize("max_headers")?,
             max_header_bytes: keys.usize("max_header_bytes")?,
-            watch: keys.boolean("watch")? || build.is_some(),
+            watch: (keys.boolean("watch")? || build.is_some()) && gateway.is_none(),
             watch_debounce: keys.duration("watch_debounce")?,
             build,
             build_dir: base.to_path_buf(),
@@ -749,6 +825,7 @@ impl Config {
             listener_check_interval: keys.duration("listener_check_interval")?,
             orphan_grace: keys.duration("orphan_grace")?,
             canary,
+            gateway,
         })
     }
 
@@ -799,7 +876,23 @@ impl Config {
             config_dir: self.config_dir().to_string_lossy().into_owned(),
             pool: self.blocking_pool(),
             access_log: self.access_log.clone(),
+            gateway: self.gateway.as_ref().map(|g| crate::protocol::GatewaySpec {
+                link_socket: self.gateway_link_socket(worker.slot),
+                max_clients: g.max_clients,
+                max_message: g.max_message as usize,
+                send_queue: g.send_queue as usize,
+                ping_interval_ms: g.ping_interval.as_millis() as u64,
+                ping_timeout_ms: g.ping_timeout.as_millis() as u64,
+            }),
         }
+    }
+
+    /// Where gateway process `slot` of this group takes its business workers' links:
+    /// `state_dir/gateway/<group>-<slot>.sock`.
+    pub fn gateway_link_socket(&self, slot: u32) -> PathBuf {
+        self.state_dir
+            .join("gateway")
+            .join(format!("{}-{slot}.sock", self.group))
     }
 
     pub fn control_socket(&self) -> PathBuf {
@@ -1404,6 +1497,70 @@ mod tests {
             gw.snapshot_dir(),
             Path::new("/srv/app/run/groups/gateway/plugins")
         );
+    }
+
+    #[test]
+    fn a_gateway_group_names_its_business_group_and_is_never_reloadable() {
+        let all = groups(concat!(
+            "[[group]]\n",
+            "name = \"app\"\n",
+            "listen = \"127.0.0.1:8080\"\n",
+            "[[group]]\n",
+            "name = \"gw\"\n",
+            "listen = \"127.0.0.1:8081\"\n",
+            "gateway = true\n",
+            "business = \"app\"\n",
+            "reloadable = true\n",
+            "watch = true\n",
+            "gateway_max_clients = 5\n",
+            "gateway_max_message = \"4KiB\"\n",
+        ))
+        .unwrap();
+        let (app, gw) = (&all[0], &all[1]);
+        assert_eq!(app.gateway, None);
+        assert!(app.reloadable);
+        assert!(
+            !gw.reloadable && !gw.watch,
+            "a gateway is replaced by restart and upgrade only"
+        );
+        let g = gw.gateway.as_ref().unwrap();
+        assert_eq!(
+            (g.business.as_str(), g.max_clients, g.max_message),
+            ("app", 5, 4096)
+        );
+        assert_eq!(
+            (g.ping_interval, g.ping_timeout),
+            (Duration::from_secs(25), Duration::from_secs(10))
+        );
+        assert_eq!(
+            gw.gateway_link_socket(1),
+            Path::new("/srv/app/.host/gateway/gw-1.sock")
+        );
+
+        let two = |gw: &str| {
+            format!(
+                "[[group]]\nname = \"app\"\nlisten = \"127.0.0.1:9000\"\n[[group]]\nname = \"gw\"\ngateway = true\n{gw}"
+            )
+        };
+        for (text, expected) in [
+            (two(""), ":6: group \"gw\": gateway: needs `business`"),
+            (
+                two("business = \"nope\"\n"),
+                ":7: group \"gw\": business: \"nope\" is not the name of a group",
+            ),
+            (
+                two("business = \"gw\"\n"),
+                ":7: group \"gw\": business: \"gw\" is a gateway group",
+            ),
+            (
+                "gateway = true\nbusiness = \"x\"\n".to_string(),
+                ":1: gateway: a gateway is a [[group]] beside its `business` group",
+            ),
+        ] {
+            let e = groups(&text).unwrap_err().to_string();
+            assert!(e.contains(expected), "{text}\n{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 
     #[test]

@@ -66,6 +66,12 @@ pub enum Limit {
     /// An access log line dropped: its queue was full (the disk slower than the requests) or
     /// the write failed (a full disk).
     AccessLogDropped,
+    /// A gateway client's upgrade refused (`503`) at `gateway_max_clients`.
+    GatewayClients,
+    /// A gateway client closed (`1009`) for a message over `gateway_max_message`.
+    GatewayMessage,
+    /// A gateway client disconnected for answering no ping within `gateway_ping_timeout`.
+    GatewayPingTimeout,
 }
 
 /// How many [`Limit`] slots a cell has (room for more variants without a layout change).
@@ -73,7 +79,7 @@ pub const LIMITS: usize = 16;
 
 impl Limit {
     /// Every variant, in index order.
-    pub const ALL: [Limit; 12] = [
+    pub const ALL: [Limit; 15] = [
         Limit::PoolQueueFull,
         Limit::PoolAbandoned,
         Limit::Connections,
@@ -86,6 +92,9 @@ impl Limit {
         Limit::BodyReadTimeout,
         Limit::PluginSeries,
         Limit::AccessLogDropped,
+        Limit::GatewayClients,
+        Limit::GatewayMessage,
+        Limit::GatewayPingTimeout,
     ];
 
     /// The `limit` label in `/metrics`.
@@ -103,6 +112,9 @@ impl Limit {
             Limit::BodyReadTimeout => "body_read_timeout",
             Limit::PluginSeries => "plugin_series",
             Limit::AccessLogDropped => "access_log_dropped",
+            Limit::GatewayClients => "gateway_max_clients",
+            Limit::GatewayMessage => "gateway_max_message",
+            Limit::GatewayPingTimeout => "gateway_ping_timeout",
         }
     }
 }

@@ -80,6 +80,7 @@ mod cli;
 mod config;
 mod counters;
 mod fd;
+mod gateway;
 mod logging;
 mod master;
 mod plugin_metrics;
@@ -194,6 +195,20 @@ enum Command {
         #[arg(long)]
         master_pid: u32,
         /// CLOCK_MONOTONIC (ns) when the master spawned it, for the startup timings.
+        #[arg(long, default_value_t = 0)]
+        spawned_at_ns: u64,
+        #[arg(long, default_value = "text", value_parser = parse_log_format)]
+        log_format: LogFormat,
+    },
+    /// A gateway group's process: holds WebSocket clients, loads no plugin.
+    #[command(name = "__gateway", hide = true)]
+    Gateway {
+        #[arg(long)]
+        slot: u32,
+        #[arg(long)]
+        generation: u64,
+        #[arg(long)]
+        master_pid: u32,
         #[arg(long, default_value_t = 0)]
         spawned_at_ns: u64,
         #[arg(long, default_value = "text", value_parser = parse_log_format)]
@@ -320,7 +335,10 @@ fn default_timeout(cfg: &Config, command: &Command) -> Duration {
             .start_timeout
             .checked_mul(workers)
             .and_then(|d| d.checked_add(margin)),
-        Command::Check { .. } | Command::Worker { .. } | Command::CheckPlugin { .. } => None,
+        Command::Check { .. }
+        | Command::Worker { .. }
+        | Command::Gateway { .. }
+        | Command::CheckPlugin { .. } => None,
     };
     d.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT)
 }
@@ -347,6 +365,13 @@ fn main() -> ExitCode {
             spawned_at_ns,
             log_format,
         } => return worker::run(slot, generation, master_pid, spawned_at_ns, log_format),
+        Command::Gateway {
+            slot,
+            generation,
+            master_pid,
+            spawned_at_ns,
+            log_format,
+        } => return gateway::run(slot, generation, master_pid, spawned_at_ns, log_format),
         Command::CheckPlugin { log_format } => return worker::trial::run(log_format),
         _ => {}
     }
@@ -385,6 +410,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 verbose,
             };
             for cfg in &groups {
+                if let Some(gw) = &cfg.gateway {
+                    println!(
+                        "ok: {}, group {}: a gateway (the host's own code) for group {}",
+                        cfg.file.display(),
+                        cfg.group,
+                        gw.business
+                    );
+                    continue;
+                }
                 let ok = check::run(cfg, &options).map_err(|e| match cfg.explicit_group {
                     true => anyhow::anyhow!("group {:?}: {e}", cfg.group),
                     false => e.into(),
@@ -471,6 +505,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json } => cli::status(&cfg, json, timeout),
         Command::Upgrade => cli::upgrade(&cfg, timeout),
-        Command::Worker { .. } | Command::CheckPlugin { .. } => unreachable!("handled in main"),
+        Command::Worker { .. } | Command::Gateway { .. } | Command::CheckPlugin { .. } => {
+            unreachable!("handled in main")
+        }
     }
 }

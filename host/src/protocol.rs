@@ -85,6 +85,24 @@ pub struct WorkerSpec {
     /// Where to append the access log (`access_log`); `None`: no access log.
     #[serde(default)]
     pub access_log: Option<PathBuf>,
+    /// A gateway process's bounds and link socket (`__gateway`); `None`: a plugin worker.
+    #[serde(default)]
+    pub gateway: Option<GatewaySpec>,
+}
+
+/// What a gateway process (`gateway = true`) needs beyond a worker's spec.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GatewaySpec {
+    /// The Unix socket its business workers connect to.
+    pub link_socket: PathBuf,
+    /// Most clients held; more get `503` before the upgrade.
+    pub max_clients: u64,
+    /// Largest message (and frame) a client may send.
+    pub max_message: usize,
+    /// Most bytes queued for one client.
+    pub send_queue: usize,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
 }
 
 /// The blocking pool's bounds (`blocking_threads`, `blocking_queue`,
@@ -407,6 +425,7 @@ mod tests {
             config_dir: "/srv/app".into(),
             pool: PoolSpec::default(),
             access_log: None,
+            gateway: None,
         };
         tx.send(&MasterToWorker::Start(spec)).await.unwrap();
         match rx.recv().await.unwrap() {

@@ -9,6 +9,7 @@
 
 pub mod build;
 pub mod clients;
+pub mod gateway;
 pub mod groups;
 pub mod host;
 pub mod load;

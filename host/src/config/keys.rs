@@ -13,8 +13,8 @@ use serde::de::DeserializeOwned;
 
 use super::{
     ByteSize, ConfigError, MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_DRAIN, MAX_DRAINING_WORKERS,
-    MAX_POOL_QUEUE, MAX_POOL_THREADS, MAX_REQUESTS, MAX_SLOW_PATHS, MAX_WAIT, MIN_DURATION,
-    MIN_WORKER_TIMEOUT,
+    MAX_GATEWAY_MESSAGE, MAX_POOL_QUEUE, MAX_POOL_THREADS, MAX_REQUESTS, MAX_SLOW_PATHS, MAX_WAIT,
+    MIN_DURATION, MIN_WORKER_TIMEOUT,
 };
 
 /// Where a key may be written.
@@ -165,6 +165,61 @@ pub const KEYS: &[Key] = &[
         Kind::Bool,
         Toml("true"),
         "whether `host reload`, `SIGHUP` and the watcher replace this group's workers; `false`: only `host restart` and `host upgrade` do (see [Groups](groups.md))",
+    ),
+    key(
+        "gateway",
+        Group,
+        Kind::Bool,
+        Toml("false"),
+        "this group's processes are WebSocket gateways (the frozen host binary, no plugin): they hold the clients and pass their events to the `business` group's workers; forces `reloadable = false` (see [the gateway design](design/gateway.md))",
+    ),
+    key(
+        "business",
+        Group,
+        Kind::Text,
+        Unset("none; required with `gateway = true`"),
+        "with `gateway = true`: the name of the plugin group whose workers handle this gateway's client events",
+    ),
+    key(
+        "gateway_max_clients",
+        Group,
+        count(1, MAX_CONNECTIONS),
+        Toml("10000"),
+        "most WebSocket clients one gateway process holds; past it a client's upgrade is answered `503` before the handshake completes",
+    ),
+    key(
+        "gateway_max_message",
+        Group,
+        Kind::Size {
+            min: 125,
+            max: MAX_GATEWAY_MESSAGE,
+        },
+        Toml("\"64KiB\""),
+        "largest WebSocket message (and frame) a client may send; a larger one closes the client with `1009`",
+    ),
+    key(
+        "gateway_send_queue",
+        Group,
+        Kind::Size {
+            min: 1024,
+            max: MAX_GATEWAY_MESSAGE,
+        },
+        Toml("\"1MiB\""),
+        "most bytes queued for one client that reads too slowly; past it the client is closed with `1008`, and the others are not slowed",
+    ),
+    key(
+        "gateway_ping_interval",
+        Group,
+        wait(MAX_WAIT),
+        Toml("\"25s\""),
+        "how often a gateway pings a client that sent nothing",
+    ),
+    key(
+        "gateway_ping_timeout",
+        Group,
+        wait(MAX_WAIT),
+        Toml("\"10s\""),
+        "a client that answers no ping (and sends nothing) within this is disconnected",
     ),
     key(
         "state_dir",

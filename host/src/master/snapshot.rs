@@ -45,6 +45,19 @@ pub struct Snapshot {
     pub taken: Taken,
 }
 
+impl Snapshot {
+    /// What a gateway group's generations run instead of a plugin: the host binary itself, so
+    /// no file (an empty path) and a sha256 of zeros.
+    pub fn gateway() -> Snapshot {
+        Snapshot {
+            path: PathBuf::new(),
+            sha256: "0".repeat(64),
+            size: 0,
+            taken: Taken::Unchanged,
+        }
+    }
+}
+
 /// How [`take`] came by a snapshot: the work it did, from none to all of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Taken {

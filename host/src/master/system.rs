@@ -1,5 +1,5 @@
 //! What the supervisor's decisions do to the real system: the master's [`Effects`]. It execs
-//! workers (this binary as `__worker`, with the listener, a fresh channel and the worker table)
+//! workers (this binary as `__worker`, or `__gateway` in a gateway group, with the listener, a fresh channel and the worker table)
 //! and wires their messages and exits into [`Event`]s, sends them orders, kills them, takes
 //! snapshots on a thread of their own, prunes snapshot files, passes [`Notice`]s on, writes `host
 //! start -d`'s line, starts and abandons the new master of `host upgrade`, ends what workers
@@ -115,7 +115,10 @@ impl Effects for System {
         let table_fd = w.table.map(|fd| fd.try_clone()).transpose()?;
         let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "host".into()))
-            .arg("__worker")
+            .arg(match self.cfg.gateway {
+                Some(_) => "__gateway",
+                None => "__worker",
+            })
             .args(["--slot", &w.slot.to_string()])
             .args(["--generation", &w.generation.to_string()])
             .args(["--master-pid", &std::process::id().to_string()])

@@ -64,7 +64,7 @@ mod request;
 mod send_timeout;
 mod shared;
 mod slow_paths;
-mod startup;
+pub(crate) mod startup;
 mod thread_clock;
 pub mod trial;
 

@@ -22,11 +22,11 @@ use crate::protocol::{MasterToWorker, Receiver, Sender, WorkerSpec, WorkerToMast
 use crate::worker_table::{TABLE_FD, WorkerTable};
 
 /// The worker's end of its channel, towards the master (or `host check`).
-pub(super) type ToMaster = Sender<OwnedWriteHalf, WorkerToMaster>;
+pub(crate) type ToMaster = Sender<OwnedWriteHalf, WorkerToMaster>;
 
 /// The worker's I/O runtime: one thread (blocking handlers have their own pool). `None`,
 /// logged, if it cannot be built.
-pub(super) fn io_runtime() -> Option<tokio::runtime::Runtime> {
+pub(crate) fn io_runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         // A baseline for judging polls is taken afresh after the thread slept (`thread_clock`).
@@ -42,16 +42,16 @@ pub(super) fn io_runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 /// A process past the handshake: its channel and the spec it was given.
-pub(super) struct Started {
-    pub(super) tx: ToMaster,
+pub(crate) struct Started {
+    pub(crate) tx: ToMaster,
     /// Orders after `Start`, read in their own task.
-    pub(super) orders: mpsc::UnboundedReceiver<MasterToWorker>,
-    pub(super) spec: WorkerSpec,
+    pub(crate) orders: mpsc::UnboundedReceiver<MasterToWorker>,
+    pub(crate) spec: WorkerSpec,
 }
 
 /// Takes the channel (fd 4, as typed halves on this runtime) and waits for the `Start` order;
 /// for a worker, one for its own `(slot, generation)`. `None`, logged, if none comes.
-pub(super) async fn handshake(
+pub(crate) async fn handshake(
     channel: StdUnixStream,
     expect: Option<(u32, u64)>,
 ) -> Option<Started> {
@@ -141,7 +141,7 @@ pub(super) async fn load_plugin(
 }
 
 /// Refuses to start: logs `reason` and sends it as `StartFailed`.
-pub(super) async fn refuse(tx: &mut ToMaster, reason: String) {
+pub(crate) async fn refuse(tx: &mut ToMaster, reason: String) {
     tracing::error!("{reason}");
     let _ = tx.send(&WorkerToMaster::StartFailed { reason }).await;
 }
@@ -151,7 +151,7 @@ pub(super) async fn refuse(tx: &mut ToMaster, reason: String) {
 /// cannot truncate it under the master (it is sealed besides, see `worker_table`). `None`,
 /// logged, without one: the worker then serves without balancing or in-flight records. The
 /// plugin's metrics go to the cell too ([`super::metrics_abi`]).
-pub(super) fn map_worker_table(spec: &WorkerSpec) -> Option<(WorkerTable, usize)> {
+pub(crate) fn map_worker_table(spec: &WorkerSpec) -> Option<(WorkerTable, usize)> {
     let cell = spec.accept_cell? as usize;
     let table = fd::take_inherited(TABLE_FD, "worker table")
         .map_err(|e| e.to_string())

@@ -736,6 +736,14 @@ impl SnapshotSource {
     /// Blocks (file I/O): runs on a thread of its own. A config file that does not pass
     /// `host check` refuses the rollout with the same one line, before the plugin is read.
     pub(crate) fn take(self, cfg: &Config, cancel: &AtomicBool) -> Result<Taken, String> {
+        if cfg.gateway.is_some() {
+            // A gateway runs the host's own code: there is no plugin file to read.
+            return Ok(Taken {
+                snapshot: Snapshot::gateway(),
+                config: cfg.plugin_config.clone(),
+                ignored_keys: Vec::new(),
+            });
+        }
         match self {
             SnapshotSource::PluginFile { reread_config } => {
                 let (config, ignored_keys) = if reread_config {

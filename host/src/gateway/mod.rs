@@ -1,0 +1,315 @@
+//! The `__gateway` role: a process of a gateway group (`gateway = true`), the frozen host binary
+//! with no plugin, holding WebSocket clients so that a reload of the business group behind it
+//! disconnects none of them (see `docs/design/gateway.md`).
+//!
+//! It owns the process's life: the `Start` handshake with the master (as a worker does), the
+//! link socket its business workers connect to, the accept loop with the client limit, its
+//! counters, heartbeats and `Stats` for the master, and the drain (every client closed with
+//! `1001`, then exit). One client's connection is [`client`]'s. It never loads plugin code and
+//! never decides when it starts or leaves: the master's supervisor does, as for any worker.
+
+mod client;
+
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::{Pid, getppid};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::fd;
+use crate::protocol::{
+    GatewaySpec, MasterToWorker, PluginInfo, StartupTimings, WorkerSpec, WorkerToMaster,
+};
+use crate::ratelimit::RateLimit;
+use crate::worker::startup::{self, Started, ToMaster};
+
+/// How long the clients' Close handshakes may take at a drain before the process exits anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// What one gateway process counts; read for `Stats` and, per client, by [`client`]. The bounds
+/// hit are counted in the worker table too ([`Gateway::limit_hit`]), for `/metrics`.
+#[derive(Default)]
+pub(crate) struct Counters {
+    /// Clients holding a slot: upgraded, or being upgraded.
+    pub(crate) clients: AtomicU64,
+    /// Messages received from clients.
+    pub(crate) messages: AtomicU64,
+    /// Upgrades refused with `503` at `gateway_max_clients`.
+    pub(crate) refused: AtomicU64,
+    /// Clients closed by the gateway: no pong in time, oversized message, invalid UTF-8,
+    /// protocol error.
+    pub(crate) ping_timeouts: AtomicU64,
+    pub(crate) too_big: AtomicU64,
+    pub(crate) bad_input: AtomicU64,
+}
+
+/// What every client task shares: the bounds, the counters, the drain signal.
+pub(crate) struct Gateway {
+    pub(crate) spec: GatewaySpec,
+    /// A client must finish its upgrade request within this (`header_read_timeout`).
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) counters: Counters,
+    /// Turns `true` at the drain: every client closes with `1001`.
+    pub(crate) draining: watch::Receiver<bool>,
+    /// This process's cell of the worker table (`host_limit_hits` in `/metrics`); `None`: no
+    /// table.
+    pub(crate) cell: Option<&'static crate::counters::Counters>,
+}
+
+impl Gateway {
+    /// Takes a client slot, or `false` at `gateway_max_clients`.
+    pub(crate) fn reserve(&self) -> bool {
+        let max = self.spec.max_clients;
+        self.counters
+            .clients
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub(crate) fn release(&self) {
+        self.counters.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Counts a bound hit for `/metrics` (`host_limit_hits{limit=...}`).
+    pub(crate) fn limit_hit(&self, limit: crate::counters::Limit) {
+        if let Some(cell) = self.cell {
+            cell.limit_hit(limit);
+        }
+    }
+}
+
+/// Entry point of the `__gateway` role.
+pub fn run(
+    slot: u32,
+    generation: u64,
+    master_pid: u32,
+    spawned_at_ns: u64,
+    log_format: crate::logging::LogFormat,
+) -> ExitCode {
+    crate::logging::init(
+        crate::logging::Process::Worker { slot, generation },
+        log_format,
+    );
+    // Die with the master, as a worker does (see `worker::run`).
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        tracing::warn!(error = %e, "cannot set the parent-death signal");
+    }
+    if getppid() != Pid::from_raw(master_pid as i32) {
+        tracing::error!(master_pid, "the master is gone; exiting");
+        return ExitCode::FAILURE;
+    }
+    let (listener, channel) = match (
+        fd::take_inherited(fd::LISTENER_FD, "listener"),
+        fd::take_inherited(fd::CHANNEL_FD, "channel"),
+    ) {
+        (Ok(l), Ok(c)) => (std::net::TcpListener::from(l), StdUnixStream::from(c)),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(rt) = startup::io_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let code = rt.block_on(serve(listener, channel, (slot, generation), spawned_at_ns));
+    rt.shutdown_background();
+    code
+}
+
+/// The process's life: handshake, link socket, accept until drained, close every client, exit.
+async fn serve(
+    listener: std::net::TcpListener,
+    channel: StdUnixStream,
+    expect: (u32, u64),
+    spawned_at_ns: u64,
+) -> ExitCode {
+    let since_spawn = || crate::worker::monotonic_ns().saturating_sub(spawned_at_ns) / 1000;
+    let Some(Started {
+        mut tx,
+        mut orders,
+        spec,
+    }) = startup::handshake(channel, Some(expect)).await
+    else {
+        return ExitCode::FAILURE;
+    };
+    let Some(gw) = spec.gateway.clone() else {
+        startup::refuse(&mut tx, "a gateway process needs a gateway spec".into()).await;
+        return ExitCode::FAILURE;
+    };
+    let link = match bind_link(&gw.link_socket) {
+        Ok(link) => link,
+        Err(e) => {
+            let reason = format!(
+                "cannot listen on the link socket {}: {e}",
+                gw.link_socket.display()
+            );
+            startup::refuse(&mut tx, reason).await;
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            startup::refuse(&mut tx, format!("cannot use the listener: {e}")).await;
+            return ExitCode::FAILURE;
+        }
+    };
+    let table = startup::map_worker_table(&spec);
+    let cell = table.as_ref().and_then(|(t, cell)| t.counters(*cell));
+    let (drain_tx, draining) = watch::channel(false);
+    let gateway = Arc::new(Gateway {
+        spec: gw.clone(),
+        handshake_timeout: Duration::from_millis(spec.header_read_timeout_ms),
+        counters: Counters::default(),
+        draining,
+        cell,
+    });
+    let ready = WorkerToMaster::Ready {
+        plugin: gateway_info(),
+        startup: StartupTimings {
+            exec_us: since_spawn(),
+            ready_us: since_spawn(),
+            ..Default::default()
+        },
+    };
+    if tx.send(&ready).await.is_err() {
+        tracing::error!("the master channel closed before ready");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(link = %gw.link_socket.display(), max_clients = gw.max_clients, "gateway ready");
+
+    let accepting = tokio::spawn(accept_loop(listener, gateway.clone()));
+    let linking = tokio::spawn(link_loop(link));
+    life(&mut tx, &mut orders, &spec, &gateway).await;
+
+    // The drain: no new client, every client told `1001`, a bounded wait for their handshakes.
+    accepting.abort();
+    linking.abort();
+    let _ = tx.send(&WorkerToMaster::Draining).await;
+    let _ = drain_tx.send(true);
+    let deadline = Instant::now() + CLOSE_GRACE;
+    while gateway.counters.clients.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = gateway.counters.clients.load(Ordering::Acquire);
+    let _ = std::fs::remove_file(&gw.link_socket);
+    let _ = tx
+        .send(&WorkerToMaster::Exiting {
+            cut_requests: 0,
+            cut_connections: left,
+        })
+        .await;
+    tracing::info!(clients_cut = left, "gateway stopped");
+    ExitCode::SUCCESS
+}
+
+/// Serves the master's orders and sends heartbeats until a `Drain` (or the master is gone).
+async fn life(
+    tx: &mut ToMaster,
+    orders: &mut tokio::sync::mpsc::UnboundedReceiver<MasterToWorker>,
+    spec: &WorkerSpec,
+    gateway: &Gateway,
+) {
+    let beat = Duration::from_millis(spec.heartbeat_ms.max(1));
+    let mut heartbeat = tokio::time::interval(beat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            order = orders.recv() => match order {
+                Some(MasterToWorker::Drain) | None => return,
+                Some(MasterToWorker::QueryStats) => {
+                    let c = &gateway.counters;
+                    let stats = WorkerToMaster::Stats {
+                        requests: c.messages.load(Ordering::Relaxed),
+                        in_flight: 0,
+                        connections: c.clients.load(Ordering::Relaxed),
+                    };
+                    if tx.send(&stats).await.is_err() {
+                        return;
+                    }
+                }
+                Some(MasterToWorker::Start(_)) => {}
+            },
+            _ = heartbeat.tick(), if spec.heartbeat_ms > 0 => {
+                if tx.send(&WorkerToMaster::Heartbeat).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Accepts clients, each in its own task, until aborted. An accept error (out of file
+/// descriptors) is logged at most once a second and waited out briefly.
+async fn accept_loop(listener: TcpListener, gateway: Arc<Gateway>) {
+    static ACCEPT_ERROR: RateLimit = RateLimit::per_second();
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(client::serve(stream, gateway.clone()));
+            }
+            Err(e) => {
+                if let Some(suppressed) = ACCEPT_ERROR.hit(&e) {
+                    tracing::warn!(error = %e, suppressed, "gateway accept failed");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// The link socket, 0600 in a 0700 directory; a stale one (a crashed process's) is replaced.
+fn bind_link(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Accepts business workers' links. The event protocol on them is the next phase (see
+/// `docs/design/gateway.md`); until then a link is accepted and held, so a worker can tell
+/// that the gateway is there.
+/// Most links held: far more than business workers, a bound all the same.
+async fn link_loop(link: UnixListener) {
+    const MAX_LINKS: usize = 1024;
+    let mut held = Vec::new();
+    while let Ok((stream, _)) = link.accept().await {
+        held.retain(|s: &tokio::net::UnixStream| s.peer_addr().is_ok());
+        if held.len() < MAX_LINKS {
+            held.push(stream);
+        }
+    }
+}
+
+/// What a gateway reports where a worker reports its plugin.
+fn gateway_info() -> PluginInfo {
+    PluginInfo {
+        name: "gateway".into(),
+        version: crate::worker::HOST_VERSION.into(),
+        api_version: String::new(),
+        sha256: "0".repeat(64),
+    }
+}
