@@ -167,6 +167,8 @@ pub struct GatewayConfig {
     pub send_queue: u64,
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
+    /// How long a client's events wait while no business worker is connected.
+    pub hold: Duration,
 }
 
 /// What a worker's spec takes from the caller rather than the config (see
@@ -762,6 +764,7 @@ impl Config {
                     send_queue: keys.size("gateway_send_queue")?.unwrap_or_default(),
                     ping_interval: keys.duration("gateway_ping_interval")?,
                     ping_timeout: keys.duration("gateway_ping_timeout")?,
+                    hold: keys.duration("gateway_hold")?,
                 })
             }
         };
@@ -883,6 +886,7 @@ impl Config {
                 send_queue: g.send_queue as usize,
                 ping_interval_ms: g.ping_interval.as_millis() as u64,
                 ping_timeout_ms: g.ping_timeout.as_millis() as u64,
+                hold_ms: g.hold.as_millis() as u64,
             }),
         }
     }

@@ -72,6 +72,9 @@ pub enum Limit {
     GatewayMessage,
     /// A gateway client disconnected for answering no ping within `gateway_ping_timeout`.
     GatewayPingTimeout,
+    /// A gateway client closed because its unhandled events (1013) or the messages queued for
+    /// it (1008) passed `gateway_send_queue`.
+    GatewaySendQueue,
 }
 
 /// How many [`Limit`] slots a cell has (room for more variants without a layout change).
@@ -79,7 +82,7 @@ pub const LIMITS: usize = 16;
 
 impl Limit {
     /// Every variant, in index order.
-    pub const ALL: [Limit; 15] = [
+    pub const ALL: [Limit; 16] = [
         Limit::PoolQueueFull,
         Limit::PoolAbandoned,
         Limit::Connections,
@@ -95,6 +98,7 @@ impl Limit {
         Limit::GatewayClients,
         Limit::GatewayMessage,
         Limit::GatewayPingTimeout,
+        Limit::GatewaySendQueue,
     ];
 
     /// The `limit` label in `/metrics`.
@@ -115,6 +119,7 @@ impl Limit {
             Limit::GatewayClients => "gateway_max_clients",
             Limit::GatewayMessage => "gateway_max_message",
             Limit::GatewayPingTimeout => "gateway_ping_timeout",
+            Limit::GatewaySendQueue => "gateway_send_queue",
         }
     }
 }

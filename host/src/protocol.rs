@@ -103,6 +103,8 @@ pub struct GatewaySpec {
     pub send_queue: usize,
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
+    /// How long a client's events wait while no business worker is connected.
+    pub hold_ms: u64,
 }
 
 /// The blocking pool's bounds (`blocking_threads`, `blocking_queue`,

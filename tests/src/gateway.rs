@@ -90,3 +90,108 @@ pub async fn read_to_end_within(s: &mut TcpStream, within: Duration) -> Vec<u8> 
         .unwrap();
     all
 }
+
+/// A business worker played by the test, speaking the gateway's link protocol (length-prefixed
+/// JSON frames, `host/src/gateway/link.rs`) on the gateway's link socket. Each text message
+/// `T` is answered to its client as `T n=N r=R` (N: the client's events handled so far, read
+/// from and kept in its session; R: the event came `redelivered`), then acknowledged.
+pub struct FakeWorker {
+    /// Sends `Draining` on the link when fired.
+    drain: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl FakeWorker {
+    /// Connects to `link` (10 s at most, the gateway may be starting). With `die_after`, the
+    /// worker drops its link, unanswered, on receiving its `die_after`-th event (a crash
+    /// mid-burst).
+    pub async fn start(link: &std::path::Path, die_after: Option<u64>) -> FakeWorker {
+        use tokio::net::UnixStream;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(link).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "link {}: {e}", link.display());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let (drain, mut drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let (mut rd, mut wr) = stream.into_split();
+            write_frame(
+                &mut wr,
+                &serde_json::json!({"Hello": {"pid": 1, "generation": 1}}),
+            )
+            .await;
+            let mut seen = 0u64;
+            let mut drain_sent = false;
+            loop {
+                let frame = tokio::select! {
+                    f = read_frame(&mut rd) => f,
+                    r = &mut drain_rx, if !drain_sent => {
+                        drain_sent = true;
+                        if r.is_ok() {
+                            write_frame(&mut wr, &serde_json::json!("Draining")).await;
+                        }
+                        continue;
+                    }
+                };
+                let Some(frame) = frame else { return seen };
+                let e = &frame["Event"];
+                seen += 1;
+                if die_after == Some(seen) {
+                    return seen;
+                }
+                let (client, seq) = (e["client"].clone(), e["seq"].clone());
+                let n = e["session"]["n"].as_u64().unwrap_or(0) + 1;
+                if let Some(t) = e["event"]["Text"].as_str() {
+                    let r = e["redelivered"].as_bool().unwrap_or(false);
+                    let reply = serde_json::json!({"SendTo": {"client": client, "message": {"Text": format!("{t} n={n} r={r}")}}});
+                    write_frame(&mut wr, &reply).await;
+                }
+                let done = serde_json::json!({"Handled": {"client": client, "seq": seq, "session": {"n": n}}});
+                write_frame(&mut wr, &done).await;
+            }
+        });
+        FakeWorker {
+            drain: Some(drain),
+            task,
+        }
+    }
+
+    /// Says `Draining` on the link (it goes on answering what it gets).
+    pub fn drain(&mut self) {
+        if let Some(d) = self.drain.take() {
+            let _ = d.send(());
+        }
+    }
+
+    /// Drops the link (a worker that exits) and returns how many events it received.
+    pub async fn stop(self) -> u64 {
+        self.task.abort();
+        self.task.await.unwrap_or(0)
+    }
+
+    /// Whether it ended by itself (`die_after` reached).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+async fn write_frame(wr: &mut (impl tokio::io::AsyncWrite + Unpin), v: &serde_json::Value) {
+    let body = serde_json::to_vec(v).unwrap();
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    // The gateway may be gone (a test that stops it): the worker's next read ends it.
+    let _ = wr.write_all(&frame).await;
+}
+
+async fn read_frame(rd: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<serde_json::Value> {
+    let mut len = [0u8; 4];
+    rd.read_exact(&mut len).await.ok()?;
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    rd.read_exact(&mut body).await.ok()?;
+    serde_json::from_slice(&body).ok()
+}

@@ -11,7 +11,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use tests::gateway::{gateway_host, raw_upgrade_when_room, read_to_end_within, ws_when_room};
+use tests::gateway::{
+    FakeWorker, gateway_host, raw_upgrade_when_room, read_to_end_within, ws_when_room,
+};
 use tests::groups::{group, group_addr, group_pids};
 use tests::{Ws, pid_alive, ws_close_code};
 
@@ -165,4 +167,118 @@ async fn gateway_bounds_refuse_before_the_upgrade_and_close_with_their_codes() {
     ] {
         assert!(host.limit_hits(limit).await >= 1, "no {limit} in /metrics");
     }
+}
+
+/// The next `k` text messages on `ws` (pings answered on the way), 20 s at most each.
+async fn texts(ws: &mut Ws, k: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < k {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => out.push(t.to_string()),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            other => panic!("expected text {} of {k}, got {other:?}", out.len() + 1),
+        }
+    }
+    out
+}
+
+/// Sends `c{i}-{j}` for `j` in `range` on each client, then reads as many answers from each.
+async fn burst(clients: &mut [Ws], range: std::ops::Range<usize>) -> Vec<Vec<String>> {
+    for (i, ws) in clients.iter_mut().enumerate() {
+        for j in range.clone() {
+            ws.send(Message::Text(format!("c{i}-{j}").into()))
+                .await
+                .unwrap();
+        }
+    }
+    let mut all = Vec::new();
+    for ws in clients.iter_mut() {
+        all.push(texts(ws, range.len()).await);
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_survive_a_worker_lost_mid_burst_and_a_drain_in_order_once_with_sessions() {
+    let host = gateway_host("gateway_hold = \"3s\"").await;
+    let addr = group_addr(&host.status().await, "gw");
+    let link = host.dir.path().join("state/gateway/gw-0.sock");
+
+    // A takes the first four clients and dies, unanswered, on its 30th event; B the other four.
+    let a = FakeWorker::start(&link, Some(30)).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect(addr).await);
+    }
+    let mut b = FakeWorker::start(&link, None).await;
+    for _ in 0..4 {
+        clients.push(connect(addr).await);
+    }
+    let mut answers = burst(&mut clients, 0..20).await;
+    assert!(a.is_finished(), "worker A never reached its 30th event");
+
+    // A reload's shape: C joins, B drains in the middle of the next burst, then leaves.
+    let c = FakeWorker::start(&link, None).await;
+    for (i, ws) in clients.iter_mut().enumerate() {
+        for j in 20..30 {
+            ws.send(Message::Text(format!("c{i}-{j}").into()))
+                .await
+                .unwrap();
+        }
+    }
+    b.drain();
+    for (i, ws) in clients.iter_mut().enumerate() {
+        answers[i].extend(texts(ws, 10).await);
+    }
+    b.stop().await;
+    for (i, more) in burst(&mut clients, 30..40).await.into_iter().enumerate() {
+        answers[i].extend(more);
+    }
+
+    // Every message answered once, in order, its session intact (n counts the connect and
+    // every message before it); only an event A held can come redelivered.
+    let mut redelivered = 0;
+    for (i, got) in answers.iter().enumerate() {
+        assert_eq!(got.len(), 40, "client {i}: {got:?}");
+        for (j, answer) in got.iter().enumerate() {
+            let expected = format!("c{i}-{j} n={} r=", j + 2);
+            assert!(
+                answer.starts_with(&expected),
+                "client {i}, message {j}: {answer:?} (all: {got:?})"
+            );
+            if answer.ends_with("r=true") {
+                assert!(i < 4, "client {i} was never on A: {answer}");
+                redelivered += 1;
+            }
+        }
+    }
+    assert!(
+        redelivered >= 1,
+        "A died holding an event: it must come back redelivered"
+    );
+    eprintln!("redelivered: {redelivered}");
+
+    // With no worker, events wait (gateway_hold): one that arrives in time is answered...
+    c.stop().await;
+    clients[0].send(Message::Text("held".into())).await.unwrap();
+    let d = FakeWorker::start(&link, None).await;
+    assert_eq!(
+        texts(&mut clients[0], 1).await,
+        vec!["held n=42 r=false".to_string()]
+    );
+    // ... and past it the client is closed with 1011; the others stay.
+    d.stop().await;
+    clients[1].send(Message::Text("lost".into())).await.unwrap();
+    assert_eq!(ws_close_code(&mut clients[1]).await, Some(CloseCode::Error));
+    let e = FakeWorker::start(&link, None).await;
+    assert_eq!(texts(&mut clients[2], 0).await.len(), 0);
+    clients[2]
+        .send(Message::Text("still".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(&mut clients[2], 1).await,
+        vec!["still n=42 r=false".to_string()]
+    );
+    e.stop().await;
 }

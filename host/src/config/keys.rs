@@ -222,6 +222,13 @@ pub const KEYS: &[Key] = &[
         "a client that answers no ping (and sends nothing) within this is disconnected",
     ),
     key(
+        "gateway_hold",
+        Group,
+        wait(MAX_WAIT),
+        Toml("\"10s\""),
+        "how long a gateway holds a client's events while no business worker is connected (all of them crashed, say); past it the client is closed with `1011` and counted",
+    ),
+    key(
         "state_dir",
         Master,
         Kind::Path,

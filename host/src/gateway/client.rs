@@ -5,16 +5,18 @@
 //! for an oversized message, `1007` for invalid UTF-8 in a text message, `1002` for a protocol
 //! error, `1001` when the gateway drains.
 //!
-//! It owns the connection and the client's slot (released when the task ends). It never decides
-//! anything about other clients. Passing the client's events to a business worker is the next
-//! phase (see `docs/design/gateway.md`).
+//! It owns the connection and the client's slot (released when the task ends). Its events
+//! (connect, each message, close) go to the [`router`](super::router) in the order they came;
+//! what the router sends back (messages, a close) is written here. It never decides which
+//! worker handles what, nor anything about other clients.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -23,6 +25,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
 
 use super::Gateway;
+use super::link::{ClientEvent, ClientId, Payload};
+use super::router::{Outgoing, ToRouter};
 use crate::counters::Limit;
 use crate::ratelimit::RateLimit;
 
@@ -47,11 +51,26 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
         .max_frame_size(Some(spec.max_message))
         .max_write_buffer_size(spec.send_queue.max(64 << 10));
     let mut slot = None;
+    let mut connect = None;
     // The callback's type is tungstenite's `Callback`: its error is the response it sends.
     #[allow(clippy::result_large_err)]
-    let check = |_: &Request, response: Response| -> Result<Response, ErrorResponse> {
+    let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
         if gateway.reserve() {
             slot = Some(Slot(gateway.clone()));
+            connect = Some(ClientEvent::Connect {
+                path: request.uri().path().to_string(),
+                query: request.uri().query().unwrap_or("").to_string(),
+                headers: request
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect(),
+            });
             return Ok(response);
         }
         gateway.counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -73,10 +92,41 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
         // Not a WebSocket upgrade, too slow, or refused: nothing was held.
         Ok(Err(_)) | Err(_) => return,
     };
-    let Some(_slot) = slot else { return };
-    let why = read_loop(&mut ws, &gateway).await;
+    let (Some(_slot), Some(connect)) = (slot, connect) else {
+        return;
+    };
+    let client = gateway.client_id();
+    let (out_tx, mut out) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let open = ToRouter::Open {
+        client,
+        out: out_tx,
+        queued: queued.clone(),
+        connect,
+    };
+    if gateway.router.send(open).is_err() {
+        return;
+    }
+    let mut conn = Conn {
+        ws: &mut ws,
+        gateway: &gateway,
+        client,
+        out: &mut out,
+        queued: &queued,
+        closed_by_client: None,
+    };
+    let why = conn.run().await;
+    let said = conn.closed_by_client.take();
     let (code, reason, counter) = match why {
-        End::Gone => return,
+        End::Gone => {
+            let (code, reason) = said.unwrap_or((1006, String::new()));
+            let _ = gateway.router.send(ToRouter::Event {
+                client,
+                event: ClientEvent::Close { code, reason },
+            });
+            return;
+        }
+        End::ByRouter(code, reason) => (CloseCode::from(code), reason, None),
         End::Draining => (CloseCode::Away, "gateway restarting", None),
         End::PingTimeout => (
             CloseCode::Policy,
@@ -115,6 +165,13 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
             );
         }
     }
+    let _ = gateway.router.send(ToRouter::Event {
+        client,
+        event: ClientEvent::Close {
+            code: code.into(),
+            reason: reason.into(),
+        },
+    });
     close(&mut ws, code, reason, why != End::PingTimeout).await;
 }
 
@@ -128,52 +185,94 @@ enum End {
     TooBig,
     BadUtf8,
     Protocol,
+    /// The router closes it (1008, 1011, 1013, or the application's code).
+    ByRouter(u16, &'static str),
 }
 
-/// Reads the client's frames until it leaves, breaks a bound, goes silent, or the gateway drains.
-async fn read_loop(ws: &mut WebSocketStream<TcpStream>, gateway: &Gateway) -> End {
-    let interval = Duration::from_millis(gateway.spec.ping_interval_ms);
-    let timeout = Duration::from_millis(gateway.spec.ping_timeout_ms);
-    let mut draining = gateway.draining.clone();
-    let mut heard = Instant::now();
-    let mut pinged: Option<Instant> = None;
-    loop {
-        if *draining.borrow_and_update() {
-            return End::Draining;
-        }
-        let wake = match pinged {
-            None => heard + interval,
-            Some(at) => at + timeout,
-        };
-        tokio::select! {
-            frame = ws.next() => {
-                heard = Instant::now();
-                pinged = None;
-                match frame {
-                    Some(Ok(Message::Text(_) | Message::Binary(_))) => {
-                        gateway.counters.messages.fetch_add(1, Ordering::Relaxed);
+/// A client past its upgrade, as the read loop sees it.
+struct Conn<'a> {
+    ws: &'a mut WebSocketStream<TcpStream>,
+    gateway: &'a Gateway,
+    client: ClientId,
+    out: &'a mut mpsc::UnboundedReceiver<Outgoing>,
+    queued: &'a AtomicUsize,
+    /// The client's own Close frame (code, reason), if it sent one.
+    closed_by_client: Option<(u16, String)>,
+}
+
+impl Conn<'_> {
+    /// Reads the client's frames (each message to the router) and writes what the router sends,
+    /// until the client leaves, breaks a bound, goes silent, the router closes it, or the
+    /// gateway drains.
+    async fn run(&mut self) -> End {
+        let gateway = self.gateway;
+        let interval = Duration::from_millis(gateway.spec.ping_interval_ms);
+        let timeout = Duration::from_millis(gateway.spec.ping_timeout_ms);
+        let mut draining = gateway.draining.clone();
+        let mut heard = Instant::now();
+        let mut pinged: Option<Instant> = None;
+        loop {
+            if *draining.borrow_and_update() {
+                return End::Draining;
+            }
+            let wake = match pinged {
+                None => heard + interval,
+                Some(at) => at + timeout,
+            };
+            tokio::select! {
+                frame = self.ws.next() => {
+                    heard = Instant::now();
+                    pinged = None;
+                    let event = match frame {
+                        Some(Ok(Message::Text(t))) => ClientEvent::Text(t.as_str().to_owned()),
+                        Some(Ok(Message::Binary(b))) => ClientEvent::Binary(b.to_vec()),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                        // tungstenite answers the Close; the stream ends after it.
+                        Some(Ok(Message::Close(frame))) => {
+                            self.closed_by_client = Some(frame.map_or((1005, String::new()), |f| {
+                                (f.code.into(), f.reason.as_str().to_owned())
+                            }));
+                            continue;
+                        }
+                        Some(Err(WsError::Capacity(
+                            CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders,
+                        ))) => return End::TooBig,
+                        Some(Err(WsError::Utf8(_))) => return End::BadUtf8,
+                        Some(Err(WsError::Protocol(_))) => return End::Protocol,
+                        Some(Err(_)) | None => return End::Gone,
+                    };
+                    gateway.counters.messages.fetch_add(1, Ordering::Relaxed);
+                    let event = ToRouter::Event { client: self.client, event };
+                    if gateway.router.send(event).is_err() {
+                        return End::Draining;
                     }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                    // tungstenite answers the Close; the stream ends after it.
-                    Some(Ok(Message::Close(_))) => {}
-                    Some(Err(WsError::Capacity(
-                        CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders,
-                    ))) => return End::TooBig,
-                    Some(Err(WsError::Utf8(_))) => return End::BadUtf8,
-                    Some(Err(WsError::Protocol(_))) => return End::Protocol,
-                    Some(Err(_)) | None => return End::Gone,
                 }
+                order = self.out.recv() => match order {
+                    Some(Outgoing::Message(payload)) => {
+                        let (size, message) = match payload {
+                            Payload::Text(t) => (t.len(), Message::Text(t.into())),
+                            Payload::Binary(b) => (b.len(), Message::Binary(b.into())),
+                        };
+                        let sent = self.ws.send(message).await;
+                        self.queued.fetch_sub(size, Ordering::AcqRel);
+                        if sent.is_err() {
+                            return End::Gone;
+                        }
+                    }
+                    Some(Outgoing::Close(code, reason)) => return End::ByRouter(code, reason),
+                    None => return End::Draining,
+                },
+                () = tokio::time::sleep_until(wake) => {
+                    if pinged.is_some() {
+                        return End::PingTimeout;
+                    }
+                    pinged = Some(Instant::now());
+                    if self.ws.send(Message::Ping(Default::default())).await.is_err() {
+                        return End::Gone;
+                    }
+                }
+                _ = draining.changed() => {}
             }
-            () = tokio::time::sleep_until(wake) => {
-                if pinged.is_some() {
-                    return End::PingTimeout;
-                }
-                pinged = Some(Instant::now());
-                if ws.send(Message::Ping(Default::default())).await.is_err() {
-                    return End::Gone;
-                }
-            }
-            _ = draining.changed() => {}
         }
     }
 }

@@ -3,12 +3,16 @@
 //! disconnects none of them (see `docs/design/gateway.md`).
 //!
 //! It owns the process's life: the `Start` handshake with the master (as a worker does), the
-//! link socket its business workers connect to, the accept loop with the client limit, its
-//! counters, heartbeats and `Stats` for the master, and the drain (every client closed with
-//! `1001`, then exit). One client's connection is [`client`]'s. It never loads plugin code and
-//! never decides when it starts or leaves: the master's supervisor does, as for any worker.
+//! link socket its business workers connect to and one task per link (frames in [`link`]), the
+//! accept loop with the client limit, the [`router`]'s task, its counters, heartbeats and
+//! `Stats` for the master, and the drain (every client closed with `1001`, then exit). One
+//! client's connection is [`client`]'s; which worker gets which event is the router's. It never
+//! loads plugin code and never decides when it starts or leaves: the master's supervisor does,
+//! as for any worker.
 
 mod client;
+pub(crate) mod link;
+mod router;
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
@@ -20,7 +24,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::fd;
@@ -48,6 +52,10 @@ pub(crate) struct Counters {
     pub(crate) ping_timeouts: AtomicU64,
     pub(crate) too_big: AtomicU64,
     pub(crate) bad_input: AtomicU64,
+    /// The router's counts, mirrored after each of its steps.
+    pub(crate) redelivered: AtomicU64,
+    pub(crate) held_closed: AtomicU64,
+    pub(crate) unhandled: AtomicU64,
 }
 
 /// What every client task shares: the bounds, the counters, the drain signal.
@@ -61,6 +69,11 @@ pub(crate) struct Gateway {
     /// This process's cell of the worker table (`host_limit_hits` in `/metrics`); `None`: no
     /// table.
     pub(crate) cell: Option<&'static crate::counters::Counters>,
+    /// Where client events and link frames go.
+    pub(crate) router: mpsc::UnboundedSender<router::ToRouter>,
+    /// This process's slot, the top 16 bits of its clients' ids.
+    pub(crate) slot: u32,
+    next_client: AtomicU64,
 }
 
 impl Gateway {
@@ -77,6 +90,11 @@ impl Gateway {
 
     pub(crate) fn release(&self) {
         self.counters.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// A new client id: this process's slot, then a number never used before in it.
+    pub(crate) fn client_id(&self) -> link::ClientId {
+        (u64::from(self.slot) << 48) | self.next_client.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Counts a bound hit for `/metrics` (`host_limit_hits{limit=...}`).
@@ -169,13 +187,18 @@ async fn serve(
     let table = startup::map_worker_table(&spec);
     let cell = table.as_ref().and_then(|(t, cell)| t.counters(*cell));
     let (drain_tx, draining) = watch::channel(false);
+    let (to_router, router_rx) = mpsc::unbounded_channel();
     let gateway = Arc::new(Gateway {
         spec: gw.clone(),
         handshake_timeout: Duration::from_millis(spec.header_read_timeout_ms),
         counters: Counters::default(),
         draining,
         cell,
+        router: to_router,
+        slot: expect.0,
+        next_client: AtomicU64::new(0),
     });
+    let routing = tokio::spawn(route(router_rx, gateway.clone()));
     let ready = WorkerToMaster::Ready {
         plugin: gateway_info(),
         startup: StartupTimings {
@@ -191,7 +214,7 @@ async fn serve(
     tracing::info!(link = %gw.link_socket.display(), max_clients = gw.max_clients, "gateway ready");
 
     let accepting = tokio::spawn(accept_loop(listener, gateway.clone()));
-    let linking = tokio::spawn(link_loop(link));
+    let linking = tokio::spawn(link_loop(link, gateway.clone()));
     life(&mut tx, &mut orders, &spec, &gateway).await;
 
     // The drain: no new client, every client told `1001`, a bounded wait for their handshakes.
@@ -203,6 +226,7 @@ async fn serve(
     while gateway.counters.clients.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    routing.abort();
     let left = gateway.counters.clients.load(Ordering::Acquire);
     let _ = std::fs::remove_file(&gw.link_socket);
     let _ = tx
@@ -289,18 +313,100 @@ fn bind_link(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accepts business workers' links. The event protocol on them is the next phase (see
-/// `docs/design/gateway.md`); until then a link is accepted and held, so a worker can tell
-/// that the gateway is there.
-/// Most links held: far more than business workers, a bound all the same.
-async fn link_loop(link: UnixListener) {
+/// Accepts business workers' links, each served by a task of its own, at most `MAX_LINKS` at
+/// once (far more than business workers; a bound all the same).
+async fn link_loop(link: UnixListener, gateway: Arc<Gateway>) {
     const MAX_LINKS: usize = 1024;
-    let mut held = Vec::new();
+    static FULL: RateLimit = RateLimit::per_second();
+    let live = Arc::new(AtomicU64::new(0));
+    let mut next: router::LinkId = 0;
     while let Ok((stream, _)) = link.accept().await {
-        held.retain(|s: &tokio::net::UnixStream| s.peer_addr().is_ok());
-        if held.len() < MAX_LINKS {
-            held.push(stream);
+        if live.load(Ordering::Acquire) as usize >= MAX_LINKS {
+            if let Some(suppressed) = FULL.hit_named("gateway links") {
+                tracing::warn!(
+                    suppressed,
+                    "gateway refused a link: {MAX_LINKS} links already"
+                );
+            }
+            continue;
         }
+        next += 1;
+        live.fetch_add(1, Ordering::AcqRel);
+        let (gateway, live) = (gateway.clone(), live.clone());
+        let id = next;
+        tokio::spawn(async move {
+            serve_link(id, stream, &gateway).await;
+            let _ = gateway.router.send(router::ToRouter::LinkDown { link: id });
+            live.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+/// One business worker's link: its frames to the router, the router's events to it, until the
+/// worker's side ends (every frame it sent read first) or a frame is malformed.
+async fn serve_link(id: router::LinkId, stream: tokio::net::UnixStream, gateway: &Gateway) {
+    use crate::protocol::{Receiver, Sender};
+    let (rd, wr) = stream.into_split();
+    let mut rx = Receiver::<_, link::BusinessToGateway>::new(rd);
+    let (tx, mut events) = mpsc::unbounded_channel::<link::GatewayToBusiness>();
+    if gateway
+        .router
+        .send(router::ToRouter::LinkUp { link: id, tx })
+        .is_err()
+    {
+        return;
+    }
+    let writer = tokio::spawn(async move {
+        let mut out = Sender::<_, link::GatewayToBusiness>::new(wr);
+        while let Some(event) = events.recv().await {
+            if out.send(&event).await.is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        match rx.recv().await {
+            Ok(Some(msg)) => {
+                if let link::BusinessToGateway::Hello { pid, generation } = &msg {
+                    tracing::info!(link = id, pid, generation, "business worker linked");
+                }
+                let msg = router::ToRouter::Link { link: id, msg };
+                if gateway.router.send(msg).is_err() {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(link = id, error = %e, "a business link failed");
+                break;
+            }
+        }
+        // A writer that failed (the worker exited) does not end the reading: what the worker
+        // wrote before it left (its last answers) is read to the end first.
+    }
+    writer.abort();
+}
+
+/// The router's task: its steps, a tick for the holds, its counts mirrored.
+async fn route(mut rx: mpsc::UnboundedReceiver<router::ToRouter>, gateway: Arc<Gateway>) {
+    let hold = Duration::from_millis(gateway.spec.hold_ms);
+    let mut router = router::Router::new(hold, gateway.spec.send_queue, gateway.cell);
+    let mut tick = tokio::time::interval(
+        (hold / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)),
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(msg) => router.handle(msg, Instant::now()),
+                None => return,
+            },
+            _ = tick.tick() => router.tick(Instant::now()),
+        }
+        let (c, s) = (&gateway.counters, router.stats);
+        c.redelivered.store(s.redelivered, Ordering::Relaxed);
+        c.held_closed.store(s.held_closed, Ordering::Relaxed);
+        c.unhandled.store(s.unhandled, Ordering::Relaxed);
     }
 }
 

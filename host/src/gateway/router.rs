@@ -1,0 +1,616 @@
+//! The gateway's router: which business worker gets each client event, and what happens when a
+//! worker answers, drains or leaves. One task owns it (the gateway process's), fed by the client
+//! tasks and the link tasks through [`ToRouter`]; it does no I/O itself: what it sends goes
+//! into the clients' and links' channels, so its decisions are tested without sockets.
+//!
+//! The rules (`docs/design/gateway.md`): a client's events are sent one at a time, in order,
+//! each with the next sequence number; the next goes once the worker answered `Handled`. A
+//! client sticks to one worker while it can; a worker that drains keeps the event it has (it
+//! answers it) and gets no new ones; a worker whose link drops before answering loses its
+//! events to another worker, flagged `redelivered`. With no worker at all, a client's events
+//! wait up to `gateway_hold`; then the client is closed with 1011 and counted. Every queue is
+//! bounded: unhandled events per client by `gateway_send_queue` bytes (past it: 1013), messages
+//! queued to a client by the same (past it: 1008).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::link::{BusinessToGateway, ClientEvent, ClientId, GatewayToBusiness, Payload};
+use crate::counters::Limit;
+use crate::ratelimit::RateLimit;
+
+/// What the router tells a client's task.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Outgoing {
+    Message(Payload),
+    Close(u16, &'static str),
+}
+
+/// A link's number within its gateway process.
+pub(crate) type LinkId = u64;
+
+/// What the client and link tasks tell the router.
+pub(crate) enum ToRouter {
+    /// A client upgraded: its channel, the bytes queued in it, and its `Connect` event.
+    Open {
+        client: ClientId,
+        out: mpsc::UnboundedSender<Outgoing>,
+        queued: Arc<AtomicUsize>,
+        connect: ClientEvent,
+    },
+    Event {
+        client: ClientId,
+        event: ClientEvent,
+    },
+    LinkUp {
+        link: LinkId,
+        tx: mpsc::UnboundedSender<GatewayToBusiness>,
+    },
+    Link {
+        link: LinkId,
+        msg: BusinessToGateway,
+    },
+    LinkDown {
+        link: LinkId,
+    },
+}
+
+/// What the router counts (mirrored into the process's counters by its task).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RouterStats {
+    /// Events sent again after their worker left.
+    pub(crate) redelivered: u64,
+    /// Clients closed with 1011 after `gateway_hold` without a worker.
+    pub(crate) held_closed: u64,
+    /// Clients closed because a queue passed `gateway_send_queue`.
+    pub(crate) overflowed: u64,
+    /// Events waiting for, or at, a worker.
+    pub(crate) unhandled: u64,
+}
+
+struct Pending {
+    seq: u64,
+    event: ClientEvent,
+    redelivered: bool,
+}
+
+struct Client {
+    out: mpsc::UnboundedSender<Outgoing>,
+    queued: Arc<AtomicUsize>,
+    session: serde_json::Value,
+    next_seq: u64,
+    queue: VecDeque<Pending>,
+    queue_bytes: usize,
+    /// The link its events go to while it can take them.
+    link: Option<LinkId>,
+    /// The link holding the front event, unanswered.
+    in_flight: Option<LinkId>,
+    /// Since when its front event waits for any worker.
+    held_since: Option<Instant>,
+    /// Its `Close` event is queued: it leaves once that is handled.
+    closing: bool,
+}
+
+struct Link {
+    tx: mpsc::UnboundedSender<GatewayToBusiness>,
+    draining: bool,
+    clients: usize,
+}
+
+/// See the module doc.
+pub(crate) struct Router {
+    hold: Duration,
+    queue_max: usize,
+    clients: HashMap<ClientId, Client>,
+    links: BTreeMap<LinkId, Link>,
+    pub(crate) stats: RouterStats,
+    cell: Option<&'static crate::counters::Counters>,
+}
+
+static CLOSED: RateLimit = RateLimit::per_second();
+
+impl Router {
+    pub(crate) fn new(
+        hold: Duration,
+        queue_max: usize,
+        cell: Option<&'static crate::counters::Counters>,
+    ) -> Router {
+        Router {
+            hold,
+            queue_max,
+            clients: HashMap::new(),
+            links: BTreeMap::new(),
+            stats: RouterStats::default(),
+            cell,
+        }
+    }
+
+    pub(crate) fn handle(&mut self, msg: ToRouter, now: Instant) {
+        match msg {
+            ToRouter::Open {
+                client,
+                out,
+                queued,
+                connect,
+            } => {
+                self.clients.insert(
+                    client,
+                    Client {
+                        out,
+                        queued,
+                        session: serde_json::Value::Null,
+                        next_seq: 0,
+                        queue: VecDeque::new(),
+                        queue_bytes: 0,
+                        link: None,
+                        in_flight: None,
+                        held_since: None,
+                        closing: false,
+                    },
+                );
+                self.event(client, connect, now);
+            }
+            ToRouter::Event { client, event } => self.event(client, event, now),
+            ToRouter::LinkUp { link, tx } => {
+                self.links.insert(
+                    link,
+                    Link {
+                        tx,
+                        draining: false,
+                        clients: 0,
+                    },
+                );
+                let held: Vec<ClientId> = self
+                    .clients
+                    .iter()
+                    .filter(|(_, c)| c.held_since.is_some())
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in held {
+                    self.dispatch(id, now);
+                }
+            }
+            ToRouter::Link { link, msg } => self.link_said(link, msg, now),
+            ToRouter::LinkDown { link } => self.link_down(link, now),
+        }
+        self.count_unhandled();
+    }
+
+    /// Closes the clients whose events waited `gateway_hold` for a worker.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        let expired: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.held_since.is_some_and(|t| now >= t + self.hold))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(c) = self.remove(id) {
+                let _ = c.out.send(Outgoing::Close(1011, "no business worker"));
+                self.stats.held_closed += 1;
+                if let Some(suppressed) = CLOSED.hit_named("gateway_hold") {
+                    tracing::warn!(
+                        suppressed,
+                        hold_ms = self.hold.as_millis() as u64,
+                        "gateway closed a client (1011): no business worker took its events within gateway_hold"
+                    );
+                }
+            }
+        }
+        self.count_unhandled();
+    }
+
+    fn count_unhandled(&mut self) {
+        self.stats.unhandled = self.clients.values().map(|c| c.queue.len() as u64).sum();
+    }
+
+    fn event(&mut self, id: ClientId, event: ClientEvent, now: Instant) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if c.closing {
+            return;
+        }
+        let size = event.size();
+        let close = matches!(event, ClientEvent::Close { .. });
+        if !close && c.queue_bytes + size > self.queue_max {
+            self.overflow(id, 1013, "too many unhandled messages");
+            return;
+        }
+        c.closing = close;
+        c.queue_bytes += size;
+        c.queue.push_back(Pending {
+            seq: c.next_seq,
+            event,
+            redelivered: false,
+        });
+        c.next_seq += 1;
+        self.dispatch(id, now);
+    }
+
+    /// Sends the client's front event to a worker, unless one is in flight; holds it when no
+    /// worker can take it; lets the client go once its `Close` was handled.
+    fn dispatch(&mut self, id: ClientId, now: Instant) {
+        let Some(c) = self.clients.get(&id) else {
+            return;
+        };
+        if c.in_flight.is_some() {
+            return;
+        }
+        let Some(front) = c.queue.front() else {
+            if c.closing {
+                self.remove(id);
+            }
+            return;
+        };
+        let usable = |l: &LinkId| self.links.get(l).is_some_and(|l| !l.draining);
+        let link = c.link.filter(usable).or_else(|| {
+            self.links
+                .iter()
+                .filter(|(_, l)| !l.draining)
+                .min_by_key(|(_, l)| l.clients)
+                .map(|(id, _)| *id)
+        });
+        let Some(link) = link else {
+            let c = self.clients.get_mut(&id).expect("present");
+            c.held_since.get_or_insert(now);
+            return;
+        };
+        let event = GatewayToBusiness::Event {
+            client: id,
+            seq: front.seq,
+            redelivered: front.redelivered,
+            session: c.session.clone(),
+            event: front.event.clone(),
+        };
+        let old = c.link;
+        if old != Some(link) {
+            if let Some(l) = old.and_then(|o| self.links.get_mut(&o)) {
+                l.clients = l.clients.saturating_sub(1);
+            }
+            if let Some(l) = self.links.get_mut(&link) {
+                l.clients += 1;
+            }
+        }
+        let sent = self.links[&link].tx.send(event).is_ok();
+        let c = self.clients.get_mut(&id).expect("present");
+        c.link = Some(link);
+        c.in_flight = Some(link);
+        c.held_since = None;
+        if !sent {
+            // Its task is gone: the link is down, and this event goes elsewhere.
+            self.link_down(link, now);
+        }
+    }
+
+    fn link_said(&mut self, link: LinkId, msg: BusinessToGateway, now: Instant) {
+        match msg {
+            BusinessToGateway::Hello { .. } => {}
+            BusinessToGateway::Handled {
+                client,
+                seq,
+                session,
+            } => {
+                let Some(c) = self.clients.get_mut(&client) else {
+                    return;
+                };
+                // Only the answer of the worker that holds the front event counts: a late one
+                // from a worker that lost it is ignored.
+                if c.in_flight != Some(link) || c.queue.front().is_none_or(|p| p.seq != seq) {
+                    return;
+                }
+                let done = c.queue.pop_front().expect("front");
+                c.queue_bytes -= done.event.size();
+                c.in_flight = None;
+                if let Some(session) = session {
+                    let size = serde_json::to_vec(&session).map_or(usize::MAX, |v| v.len());
+                    if size <= self.queue_max {
+                        c.session = session;
+                    } else if let Some(suppressed) = CLOSED.hit_named("gateway session") {
+                        tracing::warn!(
+                            size,
+                            suppressed,
+                            "a session over gateway_send_queue bytes was not kept"
+                        );
+                    }
+                }
+                self.dispatch(client, now);
+            }
+            BusinessToGateway::Draining => {
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.draining = true;
+                }
+                // Clients with nothing in flight there move on their next event; those with
+                // one move once it is answered (or the link drops).
+            }
+            BusinessToGateway::SendTo { client, message } => self.send(client, message),
+            BusinessToGateway::Close {
+                client,
+                code,
+                reason: _,
+            } => {
+                if let Some(c) = self.clients.get(&client) {
+                    let code = if (3000..5000).contains(&code) || code == 1000 {
+                        code
+                    } else {
+                        1000
+                    };
+                    let _ = c
+                        .out
+                        .send(Outgoing::Close(code, "closed by the application"));
+                }
+            }
+        }
+    }
+
+    /// Queues a message for a client, within `gateway_send_queue` bytes.
+    fn send(&mut self, id: ClientId, message: Payload) {
+        let Some(c) = self.clients.get(&id) else {
+            return;
+        };
+        let size = match &message {
+            Payload::Text(t) => t.len(),
+            Payload::Binary(b) => b.len(),
+        };
+        if c.queued.load(Ordering::Acquire) + size > self.queue_max {
+            self.overflow(id, 1008, "send queue full");
+            return;
+        }
+        c.queued.fetch_add(size, Ordering::AcqRel);
+        let _ = c.out.send(Outgoing::Message(message));
+    }
+
+    /// Closes a client whose queue passed its bound; it leaves the router at once.
+    fn overflow(&mut self, id: ClientId, code: u16, why: &'static str) {
+        if let Some(c) = self.remove(id) {
+            let _ = c.out.send(Outgoing::Close(code, why));
+            self.stats.overflowed += 1;
+            if let Some(cell) = self.cell {
+                cell.limit_hit(Limit::GatewaySendQueue);
+            }
+            if let Some(suppressed) = CLOSED.hit_named(why) {
+                tracing::warn!(
+                    code,
+                    suppressed,
+                    "gateway closed a client: {why} (gateway_send_queue)"
+                );
+            }
+        }
+    }
+
+    /// A worker's link is gone: its unanswered events go to other workers, flagged.
+    fn link_down(&mut self, link: LinkId, now: Instant) {
+        if self.links.remove(&link).is_none() {
+            return;
+        }
+        let mut moved = Vec::new();
+        for (id, c) in &mut self.clients {
+            if c.link == Some(link) {
+                c.link = None;
+            }
+            if c.in_flight == Some(link) {
+                c.in_flight = None;
+                if let Some(front) = c.queue.front_mut() {
+                    front.redelivered = true;
+                }
+                self.stats.redelivered += 1;
+                moved.push(*id);
+            }
+        }
+        moved.sort_unstable();
+        for id in moved {
+            self.dispatch(id, now);
+        }
+    }
+
+    fn remove(&mut self, id: ClientId) -> Option<Client> {
+        let c = self.clients.remove(&id)?;
+        if let Some(l) = c.link.and_then(|l| self.links.get_mut(&l)) {
+            l.clients = l.clients.saturating_sub(1);
+        }
+        Some(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> ClientEvent {
+        ClientEvent::Text(s.into())
+    }
+
+    struct Fixture {
+        router: Router,
+        now: Instant,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            Fixture {
+                router: Router::new(Duration::from_secs(1), 1000, None),
+                now: Instant::now(),
+            }
+        }
+        fn link(&mut self, id: LinkId) -> mpsc::UnboundedReceiver<GatewayToBusiness> {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.router
+                .handle(ToRouter::LinkUp { link: id, tx }, self.now);
+            rx
+        }
+        fn client(&mut self, id: ClientId) -> mpsc::UnboundedReceiver<Outgoing> {
+            let (out, rx) = mpsc::unbounded_channel();
+            let connect = ClientEvent::Connect {
+                path: "/chat".into(),
+                query: String::new(),
+                headers: Vec::new(),
+            };
+            let queued = Arc::default();
+            self.router.handle(
+                ToRouter::Open {
+                    client: id,
+                    out,
+                    queued,
+                    connect,
+                },
+                self.now,
+            );
+            rx
+        }
+        fn send(&mut self, client: ClientId, event: ClientEvent) {
+            self.router
+                .handle(ToRouter::Event { client, event }, self.now);
+        }
+        fn handled(&mut self, link: LinkId, client: ClientId, seq: u64) {
+            let msg = BusinessToGateway::Handled {
+                client,
+                seq,
+                session: Some(serde_json::json!({ "seen": seq })),
+            };
+            self.router.handle(ToRouter::Link { link, msg }, self.now);
+        }
+    }
+
+    /// (client, seq, redelivered, event) of each event waiting in `rx`.
+    fn events(
+        rx: &mut mpsc::UnboundedReceiver<GatewayToBusiness>,
+    ) -> Vec<(u64, u64, bool, ClientEvent)> {
+        let mut out = Vec::new();
+        while let Ok(GatewayToBusiness::Event {
+            client,
+            seq,
+            redelivered,
+            event,
+            ..
+        }) = rx.try_recv()
+        {
+            out.push((client, seq, redelivered, event));
+        }
+        out
+    }
+
+    #[test]
+    fn one_event_in_flight_per_client_in_order_with_the_session() {
+        let mut f = Fixture::new();
+        let mut a = f.link(1);
+        let _c = f.client(7);
+        f.send(7, text("one"));
+        f.send(7, text("two"));
+        let got = events(&mut a);
+        assert_eq!(got.len(), 1, "only the connect is in flight: {got:?}");
+        assert_eq!(got[0].1, 0);
+        f.handled(1, 7, 0);
+        assert_eq!(events(&mut a), vec![(7, 1, false, text("one"))]);
+        // A stale or wrong answer changes nothing.
+        f.handled(1, 7, 0);
+        f.handled(2, 7, 1);
+        assert_eq!(events(&mut a), vec![]);
+        f.handled(1, 7, 1);
+        let GatewayToBusiness::Event { seq, session, .. } = a.try_recv().unwrap();
+        assert_eq!((seq, session), (2, serde_json::json!({ "seen": 1 })));
+        assert_eq!(f.router.stats.unhandled, 1);
+    }
+
+    #[test]
+    fn a_lost_link_redelivers_flagged_to_another_and_a_draining_one_keeps_its_event() {
+        let mut f = Fixture::new();
+        let mut a = f.link(1);
+        let _c = f.client(7);
+        f.handled(1, 7, 0);
+        f.send(7, text("m1"));
+        assert_eq!(
+            events(&mut a),
+            vec![
+                (
+                    7,
+                    0,
+                    false,
+                    ClientEvent::Connect {
+                        path: "/chat".into(),
+                        query: String::new(),
+                        headers: Vec::new()
+                    }
+                ),
+                (7, 1, false, text("m1"))
+            ]
+        );
+        let mut b = f.link(2);
+        f.router.handle(ToRouter::LinkDown { link: 1 }, f.now);
+        assert_eq!(events(&mut b), vec![(7, 1, true, text("m1"))]);
+        assert_eq!(f.router.stats.redelivered, 1);
+        // b drains: it answers what it has; the next event goes to c.
+        let mut c = f.link(3);
+        f.router.handle(
+            ToRouter::Link {
+                link: 2,
+                msg: BusinessToGateway::Draining,
+            },
+            f.now,
+        );
+        f.send(7, text("m2"));
+        assert_eq!(events(&mut c), vec![]);
+        f.handled(2, 7, 1);
+        assert_eq!(events(&mut c), vec![(7, 2, false, text("m2"))]);
+        assert_eq!(events(&mut b), vec![]);
+    }
+
+    #[test]
+    fn with_no_worker_events_wait_for_the_hold_then_the_client_is_closed_1011() {
+        let mut f = Fixture::new();
+        let mut out = f.client(7);
+        f.send(7, text("m1"));
+        f.router.tick(f.now + Duration::from_millis(900));
+        assert!(out.try_recv().is_err());
+        // A worker in time gets the events, in order.
+        let mut a = f.link(1);
+        assert_eq!(events(&mut a).len(), 1);
+        f.handled(1, 7, 0);
+        assert_eq!(events(&mut a), vec![(7, 1, false, text("m1"))]);
+        // Another client, with no worker past the hold: 1011.
+        f.router.handle(ToRouter::LinkDown { link: 1 }, f.now);
+        let mut out8 = f.client(8);
+        f.router.tick(f.now + Duration::from_secs(1));
+        assert_eq!(
+            out8.try_recv().unwrap(),
+            Outgoing::Close(1011, "no business worker")
+        );
+        assert_eq!(
+            out.try_recv().unwrap(),
+            Outgoing::Close(1011, "no business worker")
+        );
+        assert_eq!(f.router.stats.held_closed, 2);
+    }
+
+    #[test]
+    fn queues_are_bounded() {
+        let mut f = Fixture::new();
+        let mut out = f.client(7);
+        f.send(7, text(&"x".repeat(600)));
+        f.send(7, text(&"x".repeat(600)));
+        assert_eq!(
+            out.try_recv().unwrap(),
+            Outgoing::Close(1013, "too many unhandled messages")
+        );
+        let _a = f.link(1);
+        let mut out = f.client(8);
+        let big = Payload::Text("y".repeat(600));
+        for _ in 0..2 {
+            let msg = BusinessToGateway::SendTo {
+                client: 8,
+                message: big.clone(),
+            };
+            f.router.handle(ToRouter::Link { link: 1, msg }, f.now);
+        }
+        assert_eq!(out.try_recv().unwrap(), Outgoing::Message(big));
+        assert_eq!(
+            out.try_recv().unwrap(),
+            Outgoing::Close(1008, "send queue full")
+        );
+        assert_eq!(f.router.stats.overflowed, 2);
+    }
+}
