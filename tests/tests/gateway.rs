@@ -15,7 +15,7 @@ use tests::gateway::{
     FakeWorker, gateway_host, raw_upgrade_when_room, read_to_end_within, ws_when_room,
 };
 use tests::groups::{group, group_addr, group_pids};
-use tests::{Ws, pid_alive, ws_close_code};
+use tests::{Ws, get, metric, pid_alive, ws_close_code};
 
 async fn connect(addr: std::net::SocketAddr) -> Ws {
     let (ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/chat?room=a"))
@@ -281,4 +281,37 @@ async fn events_survive_a_worker_lost_mid_burst_and_a_drain_in_order_once_with_s
         vec!["still n=42 r=false".to_string()]
     );
     e.stop().await;
+
+    // /metrics: the gateway's series, labelled with its group.
+    let admin = host.admin_addr().await;
+    let gw = ["group=\"gw\""];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let body = get(admin, "/metrics").await.expect("GET /metrics").body;
+        if metric(&body, "gateway_clients", &gw) == 7.0 || tokio::time::Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let lines: Vec<&str> = body.lines().filter(|l| l.contains("gateway_")).collect();
+    assert_eq!(metric(&body, "gateway_clients", &gw), 7.0, "{lines:#?}");
+    assert_eq!(
+        metric(&body, "gateway_redelivered_events_total", &gw),
+        redelivered as f64,
+        "{lines:#?}"
+    );
+    assert_eq!(
+        metric(&body, "gateway_held_closed_clients_total", &gw),
+        1.0,
+        "{lines:#?}"
+    );
+    assert_eq!(
+        metric(&body, "gateway_unhandled_events", &gw),
+        0.0,
+        "{lines:#?}"
+    );
+    assert!(
+        metric(&body, "gateway_messages_total", &gw) >= 323.0,
+        "{lines:#?}"
+    );
 }

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::fd;
+use crate::plugin_metrics;
 use crate::protocol::{
     GatewaySpec, MasterToWorker, PluginInfo, StartupTimings, WorkerSpec, WorkerToMaster,
 };
@@ -198,7 +199,12 @@ async fn serve(
         slot: expect.0,
         next_client: AtomicU64::new(0),
     });
-    let routing = tokio::spawn(route(router_rx, gateway.clone()));
+    let series = table.as_ref().and_then(|(t, cell)| t.plugin_series(*cell));
+    let routing = tokio::spawn(route(
+        router_rx,
+        gateway.clone(),
+        series.map(Series::register),
+    ));
     let ready = WorkerToMaster::Ready {
         plugin: gateway_info(),
         startup: StartupTimings {
@@ -387,8 +393,13 @@ async fn serve_link(id: router::LinkId, stream: tokio::net::UnixStream, gateway:
     writer.abort();
 }
 
-/// The router's task: its steps, a tick for the holds, its counts mirrored.
-async fn route(mut rx: mpsc::UnboundedReceiver<router::ToRouter>, gateway: Arc<Gateway>) {
+/// The router's task: its steps, a tick for the holds, its counts mirrored into the process's
+/// counters and its `/metrics` series.
+async fn route(
+    mut rx: mpsc::UnboundedReceiver<router::ToRouter>,
+    gateway: Arc<Gateway>,
+    mut series: Option<Series>,
+) {
     let hold = Duration::from_millis(gateway.spec.hold_ms);
     let mut router = router::Router::new(hold, gateway.spec.send_queue, gateway.cell);
     let mut tick = tokio::time::interval(
@@ -407,6 +418,80 @@ async fn route(mut rx: mpsc::UnboundedReceiver<router::ToRouter>, gateway: Arc<G
         c.redelivered.store(s.redelivered, Ordering::Relaxed);
         c.held_closed.store(s.held_closed, Ordering::Relaxed);
         c.unhandled.store(s.unhandled, Ordering::Relaxed);
+        if let Some(series) = &mut series {
+            series.update(c);
+        }
+    }
+}
+
+/// The gateway's own series in `/metrics`, in its cell's plugin-series slots (labelled with the
+/// group as a plugin's are): clients held, events unhandled, events redelivered, clients closed
+/// at `gateway_hold`, messages received.
+struct Series {
+    slots: &'static crate::worker_table::PluginSeries,
+    /// (slot index, last value written) of each, in [`Series::NAMES`] order.
+    ids: Vec<Option<(usize, i64)>>,
+}
+
+impl Series {
+    const NAMES: [(&str, u8, &str); 5] = [
+        (
+            "gateway_clients",
+            plugin_metrics::GAUGE,
+            "WebSocket clients this gateway process holds",
+        ),
+        (
+            "gateway_unhandled_events",
+            plugin_metrics::GAUGE,
+            "client events not yet handled by a business worker",
+        ),
+        (
+            "gateway_redelivered_events",
+            plugin_metrics::COUNTER,
+            "client events sent again after their business worker left",
+        ),
+        (
+            "gateway_held_closed_clients",
+            plugin_metrics::COUNTER,
+            "clients closed with 1011 after gateway_hold without a business worker",
+        ),
+        (
+            "gateway_messages",
+            plugin_metrics::COUNTER,
+            "messages received from clients",
+        ),
+    ];
+
+    fn register(slots: &'static crate::worker_table::PluginSeries) -> Series {
+        let ids = Self::NAMES
+            .iter()
+            .map(|(name, kind, help)| {
+                plugin_metrics::register(slots, *kind, name, help, &[], &[])
+                    .ok()
+                    .map(|i| (i, 0))
+            })
+            .collect();
+        Series { slots, ids }
+    }
+
+    fn update(&mut self, c: &Counters) {
+        let values = [
+            c.clients.load(Ordering::Relaxed),
+            c.unhandled.load(Ordering::Relaxed),
+            c.redelivered.load(Ordering::Relaxed),
+            c.held_closed.load(Ordering::Relaxed),
+            c.messages.load(Ordering::Relaxed),
+        ];
+        for ((id, value), (_, kind, _)) in self.ids.iter_mut().zip(values).zip(Self::NAMES) {
+            let Some((i, last)) = id else { continue };
+            let value = value.min(i64::MAX as u64) as i64;
+            if kind == plugin_metrics::GAUGE {
+                plugin_metrics::set(self.slots, *i as i64, value);
+            } else if value > *last {
+                plugin_metrics::add(self.slots, *i as i64, value - *last);
+            }
+            *last = value;
+        }
     }
 }
 
