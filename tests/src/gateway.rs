@@ -148,7 +148,7 @@ impl FakeWorker {
                 let n = e["session"]["n"].as_u64().unwrap_or(0) + 1;
                 if let Some(t) = e["event"]["Text"].as_str() {
                     let r = e["redelivered"].as_bool().unwrap_or(false);
-                    let reply = serde_json::json!({"SendTo": {"client": client, "message": {"Text": format!("{t} n={n} r={r}")}}});
+                    let reply = serde_json::json!({"Send": {"to": {"Client": client}, "message": {"Text": format!("{t} n={n} r={r}")}}});
                     write_frame(&mut wr, &reply).await;
                 }
                 let done = serde_json::json!({"Handled": {"client": client, "seq": seq, "session": {"n": n}}});

@@ -68,6 +68,40 @@ pub enum GatewayToBusiness {
         session: serde_json::Value,
         event: ClientEvent,
     },
+    /// The answer to [`BusinessToGateway::Query`] `id`, for this gateway process's clients
+    /// (a worker adds up the answers of every gateway).
+    Answer { id: u64, answer: Answer },
+}
+
+/// Whom a send reaches (on this gateway process).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Target {
+    Client(ClientId),
+    /// Every client bound to this uid.
+    Uid(String),
+    /// Every member of this group.
+    Group(String),
+    All,
+}
+
+/// A presence question.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Query {
+    /// How many clients are bound to the uid.
+    UidCount(String),
+    /// How many clients the group has.
+    GroupCount(String),
+    /// The group's clients (at most [`MAX_MEMBERS`]).
+    GroupMembers(String),
+}
+
+/// Most client ids one [`Answer::Members`] carries.
+pub const MAX_MEMBERS: usize = 10_000;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Answer {
+    Count(u64),
+    Members(Vec<ClientId>),
 }
 
 /// A message for a client.
@@ -81,7 +115,10 @@ pub enum Payload {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum BusinessToGateway {
     /// First on a link: who the worker is (for the log).
-    Hello { pid: u32, generation: u64 },
+    Hello {
+        pid: u32,
+        generation: u64,
+    },
     /// The handler of the client's event `seq` returned; `session`: its new session.
     Handled {
         client: ClientId,
@@ -92,8 +129,35 @@ pub enum BusinessToGateway {
     /// The worker drains: no new events; those it has are still answered (or redelivered if
     /// the link drops first).
     Draining,
-    /// Send a message to one client.
-    SendTo { client: ClientId, message: Payload },
+    /// Send a message to a client, a uid, a group or everyone, except the clients listed.
+    Send {
+        to: Target,
+        message: Payload,
+        #[serde(default)]
+        except: Vec<ClientId>,
+    },
+    /// Bind a client to a uid (one uid per client: a new one replaces the old).
+    Bind {
+        client: ClientId,
+        uid: String,
+    },
+    Unbind {
+        client: ClientId,
+    },
+    /// Add a client to a group, or take it out.
+    Join {
+        client: ClientId,
+        group: String,
+    },
+    Leave {
+        client: ClientId,
+        group: String,
+    },
+    /// A presence question, answered with [`GatewayToBusiness::Answer`].
+    Query {
+        id: u64,
+        query: Query,
+    },
     /// Close one client with a code and reason.
     Close {
         client: ClientId,

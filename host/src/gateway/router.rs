@@ -11,8 +11,13 @@
 //! wait up to `gateway_hold`; then the client is closed with 1011 and counted. Every queue is
 //! bounded: unhandled events per client by `gateway_send_queue` bytes (past it: 1013), messages
 //! queued to a client by the same (past it: 1008).
+//!
+//! It also keeps who is who: the uid each client is bound to and the groups it joined (a uid or
+//! group name at most [`MAX_NAME`] bytes, at most [`MAX_GROUPS`] groups a client), sends to a
+//! client, a uid, a group or everyone (with exclusions), and answers presence questions for this
+//! process's clients.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,7 +25,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::link::{BusinessToGateway, ClientEvent, ClientId, GatewayToBusiness, Payload};
+use super::link::{
+    Answer, BusinessToGateway, ClientEvent, ClientId, GatewayToBusiness, MAX_MEMBERS, Payload,
+    Query, Target,
+};
 use crate::counters::Limit;
 use crate::ratelimit::RateLimit;
 
@@ -94,6 +102,8 @@ struct Client {
     held_since: Option<Instant>,
     /// Its `Close` event is queued: it leaves once that is handled.
     closing: bool,
+    uid: Option<String>,
+    groups: BTreeSet<String>,
 }
 
 struct Link {
@@ -108,11 +118,19 @@ pub(crate) struct Router {
     queue_max: usize,
     clients: HashMap<ClientId, Client>,
     links: BTreeMap<LinkId, Link>,
+    uids: HashMap<String, BTreeSet<ClientId>>,
+    groups: HashMap<String, BTreeSet<ClientId>>,
     pub(crate) stats: RouterStats,
     cell: Option<&'static crate::counters::Counters>,
 }
 
 static CLOSED: RateLimit = RateLimit::per_second();
+static REFUSED: RateLimit = RateLimit::per_second();
+
+/// Longest uid or group name.
+pub(crate) const MAX_NAME: usize = 256;
+/// Most groups one client joins.
+pub(crate) const MAX_GROUPS: usize = 256;
 
 impl Router {
     pub(crate) fn new(
@@ -125,6 +143,8 @@ impl Router {
             queue_max,
             clients: HashMap::new(),
             links: BTreeMap::new(),
+            uids: HashMap::new(),
+            groups: HashMap::new(),
             stats: RouterStats::default(),
             cell,
         }
@@ -151,6 +171,8 @@ impl Router {
                         in_flight: None,
                         held_since: None,
                         closing: false,
+                        uid: None,
+                        groups: BTreeSet::new(),
                     },
                 );
                 self.event(client, connect, now);
@@ -328,7 +350,50 @@ impl Router {
                 // Clients with nothing in flight there move on their next event; those with
                 // one move once it is answered (or the link drops).
             }
-            BusinessToGateway::SendTo { client, message } => self.send(client, message),
+            BusinessToGateway::Send {
+                to,
+                message,
+                except,
+            } => {
+                let except: BTreeSet<ClientId> = except.into_iter().collect();
+                for id in self.recipients(&to) {
+                    if !except.contains(&id) {
+                        self.send(id, message.clone());
+                    }
+                }
+            }
+            BusinessToGateway::Bind { client, uid } => self.bind(client, Some(uid)),
+            BusinessToGateway::Unbind { client } => self.bind(client, None),
+            BusinessToGateway::Join { client, group } => self.join(client, group),
+            BusinessToGateway::Leave { client, group } => {
+                if let Some(c) = self.clients.get_mut(&client)
+                    && c.groups.remove(&group)
+                {
+                    forget(&mut self.groups, &group, client);
+                }
+            }
+            BusinessToGateway::Query { id, query } => {
+                let answer = match &query {
+                    Query::UidCount(uid) => {
+                        Answer::Count(self.uids.get(uid).map_or(0, |s| s.len() as u64))
+                    }
+                    Query::GroupCount(g) => {
+                        Answer::Count(self.groups.get(g).map_or(0, |s| s.len() as u64))
+                    }
+                    Query::GroupMembers(g) => Answer::Members(
+                        self.groups
+                            .get(g)
+                            .into_iter()
+                            .flatten()
+                            .take(MAX_MEMBERS)
+                            .copied()
+                            .collect(),
+                    ),
+                };
+                if let Some(l) = self.links.get(&link) {
+                    let _ = l.tx.send(GatewayToBusiness::Answer { id, answer });
+                }
+            }
             BusinessToGateway::Close {
                 client,
                 code,
@@ -345,6 +410,52 @@ impl Router {
                         .send(Outgoing::Close(code, "closed by the application"));
                 }
             }
+        }
+    }
+
+    /// The clients a send to `to` reaches, in id order.
+    fn recipients(&self, to: &Target) -> Vec<ClientId> {
+        let mut ids: Vec<ClientId> = match to {
+            Target::Client(id) => vec![*id],
+            Target::Uid(uid) => self.uids.get(uid).into_iter().flatten().copied().collect(),
+            Target::Group(g) => self.groups.get(g).into_iter().flatten().copied().collect(),
+            Target::All => self.clients.keys().copied().collect(),
+        };
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Binds a client to `uid` (replacing its uid), or unbinds it.
+    fn bind(&mut self, id: ClientId, uid: Option<String>) {
+        if uid.as_ref().is_some_and(|u| u.len() > MAX_NAME) {
+            refused("a uid over 256 bytes");
+            return;
+        }
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if let Some(old) = std::mem::replace(&mut c.uid, uid.clone()) {
+            forget(&mut self.uids, &old, id);
+        }
+        if let Some(uid) = uid {
+            self.uids.entry(uid).or_default().insert(id);
+        }
+    }
+
+    fn join(&mut self, id: ClientId, group: String) {
+        if group.len() > MAX_NAME {
+            refused("a group name over 256 bytes");
+            return;
+        }
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if c.groups.len() >= MAX_GROUPS && !c.groups.contains(&group) {
+            refused("a client in 256 groups already");
+            return;
+        }
+        if c.groups.insert(group.clone()) {
+            self.groups.entry(group).or_default().insert(id);
         }
     }
 
@@ -410,10 +521,33 @@ impl Router {
 
     fn remove(&mut self, id: ClientId) -> Option<Client> {
         let c = self.clients.remove(&id)?;
+        if let Some(uid) = &c.uid {
+            forget(&mut self.uids, uid, id);
+        }
+        for g in &c.groups {
+            forget(&mut self.groups, g, id);
+        }
         if let Some(l) = c.link.and_then(|l| self.links.get_mut(&l)) {
             l.clients = l.clients.saturating_sub(1);
         }
         Some(c)
+    }
+}
+
+/// Takes `id` out of `name`'s set, and the set out of `map` once empty.
+fn forget(map: &mut HashMap<String, BTreeSet<ClientId>>, name: &str, id: ClientId) {
+    if let Some(set) = map.get_mut(name) {
+        set.remove(&id);
+        if set.is_empty() {
+            map.remove(name);
+        }
+    }
+}
+
+/// Logs (at most once a second) a command refused at a bound.
+fn refused(what: &'static str) {
+    if let Some(suppressed) = REFUSED.hit_named(what) {
+        tracing::warn!(suppressed, "gateway refused a business command: {what}");
     }
 }
 
@@ -511,7 +645,9 @@ mod tests {
         f.handled(2, 7, 1);
         assert_eq!(events(&mut a), vec![]);
         f.handled(1, 7, 1);
-        let GatewayToBusiness::Event { seq, session, .. } = a.try_recv().unwrap();
+        let Ok(GatewayToBusiness::Event { seq, session, .. }) = a.try_recv() else {
+            panic!("expected the next event");
+        };
         assert_eq!((seq, session), (2, serde_json::json!({ "seen": 1 })));
         assert_eq!(f.router.stats.unhandled, 1);
     }
@@ -600,9 +736,10 @@ mod tests {
         let mut out = f.client(8);
         let big = Payload::Text("y".repeat(600));
         for _ in 0..2 {
-            let msg = BusinessToGateway::SendTo {
-                client: 8,
+            let msg = BusinessToGateway::Send {
+                to: Target::Client(8),
                 message: big.clone(),
+                except: Vec::new(),
             };
             f.router.handle(ToRouter::Link { link: 1, msg }, f.now);
         }
@@ -612,5 +749,110 @@ mod tests {
             Outgoing::Close(1008, "send queue full")
         );
         assert_eq!(f.router.stats.overflowed, 2);
+    }
+
+    fn said(f: &mut Fixture, msg: BusinessToGateway) {
+        f.router.handle(ToRouter::Link { link: 1, msg }, f.now);
+    }
+
+    fn texts(rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(Outgoing::Message(Payload::Text(t))) = rx.try_recv() {
+            out.push(t);
+        }
+        out
+    }
+
+    #[test]
+    fn uids_groups_sends_with_exclusions_and_presence() {
+        let mut f = Fixture::new();
+        let mut a = f.link(1);
+        let mut c7 = f.client(7);
+        let mut c8 = f.client(8);
+        let mut c9 = f.client(9);
+        let bind = |client, uid: &str| BusinessToGateway::Bind {
+            client,
+            uid: uid.into(),
+        };
+        let join = |client, group: &str| BusinessToGateway::Join {
+            client,
+            group: group.into(),
+        };
+        said(&mut f, bind(7, "ann"));
+        said(&mut f, bind(8, "ann"));
+        said(&mut f, bind(9, "bob"));
+        said(&mut f, join(7, "room"));
+        said(&mut f, join(9, "room"));
+        let send = |to, text: &str, except: Vec<ClientId>| BusinessToGateway::Send {
+            to,
+            message: Payload::Text(text.into()),
+            except,
+        };
+        said(&mut f, send(Target::Uid("ann".into()), "to ann", vec![]));
+        said(
+            &mut f,
+            send(Target::Group("room".into()), "to room", vec![7]),
+        );
+        said(&mut f, send(Target::All, "to all", vec![8]));
+        said(&mut f, send(Target::Client(9), "to 9", vec![]));
+        assert_eq!(texts(&mut c7), ["to ann", "to all"]);
+        assert_eq!(texts(&mut c8), ["to ann"]);
+        assert_eq!(texts(&mut c9), ["to room", "to all", "to 9"]);
+
+        // Presence, answered on the asking link.
+        let _ = events(&mut a);
+        let ask = |id, query| BusinessToGateway::Query { id, query };
+        said(&mut f, ask(1, Query::UidCount("ann".into())));
+        said(&mut f, ask(2, Query::GroupMembers("room".into())));
+        said(&mut f, ask(3, Query::GroupCount("nobody".into())));
+        let answers: Vec<_> = std::iter::from_fn(|| a.try_recv().ok()).collect();
+        assert_eq!(
+            answers,
+            [
+                GatewayToBusiness::Answer {
+                    id: 1,
+                    answer: Answer::Count(2)
+                },
+                GatewayToBusiness::Answer {
+                    id: 2,
+                    answer: Answer::Members(vec![7, 9])
+                },
+                GatewayToBusiness::Answer {
+                    id: 3,
+                    answer: Answer::Count(0)
+                },
+            ]
+        );
+
+        // A new uid replaces the old; leave, unbind; a client that leaves is forgotten.
+        said(&mut f, bind(8, "cat"));
+        said(
+            &mut f,
+            BusinessToGateway::Leave {
+                client: 9,
+                group: "room".into(),
+            },
+        );
+        said(&mut f, BusinessToGateway::Unbind { client: 9 });
+        f.handled(1, 7, 0);
+        f.send(
+            7,
+            ClientEvent::Close {
+                code: 1000,
+                reason: String::new(),
+            },
+        );
+        f.handled(1, 7, 1);
+        assert!(!f.router.uids.contains_key("ann") && f.router.groups.is_empty());
+        assert_eq!(f.router.uids.keys().collect::<Vec<_>>(), ["cat"]);
+
+        // Bounds: names, and groups per client.
+        said(&mut f, bind(8, &"u".repeat(MAX_NAME + 1)));
+        assert_eq!(f.router.clients[&8].uid.as_deref(), Some("cat"));
+        for g in 0..MAX_GROUPS + 5 {
+            said(&mut f, join(8, &format!("g{g}")));
+        }
+        assert_eq!(f.router.clients[&8].groups.len(), MAX_GROUPS);
+        assert_eq!(f.router.groups.len(), MAX_GROUPS);
     }
 }
