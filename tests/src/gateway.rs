@@ -92,9 +92,8 @@ pub async fn read_to_end_within(s: &mut TcpStream, within: Duration) -> Vec<u8> 
 }
 
 /// A business worker played by the test, speaking the gateway's link protocol (length-prefixed
-/// JSON frames, `host/src/gateway/link.rs`) on the gateway's link socket. Each text message
-/// `T` is answered to its client as `T n=N r=R` (N: the client's events handled so far, read
-/// from and kept in its session; R: the event came `redelivered`), then acknowledged.
+/// JSON frames, `host/src/gateway/link.rs`) on the gateway's link socket. Each text message is
+/// one of [`commands`]', then acknowledged with the client's session (`n`: its events handled).
 pub struct FakeWorker {
     /// Sends `Draining` on the link when fired.
     drain: Option<tokio::sync::oneshot::Sender<()>>,
@@ -147,9 +146,9 @@ impl FakeWorker {
                 let (client, seq) = (e["client"].clone(), e["seq"].clone());
                 let n = e["session"]["n"].as_u64().unwrap_or(0) + 1;
                 if let Some(t) = e["event"]["Text"].as_str() {
-                    let r = e["redelivered"].as_bool().unwrap_or(false);
-                    let reply = serde_json::json!({"Send": {"to": {"Client": client}, "message": {"Text": format!("{t} n={n} r={r}")}}});
-                    write_frame(&mut wr, &reply).await;
+                    for command in commands(&client, t, e["redelivered"].as_bool(), n) {
+                        write_frame(&mut wr, &command).await;
+                    }
                 }
                 let done = serde_json::json!({"Handled": {"client": client, "seq": seq, "session": {"n": n}}});
                 write_frame(&mut wr, &done).await;
@@ -177,6 +176,39 @@ impl FakeWorker {
     /// Whether it ended by itself (`die_after` reached).
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
+    }
+}
+
+/// The link commands for a client's text message `t` (its `n`-th event; `r`: redelivered):
+/// `nick N` binds it to uid N (answer `nick N`), `join R` joins group R (answer `joined R`),
+/// `say R T` sends T to group R, `to N T` sends T to uid N; anything else is answered to the
+/// client alone as `t n=N r=R`.
+fn commands(
+    client: &serde_json::Value,
+    t: &str,
+    r: Option<bool>,
+    n: u64,
+) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let send = |to: serde_json::Value, text: String| json!({"Send": {"to": to, "message": {"Text": text}}});
+    let mut words = t.splitn(3, ' ');
+    match (words.next(), words.next(), words.next()) {
+        (Some("nick"), Some(name), None) => vec![
+            json!({"Bind": {"client": client, "uid": name}}),
+            send(json!({"Client": client}), format!("nick {name}")),
+        ],
+        (Some("join"), Some(room), None) => vec![
+            json!({"Join": {"client": client, "group": room}}),
+            send(json!({"Client": client}), format!("joined {room}")),
+        ],
+        (Some("say"), Some(room), Some(text)) => {
+            vec![send(json!({"Group": room}), text.to_string())]
+        }
+        (Some("to"), Some(name), Some(text)) => vec![send(json!({"Uid": name}), text.to_string())],
+        _ => vec![send(
+            json!({"Client": client}),
+            format!("{t} n={n} r={}", r.unwrap_or(false)),
+        )],
     }
 }
 

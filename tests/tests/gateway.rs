@@ -315,3 +315,42 @@ async fn events_survive_a_worker_lost_mid_burst_and_a_drain_in_order_once_with_s
         "{lines:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_to_a_uid_or_a_group_reach_clients_handled_by_other_workers() {
+    let host = gateway_host("").await;
+    let addr = group_addr(&host.status().await, "gw");
+    let link = host.dir.path().join("state/gateway/gw-0.sock");
+    // Clients 0 and 1 on worker A, client 2 on worker B.
+    let a = FakeWorker::start(&link, None).await;
+    let mut c = vec![connect(addr).await, connect(addr).await];
+    let b = FakeWorker::start(&link, None).await;
+    c.push(connect(addr).await);
+    for (i, command, answer) in [
+        (0, "nick ann", "nick ann"),
+        (1, "nick ann", "nick ann"),
+        (2, "nick bob", "nick bob"),
+        (0, "join room", "joined room"),
+        (2, "join room", "joined room"),
+    ] {
+        c[i].send(Message::Text(command.into())).await.unwrap();
+        assert_eq!(texts(&mut c[i], 1).await, [answer]);
+    }
+    // From A's client to the room (one of them B's), and from B's client to ann's two clients.
+    c[1].send(Message::Text("say room hi".into()))
+        .await
+        .unwrap();
+    assert_eq!(texts(&mut c[0], 1).await, ["hi"]);
+    assert_eq!(texts(&mut c[2], 1).await, ["hi"]);
+    c[2].send(Message::Text("to ann yo".into())).await.unwrap();
+    assert_eq!(texts(&mut c[0], 1).await, ["yo"]);
+    assert_eq!(texts(&mut c[1], 1).await, ["yo"]);
+    // Nothing else arrived: the next answer each gets is its own echo.
+    for (i, ws) in c.iter_mut().enumerate() {
+        ws.send(Message::Text("echo".into())).await.unwrap();
+        let got = texts(ws, 1).await;
+        assert!(got[0].starts_with("echo n="), "client {i}: {got:?}");
+    }
+    a.stop().await;
+    b.stop().await;
+}

@@ -305,8 +305,14 @@ impl Router {
         c.in_flight = Some(link);
         c.held_since = None;
         if !sent {
-            // Its task is gone: the link is down, and this event goes elsewhere.
-            self.link_down(link, now);
+            // Its writer is gone (the worker left): it gets no new events, and this one stays
+            // in flight there until the link's reader ends ([`ToRouter::LinkDown`]), after
+            // every answer the worker sent before it left was read; then it is redelivered.
+            // Declaring the link down here would redeliver events whose answers are still
+            // on their way: a duplicate.
+            if let Some(l) = self.links.get_mut(&link) {
+                l.draining = true;
+            }
         }
     }
 
@@ -854,5 +860,28 @@ mod tests {
         }
         assert_eq!(f.router.clients[&8].groups.len(), MAX_GROUPS);
         assert_eq!(f.router.groups.len(), MAX_GROUPS);
+    }
+
+    #[test]
+    fn a_link_whose_writer_is_gone_keeps_its_event_until_its_answers_are_read() {
+        let mut f = Fixture::new();
+        let a = f.link(1);
+        drop(a);
+        let _c = f.client(7);
+        // The worker's answer, read after its writer failed, still counts: no duplicate.
+        f.handled(1, 7, 0);
+        let mut b = f.link(2);
+        f.send(7, text("m1"));
+        assert_eq!(events(&mut b), vec![(7, 1, false, text("m1"))]);
+        assert_eq!(f.router.stats.redelivered, 0);
+        // And an event it never answered goes on when its reader ends.
+        let mut f = Fixture::new();
+        drop(f.link(1));
+        let _c = f.client(7);
+        let mut b = f.link(2);
+        assert_eq!(events(&mut b), vec![]);
+        f.router.handle(ToRouter::LinkDown { link: 1 }, f.now);
+        assert_eq!(events(&mut b).len(), 1);
+        assert_eq!(f.router.stats.redelivered, 1);
     }
 }
