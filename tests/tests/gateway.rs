@@ -282,13 +282,17 @@ async fn events_survive_a_worker_lost_mid_burst_and_a_drain_in_order_once_with_s
     );
     e.stop().await;
 
-    // /metrics: the gateway's series, labelled with its group.
+    // /metrics: the gateway's series, labelled with its group (the gauges are read at the
+    // router's tick, every 250 ms at most).
     let admin = host.admin_addr().await;
     let gw = ["group=\"gw\""];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let body = loop {
         let body = get(admin, "/metrics").await.expect("GET /metrics").body;
-        if metric(&body, "gateway_clients", &gw) == 7.0 || tokio::time::Instant::now() > deadline {
+        if (metric(&body, "gateway_clients", &gw) == 7.0
+            && metric(&body, "gateway_unhandled_events", &gw) == 0.0)
+            || tokio::time::Instant::now() > deadline
+        {
             break body;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

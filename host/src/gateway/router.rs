@@ -200,10 +200,10 @@ impl Router {
             ToRouter::Link { link, msg } => self.link_said(link, msg, now),
             ToRouter::LinkDown { link } => self.link_down(link, now),
         }
-        self.count_unhandled();
     }
 
-    /// Closes the clients whose events waited `gateway_hold` for a worker.
+    /// Closes the clients whose events waited `gateway_hold` for a worker, and counts the
+    /// events unhandled (here, not at each step: it reads every client).
     pub(crate) fn tick(&mut self, now: Instant) {
         let expired: Vec<ClientId> = self
             .clients
@@ -655,6 +655,7 @@ mod tests {
             panic!("expected the next event");
         };
         assert_eq!((seq, session), (2, serde_json::json!({ "seen": 1 })));
+        f.router.tick(f.now);
         assert_eq!(f.router.stats.unhandled, 1);
     }
 
