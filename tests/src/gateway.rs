@@ -93,7 +93,8 @@ pub async fn read_to_end_within(s: &mut TcpStream, within: Duration) -> Vec<u8> 
 
 /// A business worker played by the test, speaking the gateway's link protocol (length-prefixed
 /// JSON frames, `host/src/gateway/link.rs`) on the gateway's link socket. Each text message is
-/// one of [`commands`]', then acknowledged with the client's session (`n`: its events handled).
+/// one of [`commands`], then acknowledged with the client's session (`n`: its events handled);
+/// a connect to `/refuse` is refused with `403`.
 pub struct FakeWorker {
     /// Sends `Draining` on the link when fired.
     drain: Option<tokio::sync::oneshot::Sender<()>>,
@@ -150,7 +151,9 @@ impl FakeWorker {
                         write_frame(&mut wr, &command).await;
                     }
                 }
-                let done = serde_json::json!({"Handled": {"client": client, "seq": seq, "session": {"n": n}}});
+                // A connect to `/refuse` is refused with 403.
+                let refuse = (e["event"]["Connect"]["path"] == "/refuse").then_some(403);
+                let done = serde_json::json!({"Handled": {"client": client, "seq": seq, "session": {"n": n}, "refuse": refuse}});
                 write_frame(&mut wr, &done).await;
             }
         });

@@ -53,6 +53,8 @@ async fn gateway_clients_stay_connected_through_business_reloads_and_get_pinged(
     let link = host.dir.path().join("state/gateway/gw-0.sock");
     assert!(link.exists(), "no link socket at {}", link.display());
 
+    // A business worker (played by the test) answers the clients' connects.
+    let worker = FakeWorker::start(&link, None).await;
     let mut clients = Vec::new();
     for _ in 0..5 {
         clients.push(connect(addr).await);
@@ -94,6 +96,7 @@ async fn gateway_clients_stay_connected_through_business_reloads_and_get_pinged(
     }
     let out = stop.await.unwrap();
     assert!(out.status.success(), "{}", host.explain(&out));
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,6 +106,8 @@ async fn gateway_bounds_refuse_before_the_upgrade_and_close_with_their_codes() {
     )
     .await;
     let addr = group_addr(&host.status().await, "gw");
+    let link = host.dir.path().join("state/gateway/gw-0.sock");
+    let worker = FakeWorker::start(&link, None).await;
 
     // Two clients fill the gateway; a third is answered 503 instead of the upgrade.
     let mut a = connect(addr).await;
@@ -167,6 +172,7 @@ async fn gateway_bounds_refuse_before_the_upgrade_and_close_with_their_codes() {
     ] {
         assert!(host.limit_hits(limit).await >= 1, "no {limit} in /metrics");
     }
+    worker.stop().await;
 }
 
 /// The next `k` text messages on `ws` (pings answered on the way), 20 s at most each.
@@ -322,7 +328,7 @@ async fn events_survive_a_worker_lost_mid_burst_and_a_drain_in_order_once_with_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_to_a_uid_or_a_group_reach_clients_handled_by_other_workers() {
-    let host = gateway_host("").await;
+    let host = gateway_host("gateway_hold = \"1s\"").await;
     let addr = group_addr(&host.status().await, "gw");
     let link = host.dir.path().join("state/gateway/gw-0.sock");
     // Clients 0 and 1 on worker A, client 2 on worker B.
@@ -355,6 +361,22 @@ async fn sends_to_a_uid_or_a_group_reach_clients_handled_by_other_workers() {
         let got = texts(ws, 1).await;
         assert!(got[0].starts_with("echo n="), "client {i}: {got:?}");
     }
+    // The business may refuse a connect with an HTTP status: no 101, no client.
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/refuse")).await {
+        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("expected 403 from the business, got {other:?}"),
+    }
     a.stop().await;
     b.stop().await;
+    // With no business worker, a connect waits gateway_hold (1s here), then gets 503.
+    let started = std::time::Instant::now();
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/chat")).await {
+        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 503),
+        other => panic!("expected 503 with no business worker, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -1,5 +1,6 @@
-//! One WebSocket client of a gateway process: the upgrade (refused with `503` at
-//! `gateway_max_clients`, bounded by `header_read_timeout`), then reading its messages with
+//! One WebSocket client of a gateway process: the upgrade (its request head read here, at most
+//! 16 KiB within `header_read_timeout`; refused with `503` at `gateway_max_clients`; then the
+//! business answers its `Connect`, with the `101` or an HTTP status), then reading its messages with
 //! message and frame sizes bounded, a ping after `gateway_ping_interval` of silence and a
 //! disconnect when nothing answers within `gateway_ping_timeout`, and the close codes: `1009`
 //! for an oversized message, `1007` for invalid UTF-8 in a text message, `1002` for a protocol
@@ -19,7 +20,6 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
@@ -32,6 +32,136 @@ use crate::ratelimit::RateLimit;
 
 /// How long the client may take to answer our Close frame before the socket is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// Largest request head a client may send.
+const MAX_HEAD: usize = 16 << 10;
+
+/// Reads up to the end of the request head (`\r\n\r\n`), at most [`MAX_HEAD`] bytes; what came
+/// with it stays in the buffer. `None`: the client left, or sent too much.
+async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        let from = head.len().saturating_sub(3);
+        head.extend_from_slice(&chunk[..n]);
+        if head[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+            return Some(head);
+        }
+        if head.len() > MAX_HEAD {
+            return None;
+        }
+    }
+}
+
+/// The `Connect` event of a WebSocket upgrade request; `None`: not one.
+fn parse_connect(head: &[u8]) -> Option<ClientEvent> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let upgrade = request.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("upgrade") && h.value.eq_ignore_ascii_case(b"websocket")
+    });
+    if request.method != Some("GET") || !upgrade {
+        return None;
+    }
+    let target = request.path?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Some(ClientEvent::Connect {
+        path: path.to_string(),
+        query: query.to_string(),
+        headers: request
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect(),
+    })
+}
+
+/// Answers the upgrade request with `status` and no body, instead of the `101`.
+async fn answer(stream: &mut TcpStream, status: u16) {
+    use tokio::io::AsyncWriteExt as _;
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let text =
+        format!("HTTP/1.1 {status} {reason}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    let _ = tokio::time::timeout(CLOSE_WAIT, stream.write_all(text.as_bytes())).await;
+}
+
+/// The client's connection with the bytes read before the upgrade put back in front.
+pub(super) struct Replay {
+    head: Vec<u8>,
+    at: usize,
+    inner: TcpStream,
+}
+
+impl tokio::io::AsyncRead for Replay {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.head.len() {
+            let n = buf.remaining().min(this.head.len() - this.at);
+            buf.put_slice(&this.head[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.head.len() {
+                this.head = Vec::new();
+                this.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Replay {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl Payload {
+    /// Its size in the client's queue, and the message.
+    fn into_message(self) -> (usize, Message) {
+        match self {
+            Payload::Text(t) => (t.len(), Message::Text(t.into())),
+            Payload::Binary(b) => (b.len(), Message::Binary(b.into())),
+        }
+    }
+}
 
 /// A client slot, given back when dropped.
 struct Slot(Arc<Gateway>);
@@ -50,29 +180,19 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
         .max_message_size(Some(spec.max_message))
         .max_frame_size(Some(spec.max_message))
         .max_write_buffer_size(spec.send_queue.max(64 << 10));
-    let mut slot = None;
-    let mut connect = None;
-    // The callback's type is tungstenite's `Callback`: its error is the response it sends.
-    #[allow(clippy::result_large_err)]
-    let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        if gateway.reserve() {
-            slot = Some(Slot(gateway.clone()));
-            connect = Some(ClientEvent::Connect {
-                path: request.uri().path().to_string(),
-                query: request.uri().query().unwrap_or("").to_string(),
-                headers: request
-                    .headers()
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                        )
-                    })
-                    .collect(),
-            });
-            return Ok(response);
-        }
+    // The request head is read here (bounded in size and time), so that the business answers
+    // the `Connect` before the `101`.
+    let mut stream = stream;
+    let head = match tokio::time::timeout(gateway.handshake_timeout, read_head(&mut stream)).await {
+        Ok(Some(head)) => head,
+        // Too slow, too large, or gone: nothing was held.
+        _ => return,
+    };
+    let Some(connect) = parse_connect(&head) else {
+        answer(&mut stream, 400).await;
+        return;
+    };
+    if !gateway.reserve() {
         gateway.counters.refused.fetch_add(1, Ordering::Relaxed);
         gateway.limit_hit(Limit::GatewayClients);
         if let Some(suppressed) = CLOSED.hit_named("gateway_max_clients") {
@@ -82,19 +202,10 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
                 "gateway refused a client: at gateway_max_clients (503)"
             );
         }
-        let mut refusal = ErrorResponse::new(Some("too many clients\n".into()));
-        *refusal.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-        Err(refusal)
-    };
-    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
-    let mut ws = match tokio::time::timeout(gateway.handshake_timeout, upgrade).await {
-        Ok(Ok(ws)) => ws,
-        // Not a WebSocket upgrade, too slow, or refused: nothing was held.
-        Ok(Err(_)) | Err(_) => return,
-    };
-    let (Some(_slot), Some(connect)) = (slot, connect) else {
+        answer(&mut stream, 503).await;
         return;
-    };
+    }
+    let _slot = Slot(gateway.clone());
     let client = gateway.client_id();
     let (out_tx, mut out) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
@@ -106,6 +217,64 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
     };
     if gateway.router.send(open).is_err() {
         return;
+    }
+    // The business's answer to the `Connect` (the router holds it at most `gateway_hold`
+    // while no worker is linked). Messages sent to the client meanwhile wait for the upgrade
+    // (counted in `queued`, so bounded).
+    let wait = Duration::from_millis(gateway.spec.hold_ms) + gateway.handshake_timeout;
+    let mut early = Vec::new();
+    let verdict = tokio::time::timeout(wait, async {
+        loop {
+            match out.recv().await {
+                Some(Outgoing::Accept) => return Ok(()),
+                Some(Outgoing::Refuse(status)) => return Err((status, false)),
+                Some(Outgoing::Message(m)) => early.push(m),
+                Some(Outgoing::Close(..)) | None => return Err((503, false)),
+            }
+        }
+    })
+    .await
+    .unwrap_or(Err((503, true)));
+    if let Err((status, still_known)) = verdict {
+        if still_known {
+            // The router still has it: it leaves once its events are handled.
+            let _ = gateway.router.send(ToRouter::Event {
+                client,
+                event: ClientEvent::Close {
+                    code: 1006,
+                    reason: String::new(),
+                },
+            });
+        }
+        answer(&mut stream, status).await;
+        return;
+    }
+    let replay = Replay {
+        head,
+        at: 0,
+        inner: stream,
+    };
+    let upgrade = tokio_tungstenite::accept_async_with_config(replay, Some(config));
+    let mut ws = match tokio::time::timeout(gateway.handshake_timeout, upgrade).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(_)) | Err(_) => {
+            let _ = gateway.router.send(ToRouter::Event {
+                client,
+                event: ClientEvent::Close {
+                    code: 1006,
+                    reason: String::new(),
+                },
+            });
+            return;
+        }
+    };
+    for payload in early {
+        let (size, message) = payload.into_message();
+        let sent = ws.send(message).await;
+        queued.fetch_sub(size, Ordering::AcqRel);
+        if sent.is_err() {
+            break;
+        }
     }
     let mut conn = Conn {
         ws: &mut ws,
@@ -191,7 +360,7 @@ enum End {
 
 /// A client past its upgrade, as the read loop sees it.
 struct Conn<'a> {
-    ws: &'a mut WebSocketStream<TcpStream>,
+    ws: &'a mut WebSocketStream<Replay>,
     gateway: &'a Gateway,
     client: ClientId,
     out: &'a mut mpsc::UnboundedReceiver<Outgoing>,
@@ -249,10 +418,7 @@ impl Conn<'_> {
                 }
                 order = self.out.recv() => match order {
                     Some(Outgoing::Message(payload)) => {
-                        let (size, message) = match payload {
-                            Payload::Text(t) => (t.len(), Message::Text(t.into())),
-                            Payload::Binary(b) => (b.len(), Message::Binary(b.into())),
-                        };
+                        let (size, message) = payload.into_message();
                         let sent = self.ws.send(message).await;
                         self.queued.fetch_sub(size, Ordering::AcqRel);
                         if sent.is_err() {
@@ -260,6 +426,8 @@ impl Conn<'_> {
                         }
                     }
                     Some(Outgoing::Close(code, reason)) => return End::ByRouter(code, reason),
+                    // Answers to the `Connect`: past the upgrade already.
+                    Some(Outgoing::Accept | Outgoing::Refuse(_)) => {}
                     None => return End::Draining,
                 },
                 () = tokio::time::sleep_until(wake) => {
@@ -279,7 +447,7 @@ impl Conn<'_> {
 
 /// Sends a Close frame and, when `wait`, reads until the client answers it (at most
 /// [`CLOSE_WAIT`]); then the socket is dropped.
-async fn close(ws: &mut WebSocketStream<TcpStream>, code: CloseCode, reason: &str, wait: bool) {
+async fn close(ws: &mut WebSocketStream<Replay>, code: CloseCode, reason: &str, wait: bool) {
     let frame = CloseFrame {
         code,
         reason: reason.into(),

@@ -119,12 +119,16 @@ pub enum BusinessToGateway {
         pid: u32,
         generation: u64,
     },
-    /// The handler of the client's event `seq` returned; `session`: its new session.
+    /// The handler of the client's event `seq` returned; `session`: its new session. For a
+    /// `Connect`, `refuse` answers the upgrade with that HTTP status (400 to 599) instead of
+    /// the `101`.
     Handled {
         client: ClientId,
         seq: u64,
         #[serde(default)]
         session: Option<serde_json::Value>,
+        #[serde(default)]
+        refuse: Option<u16>,
     },
     /// The worker drains: no new events; those it has are still answered (or redelivered if
     /// the link drops first).

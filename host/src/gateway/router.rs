@@ -35,7 +35,12 @@ use crate::ratelimit::RateLimit;
 /// What the router tells a client's task.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Outgoing {
+    /// The business took its `Connect`: answer the upgrade with `101`.
+    Accept,
+    /// The business refused its `Connect`: answer the upgrade with this status.
+    Refuse(u16),
     Message(Payload),
+    /// Close it (before the upgrade: `503`).
     Close(u16, &'static str),
 }
 
@@ -323,6 +328,7 @@ impl Router {
                 client,
                 seq,
                 session,
+                refuse,
             } => {
                 let Some(c) = self.clients.get_mut(&client) else {
                     return;
@@ -335,6 +341,24 @@ impl Router {
                 let done = c.queue.pop_front().expect("front");
                 c.queue_bytes -= done.event.size();
                 c.in_flight = None;
+                if let ClientEvent::Connect { .. } = done.event {
+                    match refuse {
+                        Some(status) => {
+                            let status = if (400..600).contains(&status) {
+                                status
+                            } else {
+                                403
+                            };
+                            let _ = c.out.send(Outgoing::Refuse(status));
+                            // It never upgraded: no `Close` event follows.
+                            self.remove(client);
+                            return;
+                        }
+                        None => {
+                            let _ = c.out.send(Outgoing::Accept);
+                        }
+                    }
+                }
                 if let Some(session) = session {
                     let size = serde_json::to_vec(&session).map_or(usize::MAX, |v| v.len());
                     if size <= self.queue_max {
@@ -611,6 +635,7 @@ mod tests {
                 client,
                 seq,
                 session: Some(serde_json::json!({ "seen": seq })),
+                refuse: None,
             };
             self.router.handle(ToRouter::Link { link, msg }, self.now);
         }
@@ -722,6 +747,7 @@ mod tests {
             out8.try_recv().unwrap(),
             Outgoing::Close(1011, "no business worker")
         );
+        assert_eq!(out.try_recv().unwrap(), Outgoing::Accept);
         assert_eq!(
             out.try_recv().unwrap(),
             Outgoing::Close(1011, "no business worker")
@@ -884,5 +910,24 @@ mod tests {
         f.router.handle(ToRouter::LinkDown { link: 1 }, f.now);
         assert_eq!(events(&mut b).len(), 1);
         assert_eq!(f.router.stats.redelivered, 1);
+    }
+
+    #[test]
+    fn a_connect_is_accepted_or_refused_by_its_answer() {
+        let mut f = Fixture::new();
+        let _a = f.link(1);
+        let mut yes = f.client(7);
+        let mut no = f.client(8);
+        f.handled(1, 7, 0);
+        let msg = BusinessToGateway::Handled {
+            client: 8,
+            seq: 0,
+            session: None,
+            refuse: Some(401),
+        };
+        said(&mut f, msg);
+        assert_eq!(yes.try_recv().unwrap(), Outgoing::Accept);
+        assert_eq!(no.try_recv().unwrap(), Outgoing::Refuse(401));
+        assert!(f.router.clients.contains_key(&7) && !f.router.clients.contains_key(&8));
     }
 }
