@@ -152,6 +152,9 @@ pub struct Config {
     /// `gateway = true`: this group's processes are WebSocket gateways (no plugin), with these
     /// bounds; `None`: an ordinary plugin group.
     pub gateway: Option<GatewayConfig>,
+    /// A business group's links: the link socket of every process of every gateway group
+    /// naming this group as its `business` (filled by [`Config::parse_all`]); empty otherwise.
+    pub gateway_links: Vec<PathBuf>,
 }
 
 /// A gateway group's keys (`gateway = true`, `business`, `gateway_*`).
@@ -608,6 +611,18 @@ impl Config {
                 ));
             }
         }
+        let links: Vec<(String, PathBuf)> = all
+            .iter()
+            .filter_map(|g| Some((g.gateway.as_ref()?, g)))
+            .flat_map(|(gw, g)| {
+                (0..g.workers as u32).map(|slot| (gw.business.clone(), g.gateway_link_socket(slot)))
+            })
+            .collect();
+        for (business, link) in links {
+            if let Some(b) = all.iter_mut().find(|b| b.group == business) {
+                b.gateway_links.push(link);
+            }
+        }
         Ok(all)
     }
 
@@ -829,6 +844,7 @@ impl Config {
             orphan_grace: keys.duration("orphan_grace")?,
             canary,
             gateway,
+            gateway_links: Vec::new(),
         })
     }
 
@@ -879,6 +895,7 @@ impl Config {
             config_dir: self.config_dir().to_string_lossy().into_owned(),
             pool: self.blocking_pool(),
             access_log: self.access_log.clone(),
+            gateway_links: self.gateway_links.clone(),
             gateway: self.gateway.as_ref().map(|g| crate::protocol::GatewaySpec {
                 link_socket: self.gateway_link_socket(worker.slot),
                 max_clients: g.max_clients,
@@ -1517,6 +1534,7 @@ mod tests {
             "reloadable = true\n",
             "watch = true\n",
             "gateway_max_clients = 5\n",
+            "workers = 2\n",
             "gateway_max_message = \"4KiB\"\n",
         ))
         .unwrap();
@@ -1539,6 +1557,29 @@ mod tests {
         assert_eq!(
             gw.gateway_link_socket(1),
             Path::new("/srv/app/.host/gateway/gw-1.sock")
+        );
+        assert_eq!(
+            app.gateway_links,
+            (0..2)
+                .map(|slot| gw.gateway_link_socket(slot))
+                .collect::<Vec<_>>(),
+            "the business group lists every gateway process's link"
+        );
+        assert!(gw.gateway_links.is_empty());
+        assert_eq!(
+            app.worker_spec(WorkerStart {
+                slot: 0,
+                generation: 1,
+                plugin: "x.so".into(),
+                plugin_sha256: String::new(),
+                plugin_config: &app.plugin_config,
+                accept_cell: None,
+                accept_cells: 0,
+                max_requests: 0,
+                max_requests_jitter: 0,
+            })
+            .gateway_links,
+            app.gateway_links
         );
 
         let two = |gw: &str| {

@@ -88,6 +88,10 @@ pub struct WorkerSpec {
     /// A gateway process's bounds and link socket (`__gateway`); `None`: a plugin worker.
     #[serde(default)]
     pub gateway: Option<GatewaySpec>,
+    /// A business worker's links: the link socket of every gateway process whose group names
+    /// this worker's group as its `business`; it connects to each. Empty: no gateway.
+    #[serde(default)]
+    pub gateway_links: Vec<PathBuf>,
 }
 
 /// What a gateway process (`gateway = true`) needs beyond a worker's spec.
@@ -428,6 +432,7 @@ mod tests {
             pool: PoolSpec::default(),
             access_log: None,
             gateway: None,
+            gateway_links: vec!["/srv/app/.host/gateway/gw-0.sock".into()],
         };
         tx.send(&MasterToWorker::Start(spec)).await.unwrap();
         match rx.recv().await.unwrap() {
