@@ -172,6 +172,10 @@ pub struct GatewayConfig {
     pub ping_timeout: Duration,
     /// How long a client's events wait while no business worker is connected.
     pub hold: Duration,
+    /// Where this group's slot 0 is in its business group's `gateway_links` (filled by
+    /// [`Config::parse_all`]): process `slot` is link `link_base + slot`, the top 16 bits of
+    /// its clients' ids, so a business worker sends a command for one client on one link.
+    pub link_base: u32,
 }
 
 /// What a worker's spec takes from the caller rather than the config (see
@@ -611,16 +615,20 @@ impl Config {
                 ));
             }
         }
-        let links: Vec<(String, PathBuf)> = all
-            .iter()
-            .filter_map(|g| Some((g.gateway.as_ref()?, g)))
-            .flat_map(|(gw, g)| {
-                (0..g.workers as u32).map(|slot| (gw.business.clone(), g.gateway_link_socket(slot)))
-            })
-            .collect();
-        for (business, link) in links {
-            if let Some(b) = all.iter_mut().find(|b| b.group == business) {
-                b.gateway_links.push(link);
+        for i in 0..all.len() {
+            let Some(business) = all[i].gateway.as_ref().map(|gw| gw.business.clone()) else {
+                continue;
+            };
+            let links: Vec<PathBuf> = (0..all[i].workers as u32)
+                .map(|slot| all[i].gateway_link_socket(slot))
+                .collect();
+            let Some(b) = all.iter().position(|b| b.group == business) else {
+                continue;
+            };
+            let base = all[b].gateway_links.len() as u32;
+            all[b].gateway_links.extend(links);
+            if let Some(gw) = all[i].gateway.as_mut() {
+                gw.link_base = base;
             }
         }
         Ok(all)
@@ -780,6 +788,7 @@ impl Config {
                     ping_interval: keys.duration("gateway_ping_interval")?,
                     ping_timeout: keys.duration("gateway_ping_timeout")?,
                     hold: keys.duration("gateway_hold")?,
+                    link_base: 0,
                 })
             }
         };
@@ -898,6 +907,7 @@ impl Config {
             gateway_links: self.gateway_links.clone(),
             gateway: self.gateway.as_ref().map(|g| crate::protocol::GatewaySpec {
                 link_socket: self.gateway_link_socket(worker.slot),
+                link_index: g.link_base + worker.slot,
                 max_clients: g.max_clients,
                 max_message: g.max_message as usize,
                 send_queue: g.send_queue as usize,
@@ -1521,6 +1531,33 @@ mod tests {
     }
 
     #[test]
+    fn two_gateway_groups_of_one_business_group_number_their_links_one_after_the_other() {
+        let all = groups(concat!(
+            "[[group]]\n",
+            "name = \"app\"\n",
+            "listen = \"127.0.0.1:8080\"\n",
+            "[[group]]\n",
+            "name = \"a\"\n",
+            "listen = \"127.0.0.1:8081\"\n",
+            "gateway = true\n",
+            "business = \"app\"\n",
+            "workers = 2\n",
+            "[[group]]\n",
+            "name = \"b\"\n",
+            "listen = \"127.0.0.1:8082\"\n",
+            "gateway = true\n",
+            "business = \"app\"\n",
+            "workers = 3\n",
+        ))
+        .unwrap();
+        let (app, a, b) = (&all[0], &all[1], &all[2]);
+        assert_eq!(app.gateway_links.len(), 5);
+        assert_eq!(app.gateway_links[2], b.gateway_link_socket(0));
+        assert_eq!(a.gateway.as_ref().unwrap().link_base, 0);
+        assert_eq!(b.gateway.as_ref().unwrap().link_base, 2);
+    }
+
+    #[test]
     fn a_gateway_group_names_its_business_group_and_is_never_reloadable() {
         let all = groups(concat!(
             "[[group]]\n",
@@ -1566,6 +1603,7 @@ mod tests {
             "the business group lists every gateway process's link"
         );
         assert!(gw.gateway_links.is_empty());
+        assert_eq!(g.link_base, 0);
         assert_eq!(
             app.worker_spec(WorkerStart {
                 slot: 0,

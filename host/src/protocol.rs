@@ -99,6 +99,10 @@ pub struct WorkerSpec {
 pub struct GatewaySpec {
     /// The Unix socket its business workers connect to.
     pub link_socket: PathBuf,
+    /// Its place in the business workers' `gateway_links`: the top 16 bits of its clients'
+    /// ids (a spec without it: 0).
+    #[serde(default)]
+    pub link_index: u32,
     /// Most clients held; more get `503` before the upgrade.
     pub max_clients: u64,
     /// Largest message (and frame) a client may send.

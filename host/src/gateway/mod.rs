@@ -72,8 +72,9 @@ pub(crate) struct Gateway {
     pub(crate) cell: Option<&'static crate::counters::Counters>,
     /// Where client events and link frames go.
     pub(crate) router: mpsc::UnboundedSender<router::ToRouter>,
-    /// This process's slot, the top 16 bits of its clients' ids.
-    pub(crate) slot: u32,
+    /// This process's place in its business workers' `gateway_links`, the top 16 bits of its
+    /// clients' ids (one business worker may link to several gateway groups).
+    pub(crate) link_index: u32,
     next_client: AtomicU64,
 }
 
@@ -93,9 +94,10 @@ impl Gateway {
         self.counters.clients.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// A new client id: this process's slot, then a number never used before in it.
+    /// A new client id: this process's link index, then a number never used before in it.
     pub(crate) fn client_id(&self) -> link::ClientId {
-        (u64::from(self.slot) << 48) | self.next_client.fetch_add(1, Ordering::Relaxed)
+        (u64::from(self.link_index & 0xffff) << 48)
+            | self.next_client.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Counts a bound hit for `/metrics` (`host_limit_hits{limit=...}`).
@@ -196,7 +198,7 @@ async fn serve(
         draining,
         cell,
         router: to_router,
-        slot: expect.0,
+        link_index: gw.link_index,
         next_client: AtomicU64::new(0),
     });
     let series = table.as_ref().and_then(|(t, cell)| t.plugin_series(*cell));

@@ -154,20 +154,25 @@ impl Links {
         }
     }
 
-    /// Sends `command` on every link (uid and group tables are per gateway process; a send to
-    /// one client is ignored by the gateways that do not hold it).
+    /// Sends `command` on the link of the gateway holding its client (a client id's top 16
+    /// bits are its gateway's place in `gateway_links`), or on every link when it names no
+    /// client or one no link holds (uid and group tables are per gateway process).
     pub fn command(&self, command: BusinessToGateway) -> Result<(), CommandError> {
         if self.links.is_empty() {
             return Err(CommandError::NoGateway);
         }
-        if self
-            .links
+        let to: Vec<&LinkHandle> =
+            match one_client(&command).and_then(|c| self.links.get((c >> 48) as usize)) {
+                Some(l) => vec![l],
+                None => self.links.iter().collect(),
+            };
+        if to
             .iter()
             .any(|l| l.queued.load(Ordering::Relaxed) >= MAX_QUEUED_COMMANDS)
         {
             return Err(CommandError::Full);
         }
-        for l in &self.links {
+        for l in to {
             l.queued.fetch_add(1, Ordering::Relaxed);
             if l.tx.send(Out::Command(command.clone())).is_err() {
                 l.queued.fetch_sub(1, Ordering::Relaxed);
@@ -221,6 +226,23 @@ impl Links {
     /// Events whose handler has not returned.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// The one client a command is about, if it is about one.
+fn one_client(command: &BusinessToGateway) -> Option<ClientId> {
+    use crate::gateway::link::Target;
+    match command {
+        BusinessToGateway::Send {
+            to: Target::Client(c),
+            ..
+        }
+        | BusinessToGateway::Bind { client: c, .. }
+        | BusinessToGateway::Unbind { client: c }
+        | BusinessToGateway::Join { client: c, .. }
+        | BusinessToGateway::Leave { client: c, .. }
+        | BusinessToGateway::Close { client: c, .. } => Some(*c),
+        _ => None,
     }
 }
 
@@ -633,13 +655,28 @@ mod tests {
             gw.tx.send(&answer).await.unwrap();
         }
         assert_eq!(asking.await.unwrap(), Ok(Answer::Count(5)));
-        // A command reaches every gateway.
-        links
-            .command(BusinessToGateway::Unbind { client: 1 })
-            .unwrap();
-        for gw in &mut gws {
-            assert_eq!(gw.next().await, BusinessToGateway::Unbind { client: 1 });
+        // A command about one client goes to its gateway alone (its id's top 16 bits); one
+        // about a uid, to every gateway.
+        let second = 1u64 << 48 | 5;
+        for cmd in [
+            BusinessToGateway::Unbind { client: second },
+            BusinessToGateway::Unbind { client: 1 },
+        ] {
+            links.command(cmd).unwrap();
         }
+        let uid = BusinessToGateway::Send {
+            to: crate::gateway::link::Target::Uid("ann".into()),
+            message: crate::gateway::link::Payload::Text("hi".into()),
+            except: vec![],
+        };
+        links.command(uid.clone()).unwrap();
+        assert_eq!(gws[0].next().await, BusinessToGateway::Unbind { client: 1 });
+        assert_eq!(gws[0].next().await, uid);
+        assert_eq!(
+            gws[1].next().await,
+            BusinessToGateway::Unbind { client: second }
+        );
+        assert_eq!(gws[1].next().await, uid);
         // A gateway that does not answer: the question times out.
         let q = links
             .query(Query::GroupCount("r".into()), Duration::from_millis(100))
