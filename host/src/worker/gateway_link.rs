@@ -435,7 +435,7 @@ mod tests {
         }
     }
 
-    /// A stand-in for the plugin: `panic` panics, `slow` waits 200 ms, anything else sends
+    /// A stand-in for the plugin: `panic` (and a connect to `/panic`) panics, `slow` waits 200 ms, anything else sends
     /// `echo: <text>` to its client through `links` and bumps the session's `n`.
     struct StandIn {
         links: std::sync::OnceLock<Arc<Links>>,
@@ -448,6 +448,9 @@ mod tests {
                 let n = e.session["n"].as_u64().unwrap_or(0) + 1;
                 match &e.event {
                     ClientEvent::Text(t) if t == "panic" => panic!("the stand-in panics"),
+                    ClientEvent::Connect { path, .. } if path == "/panic" => {
+                        panic!("the stand-in panics at a connect")
+                    }
                     ClientEvent::Text(t) => {
                         if t == "slow" {
                             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -548,6 +551,28 @@ mod tests {
                 refuse: None
             },
             "a handler that panicked still answers"
+        );
+        let connect = GatewayToBusiness::Event {
+            client: 4,
+            seq: 1,
+            redelivered: false,
+            session: serde_json::Value::Null,
+            event: ClientEvent::Connect {
+                path: "/panic".into(),
+                query: String::new(),
+                headers: vec![],
+            },
+        };
+        gw.tx.send(&connect).await.unwrap();
+        assert_eq!(
+            gw.next().await,
+            BusinessToGateway::Handled {
+                client: 4,
+                seq: 1,
+                session: None,
+                refuse: Some(500)
+            },
+            "a connect whose handler panicked is refused"
         );
         // The gateway drops the link with an event in flight; its answer is not sent on the
         // next connection (the gateway gave the event to another worker).
