@@ -49,7 +49,8 @@
 //! - [`master`]: the event loop, [`master::supervisor`] (the state machine), the control socket,
 //!   the pidfile, `state_dir` (who may own it, and recreating it when deleted), plugin snapshots, the open-files limit the workers inherit, dev mode's watcher
 //!   and build command ([`master::build`], which also runs once before the master starts).
-//! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called;
+//! - [`worker`]: HTTP serving and drain; [`worker::loader`] loads the plugin, and `worker::calls`
+//!   and `worker::abi_io` are where each request calls plugin code;
 //!   [`worker::check`] is the throwaway worker `host check` starts ([`check`]) to try a plugin.
 //! - [`logging`]: who wrote each line, as text or JSON (`log_format`).
 //! - `ratelimit`: at most one log line per cause per second, with a count, for errors that
@@ -59,9 +60,9 @@
 //! - `plugin_metrics`: the plugin's own metric series in each worker's cell of that page
 //!   (layout, registration, the master's defensive read and sums).
 //! - `fd`: inherited file descriptors; `accept_table`: the shared page where accepting workers
-//!   publish their connection counts. With the loader, the functions the plugin calls back
-//!   (`worker::metrics_abi` among them) and one `setpriority` call for the snapshot thread, the
-//!   only `unsafe` in the crate.
+//!   publish their connection counts. With the loader and the calls, the functions the plugin
+//!   calls back (`worker::callbacks`, `worker::metrics_abi`) and one `setpriority` call for the
+//!   snapshot thread, the only `unsafe` in the crate.
 //!
 //! This file is the binary's edge: the CLI, choosing the role, printing to the terminal, and the
 //! only place `anyhow` is used.

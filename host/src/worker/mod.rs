@@ -34,6 +34,8 @@
 mod abi_io;
 mod access_log;
 mod backlog;
+mod callbacks;
+mod calls;
 pub mod check;
 mod coalesce;
 mod drain_signal;
@@ -480,7 +482,7 @@ async fn serve(
     };
     let counters = accept_table.and_then(|(table, cell)| table.counters(cell));
     if let Some(c) = counters {
-        loader::count_panics_in(c);
+        callbacks::count_panics_in(c);
     }
     if let Some(path) = &spec.access_log {
         access_log::start(path.clone(), log_format, generation, counters);

@@ -21,8 +21,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 
 use super::abi_io::{self, ResponseBody};
+use super::calls::Dispatch;
 use super::first_poll::FirstPoll;
-use super::loader::Dispatch;
 use super::{
     Connection, HOST_BUILD, HOST_VERSION, INLINE_LIMIT, Shared, UpgradeGuard, head_timeout,
     monotonic_ns,
@@ -331,7 +331,7 @@ fn refuse_switch(why: &str) -> Response<ResponseBody> {
 /// moved into the request's boxed future if it must wait.
 struct AsyncCall {
     parts: http::request::Parts,
-    serving: super::loader::ServeCall,
+    serving: super::calls::ServeCall,
     watch: Option<abi_io::UpgradeWatch>,
     /// Where wakers kept from the first poll in [`call`] send their wakes (see
     /// [`first_poll`](super::first_poll)).
@@ -395,7 +395,7 @@ impl AsyncCall {
         let began_ns = reading_or_now(began_ns);
         let began = super::thread_clock::baseline(began_ns);
         let polled = {
-            let _serving = super::loader::serving(path);
+            let _serving = super::callbacks::serving(path);
             Pin::new(&mut self.serving).poll(cx)
         };
         let ended_ns = monotonic_ns();
