@@ -6,7 +6,9 @@
 //! `name_codes` then say, header by header, which of them it carries (0: none, parse the name),
 //! so the plugin takes a name it already holds instead of parsing and validating it again. A
 //! code is only ever an index into the table the host sent, never into this crate's own, so
-//! host and plugin built with different `plugin-api` versions agree on it.
+//! host and plugin built with different `plugin-api` versions agree on it. The host finds a
+//! standard name's code without hashing it (the number `http` already holds for it); a name
+//! outside `http`'s standard ones takes a map lookup.
 //!
 //! The views are borrowed: valid while the map they were made from is, which the caller keeps
 //! alive for the call. Copying views back ([`read_headers`]) copies every value into one buffer.
@@ -147,8 +149,63 @@ static CODES: LazyLock<HeaderMap<u8>> = LazyLock::new(|| {
     codes
 });
 
+/// The host's fast side: the code of each standard name, indexed by the number `http` knows it
+/// by (what [`standard_index`] reads), built from [`NAMES`] and checked: `None` when that number
+/// is not what it is expected to be, and every name takes the map's lookup.
+static STANDARD_CODES: LazyLock<Option<[u8; 256]>> = LazyLock::new(|| {
+    let mut codes = [0u8; 256];
+    for (i, name) in NAMES.iter().enumerate() {
+        if let Some(index) = standard_index(&HeaderName::from_static(name)) {
+            if codes[index] != 0 {
+                return None; // two names, one number: not the shape expected
+            }
+            codes[index] = (i + 1) as u8;
+        }
+    }
+    // Every standard name of the table must have been found as one.
+    let found = codes.iter().filter(|&&c| c != 0).count();
+    let standard = ["host", "user-agent", "accept", "cookie", "referer"];
+    let all_found = standard
+        .iter()
+        .all(|n| standard_index(&HeaderName::from_static(n)).is_some_and(|i| codes[i] != 0));
+    (all_found && found >= standard.len()).then_some(codes)
+});
+
+/// The number `http` knows a standard name by, read from its `Hash` (which writes the name's
+/// kind, then that number, and nothing else, for a standard name; more for any other), without
+/// hashing anything. `None` for a name that is not standard, or a `Hash` of another shape.
+fn standard_index(name: &HeaderName) -> Option<usize> {
+    use std::hash::{Hash, Hasher};
+    /// Keeps the first writes of a `Hash`, and how many bytes it wrote.
+    #[derive(Default)]
+    struct Writes {
+        words: [u64; 2],
+        count: usize,
+        bytes: usize,
+    }
+    impl Hasher for Writes {
+        fn write(&mut self, bytes: &[u8]) {
+            if bytes.len() == 8 && self.count < 2 {
+                self.words[self.count] = u64::from_ne_bytes(bytes.try_into().unwrap_or_default());
+            }
+            self.count += 1;
+            self.bytes += bytes.len();
+        }
+        fn finish(&self) -> u64 {
+            0
+        }
+    }
+    let mut writes = Writes::default();
+    name.hash(&mut writes);
+    let [kind, index] = writes.words;
+    (writes.count == 2 && writes.bytes == 16 && kind == 0 && index < 256).then_some(index as usize)
+}
+
 /// The code of `name` (0: not in [`NAMES`]).
 pub fn code_of(name: &HeaderName) -> u8 {
+    if let (Some(codes), Some(index)) = (STANDARD_CODES.as_ref(), standard_index(name)) {
+        return codes[index];
+    }
     CODES.get(name).copied().unwrap_or(0)
 }
 
@@ -233,19 +290,29 @@ pub unsafe fn read_headers<E>(
     values: Values,
     mut refused: impl FnMut(&[u8]) -> Result<(), E>,
 ) -> Result<(Bytes, HeaderMap), E> {
+    // One buffer costs two allocations (it and its shared count): for fewer copies than three,
+    // a copy each is cheaper.
+    let one_buffer = fields.len() + usize::from(!lead.is_empty()) > 2;
     let total = lead.len() + fields.iter().map(|h| h.value.len).sum::<usize>();
-    let mut buf = Vec::with_capacity(total);
-    buf.extend_from_slice(lead);
-    for h in fields {
-        // SAFETY: valid for the call (the caller's contract); copied here.
-        buf.extend_from_slice(unsafe { h.value.as_bytes() });
+    let mut buf = Vec::with_capacity(if one_buffer { total } else { 0 });
+    if one_buffer {
+        buf.extend_from_slice(lead);
+        for h in fields {
+            // SAFETY: valid for the call (the caller's contract); copied here.
+            buf.extend_from_slice(unsafe { h.value.as_bytes() });
+        }
     }
     let buf = Bytes::from(buf);
     let mut map = HeaderMap::with_capacity(fields.len());
     let mut at = lead.len();
     for (i, h) in fields.iter().enumerate() {
-        let value = buf.slice(at..at + h.value.len);
-        at += h.value.len;
+        let value = if one_buffer {
+            at += h.value.len;
+            buf.slice(at - h.value.len..at)
+        } else {
+            // SAFETY: valid for the call (the caller's contract); copied here.
+            Bytes::copy_from_slice(unsafe { h.value.as_bytes() })
+        };
         let name = match coded.and_then(|c| c.name(i)) {
             Some(name) => name,
             None => {
@@ -273,7 +340,11 @@ pub unsafe fn read_headers<E>(
         };
         map.append(name, value);
     }
-    Ok((buf.slice(..lead.len()), map))
+    let lead = match one_buffer {
+        true => buf.slice(..lead.len()),
+        false => Bytes::copy_from_slice(lead),
+    };
+    Ok((lead, map))
 }
 
 /// How [`read_headers`] takes the values.
@@ -385,5 +456,14 @@ mod tests {
             );
         }
         assert_eq!(code_of(&HeaderName::from_static("x-not-listed")), 0);
+        assert_eq!(
+            code_of(&HeaderName::from_static("age")),
+            0,
+            "standard, not listed"
+        );
+        assert!(
+            STANDARD_CODES.is_some(),
+            "http's standard names are read without hashing"
+        );
     }
 }
