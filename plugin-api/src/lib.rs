@@ -48,8 +48,8 @@
 //! major (for `0.x`: the same minor, so a host built with 0.1.x loads plugins built with any 0.1.x,
 //! not 0.2), and an ABI minor ([`ffi::ABI_MINOR`]) no newer than its own: an older plugin always
 //! loads in a newer host (the host reads the plugin's sizes first), while a plugin built against a
-//! newer `plugin-api` than the host is refused with one line (`plugin needs ABI 1.5 but this host
-//! supports up to 1.4`). So upgrade the host first, then rebuild plugins at leisure. (Checked by
+//! newer `plugin-api` than the host is refused with one line (`plugin needs ABI 1.6 but this host
+//! supports up to 1.5`). So upgrade the host first, then rebuild plugins at leisure. (Checked by
 //! hand: a plugin crate outside the repository, with only `plugin-api = { git =
 //! "file:///path/to/host", rev = "..." }`, built and passed `host check`; the host's CI does not
 //! repeat it.)

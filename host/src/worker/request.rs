@@ -26,11 +26,11 @@ use hyper::body::{Body as _, Incoming};
 
 use super::abi_io::{self, ResponseBody};
 use super::builtin::plain;
+use super::calls::Dispatch;
 use super::clock::Stamp;
 use super::conn_state::{Connection, UpgradeGuard};
 use super::first_poll::FirstPoll;
 use super::head_timeout;
-use super::loader::Dispatch;
 use super::shared::Shared;
 use super::slow_paths::INLINE_LIMIT;
 use crate::counters::Limit;
@@ -294,7 +294,7 @@ fn refuse_switch(why: &str) -> Response<ResponseBody> {
 /// moved into the request's boxed future if it must wait.
 struct AsyncCall {
     parts: http::request::Parts,
-    serving: super::loader::ServeCall,
+    serving: super::calls::ServeCall,
     watch: Option<abi_io::UpgradeWatch>,
     /// Where wakers kept from the first poll in [`call`] send their wakes (see
     /// [`first_poll`](super::first_poll)).
@@ -358,7 +358,7 @@ impl AsyncCall {
         let began_at = began.unwrap_or_else(Stamp::now);
         let began = super::thread_clock::baseline(began_at);
         let polled = {
-            let _serving = super::loader::serving(path);
+            let _serving = super::callbacks::serving(path);
             Pin::new(&mut self.serving).poll(cx)
         };
         let ended = Stamp::now();
