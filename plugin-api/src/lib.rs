@@ -177,8 +177,10 @@
 //!   `blocking_threads`, so new requests get threads of their own, up to
 //!   `blocking_abandoned_threads` more. `Async` handlers need nothing: their future is dropped when
 //!   the client leaves, which stops them at their next `.await`.
-//! - **Stalls.** An `Inline` handler that takes over 20 ms anyway is logged and its path runs on
-//!   the blocking pool from then on. An `Async` handler must not block either: a poll that takes
+//! - **Stalls.** An `Inline` handler that holds the I/O thread over 20 ms anyway (its CPU time
+//!   or a blocking call; a wait for a CPU on a busy machine does not count, and the judging
+//!   starts at the path's first slow call) is logged and its path runs on the blocking pool
+//!   from then on. An `Async` handler must not block either: a poll that takes
 //!   over 20 ms and blocked the thread or used its CPU is logged with its path, and a future that
 //!   never yields wedges its worker, which the host's watchdog (`worker_timeout`) replaces.
 //! - **Async.** The plugin links its own copy of tokio, so it gets its own runtime:

@@ -509,7 +509,9 @@ async fn a_handler_wrongly_declared_non_blocking_is_moved_off_the_io_thread() {
         },
     )
     .await;
-    // The first call runs inline (the plugin said it would not block) and is caught.
+    // The first calls run inline (the plugin said it would not block): the first makes the path
+    // a suspect, the second is judged by the thread's clock and caught.
+    assert_eq!(host.body("/lying-sleep").await, "slept\n");
     assert_eq!(host.body("/lying-sleep").await, "slept\n");
     wait_until(Duration::from_secs(5), "the stall to be logged", || {
         host.log().contains("stalled the I/O thread")
