@@ -84,15 +84,16 @@ targets = [
     ),
     (
         "The same, a browser's request (ten headers, which the plugin receives as its own `HeaderMap`)",
-        "tracked",
+        "<= 1.1x",
         f"{browser_vs_health:.2f}x ({browser_plugin_cpu:.2f} vs {browser_health_cpu:.2f} µs, side by side)",
-        "—",
+        verdict(browser_vs_health <= 1.1),
     ),
     (
+        # Decided (issue 19): a tracked row, no target.
         "CPU per request: the host's `/` vs nginx `return 200`",
-        "<= 1.0x",
+        "tracked",
         f"{nginx_side:.2f}x ({host_side_cpu:.2f} vs {nginx_cpu:.2f} µs, side by side; {plugin_vs_nginx:.2f}x in rounds one after the other)",
-        verdict(nginx_side <= 1.0),
+        "—",
     ),
     ("`host reload`, 4 idle workers (median)", "<= 50 ms", f"{med(reload4):.1f} ms", verdict(med(reload4) <= 50)),
     (
@@ -131,12 +132,15 @@ for path, label in zip(
 ):
     r = pair_ratio("host:/", f"host:{path}")
     inline_cpu, path_cpu = pair_cpu("host:/", f"host:{path}")
+    # Decided (issue 19): the blocking pool's thread hand-off is what `Dispatch::Blocking`
+    # promises, so its row is tracked, with no target.
+    tracked = path == "/sleep?ms=0"
     targets.append(
         (
             f"{label}, ready at once, CPU per request vs the inline path",
-            "<= 1.1x",
+            "tracked" if tracked else "<= 1.1x",
             f"{r:.2f}x ({path_cpu:.1f} vs {inline_cpu:.1f} µs, side by side)",
-            verdict(r <= 1.1),
+            "—" if tracked else verdict(r <= 1.1),
         )
     )
 sl = env["SLEEPERS"].split()  # "sleepers <count> <errors> <ms> <max threads>"

@@ -16,6 +16,8 @@
 //!   route works again in the fresh one.
 //! - `GET /spin?ms=N`: busy-loops `N` ms (at most an hour), yet is declared non-blocking, so it
 //!   runs on the worker's I/O thread: a handler that wedges its worker, for trying the watchdog.
+//! - `GET /spin/cpu[/ANY]?ms=N`: busy-loops until its thread has run `N` ms on a CPU (at most
+//!   10 s), however long a busy machine stretches that; inline, like `/spin`.
 //! - `GET /exit`: ends the worker process (`std::process::exit(3)`): a request-triggered crash.
 //! - `GET /config`: the plugin's `[plugin_config]` as JSON. It accepts the keys `message`
 //!   (a string) and `limit` (an integer); any other key makes `on_worker_start` refuse the
@@ -278,6 +280,17 @@ impl Plugin for Example {
                 _ => text(
                     StatusCode::BAD_REQUEST,
                     "usage: /series?n=N with N <= 1000\n",
+                ),
+            },
+            p if p.starts_with("/spin/cpu") => match query_param(&req, "ms").map(str::parse::<u64>)
+            {
+                Some(Ok(ms)) if ms <= 10_000 => {
+                    spin_cpu(Duration::from_millis(ms));
+                    text(StatusCode::OK, format!("spun {ms} ms of CPU\n"))
+                }
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "usage: /spin/cpu?ms=N with N <= 10000\n",
                 ),
             },
             "/spin" => match query_param(&req, "ms").map(str::parse::<u64>) {

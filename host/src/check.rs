@@ -104,8 +104,8 @@ pub fn run(cfg: &Config, options: &Options) -> Result<Checked, CheckError> {
             plugin: copy.path.clone(),
             plugin_sha256: copy.sha256.clone(),
             plugin_config: &cfg.plugin_config,
-            accept_cell: None,
-            accept_cells: 0,
+            table_cell: None,
+            table_cells: 0,
             max_requests: 0,
             max_requests_jitter: 0,
         })

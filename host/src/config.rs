@@ -188,8 +188,8 @@ pub struct WorkerStart<'a> {
     pub plugin_sha256: String,
     pub plugin_config: &'a PluginConfig,
     /// The worker's cell in the accept table and the table's size (`None`, 0: no table).
-    pub accept_cell: Option<u32>,
-    pub accept_cells: u32,
+    pub table_cell: Option<u32>,
+    pub table_cells: u32,
     /// This worker's request limit (`max_requests` plus its jitter) and that jitter; 0: never.
     pub max_requests: u64,
     pub max_requests_jitter: u64,
@@ -886,8 +886,8 @@ impl Config {
             idle_grace_ms: self.idle_grace.as_millis() as u64,
             max_body_bytes: self.max_body_bytes,
             body_read_timeout_ms: self.body_read_timeout.as_millis() as u64,
-            accept_cell: worker.accept_cell,
-            accept_cells: worker.accept_cells,
+            table_cell: worker.table_cell,
+            table_cells: worker.table_cells,
             accept_balance: self.accept_balance,
             header_read_timeout_ms: self.header_read_timeout.as_millis() as u64,
             max_headers: self.max_headers,
@@ -1611,8 +1611,8 @@ mod tests {
                 plugin: "x.so".into(),
                 plugin_sha256: String::new(),
                 plugin_config: &app.plugin_config,
-                accept_cell: None,
-                accept_cells: 0,
+                table_cell: None,
+                table_cells: 0,
                 max_requests: 0,
                 max_requests_jitter: 0,
             })

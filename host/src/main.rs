@@ -51,7 +51,8 @@
 //!   acts through its `Effects`; `master::system` is the real one), the control socket,
 //!   the pidfile, `state_dir` (who may own it, and recreating it when deleted), plugin snapshots, the open-files limit the workers inherit, dev mode's watcher
 //!   and build command ([`master::build`], which also runs once before the master starts).
-//! - [`worker`]: HTTP serving and drain; [`worker::loader`] is where plugin code is called;
+//! - [`worker`]: HTTP serving and drain; [`worker::loader`] loads the plugin, and `worker::calls`
+//!   and `worker::abi_io` are where each request calls plugin code;
 //!   [`worker::trial`] is the throwaway worker `host check` starts ([`check`]) to try a plugin.
 //! - [`logging`]: who wrote each line, as text or JSON (`log_format`).
 //! - `ratelimit`: at most one log line per cause per second, with a count, for errors that
@@ -65,7 +66,8 @@
 //!
 //! `unsafe` is denied here and allowed only in these files, each block with its `SAFETY`
 //! comment: `fd`, `worker_table` (the mapping), the worker's plugin boundary
-//! (`worker::loader`, `worker::abi_io`, `worker::metrics_abi`), `worker::listener` (syscalls
+//! (`worker::loader`, `worker::calls`, `worker::callbacks`, `worker::abi_io`,
+//! `worker::metrics_abi`), `worker::listener` (syscalls
 //! on fd 3 by number), `worker::first_poll` (a waker's vtable), and one `setpriority` call for the
 //! snapshot thread (`master::snapshot`). The master's supervisor has none: what it does to processes goes
 //! through its `Effects` (`master::system`).

@@ -41,8 +41,8 @@ pub struct WorkerSpec {
     pub max_body_bytes: usize,
     pub body_read_timeout_ms: u64,
     /// This worker's cell in the worker table (fd 5) and the table's size; `None`: no table.
-    pub accept_cell: Option<u32>,
-    pub accept_cells: u32,
+    pub table_cell: Option<u32>,
+    pub table_cells: u32,
     /// Whether to publish connection counts and step aside for less loaded workers.
     pub accept_balance: bool,
     pub header_read_timeout_ms: u64,
@@ -417,8 +417,8 @@ mod tests {
             idle_grace_ms: 0,
             max_body_bytes: 0,
             body_read_timeout_ms: 0,
-            accept_cell: None,
-            accept_cells: 0,
+            table_cell: None,
+            table_cells: 0,
             accept_balance: true,
             header_read_timeout_ms: 0,
             max_headers: 0,

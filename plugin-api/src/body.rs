@@ -4,21 +4,21 @@
 //! A request body made by the host arrives as a [`RawBody`] and is read here chunk by chunk,
 //! each chunk given back to the host when dropped (no copy). A response body is exported the
 //! same way: the host polls it only when the connection can take more, so a slow client slows
-//! the producer. Memory is freed on the side that allocated it.
+//! the producer. Both crossings are the shared handles of [`ffi::body`](crate::ffi::body); this
+//! module adds what is the plugin's own: its runtime's context around each poll and drop, and a
+//! panic's location in the message ([`Export`](crate::ffi::body::Export)).
 
-use std::ffi::c_void;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use async_ffi::ContextExt;
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 
 use crate::BoxError;
-use crate::ffi::{BodyVTable, RawBody, RawChunk, RawStr, poll};
+use crate::ffi::RawBody;
+use crate::ffi::body::ForeignBody;
 
 /// The body of an async request or response: empty, whole, or a stream of chunks.
 ///
@@ -29,7 +29,7 @@ pub struct Body(Inner);
 
 enum Inner {
     Full(Option<Bytes>),
-    Host(HostBody),
+    Host(ForeignBody),
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
 
@@ -152,7 +152,8 @@ impl Body {
         if raw.is_none() {
             Body::empty()
         } else {
-            Body(Inner::Host(HostBody(raw)))
+            // SAFETY: the caller's contract.
+            Body(Inner::Host(unsafe { ForeignBody::from_raw(raw) }))
         }
     }
 }
@@ -198,7 +199,9 @@ impl http_body::Body for Body {
                     .filter(|b| !b.is_empty())
                     .map(|b| Ok(Frame::data(b))),
             ),
-            Inner::Host(h) => h.poll_chunk(cx),
+            Inner::Host(h) => h
+                .poll_chunk(cx)
+                .map(|c| c.map(|c| c.map(Frame::data).map_err(Into::into))),
             Inner::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -214,7 +217,9 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Inner::Host(h) => h.size_hint(),
+            Inner::Host(h) => h
+                .exact_len()
+                .map_or_else(SizeHint::default, SizeHint::with_exact),
             Inner::Boxed(b) => b.size_hint(),
         }
     }
@@ -289,170 +294,22 @@ where
     }
 }
 
-/// The host's request body, read across the ABI.
-struct HostBody(RawBody);
-
-// SAFETY: the host's body objects may be polled and dropped from any thread, one at a time
-// (the ABI's rules); `HostBody` is only used through `&mut`.
-unsafe impl Send for HostBody {}
-
-/// A chunk the host lent: handed back through its `free` when the `Bytes` drops.
-struct HostChunk(RawChunk);
-
-// SAFETY: chunk memory is plain heap memory, and `free` may be called from any thread.
-unsafe impl Send for HostChunk {}
-
-impl AsRef<[u8]> for HostChunk {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: valid until `free(owner)`, which only `drop` calls.
-        unsafe { self.0.data.as_bytes() }
-    }
-}
-
-impl Drop for HostChunk {
-    fn drop(&mut self) {
-        if let Some(free) = self.0.free {
-            // SAFETY: `owner` came with this chunk and is freed exactly once, here.
-            unsafe { free(self.0.owner) }
-        }
-    }
-}
-
-impl HostBody {
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut chunk = RawChunk::EMPTY;
-        let vt = self.0.vtable;
-        // SAFETY: `vt` and `state` are the host's live body object; `chunk` is a valid out-pointer.
-        let status =
-            cx.with_ffi_context(|fcx| unsafe { ((*vt).poll_chunk)(self.0.state, fcx, &mut chunk) });
-        match status {
-            poll::PENDING => Poll::Pending,
-            poll::READY => Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(HostChunk(chunk)))))),
-            poll::END => Poll::Ready(None),
-            _ => {
-                let chunk = HostChunk(chunk);
-                let message = String::from_utf8_lossy(chunk.as_ref()).into_owned();
-                Poll::Ready(Some(Err(message.into())))
-            }
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        // SAFETY: the host's live body object.
-        match unsafe { ((*self.0.vtable).exact_len)(self.0.state) } {
-            u64::MAX => SizeHint::default(),
-            n => SizeHint::with_exact(n),
-        }
-    }
-}
-
-impl Drop for HostBody {
-    fn drop(&mut self) {
-        // SAFETY: the host's body object, dropped exactly once, here.
-        unsafe { ((*self.0.vtable).drop)(self.0.state) }
-    }
-}
-
 /// Exports a response body to the host as a [`RawBody`].
 pub(crate) fn export(body: Body) -> RawBody {
-    RawBody {
-        state: Box::into_raw(Box::new(body)) as *mut c_void,
-        vtable: &EXPORTED_BODY,
+    crate::ffi::body::export(body)
+}
+
+/// A response body as the host polls it: inside the plugin runtime's context, a panic named
+/// with its location.
+impl crate::ffi::body::Export for Body {
+    fn enter() -> impl Sized {
+        crate::runtime::enter()
     }
-}
 
-static EXPORTED_BODY: BodyVTable = BodyVTable {
-    poll_chunk: exported_poll_chunk,
-    exact_len: exported_exact_len,
-    drop: exported_drop,
-};
-
-unsafe extern "C" fn free_bytes(owner: *mut c_void) {
-    // SAFETY: `owner` is a `Box<Bytes>` made in `exported_poll_chunk`, freed once by the host.
-    drop(unsafe { Box::from_raw(owner as *mut Bytes) });
-}
-
-unsafe extern "C" fn free_string(owner: *mut c_void) {
-    // SAFETY: `owner` is a `Box<String>` made in `exported_poll_chunk`, freed once by the host.
-    drop(unsafe { Box::from_raw(owner as *mut String) });
-}
-
-fn chunk_of_bytes(bytes: Bytes) -> RawChunk {
-    let owner = Box::new(bytes);
-    RawChunk {
-        data: RawStr::new(&owner),
-        owner: Box::into_raw(owner) as *mut c_void,
-        free: Some(free_bytes),
-    }
-}
-
-fn chunk_of_message(message: String) -> RawChunk {
-    let owner = Box::new(message);
-    RawChunk {
-        data: RawStr::new(owner.as_bytes()),
-        owner: Box::into_raw(owner) as *mut c_void,
-        free: Some(free_string),
-    }
-}
-
-unsafe extern "C" fn exported_poll_chunk(
-    state: *mut c_void,
-    cx: *mut async_ffi::FfiContext<'_>,
-    out: *mut RawChunk,
-) -> u8 {
-    let _rt = crate::runtime::enter();
-    // SAFETY: `state` is the `Box<Body>` made by `export`, polled by one thread at a time; `cx`
-    // and `out` are valid for the call.
-    let (body, cx) = unsafe { (&mut *(state as *mut Body), &mut *cx) };
-    let polled = catch_unwind(AssertUnwindSafe(|| {
-        cx.with_context(|cx| {
-            loop {
-                match Pin::new(&mut *body).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) if data.is_empty() => continue,
-                        Ok(data) => return Poll::Ready(Some(Ok(data))),
-                        Err(_trailers) => continue, // trailers are not passed on
-                    },
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.to_string()))),
-                    Poll::Ready(None) => return Poll::Ready(None),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-        })
-    }));
-    let (status, chunk) = match polled {
-        Ok(Poll::Pending) => return poll::PENDING,
-        Ok(Poll::Ready(None)) => return poll::END,
-        Ok(Poll::Ready(Some(Ok(data)))) => (poll::READY, chunk_of_bytes(data)),
-        Ok(Poll::Ready(Some(Err(e)))) => (poll::ERROR, chunk_of_message(e)),
-        Err(payload) => {
-            let message = format!(
-                "response body panicked: {}",
-                crate::export::describe_panic(&*payload)
-            );
-            tracing::error!("{message}");
-            (poll::ERROR, chunk_of_message(message))
-        }
-    };
-    // SAFETY: valid out-pointer (above).
-    unsafe { out.write(chunk) };
-    status
-}
-
-unsafe extern "C" fn exported_exact_len(state: *const c_void) -> u64 {
-    // SAFETY: the live `Box<Body>` made by `export`.
-    let body = unsafe { &*(state as *const Body) };
-    catch_unwind(AssertUnwindSafe(|| body.size_hint().exact()))
-        .ok()
-        .flatten()
-        .unwrap_or(u64::MAX)
-}
-
-unsafe extern "C" fn exported_drop(state: *mut c_void) {
-    let _rt = crate::runtime::enter();
-    // SAFETY: the `Box<Body>` made by `export`; the host drops it exactly once.
-    let body = unsafe { Box::from_raw(state as *mut Body) };
-    if catch_unwind(AssertUnwindSafe(|| drop(body))).is_err() {
-        tracing::error!("dropping a response body panicked");
+    fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+        format!(
+            "response body panicked: {}",
+            crate::export::describe_panic(payload)
+        )
     }
 }

@@ -12,8 +12,9 @@ use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
+use crate::ffi::head::{self, Values};
 use crate::ffi::{
     self, ErrorBuf, HostContext, PluginHeader, RawHeader, RawRequest, RawResponse, RawStr, VTable,
 };
@@ -214,6 +215,17 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
             // SAFETY: the host's context covers the field.
             crate::metrics::install(unsafe { std::ptr::addr_of!((*ctx).metrics).read() });
         }
+        // ABI 1.6: the header names the host codes in each request.
+        if size as usize >= ffi::HOST_CONTEXT_1_6_SIZE {
+            // SAFETY: the host's context covers both fields; the table is valid for this call,
+            // and copied here.
+            unsafe {
+                head::install_host_names(
+                    std::ptr::addr_of!((*ctx).header_names).read(),
+                    std::ptr::addr_of!((*ctx).header_names_len).read(),
+                )
+            };
+        }
         crate::runtime::start()
             .map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
         // The host calls this on its I/O thread, where it later polls the plugin's futures.
@@ -256,47 +268,47 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
     }
 }
 
-/// Builds the `http` request from the host's borrowed view. Copies what `http` needs to own.
-fn to_request(raw: &RawRequest) -> Result<Request, String> {
-    let parts = to_parts(raw)?;
+/// Builds the `http` request from the host's borrowed view (and its header-name codes, if any).
+/// Copies what `http` needs to own.
+fn to_request(raw: &RawRequest, codes: *const u8) -> Result<Request, String> {
+    let parts = to_parts(raw, codes)?;
     // SAFETY: borrowed for the duration of `handle` (see `to_parts`); copied here.
     let body = Bytes::copy_from_slice(unsafe { raw.body.as_bytes() });
     Ok(Request::from_parts(parts, body))
 }
 
-/// The method, URI, version and headers of the host's borrowed view, copied.
-pub(crate) fn to_parts(raw: &RawRequest) -> Result<http::request::Parts, String> {
-    // SAFETY (for every `as_bytes` below): the host guarantees the request and everything it
-    // points to are valid for the duration of `handle`, and this function copies what it keeps.
+/// The method, URI, version and headers of the host's borrowed view, copied: the URI and every
+/// header value into one buffer, each name taken from its code when `codes` is not null (ABI
+/// 1.6; one per header) and the host sent its table, else parsed.
+pub(crate) fn to_parts(raw: &RawRequest, codes: *const u8) -> Result<http::request::Parts, String> {
+    // SAFETY (for every view below): the host guarantees the request and everything it points to
+    // are valid for the duration of `handle` (or `serve`), and this function copies what it keeps.
     let method = Method::from_bytes(unsafe { raw.method.as_bytes() }).map_err(|e| e.to_string())?;
-    let uri = http::Uri::try_from(unsafe { raw.uri.as_bytes() }).map_err(|e| e.to_string())?;
-    let version = match raw.version {
-        9 => Version::HTTP_09,
-        10 => Version::HTTP_10,
-        20 => Version::HTTP_2,
-        30 => Version::HTTP_3,
-        _ => Version::HTTP_11,
+    // SAFETY: `headers` points to `headers_len` initialized views (ownership rules).
+    let fields = unsafe { head::fields(raw.headers, raw.headers_len) };
+    let coded = match head::host_names() {
+        Some(names) if !codes.is_null() => Some(head::Coded {
+            // SAFETY: a host that sent its table sends one code per header, valid for the call.
+            codes: unsafe { std::slice::from_raw_parts(codes, fields.len()) },
+            names,
+        }),
+        _ => None,
     };
-    let raw_headers: &[RawHeader] = if raw.headers_len == 0 {
-        &[]
-    } else {
-        // SAFETY: `headers` points to `headers_len` initialized `RawHeader`s (ownership rules).
-        unsafe { std::slice::from_raw_parts(raw.headers, raw.headers_len) }
-    };
-    let mut headers = HeaderMap::with_capacity(raw_headers.len());
-    for h in raw_headers {
-        let name =
-            HeaderName::from_bytes(unsafe { h.name.as_bytes() }).map_err(|e| e.to_string())?;
-        let value = Bytes::copy_from_slice(unsafe { h.value.as_bytes() });
-        // SAFETY: the host passes values its HTTP parser accepted (`RawRequest::headers`), valid
-        // `HeaderValue` bytes: they are copied, not checked again.
-        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
-        headers.append(name, value);
-    }
+    // SAFETY: as above; the host passes values its HTTP parser accepted (`RawRequest::headers`),
+    // taken without checking them again.
+    let (uri, headers) = unsafe {
+        head::read_headers(fields, coded, raw.uri.as_bytes(), Values::Trusted, |name| {
+            Err(format!(
+                "invalid header name {:?}",
+                String::from_utf8_lossy(name)
+            ))
+        })
+    }?;
+    let uri = http::Uri::from_maybe_shared(uri).map_err(|e| e.to_string())?;
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
-    parts.version = version;
+    parts.version = head::version_of(raw.version);
     parts.headers = headers;
     Ok(parts)
 }
@@ -329,8 +341,14 @@ unsafe extern "C" fn handle<P: Plugin>(
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `state` is the pointer `on_worker_start::<P>` returned, alive until `on_worker_stop`.
         let plugin = unsafe { &*(state as *const P) };
+        // SAFETY: a host that sent its table of header names (1.6) passes a `RawHandleRequest`
+        // with codes, whose first field `req` points at.
+        let codes = match head::host_names().is_some() {
+            true => unsafe { (*req_ext(raw_req)).name_codes },
+            false => std::ptr::null(),
+        };
         // SAFETY: the host passes a valid request for the duration of this call.
-        match to_request(unsafe { &*req }) {
+        match to_request(unsafe { &*req }, codes) {
             Ok(mut req) => {
                 if crate::cancel::host_passes_tokens() {
                     // SAFETY: a host whose context had the cancellation functions passes a
@@ -369,14 +387,7 @@ fn req_ext(req: *const RawRequest) -> *const ffi::RawHandleRequest {
 /// Moves a response's head and whole body into one plugin allocation the host frees with
 /// `free_response(owner)`.
 pub(crate) fn raw_response(parts: http::response::Parts, body: Bytes) -> RawResponse {
-    let raw_headers = parts
-        .headers
-        .iter()
-        .map(|(n, v)| RawHeader {
-            name: RawStr::new(n.as_str().as_bytes()),
-            value: RawStr::new(v.as_bytes()),
-        })
-        .collect();
+    let raw_headers = head::views(&parts.headers);
     let owned = Box::new(OwnedResponse {
         _headers: parts.headers,
         raw_headers,
@@ -482,6 +493,8 @@ mod tests {
             config_dir: RawStr::new(b"/etc/myservice"),
             check: true,
             metrics: std::ptr::null(),
+            header_names: std::ptr::null(),
+            header_names_len: 0,
         };
         let mut state = std::ptr::null_mut();
         let mut storage = [0u8; 256];
@@ -621,6 +634,7 @@ mod tests {
         let req = ffi::RawHandleRequest {
             head,
             cancel: token,
+            name_codes: std::ptr::null(),
         };
         let mut out = RawResponse::EMPTY;
         let state = std::ptr::NonNull::<SaysCancelled>::dangling().as_ptr() as *const c_void;

@@ -1,9 +1,14 @@
 //! The C ABI between the host and a plugin: `#[repr(C)]` types, the ABI version and the
 //! shape of the one exported symbol.
 //!
-//! This module owns the *layout* only. It holds no logic and must never change layout within
-//! an ABI major version: new fields go at the end (bumping [`ABI_MINOR`]) and the host reads
-//! `header_size` / `vtable_size` before it touches anything past the fields it knows.
+//! This module owns the *layout*. It must never change layout within an ABI major version: new
+//! fields go at the end (bumping [`ABI_MINOR`]) and the host reads `header_size` / `vtable_size`
+//! before it touches anything past the fields it knows. Its submodules own the one safe Rust
+//! handle of each object that crosses, which the host and the plugin's shims both use, so each
+//! ownership rule below is written once: chunks ([`chunk`]), bodies ([`body`]), and a head's
+//! header views and version code ([`head`]). The `unsafe` of the crossing lives in those handles
+//! and in the shims (`export`, `serve`); the handles never call the other side except through an
+//! object it made.
 //!
 //! Ownership rules, which both sides rely on:
 //! - [`RawRequest`] and [`HostContext`] are borrowed from the host for the duration of one call.
@@ -13,9 +18,18 @@
 //! - A [`RawResponse`] is allocated by the plugin; everything it points to stays valid until the
 //!   host passes its `owner` to [`VTable::free_response`]. Memory is freed on the side that
 //!   allocated it.
+//! - A [`RawChunk`] and a [`RawObject`] (a body, an upgrade, a connection) move: whoever holds
+//!   one owns it, and frees it exactly once through the function it carries, which lives on the
+//!   side that made it (so its own allocator frees it). [`chunk::lend`] and [`body::export`]
+//!   make them; [`chunk::Chunk`] and [`body::ForeignBody`] own the other side's and free them
+//!   when dropped.
 //! - Every function in [`VTable`] catches panics: nothing unwinds across `extern "C"`.
 
 use std::ffi::c_void;
+
+pub mod body;
+pub mod chunk;
+pub mod head;
 
 /// `b"HOSTPLUG"` as a little-endian `u64`: the first thing the host checks.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"HOSTPLUG");
@@ -27,8 +41,10 @@ pub const ABI_MAJOR: u32 = 1;
 /// bodies, upgrades) and [`VTable::on_drain`]; 1.4 added [`HostContext::cancel`] and the
 /// [`RawHandleRequest`] that `handle` receives from such a host (a request's cancellation); 1.5
 /// added [`HostContext::panicked`], [`HostContext::config_dir`], [`HostContext::check`] and
-/// [`HostContext::metrics`] (plugin metrics, served by the master's `/metrics`).
-pub const ABI_MINOR: u32 = 5;
+/// [`HostContext::metrics`] (plugin metrics, served by the master's `/metrics`); 1.6 added
+/// [`HostContext::header_names`] and the `name_codes` of [`RawHandleRequest`] and
+/// [`RawAsyncRequest`] (a request's header names, known to the plugin without parsing).
+pub const ABI_MINOR: u32 = 6;
 /// The `plugin-api` crate version both sides were built with.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Name of the one exported symbol, NUL-terminated for `dlsym`. The `v1` is [`ABI_MAJOR`].
@@ -144,6 +160,11 @@ pub struct HostContext {
     pub check: bool,
     /// ABI 1.5: the functions that register and update the plugin's metrics; `'static`.
     pub metrics: *const MetricsVTable,
+    /// ABI 1.6: the header names the host codes, `header_names_len` views: a request's
+    /// `name_codes[i]`, when not 0, says its header `i` is named `header_names[code - 1]` (see
+    /// [`head`]). Borrowed for the `on_worker_start` call; the plugin copies what it keeps.
+    pub header_names: *const RawStr,
+    pub header_names_len: usize,
 }
 
 /// Metric kinds for [`MetricsVTable::register`].
@@ -188,10 +209,12 @@ pub const HOST_CONTEXT_1_2_SIZE: usize = std::mem::offset_of!(HostContext, confi
 pub const HOST_CONTEXT_1_3_SIZE: usize = std::mem::offset_of!(HostContext, cancel);
 /// The size of the ABI 1.4 context (before `panicked`).
 pub const HOST_CONTEXT_1_4_SIZE: usize = std::mem::offset_of!(HostContext, panicked);
-/// The size of the ABI 1.5 context: the whole struct today. (A field appended later makes this
-/// the `offset_of!` that field, as for the sizes above: a plugin reads a 1.5 field only from a
+/// The size of the ABI 1.5 context (before `header_names`).
+pub const HOST_CONTEXT_1_5_SIZE: usize = std::mem::offset_of!(HostContext, header_names);
+/// The size of the ABI 1.6 context: the whole struct today. (A field appended later makes this
+/// the `offset_of!` that field, as for the sizes above: a plugin reads a 1.6 field only from a
 /// host whose context is at least this long.)
-pub const HOST_CONTEXT_1_5_SIZE: usize = size_of::<HostContext>();
+pub const HOST_CONTEXT_1_6_SIZE: usize = size_of::<HostContext>();
 
 /// ABI 1.4: what `handle` receives from a host whose [`HostContext`] covers `cancel` (the
 /// pointer `handle` gets points at `head`, its first field, so older plugins read it as a plain
@@ -203,6 +226,10 @@ pub struct RawHandleRequest {
     /// request is never cancelled (a call on the host's I/O thread). Valid for the call; a
     /// plugin that keeps it longer takes a reference with `clone` and gives it back with `drop`.
     pub cancel: *const c_void,
+    /// ABI 1.6: one code per header of `head` (see [`HostContext::header_names`]), or null: no
+    /// codes, every name is parsed. Sent to every plugin; read only by one whose host's context
+    /// covers `header_names`.
+    pub name_codes: *const u8,
 }
 
 /// ABI 1.4: a request's cancellation, made by the host: set once the client is gone (its
@@ -309,6 +336,8 @@ pub struct VTable {
 pub const VTABLE_1_0_SIZE: usize = std::mem::offset_of!(VTable, may_block);
 /// The size of the ABI 1.1 and 1.2 vtable (before `dispatch`).
 pub const VTABLE_1_1_SIZE: usize = std::mem::offset_of!(VTable, dispatch);
+/// The size of the ABI 1.3 vtable and later: the whole struct today.
+pub const VTABLE_1_3_SIZE: usize = size_of::<VTable>();
 
 /// Values of [`VTable::dispatch`].
 pub mod dispatch {
@@ -442,6 +471,8 @@ pub struct RawAsyncRequest {
     pub body: RawBody,
     /// Moved to the plugin (`NONE`: not an upgrade request).
     pub upgrade: RawUpgrade,
+    /// ABI 1.6: one code per header of `head`, or null (as in [`RawHandleRequest::name_codes`]).
+    pub name_codes: *const u8,
 }
 
 /// What a [`VTable::serve`] future resolves to; moved to the host.

@@ -48,8 +48,8 @@
 //! major (for `0.x`: the same minor, so a host built with 0.1.x loads plugins built with any 0.1.x,
 //! not 0.2), and an ABI minor ([`ffi::ABI_MINOR`]) no newer than its own: an older plugin always
 //! loads in a newer host (the host reads the plugin's sizes first), while a plugin built against a
-//! newer `plugin-api` than the host is refused with one line (`plugin needs ABI 1.5 but this host
-//! supports up to 1.4`). So upgrade the host first, then rebuild plugins at leisure. (Checked by
+//! newer `plugin-api` than the host is refused with one line (`plugin needs ABI 1.6 but this host
+//! supports up to 1.5`). So upgrade the host first, then rebuild plugins at leisure. (Checked by
 //! hand: a plugin crate outside the repository, with only `plugin-api = { git =
 //! "file:///path/to/host", rev = "..." }`, built and passed `host check`; the host's CI does not
 //! repeat it.)
@@ -177,8 +177,10 @@
 //!   `blocking_threads`, so new requests get threads of their own, up to
 //!   `blocking_abandoned_threads` more. `Async` handlers need nothing: their future is dropped when
 //!   the client leaves, which stops them at their next `.await`.
-//! - **Stalls.** An `Inline` handler that takes over 20 ms anyway is logged and its path runs on
-//!   the blocking pool from then on. An `Async` handler must not block either: a poll that takes
+//! - **Stalls.** An `Inline` handler that holds the I/O thread over 20 ms anyway (its CPU time
+//!   or a blocking call; a wait for a CPU on a busy machine does not count, and the judging
+//!   starts at the path's first slow call) is logged and its path runs on the blocking pool
+//!   from then on. An `Async` handler must not block either: a poll that takes
 //!   over 20 ms and blocked the thread or used its CPU is logged with its path, and a future that
 //!   never yields wedges its worker, which the host's watchdog (`worker_timeout`) replaces.
 //! - **Async.** The plugin links its own copy of tokio, so it gets its own runtime:

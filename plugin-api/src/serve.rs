@@ -48,12 +48,17 @@ pub(crate) unsafe extern "C" fn serve<P: Plugin>(
 ) -> FfiFuture<RawAsyncResponse> {
     let _rt = crate::runtime::enter();
     // SAFETY: the host passes a valid request; `body` and `upgrade` move to us here, exactly once.
-    let (head, body, upgrade) = unsafe {
+    // Its `name_codes` exist when the host sent its table of header names (ABI 1.6).
+    let (head, body, upgrade, name_codes) = unsafe {
         let req = &*req;
         (
             &req.head,
             std::ptr::read(&req.body),
             std::ptr::read(&req.upgrade),
+            match crate::ffi::head::host_names().is_some() {
+                true => req.name_codes,
+                false => std::ptr::null(),
+            },
         )
     };
     // SAFETY: both objects were made by the host and are ours now.
@@ -61,7 +66,7 @@ pub(crate) unsafe extern "C" fn serve<P: Plugin>(
     let upgrade =
         (!upgrade.is_none()).then(|| unsafe { crate::upgrade::OnUpgrade::from_host(upgrade) });
     let started = catch_unwind(AssertUnwindSafe(|| {
-        let parts = crate::export::to_parts(head)?;
+        let parts = crate::export::to_parts(head, name_codes)?;
         let mut req = http::Request::from_parts(parts, body);
         if let Some(up) = upgrade {
             req.extensions_mut().insert(up);

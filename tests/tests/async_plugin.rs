@@ -640,3 +640,66 @@ async fn a_poll_kept_waiting_for_a_cpu_is_not_accused_of_blocking_one_that_spins
     assert_eq!(accused("/async/spin/waited"), 0, "{}", host.log());
     assert_eq!(accused("/async/sleep"), 0, "{}", host.log());
 }
+
+/// The inline path is judged as an async poll is: a handler kept waiting for a CPU on a busy
+/// machine keeps its place on the I/O thread; one that spins past the limit is moved to the
+/// blocking pool (at its second slow call: the first makes it a suspect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_call_kept_waiting_for_a_cpu_stays_inline_one_that_spins_is_moved() {
+    let (host, pid) = one_worker("").await;
+    let cpu = tests::first_allowed_cpu();
+    tests::starve(pid, &cpu, 19);
+    let moved = |path: &str| {
+        let needle = format!("path=\"{path}\"");
+        host.log()
+            .lines()
+            .filter(|l| l.contains("stalled the I/O thread") && l.contains(&needle))
+            .count()
+    };
+    {
+        let hogs = tests::Hogs::start(&cpu, 2);
+        hogs.wait_spinning().await;
+        // 5 ms on a CPU, spread over more than twice the 20 ms limit of wall time: the thread
+        // waits for the CPU behind two busy loops at a higher priority. Twice: the first slow
+        // call makes the path a suspect, the second is judged by the thread's clock. Up to 10
+        // tries: the scheduler may yet run one at once, which proves nothing.
+        let mut walls = Vec::new();
+        for _ in 0..10 {
+            let began = Instant::now();
+            let waited = get(host.addr, "/spin/cpu/waited?ms=5").await.unwrap();
+            walls.push(began.elapsed());
+            assert_eq!(waited.status, 200, "{waited:?}");
+            if walls
+                .iter()
+                .filter(|w| **w > Duration::from_millis(50))
+                .count()
+                >= 2
+            {
+                break;
+            }
+        }
+        assert!(
+            walls
+                .iter()
+                .filter(|w| **w > Duration::from_millis(50))
+                .count()
+                >= 2,
+            "the worker was not kept waiting twice ({walls:?}): the test proves nothing"
+        );
+        eprintln!("5 ms of CPU took {walls:?} of wall time");
+    }
+    // 60 ms on a CPU in one call, twice (suspect, then judged): moved, whatever the machine
+    // does.
+    for _ in 0..2 {
+        let hog = get(host.addr, "/spin/cpu/hog?ms=60").await.unwrap();
+        assert_eq!(hog.status, 200, "{hog:?}");
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "the spinning call in the log",
+        || moved("/spin/cpu/hog") == 1,
+    )
+    .await;
+    // The worker logs in order: had the waiting call been moved, its line would be there.
+    assert_eq!(moved("/spin/cpu/waited"), 0, "{}", host.log());
+}

@@ -509,7 +509,9 @@ async fn a_handler_wrongly_declared_non_blocking_is_moved_off_the_io_thread() {
         },
     )
     .await;
-    // The first call runs inline (the plugin said it would not block) and is caught.
+    // The first calls run inline (the plugin said it would not block): the first makes the path
+    // a suspect, the second is judged by the thread's clock and caught.
+    assert_eq!(host.body("/lying-sleep").await, "slept\n");
     assert_eq!(host.body("/lying-sleep").await, "slept\n");
     wait_until(Duration::from_secs(5), "the stall to be logged", || {
         host.log().contains("stalled the I/O thread")
@@ -530,5 +532,79 @@ async fn a_handler_wrongly_declared_non_blocking_is_moved_off_the_io_thread() {
     );
     for t in slow {
         assert_eq!(t.await.unwrap().unwrap().body, "slept\n");
+    }
+}
+
+/// Sends `GET path` with `headers` on a fresh connection; the response's body.
+async fn body_with_headers(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!("GET {path} HTTP/1.1\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(request.as_bytes()).await.expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or_else(|| panic!("no content-length in {head}"));
+            if body.len() >= len {
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                return body[..len].to_string();
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, conn.read(&mut buf))
+            .await
+            .expect("a whole response within 10 s")
+            .expect("read");
+        assert!(n > 0, "connection closed after {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_headers_reach_the_plugin_as_sent_with_their_names_coded_or_not() {
+    // Names in the host's table (standard and not), names outside it, a name sent twice, mixed
+    // case: what the plugin sees is what a client sent, whichever way each name crossed.
+    let sent = [
+        ("Host", "127.0.0.1"),
+        ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64; rv:128.0)"),
+        ("Accept", "text/html,*/*;q=0.8"),
+        ("sec-fetch-mode", "navigate"),
+        ("X-Custom-Thing", "a b\tc"),
+        ("Cookie", "a=1"),
+        ("cookie", "b=2"),
+        ("Upgrade-Insecure-Requests", "1"),
+    ];
+    let expected: String = sent
+        .iter()
+        .map(|(n, v)| format!("{}: {v}\n", n.to_ascii_lowercase()))
+        .collect();
+    // A 1.6 plugin gets codes; one built for ABI 1.2 gets none and parses every name.
+    for (kind, paths) in [
+        ("", &["/headers", "/async-headers"][..]),
+        ("abi-1-2", &["/headers"][..]),
+    ] {
+        let host = Host::start(&fixture_plugin(kind), HostOptions::default()).await;
+        for path in paths {
+            let echoed = body_with_headers(host.addr, path, &sent).await;
+            assert_eq!(echoed, expected, "{kind:?} {path}");
+        }
     }
 }

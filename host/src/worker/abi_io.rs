@@ -4,9 +4,11 @@
 //!
 //! Each object the host makes is a `Box` behind a `RawObject` whose vtable functions live here;
 //! the plugin polls them (from its own threads too, one at a time) and drops them exactly once
-//! through their `drop`. Each chunk the host lends carries its own `free`. Nothing here runs
-//! plugin code except through a plugin-made object's vtable. No function here unwinds across
-//! the ABI: every entry point catches panics.
+//! through their `drop`. The two body crossings and the chunks are `plugin-api`'s shared handles
+//! ([`plugin_api::ffi::body`], [`plugin_api::ffi::chunk`], whose docs hold the ownership rules):
+//! this module adds what is the host's own, the request body's stall timer and counters, and
+//! the upgrade objects. Nothing here runs plugin code except through a plugin-made object's
+//! vtable. No function here unwinds across the ABI: every entry point catches panics.
 
 #![allow(unsafe_code)]
 
@@ -20,32 +22,14 @@ use crate::counters::{Counters, Limit};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_ffi::{ContextExt as _, FfiContext};
+use async_ffi::FfiContext;
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use plugin_api::ffi::{
-    BodyVTable, IoVTable, RawBody, RawChunk, RawIo, RawStr, RawUpgrade, UpgradeVTable, poll,
-};
+use plugin_api::ffi::body::ForeignBody;
+use plugin_api::ffi::{IoVTable, RawBody, RawIo, RawUpgrade, UpgradeVTable, poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-// ---------------------------------------------------------------------------------------------
-// Chunks the host lends.
-
-unsafe extern "C" fn free_bytes(owner: *mut c_void) {
-    // SAFETY: `owner` is a `Box<Bytes>` made by `lend`, freed once by the plugin.
-    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(owner as *mut Bytes) }));
-}
-
-fn lend(bytes: Bytes) -> RawChunk {
-    let owner = Box::new(bytes);
-    RawChunk {
-        data: RawStr::new(&owner),
-        owner: Box::into_raw(owner) as *mut c_void,
-        free: Some(free_bytes),
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The request body, streamed to an async handler.
@@ -71,96 +55,62 @@ pub fn request_body(
     if incoming.is_end_stream() {
         return RawBody::NONE;
     }
-    let body = Box::new(RequestBody {
+    plugin_api::ffi::body::export(RequestBody {
         incoming,
         idle,
         stalled: Box::pin(tokio::time::sleep(idle)),
         counted,
-    });
-    RawBody {
-        state: Box::into_raw(body) as *mut c_void,
-        vtable: &REQUEST_BODY,
+    })
+}
+
+impl plugin_api::ffi::body::Export for RequestBody {}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    /// The message the plugin reads.
+    type Error = String;
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
     }
-}
 
-static REQUEST_BODY: BodyVTable = BodyVTable {
-    poll_chunk: request_poll_chunk,
-    exact_len: request_exact_len,
-    drop: request_drop,
-};
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
 
-fn message_chunk(message: String) -> RawChunk {
-    lend(Bytes::from(message))
-}
-
-unsafe extern "C" fn request_poll_chunk(
-    state: *mut c_void,
-    cx: *mut FfiContext<'_>,
-    out: *mut RawChunk,
-) -> u8 {
-    // SAFETY: `state` is the `Box<RequestBody>` made by `request_body`, polled by one thread at
-    // a time; `cx` and `out` are valid for the call.
-    let (body, cx) = unsafe { (&mut *(state as *mut RequestBody), &mut *cx) };
-    let polled = catch_unwind(AssertUnwindSafe(|| {
-        cx.with_context(|cx| {
-            loop {
-                match Pin::new(&mut body.incoming).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) if data.is_empty() => continue,
-                        Ok(data) => {
-                            let next = tokio::time::Instant::now() + body.idle;
-                            body.stalled.as_mut().reset(next);
-                            if let Some(c) = body.counted {
-                                c.request_bytes()
-                                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                            }
-                            return (poll::READY, lend(data));
-                        }
-                        Err(_trailers) => continue,
-                    },
-                    Poll::Ready(Some(Err(e))) => {
-                        return (poll::ERROR, message_chunk(format!("request body: {e}")));
-                    }
-                    Poll::Ready(None) => return (poll::END, RawChunk::EMPTY),
-                    Poll::Pending => {
-                        if body.stalled.as_mut().poll(cx).is_ready() {
-                            if let Some(c) = body.counted {
-                                c.limit_hit(Limit::BodyReadTimeout);
-                            }
-                            return (
-                                poll::ERROR,
-                                message_chunk(format!(
-                                    "request body stalled: no data for {} (body_read_timeout)",
-                                    humantime::format_duration(body.idle)
-                                )),
-                            );
-                        }
-                        return (poll::PENDING, RawChunk::EMPTY);
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, String>>> {
+        let body = &mut *self;
+        match Pin::new(&mut body.incoming).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
+                    let next = tokio::time::Instant::now() + body.idle;
+                    body.stalled.as_mut().reset(next);
+                    if let Some(c) = body.counted {
+                        c.request_bytes()
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
                 }
+                Poll::Ready(Some(Ok(frame)))
             }
-        })
-    }));
-    let (status, chunk) = polled.unwrap_or_else(|_| {
-        (
-            poll::ERROR,
-            message_chunk("request body: internal error".into()),
-        )
-    });
-    // SAFETY: valid out-pointer (above).
-    unsafe { out.write(chunk) };
-    status
-}
-
-unsafe extern "C" fn request_exact_len(state: *const c_void) -> u64 {
-    // SAFETY: the live `Box<RequestBody>`.
-    let body = unsafe { &*(state as *const RequestBody) };
-    body.incoming.size_hint().exact().unwrap_or(u64::MAX)
-}
-
-unsafe extern "C" fn request_drop(state: *mut c_void) {
-    // SAFETY: the `Box<RequestBody>` made by `request_body`, dropped once by the plugin.
-    let _ = catch_unwind(|| drop(unsafe { Box::from_raw(state as *mut RequestBody) }));
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(format!("request body: {e}")))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if body.stalled.as_mut().poll(cx).is_ready() {
+                    if let Some(c) = body.counted {
+                        c.limit_hit(Limit::BodyReadTimeout);
+                    }
+                    return Poll::Ready(Some(Err(format!(
+                        "request body stalled: no data for {} (body_read_timeout)",
+                        humantime::format_duration(body.idle)
+                    ))));
+                }
+                Poll::Pending
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -366,28 +316,6 @@ unsafe extern "C" fn io_drop(state: *mut c_void) {
 // ---------------------------------------------------------------------------------------------
 // The plugin's response bodies.
 
-/// A plugin-made chunk: given back to the plugin when hyper drops the bytes.
-struct PluginChunk(RawChunk);
-
-// SAFETY: chunk memory is plain heap memory; `free` may be called from any thread (ABI rules).
-unsafe impl Send for PluginChunk {}
-
-impl AsRef<[u8]> for PluginChunk {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: valid until `free(owner)`, which only `drop` calls.
-        unsafe { self.0.data.as_bytes() }
-    }
-}
-
-impl Drop for PluginChunk {
-    fn drop(&mut self) {
-        if let Some(free) = self.0.free {
-            // SAFETY: the chunk's own `free`, called exactly once.
-            unsafe { free(self.0.owner) }
-        }
-    }
-}
-
 /// The body of an HTTP response the worker sends: whole, or streamed from the plugin.
 pub enum ResponseBody {
     Full(Option<Bytes>),
@@ -433,7 +361,7 @@ impl ResponseBody {
 /// A streamed response body made by the plugin, polled only when hyper can send more; the
 /// bytes sent are added to its counter, if it has one.
 pub struct PluginStream {
-    raw: RawBody,
+    raw: ForeignBody,
     counter: Option<&'static AtomicU64>,
     /// What [`ResponseBody::settle`] polled before the head was sent, to be sent first.
     ahead: std::collections::VecDeque<Result<Bytes, String>>,
@@ -444,16 +372,13 @@ pub struct PluginStream {
     relay: Option<Arc<super::first_poll::Relay>>,
 }
 
-// SAFETY: the plugin's body objects may be polled and dropped from any thread, one at a time
-// (`&mut` access only).
-unsafe impl Send for PluginStream {}
-
 impl PluginStream {
     /// # Safety
     /// `raw` must be a body object made by the plugin (not `NONE`), owned by the caller.
     pub unsafe fn new(raw: RawBody) -> PluginStream {
         PluginStream {
-            raw,
+            // SAFETY: the caller's contract.
+            raw: unsafe { ForeignBody::from_raw(raw) },
             counter: None,
             ahead: Default::default(),
             uri: None,
@@ -482,31 +407,11 @@ impl PluginStream {
         if let Some(relay) = &self.relay {
             relay.register(cx.waker());
         }
-        let _serving = self.uri.as_ref().map(|u| super::loader::serving(u.path()));
-        let mut chunk = RawChunk::EMPTY;
-        let (state, vt) = (self.raw.state, self.raw.vtable);
-        // SAFETY: the plugin's live body object; `chunk` is a valid out-pointer; the shim
-        // enters the plugin's runtime and catches panics.
-        let status =
-            cx.with_ffi_context(|fcx| unsafe { ((*vt).poll_chunk)(state, fcx, &mut chunk) });
-        match status {
-            poll::PENDING => Poll::Pending,
-            poll::READY => Poll::Ready(Some(Ok(Bytes::from_owner(PluginChunk(chunk))))),
-            poll::END => Poll::Ready(None),
-            _ => {
-                let chunk = PluginChunk(chunk);
-                Poll::Ready(Some(Err(
-                    String::from_utf8_lossy(chunk.as_ref()).into_owned()
-                )))
-            }
-        }
-    }
-}
-
-impl Drop for PluginStream {
-    fn drop(&mut self) {
-        // SAFETY: the plugin's live body object, dropped exactly once, here; its shim catches panics.
-        unsafe { ((*self.raw.vtable).drop)(self.raw.state) }
+        let _serving = self
+            .uri
+            .as_ref()
+            .map(|u| super::callbacks::serving(u.path()));
+        self.raw.poll_chunk(cx)
     }
 }
 
@@ -560,10 +465,9 @@ impl http_body::Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            // SAFETY: the plugin's live body object; the shim catches panics.
-            ResponseBody::Stream(s) => match unsafe { ((*s.raw.vtable).exact_len)(s.raw.state) } {
-                n if n == u64::MAX || !s.ahead.is_empty() => SizeHint::default(),
-                n => SizeHint::with_exact(n),
+            ResponseBody::Stream(s) => match s.raw.exact_len() {
+                Some(n) if s.ahead.is_empty() => SizeHint::with_exact(n),
+                _ => SizeHint::default(),
             },
         }
     }

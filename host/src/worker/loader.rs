@@ -1,12 +1,11 @@
 //! Loads a plugin snapshot into this worker: `dlopen` with `RTLD_NOW`, the header checks, the
-//! `on_worker_start` hook, and the per-request calls across the ABI, with the functions the
-//! plugin calls back to read a blocking request's cancellation (a pool job's `Cancel`) and to
-//! report a handler panic its shim caught (counted in this worker's cell, with those the host
-//! catches around a plugin future, for the master's canary analysis).
+//! vtable's hooks copied out, the [`HostContext`] (with [`callbacks`](super::callbacks)' and
+//! [`metrics_abi`](super::metrics_abi)'s functions) and the `on_worker_start` hook; at the end,
+//! `on_worker_stop`. The per-request calls on the [`LoadedPlugin`] are
+//! [`calls`](super::calls)'.
 //!
-//! The only module in `host` that calls plugin code, and (with `fd.rs`) the only one with
-//! `unsafe`. It checks the exported header field by field (magic first, then ABI major and minor,
-//! struct sizes, `plugin-api` version) before it touches the vtable, and refuses a mismatch with
+//! It checks the exported header field by field (magic first, then ABI major and minor, struct
+//! sizes, `plugin-api` version) before it touches the vtable, and refuses a mismatch with
 //! expected vs. found. A library is never `dlclose`d: the worker exits instead, so plugin statics,
 //! thread-locals and response buffers the host still holds stay valid for the life of the process.
 //! It does not decide *which* file to load (the master does) and does no networking.
@@ -14,22 +13,15 @@
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
-use std::panic::catch_unwind;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use plugin_api::ffi::{
-    self, CancelVTable, ErrorBuf, HostContext, PluginHeader, RawAsyncRequest, RawAsyncResponse,
-    RawBody, RawHandleRequest, RawHeader, RawRequest, RawResponse, RawStr, RawUpgrade, VTable,
+    self, ErrorBuf, HostContext, PluginHeader, RawAsyncRequest, RawAsyncResponse, RawRequest,
+    RawResponse, RawStr,
 };
-use std::sync::Arc;
-use std::time::Duration;
 
-use super::pool::Cancel;
-
-use super::abi_io::{PluginStream, ResponseBody};
+use super::callbacks::{CANCEL_VTABLE, plugin_log, plugin_panicked, plugin_restart_worker};
 
 use crate::protocol::PluginInfo;
 
@@ -88,39 +80,34 @@ pub enum LoadError {
 }
 
 /// The plugin's hooks, copied out of its vtable (whose size depends on its ABI minor).
-struct Hooks {
+pub(super) struct Hooks {
     on_worker_start:
         unsafe extern "C" fn(*const HostContext, *mut *mut c_void, *mut ErrorBuf) -> bool,
-    handle: unsafe extern "C" fn(*const c_void, *const RawRequest, *mut RawResponse),
-    free_response: unsafe extern "C" fn(*mut c_void),
+    pub(super) handle: unsafe extern "C" fn(*const c_void, *const RawRequest, *mut RawResponse),
+    pub(super) free_response: unsafe extern "C" fn(*mut c_void),
     on_worker_stop: unsafe extern "C" fn(*mut c_void),
     /// `None` for an ABI 1.0 plugin: every call may block.
-    may_block: Option<unsafe extern "C" fn(*const c_void, RawStr, RawStr) -> bool>,
+    pub(super) may_block: Option<unsafe extern "C" fn(*const c_void, RawStr, RawStr) -> bool>,
     /// ABI 1.3: `None` for older plugins (no async handlers, no drain signal).
-    async_hooks: Option<AsyncHooks>,
+    pub(super) async_hooks: Option<AsyncHooks>,
+    /// ABI 1.6: whether the plugin reads each request's header-name codes.
+    pub(super) reads_name_codes: bool,
 }
 
-struct AsyncHooks {
-    dispatch: unsafe extern "C" fn(*const c_void, RawStr, RawStr) -> u8,
-    serve: unsafe extern "C" fn(
+pub(super) struct AsyncHooks {
+    pub(super) dispatch: unsafe extern "C" fn(*const c_void, RawStr, RawStr) -> u8,
+    pub(super) serve: unsafe extern "C" fn(
         *const c_void,
         *const RawAsyncRequest,
     ) -> async_ffi::FfiFuture<RawAsyncResponse>,
-    on_drain: unsafe extern "C" fn(*const c_void),
-}
-
-/// How a request runs (the plugin's `dispatch`, or `may_block` for plugins before ABI 1.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dispatch {
-    Inline,
-    Blocking,
-    Async,
+    pub(super) on_drain: unsafe extern "C" fn(*const c_void),
 }
 
 /// A loaded, started plugin: its hooks and the per-worker state `on_worker_start` built.
 pub struct LoadedPlugin {
-    hooks: Hooks,
-    state: *mut c_void,
+    pub(super) hooks: Hooks,
+    /// The plugin's per-worker state, live until [`LoadedPlugin::stop`] (which consumes `self`).
+    pub(super) state: *mut c_void,
     pub info: PluginInfo,
     /// CLOCK_MONOTONIC when `dlopen` and the header checks were done (before `on_worker_start`).
     pub loaded_at_ns: u64,
@@ -161,129 +148,6 @@ fn header_str(raw: RawStr, field: &'static str) -> Result<String, LoadError> {
     std::str::from_utf8(bytes)
         .map(str::to_owned)
         .map_err(|_| LoadError::Utf8 { field })
-}
-
-thread_local! {
-    /// The path of the request whose plugin code runs on this thread now (null: none), set by
-    /// [`serving`] and read by [`plugin_log`].
-    static SERVING: std::cell::Cell<(*const u8, usize)> =
-        const { std::cell::Cell::new((std::ptr::null(), 0)) };
-}
-
-/// Names `path` in each log line the plugin writes on this thread until the guard drops, so a
-/// panic's or an error's line points at its request. Guards nest.
-pub fn serving(path: &str) -> Serving {
-    Serving(SERVING.replace((path.as_ptr(), path.len())))
-}
-
-/// Restores the request named before [`serving`] when dropped.
-pub struct Serving((*const u8, usize));
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        SERVING.set(self.0);
-    }
-}
-
-/// The path [`serving`] names on this thread, if any.
-fn serving_path<'a>() -> Option<&'a str> {
-    let (ptr, len) = SERVING.get();
-    // SAFETY: set by `serving` from a `&str` that outlives its guard, which resets it on this
-    // thread when dropped; the caller uses it only within the plugin call it was set for.
-    (!ptr.is_null())
-        .then(|| unsafe { std::str::from_utf8_unchecked(std::slice::from_raw_parts(ptr, len)) })
-}
-
-/// Forwards a plugin log record to this process's `tracing`, with the path of the request being
-/// served on this thread when there is one.
-extern "C" fn plugin_log(level: u8, target: RawStr, message: RawStr) {
-    let _ = catch_unwind(|| {
-        // SAFETY: the plugin passes views valid for the duration of this call.
-        let (target, message) = unsafe { (target.as_bytes(), message.as_bytes()) };
-        let target = String::from_utf8_lossy(target);
-        let message = String::from_utf8_lossy(message);
-        let path = serving_path();
-        match level {
-            ffi::level::ERROR => {
-                tracing::error!(target: "plugin", module = %target, path, "{message}")
-            }
-            ffi::level::WARN => {
-                tracing::warn!(target: "plugin", module = %target, path, "{message}")
-            }
-            ffi::level::INFO => {
-                tracing::info!(target: "plugin", module = %target, path, "{message}")
-            }
-            ffi::level::DEBUG => {
-                tracing::debug!(target: "plugin", module = %target, path, "{message}")
-            }
-            _ => tracing::trace!(target: "plugin", module = %target, path, "{message}"),
-        }
-    });
-}
-
-/// The plugin's `restart_worker()`: hands the request to the worker's event loop, which asks the
-/// master for a replacement. Called from any plugin thread; never blocks, never unwinds.
-extern "C" fn plugin_restart_worker(reason: RawStr) {
-    let _ = catch_unwind(|| {
-        // SAFETY: the plugin passes a view valid for the duration of this call.
-        let reason = String::from_utf8_lossy(unsafe { reason.as_bytes() });
-        super::recycle::plugin_asked_restart(&reason);
-    });
-}
-
-/// Where this worker counts handler panics: its cell's counters, once the worker has one.
-static PANICS: std::sync::OnceLock<&'static crate::counters::Counters> = std::sync::OnceLock::new();
-
-/// Counts handler panics in `counters` from now on (this worker's cell).
-pub fn count_panics_in(counters: &'static crate::counters::Counters) {
-    let _ = PANICS.set(counters);
-}
-
-/// A handler panic caught at the plugin boundary: by the plugin's shim (ABI 1.5
-/// `HostContext::panicked`), or by the host around a plugin future. Any thread; never unwinds.
-extern "C" fn plugin_panicked() {
-    if let Some(c) = PANICS.get() {
-        c.panicked();
-    }
-}
-
-/// The functions behind a request's cancellation token (ABI 1.4): a token is a pool job's
-/// [`Cancel`], as `Arc::as_ptr` gives it; the plugin holds references with `clone` and `drop`.
-static CANCEL_VTABLE: CancelVTable = CancelVTable {
-    is_cancelled: cancel_is_cancelled,
-    wait: cancel_wait,
-    clone: cancel_clone,
-    drop: cancel_drop,
-};
-
-/// The [`Cancel`] behind a token.
-///
-/// # Safety
-/// `token` is what [`LoadedPlugin::handle`] passed: `Arc::as_ptr` of a [`Cancel`] that the call,
-/// or a reference the plugin took with `clone`, keeps alive while `'a` lasts.
-unsafe fn token<'a>(token: *const c_void) -> &'a Cancel {
-    // SAFETY: see above.
-    unsafe { &*token.cast::<Cancel>() }
-}
-
-extern "C" fn cancel_is_cancelled(t: *const c_void) -> bool {
-    // SAFETY: the plugin passes only tokens it holds (the ABI contract of `CancelVTable`).
-    unsafe { token(t) }.is_cancelled()
-}
-
-extern "C" fn cancel_wait(t: *const c_void, timeout_ns: u64) -> bool {
-    // SAFETY: as in `cancel_is_cancelled`. `wait` cannot panic (a poisoned lock is taken over).
-    unsafe { token(t) }.wait(Duration::from_nanos(timeout_ns))
-}
-
-extern "C" fn cancel_clone(t: *const c_void) {
-    // SAFETY: `t` came from `Arc::as_ptr` and its Arc is alive (see `token`).
-    unsafe { Arc::increment_strong_count(t.cast::<Cancel>()) }
-}
-
-extern "C" fn cancel_drop(t: *const c_void) {
-    // SAFETY: gives back one reference taken with `cancel_clone`.
-    unsafe { Arc::decrement_strong_count(t.cast::<Cancel>()) }
 }
 
 /// Where a worker is: passed to the plugin's `on_worker_start`.
@@ -402,13 +266,14 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
             on_worker_stop: std::ptr::addr_of!((*vt).on_worker_stop).read(),
             may_block: (vtable_size >= ffi::VTABLE_1_1_SIZE)
                 .then(|| std::ptr::addr_of!((*vt).may_block).read()),
-            async_hooks: (abi_minor >= 3 && vtable_size >= size_of::<VTable>()).then(|| {
+            async_hooks: (abi_minor >= 3 && vtable_size >= ffi::VTABLE_1_3_SIZE).then(|| {
                 AsyncHooks {
                     dispatch: std::ptr::addr_of!((*vt).dispatch).read(),
                     serve: std::ptr::addr_of!((*vt).serve).read(),
                     on_drain: std::ptr::addr_of!((*vt).on_drain).read(),
                 }
             }),
+            reads_name_codes: abi_minor >= 6,
         }
     };
 
@@ -429,6 +294,8 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         config_dir: RawStr::new(at.config_dir.as_bytes()),
         check: at.check,
         metrics: &super::metrics_abi::METRICS_VTABLE,
+        header_names: ffi::head::name_views().as_ptr(),
+        header_names_len: ffi::head::name_views().len(),
     };
     let mut err_storage = vec![0u8; 4096];
     let mut err = ErrorBuf {
@@ -461,286 +328,7 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
     })
 }
 
-/// Calls `f` with a borrowed [`RawRequest`] view of `parts` and `body`.
-fn with_raw_head<T>(
-    parts: &http::request::Parts,
-    body: &Bytes,
-    f: impl FnOnce(&RawRequest) -> T,
-) -> T {
-    // Views into `parts`, on the stack for up to 16 headers.
-    let headers: smallvec::SmallVec<[RawHeader; 16]> = parts
-        .headers
-        .iter()
-        .map(|(n, v)| RawHeader {
-            name: RawStr::new(n.as_str().as_bytes()),
-            value: RawStr::new(v.as_bytes()),
-        })
-        .collect();
-    let uri_owned;
-    let uri: &str = match (parts.uri.scheme(), parts.uri.path_and_query()) {
-        (None, Some(pq)) => pq.as_str(),
-        _ => {
-            uri_owned = parts.uri.to_string();
-            &uri_owned
-        }
-    };
-    let req = RawRequest {
-        method: RawStr::new(parts.method.as_str().as_bytes()),
-        uri: RawStr::new(uri.as_bytes()),
-        version: version_code(parts.version),
-        headers: headers.as_ptr(),
-        headers_len: headers.len(),
-        body: RawStr::new(body),
-    };
-    f(&req)
-}
-
-/// Polls a plugin future, turning a panic that escaped it (the plugin-side shim already catches
-/// the handler's) into `None` instead of unwinding through the worker.
-struct NoUnwind<F>(F);
-
-impl<F: Future + Unpin> Future for NoUnwind<F> {
-    type Output = Option<F::Output>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        match catch_unwind(std::panic::AssertUnwindSafe(|| {
-            std::pin::Pin::new(&mut self.0).poll(cx)
-        })) {
-            Ok(p) => p.map(Some),
-            Err(_) => std::task::Poll::Ready(None),
-        }
-    }
-}
-
-/// One call of the plugin's async `serve`: resolves to the host's response (a `500` if the
-/// plugin's future panicked across the ABI). `Unpin`, so it can be polled where it was made and
-/// moved afterwards; it owns everything it needs, and the plugin state stays alive until the
-/// worker exits, after every request is done.
-pub struct ServeCall {
-    fut: NoUnwind<async_ffi::FfiFuture<RawAsyncResponse>>,
-    free: unsafe extern "C" fn(*mut c_void),
-}
-
-impl Future for ServeCall {
-    type Output = http::Response<ResponseBody>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let free = self.free;
-        std::pin::Pin::new(&mut self.fut)
-            .poll(cx)
-            .map(|raw| match raw {
-                // SAFETY: `raw` is what the plugin's `serve` future resolved to, now ours.
-                Some(raw) => unsafe { response_from(raw.head, raw.stream, free) },
-                None => {
-                    plugin_panicked();
-                    tracing::error!("the plugin's future panicked across the ABI; answered 500");
-                    let mut resp = http::Response::new(ResponseBody::full(Bytes::from_static(
-                        b"internal server error\n",
-                    )));
-                    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                    resp
-                }
-            })
-    }
-}
-
-/// Builds the host's response from the plugin's: headers copied into host memory, the body
-/// lent without a copy (whole) or streamed (`stream`), freed on the plugin's side when done.
-///
-/// # Safety
-/// `raw` and `stream` must come from the plugin whose `free_response` is `free`, owned by the
-/// caller.
-unsafe fn response_from(
-    raw: RawResponse,
-    stream: RawBody,
-    free: unsafe extern "C" fn(*mut c_void),
-) -> http::Response<ResponseBody> {
-    // From here on, the plugin's allocation is owned by `owned` and freed when it drops.
-    let owned = PluginBody {
-        body: raw.body,
-        owner: raw.owner,
-        free,
-    };
-    let status = StatusCode::from_u16(raw.status).unwrap_or_else(|_| {
-        tracing::error!(
-            status = raw.status,
-            "plugin returned an invalid status code; answering 500"
-        );
-        StatusCode::INTERNAL_SERVER_ERROR
-    });
-    let raw_headers: &[RawHeader] = if raw.headers_len == 0 || raw.headers.is_null() {
-        &[]
-    } else {
-        // SAFETY: `headers` points to `headers_len` entries, valid until `owned` drops.
-        unsafe { std::slice::from_raw_parts(raw.headers, raw.headers_len) }
-    };
-    let mut map = HeaderMap::with_capacity(raw_headers.len());
-    for h in raw_headers {
-        // SAFETY: valid until `owned` drops; both are copied into host memory here.
-        let (n, v) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
-        match (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
-            (Ok(n), Ok(v)) => {
-                map.append(n, v);
-            }
-            _ => {
-                tracing::warn!(name = %String::from_utf8_lossy(n), "plugin returned an invalid header; dropped")
-            }
-        }
-    }
-    let body = if stream.is_none() {
-        ResponseBody::full(Bytes::from_owner(owned))
-    } else {
-        drop(owned);
-        // SAFETY: the plugin's body object, now ours (the caller's contract).
-        ResponseBody::Stream(unsafe { PluginStream::new(stream) })
-    };
-    let mut resp = http::Response::new(body);
-    *resp.status_mut() = status;
-    *resp.headers_mut() = map;
-    resp
-}
-
-fn version_code(v: Version) -> u32 {
-    match v {
-        Version::HTTP_09 => 9,
-        Version::HTTP_10 => 10,
-        Version::HTTP_2 => 20,
-        Version::HTTP_3 => 30,
-        _ => 11,
-    }
-}
-
-/// A response body owned by the plugin, handed to hyper without a copy and given back to the
-/// plugin to free when hyper drops it.
-struct PluginBody {
-    body: RawStr,
-    owner: *mut c_void,
-    free: unsafe extern "C" fn(*mut c_void),
-}
-
-// SAFETY: the plugin's response memory is plain heap memory not tied to the thread that made it,
-// and `free_response` may be called from any thread (the ABI's ownership rules).
-unsafe impl Send for PluginBody {}
-
-impl AsRef<[u8]> for PluginBody {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: valid until `free_response(owner)`, which only `drop` calls.
-        unsafe { self.body.as_bytes() }
-    }
-}
-
-impl Drop for PluginBody {
-    fn drop(&mut self) {
-        // SAFETY: `owner` came from this plugin's `handle` and is freed exactly once, here.
-        unsafe { (self.free)(self.owner) }
-    }
-}
-
 impl LoadedPlugin {
-    /// How a request with this method and path runs.
-    pub fn dispatch(&self, method: &http::Method, path: &str) -> Dispatch {
-        let (m, p) = (
-            RawStr::new(method.as_str().as_bytes()),
-            RawStr::new(path.as_bytes()),
-        );
-        match (&self.hooks.async_hooks, self.hooks.may_block) {
-            // SAFETY: `state` is live; the strings are borrowed for the call; the shim catches panics.
-            (Some(h), _) => match unsafe { (h.dispatch)(self.state, m, p) } {
-                ffi::dispatch::INLINE => Dispatch::Inline,
-                ffi::dispatch::ASYNC => Dispatch::Async,
-                _ => Dispatch::Blocking,
-            },
-            // SAFETY: as above.
-            (None, Some(may_block)) => match unsafe { may_block(self.state, m, p) } {
-                false => Dispatch::Inline,
-                true => Dispatch::Blocking,
-            },
-            (None, None) => Dispatch::Blocking,
-        }
-    }
-
-    /// Tells the plugin its worker drains (ABI 1.3; older plugins are not told).
-    pub fn on_drain(&self) {
-        if let Some(h) = &self.hooks.async_hooks {
-            // SAFETY: `state` is live; the shim catches panics.
-            unsafe { (h.on_drain)(self.state) }
-        }
-    }
-
-    /// Calls the plugin's `handle`, with the request's cancellation when it has one (a pool
-    /// job's). Blocks for as long as the handler does.
-    pub fn handle(
-        &self,
-        parts: &http::request::Parts,
-        body: &Bytes,
-        cancel: Option<&Arc<Cancel>>,
-    ) -> http::Response<ResponseBody> {
-        let _serving = serving(parts.uri.path());
-        with_raw_head(parts, body, |head| {
-            let ext = RawHandleRequest {
-                // SAFETY: a bitwise copy of views that outlive the call.
-                head: unsafe { std::ptr::read(head) },
-                cancel: cancel.map_or(std::ptr::null(), |c| Arc::as_ptr(c).cast()),
-            };
-            let mut raw = RawResponse::EMPTY;
-            let req = (&raw const ext).cast::<RawRequest>();
-            // SAFETY: `state` is live (only `stop` frees it, taking `self` by value), `req` and
-            // everything it points to outlive the call (the token's `Arc` too: `cancel` is
-            // borrowed for it), and `raw` is a valid out-pointer. A plugin older than 1.4 reads
-            // the pointer as its `RawRequest`, the first field.
-            unsafe { (self.hooks.handle)(self.state, req, &mut raw) };
-            // SAFETY: `raw` was just written by the plugin's `handle`.
-            unsafe { self.response(raw, RawBody::NONE) }
-        })
-    }
-
-    /// Starts the plugin's async `serve` (ABI 1.3 plugins; [`Dispatch::Async`] is never returned
-    /// for others). `body` and `upgrade` move to the plugin. The future owns everything it needs:
-    /// the plugin state stays alive until the worker exits, after every request is done.
-    pub fn serve(
-        &self,
-        parts: &http::request::Parts,
-        body: RawBody,
-        upgrade: RawUpgrade,
-    ) -> ServeCall {
-        let hooks = self
-            .hooks
-            .async_hooks
-            .as_ref()
-            .expect("dispatch said async");
-        let serve = hooks.serve;
-        let state = self.state;
-        let _serving = serving(parts.uri.path());
-        let fut = with_raw_head(parts, &Bytes::new(), move |head| {
-            let req = RawAsyncRequest {
-                // SAFETY: a bitwise copy of views that outlive the call.
-                head: unsafe { std::ptr::read(head) },
-                body,
-                upgrade,
-            };
-            // SAFETY: `state` is live; `req`'s views outlive the call, and its objects move to
-            // the plugin; the shim catches panics.
-            unsafe { serve(state, &req) }
-        });
-        ServeCall {
-            fut: NoUnwind(fut),
-            free: self.hooks.free_response,
-        }
-    }
-
-    /// # Safety
-    /// `raw` and `stream` must come from this plugin and be owned by the caller.
-    unsafe fn response(&self, raw: RawResponse, stream: RawBody) -> http::Response<ResponseBody> {
-        // SAFETY: forwarded.
-        unsafe { response_from(raw, stream, self.hooks.free_response) }
-    }
-
     /// Runs the plugin's `on_worker_stop` and frees its state. Call only once no `handle` runs.
     pub fn stop(self) {
         // SAFETY: `state` came from `on_worker_start` and, as `self` is consumed, no other call

@@ -47,6 +47,8 @@ mod access_log;
 mod backlog;
 mod balance;
 mod builtin;
+mod callbacks;
+mod calls;
 mod clock;
 mod coalesce;
 mod conn_state;
@@ -254,7 +256,7 @@ fn shared_state(
 ) -> Shared {
     let counters = table.and_then(|(table, cell)| table.counters(cell));
     if let Some(c) = counters {
-        loader::count_panics_in(c);
+        callbacks::count_panics_in(c);
     }
     if let Some(path) = &spec.access_log {
         access_log::start(path.clone(), at.log_format, at.generation, counters);

@@ -1,5 +1,5 @@
 //! The worker's blocking pool: where the plugin handlers that may block run
-//! ([`Dispatch::Blocking`](super::loader::Dispatch)), off the I/O thread, and how their answers
+//! ([`Dispatch::Blocking`](super::calls::Dispatch)), off the I/O thread, and how their answers
 //! come back to it.
 //!
 //! Owns: its threads (started on demand up to a maximum, parked while idle, gone after an idle

@@ -26,11 +26,11 @@ use hyper::body::{Body as _, Incoming};
 
 use super::abi_io::{self, ResponseBody};
 use super::builtin::plain;
+use super::calls::Dispatch;
 use super::clock::Stamp;
 use super::conn_state::{Connection, UpgradeGuard};
 use super::first_poll::FirstPoll;
 use super::head_timeout;
-use super::loader::Dispatch;
 use super::shared::Shared;
 use super::slow_paths::INLINE_LIMIT;
 use crate::counters::Limit;
@@ -127,8 +127,9 @@ fn dispatch_of(shared: &Shared, req: &Request<Incoming>) -> Dispatch {
 
 /// An inline handler, called right here on the I/O thread (it cannot be cut by
 /// `graceful_timeout` halfway, so it needs none of the machinery around the other calls) and
-/// timed: a path caught taking longer than [`INLINE_LIMIT`] runs on the blocking pool from then
-/// on. `began` is a clock reading taken before (the request's [`InFlight`] one), or `None` to
+/// timed: a path caught holding the I/O thread longer than [`INLINE_LIMIT`] by its own doing
+/// (CPU time or a blocking call, [`super::thread_clock`]) runs on the blocking pool from then
+/// on ([`super::slow_paths`]: a first slow call makes it a suspect, the next one is judged). `began` is a clock reading taken before (the request's [`InFlight`] one), or `None` to
 /// read it here; returns the answer and the clock reading when it was ready, so a request with
 /// no body reads the clock twice.
 fn call_inline(
@@ -138,11 +139,23 @@ fn call_inline(
     began: Option<Stamp>,
 ) -> (Response<ResponseBody>, Stamp) {
     let began = began.unwrap_or_else(Stamp::now);
+    let path = parts.uri.path();
+    // A path under suspicion is timed by its thread's own clock too (a reading costs a system
+    // call, so only then): see `SlowPaths::inline_call_took`.
+    let suspect = shared.slow_paths.suspected(path);
+    let baseline = suspect
+        .then(|| super::thread_clock::baseline(began))
+        .flatten();
     let resp = shared.plugin.handle(parts, body, None);
     let ended = Stamp::now();
     let took = ended.since(began);
     if took > INLINE_LIMIT {
-        shared.slow_paths.mark_slow(parts.uri.path(), took);
+        let own_doing = suspect.then(|| match (baseline, super::thread_clock::Reading::now()) {
+            (Some(b), Some(e)) => b.blocked_since(&e, took, INLINE_LIMIT),
+            // Without readings (never on Linux), the wall clock decides.
+            _ => true,
+        });
+        shared.slow_paths.inline_call_took(path, took, own_doing);
     }
     (sync_answer(resp), ended)
 }
@@ -294,7 +307,7 @@ fn refuse_switch(why: &str) -> Response<ResponseBody> {
 /// moved into the request's boxed future if it must wait.
 struct AsyncCall {
     parts: http::request::Parts,
-    serving: super::loader::ServeCall,
+    serving: super::calls::ServeCall,
     watch: Option<abi_io::UpgradeWatch>,
     /// Where wakers kept from the first poll in [`call`] send their wakes (see
     /// [`first_poll`](super::first_poll)).
@@ -358,7 +371,7 @@ impl AsyncCall {
         let began_at = began.unwrap_or_else(Stamp::now);
         let began = super::thread_clock::baseline(began_at);
         let polled = {
-            let _serving = super::loader::serving(path);
+            let _serving = super::callbacks::serving(path);
             Pin::new(&mut self.serving).poll(cx)
         };
         let ended = Stamp::now();

@@ -2,8 +2,17 @@
 //! handler was caught taking longer than [`INLINE_LIMIT`] (they run on the blocking pool from
 //! then on), and paths whose async handler blocked in one poll (named in the log once).
 //!
-//! Owns both sets and their bounds. A client chooses the paths (up to `max_header_bytes` each),
-//! so neither set may grow with them: each holds at most `max_slow_paths` entries, kept as keyed
+//! An inline call is judged as an async poll is, on what its thread did (its CPU time or a
+//! blocking call, `thread_clock`), never on a wall clock a busy machine stretches: moved for a
+//! preemption, a healthy path would cost a pool hand-off on every request for the rest of the
+//! worker's life. A reading of the thread's clock costs a system call, too dear for every call,
+//! so a path earns it: its first call slower than the limit by the wall clock makes it a
+//! *suspect* (nothing else happens), and a suspect's calls are timed by the thread's clock
+//! too; the first of them caught holding the thread by its own doing moves the path. A handler
+//! that really blocks thus stalls the thread twice, not once, before it is moved.
+//!
+//! Owns the three sets and their bounds. A client chooses the paths (up to `max_header_bytes` each),
+//! so no set may grow with them: each holds at most `max_slow_paths` entries, kept as keyed
 //! 64-bit hashes of the paths, not the paths (8 bytes an entry, whatever the path's length). A
 //! path met once a set is full is not remembered (counted as `Limit::TrackingFull`): a slow one
 //! keeps running inline. Two paths with the same hash (rare, and not choosable: the key is
@@ -36,6 +45,9 @@ pub(super) struct SlowPaths {
     /// Hashes of paths whose "non-blocking" handler was caught taking too long.
     slow: Mutex<HashSet<u64>>,
     any_slow: AtomicBool,
+    /// Hashes of paths whose inline call once took longer than the limit by the wall clock.
+    suspects: Mutex<HashSet<u64>>,
+    any_suspect: AtomicBool,
     /// Hashes of paths whose async handler blocked in one poll (logged once each).
     blocking: Mutex<HashSet<u64>>,
     counters: Option<&'static Counters>,
@@ -55,6 +67,8 @@ impl SlowPaths {
             keys: RandomState::new(),
             slow: Mutex::default(),
             any_slow: AtomicBool::new(false),
+            suspects: Mutex::default(),
+            any_suspect: AtomicBool::new(false),
             blocking: Mutex::default(),
             counters,
         }
@@ -69,8 +83,39 @@ impl SlowPaths {
                 .is_ok_and(|set| set.contains(&self.keys.hash_one(path)))
     }
 
+    /// Whether `path`'s inline calls are to be timed by the thread's clock (one relaxed load
+    /// while no path is a suspect).
+    pub(super) fn suspected(&self, path: &str) -> bool {
+        self.any_suspect.load(Ordering::Relaxed)
+            && self
+                .suspects
+                .lock()
+                .is_ok_and(|set| set.contains(&self.keys.hash_one(path)))
+    }
+
+    /// An inline call for `path` took `took`, over the limit by the wall clock. `own_doing`:
+    /// what the thread's clock said, for a suspect (`None`: not timed so, the path was no
+    /// suspect yet).
+    pub(super) fn inline_call_took(&self, path: &str, took: Duration, own_doing: Option<bool>) {
+        match own_doing {
+            None => {
+                if let Remembered::New = self.remember(&self.suspects, path) {
+                    self.any_suspect.store(true, Ordering::Relaxed);
+                    tracing::debug!(
+                        path = shorten(path),
+                        took_ms = took.as_millis() as u64,
+                        "an inline call took longer than the limit; its path's next calls are timed by the thread's clock"
+                    );
+                }
+            }
+            Some(true) => self.mark_slow(path, took),
+            // Kept waiting for a CPU: the machine's doing, not the handler's.
+            Some(false) => {}
+        }
+    }
+
     /// A "non-blocking" handler took `took` for `path`: it runs on the blocking pool from now on.
-    pub(super) fn mark_slow(&self, path: &str, took: Duration) {
+    fn mark_slow(&self, path: &str, took: Duration) {
         match self.remember(&self.slow, path) {
             Remembered::New => {
                 self.any_slow.store(true, Ordering::Relaxed);

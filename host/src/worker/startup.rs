@@ -152,11 +152,11 @@ pub(crate) async fn refuse(tx: &mut ToMaster, reason: String) {
 /// logged, without one: the worker then serves without balancing or in-flight records. The
 /// plugin's metrics go to the cell too ([`super::metrics_abi`]).
 pub(crate) fn map_worker_table(spec: &WorkerSpec) -> Option<(WorkerTable, usize)> {
-    let cell = spec.accept_cell? as usize;
+    let cell = spec.table_cell? as usize;
     let table = fd::take_inherited(TABLE_FD, "worker table")
         .map_err(|e| e.to_string())
         .and_then(|fd| {
-            WorkerTable::map(&fd, spec.accept_cells as usize).map_err(|e| crate::error_chain(&e))
+            WorkerTable::map(&fd, spec.table_cells as usize).map_err(|e| crate::error_chain(&e))
         });
     match table {
         Ok(table) => {

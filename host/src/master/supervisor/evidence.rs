@@ -11,10 +11,10 @@ impl Supervisor {
     /// The requests worker `id` had in flight, oldest first, for a log line: `GET /exit (12ms),
     /// GET / (1ms)`, `none`, or empty when unknown (no worker table).
     pub(super) fn in_flight_evidence(&self, id: WorkerId) -> String {
-        let (Some(w), Some((table, _))) = (self.workers.get(&id), &self.accept_table) else {
+        let (Some(w), Some((table, _))) = (self.workers.get(&id), &self.worker_table) else {
             return String::new();
         };
-        let Some(cell) = w.accept_cell else {
+        let Some(cell) = w.table_cell else {
             return String::new();
         };
         let now_us = crate::worker::monotonic_ns() / 1000;

@@ -124,7 +124,7 @@ impl Supervisor {
         // Read before the cell is freed: what it was serving when it died, and its counters.
         let evidence = self.evidence_suffix(id);
         self.fold_metrics(id, &status);
-        self.release_accept_cell(id);
+        self.release_table_cell(id);
         let Some(w) = self.workers.remove(&id) else {
             return;
         };
@@ -299,7 +299,7 @@ impl Supervisor {
             if self.serving[slot].is_some() || starting {
                 continue;
             }
-            if self.accept_table.is_some() && self.free_accept_cell().is_none() {
+            if self.worker_table.is_some() && self.free_table_cell().is_none() {
                 // Every cell is held (by workers not reaped yet): look again shortly.
                 static NO_CELL: crate::ratelimit::RateLimit =
                     crate::ratelimit::RateLimit::per_second();

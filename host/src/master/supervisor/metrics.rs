@@ -276,8 +276,8 @@ impl Supervisor {
         let cause = exit_cause(w);
         *self.metrics.exits.entry((cause, how(status))).or_default() += 1;
         let counters = w
-            .accept_cell
-            .zip(self.accept_table.as_ref())
+            .table_cell
+            .zip(self.worker_table.as_ref())
             .and_then(|(cell, (table, _))| table.counters(cell as usize));
         if let Some(c) = counters {
             let totals = c.read().at_death();
@@ -285,8 +285,8 @@ impl Supervisor {
             self.metrics.fold(w.generation.number, labels, &totals);
         }
         let series = w
-            .accept_cell
-            .zip(self.accept_table.as_ref())
+            .table_cell
+            .zip(self.worker_table.as_ref())
             .and_then(|(cell, (table, _))| table.plugin_series(cell as usize));
         if let Some(series) = series {
             let generation = w.generation.number;
@@ -308,13 +308,13 @@ impl Supervisor {
 
     /// The counters in the cells of `generation`'s live workers, read now.
     pub(super) fn live_counters(&self, generation: u64) -> Vec<Totals> {
-        let Some((table, _)) = self.accept_table.as_ref() else {
+        let Some((table, _)) = self.worker_table.as_ref() else {
             return Vec::new();
         };
         self.workers
             .values()
             .filter(|w| w.generation.number == generation)
-            .filter_map(|w| table.counters(w.accept_cell? as usize))
+            .filter_map(|w| table.counters(w.table_cell? as usize))
             .map(|c| c.read())
             .collect()
     }
@@ -416,15 +416,15 @@ impl Supervisor {
                 g.version = p.version.clone();
             }
             let counters = w
-                .accept_cell
-                .zip(self.accept_table.as_ref())
+                .table_cell
+                .zip(self.worker_table.as_ref())
                 .and_then(|(cell, (table, _))| table.counters(cell as usize));
             if let Some(c) = counters {
                 g.totals.add(&c.read());
             }
             let series = w
-                .accept_cell
-                .zip(self.accept_table.as_ref())
+                .table_cell
+                .zip(self.worker_table.as_ref())
                 .and_then(|(cell, (table, _))| table.plugin_series(cell as usize));
             if let Some(series) = series {
                 dropped +=

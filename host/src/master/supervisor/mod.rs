@@ -206,7 +206,7 @@ struct Worker {
     start_error: Option<String>,
     startup: Option<StartupTimings>,
     /// Its cell in the accept table, until it stops accepting or is reaped.
-    accept_cell: Option<u32>,
+    table_cell: Option<u32>,
     /// When it last sent anything (a heartbeat, or any other message): a ready worker silent
     /// for `worker_timeout` is hung.
     last_heard: Instant,
@@ -268,7 +268,7 @@ pub(crate) struct Supervisor {
     listener: std::net::TcpListener,
     /// Where accepting workers publish their connection counts (`None` if it could not be
     /// created: workers then accept without looking at each other).
-    accept_table: Option<(crate::worker_table::WorkerTable, std::os::fd::OwnedFd)>,
+    worker_table: Option<(crate::worker_table::WorkerTable, std::os::fd::OwnedFd)>,
     /// What the transitions do to the world (see [`effects`]).
     fx: Box<dyn Effects>,
     workers: BTreeMap<WorkerId, Worker>,
@@ -346,7 +346,7 @@ impl Supervisor {
         fx: Box<dyn Effects>,
     ) -> Supervisor {
         let slots = cfg.workers;
-        let accept_table = crate::worker_table::WorkerTable::create(table_cells(&cfg))
+        let worker_table = crate::worker_table::WorkerTable::create(table_cells(&cfg))
             .inspect_err(|e| {
                 tracing::warn!(
                     "{}; workers will accept without balancing, and a dead worker's requests in flight will not be known",
@@ -359,7 +359,7 @@ impl Supervisor {
         Supervisor {
             cfg,
             listener,
-            accept_table,
+            worker_table,
             fx,
             workers: BTreeMap::new(),
             serving: vec![None; slots],

@@ -327,7 +327,7 @@ impl Supervisor {
                 )
             })
             .count();
-        let cell = self.accept_table.is_none() || self.free_accept_cell().is_some();
+        let cell = self.worker_table.is_none() || self.free_table_cell().is_some();
         let overdue = self
             .room_wait
             .is_some_and(|since| now >= since + self.room_wait_limit());
@@ -336,7 +336,7 @@ impl Supervisor {
             self.room_wait = None;
             return true;
         }
-        let cells = self.accept_table.as_ref().map_or(0, |(t, _)| t.len());
+        let cells = self.worker_table.as_ref().map_or(0, |(t, _)| t.len());
         if !cell && overdue {
             self.room_wait = None;
             self.fail_rollout(format!(

@@ -96,17 +96,17 @@ impl Supervisor {
         generation: Arc<Generation>,
     ) -> Result<WorkerId, SpawnWorkerError> {
         let err = |source| SpawnWorkerError { slot, source };
-        let accept_cell = self.free_accept_cell();
-        if accept_cell.is_none() && self.accept_table.is_some() {
+        let table_cell = self.free_table_cell();
+        if table_cell.is_none() && self.worker_table.is_some() {
             // Never a worker whose requests go uncounted: the callers wait for a cell first.
             return Err(err(std::io::Error::other(
                 "no free cell in the worker table",
             )));
         }
-        if let (Some(cell), Some((table, _))) = (accept_cell, &self.accept_table) {
+        if let (Some(cell), Some((table, _))) = (table_cell, &self.worker_table) {
             table.reset(cell as usize);
         }
-        let table = match (&self.accept_table, accept_cell) {
+        let table = match (&self.worker_table, table_cell) {
             (Some((_, fd)), Some(_)) => Some(fd),
             _ => None,
         };
@@ -137,9 +137,9 @@ impl Supervisor {
             plugin: generation.snapshot.path.clone(),
             plugin_sha256: generation.snapshot.sha256.clone(),
             plugin_config: &generation.config,
-            accept_cell,
-            accept_cells: self
-                .accept_table
+            table_cell,
+            table_cells: self
+                .worker_table
                 .as_ref()
                 .map_or(0, |(t, _)| t.len() as u32),
             max_requests,
@@ -163,7 +163,7 @@ impl Supervisor {
                 ready_at: None,
                 start_error: None,
                 startup: None,
-                accept_cell,
+                table_cell,
                 last_heard: Instant::now(),
                 leaving: None,
                 killed_for: None,
@@ -173,13 +173,10 @@ impl Supervisor {
     }
 
     /// The lowest accept-table cell no live worker holds.
-    pub(super) fn free_accept_cell(&self) -> Option<u32> {
-        let (table, _) = self.accept_table.as_ref()?;
-        let used: std::collections::HashSet<u32> = self
-            .workers
-            .values()
-            .filter_map(|w| w.accept_cell)
-            .collect();
+    pub(super) fn free_table_cell(&self) -> Option<u32> {
+        let (table, _) = self.worker_table.as_ref()?;
+        let used: std::collections::HashSet<u32> =
+            self.workers.values().filter_map(|w| w.table_cell).collect();
         (0..table.len() as u32).find(|c| !used.contains(c))
     }
 
@@ -188,18 +185,18 @@ impl Supervisor {
     /// requests in flight are still recorded there.
     pub(super) fn stop_counting(&mut self, id: WorkerId) {
         if let Some(w) = self.workers.get(&id)
-            && let Some(cell) = w.accept_cell
-            && let Some((table, _)) = &self.accept_table
+            && let Some(cell) = w.table_cell
+            && let Some((table, _)) = &self.worker_table
         {
             table.clear(cell as usize);
         }
     }
 
     /// A worker is gone: its cell is free for the next one.
-    pub(super) fn release_accept_cell(&mut self, id: WorkerId) {
+    pub(super) fn release_table_cell(&mut self, id: WorkerId) {
         if let Some(w) = self.workers.get_mut(&id)
-            && let Some(cell) = w.accept_cell.take()
-            && let Some((table, _)) = &self.accept_table
+            && let Some(cell) = w.table_cell.take()
+            && let Some((table, _)) = &self.worker_table
         {
             table.reset(cell as usize);
         }
