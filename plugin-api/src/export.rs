@@ -63,6 +63,7 @@ pub const fn vtable<P: Plugin>() -> VTable {
         dispatch: crate::serve::dispatch::<P>,
         serve: crate::serve::serve::<P>,
         on_drain: crate::serve::on_drain,
+        on_gateway_event: crate::gateway::entry::<P>(),
     }
 }
 
@@ -225,6 +226,11 @@ unsafe extern "C" fn on_worker_start<P: Plugin>(
                     std::ptr::addr_of!((*ctx).header_names_len).read(),
                 )
             };
+        }
+        // ABI 1.7: the gateway's functions (null: this worker has none).
+        if size as usize >= ffi::HOST_CONTEXT_1_7_SIZE {
+            // SAFETY: the host's context covers the field.
+            crate::gateway::install(unsafe { std::ptr::addr_of!((*ctx).gateway).read() });
         }
         crate::runtime::start()
             .map_err(|e| format!("cannot start the plugin's tokio runtime: {e}"))?;
@@ -495,6 +501,7 @@ mod tests {
             metrics: std::ptr::null(),
             header_names: std::ptr::null(),
             header_names_len: 0,
+            gateway: std::ptr::null(),
         };
         let mut state = std::ptr::null_mut();
         let mut storage = [0u8; 256];

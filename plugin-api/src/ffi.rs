@@ -43,8 +43,10 @@ pub const ABI_MAJOR: u32 = 1;
 /// added [`HostContext::panicked`], [`HostContext::config_dir`], [`HostContext::check`] and
 /// [`HostContext::metrics`] (plugin metrics, served by the master's `/metrics`); 1.6 added
 /// [`HostContext::header_names`] and the `name_codes` of [`RawHandleRequest`] and
-/// [`RawAsyncRequest`] (a request's header names, known to the plugin without parsing).
-pub const ABI_MINOR: u32 = 6;
+/// [`RawAsyncRequest`] (a request's header names, known to the plugin without parsing); 1.7
+/// added [`VTable::on_gateway_event`] and [`HostContext::gateway`] (the business side of a
+/// gateway group: client events in, sends and presence out).
+pub const ABI_MINOR: u32 = 7;
 /// The `plugin-api` crate version both sides were built with.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Name of the one exported symbol, NUL-terminated for `dlsym`. The `v1` is [`ABI_MAJOR`].
@@ -165,7 +167,83 @@ pub struct HostContext {
     /// [`head`]). Borrowed for the `on_worker_start` call; the plugin copies what it keeps.
     pub header_names: *const RawStr,
     pub header_names_len: usize,
+    /// ABI 1.7: the functions behind the plugin's `Gateway` handle; `'static`, callable from
+    /// any thread. Null from a worker whose group has no gateway links.
+    pub gateway: *const GatewayVTable,
 }
+
+/// Results of [`GatewayVTable::command`] and the `status` of a [`RawGatewayAnswer`].
+pub mod gateway_status {
+    /// Accepted (a command is queued on its links; an answer carries its JSON).
+    pub const OK: u8 = 0;
+    /// The worker has no gateway link.
+    pub const NO_GATEWAY: u8 = 1;
+    /// Too many commands already wait on a link.
+    pub const FULL: u8 = 2;
+    /// The JSON was not a command or question the host knows.
+    pub const BAD: u8 = 3;
+    /// No gateway answered in time.
+    pub const TIMEOUT: u8 = 4;
+}
+
+/// ABI 1.7: the host's side of the plugin's `Gateway` handle. Commands and questions are JSON
+/// (the link's `BusinessToGateway` command and `Query` forms; see `plugin_api::gateway`).
+/// Every function never blocks and never unwinds.
+#[repr(C)]
+pub struct GatewayVTable {
+    /// Queues one command (a send, bind, unbind, join, leave or close) on the links that need
+    /// it, in the order made; one of [`gateway_status`]. `json` is borrowed for the call.
+    pub command: extern "C" fn(json: RawStr) -> u8,
+    /// Asks every linked gateway one presence question and adds up the answers, waiting
+    /// `timeout_ns` at most. `json` is borrowed for the call; the future (made by the host,
+    /// pollable from any thread and any runtime) and its answer move to the plugin.
+    pub query:
+        extern "C" fn(json: RawStr, timeout_ns: u64) -> async_ffi::FfiFuture<RawGatewayAnswer>,
+}
+
+/// ABI 1.7: a presence answer, moved to the plugin: a [`gateway_status`] and, when `OK`, the
+/// answer's JSON (`{"Count":n}` or `{"Members":[..]}`) in a chunk the plugin frees.
+#[repr(C)]
+pub struct RawGatewayAnswer {
+    pub status: u8,
+    pub json: RawChunk,
+}
+
+// SAFETY: the chunk is heap memory owned by the answer, freed through a function callable from
+// any thread.
+unsafe impl Send for RawGatewayAnswer {}
+
+/// ABI 1.7: one client event for [`VTable::on_gateway_event`], borrowed for that call (the
+/// plugin copies what it keeps).
+#[repr(C)]
+pub struct RawGatewayEvent {
+    /// The client (its gateway's place in the worker's links in the top 16 bits).
+    pub client: u64,
+    /// The client's event number, from 1, in the order the client acted.
+    pub seq: u64,
+    /// The event was given before to a worker that left without answering: it may have run.
+    pub redelivered: bool,
+    /// The client's session as JSON (`null` until a handler sets one).
+    pub session: RawStr,
+    /// The event as JSON: `{"Connect":{"path":..,"query":..,"headers":[[name,value],..]}}`,
+    /// `{"Text":".."}`, `{"Binary":[..]}` or `{"Close":{"code":..,"reason":..}}`.
+    pub event: RawStr,
+}
+
+/// ABI 1.7: what an event's handler returned, moved to the host.
+#[repr(C)]
+pub struct RawGatewayOutcome {
+    /// Whether the handler set the session; its new JSON is then `session`.
+    pub session_set: bool,
+    pub session: RawChunk,
+    /// For a `Connect`: the HTTP status (400 to 599) refusing it; 0: accepted.
+    pub refuse: u16,
+    /// The handler panicked (the shim caught it; a `Connect` is refused `500`).
+    pub panicked: bool,
+}
+
+// SAFETY: as for [`RawGatewayAnswer`].
+unsafe impl Send for RawGatewayOutcome {}
 
 /// Metric kinds for [`MetricsVTable::register`].
 pub mod metric_kind {
@@ -211,10 +289,12 @@ pub const HOST_CONTEXT_1_3_SIZE: usize = std::mem::offset_of!(HostContext, cance
 pub const HOST_CONTEXT_1_4_SIZE: usize = std::mem::offset_of!(HostContext, panicked);
 /// The size of the ABI 1.5 context (before `header_names`).
 pub const HOST_CONTEXT_1_5_SIZE: usize = std::mem::offset_of!(HostContext, header_names);
-/// The size of the ABI 1.6 context: the whole struct today. (A field appended later makes this
-/// the `offset_of!` that field, as for the sizes above: a plugin reads a 1.6 field only from a
-/// host whose context is at least this long.)
-pub const HOST_CONTEXT_1_6_SIZE: usize = size_of::<HostContext>();
+/// The size of the ABI 1.6 context (before `gateway`): a plugin reads a 1.6 field only from a
+/// host whose context is at least this long.
+pub const HOST_CONTEXT_1_6_SIZE: usize = std::mem::offset_of!(HostContext, gateway);
+/// The size of the ABI 1.7 context: the whole struct today. (A field appended later makes this
+/// the `offset_of!` that field, as for the sizes above.)
+pub const HOST_CONTEXT_1_7_SIZE: usize = size_of::<HostContext>();
 
 /// ABI 1.4: what `handle` receives from a host whose [`HostContext`] covers `cancel` (the
 /// pointer `handle` gets points at `head`, its first field, so older plugins read it as a plain
@@ -330,14 +410,27 @@ pub struct VTable {
     /// ABI 1.3: the worker began draining (a reload, a stop, a recycle): long-lived handlers
     /// (WebSocket, SSE) should wind down. Called once, from the host's I/O thread.
     pub on_drain: unsafe extern "C" fn(state: *const c_void),
+    /// ABI 1.7: handles one gateway client event, or `None`: the plugin handles none (the host
+    /// then links to no gateway). The event is borrowed for this call; the future is polled
+    /// and dropped by the host, never panics across the ABI (a panic resolves to an outcome
+    /// with `panicked` set), and its outcome moves to the host. Events of different clients
+    /// run at once; one client's one at a time, in order.
+    pub on_gateway_event: Option<
+        unsafe extern "C" fn(
+            state: *const c_void,
+            event: *const RawGatewayEvent,
+        ) -> async_ffi::FfiFuture<RawGatewayOutcome>,
+    >,
 }
 
 /// The size of the ABI 1.0 vtable (before `may_block`): the smallest a host accepts.
 pub const VTABLE_1_0_SIZE: usize = std::mem::offset_of!(VTable, may_block);
 /// The size of the ABI 1.1 and 1.2 vtable (before `dispatch`).
 pub const VTABLE_1_1_SIZE: usize = std::mem::offset_of!(VTable, dispatch);
-/// The size of the ABI 1.3 vtable and later: the whole struct today.
-pub const VTABLE_1_3_SIZE: usize = size_of::<VTable>();
+/// The size of the ABI 1.3 to 1.6 vtable (before `on_gateway_event`).
+pub const VTABLE_1_3_SIZE: usize = std::mem::offset_of!(VTable, on_gateway_event);
+/// The size of the ABI 1.7 vtable: the whole struct today.
+pub const VTABLE_1_7_SIZE: usize = size_of::<VTable>();
 
 /// Values of [`VTable::dispatch`].
 pub mod dispatch {

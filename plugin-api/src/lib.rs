@@ -484,6 +484,7 @@ mod body;
 mod cancel;
 pub mod export;
 pub mod ffi;
+pub mod gateway;
 mod log;
 pub mod metrics;
 mod runtime;
@@ -580,6 +581,30 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     fn may_block(&self, method: &str, path: &str) -> bool {
         let _ = (method, path);
         true
+    }
+
+    /// Whether this plugin handles gateway events ([`Plugin::on_gateway_event`]). A worker
+    /// links to its group's gateways only when it does; set it to `true` with the handler.
+    const GATEWAY_EVENTS: bool = false;
+
+    /// Handles one event of a gateway client (ABI 1.7; only when
+    /// [`Plugin::GATEWAY_EVENTS`] is `true`): a connect (refuse it with
+    /// [`EventContext::refuse`](gateway::EventContext::refuse)), a message, a close. A
+    /// client's events come one at a time, in the order it acted; the event counts as handled
+    /// when the future resolves (what it sent through `gw` has left by then), and one whose
+    /// worker went away first is given again to another worker with
+    /// [`EventContext::is_redelivered`](gateway::EventContext::is_redelivered) set. The
+    /// client's session, read and set through `cx`, is kept by the gateway across reloads.
+    /// Runs in the plugin's tokio runtime, like [`Plugin::serve`]; a panic answers the event
+    /// (a connect is refused `500`) and is counted.
+    fn on_gateway_event(
+        &self,
+        gw: gateway::Gateway,
+        cx: gateway::EventContext,
+        event: gateway::GatewayEvent,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let _ = (gw, cx, event);
+        async {}
     }
 
     /// Runs when the worker has finished its last request and is about to exit.

@@ -92,6 +92,13 @@ pub(super) struct Hooks {
     pub(super) async_hooks: Option<AsyncHooks>,
     /// ABI 1.6: whether the plugin reads each request's header-name codes.
     pub(super) reads_name_codes: bool,
+    /// ABI 1.7: the gateway event handler; `None` for older plugins and those handling none.
+    pub(super) on_gateway_event: Option<
+        unsafe extern "C" fn(
+            *const c_void,
+            *const ffi::RawGatewayEvent,
+        ) -> async_ffi::FfiFuture<ffi::RawGatewayOutcome>,
+    >,
 }
 
 pub(super) struct AsyncHooks {
@@ -161,6 +168,8 @@ pub struct Placement {
     pub config_dir: String,
     /// Whether this is `host check`'s throwaway worker, for `HostContext::check`.
     pub check: bool,
+    /// Whether the worker has gateway links, for `HostContext::gateway` (null without).
+    pub gateway: bool,
 }
 
 /// Loads the plugin at `path`, checks it, and runs its `on_worker_start`.
@@ -274,6 +283,9 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
                 }
             }),
             reads_name_codes: abi_minor >= 6,
+            on_gateway_event: (abi_minor >= 7 && vtable_size >= ffi::VTABLE_1_7_SIZE)
+                .then(|| std::ptr::addr_of!((*vt).on_gateway_event).read())
+                .flatten(),
         }
     };
 
@@ -296,6 +308,10 @@ fn load_checked(path: &Path, at: &Placement) -> Result<LoadedPlugin, LoadError> 
         metrics: &super::metrics_abi::METRICS_VTABLE,
         header_names: ffi::head::name_views().as_ptr(),
         header_names_len: ffi::head::name_views().len(),
+        gateway: match at.gateway {
+            true => &super::gateway_abi::GATEWAY_VTABLE,
+            false => std::ptr::null(),
+        },
     };
     let mut err_storage = vec![0u8; 4096];
     let mut err = ErrorBuf {

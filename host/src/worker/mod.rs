@@ -55,8 +55,7 @@ mod conn_state;
 mod connection;
 mod drain_signal;
 mod first_poll;
-// Wired to the plugin's event handler with the plugin-api step (docs/design/gateway.md).
-#[cfg_attr(not(test), allow(dead_code))]
+mod gateway_abi;
 mod gateway_link;
 mod h2_drain;
 mod head_timeout;
@@ -210,6 +209,7 @@ async fn serve(
     let (cut_tx, cut) = drain_signal::Cut::new();
     let info = plugin.info.clone();
     let shared = Arc::new(shared_state(&spec, &at, plugin, table, recycle, cut));
+    let (gateway_draining, links) = start_gateway_links(&spec, &at, &shared);
     let acceptor = Acceptor::new(listener, before.id, spec.max_connections, &shared);
     let ready = WorkerToMaster::Ready {
         plugin: info,
@@ -234,9 +234,53 @@ async fn serve(
         acceptor,
         graceful_timeout,
         deadline: None,
+        gateway_draining,
+        links,
     };
     let (cut_at, tx) = events.run(spec.heartbeat_ms).await;
     stop(shared, tx, cut_at, cut_tx, graceful_timeout).await
+}
+
+/// Links to the gateways of `spec.gateway_links` (ABI 1.7), once the plugin is loaded and if
+/// it handles gateway events; the sender tells the links the worker drains.
+fn start_gateway_links(
+    spec: &WorkerSpec,
+    at: &Spawned,
+    shared: &Arc<Shared>,
+) -> (watch::Sender<bool>, Option<Arc<gateway_link::Links>>) {
+    let (tx, rx) = watch::channel(false);
+    if spec.gateway_links.is_empty() {
+        return (tx, None);
+    }
+    let Some(handler) = gateway_abi::PluginEvents::new(&shared.plugin) else {
+        tracing::warn!(
+            gateways = spec.gateway_links.len(),
+            "gateway groups send this group client events, but its plugin handles none (built against a plugin-api older than ABI 1.7, or Plugin::GATEWAY_EVENTS is false): no gateway link, so the gateways hold their clients' events, then close them with 1011"
+        );
+        return (tx, None);
+    };
+    let links = Arc::new(gateway_link::Links::start(
+        &spec.gateway_links,
+        std::process::id(),
+        at.generation,
+        Arc::new(handler),
+        rx,
+    ));
+    gateway_abi::serve_handle(links.clone());
+    tracing::info!(
+        gateways = spec.gateway_links.len(),
+        "linking to the gateways"
+    );
+    (tx, Some(links))
+}
+
+/// Resolves once no gateway event's handler runs (at once without links).
+async fn gateway_events_done(links: Option<&gateway_link::Links>) {
+    let Some(links) = links else { return };
+    // The count has no waker; a drain's last events are checked every few milliseconds.
+    while links.in_flight() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Refuses to start with `reason` (see [`startup::refuse`]).
@@ -295,6 +339,11 @@ struct EventLoop {
     graceful_timeout: Duration,
     /// Set when the drain starts: `graceful_timeout` from then.
     deadline: Option<Instant>,
+    /// Tells the gateway links the worker drains (they say `Draining`, take no new events).
+    gateway_draining: watch::Sender<bool>,
+    /// The gateway links, when the worker has some: a drain ends once their events are
+    /// answered too.
+    links: Option<Arc<gateway_link::Links>>,
 }
 
 impl EventLoop {
@@ -324,6 +373,7 @@ impl EventLoop {
         .filter_map(|k| tokio::signal::unix::signal(k).ok())
         .collect();
         let mut conns = self.shared.tally.connections.subscribe();
+        let links = self.links.clone();
 
         let cut = loop {
             self.acceptor.check_limit(&self.shared);
@@ -340,7 +390,10 @@ impl EventLoop {
                 _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => {
                     let _ = self.tx.send(&WorkerToMaster::Heartbeat).await;
                 }
-                _ = conns.wait_for(|n| *n == 0), if self.deadline.is_some() => break None,
+                _ = async {
+                    let _ = conns.wait_for(|n| *n == 0).await;
+                    gateway_events_done(links.as_deref()).await;
+                }, if self.deadline.is_some() => break None,
                 _ = tokio::time::sleep_until(self.deadline.unwrap_or_else(Instant::now)), if self.deadline.is_some() => {
                     break Some(self.shared.tally.in_flight.load(Ordering::SeqCst));
                 }
@@ -394,6 +447,7 @@ impl EventLoop {
         self.shared.balance.stop_accepting();
         self.shared.drain.fire();
         self.shared.plugin.on_drain();
+        let _ = self.gateway_draining.send(true);
         self.deadline = Some(Instant::now() + self.graceful_timeout);
     }
 }

@@ -128,6 +128,7 @@ pub(super) async fn load_plugin(
         config: spec.plugin_config.clone(),
         config_dir: spec.config_dir.clone(),
         check,
+        gateway: !check && !spec.gateway_links.is_empty(),
     };
     match loader::load(&spec.plugin, &at) {
         Ok(plugin) => Some(plugin),
