@@ -15,14 +15,20 @@ use crate::{Host, HostOptions, Ws, example_plugin};
 /// process, `business = "app"`), `gw` being written into the gateway's table; `/metrics` on
 /// a port the kernel picks.
 pub async fn gateway_host(gw: &str) -> Host {
+    gateway_host_with(&example_plugin(&[]), 1, gw).await
+}
+
+/// As [`gateway_host`], with `plugin` in `app` (`workers` of them): a plugin that handles
+/// gateway events links its workers to `gw`.
+pub async fn gateway_host_with(plugin: &std::path::Path, workers: u32, gw: &str) -> Host {
     let extra = format!(
-        "admin_listen = \"127.0.0.1:0\"\n[[group]]\nname = \"app\"\nworkers = 1\n\n[[group]]\nname = \"gw\"\ngateway = true\nbusiness = \"app\"\nworkers = 1\n{gw}\n"
+        "admin_listen = \"127.0.0.1:0\"\n[[group]]\nname = \"app\"\nworkers = {workers}\n\n[[group]]\nname = \"gw\"\ngateway = true\nbusiness = \"app\"\nworkers = 1\n{gw}\n"
     );
     let opts = HostOptions {
         extra,
         ..HostOptions::default()
     };
-    Host::start(&example_plugin(&[]), opts).await
+    Host::start(plugin, opts).await
 }
 
 /// Opens a WebSocket client of the gateway at `addr`, trying again (10 s at most) while it

@@ -12,10 +12,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use tests::gateway::{
-    FakeWorker, gateway_host, raw_upgrade_when_room, read_to_end_within, ws_when_room,
+    FakeWorker, gateway_host, gateway_host_with, raw_upgrade, raw_upgrade_when_room,
+    read_to_end_within, ws_when_room,
 };
 use tests::groups::{group, group_addr, group_pids};
-use tests::{Ws, get, metric, pid_alive, ws_close_code};
+use tests::{Ws, fixture_plugin, get, metric, pid_alive, ws_close_code};
 
 async fn connect(addr: std::net::SocketAddr) -> Ws {
     let (ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/chat?room=a"))
@@ -379,4 +380,145 @@ async fn sends_to_a_uid_or_a_group_reach_clients_handled_by_other_workers() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Sends `c{i}-{j}` for `j` in `range` on each client.
+async fn send_range(clients: &mut [Ws], range: std::ops::Range<usize>) {
+    for (i, ws) in clients.iter_mut().enumerate() {
+        for j in range.clone() {
+            ws.send(Message::Text(format!("c{i}-{j}").into()))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Reads client `i`'s answers until the one to `c{i}-{last}` (20 s at most each).
+async fn answers_until(ws: &mut Ws, i: usize, last: usize) -> Vec<String> {
+    let end = format!("c{i}-{last} ");
+    let mut out = Vec::new();
+    loop {
+        let t = texts(ws, 1).await.remove(0);
+        let done = t.starts_with(&end);
+        out.push(t);
+        if done {
+            return out;
+        }
+    }
+}
+
+/// Checks client `i`'s answers are `c{i}-{j} n={j+2} r=R` for `j` in `0..count`, in order,
+/// each once, except that an answer may come again, right after, flagged redelivered (a
+/// worker killed after its handler sent but before it answered `Handled`); returns how many
+/// came again.
+fn check_answers(i: usize, got: &[String], count: usize) -> usize {
+    let mut again = 0;
+    let mut j = 0;
+    for (k, answer) in got.iter().enumerate() {
+        if j > 0 && answer.starts_with(&format!("c{i}-{} n={} r=true", j - 1, j + 1)) {
+            again += 1;
+            continue;
+        }
+        let expected = format!("c{i}-{j} n={} r=", j + 2);
+        assert!(
+            answer.starts_with(&expected),
+            "client {i}, answer {k}: {answer:?}, expected {expected:?} (all: {got:?})"
+        );
+        j += 1;
+    }
+    assert_eq!(j, count, "client {i}: {got:?}");
+    again
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_gateway_events_survive_a_reload_and_a_worker_killed_mid_burst() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let host = gateway_host_with(&fixture_plugin(""), 2, "gateway_hold = \"10s\"").await;
+    let addr = group_addr(&host.status().await, "gw");
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(connect(addr).await);
+    }
+    let mut answers: Vec<Vec<String>> = vec![Vec::new(); clients.len()];
+    let mut next = 0;
+    // Bursts of 5 a client while a reload replaces both business workers.
+    let before = group_pids(&host.status().await, "app");
+    let reload = host.spawn_cli(&["reload"]);
+    loop {
+        let finished = reload.is_finished();
+        send_range(&mut clients, next..next + 5).await;
+        for (i, ws) in clients.iter_mut().enumerate() {
+            answers[i].extend(answers_until(ws, i, next + 4).await);
+        }
+        next += 5;
+        assert!(next < 5000, "the reload never ended");
+        if finished {
+            break;
+        }
+    }
+    let out = reload.await.unwrap();
+    assert!(out.status.success(), "{}", host.explain(&out));
+    let after = group_pids(&host.status().await, "app");
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "the reload replaced no worker: {before:?} {after:?}"
+    );
+
+    // A business worker killed with SIGKILL in the middle of a burst.
+    send_range(&mut clients, next..next + 30).await;
+    kill(Pid::from_raw(after[0] as i32), Signal::SIGKILL).unwrap();
+    for (i, ws) in clients.iter_mut().enumerate() {
+        answers[i].extend(answers_until(ws, i, next + 29).await);
+    }
+    next += 30;
+    host.wait_status("the killed business worker replaced", |s| {
+        let app = group_pids(s, "app");
+        app.len() == 2 && !app.contains(&after[0])
+    })
+    .await;
+    send_range(&mut clients, next..next + 10).await;
+    for (i, ws) in clients.iter_mut().enumerate() {
+        answers[i].extend(answers_until(ws, i, next + 9).await);
+    }
+    next += 10;
+
+    let again: usize = answers
+        .iter()
+        .enumerate()
+        .map(|(i, got)| check_answers(i, got, next))
+        .sum();
+    let redelivered = answers
+        .iter()
+        .flatten()
+        .filter(|a| a.ends_with("r=true"))
+        .count();
+    eprintln!(
+        "{next} messages a client; redelivered {redelivered}, answered again after the kill: {again}"
+    );
+    // Sessions survived: a new event still counts from the client's whole history.
+    clients[0].send(Message::Text("last".into())).await.unwrap();
+    assert_eq!(
+        texts(&mut clients[0], 1).await,
+        vec![format!("last n={} r=false", next + 2)]
+    );
+    let status = host.status().await;
+    assert_eq!(group_pids(&status, "gw").len(), 1);
+    drop(clients);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_older_than_gateway_events_is_linked_to_no_gateway_with_one_warning() {
+    let host = gateway_host_with(&fixture_plugin("abi-1-6"), 1, "gateway_hold = \"300ms\"").await;
+    let addr = group_addr(&host.status().await, "gw");
+    // No worker links: the connect is held, then refused.
+    let refused = raw_upgrade(addr)
+        .await
+        .expect_err("no worker answers the connect");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    let warned = host.log().matches("its plugin handles none").count();
+    assert_eq!(warned, 1, "{}", host.log());
+    // It still serves HTTP.
+    assert!(host.body("/").await.contains("fixture ok"));
 }
