@@ -148,9 +148,9 @@ impl EventContext {
         };
     }
 
-    /// The refusal status set so far (0: none).
-    pub fn refused(&self) -> u16 {
-        lock(&self.state).refuse
+    /// The refusal status set so far, if any.
+    pub fn refused(&self) -> Option<u16> {
+        Some(lock(&self.state).refuse).filter(|s| *s != 0)
     }
 }
 
@@ -685,6 +685,20 @@ mod tests {
             assert_eq!(gw.group_members("room").await, Ok(vec![7, 9]));
             assert_eq!(gw.group_count("nobody").await, Err(GatewayError::Timeout));
         });
+    }
+
+    #[test]
+    fn a_refusal_is_an_error_status_and_clones_share_the_answer() {
+        let cx = EventContext::new(1, 1, false, serde_json::Value::Null);
+        assert_eq!(cx.refused(), None);
+        assert_eq!(cx.session::<u32>(), None);
+        let kept = cx.clone();
+        cx.refuse(200);
+        assert_eq!(kept.refused(), Some(403));
+        cx.refuse(429);
+        assert_eq!(kept.refused(), Some(429));
+        cx.set_session(&7u32).unwrap();
+        assert_eq!(kept.session::<u32>(), Some(7));
     }
 
     #[test]
