@@ -5,7 +5,8 @@
 //! Plugin code is hostile: a command is parsed and checked here (only the sends, binds, joins
 //! and closes a handle may make; at most [`MAX_COMMAND`] bytes, so no link frame overflows),
 //! a session past [`MAX_SESSION`] or not JSON is ignored (the old one kept, logged), a refusal
-//! outside 400 to 599 becomes 500, and nothing here unwinds into the plugin.
+//! outside 400 to 599 becomes 500, and nothing here unwinds into the plugin. Each such mistake
+//! is logged at most once a second (not yet counted in `/metrics`).
 
 #![allow(unsafe_code)]
 
@@ -28,6 +29,16 @@ pub const MAX_COMMAND: usize = crate::protocol::MAX_FRAME / 2;
 pub const MAX_SESSION: usize = 64 * 1024;
 /// Longest a presence question may wait, whatever the plugin asks.
 const MAX_QUERY_WAIT: Duration = Duration::from_secs(30);
+
+/// The plugin's gateway mistakes, logged at most once a second each.
+static LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::per_second();
+
+/// Logs one mistake of the plugin's (`what`), at most once a second.
+fn warn(what: &'static str) {
+    if let Some(suppressed) = LOG.hit_named(what) {
+        tracing::warn!(suppressed, "{what}");
+    }
+}
 
 /// This worker's links and the runtime they run on, once started.
 static LINKS: OnceLock<(Arc<Links>, tokio::runtime::Handle)> = OnceLock::new();
@@ -73,11 +84,17 @@ extern "C" fn command(json: RawStr) -> u8 {
         };
         // SAFETY: the plugin passes a view valid for this call (the ABI's rule).
         let Some(command) = parse_command(unsafe { json.as_bytes() }) else {
+            warn("refused a gateway command of the plugin's: not a send, bind, unbind, join, leave or close, or over 512 KiB");
             return gateway_status::BAD;
         };
         match links.command(command) {
             Ok(()) => gateway_status::OK,
-            Err(e) => status(e),
+            Err(e) => {
+                if e == CommandError::Full {
+                    warn("refused a gateway command: 8192 commands already wait on a gateway link");
+                }
+                status(e)
+            }
         }
     })
     .unwrap_or(gateway_status::BAD)
@@ -168,18 +185,15 @@ impl EventHandler for PluginEvents {
             let session = match out.session_set {
                 false => None,
                 true if bytes.len() > MAX_SESSION => {
-                    tracing::warn!(
-                        client = event.client,
-                        bytes = bytes.len(),
-                        limit = MAX_SESSION,
-                        "a gateway handler set a session too large; the old one is kept"
-                    );
+                    warn("a gateway handler set a session over 64 KiB; the old one is kept");
                     None
                 }
                 true => match serde_json::from_slice(&bytes) {
                     Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::warn!(client = event.client, error = %e, "a gateway handler set a session that is not JSON; the old one is kept");
+                    Err(_) => {
+                        warn(
+                            "a gateway handler set a session that is not JSON; the old one is kept",
+                        );
                         None
                     }
                 },
@@ -200,6 +214,8 @@ mod tests {
 
     #[test]
     fn a_plugin_may_send_only_the_handles_commands() {
+        // The log lines say 512 KiB and 64 KiB.
+        assert_eq!((MAX_COMMAND, MAX_SESSION), (512 * 1024, 64 * 1024));
         let ok = br#"{"Send":{"to":{"Group":"room"},"message":{"Text":"hi"},"except":[5]}}"#;
         assert!(parse_command(ok).is_some());
         assert!(parse_command(br#"{"Bind":{"client":5,"uid":"ann"}}"#).is_some());
