@@ -505,6 +505,16 @@ async fn a_plugins_gateway_events_survive_a_reload_and_a_worker_killed_mid_burst
     );
     let status = host.status().await;
     assert_eq!(group_pids(&status, "gw").len(), 1);
+
+    // An HTTP handler reaches the gateway too: a send to a group and its size.
+    for ws in &mut clients[..2] {
+        ws.send(Message::Text("join news".into())).await.unwrap();
+        assert_eq!(texts(ws, 1).await, vec!["joined news".to_string()]);
+    }
+    assert_eq!(host.body("/gateway/notify/news").await, "sent count=2\n");
+    for ws in &mut clients[..2] {
+        assert_eq!(texts(ws, 1).await, vec!["notify news".to_string()]);
+    }
     drop(clients);
 }
 
@@ -519,6 +529,11 @@ async fn a_plugin_older_than_gateway_events_is_linked_to_no_gateway_with_one_war
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     let warned = host.log().matches("its plugin handles none").count();
     assert_eq!(warned, 1, "{}", host.log());
-    // It still serves HTTP.
+    // It still serves HTTP; a send from it reaches no gateway (this build reads the 1.7
+    // context, so it has a handle, which answers that the worker has no links).
     assert!(host.body("/").await.contains("fixture ok"));
+    assert_eq!(
+        host.body("/gateway/notify/x").await,
+        "this worker has no gateway\n"
+    );
 }
