@@ -155,6 +155,10 @@ pub struct Config {
     /// A business group's links: the link socket of every process of every gateway group
     /// naming this group as its `business` (filled by [`Config::parse_all`]); empty otherwise.
     pub gateway_links: Vec<PathBuf>,
+    /// A plugin group's same-port gateways: each path some gateway group takes from this
+    /// group's listener (`upgrade_from`), with the hand-off socket of each of its processes
+    /// (filled by [`Config::parse_all`]).
+    pub gateway_handoffs: Vec<crate::protocol::GatewayHandoff>,
 }
 
 /// A gateway group's keys (`gateway = true`, `business`, `gateway_*`).
@@ -172,10 +176,39 @@ pub struct GatewayConfig {
     pub ping_timeout: Duration,
     /// How long a client's events wait while no business worker is connected.
     pub hold: Duration,
+    /// Same port: the plugin group whose workers pass this gateway the connections that ask
+    /// for `path` (`upgrade_from`, `upgrade_path`).
+    pub upgrade: Option<UpgradeFrom>,
     /// Where this group's slot 0 is in its business group's `gateway_links` (filled by
     /// [`Config::parse_all`]): process `slot` is link `link_base + slot`, the top 16 bits of
     /// its clients' ids, so a business worker sends a command for one client on one link.
     pub link_base: u32,
+}
+
+/// `upgrade_from` and `upgrade_path`: a gateway's clients taken from a plugin group's listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpgradeFrom {
+    pub group: String,
+    /// An exact path (`/chat`), no query.
+    pub path: String,
+}
+
+/// Longest `upgrade_path`.
+const MAX_UPGRADE_PATH: usize = 1024;
+
+/// An `upgrade_path` is an absolute path of visible ASCII, with no query or fragment.
+fn check_upgrade_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/')
+        || path.len() > MAX_UPGRADE_PATH
+        || path
+            .bytes()
+            .any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#')
+    {
+        return Err(format!(
+            "{path:?} is not a path like \"/chat\": it starts with `/`, has no query, no spaces, at most {MAX_UPGRADE_PATH} characters"
+        ));
+    }
+    Ok(())
 }
 
 /// What a worker's spec takes from the caller rather than the config (see
@@ -616,6 +649,51 @@ impl Config {
             }
         }
         for i in 0..all.len() {
+            let Some(upgrade) = all[i].gateway.as_ref().and_then(|gw| gw.upgrade.clone()) else {
+                continue;
+            };
+            let at = |key: &str| match line_in(text, lines(i), key) {
+                0 => header(i),
+                line => line,
+            };
+            let from = all.iter().position(|g| g.group == upgrade.group);
+            let problem = match from.map(|f| &all[f]) {
+                None => Some(format!(
+                    "{:?} is not the name of a group in this file",
+                    upgrade.group
+                )),
+                Some(g) if g.gateway.is_some() => Some(format!(
+                    "{:?} is a gateway group: `upgrade_from` names a plugin group, whose listener serves HTTP",
+                    upgrade.group
+                )),
+                Some(g) if g.gateway_handoffs.iter().any(|h| h.path == upgrade.path) => {
+                    Some(format!(
+                        "{:?} already passes {:?} to another gateway group",
+                        upgrade.group, upgrade.path
+                    ))
+                }
+                Some(_) => None,
+            };
+            if let Some(message) = problem {
+                return Err(group_error(
+                    at("upgrade_from"),
+                    format!("group {:?}: upgrade_from", all[i].group),
+                    message,
+                ));
+            }
+            let sockets = (0..all[i].workers as u32)
+                .map(|slot| all[i].gateway_handoff_socket(slot))
+                .collect();
+            if let Some(f) = from {
+                all[f]
+                    .gateway_handoffs
+                    .push(crate::protocol::GatewayHandoff {
+                        path: upgrade.path,
+                        sockets,
+                    });
+            }
+        }
+        for i in 0..all.len() {
             let Some(business) = all[i].gateway.as_ref().map(|gw| gw.business.clone()) else {
                 continue;
             };
@@ -657,7 +735,17 @@ impl Config {
             }
         };
 
-        let listen_str = keys.typed::<String>("listen")?.unwrap_or_default();
+        // A same-port gateway (`upgrade_from`) takes its clients from another group's listener:
+        // its own is loopback on a port of the kernel's choosing unless its table sets one (the
+        // top of the file's `listen` is the HTTP group's).
+        let own_listen = keys
+            .group
+            .as_ref()
+            .is_some_and(|g| g.table.contains_key("listen"));
+        let listen_str = match keys.typed::<String>("upgrade_from")? {
+            Some(_) if !own_listen => "127.0.0.1:0".to_string(),
+            _ => keys.typed::<String>("listen")?.unwrap_or_default(),
+        };
         let listen = listen_str
             .to_socket_addrs()
             .ok()
@@ -771,7 +859,15 @@ impl Config {
             in_watch_mode: keys.boolean("watch_canary")?,
         };
         let gateway = match keys.boolean("gateway")? {
-            false => None,
+            false => {
+                for key in ["upgrade_from", "upgrade_path"] {
+                    if keys.typed::<String>(key)?.is_some() {
+                        return Err(keys
+                            .invalid(key, "is a gateway's key: it needs `gateway = true`".into()));
+                    }
+                }
+                None
+            }
             true => {
                 let business = keys.typed::<String>("business")?.unwrap_or_default();
                 if business.is_empty() {
@@ -780,8 +876,24 @@ impl Config {
                         "needs `business`: the name of the plugin group that handles its clients' events".into(),
                     ));
                 }
+                let upgrade = match keys.typed::<String>("upgrade_from")? {
+                    None => None,
+                    Some(group) => {
+                        let Some(path) = keys.typed::<String>("upgrade_path")? else {
+                            return Err(keys.invalid(
+                                "upgrade_from",
+                                "needs `upgrade_path`: the path whose requests go to the gateway, e.g. \"/chat\"".into(),
+                            ));
+                        };
+                        if let Err(why) = check_upgrade_path(&path) {
+                            return Err(keys.invalid("upgrade_path", why));
+                        }
+                        Some(UpgradeFrom { group, path })
+                    }
+                };
                 Some(GatewayConfig {
                     business,
+                    upgrade,
                     max_clients: keys.count("gateway_max_clients")?.unwrap_or(1) as u64,
                     max_message: keys.size("gateway_max_message")?.unwrap_or_default(),
                     send_queue: keys.size("gateway_send_queue")?.unwrap_or_default(),
@@ -854,6 +966,7 @@ impl Config {
             canary,
             gateway,
             gateway_links: Vec::new(),
+            gateway_handoffs: Vec::new(),
         })
     }
 
@@ -905,8 +1018,13 @@ impl Config {
             pool: self.blocking_pool(),
             access_log: self.access_log.clone(),
             gateway_links: self.gateway_links.clone(),
+            gateway_handoffs: self.gateway_handoffs.clone(),
             gateway: self.gateway.as_ref().map(|g| crate::protocol::GatewaySpec {
                 link_socket: self.gateway_link_socket(worker.slot),
+                handoff_socket: g
+                    .upgrade
+                    .is_some()
+                    .then(|| self.gateway_handoff_socket(worker.slot)),
                 link_index: g.link_base + worker.slot,
                 max_clients: g.max_clients,
                 max_message: g.max_message as usize,
@@ -924,6 +1042,14 @@ impl Config {
         self.state_dir
             .join("gateway")
             .join(format!("{}-{slot}.sock", self.group))
+    }
+
+    /// Where gateway process `slot` of a same-port gateway group takes the connections a
+    /// plugin group's workers pass it: `state_dir/gateway/<group>-<slot>.handoff`.
+    pub fn gateway_handoff_socket(&self, slot: u32) -> PathBuf {
+        self.state_dir
+            .join("gateway")
+            .join(format!("{}-{slot}.handoff", self.group))
     }
 
     pub fn control_socket(&self) -> PathBuf {
@@ -1555,6 +1681,94 @@ mod tests {
         assert_eq!(app.gateway_links[2], b.gateway_link_socket(0));
         assert_eq!(a.gateway.as_ref().unwrap().link_base, 0);
         assert_eq!(b.gateway.as_ref().unwrap().link_base, 2);
+    }
+
+    #[test]
+    fn a_same_port_gateway_takes_a_path_from_a_plugin_groups_listener() {
+        let all = groups(concat!(
+            "listen = \"0.0.0.0:8080\"\n",
+            "[[group]]\n",
+            "name = \"app\"\n",
+            "[[group]]\n",
+            "name = \"gw\"\n",
+            "gateway = true\n",
+            "business = \"app\"\n",
+            "upgrade_from = \"app\"\n",
+            "upgrade_path = \"/chat\"\n",
+            "workers = 2\n",
+        ))
+        .unwrap();
+        let (app, gw) = (&all[0], &all[1]);
+        assert_eq!(
+            gw.listen,
+            "127.0.0.1:0".parse().unwrap(),
+            "the top's listen is the HTTP group's: the gateway's own is loopback"
+        );
+        assert_eq!(
+            app.gateway_handoffs,
+            vec![crate::protocol::GatewayHandoff {
+                path: "/chat".into(),
+                sockets: vec![
+                    "/srv/app/.host/gateway/gw-0.handoff".into(),
+                    "/srv/app/.host/gateway/gw-1.handoff".into()
+                ],
+            }]
+        );
+        let start = |c: &Config| {
+            c.worker_spec(WorkerStart {
+                slot: 1,
+                generation: 1,
+                plugin: "x.so".into(),
+                plugin_sha256: String::new(),
+                plugin_config: &c.plugin_config,
+                table_cell: None,
+                table_cells: 0,
+                max_requests: 0,
+                max_requests_jitter: 0,
+            })
+        };
+        assert_eq!(start(app).gateway_handoffs, app.gateway_handoffs);
+        assert_eq!(
+            start(gw).gateway.unwrap().handoff_socket,
+            Some("/srv/app/.host/gateway/gw-1.handoff".into())
+        );
+
+        let gateway = |extra: &str| {
+            format!(
+                "[[group]]\nname = \"app\"\nlisten = \"127.0.0.1:8080\"\n[[group]]\nname = \"gw\"\ngateway = true\nbusiness = \"app\"\n{extra}"
+            )
+        };
+        for (extra, expect) in [
+            (
+                "upgrade_from = \"app\"\n",
+                "host.toml:8: group \"gw\": upgrade_from: needs `upgrade_path`",
+            ),
+            (
+                "upgrade_from = \"app\"\nupgrade_path = \"chat\"\n",
+                "\"chat\" is not a path like \"/chat\"",
+            ),
+            (
+                "upgrade_from = \"app\"\nupgrade_path = \"/chat?x=1\"\n",
+                "is not a path like",
+            ),
+            (
+                "upgrade_from = \"nope\"\nupgrade_path = \"/chat\"\n",
+                "host.toml:8: group \"gw\": upgrade_from: \"nope\" is not the name of a group",
+            ),
+            (
+                "upgrade_from = \"gw\"\nupgrade_path = \"/chat\"\n",
+                "\"gw\" is a gateway group",
+            ),
+            (
+                "upgrade_from = \"app\"\nupgrade_path = \"/chat\"\n[[group]]\nname = \"gw2\"\ngateway = true\nbusiness = \"app\"\nupgrade_from = \"app\"\nupgrade_path = \"/chat\"\n",
+                "\"app\" already passes \"/chat\" to another gateway group",
+            ),
+        ] {
+            let err = groups(&gateway(extra)).unwrap_err().to_string();
+            assert!(err.contains(expect), "{extra:?}: {err}");
+        }
+        let err = groups("upgrade_from = \"app\"\n").unwrap_err().to_string();
+        assert!(err.contains("is a gateway's key"), "{err}");
     }
 
     #[test]

@@ -75,14 +75,17 @@ pub enum Limit {
     /// A gateway client closed because its unhandled events (1013) or the messages queued for
     /// it (1008) passed `gateway_send_queue`.
     GatewaySendQueue,
+    /// A same-port WebSocket client no gateway process took (none listening, or every one's
+    /// queue full): answered `503` by the plugin worker.
+    GatewayHandoff,
 }
 
 /// How many [`Limit`] slots a cell has (room for more variants without a layout change).
-pub const LIMITS: usize = 16;
+pub const LIMITS: usize = 24;
 
 impl Limit {
     /// Every variant, in index order.
-    pub const ALL: [Limit; 16] = [
+    pub const ALL: [Limit; 17] = [
         Limit::PoolQueueFull,
         Limit::PoolAbandoned,
         Limit::Connections,
@@ -99,6 +102,7 @@ impl Limit {
         Limit::GatewayMessage,
         Limit::GatewayPingTimeout,
         Limit::GatewaySendQueue,
+        Limit::GatewayHandoff,
     ];
 
     /// The `limit` label in `/metrics`.
@@ -120,13 +124,14 @@ impl Limit {
             Limit::GatewayMessage => "gateway_max_message",
             Limit::GatewayPingTimeout => "gateway_ping_timeout",
             Limit::GatewaySendQueue => "gateway_send_queue",
+            Limit::GatewayHandoff => "gateway_handoff",
         }
     }
 }
 
 const _: () = assert!(Limit::ALL.len() <= LIMITS);
 
-/// One worker's counters: 384 bytes, a multiple of a cache line, so that two workers' cells never
+/// One worker's counters: 448 bytes, a multiple of a cache line, so that two workers' cells never
 /// share one. Cumulative since the worker started (the master zeroes the cell before it hands it
 /// out), except `in_flight`. Only the owning worker writes; anyone may read, at any time.
 #[repr(C)]
@@ -152,7 +157,7 @@ pub struct Counters {
     _reserved: [AtomicU64; 6],
 }
 
-const _: () = assert!(size_of::<Counters>() == 384);
+const _: () = assert!(size_of::<Counters>() == 448);
 
 /// Adds `n` (wrapping) to a counter that only one thread ever writes: a relaxed load and a
 /// relaxed store, plain moves on x86 and ARM, where `fetch_add` is a locked read-modify-write

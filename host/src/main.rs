@@ -68,7 +68,7 @@
 //! comment: `fd`, `worker_table` (the mapping), the worker's plugin boundary
 //! (`worker::loader`, `worker::calls`, `worker::callbacks`, `worker::abi_io`,
 //! `worker::metrics_abi`, `worker::gateway_abi`), `worker::listener` (syscalls
-//! on fd 3 by number), `worker::first_poll` (a waker's vtable), and one `setpriority` call for the
+//! on fd 3 by number), `gateway::handoff` (owning the descriptors a datagram brought), `worker::first_poll` (a waker's vtable), and one `setpriority` call for the
 //! snapshot thread (`master::snapshot`). The master's supervisor has none: what it does to processes goes
 //! through its `Effects` (`master::system`).
 //!

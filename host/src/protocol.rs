@@ -92,6 +92,19 @@ pub struct WorkerSpec {
     /// this worker's group as its `business`; it connects to each. Empty: no gateway.
     #[serde(default)]
     pub gateway_links: Vec<PathBuf>,
+    /// Same port: the paths whose connections this worker passes to a gateway process
+    /// (`upgrade_from` naming this worker's group). Empty: it serves every connection itself.
+    #[serde(default)]
+    pub gateway_handoffs: Vec<GatewayHandoff>,
+}
+
+/// A path a plugin group's workers pass to a same-port gateway group: a new connection whose
+/// first request line is `GET <path>` goes, unread, to one of `sockets` (one per gateway
+/// process).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayHandoff {
+    pub path: String,
+    pub sockets: Vec<PathBuf>,
 }
 
 /// What a gateway process (`gateway = true`) needs beyond a worker's spec.
@@ -99,6 +112,10 @@ pub struct WorkerSpec {
 pub struct GatewaySpec {
     /// The Unix socket its business workers connect to.
     pub link_socket: PathBuf,
+    /// Same port (`upgrade_from`): the Unix datagram socket on which a plugin group's workers
+    /// pass it connections, unread; `None`: its own listener only.
+    #[serde(default)]
+    pub handoff_socket: Option<PathBuf>,
     /// Its place in the business workers' `gateway_links`: the top 16 bits of its clients'
     /// ids (a spec without it: 0).
     #[serde(default)]
@@ -437,6 +454,7 @@ mod tests {
             access_log: None,
             gateway: None,
             gateway_links: vec!["/srv/app/.host/gateway/gw-0.sock".into()],
+            gateway_handoffs: Vec::new(),
         };
         tx.send(&MasterToWorker::Start(spec)).await.unwrap();
         match rx.recv().await.unwrap() {

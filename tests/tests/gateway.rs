@@ -537,3 +537,68 @@ async fn a_plugin_older_than_gateway_events_is_linked_to_no_gateway_with_one_war
         "this worker has no gateway\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_port_clients_are_passed_to_the_gateway_and_outlive_the_workers_that_passed_them() {
+    let host = gateway_host_with(
+        &fixture_plugin(""),
+        2,
+        "upgrade_from = \"app\"\nupgrade_path = \"/chat\"\ngateway_hold = \"10s\"",
+    )
+    .await;
+    let status = host.status().await;
+    let http = group_addr(&status, "app");
+    let own = group_addr(&status, "gw");
+    assert!(
+        own.ip().is_loopback() && own.port() != http.port(),
+        "a same-port gateway's own listener is loopback: {own}"
+    );
+
+    // WebSocket clients on the HTTP port, the plugin's HTTP beside them on the same port.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect(http).await);
+    }
+    assert!(host.body("/").await.contains("fixture ok"));
+    let plain = get(http, "/chat").await.expect("GET /chat");
+    assert_eq!(
+        plain.status, 400,
+        "a plain GET of the path is the gateway's to answer: {}",
+        plain.body
+    );
+
+    // A reload replaces the workers that passed every client: none is disconnected, every
+    // message is answered once, in order.
+    let mut answers: Vec<Vec<String>> = vec![Vec::new(); clients.len()];
+    send_range(&mut clients, 0..5).await;
+    let before = group_pids(&host.status().await, "app");
+    host.reload_ok().await;
+    let after = group_pids(&host.status().await, "app");
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} {after:?}"
+    );
+    send_range(&mut clients, 5..10).await;
+    for (i, ws) in clients.iter_mut().enumerate() {
+        answers[i].extend(answers_until(ws, i, 9).await);
+        check_answers(i, &answers[i], 10);
+    }
+    // And new clients reach the gateway through the new workers.
+    clients.push(connect(http).await);
+
+    let admin = host.admin_addr().await;
+    let body = get(admin, "/metrics").await.expect("GET /metrics").body;
+    let passed = metric(&body, "gateway_handoffs_total", &["group=\"gw\""]);
+    assert!(passed >= 5.0, "{passed}: {body}");
+
+    // The gateway's hand-off socket gone: an upgrade is answered 503 by the worker, counted.
+    std::fs::remove_file(host.dir.path().join("state/gateway/gw-0.handoff")).unwrap();
+    let refused = raw_upgrade(http).await.expect_err("no gateway takes it");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(host.limit_hits("gateway_handoff").await >= 1);
+    assert!(
+        host.log()
+            .contains("no gateway process took a WebSocket client")
+    );
+    drop(clients);
+}

@@ -181,6 +181,20 @@ pub const KEYS: &[Key] = &[
         "with `gateway = true`: the name of the plugin group whose workers handle this gateway's client events",
     ),
     key(
+        "upgrade_from",
+        Group,
+        Kind::Text,
+        Unset("none: the gateway takes clients on its own `listen` only"),
+        "with `gateway = true`: the plugin group whose listener also takes this gateway's WebSocket clients (same port as HTTP): its workers pass a new connection whose first request is `GET <upgrade_path>` to a gateway process, unread, over a Unix socket; the gateway's own `listen` is then `127.0.0.1:0` unless its table sets one (see [the gateway](gateway.md#same-port))",
+    ),
+    key(
+        "upgrade_path",
+        Group,
+        Kind::Text,
+        Unset("none; required with `upgrade_from`"),
+        "with `upgrade_from`: the path (exact, query ignored) whose requests go to the gateway, e.g. `\"/chat\"`",
+    ),
+    key(
         "gateway_max_clients",
         Group,
         count(1, MAX_CONNECTIONS),

@@ -11,6 +11,7 @@
 //! as for any worker.
 
 mod client;
+pub(crate) mod handoff;
 pub(crate) mod link;
 mod router;
 
@@ -57,6 +58,8 @@ pub(crate) struct Counters {
     pub(crate) redelivered: AtomicU64,
     pub(crate) held_closed: AtomicU64,
     pub(crate) unhandled: AtomicU64,
+    /// Connections plugin workers passed here (same port).
+    pub(crate) handed_off: AtomicU64,
 }
 
 /// What every client task shares: the bounds, the counters, the drain signal.
@@ -177,6 +180,19 @@ async fn serve(
             return ExitCode::FAILURE;
         }
     };
+    let handoff = match gw.handoff_socket.as_deref().map(handoff::Receiver::bind) {
+        None => None,
+        Some(Ok(receiver)) => Some(receiver),
+        Some(Err(e)) => {
+            let path = gw.handoff_socket.as_deref().unwrap_or(Path::new(""));
+            let reason = format!(
+                "cannot listen on the hand-off socket {}: {e}",
+                path.display()
+            );
+            startup::refuse(&mut tx, reason).await;
+            return ExitCode::FAILURE;
+        }
+    };
     let listener = match listener
         .set_nonblocking(true)
         .and_then(|()| TcpListener::from_std(listener))
@@ -223,11 +239,15 @@ async fn serve(
 
     let accepting = tokio::spawn(accept_loop(listener, gateway.clone()));
     let linking = tokio::spawn(link_loop(link, gateway.clone()));
+    let handing = handoff.map(|h| tokio::spawn(handoff_loop(h, gateway.clone())));
     life(&mut tx, &mut orders, &spec, &gateway).await;
 
     // The drain: no new client, every client told `1001`, a bounded wait for their handshakes.
     accepting.abort();
     linking.abort();
+    if let Some(handing) = handing {
+        handing.abort();
+    }
     let _ = tx.send(&WorkerToMaster::Draining).await;
     let _ = drain_tx.send(true);
     let deadline = Instant::now() + CLOSE_GRACE;
@@ -305,7 +325,16 @@ async fn accept_loop(listener: TcpListener, gateway: Arc<Gateway>) {
 
 /// The link socket, 0600 in a 0700 directory; a stale one (a crashed process's) is replaced.
 fn bind_link(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
+    prepare_socket_path(path)?;
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Makes `path`'s directory (0700) and removes a stale socket there (a crashed process's).
+fn prepare_socket_path(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -313,12 +342,42 @@ fn bind_link(path: &Path) -> std::io::Result<UnixListener> {
             .create(dir)?;
     }
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+}
+
+/// Serves the connections plugin workers pass (same port), as the accept loop serves its
+/// own, until aborted. What is not a connection is logged at most once a second.
+async fn handoff_loop(receiver: handoff::Receiver, gateway: Arc<Gateway>) {
+    static REFUSED: RateLimit = RateLimit::per_second();
+    loop {
+        match receiver.next().await {
+            Ok(Ok(stream)) => {
+                gateway.counters.handed_off.fetch_add(1, Ordering::Relaxed);
+                let stream = stream
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(stream));
+                if let Ok(stream) = stream {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(client::serve(stream, gateway.clone()));
+                }
+            }
+            Ok(Err(why)) => {
+                if let Some(suppressed) = REFUSED.hit_named("gateway hand-off") {
+                    tracing::warn!(
+                        ?why,
+                        suppressed,
+                        "gateway ignored a hand-off that is not a client connection"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the gateway's hand-off socket failed: same-port clients go to the group's other processes");
+                return;
+            }
+        }
+    }
 }
 
 /// Accepts business workers' links, each served by a task of its own, at most `MAX_LINKS` at
@@ -428,7 +487,7 @@ async fn route(
 
 /// The gateway's own series in `/metrics`, in its cell's plugin-series slots (labelled with the
 /// group as a plugin's are): clients held, events unhandled, events redelivered, clients closed
-/// at `gateway_hold`, messages received.
+/// at `gateway_hold`, messages received, connections passed by plugin workers (same port).
 struct Series {
     slots: &'static crate::worker_table::PluginSeries,
     /// (slot index, last value written) of each, in [`Series::NAMES`] order.
@@ -436,7 +495,7 @@ struct Series {
 }
 
 impl Series {
-    const NAMES: [(&str, u8, &str); 5] = [
+    const NAMES: [(&str, u8, &str); 6] = [
         (
             "gateway_clients",
             plugin_metrics::GAUGE,
@@ -462,6 +521,11 @@ impl Series {
             plugin_metrics::COUNTER,
             "messages received from clients",
         ),
+        (
+            "gateway_handoffs",
+            plugin_metrics::COUNTER,
+            "connections plugin workers passed to this gateway process (same port)",
+        ),
     ];
 
     fn register(slots: &'static crate::worker_table::PluginSeries) -> Series {
@@ -483,6 +547,7 @@ impl Series {
             c.redelivered.load(Ordering::Relaxed),
             c.held_closed.load(Ordering::Relaxed),
             c.messages.load(Ordering::Relaxed),
+            c.handed_off.load(Ordering::Relaxed),
         ];
         for ((id, value), (_, kind, _)) in self.ids.iter_mut().zip(values).zip(Self::NAMES) {
             let Some((i, last)) = id else { continue };

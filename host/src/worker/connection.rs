@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 
 use super::conn_state::{Connection, ConnectionGuard};
 use super::shared::{ConnSettings, Shared};
-use super::{coalesce, h2_drain, head_timeout, request, send_timeout};
+use super::{coalesce, h2_drain, head_timeout, request, same_port, send_timeout};
 use crate::counters::Limit;
 use crate::protocol::WorkerSpec;
 use crate::ratelimit::RateLimit;
@@ -72,6 +72,13 @@ pub(super) fn spawn(shared: Arc<Shared>, stream: TcpStream) {
     let guard = ConnectionGuard::new(shared.clone());
     tokio::spawn(async move {
         let _guard = guard;
+        if let Some(same_port) = &shared.same_port {
+            match same_port.route(&stream, shared.counters).await {
+                same_port::Route::Http => {}
+                same_port::Route::Done => return,
+                same_port::Route::TimedOut => return note_timed_out(&shared, false),
+            }
+        }
         let _ = stream.set_nodelay(true);
         let conn_state = Arc::new(Connection::new(shared.clone()));
         let service = {

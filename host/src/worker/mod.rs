@@ -65,6 +65,7 @@ mod metrics_abi;
 mod pool;
 mod recycle;
 mod request;
+mod same_port;
 mod send_timeout;
 mod shared;
 mod slow_paths;
@@ -326,6 +327,10 @@ fn shared_state(
         cut,
         table,
         counters,
+        same_port: same_port::SamePort::new(
+            &spec.gateway_handoffs,
+            Duration::from_millis(spec.header_read_timeout_ms.max(1)),
+        ),
     }
 }
 

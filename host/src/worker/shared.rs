@@ -21,6 +21,7 @@ use super::head_timeout::HeadTimeout;
 use super::loader::LoadedPlugin;
 use super::pool::Pool;
 use super::recycle::Recycle;
+use super::same_port::SamePort;
 use super::slow_paths::SlowPaths;
 use crate::counters::Counters;
 use crate::worker_table::WorkerTable;
@@ -46,6 +47,8 @@ pub(super) struct Shared {
     pub(super) table: Option<(WorkerTable, usize)>,
     /// This worker's request counters in its cell (for the master's `/metrics`).
     pub(super) counters: Option<&'static Counters>,
+    /// The paths a same-port gateway takes from this worker's connections; `None`: none.
+    pub(super) same_port: Option<SamePort>,
 }
 
 /// A request body's bounds.
