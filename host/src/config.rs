@@ -1021,10 +1021,7 @@ impl Config {
             gateway_handoffs: self.gateway_handoffs.clone(),
             gateway: self.gateway.as_ref().map(|g| crate::protocol::GatewaySpec {
                 link_socket: self.gateway_link_socket(worker.slot),
-                handoff_socket: g
-                    .upgrade
-                    .is_some()
-                    .then(|| self.gateway_handoff_socket(worker.slot)),
+                handoff_socket: Some(self.gateway_handoff_socket(worker.slot)),
                 link_index: g.link_base + worker.slot,
                 max_clients: g.max_clients,
                 max_message: g.max_message as usize,
@@ -1044,8 +1041,9 @@ impl Config {
             .join(format!("{}-{slot}.sock", self.group))
     }
 
-    /// Where gateway process `slot` of a same-port gateway group takes the connections a
-    /// plugin group's workers pass it: `state_dir/gateway/<group>-<slot>.handoff`.
+    /// Where gateway process `slot` of a gateway group takes the connections passed to it
+    /// (a same-port group's from plugin workers, established clients from its predecessor at
+    /// `host upgrade`): `state_dir/gateway/<group>-<slot>.handoff`.
     pub fn gateway_handoff_socket(&self, slot: u32) -> PathBuf {
         self.state_dir
             .join("gateway")

@@ -112,8 +112,9 @@ pub struct GatewayHandoff {
 pub struct GatewaySpec {
     /// The Unix socket its business workers connect to.
     pub link_socket: PathBuf,
-    /// Same port (`upgrade_from`): the Unix datagram socket on which a plugin group's workers
-    /// pass it connections, unread; `None`: its own listener only.
+    /// The Unix datagram socket on which it takes connections passed to it: same-port
+    /// clients (`upgrade_from`) from a plugin group's workers, unread, and established clients
+    /// from the process it succeeds (`host upgrade`); `None`: its own listener only.
     #[serde(default)]
     pub handoff_socket: Option<PathBuf>,
     /// Its place in the business workers' `gateway_links`: the top 16 bits of its clients'

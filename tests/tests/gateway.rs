@@ -602,3 +602,85 @@ async fn same_port_clients_are_passed_to_the_gateway_and_outlive_the_workers_tha
     );
     drop(clients);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_upgrade_hands_gateway_clients_to_the_new_master_with_their_sessions() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let mut host = gateway_host_with(&fixture_plugin(""), 1, "gateway_hold = \"10s\"").await;
+    let before = host.status().await;
+    let addr = group_addr(&before, "gw");
+    let old_gateway = group_pids(&before, "gw");
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect(addr).await);
+    }
+    let mut answers: Vec<Vec<String>> = vec![Vec::new(); clients.len()];
+    send_range(&mut clients, 0..3).await;
+    for (i, ws) in clients.iter_mut().enumerate() {
+        answers[i].extend(answers_until(ws, i, 2).await);
+    }
+    for ws in &mut clients[..2] {
+        ws.send(Message::Text("join news".into())).await.unwrap();
+        assert_eq!(texts(ws, 1).await, vec!["joined news".to_string()]);
+    }
+    // A client in the middle of a fragmented message cannot change hands: it is told 1012.
+    let mut halfway = raw_upgrade(addr).await.expect("upgraded");
+    halfway
+        .write_all(&[0x01, 0x83, 1, 2, 3, 4, b'a' ^ 1, b'b' ^ 2, b'c' ^ 3])
+        .await
+        .unwrap();
+
+    let out = host.cli(&["upgrade"]).await;
+    assert!(out.status.success(), "{}", host.explain(&out));
+    let after = host.status().await;
+    assert_ne!(after.master_pid, before.master_pid);
+    host.master_pid = after.master_pid;
+    let new_gateway = group_pids(&after, "gw");
+    assert!(
+        new_gateway.iter().all(|p| !old_gateway.contains(p)),
+        "{old_gateway:?} {new_gateway:?}"
+    );
+    tests::wait_old_workers_gone(&old_gateway).await;
+
+    // Every client is still connected, to the new gateway: its next messages are answered in
+    // order, counted from its whole history (the session came along; the first two also
+    // counted their `join`).
+    send_range(&mut clients, 3..6).await;
+    for (i, ws) in clients.iter_mut().enumerate() {
+        check_answers(i, &answers[i], 3);
+        let joined = usize::from(i < 2);
+        let got = answers_until(ws, i, 5).await;
+        let expected: Vec<String> = (3..6)
+            .map(|j| format!("c{i}-{j} n={} r=false", j + 2 + joined))
+            .collect();
+        assert_eq!(got, expected, "client {i}");
+    }
+    // The groups came along: a send to one reaches its members.
+    assert_eq!(host.body("/gateway/notify/news").await, "sent count=2\n");
+    for ws in &mut clients[..2] {
+        assert_eq!(texts(ws, 1).await, vec!["notify news".to_string()]);
+    }
+    // (The old gateway's count: `/metrics` is the new master's, on another port here.)
+    assert!(
+        host.log().contains("handed_over=4 successor=true"),
+        "{}",
+        host.log()
+    );
+
+    // The half-way client got a Close 1012 (Service Restart) frame.
+    let mut close = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), halfway.read_exact(&mut close))
+        .await
+        .expect("a close frame in time")
+        .unwrap();
+    assert_eq!(close[0], 0x88, "{close:?}");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1012, "{close:?}");
+
+    // A stop still closes them with 1001.
+    let stop = host.spawn_cli(&["stop"]);
+    for ws in &mut clients {
+        assert_eq!(ws_close_code(ws).await, Some(CloseCode::Away));
+    }
+    assert!(stop.await.unwrap().status.success());
+}

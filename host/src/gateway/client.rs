@@ -17,16 +17,16 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
 
-use super::Gateway;
 use super::link::{ClientEvent, ClientId, Payload};
-use super::router::{Outgoing, ToRouter};
+use super::router::{HandedClient, Outgoing, ToRouter};
+use super::{Gateway, handoff};
 use crate::counters::Limit;
 use crate::ratelimit::RateLimit;
 
@@ -101,11 +101,112 @@ async fn answer(stream: &mut TcpStream, status: u16) {
     let _ = tokio::time::timeout(CLOSE_WAIT, stream.write_all(text.as_bytes())).await;
 }
 
-/// The client's connection with the bytes read before the upgrade put back in front.
+/// The client's connection with the bytes read before the upgrade put back in front, and where
+/// the bytes given to tungstenite stand in the client's frames.
 pub(super) struct Replay {
     head: Vec<u8>,
     at: usize,
     inner: TcpStream,
+    frames: Frames,
+}
+
+impl Replay {
+    /// `head`: the bytes read so far, the upgrade request first (its end found here).
+    fn new(head: Vec<u8>, inner: TcpStream) -> Replay {
+        let request = head
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(head.len(), |p| p + 4);
+        Replay {
+            head,
+            at: 0,
+            inner,
+            frames: Frames {
+                skip: request,
+                ..Frames::default()
+            },
+        }
+    }
+
+    /// A connection handed over between messages: nothing read yet, no request.
+    fn established(inner: TcpStream) -> Replay {
+        Replay {
+            head: Vec::new(),
+            at: 0,
+            inner,
+            frames: Frames::default(),
+        }
+    }
+}
+
+/// Where the bytes read from a client stand in its frames (RFC 6455 section 5.2): a frame
+/// header's bytes, a payload's, and whether a fragmented message is under way. Between two
+/// messages, once tungstenite has taken every complete frame it was given, it holds no byte of
+/// the client's: the connection may then change hands (a hand-over at `host upgrade`).
+#[derive(Default)]
+struct Frames {
+    /// Bytes of the HTTP upgrade request still to come (not frames).
+    skip: usize,
+    header: [u8; 14],
+    /// Bytes of the current frame's header seen.
+    have: usize,
+    payload_left: u64,
+    /// A data frame without FIN was seen, and not yet its final continuation.
+    fragmented: bool,
+}
+
+impl Frames {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        let skip = self.skip.min(bytes.len());
+        self.skip -= skip;
+        bytes = &bytes[skip..];
+        while let Some((&b, rest)) = bytes.split_first() {
+            if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len() as u64) as usize;
+                self.payload_left -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            self.header[self.have] = b;
+            self.have += 1;
+            bytes = rest;
+            if self.have >= 2 && self.have == self.header_len() {
+                self.frame_begins();
+            }
+        }
+    }
+
+    /// The current header's length, once its second byte is known.
+    fn header_len(&self) -> usize {
+        let len7 = self.header[1] & 0x7f;
+        let extended = match len7 {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let mask = if self.header[1] & 0x80 != 0 { 4 } else { 0 };
+        2 + extended + mask
+    }
+
+    fn frame_begins(&mut self) {
+        let h = &self.header;
+        let len = match h[1] & 0x7f {
+            126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+            127 => u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
+            n => u64::from(n),
+        };
+        let (fin, opcode) = (h[0] & 0x80 != 0, h[0] & 0x0f);
+        if opcode < 8 {
+            // A data frame or a continuation (control frames may come between fragments).
+            self.fragmented = !fin;
+        }
+        self.payload_left = len;
+        self.have = 0;
+    }
+
+    fn between_messages(&self) -> bool {
+        self.skip == 0 && self.have == 0 && self.payload_left == 0 && !self.fragmented
+    }
 }
 
 impl tokio::io::AsyncRead for Replay {
@@ -117,7 +218,9 @@ impl tokio::io::AsyncRead for Replay {
         let this = self.get_mut();
         if this.at < this.head.len() {
             let n = buf.remaining().min(this.head.len() - this.at);
-            buf.put_slice(&this.head[this.at..this.at + n]);
+            let bytes = &this.head[this.at..this.at + n];
+            this.frames.feed(bytes);
+            buf.put_slice(bytes);
             this.at += n;
             if this.at == this.head.len() {
                 this.head = Vec::new();
@@ -125,7 +228,12 @@ impl tokio::io::AsyncRead for Replay {
             }
             return std::task::Poll::Ready(Ok(()));
         }
-        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = read {
+            this.frames.feed(&buf.filled()[before..]);
+        }
+        read
     }
 }
 
@@ -174,12 +282,6 @@ impl Drop for Slot {
 
 /// Serves one client from its TCP connection to its end.
 pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
-    static CLOSED: RateLimit = RateLimit::per_second();
-    let spec = &gateway.spec;
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(spec.max_message))
-        .max_frame_size(Some(spec.max_message))
-        .max_write_buffer_size(spec.send_queue.max(64 << 10));
     // The request head is read here (bounded in size and time), so that the business answers
     // the `Connect` before the `101`.
     let mut stream = stream;
@@ -193,6 +295,7 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
         return;
     };
     if !gateway.reserve() {
+        static CLOSED: RateLimit = RateLimit::per_second();
         gateway.counters.refused.fetch_add(1, Ordering::Relaxed);
         gateway.limit_hit(Limit::GatewayClients);
         if let Some(suppressed) = CLOSED.hit_named("gateway_max_clients") {
@@ -249,12 +352,8 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
         answer(&mut stream, status).await;
         return;
     }
-    let replay = Replay {
-        head,
-        at: 0,
-        inner: stream,
-    };
-    let upgrade = tokio_tungstenite::accept_async_with_config(replay, Some(config));
+    let replay = Replay::new(head, stream);
+    let upgrade = tokio_tungstenite::accept_async_with_config(replay, Some(ws_config(&gateway)));
     let mut ws = match tokio::time::timeout(gateway.handshake_timeout, upgrade).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(_)) | Err(_) => {
@@ -276,16 +375,70 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
             break;
         }
     }
+    run_to_end(&mut ws, &gateway, client, &mut out, &queued).await;
+}
+
+/// The WebSocket bounds of this gateway's clients.
+fn ws_config(gateway: &Gateway) -> WebSocketConfig {
+    let spec = &gateway.spec;
+    WebSocketConfig::default()
+        .max_message_size(Some(spec.max_message))
+        .max_frame_size(Some(spec.max_message))
+        .max_write_buffer_size(spec.send_queue.max(64 << 10))
+}
+
+/// Serves a client its predecessor process handed over (`host upgrade`): between two of its
+/// messages, with its id, session, uid and groups. A full gateway closes it with 1012 (it
+/// comes back as a new client).
+pub(super) async fn adopt(stream: TcpStream, state: HandedClient, gateway: Arc<Gateway>) {
+    let replay = Replay::established(stream);
+    let mut ws =
+        WebSocketStream::from_raw_socket(replay, Role::Server, Some(ws_config(&gateway))).await;
+    if !gateway.reserve() {
+        gateway.limit_hit(Limit::GatewayClients);
+        close(&mut ws, CloseCode::Restart, "gateway restarting", true).await;
+        return;
+    }
+    let _slot = Slot(gateway.clone());
+    let client = state.client;
+    let (out_tx, mut out) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let adopt = ToRouter::Adopt {
+        out: out_tx,
+        queued: queued.clone(),
+        state,
+    };
+    if gateway.router.send(adopt).is_err() {
+        return;
+    }
+    gateway.counters.adopted.fetch_add(1, Ordering::Relaxed);
+    run_to_end(&mut ws, &gateway, client, &mut out, &queued).await;
+}
+
+/// A client past its upgrade, from its first message to its close (or its hand-over to the
+/// successor process).
+async fn run_to_end(
+    ws: &mut WebSocketStream<Replay>,
+    gateway: &Arc<Gateway>,
+    client: ClientId,
+    out: &mut mpsc::UnboundedReceiver<Outgoing>,
+    queued: &Arc<AtomicUsize>,
+) {
+    static CLOSED: RateLimit = RateLimit::per_second();
     let mut conn = Conn {
-        ws: &mut ws,
-        gateway: &gateway,
+        ws,
+        gateway,
         client,
-        out: &mut out,
-        queued: &queued,
+        out,
+        queued,
         closed_by_client: None,
     };
     let why = conn.run().await;
     let said = conn.closed_by_client.take();
+    let successor = why == End::Draining && gateway.successor.load(Ordering::Acquire);
+    if successor && hand_over(ws, gateway, client, out, queued).await {
+        return;
+    }
     let (code, reason, counter) = match why {
         End::Gone => {
             let (code, reason) = said.unwrap_or((1006, String::new()));
@@ -296,7 +449,9 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
             return;
         }
         End::ByRouter(code, reason) => (CloseCode::from(code), reason, None),
-        End::Draining => (CloseCode::Away, "gateway restarting", None),
+        // A successor serves the port: come back (the clients it could not take over).
+        End::Draining if successor => (CloseCode::Restart, "gateway restarting", None),
+        End::Draining => (CloseCode::Away, "gateway stopping", None),
         End::PingTimeout => (
             CloseCode::Policy,
             "no pong",
@@ -341,7 +496,110 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
             reason: reason.into(),
         },
     });
-    close(&mut ws, code, reason, why != End::PingTimeout).await;
+    close(ws, code, reason, why != End::PingTimeout).await;
+}
+
+/// How long a draining gateway waits for a client to be between messages (nothing of it
+/// buffered, none of its events unhandled) to hand it over; past it, it is closed with 1012.
+const HAND_OVER_WAIT: Duration = Duration::from_millis(1500);
+
+/// Hands the client to the successor process bound at this process's hand-off socket's name
+/// (`host upgrade`, `host restart`), once tungstenite holds no byte of it, nothing is queued to
+/// it and the router has none of its events unhandled: the connection's descriptor and what the
+/// client is ([`HandedClient`]) go in one datagram. Meanwhile its messages go to the router and
+/// what the router sends it is written, as ever. `false`: not done within [`HAND_OVER_WAIT`], or
+/// not taken (the client is the router's again): the caller closes it.
+async fn hand_over(
+    ws: &mut WebSocketStream<Replay>,
+    gateway: &Gateway,
+    client: ClientId,
+    out: &mut mpsc::UnboundedReceiver<Outgoing>,
+    queued: &Arc<AtomicUsize>,
+) -> bool {
+    use futures_util::FutureExt as _;
+    use std::os::fd::AsRawFd as _;
+    let Some(socket) = gateway.spec.handoff_socket.as_deref() else {
+        return false;
+    };
+    let deadline = Instant::now() + HAND_OVER_WAIT;
+    while Instant::now() < deadline {
+        let event = match ws.next().now_or_never() {
+            None => None,
+            Some(Some(Ok(Message::Text(t)))) => Some(ClientEvent::Text(t.as_str().to_owned())),
+            Some(Some(Ok(Message::Binary(b)))) => Some(ClientEvent::Binary(b.to_vec())),
+            Some(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => continue,
+            Some(Some(Ok(Message::Close(_)) | Err(_)) | None) => return false,
+        };
+        if let Some(event) = event {
+            gateway.counters.messages.fetch_add(1, Ordering::Relaxed);
+            if gateway
+                .router
+                .send(ToRouter::Event { client, event })
+                .is_err()
+            {
+                return false;
+            }
+            continue;
+        }
+        if !write_queued(ws, out, queued).await {
+            return false;
+        }
+        if ws.get_ref().frames.between_messages() && ws.flush().await.is_ok() {
+            let (reply, answer) = oneshot::channel();
+            if gateway
+                .router
+                .send(ToRouter::Export { client, reply })
+                .is_err()
+            {
+                return false;
+            }
+            if let Ok(Some(state)) = answer.await {
+                // What the router queued before it let go is written first.
+                let written = write_queued(ws, out, queued).await && ws.flush().await.is_ok();
+                let fd = ws.get_ref().inner.as_raw_fd();
+                if written && handoff::hand_over(fd, socket, &state).is_ok() {
+                    gateway.counters.handed_over.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                let (tx, rx) = mpsc::unbounded_channel();
+                *out = rx;
+                let adopt = ToRouter::Adopt {
+                    out: tx,
+                    queued: queued.clone(),
+                    state,
+                };
+                let _ = gateway.router.send(adopt);
+                return false;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+/// Writes the messages the router queued for the client; `false`: it is gone, or the router
+/// closes it.
+async fn write_queued(
+    ws: &mut WebSocketStream<Replay>,
+    out: &mut mpsc::UnboundedReceiver<Outgoing>,
+    queued: &AtomicUsize,
+) -> bool {
+    loop {
+        match out.try_recv() {
+            Ok(Outgoing::Message(payload)) => {
+                let (size, message) = payload.into_message();
+                let sent = ws.send(message).await;
+                queued.fetch_sub(size, Ordering::AcqRel);
+                if sent.is_err() {
+                    return false;
+                }
+            }
+            Ok(Outgoing::Close(..)) => return false,
+            Ok(Outgoing::Accept | Outgoing::Refuse(_)) => {}
+            Err(mpsc::error::TryRecvError::Empty) => return true,
+            Err(mpsc::error::TryRecvError::Disconnected) => return true,
+        }
+    }
 }
 
 /// Why a client's read loop ended.
@@ -459,4 +717,68 @@ async fn close(ws: &mut WebSocketStream<Replay>, code: CloseCode, reason: &str, 
         while let Some(Ok(_)) = ws.next().await {}
     };
     let _ = tokio::time::timeout(CLOSE_WAIT, answered).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Frames;
+
+    /// A client frame: FIN, opcode, masked payload of `len` bytes (zeros).
+    fn frame(fin: bool, opcode: u8, len: usize) -> Vec<u8> {
+        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        match len {
+            0..=125 => f.push(0x80 | len as u8),
+            126..=65535 => {
+                f.push(0x80 | 126);
+                f.extend((len as u16).to_be_bytes());
+            }
+            _ => {
+                f.push(0x80 | 127);
+                f.extend((len as u64).to_be_bytes());
+            }
+        }
+        f.extend([1, 2, 3, 4]);
+        f.extend(std::iter::repeat_n(0u8, len));
+        f
+    }
+
+    #[test]
+    fn frames_know_when_no_message_is_half_read_whatever_the_reads_sizes() {
+        let request = b"GET /chat HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        // A text message; a fragmented one with a ping between its fragments; a large binary.
+        let parts: Vec<(Vec<u8>, bool)> = vec![
+            (frame(true, 1, 5), true),
+            (frame(false, 1, 3), false),
+            (frame(true, 9, 0), false),
+            (frame(true, 0, 200), true),
+            (frame(true, 2, 70_000), true),
+        ];
+        for chunk in [1, 2, 3, 7, 64, 4096] {
+            let mut frames = Frames {
+                skip: request.len(),
+                ..Frames::default()
+            };
+            for piece in request.chunks(chunk) {
+                frames.feed(piece);
+            }
+            assert!(
+                frames.between_messages(),
+                "after the request, read by {chunk}"
+            );
+            for (i, (bytes, after)) in parts.iter().enumerate() {
+                for piece in bytes.chunks(chunk) {
+                    frames.feed(piece);
+                    let whole = piece.as_ptr_range().end == bytes.as_ptr_range().end;
+                    if !whole {
+                        assert!(!frames.between_messages(), "frame {i} half read by {chunk}");
+                    }
+                }
+                assert_eq!(
+                    frames.between_messages(),
+                    *after,
+                    "after frame {i}, read by {chunk}"
+                );
+            }
+        }
+    }
 }

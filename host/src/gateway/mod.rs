@@ -4,8 +4,10 @@
 //!
 //! It owns the process's life: the `Start` handshake with the master (as a worker does), the
 //! link socket its business workers connect to and one task per link (frames in [`link`]), the
-//! accept loop with the client limit, the [`router`]'s task, its counters, heartbeats and
-//! `Stats` for the master, and the drain (every client closed with `1001`, then exit). One
+//! accept loop with the client limit, the hand-off socket ([`handoff`]: same-port clients
+//! from plugin workers, established clients from a predecessor), the [`router`]'s task, its
+//! counters, heartbeats and `Stats` for the master, and the drain (every client handed over to
+//! a successor, or closed with `1012` when one serves and `1001` at a stop; then exit). One
 //! client's connection is [`client`]'s; which worker gets which event is the router's. It never
 //! loads plugin code and never decides when it starts or leaves: the master's supervisor does,
 //! as for any worker.
@@ -36,8 +38,9 @@ use crate::protocol::{
 use crate::ratelimit::RateLimit;
 use crate::worker::startup::{self, Started, ToMaster};
 
-/// How long the clients' Close handshakes may take at a drain before the process exits anyway.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long the clients' hand-overs and Close handshakes may take at a drain before the
+/// process exits anyway (a hand-over waits 1.5 s at most, then a Close handshake 1 s).
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 /// What one gateway process counts; read for `Stats` and, per client, by [`client`]. The bounds
 /// hit are counted in the worker table too ([`Gateway::limit_hit`]), for `/metrics`.
@@ -60,6 +63,10 @@ pub(crate) struct Counters {
     pub(crate) unhandled: AtomicU64,
     /// Connections plugin workers passed here (same port).
     pub(crate) handed_off: AtomicU64,
+    /// Clients handed over to the successor process at a drain (`host upgrade`), and taken
+    /// over from the predecessor.
+    pub(crate) handed_over: AtomicU64,
+    pub(crate) adopted: AtomicU64,
 }
 
 /// What every client task shares: the bounds, the counters, the drain signal.
@@ -79,6 +86,9 @@ pub(crate) struct Gateway {
     /// clients' ids (one business worker may link to several gateway groups).
     pub(crate) link_index: u32,
     next_client: AtomicU64,
+    /// Set at the drain when a successor bound this process's hand-off socket name (`host
+    /// upgrade`, `host restart`): its clients are handed over, or closed with 1012.
+    pub(crate) successor: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -216,6 +226,7 @@ async fn serve(
         router: to_router,
         link_index: gw.link_index,
         next_client: AtomicU64::new(0),
+        successor: Default::default(),
     });
     let series = table.as_ref().and_then(|(t, cell)| t.plugin_series(*cell));
     let routing = tokio::spawn(route(
@@ -239,15 +250,23 @@ async fn serve(
 
     let accepting = tokio::spawn(accept_loop(listener, gateway.clone()));
     let linking = tokio::spawn(link_loop(link, gateway.clone()));
+    let handoff_id = handoff.as_ref().map(handoff::Receiver::id);
     let handing = handoff.map(|h| tokio::spawn(handoff_loop(h, gateway.clone())));
     life(&mut tx, &mut orders, &spec, &gateway).await;
 
-    // The drain: no new client, every client told `1001`, a bounded wait for their handshakes.
+    // The drain: no new client; every client handed over to a successor (one bound the
+    // hand-off socket's name: `host upgrade`, `host restart`), else told `1012` (a successor
+    // serves) or `1001` (a stop); a bounded wait for their handshakes.
     accepting.abort();
     linking.abort();
     if let Some(handing) = handing {
         handing.abort();
     }
+    let successor = match (&gw.handoff_socket, handoff_id) {
+        (Some(path), Some(id)) => handoff::successor_at(path, id),
+        _ => false,
+    };
+    gateway.successor.store(successor, Ordering::Release);
     let _ = tx.send(&WorkerToMaster::Draining).await;
     let _ = drain_tx.send(true);
     let deadline = Instant::now() + CLOSE_GRACE;
@@ -263,7 +282,13 @@ async fn serve(
             cut_connections: left,
         })
         .await;
-    tracing::info!(clients_cut = left, "gateway stopped");
+    let handed_over = gateway.counters.handed_over.load(Ordering::Relaxed);
+    tracing::info!(
+        clients_cut = left,
+        handed_over,
+        successor,
+        "gateway stopped"
+    );
     ExitCode::SUCCESS
 }
 
@@ -349,18 +374,27 @@ fn prepare_socket_path(path: &Path) -> std::io::Result<()> {
 
 /// Serves the connections plugin workers pass (same port), as the accept loop serves its
 /// own, until aborted. What is not a connection is logged at most once a second.
-async fn handoff_loop(receiver: handoff::Receiver, gateway: Arc<Gateway>) {
+async fn handoff_loop(mut receiver: handoff::Receiver, gateway: Arc<Gateway>) {
     static REFUSED: RateLimit = RateLimit::per_second();
+    let tokio_stream = |stream: std::net::TcpStream| {
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream))
+            .ok()?;
+        let _ = stream.set_nodelay(true);
+        Some(stream)
+    };
     loop {
         match receiver.next().await {
-            Ok(Ok(stream)) => {
+            Ok(Ok(handoff::Passed::New(stream))) => {
                 gateway.counters.handed_off.fetch_add(1, Ordering::Relaxed);
-                let stream = stream
-                    .set_nonblocking(true)
-                    .and_then(|()| tokio::net::TcpStream::from_std(stream));
-                if let Ok(stream) = stream {
-                    let _ = stream.set_nodelay(true);
+                if let Some(stream) = tokio_stream(stream) {
                     tokio::spawn(client::serve(stream, gateway.clone()));
+                }
+            }
+            Ok(Ok(handoff::Passed::Established(stream, state))) => {
+                if let Some(stream) = tokio_stream(stream) {
+                    tokio::spawn(client::adopt(stream, state, gateway.clone()));
                 }
             }
             Ok(Err(why)) => {
@@ -487,7 +521,8 @@ async fn route(
 
 /// The gateway's own series in `/metrics`, in its cell's plugin-series slots (labelled with the
 /// group as a plugin's are): clients held, events unhandled, events redelivered, clients closed
-/// at `gateway_hold`, messages received, connections passed by plugin workers (same port).
+/// at `gateway_hold`, messages received, connections passed by plugin workers (same port),
+/// clients taken over from the predecessor.
 struct Series {
     slots: &'static crate::worker_table::PluginSeries,
     /// (slot index, last value written) of each, in [`Series::NAMES`] order.
@@ -495,7 +530,7 @@ struct Series {
 }
 
 impl Series {
-    const NAMES: [(&str, u8, &str); 6] = [
+    const NAMES: [(&str, u8, &str); 7] = [
         (
             "gateway_clients",
             plugin_metrics::GAUGE,
@@ -526,6 +561,11 @@ impl Series {
             plugin_metrics::COUNTER,
             "connections plugin workers passed to this gateway process (same port)",
         ),
+        (
+            "gateway_adopted_clients",
+            plugin_metrics::COUNTER,
+            "established clients taken over from the previous gateway process (host upgrade, host restart)",
+        ),
     ];
 
     fn register(slots: &'static crate::worker_table::PluginSeries) -> Series {
@@ -548,6 +588,7 @@ impl Series {
             c.held_closed.load(Ordering::Relaxed),
             c.messages.load(Ordering::Relaxed),
             c.handed_off.load(Ordering::Relaxed),
+            c.adopted.load(Ordering::Relaxed),
         ];
         for ((id, value), (_, kind, _)) in self.ids.iter_mut().zip(values).zip(Self::NAMES) {
             let Some((i, last)) = id else { continue };

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::link::{
@@ -71,6 +71,30 @@ pub(crate) enum ToRouter {
     LinkDown {
         link: LinkId,
     },
+    /// A client its predecessor process handed over (`host upgrade`): its state, and no
+    /// `Connect` (the business saw that one already).
+    Adopt {
+        out: mpsc::UnboundedSender<Outgoing>,
+        queued: Arc<AtomicUsize>,
+        state: HandedClient,
+    },
+    /// Hand a client over to a successor process: its state if none of its events is
+    /// unhandled (it is then forgotten here, with no `Close` event), else `None`.
+    Export {
+        client: ClientId,
+        reply: oneshot::Sender<Option<HandedClient>>,
+    },
+}
+
+/// What a client is, as one gateway process hands it to its successor: enough that the
+/// business sees the same client (id, session, uid, groups) go on.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct HandedClient {
+    pub(crate) client: ClientId,
+    pub(crate) session: serde_json::Value,
+    pub(crate) next_seq: u64,
+    pub(crate) uid: Option<String>,
+    pub(crate) groups: Vec<String>,
 }
 
 /// What the router counts (mirrored into the process's counters by its task).
@@ -204,7 +228,63 @@ impl Router {
             }
             ToRouter::Link { link, msg } => self.link_said(link, msg, now),
             ToRouter::LinkDown { link } => self.link_down(link, now),
+            ToRouter::Adopt { out, queued, state } => self.adopt(out, queued, state),
+            ToRouter::Export { client, reply } => {
+                let _ = reply.send(self.export(client));
+            }
         }
+    }
+
+    /// Takes in a client handed over by the predecessor process (an id already here: closed
+    /// with 1012, to come back as a new client).
+    fn adopt(
+        &mut self,
+        out: mpsc::UnboundedSender<Outgoing>,
+        queued: Arc<AtomicUsize>,
+        state: HandedClient,
+    ) {
+        let id = state.client;
+        if self.clients.contains_key(&id) {
+            let _ = out.send(Outgoing::Close(1012, "gateway restarting"));
+            return;
+        }
+        self.clients.insert(
+            id,
+            Client {
+                out,
+                queued,
+                session: state.session,
+                next_seq: state.next_seq,
+                queue: VecDeque::new(),
+                queue_bytes: 0,
+                link: None,
+                in_flight: None,
+                held_since: None,
+                closing: false,
+                uid: None,
+                groups: BTreeSet::new(),
+            },
+        );
+        self.bind(id, state.uid);
+        for group in state.groups {
+            self.join(id, group);
+        }
+    }
+
+    /// See [`ToRouter::Export`].
+    fn export(&mut self, id: ClientId) -> Option<HandedClient> {
+        let c = self.clients.get(&id)?;
+        if !c.queue.is_empty() || c.in_flight.is_some() || c.closing {
+            return None;
+        }
+        let c = self.remove(id)?;
+        Some(HandedClient {
+            client: id,
+            session: c.session,
+            next_seq: c.next_seq,
+            uid: c.uid,
+            groups: c.groups.into_iter().collect(),
+        })
     }
 
     /// Closes the clients whose events waited `gateway_hold` for a worker, and counts the
