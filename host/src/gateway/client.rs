@@ -504,7 +504,7 @@ async fn run_to_end(
 const HAND_OVER_WAIT: Duration = Duration::from_millis(1500);
 
 /// Hands the client to the successor process bound at this process's hand-off socket's name
-/// (`host upgrade`, `host restart`), once tungstenite holds no byte of it, nothing is queued to
+/// (`host upgrade`: a process started while this one runs), once tungstenite holds no byte of it, nothing is queued to
 /// it and the router has none of its events unhandled: the connection's descriptor and what the
 /// client is ([`HandedClient`]) go in one datagram. Meanwhile its messages go to the router and
 /// what the router sends it is written, as ever. `false`: not done within [`HAND_OVER_WAIT`], or

@@ -5,7 +5,7 @@
 //!   connection's descriptor with `SCM_RIGHTS` in one datagram; the gateway ([`Receiver`])
 //!   checks that it is a connected TCP socket and serves it as a client it accepted itself (the
 //!   upgrade request is still in the socket: the worker only peeked).
-//! - **Upgrade** (`host upgrade`, `host restart`): a draining gateway process whose successor
+//! - **Upgrade** (`host upgrade`: a process started while this one runs): a draining gateway process whose successor
 //!   bound the same socket name passes it each established client ([`hand_over`]), with what
 //!   the client is ([`HandedClient`]), at a moment when no byte of it is buffered anywhere.
 //!
@@ -176,7 +176,7 @@ impl Drop for Receiver {
 }
 
 /// Whether the socket named `path` is no longer the one whose [`Receiver::id`] is `id`: a
-/// successor bound the name (`host upgrade`, `host restart`).
+/// successor bound the name (`host upgrade`: a process started while this one runs).
 pub(crate) fn successor_at(path: &Path, id: (u64, u64)) -> bool {
     file_id(path).is_ok_and(|now| now != id)
 }

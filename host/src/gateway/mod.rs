@@ -87,7 +87,7 @@ pub(crate) struct Gateway {
     pub(crate) link_index: u32,
     next_client: AtomicU64,
     /// Set at the drain when a successor bound this process's hand-off socket name (`host
-    /// upgrade`, `host restart`): its clients are handed over, or closed with 1012.
+    /// upgrade`): its clients are handed over, or closed with 1012.
     pub(crate) successor: std::sync::atomic::AtomicBool,
 }
 
@@ -255,7 +255,7 @@ async fn serve(
     life(&mut tx, &mut orders, &spec, &gateway).await;
 
     // The drain: no new client; every client handed over to a successor (one bound the
-    // hand-off socket's name: `host upgrade`, `host restart`), else told `1012` (a successor
+    // hand-off socket's name: `host upgrade`), else told `1012` (a successor
     // serves) or `1001` (a stop); a bounded wait for their handshakes.
     accepting.abort();
     linking.abort();
@@ -564,7 +564,7 @@ impl Series {
         (
             "gateway_adopted_clients",
             plugin_metrics::COUNTER,
-            "established clients taken over from the previous gateway process (host upgrade, host restart)",
+            "established clients taken over from the previous gateway process (host upgrade)",
         ),
     ];
 

@@ -5,6 +5,8 @@
 //! its end: the idle guard's verdict ([`head_timeout`]), or the drain (`idle_grace` for an
 //! HTTP/1 keep-alive client, GOAWAY for HTTP/2).
 //!
+//! A same-port group's connection may first go to a gateway ([`same_port`]) instead.
+//!
 //! Owns the connection task and hyper's settings ([`settings`]). Each request goes down to
 //! [`request::call`]; it never accepts, never answers a request itself and never decides when
 //! to drain.
