@@ -21,8 +21,15 @@ pub async fn gateway_host(gw: &str) -> Host {
 /// As [`gateway_host`], with `plugin` in `app` (`workers` of them): a plugin that handles
 /// gateway events links its workers to `gw`.
 pub async fn gateway_host_with(plugin: &std::path::Path, workers: u32, gw: &str) -> Host {
+    gateway_host_of(plugin, (workers, 1), gw).await
+}
+
+/// As [`gateway_host_with`], with `workers.0` business workers and `workers.1` gateway
+/// processes.
+pub async fn gateway_host_of(plugin: &std::path::Path, workers: (u32, u32), gw: &str) -> Host {
+    let (app, gateways) = workers;
     let extra = format!(
-        "admin_listen = \"127.0.0.1:0\"\n[[group]]\nname = \"app\"\nworkers = {workers}\n\n[[group]]\nname = \"gw\"\ngateway = true\nbusiness = \"app\"\nworkers = 1\n{gw}\n"
+        "admin_listen = \"127.0.0.1:0\"\n[[group]]\nname = \"app\"\nworkers = {app}\n\n[[group]]\nname = \"gw\"\ngateway = true\nbusiness = \"app\"\nworkers = {gateways}\n{gw}\n"
     );
     let opts = HostOptions {
         extra,

@@ -12,8 +12,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use tests::gateway::{
-    FakeWorker, gateway_host, gateway_host_with, raw_upgrade, raw_upgrade_when_room,
-    read_to_end_within, ws_when_room,
+    FakeWorker, gateway_host, gateway_host_of, gateway_host_with, raw_upgrade,
+    raw_upgrade_when_room, read_to_end_within, ws_when_room,
 };
 use tests::groups::{group, group_addr, group_pids};
 use tests::{Ws, fixture_plugin, get, metric, pid_alive, ws_close_code};
@@ -683,4 +683,78 @@ async fn host_upgrade_hands_gateway_clients_to_the_new_master_with_their_session
         assert_eq!(ws_close_code(ws).await, Some(CloseCode::Away));
     }
     assert!(stop.await.unwrap().status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_gateway_process_loses_only_its_own_clients_and_is_restarted() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let host = gateway_host_of(&fixture_plugin(""), (1, 2), "gateway_hold = \"10s\"").await;
+    let addr = group_addr(&host.status().await, "gw");
+    // Clients until both gateway processes hold some (the kernel picks which one accepts).
+    let mut clients = Vec::new();
+    let held = loop {
+        clients.push(connect(addr).await);
+        let n = clients.len() as u64;
+        let status = host
+            .wait_status("every client counted", |s| {
+                group(s, "gw")
+                    .workers
+                    .iter()
+                    .map(|w| w.connections)
+                    .sum::<u64>()
+                    == n
+            })
+            .await;
+        let held: Vec<(u32, u64)> = group(&status, "gw")
+            .workers
+            .iter()
+            .map(|w| (w.pid, w.connections))
+            .collect();
+        if held.iter().all(|(_, c)| *c > 0) {
+            break held;
+        }
+        assert!(
+            clients.len() < 64,
+            "one gateway process took every client: {held:?}"
+        );
+    };
+    let (victim, lost) = held[0];
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+
+    // Exactly the victim's clients are disconnected; the others are answered as before.
+    let mut gone = 0;
+    for (i, ws) in clients.iter_mut().enumerate() {
+        let Ok(()) = ws.send(Message::Text(format!("c{i}-0").into())).await else {
+            gone += 1;
+            continue;
+        };
+        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                assert!(t.starts_with(&format!("c{i}-0 n=2 ")), "{t}")
+            }
+            Ok(Some(Ok(Message::Close(_))) | Some(Err(_)) | None) => gone += 1,
+            other => panic!("client {i}: {other:?}"),
+        }
+    }
+    assert_eq!(gone, lost, "{held:?}");
+
+    // The master restarts it and counts the crash; a client that left comes back.
+    let status = host
+        .wait_status("the crashed gateway process replaced", |s| {
+            let gw = group(s, "gw");
+            gw.workers.len() == 2 && gw.workers.iter().all(|w| w.pid != victim)
+        })
+        .await;
+    let crashes: u64 = group(&status, "gw").slots.iter().map(|s| s.crashes).sum();
+    assert_eq!(crashes, 1, "{status:?}");
+    for _ in 0..lost {
+        let mut ws = connect(addr).await;
+        ws.send(Message::Text("c0-0".into())).await.unwrap();
+        assert_eq!(
+            texts(&mut ws, 1).await,
+            vec!["c0-0 n=2 r=false".to_string()]
+        );
+    }
 }
