@@ -758,3 +758,79 @@ async fn a_crashed_gateway_process_loses_only_its_own_clients_and_is_restarted()
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_closed_1008_and_the_others_get_every_message() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let host = gateway_host_with(
+        &fixture_plugin(""),
+        1,
+        "gateway_send_queue = \"64KiB\"\ngateway_ping_timeout = \"2s\"",
+    )
+    .await;
+    let addr = group_addr(&host.status().await, "gw");
+    let mut fast = vec![connect(addr).await, connect(addr).await];
+    for ws in &mut fast {
+        ws.send(Message::Text("join room".into())).await.unwrap();
+        assert_eq!(texts(ws, 1).await, vec!["joined room".to_string()]);
+    }
+    // The slow client joins too (one masked text frame), then never reads again.
+    let mut slow = raw_upgrade(addr).await.expect("upgraded");
+    let join = b"join room";
+    let mut frame = vec![0x81, 0x80 | join.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(join);
+    slow.write_all(&frame).await.unwrap();
+    host.wait_status("the slow client joined", |s| {
+        group(s, "gw")
+            .workers
+            .iter()
+            .map(|w| w.requests)
+            .sum::<u64>()
+            >= 3
+    })
+    .await;
+
+    // 400 messages of 16 KiB to the room (6.4 MB: past what the kernel's socket buffers hold
+    // for the slow client, then past its 64 KiB queue). The fast clients read each one.
+    let text = "x".repeat(16 << 10);
+    let count = 400;
+    let (mut a, mut b) = (fast.remove(0), fast.remove(0));
+    let reader = tokio::spawn(async move {
+        let got = texts(&mut b, count).await;
+        (b, got)
+    });
+    for i in 0..count {
+        a.send(Message::Text(format!("say room {i:03}{text}").into()))
+            .await
+            .unwrap();
+        let got = texts(&mut a, 1).await.remove(0);
+        assert!(got.starts_with(&format!("{i:03}x")), "message {i}");
+    }
+    let (_b, got) = reader.await.unwrap();
+    for (i, t) in got.iter().enumerate() {
+        assert!(
+            t.starts_with(&format!("{i:03}x")),
+            "the other fast client, message {i}"
+        );
+    }
+    // The slow one was closed (its queue passed its bound, or it took no write for the ping
+    // timeout), counted and logged.
+    host.wait_status("the slow client closed", |s| {
+        group(s, "gw")
+            .workers
+            .iter()
+            .map(|w| w.connections)
+            .sum::<u64>()
+            == 2
+    })
+    .await;
+    let hits =
+        host.limit_hits("gateway_send_queue").await + host.limit_hits("gateway_ping_timeout").await;
+    assert!(hits >= 1);
+    assert!(
+        host.log().contains("gateway closed a client"),
+        "{}",
+        host.log()
+    );
+}

@@ -378,12 +378,15 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
     run_to_end(&mut ws, &gateway, client, &mut out, &queued).await;
 }
 
-/// The WebSocket bounds of this gateway's clients.
+/// The WebSocket bounds of this gateway's clients. Every message is written at once (each send
+/// flushes anyway), so tungstenite's write buffer holds at most what the socket did not take,
+/// bounded by the send queue (tungstenite requires the bound above its write buffer's size).
 fn ws_config(gateway: &Gateway) -> WebSocketConfig {
     let spec = &gateway.spec;
     WebSocketConfig::default()
         .max_message_size(Some(spec.max_message))
         .max_frame_size(Some(spec.max_message))
+        .write_buffer_size(0)
         .max_write_buffer_size(spec.send_queue.max(64 << 10))
 }
 
@@ -454,7 +457,7 @@ async fn run_to_end(
         End::Draining => (CloseCode::Away, "gateway stopping", None),
         End::PingTimeout => (
             CloseCode::Policy,
-            "no pong",
+            "no pong or reads nothing",
             Some(&gateway.counters.ping_timeouts),
         ),
         End::TooBig => (
@@ -541,10 +544,12 @@ async fn hand_over(
             }
             continue;
         }
-        if !write_queued(ws, out, queued).await {
+        let write = tokio::time::timeout_at(deadline, write_queued(ws, out, queued));
+        if !matches!(write.await, Ok(true)) {
             return false;
         }
-        if ws.get_ref().frames.between_messages() && ws.flush().await.is_ok() {
+        let flushed = tokio::time::timeout_at(deadline, ws.flush()).await;
+        if ws.get_ref().frames.between_messages() && matches!(flushed, Ok(Ok(()))) {
             let (reply, answer) = oneshot::channel();
             if gateway
                 .router
@@ -555,7 +560,9 @@ async fn hand_over(
             }
             if let Ok(Some(state)) = answer.await {
                 // What the router queued before it let go is written first.
-                let written = write_queued(ws, out, queued).await && ws.flush().await.is_ok();
+                let written =
+                    async { write_queued(ws, out, queued).await && ws.flush().await.is_ok() };
+                let written = matches!(tokio::time::timeout_at(deadline, written).await, Ok(true));
                 let fd = ws.get_ref().inner.as_raw_fd();
                 if written && handoff::hand_over(fd, socket, &state).is_ok() {
                     gateway.counters.handed_over.fetch_add(1, Ordering::Relaxed);
@@ -608,6 +615,7 @@ enum End {
     /// The client closed, or the connection failed: nothing more to send.
     Gone,
     Draining,
+    /// No pong, or no write taken, within `gateway_ping_timeout`.
     PingTimeout,
     TooBig,
     BadUtf8,
@@ -677,10 +685,14 @@ impl Conn<'_> {
                 order = self.out.recv() => match order {
                     Some(Outgoing::Message(payload)) => {
                         let (size, message) = payload.into_message();
-                        let sent = self.ws.send(message).await;
+                        // A client that takes nothing for `gateway_ping_timeout` is as gone
+                        // as one that answers no ping (its queue is bounded meanwhile).
+                        let sent = tokio::time::timeout(timeout, self.ws.send(message)).await;
                         self.queued.fetch_sub(size, Ordering::AcqRel);
-                        if sent.is_err() {
-                            return End::Gone;
+                        match sent {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return End::Gone,
+                            Err(_) => return End::PingTimeout,
                         }
                     }
                     Some(Outgoing::Close(code, reason)) => return End::ByRouter(code, reason),
@@ -693,8 +705,11 @@ impl Conn<'_> {
                         return End::PingTimeout;
                     }
                     pinged = Some(Instant::now());
-                    if self.ws.send(Message::Ping(Default::default())).await.is_err() {
-                        return End::Gone;
+                    let ping = self.ws.send(Message::Ping(Default::default()));
+                    match tokio::time::timeout(timeout, ping).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return End::Gone,
+                        Err(_) => return End::PingTimeout,
                     }
                 }
                 _ = draining.changed() => {}
