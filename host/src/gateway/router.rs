@@ -135,6 +135,31 @@ struct Client {
     groups: BTreeSet<String>,
 }
 
+impl Client {
+    /// A client with no event queued, no uid and no group yet.
+    fn new(
+        out: mpsc::UnboundedSender<Outgoing>,
+        queued: Arc<AtomicUsize>,
+        session: serde_json::Value,
+        next_seq: u64,
+    ) -> Client {
+        Client {
+            out,
+            queued,
+            session,
+            next_seq,
+            queue: VecDeque::new(),
+            queue_bytes: 0,
+            link: None,
+            in_flight: None,
+            held_since: None,
+            closing: false,
+            uid: None,
+            groups: BTreeSet::new(),
+        }
+    }
+}
+
 struct Link {
     tx: mpsc::UnboundedSender<GatewayToBusiness>,
     draining: bool,
@@ -187,23 +212,8 @@ impl Router {
                 queued,
                 connect,
             } => {
-                self.clients.insert(
-                    client,
-                    Client {
-                        out,
-                        queued,
-                        session: serde_json::Value::Null,
-                        next_seq: 0,
-                        queue: VecDeque::new(),
-                        queue_bytes: 0,
-                        link: None,
-                        in_flight: None,
-                        held_since: None,
-                        closing: false,
-                        uid: None,
-                        groups: BTreeSet::new(),
-                    },
-                );
+                let c = Client::new(out, queued, serde_json::Value::Null, 0);
+                self.clients.insert(client, c);
                 self.event(client, connect, now);
             }
             ToRouter::Event { client, event } => self.event(client, event, now),
@@ -248,23 +258,8 @@ impl Router {
             let _ = out.send(Outgoing::Close(1012, "gateway restarting"));
             return;
         }
-        self.clients.insert(
-            id,
-            Client {
-                out,
-                queued,
-                session: state.session,
-                next_seq: state.next_seq,
-                queue: VecDeque::new(),
-                queue_bytes: 0,
-                link: None,
-                in_flight: None,
-                held_since: None,
-                closing: false,
-                uid: None,
-                groups: BTreeSet::new(),
-            },
-        );
+        let c = Client::new(out, queued, state.session, state.next_seq);
+        self.clients.insert(id, c);
         self.bind(id, state.uid);
         for group in state.groups {
             self.join(id, group);
