@@ -155,6 +155,8 @@ pub struct Config {
     /// A business group's links: the link socket of every process of every gateway group
     /// naming this group as its `business` (filled by [`Config::parse_all`]); empty otherwise.
     pub gateway_links: Vec<PathBuf>,
+    /// How long a business worker's gateway event handler may run (`gateway_event_timeout`).
+    pub gateway_event_timeout: Duration,
 }
 
 /// A gateway group's keys (`gateway = true`, `business`, `gateway_*`).
@@ -854,6 +856,7 @@ impl Config {
             canary,
             gateway,
             gateway_links: Vec::new(),
+            gateway_event_timeout: keys.duration("gateway_event_timeout")?,
         })
     }
 
@@ -905,6 +908,7 @@ impl Config {
             pool: self.blocking_pool(),
             access_log: self.access_log.clone(),
             gateway_links: self.gateway_links.clone(),
+            gateway_event_timeout_ms: self.gateway_event_timeout.as_millis() as u64,
             gateway: self.gateway.as_ref().map(|g| crate::protocol::GatewaySpec {
                 link_socket: self.gateway_link_socket(worker.slot),
                 link_index: g.link_base + worker.slot,

@@ -92,6 +92,9 @@ pub struct WorkerSpec {
     /// this worker's group as its `business`; it connects to each. Empty: no gateway.
     #[serde(default)]
     pub gateway_links: Vec<PathBuf>,
+    /// How long a gateway event's handler may run (`gateway_event_timeout`; 0: 30 s).
+    #[serde(default)]
+    pub gateway_event_timeout_ms: u64,
 }
 
 /// What a gateway process (`gateway = true`) needs beyond a worker's spec.
@@ -437,6 +440,7 @@ mod tests {
             access_log: None,
             gateway: None,
             gateway_links: vec!["/srv/app/.host/gateway/gw-0.sock".into()],
+            gateway_event_timeout_ms: 0,
         };
         tx.send(&MasterToWorker::Start(spec)).await.unwrap();
         match rx.recv().await.unwrap() {

@@ -145,7 +145,10 @@ impl FakeWorker {
                     }
                 };
                 let Some(frame) = frame else { return seen };
-                let e = &frame["Event"];
+                // A `Welcome` (the answer to the `Hello`) or a presence answer: not an event.
+                let Some(e) = frame.get("Event") else {
+                    continue;
+                };
                 seen += 1;
                 if die_after == Some(seen) {
                     return seen;

@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
 
 use super::Gateway;
-use super::link::{ClientEvent, ClientId, Payload};
+use super::link::{ClientEvent, ClientId};
 use super::router::{Outgoing, ToRouter};
 use crate::counters::Limit;
 use crate::ratelimit::RateLimit;
@@ -153,16 +153,6 @@ impl tokio::io::AsyncWrite for Replay {
     }
 }
 
-impl Payload {
-    /// Its size in the client's queue, and the message.
-    fn into_message(self) -> (usize, Message) {
-        match self {
-            Payload::Text(t) => (t.len(), Message::Text(t.into())),
-            Payload::Binary(b) => (b.len(), Message::Binary(b.into())),
-        }
-    }
-}
-
 /// A client slot, given back when dropped.
 struct Slot(Arc<Gateway>);
 
@@ -268,8 +258,8 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
             return;
         }
     };
-    for payload in early {
-        let (size, message) = payload.into_message();
+    for message in early {
+        let size = message.len();
         let sent = ws.send(message).await;
         queued.fetch_sub(size, Ordering::AcqRel);
         if sent.is_err() {
@@ -417,8 +407,8 @@ impl Conn<'_> {
                     }
                 }
                 order = self.out.recv() => match order {
-                    Some(Outgoing::Message(payload)) => {
-                        let (size, message) = payload.into_message();
+                    Some(Outgoing::Message(message)) => {
+                        let size = message.len();
                         let sent = self.ws.send(message).await;
                         self.queued.fetch_sub(size, Ordering::AcqRel);
                         if sent.is_err() {

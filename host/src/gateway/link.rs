@@ -33,6 +33,37 @@ pub enum ClientEvent {
     },
 }
 
+/// Most bytes of commands one event's handler may make (their [`BusinessToGateway::size`]);
+/// the worker refuses more (`Full`), and a gateway drops what passes it.
+pub const MAX_HELD: usize = 8 << 20;
+
+impl BusinessToGateway {
+    /// Bytes the command holds (its payload and names), about what it costs a gateway.
+    pub fn size(&self) -> usize {
+        match self {
+            BusinessToGateway::Send {
+                to,
+                message,
+                except,
+            } => {
+                let to = match to {
+                    Target::Uid(s) | Target::Group(s) => s.len(),
+                    Target::Client(_) | Target::All => 8,
+                };
+                to + message.size() + except.len() * 8
+            }
+            BusinessToGateway::Bind { uid: s, .. }
+            | BusinessToGateway::Join { group: s, .. }
+            | BusinessToGateway::Leave { group: s, .. }
+            | BusinessToGateway::Close { reason: s, .. } => 8 + s.len(),
+            BusinessToGateway::Held { commands, .. } => {
+                16 + commands.iter().map(BusinessToGateway::size).sum::<usize>()
+            }
+            _ => 16,
+        }
+    }
+}
+
 impl ClientEvent {
     /// Bytes the event holds in a gateway's queue.
     pub fn size(&self) -> usize {
@@ -71,6 +102,9 @@ pub enum GatewayToBusiness {
     /// The answer to [`BusinessToGateway::Query`] `id`, for this gateway process's clients
     /// (a worker adds up the answers of every gateway).
     Answer { id: u64, answer: Answer },
+    /// The answer to [`BusinessToGateway::Hello`]: the link is up, events may come (a new
+    /// business worker waits for it from every gateway, a bounded time, before it is ready).
+    Welcome,
 }
 
 /// Whom a send reaches (on this gateway process).
@@ -111,6 +145,16 @@ pub enum Payload {
     Binary(Vec<u8>),
 }
 
+impl Payload {
+    /// Its bytes.
+    pub fn size(&self) -> usize {
+        match self {
+            Payload::Text(t) => t.len(),
+            Payload::Binary(b) => b.len(),
+        }
+    }
+}
+
 /// From a business worker to a gateway process.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum BusinessToGateway {
@@ -129,6 +173,16 @@ pub enum BusinessToGateway {
         session: Option<serde_json::Value>,
         #[serde(default)]
         refuse: Option<u16>,
+    },
+    /// Commands the handler of the client's event `seq` made, applied (in order, before the
+    /// `Handled`) when its `Handled` comes on this link, and dropped with the event if the link
+    /// drops first: the redelivered event makes them again. So a gateway applies an event's
+    /// commands exactly once, all or none. Only sends, binds, unbinds, joins, leaves and
+    /// closes are applied; at most [`MAX_HELD`] bytes an event.
+    Held {
+        client: ClientId,
+        seq: u64,
+        commands: Vec<BusinessToGateway>,
     },
     /// The worker drains: no new events; those it has are still answered (or redelivered if
     /// the link drops first).
