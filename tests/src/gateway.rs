@@ -21,8 +21,18 @@ pub async fn gateway_host(gw: &str) -> Host {
 /// As [`gateway_host`], with `plugin` in `app` (`workers` of them): a plugin that handles
 /// gateway events links its workers to `gw`.
 pub async fn gateway_host_with(plugin: &std::path::Path, workers: u32, gw: &str) -> Host {
+    gateway_host_keys(plugin, workers, "", gw).await
+}
+
+/// As [`gateway_host_with`], with `app` written into the business group's table too.
+pub async fn gateway_host_keys(
+    plugin: &std::path::Path,
+    workers: u32,
+    app: &str,
+    gw: &str,
+) -> Host {
     let extra = format!(
-        "admin_listen = \"127.0.0.1:0\"\n[[group]]\nname = \"app\"\nworkers = {workers}\n\n[[group]]\nname = \"gw\"\ngateway = true\nbusiness = \"app\"\nworkers = 1\n{gw}\n"
+        "admin_listen = \"127.0.0.1:0\"\n[[group]]\nname = \"app\"\nworkers = {workers}\n{app}\n\n[[group]]\nname = \"gw\"\ngateway = true\nbusiness = \"app\"\nworkers = 1\n{gw}\n"
     );
     let opts = HostOptions {
         extra,

@@ -12,8 +12,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use tests::gateway::{
-    FakeWorker, gateway_host, gateway_host_with, raw_upgrade, raw_upgrade_when_room,
-    read_to_end_within, ws_when_room,
+    FakeWorker, gateway_host, gateway_host_keys, gateway_host_with, raw_upgrade,
+    raw_upgrade_when_room, read_to_end_within, ws_when_room,
 };
 use tests::groups::{group, group_addr, group_pids};
 use tests::{Ws, fixture_plugin, get, metric, pid_alive, ws_close_code};
@@ -529,6 +529,160 @@ async fn a_plugins_gateway_events_survive_a_reload_and_a_worker_killed_mid_burst
         assert_eq!(texts(ws, 1).await, vec!["notify news".to_string()]);
     }
     drop(clients);
+}
+
+/// Clients numbered answers, as [`check_answers`] reads them.
+struct Numbered {
+    clients: Vec<Ws>,
+    answers: Vec<Vec<String>>,
+    next: usize,
+}
+
+impl Numbered {
+    async fn connect(addr: std::net::SocketAddr, k: usize) -> Numbered {
+        let mut clients = Vec::new();
+        for _ in 0..k {
+            clients.push(connect(addr).await);
+        }
+        Numbered {
+            answers: vec![Vec::new(); k],
+            clients,
+            next: 0,
+        }
+    }
+
+    /// A burst of `k` messages a client, `fault` appended to client 0's first, read to its
+    /// end.
+    async fn burst(&mut self, k: usize, fault: &str) {
+        let next = self.next;
+        for (i, ws) in self.clients.iter_mut().enumerate() {
+            for j in next..next + k {
+                let extra = if i == 0 && j == next { fault } else { "" };
+                ws.send(Message::Text(format!("c{i}-{j}{extra}").into()))
+                    .await
+                    .unwrap();
+            }
+        }
+        for (i, ws) in self.clients.iter_mut().enumerate() {
+            self.answers[i].extend(answers_until(ws, i, next + k - 1).await);
+        }
+        self.next += k;
+    }
+
+    /// Bursts of 5 until `done` (a `host` command) ends; its output must say success.
+    async fn bursts_while(
+        &mut self,
+        host: &tests::Host,
+        done: tokio::task::JoinHandle<std::process::Output>,
+    ) {
+        loop {
+            let finished = done.is_finished();
+            self.burst(5, "").await;
+            assert!(self.next < 5000, "the command never ended");
+            if finished {
+                break;
+            }
+        }
+        let out = done.await.unwrap();
+        assert!(out.status.success(), "{}", host.explain(&out));
+    }
+
+    fn check(&self) -> usize {
+        for (i, got) in self.answers.iter().enumerate() {
+            check_answers(i, got, self.next, 0);
+        }
+        self.answers
+            .iter()
+            .flatten()
+            .filter(|a| a.ends_with("r=true"))
+            .count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_gateway_events_survive_a_rollback_a_recycle_and_a_hung_worker() {
+    let app = "max_requests = 40\nmax_requests_jitter = 0\nworker_timeout = \"2s\"\ngateway_event_timeout = \"1s\"";
+    let host = gateway_host_keys(&fixture_plugin(""), 2, app, "gateway_hold = \"10s\"").await;
+    let addr = group_addr(&host.status().await, "gw");
+    let mut c = Numbered::connect(addr, 4).await;
+
+    // A reload, then a rollback to the generation before it.
+    c.bursts_while(&host, host.spawn_cli(&["reload", "app"]))
+        .await;
+    let reloaded = group_pids(&host.status().await, "app");
+    c.bursts_while(&host, host.spawn_cli(&["rollback", "app"]))
+        .await;
+    let status = host.status().await;
+    assert_eq!(status.last_reload.as_ref().unwrap().kind, "rollback");
+    assert!(
+        group_pids(&status, "app")
+            .iter()
+            .all(|p| !reloaded.contains(p))
+    );
+
+    // A recycle: a worker past max_requests (HTTP requests) is replaced, new before old.
+    let recycles = |s: &host_status::StatusReport| s.slots.iter().map(|s| s.recycles).sum::<u64>();
+    let http = host.addr;
+    let load = tokio::spawn(async move {
+        for _ in 0..90 {
+            assert_eq!(get(http, "/").await.expect("GET /").status, 200);
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !load.is_finished() || recycles(&host.status().await) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no worker recycled");
+        c.burst(2, "").await;
+    }
+    load.await.unwrap();
+    c.burst(5, "").await;
+
+    // A hung business worker (its I/O thread blocked after its handler made its answer):
+    // killed by the watchdog, its events redelivered and answered once.
+    let before = group_pids(&host.status().await, "app");
+    c.burst(5, " wedge-once").await;
+    host.wait_status("the hung worker replaced", |s| {
+        let app = group_pids(s, "app");
+        app.len() == 2 && app.iter().filter(|p| before.contains(p)).count() == 1
+    })
+    .await;
+    c.burst(5, "").await;
+    let redelivered = c.check();
+    assert!(
+        c.answers[0]
+            .iter()
+            .any(|a| a.starts_with(&format!("c0-{} ", c.next - 10)) && a.ends_with("r=true")),
+        "the hung worker's event came back redelivered: {:?}",
+        c.answers[0]
+    );
+    eprintln!(
+        "{} messages a client, each answered once; redelivered {redelivered}",
+        c.next
+    );
+    assert!(host.log().contains("worker_timeout"), "{}", host.log());
+
+    // A handler that never returns: dropped at gateway_event_timeout, what it made is sent,
+    // the session it set is not kept; a connect whose handler never returns gets 504.
+    let next = c.next;
+    let ws = &mut c.clients[1];
+    ws.send(Message::Text(format!("c1-{next} stall").into()))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let n = next + 2;
+    assert_eq!(texts(ws, 1).await, [format!("c1-{next} n={n} r=false")]);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    ws.send(Message::Text("after".into())).await.unwrap();
+    assert_eq!(texts(ws, 1).await, [format!("after n={n} r=false")]);
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/stall")).await {
+        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 504),
+        other => panic!("expected 504 from a connect whose handler never returns, got {other:?}"),
+    }
+    assert!(host.limit_hits("gateway_event_timeout").await >= 2);
+    assert_eq!(group_pids(&host.status().await, "gw").len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
