@@ -117,7 +117,7 @@ pub fn run(
     log_format: crate::logging::LogFormat,
 ) -> ExitCode {
     crate::logging::init(
-        crate::logging::Process::Worker { slot, generation },
+        crate::logging::Process::Gateway { slot, generation },
         log_format,
     );
     // Die with the master, as a worker does (see `worker::run`).
