@@ -1,8 +1,11 @@
-//! The gateway (issue 21, first phase): a `gateway = true` group runs `__gateway` processes of
-//! the host binary that hold WebSocket clients; a reload of the business group behind it never
-//! touches them; its bounds refuse or close a client with the right answer (`503` before the
-//! upgrade, `1009`, `1007`, `1008` for a client that answers no ping), and a stop closes its
-//! clients with `1001`. The events' path to the business workers is the next phase.
+//! The gateway (issue 21): a `gateway = true` group runs `__gateway` processes of the host
+//! binary that hold WebSocket clients; a reload of the business group behind it never touches
+//! them; its bounds refuse or close a client with the right answer (`503` before the upgrade,
+//! also past the connections still sending one, `1009`, `1007`, `1008` for a client that
+//! answers no ping or floods pings), and a stop closes its clients with `1001`. Business
+//! workers (played by the test, then the fixture plugin) get every client event once, in
+//! order, through reloads, a rollback, a recycle, a crash, a kill and a hang, and each event's
+//! sends reach the clients exactly once.
 
 use std::time::Duration;
 
@@ -165,11 +168,53 @@ async fn gateway_bounds_refuse_before_the_upgrade_and_close_with_their_codes() {
         .await
         .expect("a client that answers pings stays");
 
+    // A ping flood (more than 20 a second): 1008.
+    let mut c = ws_when_room(addr).await;
+    for _ in 0..50 {
+        if c.send(Message::Ping(Default::default())).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(ws_close_code(&mut c).await, Some(CloseCode::Policy));
+    drop(c);
+
+    // Connections still sending their upgrade request are bounded (here by
+    // gateway_max_clients, 2): of three silent ones, one is answered 503 at once.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut answers = Vec::new();
+    for s in silent {
+        answers.push(tokio::spawn(async move {
+            use tokio::io::AsyncReadExt as _;
+            let (mut s, mut buf) = (s, [0u8; 64]);
+            match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+                // Refused: the 503, then the end.
+                Ok(Ok(n)) => buf[..n].to_vec(),
+                // Held: the gateway waits for its request.
+                _ => Vec::new(),
+            }
+        }));
+    }
+    let mut refused = 0;
+    for a in answers {
+        let bytes = a.await.unwrap();
+        if bytes.starts_with(b"HTTP/1.1 503") {
+            refused += 1;
+        } else {
+            assert!(bytes.is_empty(), "{}", String::from_utf8_lossy(&bytes));
+        }
+    }
+    assert_eq!(refused, 1);
+
     // Each bound hit is counted in /metrics.
     for limit in [
         "gateway_max_clients",
         "gateway_max_message",
         "gateway_ping_timeout",
+        "gateway_ping_flood",
+        "gateway_upgrades",
     ] {
         assert!(host.limit_hits(limit).await >= 1, "no {limit} in /metrics");
     }
@@ -682,6 +727,18 @@ async fn a_plugins_gateway_events_survive_a_rollback_a_recycle_and_a_hung_worker
         other => panic!("expected 504 from a connect whose handler never returns, got {other:?}"),
     }
     assert!(host.limit_hits("gateway_event_timeout").await >= 2);
+
+    // A binary message crosses the link (base64) and comes back as it went.
+    let ws = &mut c.clients[2];
+    let bytes: Vec<u8> = (0..60_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    ws.send(Message::Binary(bytes.clone().into()))
+        .await
+        .unwrap();
+    assert!(texts(ws, 1).await[0].starts_with("binary 60000 n="));
+    match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+        Ok(Some(Ok(Message::Binary(b)))) => assert!(b[..] == bytes[..], "the echo differs"),
+        other => panic!("expected the binary echo, got {other:?}"),
+    }
     assert_eq!(group_pids(&host.status().await, "gw").len(), 1);
 }
 
