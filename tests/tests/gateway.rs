@@ -728,6 +728,22 @@ async fn a_plugins_gateway_events_survive_a_rollback_a_recycle_and_a_hung_worker
     }
     assert!(host.limit_hits("gateway_event_timeout").await >= 2);
 
+    // The plugin's commands and sessions over the host's bounds: refused, counted; the old
+    // session kept.
+    let ws = &mut c.clients[3];
+    ws.send(Message::Text("big send".into())).await.unwrap();
+    assert_eq!(
+        texts(ws, 1).await,
+        ["big send: the host refused the gateway command"]
+    );
+    ws.send(Message::Text("big session".into())).await.unwrap();
+    assert_eq!(texts(ws, 1).await, ["big session"]);
+    ws.send(Message::Text("after".into())).await.unwrap();
+    let n = next + 3;
+    assert_eq!(texts(ws, 1).await, [format!("after n={n} r=false")]);
+    assert!(host.limit_hits("gateway_command").await >= 1);
+    assert!(host.limit_hits("gateway_session").await >= 1);
+
     // A binary message crosses the link (base64) and comes back as it went.
     let ws = &mut c.clients[2];
     let bytes: Vec<u8> = (0..60_000u32).map(|i| (i * 7 % 251) as u8).collect();
