@@ -104,13 +104,7 @@ pub(crate) struct Gateway {
 impl Gateway {
     /// Takes a client slot, or `false` at `gateway_max_clients`.
     pub(crate) fn reserve(&self) -> bool {
-        let max = self.spec.max_clients;
-        self.counters
-            .clients
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
+        take(&self.counters.clients, self.spec.max_clients)
     }
 
     pub(crate) fn release(&self) {
@@ -126,13 +120,7 @@ impl Gateway {
     /// Counts a connection sending its upgrade request, or `false` at
     /// [`Gateway::max_upgrading`]; [`Gateway::upgraded`] gives it back.
     pub(crate) fn upgrading(&self) -> bool {
-        let max = self.max_upgrading();
-        self.counters
-            .upgrading
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
+        take(&self.counters.upgrading, self.max_upgrading())
     }
 
     pub(crate) fn upgraded(&self) {
@@ -152,6 +140,15 @@ impl Gateway {
             cell.limit_hit(limit);
         }
     }
+}
+
+/// Adds one to `count` unless it is at `max`; whether it did.
+fn take(count: &AtomicU64, max: u64) -> bool {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
 }
 
 /// Entry point of the `__gateway` role.

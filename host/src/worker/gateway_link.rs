@@ -732,6 +732,21 @@ mod tests {
         (links, drain)
     }
 
+    /// Client `client`'s first event: a connect to `path`.
+    fn connect_event(client: u64, path: &str) -> GatewayToBusiness {
+        GatewayToBusiness::Event {
+            client,
+            seq: 1,
+            redelivered: false,
+            session: serde_json::Value::Null,
+            event: ClientEvent::Connect {
+                path: path.into(),
+                query: String::new(),
+                headers: vec![],
+            },
+        }
+    }
+
     fn handled(client: u64, seq: u64, n: u64) -> BusinessToGateway {
         BusinessToGateway::Handled {
             client,
@@ -777,17 +792,7 @@ mod tests {
             },
             "a handler that panicked still answers"
         );
-        let connect = GatewayToBusiness::Event {
-            client: 4,
-            seq: 1,
-            redelivered: false,
-            session: serde_json::Value::Null,
-            event: ClientEvent::Connect {
-                path: "/panic".into(),
-                query: String::new(),
-                headers: vec![],
-            },
-        };
+        let connect = connect_event(4, "/panic");
         gw.tx.send(&connect).await.unwrap();
         assert_eq!(
             gw.next().await,
@@ -863,9 +868,15 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_query_goes_to_every_gateway_and_the_answers_are_added_up() {
-        let dir = Dir::new("query");
+    /// Links to two gateways played by the test (in `dir`), each past its `Hello`.
+    async fn two_gateways(
+        dir: &Dir,
+    ) -> (
+        Vec<UnixListener>,
+        Arc<Links>,
+        watch::Sender<bool>,
+        Vec<FakeGateway>,
+    ) {
         let paths: Vec<PathBuf> = (0..2)
             .map(|i| dir.path().join(format!("gw-{i}.sock")))
             .collect();
@@ -873,13 +884,20 @@ mod tests {
             .iter()
             .map(|p| UnixListener::bind(p).unwrap())
             .collect();
-        let (links, _drain) = start(&paths);
+        let (links, drain) = start(&paths);
         let mut gws = Vec::new();
         for l in &listeners {
             let mut gw = FakeGateway::accept(l).await;
             assert!(matches!(gw.next().await, BusinessToGateway::Hello { .. }));
             gws.push(gw);
         }
+        (listeners, links, drain, gws)
+    }
+
+    #[tokio::test]
+    async fn a_query_goes_to_every_gateway_and_the_answers_are_added_up() {
+        let dir = Dir::new("query");
+        let (_listeners, links, _drain, mut gws) = two_gateways(&dir).await;
         let deadline = tokio::time::Instant::now() + T;
         while !links
             .common
@@ -942,20 +960,7 @@ mod tests {
     #[tokio::test]
     async fn an_events_commands_go_with_its_handled_others_at_once_and_a_hung_handler_is_dropped() {
         let dir = Dir::new("held");
-        let paths: Vec<PathBuf> = (0..2)
-            .map(|i| dir.path().join(format!("gw-{i}.sock")))
-            .collect();
-        let listeners: Vec<UnixListener> = paths
-            .iter()
-            .map(|p| UnixListener::bind(p).unwrap())
-            .collect();
-        let (links, _drain) = start(&paths);
-        let mut gws = Vec::new();
-        for l in &listeners {
-            let mut gw = FakeGateway::accept(l).await;
-            assert!(matches!(gw.next().await, BusinessToGateway::Hello { .. }));
-            gws.push(gw);
-        }
+        let (_listeners, links, _drain, mut gws) = two_gateways(&dir).await;
         // A send to everyone from gateway 0's event: gateway 1 gets it as a plain command (at
         // least once), gateway 0 held for the event, then its Handled.
         gws[0].event(1, 1, "all").await;
@@ -999,17 +1004,7 @@ mod tests {
             }
         );
         assert!(started.elapsed() >= Duration::from_millis(500));
-        let connect = GatewayToBusiness::Event {
-            client: 4,
-            seq: 1,
-            redelivered: false,
-            session: serde_json::Value::Null,
-            event: ClientEvent::Connect {
-                path: "/hang".into(),
-                query: String::new(),
-                headers: vec![],
-            },
-        };
+        let connect = connect_event(4, "/hang");
         gws[0].tx.send(&connect).await.unwrap();
         assert_eq!(
             gws[0].next().await,
