@@ -6,8 +6,10 @@
 //! It owns the vocabulary only: what the router does with each frame is [`super::router`]'s.
 //! The event protocol (see `docs/design/gateway.md`): the gateway sends a client's events one
 //! at a time, each with the client's sequence number and session; the worker answers `Handled`
-//! once its handler returned (with the session, if it changed); an event whose worker left
-//! before answering goes to another worker with `redelivered` set.
+//! once its handler returned (with the session, if it changed), right after the commands the
+//! handler made (`Held`, applied at the `Handled`); an event whose worker left before
+//! answering goes to another worker with `redelivered` set. A worker's `Hello` is answered
+//! `Welcome`.
 
 use serde::{Deserialize, Serialize};
 

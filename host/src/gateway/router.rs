@@ -7,10 +7,13 @@
 //! each with the next sequence number; the next goes once the worker answered `Handled`. A
 //! client sticks to one worker while it can; a worker that drains keeps the event it has (it
 //! answers it) and gets no new ones; a worker whose link drops before answering loses its
-//! events to another worker, flagged `redelivered`. With no worker at all, a client's events
-//! wait up to `gateway_hold`; then the client is closed with 1011 and counted. Every queue is
-//! bounded: unhandled events per client by `gateway_send_queue` bytes (past it: 1013), messages
-//! queued to a client by the same (past it: 1008).
+//! events to another worker, flagged `redelivered`. The commands a handler made come `Held`
+//! for its event and are applied at its `Handled` (or dropped with it when its link drops
+//! first): all or none, once. With no worker at all, a client's events wait up to
+//! `gateway_hold`; then the client is closed with 1011 and counted. Every queue is bounded:
+//! unhandled events per client by `gateway_send_queue` bytes (past it: 1013), messages queued
+//! to a client by the same (past it: 1008), an event's held commands by [`MAX_HELD`] bytes.
+//! A send to many clients builds its WebSocket message once; they share its bytes.
 //!
 //! It also keeps who is who: the uid each client is bound to and the groups it joined (a uid or
 //! group name at most [`MAX_NAME`] bytes, at most [`MAX_GROUPS`] groups a client), sends to a
