@@ -174,8 +174,9 @@ extern "C" fn query(json: RawStr, timeout_ns: u64) -> FfiFuture<RawGatewayAnswer
 }
 
 /// The plugin's `on_gateway_event`, as the links call it. Holds the plugin weakly: once the
-/// worker stops it (every event answered), an event that still arrives is never answered,
-/// and the gateway gives it to another worker when this one's link drops.
+/// worker stops it (every event answered), an event that still arrives gets no handler
+/// (`None`): it is never answered, and the gateway gives it to another worker when this
+/// one's link drops.
 pub struct PluginEvents {
     plugin: Weak<LoadedPlugin>,
 }
@@ -190,13 +191,9 @@ impl PluginEvents {
 }
 
 impl EventHandler for PluginEvents {
-    fn handle(&self, event: Event) -> OutcomeFuture {
-        let Some(plugin) = self.plugin.upgrade() else {
-            return Box::pin(std::future::pending());
-        };
-        let Some(hook) = plugin.hooks.on_gateway_event else {
-            return Box::pin(std::future::pending());
-        };
+    fn handle(&self, event: Event) -> Option<OutcomeFuture> {
+        let plugin = self.plugin.upgrade()?;
+        let hook = plugin.hooks.on_gateway_event?;
         let session = serde_json::to_vec(&event.session).unwrap_or_else(|_| b"null".to_vec());
         let json = serde_json::to_vec(&event.event).unwrap_or_default();
         let raw = RawGatewayEvent {
@@ -210,7 +207,7 @@ impl EventHandler for PluginEvents {
         // SAFETY: `state` is live while `plugin` is (the worker stops it only once no event
         // runs); `raw` and its views are valid for the call; the shim catches panics.
         let fut = unsafe { hook(plugin.state, &raw) };
-        Box::pin(async move {
+        Some(Box::pin(async move {
             let out = fut.await;
             drop(plugin);
             // SAFETY: the outcome's chunk moved to us; `Chunk` frees it through its own
@@ -240,7 +237,7 @@ impl EventHandler for PluginEvents {
                 _ => Some(500),
             };
             Outcome { session, refuse }
-        })
+        }))
     }
 }
 

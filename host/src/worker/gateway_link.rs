@@ -81,7 +81,10 @@ pub type OutcomeFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 /// The business code, as the links see it (the plugin's event handler).
 pub trait EventHandler: Send + Sync + 'static {
-    fn handle(&self, event: Event) -> OutcomeFuture;
+    /// The event's handler, or `None` when it can run no more (the plugin was stopped): the
+    /// event is then never answered, and the gateway gives it to another worker once this
+    /// one's link drops.
+    fn handle(&self, event: Event) -> Option<OutcomeFuture>;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -540,8 +543,12 @@ impl LinkTask {
         let token = common.next_token.fetch_add(1, Ordering::Relaxed);
         event.token = token;
         lock(&common.held).insert(token, (Vec::new(), 0));
+        let Some(handler) = self.handler.handle(event) else {
+            lock(&common.held).remove(&token);
+            return;
+        };
         common.in_flight.fetch_add(1, Ordering::Relaxed);
-        let run = tokio::spawn(self.handler.handle(event));
+        let run = tokio::spawn(handler);
         tokio::spawn(async move {
             let stop = run.abort_handle();
             let outcome = match tokio::time::timeout(common.event_timeout, run).await {
@@ -644,9 +651,9 @@ mod tests {
     }
 
     impl EventHandler for StandIn {
-        fn handle(&self, e: Event) -> OutcomeFuture {
+        fn handle(&self, e: Event) -> Option<OutcomeFuture> {
             let links = self.links.get().cloned();
-            Box::pin(async move {
+            Some(Box::pin(async move {
                 let n = e.session["n"].as_u64().unwrap_or(0) + 1;
                 match &e.event {
                     ClientEvent::Text(t) if t == "panic" => panic!("the stand-in panics"),
@@ -680,7 +687,7 @@ mod tests {
                     session: Some(serde_json::json!({ "n": n })),
                     refuse: None,
                 }
-            })
+            }))
         }
     }
 
