@@ -758,6 +758,55 @@ async fn a_plugins_gateway_events_survive_a_rollback_a_recycle_and_a_hung_worker
     assert_eq!(group_pids(&host.status().await, "gw").len(), 1);
 }
 
+/// The client id the fixture plugin tells `ws`.
+async fn client_id(ws: &mut Ws) -> u64 {
+    ws.send(Message::Text("id".into())).await.unwrap();
+    let said = texts(ws, 1).await.remove(0);
+    said.strip_prefix("id ")
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("not an id: {said}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_process_never_reuses_a_client_id() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let host = gateway_host_with(&fixture_plugin(""), 1, "gateway_hold = \"10s\"").await;
+    let addr = group_addr(&host.status().await, "gw");
+    let mut old = Vec::new();
+    for _ in 0..3 {
+        let mut ws = connect(addr).await;
+        old.push(client_id(&mut ws).await);
+    }
+    // SIGKILL: its clients are gone; the master starts another process in its slot.
+    let gw = group_pids(&host.status().await, "gw");
+    kill(Pid::from_raw(gw[0] as i32), Signal::SIGKILL).unwrap();
+    host.wait_status("the killed gateway replaced", |s| {
+        let now = group_pids(s, "gw");
+        now.len() == 1 && now != gw
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut ws = loop {
+        match tokio_tungstenite::connect_async(format!("ws://{addr}/chat")).await {
+            Ok((ws, _)) => break ws,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no new gateway: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let new = client_id(&mut ws).await;
+    assert!(
+        old.iter().all(|id| new > *id),
+        "a new process's client id {new} was given before: {old:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_older_than_gateway_events_is_linked_to_no_gateway_with_one_warning() {
     let host = gateway_host_with(&fixture_plugin("abi-1-6"), 1, "gateway_hold = \"300ms\"").await;
