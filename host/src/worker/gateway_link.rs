@@ -356,6 +356,19 @@ fn held_frames(
     seq: u64,
     commands: Vec<BusinessToGateway>,
 ) -> Vec<BusinessToGateway> {
+    // Most events make a few small commands: one frame, without measuring them (a command's
+    // JSON is at most 6 times its size, an escaped byte, plus its names).
+    let most: usize = commands.iter().map(|c| 6 * c.size() + 256).sum();
+    if commands.is_empty() {
+        return Vec::new();
+    }
+    if most <= MAX_FRAME / 4 {
+        return vec![BusinessToGateway::Held {
+            client,
+            seq,
+            commands,
+        }];
+    }
     let mut frames = Vec::new();
     let mut chunk = Vec::new();
     let mut bytes = 0;
@@ -1052,6 +1065,8 @@ mod tests {
             command(10),
             command(300_000),
         ];
+        assert_eq!(held_frames(1, 2, Vec::new()), vec![]);
+        assert_eq!(held_frames(1, 2, vec![command(10)]).len(), 1);
         let frames = held_frames(1, 2, commands.clone());
         assert_eq!(frames.len(), 4, "{}", frames.len());
         let mut again = Vec::new();
