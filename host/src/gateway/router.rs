@@ -546,6 +546,10 @@ impl Router {
             ) {
                 refused("an event's held command that is not a send, bind, join or close");
             } else if c.held_bytes + size > MAX_HELD {
+                // The worker keeps to the same bound: only a worker gone wrong gets here.
+                if let Some(cell) = self.cell {
+                    cell.limit_hit(Limit::GatewayCommand);
+                }
                 refused("an event's commands over 8 MiB");
             } else {
                 c.held_bytes += size;
