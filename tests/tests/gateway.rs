@@ -10,6 +10,8 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -468,9 +470,6 @@ fn check_answers(i: usize, got: &[String], count: usize, from: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugins_gateway_events_survive_a_reload_and_a_worker_killed_mid_burst() {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
-
     let host = gateway_host_with(&fixture_plugin(""), 2, "gateway_hold = \"10s\"").await;
     let addr = group_addr(&host.status().await, "gw");
     let mut clients = Vec::new();
@@ -769,15 +768,12 @@ async fn client_id(ws: &mut Ws) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_gateway_process_never_reuses_a_client_id() {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
-
     let host = gateway_host_with(&fixture_plugin(""), 1, "gateway_hold = \"10s\"").await;
     let addr = group_addr(&host.status().await, "gw");
+    let mut before = Numbered::connect(addr, 3).await;
     let mut old = Vec::new();
-    for _ in 0..3 {
-        let mut ws = connect(addr).await;
-        old.push(client_id(&mut ws).await);
+    for ws in &mut before.clients {
+        old.push(client_id(ws).await);
     }
     // SIGKILL: its clients are gone; the master starts another process in its slot.
     let gw = group_pids(&host.status().await, "gw");
