@@ -159,6 +159,8 @@ pub struct Config {
     /// group's listener (`upgrade_from`), with the hand-off socket of each of its processes
     /// (filled by [`Config::parse_all`]).
     pub gateway_handoffs: Vec<crate::protocol::GatewayHandoff>,
+    /// How long a business worker's gateway event handler may run (`gateway_event_timeout`).
+    pub gateway_event_timeout: Duration,
 }
 
 /// A gateway group's keys (`gateway = true`, `business`, `gateway_*`).
@@ -967,6 +969,7 @@ impl Config {
             gateway,
             gateway_links: Vec::new(),
             gateway_handoffs: Vec::new(),
+            gateway_event_timeout: keys.duration("gateway_event_timeout")?,
         })
     }
 
@@ -1019,6 +1022,7 @@ impl Config {
             access_log: self.access_log.clone(),
             gateway_links: self.gateway_links.clone(),
             gateway_handoffs: self.gateway_handoffs.clone(),
+            gateway_event_timeout_ms: self.gateway_event_timeout.as_millis() as u64,
             gateway: self.gateway.as_ref().map(|g| crate::protocol::GatewaySpec {
                 link_socket: self.gateway_link_socket(worker.slot),
                 handoff_socket: Some(self.gateway_handoff_socket(worker.slot)),

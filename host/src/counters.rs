@@ -75,17 +75,29 @@ pub enum Limit {
     /// A gateway client closed because its unhandled events (1013) or the messages queued for
     /// it (1008) passed `gateway_send_queue`.
     GatewaySendQueue,
+    /// A gateway command of the plugin's refused: not one a handle may send, over 512 KiB, or
+    /// past the commands one link or one event may hold.
+    GatewayCommand,
+    /// A gateway session a handler set refused: over 64 KiB, or not JSON (the old one kept).
+    GatewaySession,
+    /// A gateway event handler dropped at `gateway_event_timeout`.
+    GatewayEventTimeout,
+    /// A gateway client closed (`1008`) for pinging faster than the gateway answers.
+    GatewayPingFlood,
+    /// A gateway connection refused (closed) because too many were still sending their
+    /// upgrade request.
+    GatewayUpgrades,
     /// A same-port WebSocket client no gateway process took (none listening, or every one's
     /// queue full): answered `503` by the plugin worker.
     GatewayHandoff,
 }
 
 /// How many [`Limit`] slots a cell has (room for more variants without a layout change).
-pub const LIMITS: usize = 24;
+pub const LIMITS: usize = 30;
 
 impl Limit {
     /// Every variant, in index order.
-    pub const ALL: [Limit; 17] = [
+    pub const ALL: [Limit; 22] = [
         Limit::PoolQueueFull,
         Limit::PoolAbandoned,
         Limit::Connections,
@@ -102,6 +114,11 @@ impl Limit {
         Limit::GatewayMessage,
         Limit::GatewayPingTimeout,
         Limit::GatewaySendQueue,
+        Limit::GatewayCommand,
+        Limit::GatewaySession,
+        Limit::GatewayEventTimeout,
+        Limit::GatewayPingFlood,
+        Limit::GatewayUpgrades,
         Limit::GatewayHandoff,
     ];
 
@@ -124,6 +141,11 @@ impl Limit {
             Limit::GatewayMessage => "gateway_max_message",
             Limit::GatewayPingTimeout => "gateway_ping_timeout",
             Limit::GatewaySendQueue => "gateway_send_queue",
+            Limit::GatewayCommand => "gateway_command",
+            Limit::GatewaySession => "gateway_session",
+            Limit::GatewayEventTimeout => "gateway_event_timeout",
+            Limit::GatewayPingFlood => "gateway_ping_flood",
+            Limit::GatewayUpgrades => "gateway_upgrades",
             Limit::GatewayHandoff => "gateway_handoff",
         }
     }
@@ -154,7 +176,6 @@ pub struct Counters {
     limit_hits: [AtomicU64; LIMITS],
     /// Handler panics caught at the plugin boundary (each answered `500`).
     panics: AtomicU64,
-    _reserved: [AtomicU64; 6],
 }
 
 const _: () = assert!(size_of::<Counters>() == 448);
@@ -354,7 +375,6 @@ mod tests {
             response_bytes: AtomicU64::new(0),
             limit_hits: Default::default(),
             panics: AtomicU64::new(0),
-            _reserved: Default::default(),
         })
     }
 

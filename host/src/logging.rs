@@ -1,5 +1,6 @@
 //! Logging setup: `tracing` to stderr, filtered by `RUST_LOG` (default `info`), each line saying
-//! which process wrote it (`master[pid]`, `worker[pid slot gen]`, `check[pid]`), so the
+//! which process wrote it (`master[pid]`, `worker[pid slot gen]`, `gateway[pid group slot gen]`,
+//! `check[pid]`), so the
 //! interleaved output of a master and its workers stays readable.
 //!
 //! Two formats ([`LogFormat`], config `log_format`): `text`, tracing-subscriber's `fmt` line after
@@ -60,20 +61,40 @@ pub enum Process {
         slot: u32,
         generation: u64,
     },
+    /// A gateway process (`__gateway`), named as a worker is.
+    Gateway {
+        slot: u32,
+        generation: u64,
+    },
     /// The throwaway worker of `host check`.
     Check,
 }
 
 impl Process {
-    /// The text format's prefix: `master[4690]`, `worker[4704 slot=0 gen=1]`, `check[4801]`.
+    /// The text format's prefix: `master[4690]`, `worker[4704 slot=0 gen=1]`,
+    /// `gateway[4705 group=gw slot=0 gen=1]`, `check[4801]`.
     fn prefix(self, pid: u32) -> String {
         match self {
             Process::Master => format!("master[{pid}]"),
-            Process::Worker { slot, generation } => match worker_group() {
-                Some(group) => format!("worker[{pid} group={group} slot={slot} gen={generation}]"),
-                None => format!("worker[{pid} slot={slot} gen={generation}]"),
-            },
+            Process::Worker { slot, generation } | Process::Gateway { slot, generation } => {
+                let role = self.role();
+                match worker_group() {
+                    Some(group) => {
+                        format!("{role}[{pid} group={group} slot={slot} gen={generation}]")
+                    }
+                    None => format!("{role}[{pid} slot={slot} gen={generation}]"),
+                }
+            }
             Process::Check => format!("check[{pid}]"),
+        }
+    }
+
+    fn role(self) -> &'static str {
+        match self {
+            Process::Master => "master",
+            Process::Worker { .. } => "worker",
+            Process::Gateway { .. } => "gateway",
+            Process::Check => "check",
         }
     }
 
@@ -81,15 +102,18 @@ impl Process {
     fn json(self, pid: u32) -> String {
         let value = match self {
             Process::Master => serde_json::json!({ "role": "master", "pid": pid }),
-            Process::Worker { slot, generation } => match worker_group() {
-                Some(group) => serde_json::json!({
-                    "role": "worker", "pid": pid, "group": group, "slot": slot,
-                    "generation": generation
-                }),
-                None => serde_json::json!({
-                    "role": "worker", "pid": pid, "slot": slot, "generation": generation
-                }),
-            },
+            Process::Worker { slot, generation } | Process::Gateway { slot, generation } => {
+                let role = self.role();
+                match worker_group() {
+                    Some(group) => serde_json::json!({
+                        "role": role, "pid": pid, "group": group, "slot": slot,
+                        "generation": generation
+                    }),
+                    None => serde_json::json!({
+                        "role": role, "pid": pid, "slot": slot, "generation": generation
+                    }),
+                }
+            }
             Process::Check => serde_json::json!({ "role": "check", "pid": pid }),
         };
         value.to_string()

@@ -96,6 +96,9 @@ pub struct WorkerSpec {
     /// (`upgrade_from` naming this worker's group). Empty: it serves every connection itself.
     #[serde(default)]
     pub gateway_handoffs: Vec<GatewayHandoff>,
+    /// How long a gateway event's handler may run (`gateway_event_timeout`; 0: 30 s).
+    #[serde(default)]
+    pub gateway_event_timeout_ms: u64,
 }
 
 /// A path a plugin group's workers pass to a same-port gateway group: a new connection whose
@@ -456,6 +459,7 @@ mod tests {
             gateway: None,
             gateway_links: vec!["/srv/app/.host/gateway/gw-0.sock".into()],
             gateway_handoffs: Vec::new(),
+            gateway_event_timeout_ms: 0,
         };
         tx.send(&MasterToWorker::Start(spec)).await.unwrap();
         match rx.recv().await.unwrap() {

@@ -199,6 +199,11 @@ pub struct GatewayVTable {
     /// pollable from any thread and any runtime) and its answer move to the plugin.
     pub query:
         extern "C" fn(json: RawStr, timeout_ns: u64) -> async_ffi::FfiFuture<RawGatewayAnswer>,
+    /// As `command`, for a command made by the handler of the event whose
+    /// [`RawGatewayEvent::token`] is `token`: the host holds it until that handler returns and
+    /// sends it with the event's `Handled` (so the event's gateway applies it exactly once);
+    /// once the handler returned, it leaves at once as `command`'s do.
+    pub event_command: extern "C" fn(token: u64, json: RawStr) -> u8,
 }
 
 /// ABI 1.7: a presence answer, moved to the plugin: a [`gateway_status`] and, when `OK`, the
@@ -226,8 +231,10 @@ pub struct RawGatewayEvent {
     /// The client's session as JSON (`null` until a handler sets one).
     pub session: RawStr,
     /// The event as JSON: `{"Connect":{"path":..,"query":..,"headers":[[name,value],..]}}`,
-    /// `{"Text":".."}`, `{"Binary":[..]}` or `{"Close":{"code":..,"reason":..}}`.
+    /// `{"Text":".."}`, `{"Binary":".."}` (base64) or `{"Close":{"code":..,"reason":..}}`.
     pub event: RawStr,
+    /// Names this event to [`GatewayVTable::event_command`] (never 0).
+    pub token: u64,
 }
 
 /// ABI 1.7: what an event's handler returned, moved to the host.

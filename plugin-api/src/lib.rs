@@ -591,12 +591,15 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     /// [`Plugin::GATEWAY_EVENTS`] is `true`): a connect (refuse it with
     /// [`EventContext::refuse`](gateway::EventContext::refuse)), a message, a close. A
     /// client's events come one at a time, in the order it acted; the event counts as handled
-    /// when the future resolves (what it sent through `gw` has left by then), and one whose
-    /// worker went away first is given again to another worker with
-    /// [`EventContext::is_redelivered`](gateway::EventContext::is_redelivered) set. The
-    /// client's session, read and set through `cx`, is kept by the gateway across reloads.
-    /// Runs in the plugin's tokio runtime, like [`Plugin::serve`]; a panic answers the event
-    /// (a connect is refused `500`) and is counted.
+    /// when the future resolves, and one whose worker went away first is given again to
+    /// another worker with
+    /// [`EventContext::is_redelivered`](gateway::EventContext::is_redelivered) set. What it
+    /// sends through `gw` leaves with its answer: the client's gateway applies it exactly
+    /// once, even when the event runs twice (other gateways at least once). The client's
+    /// session, read and set through `cx`, is kept by the gateway across reloads. Runs in the
+    /// plugin's tokio runtime, like [`Plugin::serve`]; a panic answers the event (a connect is
+    /// refused `500`) and is counted; one that runs past the host's `gateway_event_timeout`
+    /// is dropped (a connect is refused `504`).
     fn on_gateway_event(
         &self,
         gw: gateway::Gateway,

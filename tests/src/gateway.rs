@@ -21,15 +21,30 @@ pub async fn gateway_host(gw: &str) -> Host {
 /// As [`gateway_host`], with `plugin` in `app` (`workers` of them): a plugin that handles
 /// gateway events links its workers to `gw`.
 pub async fn gateway_host_with(plugin: &std::path::Path, workers: u32, gw: &str) -> Host {
-    gateway_host_of(plugin, (workers, 1), gw).await
+    gateway_host_keys(plugin, workers, "", gw).await
 }
 
-/// As [`gateway_host_with`], with `workers.0` business workers and `workers.1` gateway
+/// As [`gateway_host_with`], with `app` written into the business group's table too.
+pub async fn gateway_host_keys(
+    plugin: &std::path::Path,
+    workers: u32,
+    app: &str,
+    gw: &str,
+) -> Host {
+    gateway_host_of(plugin, (workers, 1), app, gw).await
+}
+
+/// As [`gateway_host_keys`], with `workers.0` business workers and `workers.1` gateway
 /// processes.
-pub async fn gateway_host_of(plugin: &std::path::Path, workers: (u32, u32), gw: &str) -> Host {
-    let (app, gateways) = workers;
+pub async fn gateway_host_of(
+    plugin: &std::path::Path,
+    workers: (u32, u32),
+    app: &str,
+    gw: &str,
+) -> Host {
+    let (workers, gateways) = workers;
     let extra = format!(
-        "admin_listen = \"127.0.0.1:0\"\n[[group]]\nname = \"app\"\nworkers = {app}\n\n[[group]]\nname = \"gw\"\ngateway = true\nbusiness = \"app\"\nworkers = {gateways}\n{gw}\n"
+        "admin_listen = \"127.0.0.1:0\"\n[[group]]\nname = \"app\"\nworkers = {workers}\n{app}\n\n[[group]]\nname = \"gw\"\ngateway = true\nbusiness = \"app\"\nworkers = {gateways}\n{gw}\n"
     );
     let opts = HostOptions {
         extra,
@@ -152,7 +167,10 @@ impl FakeWorker {
                     }
                 };
                 let Some(frame) = frame else { return seen };
-                let e = &frame["Event"];
+                // A `Welcome` (the answer to the `Hello`) or a presence answer: not an event.
+                let Some(e) = frame.get("Event") else {
+                    continue;
+                };
                 seen += 1;
                 if die_after == Some(seen) {
                     return seen;

@@ -1,18 +1,23 @@
-//! The gateway (issue 21, first phase): a `gateway = true` group runs `__gateway` processes of
-//! the host binary that hold WebSocket clients; a reload of the business group behind it never
-//! touches them; its bounds refuse or close a client with the right answer (`503` before the
-//! upgrade, `1009`, `1007`, `1008` for a client that answers no ping), and a stop closes its
-//! clients with `1001`. The events' path to the business workers is the next phase.
+//! The gateway (issue 21): a `gateway = true` group runs `__gateway` processes of the host
+//! binary that hold WebSocket clients; a reload of the business group behind it never touches
+//! them; its bounds refuse or close a client with the right answer (`503` before the upgrade,
+//! also past the connections still sending one, `1009`, `1007`, `1008` for a client that
+//! answers no ping or floods pings), and a stop closes its clients with `1001`. Business
+//! workers (played by the test, then the fixture plugin) get every client event once, in
+//! order, through reloads, a rollback, a recycle, a crash, a kill and a hang, and each event's
+//! sends reach the clients exactly once.
 
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use tests::gateway::{
-    FakeWorker, gateway_host, gateway_host_of, gateway_host_with, raw_upgrade,
+    FakeWorker, gateway_host, gateway_host_keys, gateway_host_of, gateway_host_with, raw_upgrade,
     raw_upgrade_when_room, read_to_end_within, ws_when_room,
 };
 use tests::groups::{group, group_addr, group_pids};
@@ -165,11 +170,53 @@ async fn gateway_bounds_refuse_before_the_upgrade_and_close_with_their_codes() {
         .await
         .expect("a client that answers pings stays");
 
+    // A ping flood (more than 20 a second): 1008.
+    let mut c = ws_when_room(addr).await;
+    for _ in 0..50 {
+        if c.send(Message::Ping(Default::default())).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(ws_close_code(&mut c).await, Some(CloseCode::Policy));
+    drop(c);
+
+    // Connections still sending their upgrade request are bounded (here by
+    // gateway_max_clients, 2): of three silent ones, one is answered 503 at once.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut answers = Vec::new();
+    for s in silent {
+        answers.push(tokio::spawn(async move {
+            use tokio::io::AsyncReadExt as _;
+            let (mut s, mut buf) = (s, [0u8; 64]);
+            match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+                // Refused: the 503, then the end.
+                Ok(Ok(n)) => buf[..n].to_vec(),
+                // Held: the gateway waits for its request.
+                _ => Vec::new(),
+            }
+        }));
+    }
+    let mut refused = 0;
+    for a in answers {
+        let bytes = a.await.unwrap();
+        if bytes.starts_with(b"HTTP/1.1 503") {
+            refused += 1;
+        } else {
+            assert!(bytes.is_empty(), "{}", String::from_utf8_lossy(&bytes));
+        }
+    }
+    assert_eq!(refused, 1);
+
     // Each bound hit is counted in /metrics.
     for limit in [
         "gateway_max_clients",
         "gateway_max_message",
         "gateway_ping_timeout",
+        "gateway_ping_flood",
+        "gateway_upgrades",
     ] {
         assert!(host.limit_hits(limit).await >= 1, "no {limit} in /metrics");
     }
@@ -407,34 +454,22 @@ async fn answers_until(ws: &mut Ws, i: usize, last: usize) -> Vec<String> {
     }
 }
 
-/// Checks client `i`'s answers are `c{i}-{j} n={j+2} r=R` for `j` in `0..count`, in order,
-/// each once, except that an answer may come again, right after, flagged redelivered (a
-/// worker killed after its handler sent but before it answered `Handled`); returns how many
-/// came again.
-fn check_answers(i: usize, got: &[String], count: usize) -> usize {
-    let mut again = 0;
-    let mut j = 0;
-    for (k, answer) in got.iter().enumerate() {
-        if j > 0 && answer.starts_with(&format!("c{i}-{} n={} r=true", j - 1, j + 1)) {
-            again += 1;
-            continue;
-        }
-        let expected = format!("c{i}-{j} n={} r=", j + 2);
+/// Checks client `i`'s answers are `c{i}-{j} n={j+2+from} r=R` for `j` in `0..count`, in
+/// order, each exactly once (an event redelivered after its worker died, even after its
+/// handler sent, is answered once: the gateway applies an event's sends at its `Handled`).
+fn check_answers(i: usize, got: &[String], count: usize, from: usize) {
+    for (j, answer) in got.iter().enumerate() {
+        let expected = format!("c{i}-{j} n={} r=", j + 2 + from);
         assert!(
             answer.starts_with(&expected),
-            "client {i}, answer {k}: {answer:?}, expected {expected:?} (all: {got:?})"
+            "client {i}, answer {j}: {answer:?}, expected {expected:?} (all: {got:?})"
         );
-        j += 1;
     }
-    assert_eq!(j, count, "client {i}: {got:?}");
-    again
+    assert_eq!(got.len(), count, "client {i}: {got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugins_gateway_events_survive_a_reload_and_a_worker_killed_mid_burst() {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
-
     let host = gateway_host_with(&fixture_plugin(""), 2, "gateway_hold = \"10s\"").await;
     let addr = group_addr(&host.status().await, "gw");
     let mut clients = Vec::new();
@@ -478,25 +513,47 @@ async fn a_plugins_gateway_events_survive_a_reload_and_a_worker_killed_mid_burst
         app.len() == 2 && !app.contains(&after[0])
     })
     .await;
+    // A worker that dies after its handler made its answer and before its `Handled`: the
+    // answer leaves once, from the redelivery (before, it left twice).
+    let crashed = group_pids(&host.status().await, "app");
+    clients[0]
+        .send(Message::Text(format!("c0-{next} crash-once").into()))
+        .await
+        .unwrap();
+    for (i, ws) in clients.iter_mut().enumerate().skip(1) {
+        ws.send(Message::Text(format!("c{i}-{next}").into()))
+            .await
+            .unwrap();
+    }
+    for (i, ws) in clients.iter_mut().enumerate() {
+        answers[i].extend(answers_until(ws, i, next).await);
+    }
+    assert!(
+        answers[0].last().unwrap().ends_with("r=true"),
+        "{:?}",
+        answers[0].last()
+    );
+    next += 1;
+    host.wait_status("the crashed business worker replaced", |s| {
+        let app = group_pids(s, "app");
+        app.len() == 2 && app != crashed
+    })
+    .await;
     send_range(&mut clients, next..next + 10).await;
     for (i, ws) in clients.iter_mut().enumerate() {
         answers[i].extend(answers_until(ws, i, next + 9).await);
     }
     next += 10;
 
-    let again: usize = answers
-        .iter()
-        .enumerate()
-        .map(|(i, got)| check_answers(i, got, next))
-        .sum();
+    for (i, got) in answers.iter().enumerate() {
+        check_answers(i, got, next, 0);
+    }
     let redelivered = answers
         .iter()
         .flatten()
         .filter(|a| a.ends_with("r=true"))
         .count();
-    eprintln!(
-        "{next} messages a client; redelivered {redelivered}, answered again after the kill: {again}"
-    );
+    eprintln!("{next} messages a client, each answered once; redelivered {redelivered}");
     // Sessions survived: a new event still counts from the client's whole history.
     clients[0].send(Message::Text("last".into())).await.unwrap();
     assert_eq!(
@@ -516,6 +573,234 @@ async fn a_plugins_gateway_events_survive_a_reload_and_a_worker_killed_mid_burst
         assert_eq!(texts(ws, 1).await, vec!["notify news".to_string()]);
     }
     drop(clients);
+}
+
+/// Clients numbered answers, as [`check_answers`] reads them.
+struct Numbered {
+    clients: Vec<Ws>,
+    answers: Vec<Vec<String>>,
+    next: usize,
+}
+
+impl Numbered {
+    async fn connect(addr: std::net::SocketAddr, k: usize) -> Numbered {
+        let mut clients = Vec::new();
+        for _ in 0..k {
+            clients.push(connect(addr).await);
+        }
+        Numbered {
+            answers: vec![Vec::new(); k],
+            clients,
+            next: 0,
+        }
+    }
+
+    /// A burst of `k` messages a client, `fault` appended to client 0's first, read to its
+    /// end.
+    async fn burst(&mut self, k: usize, fault: &str) {
+        let next = self.next;
+        for (i, ws) in self.clients.iter_mut().enumerate() {
+            for j in next..next + k {
+                let extra = if i == 0 && j == next { fault } else { "" };
+                ws.send(Message::Text(format!("c{i}-{j}{extra}").into()))
+                    .await
+                    .unwrap();
+            }
+        }
+        for (i, ws) in self.clients.iter_mut().enumerate() {
+            self.answers[i].extend(answers_until(ws, i, next + k - 1).await);
+        }
+        self.next += k;
+    }
+
+    /// Bursts of 5 until `done` (a `host` command) ends; its output must say success.
+    async fn bursts_while(
+        &mut self,
+        host: &tests::Host,
+        done: tokio::task::JoinHandle<std::process::Output>,
+    ) {
+        loop {
+            let finished = done.is_finished();
+            self.burst(5, "").await;
+            assert!(self.next < 5000, "the command never ended");
+            if finished {
+                break;
+            }
+        }
+        let out = done.await.unwrap();
+        assert!(out.status.success(), "{}", host.explain(&out));
+    }
+
+    fn check(&self) -> usize {
+        for (i, got) in self.answers.iter().enumerate() {
+            check_answers(i, got, self.next, 0);
+        }
+        self.answers
+            .iter()
+            .flatten()
+            .filter(|a| a.ends_with("r=true"))
+            .count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_gateway_events_survive_a_rollback_a_recycle_and_a_hung_worker() {
+    let app = "max_requests = 40\nmax_requests_jitter = 0\nworker_timeout = \"2s\"\ngateway_event_timeout = \"1s\"";
+    let host = gateway_host_keys(&fixture_plugin(""), 2, app, "gateway_hold = \"10s\"").await;
+    let addr = group_addr(&host.status().await, "gw");
+    let mut c = Numbered::connect(addr, 4).await;
+
+    // A reload, then a rollback to the generation before it.
+    c.bursts_while(&host, host.spawn_cli(&["reload", "app"]))
+        .await;
+    let reloaded = group_pids(&host.status().await, "app");
+    c.bursts_while(&host, host.spawn_cli(&["rollback", "app"]))
+        .await;
+    let status = host.status().await;
+    assert_eq!(status.last_reload.as_ref().unwrap().kind, "rollback");
+    assert!(
+        group_pids(&status, "app")
+            .iter()
+            .all(|p| !reloaded.contains(p))
+    );
+
+    // A recycle: a worker past max_requests (HTTP requests) is replaced, new before old.
+    let recycles = |s: &host_status::StatusReport| s.slots.iter().map(|s| s.recycles).sum::<u64>();
+    let http = host.addr;
+    let load = tokio::spawn(async move {
+        for _ in 0..90 {
+            assert_eq!(get(http, "/").await.expect("GET /").status, 200);
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !load.is_finished() || recycles(&host.status().await) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no worker recycled");
+        c.burst(2, "").await;
+    }
+    load.await.unwrap();
+    c.burst(5, "").await;
+
+    // A hung business worker (its I/O thread blocked after its handler made its answer):
+    // killed by the watchdog, its events redelivered and answered once.
+    let before = group_pids(&host.status().await, "app");
+    c.burst(5, " wedge-once").await;
+    host.wait_status("the hung worker replaced", |s| {
+        let app = group_pids(s, "app");
+        app.len() == 2 && app.iter().filter(|p| before.contains(p)).count() == 1
+    })
+    .await;
+    c.burst(5, "").await;
+    let redelivered = c.check();
+    assert!(
+        c.answers[0]
+            .iter()
+            .any(|a| a.starts_with(&format!("c0-{} ", c.next - 10)) && a.ends_with("r=true")),
+        "the hung worker's event came back redelivered: {:?}",
+        c.answers[0]
+    );
+    eprintln!(
+        "{} messages a client, each answered once; redelivered {redelivered}",
+        c.next
+    );
+    assert!(host.log().contains("worker_timeout"), "{}", host.log());
+
+    // A handler that never returns: dropped at gateway_event_timeout, what it made is sent,
+    // the session it set is not kept; a connect whose handler never returns gets 504.
+    let next = c.next;
+    let ws = &mut c.clients[1];
+    ws.send(Message::Text(format!("c1-{next} stall").into()))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let n = next + 2;
+    assert_eq!(texts(ws, 1).await, [format!("c1-{next} n={n} r=false")]);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    ws.send(Message::Text("after".into())).await.unwrap();
+    assert_eq!(texts(ws, 1).await, [format!("after n={n} r=false")]);
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/stall")).await {
+        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 504),
+        other => panic!("expected 504 from a connect whose handler never returns, got {other:?}"),
+    }
+    assert!(host.limit_hits("gateway_event_timeout").await >= 2);
+
+    // The plugin's commands and sessions over the host's bounds: refused, counted; the old
+    // session kept.
+    let ws = &mut c.clients[3];
+    ws.send(Message::Text("big send".into())).await.unwrap();
+    assert_eq!(
+        texts(ws, 1).await,
+        ["big send: the host refused the gateway command"]
+    );
+    ws.send(Message::Text("big session".into())).await.unwrap();
+    assert_eq!(texts(ws, 1).await, ["big session"]);
+    ws.send(Message::Text("after".into())).await.unwrap();
+    let n = next + 3;
+    assert_eq!(texts(ws, 1).await, [format!("after n={n} r=false")]);
+    assert!(host.limit_hits("gateway_command").await >= 1);
+    assert!(host.limit_hits("gateway_session").await >= 1);
+
+    // A binary message crosses the link (base64) and comes back as it went.
+    let ws = &mut c.clients[2];
+    let bytes: Vec<u8> = (0..60_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    ws.send(Message::Binary(bytes.clone().into()))
+        .await
+        .unwrap();
+    assert!(texts(ws, 1).await[0].starts_with("binary 60000 n="));
+    match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+        Ok(Some(Ok(Message::Binary(b)))) => assert!(b[..] == bytes[..], "the echo differs"),
+        other => panic!("expected the binary echo, got {other:?}"),
+    }
+    assert_eq!(group_pids(&host.status().await, "gw").len(), 1);
+}
+
+/// The client id the fixture plugin tells `ws`.
+async fn client_id(ws: &mut Ws) -> u64 {
+    ws.send(Message::Text("id".into())).await.unwrap();
+    let said = texts(ws, 1).await.remove(0);
+    said.strip_prefix("id ")
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("not an id: {said}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_process_never_reuses_a_client_id() {
+    let host = gateway_host_with(&fixture_plugin(""), 1, "gateway_hold = \"10s\"").await;
+    let addr = group_addr(&host.status().await, "gw");
+    let mut before = Numbered::connect(addr, 3).await;
+    let mut old = Vec::new();
+    for ws in &mut before.clients {
+        old.push(client_id(ws).await);
+    }
+    // SIGKILL: its clients are gone; the master starts another process in its slot.
+    let gw = group_pids(&host.status().await, "gw");
+    kill(Pid::from_raw(gw[0] as i32), Signal::SIGKILL).unwrap();
+    host.wait_status("the killed gateway replaced", |s| {
+        let now = group_pids(s, "gw");
+        now.len() == 1 && now != gw
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut ws = loop {
+        match tokio_tungstenite::connect_async(format!("ws://{addr}/chat")).await {
+            Ok((ws, _)) => break ws,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no new gateway: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let new = client_id(&mut ws).await;
+    assert!(
+        old.iter().all(|id| new > *id),
+        "a new process's client id {new} was given before: {old:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,7 +866,7 @@ async fn same_port_clients_are_passed_to_the_gateway_and_outlive_the_workers_tha
     send_range(&mut clients, 5..10).await;
     for (i, ws) in clients.iter_mut().enumerate() {
         answers[i].extend(answers_until(ws, i, 9).await);
-        check_answers(i, &answers[i], 10);
+        check_answers(i, &answers[i], 10, 0);
     }
     // And new clients reach the gateway through the new workers.
     clients.push(connect(http).await);
@@ -648,7 +933,7 @@ async fn host_upgrade_hands_gateway_clients_to_the_new_master_with_their_session
     // counted their `join`).
     send_range(&mut clients, 3..6).await;
     for (i, ws) in clients.iter_mut().enumerate() {
-        check_answers(i, &answers[i], 3);
+        check_answers(i, &answers[i], 3, 0);
         let joined = usize::from(i < 2);
         let got = answers_until(ws, i, 5).await;
         let expected: Vec<String> = (3..6)
@@ -690,7 +975,7 @@ async fn a_crashed_gateway_process_loses_only_its_own_clients_and_is_restarted()
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
 
-    let host = gateway_host_of(&fixture_plugin(""), (1, 2), "gateway_hold = \"10s\"").await;
+    let host = gateway_host_of(&fixture_plugin(""), (1, 2), "", "gateway_hold = \"10s\"").await;
     let addr = group_addr(&host.status().await, "gw");
     // Clients until both gateway processes hold some (the kernel picks which one accepts).
     let mut clients = Vec::new();

@@ -243,6 +243,13 @@ pub const KEYS: &[Key] = &[
         "how long a gateway holds a client's events while no business worker is connected (all of them crashed, say); past it the client is closed with `1011` and counted",
     ),
     key(
+        "gateway_event_timeout",
+        Group,
+        wait(MAX_WAIT),
+        Toml("\"30s\""),
+        "in a business group: how long a gateway event's handler may run; past it the handler is dropped, the event counts as handled (a connect is refused `504`), logged and counted",
+    ),
+    key(
         "state_dir",
         Master,
         Kind::Path,

@@ -1,10 +1,11 @@
 //! One WebSocket client of a gateway process: the upgrade (its request head read here, at most
-//! 16 KiB within `header_read_timeout`; refused with `503` at `gateway_max_clients`; then the
-//! business answers its `Connect`, with the `101` or an HTTP status), then reading its messages with
-//! message and frame sizes bounded, a ping after `gateway_ping_interval` of silence and a
-//! disconnect when nothing answers within `gateway_ping_timeout`, and the close codes: `1009`
-//! for an oversized message, `1007` for invalid UTF-8 in a text message, `1002` for a protocol
-//! error, `1001` when the gateway drains.
+//! 16 KiB within `header_read_timeout`, at most `MAX_UPGRADING` connections at once, else
+//! `503`; refused with `503` at `gateway_max_clients`; then the business answers its
+//! `Connect`, with the `101` or an HTTP status), then reading its messages with message and
+//! frame sizes bounded, a ping after `gateway_ping_interval` of silence and a disconnect when
+//! nothing answers within `gateway_ping_timeout`, and the close codes: `1009` for an oversized
+//! message, `1007` for invalid UTF-8 in a text message, `1002` for a protocol error, `1008` for
+//! more than [`MAX_PINGS`] pings a second, `1001` when the gateway drains.
 //!
 //! It owns the connection and the client's slot (released when the task ends). Its events
 //! (connect, each message, close) go to the [`router`](super::router) in the order they came;
@@ -24,7 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
 
-use super::link::{ClientEvent, ClientId, Payload};
+use super::link::{ClientEvent, ClientId};
 use super::router::{HandedClient, Outgoing, ToRouter};
 use super::{Gateway, handoff};
 use crate::counters::Limit;
@@ -38,6 +39,11 @@ const READ_BUFFER: usize = 4 << 10;
 
 /// Largest request head a client may send.
 const MAX_HEAD: usize = 16 << 10;
+
+/// Most pings a client may send within [`PING_WINDOW`] (each one is answered); past it the
+/// client is closed with `1008`, logged and counted (`gateway_ping_flood`).
+pub(super) const MAX_PINGS: u32 = 20;
+pub(super) const PING_WINDOW: Duration = Duration::from_secs(1);
 
 /// Reads up to the end of the request head (`\r\n\r\n`), at most [`MAX_HEAD`] bytes; what came
 /// with it stays in the buffer. `None`: the client left, or sent too much.
@@ -264,16 +270,6 @@ impl tokio::io::AsyncWrite for Replay {
     }
 }
 
-impl Payload {
-    /// Its size in the client's queue, and the message.
-    fn into_message(self) -> (usize, Message) {
-        match self {
-            Payload::Text(t) => (t.len(), Message::Text(t.into())),
-            Payload::Binary(b) => (b.len(), Message::Binary(b.into())),
-        }
-    }
-}
-
 /// A client slot, given back when dropped.
 struct Slot(Arc<Gateway>);
 
@@ -285,10 +281,26 @@ impl Drop for Slot {
 
 /// Serves one client from its TCP connection to its end.
 pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
-    // The request head is read here (bounded in size and time), so that the business answers
-    // the `Connect` before the `101`.
+    static CLOSED: RateLimit = RateLimit::per_second();
+    // The request head is read here (bounded in size and time, and in how many connections
+    // send one at once), so that the business answers the `Connect` before the `101`.
     let mut stream = stream;
-    let head = match tokio::time::timeout(gateway.handshake_timeout, read_head(&mut stream)).await {
+    if !gateway.upgrading() {
+        gateway.counters.refused.fetch_add(1, Ordering::Relaxed);
+        gateway.limit_hit(Limit::GatewayUpgrades);
+        if let Some(suppressed) = CLOSED.hit_named("gateway upgrading") {
+            tracing::warn!(
+                max = gateway.max_upgrading(),
+                suppressed,
+                "gateway refused a connection (503): too many still sending their upgrade request"
+            );
+        }
+        answer(&mut stream, 503).await;
+        return;
+    }
+    let head = tokio::time::timeout(gateway.handshake_timeout, read_head(&mut stream)).await;
+    gateway.upgraded();
+    let head = match head {
         Ok(Some(head)) => head,
         // Too slow, too large, or gone: nothing was held.
         _ => return,
@@ -298,7 +310,6 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
         return;
     };
     if !gateway.reserve() {
-        static CLOSED: RateLimit = RateLimit::per_second();
         gateway.counters.refused.fetch_add(1, Ordering::Relaxed);
         gateway.limit_hit(Limit::GatewayClients);
         if let Some(suppressed) = CLOSED.hit_named("gateway_max_clients") {
@@ -370,8 +381,8 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
             return;
         }
     };
-    for payload in early {
-        let (size, message) = payload.into_message();
+    for message in early {
+        let size = message.len();
         let sent = ws.send(message).await;
         queued.fetch_sub(size, Ordering::AcqRel);
         if sent.is_err() {
@@ -466,6 +477,11 @@ async fn run_to_end(
             "no pong or reads nothing",
             Some(&gateway.counters.ping_timeouts),
         ),
+        End::PingFlood => (
+            CloseCode::Policy,
+            "ping flood",
+            Some(&gateway.counters.bad_input),
+        ),
         End::TooBig => (
             CloseCode::Size,
             "message too big",
@@ -485,6 +501,7 @@ async fn run_to_end(
     match why {
         End::TooBig => gateway.limit_hit(Limit::GatewayMessage),
         End::PingTimeout => gateway.limit_hit(Limit::GatewayPingTimeout),
+        End::PingFlood => gateway.limit_hit(Limit::GatewayPingFlood),
         _ => {}
     }
     if let Some(counter) = counter {
@@ -599,8 +616,8 @@ async fn write_queued(
 ) -> bool {
     loop {
         match out.try_recv() {
-            Ok(Outgoing::Message(payload)) => {
-                let (size, message) = payload.into_message();
+            Ok(Outgoing::Message(message)) => {
+                let size = message.len();
                 let sent = ws.send(message).await;
                 queued.fetch_sub(size, Ordering::AcqRel);
                 if sent.is_err() {
@@ -623,6 +640,8 @@ enum End {
     Draining,
     /// No pong, or no write taken, within `gateway_ping_timeout`.
     PingTimeout,
+    /// More than [`MAX_PINGS`] pings within [`PING_WINDOW`].
+    PingFlood,
     TooBig,
     BadUtf8,
     Protocol,
@@ -652,6 +671,8 @@ impl Conn<'_> {
         let mut draining = gateway.draining.clone();
         let mut heard = Instant::now();
         let mut pinged: Option<Instant> = None;
+        // The client's pings in the current window: (its start, how many).
+        let mut pings = (heard, 0u32);
         loop {
             if *draining.borrow_and_update() {
                 return End::Draining;
@@ -667,7 +688,18 @@ impl Conn<'_> {
                     let event = match frame {
                         Some(Ok(Message::Text(t))) => ClientEvent::Text(t.as_str().to_owned()),
                         Some(Ok(Message::Binary(b))) => ClientEvent::Binary(b.to_vec()),
-                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                        // Each ping is answered (tungstenite queues the pong): a flood is bounded.
+                        Some(Ok(Message::Ping(_))) => {
+                            if heard >= pings.0 + PING_WINDOW {
+                                pings = (heard, 0);
+                            }
+                            pings.1 += 1;
+                            if pings.1 > MAX_PINGS {
+                                return End::PingFlood;
+                            }
+                            continue;
+                        }
+                        Some(Ok(Message::Pong(_) | Message::Frame(_))) => continue,
                         // tungstenite answers the Close; the stream ends after it.
                         Some(Ok(Message::Close(frame))) => {
                             self.closed_by_client = Some(frame.map_or((1005, String::new()), |f| {
@@ -689,8 +721,8 @@ impl Conn<'_> {
                     }
                 }
                 order = self.out.recv() => match order {
-                    Some(Outgoing::Message(payload)) => {
-                        let (size, message) = payload.into_message();
+                    Some(Outgoing::Message(message)) => {
+                        let size = message.len();
                         // A client that takes nothing for `gateway_ping_timeout` is as gone
                         // as one that answers no ping (its queue is bounded meanwhile).
                         let sent = tokio::time::timeout(timeout, self.ws.send(message)).await;

@@ -1,13 +1,15 @@
 //! The link between a gateway process and a business worker: the typed frames each side sends
 //! over the gateway's link socket (`state_dir/gateway/<group>-<slot>.sock`), framed as
 //! `protocol.rs` frames are (a little-endian `u32` length, then JSON, at most
-//! [`MAX_FRAME`](crate::protocol::MAX_FRAME)).
+//! [`MAX_FRAME`](crate::protocol::MAX_FRAME); binary payloads as base64).
 //!
 //! It owns the vocabulary only: what the router does with each frame is [`super::router`]'s.
 //! The event protocol (see `docs/design/gateway.md`): the gateway sends a client's events one
 //! at a time, each with the client's sequence number and session; the worker answers `Handled`
-//! once its handler returned (with the session, if it changed); an event whose worker left
-//! before answering goes to another worker with `redelivered` set.
+//! once its handler returned (with the session, if it changed), right after the commands the
+//! handler made (`Held`, applied at the `Handled`); an event whose worker left before
+//! answering goes to another worker with `redelivered` set. A worker's `Hello` is answered
+//! `Welcome`.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,12 +27,44 @@ pub enum ClientEvent {
         headers: Vec<(String, String)>,
     },
     Text(String),
-    Binary(Vec<u8>),
+    /// Base64 in the frame ([`plugin_api::gateway::base64_bytes`]).
+    Binary(#[serde(with = "plugin_api::gateway::base64_bytes")] Vec<u8>),
     /// The client left (its close code and reason; 1006 when it just disconnected).
     Close {
         code: u16,
         reason: String,
     },
+}
+
+/// Most bytes of commands one event's handler may make (their [`BusinessToGateway::size`]);
+/// the worker refuses more (`Full`), and a gateway drops what passes it.
+pub const MAX_HELD: usize = 8 << 20;
+
+impl BusinessToGateway {
+    /// Bytes the command holds (its payload and names), about what it costs a gateway.
+    pub fn size(&self) -> usize {
+        match self {
+            BusinessToGateway::Send {
+                to,
+                message,
+                except,
+            } => {
+                let to = match to {
+                    Target::Uid(s) | Target::Group(s) => s.len(),
+                    Target::Client(_) | Target::All => 8,
+                };
+                to + message.size() + except.len() * 8
+            }
+            BusinessToGateway::Bind { uid: s, .. }
+            | BusinessToGateway::Join { group: s, .. }
+            | BusinessToGateway::Leave { group: s, .. }
+            | BusinessToGateway::Close { reason: s, .. } => 8 + s.len(),
+            BusinessToGateway::Held { commands, .. } => {
+                16 + commands.iter().map(BusinessToGateway::size).sum::<usize>()
+            }
+            _ => 16,
+        }
+    }
 }
 
 impl ClientEvent {
@@ -71,6 +105,9 @@ pub enum GatewayToBusiness {
     /// The answer to [`BusinessToGateway::Query`] `id`, for this gateway process's clients
     /// (a worker adds up the answers of every gateway).
     Answer { id: u64, answer: Answer },
+    /// The answer to [`BusinessToGateway::Hello`]: the link is up, events may come (a new
+    /// business worker waits for it from every gateway, a bounded time, before it is ready).
+    Welcome,
 }
 
 /// Whom a send reaches (on this gateway process).
@@ -108,7 +145,18 @@ pub enum Answer {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Payload {
     Text(String),
-    Binary(Vec<u8>),
+    /// Base64 in the frame, as [`ClientEvent::Binary`].
+    Binary(#[serde(with = "plugin_api::gateway::base64_bytes")] Vec<u8>),
+}
+
+impl Payload {
+    /// Its bytes.
+    pub fn size(&self) -> usize {
+        match self {
+            Payload::Text(t) => t.len(),
+            Payload::Binary(b) => b.len(),
+        }
+    }
 }
 
 /// From a business worker to a gateway process.
@@ -129,6 +177,16 @@ pub enum BusinessToGateway {
         session: Option<serde_json::Value>,
         #[serde(default)]
         refuse: Option<u16>,
+    },
+    /// Commands the handler of the client's event `seq` made, applied (in order, before the
+    /// `Handled`) when its `Handled` comes on this link, and dropped with the event if the link
+    /// drops first: the redelivered event makes them again. So a gateway applies an event's
+    /// commands exactly once, all or none. Only sends, binds, unbinds, joins, leaves and
+    /// closes are applied; at most [`MAX_HELD`] bytes an event.
+    Held {
+        client: ClientId,
+        seq: u64,
+        commands: Vec<BusinessToGateway>,
     },
     /// The worker drains: no new events; those it has are still answered (or redelivered if
     /// the link drops first).
@@ -168,4 +226,54 @@ pub enum BusinessToGateway {
         code: u16,
         reason: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_payloads_cross_the_link_as_base64() {
+        // 64 KiB of noise: 87,471 bytes on the link as base64 (the whole event frame);
+        // 233,814 as the JSON array of numbers it was before.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let bytes: Vec<u8> = (0..64 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let event = GatewayToBusiness::Event {
+            client: 1,
+            seq: 2,
+            redelivered: false,
+            session: serde_json::Value::Null,
+            event: ClientEvent::Binary(bytes.clone()),
+        };
+        let frame = serde_json::to_vec(&event).unwrap();
+        let as_array = serde_json::to_vec(&bytes).unwrap().len();
+        eprintln!(
+            "64 KiB binary event: {} bytes as base64, {as_array} as an array",
+            frame.len()
+        );
+        assert!(frame.len() < 64 * 1024 * 4 / 3 + 200, "{}", frame.len());
+        assert!(as_array > 3 * 64 * 1024);
+        assert_eq!(
+            serde_json::from_slice::<GatewayToBusiness>(&frame).unwrap(),
+            event
+        );
+        let send = BusinessToGateway::Send {
+            to: Target::All,
+            message: Payload::Binary(bytes),
+            except: vec![],
+        };
+        let json = serde_json::to_vec(&send).unwrap();
+        assert!(json.len() < 64 * 1024 * 4 / 3 + 200);
+        assert_eq!(
+            serde_json::from_slice::<BusinessToGateway>(&json).unwrap(),
+            send
+        );
+    }
 }

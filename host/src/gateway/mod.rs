@@ -42,18 +42,41 @@ use crate::worker::startup::{self, Started, ToMaster};
 /// process exits anyway (a hand-over waits 1.5 s at most, then a Close handshake 1 s).
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
+/// Most connections sending their upgrade request at once (fewer with a lower
+/// `gateway_max_clients`); more are answered `503` at once.
+pub(crate) const MAX_UPGRADING: u64 = 1024;
+
+/// The low 48 bits of a client id: its number in its gateway process.
+const CLIENT_NUMBER: u64 = (1 << 48) - 1;
+
+/// The first client number of a process: milliseconds since 2025 times 256. A process of the
+/// same slot started later (after a crash, a restart) so never hands out an id its
+/// predecessor gave, and a business worker's send to an old client's id reaches nobody,
+/// unless that one took more than 256 clients a millisecond over its whole life (or the clock
+/// went back). 48 bits hold it until 2059.
+fn first_client_number(now: std::time::SystemTime) -> u64 {
+    const MS_2025: u64 = 1_735_689_600_000;
+    let ms = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    (ms.saturating_sub(MS_2025) << 8) & CLIENT_NUMBER
+}
+
 /// What one gateway process counts; read for `Stats` and, per client, by [`client`]. The bounds
 /// hit are counted in the worker table too ([`Gateway::limit_hit`]), for `/metrics`.
 #[derive(Default)]
 pub(crate) struct Counters {
     /// Clients holding a slot: upgraded, or being upgraded.
     pub(crate) clients: AtomicU64,
+    /// Connections still sending their upgrade request (at most [`Gateway::max_upgrading`]).
+    pub(crate) upgrading: AtomicU64,
     /// Messages received from clients.
     pub(crate) messages: AtomicU64,
-    /// Upgrades refused with `503` at `gateway_max_clients`.
+    /// Upgrades refused with `503` at `gateway_max_clients`, or at
+    /// [`Gateway::max_upgrading`].
     pub(crate) refused: AtomicU64,
     /// Clients closed by the gateway: no pong in time, oversized message, invalid UTF-8,
-    /// protocol error.
+    /// protocol error or a ping flood.
     pub(crate) ping_timeouts: AtomicU64,
     pub(crate) too_big: AtomicU64,
     pub(crate) bad_input: AtomicU64,
@@ -94,23 +117,34 @@ pub(crate) struct Gateway {
 impl Gateway {
     /// Takes a client slot, or `false` at `gateway_max_clients`.
     pub(crate) fn reserve(&self) -> bool {
-        let max = self.spec.max_clients;
-        self.counters
-            .clients
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
+        take(&self.counters.clients, self.spec.max_clients)
     }
 
     pub(crate) fn release(&self) {
         self.counters.clients.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// A new client id: this process's link index, then a number never used before in it.
+    /// Most connections sending their upgrade request at once: `gateway_max_clients`, at most
+    /// [`MAX_UPGRADING`] (each holds up to 16 KiB of request head).
+    pub(crate) fn max_upgrading(&self) -> u64 {
+        self.spec.max_clients.min(MAX_UPGRADING)
+    }
+
+    /// Counts a connection sending its upgrade request, or `false` at
+    /// [`Gateway::max_upgrading`]; [`Gateway::upgraded`] gives it back.
+    pub(crate) fn upgrading(&self) -> bool {
+        take(&self.counters.upgrading, self.max_upgrading())
+    }
+
+    pub(crate) fn upgraded(&self) {
+        self.counters.upgrading.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// A new client id: this process's link index, then a number never used before by any
+    /// process of its slot (see [`first_client_number`]).
     pub(crate) fn client_id(&self) -> link::ClientId {
         (u64::from(self.link_index & 0xffff) << 48)
-            | self.next_client.fetch_add(1, Ordering::Relaxed)
+            | (self.next_client.fetch_add(1, Ordering::Relaxed) & CLIENT_NUMBER)
     }
 
     /// Counts a bound hit for `/metrics` (`host_limit_hits{limit=...}`).
@@ -119,6 +153,15 @@ impl Gateway {
             cell.limit_hit(limit);
         }
     }
+}
+
+/// Adds one to `count` unless it is at `max`; whether it did.
+fn take(count: &AtomicU64, max: u64) -> bool {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
 }
 
 /// Entry point of the `__gateway` role.
@@ -130,7 +173,7 @@ pub fn run(
     log_format: crate::logging::LogFormat,
 ) -> ExitCode {
     crate::logging::init(
-        crate::logging::Process::Worker { slot, generation },
+        crate::logging::Process::Gateway { slot, generation },
         log_format,
     );
     // Die with the master, as a worker does (see `worker::run`).
@@ -225,7 +268,7 @@ async fn serve(
         cell,
         router: to_router,
         link_index: gw.link_index,
-        next_client: AtomicU64::new(0),
+        next_client: AtomicU64::new(first_client_number(std::time::SystemTime::now())),
         successor: Default::default(),
     });
     let series = table.as_ref().and_then(|(t, cell)| t.plugin_series(*cell));
@@ -610,5 +653,24 @@ fn gateway_info() -> PluginInfo {
         version: crate::worker::HOST_VERSION.into(),
         api_version: String::new(),
         sha256: "0".repeat(64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_process_never_hands_out_its_predecessors_client_ids() {
+        let start = std::time::UNIX_EPOCH + Duration::from_millis(1_764_000_000_000);
+        let first = first_client_number(start);
+        // A process that took 200 clients a millisecond for an hour, then its successor.
+        let given = first + 200 * 3_600_000;
+        let next = first_client_number(start + Duration::from_secs(3600));
+        assert!(next > given, "{next} <= {given}");
+        // Still within 48 bits in 2059.
+        let late = std::time::UNIX_EPOCH + Duration::from_secs(89 * 365 * 86_400);
+        assert!(first_client_number(late) > first);
+        assert_eq!(first_client_number(late) & !CLIENT_NUMBER, 0);
     }
 }

@@ -7,10 +7,13 @@
 //! each with the next sequence number; the next goes once the worker answered `Handled`. A
 //! client sticks to one worker while it can; a worker that drains keeps the event it has (it
 //! answers it) and gets no new ones; a worker whose link drops before answering loses its
-//! events to another worker, flagged `redelivered`. With no worker at all, a client's events
-//! wait up to `gateway_hold`; then the client is closed with 1011 and counted. Every queue is
-//! bounded: unhandled events per client by `gateway_send_queue` bytes (past it: 1013), messages
-//! queued to a client by the same (past it: 1008).
+//! events to another worker, flagged `redelivered`. The commands a handler made come `Held`
+//! for its event and are applied at its `Handled` (or dropped with it when its link drops
+//! first): all or none, once. With no worker at all, a client's events wait up to
+//! `gateway_hold`; then the client is closed with 1011 and counted. Every queue is bounded:
+//! unhandled events per client by `gateway_send_queue` bytes (past it: 1013), messages queued
+//! to a client by the same (past it: 1008), an event's held commands by [`MAX_HELD`] bytes.
+//! A send to many clients builds its WebSocket message once; they share its bytes.
 //!
 //! It also keeps who is who: the uid each client is bound to and the groups it joined (a uid or
 //! group name at most [`MAX_NAME`] bytes, at most [`MAX_GROUPS`] groups a client), sends to a
@@ -24,10 +27,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
 
 use super::link::{
-    Answer, BusinessToGateway, ClientEvent, ClientId, GatewayToBusiness, MAX_MEMBERS, Payload,
-    Query, Target,
+    Answer, BusinessToGateway, ClientEvent, ClientId, GatewayToBusiness, MAX_HELD, MAX_MEMBERS,
+    Payload, Query, Target,
 };
 use crate::counters::Limit;
 use crate::ratelimit::RateLimit;
@@ -39,7 +43,8 @@ pub(crate) enum Outgoing {
     Accept,
     /// The business refused its `Connect`: answer the upgrade with this status.
     Refuse(u16),
-    Message(Payload),
+    /// A message, built once for all its recipients (its bytes are shared, not copied).
+    Message(Message),
     /// Close it (before the upgrade: `503`).
     Close(u16, &'static str),
 }
@@ -127,6 +132,10 @@ struct Client {
     link: Option<LinkId>,
     /// The link holding the front event, unanswered.
     in_flight: Option<LinkId>,
+    /// The commands its handler made so far ([`BusinessToGateway::Held`]), applied at its
+    /// `Handled`, dropped if the link drops first; and their bytes.
+    held: Vec<BusinessToGateway>,
+    held_bytes: usize,
     /// Since when its front event waits for any worker.
     held_since: Option<Instant>,
     /// Its `Close` event is queued: it leaves once that is handled.
@@ -152,6 +161,8 @@ impl Client {
             queue_bytes: 0,
             link: None,
             in_flight: None,
+            held: Vec::new(),
+            held_bytes: 0,
             held_since: None,
             closing: false,
             uid: None,
@@ -269,7 +280,7 @@ impl Router {
     /// See [`ToRouter::Export`].
     fn export(&mut self, id: ClientId) -> Option<HandedClient> {
         let c = self.clients.get(&id)?;
-        if !c.queue.is_empty() || c.in_flight.is_some() || c.closing {
+        if !c.queue.is_empty() || c.in_flight.is_some() || !c.held.is_empty() || c.closing {
             return None;
         }
         let c = self.remove(id)?;
@@ -398,7 +409,16 @@ impl Router {
 
     fn link_said(&mut self, link: LinkId, msg: BusinessToGateway, now: Instant) {
         match msg {
-            BusinessToGateway::Hello { .. } => {}
+            BusinessToGateway::Hello { .. } => {
+                if let Some(l) = self.links.get(&link) {
+                    let _ = l.tx.send(GatewayToBusiness::Welcome);
+                }
+            }
+            BusinessToGateway::Held {
+                client,
+                seq,
+                commands,
+            } => self.hold(link, client, seq, commands),
             BusinessToGateway::Handled {
                 client,
                 seq,
@@ -413,6 +433,16 @@ impl Router {
                 if c.in_flight != Some(link) || c.queue.front().is_none_or(|p| p.seq != seq) {
                     return;
                 }
+                // The event's commands first, all of them (they may close the client, or
+                // overflow its queue: then it is gone).
+                let held = std::mem::take(&mut c.held);
+                c.held_bytes = 0;
+                for command in held {
+                    self.link_said(link, command, now);
+                }
+                let Some(c) = self.clients.get_mut(&client) else {
+                    return;
+                };
                 let done = c.queue.pop_front().expect("front");
                 c.queue_bytes -= done.event.size();
                 c.in_flight = None;
@@ -461,8 +491,13 @@ impl Router {
                 except,
             } => {
                 let except: BTreeSet<ClientId> = except.into_iter().collect();
+                let message = match message {
+                    Payload::Text(t) => Message::Text(t.into()),
+                    Payload::Binary(b) => Message::Binary(b.into()),
+                };
                 for id in self.recipients(&to) {
                     if !except.contains(&id) {
+                        // A clone shares the bytes: a broadcast holds its message once.
                         self.send(id, message.clone());
                     }
                 }
@@ -564,15 +599,46 @@ impl Router {
         }
     }
 
+    /// Keeps the commands the handler of `client`'s event `seq` made, if `link` holds that
+    /// event (else they are a lost event's, and dropped), within [`MAX_HELD`] bytes.
+    fn hold(&mut self, link: LinkId, client: ClientId, seq: u64, commands: Vec<BusinessToGateway>) {
+        let Some(c) = self.clients.get_mut(&client) else {
+            return;
+        };
+        if c.in_flight != Some(link) || c.queue.front().is_none_or(|p| p.seq != seq) {
+            return;
+        }
+        for command in commands {
+            let size = command.size();
+            if !matches!(
+                command,
+                BusinessToGateway::Send { .. }
+                    | BusinessToGateway::Bind { .. }
+                    | BusinessToGateway::Unbind { .. }
+                    | BusinessToGateway::Join { .. }
+                    | BusinessToGateway::Leave { .. }
+                    | BusinessToGateway::Close { .. }
+            ) {
+                refused("an event's held command that is not a send, bind, join or close");
+            } else if c.held_bytes + size > MAX_HELD {
+                // The worker keeps to the same bound: only a worker gone wrong gets here.
+                if let Some(cell) = self.cell {
+                    cell.limit_hit(Limit::GatewayCommand);
+                }
+                refused("an event's commands over 8 MiB");
+            } else {
+                c.held_bytes += size;
+                c.held.push(command);
+            }
+        }
+    }
+
     /// Queues a message for a client, within `gateway_send_queue` bytes.
-    fn send(&mut self, id: ClientId, message: Payload) {
+    fn send(&mut self, id: ClientId, message: Message) {
         let Some(c) = self.clients.get(&id) else {
             return;
         };
-        let size = match &message {
-            Payload::Text(t) => t.len(),
-            Payload::Binary(b) => b.len(),
-        };
+        let size = message.len();
         if c.queued.load(Ordering::Acquire) + size > self.queue_max {
             self.overflow(id, 1008, "send queue full");
             return;
@@ -611,6 +677,9 @@ impl Router {
             }
             if c.in_flight == Some(link) {
                 c.in_flight = None;
+                // What its handler made is dropped with it: the redelivery makes it again.
+                c.held.clear();
+                c.held_bytes = 0;
                 if let Some(front) = c.queue.front_mut() {
                     front.redelivered = true;
                 }
@@ -842,16 +911,19 @@ mod tests {
         );
         let _a = f.link(1);
         let mut out = f.client(8);
-        let big = Payload::Text("y".repeat(600));
+        let big = "y".repeat(600);
         for _ in 0..2 {
             let msg = BusinessToGateway::Send {
                 to: Target::Client(8),
-                message: big.clone(),
+                message: Payload::Text(big.clone()),
                 except: Vec::new(),
             };
             f.router.handle(ToRouter::Link { link: 1, msg }, f.now);
         }
-        assert_eq!(out.try_recv().unwrap(), Outgoing::Message(big));
+        assert_eq!(
+            out.try_recv().unwrap(),
+            Outgoing::Message(Message::Text(big.into()))
+        );
         assert_eq!(
             out.try_recv().unwrap(),
             Outgoing::Close(1008, "send queue full")
@@ -865,8 +937,8 @@ mod tests {
 
     fn texts(rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(Outgoing::Message(Payload::Text(t))) = rx.try_recv() {
-            out.push(t);
+        while let Ok(Outgoing::Message(Message::Text(t))) = rx.try_recv() {
+            out.push(t.as_str().to_owned());
         }
         out
     }
@@ -1004,5 +1076,81 @@ mod tests {
         assert_eq!(yes.try_recv().unwrap(), Outgoing::Accept);
         assert_eq!(no.try_recv().unwrap(), Outgoing::Refuse(401));
         assert!(f.router.clients.contains_key(&7) && !f.router.clients.contains_key(&8));
+    }
+
+    #[test]
+    fn an_events_held_commands_apply_at_its_handled_or_go_with_a_lost_link() {
+        let mut f = Fixture::new();
+        let mut a = f.link(1);
+        said(
+            &mut f,
+            BusinessToGateway::Hello {
+                pid: 1,
+                generation: 1,
+            },
+        );
+        assert_eq!(a.try_recv().unwrap(), GatewayToBusiness::Welcome);
+        let mut c7 = f.client(7);
+        f.handled(1, 7, 0);
+        assert_eq!(c7.try_recv().unwrap(), Outgoing::Accept);
+        let _ = events(&mut a);
+        let echo = |text: &str| BusinessToGateway::Send {
+            to: Target::Client(7),
+            message: Payload::Text(text.into()),
+            except: vec![],
+        };
+        let held = |seq, commands| BusinessToGateway::Held {
+            client: 7,
+            seq,
+            commands,
+        };
+        f.send(7, text("m1"));
+        assert_eq!(events(&mut a), vec![(7, 1, false, text("m1"))]);
+        said(&mut f, held(1, vec![echo("one"), echo("two")]));
+        // Held for another event, or another link's: dropped.
+        said(&mut f, held(0, vec![echo("stale")]));
+        f.router.handle(
+            ToRouter::Link {
+                link: 2,
+                msg: held(1, vec![echo("not its link")]),
+            },
+            f.now,
+        );
+        // Only the links' own commands are applied.
+        said(
+            &mut f,
+            held(
+                1,
+                vec![BusinessToGateway::Query {
+                    id: 1,
+                    query: Query::UidCount("x".into()),
+                }],
+            ),
+        );
+        assert_eq!(
+            texts(&mut c7),
+            Vec::<String>::new(),
+            "nothing before the Handled"
+        );
+        f.handled(1, 7, 1);
+        assert_eq!(texts(&mut c7), ["one", "two"]);
+        assert!(a.try_recv().is_err(), "the held question was not answered");
+
+        // The link drops after the event's commands came, before its Handled: none applied;
+        // the redelivery's own commands are, once.
+        let mut b = f.link(2);
+        f.send(7, text("m2"));
+        said(&mut f, held(2, vec![echo("m2 first")]));
+        f.router.handle(ToRouter::LinkDown { link: 1 }, f.now);
+        assert_eq!(events(&mut b), vec![(7, 2, true, text("m2"))]);
+        f.router.handle(
+            ToRouter::Link {
+                link: 2,
+                msg: held(2, vec![echo("m2 again")]),
+            },
+            f.now,
+        );
+        f.handled(2, 7, 2);
+        assert_eq!(texts(&mut c7), ["m2 again"]);
     }
 }

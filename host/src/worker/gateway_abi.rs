@@ -6,7 +6,12 @@
 //! and closes a handle may make; at most [`MAX_COMMAND`] bytes, so no link frame overflows),
 //! a session past [`MAX_SESSION`] or not JSON is ignored (the old one kept, logged), a refusal
 //! outside 400 to 599 becomes 500, and nothing here unwinds into the plugin. Each such mistake
-//! is logged at most once a second (not yet counted in `/metrics`).
+//! is logged at most once a second and counted (`host_limit_hits`: `gateway_command`,
+//! `gateway_session`).
+//!
+//! A command made through an event's handle ([`GATEWAY_VTABLE`]'s `event_command`, with the
+//! token the event was passed with) is held by the links until that handler returns (see
+//! `gateway_link`'s exactly-once sends).
 
 #![allow(unsafe_code)]
 
@@ -21,6 +26,7 @@ use plugin_api::ffi::{
 
 use super::gateway_link::{CommandError, Event, EventHandler, Links, Outcome, OutcomeFuture};
 use super::loader::LoadedPlugin;
+use crate::counters::Limit;
 use crate::gateway::link::{BusinessToGateway, Query};
 
 /// Largest command a plugin may send (its JSON): a link frame holds it with room to spare.
@@ -44,7 +50,11 @@ fn warn(what: &'static str) {
 static LINKS: OnceLock<(Arc<Links>, tokio::runtime::Handle)> = OnceLock::new();
 
 /// What `HostContext::gateway` points to in a worker with gateway links.
-pub static GATEWAY_VTABLE: GatewayVTable = GatewayVTable { command, query };
+pub static GATEWAY_VTABLE: GatewayVTable = GatewayVTable {
+    command,
+    query,
+    event_command,
+};
 
 /// Makes `links` the target of the plugin's `Gateway` handle (once; call on the runtime the
 /// links run on). Until then the handle answers `NO_GATEWAY`.
@@ -78,26 +88,49 @@ fn parse_command(bytes: &[u8]) -> Option<BusinessToGateway> {
 }
 
 extern "C" fn command(json: RawStr) -> u8 {
+    checked_command(None, json)
+}
+
+extern "C" fn event_command(token: u64, json: RawStr) -> u8 {
+    checked_command(Some(token), json)
+}
+
+/// Parses and checks a command of the plugin's and gives it to the links: held for the
+/// event `token`'s handler, or sent at once.
+fn checked_command(token: Option<u64>, json: RawStr) -> u8 {
     catch_unwind(|| {
         let Some((links, _)) = LINKS.get() else {
             return gateway_status::NO_GATEWAY;
         };
         // SAFETY: the plugin passes a view valid for this call (the ABI's rule).
         let Some(command) = parse_command(unsafe { json.as_bytes() }) else {
+            links.limit_hit(Limit::GatewayCommand);
             warn("refused a gateway command of the plugin's: not a send, bind, unbind, join, leave or close, or over 512 KiB");
             return gateway_status::BAD;
         };
-        match links.command(command) {
+        let sent = match token {
+            Some(token) => links.event_command(token, command),
+            None => links.command(command),
+        };
+        match sent {
             Ok(()) => gateway_status::OK,
             Err(e) => {
                 if e == CommandError::Full {
-                    warn("refused a gateway command: 8192 commands already wait on a gateway link");
+                    links.limit_hit(Limit::GatewayCommand);
+                    warn("refused a gateway command: 8192 commands already wait on a gateway link, or its event's handler made 8192 commands or 8 MiB");
                 }
                 status(e)
             }
         }
     })
     .unwrap_or(gateway_status::BAD)
+}
+
+/// Counts a session the plugin set that was refused.
+fn session_refused() {
+    if let Some((links, _)) = LINKS.get() {
+        links.limit_hit(Limit::GatewaySession);
+    }
 }
 
 fn answer(status: u8, json: Option<Vec<u8>>) -> RawGatewayAnswer {
@@ -141,8 +174,9 @@ extern "C" fn query(json: RawStr, timeout_ns: u64) -> FfiFuture<RawGatewayAnswer
 }
 
 /// The plugin's `on_gateway_event`, as the links call it. Holds the plugin weakly: once the
-/// worker stops it (every event answered), an event that still arrives is never answered,
-/// and the gateway gives it to another worker when this one's link drops.
+/// worker stops it (every event answered), an event that still arrives gets no handler
+/// (`None`): it is never answered, and the gateway gives it to another worker when this
+/// one's link drops.
 pub struct PluginEvents {
     plugin: Weak<LoadedPlugin>,
 }
@@ -157,13 +191,9 @@ impl PluginEvents {
 }
 
 impl EventHandler for PluginEvents {
-    fn handle(&self, event: Event) -> OutcomeFuture {
-        let Some(plugin) = self.plugin.upgrade() else {
-            return Box::pin(std::future::pending());
-        };
-        let Some(hook) = plugin.hooks.on_gateway_event else {
-            return Box::pin(std::future::pending());
-        };
+    fn handle(&self, event: Event) -> Option<OutcomeFuture> {
+        let plugin = self.plugin.upgrade()?;
+        let hook = plugin.hooks.on_gateway_event?;
         let session = serde_json::to_vec(&event.session).unwrap_or_else(|_| b"null".to_vec());
         let json = serde_json::to_vec(&event.event).unwrap_or_default();
         let raw = RawGatewayEvent {
@@ -172,11 +202,12 @@ impl EventHandler for PluginEvents {
             redelivered: event.redelivered,
             session: RawStr::new(&session),
             event: RawStr::new(&json),
+            token: event.token,
         };
         // SAFETY: `state` is live while `plugin` is (the worker stops it only once no event
         // runs); `raw` and its views are valid for the call; the shim catches panics.
         let fut = unsafe { hook(plugin.state, &raw) };
-        Box::pin(async move {
+        Some(Box::pin(async move {
             let out = fut.await;
             drop(plugin);
             // SAFETY: the outcome's chunk moved to us; `Chunk` frees it through its own
@@ -185,12 +216,14 @@ impl EventHandler for PluginEvents {
             let session = match out.session_set {
                 false => None,
                 true if bytes.len() > MAX_SESSION => {
+                    session_refused();
                     warn("a gateway handler set a session over 64 KiB; the old one is kept");
                     None
                 }
                 true => match serde_json::from_slice(&bytes) {
                     Ok(s) => Some(s),
                     Err(_) => {
+                        session_refused();
                         warn(
                             "a gateway handler set a session that is not JSON; the old one is kept",
                         );
@@ -204,7 +237,7 @@ impl EventHandler for PluginEvents {
                 _ => Some(500),
             };
             Outcome { session, refuse }
-        })
+        }))
     }
 }
 

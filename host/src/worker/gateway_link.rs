@@ -12,10 +12,23 @@
 //! waiting on a worker that is alive. A `Handled` goes only to the connection the event came
 //! from: after a reconnect the gateway has already given the event to another worker (flagged
 //! redelivered), so an answer on the new connection would be for an event it never sent.
-//! Commands are sent on every link in the order the handler made them, before its `Handled`,
-//! so what a handler sent has left before the gateway counts its event done; at most
-//! [`MAX_QUEUED_COMMANDS`] wait per link (a link that is down keeps them for its next
-//! connection), past it a command is refused with [`CommandError::Full`].
+//!
+//! Exactly-once sends: the commands an event's handler makes ([`Links::event_command`], with
+//! the event's token) are held until it returns, then go to the event's own gateway as
+//! [`BusinessToGateway::Held`] frames right before its `Handled`, on the same connection; that
+//! gateway applies them at the `Handled`, or drops them with the event if the link drops first
+//! (the redelivery makes them again): all or none, once. Those for other gateways (a send to a
+//! uid, a group or everyone spans them) are queued on their links just before the `Handled`:
+//! at least once (a worker killed between the two makes them again at the redelivery). At most
+//! [`MAX_QUEUED_COMMANDS`] commands and [`MAX_HELD`] bytes an event, past it
+//! [`CommandError::Full`]. Other commands (an HTTP handler's, [`Links::command`]) leave at once,
+//! in the order made; at most [`MAX_QUEUED_COMMANDS`] wait per link (a link that is down keeps
+//! them for its next connection), past it [`CommandError::Full`].
+//!
+//! A handler that does not return within `gateway_event_timeout` is dropped: its event counts
+//! as handled (a `Connect` is refused `504`), logged at most once a second and counted
+//! (`host_limit_hits{limit="gateway_event_timeout"}`). A new worker waits (a bounded time,
+//! [`Links::welcomed`]) until every gateway answered its `Hello` before it says `Ready`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,10 +41,13 @@ use std::time::Duration;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::counters::{Counters, Limit};
 use crate::gateway::link::{
-    Answer, BusinessToGateway, ClientEvent, ClientId, GatewayToBusiness, MAX_MEMBERS, Query,
+    Answer, BusinessToGateway, ClientEvent, ClientId, GatewayToBusiness, MAX_HELD, MAX_MEMBERS,
+    Query,
 };
-use crate::protocol::{Receiver, Sender};
+use crate::protocol::{MAX_FRAME, Receiver, Sender};
+use crate::ratelimit::RateLimit;
 
 /// Most commands waiting on one link before [`Links::command`] refuses more.
 pub const MAX_QUEUED_COMMANDS: usize = 8192;
@@ -48,6 +64,9 @@ pub struct Event {
     pub redelivered: bool,
     pub session: serde_json::Value,
     pub event: ClientEvent,
+    /// Names the event to [`Links::event_command`] while its handler runs (unique in the
+    /// worker, never 0).
+    pub token: u64,
 }
 
 /// What a handler returned: the client's new session (`None`: unchanged) and, for a
@@ -62,7 +81,10 @@ pub type OutcomeFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 /// The business code, as the links see it (the plugin's event handler).
 pub trait EventHandler: Send + Sync + 'static {
-    fn handle(&self, event: Event) -> OutcomeFuture;
+    /// The event's handler, or `None` when it can run no more (the plugin was stopped): the
+    /// event is then never answered, and the gateway gives it to another worker once this
+    /// one's link drops.
+    fn handle(&self, event: Event) -> Option<OutcomeFuture>;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -75,19 +97,42 @@ pub enum CommandError {
     Timeout(Duration),
 }
 
-/// What one link's writer sends: a command (on whichever connection is up) or a `Handled`
-/// for the connection `epoch` only.
+/// What one link's writer sends: a command (on whichever connection is up) or a `Handled`,
+/// after its event's `Held` commands, for the connection `epoch` only.
 enum Out {
     Command(BusinessToGateway),
-    Handled { epoch: u64, msg: BusinessToGateway },
+    Handled {
+        epoch: u64,
+        held: Vec<BusinessToGateway>,
+        msg: BusinessToGateway,
+    },
 }
 
-/// One link, as [`Links`] sees it.
+/// One link, as [`Links`] and every link task see it.
 struct LinkHandle {
     tx: mpsc::UnboundedSender<Out>,
     /// Commands in `tx` not yet written.
-    queued: Arc<AtomicUsize>,
-    connected: Arc<AtomicBool>,
+    queued: AtomicUsize,
+    connected: AtomicBool,
+    /// Its gateway answered this connection's `Hello`.
+    welcomed: AtomicBool,
+}
+
+/// The commands of the events whose handler runs, by token, with their bytes.
+type HeldCommands = Arc<std::sync::Mutex<HashMap<u64, (Vec<BusinessToGateway>, usize)>>>;
+
+/// What every link task shares.
+struct Common {
+    links: Vec<LinkHandle>,
+    queries: Queries,
+    held: HeldCommands,
+    next_token: AtomicU64,
+    /// Events whose handler has not returned yet (a drain waits for 0).
+    in_flight: AtomicUsize,
+    /// A handler that has not returned by then is dropped (`gateway_event_timeout`).
+    event_timeout: Duration,
+    /// The worker's cell, for `host_limit_hits`.
+    counters: Option<&'static Counters>,
 }
 
 /// A presence question waiting for its answers.
@@ -102,11 +147,18 @@ type Queries = Arc<std::sync::Mutex<HashMap<u64, Pending>>>;
 /// The worker's links: the `Gateway` handle's side (commands and questions) of every link
 /// task. Dropping it does not end the tasks; the worker's exit does.
 pub struct Links {
-    links: Vec<LinkHandle>,
-    queries: Queries,
+    common: Arc<Common>,
     next_query: AtomicU64,
-    /// Events whose handler has not returned yet (a drain waits for 0).
-    in_flight: Arc<AtomicUsize>,
+}
+
+/// Where a worker's links go and how its events run.
+pub struct LinkSettings {
+    pub pid: u32,
+    pub generation: u64,
+    /// `gateway_event_timeout`.
+    pub event_timeout: Duration,
+    /// The worker's cell, for `host_limit_hits`.
+    pub counters: Option<&'static Counters>,
 }
 
 impl Links {
@@ -114,43 +166,50 @@ impl Links {
     /// `true` once when the worker drains.
     pub fn start(
         sockets: &[PathBuf],
-        pid: u32,
-        generation: u64,
+        settings: &LinkSettings,
         handler: Arc<dyn EventHandler>,
         draining: watch::Receiver<bool>,
     ) -> Links {
-        let queries: Queries = Arc::default();
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let links = sockets
+        let (handles, receivers): (Vec<_>, Vec<_>) = sockets
             .iter()
-            .map(|path| {
+            .map(|_| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let handle = LinkHandle {
-                    tx: tx.clone(),
-                    queued: Arc::new(AtomicUsize::new(0)),
-                    connected: Arc::new(AtomicBool::new(false)),
+                    tx,
+                    queued: AtomicUsize::new(0),
+                    connected: AtomicBool::new(false),
+                    welcomed: AtomicBool::new(false),
                 };
-                let task = LinkTask {
-                    path: path.clone(),
-                    hello: BusinessToGateway::Hello { pid, generation },
-                    handler: handler.clone(),
-                    draining: draining.clone(),
-                    out_tx: tx,
-                    out_rx: rx,
-                    queued: handle.queued.clone(),
-                    connected: handle.connected.clone(),
-                    queries: queries.clone(),
-                    in_flight: in_flight.clone(),
-                };
-                tokio::spawn(task.run());
-                handle
+                (handle, rx)
             })
-            .collect();
+            .unzip();
+        let common = Arc::new(Common {
+            links: handles,
+            queries: Arc::default(),
+            held: Arc::default(),
+            next_token: AtomicU64::new(1),
+            in_flight: AtomicUsize::new(0),
+            event_timeout: settings.event_timeout,
+            counters: settings.counters,
+        });
+        for (index, (path, rx)) in sockets.iter().zip(receivers).enumerate() {
+            let task = LinkTask {
+                index,
+                path: path.clone(),
+                hello: BusinessToGateway::Hello {
+                    pid: settings.pid,
+                    generation: settings.generation,
+                },
+                handler: handler.clone(),
+                draining: draining.clone(),
+                out_rx: rx,
+                common: common.clone(),
+            };
+            tokio::spawn(task.run());
+        }
         Links {
-            links,
-            queries,
+            common,
             next_query: AtomicU64::new(1),
-            in_flight,
         }
     }
 
@@ -158,33 +217,78 @@ impl Links {
     /// bits are its gateway's place in `gateway_links`), or on every link when it names no
     /// client or one no link holds (uid and group tables are per gateway process).
     pub fn command(&self, command: BusinessToGateway) -> Result<(), CommandError> {
-        if self.links.is_empty() {
+        let links = &self.common.links;
+        if links.is_empty() {
             return Err(CommandError::NoGateway);
         }
-        let to: Vec<&LinkHandle> =
-            match one_client(&command).and_then(|c| self.links.get((c >> 48) as usize)) {
-                Some(l) => vec![l],
-                None => self.links.iter().collect(),
-            };
+        let to = route(links, &command);
         if to
-            .iter()
-            .any(|l| l.queued.load(Ordering::Relaxed) >= MAX_QUEUED_COMMANDS)
+            .clone()
+            .any(|i| links[i].queued.load(Ordering::Relaxed) >= MAX_QUEUED_COMMANDS)
         {
             return Err(CommandError::Full);
         }
-        for l in to {
-            l.queued.fetch_add(1, Ordering::Relaxed);
-            if l.tx.send(Out::Command(command.clone())).is_err() {
-                l.queued.fetch_sub(1, Ordering::Relaxed);
-            }
+        for i in to {
+            queue(&links[i], command.clone());
         }
         Ok(())
+    }
+
+    /// A command of the handler of the event `token` ([`Event::token`]): held until the
+    /// handler returns (see the module doc), at most [`MAX_QUEUED_COMMANDS`] and [`MAX_HELD`]
+    /// bytes an event. Once the handler returned (a task it left behind), it leaves at once,
+    /// as [`Links::command`]'s do.
+    pub fn event_command(
+        &self,
+        token: u64,
+        command: BusinessToGateway,
+    ) -> Result<(), CommandError> {
+        if self.common.links.is_empty() {
+            return Err(CommandError::NoGateway);
+        }
+        let mut held = lock(&self.common.held);
+        let Some((commands, bytes)) = held.get_mut(&token) else {
+            drop(held);
+            return self.command(command);
+        };
+        let size = command.size();
+        if commands.len() >= MAX_QUEUED_COMMANDS || *bytes + size > MAX_HELD {
+            return Err(CommandError::Full);
+        }
+        *bytes += size;
+        commands.push(command);
+        Ok(())
+    }
+
+    /// Waits until every link's gateway answered its `Hello`, `within` at most; whether they
+    /// all did.
+    pub async fn welcomed(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let all = self
+                .common
+                .links
+                .iter()
+                .all(|l| l.welcomed.load(Ordering::Relaxed));
+            if all || tokio::time::Instant::now() >= deadline {
+                return all;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Counts a bound the plugin hit (`host_limit_hits`).
+    pub fn limit_hit(&self, limit: Limit) {
+        if let Some(c) = self.common.counters {
+            c.limit_hit(limit);
+        }
     }
 
     /// Asks every linked gateway `query` and adds up their answers (counts summed, members
     /// joined, at most [`MAX_MEMBERS`]); waits `within` at most.
     pub async fn query(&self, query: Query, within: Duration) -> Result<Answer, CommandError> {
         let up: Vec<&LinkHandle> = self
+            .common
             .links
             .iter()
             .filter(|l| l.connected.load(Ordering::Relaxed))
@@ -193,7 +297,7 @@ impl Links {
             Query::GroupMembers(_) => Answer::Members(Vec::new()),
             _ => Answer::Count(0),
         };
-        if self.links.is_empty() {
+        if self.common.links.is_empty() {
             return Err(CommandError::NoGateway);
         }
         if up.is_empty() {
@@ -201,7 +305,7 @@ impl Links {
         }
         let id = self.next_query.fetch_add(1, Ordering::Relaxed);
         let (done, answer) = oneshot::channel();
-        lock(&self.queries).insert(
+        lock(&self.common.queries).insert(
             id,
             Pending {
                 waiting: up.len(),
@@ -216,7 +320,7 @@ impl Links {
             }));
         }
         let got = tokio::time::timeout(within, answer).await;
-        lock(&self.queries).remove(&id);
+        lock(&self.common.queries).remove(&id);
         match got {
             Ok(Ok(answer)) => Ok(answer),
             _ => Err(CommandError::Timeout(within)),
@@ -225,8 +329,69 @@ impl Links {
 
     /// Events whose handler has not returned.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.common.in_flight.load(Ordering::Relaxed)
     }
+}
+
+/// The links `command` goes to: the one holding its client, or all.
+fn route(links: &[LinkHandle], command: &BusinessToGateway) -> std::ops::Range<usize> {
+    match one_client(command).map(|c| (c >> 48) as usize) {
+        Some(i) if i < links.len() => i..i + 1,
+        _ => 0..links.len(),
+    }
+}
+
+/// Queues a command on one link.
+fn queue(link: &LinkHandle, command: BusinessToGateway) {
+    link.queued.fetch_add(1, Ordering::Relaxed);
+    if link.tx.send(Out::Command(command)).is_err() {
+        link.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An event's commands for its own gateway as `Held` frames, each well under a link frame
+/// (a command is at most half a frame: `gateway_abi::MAX_COMMAND`).
+fn held_frames(
+    client: ClientId,
+    seq: u64,
+    commands: Vec<BusinessToGateway>,
+) -> Vec<BusinessToGateway> {
+    // Most events make a few small commands: one frame, without measuring them (a command's
+    // JSON is at most 6 times its size, an escaped byte, plus its names).
+    let most: usize = commands.iter().map(|c| 6 * c.size() + 256).sum();
+    if commands.is_empty() {
+        return Vec::new();
+    }
+    if most <= MAX_FRAME / 4 {
+        return vec![BusinessToGateway::Held {
+            client,
+            seq,
+            commands,
+        }];
+    }
+    let mut frames = Vec::new();
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for command in commands {
+        let size = serde_json::to_vec(&command).map_or(MAX_FRAME, |j| j.len());
+        if !chunk.is_empty() && bytes + size > MAX_FRAME / 4 {
+            frames.push(std::mem::take(&mut chunk));
+            bytes = 0;
+        }
+        bytes += size;
+        chunk.push(command);
+    }
+    if !chunk.is_empty() {
+        frames.push(chunk);
+    }
+    frames
+        .into_iter()
+        .map(|commands| BusinessToGateway::Held {
+            client,
+            seq,
+            commands,
+        })
+        .collect()
 }
 
 /// The one client a command is about, if it is about one.
@@ -272,18 +437,15 @@ fn answered(queries: &Queries, id: u64, answer: Answer) {
     }
 }
 
-/// One gateway socket's task.
+/// One gateway socket's task: link `index` of [`Common::links`].
 struct LinkTask {
+    index: usize,
     path: PathBuf,
     hello: BusinessToGateway,
     handler: Arc<dyn EventHandler>,
     draining: watch::Receiver<bool>,
-    out_tx: mpsc::UnboundedSender<Out>,
     out_rx: mpsc::UnboundedReceiver<Out>,
-    queued: Arc<AtomicUsize>,
-    connected: Arc<AtomicBool>,
-    queries: Queries,
-    in_flight: Arc<AtomicUsize>,
+    common: Arc<Common>,
 }
 
 impl LinkTask {
@@ -311,9 +473,12 @@ impl LinkTask {
             epoch += 1;
             backoff = BACKOFF_FIRST;
             logged = false;
-            self.connected.store(true, Ordering::Relaxed);
+            let me = &self.common.links[self.index];
+            me.connected.store(true, Ordering::Relaxed);
             self.serve(stream, epoch).await;
-            self.connected.store(false, Ordering::Relaxed);
+            let me = &self.common.links[self.index];
+            me.connected.store(false, Ordering::Relaxed);
+            me.welcomed.store(false, Ordering::Relaxed);
             tracing::info!(link = %self.path.display(), "gateway link lost");
         }
     }
@@ -338,10 +503,13 @@ impl LinkTask {
             tokio::select! {
                 frame = rx.recv() => match frame {
                     Ok(Some(GatewayToBusiness::Event { client, seq, redelivered, session, event })) => {
-                        self.spawn_event(epoch, Event { client, seq, redelivered, session, event });
+                        self.spawn_event(epoch, Event { client, seq, redelivered, session, event, token: 0 });
                     }
                     Ok(Some(GatewayToBusiness::Answer { id, answer })) => {
-                        answered(&self.queries, id, answer);
+                        answered(&self.common.queries, id, answer);
+                    }
+                    Ok(Some(GatewayToBusiness::Welcome)) => {
+                        self.common.links[self.index].welcomed.store(true, Ordering::Relaxed);
                     }
                     Ok(None) => return,
                     Err(e) => {
@@ -351,19 +519,22 @@ impl LinkTask {
                 },
                 out = self.out_rx.recv() => {
                     let Some(out) = out else { return };
-                    let msg = match out {
+                    let (held, msg) = match out {
                         Out::Command(msg) => {
                             if !matches!(msg, BusinessToGateway::Query { .. }) {
-                                self.queued.fetch_sub(1, Ordering::Relaxed);
+                                self.common.links[self.index].queued.fetch_sub(1, Ordering::Relaxed);
                             }
-                            msg
+                            (Vec::new(), msg)
                         }
-                        // An answer for an earlier connection: that event went elsewhere.
+                        // An answer for an earlier connection: that event went elsewhere, and
+                        // its commands with it (the redelivery makes them again).
                         Out::Handled { epoch: e, .. } if e != epoch => continue,
-                        Out::Handled { msg, .. } => msg,
+                        Out::Handled { held, msg, .. } => (held, msg),
                     };
-                    if tx.send(&msg).await.is_err() {
-                        return;
+                    for frame in held.iter().chain(std::iter::once(&msg)) {
+                        if tx.send(frame).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 changed = self.draining.changed(), if !said_draining && !drain_gone => {
@@ -374,33 +545,82 @@ impl LinkTask {
     }
 
     /// Runs the handler for `event` in a task of its own; its `Handled` goes out on this link
-    /// (connection `epoch`) whether it returned or panicked.
-    fn spawn_event(&self, epoch: u64, event: Event) {
+    /// (connection `epoch`), after the commands it made, whether it returned, panicked or
+    /// passed `gateway_event_timeout`.
+    fn spawn_event(&self, epoch: u64, mut event: Event) {
+        static TIMED_OUT: RateLimit = RateLimit::per_second();
         let (client, seq) = (event.client, event.seq);
         let connect = matches!(event.event, ClientEvent::Connect { .. });
-        let run = tokio::spawn(self.handler.handle(event));
-        let out = self.out_tx.clone();
-        let in_flight = self.in_flight.clone();
-        in_flight.fetch_add(1, Ordering::Relaxed);
+        let common = self.common.clone();
+        let index = self.index;
+        let token = common.next_token.fetch_add(1, Ordering::Relaxed);
+        event.token = token;
+        lock(&common.held).insert(token, (Vec::new(), 0));
+        let Some(handler) = self.handler.handle(event) else {
+            lock(&common.held).remove(&token);
+            return;
+        };
+        common.in_flight.fetch_add(1, Ordering::Relaxed);
+        let run = tokio::spawn(handler);
         tokio::spawn(async move {
-            let outcome = match run.await {
-                Ok(o) => o,
-                Err(e) => {
+            let stop = run.abort_handle();
+            let outcome = match tokio::time::timeout(common.event_timeout, run).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => {
                     tracing::warn!(client, seq, error = %e, "a gateway event handler panicked; the event counts as handled");
                     Outcome {
                         session: None,
                         refuse: connect.then_some(500),
                     }
                 }
+                Err(_) => {
+                    // Dropped (at its next poll, on the runtime): what it made so far is sent.
+                    stop.abort();
+                    if let Some(c) = common.counters {
+                        c.limit_hit(Limit::GatewayEventTimeout);
+                    }
+                    if let Some(suppressed) = TIMED_OUT.hit_named("gateway_event_timeout") {
+                        tracing::warn!(
+                            client,
+                            seq,
+                            suppressed,
+                            timeout_ms = common.event_timeout.as_millis() as u64,
+                            "a gateway event handler did not return within gateway_event_timeout; dropped, the event counts as handled (a connect is refused 504)"
+                        );
+                    }
+                    Outcome {
+                        session: None,
+                        refuse: connect.then_some(504),
+                    }
+                }
             };
+            let (commands, _) = lock(&common.held).remove(&token).unwrap_or_default();
+            let mut own = Vec::new();
+            for command in commands {
+                let to = route(&common.links, &command);
+                if to == (index..index + 1) {
+                    own.push(command);
+                    continue;
+                }
+                for i in to {
+                    if i == index {
+                        own.push(command.clone());
+                    } else {
+                        queue(&common.links[i], command.clone());
+                    }
+                }
+            }
             let msg = BusinessToGateway::Handled {
                 client,
                 seq,
                 session: outcome.session,
                 refuse: outcome.refuse.filter(|s| (400..=599).contains(s)),
             };
-            let _ = out.send(Out::Handled { epoch, msg });
-            in_flight.fetch_sub(1, Ordering::Relaxed);
+            let held = held_frames(client, seq, own);
+            let _ = common.links[index]
+                .tx
+                .send(Out::Handled { epoch, held, msg });
+            common.in_flight.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
@@ -435,32 +655,44 @@ mod tests {
         }
     }
 
-    /// A stand-in for the plugin: `panic` (and a connect to `/panic`) panics, `slow` waits 200 ms, anything else sends
-    /// `echo: <text>` to its client through `links` and bumps the session's `n`.
+    /// A stand-in for the plugin: `panic` (and a connect to `/panic`) panics, `slow` waits 200 ms,
+    /// `hang` (and a connect to `/hang`) never returns, `all` sends to everyone, anything else
+    /// sends `echo: <text>` to its client through `links` (as the event's commands) and bumps
+    /// the session's `n`.
     struct StandIn {
         links: std::sync::OnceLock<Arc<Links>>,
     }
 
     impl EventHandler for StandIn {
-        fn handle(&self, e: Event) -> OutcomeFuture {
+        fn handle(&self, e: Event) -> Option<OutcomeFuture> {
             let links = self.links.get().cloned();
-            Box::pin(async move {
+            Some(Box::pin(async move {
                 let n = e.session["n"].as_u64().unwrap_or(0) + 1;
                 match &e.event {
                     ClientEvent::Text(t) if t == "panic" => panic!("the stand-in panics"),
                     ClientEvent::Connect { path, .. } if path == "/panic" => {
                         panic!("the stand-in panics at a connect")
                     }
+                    ClientEvent::Connect { path, .. } if path == "/hang" => {
+                        std::future::pending::<()>().await
+                    }
                     ClientEvent::Text(t) => {
-                        if t == "slow" {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
+                        let to = match t.as_str() {
+                            "all" => crate::gateway::link::Target::All,
+                            _ => crate::gateway::link::Target::Client(e.client),
+                        };
                         let send = BusinessToGateway::Send {
-                            to: crate::gateway::link::Target::Client(e.client),
+                            to,
                             message: crate::gateway::link::Payload::Text(format!("echo: {t}")),
                             except: vec![],
                         };
-                        links.unwrap().command(send).unwrap();
+                        let links = links.unwrap();
+                        links.event_command(e.token, send).unwrap();
+                        match t.as_str() {
+                            "slow" => tokio::time::sleep(Duration::from_millis(200)).await,
+                            "hang" => std::future::pending::<()>().await,
+                            _ => {}
+                        }
                     }
                     _ => {}
                 }
@@ -468,7 +700,7 @@ mod tests {
                     session: Some(serde_json::json!({ "n": n })),
                     refuse: None,
                 }
-            })
+            }))
         }
     }
 
@@ -509,9 +741,30 @@ mod tests {
             links: std::sync::OnceLock::new(),
         });
         let (drain, draining) = watch::channel(false);
-        let links = Arc::new(Links::start(sockets, 7, 3, handler.clone(), draining));
+        let settings = LinkSettings {
+            pid: 7,
+            generation: 3,
+            event_timeout: Duration::from_millis(500),
+            counters: None,
+        };
+        let links = Arc::new(Links::start(sockets, &settings, handler.clone(), draining));
         let _ = handler.links.set(links.clone());
         (links, drain)
+    }
+
+    /// Client `client`'s first event: a connect to `path`.
+    fn connect_event(client: u64, path: &str) -> GatewayToBusiness {
+        GatewayToBusiness::Event {
+            client,
+            seq: 1,
+            redelivered: false,
+            session: serde_json::Value::Null,
+            event: ClientEvent::Connect {
+                path: path.into(),
+                query: String::new(),
+                headers: vec![],
+            },
+        }
     }
 
     fn handled(client: u64, seq: u64, n: u64) -> BusinessToGateway {
@@ -538,8 +791,15 @@ mod tests {
                 generation: 3
             }
         );
+        // Not welcomed until the gateway answers the Hello.
+        assert!(!links.welcomed(Duration::from_millis(50)).await);
+        gw.tx.send(&GatewayToBusiness::Welcome).await.unwrap();
+        assert!(links.welcomed(T).await);
+        // The handler's send comes held for its event, right before its Handled.
         gw.event(1, 1, "hi").await;
-        assert!(matches!(gw.next().await, BusinessToGateway::Send { .. }));
+        assert!(
+            matches!(gw.next().await, BusinessToGateway::Held { client: 1, seq: 1, commands } if commands.len() == 1)
+        );
         assert_eq!(gw.next().await, handled(1, 1, 2));
         gw.event(1, 2, "panic").await;
         assert_eq!(
@@ -552,17 +812,7 @@ mod tests {
             },
             "a handler that panicked still answers"
         );
-        let connect = GatewayToBusiness::Event {
-            client: 4,
-            seq: 1,
-            redelivered: false,
-            session: serde_json::Value::Null,
-            event: ClientEvent::Connect {
-                path: "/panic".into(),
-                query: String::new(),
-                headers: vec![],
-            },
-        };
+        let connect = connect_event(4, "/panic");
         gw.tx.send(&connect).await.unwrap();
         assert_eq!(
             gw.next().await,
@@ -581,7 +831,7 @@ mod tests {
         let mut gw = FakeGateway::accept(&listener).await;
         assert!(matches!(gw.next().await, BusinessToGateway::Hello { .. }));
         gw.event(3, 1, "again").await;
-        // The slow one's send (a command: any connection) may come first; its Handled never.
+        // The slow one's send and its Handled went with its connection: neither comes here.
         let mut got = Vec::new();
         while got.last() != Some(&handled(3, 1, 2)) {
             let m = gw.next().await;
@@ -589,6 +839,10 @@ mod tests {
                 m,
                 handled(2, 1, 2),
                 "an answer for the connection that dropped"
+            );
+            assert!(
+                !matches!(m, BusinessToGateway::Held { client: 2, .. }),
+                "the commands of an event the connection that dropped held: {m:?}"
             );
             got.push(m);
         }
@@ -634,9 +888,15 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_query_goes_to_every_gateway_and_the_answers_are_added_up() {
-        let dir = Dir::new("query");
+    /// Links to two gateways played by the test (in `dir`), each past its `Hello`.
+    async fn two_gateways(
+        dir: &Dir,
+    ) -> (
+        Vec<UnixListener>,
+        Arc<Links>,
+        watch::Sender<bool>,
+        Vec<FakeGateway>,
+    ) {
         let paths: Vec<PathBuf> = (0..2)
             .map(|i| dir.path().join(format!("gw-{i}.sock")))
             .collect();
@@ -644,15 +904,23 @@ mod tests {
             .iter()
             .map(|p| UnixListener::bind(p).unwrap())
             .collect();
-        let (links, _drain) = start(&paths);
+        let (links, drain) = start(&paths);
         let mut gws = Vec::new();
         for l in &listeners {
             let mut gw = FakeGateway::accept(l).await;
             assert!(matches!(gw.next().await, BusinessToGateway::Hello { .. }));
             gws.push(gw);
         }
+        (listeners, links, drain, gws)
+    }
+
+    #[tokio::test]
+    async fn a_query_goes_to_every_gateway_and_the_answers_are_added_up() {
+        let dir = Dir::new("query");
+        let (_listeners, links, _drain, mut gws) = two_gateways(&dir).await;
         let deadline = tokio::time::Instant::now() + T;
         while !links
+            .common
             .links
             .iter()
             .all(|l| l.connected.load(Ordering::Relaxed))
@@ -707,5 +975,113 @@ mod tests {
             .query(Query::GroupCount("r".into()), Duration::from_millis(100))
             .await;
         assert_eq!(q, Err(CommandError::Timeout(Duration::from_millis(100))));
+    }
+
+    #[tokio::test]
+    async fn an_events_commands_go_with_its_handled_others_at_once_and_a_hung_handler_is_dropped() {
+        let dir = Dir::new("held");
+        let (_listeners, links, _drain, mut gws) = two_gateways(&dir).await;
+        // A send to everyone from gateway 0's event: gateway 1 gets it as a plain command (at
+        // least once), gateway 0 held for the event, then its Handled.
+        gws[0].event(1, 1, "all").await;
+        let BusinessToGateway::Send { .. } = gws[1].next().await else {
+            panic!("gateway 1 gets the send as a plain command")
+        };
+        let BusinessToGateway::Held {
+            client: 1,
+            seq: 1,
+            commands,
+        } = gws[0].next().await
+        else {
+            panic!("gateway 0 gets the send held for its event")
+        };
+        assert!(matches!(&commands[..], [BusinessToGateway::Send { .. }]));
+        assert_eq!(gws[0].next().await, handled(1, 1, 2));
+        // A command with no running event's token (an HTTP handler's) leaves at once.
+        let unbind = BusinessToGateway::Unbind { client: 5 };
+        links.event_command(0, unbind.clone()).unwrap();
+        assert_eq!(gws[0].next().await, unbind);
+
+        // A handler that never returns is dropped at gateway_event_timeout (500 ms here): what
+        // it made goes, and its event counts as handled; a connect is refused 504.
+        let started = tokio::time::Instant::now();
+        gws[0].event(1, 2, "hang").await;
+        assert!(matches!(
+            gws[0].next().await,
+            BusinessToGateway::Held {
+                client: 1,
+                seq: 2,
+                ..
+            }
+        ));
+        assert_eq!(
+            gws[0].next().await,
+            BusinessToGateway::Handled {
+                client: 1,
+                seq: 2,
+                session: None,
+                refuse: None
+            }
+        );
+        assert!(started.elapsed() >= Duration::from_millis(500));
+        let connect = connect_event(4, "/hang");
+        gws[0].tx.send(&connect).await.unwrap();
+        assert_eq!(
+            gws[0].next().await,
+            BusinessToGateway::Handled {
+                client: 4,
+                seq: 1,
+                session: None,
+                refuse: Some(504)
+            }
+        );
+        let deadline = tokio::time::Instant::now() + T;
+        while links.in_flight() > 0 {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The commands one event may hold are bounded.
+        let token = 1 << 40;
+        lock(&links.common.held).insert(token, (Vec::new(), 0));
+        let big = BusinessToGateway::Send {
+            to: crate::gateway::link::Target::All,
+            message: crate::gateway::link::Payload::Binary(vec![0; MAX_HELD / 2]),
+            except: vec![],
+        };
+        assert_eq!(links.event_command(token, big.clone()), Ok(()));
+        assert_eq!(links.event_command(token, big), Err(CommandError::Full));
+    }
+
+    #[test]
+    fn held_frames_stay_well_under_a_link_frame() {
+        let command = |n: usize| BusinessToGateway::Send {
+            to: crate::gateway::link::Target::Client(1),
+            message: crate::gateway::link::Payload::Text("x".repeat(n)),
+            except: vec![],
+        };
+        let commands = vec![
+            command(100_000),
+            command(400_000),
+            command(10),
+            command(300_000),
+        ];
+        assert_eq!(held_frames(1, 2, Vec::new()), vec![]);
+        assert_eq!(held_frames(1, 2, vec![command(10)]).len(), 1);
+        let frames = held_frames(1, 2, commands.clone());
+        assert_eq!(frames.len(), 4, "{}", frames.len());
+        let mut again = Vec::new();
+        for f in frames {
+            assert!(serde_json::to_vec(&f).unwrap().len() < MAX_FRAME);
+            let BusinessToGateway::Held {
+                client: 1,
+                seq: 2,
+                commands,
+            } = f
+            else {
+                panic!("not held")
+            };
+            again.extend(commands);
+        }
+        assert_eq!(again, commands, "in order, none lost");
     }
 }

@@ -101,6 +101,8 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 /// At `graceful_timeout`, how long the `503` answers to requests still running may take to be
 /// written before the worker exits anyway (the master kills it 2 s after the timeout).
 const CUT_FLUSH: Duration = Duration::from_millis(1000);
+/// Longest a new worker waits for every gateway to answer its link before it says `Ready`.
+const LINKS_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// Entry point of the `__worker` role.
 pub fn run(
@@ -212,6 +214,16 @@ async fn serve(
     let shared = Arc::new(shared_state(&spec, &at, plugin, table, recycle, cut));
     let (gateway_draining, links) = start_gateway_links(&spec, &at, &shared);
     let acceptor = Acceptor::new(listener, before.id, spec.max_connections, &shared);
+    // Ready once every gateway took its link (a bounded wait): a rollout's new-before-old then
+    // never leaves a gateway without a worker.
+    if let Some(links) = &links
+        && !links.welcomed(LINKS_UP_WAIT).await
+    {
+        tracing::warn!(
+            wait_ms = LINKS_UP_WAIT.as_millis() as u64,
+            "not every gateway answered this worker's link in time; ready all the same (the link keeps trying)"
+        );
+    }
     let ready = WorkerToMaster::Ready {
         plugin: info,
         startup: StartupTimings {
@@ -260,10 +272,18 @@ fn start_gateway_links(
         );
         return (tx, None);
     };
+    let settings = gateway_link::LinkSettings {
+        pid: std::process::id(),
+        generation: at.generation,
+        event_timeout: match spec.gateway_event_timeout_ms {
+            0 => Duration::from_secs(30),
+            ms => Duration::from_millis(ms),
+        },
+        counters: shared.counters,
+    };
     let links = Arc::new(gateway_link::Links::start(
         &spec.gateway_links,
-        std::process::id(),
-        at.generation,
+        &settings,
         Arc::new(handler),
         rx,
     ));
