@@ -172,6 +172,8 @@ pub struct GatewayConfig {
     pub ping_timeout: Duration,
     /// How long a client's events wait while no business worker is connected.
     pub hold: Duration,
+    /// `cluster`: the Redis URL of the hosts' pub/sub (`None`: this host alone).
+    pub cluster: Option<String>,
     /// Where this group's slot 0 is in its business group's `gateway_links` (filled by
     /// [`Config::parse_all`]): process `slot` is link `link_base + slot`, the top 16 bits of
     /// its clients' ids, so a business worker sends a command for one client on one link.
@@ -788,6 +790,7 @@ impl Config {
                     ping_interval: keys.duration("gateway_ping_interval")?,
                     ping_timeout: keys.duration("gateway_ping_timeout")?,
                     hold: keys.duration("gateway_hold")?,
+                    cluster: cluster_url(keys)?,
                     link_base: 0,
                 })
             }
@@ -914,6 +917,8 @@ impl Config {
                 ping_interval_ms: g.ping_interval.as_millis() as u64,
                 ping_timeout_ms: g.ping_timeout.as_millis() as u64,
                 hold_ms: g.hold.as_millis() as u64,
+                cluster: g.cluster.clone(),
+                business: g.business.clone(),
             }),
         }
     }
@@ -1018,6 +1023,25 @@ fn group_sections(text: &str) -> Vec<std::ops::Range<usize>> {
         sections.push(start..lines.len());
     }
     sections
+}
+
+/// The `cluster` key: a `redis://` URL (at most 1024 bytes), or none.
+fn cluster_url(keys: &keys::Reader) -> Result<Option<String>, ConfigError> {
+    let Some(url) = keys.typed::<String>("cluster")? else {
+        return Ok(None);
+    };
+    let ok = url.len() <= 1024
+        && url
+            .strip_prefix("redis://")
+            .is_some_and(|rest| !rest.is_empty())
+        && !url.chars().any(char::is_whitespace);
+    if !ok {
+        return Err(keys.invalid(
+            "cluster",
+            format!("{url:?} is not a Redis URL (\"redis://HOST:PORT\")"),
+        ));
+    }
+    Ok(Some(url))
 }
 
 /// A group name names a directory and a metrics label: short, plain characters.

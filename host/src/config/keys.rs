@@ -229,6 +229,13 @@ pub const KEYS: &[Key] = &[
         "how long a gateway holds a client's events while no business worker is connected (all of them crashed, say); past it the client is closed with `1011` and counted",
     ),
     key(
+        "cluster",
+        Group,
+        Kind::Text,
+        Unset("none: this host's clients only"),
+        "with `gateway = true`: `\"redis://HOST:PORT\"`, the Redis whose pub/sub carries sends to a uid, a group or everyone, and presence counts, to the gateways of every host serving the same `business` group; while Redis is down local delivery goes on and cross-host sends are counted errors (see [the gateway design](design/gateway.md))",
+    ),
+    key(
         "state_dir",
         Master,
         Kind::Path,

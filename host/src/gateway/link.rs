@@ -168,4 +168,8 @@ pub enum BusinessToGateway {
         code: u16,
         reason: String,
     },
+    /// A `Send` to a uid, a group or everyone, or a count `Query`, that this gateway also
+    /// carries to the other hosts of its cluster (`cluster`): a worker wraps a command so on
+    /// one link only, so each command is published once. Without a cluster: the command alone.
+    Cluster(Box<BusinessToGateway>),
 }

@@ -15,7 +15,9 @@
 //! It also keeps who is who: the uid each client is bound to and the groups it joined (a uid or
 //! group name at most [`MAX_NAME`] bytes, at most [`MAX_GROUPS`] groups a client), sends to a
 //! client, a uid, a group or everyone (with exclusions), and answers presence questions for this
-//! process's clients.
+//! process's clients. With a cluster ([`super::cluster`]), a command a worker marked for it
+//! (`BusinessToGateway::Cluster`) is also handed to the cluster's queue, and what other hosts
+//! send or ask is applied to this process's clients.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -71,6 +73,8 @@ pub(crate) enum ToRouter {
     LinkDown {
         link: LinkId,
     },
+    /// From the other hosts of the cluster.
+    Cluster(super::cluster::FromCluster),
 }
 
 /// What the router counts (mirrored into the process's counters by its task).
@@ -84,6 +88,10 @@ pub(crate) struct RouterStats {
     pub(crate) overflowed: u64,
     /// Events waiting for, or at, a worker.
     pub(crate) unhandled: u64,
+    /// Of `overflowed`, those whose unhandled events passed it (1013; the rest: 1008).
+    pub(crate) unhandled_overflowed: u64,
+    /// Bytes queued to clients, not yet written (read at each tick).
+    pub(crate) queued_bytes: u64,
 }
 
 struct Pending {
@@ -127,6 +135,8 @@ pub(crate) struct Router {
     groups: HashMap<String, BTreeSet<ClientId>>,
     pub(crate) stats: RouterStats,
     cell: Option<&'static crate::counters::Counters>,
+    /// The other hosts, when `cluster` is set.
+    cluster: Option<super::cluster::Cluster>,
 }
 
 static CLOSED: RateLimit = RateLimit::per_second();
@@ -152,7 +162,13 @@ impl Router {
             groups: HashMap::new(),
             stats: RouterStats::default(),
             cell,
+            cluster: None,
         }
+    }
+
+    /// Carries the commands marked for the cluster to the other hosts from now on.
+    pub(crate) fn set_cluster(&mut self, cluster: super::cluster::Cluster) {
+        self.cluster = Some(cluster);
     }
 
     pub(crate) fn handle(&mut self, msg: ToRouter, now: Instant) {
@@ -204,6 +220,48 @@ impl Router {
             }
             ToRouter::Link { link, msg } => self.link_said(link, msg, now),
             ToRouter::LinkDown { link } => self.link_down(link, now),
+            ToRouter::Cluster(msg) => self.cluster_said(msg),
+        }
+    }
+
+    /// What another host sent or asked, or the answer to a question this process asked.
+    fn cluster_said(&mut self, msg: super::cluster::FromCluster) {
+        use super::cluster::FromCluster;
+        match msg {
+            FromCluster::Send { to, message } => {
+                // Exclusions are client ids of the sending host: none applies here.
+                for id in self.recipients(&to) {
+                    self.send(id, message.clone());
+                }
+            }
+            FromCluster::Ask { reply, id, query } => {
+                if let (Some(cluster), Answer::Count(n)) = (&self.cluster, self.answer(&query)) {
+                    cluster.answer(reply, id, n);
+                }
+            }
+            FromCluster::Answered { link, id, count } => {
+                if let Some(l) = self.links.get(&link) {
+                    let answer = Answer::Count(count);
+                    let _ = l.tx.send(GatewayToBusiness::Answer { id, answer });
+                }
+            }
+        }
+    }
+
+    /// This process's answer to a presence question.
+    fn answer(&self, query: &Query) -> Answer {
+        match query {
+            Query::UidCount(uid) => Answer::Count(self.uids.get(uid).map_or(0, |s| s.len() as u64)),
+            Query::GroupCount(g) => Answer::Count(self.groups.get(g).map_or(0, |s| s.len() as u64)),
+            Query::GroupMembers(g) => Answer::Members(
+                self.groups
+                    .get(g)
+                    .into_iter()
+                    .flatten()
+                    .take(MAX_MEMBERS)
+                    .copied()
+                    .collect(),
+            ),
         }
     }
 
@@ -234,6 +292,11 @@ impl Router {
 
     fn count_unhandled(&mut self) {
         self.stats.unhandled = self.clients.values().map(|c| c.queue.len() as u64).sum();
+        self.stats.queued_bytes = self
+            .clients
+            .values()
+            .map(|c| c.queued.load(Ordering::Relaxed) as u64)
+            .sum();
     }
 
     fn event(&mut self, id: ClientId, event: ClientEvent, now: Instant) {
@@ -403,27 +466,44 @@ impl Router {
                 }
             }
             BusinessToGateway::Query { id, query } => {
-                let answer = match &query {
-                    Query::UidCount(uid) => {
-                        Answer::Count(self.uids.get(uid).map_or(0, |s| s.len() as u64))
-                    }
-                    Query::GroupCount(g) => {
-                        Answer::Count(self.groups.get(g).map_or(0, |s| s.len() as u64))
-                    }
-                    Query::GroupMembers(g) => Answer::Members(
-                        self.groups
-                            .get(g)
-                            .into_iter()
-                            .flatten()
-                            .take(MAX_MEMBERS)
-                            .copied()
-                            .collect(),
-                    ),
-                };
+                let answer = self.answer(&query);
                 if let Some(l) = self.links.get(&link) {
                     let _ = l.tx.send(GatewayToBusiness::Answer { id, answer });
                 }
             }
+            BusinessToGateway::Cluster(command) => match *command {
+                BusinessToGateway::Send {
+                    to,
+                    message,
+                    except,
+                } => {
+                    if let Some(cluster) = &self.cluster {
+                        cluster.publish(to.clone(), message.clone());
+                    }
+                    let send = BusinessToGateway::Send {
+                        to,
+                        message,
+                        except,
+                    };
+                    self.link_said(link, send, now);
+                }
+                BusinessToGateway::Query { id, query } => {
+                    let local = self.answer(&query);
+                    let asked = match (&mut self.cluster, &local) {
+                        (Some(cluster), Answer::Count(n)) => {
+                            cluster.ask(link, id, query.clone(), *n)
+                        }
+                        _ => false,
+                    };
+                    if !asked && let Some(l) = self.links.get(&link) {
+                        let _ = l.tx.send(GatewayToBusiness::Answer { id, answer: local });
+                    }
+                }
+                // Only sends and questions cross hosts; a wrapped anything else (or a wrapper
+                // in a wrapper) is applied here alone.
+                BusinessToGateway::Cluster(inner) => self.link_said(link, *inner, now),
+                other => self.link_said(link, other, now),
+            },
             BusinessToGateway::Close {
                 client,
                 code,
@@ -511,6 +591,9 @@ impl Router {
         if let Some(c) = self.remove(id) {
             let _ = c.out.send(Outgoing::Close(code, why));
             self.stats.overflowed += 1;
+            if code == 1013 {
+                self.stats.unhandled_overflowed += 1;
+            }
             if let Some(cell) = self.cell {
                 cell.limit_hit(Limit::GatewaySendQueue);
             }

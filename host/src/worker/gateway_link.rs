@@ -172,13 +172,30 @@ impl Links {
         {
             return Err(CommandError::Full);
         }
-        for l in to {
+        // A send to many goes to the other hosts too, through one gateway only (see
+        // `BusinessToGateway::Cluster`); a plugin's own `Cluster` never reaches here.
+        let mut publisher = is_broadcast(&command).then(|| self.publisher(&to));
+        for (i, l) in to.into_iter().enumerate() {
+            let command = match publisher {
+                Some(p) if p == i => {
+                    publisher = None;
+                    BusinessToGateway::Cluster(Box::new(command.clone()))
+                }
+                _ => command.clone(),
+            };
             l.queued.fetch_add(1, Ordering::Relaxed);
-            if l.tx.send(Out::Command(command.clone())).is_err() {
+            if l.tx.send(Out::Command(command)).is_err() {
                 l.queued.fetch_sub(1, Ordering::Relaxed);
             }
         }
         Ok(())
+    }
+
+    /// Which of `to` carries a command to the cluster: the first connected (else the first).
+    fn publisher(&self, to: &[&LinkHandle]) -> usize {
+        to.iter()
+            .position(|l| l.connected.load(Ordering::Relaxed))
+            .unwrap_or(0)
     }
 
     /// Asks every linked gateway `query` and adds up their answers (counts summed, members
@@ -209,11 +226,17 @@ impl Links {
                 done: Some(done),
             },
         );
+        // A count is the cluster's: one gateway asks the other hosts too and answers the sum.
+        let mut publish = !matches!(query, Query::GroupMembers(_));
         for l in up {
-            let _ = l.tx.send(Out::Command(BusinessToGateway::Query {
+            let mut msg = BusinessToGateway::Query {
                 id,
                 query: query.clone(),
-            }));
+            };
+            if std::mem::take(&mut publish) {
+                msg = BusinessToGateway::Cluster(Box::new(msg));
+            }
+            let _ = l.tx.send(Out::Command(msg));
         }
         let got = tokio::time::timeout(within, answer).await;
         lock(&self.queries).remove(&id);
@@ -226,6 +249,27 @@ impl Links {
     /// Events whose handler has not returned.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A send to a uid, a group or everyone (what the cluster carries to the other hosts).
+fn is_broadcast(command: &BusinessToGateway) -> bool {
+    use crate::gateway::link::Target;
+    matches!(
+        command,
+        BusinessToGateway::Send {
+            to: Target::Uid(_) | Target::Group(_) | Target::All,
+            ..
+        }
+    )
+}
+
+/// A question (not counted in a link's waiting commands), bare or for the cluster.
+fn is_query(msg: &BusinessToGateway) -> bool {
+    match msg {
+        BusinessToGateway::Query { .. } => true,
+        BusinessToGateway::Cluster(inner) => is_query(inner),
+        _ => false,
     }
 }
 
@@ -353,7 +397,7 @@ impl LinkTask {
                     let Some(out) = out else { return };
                     let msg = match out {
                         Out::Command(msg) => {
-                            if !matches!(msg, BusinessToGateway::Query { .. }) {
+                            if !is_query(&msg) {
                                 self.queued.fetch_sub(1, Ordering::Relaxed);
                             }
                             msg
@@ -669,8 +713,14 @@ mod tests {
             })
         };
         for (i, gw) in gws.iter_mut().enumerate() {
-            let BusinessToGateway::Query { id, query } = gw.next().await else {
-                panic!("not a query")
+            // The first gateway asks the rest of the cluster as well, the others do not.
+            let msg = match (i, gw.next().await) {
+                (0, BusinessToGateway::Cluster(inner)) => *inner,
+                (0, other) => panic!("the first link's question is not for the cluster: {other:?}"),
+                (_, other) => other,
+            };
+            let BusinessToGateway::Query { id, query } = msg else {
+                panic!("not a query: {msg:?}")
             };
             assert_eq!(query, Query::UidCount("ann".into()));
             let answer = GatewayToBusiness::Answer {
@@ -696,7 +746,11 @@ mod tests {
         };
         links.command(uid.clone()).unwrap();
         assert_eq!(gws[0].next().await, BusinessToGateway::Unbind { client: 1 });
-        assert_eq!(gws[0].next().await, uid);
+        // The first connected link carries it to the cluster, the others only here.
+        assert_eq!(
+            gws[0].next().await,
+            BusinessToGateway::Cluster(Box::new(uid.clone()))
+        );
         assert_eq!(
             gws[1].next().await,
             BusinessToGateway::Unbind { client: second }
