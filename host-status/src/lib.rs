@@ -200,24 +200,34 @@ pub struct ClusterStatus {
 impl GatewayStatus {
     /// Adds another process's figures (a group's sum).
     pub fn add(&mut self, other: &GatewayStatus) {
-        self.clients += other.clients;
-        self.queued_bytes += other.queued_bytes;
-        self.unhandled_events += other.unhandled_events;
-        self.redelivered_events += other.redelivered_events;
-        self.refused += other.refused;
-        for (cause, n) in &other.closed {
-            *self.closed.entry(cause.clone()).or_default() += n;
+        fn by_cause(sum: &mut std::collections::BTreeMap<String, u64>, more: &Counts) {
+            for (cause, n) in more {
+                *sum.entry(cause.clone()).or_default() += n;
+            }
         }
+        type Counts = std::collections::BTreeMap<String, u64>;
+        for (sum, n) in [
+            (&mut self.clients, other.clients),
+            (&mut self.queued_bytes, other.queued_bytes),
+            (&mut self.unhandled_events, other.unhandled_events),
+            (&mut self.redelivered_events, other.redelivered_events),
+            (&mut self.refused, other.refused),
+        ] {
+            *sum += n;
+        }
+        by_cause(&mut self.closed, &other.closed);
         if let Some(theirs) = &other.cluster {
             let mine = self.cluster.get_or_insert_with(ClusterStatus::default);
             mine.up += theirs.up;
             mine.processes += theirs.processes;
-            mine.connects += theirs.connects;
-            mine.published += theirs.published;
-            mine.received += theirs.received;
-            for (cause, n) in &theirs.errors {
-                *mine.errors.entry(cause.clone()).or_default() += n;
+            for (sum, n) in [
+                (&mut mine.connects, theirs.connects),
+                (&mut mine.published, theirs.published),
+                (&mut mine.received, theirs.received),
+            ] {
+                *sum += n;
             }
+            by_cause(&mut mine.errors, &theirs.errors);
             mine.state = ClusterStatus::state_of(mine.up, mine.processes).into();
         }
     }
@@ -652,6 +662,31 @@ mod tests {
         // And it reads back as it was written.
         let back: StatusReport = serde_json::from_value(value.clone()).unwrap();
         assert_eq!(serde_json::to_value(back).unwrap(), value);
+    }
+
+    #[test]
+    fn a_gateway_groups_figures_add_up_its_processes() {
+        let process = |clients, up, down_errors| GatewayStatus {
+            clients,
+            closed: [("too_big".to_string(), 1)].into(),
+            cluster: Some(ClusterStatus {
+                state: ClusterStatus::state_of(up, 1).into(),
+                up,
+                processes: 1,
+                errors: [("down".to_string(), down_errors)].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut sum = GatewayStatus::default();
+        sum.add(&process(2, 1, 0));
+        assert_eq!(sum.cluster.as_ref().unwrap().state, "up");
+        sum.add(&process(3, 0, 4));
+        assert_eq!((sum.clients, sum.closed["too_big"]), (5, 2));
+        let c = sum.cluster.unwrap();
+        assert_eq!((c.state.as_str(), c.up, c.processes), ("partial", 1, 2));
+        assert_eq!(c.errors["down"], 4);
+        assert_eq!(ClusterStatus::state_of(0, 2), "down");
     }
 
     /// A report from a host older than a field still reads: the field takes its default.

@@ -548,22 +548,19 @@ fn print_gateway_status(g: &crate::protocol::GatewayStatus) {
         g.redelivered_events,
         g.refused
     );
-    let closed: Vec<String> = g
-        .closed
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(cause, n)| format!("{cause} {n}"))
-        .collect();
+    // "cause N, ..." of the causes counted at least once.
+    let nonzero = |by: &std::collections::BTreeMap<String, u64>| -> Vec<String> {
+        by.iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(cause, n)| format!("{cause} {n}"))
+            .collect()
+    };
+    let closed = nonzero(&g.closed);
     if !closed.is_empty() {
         println!("  closed by the host: {}", closed.join(", "));
     }
     if let Some(c) = &g.cluster {
-        let errors: Vec<String> = c
-            .errors
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(cause, n)| format!("{cause} {n}"))
-            .collect();
+        let errors = nonzero(&c.errors);
         let errors = match errors.is_empty() {
             true => "no errors".to_string(),
             false => format!("errors: {}", errors.join(", ")),

@@ -603,7 +603,18 @@ impl Config {
                     "{:?} is a gateway group: `business` names a plugin group",
                     gw.business
                 )),
-                Some(_) => None,
+                // A business worker publishes through any one of its gateways: they must all
+                // reach the same cluster.
+                Some(_) => all[..i]
+                    .iter()
+                    .filter_map(|o| o.gateway.as_ref())
+                    .find(|o| o.business == gw.business && o.cluster != gw.cluster)
+                    .map(|_| {
+                        format!(
+                            "the gateway groups of {:?} must have the same `cluster`",
+                            gw.business
+                        )
+                    }),
             };
             if let Some(message) = problem {
                 let line = match line_in(text, lines(i), "business") {
@@ -1597,6 +1608,7 @@ mod tests {
             "gateway_max_clients = 5\n",
             "workers = 2\n",
             "gateway_max_message = \"4KiB\"\n",
+            "cluster = \"redis://10.0.0.1:6379\"\n",
         ))
         .unwrap();
         let (app, gw) = (&all[0], &all[1]);
@@ -1628,6 +1640,7 @@ mod tests {
         );
         assert!(gw.gateway_links.is_empty());
         assert_eq!(g.link_base, 0);
+        assert_eq!(g.cluster.as_deref(), Some("redis://10.0.0.1:6379"));
         assert_eq!(
             app.worker_spec(WorkerStart {
                 slot: 0,
@@ -1662,6 +1675,16 @@ mod tests {
             (
                 "gateway = true\nbusiness = \"x\"\n".to_string(),
                 ":1: gateway: a gateway is a [[group]] beside its `business` group",
+            ),
+            (
+                two("business = \"app\"\ncluster = \"http://127.0.0.1:6379\"\n"),
+                ":8: group \"gw\": cluster: \"http://127.0.0.1:6379\" is not a Redis URL",
+            ),
+            (
+                two(
+                    "business = \"app\"\ncluster = \"redis://a:1\"\n[[group]]\nname = \"gw2\"\ngateway = true\nbusiness = \"app\"\nlisten = \"127.0.0.1:9001\"\n",
+                ),
+                "group \"gw2\": business: the gateway groups of \"app\" must have the same `cluster`",
             ),
         ] {
             let e = groups(&text).unwrap_err().to_string();

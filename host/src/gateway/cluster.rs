@@ -236,6 +236,10 @@ impl Cluster {
         if matches!(to, Target::Client(_)) {
             return;
         }
+        if !names_ok(&to, None) {
+            // No client has such a name (binds and joins refuse it): nothing to reach.
+            return;
+        }
         if let Some(bytes) = self.encode(Body::Send { to, message }) {
             self.queue(Out::Publish(bytes));
         }
@@ -309,6 +313,20 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Whether the uid or group names of a target and a question are within
+/// [`MAX_NAME`](super::router::MAX_NAME) bytes.
+fn names_ok(to: &Target, query: Option<&Query>) -> bool {
+    let name = |n: &str| n.len() <= super::router::MAX_NAME;
+    let target = match to {
+        Target::Uid(n) | Target::Group(n) => name(n),
+        Target::Client(_) | Target::All => true,
+    };
+    target
+        && query.is_none_or(|q| match q {
+            Query::UidCount(n) | Query::GroupCount(n) | Query::GroupMembers(n) => name(n),
+        })
 }
 
 /// This host as the cluster knows it: the host name, the master's pid and the master's start
@@ -536,6 +554,9 @@ impl Task {
         let to_router = match envelope.body {
             // This host's gateways had it from their workers.
             Body::Send { .. } if mine => return,
+            Body::Send { to, .. } if matches!(to, Target::Client(_)) || !names_ok(&to, None) => {
+                return self.counters.count(Cause::BadMessage);
+            }
             Body::Send { to, message } => FromCluster::Send { to, message },
             Body::Ask { reply, id, .. } if mine => {
                 // This host counted itself through its links: it answers 0, but answers (the
@@ -544,7 +565,8 @@ impl Task {
                 return;
             }
             Body::Ask { reply, id, query } => {
-                if !reply.starts_with(&format!("{}:reply:", self.channel)) || reply.len() > 512 {
+                let ours = reply.starts_with(&format!("{}:reply:", self.channel));
+                if !ours || reply.len() > 512 || !names_ok(&Target::All, Some(&query)) {
                     return self.counters.count(Cause::BadMessage);
                 }
                 FromCluster::Ask { reply, id, query }
@@ -634,5 +656,48 @@ impl Task {
                 deadline: Instant::now(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_gateway_of_one_master_is_one_node() {
+        let me = std::process::id();
+        assert_eq!(node_id(me), node_id(me));
+        assert_ne!(node_id(me), node_id(1));
+        assert!(node_id(me).contains(&format!(":{me}:")), "{}", node_id(me));
+    }
+
+    #[tokio::test]
+    async fn with_redis_unreachable_what_would_cross_hosts_is_counted_and_nothing_waits() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let counters = Arc::new(ClusterCounters::default());
+        let (router, _rx) = mpsc::unbounded_channel();
+        let url = format!("redis://127.0.0.1:{port}");
+        let mut cluster =
+            Cluster::start(&url, "app", 0, std::process::id(), counters.clone(), router);
+        let text = |n: usize| Payload::Text("x".repeat(n));
+        cluster.publish(Target::Group("room".into()), text(5));
+        assert_eq!(counters.error(Cause::Down), 1);
+        // A question gets this host's answer at once.
+        assert!(!cluster.ask(1, 7, Query::UidCount("ann".into()), 3));
+        assert_eq!(counters.error(Cause::Down), 2);
+        // Too big, whatever the link's state; a name no client can have: nothing to send.
+        cluster.publish(Target::All, text(MAX_MESSAGE));
+        assert_eq!(counters.error(Cause::TooBig), 1);
+        cluster.publish(
+            Target::Uid("u".repeat(super::super::router::MAX_NAME + 1)),
+            text(1),
+        );
+        cluster.publish(Target::Client(1), text(1));
+        assert_eq!(counters.error(Cause::Down), 2);
+        assert_eq!(counters.up.load(Ordering::Relaxed), 0);
+        assert!(counters.configured.load(Ordering::Relaxed));
     }
 }

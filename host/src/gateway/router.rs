@@ -880,6 +880,60 @@ mod tests {
     }
 
     #[test]
+    fn what_is_marked_for_the_cluster_is_applied_here_once_and_other_hosts_sends_too() {
+        use crate::gateway::cluster::FromCluster;
+        let mut f = Fixture::new();
+        let mut a = f.link(1);
+        let mut c7 = f.client(7);
+        let mut c8 = f.client(8);
+        for client in [7, 8] {
+            let group = "room".into();
+            said(&mut f, BusinessToGateway::Join { client, group });
+        }
+        let _ = events(&mut a);
+        // Without a cluster, a marked send or question is the command alone.
+        let send = BusinessToGateway::Send {
+            to: Target::Group("room".into()),
+            message: Payload::Text("hi".into()),
+            except: vec![8],
+        };
+        said(&mut f, BusinessToGateway::Cluster(Box::new(send)));
+        let query = BusinessToGateway::Query {
+            id: 4,
+            query: Query::GroupCount("room".into()),
+        };
+        said(&mut f, BusinessToGateway::Cluster(Box::new(query)));
+        assert_eq!(texts(&mut c7), ["hi"]);
+        assert!(texts(&mut c8).is_empty());
+        let answer = GatewayToBusiness::Answer {
+            id: 4,
+            answer: Answer::Count(2),
+        };
+        assert_eq!(a.try_recv().ok(), Some(answer));
+        // Another host's send reaches the group here (its exclusions are its own clients'
+        // ids, so none applies); the cluster's sum for a question goes to the asking link.
+        let from = |msg| ToRouter::Cluster(msg);
+        let remote = FromCluster::Send {
+            to: Target::Group("room".into()),
+            message: Payload::Text("from afar".into()),
+        };
+        f.router.handle(from(remote), f.now);
+        assert_eq!(texts(&mut c7), ["from afar"]);
+        assert_eq!(texts(&mut c8), ["from afar"]);
+        let sum = FromCluster::Answered {
+            link: 1,
+            id: 5,
+            count: 9,
+        };
+        f.router.handle(from(sum), f.now);
+        let answer = GatewayToBusiness::Answer {
+            id: 5,
+            answer: Answer::Count(9),
+        };
+        assert_eq!(a.try_recv().ok(), Some(answer));
+    }
+
+    #[test]
     fn uids_groups_sends_with_exclusions_and_presence() {
         let mut f = Fixture::new();
         let mut a = f.link(1);
