@@ -138,6 +138,24 @@ async fn sends_and_presence_reach_every_host_and_survive_redis_stopping() {
     for ws in [&mut ann, &mut bob, &mut cid] {
         assert_eq!(next_text(ws).await, "two");
     }
+    // In order across hosts; how long a group send takes to reach another host's client.
+    let mut took = Vec::new();
+    for i in 0..20 {
+        let sent = Instant::now();
+        say(&mut ann, &format!("say r m{i}")).await;
+        assert_eq!(next_text(&mut bob).await, format!("m{i}"));
+        took.push(sent.elapsed());
+    }
+    for ws in [&mut ann, &mut cid] {
+        for i in 0..20 {
+            assert_eq!(next_text(ws).await, format!("m{i}"));
+        }
+    }
+    took.sort_unstable();
+    eprintln!(
+        "a group send from host 0 to a client of host 1: median {:?}, worst {:?} (20 sends)",
+        took[10], took[19]
+    );
     // Presence is the cluster's: the group's size and a uid's connections, asked on any host.
     assert_eq!(hosts[2].body("/gateway/notify/r").await, "sent count=3\n");
     for ws in [&mut ann, &mut bob, &mut cid] {
