@@ -13,9 +13,9 @@
 //!
 //! It owns the Redis connections (a subscriber, a multiplexed one to publish), their
 //! reconnection (backoff from [`BACKOFF_FIRST`] to [`BACKOFF_LAST`], subscriptions made again)
-//! and its bounds: at most [`MAX_QUEUED`] messages wait to be published and a message is at
-//! most [`MAX_MESSAGE`] bytes (past either: a counted error), every Redis call has
-//! [`CALL_DEADLINE`]. While Redis is down, local delivery goes on (the router's, untouched);
+//! and its bounds: at most [`MAX_QUEUED`] messages wait to be published, as many read from
+//! Redis wait for the router, and a message is at most [`MAX_MESSAGE`] bytes (past any: a
+//! counted error), every Redis call has [`CALL_DEADLINE`]. While Redis is down, local delivery goes on (the router's, untouched);
 //! what would cross hosts fails with a counted error and a rate-limited log line, and a count
 //! question gets this host's answer. It never touches a client: the router applies what it
 //! reads. Client ids are per host, so a send's exclusions and a group's members stay local.
@@ -38,7 +38,7 @@ use crate::ratelimit::RateLimit;
 pub(crate) const CALL_DEADLINE: Duration = Duration::from_secs(1);
 /// How long a count question waits for the other hosts (the plugin's own deadline is 2 s).
 pub(crate) const QUERY_DEADLINE: Duration = Duration::from_secs(1);
-/// Most messages waiting to be published.
+/// Most messages waiting to be published, and most read from Redis waiting for the router.
 pub(crate) const MAX_QUEUED: usize = 4096;
 /// Largest message published or read (a 512 KiB send, JSON-escaped, fits).
 pub(crate) const MAX_MESSAGE: usize = 2 << 20;
@@ -54,7 +54,7 @@ const BACKOFF_LAST: Duration = Duration::from_secs(5);
 pub(crate) enum Cause {
     /// Redis is not reachable: the message was dropped.
     Down,
-    /// [`MAX_QUEUED`] messages waited already.
+    /// [`MAX_QUEUED`] messages waited already (to be published, or to be applied here).
     QueueFull,
     /// Over [`MAX_MESSAGE`] bytes.
     TooBig,
@@ -97,6 +97,8 @@ pub(crate) struct ClusterCounters {
     pub(crate) received: AtomicU64,
     /// Times the link came up after being down (the first connection included).
     pub(crate) connects: AtomicU64,
+    /// Messages read from Redis that the router has not applied yet.
+    pub(crate) unapplied: AtomicU64,
     /// By [`Cause`], in [`Cause::ALL`] order.
     pub(crate) errors: [AtomicU64; 5],
 }
@@ -229,6 +231,14 @@ impl Cluster {
             next_ask: 1,
             counters,
         }
+    }
+
+    /// The router applied a message read from Redis ([`FromCluster::Send`] or `Ask`).
+    pub(crate) fn applied(&self) {
+        let _ = self
+            .counters
+            .unapplied
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// Publishes a send to a uid, a group or everyone for the other hosts.
@@ -583,7 +593,11 @@ impl Task {
                 return;
             }
         };
+        if self.counters.unapplied.load(Ordering::Relaxed) >= MAX_QUEUED as u64 {
+            return self.counters.count(Cause::QueueFull);
+        }
         self.counters.received.fetch_add(1, Ordering::Relaxed);
+        self.counters.unapplied.fetch_add(1, Ordering::Relaxed);
         let _ = self.router.send(ToRouter::Cluster(to_router));
     }
 

@@ -229,12 +229,18 @@ impl Router {
         use super::cluster::FromCluster;
         match msg {
             FromCluster::Send { to, message } => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.applied();
+                }
                 // Exclusions are client ids of the sending host: none applies here.
                 for id in self.recipients(&to) {
                     self.send(id, message.clone());
                 }
             }
             FromCluster::Ask { reply, id, query } => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.applied();
+                }
                 if let (Some(cluster), Answer::Count(n)) = (&self.cluster, self.answer(&query)) {
                     cluster.answer(reply, id, n);
                 }
