@@ -15,7 +15,10 @@
 //! Commands are sent on every link in the order the handler made them, before its `Handled`,
 //! so what a handler sent has left before the gateway counts its event done; at most
 //! [`MAX_QUEUED_COMMANDS`] wait per link (a link that is down keeps them for its next
-//! connection), past it a command is refused with [`CommandError::Full`].
+//! connection), past it a command is refused with [`CommandError::Full`]. A send to a uid, a
+//! group or everyone, and a count question, is marked for the cluster
+//! (`BusinessToGateway::Cluster`) on one link only, the first connected: that gateway alone
+//! carries it to the other hosts (`gateway/cluster.rs`).
 
 use std::collections::HashMap;
 use std::future::Future;
