@@ -1,7 +1,7 @@
 //! A real `redis-server` for the gateway's cluster tests (`tests/tests/gateway_cluster.rs`),
 //! started on a free loopback port in a private directory, persisting nothing (`--save ''`,
-//! `--appendonly no`); it can be stopped and started again on the same port, and is killed when
-//! dropped.
+//! `--appendonly no`); it can be frozen and let go on, stopped and started again on the same
+//! port, and is killed when dropped.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -49,6 +49,15 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes it (`SIGSTOP`, `false`) or lets it go on (`SIGCONT`, `true`): a Redis that
+    /// hangs, its connections open.
+    pub fn run(&self, go: bool) {
+        use nix::sys::signal::{Signal, kill};
+        let child = self.child.as_ref().expect("redis-server runs");
+        let signal = if go { Signal::SIGCONT } else { Signal::SIGSTOP };
+        kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).expect("signal redis-server");
     }
 
     /// Kills it (as a crash would) and waits until it is gone.

@@ -3,7 +3,8 @@
 //! `redis-server` (`cluster = "redis://..."`): a send to a group or a uid reaches the clients of
 //! every host, presence counts are the cluster's; with Redis stopped, local delivery goes on and
 //! what would cross hosts is a counted error; with Redis started again on its port, delivery
-//! across hosts resumes. And what `status` and `/metrics` show of a gateway: its clients, the
+//! across hosts resumes; with Redis hung (`SIGSTOP`), every host finds its link down and links
+//! again once it runs. And what `status` and `/metrics` show of a gateway: its clients, the
 //! clients it closed by cause, its cluster link's state and errors (also with no Redis at all).
 
 use std::time::Duration;
@@ -220,6 +221,31 @@ async fn sends_and_presence_reach_every_host_and_survive_redis_stopping() {
     let status = hosts[0].status().await;
     let link = gateway(&status).cluster.clone().expect("a cluster link");
     assert!(link.connects >= 2, "it linked again: {link:?}");
+
+    // Redis hangs (SIGSTOP, its connections open): no Redis call waits past its deadline, so
+    // every host finds its link down (a host that publishes nothing, by its PING), and local
+    // delivery goes on meanwhile. Let go on, it is linked again and sends cross hosts again.
+    redis.run(false);
+    say(&mut ann, "say r frozen").await;
+    for ws in [&mut ann, &mut ann2] {
+        assert_eq!(next_text(ws).await, "frozen");
+    }
+    wait_cluster(&hosts, "down").await;
+    redis.run(true);
+    wait_cluster(&hosts, "up").await;
+    say(&mut cid, "say r thawed").await;
+    for ws in [&mut ann, &mut ann2] {
+        assert_eq!(next_text(ws).await, "thawed");
+    }
+    // "frozen" was written to Redis before the deadline: Redis may still pass it on once it
+    // runs again (a send that timed out is counted as failed, yet may arrive).
+    for ws in [&mut bob, &mut cid] {
+        let mut next = next_text(ws).await;
+        if next == "frozen" {
+            next = next_text(ws).await;
+        }
+        assert_eq!(next, "thawed");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,8 @@
 //! reconnection (backoff from [`BACKOFF_FIRST`] to [`BACKOFF_LAST`], subscriptions made again)
 //! and its bounds: at most [`MAX_QUEUED`] messages wait to be published, as many read from
 //! Redis wait for the router, and a message is at most [`MAX_MESSAGE`] bytes (past any: a
-//! counted error), every Redis call has [`CALL_DEADLINE`]. While Redis is down, local delivery goes on (the router's, untouched);
+//! counted error), every Redis call has [`CALL_DEADLINE`], and a `PING` every [`HEALTH_EVERY`]
+//! finds a Redis that stopped answering. While Redis is down, local delivery goes on (the router's, untouched);
 //! what would cross hosts fails with a counted error and a rate-limited log line, and a count
 //! question gets this host's answer. It never touches a client: the router applies what it
 //! reads. Client ids are per host, so a send's exclusions and a group's members stay local.
@@ -46,6 +47,8 @@ pub(crate) const MAX_MESSAGE: usize = 2 << 20;
 const MAX_ASKING: usize = 1024;
 /// Most messages published in one round trip.
 const BATCH: usize = 64;
+/// How often an idle link checks that Redis still answers.
+const HEALTH_EVERY: Duration = Duration::from_secs(2);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_LAST: Duration = Duration::from_secs(5);
 
@@ -472,6 +475,8 @@ impl Task {
     ) -> String {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut health = tokio::time::interval_at(Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             tokio::select! {
@@ -488,6 +493,15 @@ impl Task {
                     }
                 }
                 _ = tick.tick() => self.expire(Instant::now()),
+                // A Redis that hangs is found even by a host that publishes nothing.
+                _ = health.tick() => {
+                    let ping = redis::cmd("PING");
+                    match tokio::time::timeout(CALL_DEADLINE, ping.query_async::<String>(&mut conn)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return format!("PING failed: {e}"),
+                        Err(_) => return format!("no answer to PING within {CALL_DEADLINE:?}"),
+                    }
+                }
             }
         }
     }
