@@ -153,6 +153,94 @@ pub struct WorkerStatus {
     pub config_sha256: String,
     /// How its start went, once ready.
     pub startup_us: Option<StartupTimings>,
+    /// A gateway process's figures (`None`: a plugin worker).
+    #[serde(default)]
+    pub gateway: Option<GatewayStatus>,
+}
+
+/// A gateway's figures: one process's (in [`WorkerStatus`]) or its group's, added up (in
+/// [`StatusReport`]). Counts are since each process started.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    /// WebSocket clients held.
+    pub clients: u64,
+    /// Bytes queued to clients, not yet written.
+    pub queued_bytes: u64,
+    /// Client events waiting for, or at, a business worker.
+    pub unhandled_events: u64,
+    /// Events sent again after their business worker left.
+    pub redelivered_events: u64,
+    /// Clients the host closed, by cause (`ping_timeout`, `too_big`, `bad_input`,
+    /// `send_queue`, `unhandled_queue`, `gateway_hold`); a process lists every cause.
+    pub closed: std::collections::BTreeMap<String, u64>,
+    /// Upgrades refused with `503` at `gateway_max_clients`.
+    pub refused: u64,
+    /// The link to the other hosts (`None`: no `cluster` key).
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A gateway's link to the other hosts of its cluster (Redis pub/sub).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// `up` (every process linked), `down` (none) or `partial`.
+    pub state: String,
+    /// Processes linked, of `processes`.
+    pub up: u32,
+    pub processes: u32,
+    /// Times a link came up (reconnections included).
+    pub connects: u64,
+    /// Messages published to, and applied from, the other hosts.
+    pub published: u64,
+    pub received: u64,
+    /// What did not cross hosts, by cause (`down`, `queue_full`, `too_big`, `query_timeout`,
+    /// `bad_message`); a process lists every cause.
+    pub errors: std::collections::BTreeMap<String, u64>,
+}
+
+impl GatewayStatus {
+    /// Adds another process's figures (a group's sum).
+    pub fn add(&mut self, other: &GatewayStatus) {
+        fn by_cause(sum: &mut std::collections::BTreeMap<String, u64>, more: &Counts) {
+            for (cause, n) in more {
+                *sum.entry(cause.clone()).or_default() += n;
+            }
+        }
+        type Counts = std::collections::BTreeMap<String, u64>;
+        for (sum, n) in [
+            (&mut self.clients, other.clients),
+            (&mut self.queued_bytes, other.queued_bytes),
+            (&mut self.unhandled_events, other.unhandled_events),
+            (&mut self.redelivered_events, other.redelivered_events),
+            (&mut self.refused, other.refused),
+        ] {
+            *sum += n;
+        }
+        by_cause(&mut self.closed, &other.closed);
+        if let Some(theirs) = &other.cluster {
+            let mine = self.cluster.get_or_insert_with(ClusterStatus::default);
+            mine.up += theirs.up;
+            mine.processes += theirs.processes;
+            for (sum, n) in [
+                (&mut mine.connects, theirs.connects),
+                (&mut mine.published, theirs.published),
+                (&mut mine.received, theirs.received),
+            ] {
+                *sum += n;
+            }
+            by_cause(&mut mine.errors, &theirs.errors);
+            mine.state = ClusterStatus::state_of(mine.up, mine.processes).into();
+        }
+    }
+}
+
+impl ClusterStatus {
+    pub fn state_of(up: u32, processes: u32) -> &'static str {
+        match up {
+            0 => "down",
+            n if n >= processes => "up",
+            _ => "partial",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -197,6 +285,9 @@ pub struct StatusReport {
     /// A reload, rollback or other rollout of this group is under way.
     #[serde(default)]
     pub rolling_out: bool,
+    /// A gateway group's figures, its processes' added up (`None`: a plugin group).
+    #[serde(default)]
+    pub gateway: Option<GatewayStatus>,
     /// Every group's status, in the config file's order. The fields above are the first
     /// group's (as before groups).
     #[serde(default)]
@@ -302,6 +393,13 @@ mod tests {
         }
     }
 
+    fn gateway() -> GatewayStatus {
+        GatewayStatus {
+            cluster: Some(ClusterStatus::default()),
+            ..Default::default()
+        }
+    }
+
     /// Every field filled in, so every key is printed.
     fn full() -> StatusReport {
         StatusReport {
@@ -327,6 +425,7 @@ mod tests {
                 }),
                 config_sha256: "c".into(),
                 startup_us: Some(StartupTimings::default()),
+                gateway: Some(gateway()),
             }],
             slots: vec![SlotStatus {
                 slot: 0,
@@ -385,6 +484,7 @@ mod tests {
             group: "default".into(),
             reloadable: true,
             rolling_out: false,
+            gateway: Some(gateway()),
             // One level is enough to print every key: a group's own report has the same shape.
             groups: Vec::new(),
         }
@@ -529,6 +629,31 @@ mod tests {
         want.push("last_verdict".into());
         verdict("last_verdict", &mut want);
         want.extend(["group", "reloadable", "rolling_out", "groups"].map(String::from));
+        for at in ["workers[].gateway", "gateway"] {
+            want.push(at.into());
+            for f in [
+                "clients",
+                "queued_bytes",
+                "unhandled_events",
+                "redelivered_events",
+                "closed",
+                "refused",
+                "cluster",
+            ] {
+                want.push(format!("{at}.{f}"));
+            }
+            for f in [
+                "state",
+                "up",
+                "processes",
+                "connects",
+                "published",
+                "received",
+                "errors",
+            ] {
+                want.push(format!("{at}.cluster.{f}"));
+            }
+        }
         // (`Value` sorts an object's keys; the printed order is the fields' order above.)
         got.sort();
         want.sort();
@@ -537,6 +662,31 @@ mod tests {
         // And it reads back as it was written.
         let back: StatusReport = serde_json::from_value(value.clone()).unwrap();
         assert_eq!(serde_json::to_value(back).unwrap(), value);
+    }
+
+    #[test]
+    fn a_gateway_groups_figures_add_up_its_processes() {
+        let process = |clients, up, down_errors| GatewayStatus {
+            clients,
+            closed: [("too_big".to_string(), 1)].into(),
+            cluster: Some(ClusterStatus {
+                state: ClusterStatus::state_of(up, 1).into(),
+                up,
+                processes: 1,
+                errors: [("down".to_string(), down_errors)].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut sum = GatewayStatus::default();
+        sum.add(&process(2, 1, 0));
+        assert_eq!(sum.cluster.as_ref().unwrap().state, "up");
+        sum.add(&process(3, 0, 4));
+        assert_eq!((sum.clients, sum.closed["too_big"]), (5, 2));
+        let c = sum.cluster.unwrap();
+        assert_eq!((c.state.as_str(), c.up, c.processes), ("partial", 1, 2));
+        assert_eq!(c.errors["down"], 4);
+        assert_eq!(ClusterStatus::state_of(0, 2), "down");
     }
 
     /// A report from a host older than a field still reads: the field takes its default.
@@ -557,9 +707,11 @@ mod tests {
             "reloadable",
             "rolling_out",
             "groups",
+            "gateway",
         ] {
             map.remove(later);
         }
+        map["workers"][0].as_object_mut().unwrap().remove("gateway");
         let report: StatusReport = serde_json::from_value(value).unwrap();
         assert!(report.listener.up);
         assert!(report.reloadable && report.groups.is_empty());

@@ -538,6 +538,40 @@ pub(crate) fn status(cfg: &Config, json: bool, timeout: Duration) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
+/// A gateway group's figures: clients, queues, the clients it closed, its cluster link.
+fn print_gateway_status(g: &crate::protocol::GatewayStatus) {
+    println!(
+        "gateway: {} clients, {} queued, {} events unhandled, {} redelivered, {} refused",
+        g.clients,
+        human_bytes(g.queued_bytes),
+        g.unhandled_events,
+        g.redelivered_events,
+        g.refused
+    );
+    // "cause N, ..." of the causes counted at least once.
+    let nonzero = |by: &std::collections::BTreeMap<String, u64>| -> Vec<String> {
+        by.iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(cause, n)| format!("{cause} {n}"))
+            .collect()
+    };
+    let closed = nonzero(&g.closed);
+    if !closed.is_empty() {
+        println!("  closed by the host: {}", closed.join(", "));
+    }
+    if let Some(c) = &g.cluster {
+        let errors = nonzero(&c.errors);
+        let errors = match errors.is_empty() {
+            true => "no errors".to_string(),
+            false => format!("errors: {}", errors.join(", ")),
+        };
+        println!(
+            "  cluster {} ({} of {} processes linked, {} connects), {} published, {} received, {errors}",
+            c.state, c.up, c.processes, c.connects, c.published, c.received
+        );
+    }
+}
+
 /// One group's part of `status`: its listener, workers, slots, canary, build and last reload.
 fn print_group_status(report: &StatusReport) -> anyhow::Result<()> {
     let l = &report.listener;
@@ -602,6 +636,9 @@ fn print_group_status(report: &StatusReport) -> anyhow::Result<()> {
             .map(|s| format!("slot {}: {}", s.slot, s.recycles))
             .collect();
         println!("recycled: {recycled} workers ({})", per_slot.join(", "));
+    }
+    if let Some(g) = &report.gateway {
+        print_gateway_status(g);
     }
     if let Some(c) = &report.canary {
         println!(

@@ -181,6 +181,8 @@ pub struct GatewayConfig {
     /// Same port: the plugin group whose workers pass this gateway the connections that ask
     /// for `path` (`upgrade_from`, `upgrade_path`).
     pub upgrade: Option<UpgradeFrom>,
+    /// `cluster`: the Redis URL of the hosts' pub/sub (`None`: this host alone).
+    pub cluster: Option<String>,
     /// Where this group's slot 0 is in its business group's `gateway_links` (filled by
     /// [`Config::parse_all`]): process `slot` is link `link_base + slot`, the top 16 bits of
     /// its clients' ids, so a business worker sends a command for one client on one link.
@@ -636,7 +638,18 @@ impl Config {
                     "{:?} is a gateway group: `business` names a plugin group",
                     gw.business
                 )),
-                Some(_) => None,
+                // A business worker publishes through any one of its gateways: they must all
+                // reach the same cluster.
+                Some(_) => all[..i]
+                    .iter()
+                    .filter_map(|o| o.gateway.as_ref())
+                    .find(|o| o.business == gw.business && o.cluster != gw.cluster)
+                    .map(|_| {
+                        format!(
+                            "the gateway groups of {:?} must have the same `cluster`",
+                            gw.business
+                        )
+                    }),
             };
             if let Some(message) = problem {
                 let line = match line_in(text, lines(i), "business") {
@@ -902,6 +915,7 @@ impl Config {
                     ping_interval: keys.duration("gateway_ping_interval")?,
                     ping_timeout: keys.duration("gateway_ping_timeout")?,
                     hold: keys.duration("gateway_hold")?,
+                    cluster: cluster_url(keys)?,
                     link_base: 0,
                 })
             }
@@ -1033,6 +1047,8 @@ impl Config {
                 ping_interval_ms: g.ping_interval.as_millis() as u64,
                 ping_timeout_ms: g.ping_timeout.as_millis() as u64,
                 hold_ms: g.hold.as_millis() as u64,
+                cluster: g.cluster.clone(),
+                business: g.business.clone(),
             }),
         }
     }
@@ -1146,6 +1162,25 @@ fn group_sections(text: &str) -> Vec<std::ops::Range<usize>> {
         sections.push(start..lines.len());
     }
     sections
+}
+
+/// The `cluster` key: a `redis://` URL (at most 1024 bytes), or none.
+fn cluster_url(keys: &keys::Reader) -> Result<Option<String>, ConfigError> {
+    let Some(url) = keys.typed::<String>("cluster")? else {
+        return Ok(None);
+    };
+    let ok = url.len() <= 1024
+        && url
+            .strip_prefix("redis://")
+            .is_some_and(|rest| !rest.is_empty())
+        && !url.chars().any(char::is_whitespace);
+    if !ok {
+        return Err(keys.invalid(
+            "cluster",
+            format!("{url:?} is not a Redis URL (\"redis://HOST:PORT\")"),
+        ));
+    }
+    Ok(Some(url))
 }
 
 /// A group name names a directory and a metrics label: short, plain characters.
@@ -1789,6 +1824,7 @@ mod tests {
             "gateway_max_clients = 5\n",
             "workers = 2\n",
             "gateway_max_message = \"4KiB\"\n",
+            "cluster = \"redis://10.0.0.1:6379\"\n",
         ))
         .unwrap();
         let (app, gw) = (&all[0], &all[1]);
@@ -1820,6 +1856,7 @@ mod tests {
         );
         assert!(gw.gateway_links.is_empty());
         assert_eq!(g.link_base, 0);
+        assert_eq!(g.cluster.as_deref(), Some("redis://10.0.0.1:6379"));
         assert_eq!(
             app.worker_spec(WorkerStart {
                 slot: 0,
@@ -1854,6 +1891,16 @@ mod tests {
             (
                 "gateway = true\nbusiness = \"x\"\n".to_string(),
                 ":1: gateway: a gateway is a [[group]] beside its `business` group",
+            ),
+            (
+                two("business = \"app\"\ncluster = \"http://127.0.0.1:6379\"\n"),
+                ":8: group \"gw\": cluster: \"http://127.0.0.1:6379\" is not a Redis URL",
+            ),
+            (
+                two(
+                    "business = \"app\"\ncluster = \"redis://a:1\"\n[[group]]\nname = \"gw2\"\ngateway = true\nbusiness = \"app\"\nlisten = \"127.0.0.1:9001\"\n",
+                ),
+                "group \"gw2\": business: the gateway groups of \"app\" must have the same `cluster`",
             ),
         ] {
             let e = groups(&text).unwrap_err().to_string();

@@ -17,9 +17,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use host_status::{
-    BuildReport, CanaryFigures, CanaryStatus, CanaryVerdict, GenerationStatus, ListenerStatus,
-    PluginInfo, ReloadReport, SlotStatus, StartupTimings, StatusReport, WorkerStateName,
-    WorkerStatus,
+    BuildReport, CanaryFigures, CanaryStatus, CanaryVerdict, ClusterStatus, GatewayStatus,
+    GenerationStatus, ListenerStatus, PluginInfo, ReloadReport, SlotStatus, StartupTimings,
+    StatusReport, WorkerStateName, WorkerStatus,
 };
 
 /// Largest frame either side accepts.
@@ -134,6 +134,12 @@ pub struct GatewaySpec {
     pub ping_timeout_ms: u64,
     /// How long a client's events wait while no business worker is connected.
     pub hold_ms: u64,
+    /// `cluster`: the Redis URL through which it reaches the other hosts' clients.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Its business group's name (the cluster's channel).
+    #[serde(default)]
+    pub business: String,
 }
 
 /// The blocking pool's bounds (`blocking_threads`, `blocking_queue`,
@@ -206,6 +212,9 @@ pub enum WorkerToMaster {
         requests: u64,
         in_flight: u64,
         connections: u64,
+        /// A gateway process's figures.
+        #[serde(default)]
+        gateway: Option<Box<host_status::GatewayStatus>>,
     },
     /// Recycling: the worker asks to be replaced, new before old (it reached its request limit,
     /// or its plugin called `restart_worker()`). Sent once; it keeps serving until drained.

@@ -1,8 +1,8 @@
 //! Helpers for the integration tests: build the real `host` binary and real plugin `.so` files
 //! with a nested `cargo build` ([`build`]), start hosts in private temp dirs ([`host`]), drive
 //! them with real HTTP and WebSocket clients ([`clients`], [`load`], [`websocket`]), read their
-//! `/metrics` ([`prom`]) and their processes ([`process`]), and explain failures (every host's
-//! log is printed when a test fails).
+//! `/metrics` ([`prom`]) and their processes ([`process`]), run a real Redis ([`redis`]), and
+//! explain failures (every host's log is printed when a test fails).
 //!
 //! Every helper is also reachable at the crate root (`tests::Host`, `tests::get`, ...), as the
 //! tests name them.
@@ -15,6 +15,7 @@ pub mod host;
 pub mod load;
 pub mod process;
 pub mod prom;
+pub mod redis;
 pub mod websocket;
 
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ pub use process::{
     Hogs, first_allowed_cpu, open_fds, pid_alive, set_fd_limit, set_soft_fd_limit, starve,
 };
 pub use prom::metric;
+pub use redis::{RedisServer, redis_installed};
 pub use websocket::{Ws, ws_across_reload, ws_close_code, ws_connect, ws_echo};
 
 /// Waits until `cond` holds, checking every 10 ms, or panics with `what` after `timeout`.

@@ -250,6 +250,13 @@ pub const KEYS: &[Key] = &[
         "in a business group: how long a gateway event's handler may run; past it the handler is dropped, the event counts as handled (a connect is refused `504`), logged and counted",
     ),
     key(
+        "cluster",
+        Group,
+        Kind::Text,
+        Unset("none: this host's clients only"),
+        "with `gateway = true`: `\"redis://HOST:PORT\"`, the Redis whose pub/sub carries sends to a uid, a group or everyone, and presence counts, to the gateways of every host serving the same `business` group; while Redis is down local delivery goes on and cross-host sends are counted errors (see [the gateway design](design/gateway.md))",
+    ),
+    key(
         "state_dir",
         Master,
         Kind::Path,

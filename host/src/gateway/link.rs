@@ -62,6 +62,7 @@ impl BusinessToGateway {
             BusinessToGateway::Held { commands, .. } => {
                 16 + commands.iter().map(BusinessToGateway::size).sum::<usize>()
             }
+            BusinessToGateway::Cluster(inner) => 8 + inner.size(),
             _ => 16,
         }
     }
@@ -226,6 +227,10 @@ pub enum BusinessToGateway {
         code: u16,
         reason: String,
     },
+    /// A `Send` to a uid, a group or everyone, or a count `Query`, that this gateway also
+    /// carries to the other hosts of its cluster (`cluster`): a worker wraps a command so on
+    /// one link only, so each command is published once. Without a cluster: the command alone.
+    Cluster(Box<BusinessToGateway>),
 }
 
 #[cfg(test)]

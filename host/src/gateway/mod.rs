@@ -6,13 +6,16 @@
 //! link socket its business workers connect to and one task per link (frames in [`link`]), the
 //! accept loop with the client limit, the hand-off socket ([`handoff`]: same-port clients
 //! from plugin workers, established clients from a predecessor), the [`router`]'s task, its
-//! counters, heartbeats and `Stats` for the master, and the drain (every client handed over to
-//! a successor, or closed with `1012` when one serves and `1001` at a stop; then exit). One
-//! client's connection is [`client`]'s; which worker gets which event is the router's. It never
+//! counters, heartbeats and `Stats` for the master (its figures for `status`) and its
+//! `/metrics` series, and the drain (every client handed over to a successor, or closed with
+//! `1012` when one serves and `1001` at a stop; then exit). One client's connection is
+//! [`client`]'s; which worker gets which event is the router's; the other hosts are
+//! [`cluster`]'s. It never
 //! loads plugin code and never decides when it starts or leaves: the master's supervisor does,
 //! as for any worker.
 
 mod client;
+mod cluster;
 pub(crate) mod handoff;
 pub(crate) mod link;
 mod router;
@@ -90,6 +93,59 @@ pub(crate) struct Counters {
     /// over from the predecessor.
     pub(crate) handed_over: AtomicU64,
     pub(crate) adopted: AtomicU64,
+    /// Clients closed at `gateway_send_queue`: all, and those for unhandled events (1013).
+    pub(crate) overflowed: AtomicU64,
+    pub(crate) unhandled_overflowed: AtomicU64,
+    /// Bytes queued to clients (read at the router's tick).
+    pub(crate) queued_bytes: AtomicU64,
+    /// The link to the other hosts (zeros without `cluster`).
+    pub(crate) cluster: Arc<cluster::ClusterCounters>,
+}
+
+impl Counters {
+    /// This process's figures for `status`.
+    fn status(&self) -> crate::protocol::GatewayStatus {
+        use crate::protocol::{ClusterStatus, GatewayStatus};
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (overflowed, unhandled_overflowed) =
+            (get(&self.overflowed), get(&self.unhandled_overflowed));
+        let closed = [
+            ("ping_timeout", get(&self.ping_timeouts)),
+            ("too_big", get(&self.too_big)),
+            ("bad_input", get(&self.bad_input)),
+            (
+                "send_queue",
+                overflowed.saturating_sub(unhandled_overflowed),
+            ),
+            ("unhandled_queue", unhandled_overflowed),
+            ("gateway_hold", get(&self.held_closed)),
+        ];
+        let c = &self.cluster;
+        let cluster = c.configured.load(Ordering::Relaxed).then(|| {
+            let up = get(&c.up) as u32;
+            ClusterStatus {
+                state: ClusterStatus::state_of(up, 1).into(),
+                up,
+                processes: 1,
+                connects: get(&c.connects),
+                published: get(&c.published),
+                received: get(&c.received),
+                errors: cluster::Cause::ALL
+                    .iter()
+                    .map(|cause| (cause.name().to_string(), c.error(*cause)))
+                    .collect(),
+            }
+        });
+        GatewayStatus {
+            clients: get(&self.clients),
+            queued_bytes: get(&self.queued_bytes),
+            unhandled_events: get(&self.unhandled),
+            redelivered_events: get(&self.redelivered),
+            closed: closed.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            refused: get(&self.refused),
+            cluster,
+        }
+    }
 }
 
 /// What every client task shares: the bounds, the counters, the drain signal.
@@ -197,7 +253,13 @@ pub fn run(
     let Some(rt) = startup::io_runtime() else {
         return ExitCode::FAILURE;
     };
-    let code = rt.block_on(serve(listener, channel, (slot, generation), spawned_at_ns));
+    let code = rt.block_on(serve(
+        listener,
+        channel,
+        (slot, generation),
+        spawned_at_ns,
+        master_pid,
+    ));
     rt.shutdown_background();
     code
 }
@@ -208,6 +270,7 @@ async fn serve(
     channel: StdUnixStream,
     expect: (u32, u64),
     spawned_at_ns: u64,
+    master_pid: u32,
 ) -> ExitCode {
     let since_spawn = || crate::worker::monotonic_ns().saturating_sub(spawned_at_ns) / 1000;
     let Some(Started {
@@ -272,10 +335,21 @@ async fn serve(
         successor: Default::default(),
     });
     let series = table.as_ref().and_then(|(t, cell)| t.plugin_series(*cell));
+    let cluster = gw.cluster.as_deref().map(|url| {
+        cluster::Cluster::start(
+            url,
+            &gw.business,
+            gw.link_index,
+            master_pid,
+            gateway.counters.cluster.clone(),
+            gateway.router.clone(),
+        )
+    });
     let routing = tokio::spawn(route(
         router_rx,
         gateway.clone(),
-        series.map(Series::register),
+        series.map(|s| Series::register(s, cluster.is_some())),
+        cluster,
     ));
     let ready = WorkerToMaster::Ready {
         plugin: gateway_info(),
@@ -355,6 +429,7 @@ async fn life(
                         requests: c.messages.load(Ordering::Relaxed),
                         in_flight: 0,
                         connections: c.clients.load(Ordering::Relaxed),
+                        gateway: Some(Box::new(c.status())),
                     };
                     if tx.send(&stats).await.is_err() {
                         return;
@@ -537,12 +612,19 @@ async fn route(
     mut rx: mpsc::UnboundedReceiver<router::ToRouter>,
     gateway: Arc<Gateway>,
     mut series: Option<Series>,
+    cluster: Option<cluster::Cluster>,
 ) {
     let hold = Duration::from_millis(gateway.spec.hold_ms);
     let mut router = router::Router::new(hold, gateway.spec.send_queue, gateway.cell);
+    if let Some(cluster) = cluster {
+        router.set_cluster(cluster);
+    }
     let mut tick = tokio::time::interval(
         (hold / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)),
     );
+    // The series are written at most this often (a step is one client message).
+    const SERIES_EVERY: Duration = Duration::from_millis(50);
+    let mut written = Instant::now();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -556,84 +638,209 @@ async fn route(
         c.redelivered.store(s.redelivered, Ordering::Relaxed);
         c.held_closed.store(s.held_closed, Ordering::Relaxed);
         c.unhandled.store(s.unhandled, Ordering::Relaxed);
-        if let Some(series) = &mut series {
+        c.overflowed.store(s.overflowed, Ordering::Relaxed);
+        c.unhandled_overflowed
+            .store(s.unhandled_overflowed, Ordering::Relaxed);
+        c.queued_bytes.store(s.queued_bytes, Ordering::Relaxed);
+        if let Some(series) = &mut series
+            && written.elapsed() >= SERIES_EVERY
+        {
             series.update(c);
+            written = Instant::now();
         }
     }
 }
 
 /// The gateway's own series in `/metrics`, in its cell's plugin-series slots (labelled with the
-/// group as a plugin's are): clients held, events unhandled, events redelivered, clients closed
-/// at `gateway_hold`, messages received, connections passed by plugin workers (same port),
-/// clients taken over from the predecessor.
+/// group as a plugin's are): clients held, bytes queued to them, events unhandled, events
+/// redelivered, clients closed by the host by cause, upgrades refused, messages received,
+/// connections passed by plugin workers (same port), clients taken over from the predecessor;
+/// with a cluster, the link's state, its messages each way and its errors by cause.
 struct Series {
     slots: &'static crate::worker_table::PluginSeries,
-    /// (slot index, last value written) of each, in [`Series::NAMES`] order.
+    /// (slot index, last value written) of each, in [`Series::of`] order.
     ids: Vec<Option<(usize, i64)>>,
+    cluster: bool,
 }
 
-impl Series {
-    const NAMES: [(&str, u8, &str); 7] = [
-        (
-            "gateway_clients",
-            plugin_metrics::GAUGE,
-            "WebSocket clients this gateway process holds",
-        ),
-        (
-            "gateway_unhandled_events",
-            plugin_metrics::GAUGE,
-            "client events not yet handled by a business worker",
-        ),
-        (
-            "gateway_redelivered_events",
-            plugin_metrics::COUNTER,
-            "client events sent again after their business worker left",
-        ),
-        (
-            "gateway_held_closed_clients",
-            plugin_metrics::COUNTER,
-            "clients closed with 1011 after gateway_hold without a business worker",
-        ),
-        (
-            "gateway_messages",
-            plugin_metrics::COUNTER,
-            "messages received from clients",
-        ),
-        (
-            "gateway_handoffs",
-            plugin_metrics::COUNTER,
-            "connections plugin workers passed to this gateway process (same port)",
-        ),
-        (
-            "gateway_adopted_clients",
-            plugin_metrics::COUNTER,
-            "established clients taken over from the previous gateway process (host upgrade)",
-        ),
-    ];
+/// One series: name, kind, help, its one label (name and value), if any.
+type SeriesDef = (
+    &'static str,
+    u8,
+    &'static str,
+    Option<(&'static str, &'static str)>,
+);
 
-    fn register(slots: &'static crate::worker_table::PluginSeries) -> Series {
-        let ids = Self::NAMES
+impl Series {
+    /// The series with their values now, in one fixed order (the cluster's last).
+    fn of(c: &Counters, cluster: bool) -> Vec<(SeriesDef, u64)> {
+        use plugin_metrics::{COUNTER, GAUGE};
+        let s = c.status();
+        let closed = |cause: &'static str| -> (SeriesDef, u64) {
+            (
+                (
+                    "gateway_closed_clients",
+                    COUNTER,
+                    "clients the gateway closed, by cause",
+                    Some(("cause", cause)),
+                ),
+                s.closed.get(cause).copied().unwrap_or(0),
+            )
+        };
+        let mut all = vec![
+            (
+                (
+                    "gateway_clients",
+                    GAUGE,
+                    "WebSocket clients this gateway process holds",
+                    None,
+                ),
+                s.clients,
+            ),
+            (
+                (
+                    "gateway_queued_bytes",
+                    GAUGE,
+                    "bytes queued to clients, not yet written",
+                    None,
+                ),
+                s.queued_bytes,
+            ),
+            (
+                (
+                    "gateway_unhandled_events",
+                    GAUGE,
+                    "client events not yet handled by a business worker",
+                    None,
+                ),
+                s.unhandled_events,
+            ),
+            (
+                (
+                    "gateway_redelivered_events",
+                    COUNTER,
+                    "client events sent again after their business worker left",
+                    None,
+                ),
+                s.redelivered_events,
+            ),
+            (
+                (
+                    "gateway_held_closed_clients",
+                    COUNTER,
+                    "clients closed with 1011 after gateway_hold without a business worker",
+                    None,
+                ),
+                c.held_closed.load(Ordering::Relaxed),
+            ),
+            closed("ping_timeout"),
+            closed("too_big"),
+            closed("bad_input"),
+            closed("send_queue"),
+            closed("unhandled_queue"),
+            closed("gateway_hold"),
+            (
+                (
+                    "gateway_refused_clients",
+                    COUNTER,
+                    "upgrades refused with 503 at gateway_max_clients",
+                    None,
+                ),
+                s.refused,
+            ),
+            (
+                (
+                    "gateway_messages",
+                    COUNTER,
+                    "messages received from clients",
+                    None,
+                ),
+                c.messages.load(Ordering::Relaxed),
+            ),
+            (
+                (
+                    "gateway_handoffs",
+                    COUNTER,
+                    "connections plugin workers passed to this gateway process (same port)",
+                    None,
+                ),
+                c.handed_off.load(Ordering::Relaxed),
+            ),
+            (
+                (
+                    "gateway_adopted_clients",
+                    COUNTER,
+                    "established clients taken over from the previous gateway process (host upgrade)",
+                    None,
+                ),
+                c.adopted.load(Ordering::Relaxed),
+            ),
+        ];
+        if cluster {
+            let k = &c.cluster;
+            let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            all.push((
+                (
+                    "gateway_cluster_up",
+                    GAUGE,
+                    "1 while this gateway process is linked to the cluster's Redis",
+                    None,
+                ),
+                get(&k.up),
+            ));
+            for (name, help, value) in [
+                (
+                    "gateway_cluster_published",
+                    "messages published to the other hosts",
+                    get(&k.published),
+                ),
+                (
+                    "gateway_cluster_received",
+                    "messages from the other hosts applied here",
+                    get(&k.received),
+                ),
+                (
+                    "gateway_cluster_connects",
+                    "times the link to Redis came up",
+                    get(&k.connects),
+                ),
+            ] {
+                all.push(((name, COUNTER, help, None), value));
+            }
+            for cause in cluster::Cause::ALL {
+                all.push((
+                    (
+                        "gateway_cluster_errors",
+                        COUNTER,
+                        "what did not cross hosts, by cause",
+                        Some(("cause", cause.name())),
+                    ),
+                    c.cluster.error(cause),
+                ));
+            }
+        }
+        all
+    }
+
+    fn register(slots: &'static crate::worker_table::PluginSeries, cluster: bool) -> Series {
+        let ids = Self::of(&Counters::default(), cluster)
             .iter()
-            .map(|(name, kind, help)| {
-                plugin_metrics::register(slots, *kind, name, help, &[], &[])
+            .map(|((name, kind, help, label), _)| {
+                let labels: Vec<(&str, &str)> = label.iter().copied().collect();
+                plugin_metrics::register(slots, *kind, name, help, &labels, &[])
                     .ok()
                     .map(|i| (i, 0))
             })
             .collect();
-        Series { slots, ids }
+        Series {
+            slots,
+            ids,
+            cluster,
+        }
     }
 
     fn update(&mut self, c: &Counters) {
-        let values = [
-            c.clients.load(Ordering::Relaxed),
-            c.unhandled.load(Ordering::Relaxed),
-            c.redelivered.load(Ordering::Relaxed),
-            c.held_closed.load(Ordering::Relaxed),
-            c.messages.load(Ordering::Relaxed),
-            c.handed_off.load(Ordering::Relaxed),
-            c.adopted.load(Ordering::Relaxed),
-        ];
-        for ((id, value), (_, kind, _)) in self.ids.iter_mut().zip(values).zip(Self::NAMES) {
+        for (id, ((_, kind, _, _), value)) in self.ids.iter_mut().zip(Self::of(c, self.cluster)) {
             let Some((i, last)) = id else { continue };
             let value = value.min(i64::MAX as u64) as i64;
             if kind == plugin_metrics::GAUGE {

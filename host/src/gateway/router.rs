@@ -18,7 +18,9 @@
 //! It also keeps who is who: the uid each client is bound to and the groups it joined (a uid or
 //! group name at most [`MAX_NAME`] bytes, at most [`MAX_GROUPS`] groups a client), sends to a
 //! client, a uid, a group or everyone (with exclusions), and answers presence questions for this
-//! process's clients.
+//! process's clients. With a cluster ([`super::cluster`]), a command a worker marked for it
+//! (`BusinessToGateway::Cluster`) is also handed to the cluster's queue, and what other hosts
+//! send or ask is applied to this process's clients.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -89,6 +91,8 @@ pub(crate) enum ToRouter {
         client: ClientId,
         reply: oneshot::Sender<Option<HandedClient>>,
     },
+    /// From the other hosts of the cluster.
+    Cluster(super::cluster::FromCluster),
 }
 
 /// What a client is, as one gateway process hands it to its successor: enough that the
@@ -113,6 +117,10 @@ pub(crate) struct RouterStats {
     pub(crate) overflowed: u64,
     /// Events waiting for, or at, a worker.
     pub(crate) unhandled: u64,
+    /// Of `overflowed`, those whose unhandled events passed it (1013; the rest: 1008).
+    pub(crate) unhandled_overflowed: u64,
+    /// Bytes queued to clients, not yet written (read at each tick).
+    pub(crate) queued_bytes: u64,
 }
 
 struct Pending {
@@ -187,6 +195,8 @@ pub(crate) struct Router {
     groups: HashMap<String, BTreeSet<ClientId>>,
     pub(crate) stats: RouterStats,
     cell: Option<&'static crate::counters::Counters>,
+    /// The other hosts, when `cluster` is set.
+    cluster: Option<super::cluster::Cluster>,
 }
 
 static CLOSED: RateLimit = RateLimit::per_second();
@@ -212,7 +222,13 @@ impl Router {
             groups: HashMap::new(),
             stats: RouterStats::default(),
             cell,
+            cluster: None,
         }
+    }
+
+    /// Carries the commands marked for the cluster to the other hosts from now on.
+    pub(crate) fn set_cluster(&mut self, cluster: super::cluster::Cluster) {
+        self.cluster = Some(cluster);
     }
 
     pub(crate) fn handle(&mut self, msg: ToRouter, now: Instant) {
@@ -253,6 +269,56 @@ impl Router {
             ToRouter::Export { client, reply } => {
                 let _ = reply.send(self.export(client));
             }
+            ToRouter::Cluster(msg) => self.cluster_said(msg),
+        }
+    }
+
+    /// What another host sent or asked, or the answer to a question this process asked.
+    fn cluster_said(&mut self, msg: super::cluster::FromCluster) {
+        use super::cluster::FromCluster;
+        match msg {
+            FromCluster::Send { to, message } => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.applied();
+                }
+                // Exclusions are client ids of the sending host: none applies here.
+                let message = message.into_message();
+                for id in self.recipients(&to) {
+                    // A clone shares the bytes: a broadcast holds its message once.
+                    self.send(id, message.clone());
+                }
+            }
+            FromCluster::Ask { reply, id, query } => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.applied();
+                }
+                if let (Some(cluster), Answer::Count(n)) = (&self.cluster, self.answer(&query)) {
+                    cluster.answer(reply, id, n);
+                }
+            }
+            FromCluster::Answered { link, id, count } => {
+                if let Some(l) = self.links.get(&link) {
+                    let answer = Answer::Count(count);
+                    let _ = l.tx.send(GatewayToBusiness::Answer { id, answer });
+                }
+            }
+        }
+    }
+
+    /// This process's answer to a presence question.
+    fn answer(&self, query: &Query) -> Answer {
+        match query {
+            Query::UidCount(uid) => Answer::Count(self.uids.get(uid).map_or(0, |s| s.len() as u64)),
+            Query::GroupCount(g) => Answer::Count(self.groups.get(g).map_or(0, |s| s.len() as u64)),
+            Query::GroupMembers(g) => Answer::Members(
+                self.groups
+                    .get(g)
+                    .into_iter()
+                    .flatten()
+                    .take(MAX_MEMBERS)
+                    .copied()
+                    .collect(),
+            ),
         }
     }
 
@@ -320,6 +386,11 @@ impl Router {
 
     fn count_unhandled(&mut self) {
         self.stats.unhandled = self.clients.values().map(|c| c.queue.len() as u64).sum();
+        self.stats.queued_bytes = self
+            .clients
+            .values()
+            .map(|c| c.queued.load(Ordering::Relaxed) as u64)
+            .sum();
     }
 
     fn event(&mut self, id: ClientId, event: ClientEvent, now: Instant) {
@@ -491,10 +562,7 @@ impl Router {
                 except,
             } => {
                 let except: BTreeSet<ClientId> = except.into_iter().collect();
-                let message = match message {
-                    Payload::Text(t) => Message::Text(t.into()),
-                    Payload::Binary(b) => Message::Binary(b.into()),
-                };
+                let message = message.into_message();
                 for id in self.recipients(&to) {
                     if !except.contains(&id) {
                         // A clone shares the bytes: a broadcast holds its message once.
@@ -513,27 +581,44 @@ impl Router {
                 }
             }
             BusinessToGateway::Query { id, query } => {
-                let answer = match &query {
-                    Query::UidCount(uid) => {
-                        Answer::Count(self.uids.get(uid).map_or(0, |s| s.len() as u64))
-                    }
-                    Query::GroupCount(g) => {
-                        Answer::Count(self.groups.get(g).map_or(0, |s| s.len() as u64))
-                    }
-                    Query::GroupMembers(g) => Answer::Members(
-                        self.groups
-                            .get(g)
-                            .into_iter()
-                            .flatten()
-                            .take(MAX_MEMBERS)
-                            .copied()
-                            .collect(),
-                    ),
-                };
+                let answer = self.answer(&query);
                 if let Some(l) = self.links.get(&link) {
                     let _ = l.tx.send(GatewayToBusiness::Answer { id, answer });
                 }
             }
+            BusinessToGateway::Cluster(command) => match *command {
+                BusinessToGateway::Send {
+                    to,
+                    message,
+                    except,
+                } => {
+                    if let Some(cluster) = &self.cluster {
+                        cluster.publish(to.clone(), message.clone());
+                    }
+                    let send = BusinessToGateway::Send {
+                        to,
+                        message,
+                        except,
+                    };
+                    self.link_said(link, send, now);
+                }
+                BusinessToGateway::Query { id, query } => {
+                    let local = self.answer(&query);
+                    let asked = match (&mut self.cluster, &local) {
+                        (Some(cluster), Answer::Count(n)) => {
+                            cluster.ask(link, id, query.clone(), *n)
+                        }
+                        _ => false,
+                    };
+                    if !asked && let Some(l) = self.links.get(&link) {
+                        let _ = l.tx.send(GatewayToBusiness::Answer { id, answer: local });
+                    }
+                }
+                // Only sends and questions cross hosts; a wrapped anything else (or a wrapper
+                // in a wrapper) is applied here alone.
+                BusinessToGateway::Cluster(inner) => self.link_said(link, *inner, now),
+                other => self.link_said(link, other, now),
+            },
             BusinessToGateway::Close {
                 client,
                 code,
@@ -610,15 +695,22 @@ impl Router {
         }
         for command in commands {
             let size = command.size();
-            if !matches!(
-                command,
-                BusinessToGateway::Send { .. }
-                    | BusinessToGateway::Bind { .. }
-                    | BusinessToGateway::Unbind { .. }
-                    | BusinessToGateway::Join { .. }
-                    | BusinessToGateway::Leave { .. }
-                    | BusinessToGateway::Close { .. }
-            ) {
+            let allowed = match &command {
+                // A send to many, marked for the cluster (published at the `Handled`).
+                BusinessToGateway::Cluster(inner) => {
+                    matches!(**inner, BusinessToGateway::Send { .. })
+                }
+                other => matches!(
+                    other,
+                    BusinessToGateway::Send { .. }
+                        | BusinessToGateway::Bind { .. }
+                        | BusinessToGateway::Unbind { .. }
+                        | BusinessToGateway::Join { .. }
+                        | BusinessToGateway::Leave { .. }
+                        | BusinessToGateway::Close { .. }
+                ),
+            };
+            if !allowed {
                 refused("an event's held command that is not a send, bind, join or close");
             } else if c.held_bytes + size > MAX_HELD {
                 // The worker keeps to the same bound: only a worker gone wrong gets here.
@@ -652,6 +744,9 @@ impl Router {
         if let Some(c) = self.remove(id) {
             let _ = c.out.send(Outgoing::Close(code, why));
             self.stats.overflowed += 1;
+            if code == 1013 {
+                self.stats.unhandled_overflowed += 1;
+            }
             if let Some(cell) = self.cell {
                 cell.limit_hit(Limit::GatewaySendQueue);
             }
@@ -705,6 +800,16 @@ impl Router {
             l.clients = l.clients.saturating_sub(1);
         }
         Some(c)
+    }
+}
+
+impl Payload {
+    /// The WebSocket message, whose clones share its bytes.
+    fn into_message(self) -> Message {
+        match self {
+            Payload::Text(t) => Message::Text(t.into()),
+            Payload::Binary(b) => Message::Binary(b.into()),
+        }
     }
 }
 
@@ -941,6 +1046,60 @@ mod tests {
             out.push(t.as_str().to_owned());
         }
         out
+    }
+
+    #[test]
+    fn what_is_marked_for_the_cluster_is_applied_here_once_and_other_hosts_sends_too() {
+        use crate::gateway::cluster::FromCluster;
+        let mut f = Fixture::new();
+        let mut a = f.link(1);
+        let mut c7 = f.client(7);
+        let mut c8 = f.client(8);
+        for client in [7, 8] {
+            let group = "room".into();
+            said(&mut f, BusinessToGateway::Join { client, group });
+        }
+        let _ = events(&mut a);
+        // Without a cluster, a marked send or question is the command alone.
+        let send = BusinessToGateway::Send {
+            to: Target::Group("room".into()),
+            message: Payload::Text("hi".into()),
+            except: vec![8],
+        };
+        said(&mut f, BusinessToGateway::Cluster(Box::new(send)));
+        let query = BusinessToGateway::Query {
+            id: 4,
+            query: Query::GroupCount("room".into()),
+        };
+        said(&mut f, BusinessToGateway::Cluster(Box::new(query)));
+        assert_eq!(texts(&mut c7), ["hi"]);
+        assert!(texts(&mut c8).is_empty());
+        let answer = GatewayToBusiness::Answer {
+            id: 4,
+            answer: Answer::Count(2),
+        };
+        assert_eq!(a.try_recv().ok(), Some(answer));
+        // Another host's send reaches the group here (its exclusions are its own clients'
+        // ids, so none applies); the cluster's sum for a question goes to the asking link.
+        let from = |msg| ToRouter::Cluster(msg);
+        let remote = FromCluster::Send {
+            to: Target::Group("room".into()),
+            message: Payload::Text("from afar".into()),
+        };
+        f.router.handle(from(remote), f.now);
+        assert_eq!(texts(&mut c7), ["from afar"]);
+        assert_eq!(texts(&mut c8), ["from afar"]);
+        let sum = FromCluster::Answered {
+            link: 1,
+            id: 5,
+            count: 9,
+        };
+        f.router.handle(from(sum), f.now);
+        let answer = GatewayToBusiness::Answer {
+            id: 5,
+            answer: Answer::Count(9),
+        };
+        assert_eq!(a.try_recv().ok(), Some(answer));
     }
 
     #[test]

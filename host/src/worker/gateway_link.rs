@@ -29,6 +29,12 @@
 //! as handled (a `Connect` is refused `504`), logged at most once a second and counted
 //! (`host_limit_hits{limit="gateway_event_timeout"}`). A new worker waits (a bounded time,
 //! [`Links::welcomed`]) until every gateway answered its `Hello` before it says `Ready`.
+//!
+//! A send to a uid, a group or everyone is marked for the cluster (`BusinessToGateway::Cluster`)
+//! on one link only: for an event's commands, its own gateway's (inside its `Held` frames, so it
+//! is published once, at the `Handled`); for other commands, the first connected link. That
+//! gateway alone carries it to the other hosts (`gateway/cluster.rs`); a count question is
+//! marked the same way.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -113,6 +119,9 @@ struct LinkHandle {
     tx: mpsc::UnboundedSender<Out>,
     /// Commands in `tx` not yet written.
     queued: AtomicUsize,
+    /// `Handled` answers in `tx` not yet written: a drain waits for those of a connected link
+    /// (a worker that exited with them unwritten would see its events redelivered).
+    unwritten: AtomicUsize,
     connected: AtomicBool,
     /// Its gateway answered this connection's `Hello`.
     welcomed: AtomicBool,
@@ -177,6 +186,7 @@ impl Links {
                 let handle = LinkHandle {
                     tx,
                     queued: AtomicUsize::new(0),
+                    unwritten: AtomicUsize::new(0),
                     connected: AtomicBool::new(false),
                     welcomed: AtomicBool::new(false),
                 };
@@ -228,8 +238,17 @@ impl Links {
         {
             return Err(CommandError::Full);
         }
+        // A send to many goes to the other hosts too, through one gateway only (see
+        // `BusinessToGateway::Cluster`); a plugin's own `Cluster` never reaches here.
+        let publisher = is_broadcast(&command).then(|| publisher(links, to.clone()));
         for i in to {
-            queue(&links[i], command.clone());
+            match publisher {
+                Some(p) if p == i => queue(
+                    &links[i],
+                    BusinessToGateway::Cluster(Box::new(command.clone())),
+                ),
+                _ => queue(&links[i], command.clone()),
+            }
         }
         Ok(())
     }
@@ -313,11 +332,17 @@ impl Links {
                 done: Some(done),
             },
         );
+        // A count is the cluster's: one gateway asks the other hosts too and answers the sum.
+        let mut publish = !matches!(query, Query::GroupMembers(_));
         for l in up {
-            let _ = l.tx.send(Out::Command(BusinessToGateway::Query {
+            let mut msg = BusinessToGateway::Query {
                 id,
                 query: query.clone(),
-            }));
+            };
+            if std::mem::take(&mut publish) {
+                msg = BusinessToGateway::Cluster(Box::new(msg));
+            }
+            let _ = l.tx.send(Out::Command(msg));
         }
         let got = tokio::time::timeout(within, answer).await;
         lock(&self.common.queries).remove(&id);
@@ -327,9 +352,14 @@ impl Links {
         }
     }
 
-    /// Events whose handler has not returned.
+    /// Events whose handler has not returned, or whose `Handled` a connected link has not
+    /// written yet (a drain ends once both are done).
     pub fn in_flight(&self) -> usize {
-        self.common.in_flight.load(Ordering::Relaxed)
+        let unwritten: usize = (self.common.links.iter())
+            .filter(|l| l.connected.load(Ordering::Relaxed))
+            .map(|l| l.unwritten.load(Ordering::Relaxed))
+            .sum();
+        self.common.in_flight.load(Ordering::Relaxed) + unwritten
     }
 }
 
@@ -392,6 +422,34 @@ fn held_frames(
             commands,
         })
         .collect()
+}
+
+/// Which of `to` carries a command to the cluster: the first connected (else the first).
+fn publisher(links: &[LinkHandle], to: std::ops::Range<usize>) -> usize {
+    to.clone()
+        .find(|&i| links[i].connected.load(Ordering::Relaxed))
+        .unwrap_or(to.start)
+}
+
+/// A send to a uid, a group or everyone (what the cluster carries to the other hosts).
+fn is_broadcast(command: &BusinessToGateway) -> bool {
+    use crate::gateway::link::Target;
+    matches!(
+        command,
+        BusinessToGateway::Send {
+            to: Target::Uid(_) | Target::Group(_) | Target::All,
+            ..
+        }
+    )
+}
+
+/// A question (not counted in a link's waiting commands), bare or for the cluster.
+fn is_query(msg: &BusinessToGateway) -> bool {
+    match msg {
+        BusinessToGateway::Query { .. } => true,
+        BusinessToGateway::Cluster(inner) => is_query(inner),
+        _ => false,
+    }
 }
 
 /// The one client a command is about, if it is about one.
@@ -521,20 +579,32 @@ impl LinkTask {
                     let Some(out) = out else { return };
                     let (held, msg) = match out {
                         Out::Command(msg) => {
-                            if !matches!(msg, BusinessToGateway::Query { .. }) {
+                            if !is_query(&msg) {
                                 self.common.links[self.index].queued.fetch_sub(1, Ordering::Relaxed);
                             }
                             (Vec::new(), msg)
                         }
                         // An answer for an earlier connection: that event went elsewhere, and
                         // its commands with it (the redelivery makes them again).
-                        Out::Handled { epoch: e, .. } if e != epoch => continue,
+                        Out::Handled { epoch: e, .. } if e != epoch => {
+                            self.common.links[self.index].unwritten.fetch_sub(1, Ordering::Relaxed);
+                            continue;
+                        }
                         Out::Handled { held, msg, .. } => (held, msg),
                     };
+                    let answer = matches!(msg, BusinessToGateway::Handled { .. });
+                    let mut written = true;
                     for frame in held.iter().chain(std::iter::once(&msg)) {
                         if tx.send(frame).await.is_err() {
-                            return;
+                            written = false;
+                            break;
                         }
+                    }
+                    if answer {
+                        self.common.links[self.index].unwritten.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    if !written {
+                        return;
                     }
                 }
                 changed = self.draining.changed(), if !said_draining && !drain_gone => {
@@ -598,15 +668,23 @@ impl LinkTask {
             let mut own = Vec::new();
             for command in commands {
                 let to = route(&common.links, &command);
+                // A send to many reaches the other hosts from the event's own gateway, at
+                // its `Handled` (once, as the rest of what the handler made there).
+                let broadcast = is_broadcast(&command);
                 if to == (index..index + 1) {
-                    own.push(command);
+                    own.push(match broadcast {
+                        true => BusinessToGateway::Cluster(Box::new(command)),
+                        false => command,
+                    });
                     continue;
                 }
                 for i in to {
-                    if i == index {
-                        own.push(command.clone());
-                    } else {
+                    if i != index {
                         queue(&common.links[i], command.clone());
+                    } else if broadcast {
+                        own.push(BusinessToGateway::Cluster(Box::new(command.clone())));
+                    } else {
+                        own.push(command.clone());
                     }
                 }
             }
@@ -617,9 +695,11 @@ impl LinkTask {
                 refuse: outcome.refuse.filter(|s| (400..=599).contains(s)),
             };
             let held = held_frames(client, seq, own);
-            let _ = common.links[index]
-                .tx
-                .send(Out::Handled { epoch, held, msg });
+            let link = &common.links[index];
+            link.unwritten.fetch_add(1, Ordering::Relaxed);
+            if link.tx.send(Out::Handled { epoch, held, msg }).is_err() {
+                link.unwritten.fetch_sub(1, Ordering::Relaxed);
+            }
             common.in_flight.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -937,8 +1017,14 @@ mod tests {
             })
         };
         for (i, gw) in gws.iter_mut().enumerate() {
-            let BusinessToGateway::Query { id, query } = gw.next().await else {
-                panic!("not a query")
+            // The first gateway asks the rest of the cluster as well, the others do not.
+            let msg = match (i, gw.next().await) {
+                (0, BusinessToGateway::Cluster(inner)) => *inner,
+                (0, other) => panic!("the first link's question is not for the cluster: {other:?}"),
+                (_, other) => other,
+            };
+            let BusinessToGateway::Query { id, query } = msg else {
+                panic!("not a query: {msg:?}")
             };
             assert_eq!(query, Query::UidCount("ann".into()));
             let answer = GatewayToBusiness::Answer {
@@ -964,7 +1050,11 @@ mod tests {
         };
         links.command(uid.clone()).unwrap();
         assert_eq!(gws[0].next().await, BusinessToGateway::Unbind { client: 1 });
-        assert_eq!(gws[0].next().await, uid);
+        // The first connected link carries it to the cluster, the others only here.
+        assert_eq!(
+            gws[0].next().await,
+            BusinessToGateway::Cluster(Box::new(uid.clone()))
+        );
         assert_eq!(
             gws[1].next().await,
             BusinessToGateway::Unbind { client: second }
@@ -982,7 +1072,8 @@ mod tests {
         let dir = Dir::new("held");
         let (_listeners, links, _drain, mut gws) = two_gateways(&dir).await;
         // A send to everyone from gateway 0's event: gateway 1 gets it as a plain command (at
-        // least once), gateway 0 held for the event, then its Handled.
+        // least once), gateway 0 held for the event (and marked for the cluster), then its
+        // Handled.
         gws[0].event(1, 1, "all").await;
         let BusinessToGateway::Send { .. } = gws[1].next().await else {
             panic!("gateway 1 gets the send as a plain command")
@@ -995,7 +1086,11 @@ mod tests {
         else {
             panic!("gateway 0 gets the send held for its event")
         };
-        assert!(matches!(&commands[..], [BusinessToGateway::Send { .. }]));
+        // Marked for the cluster there: the event's own gateway publishes it, once.
+        assert!(
+            matches!(&commands[..], [BusinessToGateway::Cluster(c)] if matches!(**c, BusinessToGateway::Send { .. })),
+            "{commands:?}"
+        );
         assert_eq!(gws[0].next().await, handled(1, 1, 2));
         // A command with no running event's token (an HTTP handler's) leaves at once.
         let unbind = BusinessToGateway::Unbind { client: 5 };

@@ -440,6 +440,7 @@ impl EventLoop {
                     requests: tally.requests.load(Ordering::Relaxed),
                     in_flight: tally.in_flight.load(Ordering::Relaxed),
                     connections: *tally.connections.borrow(),
+                    gateway: None,
                 };
                 let _ = self.tx.send(&stats).await;
             }

@@ -202,6 +202,8 @@ struct Worker {
     requests: u64,
     in_flight: u64,
     connections: u64,
+    /// A gateway process's figures, as it last reported them.
+    gateway: Option<crate::protocol::GatewayStatus>,
     ready_at: Option<Instant>,
     start_error: Option<String>,
     startup: Option<StartupTimings>,
@@ -449,7 +451,13 @@ impl Supervisor {
                     requests,
                     in_flight,
                     connections,
-                } => self.on_stats(id, requests, in_flight, connections),
+                    gateway,
+                } => {
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.gateway = gateway.map(|g| *g);
+                    }
+                    self.on_stats(id, requests, in_flight, connections)
+                }
                 WorkerToMaster::RecycleMe { reason, by_plugin } => {
                     self.request_recycle(id, reason, by_plugin)
                 }

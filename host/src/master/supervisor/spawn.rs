@@ -160,6 +160,7 @@ impl Supervisor {
                 requests: 0,
                 in_flight: 0,
                 connections: 0,
+                gateway: None,
                 ready_at: None,
                 start_error: None,
                 startup: None,

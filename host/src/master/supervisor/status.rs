@@ -63,9 +63,18 @@ impl Supervisor {
                     plugin: w.plugin.clone(),
                     config_sha256: w.generation.config.sha256.clone(),
                     startup_us: w.startup.clone(),
+                    gateway: w.gateway.clone(),
                 })
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // A gateway group's figures: its live processes' added up.
+        let gateway = self.cfg.gateway.as_ref().map(|_| {
+            let mut sum = crate::protocol::GatewayStatus::default();
+            for g in workers.iter().filter_map(|w| w.gateway.as_ref()) {
+                sum.add(g);
+            }
+            sum
+        });
         let report = StatusReport {
             master_pid: std::process::id(),
             master_rss_bytes: self.fx.rss_bytes(std::process::id()),
@@ -93,6 +102,7 @@ impl Supervisor {
             group: self.cfg.group.clone(),
             reloadable: self.cfg.reloadable,
             rolling_out: self.rollout.is_some() || self.snapshotting.is_some(),
+            gateway,
             groups: Vec::new(),
         };
         let _ = reply.send(ControlResponse::Status(Box::new(report)));
