@@ -160,6 +160,19 @@ pub fn axum_plugin() -> PathBuf {
         .clone()
 }
 
+/// The chat example plugin (`example-chat`: gateway events, rooms, nicks), built once per
+/// process.
+pub fn chat_plugin() -> PathBuf {
+    static BUILD: OnceLock<PathBuf> = OnceLock::new();
+    BUILD
+        .get_or_init(|| {
+            let dest = nested_target().join("example-chat.so");
+            cargo_build("example-chat", &[], "libexample_chat.so", &dest);
+            dest
+        })
+        .clone()
+}
+
 /// The example plugin built with `EXAMPLE_GREETING=greeting`.
 pub fn greeting_plugin(greeting: &str) -> PathBuf {
     example_plugin(&[("EXAMPLE_GREETING", greeting)])
