@@ -225,8 +225,10 @@ fn quantile(v: &mut [u64], q: f64) -> u64 {
 struct EchoLog {
     sent: u64,
     answered: u64,
-    /// Answers out of order, or twice.
+    /// Answers that came before an earlier one (a gap).
     reordered: u64,
+    /// Answers that came again (an earlier one repeated).
+    repeated: u64,
     disconnected: bool,
     /// (when the echo was sent, since the start; its latency), in µs.
     samples: Vec<(u64, u64)>,
@@ -272,6 +274,7 @@ async fn reload_echo(a: ReloadEchoArgs) {
         all.sent += log.sent;
         all.answered += log.answered;
         all.reordered += log.reordered;
+        all.repeated += log.repeated;
         disconnects += usize::from(log.disconnected);
         gens.extend(log.gens);
         for (at, lat) in log.samples {
@@ -286,13 +289,14 @@ async fn reload_echo(a: ReloadEchoArgs) {
     let ms = |us: u64| us as f64 / 1000.0;
     let (s99, d99) = (quantile(&mut steady, 0.99), quantile(&mut during, 0.99));
     println!(
-        "clients={} reloads={} sent={} answered={} lost={} reordered={} disconnects={} generations={:?}",
+        "clients={} reloads={} sent={} answered={} lost={} reordered={} repeated={} disconnects={} generations={:?}",
         a.clients,
         a.reloads,
         all.sent,
         all.answered,
         all.sent - all.answered,
         all.reordered,
+        all.repeated,
         disconnects,
         gens
     );
@@ -375,8 +379,18 @@ async fn echo_client(
         let (Ok(g), Ok(k)) = (g.parse::<u64>(), rest.parse::<u64>()) else {
             continue;
         };
+        // Out of order: a repeat of an answered one (k < next) or a gap (k > next).
         if k != next {
-            log.reordered += 1;
+            if k < next {
+                log.repeated += 1;
+            } else {
+                log.reordered += 1;
+            }
+            // The first few, to see what went wrong (a repeat, a gap).
+            static SHOWN: AtomicU64 = AtomicU64::new(0);
+            if SHOWN.fetch_add(1, Ordering::Relaxed) < 10 {
+                eprintln!("client {i}: answer {k} (gen {g}) when {next} was next");
+            }
         }
         if k >= next {
             next = k + 1;
