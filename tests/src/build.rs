@@ -163,14 +163,10 @@ pub fn axum_plugin() -> PathBuf {
 /// The chat example plugin (`example-chat`: gateway events, rooms, nicks), built once per
 /// process.
 pub fn chat_plugin() -> PathBuf {
-    static BUILD: OnceLock<PathBuf> = OnceLock::new();
-    BUILD
-        .get_or_init(|| {
-            let dest = nested_target().join("example-chat.so");
-            cargo_build("example-chat", &[], "libexample_chat.so", &dest);
-            dest
-        })
-        .clone()
+    static BUILT: Built = OnceLock::new();
+    built_once(&BUILT, "example-chat.so".into(), |dest| {
+        cargo_build("example-chat", &[], "libexample_chat.so", dest)
+    })
 }
 
 /// The example plugin built with `EXAMPLE_GREETING=greeting`.

@@ -10,11 +10,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::SinkExt as _;
 use http_body_util::{BodyExt as _, Full};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use tests::build::chat_plugin;
+use tests::gateway::{bursts_through_reload, texts, ws_when_room};
 use tests::groups::{group_addr, group_generation, group_pids};
 use tests::{Host, HostOptions, Ws, get, host_bin, workspace};
 
@@ -27,28 +28,6 @@ async fn chat_host() -> Host {
         ..HostOptions::default()
     };
     Host::start(&chat_plugin(), opts).await
-}
-
-async fn connect(addr: SocketAddr) -> Ws {
-    let (ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/chat"))
-        .await
-        .expect("WebSocket handshake");
-    assert_eq!(resp.status(), 101);
-    ws
-}
-
-/// The next `k` text messages on `ws` (pings answered on the way), 20 s at most each; a Close
-/// or an error fails the test (a client disconnected).
-async fn texts(ws: &mut Ws, k: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    while out.len() < k {
-        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => out.push(t.to_string()),
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
-            other => panic!("expected text {} of {k}, got {other:?}", out.len() + 1),
-        }
-    }
-    out
 }
 
 /// Sends `line` and returns the one answer.
@@ -93,10 +72,10 @@ async fn every_chat_command_its_errors_the_notify_and_the_page() {
     assert!(!page.body.contains("src=\"http") && !page.body.contains("href=\"http"));
 
     let (mut ann, mut bob, mut bob2, mut eve) = (
-        connect(gw).await,
-        connect(gw).await,
-        connect(gw).await,
-        connect(gw).await,
+        ws_when_room(gw).await,
+        ws_when_room(gw).await,
+        ws_when_room(gw).await,
+        ws_when_room(gw).await,
     );
     assert_eq!(
         ask(&mut ann, "echo hi there").await,
@@ -245,7 +224,7 @@ async fn chat_clients_keep_order_and_sessions_through_a_business_reload() {
     let gw_pids = group_pids(&status, "gw");
     let mut clients = Vec::new();
     for i in 0..6 {
-        let mut ws = connect(gw).await;
+        let mut ws = ws_when_room(gw).await;
         assert_eq!(
             ask(&mut ws, &format!("nick c{i}")).await,
             format!("nick c{i}")
@@ -257,18 +236,10 @@ async fn chat_clients_keep_order_and_sessions_through_a_business_reload() {
     echo_burst(&mut clients, &mut answers, 0..5).await;
     // Bursts of 5 a client while the reload replaces both workers, then one more.
     let reload = host.spawn_cli(&["reload", "app"]);
-    let mut next = 5;
-    loop {
-        let finished = reload.is_finished();
-        echo_burst(&mut clients, &mut answers, next..next + 5).await;
-        next += 5;
-        assert!(next < 5000, "the reload never ended");
-        if finished {
-            break;
-        }
-    }
-    let out = reload.await.unwrap();
-    assert!(out.status.success(), "{}", host.explain(&out));
+    let mut next = bursts_through_reload(&host, reload, 5, async |range| {
+        echo_burst(&mut clients, &mut answers, range).await
+    })
+    .await;
     let status = host.status().await;
     let new = group_generation(&status, "app");
     assert!(new > old, "no new generation: {status:?}");
