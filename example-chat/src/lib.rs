@@ -28,19 +28,26 @@
 //!   (`ws_port`: 8081 by default, the gateway's port in `example-chat/host.toml`).
 //! - `POST /rooms/{room}/notify`: pushes its body (UTF-8, at most [`MAX_NOTIFY`] bytes) into the
 //!   room as `ROOM: BODY`, through the `Gateway` handle from an HTTP handler; answers
-//!   `sent to N clients` (the room's size), `400`, `413`, or `503` when the worker has no
-//!   gateway.
+//!   `sent to N clients` (the room's size), `400`, `405`, `413`, or `503` when the worker has
+//!   no gateway.
 //!
-//! It never blocks a handler, holds no state of its own (everything is in the sessions and the
-//! gateway's tables) and has no `unsafe`.
+//! Each refusal is counted in `/metrics` as `chat_refused_total{reason}` (`command`: unknown or
+//! malformed, `name`, `rooms`, `nick_first`, `not_member`, `offline`, `binary`, `notify`) and
+//! logged at most once a second per worker.
+//!
+//! It never blocks a handler, keeps nothing about a client itself (that is in the sessions and
+//! the gateway's tables) and has no `unsafe`.
 
 #![deny(unsafe_code)]
 
 use plugin_api::gateway::{EventContext, Gateway, GatewayEvent};
 use plugin_api::http::{self, Method, StatusCode};
 use plugin_api::http_body_util::{BodyExt as _, Limited};
+use plugin_api::metrics::Counter;
 use plugin_api::{Body, BoxError, Bytes, Dispatch, Plugin, Request, Response, WorkerContext};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Longest nick or room name, in bytes.
 pub const MAX_NAME: usize = 32;
@@ -76,26 +83,44 @@ pub struct Chat {
     generation: u64,
     /// The page, with its WebSocket address filled in.
     page: Bytes,
+    /// `chat_refused_total{reason}`, in [`REASONS`] order.
+    refused: Vec<Counter>,
 }
 
-/// What one command does: the line answered to the sender (if any) and the session to keep
-/// (if changed).
+/// Why input was refused: the `reason` label of `chat_refused_total`.
+const REASONS: [&str; 8] = [
+    "command",
+    "name",
+    "rooms",
+    "nick_first",
+    "not_member",
+    "offline",
+    "binary",
+    "notify",
+];
+
+/// What one command does: the line answered to the sender (if any), the session to keep (if
+/// changed), and why it was refused (a [`REASONS`] entry).
 #[derive(Debug, Default, PartialEq)]
 struct Outcome {
     answer: Option<String>,
     session: Option<Session>,
+    refused: Option<&'static str>,
 }
 
 impl Outcome {
     fn answer(line: impl Into<String>) -> Outcome {
         Outcome {
             answer: Some(line.into()),
-            session: None,
+            ..Outcome::default()
         }
     }
 
-    fn error(why: impl std::fmt::Display) -> Outcome {
-        Outcome::answer(format!("error: {why}"))
+    fn refuse(reason: &'static str, why: impl std::fmt::Display) -> Outcome {
+        Outcome {
+            refused: Some(reason),
+            ..Outcome::answer(format!("error: {why}"))
+        }
     }
 }
 
@@ -125,24 +150,25 @@ enum Command<'a> {
 const USAGE: &str =
     "commands: echo TEXT, nick NAME, join ROOM, leave ROOM, say ROOM TEXT, to NAME TEXT, session";
 
-fn parse(text: &str) -> Result<Command<'_>, String> {
+/// A command, or why it is refused: a [`REASONS`] entry and the error line's text.
+fn parse(text: &str) -> Result<Command<'_>, (&'static str, String)> {
     let (verb, rest) = text.split_once(' ').unwrap_or((text, ""));
     let name_then_text = |what: &str| match rest.split_once(' ') {
         Some((name, text)) if !text.is_empty() => {
-            check_name(what, name)?;
+            check_name(what, name).map_err(|e| ("name", e))?;
             Ok((name, text))
         }
-        _ => Err(format!("usage: {verb} {} TEXT", what.to_uppercase())),
+        _ => Err((
+            "command",
+            format!("usage: {verb} {} TEXT", what.to_uppercase()),
+        )),
     };
-    let one_name = |what: &str| {
-        check_name(what, rest).map_err(|e| {
-            if rest.is_empty() {
-                format!("usage: {verb} {}", what.to_uppercase())
-            } else {
-                e
-            }
-        })?;
-        Ok::<_, String>(rest)
+    let one_name = |what: &str| match check_name(what, rest) {
+        Ok(()) => Ok(rest),
+        Err(_) if rest.is_empty() => {
+            Err(("command", format!("usage: {verb} {}", what.to_uppercase())))
+        }
+        Err(e) => Err(("name", e)),
     };
     Ok(match verb {
         "echo" => Command::Echo(rest),
@@ -160,7 +186,7 @@ fn parse(text: &str) -> Result<Command<'_>, String> {
         "session" if rest.is_empty() => Command::Session,
         _ => {
             let verb: String = verb.chars().take(MAX_NAME).collect();
-            return Err(format!("unknown command {verb:?}; {USAGE}"));
+            return Err(("command", format!("unknown command {verb:?}; {USAGE}")));
         }
     })
 }
@@ -170,7 +196,7 @@ impl Chat {
     async fn command(&self, gw: Gateway, client: u64, session: &Session, text: &str) -> Outcome {
         let command = match parse(text) {
             Ok(c) => c,
-            Err(e) => return Outcome::error(e),
+            Err((reason, why)) => return Outcome::refuse(reason, why),
         };
         let sent = match command {
             Command::Echo(text) => {
@@ -181,16 +207,17 @@ impl Chat {
                 return Outcome::answer(json);
             }
             Command::Nick(name) => gw.bind(client, name).map(|()| Outcome {
-                answer: Some(format!("nick {name}")),
                 session: Some(Session {
                     nick: Some(name.to_owned()),
                     ..session.clone()
                 }),
+                ..Outcome::answer(format!("nick {name}"))
             }),
             Command::Join(room) => {
                 let known = session.rooms.iter().any(|r| r == room);
                 if !known && session.rooms.len() >= MAX_ROOMS {
-                    return Outcome::error(format!("at most {MAX_ROOMS} rooms; leave one first"));
+                    let why = format!("at most {MAX_ROOMS} rooms; leave one first");
+                    return Outcome::refuse("rooms", why);
                 }
                 gw.join(client, room).map(|()| {
                     let mut session = session.clone();
@@ -198,8 +225,8 @@ impl Chat {
                         session.rooms.push(room.to_owned());
                     }
                     Outcome {
-                        answer: Some(format!("joined {room}")),
                         session: Some(session),
+                        ..Outcome::answer(format!("joined {room}"))
                     }
                 })
             }
@@ -207,26 +234,28 @@ impl Chat {
                 let mut session = session.clone();
                 session.rooms.retain(|r| r != room);
                 Outcome {
-                    answer: Some(format!("left {room}")),
                     session: Some(session),
+                    ..Outcome::answer(format!("left {room}"))
                 }
             }),
             Command::Say(room, text) => {
                 let Some(nick) = &session.nick else {
-                    return Outcome::error("set a nick first: nick NAME");
+                    return Outcome::refuse("nick_first", "set a nick first: nick NAME");
                 };
                 if !session.rooms.iter().any(|r| r == room) {
-                    return Outcome::error(format!("join {room} first"));
+                    return Outcome::refuse("not_member", format!("join {room} first"));
                 }
                 gw.send_to_group(room, format!("{room} {nick}: {text}"), &[])
                     .map(|()| Outcome::default())
             }
             Command::To(name, text) => {
                 let Some(nick) = &session.nick else {
-                    return Outcome::error("set a nick first: nick NAME");
+                    return Outcome::refuse("nick_first", "set a nick first: nick NAME");
                 };
                 match gw.is_online(name).await {
-                    Ok(false) => return Outcome::error(format!("no one is called {name}")),
+                    Ok(false) => {
+                        return Outcome::refuse("offline", format!("no one is called {name}"));
+                    }
                     Ok(true) => gw
                         .send_to_uid(name, format!("from {nick}: {text}"), &[])
                         .map(|()| Outcome::default()),
@@ -234,11 +263,20 @@ impl Chat {
                 }
             }
         };
-        sent.unwrap_or_else(Outcome::error)
+        // The gateway refused or is unreachable: the host counted and logged it.
+        sent.unwrap_or_else(|e| Outcome::answer(format!("error: {e}")))
     }
 
-    /// `POST /rooms/{room}/notify`.
+    /// `POST /rooms/{room}/notify`; a `4xx` is counted as a `notify` refusal.
     async fn notify(&self, req: http::Request<Body>, room: &str) -> http::Response<Body> {
+        let resp = self.notify_inner(req, room).await;
+        if resp.status().is_client_error() {
+            self.refused("notify", resp.status().as_str());
+        }
+        resp
+    }
+
+    async fn notify_inner(&self, req: http::Request<Body>, room: &str) -> http::Response<Body> {
         if req.method() != Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into());
         }
@@ -273,6 +311,26 @@ impl Chat {
     }
 }
 
+impl Chat {
+    /// Counts a refusal and logs it, at most one line a second for the worker.
+    fn refused(&self, reason: &'static str, why: &str) {
+        static LOGGED_AT: AtomicU64 = AtomicU64::new(0);
+        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
+            self.refused[i].inc();
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if LOGGED_AT.swap(now, Ordering::Relaxed) != now {
+            tracing::info!(
+                reason,
+                why,
+                "chat input refused (at most one line a second)"
+            );
+        }
+    }
+}
+
 fn text(status: StatusCode, body: String) -> http::Response<Body> {
     let mut resp = http::Response::new(Body::from(body));
     *resp.status_mut() = status;
@@ -297,9 +355,17 @@ impl Plugin for Chat {
 
     fn on_worker_start(ctx: &WorkerContext) -> Result<Self, BoxError> {
         let config: ChatConfig = ctx.config()?;
+        let refused = REASONS
+            .iter()
+            .map(|r| {
+                let help = "chat input refused with an error answer, by reason";
+                Counter::new("chat_refused", help, &[("reason", r)])
+            })
+            .collect();
         Ok(Chat {
             generation: ctx.generation,
             page: page(&config),
+            refused,
         })
     }
 
@@ -314,6 +380,7 @@ impl Plugin for Chat {
             }
             GatewayEvent::Close { .. } => return,
             GatewayEvent::Binary(_) => {
+                self.refused("binary", "a binary message");
                 let _ = gw.send_to_client(client, "error: text commands only");
                 return;
             }
@@ -321,6 +388,9 @@ impl Plugin for Chat {
         };
         let session: Session = cx.session().unwrap_or_default();
         let outcome = self.command(gw, client, &session, &text).await;
+        if let (Some(reason), Some(line)) = (outcome.refused, &outcome.answer) {
+            self.refused(reason, line);
+        }
         if let Some(s) = &outcome.session
             && let Err(e) = cx.set_session(s)
         {
@@ -394,10 +464,13 @@ mod tests {
             "join r\u{e9}",
             "join a/b",
         ] {
-            let e = parse(bad).expect_err(bad);
+            let (reason, e) = parse(bad).expect_err(bad);
+            assert!(REASONS.contains(&reason), "{bad:?}: {reason}");
             assert!(!e.contains('\n'), "{bad:?}: {e}");
         }
-        assert!(parse(&"x".repeat(100_000)).unwrap_err().len() < 200);
+        assert!(parse(&"x".repeat(100_000)).unwrap_err().1.len() < 200);
+        assert_eq!(parse("join a/b").unwrap_err().0, "name");
+        assert_eq!(parse("join").unwrap_err().0, "command");
         assert!(parse(&format!("nick {}", "n".repeat(MAX_NAME))).is_ok());
     }
 

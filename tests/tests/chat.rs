@@ -17,12 +17,12 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tests::build::chat_plugin;
 use tests::gateway::{bursts_through_reload, texts, ws_when_room};
 use tests::groups::{group_addr, group_generation, group_pids};
-use tests::{Host, HostOptions, Ws, get, host_bin, workspace};
+use tests::{Host, HostOptions, Ws, get, host_bin, metric, workspace};
 
 /// A host whose group `app` (2 workers) runs the chat plugin, with `ws_url` in its
 /// `[plugin_config]`, behind the gateway group `gw`.
 async fn chat_host() -> Host {
-    let extra = "[[group]]\nname = \"app\"\nworkers = 2\n[group.plugin_config]\nws_url = \"ws://chat.test/chat\"\n\n[[group]]\nname = \"gw\"\ngateway = true\nbusiness = \"app\"\nworkers = 1\ngateway_hold = \"10s\"\n".to_string();
+    let extra = "admin_listen = \"127.0.0.1:0\"\n[[group]]\nname = \"app\"\nworkers = 2\n[group.plugin_config]\nws_url = \"ws://chat.test/chat\"\n\n[[group]]\nname = \"gw\"\ngateway = true\nbusiness = \"app\"\nworkers = 1\ngateway_hold = \"10s\"\n".to_string();
     let opts = HostOptions {
         extra,
         ..HostOptions::default()
@@ -188,6 +188,37 @@ async fn every_chat_command_its_errors_the_notify_and_the_page() {
     // Nothing else arrived anywhere: each client's next message is its own echo.
     for ws in [&mut ann, &mut bob, &mut bob2, &mut eve] {
         assert_eq!(ask(ws, "echo end").await, format!("gen={generation} end"));
+    }
+    // Each refusal counted by reason in /metrics (the plugin's series, summed over workers).
+    let expected = [
+        ("command", 4.0),
+        ("name", 2.0),
+        ("rooms", 1.0),
+        ("nick_first", 1.0),
+        ("not_member", 1.0),
+        ("offline", 1.0),
+        ("binary", 1.0),
+        ("notify", 4.0),
+    ];
+    let admin = host.admin_addr().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = get(admin, "/metrics").await.expect("GET /metrics").body;
+        let counts: Vec<(&str, f64)> = expected
+            .iter()
+            .map(|(reason, _)| {
+                let label = format!("reason=\"{reason}\"");
+                (*reason, metric(&body, "chat_refused_total", &[&label]))
+            })
+            .collect();
+        if counts == expected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chat_refused_total: {counts:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A connect to another path is refused by the plugin.
     match tokio_tungstenite::connect_async(format!("ws://{gw}/other")).await {
