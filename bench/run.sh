@@ -4,6 +4,7 @@
 #
 #   bench/run.sh            # about ten minutes on a 2-core machine, after the production build
 #   bench/run.sh devloop    # only the dev loop's save -> served (bench/devloop.sh), into RESULTS.md
+#   bench/run.sh gateway [reload|cpu|fanout|idle ...]  # only the gateway's targets (bench/gateway.sh)
 #
 # Needs: cargo, python3, taskset (util-linux), wrk (installed with apt-get if missing).
 # Benchmarks are not tests: nothing here fails on a number; the targets are reported.
@@ -20,6 +21,11 @@ head = results.split("## 9. Dev loop", 1)[0].rstrip("\n")
 open(sys.argv[1], "w").write(head + "\n\n" + section)
 PY
   exit 0
+fi
+# The gateway's targets alone (issue 21): printed, kept by hand in bench/MEASURED.md.
+if [ "${1:-}" = gateway ]; then
+  shift
+  exec bench/gateway.sh "$@"
 fi
 RUNS=${RUNS:-5}       # interleaved rounds for the throughput comparison (medians are reported)
 SECS=${SECS:-5}       # seconds per wrk run

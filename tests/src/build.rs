@@ -160,6 +160,15 @@ pub fn axum_plugin() -> PathBuf {
         .clone()
 }
 
+/// The chat example plugin (`example-chat`: gateway events, rooms, nicks), built once per
+/// process.
+pub fn chat_plugin() -> PathBuf {
+    static BUILT: Built = OnceLock::new();
+    built_once(&BUILT, "example-chat.so".into(), |dest| {
+        cargo_build("example-chat", &[], "libexample_chat.so", dest)
+    })
+}
+
 /// The example plugin built with `EXAMPLE_GREETING=greeting`.
 pub fn greeting_plugin(greeting: &str) -> PathBuf {
     example_plugin(&[("EXAMPLE_GREETING", greeting)])

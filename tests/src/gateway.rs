@@ -69,6 +69,45 @@ pub async fn ws_when_room(addr: SocketAddr) -> Ws {
     }
 }
 
+/// The next `k` text messages on `ws` (pings answered on the way), 20 s at most each; a Close
+/// or an error fails the test (the client was disconnected).
+pub async fn texts(ws: &mut Ws, k: usize) -> Vec<String> {
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut out = Vec::new();
+    while out.len() < k {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => out.push(t.to_string()),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            other => panic!("expected text {} of {k}, got {other:?}", out.len() + 1),
+        }
+    }
+    out
+}
+
+/// Runs `burst(next..next + 5)`, then on the next 5, and so on while `reload` (a `host reload`
+/// in progress) runs, and once more after it returned, so that bursts cover the whole reload;
+/// checks it succeeded. Returns the first number no burst had.
+pub async fn bursts_through_reload(
+    host: &Host,
+    reload: tokio::task::JoinHandle<std::process::Output>,
+    mut next: usize,
+    mut burst: impl AsyncFnMut(std::ops::Range<usize>),
+) -> usize {
+    loop {
+        let finished = reload.is_finished();
+        burst(next..next + 5).await;
+        next += 5;
+        assert!(next < 5000, "the reload never ended");
+        if finished {
+            break;
+        }
+    }
+    let out = reload.await.unwrap();
+    assert!(out.status.success(), "{}", host.explain(&out));
+    next
+}
+
 /// [`raw_upgrade`], trying again (10 s at most) while the gateway answers `503`.
 pub async fn raw_upgrade_when_room(addr: SocketAddr) -> TcpStream {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -17,8 +17,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use tests::gateway::{
-    FakeWorker, gateway_host, gateway_host_keys, gateway_host_of, gateway_host_with, raw_upgrade,
-    raw_upgrade_when_room, read_to_end_within, ws_when_room,
+    FakeWorker, bursts_through_reload, gateway_host, gateway_host_keys, gateway_host_of,
+    gateway_host_with, raw_upgrade, raw_upgrade_when_room, read_to_end_within, texts,
+    ws_when_room,
 };
 use tests::groups::{group, group_addr, group_pids};
 use tests::{Ws, fixture_plugin, get, metric, pid_alive, ws_close_code};
@@ -221,19 +222,6 @@ async fn gateway_bounds_refuse_before_the_upgrade_and_close_with_their_codes() {
         assert!(host.limit_hits(limit).await >= 1, "no {limit} in /metrics");
     }
     worker.stop().await;
-}
-
-/// The next `k` text messages on `ws` (pings answered on the way), 20 s at most each.
-async fn texts(ws: &mut Ws, k: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    while out.len() < k {
-        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => out.push(t.to_string()),
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
-            other => panic!("expected text {} of {k}, got {other:?}", out.len() + 1),
-        }
-    }
-    out
 }
 
 /// Sends `c{i}-{j}` for `j` in `range` on each client, then reads as many answers from each.
@@ -477,24 +465,16 @@ async fn a_plugins_gateway_events_survive_a_reload_and_a_worker_killed_mid_burst
         clients.push(connect(addr).await);
     }
     let mut answers: Vec<Vec<String>> = vec![Vec::new(); clients.len()];
-    let mut next = 0;
     // Bursts of 5 a client while a reload replaces both business workers.
     let before = group_pids(&host.status().await, "app");
     let reload = host.spawn_cli(&["reload"]);
-    loop {
-        let finished = reload.is_finished();
-        send_range(&mut clients, next..next + 5).await;
+    let mut next = bursts_through_reload(&host, reload, 0, async |range| {
+        send_range(&mut clients, range.clone()).await;
         for (i, ws) in clients.iter_mut().enumerate() {
-            answers[i].extend(answers_until(ws, i, next + 4).await);
+            answers[i].extend(answers_until(ws, i, range.end - 1).await);
         }
-        next += 5;
-        assert!(next < 5000, "the reload never ended");
-        if finished {
-            break;
-        }
-    }
-    let out = reload.await.unwrap();
-    assert!(out.status.success(), "{}", host.explain(&out));
+    })
+    .await;
     let after = group_pids(&host.status().await, "app");
     assert!(
         after.iter().all(|p| !before.contains(p)),
