@@ -18,14 +18,17 @@
 //! Anything else gets one line `error: ...` (a binary message, an unknown command, a name that
 //! is not 1 to [`MAX_NAME`] letters, digits, `_`, `-` or `.`, a [`MAX_ROOMS`]th room, `say` in a
 //! room not joined, `say` or `to` before `nick`, `to` a name no one has). A redelivered event
-//! (its worker left before answering) is handled again: `nick`, `join` and `leave` are
-//! idempotent, an `echo`, `say` or `to` may be seen twice.
+//! (its worker left before answering) is handled again; what the first run sent was applied
+//! only if its answer arrived, so the sender's own gateway process applies each handler's
+//! sends once, while another gateway process (a `say` to members held by several) may see a
+//! `say` or `to` twice.
 //!
 //! HTTP, on the business group's own listener:
 //!
 //! - `GET /`: a self-contained page to try the chat in a browser. It connects to
 //!   `[plugin_config]`'s `ws_url` when set, else to `ws://<the page's host>:<ws_port>/chat`
-//!   (`ws_port`: 8081 by default, the gateway's port in `example-chat/host.toml`).
+//!   when `ws_port` is set, else to its own address's `/chat` (`example-chat/host.toml`'s
+//!   gateway takes `/chat` on the chat group's port: same port).
 //! - `POST /rooms/{room}/notify`: pushes its body (UTF-8, at most [`MAX_NOTIFY`] bytes) into the
 //!   room as `ROOM: BODY`, through the `Gateway` handle from an HTTP handler; answers
 //!   `sent to N clients` (the room's size), `400`, `405`, `413`, or `503` when the worker has
@@ -63,13 +66,10 @@ struct ChatConfig {
     /// The WebSocket URL the page connects to (`ws://chat.example.com/chat`).
     #[serde(default)]
     ws_url: Option<String>,
-    /// Without `ws_url`: the gateway's port on the page's own host.
-    #[serde(default = "default_ws_port")]
-    ws_port: u16,
-}
-
-fn default_ws_port() -> u16 {
-    8081
+    /// Without `ws_url`: the gateway's port on the page's own host; unset, the page's own
+    /// address (a same-port gateway, `upgrade_from`).
+    #[serde(default)]
+    ws_port: Option<u16>,
 }
 
 /// A client's session, kept by the gateway across reloads.
@@ -346,7 +346,10 @@ fn page(config: &ChatConfig) -> Bytes {
     Bytes::from(
         include_str!("page.html")
             .replace("__WS_URL__", &url.replace("</", "<\\/"))
-            .replace("__WS_PORT__", &config.ws_port.to_string()),
+            .replace(
+                "__WS_PORT__",
+                &config.ws_port.map_or("null".into(), |p| p.to_string()),
+            ),
     )
 }
 
@@ -478,7 +481,7 @@ mod tests {
     fn the_page_quotes_its_ws_url() {
         let config = ChatConfig {
             ws_url: Some("ws://x/</script>\"".into()),
-            ws_port: 9,
+            ws_port: Some(9),
         };
         let page = String::from_utf8(page(&config).to_vec()).unwrap();
         assert!(page.contains(r#""ws://x/<\/script>\"""#), "{page}");

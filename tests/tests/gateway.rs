@@ -18,8 +18,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use tests::gateway::{
     FakeWorker, bursts_through_reload, gateway_host, gateway_host_keys, gateway_host_of,
-    gateway_host_with, raw_upgrade, raw_upgrade_when_room, read_to_end_within, texts,
-    ws_when_room,
+    gateway_host_with, raw_upgrade, raw_upgrade_when_room, read_to_end_within, texts, ws_when_room,
 };
 use tests::groups::{group, group_addr, group_pids};
 use tests::{Ws, fixture_plugin, get, metric, pid_alive, ws_close_code};
