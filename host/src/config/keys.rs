@@ -185,7 +185,7 @@ pub const KEYS: &[Key] = &[
         Group,
         Kind::Text,
         Unset("none: the gateway takes clients on its own `listen` only"),
-        "with `gateway = true`: the plugin group whose listener also takes this gateway's WebSocket clients (same port as HTTP): its workers pass a new connection whose first request is `GET <upgrade_path>` to a gateway process, unread, over a Unix socket; the gateway's own `listen` is then `127.0.0.1:0` unless its table sets one (see [the gateway](gateway.md#same-port))",
+        "with `gateway = true`: the plugin group whose listener also takes this gateway's WebSocket clients (same port as HTTP): its workers pass a new connection whose first request is `GET <upgrade_path>` to a gateway process, unread, over a Unix socket; the gateway's own `listen` is then `127.0.0.1:0` unless its table sets one (see [the gateway](gateway.md#same-port-as-http))",
     ),
     key(
         "upgrade_path",
