@@ -345,9 +345,17 @@ pub enum ProtocolError {
     Decode(#[from] serde_json::Error),
 }
 
+/// A sender keeps at most this much of its buffer between flushes (a large frame's is freed).
+const BATCH_KEPT: usize = 64 << 10;
+
+/// Most bytes a busy link feeds before it flushes ([`Sender::feed`]).
+pub const MAX_BATCH: usize = 256 << 10;
+
 /// The sending half of a channel that carries `T`.
 pub struct Sender<W, T> {
     inner: W,
+    /// Frames fed and not yet written ([`Sender::feed`], [`Sender::flush`]).
+    pending: Vec<u8>,
     _t: PhantomData<fn(T)>,
 }
 
@@ -362,22 +370,51 @@ impl<W: AsyncWrite + Unpin, T: Serialize> Sender<W, T> {
     pub fn new(inner: W) -> Self {
         Sender {
             inner,
+            pending: Vec::new(),
             _t: PhantomData,
         }
     }
 
+    /// Writes `msg` (and whatever was fed before it).
     pub async fn send(&mut self, msg: &T) -> Result<(), ProtocolError> {
-        let body = serde_json::to_vec(msg)?;
-        if body.len() > MAX_FRAME {
+        self.feed(msg)?;
+        self.flush().await
+    }
+
+    /// Adds `msg` to what the next [`Sender::flush`] writes: a busy link writes the frames it
+    /// has at one wake-up in one write. Too large a frame is refused here, nothing fed.
+    pub fn feed(&mut self, msg: &T) -> Result<(), ProtocolError> {
+        let at = self.pending.len();
+        self.pending.extend_from_slice(&[0; 4]);
+        if let Err(e) = serde_json::to_writer(&mut self.pending, msg) {
+            self.pending.truncate(at);
+            return Err(e.into());
+        }
+        let len = self.pending.len() - at - 4;
+        if len > MAX_FRAME {
+            self.pending.truncate(at);
             return Err(ProtocolError::TooLarge {
-                len: body.len(),
+                len,
                 max: MAX_FRAME,
             });
         }
-        let mut frame = Vec::with_capacity(4 + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&body);
-        self.inner.write_all(&frame).await?;
+        self.pending[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
+        Ok(())
+    }
+
+    /// Bytes fed and not yet written.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Writes every frame fed so far.
+    pub async fn flush(&mut self) -> Result<(), ProtocolError> {
+        let result = self.inner.write_all(&self.pending).await;
+        self.pending.clear();
+        if self.pending.capacity() > BATCH_KEPT {
+            self.pending = Vec::new();
+        }
+        result?;
         self.inner.flush().await?;
         Ok(())
     }
@@ -416,6 +453,25 @@ impl<R: AsyncRead + Unpin, T: DeserializeOwned> Receiver<R, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn frames_fed_go_in_one_write_and_a_refused_one_leaves_nothing() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut tx = Sender::<_, String>::new(a);
+        let mut rx = Receiver::<_, String>::new(b);
+        tx.feed(&"one".to_string()).unwrap();
+        let before = tx.pending();
+        assert!(matches!(
+            tx.feed(&"x".repeat(MAX_FRAME)),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        assert_eq!(tx.pending(), before, "a refused frame leaves nothing fed");
+        tx.feed(&"two".to_string()).unwrap();
+        tx.flush().await.unwrap();
+        assert_eq!(tx.pending(), 0);
+        assert_eq!(rx.recv().await.unwrap().as_deref(), Some("one"));
+        assert_eq!(rx.recv().await.unwrap().as_deref(), Some("two"));
+    }
 
     #[tokio::test]
     async fn round_trip_and_limits() {

@@ -41,6 +41,9 @@ use crate::protocol::{
 use crate::ratelimit::RateLimit;
 use crate::worker::startup::{self, Started, ToMaster};
 
+/// A link's read buffer: the frames a busy worker wrote at once are read in one call.
+pub(crate) const LINK_READ_BUFFER: usize = 64 << 10;
+
 /// How long the clients' hand-overs and Close handshakes may take at a drain before the
 /// process exits anyway (a hand-over waits 1.5 s at most, then a Close handshake 1 s).
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
@@ -566,6 +569,7 @@ async fn link_loop(link: UnixListener, gateway: Arc<Gateway>) {
 async fn serve_link(id: router::LinkId, stream: tokio::net::UnixStream, gateway: &Gateway) {
     use crate::protocol::{Receiver, Sender};
     let (rd, wr) = stream.into_split();
+    let rd = tokio::io::BufReader::with_capacity(LINK_READ_BUFFER, rd);
     let mut rx = Receiver::<_, link::BusinessToGateway>::new(rd);
     let (tx, mut events) = mpsc::unbounded_channel::<link::GatewayToBusiness>();
     if gateway
@@ -577,9 +581,25 @@ async fn serve_link(id: router::LinkId, stream: tokio::net::UnixStream, gateway:
     }
     let writer = tokio::spawn(async move {
         let mut out = Sender::<_, link::GatewayToBusiness>::new(wr);
-        while let Some(event) = events.recv().await {
-            if out.send(&event).await.is_err() {
-                break;
+        // What is waiting at a wake-up goes in one write.
+        while let Some(mut event) = events.recv().await {
+            loop {
+                if out.feed(&event).is_err() {
+                    return;
+                }
+                match events.try_recv() {
+                    Ok(next) if out.pending() < crate::protocol::MAX_BATCH => event = next,
+                    Ok(next) => {
+                        if out.flush().await.is_err() {
+                            return;
+                        }
+                        event = next;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if out.flush().await.is_err() {
+                return;
             }
         }
     });

@@ -52,7 +52,7 @@ use crate::gateway::link::{
     Answer, BusinessToGateway, ClientEvent, ClientId, GatewayToBusiness, MAX_HELD, MAX_MEMBERS,
     Query,
 };
-use crate::protocol::{MAX_FRAME, Receiver, Sender};
+use crate::protocol::{MAX_BATCH, MAX_FRAME, Receiver, Sender};
 use crate::ratelimit::RateLimit;
 
 /// Most commands waiting on one link before [`Links::command`] refuses more.
@@ -544,6 +544,7 @@ impl LinkTask {
     /// One connection, until it drops.
     async fn serve(&mut self, stream: UnixStream, epoch: u64) {
         let (rd, wr) = stream.into_split();
+        let rd = tokio::io::BufReader::with_capacity(crate::gateway::LINK_READ_BUFFER, rd);
         let mut rx = Receiver::<_, GatewayToBusiness>::new(rd);
         let mut tx = Sender::<_, BusinessToGateway>::new(wr);
         if tx.send(&self.hello).await.is_err() {
@@ -577,32 +578,38 @@ impl LinkTask {
                 },
                 out = self.out_rx.recv() => {
                     let Some(out) = out else { return };
-                    let (held, msg) = match out {
-                        Out::Command(msg) => {
-                            if !is_query(&msg) {
-                                self.common.links[self.index].queued.fetch_sub(1, Ordering::Relaxed);
+                    // What is waiting at a wake-up goes in one write.
+                    let me = &self.common.links[self.index];
+                    let mut next = Some(out);
+                    let mut answers = 0;
+                    let mut fed = true;
+                    while let Some(out) = next.take() {
+                        let frames = match out {
+                            Out::Command(msg) => {
+                                if !is_query(&msg) {
+                                    me.queued.fetch_sub(1, Ordering::Relaxed);
+                                }
+                                vec![msg]
                             }
-                            (Vec::new(), msg)
-                        }
-                        // An answer for an earlier connection: that event went elsewhere, and
-                        // its commands with it (the redelivery makes them again).
-                        Out::Handled { epoch: e, .. } if e != epoch => {
-                            self.common.links[self.index].unwritten.fetch_sub(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        Out::Handled { held, msg, .. } => (held, msg),
-                    };
-                    let answer = matches!(msg, BusinessToGateway::Handled { .. });
-                    let mut written = true;
-                    for frame in held.iter().chain(std::iter::once(&msg)) {
-                        if tx.send(frame).await.is_err() {
-                            written = false;
-                            break;
+                            // An answer for an earlier connection: that event went elsewhere,
+                            // and its commands with it (the redelivery makes them again).
+                            Out::Handled { epoch: e, .. } if e != epoch => {
+                                me.unwritten.fetch_sub(1, Ordering::Relaxed);
+                                Vec::new()
+                            }
+                            Out::Handled { mut held, msg, .. } => {
+                                answers += 1;
+                                held.push(msg);
+                                held
+                            }
+                        };
+                        fed = fed && frames.iter().all(|f| tx.feed(f).is_ok());
+                        if fed && tx.pending() < MAX_BATCH {
+                            next = self.out_rx.try_recv().ok();
                         }
                     }
-                    if answer {
-                        self.common.links[self.index].unwritten.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    let written = fed && tx.flush().await.is_ok();
+                    me.unwritten.fetch_sub(answers, Ordering::Relaxed);
                     if !written {
                         return;
                     }
