@@ -101,7 +101,7 @@ impl LoadReport {
     /// Panics unless every request got a `200`: none failed, and none unprocessed over
     /// HTTP/1. Over HTTP/2 a request the bare client handed its connection after the server's
     /// GOAWAY is refused by the client's own library before it is sent (RFC 9113, 6.8; the
-    /// README's "What clients see during a reload"): counted apart, not a failure.
+    /// docs/reloads.md, "What clients see during a reload"): counted apart, not a failure.
     pub fn assert_clean(&self) {
         assert!(
             self.errors.is_empty(),

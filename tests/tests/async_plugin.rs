@@ -602,25 +602,8 @@ async fn a_poll_kept_waiting_for_a_cpu_is_not_accused_of_blocking_one_that_spins
     {
         let hogs = tests::Hogs::start(&cpu, 2);
         hogs.wait_spinning().await;
-        // 5 ms on a CPU, spread over more than twice the 20 ms limit of wall time (often ten
-        // times): the thread waits for the CPU behind two busy loops at a higher priority.
-        // Up to 5 tries: the scheduler may yet run it at once, which proves nothing.
-        let mut walls = Vec::new();
-        for _ in 0..5 {
-            let began = Instant::now();
-            let waited = get(host.addr, "/async/spin/waited?ms=5").await.unwrap();
-            walls.push(began.elapsed());
-            assert_eq!(waited.status, 200, "{waited:?}");
-            if walls.last().unwrap() > &Duration::from_millis(50) {
-                break;
-            }
-        }
-        let wall = *walls.iter().max().unwrap();
-        assert!(
-            wall > Duration::from_millis(50),
-            "the worker was never kept waiting ({walls:?}): the test proves nothing"
-        );
-        eprintln!("5 ms of CPU took {wall:?} of wall time");
+        // 5 ms on a CPU, spread over more than twice the 20 ms limit of wall time.
+        kept_waiting(host.addr, "/async/spin/waited?ms=5", 1).await;
         // Awaiting is not blocking either.
         assert_eq!(
             get(host.addr, "/async/sleep?ms=100").await.unwrap().status,
@@ -659,34 +642,9 @@ async fn an_inline_call_kept_waiting_for_a_cpu_stays_inline_one_that_spins_is_mo
     {
         let hogs = tests::Hogs::start(&cpu, 2);
         hogs.wait_spinning().await;
-        // 5 ms on a CPU, spread over more than twice the 20 ms limit of wall time: the thread
-        // waits for the CPU behind two busy loops at a higher priority. Twice: the first slow
-        // call makes the path a suspect, the second is judged by the thread's clock. Up to 10
-        // tries: the scheduler may yet run one at once, which proves nothing.
-        let mut walls = Vec::new();
-        for _ in 0..10 {
-            let began = Instant::now();
-            let waited = get(host.addr, "/spin/cpu/waited?ms=5").await.unwrap();
-            walls.push(began.elapsed());
-            assert_eq!(waited.status, 200, "{waited:?}");
-            if walls
-                .iter()
-                .filter(|w| **w > Duration::from_millis(50))
-                .count()
-                >= 2
-            {
-                break;
-            }
-        }
-        assert!(
-            walls
-                .iter()
-                .filter(|w| **w > Duration::from_millis(50))
-                .count()
-                >= 2,
-            "the worker was not kept waiting twice ({walls:?}): the test proves nothing"
-        );
-        eprintln!("5 ms of CPU took {walls:?} of wall time");
+        // 5 ms on a CPU, spread over more than twice the 20 ms limit of wall time, twice: the
+        // first slow call makes the path a suspect, the second is judged by the thread's clock.
+        kept_waiting(host.addr, "/spin/cpu/waited?ms=5", 2).await;
     }
     // 60 ms on a CPU in one call, twice (suspect, then judged): moved, whatever the machine
     // does.
@@ -702,4 +660,32 @@ async fn an_inline_call_kept_waiting_for_a_cpu_stays_inline_one_that_spins_is_mo
     .await;
     // The worker logs in order: had the waiting call been moved, its line would be there.
     assert_eq!(moved("/spin/cpu/waited"), 0, "{}", host.log());
+}
+
+/// Sends `path` (5 ms of CPU) to a worker starved behind busy loops until `times` of its calls
+/// took over 50 ms of wall time (more than twice the 20 ms limit: the thread waited for the CPU
+/// behind loops at a higher priority), at most `times + 8` tries: the scheduler may yet run one
+/// at once, which proves nothing. Panics if the worker was not kept waiting so often.
+async fn kept_waiting(addr: std::net::SocketAddr, path: &str, times: usize) {
+    let slow = |walls: &[Duration]| {
+        walls
+            .iter()
+            .filter(|w| **w > Duration::from_millis(50))
+            .count()
+    };
+    let mut walls = Vec::new();
+    for _ in 0..times + 8 {
+        let began = Instant::now();
+        let waited = get(addr, path).await.unwrap();
+        walls.push(began.elapsed());
+        assert_eq!(waited.status, 200, "{waited:?}");
+        if slow(&walls) >= times {
+            break;
+        }
+    }
+    assert!(
+        slow(&walls) >= times,
+        "the worker was not kept waiting {times} times ({walls:?}): the test proves nothing"
+    );
+    eprintln!("5 ms of CPU took {walls:?} of wall time");
 }
