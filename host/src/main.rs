@@ -106,6 +106,22 @@ use protocol::ControlRequest;
 /// The environment variable through which `start -d` hands the master its readiness pipe.
 pub(crate) const START_NOTIFY_ENV: &str = "HOST_START_NOTIFY_FD";
 
+/// What the master tells a process it spawns (a worker, a gateway) on its command line.
+#[derive(clap::Args)]
+pub(crate) struct SpawnArgs {
+    #[arg(long)]
+    pub(crate) slot: u32,
+    #[arg(long)]
+    pub(crate) generation: u64,
+    #[arg(long)]
+    pub(crate) master_pid: u32,
+    /// CLOCK_MONOTONIC (ns) when the master spawned it, for the startup timings.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) spawned_at_ns: u64,
+    #[arg(long, default_value = "text", value_parser = parse_log_format)]
+    pub(crate) log_format: LogFormat,
+}
+
 #[derive(Parser)]
 #[command(
     name = "host",
@@ -189,33 +205,10 @@ enum Command {
         json: bool,
     },
     #[command(name = "__worker", hide = true)]
-    Worker {
-        #[arg(long)]
-        slot: u32,
-        #[arg(long)]
-        generation: u64,
-        #[arg(long)]
-        master_pid: u32,
-        /// CLOCK_MONOTONIC (ns) when the master spawned it, for the startup timings.
-        #[arg(long, default_value_t = 0)]
-        spawned_at_ns: u64,
-        #[arg(long, default_value = "text", value_parser = parse_log_format)]
-        log_format: LogFormat,
-    },
+    Worker(SpawnArgs),
     /// A gateway group's process: holds WebSocket clients, loads no plugin.
     #[command(name = "__gateway", hide = true)]
-    Gateway {
-        #[arg(long)]
-        slot: u32,
-        #[arg(long)]
-        generation: u64,
-        #[arg(long)]
-        master_pid: u32,
-        #[arg(long, default_value_t = 0)]
-        spawned_at_ns: u64,
-        #[arg(long, default_value = "text", value_parser = parse_log_format)]
-        log_format: LogFormat,
-    },
+    Gateway(SpawnArgs),
     /// `host check`'s throwaway worker: loads the plugin, starts and stops it, reports.
     #[command(name = "__check-plugin", hide = true)]
     CheckPlugin {
@@ -338,8 +331,8 @@ fn default_timeout(cfg: &Config, command: &Command) -> Duration {
             .checked_mul(workers)
             .and_then(|d| d.checked_add(margin)),
         Command::Check { .. }
-        | Command::Worker { .. }
-        | Command::Gateway { .. }
+        | Command::Worker(_)
+        | Command::Gateway(_)
         | Command::CheckPlugin { .. } => None,
     };
     d.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT)
@@ -360,20 +353,8 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Worker {
-            slot,
-            generation,
-            master_pid,
-            spawned_at_ns,
-            log_format,
-        } => return worker::run(slot, generation, master_pid, spawned_at_ns, log_format),
-        Command::Gateway {
-            slot,
-            generation,
-            master_pid,
-            spawned_at_ns,
-            log_format,
-        } => return gateway::run(slot, generation, master_pid, spawned_at_ns, log_format),
+        Command::Worker(args) => return worker::run(args),
+        Command::Gateway(args) => return gateway::run(args),
         Command::CheckPlugin { log_format } => return worker::trial::run(log_format),
         _ => {}
     }
@@ -507,7 +488,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json } => cli::status(&cfg, json, timeout),
         Command::Upgrade => cli::upgrade(&cfg, timeout),
-        Command::Worker { .. } | Command::Gateway { .. } | Command::CheckPlugin { .. } => {
+        Command::Worker(_) | Command::Gateway(_) | Command::CheckPlugin { .. } => {
             unreachable!("handled in main")
         }
     }

@@ -27,13 +27,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-use nix::unistd::{Pid, getppid};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::fd;
 use crate::plugin_metrics;
 use crate::protocol::{
     GatewaySpec, MasterToWorker, PluginInfo, StartupTimings, WorkerSpec, WorkerToMaster,
@@ -224,44 +221,19 @@ fn take(count: &AtomicU64, max: u64) -> bool {
 }
 
 /// Entry point of the `__gateway` role.
-pub fn run(
-    slot: u32,
-    generation: u64,
-    master_pid: u32,
-    spawned_at_ns: u64,
-    log_format: crate::logging::LogFormat,
-) -> ExitCode {
-    crate::logging::init(
-        crate::logging::Process::Gateway { slot, generation },
-        log_format,
-    );
-    // Die with the master, as a worker does (see `worker::run`).
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
-        tracing::warn!(error = %e, "cannot set the parent-death signal");
-    }
-    if getppid() != Pid::from_raw(master_pid as i32) {
-        tracing::error!(master_pid, "the master is gone; exiting");
-        return ExitCode::FAILURE;
-    }
-    let (listener, channel) = match (
-        fd::take_inherited(fd::LISTENER_FD, "listener"),
-        fd::take_inherited(fd::CHANNEL_FD, "channel"),
-    ) {
-        (Ok(l), Ok(c)) => (std::net::TcpListener::from(l), StdUnixStream::from(c)),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let Some(rt) = startup::io_runtime() else {
+pub fn run(args: crate::SpawnArgs) -> ExitCode {
+    let (slot, generation) = (args.slot, args.generation);
+    let process = crate::logging::Process::Gateway { slot, generation };
+    let Some(inherited) = startup::inherit(process, args.log_format, args.master_pid) else {
         return ExitCode::FAILURE;
     };
+    let (listener, channel, rt) = (inherited.listener, inherited.channel, inherited.runtime);
     let code = rt.block_on(serve(
         listener,
         channel,
         (slot, generation),
-        spawned_at_ns,
-        master_pid,
+        args.spawned_at_ns,
+        args.master_pid,
     ));
     rt.shutdown_background();
     code

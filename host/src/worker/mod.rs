@@ -79,12 +79,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-use nix::unistd::{Pid, getppid};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::fd;
 use crate::protocol::{MasterToWorker, StartupTimings, WorkerSpec, WorkerToMaster};
 use accept::Acceptor;
 use loader::LoadedPlugin;
@@ -105,45 +102,24 @@ const CUT_FLUSH: Duration = Duration::from_millis(1000);
 const LINKS_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// Entry point of the `__worker` role.
-pub fn run(
-    slot: u32,
-    generation: u64,
-    master_pid: u32,
-    spawned_at_ns: u64,
-    log_format: crate::logging::LogFormat,
-) -> ExitCode {
+pub fn run(args: crate::SpawnArgs) -> ExitCode {
+    let crate::SpawnArgs {
+        slot,
+        generation,
+        spawned_at_ns,
+        log_format,
+        ..
+    } = args;
     let since_spawn = move || monotonic_ns().saturating_sub(spawned_at_ns) / 1000;
     let mut startup = StartupTimings {
         exec_us: since_spawn(),
         ..Default::default()
     };
-    crate::logging::init(
-        crate::logging::Process::Worker { slot, generation },
-        log_format,
-    );
-    // Die with the master. The signal fires when the *thread* that spawned us exits; the master
-    // spawns from its main thread, which lives as long as it does. Check the parent right after,
-    // in case it died before the call.
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
-        tracing::warn!(error = %e, "cannot set the parent-death signal");
-    }
-    if getppid() != Pid::from_raw(master_pid as i32) {
-        tracing::error!(master_pid, "the master is gone; exiting");
-        return ExitCode::FAILURE;
-    }
-    let (listener, channel) = match (
-        fd::take_inherited(fd::LISTENER_FD, "listener"),
-        fd::take_inherited(fd::CHANNEL_FD, "channel"),
-    ) {
-        (Ok(l), Ok(c)) => (std::net::TcpListener::from(l), StdUnixStream::from(c)),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let Some(rt) = startup::io_runtime() else {
+    let process = crate::logging::Process::Worker { slot, generation };
+    let Some(inherited) = startup::inherit(process, log_format, args.master_pid) else {
         return ExitCode::FAILURE;
     };
+    let (listener, channel, rt) = (inherited.listener, inherited.channel, inherited.runtime);
     startup.runtime_us = since_spawn();
     let at = Spawned {
         slot,

@@ -24,6 +24,50 @@ use crate::worker_table::{TABLE_FD, WorkerTable};
 /// The worker's end of its channel, towards the master (or `host check`).
 pub(crate) type ToMaster = Sender<OwnedWriteHalf, WorkerToMaster>;
 
+/// What a process the master spawned (a worker, a gateway) inherits, once it checked it may
+/// run: its listening socket, its channel to the master, and its I/O runtime.
+pub(crate) struct Inherited {
+    pub(crate) listener: std::net::TcpListener,
+    pub(crate) channel: StdUnixStream,
+    pub(crate) runtime: tokio::runtime::Runtime,
+}
+
+/// A spawned process's first steps: its log lines as `process`'s, die with the master (the
+/// signal fires when the *thread* that spawned it exits; the master spawns from its main
+/// thread, which lives as long as it does), check the master is still there (it may have died
+/// before the call), take the inherited fds and build the runtime. `None`, logged: exit.
+pub(crate) fn inherit(
+    process: crate::logging::Process,
+    log_format: crate::logging::LogFormat,
+    master_pid: u32,
+) -> Option<Inherited> {
+    use nix::sys::signal::Signal;
+    crate::logging::init(process, log_format);
+    use nix::unistd::{Pid, getppid};
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        tracing::warn!(error = %e, "cannot set the parent-death signal");
+    }
+    if getppid() != Pid::from_raw(master_pid as i32) {
+        tracing::error!(master_pid, "the master is gone; exiting");
+        return None;
+    }
+    let (listener, channel) = match (
+        fd::take_inherited(fd::LISTENER_FD, "listener"),
+        fd::take_inherited(fd::CHANNEL_FD, "channel"),
+    ) {
+        (Ok(l), Ok(c)) => (std::net::TcpListener::from(l), StdUnixStream::from(c)),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("{e}");
+            return None;
+        }
+    };
+    Some(Inherited {
+        listener,
+        channel,
+        runtime: io_runtime()?,
+    })
+}
+
 /// The worker's I/O runtime: one thread (blocking handlers have their own pool). `None`,
 /// logged, if it cannot be built.
 pub(crate) fn io_runtime() -> Option<tokio::runtime::Runtime> {
