@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityE
 
 use super::link::{ClientEvent, ClientId};
 use super::router::{HandedClient, Outgoing, ToRouter};
-use super::{Gateway, handoff};
+use super::{Gateway, handoff, outbox};
 use crate::counters::Limit;
 use crate::ratelimit::RateLimit;
 
@@ -35,9 +35,10 @@ use crate::ratelimit::RateLimit;
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// tungstenite's read buffer for each client: all of it is touched by the first read, so it
-/// is most of an idle client's memory (20,000 idle clients: 6.5 KiB each with 1 KiB, 9.5 with
-/// 4 KiB, 134 with tungstenite's default 128 KiB); a larger message takes several reads.
-const READ_BUFFER: usize = 1 << 10;
+/// is a large part of an idle client's memory (20,000 idle clients: 3.6 KiB each with 512
+/// bytes, 4.1 with 1 KiB, 134 with tungstenite's default 128 KiB). The price: a message
+/// larger than this takes a read per 512 bytes (a 64 KiB one, 128 reads).
+const READ_BUFFER: usize = 512;
 
 /// Largest request head a client may send.
 const MAX_HEAD: usize = 16 << 10;
@@ -295,7 +296,7 @@ pub(super) async fn serve(stream: TcpStream, gateway: Arc<Gateway>) {
 struct Upgraded {
     ws: WebSocketStream<Replay>,
     client: ClientId,
-    out: mpsc::UnboundedReceiver<Outgoing>,
+    out: outbox::Receiver,
     queued: Arc<AtomicUsize>,
     _slot: Slot,
 }
@@ -346,7 +347,7 @@ async fn upgrade(stream: TcpStream, gateway: &Arc<Gateway>) -> Option<Upgraded> 
     }
     let slot = Slot(gateway.clone());
     let client = gateway.client_id();
-    let (out_tx, mut out) = mpsc::unbounded_channel();
+    let (out_tx, mut out) = outbox::channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let open = ToRouter::Open {
         client,
@@ -449,7 +450,7 @@ pub(super) async fn adopt(stream: TcpStream, state: HandedClient, gateway: Arc<G
     }
     let _slot = Slot(gateway.clone());
     let client = state.client;
-    let (out_tx, mut out) = mpsc::unbounded_channel();
+    let (out_tx, mut out) = outbox::channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let adopt = ToRouter::Adopt {
         out: out_tx,
@@ -469,7 +470,7 @@ async fn run_to_end(
     ws: &mut WebSocketStream<Replay>,
     gateway: &Arc<Gateway>,
     client: ClientId,
-    out: &mut mpsc::UnboundedReceiver<Outgoing>,
+    out: &mut outbox::Receiver,
     queued: &Arc<AtomicUsize>,
 ) {
     static CLOSED: RateLimit = RateLimit::per_second();
@@ -484,7 +485,7 @@ async fn run_to_end(
     let why = conn.run().await;
     let said = conn.closed_by_client.take();
     let successor = why == End::Draining && gateway.successor.load(Ordering::Acquire);
-    if successor && hand_over(ws, gateway, client, out, queued).await {
+    if successor && Box::pin(hand_over(ws, gateway, client, out, queued)).await {
         return;
     }
     let (code, reason, counter) = match why {
@@ -550,7 +551,7 @@ async fn run_to_end(
             reason: reason.into(),
         },
     });
-    close(ws, code, reason, why != End::PingTimeout).await;
+    Box::pin(close(ws, code, reason, why != End::PingTimeout)).await;
 }
 
 /// How long a draining gateway waits for a client to be between messages (nothing of it
@@ -567,7 +568,7 @@ async fn hand_over(
     ws: &mut WebSocketStream<Replay>,
     gateway: &Gateway,
     client: ClientId,
-    out: &mut mpsc::UnboundedReceiver<Outgoing>,
+    out: &mut outbox::Receiver,
     queued: &Arc<AtomicUsize>,
 ) -> bool {
     use futures_util::FutureExt as _;
@@ -619,7 +620,7 @@ async fn hand_over(
                     gateway.counters.handed_over.fetch_add(1, Ordering::Relaxed);
                     return true;
                 }
-                let (tx, rx) = mpsc::unbounded_channel();
+                let (tx, rx) = outbox::channel();
                 *out = rx;
                 let adopt = ToRouter::Adopt {
                     out: tx,
@@ -639,7 +640,7 @@ async fn hand_over(
 /// closes it.
 async fn write_queued(
     ws: &mut WebSocketStream<Replay>,
-    out: &mut mpsc::UnboundedReceiver<Outgoing>,
+    out: &mut outbox::Receiver,
     queued: &AtomicUsize,
 ) -> bool {
     loop {
@@ -654,8 +655,8 @@ async fn write_queued(
             }
             Ok(Outgoing::Close(..)) => return false,
             Ok(Outgoing::Accept | Outgoing::Refuse(_)) => {}
-            Err(mpsc::error::TryRecvError::Empty) => return true,
-            Err(mpsc::error::TryRecvError::Disconnected) => return true,
+            Err(outbox::TryRecvError::Empty) => return true,
+            Err(outbox::TryRecvError::Disconnected) => return true,
         }
     }
 }
@@ -682,7 +683,7 @@ struct Conn<'a> {
     ws: &'a mut WebSocketStream<Replay>,
     gateway: &'a Gateway,
     client: ClientId,
-    out: &'a mut mpsc::UnboundedReceiver<Outgoing>,
+    out: &'a mut outbox::Receiver,
     queued: &'a AtomicUsize,
     /// The client's own Close frame (code, reason), if it sent one.
     closed_by_client: Option<(u16, String)>,

@@ -18,6 +18,7 @@ mod client;
 mod cluster;
 pub(crate) mod handoff;
 pub(crate) mod link;
+mod outbox;
 mod router;
 
 use std::os::unix::net::UnixStream as StdUnixStream;

@@ -35,6 +35,7 @@ use super::link::{
     Answer, BusinessToGateway, ClientEvent, ClientId, GatewayToBusiness, MAX_HELD, MAX_MEMBERS,
     Payload, Query, Target,
 };
+use super::outbox;
 use crate::counters::Limit;
 use crate::ratelimit::RateLimit;
 
@@ -59,7 +60,7 @@ pub(crate) enum ToRouter {
     /// A client upgraded: its channel, the bytes queued in it, and its `Connect` event.
     Open {
         client: ClientId,
-        out: mpsc::UnboundedSender<Outgoing>,
+        out: outbox::Sender,
         queued: Arc<AtomicUsize>,
         connect: ClientEvent,
     },
@@ -81,7 +82,7 @@ pub(crate) enum ToRouter {
     /// A client its predecessor process handed over (`host upgrade`): its state, and no
     /// `Connect` (the business saw that one already).
     Adopt {
-        out: mpsc::UnboundedSender<Outgoing>,
+        out: outbox::Sender,
         queued: Arc<AtomicUsize>,
         state: HandedClient,
     },
@@ -130,7 +131,7 @@ struct Pending {
 }
 
 struct Client {
-    out: mpsc::UnboundedSender<Outgoing>,
+    out: outbox::Sender,
     queued: Arc<AtomicUsize>,
     session: serde_json::Value,
     next_seq: u64,
@@ -155,7 +156,7 @@ struct Client {
 impl Client {
     /// A client with no event queued, no uid and no group yet.
     fn new(
-        out: mpsc::UnboundedSender<Outgoing>,
+        out: outbox::Sender,
         queued: Arc<AtomicUsize>,
         session: serde_json::Value,
         next_seq: u64,
@@ -324,12 +325,7 @@ impl Router {
 
     /// Takes in a client handed over by the predecessor process (an id already here: closed
     /// with 1012, to come back as a new client).
-    fn adopt(
-        &mut self,
-        out: mpsc::UnboundedSender<Outgoing>,
-        queued: Arc<AtomicUsize>,
-        state: HandedClient,
-    ) {
+    fn adopt(&mut self, out: outbox::Sender, queued: Arc<AtomicUsize>, state: HandedClient) {
         let id = state.client;
         if self.clients.contains_key(&id) {
             let _ = out.send(Outgoing::Close(1012, "gateway restarting"));
@@ -856,8 +852,8 @@ mod tests {
                 .handle(ToRouter::LinkUp { link: id, tx }, self.now);
             rx
         }
-        fn client(&mut self, id: ClientId) -> mpsc::UnboundedReceiver<Outgoing> {
-            let (out, rx) = mpsc::unbounded_channel();
+        fn client(&mut self, id: ClientId) -> outbox::Receiver {
+            let (out, rx) = outbox::channel();
             let connect = ClientEvent::Connect {
                 path: "/chat".into(),
                 query: String::new(),
@@ -1040,7 +1036,7 @@ mod tests {
         f.router.handle(ToRouter::Link { link: 1, msg }, f.now);
     }
 
-    fn texts(rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<String> {
+    fn texts(rx: &mut outbox::Receiver) -> Vec<String> {
         let mut out = Vec::new();
         while let Ok(Outgoing::Message(Message::Text(t))) = rx.try_recv() {
             out.push(t.as_str().to_owned());
