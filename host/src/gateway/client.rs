@@ -404,11 +404,12 @@ async fn upgrade(stream: TcpStream, gateway: &Arc<Gateway>) -> Option<Upgraded> 
             return None;
         }
     };
+    let within = Duration::from_millis(gateway.spec.ping_timeout_ms);
     for message in early {
-        let size = message.len();
-        let sent = ws.send(message).await;
-        queued.fetch_sub(size, Ordering::AcqRel);
-        if sent.is_err() {
+        if write_counted(&mut ws, message, &queued, within)
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -577,6 +578,7 @@ async fn hand_over(
         return false;
     };
     let deadline = Instant::now() + HAND_OVER_WAIT;
+    let within = Duration::from_millis(gateway.spec.ping_timeout_ms);
     while Instant::now() < deadline {
         let event = match ws.next().now_or_never() {
             None => None,
@@ -596,7 +598,7 @@ async fn hand_over(
             }
             continue;
         }
-        let write = tokio::time::timeout_at(deadline, write_queued(ws, out, queued));
+        let write = tokio::time::timeout_at(deadline, write_queued(ws, out, queued, within));
         if !matches!(write.await, Ok(true)) {
             return false;
         }
@@ -612,8 +614,9 @@ async fn hand_over(
             }
             if let Ok(Some(state)) = answer.await {
                 // What the router queued before it let go is written first.
-                let written =
-                    async { write_queued(ws, out, queued).await && ws.flush().await.is_ok() };
+                let written = async {
+                    write_queued(ws, out, queued, within).await && ws.flush().await.is_ok()
+                };
                 let written = matches!(tokio::time::timeout_at(deadline, written).await, Ok(true));
                 let fd = ws.get_ref().inner.as_raw_fd();
                 if written && handoff::hand_over(fd, socket, &state).is_ok() {
@@ -636,20 +639,37 @@ async fn hand_over(
     false
 }
 
+/// Writes one message queued for the client and takes its bytes off the client's `queued`. A
+/// client whose socket takes nothing for `within` (`gateway_ping_timeout`) is as gone as one
+/// that answers no ping: [`End::PingTimeout`] (its queue is bounded meanwhile).
+async fn write_counted(
+    ws: &mut WebSocketStream<Replay>,
+    message: Message,
+    queued: &AtomicUsize,
+    within: Duration,
+) -> Result<(), End> {
+    let size = message.len();
+    let sent = tokio::time::timeout(within, ws.send(message)).await;
+    queued.fetch_sub(size, Ordering::AcqRel);
+    match sent {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Gone),
+        Err(_) => Err(End::PingTimeout),
+    }
+}
+
 /// Writes the messages the router queued for the client; `false`: it is gone, or the router
 /// closes it.
 async fn write_queued(
     ws: &mut WebSocketStream<Replay>,
     out: &mut outbox::Receiver,
     queued: &AtomicUsize,
+    within: Duration,
 ) -> bool {
     loop {
         match out.try_recv() {
             Ok(Outgoing::Message(message)) => {
-                let size = message.len();
-                let sent = ws.send(message).await;
-                queued.fetch_sub(size, Ordering::AcqRel);
-                if sent.is_err() {
+                if write_counted(ws, message, queued, within).await.is_err() {
                     return false;
                 }
             }
@@ -751,15 +771,8 @@ impl Conn<'_> {
                 }
                 order = self.out.recv() => match order {
                     Some(Outgoing::Message(message)) => {
-                        let size = message.len();
-                        // A client that takes nothing for `gateway_ping_timeout` is as gone
-                        // as one that answers no ping (its queue is bounded meanwhile).
-                        let sent = tokio::time::timeout(timeout, self.ws.send(message)).await;
-                        self.queued.fetch_sub(size, Ordering::AcqRel);
-                        match sent {
-                            Ok(Ok(())) => {}
-                            Ok(Err(_)) => return End::Gone,
-                            Err(_) => return End::PingTimeout,
+                        if let Err(end) = write_counted(self.ws, message, self.queued, timeout).await {
+                            return end;
                         }
                     }
                     Some(Outgoing::Close(code, reason)) => return End::ByRouter(code, reason),
